@@ -1,0 +1,38 @@
+"""Python entry points that are not a whole stage module of their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .calibration import build_calibration, write_calibration
+from .checkpoint import Checkpoint
+from .defaults import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
+from .stream import LayerStream, pick_device
+
+
+def calibrate(data: str | Path | None = None, tokenizer: str | Path | None = None, nsamples: int = NSAMPLES,
+              seqlen: int | None = None, seed: int = 0, out: str | Path = "calib.safetensors") -> Path:
+    """Write a calibration token file: safetensors ``input_ids`` int64 (nsamples, seqlen)."""
+    ckpt = Checkpoint(tokenizer if tokenizer is not None else DEFAULT_MODEL)
+    ids, meta = build_calibration(ckpt.tokenizer(), data if data is not None else CALIB_DATA, nsamples,
+                                  seqlen or default_seqlen(ckpt.config), seed)
+    meta["tokenizer"] = str(ckpt.path)
+    return write_calibration(Path(out), ids, meta)
+
+
+def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A transformers model computing exactly what the GPTQ checkpoint at ``path`` stands for.
+
+    Quantized linears are dequantized into ordinary weights (memory is that of an
+    unquantized model of ``dtype``); use it for generate and eval checks. For int4
+    serving, load the folder with vLLM or GPTQModel.
+    """
+    stream = LayerStream(Checkpoint(path), pick_device(device), dtype)
+    for i in range(stream.num_layers):
+        stream.load_layer(i, stream.layer_state(i))
+    stream.load_head()
+    model = stream.model
+    model.eval()
+    return model

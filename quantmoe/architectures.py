@@ -1,0 +1,167 @@
+"""The architecture table: one declarative row per supported model family.
+
+Each row says, once and by exact path, where a decoder layer's parts live *on disk*
+(the names every Hub checkpoint uses) and how they map onto the fused modules that
+transformers 5.x builds in memory. Nothing elsewhere in quantmoe matches on substrings
+such as "gate": routers are listed here by exact path and are never quantized.
+
+Paths in a row are relative to one decoder layer (``model.layers.{i}.``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import QuantMoeError
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A gated MLP (SwiGLU style): down(act(gate(x)) * up(x)).
+
+    ``prefix`` is on-disk and relative to the layer; ``gate``/``up``/``down`` are the
+    linear names under it. For routed experts the prefix holds ``{e}`` for the expert id.
+    """
+
+    prefix: str
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def linear(self, which: str, expert: int | None = None) -> str:
+        """On-disk path of one projection, e.g. ``block_sparse_moe.experts.3.w1``."""
+        prefix = self.prefix.format(e=expert) if expert is not None else self.prefix
+        return f"{prefix}.{getattr(self, which)}"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a decoder layer's parts live, for one ``model_type``."""
+
+    model_type: str
+    # Linear groups of the attention block; each inner tuple shares one input and so one Hessian.
+    attention: tuple[tuple[str, ...], ...]
+    # Routed experts on disk, with "{e}" for the expert index.
+    experts: MLP | None
+    # The MoE block: on-disk prefix and the in-memory module path (transformers 5 renames some).
+    moe_block: str | None
+    moe_module: str | None
+    # In-memory module holding the fused expert tensors gate_up_proj (E, 2I, H) and down_proj (E, H, I).
+    experts_module: str = "mlp.experts"
+    # Routers: exact on-disk module paths. Never quantized.
+    routers: tuple[str, ...] = ()
+    # Shared expert(s) fed every token, and their scalar gate (a router: never quantized).
+    shared_expert: MLP | None = None
+    # The MLP of dense layers (or of dense models).
+    dense_mlp: MLP | None = None
+    # Config attribute holding the number of routed experts.
+    num_experts_attr: str = "num_local_experts"
+    # On-disk -> in-memory renames inside a layer (transformers 5 conversion), applied in order.
+    renames: tuple[tuple[str, str], ...] = ()
+    # Which layers are MoE: "all", or "qwen2_moe" rules (mlp_only_layers / decoder_sparse_step).
+    sparse_rule: str = "all"
+
+    def is_moe_layer(self, config, index: int) -> bool:
+        """True when decoder layer ``index`` holds routed experts."""
+        if self.experts is None:
+            return False
+        if self.sparse_rule == "all":
+            return True
+        if self.sparse_rule == "qwen2_moe":
+            mlp_only = getattr(config, "mlp_only_layers", None) or []
+            step = getattr(config, "decoder_sparse_step", 1) or 1
+            return index not in mlp_only and getattr(config, self.num_experts_attr) > 0 and (index + 1) % step == 0
+        raise ValueError(f"unknown sparse_rule {self.sparse_rule!r}")
+
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.num_experts_attr))
+
+    def to_memory(self, name: str) -> str:
+        """Map an on-disk, layer-relative tensor name to its in-memory module path."""
+        for old, new in self.renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+        return name
+
+
+_ATTENTION_QKVO = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    row.model_type: row
+    for row in (
+        Architecture(
+            model_type="mixtral",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            moe_block="block_sparse_moe",
+            moe_module="mlp",
+            routers=("block_sparse_moe.gate",),
+            renames=(("block_sparse_moe.", "mlp."),),
+        ),
+        Architecture(
+            model_type="qwen2_moe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_block="mlp",
+            moe_module="mlp",
+            routers=("mlp.gate", "mlp.shared_expert_gate"),
+            shared_expert=MLP("mlp.shared_expert"),
+            dense_mlp=MLP("mlp"),
+            num_experts_attr="num_experts",
+            sparse_rule="qwen2_moe",
+        ),
+    )
+}
+
+
+def architecture_for(config) -> Architecture:
+    """The row for ``config.model_type``, or a one-line error listing the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise QuantMoeError(
+            f"unsupported architecture {model_type!r}; supported: {supported} "
+            "(see docs/architectures.md to add one)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What to quantize in one decoder layer, resolved from a row and the config."""
+
+    index: int
+    attention: tuple[tuple[str, ...], ...]
+    experts: MLP | None
+    num_experts: int
+    shared_expert: MLP | None
+    dense_mlp: MLP | None
+    routers: tuple[str, ...] = field(default=())
+
+    def quantized_linears(self) -> list[str]:
+        """Every on-disk linear path (layer-relative) this layer quantizes, in order."""
+        names = [n for group in self.attention for n in group]
+        if self.experts is not None:
+            for e in range(self.num_experts):
+                names += [self.experts.linear(w, e) for w in ("gate", "up", "down")]
+        for mlp in (self.shared_expert, self.dense_mlp):
+            if mlp is not None:
+                names += [mlp.linear(w) for w in ("gate", "up", "down")]
+        return names
+
+
+def plan_layer(arch: Architecture, config, index: int) -> LayerPlan:
+    moe = arch.is_moe_layer(config, index)
+    return LayerPlan(
+        index=index,
+        attention=arch.attention,
+        experts=arch.experts if moe else None,
+        num_experts=arch.num_experts(config) if moe else 0,
+        shared_expert=arch.shared_expert if moe else None,
+        dense_mlp=None if moe else arch.dense_mlp,
+        routers=arch.routers if moe else (),
+    )

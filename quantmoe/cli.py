@@ -1,0 +1,143 @@
+"""The ``quantmoe`` command line: parse options, call the Python API, print results.
+
+Every QuantMoeError is printed as one ``error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .errors import QuantMoeError
+
+
+def friendly(fn):
+    """Turn QuantMoeError and Ctrl-C into one line and a non-zero exit, never a traceback."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QuantMoeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written to --out (re-run the same command to start again)", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; lower --batch-size or --nsamples, or use --device cuda", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantmoe")
+def main():
+    """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: quantmoe-out/<model>-<backend>-int<bits>-g<group>].")
+@click.option("--backend", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128.")
+@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--act-order/--no-act-order", default=True, show_default=True, help="Act-order with static groups.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening, fraction of mean(diag H).")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True)
+@click.option("--rare-expert", type=click.Choice(["blend", "all-tokens", "rtn"]), default="blend", show_default=True,
+              help="Hessian fallback for experts that see few calibration tokens.")
+@click.option("--rare-expert-tokens", type=int, default=0, show_default=True,
+              help="Routed tokens below which the fallback applies; 0 = the expert's widest input size.")
+@click.option("--calib", help="Calibration text/JSONL file, folder, datasets name, or a token file from `quantmoe calibrate`.")
+@click.option("--nsamples", type=int, help="Calibration sequences [default: 128].")
+@click.option("--seqlen", type=int, help="Calibration sequence length [default: min(2048, context)].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete).")
+@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Measure the perplexity gap after export.")
+@click.option("--eval-data", help="Held-out text for --eval [default: the bundled held-out text].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly
+def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_sequential, rare_expert,
+             rare_expert_tokens, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
+             run_eval, eval_data, quiet):
+    """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE)."""
+    from .config import QuantConfig
+    from .pipeline import quantize as run
+
+    qcfg = QuantConfig(backend=backend, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
+                       true_sequential=true_sequential, rare_expert=rare_expert, rare_expert_tokens=rare_expert_tokens)
+    summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                  max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
+                  batch_size=batch_size, quiet=quiet)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from .report import gap_table, protocol_text
+
+    for note in summary.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    if summary["fallbacks"]:
+        click.echo(f"{len(summary['fallbacks'])} expert projections used the rare-expert fallback "
+                   "(listed in quantization_log.json)", err=True)
+    if summary["report"] is not None:
+        click.echo(gap_table(summary["report"]))
+        click.echo("")
+        click.echo(protocol_text(summary["report"]))
+    click.echo(f"wrote {summary['out']}")
+
+
+@main.command()
+@click.option("--data", help="Text/JSONL file, folder or datasets name [default: the bundled calibration text].")
+@click.option("--tokenizer", help="Model folder whose tokenizer to use [default: the bundled demo MoE].")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, help="[default: min(2048, context)]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("calib.safetensors"), show_default=True)
+@friendly
+def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
+    """Build a calibration token file (safetensors input_ids int64 [N, L])."""
+    from .api import calibrate as run
+
+    path = run(data, tokenizer, nsamples, seqlen, seed, out)
+    click.echo(f"wrote {path} ({nsamples} x {seqlen or 'context'} tokens)")
+
+
+@main.command("eval")
+@click.argument("model", required=False)
+@click.option("--baseline", help="The original model, to report the gap.")
+@click.option("--data", help="Held-out text [default: the bundled held-out text].")
+@click.option("--seqlen", type=int, help="Window length [default: min(2048, context)].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here (and .md beside it).")
+@click.option("--quiet", is_flag=True)
+@friendly
+def eval_(model, baseline, data, seqlen, device, batch_size, report_path, quiet):
+    """Perplexity of MODEL (default: the bundled demo MoE), and its gap to --baseline."""
+    from .evaluation import evaluate
+    from .files import atomic_write_json, atomic_write_text
+    from .report import gap_table, protocol_text, render_markdown
+
+    report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size, quiet=quiet)
+    if baseline is not None:
+        click.echo(gap_table(report))
+    else:
+        click.echo(f"perplexity {report['results']['model']['perplexity']:.4f}")
+    click.echo(protocol_text(report))
+    if report_path is not None:
+        atomic_write_json(report_path, report)
+        atomic_write_text(report_path.with_suffix(".md"), render_markdown(report))
+        click.echo(f"wrote {report_path}")
+
+
+if __name__ == "__main__":
+    main()

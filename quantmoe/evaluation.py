@@ -1,0 +1,137 @@
+"""Stage 4: perplexity of a checkpoint (original or quantized) under one stated protocol.
+
+Protocol (as in the GPTQ paper): the evaluation documents are joined with "\\n\\n" and
+tokenized once without special tokens; the stream is cut into non-overlapping windows
+of ``seqlen`` tokens (the trailing partial window is dropped); perplexity is
+exp(mean token-level negative log-likelihood) over every predicted position
+(seqlen - 1 per window). The model runs layer by layer (see stream.py) in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .calibration import read_documents, token_stream, tokenizer_fingerprint
+from .checkpoint import Checkpoint
+from .errors import QuantMoeError
+from .stream import LayerStream, pick_device
+
+
+@dataclass(frozen=True)
+class Protocol:
+    data: str
+    seqlen: int
+    join: str = "\\n\\n"
+    special_tokens: bool = False
+    windows: str = "non-overlapping, trailing partial window dropped"
+    metric: str = "token-level perplexity, exp(mean NLL over seqlen-1 predicted tokens per window)"
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def eval_windows(tokenizer, data: str | Path, seqlen: int) -> tuple[Tensor, dict]:
+    """Token windows (N, seqlen) of the eval text, and what they were made from."""
+    docs = read_documents(data)
+    stream = token_stream(tokenizer, docs)
+    n = stream.numel() // seqlen
+    if n == 0:
+        raise QuantMoeError(f"the eval text has {stream.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+                            "give more text or a smaller --seqlen")
+    text_hash = hashlib.sha256("\n\n".join(docs).encode()).hexdigest()
+    meta = {"path": str(data), "text_sha256": text_hash, "documents": len(docs), "tokens": int(stream.numel()),
+            "windows": n, "tokens_scored": n * (seqlen - 1), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    return stream[: n * seqlen].reshape(n, seqlen), meta
+
+
+@torch.no_grad()
+def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_size: int = 8,
+               progress=None) -> dict:
+    """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time."""
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    stream = LayerStream(Checkpoint(model), dev)
+    batches = stream.embed(windows, batch_size)
+    for i in range(stream.num_layers):
+        layer = stream.load_layer(i, stream.layer_state(i))
+        batches = stream.run_layer(layer, batches)
+        stream.release_layer(i)
+        if progress is not None:
+            progress.update(1)
+    stream.load_head()
+    nll, count = 0.0, 0
+    for start, b in zip(range(0, windows.shape[0], batch_size), batches):
+        ids = windows[start:start + batch_size].to(dev)
+        logits = stream.logits(b.hidden)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    mean = nll / count
+    if not math.isfinite(mean):
+        raise QuantMoeError(f"{model} produced non-finite log-likelihoods; run quantmoe verify on it")
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": count,
+            "seconds": round(time.perf_counter() - t0, 3), "device": str(dev)}
+
+
+def gap(original: float, quantized: float) -> dict:
+    return {"absolute": quantized - original, "relative": (quantized - original) / original}
+
+
+def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
+             seqlen: int | None = None, device: str = "auto", batch_size: int = 8, quiet: bool = False) -> dict:
+    """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
+
+    Returns the report dict (see report.render_markdown for its Markdown form).
+    """
+    from tqdm.auto import tqdm
+
+    from .defaults import DEFAULT_MODEL, EVAL_DATA, default_seqlen
+    from .export import checkpoint_stats
+    from .measure import stage
+
+    model = Path(model) if model is not None else DEFAULT_MODEL
+    data = data if data is not None else EVAL_DATA
+    ckpt = Checkpoint(model)
+    seqlen = seqlen or default_seqlen(ckpt.config)
+    tokenizer = ckpt.tokenizer()
+    windows, meta = eval_windows(tokenizer, data, seqlen)
+    if baseline is not None:
+        base_tok = Checkpoint(baseline).tokenizer()
+        if tokenizer_fingerprint(base_tok) != meta["tokenizer_fingerprint"]:
+            raise QuantMoeError(f"{model} and the baseline {baseline} use different tokenizers; "
+                                "compare a quantized model with its own original")
+    stages: dict = {}
+    results: dict = {}
+    runs = ([("original", baseline)] if baseline is not None else []) + [("quantized" if baseline else "model", model)]
+    for label, path in runs:
+        n = Checkpoint(path).config.num_hidden_layers
+        with tqdm(total=n, desc=f"eval {label}", unit="layer", disable=quiet, leave=False) as bar, \
+                stage(stages, f"eval_{label}"):
+            results[label] = perplexity(path, windows, device, batch_size, progress=bar)
+    report = {
+        "model": str(model),
+        "baseline": str(baseline) if baseline is not None else None,
+        "protocol": Protocol(data=str(data), seqlen=seqlen).to_dict(),
+        "data": meta,
+        "device": results[runs[-1][0]]["device"],
+        "results": results,
+        "stages": stages,
+    }
+    if baseline is not None:
+        report["gap"] = gap(results["original"]["perplexity"], results["quantized"]["perplexity"])
+        report["original_size_bytes"] = checkpoint_stats(baseline)["size_bytes"]
+    if Checkpoint(model).quantization is not None:
+        qc = Checkpoint(model).quantization
+        report["quantization"] = {**checkpoint_stats(model), "method": qc.get("quant_method"), "bits": qc.get("bits"),
+                                  "group_size": qc.get("group_size"), "sym": qc.get("sym"),
+                                  "label": f"{qc.get('meta', {}).get('backend', 'gptq')} int{qc.get('bits')} g{qc.get('group_size')}"}
+    return report

@@ -1,0 +1,167 @@
+"""Stage 3: per-layer results + the source checkpoint -> a sharded GPTQ v1 checkpoint.
+
+Quantized linears are written under the source checkpoint's own names
+(``...block_sparse_moe.experts.3.w1.qweight`` ...); every other tensor (routers, norms,
+biases, embeddings, head) is copied unchanged, in its source dtype. Shards are built one
+at a time, so memory holds at most one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .checkpoint import INDEX_NAME, Checkpoint
+from .config import QuantConfig
+from .errors import QuantMoeError
+from .files import atomic_write_json, save_safetensors
+from .packing import GPTQ_SUFFIXES
+
+QUANTIZE_CONFIG = "quantize_config.json"
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '10KB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise QuantMoeError(f"--max-shard-size {text!r} is not a size; write it like 2GB or 500MB")
+    unit = (m.group(2) or "B").upper().replace("I", "").rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise QuantMoeError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+class ShardWriter:
+    """Collects tensors and writes a shard whenever the next tensor would overflow it."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f".shard-{len(self.written):05d}.safetensors"
+        save_safetensors(path, self.pending, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Give the shards their final names and write the index; returns the weight map."""
+        self.flush()
+        n = len(self.written)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.written):
+            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            weight_map.update({name: final.name for name in names})
+        atomic_write_json(self.folder / INDEX_NAME,
+                          {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        return weight_map
+
+
+def quantization_config(qcfg: QuantConfig, not_quantized: list[str], version: str) -> dict:
+    """The GPTQ v1 ``quantization_config`` that GPTQModel, vLLM and transformers read."""
+    return {
+        "quant_method": "gptq",
+        "bits": qcfg.bits,
+        "group_size": qcfg.group_size,
+        # g_idx is always c // group_size (act-order uses static groups), so loaders need no reordering.
+        "desc_act": False,
+        "sym": qcfg.sym,
+        "static_groups": qcfg.act_order,
+        "true_sequential": qcfg.true_sequential,
+        "damp_percent": qcfg.damp,
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "lm_head": False,
+        "modules_not_quantized": not_quantized,
+        "meta": {"quantizer": [f"quantmoe:{version}"], "act_order": qcfg.act_order, "backend": qcfg.backend},
+    }
+
+
+def export_gptq(ckpt: Checkpoint, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
+                max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
+    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``."""
+    staging.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(staging, max_shard_size)
+    layer_names = {i: set() for i in range(len(layer_files))}
+    for name in ckpt.names("model.embed_tokens."):
+        writer.add(name, ckpt.tensor(name))
+    for i, file in enumerate(layer_files):
+        prefix = ckpt.layer_prefix(i)
+        with safe_open(str(file), framework="pt") as f:
+            packed = {name: f.get_tensor(name) for name in f.keys()}
+        quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
+        for name in ckpt.names(prefix):
+            if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+                continue
+            writer.add(name, ckpt.tensor(name))
+        for name in sorted(packed):
+            writer.add(name, packed[name])
+        layer_names[i] = quantized
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
+    for name in ckpt.names():
+        if name not in done and not name.startswith("model.layers."):
+            writer.add(name, ckpt.tensor(name))
+    weight_map = writer.close()
+
+    qconfig = quantization_config(qcfg, not_quantized, version)
+    config = dict(ckpt.raw_config)
+    config["quantization_config"] = qconfig
+    atomic_write_json(staging / "config.json", config)
+    atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
+    for file in ckpt.tokenizer_files():
+        shutil.copyfile(file, staging / file.name)
+    return weight_map
+
+
+def checkpoint_stats(folder: Path) -> dict:
+    """Bits per weight, size on disk and the fraction of parameters quantized, measured from the files."""
+    ckpt = Checkpoint(folder)
+    bits_quantized, weights_quantized, params_other = 0, 0, 0
+    for name in ckpt.names():
+        module, _, suffix = name.rpartition(".")
+        shape = ckpt.shape(name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if ckpt.has(f"{module}.qweight") and suffix in GPTQ_SUFFIXES:
+            itemsize = 2 if suffix == "scales" else 4
+            bits_quantized += numel * itemsize * 8
+            if suffix == "g_idx":
+                weights_quantized += numel * ckpt.shape(f"{module}.scales")[1]
+        else:
+            params_other += numel
+    size = sum((Path(folder) / s).stat().st_size for s in ckpt.shards)
+    total = weights_quantized + params_other
+    return {
+        "bits_per_weight": bits_quantized / weights_quantized if weights_quantized else None,
+        "size_bytes": size,
+        "quantized_weights": weights_quantized,
+        "total_parameters": total,
+        "fraction_quantized": weights_quantized / total if total else 0.0,
+    }
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,77 @@
+"""GPTQ v1 checkpoint packing (the format auto-gptq defined; GPTQModel, vLLM and
+transformers read it).
+
+Per quantized linear ``P`` with weight (out, in):
+
+* ``P.qweight`` int32 (in * bits / 32, out): levels packed along the input dim, low bits first;
+* ``P.qzeros``  int32 (groups, out * bits / 32): zero points minus one (the v1 convention),
+  packed along the output dim, low bits first;
+* ``P.scales``  fp16 (groups, out);
+* ``P.g_idx``   int32 (in,): the group of each input column.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gptq import QuantResult, dequantize
+
+
+def _pack_rows(values: Tensor, bits: int) -> Tensor:
+    """Pack (N, M) small non-negative ints along dim 0 into int32 (N * bits / 32, M)."""
+    per = 32 // bits
+    N, M = values.shape
+    if N % per:
+        raise ValueError(f"cannot pack {N} rows at {bits} bits: not a multiple of {per}")
+    v = values.to(torch.int64).reshape(N // per, per, M)
+    shifts = (torch.arange(per, dtype=torch.int64, device=v.device) * bits)[None, :, None]
+    packed = (v << shifts).sum(dim=1)  # < 2**32
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def _unpack_rows(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of _pack_rows: int32 (N * bits / 32, M) -> int64 (N, M)."""
+    per = 32 // bits
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per, dtype=torch.int64, device=p.device) * bits)[None, :, None]
+    v = (p[:, None, :] >> shifts) & (2**bits - 1)
+    return v.reshape(-1, packed.shape[1])
+
+
+def pack_linear(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bits: int) -> dict[str, Tensor]:
+    """One linear's GPTQ v1 tensors from q (R, C), scales/zeros (R, G), g_idx (C,)."""
+    maxq = 2**bits - 1
+    # v1 stores zero - 1, wrapped into `bits` bits (the loaders add 1 back).
+    stored_zeros = (zeros.to(torch.int64) - 1) & maxq
+    return {
+        "qweight": _pack_rows(q.t().contiguous(), bits),
+        "qzeros": _pack_rows(stored_zeros, bits).t().contiguous(),
+        "scales": scales.t().half().clone(),
+        "g_idx": g_idx.to(torch.int32).clone(),
+    }
+
+
+def pack_result(result: QuantResult, bits: int) -> list[dict[str, Tensor]]:
+    """Pack each of the B matrices in a QuantResult."""
+    return [
+        pack_linear(result.q[b].cpu(), result.scales[b].cpu(), result.zeros[b].cpu(), result.g_idx.cpu(), bits)
+        for b in range(result.q.shape[0])
+    ]
+
+
+def unpack_linear(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ v1 tensors -> (q (R, C), scales (R, G), zeros (R, G), g_idx (C,))."""
+    q = _unpack_rows(tensors["qweight"], bits).t()
+    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
+    return q, tensors["scales"].t(), zeros, tensors["g_idx"]
+
+
+def dequantize_linear(tensors: dict[str, Tensor], bits: int) -> Tensor:
+    """The fp32 weight (out, in) a GPTQ v1 linear stands for."""
+    q, scales, zeros, g_idx = unpack_linear(tensors, bits)
+    return dequantize(q, scales, zeros, g_idx)
+
+
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")

@@ -1,0 +1,156 @@
+"""Stage 2 and the whole pipeline: stream a checkpoint layer by layer through GPTQ,
+export it as GPTQ v1 shards, and (optionally) evaluate it against the original.
+
+Files handed between stages live in a work folder beside ``--out``
+(``.<out>.quantmoe-work/``): ``calib.safetensors``, ``layers/layer-NNNNN.safetensors`` and
+``.json`` per finished layer, and ``export/``, the staged output that is renamed to
+``--out`` only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .architectures import plan_layer
+from .calibration import calibration_tokens, write_calibration
+from .checkpoint import Checkpoint
+from .config import QuantConfig
+from .defaults import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
+from .errors import QuantMoeError
+from .evaluation import evaluate
+from .export import export_gptq, parse_size
+from .files import atomic_write_json, atomic_write_text, replace_dir, save_safetensors, versions, write_manifest
+from .measure import stage
+from .quantize_layer import LayerQuantizer
+from .report import model_card, render_markdown
+from .stream import LayerStream, pick_device
+
+
+def default_out(model: Path, qcfg: QuantConfig) -> Path:
+    g = "" if qcfg.group_size == -1 else f"-g{qcfg.group_size}"
+    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}"
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.quantmoe-work"
+
+
+def check_out(out: Path, model: Path, overwrite: bool) -> Path:
+    out = out.expanduser().resolve()
+    if out == model or model in out.parents:
+        raise QuantMoeError(f"--out {out} is inside the model folder {model}; choose a folder outside it")
+    if out.exists() and not overwrite:
+        raise QuantMoeError(f"{out} already exists; pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise QuantMoeError(f"--out {out} is a file; choose a folder path")
+    return out
+
+
+def check_shapes(ckpt: Checkpoint, stream: LayerStream, qcfg: QuantConfig) -> list[str]:
+    """Fail early when the group size or packing cannot fit a layer; return notes for narrow layers."""
+    notes = []
+    per = 32 // qcfg.bits
+    for i in range(stream.num_layers):
+        for name in plan_layer(stream.arch, stream.config, i).quantized_linears():
+            full = f"{ckpt.layer_prefix(i)}{name}.weight"
+            if not ckpt.has(full):
+                continue  # fused on disk, checked when the layer loads
+            rows, cols = ckpt.shape(full)
+            if qcfg.group_size != -1 and cols < qcfg.group_size:
+                notes.append(f"{full}: input size {cols} < group size {qcfg.group_size}; one group spans the input")
+            elif qcfg.group_size != -1 and cols % qcfg.group_size:
+                raise QuantMoeError(f"--group-size {qcfg.group_size} does not divide the input size {cols} of {full}; "
+                                    "use a group size that divides it, or -1")
+            if cols % per or rows % per:
+                raise QuantMoeError(f"{full} has shape {rows}x{cols}, which {qcfg.bits}-bit packing cannot hold "
+                                    f"(both sides must be multiples of {per}); this layer cannot be exported as GPTQ")
+    return notes
+
+
+def not_quantized_modules(stream: LayerStream) -> list[str]:
+    """Exact on-disk paths of the routers left in full precision (every layer that has them)."""
+    out = []
+    for i in range(stream.num_layers):
+        out += [f"model.layers.{i}.{r}" for r in plan_layer(stream.arch, stream.config, i).routers]
+    return out
+
+
+def quantize(model: str | Path | None = None, out: str | Path | None = None, qcfg: QuantConfig = QuantConfig(),
+             calib: str | Path | None = None, nsamples: int | None = None, seqlen: int | None = None,
+             seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
+             run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int = 8,
+             quiet: bool = False) -> dict:
+    """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
+    out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
+    shard_bytes = parse_size(max_shard_size)
+    dev = pick_device(device)
+    stream = LayerStream(ckpt, dev)
+    notes = check_shapes(ckpt, stream, qcfg)
+    tokenizer = ckpt.tokenizer()
+    seqlen = seqlen or default_seqlen(ckpt.config)
+    nsamples = nsamples or NSAMPLES
+    stages: dict = {}
+
+    work = work_dir(out)
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "layers").mkdir(parents=True)
+    with stage(stages, "calibrate"):
+        ids, calib_meta = calibration_tokens(tokenizer, calib if calib is not None else CALIB_DATA, nsamples, seqlen, seed)
+        write_calibration(work / "calib.safetensors", ids, calib_meta)
+
+    layers_log, layer_files = [], []
+    with stage(stages, "quantize"):
+        batches = stream.embed(ids, batch_size)
+        for i in tqdm(range(stream.num_layers), desc="quantize", unit="layer", disable=quiet):
+            t0 = time.perf_counter()
+            result = LayerQuantizer(stream, i, batches, qcfg).run()
+            batches = result.outputs
+            file = work / "layers" / f"layer-{i:05d}.safetensors"
+            save_safetensors(file, result.tensors, metadata={"format": "pt"})
+            entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3),
+                     "expert_tokens": result.expert_tokens, "modules": result.log}
+            atomic_write_json(file.with_suffix(".json"), entry)
+            layers_log.append(entry)
+            layer_files.append(file)
+        del batches
+
+    staging = work / "export"
+    with stage(stages, "export"):
+        export_gptq(ckpt, layer_files, staging, qcfg, shard_bytes, not_quantized_modules(stream), __version__)
+    fallbacks = [{"module": m["module"], "fallback": m["fallback"]} for e in layers_log for m in e["modules"] if m["fallback"]]
+    options = {**qcfg.to_dict(), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
+               "device": str(dev), "max_shard_size": shard_bytes}
+    atomic_write_json(staging / "quantization_log.json", {
+        "base_model": str(ckpt.path), "options": options, "calibration": calib_meta, "notes": notes,
+        "fallbacks": fallbacks, "layers": layers_log})
+
+    report = None
+    if run_eval:
+        report = evaluate(staging, baseline=ckpt.path, data=eval_data, device=device, batch_size=batch_size, quiet=quiet)
+        report["model"] = str(out)
+        report["fallbacks"] = fallbacks
+        report["stages"] = {**stages, **report["stages"]}
+        atomic_write_json(staging / "eval_report.json", report)
+        atomic_write_text(staging / "eval_report.md", render_markdown(report))
+    info = {"name": out.name, "base_model": ckpt.path.name, "model_type": stream.config.model_type,
+            "version": __version__, "quantization_config": json.loads((staging / "config.json").read_text())["quantization_config"],
+            "options": options, "fallback_count": len(fallbacks),
+            "calibration": f"{ids.shape[0]} x {ids.shape[1]} tokens from `{calib_meta.get('source')}` (seed {seed})"}
+    atomic_write_text(staging / "README.md", model_card(report, info))
+    write_manifest(staging, {"options": options, "versions": versions(), "base_model": str(ckpt.path),
+                             "calibration": calib_meta, "stages": stages})
+    replace_dir(staging, out, overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes}

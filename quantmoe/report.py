@@ -1,0 +1,113 @@
+"""Reports as JSON and Markdown, and the model card that ships with an export."""
+
+from __future__ import annotations
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def gap_table(report: dict) -> str:
+    """The perplexity table: original vs quantized, with the gap, bits per weight and size."""
+    q = report.get("quantization", {})
+    rows = ["| model | perplexity | gap (abs) | gap (rel) | bits/weight | size (MB) | quantized params |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    orig = report["results"].get("original")
+    quant = report["results"].get("quantized")
+    if orig:
+        rows.append(f"| original | {_fmt(orig['perplexity'])} | | | 16 | "
+                    f"{_fmt(report.get('original_size_bytes', 0) / 1e6, 2)} | 0% |")
+    if quant:
+        g = report.get("gap") or {}
+        rel = g.get("relative")
+        rows.append(
+            f"| {q.get('label', 'quantized')} | {_fmt(quant['perplexity'])} | {_fmt(g.get('absolute'))} | "
+            f"{'-' if rel is None else f'{100 * rel:+.2f}%'} | {_fmt(q.get('bits_per_weight'), 3)} | "
+            f"{_fmt(q.get('size_bytes', 0) / 1e6, 2)} | {_fmt(100 * q.get('fraction_quantized', 0), 1)}% |")
+    return "\n".join(rows)
+
+
+def protocol_text(report: dict) -> str:
+    p = report["protocol"]
+    d = report["data"]
+    return (f"Data `{d['path']}` ({d['documents']} documents, {d['tokens']} tokens, {d['windows']} windows of "
+            f"{p['seqlen']}); documents joined with \"\\n\\n\", tokenized once without special tokens; "
+            f"{p['windows']}; {p['metric']}; {p['dtype']} on {report.get('device', '?')}.")
+
+
+def stages_table(stages: dict) -> str:
+    rows = ["| stage | wall time (s) | peak RSS (MB) | peak GPU (MB) |", "| --- | ---: | ---: | ---: |"]
+    for name, s in stages.items():
+        rows.append(f"| {name} | {_fmt(s['seconds'], 2)} | {_fmt(s['peak_rss_mb'], 1)} | {_fmt(s.get('peak_gpu_mb'), 1)} |")
+    return "\n".join(rows)
+
+
+def render_markdown(report: dict) -> str:
+    parts = [f"# quantmoe eval report: {report.get('model', '')}", "", gap_table(report), "",
+             "**Protocol.** " + protocol_text(report), ""]
+    if report.get("fallbacks"):
+        parts += ["**Rare-expert fallbacks.**", ""] + [f"- `{f['module']}`: {f['fallback']}" for f in report["fallbacks"]] + [""]
+    if report.get("stages"):
+        parts += ["## Stages", "", stages_table(report["stages"]), ""]
+    return "\n".join(parts)
+
+
+def model_card(report: dict | None, info: dict) -> str:
+    """README.md of an export: base model, method, calibration, protocol, results and how to load it."""
+    q = info["quantization_config"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [quantmoe, gptq, moe, int4]" if q["bits"] == 4 else "tags: [quantmoe, gptq, moe, int8]",
+        "---",
+        f"# {info['name']}",
+        "",
+        f"GPTQ int{q['bits']} quantization of `{info['base_model']}` ({info['model_type']}) made with quantmoe {info['version']}.",
+        "",
+        "## Method",
+        "",
+        f"- backend: {info['options']['backend']}; bits {q['bits']}; group size {q['group_size']}; "
+        f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {'on (static groups)' if info['options']['act_order'] else 'off'}; "
+        f"damp {q['damp_percent']}; true-sequential {q['true_sequential']}",
+        f"- every attention and expert projection is quantized; not quantized: "
+        f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'])}, embeddings, norms and the LM head",
+        f"- rare experts (fewer than the threshold of routed calibration tokens): `{info['options']['rare_expert']}` "
+        f"fallback; {info['fallback_count']} expert projections used it (see `quantization_log.json`)",
+        f"- calibration: {info['calibration']}",
+        "",
+    ]
+    if report is not None:
+        lines += ["## Perplexity", "", gap_table(report), "", protocol_text(report), ""]
+    lines += [
+        "## Loading",
+        "",
+        "vLLM:",
+        "```bash",
+        "vllm serve ./this-folder --quantization gptq_marlin   # or gptq",
+        "```",
+        "GPTQModel:",
+        "```python",
+        "from gptqmodel import GPTQModel",
+        "model = GPTQModel.load('./this-folder')",
+        "```",
+        "transformers (with optimum and gptqmodel installed):",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+        "```",
+        "quantmoe (dequantized into a plain transformers model, CPU or GPU):",
+        "```python",
+        "import quantmoe",
+        "model = quantmoe.load_quantized('./this-folder')",
+        "```",
+        "",
+        "Files: `quantization_log.json` (per module: tokens seen, GPTQ loss, fallback, time), "
+        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions); "
+        "`quantmoe verify ./this-folder` checks them.",
+        "",
+    ]
+    return "\n".join(lines)

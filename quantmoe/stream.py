@@ -1,0 +1,194 @@
+"""Run a checkpoint one decoder layer at a time.
+
+The model skeleton is built on the ``meta`` device (no memory); only the embeddings,
+the rotary tables, the current decoder layer and, at the end, the head are ever
+materialised. Activations for all sequences are kept between layers, so peak memory is
+one layer plus the activations, whatever the depth.
+
+This is the one input-capture path: quantization, evaluation and loading all use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import Architecture, architecture_for
+from .checkpoint import Checkpoint
+from .errors import QuantMoeError
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to skip the rest of a forward pass."""
+
+
+@dataclass
+class Batch:
+    """A mini-batch of sequences between two layers."""
+
+    hidden: Tensor  # (b, L, hidden) activations entering the next layer
+    kwargs: dict    # what the model passes every layer: position embeddings, mask, ...
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantMoeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def model_config(ckpt: Checkpoint):
+    """The config to build the plain (unquantized) model class from."""
+    config = ckpt.config
+    if getattr(config, "quantization_config", None) is not None:
+        config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class LayerStream:
+    """A causal LM whose parts are loaded on demand from a Checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.ckpt = ckpt
+        self.device = device
+        self.dtype = dtype
+        self.config = model_config(ckpt)
+        self.arch: Architecture = architecture_for(self.config)
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        except ValueError:
+            raise QuantMoeError(f"{ckpt.path} is a {self.config.model_type!r} model but not a causal LM; "
+                                "quantmoe quantizes decoder-only language models") from None
+        self.model.eval()
+        inner = self.model.model
+        inner.embed_tokens.to_empty(device=device)
+        inner.embed_tokens.weight.data.copy_(ckpt.tensor("model.embed_tokens.weight"))
+        rotary = getattr(inner, "rotary_emb", None)
+        if rotary is not None:
+            inner.rotary_emb = type(rotary)(config=self.config).to(device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    # -- embeddings ----------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, input_ids: Tensor, batch_size: int) -> list[Batch]:
+        """Token ids (N, L) -> the inputs of layer 0, in mini-batches."""
+        first = self.model.model.layers[0]
+        grabbed: list[Batch] = []
+
+        def grab(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            grabbed.append(Batch(hidden, kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for start in range(0, input_ids.shape[0], batch_size):
+                ids = input_ids[start:start + batch_size].to(self.device)
+                with contextlib.suppress(_Stop):
+                    self.model.model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        return grabbed
+
+    # -- decoder layers ------------------------------------------------------------
+    def layer_state(self, index: int) -> dict[str, Tensor]:
+        """Layer ``index``'s tensors under on-disk names relative to the layer."""
+        return self.ckpt.read_prefix(self.ckpt.layer_prefix(index), self.dtype)
+
+    def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
+        """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does)."""
+        layer = self.model.model.layers[index]
+        layer.to_empty(device=self.device)
+        missing = layer.load_state_dict(self.to_memory(index, state), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise QuantMoeError(
+                f"layer {index} of {self.ckpt.path} does not match its {self.config.model_type} config "
+                f"(missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}); "
+                "is the checkpoint complete and of this architecture?")
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        self.model.model.layers[index].to_empty(device="meta")
+
+    def to_memory(self, index: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """On-disk layer tensors -> the layer module's state dict (experts stacked and fused)."""
+        arch = self.arch
+        out: dict[str, Tensor] = {}
+        experts = arch.experts if arch.is_moe_layer(self.config, index) else None
+        expert_names = set()
+        if experts is not None:
+            n = arch.num_experts(self.config)
+            gate_up, down = [], []
+            for e in range(n):
+                g, u, d = (f"{experts.linear(w, e)}.weight" for w in ("gate", "up", "down"))
+                expert_names.update((g, u, d))
+                gate_up.append(torch.cat([state[g], state[u]], dim=0))  # (2I, H): gate rows first
+                down.append(state[d])                                      # (H, I)
+            out[f"{arch.experts_module}.gate_up_proj"] = torch.stack(gate_up)
+            out[f"{arch.experts_module}.down_proj"] = torch.stack(down)
+        for name, t in state.items():
+            if name not in expert_names:
+                out[arch.to_memory(name)] = t
+        return out
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, batches: list[Batch]) -> list[Batch]:
+        """Outputs of ``layer`` for every batch: the next layer's inputs."""
+        out = []
+        for b in batches:
+            h = layer(b.hidden, **b.kwargs)
+            out.append(Batch(h[0] if isinstance(h, tuple) else h, b.kwargs))
+        return out
+
+    @torch.no_grad()
+    def capture(self, layer: nn.Module, batches: list[Batch], module_path: str) -> Iterator[Tensor]:
+        """The input of ``layer.<module_path>`` for each batch, flattened to (tokens, features).
+
+        The forward pass stops at that module, so nothing after it is computed.
+        """
+        module = layer.get_submodule(module_path)
+        grabbed: list[Tensor] = []
+
+        def grab(_module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            grabbed.append(x.reshape(-1, x.shape[-1]))
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for b in batches:
+                with contextlib.suppress(_Stop):
+                    layer(b.hidden, **b.kwargs)
+                yield grabbed.pop()
+        finally:
+            handle.remove()
+
+    # -- head ----------------------------------------------------------------------
+    @torch.no_grad()
+    def load_head(self) -> None:
+        inner = self.model.model
+        inner.norm.to_empty(device=self.device)
+        inner.norm.load_state_dict({k: v.to(self.dtype) for k, v in self.ckpt.read_prefix("model.norm.").items()})
+        head = self.model.lm_head
+        name = "lm_head.weight" if self.ckpt.has("lm_head.weight") else "model.embed_tokens.weight"
+        head.to_empty(device=self.device)
+        head.weight.data.copy_(self.ckpt.tensor(name))
+        if head.bias is not None:
+            head.bias.data.copy_(self.ckpt.tensor("lm_head.bias"))
+
+    @torch.no_grad()
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden)).float()
