@@ -122,7 +122,7 @@ def rtn_quantize(W: Tensor, spec: QuantSpec) -> QuantResult:
     )
 
 
-def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> tuple[Tensor, Tensor]:
+def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 for H (B, C, C).
 
     Dampening is multiplied by 10 for each matrix whose factorisation fails.
@@ -144,7 +144,7 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 6) -> tuple
             break
         used[todo] *= 10
     if todo.numel():
-        raise RuntimeError("Hessian is not positive definite even with 1e5x dampening")
+        raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[todo].max()):g}")
     Hinv = torch.cholesky_inverse(L)
     return torch.linalg.cholesky(Hinv, upper=True), used
 

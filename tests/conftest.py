@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny checkpoints per architecture row, built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import TINY, make_model, write_text  # noqa: E402
+
+from quantmoe.architectures import ARCHITECTURES  # noqa: E402
+
+ARCH_NAMES = sorted(ARCHITECTURES)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("text") / "docs.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(model_type) -> folder of a saved tiny checkpoint (cached per type)."""
+    cache: dict[str, Path] = {}
+
+    def build(model_type: str) -> Path:
+        if model_type not in cache:
+            cache[model_type] = make_model(model_type, tmp_path_factory.mktemp(model_type) / "model")
+        return cache[model_type]
+
+    return build
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,235 @@
+"""End-to-end quantize -> export -> eval on tiny models, one run per architecture row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import quantmoe
+from quantmoe.architectures import ARCHITECTURES, plan_layer
+from quantmoe.checkpoint import Checkpoint
+from quantmoe.config import QuantConfig
+from quantmoe.errors import QuantMoeError
+from quantmoe.packing import GPTQ_SUFFIXES, dequantize_linear
+from quantmoe.quantize_layer import LayerQuantizer
+from quantmoe.stream import LayerStream
+
+from conftest import ARCH_NAMES
+from tiny import TINY
+
+QCFG = QuantConfig(group_size=32)
+
+
+def test_every_architecture_has_a_tiny_config():
+    assert set(ARCHITECTURES) <= set(TINY)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, text_file, tmp_path_factory):
+    """model_type -> (source folder, export folder, summary), quantized once per module."""
+    cache = {}
+
+    def run(model_type):
+        if model_type not in cache:
+            src = tiny_model(model_type)
+            out = tmp_path_factory.mktemp("out") / model_type
+            summary = quantmoe.quantize(src, out, QCFG, calib=text_file, nsamples=8, seqlen=64, eval_data=text_file,
+                                        quiet=True)
+            cache[model_type] = (src, out, summary)
+        return cache[model_type]
+
+    return run
+
+
+def _tensors(folder):
+    ckpt = Checkpoint(folder)
+    return ckpt, set(ckpt.names())
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_routers_untouched_and_every_projection_quantized(exported, model_type):
+    src, out, _ = exported(model_type)
+    source, q = Checkpoint(src), Checkpoint(out)
+    arch = ARCHITECTURES[model_type]
+    names = set(q.names())
+    for i in range(source.config.num_hidden_layers):
+        plan = plan_layer(arch, source.config, i)
+        prefix = f"model.layers.{i}."
+        for router in plan.routers:
+            router_tensors = [n for n in names if n.startswith(prefix + router + ".")]
+            assert router_tensors, f"{router} missing from the export"
+            for n in router_tensors:
+                assert not n.endswith(GPTQ_SUFFIXES), f"router tensor {n} was quantized"
+                assert torch.equal(q.tensor(n), source.tensor(n)), f"router tensor {n} changed"
+        linears = plan.quantized_linears()
+        assert linears
+        if plan.experts is not None:
+            assert any(plan.experts.gate in n for n in linears)  # the expert gate projection is quantized
+        for lin in linears:
+            for suffix in GPTQ_SUFFIXES:
+                assert prefix + lin + "." + suffix in names, f"{lin} not quantized"
+            assert prefix + lin + ".weight" not in names
+    # Nothing else was quantized: every qweight belongs to a planned linear.
+    planned = {f"model.layers.{i}.{lin}" for i in range(source.config.num_hidden_layers)
+               for lin in plan_layer(arch, source.config, i).quantized_linears()}
+    assert {n.rsplit(".", 1)[0] for n in names if n.endswith(".qweight")} == planned
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_gptq_tensor_shapes(exported, model_type):
+    src, out, _ = exported(model_type)
+    source, q = Checkpoint(src), Checkpoint(out)
+    for name in q.names():
+        if not name.endswith(".qweight"):
+            continue
+        module = name[: -len(".qweight")]
+        rows, cols = source.shape(module + ".weight")
+        groups = -(-cols // 32)
+        assert q.shape(module + ".qweight") == (cols * 4 // 32, rows)
+        assert q.shape(module + ".qzeros") == (groups, rows * 4 // 32)
+        assert q.shape(module + ".scales") == (groups, rows)
+        assert q.shape(module + ".g_idx") == (cols,)
+        assert q.tensor(module + ".scales").dtype == torch.float16
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_configs_and_report(exported, model_type):
+    src, out, summary = exported(model_type)
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc == json.loads((out / "quantize_config.json").read_text())
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["checkpoint_format"]) == ("gptq", 4, 32, True, "gptq")
+    assert qc["modules_not_quantized"] and all(".gate" in m or "gate" in m.rsplit(".", 1)[-1] for m in qc["modules_not_quantized"])
+    for name in ("model.safetensors.index.json", "tokenizer.json", "README.md", "quantization_log.json",
+                 "manifest.json", "eval_report.json", "eval_report.md"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "eval_report.json").read_text())
+    orig, quant = report["results"]["original"]["perplexity"], report["results"]["quantized"]["perplexity"]
+    assert report["gap"]["relative"] == pytest.approx((quant - orig) / orig)
+    assert 4.0 < report["quantization"]["bits_per_weight"] < 5.2
+    assert 0.5 < report["quantization"]["fraction_quantized"] < 1.0
+    assert report["protocol"]["seqlen"] == 256 and report["data"]["tokens_scored"] == report["data"]["windows"] * 255
+    assert set(report["stages"]) >= {"calibrate", "quantize", "export", "eval_original", "eval_quantized"}
+    log = json.loads((out / "quantization_log.json").read_text())
+    modules = [m for layer in log["layers"] for m in layer["modules"]]
+    assert all(m["loss"] >= 0 and m["tokens"] >= 0 and m["seconds"] >= 0 for m in modules)
+    assert "perplexity" in (out / "README.md").read_text().lower()
+    assert not list(out.parent.glob(f".{out.name}.quantmoe-work"))  # the work folder is cleaned up
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_export_dequantizes_to_exactly_the_gptq_result(tiny_model, text_file, model_type):
+    """The packed tensors of a layer stand for exactly the weights GPTQ computed and the pipeline ran with."""
+    from quantmoe.calibration import build_calibration
+
+    ckpt = Checkpoint(tiny_model(model_type))
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 4, 32, 0)
+    index = stream.num_layers - 1
+    batches = stream.embed(ids, 4)
+    lq = LayerQuantizer(stream, index, batches, QCFG)
+    lq.attention()
+    lq.mlps()
+    memory = {k: v.clone() for k, v in lq.layer.state_dict().items()}
+    packed = lq.result.tensors
+    prefix = f"model.layers.{index}."
+    weights = {}
+    for name in {n.rsplit(".", 1)[0] for n in packed}:
+        parts = {s: packed[f"{name}.{s}"] for s in GPTQ_SUFFIXES}
+        weights[name[len(prefix):] + ".weight"] = dequantize_linear(parts, 4)
+    state = {**lq.state, **weights}
+    expected = stream.to_memory(index, state)
+    for key, value in memory.items():
+        assert torch.equal(value, expected[key].to(value.dtype)), key
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_expert_with_zero_tokens_is_quantized_finite_and_nonzero(tiny_model, text_file, tmp_path, monkeypatch, model_type):
+    original_route = LayerQuantizer.route
+
+    def starve_expert_0(self, X):
+        tokens = original_route(self, X)
+        tokens[0] = tokens[0][:0]
+        return tokens
+
+    monkeypatch.setattr(LayerQuantizer, "route", starve_expert_0)
+    out = tmp_path / "out"
+    summary = quantmoe.quantize(tiny_model(model_type), out, QCFG, calib=text_file, nsamples=4, seqlen=32,
+                                run_eval=False, quiet=True)
+    starved = [f for f in summary["fallbacks"] if ".experts.0." in f["module"]]
+    assert starved and all("0 routed tokens" in f["fallback"] for f in starved)
+    q = Checkpoint(out)
+    arch = ARCHITECTURES[model_type]
+    for i in range(q.config.num_hidden_layers):
+        plan = plan_layer(arch, q.config, i)
+        if plan.experts is None:
+            continue
+        for w in ("gate", "up", "down"):
+            module = f"model.layers.{i}.{plan.experts.linear(w, 0)}"
+            W = dequantize_linear({s: q.tensor(f"{module}.{s}") for s in GPTQ_SUFFIXES}, 4)
+            assert torch.isfinite(W).all() and W.abs().sum() > 0, module
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
+    """transformers' own loader and quantmoe's agree on how experts are fused (gate rows first)."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model(model_type)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
+    stream = LayerStream(Checkpoint(src), torch.device("cpu"))
+    for i in range(stream.num_layers):
+        for key, value in stream.to_memory(i, stream.layer_state(i)).items():
+            assert torch.equal(value, reference[f"model.layers.{i}.{key}"]), key
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_streamed_perplexity_matches_transformers(tiny_model, text_file, model_type):
+    from transformers import AutoModelForCausalLM
+
+    from quantmoe.evaluation import eval_windows, perplexity
+
+    src = tiny_model(model_type)
+    windows, _ = eval_windows(Checkpoint(src).tokenizer(), text_file, 64)
+    ours = perplexity(src, windows[:6], "cpu")["perplexity"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        loss = model(windows[:6], labels=windows[:6]).loss
+    assert ours == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_load_quantized_generates_and_matches_streamed_eval(exported, text_file, model_type):
+    from quantmoe.evaluation import eval_windows, perplexity
+
+    _, out, _ = exported(model_type)
+    model = quantmoe.load_quantized(out)
+    windows, _ = eval_windows(Checkpoint(out).tokenizer(), text_file, 64)
+    with torch.no_grad():
+        loss = model(windows[:4], labels=windows[:4]).loss
+    assert float(torch.exp(loss)) == pytest.approx(perplexity(out, windows[:4], "cpu")["perplexity"], rel=1e-4)
+    generated = model.generate(windows[:1, :8], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 13)
+
+
+def test_rtn_backend_writes_the_same_format(tiny_model, text_file, tmp_path):
+    out = tmp_path / "rtn"
+    quantmoe.quantize(tiny_model("mixtral"), out, QuantConfig(backend="rtn", group_size=32), calib=text_file,
+                      nsamples=4, seqlen=32, run_eval=False, quiet=True)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["meta"]["backend"] == "rtn" and qc["bits"] == 4
+    assert any(n.endswith(".qweight") for n in Checkpoint(out).names())
+
+
+def test_unknown_architecture_is_a_one_line_error(tmp_path):
+    from transformers import BertConfig
+
+    from quantmoe.architectures import architecture_for
+
+    with pytest.raises(QuantMoeError) as err:
+        architecture_for(BertConfig())
+    assert "unsupported architecture 'bert'" in str(err.value) and "mixtral" in str(err.value)
+    assert "\n" not in str(err.value)
