@@ -2,8 +2,9 @@
 
 Text comes from a .txt/.md/.rst file (one document), a .jsonl file (one document per
 line, field ``text``), a folder of those, or a ``datasets`` name (``name[:config[:split]]``)
-when the Hub is reachable. Documents are joined with "\\n\\n" and tokenized once, without
-special tokens; N windows of L tokens are then cut at seeded random offsets.
+when the Hub is reachable. Each document is tokenized without special tokens, documents
+are joined by the tokens of "\\n\\n", and N windows of L tokens are cut at seeded random
+offsets.
 """
 
 from __future__ import annotations
@@ -78,6 +79,25 @@ def token_stream(tokenizer, documents: list[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def document_stream(tokenizer, documents: list[str]) -> Tensor:
+    """Each document tokenized on its own, joined by the tokens of "\\n\\n": int64 (T,).
+
+    For calibration, where a corpus may be large: memory stays proportional to the
+    tokens, not to one giant string's encoding. (Evaluation tokenizes once; see token_stream.)
+    """
+    docs = [d for d in documents if d.strip()]
+    if not docs:
+        raise QuantMoeError("the text is empty; pass a file with text in it")
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for start in range(0, len(docs), 256):
+        for doc_ids in tokenizer(docs[start:start + 256], add_special_tokens=False)["input_ids"]:
+            if ids:
+                ids.extend(sep)
+            ids.extend(doc_ids)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def sample_windows(stream: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
     """N windows of L tokens at seeded random offsets: int64 (N, L)."""
     need = nsamples * seqlen
@@ -96,7 +116,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def build_calibration(tokenizer, data: str | Path, nsamples: int, seqlen: int, seed: int) -> tuple[Tensor, dict]:
-    ids = sample_windows(token_stream(tokenizer, read_documents(data)), nsamples, seqlen, seed)
+    ids = sample_windows(document_stream(tokenizer, read_documents(data)), nsamples, seqlen, seed)
     meta = {"source": str(data), "seed": str(seed), "nsamples": str(nsamples), "seqlen": str(seqlen),
             "tokenizer": getattr(tokenizer, "name_or_path", ""), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "vocab_size": str(len(tokenizer))}
