@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 from .errors import QuantMoeError
 
 RARE_EXPERT_POLICIES = ("blend", "all-tokens", "rtn")
+# Backends that quantize_layer knows; anything else would silently run GPTQ, so it is refused here.
+# (A backend registry, e.g. for bitsandbytes, replaces this tuple when it lands.)
+BACKENDS = ("gptq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class QuantConfig:
     rare_expert: str = "blend"     # blend | all-tokens | rtn: the fallback for rare experts
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise QuantMoeError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.bits not in (4, 8):
             raise QuantMoeError(f"--bits {self.bits} is not supported by the {self.backend} backend; use 4 or 8")
         if self.group_size != -1 and self.group_size <= 0:
