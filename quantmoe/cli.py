@@ -139,5 +139,52 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, quiet)
         click.echo(f"wrote {report_path}")
 
 
+@main.command()
+@click.argument("jobs_file", type=click.Path(path_type=Path))
+@click.option("--out", "root", type=click.Path(path_type=Path), default=Path("quantmoe-out"), show_default=True,
+              help="Root folder; each job writes ROOT/<name>, and the summary goes to ROOT/batch_summary.{md,json}.")
+@click.option("--dry-run", is_flag=True, help="Check the jobs file and show what each job would do; run nothing.")
+@click.option("--quiet", is_flag=True, help="No layer progress bars (the one-line job progress stays).")
+@friendly
+def batch(jobs_file, root, dry_run, quiet):
+    """Quantize every job of JOBS_FILE (TOML, or YAML), one after another.
+
+    \b
+    [defaults]                      # optional, applied to every job
+    calib = "calib.jsonl"           # relative paths: beside the jobs file first
+    eval_data = "heldout.jsonl"
+    seqlen = 512                    # calibration sequence length
+    [[jobs]]
+    name = "mix-gptq-int4"          # output folder ROOT/<name>
+    model = "models/mixtral-demo"
+    backend = "gptq"
+    bits = 4
+    group_size = 128
+    [matrix]                        # models x recipes, jobs named <model>-<recipe>
+    models = ["models/a", "models/b"]
+    recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}]
+
+    Other job keys: any quantize option (sym, act_order, damp, true_sequential, rare_expert,
+    rare_expert_tokens, block_size, nsamples, seed, device, batch_size, max_shard_size, eval).
+    A job whose folder is complete (manifest valid, same options) is skipped; an unfinished one
+    is run again (continuing from its work folder where quantize can resume). A failed job does
+    not stop the others. Exit status: 0 when every job is done or skipped, 1 when a job failed,
+    2 when the jobs file is wrong.
+    """
+    from .batch import load_jobs, plan, run_batch
+
+    jobs = load_jobs(jobs_file)
+    if dry_run:
+        for job, action in plan(jobs, root):
+            click.echo(f"{job.name}: {action} ({job.recipe()} of {job.model})")
+        return
+    summary = run_batch(jobs, root, jobs_file, quiet=quiet, log=lambda line: click.echo(line, err=True))
+    click.echo((Path(summary["root"]) / "batch_summary.md").read_text())
+    c = summary["counts"]
+    if c["failed"]:
+        click.echo(f"error: {c['failed']} of {len(jobs)} jobs failed (see {summary['root']}/batch_summary.md)", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
