@@ -186,5 +186,27 @@ def batch(jobs_file, root, dry_run, quiet):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to upload to (created if missing) [default: main].")
+@click.option("--dry-run", is_flag=True, help="Validate and list the files, upload nothing.")
+@friendly
+def push(folder, repo_id, private, revision, dry_run):
+    """Validate the export FOLDER and upload it to the Hub repo REPO_ID.
+
+    Refuses a folder whose files do not match manifest.json, that holds stray files, whose
+    config.json has no quantization_config, or whose README.md model card does not state the
+    base model, method, calibration data, eval protocol, perplexity table, bits per weight and
+    how to load it. The token comes from HF_TOKEN or `hf auth login`. Needs quantmoe[hub].
+    """
+    from .publish import push as run
+
+    url = run(folder, repo_id, private=private, revision=revision, dry_run=dry_run, log=click.echo)
+    if url:
+        click.echo(f"uploaded: {url}")
+
+
 if __name__ == "__main__":
     main()

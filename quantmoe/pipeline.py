@@ -144,7 +144,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         report["stages"] = {**stages, **report["stages"]}
         atomic_write_json(staging / "eval_report.json", report)
         atomic_write_text(staging / "eval_report.md", render_markdown(report))
-    info = {"name": out.name, "base_model": ckpt.path.name, "model_type": stream.config.model_type,
+    info = {"name": out.name, "base_model": str(ckpt.path), "model_type": stream.config.model_type,
             "version": __version__, "quantization_config": json.loads((staging / "config.json").read_text())["quantization_config"],
             "options": options, "fallback_count": len(fallbacks),
             "calibration": f"{ids.shape[0]} x {ids.shape[1]} tokens from `{calib_meta.get('source')}` (seed {seed})"}

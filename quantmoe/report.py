@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _fmt(x, digits: int = 4) -> str:
     if x is None:
@@ -56,17 +58,53 @@ def render_markdown(report: dict) -> str:
     return "\n".join(parts)
 
 
+# What a model card must state before `quantmoe push` publishes it: the thing, and the line that states it.
+# model_card writes every one of them; publish.check_card looks for them.
+CARD_SECTIONS = {
+    "the base model": "## Base model",
+    "the method and its options": "## Method",
+    "the calibration data": "## Calibration data",
+    "the eval protocol": "## Evaluation protocol",
+    "the perplexity table": "## Perplexity",
+    "the bits per weight": "Bits per weight:",
+    "how to load it in vLLM": "### vLLM",
+    "how to load it in transformers": "### transformers",
+    "how to load it in GPTQModel": "### GPTQModel",
+}
+
+
+def base_model_name(path: str) -> str:
+    """The name a card shows for a base model: ``org/name`` for a Hub download (its cache folder
+    ``models--org--name/snapshots/<sha>``), otherwise the folder name (never a local path)."""
+    for part in Path(path).parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return Path(path).name
+
+
 def model_card(report: dict | None, info: dict) -> str:
-    """README.md of an export: base model, method, calibration, protocol, results and how to load it."""
+    """README.md of an export: base model, method, calibration, protocol, results and how to load it.
+
+    ``info``: name, base_model (path or Hub cache path), model_type, version, quantization_config,
+    options, fallback_count, calibration. Every entry of CARD_SECTIONS is written when ``report`` is given.
+    """
     q = info["quantization_config"]
+    base = base_model_name(info["base_model"])
+    hub_id = base if "/" in base else None
+    stats = (report or {}).get("quantization", {})
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [quantmoe, gptq, moe, int4]" if q["bits"] == 4 else "tags: [quantmoe, gptq, moe, int8]",
+        *([f"base_model: {hub_id}"] if hub_id else []),
+        f"tags: [quantmoe, gptq, moe, int{q['bits']}]",
         "---",
         f"# {info['name']}",
         "",
-        f"GPTQ int{q['bits']} quantization of `{info['base_model']}` ({info['model_type']}) made with quantmoe {info['version']}.",
+        f"GPTQ int{q['bits']} quantization of `{base}` ({info['model_type']}) made with quantmoe {info['version']}.",
+        "",
+        "## Base model",
+        "",
+        f"`{base}` ({info['model_type']})" + (f", https://huggingface.co/{hub_id}" if hub_id else "") + ".",
         "",
         "## Method",
         "",
@@ -77,37 +115,52 @@ def model_card(report: dict | None, info: dict) -> str:
         f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'])}, embeddings, norms and the LM head",
         f"- rare experts (fewer than the threshold of routed calibration tokens): `{info['options']['rare_expert']}` "
         f"fallback; {info['fallback_count']} expert projections used it (see `quantization_log.json`)",
-        f"- calibration: {info['calibration']}",
         "",
     ]
+    if stats.get("bits_per_weight") is not None:
+        lines += [f"Bits per weight: {stats['bits_per_weight']:.3f} in the quantized projections (packed weights, "
+                  f"scales, zeros and g_idx, measured from the files); {100 * stats['fraction_quantized']:.1f}% of "
+                  f"all parameters are quantized; {stats['size_bytes'] / 1e6:.2f} MB on disk.", ""]
+    lines += ["## Calibration data", "", f"{info['calibration']}.", ""]
     if report is not None:
-        lines += ["## Perplexity", "", gap_table(report), "", protocol_text(report), ""]
+        lines += ["## Evaluation protocol", "", protocol_text(report),
+                  f"Text sha256 `{report['data']['text_sha256']}`.", "",
+                  "## Perplexity", "", gap_table(report), ""]
+    vllm_quant = "gptq_marlin" if q["sym"] else "gptq"  # Marlin takes symmetric 4/8-bit only
     lines += [
         "## Loading",
         "",
-        "vLLM:",
+        "### vLLM",
+        "",
         "```bash",
-        "vllm serve ./this-folder --quantization gptq_marlin   # or gptq",
+        f"vllm serve ./this-folder --quantization {vllm_quant}",
         "```",
-        "GPTQModel:",
-        "```python",
-        "from gptqmodel import GPTQModel",
-        "model = GPTQModel.load('./this-folder')",
-        "```",
-        "transformers (with optimum and gptqmodel installed):",
+        "",
+        "### transformers",
+        "",
+        "With optimum and gptqmodel installed:",
         "```python",
         "from transformers import AutoModelForCausalLM",
         "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
         "```",
-        "quantmoe (dequantized into a plain transformers model, CPU or GPU):",
+        "",
+        "### GPTQModel",
+        "",
+        "```python",
+        "from gptqmodel import GPTQModel",
+        "model = GPTQModel.load('./this-folder')",
+        "```",
+        "",
+        "### quantmoe",
+        "",
+        "Dequantized into a plain transformers model, CPU or GPU:",
         "```python",
         "import quantmoe",
         "model = quantmoe.load_quantized('./this-folder')",
         "```",
         "",
         "Files: `quantization_log.json` (per module: tokens seen, GPTQ loss, fallback, time), "
-        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions); "
-        "`quantmoe verify ./this-folder` checks them.",
+        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).",
         "",
     ]
     return "\n".join(lines)
