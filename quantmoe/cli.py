@@ -208,5 +208,32 @@ def push(folder, repo_id, private, revision, dry_run):
         click.echo(f"uploaded: {url}")
 
 
+@main.command()
+@click.argument("baseline", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--max-gap-increase", type=float, default=0.5, show_default=True, metavar="PP",
+              help="Largest allowed rise of the relative perplexity gap, in percentage points: the new "
+                   "(ppl_quantized/ppl_original - 1) x 100 may exceed the baseline's by at most PP "
+                   "(baseline +3.50%, new +4.10% is +0.60 pp).")
+@click.option("--max-ppl-increase", type=float, metavar="PCT",
+              help="Largest allowed rise of the quantized perplexity itself, in percent of the baseline's "
+                   "[default: not checked].")
+@friendly
+def regress(baseline, new, max_gap_increase, max_ppl_increase):
+    """Compare the eval report NEW with BASELINE; exit 1 on a regression.
+
+    BASELINE and NEW are eval_report.json files (or folders holding one), e.g. a report
+    committed under eval/results/. Reports of different models (base model name or original
+    perplexity), protocols (any protocol field) or eval data (text sha256, tokenizer, token
+    counts) are refused with exit status 2, naming the field that differs.
+    """
+    from .regress import compare, load_report
+
+    result = compare(load_report(baseline), load_report(new), max_gap_increase, max_ppl_increase)
+    click.echo(result.markdown())
+    if result.regressions:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

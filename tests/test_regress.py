@@ -1,0 +1,143 @@
+"""quantmoe regress: two eval reports of the same model, protocol and data compared with the
+gap/perplexity limits; anything else refused, naming the field."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantmoe.cli import main
+from quantmoe.config import QuantConfig
+from quantmoe.pipeline import quantize
+from tiny import make_model, write_text
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    """A real eval_report.json, from quantize on a tiny MoE."""
+    base = tmp_path_factory.mktemp("regress")
+    model = make_model("mixtral", base / "tiny-mixtral")
+    write_text(base / "calib.jsonl", repeats=10)
+    write_text(base / "heldout.jsonl", repeats=3)
+    out = base / "q"
+    quantize(model, out, QuantConfig(backend="rtn", group_size=32), calib=base / "calib.jsonl", nsamples=4,
+             seqlen=32, device="cpu", eval_data=base / "heldout.jsonl", batch_size=4, quiet=True)
+    return json.loads((out / "eval_report.json").read_text())
+
+
+def regress(tmp_path: Path, baseline: dict, new: dict, *options):
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    return CliRunner().invoke(main, ["regress", str(tmp_path / "baseline.json"), str(tmp_path / "new.json"), *options])
+
+
+def worse(report: dict, gap_pp: float) -> dict:
+    """``report`` with the quantized perplexity raised so that the relative gap grows by gap_pp points."""
+    new = copy.deepcopy(report)
+    orig = new["results"]["original"]["perplexity"]
+    rel = new["gap"]["relative"] + gap_pp / 100
+    new["results"]["quantized"]["perplexity"] = orig * (1 + rel)
+    new["gap"] = {"absolute": orig * rel, "relative": rel}
+    return new
+
+
+def test_identical_reports_pass(report, tmp_path):
+    result = regress(tmp_path, report, report)
+    assert result.exit_code == 0, result.output
+    assert "| gap (relative) |" in result.output and "+0.000 pp" in result.output and "no regression" in result.output
+
+
+def test_max_gap_increase_is_in_percentage_points_of_relative_gap(report, tmp_path):
+    assert regress(tmp_path, report, worse(report, 0.4)).exit_code == 0
+    result = regress(tmp_path, report, worse(report, 0.6))
+    assert result.exit_code == 1
+    assert "REGRESSION" in result.output and "grew by 0.600 pp" in result.output
+    assert regress(tmp_path, report, worse(report, 0.6), "--max-gap-increase", "1").exit_code == 0
+    # an improvement is never a regression
+    assert regress(tmp_path, worse(report, 2.0), report).exit_code == 0
+
+
+def test_max_ppl_increase_is_percent_of_the_baseline_quantized_perplexity(report, tmp_path):
+    new = worse(report, 0.3)
+    rise = 100 * (new["results"]["quantized"]["perplexity"] / report["results"]["quantized"]["perplexity"] - 1)
+    assert regress(tmp_path, report, new, "--max-ppl-increase", f"{rise + 0.01}").exit_code == 0
+    result = regress(tmp_path, report, new, "--max-ppl-increase", f"{rise - 0.01}")
+    assert result.exit_code == 1 and "quantized perplexity rose" in result.output
+
+
+def test_a_committed_baseline_from_another_machine_compares(report, tmp_path):
+    """Paths differ between machines (eval/results/ vs a CI checkout); the text hash decides."""
+    moved = copy.deepcopy(report)
+    moved["protocol"]["data"] = moved["data"]["path"] = "/home/runner/work/quantmoe/eval/data/heldout.jsonl"
+    moved["baseline"] = "/home/runner/work/quantmoe/models/tiny-mixtral"
+    moved["model"] = "/home/runner/out/q"
+    moved["results"]["original"]["perplexity"] *= 1 + 1e-6  # another CPU's float rounding
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "eval_report.json").write_text(json.dumps(moved))
+    (tmp_path / "baseline.json").write_text(json.dumps(report))
+    result = CliRunner().invoke(main, ["regress", str(tmp_path / "baseline.json"), str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda r: r["protocol"].update(seqlen=r["protocol"]["seqlen"] * 2), "protocol.seqlen"),
+    (lambda r: r["protocol"].update(dtype="bfloat16"), "protocol.dtype"),
+    (lambda r: r["protocol"].update(windows="sliding, stride 512"), "protocol.windows"),
+    (lambda r: r["data"].update(text_sha256="0" * 64), "data.text_sha256"),
+    (lambda r: r["data"].update(tokenizer_fingerprint="feedface"), "data.tokenizer_fingerprint"),
+    (lambda r: r.update(baseline="/models/tiny-qwen"), "baseline (the original model)"),
+    (lambda r: r["results"]["original"].update(perplexity=r["results"]["original"]["perplexity"] * 1.01),
+     "results.original.perplexity"),
+])
+def test_mismatched_reports_are_refused_naming_the_field(report, tmp_path, edit, field):
+    other = copy.deepcopy(report)
+    edit(other)
+    result = regress(tmp_path, report, other)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: refusing to compare: {field} differs") and result.stderr.count("\n") == 1
+
+
+def test_a_report_without_original_run_is_refused(report, tmp_path):
+    single = copy.deepcopy(report)
+    single["results"] = {"model": single["results"]["quantized"]}
+    single.pop("gap")
+    result = regress(tmp_path, report, single)
+    assert result.exit_code == 2 and "the new report has no original-model run" in result.stderr
+    # two single-model reports compare on perplexity alone, when asked to
+    assert regress(tmp_path, single, single).exit_code == 2
+    assert regress(tmp_path, single, single, "--max-ppl-increase", "0.5").exit_code == 0
+
+
+def test_not_a_report_is_refused(tmp_path):
+    (tmp_path / "x.json").write_text('{"hello": 1}')
+    result = CliRunner().invoke(main, ["regress", str(tmp_path / "x.json"), str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "is not a quantmoe eval report (no 'protocol')" in result.stderr
+
+
+def test_ci_doc_workflow_is_valid_and_matches_the_baseline_recipe():
+    """docs/ci-regression.md: the workflow parses, pins CPU torch, and its quantmoe commands parse
+    with the real CLI; the baseline is made with the very quantize command CI runs."""
+    import re
+    import shlex
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ci-regression.md").read_text()
+    workflow = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))
+    steps = workflow["jobs"]["regress"]["steps"]
+    runs = [s["run"] for s in steps if "run" in s]
+    assert any("pip install torch==2.13.0" in r and "whl/cpu" in r for r in runs)
+    commands = [line.split("|")[0].strip() for r in runs for line in r.replace("\n", " ").split("&&")
+                if line.strip().startswith("quantmoe ")]
+    assert [c.split()[1] for c in commands] == ["quantize", "regress"]
+    for command in commands:
+        _, name, *args = shlex.split(command)
+        main.get_command(None, name).make_context(name, args)  # raises on an unknown option or bad value
+    baseline_block = re.search(r"```bash\n(.*?)```", doc, re.S).group(1)
+    assert commands[0] in baseline_block
+    _, _, committed, produced, *_ = shlex.split(commands[1])
+    assert committed.startswith("eval/results/") and f"cp {produced} {committed}" in baseline_block
