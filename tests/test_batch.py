@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantmoe.batch import Job, job_state, load_jobs, run_batch
+from quantmoe.batch import Job, job_state, load_jobs, result_row, run_batch
 from quantmoe.cli import main
 from quantmoe.config import QuantConfig
 from quantmoe.errors import QuantMoeError
-from tiny import make_model, write_text
+from tiny import write_text
 
 # Small enough that one job takes seconds: 4 calibration windows of 32 tokens, ~5 eval windows.
 DEFAULTS = """
@@ -35,10 +35,10 @@ batch_size = 4
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
+def models(tiny_model, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("batch-models")
-    make_model("mixtral", base / "mix")
-    make_model("qwen2_moe", base / "qwen")
+    (base / "mix").symlink_to(tiny_model("mixtral"))  # the matrix names jobs after these folder names
+    (base / "qwen").symlink_to(tiny_model("qwen2_moe"))
     write_text(base / "calib.jsonl", repeats=10)
     write_text(base / "heldout.jsonl", repeats=3)
     return base
@@ -110,6 +110,8 @@ def test_rerun_skips_finished_jobs_without_recomputing_them(first_run):
     assert {r["job"]: r["status"] for r in summary["jobs"]} == {"broken": "failed", **{n: "skipped" for n in DONE}}
     assert {n: os.stat(root / n / "model-00001-of-00001.safetensors").st_mtime_ns for n in DONE} == before
     assert "starting" not in result.output.replace("[job 1/5] broken: starting", "")
+    plan = CliRunner().invoke(main, ["batch", str(first_run["jobs"]), "--out", str(root), "--dry-run"])
+    assert plan.exit_code == 0 and "broken: run (rtn int4 g32" in plan.output and "qwen-rtn4: skip" in plan.output
     # a skipped job still reports its numbers, read from its own report
     row = next(r for r in summary["jobs"] if r["job"] == "qwen-rtn4")
     report = json.loads((root / "qwen-rtn4" / "eval_report.json").read_text())
@@ -213,3 +215,14 @@ matrix: {models: [org/model], recipes: [{backend: rtn, group_size: -1}]}
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "unknown key 'bitz'" in result.stderr
     assert not (tmp_path / "o").exists()  # nothing runs until the whole file is right
+
+
+def test_a_job_without_eval_reports_size_measured_from_its_files(first_run, tmp_path):
+    done = tmp_path / "no-eval"
+    shutil.copytree(first_run["root"] / "mix-rtn4", done)
+    report = json.loads((done / "eval_report.json").read_text())
+    (done / "eval_report.json").unlink()
+    row = result_row(Job("no-eval", "mix", QuantConfig(backend="rtn", group_size=32), {}), done, "done", 1.0)
+    assert row["ppl_quantized"] is None and row["gap_relative"] is None
+    assert row["bits_per_weight"] == report["quantization"]["bits_per_weight"]
+    assert row["size_bytes"] == report["quantization"]["size_bytes"]

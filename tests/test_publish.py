@@ -18,13 +18,13 @@ from quantmoe.config import QuantConfig
 from quantmoe.files import write_manifest
 from quantmoe.pipeline import quantize
 from quantmoe.report import CARD_SECTIONS, base_model_name, model_card
-from tiny import make_model, write_text
+from tiny import write_text
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
+def export(tiny_model, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("publish")
-    model = make_model("mixtral", base / "tiny-mixtral")
+    model = tiny_model("mixtral")
     write_text(base / "calib.jsonl", repeats=10)
     write_text(base / "heldout.jsonl", repeats=3)
     out = base / "tiny-mixtral-rtn-int4"
@@ -101,7 +101,8 @@ def test_model_card_states_everything_push_requires(export):
     card = (export / "README.md").read_text()
     for what, marker in CARD_SECTIONS.items():
         assert marker in card, what
-    assert "`tiny-mixtral`" in card and "| original |" in card and "calib.jsonl" in card
+    base = json.loads((export / "manifest.json").read_text())["base_model"]
+    assert f"`{Path(base).name}` (mixtral)" in card and "| original |" in card and "calib.jsonl" in card
     assert "vllm serve" in card and "GPTQModel.load" in card and "AutoModelForCausalLM.from_pretrained" in card
     # a Hub download is named by its id, not by its cache folder
     hub = "/cache/huggingface/hub/models--mistralai--Mixtral-8x7B-v0.1/snapshots/0123abc"

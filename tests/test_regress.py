@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from quantmoe.cli import main
 from quantmoe.config import QuantConfig
 from quantmoe.pipeline import quantize
-from tiny import make_model, write_text
+from tiny import write_text
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def report(tiny_model, tmp_path_factory) -> dict:
     """A real eval_report.json, from quantize on a tiny MoE."""
     base = tmp_path_factory.mktemp("regress")
-    model = make_model("mixtral", base / "tiny-mixtral")
+    model = tiny_model("mixtral")
     write_text(base / "calib.jsonl", repeats=10)
     write_text(base / "heldout.jsonl", repeats=3)
     out = base / "q"
@@ -73,7 +73,7 @@ def test_a_committed_baseline_from_another_machine_compares(report, tmp_path):
     """Paths differ between machines (eval/results/ vs a CI checkout); the text hash decides."""
     moved = copy.deepcopy(report)
     moved["protocol"]["data"] = moved["data"]["path"] = "/home/runner/work/quantmoe/eval/data/heldout.jsonl"
-    moved["baseline"] = "/home/runner/work/quantmoe/models/tiny-mixtral"
+    moved["baseline"] = f"/home/runner/work/quantmoe/models/{Path(report['baseline']).name}"
     moved["model"] = "/home/runner/out/q"
     moved["results"]["original"]["perplexity"] *= 1 + 1e-6  # another CPU's float rounding
     (tmp_path / "new").mkdir()
