@@ -130,6 +130,8 @@ def model_card(report: dict | None, info: dict) -> str:
     lines += [
         "## Loading",
         "",
+        "`./this-folder` stands for this folder, or for its Hub repo id once it is published.",
+        "",
         "### vLLM",
         "",
         "```bash",
@@ -160,7 +162,8 @@ def model_card(report: dict | None, info: dict) -> str:
         "```",
         "",
         "Files: `quantization_log.json` (per module: tokens seen, GPTQ loss, fallback, time), "
-        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).",
+        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions); "
+        "`quantmoe verify ./this-folder` checks them.",
         "",
     ]
     return "\n".join(lines)
