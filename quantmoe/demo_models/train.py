@@ -17,9 +17,11 @@ Stages, in order:
   1. byte-level BPE tokenizer (vocab 4096) trained on the calibration documents;
   2. the token stream: documents joined with "\\n\\n" plus an end-of-text token,
      tokenized once (the held-out stream is the same join without the token);
-  3. each model trained from its config with AdamW, bf16 autocast, cosine LR and
-     the router load-balancing loss, once per candidate epoch count; the run with
-     the lowest validation loss is kept;
+  3. each model trained from its config with AdamW, bf16 autocast, cosine LR and a
+     router load-balancing loss applied per MoE layer, once per candidate epoch
+     count (8, 16, 24, ... until one overfits); the checkpoint with the lowest
+     validation loss is kept, and retrained with a stronger balancing loss if an
+     expert collapsed;
   4. held-out perplexity and per-expert token shares measured in float32 on the
      float16 checkpoint as saved, then the model card written.
 
@@ -27,7 +29,8 @@ The sizes below keep every matrix input dimension a multiple of 128, so GPTQ's
 group size 128 divides each of them, and each checkpoint under 8 MB.
 
 Usage:
-    # on a GPU (what made the shipped models; the exact command is in each model card)
+    # on a GPU: about a minute per model on an H200 (the shipped models' exact
+    # commands are in their cards: one model per call, written to /tmp, copied here)
     python quantmoe/demo_models/train.py
     # smoke test on CPU
     python quantmoe/demo_models/train.py --epochs 0.01 --batch-size 2 --out-dir /tmp/demo
@@ -80,16 +83,17 @@ class TrainConfig:
     # Candidate lengths of the cosine schedule, in passes over the ~0.7M-token stream.
     # The data, not the GPU, limits these models: past some number of epochs they
     # memorise the stream, so several lengths are tried and the validation slice picks.
-    epochs: tuple[float, ...] = (8.0, 16.0, 32.0)
+    # Longer ones are tried only while the previous one was still improving at its end.
+    epochs: tuple[float, ...] = (8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
     peak_lr: float = 3e-3  # tiny models tolerate a high rate
     min_lr_ratio: float = 0.1  # cosine ends at peak_lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1  # on matrices only, not on norms or biases
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    # Switch-Transformer load-balancing loss weight (that paper used 0.01). The configs'
-    # default 0.001 is tuned for large models; a stronger pull keeps every expert of
-    # these tiny ones trained, which the quantizer's rare-expert paths need to see.
+    # Weight of the per-layer Switch-Transformer balancing loss (that paper used 0.01).
+    # The configs' default 0.001 is tuned for large models; a stronger pull keeps every
+    # expert of these tiny ones trained, while leaving the routing visibly uneven.
     router_aux_loss_coef: float = 0.02
     # An expert with less than this fraction of a uniform share on the validation
     # slice counts as collapsed; the chosen schedule is then rerun with the aux
@@ -341,8 +345,34 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return tc.peak_lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_one_schedule(model, stream, val_windows, total_steps, tc, device, log_prefix):
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, computed for each MoE layer and averaged.
+
+    router_logits: one (tokens, num_experts) tensor per MoE layer. Per layer,
+    loss = num_experts * sum_e f_e * P_e, with f_e the fraction of tokens routed to e
+    (top-k counts / tokens, summing to top_k) and P_e the mean router probability;
+    perfectly even routing gives top_k.
+
+    transformers' own `load_balancing_loss_func` sums f and P over all layers before
+    multiplying them, so an expert that dies in one layer is hidden by the same index
+    being busy in another; in the first training of mixtral-demo that left expert 5 of
+    layer 2 with under 0.05% of the held-out tokens while that loss sat at its minimum,
+    2.00. Balancing each layer on its own forbids that.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+        chosen = probs.topk(top_k, dim=-1).indices  # (N, k)
+        f = torch.zeros(num_experts, device=probs.device).scatter_add_(
+            0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device)
+        ) / probs.shape[0]  # (E,), sums to top_k
+        losses.append(num_experts * (f * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+def train_one_schedule(model, demo, stream, val_windows, total_steps, tc, aux_coef, device, log_prefix):
     """One cosine schedule of `total_steps` from the model's current (initial) weights.
+    Loss = next-token cross-entropy + aux_coef * per_layer_balance_loss.
     Returns (best validation NLL, step of best, CPU copy of best weights, log)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -366,19 +396,22 @@ def train_one_schedule(model, stream, val_windows, total_steps, tc, device, log_
         starts = torch.randint(0, stream.numel() - tc.context, (tc.batch_size,), generator=gen)
         ids = torch.stack([stream[s : s + tc.context] for s in starts.tolist()]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(input_ids=ids, labels=ids, output_router_logits=True)
-        out.loss.backward()
+            out = model(input_ids=ids, output_router_logits=True)  # no labels: the loss is ours
+        logits = out.logits[:, :-1].float()  # (B, T-1, V)
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        aux = per_layer_balance_loss(out.router_logits, demo.num_experts, demo.top_k)
+        (lm_loss + aux_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        running += out.loss.detach()
-        running_aux += out.aux_loss.detach()
+        running += lm_loss.detach()
+        running_aux += aux.detach()
         if (step + 1) % eval_every == 0 or step + 1 == total_steps:
             n = (step % eval_every) + 1
             val = mean_nll(model, val_windows, 32, device, autocast=True)
             entry = {
                 "step": step + 1,
-                "train_loss": running.item() / n,  # includes coef * aux loss
+                "train_loss": running.item() / n,  # cross-entropy only
                 "aux_loss": running_aux.item() / n,
                 "val_nll": val,
                 "lr": opt.param_groups[0]["lr"],
@@ -437,6 +470,13 @@ def write_model_card(folder: Path, report: dict) -> None:
         for c in r["training"]["candidates"]
     )
     cfg_json = json.dumps(r["architecture"]["config"], indent=2)
+    copied = (
+        f"\nThe folder it wrote was then copied to `quantmoe/demo_models/{r['name']}/`.\n"
+        if "--out-dir" in r["command"]
+        else ""
+    )
+    warning = r["training"]["collapse_warning"]
+    collapse = f"\n**Warning:** {warning}; some experts are barely trained.\n" if warning else ""
     text = f"""# {r['name']}
 
 A tiny {r['architecture']['class']} trained from scratch for quantmoe's tests and
@@ -482,7 +522,7 @@ The held-out documents (`eval/data/python_docs_heldout.jsonl`) were used only fo
 | learning rate | peak {r['training']['config']['peak_lr']}, {r['training']['config']['warmup_steps']} warm-up steps, cosine to {r['training']['config']['min_lr_ratio']} x peak |
 | precision | bf16 autocast, float32 master weights; saved as float16 |
 | batch | {r['training']['config']['batch_size']} windows x {r['training']['config']['context']} tokens = {r['training']['tokens_per_step']:,} tokens per step |
-| router aux loss | coefficient {r['training']['chosen']['router_aux_loss_coef']:g} (`output_router_logits=True`) |
+| router aux loss | coefficient {r['training']['chosen']['router_aux_loss_coef']:g} on the Switch-Transformer balancing loss computed per MoE layer and averaged (`per_layer_balance_loss` in train.py; transformers' built-in one pools the layers and let an expert die) |
 | experts implementation | `{r['training']['experts_implementation']}` |
 | kept checkpoint | {r['training']['chosen']['epochs']:g}-epoch schedule, step {r['training']['chosen']['best_step']} of {r['training']['chosen']['steps']}: {r['training']['chosen']['tokens_seen']:,} tokens seen ({r['training']['chosen']['tokens_seen'] / r['data']['train_tokens']:.1f} epochs) |
 | all schedules together | {r['training']['total_steps']} steps, {r['training']['total_tokens']:,} tokens |
@@ -514,13 +554,15 @@ Fraction of top-{r['architecture']['top_k']} routing assignments each expert rec
 {header}
 {rule}
 {shares_rows}
-
+{collapse}
 ## Reproduce
+
+From the repository root (the calibration and held-out files must be present):
 
 ```
 {r['command']}
 ```
-
+{copied}
 Data and licence: the text is the Python documentation, Copyright (c) 2001 Python Software Foundation,
 under the PSF License Version 2 (`calibration_data/LICENSE-PSF.txt`). The weights are released with
 quantmoe under Apache-2.0.
@@ -546,11 +588,10 @@ def train_demo(demo, tc, tokenizer, data, device, out_dir: Path, command: str, c
         nonlocal seconds_per_step
         steps = max(1, round(epochs * data["train_stream"].numel() / tokens_per_step))
         model.load_state_dict(init_state)
-        # The CausalLM reads the coefficient from its attribute; the config records it on save.
-        model.router_aux_loss_coef = model.config.router_aux_loss_coef = aux_coef
         t0 = time.time()
         val, best_step, state, log = train_one_schedule(
-            model, data["train_stream"], data["val_windows"], steps, tc, device, f"[{epochs:g} ep, aux {aux_coef:g}]"
+            model, demo, data["train_stream"], data["val_windows"], steps, tc, aux_coef, device,
+            f"[{epochs:g} ep, aux {aux_coef:g}]",
         )
         seconds_per_step = (time.time() - t0) / steps
         entry = {
@@ -566,17 +607,22 @@ def train_demo(demo, tc, tokenizer, data, device, out_dir: Path, command: str, c
         results.append(entry)
         return entry, state
 
-    def fits_budget(epochs: float) -> bool:
+    def fits_budget(epochs: float, budget_s: float) -> bool:
         if seconds_per_step is None:
             return True
         steps = round(epochs * data["train_stream"].numel() / tokens_per_step)
-        return time.time() - started + steps * seconds_per_step <= tc.time_budget_s
+        return time.time() - started + steps * seconds_per_step <= budget_s
 
     best_overall = None
     for epochs in candidates:
-        if best_overall is not None and not fits_budget(epochs):
+        if results and results[-1]["best_step"] < 0.8 * results[-1]["steps"]:
+            # The last schedule's validation loss bottomed out well before its end: the
+            # model already memorises the stream, and a longer schedule only does so more.
+            print(f"  the {results[-1]['epochs']:g}-epoch schedule overfitted; not trying {epochs:g} epochs")
+            break
+        if best_overall is not None and not fits_budget(epochs, tc.time_budget_s):
             print(f"  the {epochs:g}-epoch schedule would overrun the {tc.time_budget_s:.0f} s budget; skipped")
-            continue
+            break
         entry, state = run_schedule(epochs, tc.router_aux_loss_coef)
         if best_overall is None or entry["best_val_nll"] < best_overall[0]["best_val_nll"]:
             best_overall = (entry, state)
@@ -588,15 +634,24 @@ def train_demo(demo, tc, tokenizer, data, device, out_dir: Path, command: str, c
     val_shares = expert_shares(model, demo, data["val_windows"], 32, device)
     floor = tc.min_expert_share_ratio / demo.num_experts
     lowest = min(min(s) for s in val_shares.values())
+    collapsed_note = None
     if lowest < floor:
         stronger = tc.router_aux_loss_coef * tc.collapse_aux_multiplier
-        print(f"  lowest expert share {lowest:.4f} < {floor:.4f}: retraining with router aux coefficient {stronger:g}")
-        entry, state = run_schedule(chosen["epochs"], stronger)
-        entry["retrained_because_min_share"] = lowest
-        best_overall = (entry, state)
+        # The rerun may take the budget's slack (1.4x), never more: the GPU lease is short.
+        if fits_budget(chosen["epochs"], 1.4 * tc.time_budget_s):
+            print(f"  lowest expert share {lowest:.4f} < {floor:.4f}: retraining with router aux coefficient {stronger:g}")
+            entry, state = run_schedule(chosen["epochs"], stronger)
+            entry["retrained_because_min_share"] = lowest
+            best_overall = (entry, state)
+        else:
+            collapsed_note = f"lowest expert share {lowest:.4f} < {floor:.4f}, no time left to retrain"
+            print("  WARNING: " + collapsed_note)
 
     chosen, state = best_overall
     model.load_state_dict(state)
+    # Recorded in config.json for whoever fine-tunes further (transformers applies it
+    # with its all-layer formula; ours was per layer, see per_layer_balance_loss).
+    model.router_aux_loss_coef = model.config.router_aux_loss_coef = chosen["router_aux_loss_coef"]
     model.to(torch.float16)
     folder = out_dir / demo.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -619,7 +674,7 @@ def train_demo(demo, tc, tokenizer, data, device, out_dir: Path, command: str, c
             "class": demo.model_class.__name__,
             "config_class": demo.config_class.__name__,
             "summary": architecture_summary(demo),
-            "config": demo.config,
+            "config": {**demo.config, "router_aux_loss_coef": chosen["router_aux_loss_coef"]},
             "parameters": n_params,
             "num_experts": demo.num_experts,
             "top_k": demo.top_k,
@@ -639,6 +694,8 @@ def train_demo(demo, tc, tokenizer, data, device, out_dir: Path, command: str, c
             "experts_implementation": impl,
             "candidates": [{k: v for k, v in c.items()} for c in results],
             "chosen": {k: v for k, v in chosen.items() if k != "log"},
+            "validation_expert_share_of_first_choice": {str(k): v for k, v in val_shares.items()},
+            "collapse_warning": collapsed_note,
             "total_steps": sum(c["steps"] for c in results),
             "total_tokens": sum(c["steps"] for c in results) * tokens_per_step,
             "wall_time_s": wall,
@@ -696,7 +753,7 @@ def architecture_summary(demo: DemoModel) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=DEMO_DIR, help="where the model folders go")
-    parser.add_argument("--epochs", type=str, default=None, help="comma-separated schedule lengths in epochs (default 8,16,32)")
+    parser.add_argument("--epochs", type=str, default=None, help="comma-separated schedule lengths in epochs (default 8,16,24,32,48,64)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per step (default 64)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds per model before later schedules are skipped")
     parser.add_argument("--models", type=str, default="mixtral-demo,qwen2moe-demo", help="which demo models to train")
