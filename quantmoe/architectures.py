@@ -10,9 +10,13 @@ Paths in a row are relative to one decoder layer (``model.layers.{i}.``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import QuantMoeError
+
+
+GPTQMODEL_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,31 @@ class Architecture:
 
     def num_experts(self, config) -> int:
         return int(getattr(config, self.num_experts_attr))
+
+    def gptqmodel_name(self, name: str) -> str:
+        """GPTQModel's name for an on-disk, layer-relative tensor.
+
+        GPTQModel unfuses experts into ``<experts_module>.E.{gate,up,down}_proj`` and otherwise
+        uses the in-memory module paths (for Mixtral ``mlp.*`` instead of ``block_sparse_moe.*``).
+        """
+        if self.experts is not None:
+            for which, std in zip(("gate", "up", "down"), GPTQMODEL_PROJ):
+                m = re.fullmatch(re.escape(self.experts.linear(which, 0)).replace(r"\.0\.", r"\.(\d+)\.") + r"\.(.+)", name)
+                if m:
+                    return f"{self.experts_module}.{m.group(1)}.{std}.{m.group(2)}"
+        return self.to_memory(name)
+
+    def from_gptqmodel_name(self, name: str) -> str:
+        """Inverse of gptqmodel_name."""
+        if self.experts is not None:
+            m = re.fullmatch(re.escape(self.experts_module) + r"\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)", name)
+            if m:
+                which = ("gate", "up", "down")[GPTQMODEL_PROJ.index(m.group(2))]
+                return f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
+        for old, new in reversed(self.renames):
+            if name.startswith(new):
+                name = old + name[len(new):]
+        return name
 
     def to_memory(self, name: str) -> str:
         """Map an on-disk, layer-relative tensor name to its in-memory module path."""
@@ -154,14 +183,17 @@ class LayerPlan:
         return names
 
 
-def plan_layer(arch: Architecture, config, index: int) -> LayerPlan:
+def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -> LayerPlan:
+    """What layer ``index`` quantizes. GPTQModel's definitions do not cover the dense MLP of a
+    sparse model's dense layers, so the ``gptqmodel`` layout leaves it in full precision."""
     moe = arch.is_moe_layer(config, index)
+    dense = None if moe or (layout == "gptqmodel" and arch.experts is not None) else arch.dense_mlp
     return LayerPlan(
         index=index,
         attention=arch.attention,
         experts=arch.experts if moe else None,
         num_experts=arch.num_experts(config) if moe else 0,
         shared_expert=arch.shared_expert if moe else None,
-        dense_mlp=None if moe else arch.dense_mlp,
+        dense_mlp=dense,
         routers=arch.routers if moe else (),
     )

@@ -53,6 +53,8 @@ def main():
               help="Hessian fallback for experts that see few calibration tokens.")
 @click.option("--rare-expert-tokens", type=int, default=0, show_default=True,
               help="Routed tokens below which the fallback applies; 0 = the expert's widest input size.")
+@click.option("--layout", type=click.Choice(["source", "gptqmodel"]), default="source", show_default=True,
+              help="Tensor names: the checkpoint's own (vLLM) or GPTQModel's (see docs/interop.md).")
 @click.option("--calib", help="Calibration text/JSONL file, folder, datasets name, or a token file from `quantmoe calibrate`.")
 @click.option("--nsamples", type=int, help="Calibration sequences [default: 128].")
 @click.option("--seqlen", type=int, help="Calibration sequence length [default: min(2048, context)].")
@@ -66,14 +68,15 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly
 def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_sequential, rare_expert,
-             rare_expert_tokens, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
+             rare_expert_tokens, layout, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
              run_eval, eval_data, quiet):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE)."""
     from .config import QuantConfig
     from .pipeline import quantize as run
 
     qcfg = QuantConfig(backend=backend, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
-                       true_sequential=true_sequential, rare_expert=rare_expert, rare_expert_tokens=rare_expert_tokens)
+                       true_sequential=true_sequential, rare_expert=rare_expert, rare_expert_tokens=rare_expert_tokens,
+                       layout=layout)
     summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                   max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
                   batch_size=batch_size, quiet=quiet)

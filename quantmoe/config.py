@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 from .errors import QuantMoeError
 
 RARE_EXPERT_POLICIES = ("blend", "all-tokens", "rtn")
+# Tensor naming of the export: "source" keeps the checkpoint's own names (vLLM reads these);
+# "gptqmodel" uses GPTQModel's (in-memory module paths, experts as E.gate_proj/up_proj/down_proj).
+LAYOUTS = ("source", "gptqmodel")
 # Backends that quantize_layer knows; anything else would silently run GPTQ, so it is refused here.
 # (A backend registry, e.g. for bitsandbytes, replaces this tuple when it lands.)
 BACKENDS = ("gptq", "rtn")
@@ -26,6 +29,7 @@ class QuantConfig:
     true_sequential: bool = True   # inputs of later projections come from already-quantized ones
     rare_expert_tokens: int = 0    # below this many routed tokens an expert's Hessian is blended; 0 = auto (its input width)
     rare_expert: str = "blend"     # blend | all-tokens | rtn: the fallback for rare experts
+    layout: str = "source"         # source | gptqmodel: tensor names of the export (see LAYOUTS)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -36,6 +40,8 @@ class QuantConfig:
             raise QuantMoeError(f"--group-size {self.group_size} is invalid; use -1 or a positive size such as 128")
         if not 0 < self.damp < 1:
             raise QuantMoeError(f"--damp {self.damp} is out of range; use a value in (0, 1), e.g. 0.01")
+        if self.layout not in LAYOUTS:
+            raise QuantMoeError(f"--layout {self.layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
         if self.rare_expert not in RARE_EXPERT_POLICIES:
             raise QuantMoeError(f"--rare-expert {self.rare_expert!r} is unknown; use one of {', '.join(RARE_EXPERT_POLICIES)}")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .architectures import Architecture
 from .checkpoint import INDEX_NAME, Checkpoint
 from .config import QuantConfig
 from .errors import QuantMoeError
@@ -95,15 +96,27 @@ def quantization_config(qcfg: QuantConfig, not_quantized: list[str], version: st
         "pack_dtype": "int32",
         "lm_head": False,
         "modules_not_quantized": not_quantized,
-        "meta": {"quantizer": [f"quantmoe:{version}"], "act_order": qcfg.act_order, "backend": qcfg.backend},
+        # GPTQModel and vLLM read exclusions from "dynamic" ("-:" = leave this module unquantized).
+        "dynamic": {f"-:^{re.escape(m)}$": {} for m in not_quantized if qcfg.layout == "gptqmodel"},
+        "meta": {"quantizer": [f"quantmoe:{version}"], "act_order": qcfg.act_order, "backend": qcfg.backend,
+                 "layout": qcfg.layout},
     }
 
 
-def export_gptq(ckpt: Checkpoint, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
+def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
                 max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
-    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``."""
+    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``.
+
+    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``.
+    """
     staging.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(staging, max_shard_size)
+    if qcfg.layout == "gptqmodel":
+        def named(name: str, prefix: str) -> str:
+            return prefix + arch.gptqmodel_name(name[len(prefix):])
+    else:
+        def named(name: str, prefix: str) -> str:
+            return name
     layer_names = {i: set() for i in range(len(layer_files))}
     for name in ckpt.names("model.embed_tokens."):
         writer.add(name, ckpt.tensor(name))
@@ -115,9 +128,9 @@ def export_gptq(ckpt: Checkpoint, layer_files: list[Path], staging: Path, qcfg: 
         for name in ckpt.names(prefix):
             if name.endswith(".weight") and name[: -len(".weight")] in quantized:
                 continue
-            writer.add(name, ckpt.tensor(name))
+            writer.add(named(name, prefix), ckpt.tensor(name))
         for name in sorted(packed):
-            writer.add(name, packed[name])
+            writer.add(named(name, prefix), packed[name])
         layer_names[i] = quantized
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name in ckpt.names():

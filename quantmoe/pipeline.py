@@ -35,7 +35,8 @@ from .stream import LayerStream, pick_device
 
 def default_out(model: Path, qcfg: QuantConfig) -> Path:
     g = "" if qcfg.group_size == -1 else f"-g{qcfg.group_size}"
-    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}"
+    layout = "" if qcfg.layout == "source" else f"-{qcfg.layout}"
+    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}{layout}"
 
 
 def work_dir(out: Path) -> Path:
@@ -58,7 +59,7 @@ def check_shapes(ckpt: Checkpoint, stream: LayerStream, qcfg: QuantConfig) -> li
     notes = []
     per = 32 // qcfg.bits
     for i in range(stream.num_layers):
-        for name in plan_layer(stream.arch, stream.config, i).quantized_linears():
+        for name in plan_layer(stream.arch, stream.config, i, qcfg.layout).quantized_linears():
             full = f"{ckpt.layer_prefix(i)}{name}.weight"
             if not ckpt.has(full):
                 continue  # fused on disk, checked when the layer loads
@@ -74,11 +75,17 @@ def check_shapes(ckpt: Checkpoint, stream: LayerStream, qcfg: QuantConfig) -> li
     return notes
 
 
-def not_quantized_modules(stream: LayerStream) -> list[str]:
-    """Exact on-disk paths of the routers left in full precision (every layer that has them)."""
-    out = []
+def not_quantized_modules(stream: LayerStream, layout: str) -> list[str]:
+    """Exact paths (in the export's naming) of the decoder modules left in full precision:
+    routers always, and dense MLPs in the gptqmodel layout."""
+    arch, out = stream.arch, []
     for i in range(stream.num_layers):
-        out += [f"model.layers.{i}.{r}" for r in plan_layer(stream.arch, stream.config, i).routers]
+        plan = plan_layer(arch, stream.config, i, layout)
+        kept = list(plan.routers)
+        if arch.dense_mlp is not None and plan.dense_mlp is None and not arch.is_moe_layer(stream.config, i):
+            kept.append(arch.dense_mlp.prefix)
+        name = arch.gptqmodel_name if layout == "gptqmodel" else (lambda n: n)
+        out += [f"model.layers.{i}.{name(m + '.weight')[:-len('.weight')]}" for m in kept]
     return out
 
 
@@ -128,7 +135,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
 
     staging = work / "export"
     with stage(stages, "export"):
-        export_gptq(ckpt, layer_files, staging, qcfg, shard_bytes, not_quantized_modules(stream), __version__)
+        export_gptq(ckpt, stream.arch, layer_files, staging, qcfg, shard_bytes, not_quantized_modules(stream, qcfg.layout),
+                    __version__)
     fallbacks = [{"module": m["module"], "fallback": m["fallback"]} for e in layers_log for m in e["modules"] if m["fallback"]]
     options = {**qcfg.to_dict(), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
                "device": str(dev), "max_shard_size": shard_bytes}

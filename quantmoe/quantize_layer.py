@@ -78,7 +78,7 @@ class LayerQuantizer:
     def __init__(self, stream: LayerStream, index: int, batches: list[Batch], qcfg: QuantConfig):
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
         self.arch = stream.arch
-        self.plan: LayerPlan = plan_layer(self.arch, stream.config, index)
+        self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
         self.state = stream.layer_state(index)
         self.layer: nn.Module = stream.load_layer(index, self.state)
         self.prefix = f"model.layers.{index}."

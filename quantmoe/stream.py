@@ -105,8 +105,11 @@ class LayerStream:
 
     # -- decoder layers ------------------------------------------------------------
     def layer_state(self, index: int) -> dict[str, Tensor]:
-        """Layer ``index``'s tensors under on-disk names relative to the layer."""
-        return self.ckpt.read_prefix(self.ckpt.layer_prefix(index), self.dtype)
+        """Layer ``index``'s tensors under source on-disk names relative to the layer."""
+        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), self.dtype)
+        if ((self.ckpt.quantization or {}).get("meta") or {}).get("layout") == "gptqmodel":
+            state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
+        return state
 
     def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does)."""
