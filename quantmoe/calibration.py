@@ -75,7 +75,7 @@ def token_stream(tokenizer, documents: list[str]) -> Tensor:
     text = "\n\n".join(documents)
     if not text.strip():
         raise QuantMoeError("the text is empty; pass a file with text in it")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64)
 
 
@@ -91,7 +91,7 @@ def document_stream(tokenizer, documents: list[str]) -> Tensor:
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for start in range(0, len(docs), 256):
-        for doc_ids in tokenizer(docs[start:start + 256], add_special_tokens=False)["input_ids"]:
+        for doc_ids in tokenizer(docs[start:start + 256], add_special_tokens=False, verbose=False)["input_ids"]:
             if ids:
                 ids.extend(sep)
             ids.extend(doc_ids)
