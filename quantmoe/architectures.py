@@ -146,13 +146,31 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def is_causal_lm(config) -> bool:
+    """False for encoders (BERT), encoder-decoders (T5) and heads other than a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    heads = getattr(config, "architectures", None) or []
+    if heads:
+        return any(h.endswith(("ForCausalLM", "LMHeadModel")) for h in heads)
+    model_type = getattr(config, "model_type", None)
+    # BERT-likes sit in the causal-LM table too (as decoders); being masked LMs gives them away.
+    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False))
+
+
 def architecture_for(config) -> Architecture:
     """The row for ``config.model_type``, or a one-line error listing the supported ones."""
     model_type = getattr(config, "model_type", None)
+    supported = ", ".join(sorted(ARCHITECTURES))
+    if not is_causal_lm(config):
+        heads = ", ".join(getattr(config, "architectures", None) or [])
+        what = f"{model_type!r} model" + (f" ({heads})" if heads else "")
+        raise QuantMoeError(f"the model is a {what}, not a causal language model; quantmoe quantizes "
+                            f"decoder-only Mixture-of-Experts LMs ({supported})")
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
-        supported = ", ".join(sorted(ARCHITECTURES))
         raise QuantMoeError(
             f"unsupported architecture {model_type!r}; supported: {supported} "
             "(see docs/architectures.md to add one)"

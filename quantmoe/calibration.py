@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .defaults import NSAMPLES
 from .errors import QuantMoeError
 from .files import save_safetensors
 
@@ -33,6 +34,8 @@ def read_documents(source: str | Path) -> list[str]:
     if path.is_file():
         if path.suffix == ".safetensors":
             raise QuantMoeError(f"{path} is a token file; pass it as --calib to quantize, not as text")
+        if path.suffix == ".json":
+            raise QuantMoeError(f"{path} is a JSON file; write one {{\"text\": ...}} object per line to a .jsonl file")
         try:
             raw = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -116,7 +119,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def build_calibration(tokenizer, data: str | Path, nsamples: int, seqlen: int, seed: int) -> tuple[Tensor, dict]:
-    ids = sample_windows(document_stream(tokenizer, read_documents(data)), nsamples, seqlen, seed)
+    docs = read_documents(data)
+    if not any(doc.strip() for doc in docs):
+        raise QuantMoeError(f"the calibration data {data} is empty; pass a file with text in it")
+    ids = sample_windows(document_stream(tokenizer, docs), nsamples, seqlen, seed)
     meta = {"source": str(data), "seed": str(seed), "nsamples": str(nsamples), "seqlen": str(seqlen),
             "tokenizer": getattr(tokenizer, "name_or_path", ""), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "vocab_size": str(len(tokenizer))}
@@ -146,16 +152,23 @@ def read_calibration(path: Path, tokenizer=None) -> tuple[Tensor, dict]:
         raise QuantMoeError(f"{path}: input_ids must be a non-empty integer (N, L) tensor; make it with quantmoe calibrate")
     if tokenizer is not None:
         fp = meta.get("tokenizer_fingerprint")
-        if (fp and fp != tokenizer_fingerprint(tokenizer)) or int(ids.max()) >= len(tokenizer):
+        if (fp and fp != tokenizer_fingerprint(tokenizer)) or int(ids.max()) >= len(tokenizer) or int(ids.min()) < 0:
             raise QuantMoeError(f"{path} was tokenized with another vocabulary than this model's; "
                                 "re-run quantmoe calibrate with --tokenizer pointing at this model")
     return ids.long(), meta
 
 
-def calibration_tokens(tokenizer, calib: str | Path, nsamples: int, seqlen: int, seed: int) -> tuple[Tensor, dict]:
-    """Token rows for quantize: a token file as is, or text sampled into windows."""
+def calibration_tokens(tokenizer, calib: str | Path, nsamples: int | None, seqlen: int | None, seed: int,
+                       default_seqlen: int = 2048) -> tuple[Tensor, dict]:
+    """Token rows for quantize: text sampled into ``nsamples`` windows of ``seqlen`` tokens, or a
+    token file's rows (the first ``nsamples`` x ``seqlen`` of them when those are given)."""
     if str(calib).endswith(".safetensors"):
         if not Path(calib).is_file():
             raise QuantMoeError(f"calibration file {calib} does not exist; make it with quantmoe calibrate")
-        return read_calibration(Path(calib), tokenizer)
-    return build_calibration(tokenizer, calib, nsamples, seqlen, seed)
+        ids, meta = read_calibration(Path(calib), tokenizer)
+        rows, cols = ids.shape
+        if (nsamples or 0) > rows or (seqlen or 0) > cols:
+            raise QuantMoeError(f"{calib} holds {rows} x {cols} tokens, fewer than --nsamples {nsamples or rows} x "
+                                f"--seqlen {seqlen or cols}; lower them or make a larger file with quantmoe calibrate")
+        return ids[:nsamples, :seqlen].contiguous(), meta
+    return build_calibration(tokenizer, calib, nsamples or NSAMPLES, seqlen or default_seqlen, seed)

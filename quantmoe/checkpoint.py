@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .errors import QuantMoeError
-from .packing import GPTQ_SUFFIXES, dequantize_linear
+from .packing import dequantize_state
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -125,19 +125,15 @@ class Checkpoint:
 
     def read_prefix(self, prefix: str, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``."""
-        out: dict[str, Tensor] = {}
-        bits = int(self.quantization["bits"]) if self.quantization else None
-        quantized = {n[: -len(".qweight")] for n in self.names(prefix) if n.endswith(".qweight")}
-        for module in sorted(quantized):
-            parts = {s: self.tensor(f"{module}.{s}") for s in GPTQ_SUFFIXES}
-            out[module[len(prefix):] + ".weight"] = dequantize_linear(parts, bits).to(dtype)
-        for name in self.names(prefix):
-            module, _, suffix = name.rpartition(".")
-            if module in quantized and suffix in GPTQ_SUFFIXES:
-                continue
-            t = self.tensor(name)
-            out[name[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
-        return out
+        tensors = {name[len(prefix):]: self.tensor(name) for name in self.names(prefix)}
+        if self.quantization:
+            tensors = dequantize_state(tensors, int(self.quantization["bits"]))
+        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+    def open_shards(self) -> None:
+        """Open every shard now, so a missing, truncated or corrupt one fails before any work starts."""
+        for shard in self.shards:
+            self._open(shard)
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ Every QuantMoeError is printed as one ``error: ...`` line with exit status 2.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from functools import wraps
@@ -16,21 +17,29 @@ from .errors import QuantMoeError
 
 
 def friendly(fn):
-    """Turn QuantMoeError and Ctrl-C into one line and a non-zero exit, never a traceback."""
+    """Turn QuantMoeError, OSError and Ctrl-C into one line and a non-zero exit, never a traceback."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except QuantMoeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            fail(str(exc))
         except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written to --out (re-run the same command to start again)", err=True)
-            sys.exit(130)
+            fail("interrupted; --out was left as it was (re-run the same command: quantize resumes from its last "
+                 "finished layer)", 130)
         except MemoryError:
-            click.echo("error: out of memory; lower --batch-size or --nsamples, or use --device cuda", err=True)
-            sys.exit(2)
+            fail("out of memory; lower --batch-size or --nsamples, or use --device cuda")
+        except OSError as exc:  # what the stages did not foresee: still one line that names the file
+            where = f": {exc.filename}" if exc.filename else ""
+            fix = ("free disk space, then re-run the same command to resume" if exc.errno == errno.ENOSPC
+                   else "check the path and its permissions")
+            fail(f"{exc.strerror or exc}{where}; {fix}")
     return wrapper
+
+
+def fail(message: str, status: int = 2) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(status)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,13 +72,15 @@ def main():
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete).")
+@click.option("--resume/--restart", default=True, show_default=True,
+              help="Reuse the finished layers a stopped run left in the work folder beside --out, or start from scratch.")
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Measure the perplexity gap after export.")
 @click.option("--eval-data", help="Held-out text for --eval [default: the bundled held-out text].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly
 def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_sequential, rare_expert,
-             rare_expert_tokens, layout, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
-             run_eval, eval_data, quiet):
+             rare_expert_tokens, layout, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size,
+             overwrite, resume, run_eval, eval_data, quiet):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE)."""
     from .config import QuantConfig
     from .pipeline import quantize as run
@@ -79,7 +90,7 @@ def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_s
                        layout=layout)
     summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                   max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
-                  batch_size=batch_size, quiet=quiet)
+                  batch_size=batch_size, quiet=quiet, resume=resume)
     _print_summary(summary)
 
 

@@ -75,3 +75,17 @@ def dequantize_linear(tensors: dict[str, Tensor], bits: int) -> Tensor:
 
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantized_modules(names) -> list[str]:
+    """The module paths that have a ``.qweight`` among ``names``, sorted."""
+    return sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
+
+
+def dequantize_state(tensors: dict[str, Tensor], bits: int) -> dict[str, Tensor]:
+    """Replace each GPTQ linear's four tensors in ``tensors`` with its fp32 ``.weight``; the rest pass through."""
+    modules = quantized_modules(tensors)
+    out = {f"{m}.weight": dequantize_linear({s: tensors[f"{m}.{s}"] for s in GPTQ_SUFFIXES}, bits) for m in modules}
+    packed = {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}
+    out.update({n: t for n, t in tensors.items() if n not in packed})
+    return out

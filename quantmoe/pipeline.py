@@ -4,7 +4,7 @@ export it as GPTQ v1 shards, and (optionally) evaluate it against the original.
 Files handed between stages live in a work folder beside ``--out``
 (``.<out>.quantmoe-work/``): ``calib.safetensors``, ``layers/layer-NNNNN.safetensors`` and
 ``.json`` per finished layer, and ``export/``, the staged output that is renamed to
-``--out`` only once complete.
+``--out`` only once complete. A stopped run resumes from its finished layers (resume.py).
 """
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ import torch
 
 from . import __version__
 from .architectures import plan_layer
-from .calibration import calibration_tokens, write_calibration
+from .calibration import calibration_tokens, read_documents, write_calibration
 from .checkpoint import Checkpoint
 from .config import QuantConfig
-from .defaults import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
+from .defaults import CALIB_DATA, DEFAULT_MODEL, EVAL_DATA, default_seqlen
 from .errors import QuantMoeError
 from .evaluation import evaluate
 from .export import export_gptq, parse_size
-from .files import atomic_write_json, atomic_write_text, replace_dir, save_safetensors, versions, write_manifest
+from .files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
 from .measure import stage
 from .quantize_layer import LayerQuantizer
 from .report import model_card, render_markdown
+from .resume import fingerprint, fingerprint_parts, layer_file, open_work, read_layer_log, replay_layer, write_layer
 from .stream import LayerStream, pick_device
 
 
@@ -47,6 +48,9 @@ def check_out(out: Path, model: Path, overwrite: bool) -> Path:
     out = out.expanduser().resolve()
     if out == model or model in out.parents:
         raise QuantMoeError(f"--out {out} is inside the model folder {model}; choose a folder outside it")
+    if out in model.parents:
+        raise QuantMoeError(f"the model folder {model} is inside --out {out}, which the export replaces; "
+                            "choose an --out outside the model folder")
     if out.exists() and not overwrite:
         raise QuantMoeError(f"{out} already exists; pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():
@@ -93,8 +97,14 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
              calib: str | Path | None = None, nsamples: int | None = None, seqlen: int | None = None,
              seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
              run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int = 8,
-             quiet: bool = False) -> dict:
-    """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings)."""
+             quiet: bool = False, resume: bool = True) -> dict:
+    """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
+
+    Finished layers are kept in the work folder beside ``out``; re-running the same call
+    after a crash or Ctrl-C continues from the first unfinished layer and writes the same
+    bytes as an uninterrupted run (``resume=False`` starts from scratch). Every input is
+    checked before the work folder is touched.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -102,63 +112,79 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
     shard_bytes = parse_size(max_shard_size)
     dev = pick_device(device)
+    ckpt.open_shards()
     stream = LayerStream(ckpt, dev)
     notes = check_shapes(ckpt, stream, qcfg)
     tokenizer = ckpt.tokenizer()
-    seqlen = seqlen or default_seqlen(ckpt.config)
-    nsamples = nsamples or NSAMPLES
     stages: dict = {}
-
-    work = work_dir(out)
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "layers").mkdir(parents=True)
     with stage(stages, "calibrate"):
-        ids, calib_meta = calibration_tokens(tokenizer, calib if calib is not None else CALIB_DATA, nsamples, seqlen, seed)
-        write_calibration(work / "calib.safetensors", ids, calib_meta)
+        ids, calib_meta = calibration_tokens(tokenizer, calib if calib is not None else CALIB_DATA,
+                                             nsamples, seqlen, seed, default_seqlen(ckpt.config))
+    if run_eval:
+        read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
+
+    parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size)
+    fp = fingerprint(parts)
+    work = work_dir(out)
+    done = open_work(work, parts, stream.num_layers, resume)
+    write_calibration(work / "calib.safetensors", ids, calib_meta)
 
     layers_log, layer_files = [], []
     with stage(stages, "quantize"):
-        batches = stream.embed(ids, batch_size)
+        batches = stream.embed(ids, batch_size) if done < stream.num_layers else []
         for i in tqdm(range(stream.num_layers), desc="quantize", unit="layer", disable=quiet):
-            t0 = time.perf_counter()
-            result = LayerQuantizer(stream, i, batches, qcfg).run()
-            batches = result.outputs
-            file = work / "layers" / f"layer-{i:05d}.safetensors"
-            save_safetensors(file, result.tensors, metadata={"format": "pt"})
-            entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3),
-                     "expert_tokens": result.expert_tokens, "modules": result.log}
-            atomic_write_json(file.with_suffix(".json"), entry)
-            layers_log.append(entry)
+            if i < done:
+                file = layer_file(work, i)
+                layers_log.append(read_layer_log(work, i, fp))
+                if done < stream.num_layers:
+                    batches = replay_layer(stream, i, file, qcfg.bits, batches)
+            else:
+                t0 = time.perf_counter()
+                result = LayerQuantizer(stream, i, batches, qcfg).run()
+                batches = result.outputs
+                entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3),
+                         "expert_tokens": result.expert_tokens, "modules": result.log}
+                file = write_layer(work, i, result.tensors, entry, fp)
+                layers_log.append(entry)
             layer_files.append(file)
         del batches
 
     staging = work / "export"
-    with stage(stages, "export"):
-        export_gptq(ckpt, stream.arch, layer_files, staging, qcfg, shard_bytes, not_quantized_modules(stream, qcfg.layout),
-                    __version__)
-    fallbacks = [{"module": m["module"], "fallback": m["fallback"]} for e in layers_log for m in e["modules"] if m["fallback"]]
-    options = {**qcfg.to_dict(), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
-               "device": str(dev), "max_shard_size": shard_bytes}
-    atomic_write_json(staging / "quantization_log.json", {
-        "base_model": str(ckpt.path), "options": options, "calibration": calib_meta, "notes": notes,
-        "fallbacks": fallbacks, "layers": layers_log})
+    shutil.rmtree(staging, ignore_errors=True)  # a half-written export of an earlier, stopped run
+    try:
+        with stage(stages, "export"):
+            export_gptq(ckpt, stream.arch, layer_files, staging, qcfg, shard_bytes,
+                        not_quantized_modules(stream, qcfg.layout), __version__)
+        fallbacks = [{"module": m["module"], "fallback": m["fallback"]}
+                     for e in layers_log for m in e["modules"] if m["fallback"]]
+        options = {**qcfg.to_dict(), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
+                   "device": str(dev), "max_shard_size": shard_bytes}
+        atomic_write_json(staging / "quantization_log.json", {
+            "base_model": str(ckpt.path), "options": options, "calibration": calib_meta, "notes": notes,
+            "fallbacks": fallbacks, "layers": layers_log})
 
-    report = None
-    if run_eval:
-        report = evaluate(staging, baseline=ckpt.path, data=eval_data, device=device, batch_size=batch_size, quiet=quiet)
-        report["model"] = str(out)
-        report["fallbacks"] = fallbacks
-        report["stages"] = {**stages, **report["stages"]}
-        atomic_write_json(staging / "eval_report.json", report)
-        atomic_write_text(staging / "eval_report.md", render_markdown(report))
-    info = {"name": out.name, "base_model": str(ckpt.path), "model_type": stream.config.model_type,
-            "version": __version__, "quantization_config": json.loads((staging / "config.json").read_text())["quantization_config"],
-            "options": options, "fallback_count": len(fallbacks),
-            "calibration": f"{ids.shape[0]} x {ids.shape[1]} tokens from `{calib_meta.get('source')}` (seed {seed})"}
-    atomic_write_text(staging / "README.md", model_card(report, info))
-    write_manifest(staging, {"options": options, "versions": versions(), "base_model": str(ckpt.path),
-                             "calibration": calib_meta, "stages": stages})
-    replace_dir(staging, out, overwrite)
+        report = None
+        if run_eval:
+            report = evaluate(staging, baseline=ckpt.path, data=eval_data, device=device, batch_size=batch_size,
+                              quiet=quiet)
+            report["model"] = str(out)
+            report["fallbacks"] = fallbacks
+            report["stages"] = {**stages, **report["stages"]}
+            atomic_write_json(staging / "eval_report.json", report)
+            atomic_write_text(staging / "eval_report.md", render_markdown(report))
+        info = {"name": out.name, "base_model": str(ckpt.path), "model_type": stream.config.model_type,
+                "version": __version__,
+                "quantization_config": json.loads((staging / "config.json").read_text())["quantization_config"],
+                "options": options, "fallback_count": len(fallbacks),
+                "calibration": f"{ids.shape[0]} x {ids.shape[1]} tokens from `{calib_meta.get('source')}` (seed {seed})"}
+        atomic_write_text(staging / "README.md", model_card(report, info))
+        write_manifest(staging, {"options": options, "versions": versions(), "base_model": str(ckpt.path),
+                                 "inputs": parts, "fingerprint": fp, "calibration": calib_meta, "stages": stages})
+        replace_dir(staging, out, overwrite)
+    except BaseException:
+        # Disk full, Ctrl-C, a failed eval: drop the partial export (it may be what filled the disk)
+        # but keep the finished layers, so the same command resumes at the export.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(work, ignore_errors=True)
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes}
