@@ -130,6 +130,10 @@ class Checkpoint:
             tensors = dequantize_state(tensors, int(self.quantization["bits"]))
         return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
 
+    def shard_keys(self, shard: str) -> list[str]:
+        """The tensor names a shard file actually holds (the index may claim others)."""
+        return list(self._open(shard).keys())
+
     def open_shards(self) -> None:
         """Open every shard now, so a missing, truncated or corrupt one fails before any work starts."""
         for shard in self.shards:

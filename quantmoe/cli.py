@@ -249,5 +249,21 @@ def regress(baseline, new, max_gap_increase, max_ppl_increase):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@friendly
+def verify(folder):
+    """Check an exported checkpoint: manifest hashes, index, shapes and dtypes against the config,
+    NaN/Inf, all-zero modules. Exits 1 with the list of problems, 0 when sound."""
+    from .verify import verify as run
+
+    report = run(folder)
+    if report.problems:
+        for problem in report.problems:
+            click.echo(f"- {problem}")
+        fail(f"{len(report.problems)} problem(s) found in {folder}; re-export it or restore it from a good copy", 1)
+    click.echo(report.summary())
+
+
 if __name__ == "__main__":
     main()

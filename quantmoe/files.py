@@ -13,6 +13,12 @@ from .errors import QuantMoeError
 MANIFEST = "manifest.json"
 
 
+def write_error(path: Path, exc: OSError) -> QuantMoeError:
+    """A failed write as a one-line error; a full disk is the usual cause, and a re-run resumes."""
+    return QuantMoeError(f"could not write {path} ({exc.strerror or exc}); free disk space or choose another --out, "
+                         "then re-run the same command (finished layers are kept)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -24,7 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise QuantMoeError(f"could not write {path} ({exc.strerror or exc}); free disk space or choose another --out") from None
+        raise write_error(path, exc) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -48,7 +54,7 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None 
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise QuantMoeError(f"could not write {path} ({exc.strerror or exc}); free disk space or choose another --out") from None
+        raise write_error(path, exc) from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

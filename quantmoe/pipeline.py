@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import plan_layer
+from .architectures import architecture_for, plan_layer
 from .calibration import calibration_tokens, read_documents, write_calibration
 from .checkpoint import Checkpoint
 from .config import QuantConfig
@@ -47,7 +47,7 @@ def work_dir(out: Path) -> Path:
 def check_out(out: Path, model: Path, overwrite: bool) -> Path:
     out = out.expanduser().resolve()
     if out == model or model in out.parents:
-        raise QuantMoeError(f"--out {out} is inside the model folder {model}; choose a folder outside it")
+        raise QuantMoeError(f"--out {out} is the model folder {model} or inside it; choose a folder outside it")
     if out in model.parents:
         raise QuantMoeError(f"the model folder {model} is inside --out {out}, which the export replaces; "
                             "choose an --out outside the model folder")
@@ -109,6 +109,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
 
     torch.manual_seed(seed)
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
+    architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
     shard_bytes = parse_size(max_shard_size)
     dev = pick_device(device)

@@ -51,23 +51,28 @@ def model_config(ckpt: Checkpoint):
     return config
 
 
+def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: every module and shape, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError:
+        raise QuantMoeError(f"a {config.model_type!r} model is not a causal LM; "
+                            "quantmoe quantizes decoder-only language models") from None
+
+
 class LayerStream:
     """A causal LM whose parts are loaded on demand from a Checkpoint."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
-
         self.ckpt = ckpt
         self.device = device
         self.dtype = dtype
         self.config = model_config(ckpt)
         self.arch: Architecture = architecture_for(self.config)
-        try:
-            with torch.device("meta"):
-                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        except ValueError:
-            raise QuantMoeError(f"{ckpt.path} is a {self.config.model_type!r} model but not a causal LM; "
-                                "quantmoe quantizes decoder-only language models") from None
+        self.model = skeleton(self.config, dtype)
         self.model.eval()
         inner = self.model.model
         inner.embed_tokens.to_empty(device=device)

@@ -1,0 +1,213 @@
+"""``quantmoe verify DIR``: is an exported GPTQ checkpoint whole and sane?
+
+Checks, each problem reported as one line naming the file, tensor or module:
+
+1. manifest: every file's sha256 matches ``manifest.json``, none missing, none stray;
+2. index: every tensor the index lists is in its shard, and no shard holds unlisted ones;
+3. layout: every linear the architecture table quantizes has ``qweight`` int32
+   (in*bits/32, out), ``qzeros`` int32 (groups, out*bits/32), ``scales`` fp16 (groups, out)
+   and ``g_idx`` int32 (in,) with in/out taken from the model config, and routers are
+   kept in full precision;
+4. no NaN or Inf in any floating-point tensor;
+5. no quantized module is all zero (every scale zero, or a dequantized weight of zeros):
+   what routed-only calibration leaves behind for an expert that saw no tokens.
+
+Tensors are read one at a time, so memory holds one module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .architectures import architecture_for, plan_layer
+from .checkpoint import Checkpoint
+from .errors import QuantMoeError
+from .export import QUANTIZE_CONFIG, read_json
+from .files import MANIFEST, check_manifest
+from .packing import GPTQ_SUFFIXES, dequantize_linear, quantized_modules
+from .stream import model_config, skeleton
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    problems: list[str] = field(default_factory=list)
+    files: int = 0                # files checked against the manifest
+    shards: int = 0
+    tensors: int = 0
+    quantized_modules: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        return (f"ok: {self.folder}: {self.files} files match the manifest; {self.tensors} tensors in {self.shards} "
+                f"shards; {self.quantized_modules} quantized modules with the expected shapes and dtypes; "
+                "no NaN/Inf; no all-zero module")
+
+
+def expected_linears(config) -> dict[str, tuple[int, int]]:
+    """Full on-disk path -> (out, in) of every linear quantmoe quantizes, from the config alone."""
+    arch = architecture_for(config)
+    model = skeleton(config)
+    shapes: dict[str, tuple[int, int]] = {}
+    for i in range(config.num_hidden_layers):
+        plan = plan_layer(arch, config, i)
+        layer = model.model.layers[i]
+        prefix = f"model.layers.{i}."
+        if plan.experts is not None:
+            fused = layer.get_submodule(arch.experts_module)
+            _, two_inner, hidden = fused.gate_up_proj.shape  # (E, 2I, H)
+            for e in range(plan.num_experts):
+                shapes[prefix + plan.experts.linear("gate", e)] = (two_inner // 2, hidden)
+                shapes[prefix + plan.experts.linear("up", e)] = (two_inner // 2, hidden)
+                shapes[prefix + plan.experts.linear("down", e)] = tuple(fused.down_proj.shape[1:])  # (H, I)
+        expert_names = set(shapes)
+        for name in plan.quantized_linears():
+            if prefix + name not in expert_names:
+                shapes[prefix + name] = tuple(layer.get_submodule(arch.to_memory(name)).weight.shape)
+    return shapes
+
+
+def gptq_layout(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Shape and dtype of each GPTQ v1 tensor of an (out, in) linear."""
+    groups = 1 if group_size == -1 else -(-in_features // group_size)
+    return {
+        "qweight": ((in_features * bits // 32, out_features), torch.int32),
+        "qzeros": ((groups, out_features * bits // 32), torch.int32),
+        "scales": ((groups, out_features), torch.float16),
+        "g_idx": ((in_features,), torch.int32),
+    }
+
+
+def verify(folder: str | Path) -> VerifyReport:
+    """Run every check on ``folder``; the report lists each problem found (empty when sound)."""
+    folder = Path(folder).expanduser()
+    ckpt = Checkpoint(folder)  # a missing folder or config.json is an error, not a finding
+    report = VerifyReport(folder=folder)
+    problems = report.problems
+
+    found = check_manifest(folder)
+    problems += found
+    if not found:
+        report.files = len(read_json(folder / MANIFEST)["files"])
+
+    present = _check_index(ckpt, report)
+    if present is None:
+        return report
+    qc = ckpt.quantization
+    expected: dict[str, tuple[int, int]] = {}
+    if qc is None:
+        problems.append("config.json has no quantization_config: not a quantized checkpoint")
+    elif qc.get("quant_method") != "gptq":
+        problems.append(f"quant_method is {qc.get('quant_method')!r}; verify checks GPTQ checkpoints")
+        qc = None
+    else:
+        if (folder / QUANTIZE_CONFIG).is_file() and read_json(folder / QUANTIZE_CONFIG) != qc:
+            problems.append(f"{QUANTIZE_CONFIG} differs from config.json's quantization_config")
+        try:
+            expected = expected_linears(model_config(ckpt))
+        except QuantMoeError as exc:
+            problems.append(f"cannot derive the expected layout from config.json: {exc}")
+
+    modules = set(quantized_modules(present))
+    # Tensors of an unreadable shard were reported with the shard; don't report each again as missing.
+    unreadable = {n[: n.rindex(".")] for n in set(ckpt.weight_map) - present} if report.shards < len(ckpt.shards) else set()
+    if qc is not None:
+        bits, group_size = int(qc["bits"]), int(qc["group_size"])
+        for module in expected:
+            if module in modules or module in unreadable:
+                continue
+            problems.append(f"{module} is not quantized ({module}.weight kept)" if f"{module}.weight" in present
+                            else f"{module} is missing from the checkpoint")
+        for module in sorted(modules):
+            if expected and module not in expected:
+                problems.append(f"{module} is quantized but the architecture table keeps it in full precision "
+                                "(a router or another module that must not be quantized)")
+            parts = _read_parts(ckpt, module, present, problems)
+            if parts is None:
+                continue
+            report.quantized_modules += 1
+            if module in expected and not _check_layout(module, parts, *expected[module], bits, group_size, problems):
+                continue
+            _check_values(module, parts, bits, problems)
+
+    packed = {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}
+    for name in sorted(present - packed):
+        try:
+            t = ckpt.tensor(name)
+        except QuantMoeError as exc:
+            problems.append(str(exc))
+            continue
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            problems.append(f"{name} holds NaN or Inf")
+    return report
+
+
+def _check_index(ckpt: Checkpoint, report: VerifyReport) -> set[str] | None:
+    """Tensors both listed in the index and present in their shard (None: no readable index)."""
+    present: set[str] = set()
+    try:
+        weight_map = ckpt.weight_map
+    except QuantMoeError as exc:
+        report.problems.append(str(exc))
+        return None
+    for shard in ckpt.shards:
+        try:
+            keys = set(ckpt.shard_keys(shard))
+        except QuantMoeError as exc:
+            report.problems.append(str(exc))
+            continue
+        report.shards += 1
+        listed = {n for n, s in weight_map.items() if s == shard}
+        for name in sorted(listed - keys):
+            report.problems.append(f"{name} is listed in the index but missing from {shard}")
+        for name in sorted(keys - listed):
+            report.problems.append(f"{shard} holds {name}, which the index does not list")
+        present |= listed & keys
+    report.tensors = len(present)
+    return present
+
+
+def _read_parts(ckpt: Checkpoint, module: str, present: set[str], problems: list[str]) -> dict | None:
+    missing = [s for s in GPTQ_SUFFIXES if f"{module}.{s}" not in present]
+    if missing:
+        problems.append(f"{module} lacks {', '.join(missing)}")
+        return None
+    try:
+        return {s: ckpt.tensor(f"{module}.{s}") for s in GPTQ_SUFFIXES}
+    except QuantMoeError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def _check_layout(module: str, parts: dict, rows: int, cols: int, bits: int, group_size: int,
+                  problems: list[str]) -> bool:
+    ok = True
+    for suffix, (shape, dtype) in gptq_layout(rows, cols, bits, group_size).items():
+        t = parts[suffix]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            problems.append(f"{module}.{suffix} is {t.dtype} {tuple(t.shape)}; the config "
+                            f"({rows}x{cols}, {bits}-bit, group size {group_size}) needs {dtype} {shape}")
+            ok = False
+    if ok:
+        groups = parts["scales"].shape[0]
+        g = parts["g_idx"]
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
+            problems.append(f"{module}.g_idx points outside its {groups} groups")
+            ok = False
+    return ok
+
+
+def _check_values(module: str, parts: dict, bits: int, problems: list[str]) -> None:
+    scales = parts["scales"]
+    if not bool(torch.isfinite(scales).all()):
+        problems.append(f"{module}.scales holds NaN or Inf")
+    elif not bool(scales.any()):
+        problems.append(f"{module} is all zero: every scale is 0 (an expert that saw no calibration tokens?)")
+    elif not bool(dequantize_linear(parts, bits).any()):
+        problems.append(f"{module} is all zero: its dequantized weight is 0 everywhere")

@@ -1,0 +1,131 @@
+"""Crash-safe, resumable, deterministic quantization.
+
+A run killed partway and re-run with the same command must write the same bytes as a
+run that was never stopped; a work folder made from other inputs must never be reused.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import quantmoe
+import quantmoe.pipeline
+from clirun import cli, content, quantize_args, start, wait_for
+from quantmoe.config import QuantConfig
+from quantmoe.files import save_safetensors
+from quantmoe.pipeline import work_dir
+from quantmoe.resume import layer_file
+from quantmoe.verify import verify
+from tiny import make_model, write_text
+
+QCFG = QuantConfig(group_size=32)
+QUICK_API = dict(nsamples=4, seqlen=32, run_eval=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return {"mixtral": make_model("mixtral", root / "mixtral"), "qwen2_moe": make_model("qwen2_moe", root / "qwen2_moe"),
+            "text": write_text(root / "docs.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """An uninterrupted CLI run on the tiny Mixtral; every out folder is named ``out`` so READMEs compare."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run = cli(*quantize_args(inputs["mixtral"], out, inputs["text"]))
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_same_command_twice_gives_identical_bytes(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    run = cli(*quantize_args(inputs["mixtral"], out, inputs["text"]))
+    assert run.returncode == 0, run.stderr
+    assert content(out) == content(reference)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"model", "calibration", "options", "seed", "run", "versions"}
+    assert manifest["versions"]["quantmoe"] == quantmoe.__version__
+
+
+def test_sigkill_after_first_layer_then_resume_is_byte_identical(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    args = quantize_args(inputs["mixtral"], out, inputs["text"])
+    proc = start(*args)
+    wait_for(layer_file(work_dir(out), 0).with_suffix(".json"), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not out.exists()
+    assert layer_file(work_dir(out), 0).is_file()
+
+    run = cli(*args)
+    assert run.returncode == 0, run.stderr
+    assert "resuming: 1 of 2 layers are already quantized" in run.stderr
+    assert content(out) == content(reference)
+    assert not work_dir(out).exists()
+
+
+class Stop(Exception):
+    """Stands in for a crash right after a layer file is written."""
+
+
+def _crash_after(monkeypatch, index: int) -> None:
+    real = quantmoe.pipeline.write_layer
+
+    def write_layer(work, i, *args):
+        file = real(work, i, *args)
+        if i == index:
+            raise Stop
+        return file
+
+    monkeypatch.setattr(quantmoe.pipeline, "write_layer", write_layer)
+
+
+def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, monkeypatch, capsys):
+    """Qwen2-MoE: layer 0 is dense, layer 1 has routed and shared experts; both are replayed."""
+    model, text = inputs["qwen2_moe"], inputs["text"]
+    quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
+    out = tmp_path / "b" / "out"
+    with monkeypatch.context() as m:
+        _crash_after(m, 1)
+        with pytest.raises(Stop):
+            quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    capsys.readouterr()
+    quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    assert "resuming: 2 of 3 layers" in capsys.readouterr().err
+    assert content(out) == content(tmp_path / "a" / "out")
+
+
+def _zero_layer_file(work: Path, index: int) -> None:
+    """Overwrite a finished layer's tensors with zeros, keeping its fingerprint: reuse would show."""
+    file = layer_file(work, index)
+    with safe_open(str(file), framework="pt") as f:
+        meta, tensors = f.metadata(), {n: torch.zeros_like(f.get_tensor(n)) for n in f.keys()}
+    save_safetensors(file, tensors, metadata=meta)
+
+
+@pytest.mark.parametrize("change", ["options", "restart"])
+def test_other_inputs_or_restart_never_reuse_layers(inputs, tmp_path, monkeypatch, capsys, change):
+    model, text = inputs["mixtral"], inputs["text"]
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _crash_after(m, 0)
+        with pytest.raises(Stop):
+            quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    _zero_layer_file(work_dir(out), 0)
+    capsys.readouterr()
+    if change == "options":
+        quantmoe.quantize(model, out, QuantConfig(group_size=32, damp=0.02), calib=text, **QUICK_API)
+        expected = "was made from a different options; starting over"
+    else:
+        quantmoe.quantize(model, out, QCFG, calib=text, resume=False, **QUICK_API)
+        expected = "--restart: discarding the finished layers"
+    err = capsys.readouterr().err
+    assert expected in err and "resuming" not in err
+    assert verify(out).ok, verify(out).problems  # a reused (zeroed) layer 0 would be all-zero modules
