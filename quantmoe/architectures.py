@@ -166,8 +166,8 @@ def architecture_for(config) -> Architecture:
     if not is_causal_lm(config):
         heads = ", ".join(getattr(config, "architectures", None) or [])
         what = f"{model_type!r} model" + (f" ({heads})" if heads else "")
-        raise QuantMoeError(f"the model is a {what}, not a causal language model; quantmoe quantizes "
-                            f"decoder-only Mixture-of-Experts LMs ({supported})")
+        raise QuantMoeError(f"unsupported architecture {model_type!r}: the model is a {what}, not a causal language "
+                            f"model; quantmoe quantizes decoder-only Mixture-of-Experts LMs (supported: {supported})")
     try:
         return ARCHITECTURES[model_type]
     except KeyError:

@@ -58,6 +58,7 @@ class Checkpoint:
     def config(self):
         from transformers import AutoConfig
 
+        self.raw_config  # a clearer message than AutoConfig's for a file that is not JSON at all
         try:
             return AutoConfig.from_pretrained(self.path)
         except Exception as exc:
@@ -65,7 +66,13 @@ class Checkpoint:
 
     @cached_property
     def raw_config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        path = self.path / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise QuantMoeError(f"{path} is not valid JSON ({exc}); restore it or re-download the checkpoint") from None
+        except OSError as exc:
+            raise QuantMoeError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
 
     @cached_property
     def quantization(self) -> dict | None:

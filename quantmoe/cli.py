@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sys
+import threading
 from functools import wraps
 from pathlib import Path
 
@@ -16,24 +18,44 @@ import click
 from .errors import QuantMoeError
 
 
+INTERRUPTED = ("interrupted; --out was left as it was (re-run the same command: quantize resumes from its last "
+               "finished layer)")
+
+
 def friendly(fn):
     """Turn QuantMoeError, OSError and Ctrl-C into one line and a non-zero exit, never a traceback."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        # A Ctrl-C that lands inside a C extension (safetensors, torch) can come out as some other
+        # error; remembering that it happened keeps the message and the status (130) right.
+        interrupted = []
+
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
         try:
             return fn(*args, **kwargs)
-        except QuantMoeError as exc:
-            fail(str(exc))
         except KeyboardInterrupt:
-            fail("interrupted; --out was left as it was (re-run the same command: quantize resumes from its last "
-                 "finished layer)", 130)
-        except MemoryError:
-            fail("out of memory; lower --batch-size or --nsamples, or use --device cuda")
-        except OSError as exc:  # what the stages did not foresee: still one line that names the file
-            where = f": {exc.filename}" if exc.filename else ""
-            fix = ("free disk space, then re-run the same command to resume" if exc.errno == errno.ENOSPC
-                   else "check the path and its permissions")
-            fail(f"{exc.strerror or exc}{where}; {fix}")
+            fail(INTERRUPTED, 130)
+        except (QuantMoeError, OSError, MemoryError, RuntimeError) as exc:
+            if interrupted:
+                fail(INTERRUPTED, 130)
+            if isinstance(exc, QuantMoeError):
+                fail(str(exc))
+            if isinstance(exc, MemoryError):
+                fail("out of memory; lower --batch-size or --nsamples, or use --device cuda")
+            if isinstance(exc, OSError):  # what the stages did not foresee: still one line naming the file
+                where = f": {exc.filename}" if exc.filename else ""
+                fix = ("free disk space, then re-run the same command to resume" if exc.errno == errno.ENOSPC
+                       else "check the path and its permissions")
+                fail(f"{exc.strerror or exc}{where}; {fix}")
+            raise  # a RuntimeError not caused by Ctrl-C is a bug: keep its traceback
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
     return wrapper
 
 
@@ -83,11 +105,12 @@ def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_s
              overwrite, resume, run_eval, eval_data, quiet):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE)."""
     from .config import QuantConfig
-    from .pipeline import quantize as run
 
     qcfg = QuantConfig(backend=backend, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
                        true_sequential=true_sequential, rare_expert=rare_expert, rare_expert_tokens=rare_expert_tokens,
                        layout=layout)
+    from .pipeline import quantize as run  # imports torch: after the cheap option checks
+
     summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                   max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
                   batch_size=batch_size, quiet=quiet, resume=resume)

@@ -54,21 +54,38 @@ def test_same_command_twice_gives_identical_bytes(inputs, reference, tmp_path):
     assert manifest["versions"]["quantmoe"] == quantmoe.__version__
 
 
-def test_sigkill_after_first_layer_then_resume_is_byte_identical(inputs, reference, tmp_path):
-    out = tmp_path / "out"
-    args = quantize_args(inputs["mixtral"], out, inputs["text"])
+def kill_after_first_layer_then_resume(args: list[str], out: Path) -> str:
+    """SIGKILL the run as soon as layer 0 is on disk, re-run the same command; returns its stderr."""
     proc = start(*args)
     wait_for(layer_file(work_dir(out), 0).with_suffix(".json"), proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not out.exists()
     assert layer_file(work_dir(out), 0).is_file()
-
     run = cli(*args)
     assert run.returncode == 0, run.stderr
-    assert "resuming: 1 of 2 layers are already quantized" in run.stderr
-    assert content(out) == content(reference)
     assert not work_dir(out).exists()
+    return run.stderr
+
+
+def test_sigkill_after_first_layer_then_resume_is_byte_identical(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    stderr = kill_after_first_layer_then_resume(quantize_args(inputs["mixtral"], out, inputs["text"]), out)
+    assert "resuming: 1 of 2 layers are already quantized" in stderr
+    assert content(out) == content(reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rerun_and_resume_are_byte_identical(inputs, tmp_path):
+    """On one GPU too: cuBLAS and the MoE scatter must not make the bytes depend on the run."""
+    outs = [tmp_path / name / "out" for name in ("a", "b", "resumed")]
+    for out in outs[:2]:
+        run = cli(*quantize_args(inputs["qwen2_moe"], out, inputs["text"], "--device", "cuda"))
+        assert run.returncode == 0, run.stderr
+    kill_after_first_layer_then_resume(quantize_args(inputs["qwen2_moe"], outs[2], inputs["text"], "--device", "cuda"),
+                                       outs[2])
+    assert content(outs[0]) == content(outs[1]) == content(outs[2])
 
 
 class Stop(Exception):
