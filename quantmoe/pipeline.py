@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .architectures import architecture_for, plan_layer
+from .architectures import Architecture, architecture_for, plan_layer
 from .calibration import calibration_tokens, read_documents, write_calibration
 from .checkpoint import Checkpoint
 from .config import QuantConfig
@@ -58,12 +58,12 @@ def check_out(out: Path, model: Path, overwrite: bool) -> Path:
     return out
 
 
-def check_shapes(ckpt: Checkpoint, stream: LayerStream, qcfg: QuantConfig) -> list[str]:
+def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> list[str]:
     """Fail early when the group size or packing cannot fit a layer; return notes for narrow layers."""
     notes = []
     per = 32 // qcfg.bits
-    for i in range(stream.num_layers):
-        for name in plan_layer(stream.arch, stream.config, i, qcfg.layout).quantized_linears():
+    for i in range(ckpt.config.num_hidden_layers):
+        for name in plan_layer(arch, ckpt.config, i, qcfg.layout).quantized_linears():
             full = f"{ckpt.layer_prefix(i)}{name}.weight"
             if not ckpt.has(full):
                 continue  # fused on disk, checked when the layer loads
@@ -108,14 +108,14 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
+    # Every input is checked, cheapest first, before the work folder (a resumable run) is touched.
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
-    architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
+    arch = architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
     shard_bytes = parse_size(max_shard_size)
     dev = pick_device(device)
     ckpt.open_shards()
-    stream = LayerStream(ckpt, dev)
-    notes = check_shapes(ckpt, stream, qcfg)
+    notes = check_shapes(ckpt, arch, qcfg)
     tokenizer = ckpt.tokenizer()
     stages: dict = {}
     with stage(stages, "calibrate"):
@@ -123,6 +123,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                                              nsamples, seqlen, seed, default_seqlen(ckpt.config))
     if run_eval:
         read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
+    stream = LayerStream(ckpt, dev)
 
     parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size)
     fp = fingerprint(parts)
