@@ -50,26 +50,28 @@ class VerifyReport:
                 "no NaN/Inf; no all-zero module")
 
 
-def expected_linears(config) -> dict[str, tuple[int, int]]:
-    """Full on-disk path -> (out, in) of every linear quantmoe quantizes, from the config alone."""
+def expected_linears(config, layout: str = "source") -> dict[str, tuple[int, int]]:
+    """Full path (in the export's ``layout`` naming) -> (out, in) of every linear quantmoe
+    quantizes, from the config alone."""
     arch = architecture_for(config)
     model = skeleton(config)
+    named = (lambda n: arch.gptqmodel_name(f"{n}.weight")[: -len(".weight")]) if layout == "gptqmodel" else (lambda n: n)
     shapes: dict[str, tuple[int, int]] = {}
     for i in range(config.num_hidden_layers):
-        plan = plan_layer(arch, config, i)
+        plan = plan_layer(arch, config, i, layout)
         layer = model.model.layers[i]
-        prefix = f"model.layers.{i}."
+        local: dict[str, tuple[int, int]] = {}  # on-disk source names, relative to the layer
         if plan.experts is not None:
             fused = layer.get_submodule(arch.experts_module)
             _, two_inner, hidden = fused.gate_up_proj.shape  # (E, 2I, H)
             for e in range(plan.num_experts):
-                shapes[prefix + plan.experts.linear("gate", e)] = (two_inner // 2, hidden)
-                shapes[prefix + plan.experts.linear("up", e)] = (two_inner // 2, hidden)
-                shapes[prefix + plan.experts.linear("down", e)] = tuple(fused.down_proj.shape[1:])  # (H, I)
-        expert_names = set(shapes)
+                local[plan.experts.linear("gate", e)] = (two_inner // 2, hidden)
+                local[plan.experts.linear("up", e)] = (two_inner // 2, hidden)
+                local[plan.experts.linear("down", e)] = tuple(fused.down_proj.shape[1:])  # (H, I)
         for name in plan.quantized_linears():
-            if prefix + name not in expert_names:
-                shapes[prefix + name] = tuple(layer.get_submodule(arch.to_memory(name)).weight.shape)
+            if name not in local:
+                local[name] = tuple(layer.get_submodule(arch.to_memory(name)).weight.shape)
+        shapes.update({f"model.layers.{i}.{named(n)}": shape for n, shape in local.items()})
     return shapes
 
 
@@ -110,7 +112,7 @@ def verify(folder: str | Path) -> VerifyReport:
         if (folder / QUANTIZE_CONFIG).is_file() and read_json(folder / QUANTIZE_CONFIG) != qc:
             problems.append(f"{QUANTIZE_CONFIG} differs from config.json's quantization_config")
         try:
-            expected = expected_linears(model_config(ckpt))
+            expected = expected_linears(model_config(ckpt), (qc.get("meta") or {}).get("layout", "source"))
         except QuantMoeError as exc:
             problems.append(f"cannot derive the expected layout from config.json: {exc}")
 

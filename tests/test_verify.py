@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 import quantmoe
 from clirun import cli, one_error_line
 from quantmoe.architectures import ARCHITECTURES
-from quantmoe.config import QuantConfig
+from quantmoe.checkpoint import Checkpoint
+from quantmoe.config import LAYOUTS, QuantConfig
 from quantmoe.files import MANIFEST, write_manifest
 from quantmoe.verify import verify
 from tiny import make_model, write_text
@@ -28,18 +29,21 @@ EXPERT = "model.layers.1.block_sparse_moe.experts.1.w2"
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    """model_type -> a fresh tiny export (built once per type)."""
+    """(model_type, layout) -> a fresh tiny export (built once each)."""
     root = tmp_path_factory.mktemp("verify")
     text = write_text(root / "docs.jsonl")
-    cache: dict[str, Path] = {}
+    models: dict[str, Path] = {}
+    cache: dict[tuple[str, str], Path] = {}
 
-    def build(model_type: str) -> Path:
-        if model_type not in cache:
-            out = root / model_type / "out"
-            quantmoe.quantize(make_model(model_type, root / model_type / "model"), out, QuantConfig(group_size=32),
-                              calib=text, nsamples=4, seqlen=32, run_eval=False, quiet=True)
-            cache[model_type] = out
-        return cache[model_type]
+    def build(model_type: str, layout: str = "source") -> Path:
+        if (model_type, layout) not in cache:
+            if model_type not in models:
+                models[model_type] = make_model(model_type, root / model_type / "model")
+            out = root / model_type / layout / "out"
+            quantmoe.quantize(models[model_type], out, QuantConfig(group_size=32, layout=layout), calib=text,
+                              nsamples=4, seqlen=32, run_eval=False, quiet=True)
+            cache[model_type, layout] = out
+        return cache[model_type, layout]
 
     return build
 
@@ -70,11 +74,13 @@ def rehash(folder: Path) -> None:
     write_manifest(folder, manifest)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_a_fresh_export_verifies(export, model_type):
-    report = verify(export(model_type))
+def test_a_fresh_export_verifies(export, model_type, layout):
+    report = verify(export(model_type, layout))
     assert report.problems == []
-    assert report.quantized_modules > 0 and report.files > 0
+    names = Checkpoint(export(model_type, layout)).names()
+    assert report.quantized_modules == sum(n.endswith(".qweight") for n in names) > 0 and report.files > 0
 
 
 def test_flipped_byte_in_a_shard_is_caught(damaged):
