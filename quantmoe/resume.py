@@ -98,7 +98,7 @@ def open_work(work: Path, parts: dict[str, str], num_layers: int, resume: bool =
             if has_layers:
                 old_parts = (old or {}).get("parts", {})
                 differs = [k for k in parts if old_parts.get(k) != parts[k]] or ["fingerprint"]
-                note(f"the work folder {work} was made from a different {', '.join(differs)}; "
+                note(f"the work folder {work} was made from other inputs ({', '.join(differs)} differ); "
                      "starting over (its finished layers are not reused)")
             shutil.rmtree(work)
     (work / "layers").mkdir(parents=True, exist_ok=True)

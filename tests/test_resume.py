@@ -139,7 +139,7 @@ def test_other_inputs_or_restart_never_reuse_layers(inputs, tmp_path, monkeypatc
     capsys.readouterr()
     if change == "options":
         quantmoe.quantize(model, out, QuantConfig(group_size=32, damp=0.02), calib=text, **QUICK_API)
-        expected = "was made from a different options; starting over"
+        expected = "was made from other inputs (options differ); starting over"
     else:
         quantmoe.quantize(model, out, QCFG, calib=text, resume=False, **QUICK_API)
         expected = "--restart: discarding the finished layers"
