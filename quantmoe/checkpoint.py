@@ -123,21 +123,34 @@ class Checkpoint:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
-    def read_prefix(self, prefix: str, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``."""
+    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
+        """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``.
+
+        Floating tensors come in ``dtype`` (None: as stored). Every tensor is copied into
+        this process's memory and the shards are closed afterwards: pages of a mapped shard
+        count towards the process's resident memory for as long as it stays open, which
+        would make memory grow with every layer read.
+        """
         out: dict[str, Tensor] = {}
         bits = int(self.quantization["bits"]) if self.quantization else None
         quantized = {n[: -len(".qweight")] for n in self.names(prefix) if n.endswith(".qweight")}
         for module in sorted(quantized):
             parts = {s: self.tensor(f"{module}.{s}") for s in GPTQ_SUFFIXES}
-            out[module[len(prefix):] + ".weight"] = dequantize_linear(parts, bits).to(dtype)
+            W = dequantize_linear(parts, bits)
+            out[module[len(prefix):] + ".weight"] = W if dtype is None else W.to(dtype)
         for name in self.names(prefix):
             module, _, suffix = name.rpartition(".")
             if module in quantized and suffix in GPTQ_SUFFIXES:
                 continue
             t = self.tensor(name)
-            out[name[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
+            floating = t.is_floating_point() and dtype is not None
+            out[name[len(prefix):]] = t.to(dtype, copy=True) if floating else t.clone()
+        self.close()
         return out
+
+    def close(self) -> None:
+        """Unmap the open shards (tensors already read stay valid); they reopen on the next read."""
+        self._handles.clear()
 
     def tokenizer(self):
         from transformers import AutoTokenizer
