@@ -108,3 +108,14 @@ def test_overwrite_H_gives_the_same_result_and_consumes_H():
     assert torch.equal(kept.q, handed_over.q) and torch.equal(kept.W, handed_over.W)
     assert not torch.equal(H_copy, H)  # it now holds the inverse factor
 
+
+def test_tf32_context_restores_the_matmul_precision():
+    from quantmoe.quantize_layer import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with tf32_matmuls(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with tf32_matmuls(False):
+        assert matmul.fp32_precision == before
