@@ -130,12 +130,21 @@ class Checkpoint:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
-    def read_prefix(self, prefix: str, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``."""
+    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
+        """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``.
+
+        Floating tensors come in ``dtype`` (None: as stored). Every tensor is copied into
+        this process's memory and the shards are closed afterwards: pages of a mapped shard
+        count towards the process's resident memory for as long as it stays open, which
+        would make memory grow with every layer read.
+        """
         tensors = {name[len(prefix):]: self.tensor(name) for name in self.names(prefix)}
         if self.quantization:
             tensors = dequantize_state(tensors, int(self.quantization["bits"]))
-        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+        out = {n: t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
+               for n, t in tensors.items()}
+        self.close()
+        return out
 
     def shard_keys(self, shard: str) -> list[str]:
         """The tensor names a shard file actually holds (the index may claim others)."""
@@ -145,6 +154,10 @@ class Checkpoint:
         """Open every shard now, so a missing, truncated or corrupt one fails before any work starts."""
         for shard in self.shards:
             self._open(shard)
+
+    def close(self) -> None:
+        """Unmap the open shards (tensors already read stay valid); they reopen on the next read."""
+        self._handles.clear()
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -6,7 +6,6 @@ Every QuantMoeError is printed as one ``error: ...`` line with exit status 2.
 from __future__ import annotations
 
 import errno
-import json
 import signal
 import sys
 import threading
@@ -99,22 +98,41 @@ def main():
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Measure the perplexity gap after export.")
 @click.option("--eval-data", help="Held-out text for --eval [default: the bundled held-out text].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="TF32 matrix products for Hessians and forward passes on CUDA: faster, differs by rounding only.")
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="Read the next layer from disk in a background thread.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Replay GPTQ's column loop as CUDA graphs (same results, fewer kernel launches).")
 @friendly
 def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_sequential, rare_expert,
              rare_expert_tokens, layout, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size,
-             overwrite, resume, run_eval, eval_data, quiet):
-    """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE)."""
+             overwrite, resume, run_eval, eval_data, quiet, tf32, prefetch, cuda_graphs):
+    """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
+
+    Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
+    spread over the N processes (one GPU each, or CPU processes over gloo); rank 0 writes.
+    """
+    import os
+
     from .config import QuantConfig
 
     qcfg = QuantConfig(backend=backend, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
                        true_sequential=true_sequential, rare_expert=rare_expert, rare_expert_tokens=rare_expert_tokens,
                        layout=layout)
-    from .pipeline import quantize as run  # imports torch: after the cheap option checks
+    from .distributed import Ranks, leave  # these import torch: after the cheap option checks
+    from .pipeline import quantize as run
 
-    summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                  max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
-                  batch_size=batch_size, quiet=quiet, resume=resume)
-    _print_summary(summary)
+    ranks = Ranks.from_env(os.environ)
+    try:
+        summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                      max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
+                      batch_size=batch_size, quiet=quiet, resume=resume, tf32=tf32, prefetch=prefetch,
+                      cuda_graphs=cuda_graphs, ranks=ranks)
+    finally:
+        leave()
+    if ranks.writes:
+        _print_summary(summary)
 
 
 def _print_summary(summary: dict) -> None:

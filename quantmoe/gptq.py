@@ -17,10 +17,20 @@ is B = 1. Differences from the reference, and why:
 * Dead inputs (a zero Hessian diagonal) keep their weights: they are rounded but
   spread no error, instead of being zeroed.
 * Dampening grows by 10x, per matrix, until Cholesky succeeds; the value used is returned.
+* ``Hinv`` comes from one Cholesky factorisation of the reversed H and one triangular
+  inverse (see ``damped_inverse_cholesky``) rather than Cholesky, inverse, Cholesky: as
+  many flops, but it cannot fail on an inverse that rounding left not quite positive
+  definite, and it works one matrix at a time, in place, so a layer's (B, C, C)
+  Hessians never exist twice.
+* Memory is a few copies of W, not of H: levels are kept as uint8 and the dequantized
+  weights are rebuilt from them at the end.
+* Without act-order, a group's grid comes from its columns as they stand when the group
+  starts, with every earlier block's error spread (blocks never straddle a group start).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,45 +133,73 @@ def rtn_quantize(W: Tensor, spec: QuantSpec) -> QuantResult:
 
 
 def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16) -> tuple[Tensor, Tensor]:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1 for H (B, C, C).
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 for H (B, C, C), so that U^T U is that inverse.
 
-    Dampening is multiplied by 10 for each matrix whose factorisation fails.
-    Returns (Hinv (B, C, C), damp used (B,)).
+    With J the reversal permutation and J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J), and
+    J L^-1 J is upper triangular with a positive diagonal: it is U. Dampening is
+    multiplied by 10 for each matrix whose factorisation fails. H is overwritten with U,
+    one matrix at a time, so only one matrix's temporaries exist at once.
+    Returns (U (B, C, C), which is H's own storage; damp used (B,)).
     """
     B, C, _ = H.shape
-    eye = torch.eye(C, device=H.device, dtype=H.dtype)
-    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-8)  # (B,)
     used = torch.full((B,), damp, device=H.device, dtype=H.dtype)
-    L = torch.empty_like(H)
-    todo = torch.arange(B, device=H.device)
-    for _ in range(max_tries):
-        Hd = H[todo] + (used[todo] * mean_diag[todo])[:, None, None] * eye
-        L_try, info = torch.linalg.cholesky_ex(Hd)
-        ok = info == 0
-        L[todo[ok]] = L_try[ok]
-        todo = todo[~ok]
-        if todo.numel() == 0:
-            break
-        used[todo] *= 10
-    if todo.numel():
-        raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[todo].max()):g}")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True), used
+    for b in range(B):
+        Hb = H[b]
+        mean_diag = torch.diagonal(Hb).mean().clamp(min=1e-8)
+        for _ in range(max_tries):
+            Hd = Hb.flip((0, 1))
+            Hd.diagonal().add_(used[b] * mean_diag)
+            L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd
+            if int(info) == 0:
+                break
+            used[b] *= 10
+        else:
+            raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
+        eye = torch.eye(C, device=H.device, dtype=H.dtype)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        del L, eye
+        Hb.copy_(Linv.flip((0, 1)))
+    return H, used
+
+
+def quantize_block(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, levels1: Tensor) -> Tensor:
+    """The sequential heart of GPTQ, for one block of n columns: quantize column i on its
+    grid (S1, Z1), then spread its scaled error over the block's columns after i.
+
+    W1 (B, R, n) is updated in place; levels1 (B, R, n) uint8 receives the levels.
+    Hinv1 (B, n, n) is the block's part of the inverse factor. Returns Err1 (B, R, n),
+    the scaled errors that the caller spreads over the columns after the block.
+    """
+    Err1 = torch.empty_like(W1)
+    for i in range(W1.shape[-1]):
+        w, s, z = W1[:, :, i], S1[:, :, i], Z1[:, :, i]       # (B, R)
+        lv = quantize_levels(w, s, z, maxq)
+        err = (w - s * (lv - z)) / Hinv1[:, i, i, None]        # (B, R)
+        W1[:, :, i + 1:] -= err[:, :, None] * Hinv1[:, None, i, i + 1:]
+        levels1[:, :, i] = lv
+        Err1[:, :, i] = err
+    return Err1
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
-                  act_order: bool = True, block_size: int = 128) -> QuantResult:
+                  act_order: bool = True, block_size: int = 128, overwrite_H: bool = False,
+                  block_fn=quantize_block) -> QuantResult:
     """Quantize W (B, R, C) column by column, spreading each rounding error over the
     not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
+
+    With ``overwrite_H`` the caller hands H over (a dense fp32 tensor it no longer needs):
+    it is permuted and turned into the inverse factor in place, which saves a (B, C, C)
+    copy; for Mixtral's down_proj that is 6.6 GB. ``block_fn`` runs one block; any
+    replacement must compute exactly what ``quantize_block`` computes (see gptq_graphs.py).
     """
-    W = W.float().clone()
-    H = H.float().clone()
+    W = W.float()
+    H = H.float() if overwrite_H else H.float().clone()
     B, R, C = W.shape
     dev = W.device
-    batch = torch.arange(B, device=dev)
 
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # (B, C)
-    H.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, C), a view into H
+    diag[diag == 0] = 1.0  # dead inputs: no error is spread through them
 
     width = spec.width(C)
     static = act_order or spec.group_size == -1
@@ -170,54 +208,56 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     else:
         scales = torch.empty(B, R, spec.groups(C), device=dev)
         zeros = torch.empty_like(scales)
+        # Each group's grid is found from its columns as they stand when the group starts,
+        # so no block may straddle a group start.
+        block_size = math.gcd(block_size, width)
 
     if act_order:
-        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # (B, C)
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # (B, C)
+        for b in range(B):  # H[b] = H[b][perm, perm], one matrix at a time
+            H[b].copy_(H[b].index_select(0, perm[b]))
+            H[b].copy_(H[b].index_select(1, perm[b]))
     else:
         perm = torch.arange(C, device=dev).expand(B, C)
-    W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))
-    H = H[batch[:, None, None], perm[:, :, None], perm[:, None, :]]
     group_of = perm // width  # (B, C): group of each permuted column
 
     Hinv, damp_used = damped_inverse_cholesky(H, damp)
-    Q = torch.zeros_like(W)
-    levels = torch.zeros_like(W)
+    W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))  # the working copy, in quantization order
+    levels = torch.empty(B, R, C, device=dev, dtype=torch.uint8)
     losses = torch.zeros(B, R, device=dev)
 
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
-        W1 = W[:, :, i1:i2]                 # a view: in-block updates land in W
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % width == 0:
-                g = col // width
-                scales[:, :, g], zeros[:, :, g] = find_params(W[:, :, col:col + width], spec)
-            g = group_of[:, col]                          # (B,)
-            s, z = scales[batch, :, g], zeros[batch, :, g]  # (B, R)
-            w = W1[:, :, i]                                 # (B, R)
-            d = Hinv1[:, i, i]                              # (B,)
-            lv = quantize_levels(w, s, z, spec.maxq)
-            q = s * (lv - z)
-            levels[:, :, col] = lv
-            Q[:, :, col] = q
-            losses += (w - q) ** 2 / d[:, None] ** 2 / 2
-            err = (w - q) / d[:, None]                       # (B, R)
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
-            Err1[:, :, i] = err
-        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+        if not static and i1 % width == 0:
+            g = i1 // width
+            scales[:, :, g], zeros[:, :, g] = find_params(W[:, :, i1:i1 + width], spec)
+        cols = group_of[:, None, i1:i2].expand(B, R, i2 - i1)  # each column's grid, gathered once per block
+        Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
+                        torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
+        losses += Err1.pow(2).sum(-1) / 2
+        _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
+    del W, Hinv, H
 
     inv = torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, C)
-    return QuantResult(
-        q=torch.gather(levels, 2, inv).to(torch.uint8),
-        scales=scales.half(),
-        zeros=zeros.to(torch.uint8),
-        g_idx=(torch.arange(C, device=dev) // width).int(),
-        W=torch.gather(Q, 2, inv),
-        loss=losses,
-        damp=damp_used,
-    )
+    q = torch.gather(levels, 2, inv)
+    del levels
+    g_idx = (torch.arange(C, device=dev) // width).int()
+    scales = scales.half()
+    zeros = zeros.to(torch.uint8)
+    Wq = torch.empty(B, R, C, device=dev)
+    for b in range(B):  # one matrix at a time bounds the temporaries
+        Wq[b] = dequantize(q[b], scales[b], zeros[b], g_idx)
+    return QuantResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, W=Wq, loss=losses, damp=damp_used)
+
+
+def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, max_elements: int = 1 << 26) -> None:
+    """W_rest (B, R, n) -= Err1 (B, R, k) @ Hinv_rest (B, k, n), in row slices so the product stays small."""
+    B, R, n = W_rest.shape
+    if n == 0:
+        return
+    rows = max(1, max_elements // (B * n))
+    for r in range(0, R, rows):
+        W_rest[:, r:r + rows] -= Err1[:, r:r + rows] @ Hinv_rest
 
 
 def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:

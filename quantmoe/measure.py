@@ -39,3 +39,64 @@ def stage(record: dict, name: str, interval: float = 0.05):
             "peak_rss_mb": round(peak[0] / 2**20, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         }
+
+
+class Stopwatch:
+    """Seconds per named stage, summed over every entry into it, and on CUDA the peak GPU
+    memory allocated inside each stage (MB).
+
+    On CUDA the device is synchronised at each boundary, so queued work is charged to the
+    stage that queued it rather than to whichever stage next waits for the device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.peak_gpu_mb: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                self.peak_gpu_mb[name] = round(max(peak, self.peak_gpu_mb.get(name, 0.0)), 1)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+class PeakRSS:
+    """This process's resident memory, sampled in a thread; ``take()`` gives the peak (MB) since the last take."""
+
+    def __init__(self, interval: float = 0.05):
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def take(self) -> float:
+        now = self.proc.memory_info().rss
+        peak, self.peak = max(self.peak, now), now
+        return round(peak / 2**20, 1)

@@ -54,9 +54,11 @@ def pack_linear(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bits: i
 
 
 def pack_result(result: QuantResult, bits: int) -> list[dict[str, Tensor]]:
-    """Pack each of the B matrices in a QuantResult."""
+    """Pack each of the B matrices in a QuantResult on the device it lies on (the int64
+    bit shuffling is cheap on a GPU, slow on the host at Mixtral size); the packed tensors come back on the CPU."""
     return [
-        pack_linear(result.q[b].cpu(), result.scales[b].cpu(), result.zeros[b].cpu(), result.g_idx.cpu(), bits)
+        {name: t.cpu() for name, t in pack_linear(result.q[b], result.scales[b], result.zeros[b], result.g_idx,
+                                                  bits).items()}
         for b in range(result.q.shape[0])
     ]
 

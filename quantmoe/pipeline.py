@@ -5,14 +5,19 @@ Files handed between stages live in a work folder beside ``--out``
 (``.<out>.quantmoe-work/``): ``calib.safetensors``, ``layers/layer-NNNNN.safetensors`` and
 ``.json`` per finished layer, and ``export/``, the staged output that is renamed to
 ``--out`` only once complete. A stopped run resumes from its finished layers (resume.py).
+
+While a layer is quantized, a background thread reads the next layer's tensors from the
+shards and another writes the previous layer's file, so disk time hides behind compute.
+Under torchrun the experts of each layer are spread over the processes (distributed.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from dataclasses import replace
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,11 +28,14 @@ from .calibration import calibration_tokens, read_documents, write_calibration
 from .checkpoint import Checkpoint
 from .config import QuantConfig
 from .defaults import CALIB_DATA, DEFAULT_MODEL, EVAL_DATA, default_seqlen
-from .errors import QuantMoeError
+from .distributed import Ranks, join
+from .errors import QuantMoeError, note
 from .evaluation import evaluate
 from .export import export_gptq, parse_size
 from .files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
-from .measure import stage
+from .gptq import quantize_block
+from .gptq_graphs import GraphedBlocks
+from .measure import PeakRSS, stage
 from .quantize_layer import LayerQuantizer
 from .report import model_card, render_markdown
 from .resume import fingerprint, fingerprint_parts, layer_file, open_work, read_layer_log, replay_layer, write_layer
@@ -97,23 +105,31 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
              calib: str | Path | None = None, nsamples: int | None = None, seqlen: int | None = None,
              seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
              run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int = 8,
-             quiet: bool = False, resume: bool = True) -> dict:
+             quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
+             cuda_graphs: bool = True, ranks: Ranks | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
     after a crash or Ctrl-C continues from the first unfinished layer and writes the same
     bytes as an uninterrupted run (``resume=False`` starts from scratch). Every input is
     checked before the work folder is touched.
+
+    ``tf32``: TF32 matrix products for Hessians and forward passes on CUDA (faster; changes
+    results by rounding only, see benchmarks/README.md). ``prefetch``: read the next layer
+    in a background thread. ``cuda_graphs``: replay GPTQ's column loop as CUDA graphs (the
+    same results, fewer launches). ``ranks``: this process's place under torchrun (default:
+    read from torchrun's environment variables; a single process without them).
     """
     from tqdm.auto import tqdm
 
+    ranks = ranks if ranks is not None else Ranks.from_env(os.environ)
+    quiet = quiet or not ranks.writes
     torch.manual_seed(seed)
     # Every input is checked, cheapest first, before the work folder (a resumable run) is touched.
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
     arch = architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
     shard_bytes = parse_size(max_shard_size)
-    dev = pick_device(device)
     ckpt.open_shards()
     notes = check_shapes(ckpt, arch, qcfg)
     tokenizer = ckpt.tokenizer()
@@ -123,33 +139,71 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                                              nsamples, seqlen, seed, default_seqlen(ckpt.config))
     if run_eval:
         read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
+    dev = join(ranks, pick_device(device))  # a no-op for a single process
     stream = LayerStream(ckpt, dev)
+    n = stream.num_layers
 
-    parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size)
+    parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size, tf32)
     fp = fingerprint(parts)
     work = work_dir(out)
-    done = open_work(work, parts, stream.num_layers, resume)
-    write_calibration(work / "calib.safetensors", ids, calib_meta)
+    if ranks.world > 1 and resume:
+        resume = False  # every process would have to agree on where to resume; start over instead
+        if ranks.writes:
+            note("resume is not supported under torchrun yet; starting from the first layer")
+    done = open_work(work, parts, n, resume) if ranks.writes else 0
+    if ranks.writes:
+        write_calibration(work / "calib.safetensors", ids, calib_meta)
 
     layers_log, layer_files = [], []
-    with stage(stages, "quantize"):
-        batches = stream.embed(ids, batch_size) if done < stream.num_layers else []
-        for i in tqdm(range(stream.num_layers), desc="quantize", unit="layer", disable=quiet):
-            if i < done:
-                file = layer_file(work, i)
-                layers_log.append(read_layer_log(work, i, fp))
-                if done < stream.num_layers:
-                    batches = replay_layer(stream, i, file, qcfg.bits, batches)
-            else:
-                t0 = time.perf_counter()
-                result = LayerQuantizer(stream, i, batches, qcfg).run()
-                batches = result.outputs
-                entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3),
-                         "expert_tokens": result.expert_tokens, "modules": result.log}
-                file = write_layer(work, i, result.tensors, entry, fp)
-                layers_log.append(entry)
-            layer_files.append(file)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
+    with stage(stages, "quantize"), PeakRSS() as rss, reader, writer:
+        batches = stream.embed(ids, batch_size) if done < n else []
+        for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
+            layers_log.append(read_layer_log(work, i, fp))
+            layer_files.append(layer_file(work, i))
+            if done < n:
+                batches = replay_layer(stream, i, layer_files[-1], qcfg.bits, batches)
+        peak_gpu = _gpu_peak(dev, reset=True) or 0.0
+        next_state: Future | None = reader.submit(stream.layer_state, done, True) if prefetch and done < n else None
+        written: Future | None = None
+        block_fn = GraphedBlocks() if cuda_graphs and dev.type == "cuda" else quantize_block
+        for i in tqdm(range(done, n), desc="quantize", unit="layer", disable=quiet, initial=done, total=n):
+            t0 = time.perf_counter()
+            _gpu_peak(dev, reset=True)
+            state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
+            waited = time.perf_counter() - t0
+            next_state = reader.submit(stream.layer_state, i + 1, True) if prefetch and i + 1 < n else None
+            quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn)
+            del state  # on the device now; host memory holds only the layer being prefetched
+            result = quantizer.run()
+            del quantizer
+            batches = result.outputs
+            timings = {**result.timings, "load": round(waited + result.timings.get("load", 0.0), 3)}
+            if ranks.writes:
+                w0 = time.perf_counter()
+                if written is not None:
+                    written.result()  # one layer file in flight at a time bounds host memory
+                timings["write"] = round(timings.get("write", 0.0) + time.perf_counter() - w0, 3)
+            layer_peak = _gpu_peak(dev)
+            if layer_peak is not None:
+                layer_peak = max(layer_peak, *result.peak_gpu_mb.values())
+                peak_gpu = max(peak_gpu, layer_peak)
+            entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3), "timings": timings,
+                     "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb, "peak_rss_mb": rss.take(),
+                     "expert_tokens": result.expert_tokens, "modules": result.log}
+            if ranks.writes:
+                written = writer.submit(write_layer, work, i, result.tensors, entry, fp)
+            layers_log.append(entry)
+            layer_files.append(layer_file(work, i))
+            del result
         del batches
+        if written is not None:
+            written.result()
+    if dev.type == "cuda":
+        stages["quantize"]["peak_gpu_mb"] = round(max(peak_gpu, stages["quantize"]["peak_gpu_mb"] or 0), 1)
+    if not ranks.writes:
+        return {"out": str(out), "report": None, "stages": stages, "fallbacks": [], "notes": notes, "rank": ranks.rank}
 
     staging = work / "export"
     shutil.rmtree(staging, ignore_errors=True)  # a half-written export of an earlier, stopped run
@@ -160,7 +214,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         fallbacks = [{"module": m["module"], "fallback": m["fallback"]}
                      for e in layers_log for m in e["modules"] if m["fallback"]]
         options = {**qcfg.to_dict(), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed,
-                   "device": str(dev), "max_shard_size": shard_bytes}
+                   "device": str(dev), "max_shard_size": shard_bytes, "tf32": tf32, "processes": ranks.world,
+                   "batch_size": batch_size}
         atomic_write_json(staging / "quantization_log.json", {
             "base_model": str(ckpt.path), "options": options, "calibration": calib_meta, "notes": notes,
             "fallbacks": fallbacks, "layers": layers_log})
@@ -189,4 +244,14 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes}
+    return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes, "rank": 0}
+
+
+def _gpu_peak(dev: torch.device, reset: bool = False) -> float | None:
+    """Peak GPU memory allocated (MB) since the last reset; None on CPU."""
+    if dev.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(dev)
+    return peak

@@ -4,12 +4,20 @@ Order inside a layer (true-sequential): q/k/v share one Hessian; o_proj sees the
 quantized q/k/v; every expert's gate and up share one Hessian built from exactly the
 tokens the original router sends it; its down_proj's Hessian comes from the quantized
 gate/up outputs of those tokens. Experts of a layer are solved together in one batch.
+
+Activations are streamed batch by batch from the capture hook, never concatenated: the
+input of the MoE block is captured once for the gate/up Hessians and again, once gate/up
+are quantized, for the down Hessians. The second partial forward pass costs less than
+keeping a (tokens, hidden) fp32 copy on the device (4.3 GB for 128 x 2048 tokens of
+Mixtral). With several processes each solves only its share of the experts
+(distributed.py). Time per stage is recorded in ``LayerResult.timings``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +25,9 @@ from torch import Tensor, nn
 
 from .architectures import MLP, LayerPlan, plan_layer
 from .config import QuantConfig
-from .gptq import QuantResult, QuantSpec, accumulate_hessian, gptq_quantize, rtn_quantize
+from .distributed import SINGLE, Ranks, gather_result
+from .gptq import QuantResult, QuantSpec, accumulate_hessian, gptq_quantize, quantize_block, rtn_quantize
+from .measure import Stopwatch
 from .packing import pack_result
 from .stream import Batch, LayerStream
 
@@ -26,30 +36,24 @@ TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound tempor
 
 @dataclass
 class LayerResult:
-    tensors: dict[str, Tensor]                        # packed GPTQ tensors under full on-disk names
+    tensors: dict[str, Tensor]                        # packed GPTQ tensors under full on-disk names (rank 0 only)
     log: list[dict] = field(default_factory=list)     # one entry per quantized module
     expert_tokens: list[int] = field(default_factory=list)
     outputs: list[Batch] = field(default_factory=list)  # the next layer's inputs
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load, capture, hessians, solve, forward, write
+    peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per stage, on CUDA
 
 
 def spec_of(qcfg: QuantConfig) -> QuantSpec:
     return QuantSpec(bits=qcfg.bits, group_size=qcfg.group_size, sym=qcfg.sym)
 
 
-def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig) -> QuantResult:
+def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
+          block_fn=quantize_block) -> QuantResult:
     """W (B, R, C) with Hessians H (B, C, C); RTN when the backend is rtn or there is no Hessian."""
     if qcfg.backend == "rtn" or H is None:
         return rtn_quantize(W, spec_of(qcfg))
-    return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size)
-
-
-def hessian(chunks: Iterable[Tensor], columns: int, device) -> tuple[Tensor, int]:
-    """2/n X^T X over row chunks of X, in fp32."""
-    H = torch.zeros(columns, columns, device=device)
-    n = 0
-    for X in chunks:
-        H, n = accumulate_hessian(H, X, n)
-    return H, n
+    return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -63,10 +67,34 @@ def mlp_hidden(X: Tensor, Wg: Tensor, Wu: Tensor, act) -> Iterable[Tensor]:
         yield act(x @ Wg.t()) * (x @ Wu.t())
 
 
-def _log(name: str, kind: str, res: QuantResult, b: int, W: Tensor, tokens: int, seconds: float,
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """Let fp32 matrix products inside the block run as TF32 on CUDA (inputs rounded to a
+    10-bit mantissa, fp32 accumulation). Used for Hessians and forward passes only, never
+    inside the GPTQ solve; see benchmarks/README.md for what it changes."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; mixing it with allow_tf32 is an error
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
+def _log(name: str, kind: str, res: QuantResult, b: int, shape, tokens: int, seconds: float,
          fallback: str | None = None) -> dict:
     return {
-        "module": name, "kind": kind, "shape": list(W.shape[-2:]), "tokens": int(tokens),
+        "module": name, "kind": kind, "shape": list(shape[-2:]), "tokens": int(tokens),
         "loss": float(res.loss[b].sum()), "damp": float(res.damp[b]), "fallback": fallback,
         "seconds": round(seconds, 4),
     }
@@ -75,57 +103,89 @@ def _log(name: str, kind: str, res: QuantResult, b: int, W: Tensor, tokens: int,
 class LayerQuantizer:
     """Holds one materialised layer and writes quantized weights back into it as it goes."""
 
-    def __init__(self, stream: LayerStream, index: int, batches: list[Batch], qcfg: QuantConfig):
+    def __init__(self, stream: LayerStream, index: int, batches: list[Batch], qcfg: QuantConfig,
+                 state: dict[str, Tensor] | None = None, ranks: Ranks = SINGLE, tf32: bool = False,
+                 block_fn=quantize_block):
+        """``state``: the layer's tensors if already read (by a prefetching thread), else read here.
+        ``block_fn``: how GPTQ runs a block of columns (gptq_graphs.GraphedBlocks on CUDA)."""
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
+        self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
+        self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
         self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
-        self.state = stream.layer_state(index)
-        self.layer: nn.Module = stream.load_layer(index, self.state)
+        with self.clock("load"):
+            if state is None:
+                state = stream.layer_state(index, keep_dtype=True)
+            self.layer: nn.Module = stream.load_layer(index, state)
+        del state
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={})
 
     # -- bookkeeping ----------------------------------------------------------------
+    @contextmanager
+    def _stage(self, name: str):
+        """Time a stage; forward passes and Hessians may use TF32, the solve never does."""
+        with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")):
+            yield
+
+    def _captured(self, module_path: str) -> Iterator[Tensor]:
+        """The input of ``layer.<module_path>``, batch by batch, (tokens, features); its forward passes timed as capture."""
+        batches = self.stream.capture(self.layer, self.batches, module_path)
+        while True:
+            with self._stage("capture"):
+                x = next(batches, None)
+            if x is None:
+                return
+            yield x
+
     def _store(self, names: list[str], res: QuantResult) -> None:
-        for name, packed in zip(names, pack_result(res, self.qcfg.bits)):
-            for suffix, t in packed.items():
-                self.result.tensors[f"{self.prefix}{name}.{suffix}"] = t
+        if not self.ranks.writes:
+            return
+        with self.clock("write"):
+            for name, packed in zip(names, pack_result(res, self.qcfg.bits)):
+                for suffix, t in packed.items():
+                    self.result.tensors[f"{self.prefix}{name}.{suffix}"] = t
+
+    def _linear(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(self.arch.to_memory(name))
 
     def _set_linear(self, name: str, W: Tensor) -> None:
-        self.layer.get_submodule(self.arch.to_memory(name)).weight.data.copy_(W)
+        self._linear(name).weight.data.copy_(W)
 
     # -- attention ------------------------------------------------------------------
     def attention(self) -> None:
         for group in self.plan.attention:
             t0 = time.perf_counter()
-            first = self.arch.to_memory(group[0])
-            columns = self.state[f"{group[0]}.weight"].shape[1]
-            H = None
-            n = 0
-            if self.qcfg.backend != "rtn":
-                H, n = hessian(self.stream.capture(self.layer, self.batches, first), columns, self.stream.device)
-                H = H[None]
-            Ws = [self.state[f"{name}.weight"].to(self.stream.device) for name in group]
             # Rows are independent in GPTQ, so linears sharing an input are solved as one matrix.
-            res = solve(torch.cat(Ws)[None], H, self.qcfg)
-            rows = [W.shape[0] for W in Ws]
+            W = torch.cat([self._linear(name).weight.data for name in group])  # the original weights, copied
+            rows = [self._linear(name).weight.shape[0] for name in group]
+            H, n = None, 0
+            if self.qcfg.backend != "rtn":
+                H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
+                for x in self._captured(self.arch.to_memory(group[0])):
+                    with self._stage("hessians"):
+                        H, n = accumulate_hessian(H, x, n)
+                H = H[None]
+            with self._stage("solve"):
+                res = solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn)
+            del H
             parts = _split_rows(res, rows)
             seconds = time.perf_counter() - t0
-            for name, part, W in zip(group, parts, Ws):
+            for name, part, r in zip(group, parts, rows):
                 self._set_linear(name, part.W[0])
                 self._store([name], part)
-                self.result.log.append(_log(self.prefix + name, "attention", part, 0, W, n, seconds / len(group)))
+                self.result.log.append(_log(self.prefix + name, "attention", part, 0, (r, W.shape[1]), n,
+                                            seconds / len(group)))
 
     # -- MLPs -----------------------------------------------------------------------
     def mlps(self) -> None:
         plan, arch = self.plan, self.arch
         if plan.experts is not None:
-            X = torch.cat(list(self.stream.capture(self.layer, self.batches, arch.moe_module)))  # (T, H)
-            self.experts(X)
+            self.experts()
             if plan.shared_expert is not None:
-                self.dense(plan.shared_expert, X, "shared_expert")
+                self.dense(plan.shared_expert, arch.moe_module, "shared_expert")
         if plan.dense_mlp is not None:
-            X = torch.cat(list(self.stream.capture(self.layer, self.batches, arch.to_memory(plan.dense_mlp.prefix))))
-            self.dense(plan.dense_mlp, X, "dense_mlp")
+            self.dense(plan.dense_mlp, arch.to_memory(plan.dense_mlp.prefix), "dense_mlp")
 
     def route(self, X: Tensor) -> list[Tensor]:
         """Token indices the original router sends to each expert (top-k, as in the forward pass)."""
@@ -140,92 +200,141 @@ class LayerQuantizer:
     def rare_threshold(self, columns: int, inner: int) -> int:
         return self.qcfg.rare_expert_tokens or max(columns, inner)
 
-    def experts(self, X: Tensor) -> None:
-        """All routed experts of the layer, solved as one batch."""
-        qcfg, arch, mlp = self.qcfg, self.arch, self.plan.experts
+    def experts(self) -> None:
+        """All routed experts of the layer (this process's share of them), solved as one batch."""
+        qcfg, arch, mlp, ranks = self.qcfg, self.arch, self.plan.experts, self.ranks
         E = self.plan.num_experts
+        own = ranks.share(E)
+        mine = slice(own.start, own.stop)
         fused = self.layer.get_submodule(arch.experts_module)
         act = fused.act_fn
-        gate_up = fused.gate_up_proj.data  # (E, 2I, H)
-        I = gate_up.shape[1] // 2
-        C = X.shape[1]
-        dev = X.device
+        _, I2, C = fused.gate_up_proj.shape  # (E, 2I, H)
+        I = I2 // 2
+        dev = fused.gate_up_proj.device
+        gptq = qcfg.backend != "rtn"
+        blend = gptq and qcfg.rare_expert != "rtn"
         t0 = time.perf_counter()
-        tokens = self.route(X)
-        counts = [int(t.numel()) for t in tokens]
+
+        # Pass 1: route every token; the gate/up Hessians of this process's experts, and the
+        # all-token Hessian that rare experts blend in.
+        counts = [0] * E
+        H_gu = torch.zeros(len(own), C, C, device=dev) if gptq else None
+        n_gu = [0] * len(own)
+        H_all = torch.zeros(C, C, device=dev) if blend else None
+        n_all = 0
+        for x in self._captured(arch.moe_module):
+            with self._stage("hessians"):
+                tokens = self.route(x)
+                counts = [c + int(t.numel()) for c, t in zip(counts, tokens)]
+                if gptq:
+                    for j, e in enumerate(own):
+                        _, n_gu[j] = accumulate_hessian(H_gu[j], x[tokens[e]], n_gu[j])
+                if blend:
+                    _, n_all = accumulate_hessian(H_all, x, n_all)
         self.result.expert_tokens = counts
         threshold = self.rare_threshold(C, I)
-        rare = [e for e in range(E) if counts[e] < threshold]
-        fallback = {e: self._fallback_note(counts[e], threshold) for e in rare}
-        use_rtn = qcfg.backend == "rtn"
+        rare = [j for j, e in enumerate(own) if counts[e] < threshold]
+        fallback = {e: self._fallback_note(counts[e], threshold) for e in range(E) if counts[e] < threshold}
+        if blend:
+            for j in rare:
+                H_gu[j] = _blend(H_gu[j], H_all, counts[own[j]], threshold, qcfg.rare_expert)
+        del H_all
 
-        H_gu = None
-        if not use_rtn:
-            H_gu = torch.stack([hessian(_chunks(X[tokens[e]]), C, dev)[0] for e in range(E)])
-            if rare and qcfg.rare_expert != "rtn":
-                H_all = hessian(_chunks(X), C, dev)[0]
-                for e in rare:
-                    H_gu[e] = _blend(H_gu[e], H_all, counts[e], threshold, qcfg.rare_expert)
-        res_gu = solve(gate_up, H_gu, qcfg)
-        if not use_rtn and rare and qcfg.rare_expert == "rtn":
-            res_gu = _replace(res_gu, rtn_quantize(gate_up[rare], spec_of(qcfg)), rare)
+        with self._stage("solve"):
+            res_gu = solve(fused.gate_up_proj.data[mine], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            if gptq and rare and qcfg.rare_expert == "rtn":
+                res_gu = _replace(res_gu, rtn_quantize(fused.gate_up_proj.data[mine][rare], spec_of(qcfg)), rare)
+            del H_gu
+            res_gu = gather_result(res_gu, E, ranks)
+        originals = None if qcfg.true_sequential else fused.gate_up_proj.data[mine].clone()
+        fused.gate_up_proj.data.copy_(res_gu.W)
+        res_gu.W = None  # the layer holds the weights now; packing needs only levels, scales and zeros
         t1 = time.perf_counter()
+        log_gu = {}
+        for name_of, part in zip(("gate", "up"), _split_rows(res_gu, [I, I])):
+            for e in range(E):
+                self._store([mlp.linear(name_of, e)], _select(part, e))
+                log_gu[name_of, e] = _log(self.prefix + mlp.linear(name_of, e), "expert", part, e, (I, C), counts[e],
+                                          (t1 - t0) / E / 2, fallback.get(e))
+        del res_gu, part  # the levels are packed; what follows needs room for the down Hessians
 
-        orig_gate, orig_up = gate_up[:, :I], gate_up[:, I:]
-        Wq = res_gu.W  # (E, 2I, H)
-        fused.gate_up_proj.data.copy_(Wq)
-        Wg, Wu = (Wq[:, :I], Wq[:, I:]) if qcfg.true_sequential else (orig_gate, orig_up)
-        down = fused.down_proj.data  # (E, H, I)
+        # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens.
         H_d = None
-        if not use_rtn:
-            H_d = torch.stack([
-                hessian(mlp_hidden(X[tokens[e]], Wg[e], Wu[e], act), I, dev)[0] for e in range(E)
-            ])
-            if qcfg.rare_expert != "rtn":
-                for e in rare:
-                    H_all = hessian(mlp_hidden(X, Wg[e], Wu[e], act), I, dev)[0]
-                    H_d[e] = _blend(H_d[e], H_all, counts[e], threshold, qcfg.rare_expert)
-        res_d = solve(down, H_d, qcfg)
-        if not use_rtn and rare and qcfg.rare_expert == "rtn":
-            res_d = _replace(res_d, rtn_quantize(down[rare], spec_of(qcfg)), rare)
+        if gptq:
+            src = originals if originals is not None else fused.gate_up_proj.data[mine]
+            Wg, Wu = src[:, :I], src[:, I:]
+            H_d = torch.zeros(len(own), I, I, device=dev)
+            n_d = [0] * len(own)
+            H_all_d = {j: torch.zeros(I, I, device=dev) for j in rare} if blend else {}
+            n_all_d = dict.fromkeys(H_all_d, 0)
+            for x in self._captured(arch.moe_module):
+                with self._stage("hessians"):
+                    tokens = self.route(x)
+                    for j, e in enumerate(own):
+                        for h in mlp_hidden(x[tokens[e]], Wg[j], Wu[j], act):
+                            _, n_d[j] = accumulate_hessian(H_d[j], h, n_d[j])
+                        if j in H_all_d:
+                            for h in mlp_hidden(x, Wg[j], Wu[j], act):
+                                _, n_all_d[j] = accumulate_hessian(H_all_d[j], h, n_all_d[j])
+            for j, H_all_j in H_all_d.items():
+                H_d[j] = _blend(H_d[j], H_all_j, counts[own[j]], threshold, qcfg.rare_expert)
+            del H_all_d, originals
+        with self._stage("solve"):
+            res_d = solve(fused.down_proj.data[mine], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            if gptq and rare and qcfg.rare_expert == "rtn":
+                res_d = _replace(res_d, rtn_quantize(fused.down_proj.data[mine][rare], spec_of(qcfg)), rare)
+            del H_d
+            res_d = gather_result(res_d, E, ranks)
         fused.down_proj.data.copy_(res_d.W)
+        res_d.W = None
         t2 = time.perf_counter()
-
-        parts_gu = _split_rows(res_gu, [I, I])
         for e in range(E):
-            names = [mlp.linear(w, e) for w in ("gate", "up", "down")]
-            for name, part, W, secs in ((names[0], parts_gu[0], orig_gate, (t1 - t0) / E / 2),
-                                        (names[1], parts_gu[1], orig_up, (t1 - t0) / E / 2),
-                                        (names[2], res_d, down, (t2 - t1) / E)):
-                self._store([name], _select(part, e))
-                self.result.log.append(_log(self.prefix + name, "expert", part, e, W[e], counts[e], secs,
-                                            fallback.get(e)))
+            self._store([mlp.linear("down", e)], _select(res_d, e))
 
-    def dense(self, mlp: MLP, X: Tensor, kind: str) -> None:
-        """A gated MLP fed every token: a shared expert or a dense layer's MLP."""
+        for e in range(E):
+            self.result.log += [log_gu["gate", e], log_gu["up", e],
+                                _log(self.prefix + mlp.linear("down", e), "expert", res_d, e, (C, I), counts[e],
+                                     (t2 - t1) / E, fallback.get(e))]
+
+    def dense(self, mlp: MLP, module_path: str, kind: str) -> None:
+        """A gated MLP fed every token entering ``module_path``: a shared expert or a dense layer's MLP."""
         qcfg = self.qcfg
         module = self.layer.get_submodule(self.arch.to_memory(mlp.prefix))
         names = [mlp.linear(w) for w in ("gate", "up", "down")]
-        Wg, Wu, Wd = (self.state[f"{n}.weight"].to(X.device) for n in names)
-        C, I = X.shape[1], Wg.shape[0]
+        Wg, Wu, Wd = (self._linear(n).weight.data.clone() for n in names)  # originals, kept
+        C, I = Wg.shape[1], Wg.shape[0]
+        gptq = qcfg.backend != "rtn"
         t0 = time.perf_counter()
-        H_gu = None if qcfg.backend == "rtn" else hessian(_chunks(X), C, X.device)[0][None]
-        res_gu = solve(torch.cat([Wg, Wu])[None], H_gu, qcfg)
+        H_gu, n = None, 0
+        if gptq:
+            H_gu = torch.zeros(C, C, device=Wg.device)
+            for x in self._captured(module_path):
+                with self._stage("hessians"):
+                    H_gu, n = accumulate_hessian(H_gu, x, n)
+            H_gu = H_gu[None]
+        with self._stage("solve"):
+            res_gu = solve(torch.cat([Wg, Wu])[None], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn)
         gq, uq = _split_rows(res_gu, [I, I])
         self._set_linear(names[0], gq.W[0])
         self._set_linear(names[1], uq.W[0])
         t1 = time.perf_counter()
         src_g, src_u = (gq.W[0], uq.W[0]) if qcfg.true_sequential else (Wg, Wu)
         H_d = None
-        if qcfg.backend != "rtn":
-            H_d = hessian(mlp_hidden(X, src_g, src_u, module.act_fn), I, X.device)[0][None]
-        res_d = solve(Wd[None], H_d, qcfg)
+        if gptq:
+            H_d, n_d = torch.zeros(I, I, device=Wg.device), 0
+            for x in self._captured(module_path):
+                with self._stage("hessians"):
+                    for h in mlp_hidden(x, src_g, src_u, module.act_fn):
+                        H_d, n_d = accumulate_hessian(H_d, h, n_d)
+            H_d = H_d[None]
+        with self._stage("solve"):
+            res_d = solve(Wd[None], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn)
         self._set_linear(names[2], res_d.W[0])
         t2 = time.perf_counter()
         for name, part, W, secs in ((names[0], gq, Wg, (t1 - t0) / 2), (names[1], uq, Wu, (t1 - t0) / 2),
                                     (names[2], res_d, Wd, t2 - t1)):
             self._store([name], part)
-            self.result.log.append(_log(self.prefix + name, kind, part, 0, W, X.shape[0], secs))
+            self.result.log.append(_log(self.prefix + name, kind, part, 0, W.shape, n, secs))
 
     def _fallback_note(self, count: int, threshold: int) -> str:
         policy = self.qcfg.rare_expert
@@ -238,8 +347,11 @@ class LayerQuantizer:
     def run(self) -> LayerResult:
         self.attention()
         self.mlps()
-        self.result.outputs = self.stream.run_layer(self.layer, self.batches)
+        with self._stage("forward"):
+            self.result.outputs = self.stream.run_layer(self.layer, self.batches)
         self.stream.release_layer(self.index)
+        self.result.timings = self.clock.rounded()
+        self.result.peak_gpu_mb = dict(self.clock.peak_gpu_mb)
         return self.result
 
 
@@ -257,14 +369,14 @@ def _split_rows(res: QuantResult, rows: list[int]) -> list[QuantResult]:
     for r in rows:
         sl = slice(start, start + r)
         out.append(QuantResult(q=res.q[:, sl], scales=res.scales[:, sl], zeros=res.zeros[:, sl], g_idx=res.g_idx,
-                               W=res.W[:, sl], loss=res.loss[:, sl], damp=res.damp))
+                               W=None if res.W is None else res.W[:, sl], loss=res.loss[:, sl], damp=res.damp))
         start += r
     return out
 
 
 def _select(res: QuantResult, b: int) -> QuantResult:
     return QuantResult(q=res.q[b:b + 1], scales=res.scales[b:b + 1], zeros=res.zeros[b:b + 1], g_idx=res.g_idx,
-                       W=res.W[b:b + 1], loss=res.loss[b:b + 1], damp=res.damp[b:b + 1])
+                       W=None if res.W is None else res.W[b:b + 1], loss=res.loss[b:b + 1], damp=res.damp[b:b + 1])
 
 
 def _replace(res: QuantResult, sub: QuantResult, idx: list[int]) -> QuantResult:

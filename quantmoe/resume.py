@@ -51,13 +51,13 @@ def hash_tokens(ids: Tensor) -> str:
 
 
 def fingerprint_parts(ckpt: Checkpoint, ids: Tensor, qcfg: QuantConfig, seed: int, device: torch.device,
-                      batch_size: int) -> dict[str, str]:
+                      batch_size: int, tf32: bool = False) -> dict[str, str]:
     """One hash per input a layer's result depends on.
 
     The source checkpoint is identified by its config and its shards' names and sizes
     (hashing hundreds of GB would take longer than a layer). The device type and the
-    batch size are included because they change the floating-point summation order,
-    hence the bytes.
+    batch size (and TF32) are included because they change the floating-point summation
+    order, hence the bytes.
     """
     import transformers
 
@@ -67,7 +67,7 @@ def fingerprint_parts(ckpt: Checkpoint, ids: Tensor, qcfg: QuantConfig, seed: in
         "calibration": hash_tokens(ids),
         "options": hash_json(qcfg.to_dict()),
         "seed": str(seed),
-        "run": hash_json({"device": device.type, "batch_size": batch_size}),
+        "run": hash_json({"device": device.type, "batch_size": batch_size, "tf32": tf32}),
         "versions": hash_json({"quantmoe": __version__, "torch": torch.__version__,
                                "transformers": transformers.__version__}),
     }

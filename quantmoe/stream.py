@@ -109,17 +109,27 @@ class LayerStream:
         return grabbed
 
     # -- decoder layers ------------------------------------------------------------
-    def layer_state(self, index: int) -> dict[str, Tensor]:
-        """Layer ``index``'s tensors under source on-disk names relative to the layer."""
-        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), self.dtype)
+    def layer_state(self, index: int, keep_dtype: bool = False) -> dict[str, Tensor]:
+        """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory.
+
+        ``keep_dtype`` leaves them as stored (bf16 for most checkpoints: half the bytes to
+        read and to copy to the device, where ``load_layer`` converts them). Safe to call
+        from a background thread while another layer is being worked on.
+        """
+        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype)
         if ((self.ckpt.quantization or {}).get("meta") or {}).get("layout") == "gptqmodel":
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         return state
 
     def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
-        """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does)."""
+        """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
+
+        Tensors are moved to the device first, so stacking the experts and converting to
+        the stream's dtype run there rather than on the host.
+        """
         layer = self.model.model.layers[index]
         layer.to_empty(device=self.device)
+        state = {name: t.to(self.device, non_blocking=True) for name, t in state.items()}
         missing = layer.load_state_dict(self.to_memory(index, state), strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise QuantMoeError(

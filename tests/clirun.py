@@ -55,9 +55,12 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+MEASUREMENTS = {"seconds", "timings", "peak_gpu_mb", "stage_peak_gpu_mb", "peak_rss_mb"}  # vary run to run
+
+
 def _without_timings(obj):
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
+        return {k: _without_timings(v) for k, v in obj.items() if k not in MEASUREMENTS}
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj

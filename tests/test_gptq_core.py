@@ -80,3 +80,42 @@ def test_hessian_accumulates_as_a_mean():
         H, n = accumulate_hessian(H, chunk, n)
     assert n == 100
     assert torch.allclose(H, 2 * X.T @ X / 100, atol=1e-5)
+
+
+def test_inverse_factor_matches_cholesky_of_the_inverse():
+    """U from the reversed factorisation is the upper Cholesky factor of (H + damp)^-1 (float64 reference)."""
+    from quantmoe.gptq import damped_inverse_cholesky
+
+    X = correlated_inputs(T=512, C=96).double()
+    H = (2 * X.T @ X / 512)[None].repeat(2, 1, 1)
+    H[1] *= 3
+    damp = 0.01
+    reference = torch.stack([
+        torch.linalg.cholesky(torch.linalg.inv(h + damp * torch.diagonal(h).mean() * torch.eye(96, dtype=h.dtype)),
+                              upper=True) for h in H])
+    U, used = damped_inverse_cholesky(H.clone(), damp)
+    assert torch.allclose(U, reference, rtol=1e-8, atol=1e-10)
+    assert torch.equal(U, U.triu()) and torch.equal(used, torch.full((2,), damp, dtype=H.dtype))
+
+
+def test_overwrite_H_gives_the_same_result_and_consumes_H():
+    X = correlated_inputs()
+    H = hessian_of(X).expand(2, 128, 128).contiguous()
+    W = torch.randn(2, 64, 128)
+    kept = gptq_quantize(W, H, QuantSpec(4, 32, True))
+    H_copy = H.clone()
+    handed_over = gptq_quantize(W, H_copy, QuantSpec(4, 32, True), overwrite_H=True)
+    assert torch.equal(kept.q, handed_over.q) and torch.equal(kept.W, handed_over.W)
+    assert not torch.equal(H_copy, H)  # it now holds the inverse factor
+
+
+def test_tf32_context_restores_the_matmul_precision():
+    from quantmoe.quantize_layer import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with tf32_matmuls(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with tf32_matmuls(False):
+        assert matmul.fp32_precision == before

@@ -140,7 +140,7 @@ def test_export_dequantizes_to_exactly_the_gptq_result(tiny_model, text_file, mo
     for name in {n.rsplit(".", 1)[0] for n in packed}:
         parts = {s: packed[f"{name}.{s}"] for s in GPTQ_SUFFIXES}
         weights[name[len(prefix):] + ".weight"] = dequantize_linear(parts, 4)
-    state = {**lq.state, **weights}
+    state = {**stream.layer_state(index), **weights}
     expected = stream.to_memory(index, state)
     for key, value in memory.items():
         assert torch.equal(value, expected[key].to(value.dtype)), key

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU measurements behind benchmarks/README.md, in one go (one device lease):
+#   bash benchmarks/gpu_suite.sh OUT_DIR [BASELINE_TREE]
+# BASELINE_TREE is a checkout of the code before the speed-ups (its quantmoe/ is run as is).
+# STEPS picks and orders the steps (default: all but new-tf32-2L); OPTS are extra
+# `quantmoe quantize` options for this tree's runs (e.g. "--batch-size 4").
+# Steps are independent: one failing or timing out does not stop the rest.
+# SHAPE=REDUCED EXTRA=--reduced runs the same steps at reduced size on CPU (a dry run of this script).
+set -u
+OUT=${1:?usage: gpu_suite.sh OUT_DIR [BASELINE_TREE]}
+BASE=${2:-}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+W=/tmp/quantmoe-scale
+R=$OUT/results
+mkdir -p "$R" "$W"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+SHAPE=${SHAPE:-MIXTRAL_8X7B}
+EXTRA=${EXTRA:-}
+OPTS=${OPTS:-}
+STEPS=${STEPS:-"new-tf32-4L new-fp32-2L baseline-1L compare solve"}
+PY=${PYTHON:-python3}
+BENCH=($PY "$HERE/benchmarks/scale.py" --work "$W" --results "$R" $EXTRA)
+step() { echo "=== $(date +%T) $*"; }
+
+step gpu; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+step checkpoint
+$PY - "$HERE" "$W" "$SHAPE" <<'PYEOF'
+import sys, time
+sys.path.insert(0, sys.argv[1] + "/benchmarks"); sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import scale
+t0 = time.time()
+src = scale.make_checkpoint(Path(sys.argv[2]) / "mixtral-4L", getattr(scale, sys.argv[3]), 4)
+for n in (1, 2):
+    scale.make_view(src, Path(sys.argv[2]) / f"mixtral-{n}L", n)
+print(f"checkpoint written in {time.time() - t0:.1f}s")
+PYEOF
+for s in $STEPS; do
+    step "$s"
+    case $s in
+    gputests) (cd "$HERE" && timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py) ;;
+    new-tf32-4L) timeout 260 "${BENCH[@]}" --model "$W/mixtral-4L" --name gpu-new-tf32-4L --keep --timeout 230 --tf32 $OPTS ;;
+    new-tf32-2L) timeout 200 "${BENCH[@]}" --model "$W/mixtral-2L" --name gpu-new-tf32-2L --timeout 180 --tf32 $OPTS ;;
+    new-fp32-2L) timeout 200 "${BENCH[@]}" --model "$W/mixtral-2L" --name gpu-new-fp32-2L --keep --timeout 180 $OPTS ;;
+    baseline-1L) [ -n "$BASE" ] && timeout 200 "${BENCH[@]}" --model "$W/mixtral-1L" --name gpu-baseline-1L --keep \
+                     --quantmoe "$BASE" --timeout 180 ;;
+    compare)
+        [ -n "$BASE" ] && timeout 90 "${BENCH[@]}" --compare "$W/out-gpu-baseline-1L" "$W/out-gpu-new-fp32-2L" \
+            --model "$W/mixtral-2L" --name compare-baseline-vs-new-fp32
+        timeout 90 "${BENCH[@]}" --compare "$W/out-gpu-new-fp32-2L" "$W/out-gpu-new-tf32-4L" --model "$W/mixtral-2L" \
+            --name compare-fp32-vs-tf32 ;;
+    solve) [ -z "$EXTRA" ] && timeout 120 "${BENCH[@]}" --solve-bench ${BASE:+--baseline "$BASE"} --name gpu-solve-bench ;;
+    esac
+done
+step done
+ls -la "$R"

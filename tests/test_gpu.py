@@ -1,0 +1,58 @@
+"""CUDA-only speed-ups, checked against the plain path: CUDA graphs must give the same
+bits, TF32 must change results by rounding only. Skipped without a GPU (conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantmoe.gptq import QuantSpec, accumulate_hessian, gptq_quantize
+from quantmoe.gptq_graphs import GraphedBlocks
+from quantmoe.quantize_layer import tf32_matmuls
+
+
+def inputs(T, C, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    X = torch.randn(T, C, device=device, generator=g)
+    return X + 0.5 * X.roll(1, dims=1)  # correlated columns, as activations are
+
+
+def hessian(X):
+    H, _ = accumulate_hessian(torch.zeros(X.shape[1], X.shape[1], device=X.device), X, 0)
+    return H
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_order,group_size", [(True, 128), (False, 64), (True, -1)])
+def test_cuda_graphs_give_the_same_bits_as_eager(act_order, group_size):
+    graphs = GraphedBlocks()
+    spec = QuantSpec(4, group_size, True)
+    for seed in (0, 1):  # the second call replays the graphs captured by the first, on new data
+        X = inputs(4096, 1024, seed)
+        H = hessian(X).expand(3, 1024, 1024).contiguous()
+        W = inputs(3 * 256, 1024, seed + 10).reshape(3, 256, 1024) * 0.02
+        eager = gptq_quantize(W, H, spec, act_order=act_order)
+        graphed = gptq_quantize(W, H, spec, act_order=act_order, block_fn=graphs)
+        for name in ("q", "scales", "zeros", "W", "loss", "damp"):
+            assert torch.equal(getattr(eager, name), getattr(graphed, name)), name
+    assert len(graphs.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_tf32_hessians_change_the_result_by_rounding_only():
+    X = inputs(16384, 1024, 0)
+    W = inputs(512, 1024, 1).reshape(1, 512, 1024) * 0.02
+    H = hessian(X)
+    with tf32_matmuls(True):
+        H_tf32 = hessian(X)
+    rel = float((H_tf32 - H).norm() / H.norm())
+    assert 0 < rel < 2e-3  # TF32 was used, and only rounded its inputs (10-bit mantissa: ~5e-4)
+    spec = QuantSpec(4, 128, True)
+    ref, tf = gptq_quantize(W, H[None], spec), gptq_quantize(W, H_tf32[None], spec)
+
+    def output_error(res):
+        return float(((X @ (res.W[0] - W[0]).T) ** 2).mean())
+
+    assert output_error(tf) == pytest.approx(output_error(ref), rel=0.01)
+    assert float(tf.loss.sum()) == pytest.approx(float(ref.loss.sum()), rel=0.01)
+    assert float((tf.q != ref.q).float().mean()) < 0.05
