@@ -35,7 +35,7 @@ from .export import export_gptq, parse_size
 from .files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
 from .gptq import quantize_block
 from .gptq_graphs import GraphedBlocks
-from .measure import PeakRSS, stage
+from .measure import PeakRSS, release_freed_memory, stage
 from .quantize_layer import LayerQuantizer
 from .report import model_card, render_markdown
 from .resume import fingerprint, fingerprint_parts, layer_file, open_work, read_layer_log, replay_layer, write_layer
@@ -197,6 +197,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             layers_log.append(entry)
             layer_files.append(layer_file(work, i))
             del result
+            release_freed_memory()
         del batches
         if written is not None:
             written.result()
