@@ -1,0 +1,411 @@
+"""The bitsandbytes backends: bnb-nf4, bnb-fp4 and bnb-int8, with every expert quantized.
+
+Why this exists: transformers 5.x swaps only ``nn.Linear`` modules for bitsandbytes
+ones (``integrations/bitsandbytes.py: replace_with_bnb_linear`` tests
+``type(module) is nn.Linear``), and an MoE's routed experts are fused 3D parameters
+(``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)), so
+``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` leaves them in
+16 bit: a "4-bit Mixtral" that way keeps ~96% of its weights unquantized. Neither the
+4-bit nor the 8-bit quantizer of transformers 5.23 unfuses experts or quantizes 3D
+parameters.
+
+What these backends do: stream the source checkpoint one decoder layer at a time and
+quantize, with bitsandbytes' own functions, every linear the architecture row names:
+attention, each routed expert (per expert, from the per-expert tensors every Hub
+checkpoint stores), shared experts and dense MLPs. Routers (named in the row),
+norms, embeddings and the LM head are copied unchanged.
+
+On-disk format, per quantized linear ``P`` under its on-disk name, exactly what
+transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linear8bitLt``:
+
+- 4-bit: ``P.weight`` uint8 (ceil(out*in/2), 1) packed codes, ``P.weight.absmax``,
+  ``P.weight.quant_map``, with double quantization ``P.weight.nested_absmax`` and
+  ``P.weight.nested_quant_map``, and ``P.weight.quant_state.bitsandbytes__nf4|fp4`` (a
+  JSON blob: blocksize, dtype, shape);
+- 8-bit: ``P.weight`` int8 (out, in), ``P.SCB`` float32 (out,) row scales (absmax),
+  ``P.weight_format`` uint8.
+
+config.json carries a bitsandbytes ``quantization_config`` (``quant_method:
+"bitsandbytes"``, with routers and ``lm_head`` in ``llm_int8_skip_modules``).
+
+What plain transformers does with it: attention, shared-expert and dense-MLP linears
+load as bitsandbytes modules; the routed experts do not, because its Mixtral/Qwen2-MoE
+conversion merges ``experts.*.w1/w3.weight`` into ``gate_up_proj`` and the packed shapes
+do not fit, so ``from_pretrained`` stops with a size-mismatch error. (Never pass
+``ignore_mismatched_sizes=True``: it re-initialises the experts at random.)
+``quantmoe.load_quantized`` reads every linear back, dequantized with bitsandbytes'
+``dequantize_4bit`` / ``int8_vectorwise_dequant`` into the weights the bitsandbytes
+kernels compute with; quantmoe's evaluation reads them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import QuantMoeError
+from .base import Backend, Options, QuantizedLinear, unknown_settings
+
+INSTALL = "pip install 'quantmoe[bnb]'"
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+_4BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+
+def require_bitsandbytes(backend: str):
+    """The bitsandbytes module, or a one-line error that names the command installing it."""
+    loaded = sys.modules.get("bitsandbytes")
+    if loaded is not None and "bitsandbytes.functional" in sys.modules:
+        return loaded
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package
+    # (a faster 4-bit matmul) is missing. quantmoe does not use that matmul, so the warning is noise.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        raise QuantMoeError(f"the {backend} backend needs bitsandbytes, which is not installed; run: {INSTALL}") from None
+    except Exception as exc:  # a broken native library shows up as OSError/RuntimeError at import
+        raise QuantMoeError(f"bitsandbytes is installed but does not import ({type(exc).__name__}: {exc}); "
+                            f"reinstall it: {INSTALL}") from None
+    finally:
+        cpu_ops.setLevel(level)
+    return bitsandbytes
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    """How bitsandbytes quantizes; ``quant_type`` is fixed by the backend name."""
+
+    quant_type: str = "nf4"            # nf4 | fp4 (4-bit, blockwise absmax) | int8 (LLM.int8(), per-row absmax)
+    compute_dtype: str = "bfloat16"    # 4-bit: dtype bitsandbytes' Linear4bit multiplies in when served (bnb_4bit_compute_dtype)
+    double_quant: bool = True          # 4-bit: quantize the absmax scales again (8 bit, blocks of 256): ~4.5 -> ~4.13 bits/weight
+    blocksize: int = 64                # 4-bit: weights sharing one absmax (bitsandbytes' default)
+    int8_threshold: float = 6.0        # int8: LLM.int8() outlier threshold; input features above it run in 16 bit when served
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4", "int8"):
+            raise QuantMoeError(f"bitsandbytes quant type {self.quant_type!r} is unknown; use nf4, fp4 or int8")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise QuantMoeError(f"--compute-dtype {self.compute_dtype} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise QuantMoeError(f"4-bit blocksize {self.blocksize} is not one bitsandbytes takes; use 64")
+        if self.int8_threshold < 0:
+            raise QuantMoeError(f"--int8-threshold {self.int8_threshold} is negative; use 0 (no outliers) or e.g. 6.0")
+
+    @property
+    def four_bit(self) -> bool:
+        return self.quant_type != "int8"
+
+
+# -- one linear ----------------------------------------------------------------------
+def quantize_weight(W: Tensor, cfg: BnbConfig) -> dict[str, Tensor]:
+    """A weight (out, in) -> its bitsandbytes tensors, keyed by name relative to the module.
+
+    4-bit: ``weight`` (packed) and ``weight.<stat>``; int8: ``weight``, ``SCB`` and
+    ``weight_format``. Quantized from W's own dtype, as ``Params4bit`` does (int8 from
+    float16, as ``Int8Params`` does).
+    """
+    import torch
+
+    F = require_bitsandbytes(f"bnb-{cfg.quant_type}").functional
+    if cfg.four_bit:
+        packed, state = F.quantize_4bit(W.contiguous(), blocksize=cfg.blocksize, compress_statistics=cfg.double_quant,
+                                        quant_type=cfg.quant_type, quant_storage=torch.uint8)
+        return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().to(torch.float16))
+    # weight_format 0 = row-major, the only layout bitsandbytes 0.45+ writes.
+    return {"weight": CB, "SCB": SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+
+def dequantize_weight(tensors: dict[str, Tensor], backend: str = "bnb") -> Tensor:
+    """The weight (out, in) that bitsandbytes tensors (names relative to the module) stand for.
+
+    4-bit: ``dequantize_4bit``, in the dtype the weight was quantized from; int8:
+    ``int8_vectorwise_dequant`` (W * SCB / 127), in float32. Both are elementwise, so the
+    result is the same on every run and device.
+    """
+    F = require_bitsandbytes(backend).functional
+    weight = tensors["weight"]
+    if "SCB" in tensors:
+        return F.int8_vectorwise_dequant(weight, tensors["SCB"].to(weight.device))
+    stats = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
+    state = F.QuantState.from_dict(stats, device=weight.device)
+    return F.dequantize_4bit(weight, state)
+
+
+def _4bit_shape(blob: Tensor) -> tuple[int, int]:
+    """(out, in) from the JSON blob ``weight.quant_state.bitsandbytes__*`` that every 4-bit linear carries."""
+    import torch
+
+    return tuple(json.loads(bytes(blob.to(torch.uint8).tolist()).decode())["shape"])
+
+
+# -- the backend ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class BnbBackend(Backend):
+    name: str
+    summary: str
+    quant_type: str
+    needs_calibration: bool = False
+
+    def configure(self, **settings) -> BnbConfig:
+        accepted = {"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8" else {"int8_threshold"}
+        unknown_settings(self.name, settings, accepted)
+        return BnbConfig(quant_type=self.quant_type, **settings)
+
+    def recognizes(self, quantization: dict) -> bool:
+        if quantization.get("quant_method") != "bitsandbytes":
+            return False
+        if quantization.get("load_in_8bit"):
+            return self.quant_type == "int8"
+        return quantization.get("load_in_4bit", False) and quantization.get("bnb_4bit_quant_type", "fp4") == self.quant_type
+
+    def describe(self, quantization: dict) -> dict:
+        q = quantization
+        four = self.quant_type != "int8"
+        label = f"{self.name}{' double-quant' if four and q.get('bnb_4bit_use_double_quant') else ''}"
+        return {"method": "bitsandbytes", "backend": self.name, "bits": 4 if four else 8, "label": label,
+                "compute_dtype": q.get("bnb_4bit_compute_dtype") if four else None,
+                "double_quant": q.get("bnb_4bit_use_double_quant") if four else None,
+                "int8_threshold": None if four else q.get("llm_int8_threshold")}
+
+    def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
+        out = {}
+        for name in ckpt.names():
+            m = re.fullmatch(r"(.+)\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)", name)
+            if m:
+                module = m.group(1)
+                names = [f"{module}.weight"] + [f"{module}.weight.{s}" for s in _4BIT_STATS] + [name]
+                out[module] = QuantizedLinear(module, _4bit_shape(ckpt.tensor(name)), tuple(n for n in names if ckpt.has(n)))
+            elif name.endswith(".SCB"):
+                module = name[: -len(".SCB")]
+                names = (f"{module}.weight", name, f"{module}.weight_format")
+                out[module] = QuantizedLinear(module, ckpt.shape(f"{module}.weight"), tuple(n for n in names if ckpt.has(n)))
+        return out
+
+    def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
+        prefix = linear.module + "."
+        return dequantize_weight({n[len(prefix):]: ckpt.tensor(n) for n in linear.tensors}, self.name)
+
+    def quantize(self, model, out, options: Options) -> dict:
+        import os
+
+        from ..distributed import Ranks
+
+        if Ranks.from_env(os.environ).world > 1:
+            raise QuantMoeError(f"the {self.name} backend runs in one process (torchrun spreads GPTQ's experts); "
+                                "run it without torchrun")
+        require_bitsandbytes(self.name)
+        cfg = options.config if options.config is not None else self.configure()
+        if not isinstance(cfg, BnbConfig) or cfg.quant_type != self.quant_type:
+            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({cfg!r}); "
+                                f"make them with backends.get({self.name!r}).configure(...)")
+        return quantize(self, model, out, cfg, options)
+
+
+BACKENDS = (
+    BnbBackend("bnb-nf4", "bitsandbytes NF4 (4-bit normal-float, blockwise absmax), experts included; no calibration",
+               "nf4"),
+    BnbBackend("bnb-fp4", "bitsandbytes FP4 (4-bit float, blockwise absmax), experts included; no calibration", "fp4"),
+    BnbBackend("bnb-int8", "bitsandbytes LLM.int8() (8-bit, per-row absmax), experts included; no calibration",
+               "int8"),
+)
+
+
+# -- the stage -----------------------------------------------------------------------
+def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quantized: list[str], version: str) -> dict:
+    """The bitsandbytes ``quantization_config`` transformers reads, plus quantmoe's own record."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": cfg.four_bit,
+        "load_in_8bit": not cfg.four_bit,
+        "bnb_4bit_quant_type": cfg.quant_type if cfg.four_bit else "fp4",
+        "bnb_4bit_use_double_quant": cfg.double_quant if cfg.four_bit else False,
+        "bnb_4bit_compute_dtype": cfg.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_threshold": cfg.int8_threshold,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        # In-memory module paths, matched from the start by transformers; giving any list turns off
+        # its default skips, so lm_head is listed too.
+        "llm_int8_skip_modules": skip + ["lm_head"],
+        "quantmoe": {
+            "backend": backend,
+            "version": version,
+            "blocksize": cfg.blocksize if cfg.four_bit else None,
+            "experts": "per expert, under the on-disk names (block_sparse_moe.experts.E.w1 / mlp.experts.E.gate_proj ...)",
+            "modules_not_quantized": not_quantized,
+        },
+    }
+
+
+def _kinds(plan) -> dict[str, str]:
+    """Layer-relative on-disk linear name -> attention | expert | shared_expert | dense_mlp."""
+    kinds = {n: "attention" for group in plan.attention for n in group}
+    if plan.experts is not None:
+        kinds.update({plan.experts.linear(w, e): "expert" for e in range(plan.num_experts) for w in ("gate", "up", "down")})
+    for mlp, kind in ((plan.shared_expert, "shared_expert"), (plan.dense_mlp, "dense_mlp")):
+        if mlp is not None:
+            kinds.update({mlp.linear(w): kind for w in ("gate", "up", "down")})
+    return kinds
+
+
+def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, device: torch.device,
+                 quiet: bool = True) -> list[dict]:
+    """Stream ``ckpt`` layer by layer into bitsandbytes shards in ``staging``; returns the per-linear log.
+
+    Memory holds one source tensor and the shard being filled.
+    """
+    from tqdm.auto import tqdm
+
+    from ..architectures import architecture_for, plan_layer
+    from ..export import ShardWriter
+
+    arch = architecture_for(ckpt.config)
+    writer = ShardWriter(staging, max_shard_size)
+    for name in ckpt.names("model.embed_tokens."):
+        writer.add(name, ckpt.tensor(name))
+    log = []
+    for i in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=quiet):
+        prefix = ckpt.layer_prefix(i)
+        kinds = {prefix + n: k for n, k in _kinds(plan_layer(arch, ckpt.config, i)).items()}
+        missing = sorted(m for m in kinds if not ckpt.has(f"{m}.weight"))
+        if missing:
+            raise QuantMoeError(f"{missing[0]}.weight is not in {ckpt.path}; the bnb backends read each expert's "
+                                "own tensors (the Hub layout save_pretrained writes); re-save the model with "
+                                "transformers' save_pretrained")
+        for name in ckpt.names(prefix):
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module not in kinds:
+                writer.add(name, ckpt.tensor(name))
+                continue
+            W = ckpt.tensor(name)
+            parts = {k: v.cpu() for k, v in quantize_weight(W.to(device), cfg).items()}
+            Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
+            for suffix, t in parts.items():
+                writer.add(f"{module}.{suffix}", t)
+            W = W.float()
+            log.append({"module": module, "kind": kinds[module], "shape": list(W.shape),
+                        "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
+                        "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))})
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
+    for name in ckpt.names():
+        if name not in done and not name.startswith(("model.layers.", "model.embed_tokens.")):
+            writer.add(name, ckpt.tensor(name))
+    writer.close()
+    return log
+
+
+def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) -> dict:
+    """The whole bnb run: shards into a staging folder, config, log, optional eval, card, manifest, rename."""
+    from .. import __version__
+    from ..architectures import architecture_for, plan_layer
+    from ..checkpoint import Checkpoint
+    from ..defaults import DEFAULT_MODEL
+    from ..evaluation import evaluate
+    from ..export import parse_size, write_config
+    from ..files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
+    from ..measure import stage
+    from ..pipeline import check_out, work_dir
+    from ..report import render_markdown
+    from ..stream import pick_device
+
+    ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
+    if ckpt.quantization is not None:
+        raise QuantMoeError(f"{ckpt.path} is already quantized ({ckpt.quantization.get('quant_method')}); "
+                            "quantize the original checkpoint")
+    out = check_out(Path(out) if out is not None else Path("quantmoe-out") / f"{ckpt.path.name}-{backend.name}",
+                    ckpt.path, options.overwrite)
+    arch = architecture_for(ckpt.config)
+    dev = pick_device(options.device)
+    work = work_dir(out)
+    if work.exists():
+        shutil.rmtree(work)
+    staging = work / "export"
+    staging.mkdir(parents=True)
+    stages: dict = {}
+    with stage(stages, "quantize"):
+        log = write_shards(ckpt, staging, cfg, parse_size(options.max_shard_size), dev, options.quiet)
+    routers = [f"{ckpt.layer_prefix(i)}{r}" for i in range(ckpt.config.num_hidden_layers)
+               for r in plan_layer(arch, ckpt.config, i).routers]
+    skip = [f"{ckpt.layer_prefix(i)}{arch.to_memory(r)}" for i in range(ckpt.config.num_hidden_layers)
+            for r in plan_layer(arch, ckpt.config, i).routers]
+    qconfig = quantization_config(cfg, backend.name, skip, routers, __version__)
+    write_config(ckpt, staging, qconfig)
+    settings = {**asdict(cfg), "device": str(dev), "max_shard_size": parse_size(options.max_shard_size)}
+    atomic_write_json(staging / "quantization_log.json",
+                      {"base_model": str(ckpt.path), "backend": backend.name, "options": settings, "linears": log})
+
+    report = None
+    if options.run_eval:
+        report = evaluate(staging, baseline=ckpt.path, data=options.eval_data, device=options.device,
+                          batch_size=options.batch_size, quiet=options.quiet)
+        report["model"] = str(out)
+        report["stages"] = {**stages, **report["stages"]}
+        atomic_write_json(staging / "eval_report.json", report)
+        atomic_write_text(staging / "eval_report.md", render_markdown(report))
+    atomic_write_text(staging / "README.md", model_card(report, {
+        "name": out.name, "base_model": ckpt.path.name, "model_type": ckpt.config.model_type, "version": __version__,
+        "backend": backend.name, "config": cfg, "not_quantized": routers, "linears": len(log)}))
+    write_manifest(staging, {"options": settings, "versions": {**versions(), "bitsandbytes": _bnb_version()},
+                             "base_model": str(ckpt.path), "stages": stages})
+    replace_dir(staging, out, options.overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"out": str(out), "report": report, "stages": stages, "fallbacks": [], "notes": []}
+
+
+def _bnb_version() -> str:
+    return require_bitsandbytes("bnb").__version__
+
+
+def model_card(report: dict | None, info: dict) -> str:
+    """README.md of a bnb export: what was quantized, results, and how to load it (and how not to)."""
+    from ..report import gap_table, protocol_text
+
+    cfg: BnbConfig = info["config"]
+    if cfg.four_bit:
+        method = (f"{cfg.quant_type.upper()} 4-bit, blocks of {cfg.blocksize}, double quantization "
+                  f"{'on' if cfg.double_quant else 'off'}, compute dtype {cfg.compute_dtype}")
+    else:
+        method = f"LLM.int8() 8-bit per-row absmax, outlier threshold {cfg.int8_threshold}"
+    lines = [
+        "---", "library_name: transformers", f"tags: [quantmoe, bitsandbytes, moe, {cfg.quant_type}]", "---",
+        f"# {info['name']}", "",
+        f"bitsandbytes {cfg.quant_type} quantization of `{info['base_model']}` ({info['model_type']}) made with "
+        f"quantmoe {info['version']} (backend `{info['backend']}`).", "",
+        "## Method", "",
+        f"- {method}",
+        f"- {info['linears']} linears quantized: every attention projection, every routed expert (per expert) and "
+        "every shared expert / dense MLP projection",
+        f"- not quantized: {', '.join(f'`{m}`' for m in info['not_quantized'])} (routers), norms, embeddings "
+        "and the LM head",
+        "- no calibration data", "",
+    ]
+    if report is not None:
+        lines += ["## Perplexity", "", gap_table(report), "", protocol_text(report), ""]
+    lines += [
+        "## Loading", "",
+        "quantmoe (every linear dequantized with bitsandbytes into a plain transformers model, CPU or GPU):",
+        "```python", "import quantmoe", "model = quantmoe.load_quantized('./this-folder')", "```", "",
+        "Plain `transformers.AutoModelForCausalLM.from_pretrained` does **not** load this folder: transformers "
+        "5.x quantizes only `nn.Linear` modules with bitsandbytes, and its MoE experts are fused 3D parameters, "
+        "so it cannot place the per-expert bitsandbytes tensors (`...experts.E.<proj>.weight` + statistics) "
+        "and stops with a size-mismatch error. Do not pass `ignore_mismatched_sizes=True`: that re-initialises "
+        "the experts at random. Attention and shared-expert tensors are in transformers' own bitsandbytes "
+        "format.", "",
+        "Files: `quantization_log.json` (per linear: kind, shape, bytes, relative weight error), "
+        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).", "",
+    ]
+    return "\n".join(lines)
