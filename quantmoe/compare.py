@@ -164,7 +164,7 @@ def measure_backend(spec: str, model: str, folder: str, windows_file: str, optio
         result = perplexity(folder, _windows(windows_file), options.device, options.batch_size)
     stats = checkpoint_stats(Path(folder))
     saved = Checkpoint(folder)
-    return {"backend": spec, **saved.backend.describe(saved.quantization), "backend_name": backend.name, **stats,
+    return {**saved.backend.describe(saved.quantization), "backend": spec, "backend_name": backend.name, **stats,
             "perplexity": result["perplexity"], "tokens_scored": result["tokens_scored"],
             "quantize": record["quantize"], "eval": record["eval"], "folder": folder}
 
