@@ -222,11 +222,19 @@ def test_saved_tensors_are_bitsandbytes_own_serialization(bnb_exported, bitsandb
         assert torch.allclose(theirs, ours, atol=2e-2 * ours.abs().max().item()), module
 
 
-def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(tmp_path, bitsandbytes):
-    # Wide enough (hidden 256) that bitsandbytes' fixed per-linear tables (~1.2 KB) do not dominate.
-    src = make_model("mixtral", tmp_path / "wide", hidden_size=256, intermediate_size=512)
-    out = tmp_path / "nf4"
+@pytest.fixture(scope="module")
+def wide_nf4(tmp_path_factory, bitsandbytes):
+    """A Mixtral wide enough (hidden 256) that bitsandbytes' fixed per-linear tables (~1.2 KB) do not
+    dominate, and its nf4 export: (source folder, export folder)."""
+    folder = tmp_path_factory.mktemp("wide")
+    src = make_model("mixtral", folder / "model", hidden_size=256, intermediate_size=512)
+    out = folder / "nf4"
     backends.get("bnb-nf4").quantize(src, out, Options(device="cpu", run_eval=False, quiet=True))
+    return src, out
+
+
+def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(wide_nf4):
+    src, out = wide_nf4
     source, stats = checkpoint_stats(src), checkpoint_stats(out)
     assert source["decoder_bytes"] == source["decoder_bf16_bytes"]  # the tiny source is float16: 2 bytes a parameter
     ratio = stats["decoder_bytes"] / source["decoder_bytes"]
@@ -234,6 +242,45 @@ def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(tmp_path, bitsand
     q = Checkpoint(out)
     assert stats["decoder_bytes"] == sum(q.nbytes(n) for n in q.names("model.layers."))
     assert stats["decoder_bf16_bytes"] == source["decoder_bf16_bytes"]
+
+
+@pytest.mark.parametrize(("model_type", "name"), ALL_CASES)
+def test_bitsandbytes_kernels_model_quantizes_every_expert(bnb_exported, bitsandbytes, text_file, model_type, name):
+    """load_quantized(kernels="bitsandbytes"): bitsandbytes modules everywhere the row says, same perplexity."""
+    from quantmoe.backends.bnb import load_with_kernels
+    from quantmoe.evaluation import eval_windows
+
+    src, out = bnb_exported(model_type, name)
+    model = quantmoe.load_quantized(out, kernels="bitsandbytes")
+    kind = bitsandbytes.nn.Linear8bitLt if name == "bnb-int8" else bitsandbytes.nn.Linear4bit
+    arch = ARCHITECTURES[model_type]
+    for i, layer in enumerate(model.model.layers):
+        plan = plan_layer(arch, model.config, i)
+        if plan.experts is not None:
+            experts = layer.get_submodule(arch.experts_module)
+            assert type(experts).__name__ == "BnbExperts" and len(experts.gate) == plan.num_experts
+            assert all(isinstance(m, kind) for m in (*experts.gate, *experts.up, *experts.down))
+        for lin in plan.quantized_linears():
+            if plan.experts is None or ".experts." not in lin:
+                assert isinstance(layer.get_submodule(arch.to_memory(lin)), kind), lin
+        for router in plan.routers:
+            assert not isinstance(layer.get_submodule(arch.to_memory(router)), kind)
+    windows, _ = eval_windows(Checkpoint(out).tokenizer(), text_file, 64)
+    with torch.no_grad():
+        ours = float(model(windows[:4], labels=windows[:4]).loss)
+        dequantized = float(quantmoe.load_quantized(out)(windows[:4], labels=windows[:4]).loss)
+    assert ours == pytest.approx(dequantized, rel=2e-3)  # bf16 / int8 activations in bitsandbytes' kernels
+    with pytest.raises(QuantMoeError) as err:
+        load_with_kernels(src)
+    assert "not a bitsandbytes checkpoint" in str(err.value)
+
+
+def test_bitsandbytes_kernels_model_holds_decoder_weights_in_4_bit(wide_nf4):
+    src, out = wide_nf4
+    model = quantmoe.load_quantized(out, kernels="bitsandbytes")
+    held = sum(t.numel() * t.element_size() for t in model.model.layers.state_dict().values())
+    bf16 = checkpoint_stats(src)["decoder_bf16_bytes"]
+    assert held / bf16 < 0.3, held / bf16  # 16-bit fused experts would make it ~1.0
 
 
 # -- commands -------------------------------------------------------------------------

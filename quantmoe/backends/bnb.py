@@ -409,3 +409,144 @@ def model_card(report: dict | None, info: dict) -> str:
         "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).", "",
     ]
     return "\n".join(lines)
+
+
+# -- serving with bitsandbytes' own kernels ----------------------------------------------
+def _experts_module():
+    """BnbExperts, defined on first use so that importing this file needs no torch."""
+    from torch import nn
+
+    class BnbExperts(nn.Module):
+        """Routed experts as bitsandbytes linears, one per projection and expert.
+
+        Stands in for transformers' fused experts module (same forward signature, same
+        arithmetic as its eager loop): x -> down(act(gate(x)) * up(x)) * routing weight.
+        """
+
+        def __init__(self, gate: list, up: list, down: list, act_fn):
+            super().__init__()
+            self.gate, self.up, self.down = nn.ModuleList(gate), nn.ModuleList(up), nn.ModuleList(down)
+            self.num_experts = len(gate)
+            self.act_fn = act_fn
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # (T, H), (T, k), (T, k) -> (T, H)
+            import torch
+
+            out = torch.zeros_like(hidden_states)
+            for e in top_k_index.unique().tolist():
+                if e >= self.num_experts:  # transformers' padding slot for tokens routed nowhere
+                    continue
+                token_idx, slot = torch.where(top_k_index == e)
+                x = hidden_states[token_idx]
+                y = self.down[e](self.act_fn(self.gate[e](x)) * self.up[e](x))
+                out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+            return out
+
+    return BnbExperts
+
+
+def _bnb_linear(bnb, tensors: dict, bias, shape: tuple[int, int], quantization: dict, device, compute_dtype):
+    """One bitsandbytes module from its saved tensors (names relative to the module)."""
+    import torch
+    from torch import nn
+
+    out_features, in_features = shape
+    if "SCB" in tensors:
+        # Linear8bitLt only takes saved int8 weights once it is itself quantized, hence .to() first.
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                    threshold=quantization.get("llm_int8_threshold", 6.0)).to(device)
+        layer.load_state_dict({**tensors, **({"bias": bias} if bias is not None else {})})
+        return layer.to(device)
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype)
+    stats = {k: v for k, v in tensors.items() if k != "weight"}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
+                                                       device=torch.device(device), module=layer)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device, compute_dtype), requires_grad=False)
+    # bitsandbytes' AVX512-BF16 CPU path repacks the weight in tiles of 32 rows x one absmax block
+    # of columns and fails on other shapes; such linears keep its generic dequantize-then-matmul path.
+    if out_features % 32 or in_features % layer.weight.blocksize:
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def load_with_kernels(path, device: str = "auto"):
+    """A transformers model of a bnb checkpoint that runs bitsandbytes' own kernels, experts included.
+
+    Attention, shared-expert and dense linears become ``Linear4bit`` / ``Linear8bitLt``; each
+    MoE block's fused experts module becomes ``BnbExperts`` (one bitsandbytes linear per
+    expert projection). Weights stay quantized in memory: this is the model that delivers
+    the 4-bit memory footprint. Non-quantized parts are in the compute dtype (4-bit:
+    ``bnb_4bit_compute_dtype``; int8: float16). Outputs match ``load_quantized``'s
+    dequantized model up to the kernels' rounding (bf16/int8 activations), not bit for bit.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..architectures import architecture_for, plan_layer
+    from ..checkpoint import Checkpoint
+    from ..stream import model_config, pick_device
+
+    ckpt = Checkpoint(path)
+    backend = ckpt.backend
+    if not isinstance(backend, BnbBackend):
+        raise QuantMoeError(f"{ckpt.path} is not a bitsandbytes checkpoint "
+                            f"({backend.name if backend else 'not quantized'}); kernels='bitsandbytes' needs one "
+                            "made with --backend bnb-nf4/bnb-fp4/bnb-int8")
+    bnb = require_bitsandbytes(backend.name)
+    dev = pick_device(device)
+    q = ckpt.quantization
+    compute = getattr(torch, q.get("bnb_4bit_compute_dtype", "bfloat16")) if backend.quant_type != "int8" else torch.float16
+    config = model_config(ckpt)
+    arch = architecture_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute)
+    linears = ckpt.quantized_linears
+    stored = {t for lin in linears.values() for t in lin.tensors}
+
+    def module_for(full: str):
+        lin = linears[full]
+        bias = f"{full}.bias"
+        stored.add(bias)
+        return _bnb_linear(bnb, {n[len(full) + 1:]: ckpt.tensor(n) for n in lin.tensors},
+                           ckpt.tensor(bias) if ckpt.has(bias) else None, lin.shape, q, dev, compute)
+
+    for i, layer in enumerate(model.model.layers):
+        prefix = ckpt.layer_prefix(i)
+        plan = plan_layer(arch, config, i)
+        experts = plan.experts
+        for name in plan.quantized_linears():
+            if experts is not None and name.startswith(experts.prefix.split("{e}")[0]):
+                continue
+            layer.set_submodule(arch.to_memory(name), module_for(prefix + name))
+        if experts is not None:
+            fused = layer.get_submodule(arch.experts_module)
+            built = {w: [module_for(prefix + experts.linear(w, e)) for e in range(plan.num_experts)]
+                     for w in ("gate", "up", "down")}
+            layer.set_submodule(arch.experts_module, _experts_module()(built["gate"], built["up"], built["down"],
+                                                                        fused.act_fn))
+    # Everything else (embeddings, norms, routers, biases, head) from the checkpoint, in the compute dtype.
+    params = dict(model.named_parameters())
+    for name in ckpt.names():
+        if name in stored:
+            continue
+        target = name
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            target = ckpt.layer_prefix(index) + arch.to_memory(name[len(ckpt.layer_prefix(index)):])
+        if target not in params:
+            raise QuantMoeError(f"tensor {name} of {ckpt.path} has no place in the {config.model_type} model; "
+                                "is the checkpoint complete and of this architecture?")
+        module_name, _, attr = target.rpartition(".")
+        setattr(model.get_submodule(module_name), attr,
+                torch.nn.Parameter(ckpt.tensor(name).to(dev, compute), requires_grad=False))
+    if model.lm_head.weight.is_meta and getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None:
+        model.model.rotary_emb = type(rotary)(config=config).to(dev)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise QuantMoeError(f"{ckpt.path} lacks {left[0]} (and {len(left) - 1} more); is the checkpoint complete?")
+    return model.eval()
