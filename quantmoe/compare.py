@@ -63,6 +63,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     options = replace(options, config=None, seqlen=options.seqlen or seqlen, run_eval=False, overwrite=True)
 
     t0 = time.perf_counter()
+    load_before = _load_average()
     original = _call(isolate, measure_original, str(ckpt.path), str(out / WINDOWS_FILE), options)
     rows = []
     for spec in specs:
@@ -82,7 +83,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
         "data": meta,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items() if k != "config"},
         "isolated": isolate,
-        "machine": machine(),
+        "machine": {**machine(), "load_average_before": load_before, "load_average_after": _load_average()},
         "commit": git_commit(),
         "versions": {**versions(), **_optional_versions()},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -181,6 +182,14 @@ def _optional_versions() -> dict[str, str]:
     return out
 
 
+def _load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages: other work on the machine slows every row alike, and shows here."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     import psutil
@@ -220,6 +229,11 @@ def _mb(x) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _loads(m: dict) -> str:
+    before, after = m.get("load_average_before"), m.get("load_average_after")
+    return "unknown" if before is None else f"{before[0]:.1f} before, {after[0]:.1f} after (1-minute)"
 
 
 def render_markdown(table: dict) -> str:
@@ -262,6 +276,7 @@ def render_markdown(table: dict) -> str:
         f"{opts.get('nsamples') or 128} x {opts.get('seqlen')} tokens from "
         f"`{opts.get('calib') or 'the bundled calibration text'}`.",
         f"- **Machine**: {table['machine']['summary']}, {table['machine']['memory_gb']} GB RAM; "
+        f"load average {_loads(table['machine'])}; "
         f"device `{opts['device']}`. quantmoe commit `{table['commit']}`, {table['date']}; "
         + ", ".join(f"{k} {v}" for k, v in table["versions"].items()) + ".",
         "",

@@ -233,6 +233,23 @@ def wide_nf4(tmp_path_factory, bitsandbytes):
     return src, out
 
 
+@pytest.mark.parametrize("name", BNB)
+def test_what_plain_transformers_does_with_a_bnb_export(bnb_exported, name):
+    """Pins what docs/backends.md says: transformers cannot place per-expert bitsandbytes tensors."""
+    pytest.importorskip("accelerate", reason="transformers' bitsandbytes loading needs accelerate (not a quantmoe extra)")
+    from transformers import AutoModelForCausalLM
+
+    _, out = bnb_exported("mixtral", name)
+    if name == "bnb-int8":
+        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.int8  # raw codes, no scales
+        with pytest.raises(RuntimeError):
+            model(torch.tensor([[1, 2, 3]]))
+    else:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+
+
 def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(wide_nf4):
     src, out = wide_nf4
     source, stats = checkpoint_stats(src), checkpoint_stats(out)

@@ -28,14 +28,21 @@ transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linea
 config.json carries a bitsandbytes ``quantization_config`` (``quant_method:
 "bitsandbytes"``, with routers and ``lm_head`` in ``llm_int8_skip_modules``).
 
-What plain transformers does with it: attention, shared-expert and dense-MLP linears
-load as bitsandbytes modules; the routed experts do not, because its Mixtral/Qwen2-MoE
-conversion merges ``experts.*.w1/w3.weight`` into ``gate_up_proj`` and the packed shapes
-do not fit, so ``from_pretrained`` stops with a size-mismatch error. (Never pass
-``ignore_mismatched_sizes=True``: it re-initialises the experts at random.)
+What plain transformers (5.23) does with it: attention, shared-expert and dense-MLP
+linears are in its own format and would load as bitsandbytes modules, but the routed
+experts cannot, because its Mixtral/Qwen2-MoE conversion merges ``experts.*.w1/w3.weight``
+into the fused 16-bit ``gate_up_proj`` and knows no quantized experts:
+
+- 4-bit: the packed shapes do not fit, so ``from_pretrained`` stops with a size-mismatch
+  error (never pass ``ignore_mismatched_sizes=True``: it re-initialises the experts at random);
+- int8: the codes have the weights' shape, so ``from_pretrained`` returns a model whose fused
+  expert tensors hold the raw int8 codes without their scales (its load report lists the
+  expert tensors as UNEXPECTED) and whose first forward fails with a dtype error.
+
 ``quantmoe.load_quantized`` reads every linear back, dequantized with bitsandbytes'
 ``dequantize_4bit`` / ``int8_vectorwise_dequant`` into the weights the bitsandbytes
-kernels compute with; quantmoe's evaluation reads them the same way.
+kernels compute with (quantmoe's evaluation reads them the same way), or, with
+``kernels="bitsandbytes"``, as bitsandbytes modules that keep the weights quantized.
 """
 
 from __future__ import annotations
@@ -399,12 +406,17 @@ def model_card(report: dict | None, info: dict) -> str:
         "## Loading", "",
         "quantmoe (every linear dequantized with bitsandbytes into a plain transformers model, CPU or GPU):",
         "```python", "import quantmoe", "model = quantmoe.load_quantized('./this-folder')", "```", "",
-        "Plain `transformers.AutoModelForCausalLM.from_pretrained` does **not** load this folder: transformers "
-        "5.x quantizes only `nn.Linear` modules with bitsandbytes, and its MoE experts are fused 3D parameters, "
-        "so it cannot place the per-expert bitsandbytes tensors (`...experts.E.<proj>.weight` + statistics) "
-        "and stops with a size-mismatch error. Do not pass `ignore_mismatched_sizes=True`: that re-initialises "
-        "the experts at random. Attention and shared-expert tensors are in transformers' own bitsandbytes "
-        "format.", "",
+        "quantmoe with bitsandbytes' own kernels (weights stay quantized in memory, experts included):",
+        "```python", "model = quantmoe.load_quantized('./this-folder', kernels='bitsandbytes')", "```", "",
+        "Plain `transformers.AutoModelForCausalLM.from_pretrained` does **not** load this folder correctly: "
+        "transformers 5.x quantizes only `nn.Linear` modules with bitsandbytes, and its MoE experts are fused 3D "
+        "parameters, so it cannot place the per-expert bitsandbytes tensors (`...experts.E.<proj>.weight` + "
+        "statistics). "
+        + ("It stops with a size-mismatch error; do not pass `ignore_mismatched_sizes=True`, which "
+           "re-initialises the experts at random." if cfg.four_bit else
+           "It returns a model whose fused expert tensors hold the raw int8 codes without their scales (the load "
+           "report lists the expert tensors as UNEXPECTED); its first forward fails with a dtype error.")
+        + " Attention and shared-expert tensors are in transformers' own bitsandbytes format.", "",
         "Files: `quantization_log.json` (per linear: kind, shape, bytes, relative weight error), "
         "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).", "",
     ]
