@@ -298,15 +298,15 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
             if module not in kinds:
                 writer.add(name, ckpt.tensor(name))
                 continue
-            W = ckpt.tensor(name)
-            parts = {k: v.cpu() for k, v in quantize_weight(W.to(device), cfg).items()}
+            W = ckpt.tensor(name).to(device)
+            parts = quantize_weight(W, cfg)
             Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
             for suffix, t in parts.items():
-                writer.add(f"{module}.{suffix}", t)
+                writer.add(f"{module}.{suffix}", t.cpu())
             W = W.float()
             log.append({"module": module, "kind": kinds[module], "shape": list(W.shape),
                         "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
-                        "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))})
+                        "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))})  # ||W - Wq|| / ||W||
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name in ckpt.names():
         if name not in done and not name.startswith(("model.layers.", "model.embed_tokens.")):
