@@ -302,19 +302,27 @@ def test_bitsandbytes_kernels_model_holds_decoder_weights_in_4_bit(wide_nf4):
 
 # -- commands -------------------------------------------------------------------------
 def test_cli_quantize_bnb_with_options_then_eval_backend_check(tiny_model, tmp_path, bitsandbytes):
+    from quantmoe.publish import validate
+
     src = tiny_model("qwen2_moe")
     out = tmp_path / "fp4"
+    short = write_text(tmp_path / "short.jsonl", repeats=3)
     result = CliRunner().invoke(main, ["quantize", str(src), "--backend", "bnb-fp4", "--compute-dtype", "float16",
-                                       "--no-double-quant", "--out", str(out), "--no-eval", "--device", "cpu",
-                                       "--quiet", "--nsamples", "4"])
+                                       "--no-double-quant", "--out", str(out), "--eval-data", str(short),
+                                       "--device", "cpu", "--quiet", "--nsamples", "4"])
     assert result.exit_code == 0, result.output
     assert "note: bnb-fp4 uses no calibration data; --nsamples is ignored" in result.output
+    assert "| bnb-fp4 | " in result.output  # the gap table
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["quantization"]["decoder_linear_fraction"] == 1.0 and report["quantization"]["backend"] == "bnb-fp4"
+    assert validate(out)  # the card states everything `quantmoe push` asks for
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["bnb_4bit_quant_type"], qc["bnb_4bit_compute_dtype"], qc["bnb_4bit_use_double_quant"]) == \
         ("fp4", "float16", False)
     assert all("nested_absmax" not in n for n in Checkpoint(out).names())
     assert {"README.md", "manifest.json", "quantization_log.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    assert "does **not** load this folder" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Not loadable with `AutoModelForCausalLM.from_pretrained` alone" in card and "size-mismatch" in card
     result = CliRunner().invoke(main, ["eval", str(out), "--backend", "gptq"])
     assert result.exit_code == 2 and "was quantized with bnb-fp4, not gptq" in result.output
     result = CliRunner().invoke(main, ["eval", str(src), "--backend", "bnb-nf4"])

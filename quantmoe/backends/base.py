@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import QuantMoeError
 
@@ -56,7 +56,6 @@ class QuantizedLinear:
     tensors: tuple[str, ...]    # every tensor name that stores it (packed weight, scales, ...)
 
 
-@runtime_checkable
 class Backend(Protocol):
     """One quantization method. Implementations subclass this to inherit ``load`` and ``stats``."""
 

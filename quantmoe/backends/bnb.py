@@ -378,45 +378,69 @@ def _bnb_version() -> str:
 
 
 def model_card(report: dict | None, info: dict) -> str:
-    """README.md of a bnb export: what was quantized, results, and how to load it (and how not to)."""
-    from ..report import gap_table, protocol_text
+    """README.md of a bnb export, with every section ``report.CARD_SECTIONS`` asks for (so ``quantmoe push``
+    takes it): base model, method, bits per weight, calibration, protocol, perplexity, and loading,
+    saying plainly which loaders cannot read quantized experts."""
+    from ..report import base_model_name, gap_table, protocol_text
 
     cfg: BnbConfig = info["config"]
+    base = base_model_name(info["base_model"])
+    hub_id = base if "/" in base else None
+    stats = (report or {}).get("quantization", {})
     if cfg.four_bit:
-        method = (f"{cfg.quant_type.upper()} 4-bit, blocks of {cfg.blocksize}, double quantization "
-                  f"{'on' if cfg.double_quant else 'off'}, compute dtype {cfg.compute_dtype}")
+        method = (f"{cfg.quant_type.upper()} 4-bit, one absmax per {cfg.blocksize} weights, double quantization "
+                  f"{'on' if cfg.double_quant else 'off'}; compute dtype {cfg.compute_dtype} (bnb_4bit_compute_dtype)")
     else:
-        method = f"LLM.int8() 8-bit per-row absmax, outlier threshold {cfg.int8_threshold}"
+        method = f"LLM.int8(): 8-bit, one absmax per row; outlier threshold {cfg.int8_threshold} (llm_int8_threshold)"
     lines = [
-        "---", "library_name: transformers", f"tags: [quantmoe, bitsandbytes, moe, {cfg.quant_type}]", "---",
+        "---", "library_name: transformers", *([f"base_model: {hub_id}"] if hub_id else []),
+        f"tags: [quantmoe, bitsandbytes, moe, {cfg.quant_type}]", "---",
         f"# {info['name']}", "",
-        f"bitsandbytes {cfg.quant_type} quantization of `{info['base_model']}` ({info['model_type']}) made with "
-        f"quantmoe {info['version']} (backend `{info['backend']}`).", "",
+        f"bitsandbytes {cfg.quant_type} quantization of `{base}` ({info['model_type']}), every expert included, "
+        f"made with quantmoe {info['version']} (backend `{info['backend']}`).", "",
+        "## Base model", "",
+        f"`{base}` ({info['model_type']})" + (f", https://huggingface.co/{hub_id}" if hub_id else "") + ".", "",
         "## Method", "",
-        f"- {method}",
-        f"- {info['linears']} linears quantized: every attention projection, every routed expert (per expert) and "
-        "every shared expert / dense MLP projection",
+        f"- bitsandbytes {method}",
+        f"- {info['linears']} linears quantized: every attention projection, every routed expert (each expert "
+        "separately, from its own tensors) and every shared-expert / dense-MLP projection",
         f"- not quantized: {', '.join(f'`{m}`' for m in info['not_quantized'])} (routers), norms, embeddings "
         "and the LM head",
-        "- no calibration data", "",
+        "- per-linear relative weight errors in `quantization_log.json`", "",
     ]
+    if stats.get("bits_per_weight") is not None:
+        lines += [f"Bits per weight: {stats['bits_per_weight']:.3f} in the quantized projections (codes, absmax "
+                  f"scales and bitsandbytes' tables, measured from the files); {100 * stats['fraction_quantized']:.1f}% "
+                  f"of all parameters and {100 * stats['decoder_linear_fraction']:.1f}% of the decoder layers' linear "
+                  f"weights are quantized; {stats['size_bytes'] / 1e6:.2f} MB on disk.", ""]
+    lines += ["## Calibration data", "", "None: bitsandbytes rounds each weight block to its own absmax scale.", ""]
     if report is not None:
-        lines += ["## Perplexity", "", gap_table(report), "", protocol_text(report), ""]
+        lines += ["## Evaluation protocol", "", protocol_text(report) + " Weights dequantized with bitsandbytes.",
+                  f"Text sha256 `{report['data']['text_sha256']}`.", "",
+                  "## Perplexity", "", gap_table(report), ""]
+    plain = ("stops with a size-mismatch error (do not pass `ignore_mismatched_sizes=True`: it re-initialises the "
+             "experts at random)" if cfg.four_bit else
+             "returns a model whose fused expert tensors hold the raw int8 codes without their scales (its load "
+             "report lists the expert tensors as UNEXPECTED); the first forward fails with a dtype error")
     lines += [
         "## Loading", "",
-        "quantmoe (every linear dequantized with bitsandbytes into a plain transformers model, CPU or GPU):",
-        "```python", "import quantmoe", "model = quantmoe.load_quantized('./this-folder')", "```", "",
-        "quantmoe with bitsandbytes' own kernels (weights stay quantized in memory, experts included):",
-        "```python", "model = quantmoe.load_quantized('./this-folder', kernels='bitsandbytes')", "```", "",
-        "Plain `transformers.AutoModelForCausalLM.from_pretrained` does **not** load this folder correctly: "
-        "transformers 5.x quantizes only `nn.Linear` modules with bitsandbytes, and its MoE experts are fused 3D "
-        "parameters, so it cannot place the per-expert bitsandbytes tensors (`...experts.E.<proj>.weight` + "
-        "statistics). "
-        + ("It stops with a size-mismatch error; do not pass `ignore_mismatched_sizes=True`, which "
-           "re-initialises the experts at random." if cfg.four_bit else
-           "It returns a model whose fused expert tensors hold the raw int8 codes without their scales (the load "
-           "report lists the expert tensors as UNEXPECTED); its first forward fails with a dtype error.")
-        + " Attention and shared-expert tensors are in transformers' own bitsandbytes format.", "",
+        "`./this-folder` stands for this folder, or for its Hub repo id once it is published.", "",
+        "### quantmoe", "",
+        "Every linear dequantized with bitsandbytes into a plain transformers model (CPU or GPU), or kept 4/8-bit "
+        "in memory in bitsandbytes' own modules, experts included:",
+        "```python", "import quantmoe", "model = quantmoe.load_quantized('./this-folder')",
+        "model = quantmoe.load_quantized('./this-folder', kernels='bitsandbytes')", "```", "",
+        "### transformers", "",
+        "Not loadable with `AutoModelForCausalLM.from_pretrained` alone: transformers 5.x quantizes only "
+        "`nn.Linear` modules with bitsandbytes, and its MoE experts are fused 3D parameters, so it cannot place the "
+        f"per-expert bitsandbytes tensors (`...experts.E.<proj>.weight` + statistics); it {plain}. Attention and "
+        "shared-expert tensors are in transformers' own bitsandbytes format. Use `quantmoe.load_quantized` "
+        "above, which returns a transformers model.", "",
+        "### vLLM", "",
+        "Not tested with this per-expert bitsandbytes layout; for vLLM serving quantize with "
+        "`quantmoe quantize --backend gptq`.", "",
+        "### GPTQModel", "",
+        "Does not apply: GPTQModel loads GPTQ checkpoints (`quantmoe quantize --backend gptq`).", "",
         "Files: `quantization_log.json` (per linear: kind, shape, bytes, relative weight error), "
         "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).", "",
     ]
