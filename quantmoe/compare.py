@@ -59,6 +59,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     seqlen = seqlen or default_seqlen(ckpt.config)
     data = data if data is not None else EVAL_DATA
     windows, meta = eval_windows(ckpt.tokenizer(), data, seqlen)
+    meta["path"] = _shown(data)
     save_safetensors(out / WINDOWS_FILE, {"input_ids": windows})
     options = replace(options, config=None, seqlen=options.seqlen or seqlen, run_eval=False, overwrite=True)
 
@@ -76,12 +77,13 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
         rows.append(row)
     table = {
         "model": ckpt.path.name,
-        "model_path": str(ckpt.path),
+        "model_path": _shown(ckpt.path),
         "model_type": ckpt.config.model_type,
         "out": str(out),
-        "protocol": Protocol(data=str(data), seqlen=seqlen).to_dict(),
+        "protocol": Protocol(data=_shown(data), seqlen=seqlen).to_dict(),
         "data": meta,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items() if k != "config"},
+        "options": {k: (_shown(v) if k in ("calib", "eval_data") and v is not None else v)
+                    for k, v in asdict(options).items() if k != "config"},
         "isolated": isolate,
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": _load_average()},
         "commit": git_commit(),
@@ -98,6 +100,16 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
         atomic_write_json(path, table)
         atomic_write_text(path.with_suffix(".md"), markdown)
     return table
+
+
+def _shown(path: str | Path) -> str:
+    """A path as the table shows it: relative to the quantmoe checkout when inside it (tables get committed)."""
+    from .defaults import REPO
+
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except (ValueError, OSError):
+        return str(path)
 
 
 def _call(isolate: bool, fn, *args):
