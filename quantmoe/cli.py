@@ -107,8 +107,9 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Tensor names: the checkpoint's own (vLLM) or GPTQModel's (see docs/interop.md).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
-@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
-              help="bnb-nf4/fp4: quantize the 4-bit scales again (~0.37 fewer bits per weight).")
+@click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="bnb-nf4/fp4: quantize the 4-bit scales again (~0.37 fewer bits per weight on large linears); "
+                   "auto: where it makes the linear smaller.")
 @click.option("--int8-threshold", type=float, default=6.0, show_default=True,
               help="bnb-int8: LLM.int8() outlier threshold used when served; 0 = no outlier columns.")
 @click.option("--calib", help="Calibration text/JSONL file, folder, datasets name, or a token file from `quantmoe calibrate`.")

@@ -67,7 +67,7 @@ def test_registry_holds_every_backend_and_resolves_compare_specs():
     backend, config = backends.resolve("rtn-int4")
     assert backend.name == "rtn" and config.backend == "rtn" and config.bits == 4
     backend, config = backends.resolve("bnb-nf4")
-    assert backend.name == "bnb-nf4" and config.quant_type == "nf4" and config.double_quant
+    assert backend.name == "bnb-nf4" and config.quant_type == "nf4" and config.double_quant == "auto"
     for bad in ("awq", "bnb-nf4-int4"):
         with pytest.raises(QuantMoeError) as err:
             backends.resolve(bad)
@@ -75,7 +75,8 @@ def test_registry_holds_every_backend_and_resolves_compare_specs():
 
 
 def test_settings_that_do_not_apply_to_a_backend_are_errors():
-    cases = [("bnb-nf4", {"bits": 8}, "--bits"), ("bnb-int8", {"double_quant": False}, "--double-quant"),
+    cases = [("bnb-nf4", {"bits": 8}, "--bits"), ("bnb-int8", {"double_quant": "off"}, "--double-quant"),
+             ("bnb-nf4", {"double_quant": True}, "--double-quant True"),
              ("bnb-fp4", {"int8_threshold": 4.0}, "--int8-threshold"), ("gptq", {"compute_dtype": "float16"}, "--compute-dtype"),
              ("bnb-nf4", {"compute_dtype": "int4"}, "--compute-dtype int4")]
     for name, settings, flag in cases:
@@ -154,7 +155,7 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
 
     F = bitsandbytes.functional
     src, out = bnb_exported(model_type, name)
-    source = Checkpoint(src)
+    source, saved = Checkpoint(src), Checkpoint(out)
     stream = LayerStream(source, torch.device("cpu"))  # only for to_memory (on-disk -> fused layout)
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     quant_type = name.removeprefix("bnb-")
@@ -166,7 +167,8 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
                 CB, SCB, _ = F.int8_vectorwise_quant(W.to(torch.float16))
                 state[f"{lin}.weight"] = F.int8_vectorwise_dequant(CB, SCB)
             else:
-                state[f"{lin}.weight"] = F.dequantize_4bit(*F.quantize_4bit(W, blocksize=64, compress_statistics=True,
+                nested = saved.has(f"{prefix}{lin}.weight.nested_absmax")  # double quantization, as saved
+                state[f"{lin}.weight"] = F.dequantize_4bit(*F.quantize_4bit(W, blocksize=64, compress_statistics=nested,
                                                                            quant_type=quant_type))
         with torch.no_grad():
             for key, value in stream.to_memory(i, state).items():
@@ -250,6 +252,20 @@ def test_what_plain_transformers_does_with_a_bnb_export(bnb_exported, name):
             AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
 
 
+def test_auto_double_quant_keeps_whichever_statistics_are_smaller(bitsandbytes):
+    from quantmoe.backends.bnb import quantize_weight
+
+    configs = {mode: backends.get("bnb-nf4").configure(double_quant=mode) for mode in ("on", "off", "auto")}
+    chosen = []
+    for shape in [(64, 96), (128, 128), (320, 64), (384, 64), (512, 128), (512, 512)]:
+        W = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+        size = {mode: sum(t.numel() * t.element_size() for t in quantize_weight(W, cfg).values())
+                for mode, cfg in configs.items()}
+        assert size["auto"] == min(size["on"], size["off"]), (shape, size)
+        chosen.append(size["auto"] == size["on"])
+    assert chosen == [False, False, False, True, True, True]  # double quantization pays from ~24k weights
+
+
 def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(wide_nf4):
     src, out = wide_nf4
     source, stats = checkpoint_stats(src), checkpoint_stats(out)
@@ -298,6 +314,12 @@ def test_bitsandbytes_kernels_model_holds_decoder_weights_in_4_bit(wide_nf4):
     held = sum(t.numel() * t.element_size() for t in model.model.layers.state_dict().values())
     bf16 = checkpoint_stats(src)["decoder_bf16_bytes"]
     assert held / bf16 < 0.3, held / bf16  # 16-bit fused experts would make it ~1.0
+    assert any(".nested_absmax" in n for n in Checkpoint(out).names())  # wide linears are double-quantized
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = float(model(ids, labels=ids).loss)
+        dequantized = float(quantmoe.load_quantized(out)(ids, labels=ids).loss)
+    assert ours == pytest.approx(dequantized, rel=2e-3)
 
 
 # -- commands -------------------------------------------------------------------------
@@ -308,11 +330,11 @@ def test_cli_quantize_bnb_with_options_then_eval_backend_check(tiny_model, tmp_p
     out = tmp_path / "fp4"
     short = write_text(tmp_path / "short.jsonl", repeats=3)
     result = CliRunner().invoke(main, ["quantize", str(src), "--backend", "bnb-fp4", "--compute-dtype", "float16",
-                                       "--no-double-quant", "--out", str(out), "--eval-data", str(short),
+                                       "--double-quant", "off", "--out", str(out), "--eval-data", str(short),
                                        "--device", "cpu", "--quiet", "--nsamples", "4"])
     assert result.exit_code == 0, result.output
     assert "note: bnb-fp4 uses no calibration data; --nsamples is ignored" in result.output
-    assert "| bnb-fp4 | " in result.output  # the gap table
+    assert "| bnb-fp4 (double quant off) | " in result.output  # the gap table
     report = json.loads((out / "eval_report.json").read_text())
     assert report["quantization"]["decoder_linear_fraction"] == 1.0 and report["quantization"]["backend"] == "bnb-fp4"
     assert validate(out)  # the card states everything `quantmoe push` asks for
@@ -339,7 +361,7 @@ def test_compare_writes_one_table_measured_from_the_files(tiny_model, text_file,
                     data=short, seqlen=32, report=report, isolate=False)
     assert json.loads(report.read_text()) == json.loads((tmp_path / "cmp" / "compare.json").read_text())
     markdown = report.with_suffix(".md").read_text()
-    assert "| bnb-nf4 double-quant |" in markdown and "| original |" in markdown and "core CPU" in markdown
+    assert "| bnb-nf4 (double quant auto) |" in markdown and "| original |" in markdown and "core CPU" in markdown
     rows = {r["backend"]: r for r in table["rows"]}
     assert set(rows) == {"rtn-int4", "bnb-nf4"}
     for spec, row in rows.items():

@@ -61,6 +61,7 @@ from .base import Backend, Options, QuantizedLinear, unknown_settings
 
 INSTALL = "pip install 'quantmoe[bnb]'"
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+DOUBLE_QUANT = ("auto", "on", "off")
 _4BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 if TYPE_CHECKING:
@@ -97,13 +98,16 @@ class BnbConfig:
 
     quant_type: str = "nf4"            # nf4 | fp4 (4-bit, blockwise absmax) | int8 (LLM.int8(), per-row absmax)
     compute_dtype: str = "bfloat16"    # 4-bit: dtype bitsandbytes' Linear4bit multiplies in when served (bnb_4bit_compute_dtype)
-    double_quant: bool = True          # 4-bit: quantize the absmax scales again (8 bit, blocks of 256): ~4.5 -> ~4.13 bits/weight
+    double_quant: str = "auto"         # 4-bit: on | off | auto: quantize the absmax scales again (8 bit, blocks of 256,
+                                       # ~4.5 -> ~4.13 bits/weight); auto does it where it makes the linear smaller
     blocksize: int = 64                # 4-bit: weights sharing one absmax (bitsandbytes' default)
     int8_threshold: float = 6.0        # int8: LLM.int8() outlier threshold; input features above it run in 16 bit when served
 
     def __post_init__(self):
         if self.quant_type not in ("nf4", "fp4", "int8"):
             raise QuantMoeError(f"bitsandbytes quant type {self.quant_type!r} is unknown; use nf4, fp4 or int8")
+        if self.double_quant not in DOUBLE_QUANT:
+            raise QuantMoeError(f"--double-quant {self.double_quant!r} is unknown; use one of {', '.join(DOUBLE_QUANT)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise QuantMoeError(f"--compute-dtype {self.compute_dtype} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
@@ -114,6 +118,20 @@ class BnbConfig:
     @property
     def four_bit(self) -> bool:
         return self.quant_type != "int8"
+
+    def double_quantize(self, numel: int) -> bool:
+        """Whether a 4-bit linear of ``numel`` weights gets double quantization.
+
+        "auto" compares the bytes of its statistics both ways: double quantization turns each
+        block's float32 absmax into one byte plus a float32 per 256 blocks, but adds a fixed
+        256-entry float32 code table (1 KB) and ~90 bytes of metadata, so it only pays from
+        ~380 blocks (~24k weights at blocksize 64) up: every linear of a real Mixtral, not the
+        128 x 128 experts of a small demo model.
+        """
+        if self.double_quant != "auto":
+            return self.double_quant == "on"
+        blocks = -(-numel // self.blocksize)
+        return blocks + 4 * -(-blocks // 256) + 1024 + 90 < 4 * blocks
 
 
 # -- one linear ----------------------------------------------------------------------
@@ -128,8 +146,9 @@ def quantize_weight(W: Tensor, cfg: BnbConfig) -> dict[str, Tensor]:
 
     F = require_bitsandbytes(f"bnb-{cfg.quant_type}").functional
     if cfg.four_bit:
-        packed, state = F.quantize_4bit(W.contiguous(), blocksize=cfg.blocksize, compress_statistics=cfg.double_quant,
-                                        quant_type=cfg.quant_type, quant_storage=torch.uint8)
+        packed, state = F.quantize_4bit(W.contiguous(), blocksize=cfg.blocksize,
+                                        compress_statistics=cfg.double_quantize(W.numel()), quant_type=cfg.quant_type,
+                                        quant_storage=torch.uint8)
         return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().to(torch.float16))
     # weight_format 0 = row-major, the only layout bitsandbytes 0.45+ writes.
@@ -182,10 +201,11 @@ class BnbBackend(Backend):
     def describe(self, quantization: dict) -> dict:
         q = quantization
         four = self.quant_type != "int8"
-        label = f"{self.name}{' double-quant' if four and q.get('bnb_4bit_use_double_quant') else ''}"
+        double = (q.get("quantmoe") or {}).get("double_quant") or ("on" if q.get("bnb_4bit_use_double_quant") else "off")
+        label = f"{self.name} (double quant {double})" if four else self.name
         return {"method": "bitsandbytes", "backend": self.name, "bits": 4 if four else 8, "label": label,
                 "compute_dtype": q.get("bnb_4bit_compute_dtype") if four else None,
-                "double_quant": q.get("bnb_4bit_use_double_quant") if four else None,
+                "double_quant": double if four else None,
                 "int8_threshold": None if four else q.get("llm_int8_threshold")}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
@@ -239,7 +259,8 @@ def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quant
         "load_in_4bit": cfg.four_bit,
         "load_in_8bit": not cfg.four_bit,
         "bnb_4bit_quant_type": cfg.quant_type if cfg.four_bit else "fp4",
-        "bnb_4bit_use_double_quant": cfg.double_quant if cfg.four_bit else False,
+        # Loaders read double quantization per linear (from its quant_state); "auto" may mix both.
+        "bnb_4bit_use_double_quant": cfg.four_bit and cfg.double_quant != "off",
         "bnb_4bit_compute_dtype": cfg.compute_dtype,
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_threshold": cfg.int8_threshold,
@@ -252,6 +273,7 @@ def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quant
             "backend": backend,
             "version": version,
             "blocksize": cfg.blocksize if cfg.four_bit else None,
+            "double_quant": cfg.double_quant if cfg.four_bit else None,
             "experts": "per expert, under the on-disk names (block_sparse_moe.experts.E.w1 / mlp.experts.E.gate_proj ...)",
             "modules_not_quantized": not_quantized,
         },
@@ -388,8 +410,9 @@ def model_card(report: dict | None, info: dict) -> str:
     hub_id = base if "/" in base else None
     stats = (report or {}).get("quantization", {})
     if cfg.four_bit:
+        double = {"on": "on", "off": "off", "auto": "where it makes the linear smaller (auto)"}[cfg.double_quant]
         method = (f"{cfg.quant_type.upper()} 4-bit, one absmax per {cfg.blocksize} weights, double quantization "
-                  f"{'on' if cfg.double_quant else 'off'}; compute dtype {cfg.compute_dtype} (bnb_4bit_compute_dtype)")
+                  f"{double}; compute dtype {cfg.compute_dtype} (bnb_4bit_compute_dtype)")
     else:
         method = f"LLM.int8(): 8-bit, one absmax per row; outlier threshold {cfg.int8_threshold} (llm_int8_threshold)"
     lines = [
