@@ -43,8 +43,11 @@ class GptqBackend(Backend):
 
     def describe(self, quantization: dict) -> dict:
         q = quantization
+        layout = (q.get("meta") or {}).get("layout", "source")
         return {"method": "gptq", "backend": self.name, "bits": q.get("bits"), "group_size": q.get("group_size"),
-                "sym": q.get("sym"), "label": f"{self.name} int{q.get('bits')} g{q.get('group_size')}"}
+                "sym": q.get("sym"), "layout": layout,
+                "label": f"{self.name} int{q.get('bits')} g{q.get('group_size')}"
+                         + ("" if layout == "source" else f" ({layout} layout)")}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
         from ..packing import GPTQ_SUFFIXES
