@@ -9,6 +9,7 @@ import torch
 from .calibration import build_calibration, write_calibration
 from .checkpoint import Checkpoint
 from .defaults import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
+from .errors import QuantMoeError
 from .stream import LayerStream, pick_device
 
 
@@ -22,13 +23,25 @@ def calibrate(data: str | Path | None = None, tokenizer: str | Path | None = Non
     return write_calibration(Path(out), ids, meta)
 
 
-def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A transformers model computing exactly what the GPTQ checkpoint at ``path`` stands for.
+def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   kernels: str = "dequantized"):
+    """A transformers model computing exactly what the quantized checkpoint at ``path`` stands for.
 
-    Quantized linears are dequantized into ordinary weights (memory is that of an
-    unquantized model of ``dtype``); use it for generate and eval checks. For int4
-    serving, load the folder with vLLM or GPTQModel.
+    ``kernels="dequantized"`` (default): every quantized linear, of any backend (GPTQ, rtn,
+    bitsandbytes, experts included), is dequantized into ordinary weights of ``dtype``
+    (memory is that of an unquantized model); the same computation as quantmoe's eval, for
+    generate and eval checks. For int4 GPTQ serving, load the folder with vLLM or GPTQModel.
+
+    ``kernels="bitsandbytes"``, for bnb-* checkpoints: weights stay quantized in memory and
+    run through bitsandbytes' own modules, experts included (see ``backends.bnb.load_with_kernels``);
+    ``dtype`` is then the checkpoint's compute dtype.
     """
+    if kernels == "bitsandbytes":
+        from .backends.bnb import load_with_kernels
+
+        return load_with_kernels(path, device)
+    if kernels != "dequantized":
+        raise QuantMoeError(f"kernels={kernels!r} is unknown; use 'dequantized' or 'bitsandbytes'")
     stream = LayerStream(Checkpoint(path), pick_device(device), dtype)
     for i in range(stream.num_layers):
         stream.load_layer(i, stream.layer_state(i))

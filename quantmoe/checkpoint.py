@@ -1,13 +1,15 @@
 """The one loader: a checkpoint folder read lazily, tensor by tensor, from its safetensors shards.
 
-Works for source checkpoints and for quantmoe's GPTQ exports alike: a quantized linear
-(``P.qweight`` ...) is dequantized into ``P.weight`` when a layer is read, so every stage
-sees plain weights under the on-disk names.
+Works for source checkpoints and for quantmoe's exports alike: a quantized linear (GPTQ
+``P.qweight`` ..., bitsandbytes ``P.weight`` + ``P.weight.absmax`` ...) is dequantized into
+``P.weight`` when a layer is read, by the backend that wrote it (``quantmoe.backends``), so
+every stage sees plain weights under the on-disk names.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +19,6 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .errors import QuantMoeError
-from .packing import dequantize_state
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -80,6 +81,18 @@ class Checkpoint:
         return self.raw_config.get("quantization_config")
 
     @cached_property
+    def backend(self):
+        """The quantmoe backend that wrote this checkpoint (None for an unquantized one)."""
+        from .backends import for_checkpoint
+
+        return for_checkpoint(self.quantization)
+
+    @cached_property
+    def quantized_linears(self) -> dict:
+        """Module path -> backends.QuantizedLinear, for every quantized linear in the checkpoint."""
+        return self.backend.quantized_linears(self) if self.backend is not None else {}
+
+    @cached_property
     def weight_map(self) -> dict[str, str]:
         """Tensor name -> shard file name."""
         index = self.path / INDEX_NAME
@@ -121,6 +134,13 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
 
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor takes in its shard."""
+        meta = self._open(self.weight_map[name]).get_slice(name)
+        itemsize = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                    "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}[meta.get_dtype()]
+        return itemsize * math.prod(meta.get_shape())
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -131,16 +151,21 @@ class Checkpoint:
         return f"model.layers.{index}."
 
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
-        """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``.
+        """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
+        wrote the checkpoint) dequantized to ``.weight``.
 
         Floating tensors come in ``dtype`` (None: as stored). Every tensor is copied into
         this process's memory and the shards are closed afterwards: pages of a mapped shard
         count towards the process's resident memory for as long as it stays open, which
         would make memory grow with every layer read.
         """
-        tensors = {name[len(prefix):]: self.tensor(name) for name in self.names(prefix)}
-        if self.quantization:
-            tensors = dequantize_state(tensors, int(self.quantization["bits"]))
+        tensors: dict[str, Tensor] = {}
+        stored = set()
+        for module, linear in sorted(self.quantized_linears.items()):
+            if module.startswith(prefix):
+                tensors[module[len(prefix):] + ".weight"] = self.backend.dequantize(self, linear)
+                stored.update(linear.tensors)
+        tensors.update({name[len(prefix):]: self.tensor(name) for name in self.names(prefix) if name not in stored})
         out = {n: t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
                for n, t in tensors.items()}
         self.close()

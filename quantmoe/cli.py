@@ -69,10 +69,30 @@ def main():
     """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
 
 
+def _backend_names() -> list[str]:
+    from .backends import names
+
+    return names()
+
+
+# Options that belong to one backend's settings; only those the user typed are passed on,
+# so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
+BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
+                    "rare_expert_tokens", "layout", "compute_dtype", "double_quant", "int8_threshold")
+CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
+
+
+def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` given on the command line (not left at their defaults)."""
+    return [n for n in names if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+
+
 @main.command()
 @click.argument("model", required=False)
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: quantmoe-out/<model>-<backend>-int<bits>-g<group>].")
-@click.option("--backend", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output folder [default: quantmoe-out/<model>-<backend>-int<bits>-g<group>, or <model>-bnb-nf4 ...].")
+@click.option("--backend", type=click.Choice(_backend_names()), default="gptq", show_default=True,
+              help="gptq/rtn: GPTQ v1 checkpoint; bnb-*: bitsandbytes, experts included (pip install 'quantmoe[bnb]').")
 @click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128.")
 @click.option("--sym/--asym", default=True, show_default=True)
@@ -85,6 +105,13 @@ def main():
               help="Routed tokens below which the fallback applies; 0 = the expert's widest input size.")
 @click.option("--layout", type=click.Choice(["source", "gptqmodel"]), default="source", show_default=True,
               help="Tensor names: the checkpoint's own (vLLM) or GPTQModel's (see docs/interop.md).")
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
+@click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="bnb-nf4/fp4: quantize the 4-bit scales again (~0.37 fewer bits per weight on large linears); "
+                   "auto: where it makes the linear smaller.")
+@click.option("--int8-threshold", type=float, default=6.0, show_default=True,
+              help="bnb-int8: LLM.int8() outlier threshold used when served; 0 = no outlier columns.")
 @click.option("--calib", help="Calibration text/JSONL file, folder, datasets name, or a token file from `quantmoe calibrate`.")
 @click.option("--nsamples", type=int, help="Calibration sequences [default: 128].")
 @click.option("--seqlen", type=int, help="Calibration sequence length [default: min(2048, context)].")
@@ -104,10 +131,10 @@ def main():
               help="Read the next layer from disk in a background thread.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Replay GPTQ's column loop as CUDA graphs (same results, fewer kernel launches).")
+@click.pass_context
 @friendly
-def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_sequential, rare_expert,
-             rare_expert_tokens, layout, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size,
-             overwrite, resume, run_eval, eval_data, quiet, tf32, prefetch, cuda_graphs):
+def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
+             resume, run_eval, eval_data, quiet, tf32, prefetch, cuda_graphs, **settings):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
 
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
@@ -115,20 +142,22 @@ def quantize(model, out, backend, bits, group_size, sym, act_order, damp, true_s
     """
     import os
 
-    from .config import QuantConfig
+    from .backends import Options, get
 
-    qcfg = QuantConfig(backend=backend, bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
-                       true_sequential=true_sequential, rare_expert=rare_expert, rare_expert_tokens=rare_expert_tokens,
-                       layout=layout)
+    chosen = get(backend)
+    config = chosen.configure(**{k: settings[k] for k in _typed(ctx, BACKEND_SETTINGS)})
+    if not chosen.needs_calibration:
+        for name in _typed(ctx, CALIBRATION_OPTIONS):
+            click.echo(f"note: {backend} uses no calibration data; --{name} is ignored", err=True)
+    options = Options(config=config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                      max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, run_eval=run_eval,
+                      eval_data=eval_data, batch_size=batch_size, quiet=quiet, tf32=tf32, prefetch=prefetch,
+                      cuda_graphs=cuda_graphs)
     from .distributed import Ranks, leave  # these import torch: after the cheap option checks
-    from .pipeline import quantize as run
 
     ranks = Ranks.from_env(os.environ)
     try:
-        summary = run(model, out, qcfg, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                      max_shard_size=max_shard_size, overwrite=overwrite, run_eval=run_eval, eval_data=eval_data,
-                      batch_size=batch_size, quiet=quiet, resume=resume, tf32=tf32, prefetch=prefetch,
-                      cuda_graphs=cuda_graphs, ranks=ranks)
+        summary = chosen.quantize(model, out, options)
     finally:
         leave()
     if ranks.writes:
@@ -174,15 +203,18 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here (and .md beside it).")
+@click.option("--backend", type=click.Choice(_backend_names()),
+              help="Fail unless MODEL was quantized with this backend [default: read it from config.json].")
 @click.option("--quiet", is_flag=True)
 @friendly
-def eval_(model, baseline, data, seqlen, device, batch_size, report_path, quiet):
+def eval_(model, baseline, data, seqlen, device, batch_size, report_path, backend, quiet):
     """Perplexity of MODEL (default: the bundled demo MoE), and its gap to --baseline."""
     from .evaluation import evaluate
     from .files import atomic_write_json, atomic_write_text
     from .report import gap_table, protocol_text, render_markdown
 
-    report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size, quiet=quiet)
+    report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size,
+                      quiet=quiet, backend=backend)
     if baseline is not None:
         click.echo(gap_table(report))
     else:
@@ -304,6 +336,44 @@ def verify(folder):
             click.echo(f"- {problem}")
         fail(f"{len(report.problems)} problem(s) found in {folder}; re-export it or restore it from a good copy", 1)
     click.echo(report.summary())
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--backends", "specs", default="gptq-int4,rtn-int4,bnb-nf4,bnb-int8", show_default=True,
+              help="Comma-separated: gptq-int4, gptq-int8, rtn-int4, rtn-int8, bnb-nf4, bnb-fp4, bnb-int8.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for one subfolder per backend and compare.json/.md "
+              "[default: quantmoe-out/compare-<model>].")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Also write the table here (JSON, and .md beside it), e.g. eval/results/compare-<model>.json.")
+@click.option("--data", help="Held-out text [default: the bundled held-out text].")
+@click.option("--seqlen", type=int, help="Eval window and calibration length [default: min(2048, context)].")
+@click.option("--calib", help="Calibration data for gptq/rtn [default: the bundled calibration text].")
+@click.option("--nsamples", type=int, help="Calibration sequences for gptq/rtn [default: 128].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@friendly
+def compare(model, specs, out, report_path, data, seqlen, calib, nsamples, seed, device, batch_size):
+    """Quantize MODEL with several backends and write one table: size, bits, fraction quantized, perplexity, time, memory."""
+    from .backends import Options
+    from .compare import compare as run
+
+    options = Options(calib=calib, nsamples=nsamples, seed=seed, device=device, batch_size=batch_size, quiet=True)
+    table = run(model, specs.split(","), out, options, data=data, seqlen=seqlen, report=report_path)
+    click.echo(_table_only(table))
+    failed = [r for r in table["rows"] if "error" in r]
+    for r in failed:
+        click.echo(f"error: {r['backend']}: {r['error']}", err=True)
+    click.echo(f"wrote {Path(table['out']) / 'compare.json'}" + (f" and {report_path}" if report_path else ""))
+    if failed:
+        sys.exit(2)
+
+
+def _table_only(table: dict) -> str:
+    from .compare import render_markdown
+
+    return "\n".join(line for line in render_markdown(table).splitlines() if line.startswith("|"))
 
 
 if __name__ == "__main__":

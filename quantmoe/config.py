@@ -11,7 +11,8 @@ RARE_EXPERT_POLICIES = ("blend", "all-tokens", "rtn")
 # "gptqmodel" uses GPTQModel's (in-memory module paths, experts as E.gate_proj/up_proj/down_proj).
 LAYOUTS = ("source", "gptqmodel")
 # Backends that quantize_layer knows; anything else would silently run GPTQ, so it is refused here.
-# (A backend registry, e.g. for bitsandbytes, replaces this tuple when it lands.)
+# QuantConfig drives the GPTQ pipeline only; other backends (quantmoe.backends, e.g. bnb-nf4)
+# bring their own frozen config.
 BACKENDS = ("gptq", "rtn")
 
 

@@ -87,9 +87,12 @@ def gap(original: float, quantized: float) -> dict:
 
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
-             seqlen: int | None = None, device: str = "auto", batch_size: int = 8, quiet: bool = False) -> dict:
+             seqlen: int | None = None, device: str = "auto", batch_size: int = 8, quiet: bool = False,
+             backend: str | None = None) -> dict:
     """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
 
+    The checkpoint's backend is read from its config.json; ``backend`` (a name from
+    ``quantmoe.backends``) makes it an error for ``model`` to be anything else.
     Returns the report dict (see report.render_markdown for its Markdown form).
     """
     from tqdm.auto import tqdm
@@ -101,6 +104,8 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     model = Path(model) if model is not None else DEFAULT_MODEL
     data = data if data is not None else EVAL_DATA
     ckpt = Checkpoint(model)
+    if backend is not None:
+        check_backend(ckpt, backend)
     seqlen = seqlen or default_seqlen(ckpt.config)
     tokenizer = ckpt.tokenizer()
     windows, meta = eval_windows(tokenizer, data, seqlen)
@@ -129,9 +134,19 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     if baseline is not None:
         report["gap"] = gap(results["original"]["perplexity"], results["quantized"]["perplexity"])
         report["original_size_bytes"] = checkpoint_stats(baseline)["size_bytes"]
-    if Checkpoint(model).quantization is not None:
-        qc = Checkpoint(model).quantization
-        report["quantization"] = {**checkpoint_stats(model), "method": qc.get("quant_method"), "bits": qc.get("bits"),
-                                  "group_size": qc.get("group_size"), "sym": qc.get("sym"),
-                                  "label": f"{qc.get('meta', {}).get('backend', 'gptq')} int{qc.get('bits')} g{qc.get('group_size')}"}
+    if ckpt.backend is not None:
+        report["quantization"] = {**checkpoint_stats(model), **ckpt.backend.describe(ckpt.quantization)}
     return report
+
+
+def check_backend(ckpt: Checkpoint, backend: str) -> None:
+    """Fail unless ``ckpt`` was written by ``backend`` (what ``quantmoe eval --backend`` asserts)."""
+    from .backends import get
+
+    expected = get(backend)
+    if ckpt.backend is None:
+        raise QuantMoeError(f"{ckpt.path} is not quantized; make it with `quantmoe quantize --backend {backend}` "
+                            "or drop --backend")
+    if ckpt.backend is not expected:
+        raise QuantMoeError(f"{ckpt.path} was quantized with {ckpt.backend.name}, not {backend}; "
+                            f"pass --backend {ckpt.backend.name} or drop --backend")

@@ -9,6 +9,7 @@ at a time, so memory holds at most one shard.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +21,6 @@ from .checkpoint import INDEX_NAME, Checkpoint
 from .config import QuantConfig
 from .errors import QuantMoeError
 from .files import atomic_write_json, save_safetensors
-from .packing import GPTQ_SUFFIXES
 
 QUANTIZE_CONFIG = "quantize_config.json"
 
@@ -139,40 +139,72 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
     weight_map = writer.close()
 
     qconfig = quantization_config(qcfg, not_quantized, version)
-    config = dict(ckpt.raw_config)
-    config["quantization_config"] = qconfig
-    atomic_write_json(staging / "config.json", config)
+    write_config(ckpt, staging, qconfig)
     atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
-    for file in ckpt.tokenizer_files():
-        shutil.copyfile(file, staging / file.name)
     return weight_map
 
 
+def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:
+    """config.json (the source's, plus ``quantization_config``) and the tokenizer files, into ``staging``."""
+    config = dict(ckpt.raw_config)
+    config["quantization_config"] = qconfig
+    atomic_write_json(staging / "config.json", config)
+    for file in ckpt.tokenizer_files():
+        shutil.copyfile(file, staging / file.name)
+
+
 def checkpoint_stats(folder: Path) -> dict:
-    """Bits per weight, size on disk and the fraction of parameters quantized, measured from the files."""
+    """What a checkpoint's files hold, measured from the saved tensors (any backend, or none).
+
+    - ``bits_per_weight``: bits of every tensor storing a quantized linear (packed weights,
+      scales, zeros, statistics) over the weights those linears stand for;
+    - ``fraction_quantized``: quantized weights over all parameters (embeddings and head included);
+    - ``decoder_linear_fraction``: quantized weights over the linear weights of the decoder
+      layers, routers excluded (norms and biases are not linear weights);
+    - ``decoder_bytes`` / ``decoder_bf16_bytes``: bytes of every tensor under ``model.layers.``,
+      and what its parameters take in bf16.
+    """
+    from .architectures import architecture_for, plan_layer
+
     ckpt = Checkpoint(folder)
-    bits_quantized, weights_quantized, params_other = 0, 0, 0
+    linears = ckpt.quantized_linears
+    stored = {t for lin in linears.values() for t in lin.tensors}
+    arch = architecture_for(ckpt.config)
+    # Routers under their on-disk and in-memory names (the gptqmodel layout writes the latter).
+    routers = {f"{ckpt.layer_prefix(i)}{name}" for i in range(ckpt.config.num_hidden_layers)
+               for r in plan_layer(arch, ckpt.config, i).routers for name in (r, arch.to_memory(r))}
+    quantized_bits = 0
+    other_params = decoder_params = decoder_bytes = decoder_linear = 0
     for name in ckpt.names():
-        module, _, suffix = name.rpartition(".")
         shape = ckpt.shape(name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if ckpt.has(f"{module}.qweight") and suffix in GPTQ_SUFFIXES:
-            itemsize = 2 if suffix == "scales" else 4
-            bits_quantized += numel * itemsize * 8
-            if suffix == "g_idx":
-                weights_quantized += numel * ckpt.shape(f"{module}.scales")[1]
-        else:
-            params_other += numel
+        numel = math.prod(shape)
+        nbytes = ckpt.nbytes(name)
+        in_decoder = name.startswith("model.layers.")
+        if in_decoder:
+            decoder_bytes += nbytes
+        if name in stored:
+            quantized_bits += nbytes * 8
+            continue
+        other_params += numel
+        if in_decoder:
+            decoder_params += numel
+            module = name.rpartition(".")[0]
+            if name.endswith(".weight") and len(shape) >= 2 and module not in routers:
+                decoder_linear += numel
+    quantized = sum(math.prod(lin.shape) for lin in linears.values())
+    decoder_quantized = sum(math.prod(lin.shape) for m, lin in linears.items() if m.startswith("model.layers."))
     size = sum((Path(folder) / s).stat().st_size for s in ckpt.shards)
-    total = weights_quantized + params_other
+    total = quantized + other_params
     return {
-        "bits_per_weight": bits_quantized / weights_quantized if weights_quantized else None,
+        "bits_per_weight": quantized_bits / quantized if quantized else None,
         "size_bytes": size,
-        "quantized_weights": weights_quantized,
+        "quantized_weights": quantized,
         "total_parameters": total,
-        "fraction_quantized": weights_quantized / total if total else 0.0,
+        "fraction_quantized": quantized / total if total else 0.0,
+        "decoder_linear_fraction": decoder_quantized / (decoder_quantized + decoder_linear)
+        if decoder_quantized + decoder_linear else 0.0,
+        "decoder_bytes": decoder_bytes,
+        "decoder_bf16_bytes": 2 * (decoder_params + decoder_quantized),
     }
 
 

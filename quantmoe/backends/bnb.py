@@ -1,0 +1,611 @@
+"""The bitsandbytes backends: bnb-nf4, bnb-fp4 and bnb-int8, with every expert quantized.
+
+Why this exists: transformers 5.x swaps only ``nn.Linear`` modules for bitsandbytes
+ones (``integrations/bitsandbytes.py: replace_with_bnb_linear`` tests
+``type(module) is nn.Linear``), and an MoE's routed experts are fused 3D parameters
+(``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)), so
+``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` leaves them in
+16 bit: a "4-bit Mixtral" that way keeps ~96% of its weights unquantized. Neither the
+4-bit nor the 8-bit quantizer of transformers 5.23 unfuses experts or quantizes 3D
+parameters.
+
+What these backends do: stream the source checkpoint one decoder layer at a time and
+quantize, with bitsandbytes' own functions, every linear the architecture row names:
+attention, each routed expert (per expert, from the per-expert tensors every Hub
+checkpoint stores), shared experts and dense MLPs. Routers (named in the row),
+norms, embeddings and the LM head are copied unchanged.
+
+On-disk format, per quantized linear ``P`` under its on-disk name, exactly what
+transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linear8bitLt``:
+
+- 4-bit: ``P.weight`` uint8 (ceil(out*in/2), 1) packed codes, ``P.weight.absmax``,
+  ``P.weight.quant_map``, with double quantization ``P.weight.nested_absmax`` and
+  ``P.weight.nested_quant_map``, and ``P.weight.quant_state.bitsandbytes__nf4|fp4`` (a
+  JSON blob: blocksize, dtype, shape);
+- 8-bit: ``P.weight`` int8 (out, in), ``P.SCB`` float32 (out,) row scales (absmax),
+  ``P.weight_format`` uint8.
+
+config.json carries a bitsandbytes ``quantization_config`` (``quant_method:
+"bitsandbytes"``, with routers and ``lm_head`` in ``llm_int8_skip_modules``).
+
+What plain transformers (5.23) does with it: attention, shared-expert and dense-MLP
+linears are in its own format and would load as bitsandbytes modules, but the routed
+experts cannot, because its Mixtral/Qwen2-MoE conversion merges ``experts.*.w1/w3.weight``
+into the fused 16-bit ``gate_up_proj`` and knows no quantized experts:
+
+- 4-bit: the packed shapes do not fit, so ``from_pretrained`` stops with a size-mismatch
+  error (never pass ``ignore_mismatched_sizes=True``: it re-initialises the experts at random);
+- int8: the codes have the weights' shape, so ``from_pretrained`` returns a model whose fused
+  expert tensors hold the raw int8 codes without their scales (its load report lists the
+  expert tensors as UNEXPECTED) and whose first forward fails with a dtype error.
+
+``quantmoe.load_quantized`` reads every linear back, dequantized with bitsandbytes'
+``dequantize_4bit`` / ``int8_vectorwise_dequant`` into the weights the bitsandbytes
+kernels compute with (quantmoe's evaluation reads them the same way), or, with
+``kernels="bitsandbytes"``, as bitsandbytes modules that keep the weights quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import QuantMoeError
+from .base import Backend, Options, QuantizedLinear, unknown_settings
+
+INSTALL = "pip install 'quantmoe[bnb]'"
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+DOUBLE_QUANT = ("auto", "on", "off")
+_4BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+
+def require_bitsandbytes(backend: str):
+    """The bitsandbytes module, or a one-line error that names the command installing it."""
+    loaded = sys.modules.get("bitsandbytes")
+    if loaded is not None and "bitsandbytes.functional" in sys.modules:
+        return loaded
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package
+    # (a faster 4-bit matmul) is missing. quantmoe does not use that matmul, so the warning is noise.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        raise QuantMoeError(f"the {backend} backend needs bitsandbytes, which is not installed; run: {INSTALL}") from None
+    except Exception as exc:  # a broken native library shows up as OSError/RuntimeError at import
+        raise QuantMoeError(f"bitsandbytes is installed but does not import ({type(exc).__name__}: {exc}); "
+                            f"reinstall it: {INSTALL}") from None
+    finally:
+        cpu_ops.setLevel(level)
+    return bitsandbytes
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    """How bitsandbytes quantizes; ``quant_type`` is fixed by the backend name."""
+
+    quant_type: str = "nf4"            # nf4 | fp4 (4-bit, blockwise absmax) | int8 (LLM.int8(), per-row absmax)
+    compute_dtype: str = "bfloat16"    # 4-bit: dtype bitsandbytes' Linear4bit multiplies in when served (bnb_4bit_compute_dtype)
+    double_quant: str = "auto"         # 4-bit: on | off | auto: quantize the absmax scales again (8 bit, blocks of 256,
+                                       # ~4.5 -> ~4.13 bits/weight); auto does it where it makes the linear smaller
+    blocksize: int = 64                # 4-bit: weights sharing one absmax (bitsandbytes' default)
+    int8_threshold: float = 6.0        # int8: LLM.int8() outlier threshold; input features above it run in 16 bit when served
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4", "int8"):
+            raise QuantMoeError(f"bitsandbytes quant type {self.quant_type!r} is unknown; use nf4, fp4 or int8")
+        if self.double_quant not in DOUBLE_QUANT:
+            raise QuantMoeError(f"--double-quant {self.double_quant!r} is unknown; use one of {', '.join(DOUBLE_QUANT)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise QuantMoeError(f"--compute-dtype {self.compute_dtype} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise QuantMoeError(f"4-bit blocksize {self.blocksize} is not one bitsandbytes takes; use 64")
+        if self.int8_threshold < 0:
+            raise QuantMoeError(f"--int8-threshold {self.int8_threshold} is negative; use 0 (no outliers) or e.g. 6.0")
+
+    @property
+    def four_bit(self) -> bool:
+        return self.quant_type != "int8"
+
+    def double_quantize(self, numel: int) -> bool:
+        """Whether a 4-bit linear of ``numel`` weights gets double quantization.
+
+        "auto" compares the bytes of its statistics both ways: double quantization turns each
+        block's float32 absmax into one byte plus a float32 per 256 blocks, but adds a fixed
+        256-entry float32 code table (1 KB) and ~90 bytes of metadata, so it only pays from
+        ~380 blocks (~24k weights at blocksize 64) up: every linear of a real Mixtral, not the
+        128 x 128 experts of a small demo model.
+        """
+        if self.double_quant != "auto":
+            return self.double_quant == "on"
+        blocks = -(-numel // self.blocksize)
+        return blocks + 4 * -(-blocks // 256) + 1024 + 90 < 4 * blocks
+
+
+# -- one linear ----------------------------------------------------------------------
+def quantize_weight(W: Tensor, cfg: BnbConfig) -> dict[str, Tensor]:
+    """A weight (out, in) -> its bitsandbytes tensors, keyed by name relative to the module.
+
+    4-bit: ``weight`` (packed) and ``weight.<stat>``; int8: ``weight``, ``SCB`` and
+    ``weight_format``. Quantized from W's own dtype, as ``Params4bit`` does (int8 from
+    float16, as ``Int8Params`` does).
+    """
+    import torch
+
+    F = require_bitsandbytes(f"bnb-{cfg.quant_type}").functional
+    if cfg.four_bit:
+        packed, state = F.quantize_4bit(W.contiguous(), blocksize=cfg.blocksize,
+                                        compress_statistics=cfg.double_quantize(W.numel()), quant_type=cfg.quant_type,
+                                        quant_storage=torch.uint8)
+        return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().to(torch.float16))
+    # weight_format 0 = row-major, the only layout bitsandbytes 0.45+ writes.
+    return {"weight": CB, "SCB": SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+
+def dequantize_weight(tensors: dict[str, Tensor], backend: str = "bnb") -> Tensor:
+    """The weight (out, in) that bitsandbytes tensors (names relative to the module) stand for.
+
+    4-bit: ``dequantize_4bit``, in the dtype the weight was quantized from; int8:
+    ``int8_vectorwise_dequant`` (W * SCB / 127), in float32. Both are elementwise, so the
+    result is the same on every run and device.
+    """
+    F = require_bitsandbytes(backend).functional
+    weight = tensors["weight"]
+    if "SCB" in tensors:
+        return F.int8_vectorwise_dequant(weight, tensors["SCB"].to(weight.device))
+    stats = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
+    state = F.QuantState.from_dict(stats, device=weight.device)
+    return F.dequantize_4bit(weight, state)
+
+
+def _4bit_shape(blob: Tensor) -> tuple[int, int]:
+    """(out, in) from the JSON blob ``weight.quant_state.bitsandbytes__*`` that every 4-bit linear carries."""
+    import torch
+
+    return tuple(json.loads(bytes(blob.to(torch.uint8).tolist()).decode())["shape"])
+
+
+# -- the backend ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class BnbBackend(Backend):
+    name: str
+    summary: str
+    quant_type: str
+    needs_calibration: bool = False
+
+    def configure(self, **settings) -> BnbConfig:
+        accepted = {"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8" else {"int8_threshold"}
+        unknown_settings(self.name, settings, accepted)
+        return BnbConfig(quant_type=self.quant_type, **settings)
+
+    def recognizes(self, quantization: dict) -> bool:
+        if quantization.get("quant_method") != "bitsandbytes":
+            return False
+        if quantization.get("load_in_8bit"):
+            return self.quant_type == "int8"
+        return quantization.get("load_in_4bit", False) and quantization.get("bnb_4bit_quant_type", "fp4") == self.quant_type
+
+    def describe(self, quantization: dict) -> dict:
+        q = quantization
+        four = self.quant_type != "int8"
+        double = (q.get("quantmoe") or {}).get("double_quant") or ("on" if q.get("bnb_4bit_use_double_quant") else "off")
+        label = f"{self.name} (double quant {double})" if four else self.name
+        return {"method": "bitsandbytes", "backend": self.name, "bits": 4 if four else 8, "label": label,
+                "compute_dtype": q.get("bnb_4bit_compute_dtype") if four else None,
+                "double_quant": double if four else None,
+                "int8_threshold": None if four else q.get("llm_int8_threshold")}
+
+    def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
+        out = {}
+        for name in ckpt.names():
+            m = re.fullmatch(r"(.+)\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)", name)
+            if m:
+                module = m.group(1)
+                names = [f"{module}.weight"] + [f"{module}.weight.{s}" for s in _4BIT_STATS] + [name]
+                out[module] = QuantizedLinear(module, _4bit_shape(ckpt.tensor(name)), tuple(n for n in names if ckpt.has(n)))
+            elif name.endswith(".SCB"):
+                module = name[: -len(".SCB")]
+                names = (f"{module}.weight", name, f"{module}.weight_format")
+                out[module] = QuantizedLinear(module, ckpt.shape(f"{module}.weight"), tuple(n for n in names if ckpt.has(n)))
+        return out
+
+    def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
+        prefix = linear.module + "."
+        return dequantize_weight({n[len(prefix):]: ckpt.tensor(n) for n in linear.tensors}, self.name)
+
+    def quantize(self, model, out, options: Options) -> dict:
+        import os
+
+        from ..distributed import Ranks
+
+        if Ranks.from_env(os.environ).world > 1:
+            raise QuantMoeError(f"the {self.name} backend runs in one process (torchrun spreads GPTQ's experts); "
+                                "run it without torchrun")
+        require_bitsandbytes(self.name)
+        cfg = options.config if options.config is not None else self.configure()
+        if not isinstance(cfg, BnbConfig) or cfg.quant_type != self.quant_type:
+            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({cfg!r}); "
+                                f"make them with backends.get({self.name!r}).configure(...)")
+        return quantize(self, model, out, cfg, options)
+
+
+BACKENDS = (
+    BnbBackend("bnb-nf4", "bitsandbytes NF4 (4-bit normal-float, blockwise absmax), experts included; no calibration",
+               "nf4"),
+    BnbBackend("bnb-fp4", "bitsandbytes FP4 (4-bit float, blockwise absmax), experts included; no calibration", "fp4"),
+    BnbBackend("bnb-int8", "bitsandbytes LLM.int8() (8-bit, per-row absmax), experts included; no calibration",
+               "int8"),
+)
+
+
+# -- the stage -----------------------------------------------------------------------
+def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quantized: list[str], version: str) -> dict:
+    """The bitsandbytes ``quantization_config`` transformers reads, plus quantmoe's own record."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": cfg.four_bit,
+        "load_in_8bit": not cfg.four_bit,
+        "bnb_4bit_quant_type": cfg.quant_type if cfg.four_bit else "fp4",
+        # Loaders read double quantization per linear (from its quant_state); "auto" may mix both.
+        "bnb_4bit_use_double_quant": cfg.four_bit and cfg.double_quant != "off",
+        "bnb_4bit_compute_dtype": cfg.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_threshold": cfg.int8_threshold,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        # In-memory module paths, matched from the start by transformers; giving any list turns off
+        # its default skips, so lm_head is listed too.
+        "llm_int8_skip_modules": skip + ["lm_head"],
+        "quantmoe": {
+            "backend": backend,
+            "version": version,
+            "blocksize": cfg.blocksize if cfg.four_bit else None,
+            "double_quant": cfg.double_quant if cfg.four_bit else None,
+            "experts": "per expert, under the on-disk names (block_sparse_moe.experts.E.w1 / mlp.experts.E.gate_proj ...)",
+            "modules_not_quantized": not_quantized,
+        },
+    }
+
+
+def _kinds(plan) -> dict[str, str]:
+    """Layer-relative on-disk linear name -> attention | expert | shared_expert | dense_mlp."""
+    kinds = {n: "attention" for group in plan.attention for n in group}
+    if plan.experts is not None:
+        kinds.update({plan.experts.linear(w, e): "expert" for e in range(plan.num_experts) for w in ("gate", "up", "down")})
+    for mlp, kind in ((plan.shared_expert, "shared_expert"), (plan.dense_mlp, "dense_mlp")):
+        if mlp is not None:
+            kinds.update({mlp.linear(w): kind for w in ("gate", "up", "down")})
+    return kinds
+
+
+def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, device: torch.device,
+                 quiet: bool = True) -> list[dict]:
+    """Stream ``ckpt`` layer by layer into bitsandbytes shards in ``staging``; returns the per-linear log.
+
+    Memory holds one source tensor and the shard being filled.
+    """
+    from tqdm.auto import tqdm
+
+    from ..architectures import architecture_for, plan_layer
+    from ..export import ShardWriter
+
+    arch = architecture_for(ckpt.config)
+    writer = ShardWriter(staging, max_shard_size)
+    for name in ckpt.names("model.embed_tokens."):
+        writer.add(name, ckpt.tensor(name))
+    log = []
+    for i in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=quiet):
+        prefix = ckpt.layer_prefix(i)
+        kinds = {prefix + n: k for n, k in _kinds(plan_layer(arch, ckpt.config, i)).items()}
+        missing = sorted(m for m in kinds if not ckpt.has(f"{m}.weight"))
+        if missing:
+            raise QuantMoeError(f"{missing[0]}.weight is not in {ckpt.path}; the bnb backends read each expert's "
+                                "own tensors (the Hub layout save_pretrained writes); re-save the model with "
+                                "transformers' save_pretrained")
+        for name in ckpt.names(prefix):
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module not in kinds:
+                writer.add(name, ckpt.tensor(name))
+                continue
+            W = ckpt.tensor(name).to(device)
+            parts = quantize_weight(W, cfg)
+            Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
+            for suffix, t in parts.items():
+                writer.add(f"{module}.{suffix}", t.cpu())
+            W = W.float()
+            log.append({"module": module, "kind": kinds[module], "shape": list(W.shape),
+                        "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
+                        "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))})  # ||W - Wq|| / ||W||
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
+    for name in ckpt.names():
+        if name not in done and not name.startswith(("model.layers.", "model.embed_tokens.")):
+            writer.add(name, ckpt.tensor(name))
+    writer.close()
+    return log
+
+
+def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) -> dict:
+    """The whole bnb run: shards into a staging folder, config, log, optional eval, card, manifest, rename."""
+    from .. import __version__
+    from ..architectures import architecture_for, plan_layer
+    from ..checkpoint import Checkpoint
+    from ..defaults import DEFAULT_MODEL
+    from ..evaluation import evaluate
+    from ..export import parse_size, write_config
+    from ..files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
+    from ..measure import stage
+    from ..pipeline import check_out, work_dir
+    from ..report import render_markdown
+    from ..stream import pick_device
+
+    ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
+    if ckpt.quantization is not None:
+        raise QuantMoeError(f"{ckpt.path} is already quantized ({ckpt.quantization.get('quant_method')}); "
+                            "quantize the original checkpoint")
+    out = check_out(Path(out) if out is not None else Path("quantmoe-out") / f"{ckpt.path.name}-{backend.name}",
+                    ckpt.path, options.overwrite)
+    arch = architecture_for(ckpt.config)
+    dev = pick_device(options.device)
+    work = work_dir(out)
+    if work.exists():
+        shutil.rmtree(work)
+    staging = work / "export"
+    staging.mkdir(parents=True)
+    stages: dict = {}
+    with stage(stages, "quantize"):
+        log = write_shards(ckpt, staging, cfg, parse_size(options.max_shard_size), dev, options.quiet)
+    routers = [f"{ckpt.layer_prefix(i)}{r}" for i in range(ckpt.config.num_hidden_layers)
+               for r in plan_layer(arch, ckpt.config, i).routers]
+    skip = [f"{ckpt.layer_prefix(i)}{arch.to_memory(r)}" for i in range(ckpt.config.num_hidden_layers)
+            for r in plan_layer(arch, ckpt.config, i).routers]
+    qconfig = quantization_config(cfg, backend.name, skip, routers, __version__)
+    write_config(ckpt, staging, qconfig)
+    settings = {**asdict(cfg), "device": str(dev), "max_shard_size": parse_size(options.max_shard_size)}
+    atomic_write_json(staging / "quantization_log.json",
+                      {"base_model": str(ckpt.path), "backend": backend.name, "options": settings, "linears": log})
+
+    report = None
+    if options.run_eval:
+        report = evaluate(staging, baseline=ckpt.path, data=options.eval_data, device=options.device,
+                          batch_size=options.batch_size, quiet=options.quiet)
+        report["model"] = str(out)
+        report["stages"] = {**stages, **report["stages"]}
+        atomic_write_json(staging / "eval_report.json", report)
+        atomic_write_text(staging / "eval_report.md", render_markdown(report))
+    atomic_write_text(staging / "README.md", model_card(report, {
+        "name": out.name, "base_model": ckpt.path.name, "model_type": ckpt.config.model_type, "version": __version__,
+        "backend": backend.name, "config": cfg, "not_quantized": routers, "linears": len(log)}))
+    write_manifest(staging, {"options": settings, "versions": {**versions(), "bitsandbytes": _bnb_version()},
+                             "base_model": str(ckpt.path), "stages": stages})
+    replace_dir(staging, out, options.overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"out": str(out), "report": report, "stages": stages, "fallbacks": [], "notes": []}
+
+
+def _bnb_version() -> str:
+    return require_bitsandbytes("bnb").__version__
+
+
+def model_card(report: dict | None, info: dict) -> str:
+    """README.md of a bnb export, with every section ``report.CARD_SECTIONS`` asks for (so ``quantmoe push``
+    takes it): base model, method, bits per weight, calibration, protocol, perplexity, and loading,
+    saying plainly which loaders cannot read quantized experts."""
+    from ..report import base_model_name, gap_table, protocol_text
+
+    cfg: BnbConfig = info["config"]
+    base = base_model_name(info["base_model"])
+    hub_id = base if "/" in base else None
+    stats = (report or {}).get("quantization", {})
+    if cfg.four_bit:
+        double = {"on": "on", "off": "off", "auto": "where it makes the linear smaller (auto)"}[cfg.double_quant]
+        method = (f"{cfg.quant_type.upper()} 4-bit, one absmax per {cfg.blocksize} weights, double quantization "
+                  f"{double}; compute dtype {cfg.compute_dtype} (bnb_4bit_compute_dtype)")
+    else:
+        method = f"LLM.int8(): 8-bit, one absmax per row; outlier threshold {cfg.int8_threshold} (llm_int8_threshold)"
+    lines = [
+        "---", "library_name: transformers", *([f"base_model: {hub_id}"] if hub_id else []),
+        f"tags: [quantmoe, bitsandbytes, moe, {cfg.quant_type}]", "---",
+        f"# {info['name']}", "",
+        f"bitsandbytes {cfg.quant_type} quantization of `{base}` ({info['model_type']}), every expert included, "
+        f"made with quantmoe {info['version']} (backend `{info['backend']}`).", "",
+        "## Base model", "",
+        f"`{base}` ({info['model_type']})" + (f", https://huggingface.co/{hub_id}" if hub_id else "") + ".", "",
+        "## Method", "",
+        f"- bitsandbytes {method}",
+        f"- {info['linears']} linears quantized: every attention projection, every routed expert (each expert "
+        "separately, from its own tensors) and every shared-expert / dense-MLP projection",
+        f"- not quantized: {', '.join(f'`{m}`' for m in info['not_quantized'])} (routers), norms, embeddings "
+        "and the LM head",
+        "- per-linear relative weight errors in `quantization_log.json`", "",
+    ]
+    if stats.get("bits_per_weight") is not None:
+        lines += [f"Bits per weight: {stats['bits_per_weight']:.3f} in the quantized projections (codes, absmax "
+                  f"scales and bitsandbytes' tables, measured from the files); {100 * stats['fraction_quantized']:.1f}% "
+                  f"of all parameters and {100 * stats['decoder_linear_fraction']:.1f}% of the decoder layers' linear "
+                  f"weights are quantized; {stats['size_bytes'] / 1e6:.2f} MB on disk.", ""]
+    lines += ["## Calibration data", "", "None: bitsandbytes rounds each weight block to its own absmax scale.", ""]
+    if report is not None:
+        lines += ["## Evaluation protocol", "", protocol_text(report) + " Weights dequantized with bitsandbytes.",
+                  f"Text sha256 `{report['data']['text_sha256']}`.", "",
+                  "## Perplexity", "", gap_table(report), ""]
+    plain = ("stops with a size-mismatch error (do not pass `ignore_mismatched_sizes=True`: it re-initialises the "
+             "experts at random)" if cfg.four_bit else
+             "returns a model whose fused expert tensors hold the raw int8 codes without their scales (its load "
+             "report lists the expert tensors as UNEXPECTED); the first forward fails with a dtype error")
+    lines += [
+        "## Loading", "",
+        "`./this-folder` stands for this folder, or for its Hub repo id once it is published.", "",
+        "### quantmoe", "",
+        "Every linear dequantized with bitsandbytes into a plain transformers model (CPU or GPU), or kept 4/8-bit "
+        "in memory in bitsandbytes' own modules, experts included:",
+        "```python", "import quantmoe", "model = quantmoe.load_quantized('./this-folder')",
+        "model = quantmoe.load_quantized('./this-folder', kernels='bitsandbytes')", "```", "",
+        "### transformers", "",
+        "Not loadable with `AutoModelForCausalLM.from_pretrained` alone: transformers 5.x quantizes only "
+        "`nn.Linear` modules with bitsandbytes, and its MoE experts are fused 3D parameters, so it cannot place the "
+        f"per-expert bitsandbytes tensors (`...experts.E.<proj>.weight` + statistics); it {plain}. Attention and "
+        "shared-expert tensors are in transformers' own bitsandbytes format. Use `quantmoe.load_quantized` "
+        "above, which returns a transformers model.", "",
+        "### vLLM", "",
+        "Not tested with this per-expert bitsandbytes layout; for vLLM serving quantize with "
+        "`quantmoe quantize --backend gptq`.", "",
+        "### GPTQModel", "",
+        "Does not apply: GPTQModel loads GPTQ checkpoints (`quantmoe quantize --backend gptq`).", "",
+        "Files: `quantization_log.json` (per linear: kind, shape, bytes, relative weight error), "
+        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions).", "",
+    ]
+    return "\n".join(lines)
+
+
+# -- serving with bitsandbytes' own kernels ----------------------------------------------
+def _experts_module():
+    """BnbExperts, defined on first use so that importing this file needs no torch."""
+    from torch import nn
+
+    class BnbExperts(nn.Module):
+        """Routed experts as bitsandbytes linears, one per projection and expert.
+
+        Stands in for transformers' fused experts module (same forward signature, same
+        arithmetic as its eager loop): x -> down(act(gate(x)) * up(x)) * routing weight.
+        """
+
+        def __init__(self, gate: list, up: list, down: list, act_fn):
+            super().__init__()
+            self.gate, self.up, self.down = nn.ModuleList(gate), nn.ModuleList(up), nn.ModuleList(down)
+            self.num_experts = len(gate)
+            self.act_fn = act_fn
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # (T, H), (T, k), (T, k) -> (T, H)
+            import torch
+
+            out = torch.zeros_like(hidden_states)
+            for e in top_k_index.unique().tolist():
+                if e >= self.num_experts:  # transformers' padding slot for tokens routed nowhere
+                    continue
+                token_idx, slot = torch.where(top_k_index == e)
+                x = hidden_states[token_idx]
+                y = self.down[e](self.act_fn(self.gate[e](x)) * self.up[e](x))
+                out.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None]).to(out.dtype))
+            return out
+
+    return BnbExperts
+
+
+def _bnb_linear(bnb, tensors: dict, bias, shape: tuple[int, int], quantization: dict, device, compute_dtype):
+    """One bitsandbytes module from its saved tensors (names relative to the module)."""
+    import torch
+    from torch import nn
+
+    out_features, in_features = shape
+    if "SCB" in tensors:
+        # Linear8bitLt only takes saved int8 weights once it is itself quantized, hence .to() first.
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                                    threshold=quantization.get("llm_int8_threshold", 6.0)).to(device)
+        layer.load_state_dict({**tensors, **({"bias": bias} if bias is not None else {})})
+        return layer.to(device)
+    with torch.device("meta"):
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype)
+    stats = {k: v for k, v in tensors.items() if k != "weight"}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
+                                                       device=torch.device(device), module=layer)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device, compute_dtype), requires_grad=False)
+    # bitsandbytes' AVX512-BF16 CPU path repacks the weight in tiles of 32 rows x one absmax block
+    # of columns and fails on other shapes; such linears keep its generic dequantize-then-matmul path.
+    if out_features % 32 or in_features % layer.weight.blocksize:
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def load_with_kernels(path, device: str = "auto"):
+    """A transformers model of a bnb checkpoint that runs bitsandbytes' own kernels, experts included.
+
+    Attention, shared-expert and dense linears become ``Linear4bit`` / ``Linear8bitLt``; each
+    MoE block's fused experts module becomes ``BnbExperts`` (one bitsandbytes linear per
+    expert projection). Weights stay quantized in memory: this is the model that delivers
+    the 4-bit memory footprint. Non-quantized parts are in the compute dtype (4-bit:
+    ``bnb_4bit_compute_dtype``; int8: float16). Outputs match ``load_quantized``'s
+    dequantized model up to the kernels' rounding (bf16/int8 activations), not bit for bit.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..architectures import architecture_for, plan_layer
+    from ..checkpoint import Checkpoint
+    from ..stream import model_config, pick_device
+
+    ckpt = Checkpoint(path)
+    backend = ckpt.backend
+    if not isinstance(backend, BnbBackend):
+        raise QuantMoeError(f"{ckpt.path} is not a bitsandbytes checkpoint "
+                            f"({backend.name if backend else 'not quantized'}); kernels='bitsandbytes' needs one "
+                            "made with --backend bnb-nf4/bnb-fp4/bnb-int8")
+    bnb = require_bitsandbytes(backend.name)
+    dev = pick_device(device)
+    q = ckpt.quantization
+    compute = getattr(torch, q.get("bnb_4bit_compute_dtype", "bfloat16")) if backend.quant_type != "int8" else torch.float16
+    config = model_config(ckpt)
+    arch = architecture_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute)
+    linears = ckpt.quantized_linears
+    stored = {t for lin in linears.values() for t in lin.tensors}
+
+    def module_for(full: str):
+        lin = linears[full]
+        bias = f"{full}.bias"
+        stored.add(bias)
+        return _bnb_linear(bnb, {n[len(full) + 1:]: ckpt.tensor(n) for n in lin.tensors},
+                           ckpt.tensor(bias) if ckpt.has(bias) else None, lin.shape, q, dev, compute)
+
+    for i, layer in enumerate(model.model.layers):
+        prefix = ckpt.layer_prefix(i)
+        plan = plan_layer(arch, config, i)
+        experts = plan.experts
+        for name in plan.quantized_linears():
+            if experts is not None and name.startswith(experts.prefix.split("{e}")[0]):
+                continue
+            layer.set_submodule(arch.to_memory(name), module_for(prefix + name))
+        if experts is not None:
+            fused = layer.get_submodule(arch.experts_module)
+            built = {w: [module_for(prefix + experts.linear(w, e)) for e in range(plan.num_experts)]
+                     for w in ("gate", "up", "down")}
+            layer.set_submodule(arch.experts_module, _experts_module()(built["gate"], built["up"], built["down"],
+                                                                        fused.act_fn))
+    # Everything else (embeddings, norms, routers, biases, head) from the checkpoint, in the compute dtype.
+    params = dict(model.named_parameters())
+    for name in ckpt.names():
+        if name in stored:
+            continue
+        target = name
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            target = ckpt.layer_prefix(index) + arch.to_memory(name[len(ckpt.layer_prefix(index)):])
+        if target not in params:
+            raise QuantMoeError(f"tensor {name} of {ckpt.path} has no place in the {config.model_type} model; "
+                                "is the checkpoint complete and of this architecture?")
+        module_name, _, attr = target.rpartition(".")
+        setattr(model.get_submodule(module_name), attr,
+                torch.nn.Parameter(ckpt.tensor(name).to(dev, compute), requires_grad=False))
+    if model.lm_head.weight.is_meta and getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None:
+        model.model.rotary_emb = type(rotary)(config=config).to(dev)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise QuantMoeError(f"{ckpt.path} lacks {left[0]} (and {len(left) - 1} more); is the checkpoint complete?")
+    return model.eval()

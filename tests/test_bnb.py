@@ -1,0 +1,385 @@
+"""The backend interface and the bitsandbytes backends, on tiny models, on CPU.
+
+Per-architecture tests run once per (architecture row, bnb backend). Tests that need
+bitsandbytes skip only when it cannot be imported (CI installs ``quantmoe[bnb]``); the
+missing-extra error is tested by hiding the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import quantmoe
+from quantmoe import backends
+from quantmoe.architectures import ARCHITECTURES, plan_layer
+from quantmoe.backends import Options
+from quantmoe.checkpoint import Checkpoint
+from quantmoe.cli import main
+from quantmoe.errors import QuantMoeError
+from quantmoe.export import checkpoint_stats
+
+from conftest import ARCH_NAMES
+from tiny import make_model, write_text
+
+BNB = [n for n in backends.names() if n.startswith("bnb-")]
+ALL_CASES = [(a, b) for a in ARCH_NAMES for b in BNB]
+
+
+@pytest.fixture(scope="session")
+def bitsandbytes():
+    return pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def bnb_exported(tiny_model, tmp_path_factory, bitsandbytes):
+    """(model_type, backend) -> (source folder, export folder), quantized once per module."""
+    cache = {}
+
+    def run(model_type, name):
+        if (model_type, name) not in cache:
+            src = tiny_model(model_type)
+            out = tmp_path_factory.mktemp("bnb") / f"{model_type}-{name}"
+            backends.get(name).quantize(src, out, Options(device="cpu", run_eval=False, quiet=True))
+            cache[model_type, name] = (src, out)
+        return cache[model_type, name]
+
+    return run
+
+
+def _planned(ckpt) -> dict[str, list[str]]:
+    """layer prefix -> on-disk linears the architecture row says are quantized."""
+    arch = ARCHITECTURES[ckpt.config.model_type]
+    return {ckpt.layer_prefix(i): plan_layer(arch, ckpt.config, i).quantized_linears()
+            for i in range(ckpt.config.num_hidden_layers)}
+
+
+# -- the interface ----------------------------------------------------------------------
+def test_registry_holds_every_backend_and_resolves_compare_specs():
+    assert {"gptq", "rtn", "bnb-nf4", "bnb-fp4", "bnb-int8"} <= set(backends.names())
+    backend, config = backends.resolve("gptq-int8")
+    assert backend.name == "gptq" and config.bits == 8 and config.backend == "gptq"
+    backend, config = backends.resolve("rtn-int4")
+    assert backend.name == "rtn" and config.backend == "rtn" and config.bits == 4
+    backend, config = backends.resolve("bnb-nf4")
+    assert backend.name == "bnb-nf4" and config.quant_type == "nf4" and config.double_quant == "auto"
+    for bad in ("awq", "bnb-nf4-int4"):
+        with pytest.raises(QuantMoeError) as err:
+            backends.resolve(bad)
+        assert "bnb-nf4" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_settings_that_do_not_apply_to_a_backend_are_errors():
+    cases = [("bnb-nf4", {"bits": 8}, "--bits"), ("bnb-int8", {"double_quant": "off"}, "--double-quant"),
+             ("bnb-nf4", {"double_quant": True}, "--double-quant True"),
+             ("bnb-fp4", {"int8_threshold": 4.0}, "--int8-threshold"), ("gptq", {"compute_dtype": "float16"}, "--compute-dtype"),
+             ("bnb-nf4", {"compute_dtype": "int4"}, "--compute-dtype int4")]
+    for name, settings, flag in cases:
+        with pytest.raises(QuantMoeError) as err:
+            backends.get(name).configure(**settings)
+        assert flag in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+    assert backends.get("bnb-int8").configure(int8_threshold=0.0).int8_threshold == 0.0
+    result = CliRunner().invoke(main, ["quantize", "--backend", "bnb-nf4", "--bits", "8", "--out", "x"])
+    assert result.exit_code == 2 and "--bits does not apply to the bnb-nf4 backend" in result.output
+
+
+def test_missing_bitsandbytes_is_a_one_line_error_naming_the_extra(tiny_model, tmp_path, monkeypatch):
+    src = tiny_model("mixtral")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    for name in BNB:
+        with pytest.raises(QuantMoeError) as err:
+            backends.get(name).quantize(src, tmp_path / name, Options(run_eval=False, quiet=True))
+        message = str(err.value)
+        assert "pip install 'quantmoe[bnb]'" in message and name in message and "\n" not in message
+        assert not (tmp_path / name).exists()
+    result = CliRunner().invoke(main, ["quantize", str(src), "--backend", "bnb-nf4", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: the bnb-nf4 backend needs bitsandbytes, which is not installed; run: pip install 'quantmoe[bnb]'"]
+
+
+# -- what is quantized ------------------------------------------------------------------
+@pytest.mark.parametrize(("model_type", "name"), ALL_CASES)
+def test_bnb_routers_untouched_and_every_projection_quantized(bnb_exported, model_type, name):
+    src, out = bnb_exported(model_type, name)
+    source, q = Checkpoint(src), Checkpoint(out)
+    assert q.backend is backends.get(name)
+    linears = q.quantized_linears
+    arch = ARCHITECTURES[model_type]
+    planned = set()
+    for prefix, names in _planned(source).items():
+        planned |= {prefix + n for n in names}
+        for router in plan_layer(arch, source.config, int(prefix.split(".")[2])).routers:
+            tensors = source.names(f"{prefix}{router}.")
+            assert tensors, router
+            for t in tensors:
+                assert prefix + router not in linears
+                assert q.tensor(t).dtype == source.tensor(t).dtype and torch.equal(q.tensor(t), source.tensor(t)), t
+    # Every attention, expert, shared-expert and dense projection is quantized, and nothing else.
+    assert set(linears) == planned
+    for module, linear in linears.items():
+        assert linear.shape == source.shape(f"{module}.weight")
+        assert q.tensor(f"{module}.weight").dtype == (torch.int8 if name == "bnb-int8" else torch.uint8)
+    # Norms, embeddings, biases and the head are copied bit for bit.
+    stored = {t for lin in linears.values() for t in lin.tensors}
+    for t in q.names():
+        if t not in stored:
+            assert torch.equal(q.tensor(t), source.tensor(t)), t
+    stats = checkpoint_stats(out)
+    assert stats["decoder_linear_fraction"] >= 0.95
+    assert stats["decoder_linear_fraction"] == 1.0
+    expected_bits = (8.0, 8.6) if name == "bnb-int8" else (4.1, 6.5)  # tiny 64-wide linears: fixed overhead is large
+    assert expected_bits[0] < stats["bits_per_weight"] < expected_bits[1]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes"
+    skip = config["llm_int8_skip_modules"]
+    assert "lm_head" in skip
+    for i in range(source.config.num_hidden_layers):
+        for router in plan_layer(arch, source.config, i).routers:
+            assert f"model.layers.{i}.{arch.to_memory(router)}" in skip  # in-memory path, as transformers matches it
+
+
+@pytest.mark.parametrize(("model_type", "name"), ALL_CASES)
+def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_exported, bitsandbytes, model_type,
+                                                                          name, text_file):
+    """load_quantized == the source model with each projection replaced by bnb's dequantize(quantize(W))."""
+    from transformers import AutoModelForCausalLM
+
+    from quantmoe.evaluation import eval_windows, perplexity
+    from quantmoe.stream import LayerStream
+
+    F = bitsandbytes.functional
+    src, out = bnb_exported(model_type, name)
+    source, saved = Checkpoint(src), Checkpoint(out)
+    stream = LayerStream(source, torch.device("cpu"))  # only for to_memory (on-disk -> fused layout)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    quant_type = name.removeprefix("bnb-")
+    for i, (prefix, names) in enumerate(_planned(source).items()):
+        state = {k[len(prefix):]: v for k, v in ((n, source.tensor(n)) for n in source.names(prefix))}
+        for lin in names:
+            W = state[f"{lin}.weight"]
+            if quant_type == "int8":
+                CB, SCB, _ = F.int8_vectorwise_quant(W.to(torch.float16))
+                state[f"{lin}.weight"] = F.int8_vectorwise_dequant(CB, SCB)
+            else:
+                nested = saved.has(f"{prefix}{lin}.weight.nested_absmax")  # double quantization, as saved
+                state[f"{lin}.weight"] = F.dequantize_4bit(*F.quantize_4bit(W, blocksize=64, compress_statistics=nested,
+                                                                           quant_type=quant_type))
+        with torch.no_grad():
+            for key, value in stream.to_memory(i, state).items():
+                reference.get_parameter(f"model.layers.{i}.{key}").copy_(value)
+    loaded = quantmoe.load_quantized(out)
+    windows, _ = eval_windows(source.tokenizer(), text_file, 64)
+    windows = windows[:4]
+    with torch.no_grad():
+        expected = reference(windows).logits
+        got = loaded(windows).logits
+    assert torch.equal(got, expected)
+    # quantmoe's streamed evaluation reads the folder to the same numbers.
+    loss = torch.nn.functional.cross_entropy(got[:, :-1].reshape(-1, got.shape[-1]), windows[:, 1:].reshape(-1))
+    assert perplexity(out, windows, "cpu")["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-6)
+    # The experts really are quantized: the loaded fused tensors differ from the source's.
+    experts = ARCHITECTURES[model_type].experts_module
+    layer = source.config.num_hidden_layers - 1
+    fused = stream.to_memory(layer, stream.layer_state(layer))[f"{experts}.down_proj"]
+    assert not torch.equal(loaded.get_parameter(f"model.layers.{layer}.{experts}.down_proj"), fused)
+
+
+@pytest.mark.parametrize("name", BNB)
+def test_saved_tensors_are_bitsandbytes_own_serialization(bnb_exported, bitsandbytes, name):
+    """bitsandbytes' modules load an attention and an expert projection, and compute what quantmoe dequantizes."""
+    from transformers import BitsAndBytesConfig
+
+    src, out = bnb_exported("mixtral", name)
+    q = Checkpoint(out)
+    config = BitsAndBytesConfig.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    if name == "bnb-int8":
+        assert config.load_in_8bit and config.llm_int8_threshold == 6.0
+    else:
+        assert config.load_in_4bit and config.bnb_4bit_quant_type == name[-3:] and config.bnb_4bit_use_double_quant
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.block_sparse_moe.experts.2.w2"):
+        linear = q.quantized_linears[module]
+        tensors = {n[len(module) + 1:]: q.tensor(n) for n in linear.tensors}
+        out_features, in_features = linear.shape
+        if name == "bnb-int8":
+            layer = bitsandbytes.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                                 threshold=6.0).to("cpu")
+            layer.load_state_dict(tensors)
+        else:
+            layer = bitsandbytes.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32)
+            stats = {k: v for k, v in tensors.items() if k != "weight"}
+            layer.weight = bitsandbytes.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
+                                                                        device=torch.device("cpu"), module=layer)
+        x = torch.randn(7, in_features, generator=torch.Generator().manual_seed(0))
+        W = q.backend.dequantize(q, linear).float()
+        with torch.no_grad():
+            ours = x @ W.T
+            theirs = layer(x.to(torch.float16) if name == "bnb-int8" else x).float()
+        # bitsandbytes' CPU kernels multiply in bf16 (4-bit) or int8 activations (LLM.int8()), hence the tolerance.
+        assert torch.allclose(theirs, ours, atol=2e-2 * ours.abs().max().item()), module
+
+
+@pytest.fixture(scope="module")
+def wide_nf4(tmp_path_factory, bitsandbytes):
+    """A Mixtral wide enough (hidden 256) that bitsandbytes' fixed per-linear tables (~1.2 KB) do not
+    dominate, and its nf4 export: (source folder, export folder)."""
+    folder = tmp_path_factory.mktemp("wide")
+    src = make_model("mixtral", folder / "model", hidden_size=256, intermediate_size=512)
+    out = folder / "nf4"
+    backends.get("bnb-nf4").quantize(src, out, Options(device="cpu", run_eval=False, quiet=True))
+    return src, out
+
+
+@pytest.mark.parametrize("name", BNB)
+def test_what_plain_transformers_does_with_a_bnb_export(bnb_exported, name):
+    """Pins what docs/backends.md says: transformers cannot place per-expert bitsandbytes tensors."""
+    pytest.importorskip("accelerate", reason="transformers' bitsandbytes loading needs accelerate (not a quantmoe extra)")
+    from transformers import AutoModelForCausalLM
+
+    _, out = bnb_exported("mixtral", name)
+    if name == "bnb-int8":
+        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.int8  # raw codes, no scales
+        with pytest.raises(RuntimeError):
+            model(torch.tensor([[1, 2, 3]]))
+    else:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+
+
+def test_auto_double_quant_keeps_whichever_statistics_are_smaller(bitsandbytes):
+    from quantmoe.backends.bnb import quantize_weight
+
+    configs = {mode: backends.get("bnb-nf4").configure(double_quant=mode) for mode in ("on", "off", "auto")}
+    chosen = []
+    for shape in [(64, 96), (128, 128), (320, 64), (384, 64), (512, 128), (512, 512)]:
+        W = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+        size = {mode: sum(t.numel() * t.element_size() for t in quantize_weight(W, cfg).values())
+                for mode, cfg in configs.items()}
+        assert size["auto"] == min(size["on"], size["off"]), (shape, size)
+        chosen.append(size["auto"] == size["on"])
+    assert chosen == [False, False, False, True, True, True]  # double quantization pays from ~24k weights
+
+
+def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(wide_nf4):
+    src, out = wide_nf4
+    source, stats = checkpoint_stats(src), checkpoint_stats(out)
+    assert source["decoder_bytes"] == source["decoder_bf16_bytes"]  # the tiny source is float16: 2 bytes a parameter
+    ratio = stats["decoder_bytes"] / source["decoder_bytes"]
+    assert abs(ratio - 0.25) <= 0.15 * 0.25, ratio
+    q = Checkpoint(out)
+    assert stats["decoder_bytes"] == sum(q.nbytes(n) for n in q.names("model.layers."))
+    assert stats["decoder_bf16_bytes"] == source["decoder_bf16_bytes"]
+
+
+@pytest.mark.parametrize(("model_type", "name"), ALL_CASES)
+def test_bitsandbytes_kernels_model_quantizes_every_expert(bnb_exported, bitsandbytes, text_file, model_type, name):
+    """load_quantized(kernels="bitsandbytes"): bitsandbytes modules everywhere the row says, same perplexity."""
+    from quantmoe.backends.bnb import load_with_kernels
+    from quantmoe.evaluation import eval_windows
+
+    src, out = bnb_exported(model_type, name)
+    model = quantmoe.load_quantized(out, kernels="bitsandbytes")
+    kind = bitsandbytes.nn.Linear8bitLt if name == "bnb-int8" else bitsandbytes.nn.Linear4bit
+    arch = ARCHITECTURES[model_type]
+    for i, layer in enumerate(model.model.layers):
+        plan = plan_layer(arch, model.config, i)
+        if plan.experts is not None:
+            experts = layer.get_submodule(arch.experts_module)
+            assert type(experts).__name__ == "BnbExperts" and len(experts.gate) == plan.num_experts
+            assert all(isinstance(m, kind) for m in (*experts.gate, *experts.up, *experts.down))
+        for lin in plan.quantized_linears():
+            if plan.experts is None or ".experts." not in lin:
+                assert isinstance(layer.get_submodule(arch.to_memory(lin)), kind), lin
+        for router in plan.routers:
+            assert not isinstance(layer.get_submodule(arch.to_memory(router)), kind)
+    windows, _ = eval_windows(Checkpoint(out).tokenizer(), text_file, 64)
+    with torch.no_grad():
+        ours = float(model(windows[:4], labels=windows[:4]).loss)
+        dequantized = float(quantmoe.load_quantized(out)(windows[:4], labels=windows[:4]).loss)
+    assert ours == pytest.approx(dequantized, rel=2e-3)  # bf16 / int8 activations in bitsandbytes' kernels
+    with pytest.raises(QuantMoeError) as err:
+        load_with_kernels(src)
+    assert "not a bitsandbytes checkpoint" in str(err.value)
+
+
+def test_bitsandbytes_kernels_model_holds_decoder_weights_in_4_bit(wide_nf4):
+    src, out = wide_nf4
+    model = quantmoe.load_quantized(out, kernels="bitsandbytes")
+    held = sum(t.numel() * t.element_size() for t in model.model.layers.state_dict().values())
+    bf16 = checkpoint_stats(src)["decoder_bf16_bytes"]
+    assert held / bf16 < 0.3, held / bf16  # 16-bit fused experts would make it ~1.0
+    assert any(".nested_absmax" in n for n in Checkpoint(out).names())  # wide linears are double-quantized
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = float(model(ids, labels=ids).loss)
+        dequantized = float(quantmoe.load_quantized(out)(ids, labels=ids).loss)
+    assert ours == pytest.approx(dequantized, rel=2e-3)
+
+
+# -- commands -------------------------------------------------------------------------
+def test_cli_quantize_bnb_with_options_then_eval_backend_check(tiny_model, tmp_path, bitsandbytes):
+    from quantmoe.publish import validate
+
+    src = tiny_model("qwen2_moe")
+    out = tmp_path / "fp4"
+    short = write_text(tmp_path / "short.jsonl", repeats=3)
+    result = CliRunner().invoke(main, ["quantize", str(src), "--backend", "bnb-fp4", "--compute-dtype", "float16",
+                                       "--double-quant", "off", "--out", str(out), "--eval-data", str(short),
+                                       "--device", "cpu", "--quiet", "--nsamples", "4"])
+    assert result.exit_code == 0, result.output
+    assert "note: bnb-fp4 uses no calibration data; --nsamples is ignored" in result.output
+    assert "| bnb-fp4 (double quant off) | " in result.output  # the gap table
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["quantization"]["decoder_linear_fraction"] == 1.0 and report["quantization"]["backend"] == "bnb-fp4"
+    assert validate(out)  # the card states everything `quantmoe push` asks for
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bnb_4bit_quant_type"], qc["bnb_4bit_compute_dtype"], qc["bnb_4bit_use_double_quant"]) == \
+        ("fp4", "float16", False)
+    assert all("nested_absmax" not in n for n in Checkpoint(out).names())
+    assert {"README.md", "manifest.json", "quantization_log.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert "Not loadable with `AutoModelForCausalLM.from_pretrained` alone" in card and "size-mismatch" in card
+    result = CliRunner().invoke(main, ["eval", str(out), "--backend", "gptq"])
+    assert result.exit_code == 2 and "was quantized with bnb-fp4, not gptq" in result.output
+    result = CliRunner().invoke(main, ["eval", str(src), "--backend", "bnb-nf4"])
+    assert result.exit_code == 2 and "is not quantized" in result.output
+
+
+def test_compare_writes_one_table_measured_from_the_files(tiny_model, text_file, tmp_path, bitsandbytes):
+    from quantmoe.compare import compare
+
+    src = tiny_model("mixtral")
+    short = write_text(tmp_path / "short.jsonl", repeats=3)
+    report = tmp_path / "results" / "compare-tiny.json"
+    table = compare(src, ["rtn-int4", "bnb-nf4"], tmp_path / "cmp", Options(device="cpu", calib=text_file, nsamples=4),
+                    data=short, seqlen=32, report=report, isolate=False)
+    assert json.loads(report.read_text()) == json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    markdown = report.with_suffix(".md").read_text()
+    assert "| bnb-nf4 (double quant auto) |" in markdown and "| original |" in markdown and "core CPU" in markdown
+    rows = {r["backend"]: r for r in table["rows"]}
+    assert set(rows) == {"rtn-int4", "bnb-nf4"}
+    for spec, row in rows.items():
+        folder = tmp_path / "cmp" / spec
+        assert row["decoder_linear_fraction"] == checkpoint_stats(folder)["decoder_linear_fraction"] >= 0.95
+        assert row["size_bytes"] == sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        assert row["gap"] == pytest.approx((row["perplexity"] - table["original"]["perplexity"])
+                                           / table["original"]["perplexity"])
+        assert row["quantize"]["seconds"] > 0 and row["quantize"]["peak_rss_mb"] > 0
+    assert 4.0 < rows["rtn-int4"]["bits_per_weight"] < 5.5
+    assert table["original"]["fraction_quantized"] == 0.0 and table["original"]["bits_per_weight"] is None
+    assert table["data"]["windows"] * 31 == table["original"]["tokens_scored"]
+
+
+def test_compare_isolated_runs_report_errors_from_the_child_process(tmp_path):
+    from quantmoe.compare import _call, machine, measure_backend
+
+    assert _call(True, machine)["cores"] == machine()["cores"]
+    with pytest.raises(QuantMoeError) as err:
+        _call(True, measure_backend, "nope", str(tmp_path), str(tmp_path / "x"), str(tmp_path / "w"), Options())
+    assert "unknown backend 'nope'" in str(err.value)
