@@ -121,6 +121,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor ("F16", "BF16", "F32", "I32", ...), read from the header."""
+        return self._open(self.weight_map[name]).get_slice(name).get_dtype()
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
