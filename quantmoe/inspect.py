@@ -94,27 +94,25 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> di
         layer, cls, pattern, quantized_as = None, "not quantized", name, []
         if name.startswith("model.layers."):
             layer = int(name.split(".")[2])
-            rel = name[len(f"model.layers.{layer}."):]
-            pattern = "model.layers.{i}." + rel
+            rel = name[len(ckpt.layer_prefix(layer)):]
+            plan = plans[layer] if layer < num_layers else plan_layer(arch, config, layer)
+            module, _, suffix = rel.rpartition(".")
+            pattern = "model.layers.{i}." + plan.pattern(module) + "." + suffix
             if layer >= num_layers:
                 cls = "not exported"  # beyond num_hidden_layers (DeepSeek-V3's MTP layer): transformers ignores it
-            else:
-                plan = plans[layer]
-                module, _, suffix = rel.rpartition(".")
-                pattern = "model.layers.{i}." + plan.pattern(module) + "." + suffix
-                if module in kinds[layer]:
-                    cls = KIND_CLASS[kinds[layer][module]]
-                    if suffix == "weight":
-                        quantized_as = [tuple(shape)]
-                elif rel in plan.fused_disk_tensors():
-                    cls = "routed expert"
-                    experts, out_rows, cols = shape
-                    if rel == plan.fused.disk_gate_up:  # two halves: gate and up, each (I, H)
-                        quantized_as = [(out_rows // 2, cols)] * (2 * experts)
-                    else:
-                        quantized_as = [(out_rows, cols)] * experts
-                elif any(rel.startswith(r + ".") for r in plan.routers):
-                    cls = "router"
+            elif module in kinds[layer]:
+                cls = KIND_CLASS[kinds[layer][module]]
+                if suffix == "weight":
+                    quantized_as = [tuple(shape)]
+            elif rel in plan.fused_disk_tensors():
+                cls = "routed expert"
+                experts, out_rows, cols = shape
+                if rel == plan.fused.disk_gate_up:  # two halves, gate and up, each (I, H)
+                    quantized_as = [(out_rows // 2, cols)] * (2 * experts)
+                else:
+                    quantized_as = [(out_rows, cols)] * experts
+            elif any(rel.startswith(r + ".") for r in plan.routers):
+                cls = "router"
         key = (pattern, cls)
         entry = entries.get(key)
         if entry is None:
