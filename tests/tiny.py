@@ -25,21 +25,21 @@ TINY = {
                                          num_experts_per_tok=3, num_attention_heads=4, num_key_value_heads=2,
                                          mlp_only_layers=[0], max_position_embeddings=256, qkv_bias=True)),
     # Qwen3-MoE: many small experts, no shared expert, q/k norms; layer 0 dense through mlp_only_layers.
-    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                                          num_hidden_layers=3, num_experts=16, num_experts_per_tok=4, head_dim=16,
                                          mlp_only_layers=[0], **_ATTN)),
     # OLMoE: 64 experts, top-8, as the released model; q/k norms.
-    "olmoe": ("OlmoeConfig", dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_experts=64,
+    "olmoe": ("OlmoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_experts=64,
                                   num_experts_per_tok=8, pad_token_id=0, eos_token_id=0, **_ATTN)),
     # DeepSeek-V2 without a query LoRA (q_proj, as V2-Lite), two shared experts, layer 0 dense.
-    "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                                              num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                                              n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
                                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                              num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=256)),
     # DeepSeek-V3: MLA with q_a/q_b, grouped sigmoid router with e_score_correction_bias, layer 0 dense.
-    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                                              num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                                              topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
                                              kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
