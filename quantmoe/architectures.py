@@ -289,7 +289,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             routers=("block_sparse_moe.router.layer",),
             renames=(("block_sparse_moe.router.layer.", "block_sparse_moe.router."),),
             logits_divisor="logits_scaling",
-            notes="logits divided by `logits_scaling`; vLLM reads the per-expert export names",
+            notes="logits divided by `logits_scaling`; exported per expert under the names vLLM splits experts into",
         ),
         Architecture(
             model_type="llama",
