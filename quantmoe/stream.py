@@ -155,10 +155,12 @@ class LayerStream:
         if plan.experts is not None:
             fused = plan.fused
             gate_up_name, down_name = f"{fused.module}.{fused.gate_up}", f"{fused.module}.{fused.down}"
-            if fused.on_disk and fused.disk_gate_up in state:
-                out[gate_up_name], out[down_name] = state[fused.disk_gate_up], state[fused.disk_down]
+            per_expert = f"{plan.experts.linear(fused.halves[0], 0)}.weight" in state
+            if fused.on_disk:
                 consumed.update((fused.disk_gate_up, fused.disk_down))
-            else:
+            if fused.on_disk and not per_expert:
+                out[gate_up_name], out[down_name] = state[fused.disk_gate_up], state[fused.disk_down]
+            else:  # per-expert tensors win over fused ones: they are what a quantized export holds
                 gate_up, down = [], []
                 for e in range(plan.num_experts):
                     halves = [f"{plan.experts.linear(w, e)}.weight" for w in fused.halves]
