@@ -35,6 +35,7 @@ TINY = {
     "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                                              num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                                              n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+                                             bos_token_id=0, eos_token_id=0,  # the tokenizer's; the default 2 is a word
                                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                              num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=256)),
