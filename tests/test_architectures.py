@@ -6,62 +6,41 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
+import quantmoe
+from quantmoe.architectures import ARCHITECTURES, markdown_table, plan_layer
+from quantmoe.checkpoint import Checkpoint
+from quantmoe.cli import main
+from quantmoe.config import QuantConfig
+from quantmoe.evaluation import eval_windows
+from quantmoe.export import checkpoint_stats
+from quantmoe.inspect import inspect_model
+from quantmoe.packing import GPTQ_SUFFIXES
+from quantmoe.stream import LayerStream
 
-from tiny import TINY, make_model, make_tokenizer, write_text  # noqa: E402
+from conftest import ARCH_NAMES
+from tiny import TINY, make_tokenizer
 
-import quantmoe  # noqa: E402
-from quantmoe.architectures import ARCHITECTURES, markdown_table, plan_layer  # noqa: E402
-from quantmoe.checkpoint import Checkpoint  # noqa: E402
-from quantmoe.cli import main  # noqa: E402
-from quantmoe.config import QuantConfig  # noqa: E402
-from quantmoe.evaluation import eval_windows  # noqa: E402
-from quantmoe.export import checkpoint_stats  # noqa: E402
-from quantmoe.inspect import inspect_model  # noqa: E402
-from quantmoe.packing import GPTQ_SUFFIXES  # noqa: E402
-from quantmoe.stream import LayerStream  # noqa: E402
-
-ARCH_NAMES = sorted(ARCHITECTURES)
 MOE_NAMES = [name for name in ARCH_NAMES if ARCHITECTURES[name].experts is not None]
 QCFG = QuantConfig(group_size=32)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    return write_text(tmp_path_factory.mktemp("text") / "docs.jsonl")
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """source(model_type) -> folder of a saved tiny checkpoint (built once per module)."""
-    cache: dict[str, Path] = {}
-
-    def build(model_type: str) -> Path:
-        if model_type not in cache:
-            cache[model_type] = make_model(model_type, tmp_path_factory.mktemp(model_type) / "model")
-        return cache[model_type]
-
-    return build
-
-
-@pytest.fixture(scope="module")
-def quantized(source, text, tmp_path_factory):
-    """quantized(model_type) -> (source folder, GPTQ export folder, summary), quantized once."""
+def quantized(tiny_model, text_file, tmp_path_factory):
+    """quantized(model_type) -> (source folder, GPTQ g32 export folder, summary), quantized once, no eval."""
     cache: dict[str, tuple] = {}
 
     def run(model_type: str):
         if model_type not in cache:
-            src = source(model_type)
+            src = tiny_model(model_type)
             out = tmp_path_factory.mktemp("out") / model_type
-            summary = quantmoe.quantize(src, out, QCFG, calib=text, nsamples=4, seqlen=32, run_eval=False,
+            summary = quantmoe.quantize(src, out, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False,
                                         quiet=True)
             cache[model_type] = (src, out, summary)
         return cache[model_type]
@@ -85,9 +64,9 @@ def test_every_row_has_a_tiny_config():
 
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
-def test_row_accounts_for_every_tensor_on_disk(source, model_type):
+def test_row_accounts_for_every_tensor_on_disk(tiny_model, model_type):
     """Every matrix of a layer is a planned linear, a fused expert tensor or under a router; nothing is missing."""
-    ckpt = Checkpoint(source(model_type))
+    ckpt = Checkpoint(tiny_model(model_type))
     arch = ARCHITECTURES[model_type]
     for i in range(ckpt.config.num_hidden_layers):
         plan = plan_layer(arch, ckpt.config, i)
@@ -108,11 +87,11 @@ def test_row_accounts_for_every_tensor_on_disk(source, model_type):
 
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
-def test_streamed_layers_compute_what_transformers_computes(source, text, model_type):
+def test_streamed_layers_compute_what_transformers_computes(tiny_model, text_file, model_type):
     """The row's renames, fusion and head convention reproduce the model transformers loads itself."""
-    src = source(model_type)
+    src = tiny_model(model_type)
     ckpt = Checkpoint(src)
-    ids, _ = eval_windows(ckpt.tokenizer(), text, 32)
+    ids, _ = eval_windows(ckpt.tokenizer(), text_file, 32)
     ids = ids[:2]
     reference = _reference(src)
     stream = LayerStream(ckpt, torch.device("cpu"))
@@ -134,9 +113,9 @@ def test_streamed_layers_compute_what_transformers_computes(source, text, model_
 
 
 @pytest.mark.parametrize("model_type", MOE_NAMES)
-def test_fused_gate_up_order_matches_disk(source, model_type):
+def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
     """The row's halves are what transformers loads from disk and what its expert forward gates."""
-    src = source(model_type)
+    src = tiny_model(model_type)
     ckpt = Checkpoint(src)
     arch = ARCHITECTURES[model_type]
     reference = _reference(src)
@@ -171,7 +150,7 @@ def test_fused_gate_up_order_matches_disk(source, model_type):
 
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
-def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text, model_type):
+def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text_file, model_type):
     src, out, summary = quantized(model_type)
     source_ckpt, export = Checkpoint(src), Checkpoint(out)
     arch = ARCHITECTURES[model_type]
@@ -207,7 +186,7 @@ def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text, 
     assert ("shared_expert" in kinds) == (arch.shared_expert is not None)
 
     # The export reloads, and its logits stay close to those of the original loaded by transformers.
-    ids, _ = eval_windows(source_ckpt.tokenizer(), text, 32)
+    ids, _ = eval_windows(source_ckpt.tokenizer(), text_file, 32)
     with torch.no_grad():
         original = _reference(src)(ids[:2]).logits
         reloaded = quantmoe.load_quantized(out)(ids[:2]).logits
@@ -259,8 +238,8 @@ def test_inspect_estimate_is_what_the_export_measures(quantized, model_type):
     assert classes["not quantized"]["quantized_parameters"] == 0
 
 
-def test_inspect_deepseek_v3_classifies_router_bias_shared_experts_and_dense_layer(source):
-    src = source("deepseek_v3")
+def test_inspect_deepseek_v3_classifies_router_bias_shared_experts_and_dense_layer(tiny_model):
+    src = tiny_model("deepseek_v3")
     result = CliRunner().invoke(main, ["inspect", str(src), "--json", "--group-size", "32"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -286,38 +265,39 @@ def test_inspect_deepseek_v3_classifies_router_bias_shared_experts_and_dense_lay
     assert rows["model.embed_tokens.weight"]["cls"] == rows["lm_head.weight"]["cls"] == "not quantized"
     assert set(report["classes"]) == {"attention", "routed expert", "shared expert", "dense MLP", "router",
                                       "not quantized"}
-    text = CliRunner().invoke(main, ["inspect", str(src)]).output
-    assert re.search(r"model\.layers\.\{i\}\.mlp\.gate\.e_score_correction_bias\s+router\s+1-2\s", text), text
-    assert re.search(r"model\.layers\.\{i\}\.mlp\.gate_proj\.weight\s+dense MLP\s+0\s", text), text
-    assert re.search(r"model\.layers\.\{i\}\.mlp\.shared_experts\.down_proj\.weight\s+shared expert\s+1-2\s", text)
-    assert "estimate at int4 g128" in text
+    listing = CliRunner().invoke(main, ["inspect", str(src)]).output
+    assert re.search(r"model\.layers\.\{i\}\.mlp\.gate\.e_score_correction_bias\s+router\s+1-2\s", listing), listing
+    assert re.search(r"model\.layers\.\{i\}\.mlp\.gate_proj\.weight\s+dense MLP\s+0\s", listing), listing
+    assert re.search(r"model\.layers\.\{i\}\.mlp\.shared_experts\.down_proj\.weight\s+shared expert\s+1-2\s",
+                     listing)
+    assert "estimate at int4 g128" in listing
 
 
-def test_inspect_lists_layers_beyond_num_hidden_layers_as_not_exported(source, tmp_path):
+def test_inspect_lists_layers_beyond_num_hidden_layers_as_not_exported(tiny_model, tmp_path):
     """DeepSeek-V3's Hub checkpoint carries its multi-token-prediction layer after the last decoder layer."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "with-mtp"
-    shutil.copytree(source("deepseek_v3"), folder)
+    shutil.copytree(tiny_model("deepseek_v3"), folder)
     tensors = load_file(folder / "model.safetensors")
     for name in [n for n in tensors if n.startswith("model.layers.2.")]:
         tensors["model.layers.3." + name[len("model.layers.2."):]] = tensors[name].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    plain, report = inspect_model(source("deepseek_v3"), group_size=32), inspect_model(folder, group_size=32)
+    plain, report = inspect_model(tiny_model("deepseek_v3"), group_size=32), inspect_model(folder, group_size=32)
     extra = [e for e in report["tensors"] if e["cls"] == "not exported"]
     assert extra and all(e["layers"] == [3] for e in extra)
     assert any(e["pattern"] == "model.layers.{i}.mlp.experts.{e}.gate_proj.weight" for e in extra)
     assert report["totals"] == plain["totals"]  # the estimate is of what the export holds
 
 
-def test_inspect_reads_only_headers(source, monkeypatch):
+def test_inspect_reads_only_headers(tiny_model, monkeypatch):
     def no_weights(self, name):
         raise AssertionError(f"inspect read the weights of {name}")
 
     monkeypatch.setattr(Checkpoint, "tensor", no_weights)
-    assert inspect_model(source("granitemoe"))["classes"]["routed expert"]["quantized_parameters"] > 0
+    assert inspect_model(tiny_model("granitemoe"))["classes"]["routed expert"]["quantized_parameters"] > 0
 
 
 @pytest.mark.parametrize("command", [["inspect"], ["quantize", "--no-eval", "--quiet"]])
