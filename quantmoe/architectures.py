@@ -129,7 +129,7 @@ class Architecture:
 
     def is_moe_layer(self, config, index: int) -> bool:
         """True when decoder layer ``index`` holds routed experts."""
-        if self.experts is None:
+        if self.experts is None or self.num_experts(config) == 0:  # Qwen-MoE with num_experts 0 is dense
             return False
         return SPARSE_RULES[self.sparse_rule](config, index)
 

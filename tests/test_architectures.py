@@ -86,6 +86,27 @@ def test_row_accounts_for_every_tensor_on_disk(tiny_model, model_type):
     assert "attention" in kinds and ("expert" in kinds) == (arch.experts is not None)
 
 
+# Config variations that move the dense/MoE boundary, per sparse rule.
+SPARSE_VARIATIONS = {"all": [{}], "sparse_step": [{"mlp_only_layers": [], "decoder_sparse_step": 2},
+                                                  {"mlp_only_layers": [1], "decoder_sparse_step": 1}],
+                     "first_k_dense": [{"first_k_dense_replace": 0}, {"first_k_dense_replace": 2}]}
+
+
+@pytest.mark.parametrize("model_type", MOE_NAMES)
+def test_moe_layers_are_those_transformers_builds(model_type):
+    import transformers
+
+    arch = ARCHITECTURES[model_type]
+    cls_name, kwargs = TINY[model_type]
+    for overrides in SPARSE_VARIATIONS[arch.sparse_rule]:
+        config = getattr(transformers, cls_name)(vocab_size=300, **{**kwargs, **overrides})
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        built = [any(n == arch.fused.module for n, _ in layer.named_modules()) for layer in model.model.layers]
+        planned = [arch.is_moe_layer(config, i) for i in range(config.num_hidden_layers)]
+        assert planned == built, overrides
+
+
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_streamed_layers_compute_what_transformers_computes(tiny_model, text_file, model_type):
     """The row's renames, fusion and head convention reproduce the model transformers loads itself."""
