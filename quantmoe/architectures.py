@@ -124,6 +124,11 @@ class Architecture:
     attention_if_none: tuple[tuple[str, Groups], ...] = ()
     # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
     logits_divisor: str | None = None
+    # GPTQModel interop (--layout gptqmodel): whether GPTQModel 7.6 loads this family under the
+    # names gptqmodel_name gives, and whether its definition quantizes the MLP of a sparse model's
+    # dense layers (DeepSeek's first_k_dense_replace layers: yes; Qwen-MoE's mlp_only_layers: no).
+    gptqmodel: bool = True
+    gptqmodel_dense_mlp: bool = False
     # One line for the docs table: what is special about this family.
     notes: str = ""
 
@@ -213,6 +218,7 @@ def _deepseek(model_type: str, notes: str) -> Architecture:
         dense_mlp=MLP("mlp"),
         num_experts_attr="n_routed_experts",
         sparse_rule="first_k_dense",
+        gptqmodel_dense_mlp=True,
         notes=notes,
     )
 
@@ -289,6 +295,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             routers=("block_sparse_moe.router.layer",),
             renames=(("block_sparse_moe.router.layer.", "block_sparse_moe.router."),),
             logits_divisor="logits_scaling",
+            gptqmodel=False,  # GPTQModel packs gate+up of each expert as one input_linear.{e}.linear
             notes="logits divided by `logits_scaling`; exported per expert under the names vLLM splits experts into",
         ),
         Architecture(
@@ -406,10 +413,11 @@ class LayerPlan:
 
 
 def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -> LayerPlan:
-    """What layer ``index`` quantizes. GPTQModel's definitions do not cover the dense MLP of a
-    sparse model's dense layers, so the ``gptqmodel`` layout leaves it in full precision."""
+    """What layer ``index`` quantizes. Some of GPTQModel's definitions (Qwen-MoE) do not cover the
+    dense MLP of a sparse model's dense layers; the ``gptqmodel`` layout then leaves it in full precision."""
     moe = arch.is_moe_layer(config, index)
-    dense = None if moe or (layout == "gptqmodel" and arch.experts is not None) else arch.dense_mlp
+    skip_dense = layout == "gptqmodel" and arch.experts is not None and not arch.gptqmodel_dense_mlp
+    dense = None if moe or skip_dense else arch.dense_mlp
     return LayerPlan(
         index=index,
         attention=arch.attention_groups(config),

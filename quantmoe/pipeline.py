@@ -137,6 +137,9 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     arch = architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
     shard_bytes = parse_size(max_shard_size)
+    if qcfg.layout == "gptqmodel" and not arch.gptqmodel:
+        raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel names its "
+                            "experts differently); use --layout source (see docs/interop.md)")
     ckpt.open_shards()
     notes = check_shapes(ckpt, arch, qcfg)
     tokenizer = ckpt.tokenizer()
