@@ -315,6 +315,8 @@ def verify(folder):
 def inspect_(model, bits, group_size, as_json):
     """Classify every tensor of MODEL (attention, routed/shared expert, router, dense MLP, not quantized)
     and estimate its size at --bits/--group-size, reading only headers (default: the bundled demo MoE)."""
+    import json
+
     from .defaults import DEFAULT_MODEL
     from .inspect import inspect_model, render_text
 
