@@ -1,19 +1,26 @@
 """The architecture table: one declarative row per supported model family.
 
 Each row says, once and by exact path, where a decoder layer's parts live *on disk*
-(the names every Hub checkpoint uses) and how they map onto the fused modules that
+(the names every Hub checkpoint uses) and how they map onto the modules that
 transformers 5.x builds in memory. Nothing elsewhere in quantmoe matches on substrings
 such as "gate": routers are listed here by exact path and are never quantized.
 
-Paths in a row are relative to one decoder layer (``model.layers.{i}.``).
+Paths in a row are relative to one decoder layer (``model.layers.{i}.``). The layouts
+were read off transformers 5.23 (``models/<family>/modeling_*.py`` and
+``conversion_mapping.py``) and checked by saving tiny models (tests/test_architectures.py).
+To add a family, see docs/architectures.md.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import QuantMoeError
+
+# Linears that read one input (and so share one Hessian), in the order they are quantized.
+Groups = tuple[tuple[str, ...], ...]
 
 
 GPTQMODEL_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -39,84 +46,182 @@ class MLP:
 
 
 @dataclass(frozen=True)
+class FusedExperts:
+    """Routed experts as 3-D tensors: always in memory (transformers 5), on disk for some families.
+
+    In memory, ``<module>.<gate_up>`` is (E, 2I, H) holding two halves along dim 1 in the
+    order ``halves``, and ``<module>.<down>`` is (E, H, I).
+    """
+
+    module: str = "mlp.experts"          # in-memory module path
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    halves: tuple[str, str] = ("gate", "up")
+    # Layer-relative on-disk names of the same tensors, for checkpoints that store experts fused
+    # (GraniteMoE). None: the checkpoint has one linear per expert (the row's ``experts``).
+    disk_gate_up: str | None = None
+    disk_down: str | None = None
+
+    @property
+    def on_disk(self) -> bool:
+        return self.disk_gate_up is not None
+
+
+def _all_layers(config, index: int) -> bool:
+    return True
+
+
+def _sparse_step(config, index: int) -> bool:
+    # Qwen2/3-MoE: mlp_only_layers are dense; otherwise every decoder_sparse_step-th layer is MoE.
+    mlp_only = getattr(config, "mlp_only_layers", None) or []
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return index not in mlp_only and (index + 1) % step == 0
+
+
+def _first_k_dense(config, index: int) -> bool:
+    # DeepSeek: the first first_k_dense_replace layers have a dense MLP.
+    return index >= (getattr(config, "first_k_dense_replace", 0) or 0)
+
+
+# Which decoder layers hold routed experts, by rule name (the row's ``sparse_rule``).
+SPARSE_RULES = {"all": _all_layers, "sparse_step": _sparse_step, "first_k_dense": _first_k_dense}
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where a decoder layer's parts live, for one ``model_type``."""
 
     model_type: str
-    # Linear groups of the attention block; each inner tuple shares one input and so one Hessian.
-    attention: tuple[tuple[str, ...], ...]
-    # Routed experts on disk, with "{e}" for the expert index.
-    experts: MLP | None
-    # The MoE block: on-disk prefix and the in-memory module path (transformers 5 renames some).
-    moe_block: str | None
-    moe_module: str | None
-    # In-memory module holding the fused expert tensors gate_up_proj (E, 2I, H) and down_proj (E, H, I).
-    experts_module: str = "mlp.experts"
-    # Routers: exact on-disk module paths. Never quantized.
+    # Attention linears, grouped by shared input (see Groups).
+    attention: Groups
+    # Routed experts: one linear per expert, "{e}" for the index. These are the on-disk names of
+    # per-expert checkpoints and the names quantized experts are exported under (always per expert).
+    experts: MLP | None = None
+    # How the experts are fused in memory (and on disk, for some families).
+    fused: FusedExperts = FusedExperts()
+    # In-memory module whose input is the tokens entering the MoE block.
+    moe_module: str | None = None
+    # In-memory router module, called on tokens (T, H); it returns a tuple whose element
+    # ``router_indices`` is the top-k expert indices (T, k), as the model's forward uses them.
+    router_module: str | None = None
+    router_indices: int = -1
+    # Routers: exact on-disk module paths. Never quantized; every tensor under them (weights,
+    # DeepSeek's e_score_correction_bias) is copied unchanged.
     routers: tuple[str, ...] = ()
-    # Shared expert(s) fed every token, and their scalar gate (a router: never quantized).
+    # Shared expert(s) fed every token in MoE layers.
     shared_expert: MLP | None = None
     # The MLP of dense layers (or of dense models).
     dense_mlp: MLP | None = None
     # Config attribute holding the number of routed experts.
     num_experts_attr: str = "num_local_experts"
-    # On-disk -> in-memory renames inside a layer (transformers 5 conversion), applied in order.
+    # On-disk -> in-memory prefix renames inside a layer (transformers 5 conversion); the first match
+    # applies, so a more specific prefix goes first.
     renames: tuple[tuple[str, str], ...] = ()
-    # Which layers are MoE: "all", or "qwen2_moe" rules (mlp_only_layers / decoder_sparse_step).
+    # Which layers are MoE: a key of SPARSE_RULES.
     sparse_rule: str = "all"
+    # (config attribute, groups): when config.<attribute> is None, these groups replace ``attention``
+    # (DeepSeek without a query LoRA has q_proj instead of q_a_proj/q_b_proj).
+    attention_if_none: tuple[tuple[str, Groups], ...] = ()
+    # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
+    logits_divisor: str | None = None
+    # GPTQModel interop (--layout gptqmodel): whether GPTQModel 7.6 loads this family under the
+    # names gptqmodel_name gives, and whether its definition quantizes the MLP of a sparse model's
+    # dense layers (DeepSeek's first_k_dense_replace layers: yes; Qwen-MoE's mlp_only_layers: no).
+    gptqmodel: bool = True
+    gptqmodel_dense_mlp: bool = False
+    # One line for the docs table: what is special about this family.
+    notes: str = ""
 
     def is_moe_layer(self, config, index: int) -> bool:
         """True when decoder layer ``index`` holds routed experts."""
-        if self.experts is None:
+        if self.experts is None or self.num_experts(config) == 0:  # Qwen-MoE with num_experts 0 is dense
             return False
-        if self.sparse_rule == "all":
-            return True
-        if self.sparse_rule == "qwen2_moe":
-            mlp_only = getattr(config, "mlp_only_layers", None) or []
-            step = getattr(config, "decoder_sparse_step", 1) or 1
-            return index not in mlp_only and getattr(config, self.num_experts_attr) > 0 and (index + 1) % step == 0
-        raise ValueError(f"unknown sparse_rule {self.sparse_rule!r}")
+        return SPARSE_RULES[self.sparse_rule](config, index)
 
     def num_experts(self, config) -> int:
         return int(getattr(config, self.num_experts_attr))
 
+    def attention_groups(self, config) -> Groups:
+        for attribute, groups in self.attention_if_none:
+            if getattr(config, attribute, None) is None:
+                return groups
+        return self.attention
+
     def gptqmodel_name(self, name: str) -> str:
         """GPTQModel's name for an on-disk, layer-relative tensor.
 
-        GPTQModel unfuses experts into ``<experts_module>.E.{gate,up,down}_proj`` and otherwise
+        GPTQModel unfuses experts into ``<fused.module>.E.{gate,up,down}_proj`` and otherwise
         uses the in-memory module paths (for Mixtral ``mlp.*`` instead of ``block_sparse_moe.*``).
         """
         if self.experts is not None:
             for which, std in zip(("gate", "up", "down"), GPTQMODEL_PROJ):
                 m = re.fullmatch(re.escape(self.experts.linear(which, 0)).replace(r"\.0\.", r"\.(\d+)\.") + r"\.(.+)", name)
                 if m:
-                    return f"{self.experts_module}.{m.group(1)}.{std}.{m.group(2)}"
+                    return f"{self.fused.module}.{m.group(1)}.{std}.{m.group(2)}"
         return self.to_memory(name)
 
     def from_gptqmodel_name(self, name: str) -> str:
         """Inverse of gptqmodel_name."""
         if self.experts is not None:
-            m = re.fullmatch(re.escape(self.experts_module) + r"\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)", name)
+            m = re.fullmatch(re.escape(self.fused.module) + r"\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)", name)
             if m:
                 which = ("gate", "up", "down")[GPTQMODEL_PROJ.index(m.group(2))]
                 return f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
-        for old, new in reversed(self.renames):
-            if name.startswith(new):
-                name = old + name[len(new):]
-        return name
+        return self.from_memory(name)
 
     def to_memory(self, name: str) -> str:
         """Map an on-disk, layer-relative tensor name to its in-memory module path."""
         for old, new in self.renames:
             if name.startswith(old):
-                name = new + name[len(old):]
+                return new + name[len(old):]
+        return name
+
+    def from_memory(self, name: str) -> str:
+        """Inverse of to_memory."""
+        for old, new in self.renames:
+            if name.startswith(new):
+                return old + name[len(new):]
         return name
 
 
-_ATTENTION_QKVO = (
+_ATTENTION_QKVO: Groups = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
 )
+
+# DeepSeek's multi-head latent attention. q_a_proj and kv_a_proj_with_mqa both read the normed
+# hidden state; q_b_proj reads q_a_layernorm's output and kv_b_proj kv_a_layernorm's, so each
+# has its own Hessian, taken after the projection before it is quantized.
+_ATTENTION_MLA: Groups = (
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    ("self_attn.q_b_proj",),
+    ("self_attn.kv_b_proj",),
+    ("self_attn.o_proj",),
+)
+_ATTENTION_MLA_NO_Q_LORA: Groups = (
+    ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+    ("self_attn.kv_b_proj",),
+    ("self_attn.o_proj",),
+)
+
+
+def _deepseek(model_type: str, notes: str) -> Architecture:
+    return Architecture(
+        model_type=model_type,
+        attention=_ATTENTION_MLA,
+        attention_if_none=(("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
+        experts=MLP("mlp.experts.{e}"),
+        moe_module="mlp",
+        router_module="mlp.gate",
+        routers=("mlp.gate",),
+        shared_expert=MLP("mlp.shared_experts"),
+        dense_mlp=MLP("mlp"),
+        num_experts_attr="n_routed_experts",
+        sparse_rule="first_k_dense",
+        gptqmodel_dense_mlp=True,
+        notes=notes,
+    )
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
@@ -125,22 +230,85 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_type="mixtral",
             attention=_ATTENTION_QKVO,
             experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
-            moe_block="block_sparse_moe",
             moe_module="mlp",
+            router_module="mlp.gate",
             routers=("block_sparse_moe.gate",),
             renames=(("block_sparse_moe.", "mlp."),),
+            notes="w1 = gate, w3 = up, w2 = down",
         ),
         Architecture(
             model_type="qwen2_moe",
             attention=_ATTENTION_QKVO,
             experts=MLP("mlp.experts.{e}"),
-            moe_block="mlp",
             moe_module="mlp",
+            router_module="mlp.gate",
             routers=("mlp.gate", "mlp.shared_expert_gate"),
             shared_expert=MLP("mlp.shared_expert"),
             dense_mlp=MLP("mlp"),
             num_experts_attr="num_experts",
-            sparse_rule="qwen2_moe",
+            sparse_rule="sparse_step",
+            notes="`shared_expert_gate` (H to 1, sigmoid) is a router",
+        ),
+        Architecture(
+            model_type="qwen3_moe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("mlp.gate",),
+            dense_mlp=MLP("mlp"),
+            num_experts_attr="num_experts",
+            sparse_rule="sparse_step",
+            notes="many small experts, no shared expert; q/k norms",
+        ),
+        Architecture(
+            model_type="olmoe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("mlp.gate",),
+            num_experts_attr="num_experts",
+            notes="64 experts, top-8 in the released model; q/k norms",
+        ),
+        _deepseek("deepseek_v2", "multi-head latent attention; V2-Lite has no query LoRA (q_proj)"),
+        _deepseek("deepseek_v3", "grouped sigmoid router whose fp32 `e_score_correction_bias` is kept with it"),
+        Architecture(
+            model_type="phimoe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            moe_module="mlp",
+            router_module="mlp.router",
+            routers=("block_sparse_moe.gate",),
+            renames=(("block_sparse_moe.gate.", "mlp.router."), ("block_sparse_moe.", "mlp.")),
+            notes="LayerNorms and attention with biases, lm_head bias",
+        ),
+        Architecture(
+            model_type="granitemoe",
+            attention=_ATTENTION_QKVO,
+            # Fused on disk; exported per expert under the Mixtral names vLLM's GraniteMoE loader maps to.
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            fused=FusedExperts(module="block_sparse_moe.experts", disk_gate_up="block_sparse_moe.input_linear.weight",
+                               disk_down="block_sparse_moe.output_linear.weight"),
+            moe_module="block_sparse_moe",
+            router_module="block_sparse_moe.router",
+            routers=("block_sparse_moe.router.layer",),
+            renames=(("block_sparse_moe.router.layer.", "block_sparse_moe.router."),),
+            logits_divisor="logits_scaling",
+            gptqmodel=False,  # GPTQModel packs gate+up of each expert as one input_linear.{e}.linear
+            notes="logits divided by `logits_scaling`; exported per expert under the names vLLM splits experts into",
+        ),
+        Architecture(
+            model_type="llama",
+            attention=_ATTENTION_QKVO,
+            dense_mlp=MLP("mlp"),
+            notes="dense",
+        ),
+        Architecture(
+            model_type="mistral",
+            attention=_ATTENTION_QKVO,
+            dense_mlp=MLP("mlp"),
+            notes="dense",
         ),
     )
 }
@@ -182,36 +350,115 @@ class LayerPlan:
     """What to quantize in one decoder layer, resolved from a row and the config."""
 
     index: int
-    attention: tuple[tuple[str, ...], ...]
+    attention: Groups
     experts: MLP | None
     num_experts: int
     shared_expert: MLP | None
     dense_mlp: MLP | None
     routers: tuple[str, ...] = field(default=())
+    fused: FusedExperts | None = None  # set in MoE layers
 
     def quantized_linears(self) -> list[str]:
         """Every on-disk linear path (layer-relative) this layer quantizes, in order."""
-        names = [n for group in self.attention for n in group]
+        return list(self.linear_kinds())
+
+    def linear_kinds(self) -> dict[str, str]:
+        """Quantized linear path -> its kind: attention, expert, shared_expert or dense_mlp."""
+        kinds = {n: "attention" for group in self.attention for n in group}
         if self.experts is not None:
             for e in range(self.num_experts):
-                names += [self.experts.linear(w, e) for w in ("gate", "up", "down")]
-        for mlp in (self.shared_expert, self.dense_mlp):
+                kinds.update({self.experts.linear(w, e): "expert" for w in ("gate", "up", "down")})
+        for mlp, kind in ((self.shared_expert, "shared_expert"), (self.dense_mlp, "dense_mlp")):
             if mlp is not None:
-                names += [mlp.linear(w) for w in ("gate", "up", "down")]
-        return names
+                kinds.update({mlp.linear(w): kind for w in ("gate", "up", "down")})
+        return kinds
+
+    def pattern(self, name: str) -> str:
+        """``name`` with a routed expert's index written as ``{e}`` (other names unchanged)."""
+        if self.experts is not None:
+            for which in ("gate", "up", "down"):
+                generic = self.experts.linear(which)
+                head, tail = generic.split("{e}")
+                middle = name[len(head):len(name) - len(tail)]
+                if name.startswith(head) and name.endswith(tail) and middle.isdigit():
+                    return generic
+        return name
+
+    def fused_disk_tensors(self) -> tuple[str, ...]:
+        """Layer-relative on-disk tensors that hold this layer's experts fused (replaced on export)."""
+        if self.fused is None or not self.fused.on_disk:
+            return ()
+        return (self.fused.disk_gate_up, self.fused.disk_down)
+
+    def linear_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+        """(out, in) of every quantized linear, from layer-relative on-disk tensor shapes.
+
+        Per-expert linears of a checkpoint that stores experts fused are cut out of the
+        fused tensors' shapes. A linear found neither way is left out (the layer load reports it).
+        """
+        out: dict[str, tuple[int, int]] = {}
+        fused = self.fused if self.fused is not None and self.fused.on_disk else None
+        for name in self.linear_kinds():
+            if f"{name}.weight" in shapes:
+                rows, cols = shapes[f"{name}.weight"]
+                out[name] = (rows, cols)
+        if fused is not None and fused.disk_gate_up in shapes and self.experts is not None:
+            _, two_i, hidden = shapes[fused.disk_gate_up]
+            _, down_out, down_in = shapes[fused.disk_down]
+            for e in range(self.num_experts):
+                out.setdefault(self.experts.linear("gate", e), (two_i // 2, hidden))
+                out.setdefault(self.experts.linear("up", e), (two_i // 2, hidden))
+                out.setdefault(self.experts.linear("down", e), (down_out, down_in))
+        return out
 
 
 def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -> LayerPlan:
-    """What layer ``index`` quantizes. GPTQModel's definitions do not cover the dense MLP of a
-    sparse model's dense layers, so the ``gptqmodel`` layout leaves it in full precision."""
+    """What layer ``index`` quantizes. Some of GPTQModel's definitions (Qwen-MoE) do not cover the
+    dense MLP of a sparse model's dense layers; the ``gptqmodel`` layout then leaves it in full precision."""
     moe = arch.is_moe_layer(config, index)
-    dense = None if moe or (layout == "gptqmodel" and arch.experts is not None) else arch.dense_mlp
+    skip_dense = layout == "gptqmodel" and arch.experts is not None and not arch.gptqmodel_dense_mlp
+    dense = None if moe or skip_dense else arch.dense_mlp
     return LayerPlan(
         index=index,
-        attention=arch.attention,
+        attention=arch.attention_groups(config),
         experts=arch.experts if moe else None,
         num_experts=arch.num_experts(config) if moe else 0,
         shared_expert=arch.shared_expert if moe else None,
         dense_mlp=dense,
         routers=arch.routers if moe else (),
+        fused=arch.fused if moe else None,
     )
+
+
+def markdown_table() -> str:
+    """The supported-architectures table of docs/architectures.md, generated from ARCHITECTURES."""
+    layers_text = {"all": "all", "sparse_step": "not in `mlp_only_layers`, every `decoder_sparse_step`-th",
+                   "first_k_dense": "from `first_k_dense_replace` on"}
+    lines = ["| model_type | attention groups | routed experts on disk | in memory | routers (never quantized) | "
+             "shared expert | dense MLP | MoE layers | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def code(text: str | None) -> str:
+        return f"`{text}`" if text else "-"
+
+    for row in sorted(ARCHITECTURES.values(), key=lambda r: r.model_type):
+        attention = " ".join("(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in row.attention)
+        for attribute, groups in row.attention_if_none:
+            attention += f"; without `{attribute}`: " + " ".join(
+                "(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in groups)
+        if row.experts is None:
+            experts = memory = "-"
+        else:
+            if row.fused.on_disk:
+                experts = f"`{row.fused.disk_gate_up}`, `{row.fused.disk_down}` (fused; exported as " \
+                          f"`{row.experts.prefix}.{{{row.experts.gate},{row.experts.up},{row.experts.down}}}`)"
+            else:
+                experts = f"`{row.experts.prefix}.{{{row.experts.gate},{row.experts.up},{row.experts.down}}}`"
+            memory = (f"`{row.fused.module}.{row.fused.gate_up}` ({'+'.join(row.fused.halves)}), "
+                      f"router `{row.router_module}`")
+        lines.append(" | ".join([
+            f"| `{row.model_type}`", attention, experts, memory, ", ".join(code(r) for r in row.routers) or "-",
+            code(row.shared_expert.prefix) if row.shared_expert else "-",
+            code(row.dense_mlp.prefix) if row.dense_mlp else "-",
+            "-" if row.experts is None else layers_text[row.sparse_rule], row.notes]) + " |")
+    return "\n".join(lines) + "\n"

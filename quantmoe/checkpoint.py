@@ -141,6 +141,10 @@ class Checkpoint:
                     "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}[meta.get_dtype()]
         return itemsize * math.prod(meta.get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor ("F16", "BF16", "F32", "I32", ...), read from the header."""
+        return self._open(self.weight_map[name]).get_slice(name).get_dtype()
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 

@@ -376,5 +376,23 @@ def _table_only(table: dict) -> str:
     return "\n".join(line for line in render_markdown(table).splitlines() if line.startswith("|"))
 
 
+@main.command("inspect")
+@click.argument("model", required=False)
+@click.option("--bits", type=int, default=4, show_default=True, help="4 or 8, for the size estimate.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128, for the size estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly
+def inspect_(model, bits, group_size, as_json):
+    """Classify every tensor of MODEL (attention, routed/shared expert, router, dense MLP, not quantized)
+    and estimate its size at --bits/--group-size, reading only headers (default: the bundled demo MoE)."""
+    import json
+
+    from .defaults import DEFAULT_MODEL
+    from .inspect import inspect_model, render_text
+
+    report = inspect_model(model if model is not None else DEFAULT_MODEL, bits, group_size)
+    click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
+
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .architectures import Architecture
+from .architectures import Architecture, plan_layer
 from .checkpoint import INDEX_NAME, Checkpoint
 from .config import QuantConfig
 from .errors import QuantMoeError
@@ -125,8 +125,12 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         with safe_open(str(file), framework="pt") as f:
             packed = {name: f.get_tensor(name) for name in f.keys()}
         quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
+        # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
+        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
+        experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
+        fused = {prefix + n for n in plan.fused_disk_tensors()} if experts and experts <= quantized else set()
         for name in ckpt.names(prefix):
-            if name.endswith(".weight") and name[: -len(".weight")] in quantized:
+            if name in fused or (name.endswith(".weight") and name[: -len(".weight")] in quantized):
                 continue
             writer.add(named(name, prefix), ckpt.tensor(name))
         for name in sorted(packed):

@@ -35,6 +35,7 @@ from .export import export_gptq, parse_size
 from .files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
 from .gptq import quantize_block
 from .gptq_graphs import GraphedBlocks
+from .inspect import ranges
 from .measure import PeakRSS, release_freed_memory, stage
 from .quantize_layer import LayerQuantizer
 from .report import model_card, render_markdown
@@ -67,24 +68,30 @@ def check_out(out: Path, model: Path, overwrite: bool) -> Path:
 
 
 def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> list[str]:
-    """Fail early when the group size or packing cannot fit a layer; return notes for narrow layers."""
-    notes = []
+    """Fail early when the group size or packing cannot fit a layer; return notes for narrow layers.
+
+    A linear whose input is narrower than the group size (DeepSeek's low-rank q_b_proj and
+    kv_b_proj in small models) is quantized as one group spanning its input; g_idx is all zeros.
+    One note covers every layer and expert where that happens to the same linear.
+    """
     per = 32 // qcfg.bits
+    narrow: dict[tuple[str, int], list[int]] = {}
     for i in range(ckpt.config.num_hidden_layers):
-        for name in plan_layer(arch, ckpt.config, i, qcfg.layout).quantized_linears():
-            full = f"{ckpt.layer_prefix(i)}{name}.weight"
-            if not ckpt.has(full):
-                continue  # fused on disk, checked when the layer loads
-            rows, cols = ckpt.shape(full)
+        prefix = ckpt.layer_prefix(i)
+        shapes = {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
+        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
+        for name, (rows, cols) in plan.linear_shapes(shapes).items():
+            full = f"{prefix}{name}.weight"
             if qcfg.group_size != -1 and cols < qcfg.group_size:
-                notes.append(f"{full}: input size {cols} < group size {qcfg.group_size}; one group spans the input")
+                narrow.setdefault((plan.pattern(name), cols), []).append(i)
             elif qcfg.group_size != -1 and cols % qcfg.group_size:
                 raise QuantMoeError(f"--group-size {qcfg.group_size} does not divide the input size {cols} of {full}; "
                                     "use a group size that divides it, or -1")
             if cols % per or rows % per:
                 raise QuantMoeError(f"{full} has shape {rows}x{cols}, which {qcfg.bits}-bit packing cannot hold "
                                     f"(both sides must be multiples of {per}); this layer cannot be exported as GPTQ")
-    return notes
+    return [f"model.layers.{{{ranges(layers)}}}.{pattern}.weight: input size {cols} < group size {qcfg.group_size}; "
+            "one group spans the input" for (pattern, cols), layers in narrow.items()]
 
 
 def not_quantized_modules(stream: LayerStream, layout: str) -> list[str]:
@@ -130,6 +137,9 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     arch = architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
     shard_bytes = parse_size(max_shard_size)
+    if qcfg.layout == "gptqmodel" and not arch.gptqmodel:
+        raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel names its "
+                            "experts differently); use --layout source (see docs/interop.md)")
     ckpt.open_shards()
     notes = check_shapes(ckpt, arch, qcfg)
     tokenizer = ckpt.tokenizer()

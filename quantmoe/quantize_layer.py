@@ -94,7 +94,8 @@ def tf32_matmuls(enabled: bool):
 def _log(name: str, kind: str, res: QuantResult, b: int, shape, tokens: int, seconds: float,
          fallback: str | None = None) -> dict:
     return {
-        "module": name, "kind": kind, "shape": list(shape[-2:]), "tokens": int(tokens),
+        "module": name, "kind": kind, "shape": list(shape[-2:]), "groups": int(res.scales.shape[-1]),
+        "tokens": int(tokens),
         "loss": float(res.loss[b].sum()), "damp": float(res.damp[b]), "fallback": fallback,
         "seconds": round(seconds, 4),
     }
@@ -189,9 +190,9 @@ class LayerQuantizer:
 
     def route(self, X: Tensor) -> list[Tensor]:
         """Token indices the original router sends to each expert (top-k, as in the forward pass)."""
-        router = self.layer.get_submodule(self.arch.moe_module).gate
+        router = self.layer.get_submodule(self.arch.router_module)
         out = router(X)
-        top_k_index = out[-1] if isinstance(out, tuple) else out
+        top_k_index = out[self.arch.router_indices] if isinstance(out, tuple) else out  # (T, k)
         return [
             (top_k_index == e).any(dim=-1).nonzero().squeeze(-1)
             for e in range(self.plan.num_experts)
@@ -206,11 +207,14 @@ class LayerQuantizer:
         E = self.plan.num_experts
         own = ranks.share(E)
         mine = slice(own.start, own.stop)
-        fused = self.layer.get_submodule(arch.experts_module)
+        layout = self.plan.fused
+        fused = self.layer.get_submodule(layout.module)
         act = fused.act_fn
-        _, I2, C = fused.gate_up_proj.shape  # (E, 2I, H)
+        gate_up_proj, down_proj = getattr(fused, layout.gate_up), getattr(fused, layout.down)
+        _, I2, C = gate_up_proj.shape  # (E, 2I, H), the halves in layout.halves order
         I = I2 // 2
-        dev = fused.gate_up_proj.device
+        half = {name: slice(k * I, (k + 1) * I) for k, name in enumerate(layout.halves)}
+        dev = gate_up_proj.device
         gptq = qcfg.backend != "rtn"
         blend = gptq and qcfg.rare_expert != "rtn"
         t0 = time.perf_counter()
@@ -241,17 +245,17 @@ class LayerQuantizer:
         del H_all
 
         with self._stage("solve"):
-            res_gu = solve(fused.gate_up_proj.data[mine], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            res_gu = solve(gate_up_proj.data[mine], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn)
             if gptq and rare and qcfg.rare_expert == "rtn":
-                res_gu = _replace(res_gu, rtn_quantize(fused.gate_up_proj.data[mine][rare], spec_of(qcfg)), rare)
+                res_gu = _replace(res_gu, rtn_quantize(gate_up_proj.data[mine][rare], spec_of(qcfg)), rare)
             del H_gu
             res_gu = gather_result(res_gu, E, ranks)
-        originals = None if qcfg.true_sequential else fused.gate_up_proj.data[mine].clone()
-        fused.gate_up_proj.data.copy_(res_gu.W)
+        originals = None if qcfg.true_sequential else gate_up_proj.data[mine].clone()
+        gate_up_proj.data.copy_(res_gu.W)
         res_gu.W = None  # the layer holds the weights now; packing needs only levels, scales and zeros
         t1 = time.perf_counter()
         log_gu = {}
-        for name_of, part in zip(("gate", "up"), _split_rows(res_gu, [I, I])):
+        for name_of, part in zip(layout.halves, _split_rows(res_gu, [I, I])):
             for e in range(E):
                 self._store([mlp.linear(name_of, e)], _select(part, e))
                 log_gu[name_of, e] = _log(self.prefix + mlp.linear(name_of, e), "expert", part, e, (I, C), counts[e],
@@ -261,8 +265,8 @@ class LayerQuantizer:
         # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens.
         H_d = None
         if gptq:
-            src = originals if originals is not None else fused.gate_up_proj.data[mine]
-            Wg, Wu = src[:, :I], src[:, I:]
+            src = originals if originals is not None else gate_up_proj.data[mine]
+            Wg, Wu = src[:, half["gate"]], src[:, half["up"]]
             H_d = torch.zeros(len(own), I, I, device=dev)
             n_d = [0] * len(own)
             H_all_d = {j: torch.zeros(I, I, device=dev) for j in rare} if blend else {}
@@ -280,12 +284,12 @@ class LayerQuantizer:
                 H_d[j] = _blend(H_d[j], H_all_j, counts[own[j]], threshold, qcfg.rare_expert)
             del H_all_d, originals
         with self._stage("solve"):
-            res_d = solve(fused.down_proj.data[mine], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            res_d = solve(down_proj.data[mine], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn)
             if gptq and rare and qcfg.rare_expert == "rtn":
-                res_d = _replace(res_d, rtn_quantize(fused.down_proj.data[mine][rare], spec_of(qcfg)), rare)
+                res_d = _replace(res_d, rtn_quantize(down_proj.data[mine][rare], spec_of(qcfg)), rare)
             del H_d
             res_d = gather_result(res_d, E, ranks)
-        fused.down_proj.data.copy_(res_d.W)
+        down_proj.data.copy_(res_d.W)
         res_d.W = None
         t2 = time.perf_counter()
         for e in range(E):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .architectures import Architecture, architecture_for
+from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
 from .errors import QuantMoeError
 
@@ -142,23 +142,36 @@ class LayerStream:
         self.model.model.layers[index].to_empty(device="meta")
 
     def to_memory(self, index: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """On-disk layer tensors -> the layer module's state dict (experts stacked and fused)."""
+        """On-disk layer tensors -> the layer module's state dict (experts stacked and fused).
+
+        Experts come either one linear per expert (Hub checkpoints of most families, and every
+        quantmoe export) or already fused (GraniteMoE's checkpoints); both end up as the row's
+        in-memory (E, 2I, H) gate_up and (E, H, I) down tensors.
+        """
         arch = self.arch
+        plan = plan_layer(arch, self.config, index)
         out: dict[str, Tensor] = {}
-        experts = arch.experts if arch.is_moe_layer(self.config, index) else None
-        expert_names = set()
-        if experts is not None:
-            n = arch.num_experts(self.config)
-            gate_up, down = [], []
-            for e in range(n):
-                g, u, d = (f"{experts.linear(w, e)}.weight" for w in ("gate", "up", "down"))
-                expert_names.update((g, u, d))
-                gate_up.append(torch.cat([state[g], state[u]], dim=0))  # (2I, H): gate rows first
-                down.append(state[d])                                      # (H, I)
-            out[f"{arch.experts_module}.gate_up_proj"] = torch.stack(gate_up)
-            out[f"{arch.experts_module}.down_proj"] = torch.stack(down)
+        consumed: set[str] = set()
+        if plan.experts is not None:
+            fused = plan.fused
+            gate_up_name, down_name = f"{fused.module}.{fused.gate_up}", f"{fused.module}.{fused.down}"
+            per_expert = f"{plan.experts.linear(fused.halves[0], 0)}.weight" in state
+            if fused.on_disk:
+                consumed.update((fused.disk_gate_up, fused.disk_down))
+            if fused.on_disk and not per_expert:
+                out[gate_up_name], out[down_name] = state[fused.disk_gate_up], state[fused.disk_down]
+            else:  # per-expert tensors win over fused ones: they are what a quantized export holds
+                gate_up, down = [], []
+                for e in range(plan.num_experts):
+                    halves = [f"{plan.experts.linear(w, e)}.weight" for w in fused.halves]
+                    d = f"{plan.experts.linear('down', e)}.weight"
+                    consumed.update((*halves, d))
+                    gate_up.append(torch.cat([state[h] for h in halves], dim=0))  # (2I, H)
+                    down.append(state[d])                                          # (H, I)
+                out[gate_up_name] = torch.stack(gate_up)
+                out[down_name] = torch.stack(down)
         for name, t in state.items():
-            if name not in expert_names:
+            if name not in consumed:
                 out[arch.to_memory(name)] = t
         return out
 
@@ -209,4 +222,7 @@ class LayerStream:
 
     @torch.no_grad()
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden)).float()
+        logits = self.model.lm_head(self.model.model.norm(hidden)).float()
+        if self.arch.logits_divisor is not None:  # as the model's own forward does (GraniteMoE)
+            logits = logits / getattr(self.config, self.arch.logits_divisor)
+        return logits

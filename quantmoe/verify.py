@@ -62,12 +62,12 @@ def expected_linears(config, layout: str = "source") -> dict[str, tuple[int, int
         layer = model.model.layers[i]
         local: dict[str, tuple[int, int]] = {}  # on-disk source names, relative to the layer
         if plan.experts is not None:
-            fused = layer.get_submodule(arch.experts_module)
-            _, two_inner, hidden = fused.gate_up_proj.shape  # (E, 2I, H)
+            fused = layer.get_submodule(plan.fused.module)
+            _, two_inner, hidden = getattr(fused, plan.fused.gate_up).shape  # (E, 2I, H)
             for e in range(plan.num_experts):
                 local[plan.experts.linear("gate", e)] = (two_inner // 2, hidden)
                 local[plan.experts.linear("up", e)] = (two_inner // 2, hidden)
-                local[plan.experts.linear("down", e)] = tuple(fused.down_proj.shape[1:])  # (H, I)
+                local[plan.experts.linear("down", e)] = tuple(getattr(fused, plan.fused.down).shape[1:])  # (H, I)
         for name in plan.quantized_linears():
             if name not in local:
                 local[name] = tuple(layer.get_submodule(arch.to_memory(name)).weight.shape)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import quantmoe
+from quantmoe.architectures import ARCHITECTURES
 from clirun import QUICK, cli, digest, one_error_line, quantize_args, start, wait_for
 from quantmoe.calibration import write_calibration
 from quantmoe.config import QuantConfig
@@ -75,11 +76,10 @@ def _bert(e) -> Path:
                                               intermediate_size=128))
 
 
-def _llama(e) -> Path:
-    from transformers import LlamaConfig
+def _gpt2(e) -> Path:
+    from transformers import GPT2Config
 
-    return _config_only(e, "llama", LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                intermediate_size=128))
+    return _config_only(e, "gpt2", GPT2Config(n_embd=64, n_layer=2, n_head=4))
 
 
 def _bad_config(e) -> Path:
@@ -113,8 +113,8 @@ CASES = {
                           "config.json is not valid JSON (Expecting property name enclosed in double quotes"),
     "not a causal LM": (lambda e, out: [_bert(e)],
                         "the model is a 'bert' model, not a causal language model; quantmoe quantizes decoder-only"),
-    "unsupported architecture": (lambda e, out: [_llama(e)],
-                                 "unsupported architecture 'llama'; supported: mixtral, qwen2_moe"),
+    "unsupported architecture": (lambda e, out: [_gpt2(e)],
+                                 f"unsupported architecture 'gpt2'; supported: {', '.join(sorted(ARCHITECTURES))}"),
     "truncated shard": (lambda e, out: [_truncated_shard(e)],
                         "model.safetensors is truncated or corrupt"),
     "corrupt shard": (lambda e, out: [_corrupt_shard(e)],

@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 # Per model_type: the config class name and a few overrides that keep the model tiny.
-# Widths are multiples of 32 so group sizes 32 and -1 divide every input.
+# Every row of quantmoe.architectures.ARCHITECTURES needs one (tests/test_architectures.py checks).
+# Widths are multiples of 32 so group sizes 32 and -1 divide every input, except DeepSeek-V3's
+# low-rank q_lora_rank/kv_lora_rank of 16, kept narrower than a group on purpose.
+_ATTN = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 TINY = {
     "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_local_experts=4,
                                       num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
@@ -21,6 +24,38 @@ TINY = {
                                          shared_expert_intermediate_size=96, num_hidden_layers=3, num_experts=6,
                                          num_experts_per_tok=3, num_attention_heads=4, num_key_value_heads=2,
                                          mlp_only_layers=[0], max_position_embeddings=256, qkv_bias=True)),
+    # Qwen3-MoE: many small experts, no shared expert, q/k norms; layer 0 dense through mlp_only_layers.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                         num_hidden_layers=3, num_experts=16, num_experts_per_tok=4, head_dim=16,
+                                         mlp_only_layers=[0], **_ATTN)),
+    # OLMoE: 64 experts, top-8, as the released model; q/k norms.
+    "olmoe": ("OlmoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_experts=64,
+                                  num_experts_per_tok=8, pad_token_id=0, eos_token_id=0, **_ATTN)),
+    # DeepSeek-V2 without a query LoRA (q_proj, as V2-Lite), two shared experts, layer 0 dense.
+    "deepseek_v2": ("DeepseekV2Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                             num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                                             n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=None,
+                                             bos_token_id=0, eos_token_id=0,  # the tokenizer's; the default 2 is a word
+                                             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                             num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=256)),
+    # DeepSeek-V3: MLA with q_a/q_b, grouped sigmoid router with e_score_correction_bias, layer 0 dense.
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                             num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                             topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+                                             kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                             num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=256)),
+    # Phi-MoE: sparsemixer routing needs top-2; LayerNorms and linears with biases, an lm_head bias.
+    "phimoe": ("PhimoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
+                                    num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, **_ATTN)),
+    # GraniteMoE: experts fused on disk; multipliers away from 1 so a missed one shows; tied head as released.
+    "granitemoe": ("GraniteMoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                            num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+                                            logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.125,
+                                            tie_word_embeddings=True, **_ATTN)),
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_ATTN)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_ATTN)),
 }
 
 CORPUS = (
@@ -56,7 +91,22 @@ def make_model(model_type: str, folder: Path, seed: int = 0, dtype=torch.float16
     config = getattr(transformers, cls_name)(vocab_size=len(tok), **{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    model.to(dtype).save_pretrained(folder)
+    model.to(dtype)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if keep_fp32 & set(name.split(".")):
+                # Stored in fp32 as in the released checkpoints (DeepSeek-V3's e_score_correction_bias).
+                module, _, attr = name.rpartition(".")
+                tensor = getattr(model.get_submodule(module), attr)
+                tensor.data = tensor.data.float()
+                t = tensor.data
+            if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
+                # Norms at 1 and biases at 0 would let a tensor that is reset or dropped go unnoticed.
+                t.add_(0.1 * torch.randn_like(t))
+    model.save_pretrained(folder)
     return folder
 
 

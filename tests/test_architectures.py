@@ -1,0 +1,355 @@
+"""Tests generated from the architecture table: every row is built tiny, saved, checked against
+transformers' own loader, quantized with GPTQ at group size 32, exported, reloaded and inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import quantmoe
+from quantmoe.architectures import ARCHITECTURES, markdown_table, plan_layer
+from quantmoe.checkpoint import Checkpoint
+from quantmoe.cli import main
+from quantmoe.config import QuantConfig
+from quantmoe.evaluation import eval_windows
+from quantmoe.export import checkpoint_stats
+from quantmoe.inspect import inspect_model
+from quantmoe.packing import GPTQ_SUFFIXES
+from quantmoe.stream import LayerStream
+
+from conftest import ARCH_NAMES
+from tiny import TINY, make_tokenizer
+
+MOE_NAMES = [name for name in ARCH_NAMES if ARCHITECTURES[name].experts is not None]
+QCFG = QuantConfig(group_size=32)
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model, text_file, tmp_path_factory):
+    """quantized(model_type) -> (source folder, GPTQ g32 export folder, summary), quantized once, no eval."""
+    cache: dict[str, tuple] = {}
+
+    def run(model_type: str):
+        if model_type not in cache:
+            src = tiny_model(model_type)
+            out = tmp_path_factory.mktemp("out") / model_type
+            summary = quantmoe.quantize(src, out, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False,
+                                        quiet=True)
+            cache[model_type] = (src, out, summary)
+        return cache[model_type]
+
+    return run
+
+
+def _reference(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _layer_shapes(ckpt: Checkpoint, i: int) -> dict[str, tuple[int, ...]]:
+    prefix = ckpt.layer_prefix(i)
+    return {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
+
+
+def test_every_row_has_a_tiny_config():
+    assert set(ARCHITECTURES) <= set(TINY), f"rows without a tiny config: {set(ARCHITECTURES) - set(TINY)}"
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_row_accounts_for_every_tensor_on_disk(tiny_model, model_type):
+    """Every matrix of a layer is a planned linear, a fused expert tensor or under a router; nothing is missing."""
+    ckpt = Checkpoint(tiny_model(model_type))
+    arch = ARCHITECTURES[model_type]
+    for i in range(ckpt.config.num_hidden_layers):
+        plan = plan_layer(arch, ckpt.config, i)
+        shapes = _layer_shapes(ckpt, i)
+        linears = plan.linear_kinds()
+        assert set(plan.linear_shapes(shapes)) == set(linears), f"layer {i}: planned linears missing on disk"
+        for router in plan.routers:
+            assert any(n.startswith(router + ".") for n in shapes), f"layer {i}: router {router} not on disk"
+        for name, shape in shapes.items():
+            if len(shape) < 2:
+                continue  # norms, biases, DeepSeek's e_score_correction_bias
+            module = name.rpartition(".")[0]
+            assert (module in linears or name in plan.fused_disk_tensors()
+                    or any(name.startswith(r + ".") for r in plan.routers)), f"layer {i}: {name} is not in the row"
+    kinds = {k for i in range(ckpt.config.num_hidden_layers)
+             for k in plan_layer(arch, ckpt.config, i).linear_kinds().values()}
+    assert "attention" in kinds and ("expert" in kinds) == (arch.experts is not None)
+
+
+# Config variations that move the dense/MoE boundary, per sparse rule.
+SPARSE_VARIATIONS = {"all": [{}], "sparse_step": [{"mlp_only_layers": [], "decoder_sparse_step": 2},
+                                                  {"mlp_only_layers": [1], "decoder_sparse_step": 1}],
+                     "first_k_dense": [{"first_k_dense_replace": 0}, {"first_k_dense_replace": 2}]}
+
+
+@pytest.mark.parametrize("model_type", MOE_NAMES)
+def test_moe_layers_are_those_transformers_builds(model_type):
+    import transformers
+
+    arch = ARCHITECTURES[model_type]
+    cls_name, kwargs = TINY[model_type]
+    for overrides in SPARSE_VARIATIONS[arch.sparse_rule]:
+        config = getattr(transformers, cls_name)(vocab_size=300, **{**kwargs, **overrides})
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        built = [any(n == arch.fused.module for n, _ in layer.named_modules()) for layer in model.model.layers]
+        planned = [arch.is_moe_layer(config, i) for i in range(config.num_hidden_layers)]
+        assert planned == built, overrides
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_streamed_layers_compute_what_transformers_computes(tiny_model, text_file, model_type):
+    """The row's renames, fusion and head convention reproduce the model transformers loads itself."""
+    src = tiny_model(model_type)
+    ckpt = Checkpoint(src)
+    ids, _ = eval_windows(ckpt.tokenizer(), text_file, 32)
+    ids = ids[:2]
+    reference = _reference(src)
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    batches = stream.embed(ids, 2)
+    with torch.no_grad():
+        for i in range(stream.num_layers):
+            state = stream.to_memory(i, stream.layer_state(i))
+            expected = {k[len(f"model.layers.{i}."):]: v for k, v in reference.state_dict().items()
+                        if k.startswith(f"model.layers.{i}.")}
+            assert set(state) == set(expected), f"layer {i}"
+            for key, value in state.items():
+                assert torch.equal(value, expected[key]), f"layer {i}: {key}"
+            batches = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), batches)
+            stream.release_layer(i)
+        stream.load_head()
+        ours = stream.logits(batches[0].hidden)
+        theirs = reference(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MOE_NAMES)
+def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
+    """The row's halves are what transformers loads from disk and what its expert forward gates."""
+    src = tiny_model(model_type)
+    ckpt = Checkpoint(src)
+    arch = ARCHITECTURES[model_type]
+    reference = _reference(src)
+    moe_layers = [i for i in range(ckpt.config.num_hidden_layers) if arch.is_moe_layer(ckpt.config, i)]
+    assert moe_layers
+    for i in moe_layers:
+        plan = plan_layer(arch, ckpt.config, i)
+        layer = reference.model.layers[i]
+        module = layer.get_submodule(plan.fused.module)
+        assert module.is_concatenated and not module.is_transposed  # the (E, 2I, H) concatenated layout
+        gate_up = getattr(module, plan.fused.gate_up).detach()
+        down = getattr(module, plan.fused.down).detach()
+        I = gate_up.shape[1] // 2
+        half = {name: gate_up[:, k * I:(k + 1) * I] for k, name in enumerate(plan.fused.halves)}
+        prefix = ckpt.layer_prefix(i)
+        if plan.fused.on_disk:
+            assert torch.equal(gate_up, ckpt.tensor(prefix + plan.fused.disk_gate_up).float())
+            assert torch.equal(down, ckpt.tensor(prefix + plan.fused.disk_down).float())
+        else:
+            for e in range(plan.num_experts):
+                for which in ("gate", "up"):
+                    disk = ckpt.tensor(f"{prefix}{plan.experts.linear(which, e)}.weight").float()
+                    assert torch.equal(half[which][e], disk), f"layer {i} expert {e} {which}"
+                assert torch.equal(down[e], ckpt.tensor(f"{prefix}{plan.experts.linear('down', e)}.weight").float())
+        # The activation applies to the half the row calls gate: run expert e alone through transformers.
+        x = torch.randn(5, gate_up.shape[2], generator=torch.Generator().manual_seed(i))
+        for e in (0, plan.num_experts - 1):
+            with torch.no_grad():
+                got = module(x, torch.full((5, 1), e), torch.ones(5, 1))
+            want = (module.act_fn(x @ half["gate"][e].t()) * (x @ half["up"][e].t())) @ down[e].t()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text_file, model_type):
+    src, out, summary = quantized(model_type)
+    source_ckpt, export = Checkpoint(src), Checkpoint(out)
+    arch = ARCHITECTURES[model_type]
+    names = set(export.names())
+    planned, replaced = set(), set()
+    for i in range(source_ckpt.config.num_hidden_layers):
+        plan = plan_layer(arch, source_ckpt.config, i)
+        prefix = source_ckpt.layer_prefix(i)
+        for router in plan.routers:
+            router_tensors = source_ckpt.names(prefix + router + ".")
+            assert router_tensors, f"{prefix}{router} has no tensors"
+            assert set(export.names(prefix + router + ".")) == set(router_tensors), f"{router}: tensors changed"
+            for n in router_tensors:
+                a, b = source_ckpt.tensor(n), export.tensor(n)
+                assert a.dtype == b.dtype and torch.equal(a, b), f"router tensor {n} changed"
+        for lin in plan.quantized_linears():
+            planned.add(prefix + lin)
+            for suffix in GPTQ_SUFFIXES:
+                assert f"{prefix}{lin}.{suffix}" in names, f"{prefix}{lin} not quantized"
+            assert f"{prefix}{lin}.weight" not in names
+            replaced.add(f"{prefix}{lin}.weight")
+        replaced |= {prefix + n for n in plan.fused_disk_tensors()}
+        assert not (replaced & names), f"replaced tensors still exported: {sorted(replaced & names)[:3]}"
+    # Nothing else was quantized, and every other tensor is copied bit for bit.
+    assert {n.rsplit(".", 1)[0] for n in names if n.endswith(".qweight")} == planned
+    for n in source_ckpt.names():
+        if n not in replaced:
+            assert torch.equal(source_ckpt.tensor(n), export.tensor(n)), n
+    kinds = {m["kind"] for layer in json.loads((out / "quantization_log.json").read_text())["layers"]
+             for m in layer["modules"]}
+    assert "attention" in kinds
+    assert ("expert" in kinds) == (arch.experts is not None)
+    assert ("shared_expert" in kinds) == (arch.shared_expert is not None)
+
+    # The export reloads, and its logits stay close to those of the original loaded by transformers.
+    ids, _ = eval_windows(source_ckpt.tokenizer(), text_file, 32)
+    with torch.no_grad():
+        original = _reference(src)(ids[:2]).logits
+        reloaded = quantmoe.load_quantized(out)(ids[:2]).logits
+    assert not torch.equal(original, reloaded)  # it was really quantized
+    cosine = torch.nn.functional.cosine_similarity(original.flatten(0, 1), reloaded.flatten(0, 1), dim=-1)
+    assert float(cosine.mean()) > 0.95, f"mean logit cosine {float(cosine.mean()):.4f}"
+
+
+def test_input_narrower_than_a_group_is_one_group(quantized):
+    """DeepSeek-V3's q_b_proj/kv_b_proj read 16 features < group size 32: one group, logged, packed, reloaded."""
+    _, out, summary = quantized("deepseek_v3")
+    export = Checkpoint(out)
+    narrow = ("self_attn.q_b_proj", "self_attn.kv_b_proj")
+    for i in range(export.config.num_hidden_layers):
+        for lin in narrow:
+            module = f"model.layers.{i}.{lin}"
+            cols = export.shape(f"{module}.g_idx")[0]
+            rows = export.shape(f"{module}.scales")[1]
+            assert cols == 16
+            assert export.shape(f"{module}.scales") == (1, rows)
+            assert export.shape(f"{module}.qzeros") == (1, rows * 4 // 32)
+            assert export.shape(f"{module}.qweight") == (cols * 4 // 32, rows)
+            assert torch.equal(export.tensor(f"{module}.g_idx"), torch.zeros(cols, dtype=torch.int32))
+    log = json.loads((out / "quantization_log.json").read_text())
+    for lin in narrow:
+        assert any(lin in note and "one group spans the input" in note for note in log["notes"]), log["notes"]
+        entries = [m for layer in log["layers"] for m in layer["modules"] if m["module"].endswith(lin)]
+        assert entries and all(m["groups"] == 1 for m in entries)
+    assert summary["notes"] == log["notes"]
+    wide = [m for layer in log["layers"] for m in layer["modules"] if m["module"].endswith("self_attn.o_proj")]
+    assert all(m["groups"] == 2 for m in wide)  # 64 inputs at group size 32
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_inspect_estimate_is_what_the_export_measures(quantized, model_type):
+    src, out, _ = quantized(model_type)
+    report = inspect_model(src, bits=4, group_size=32)
+    stats = checkpoint_stats(out)
+    totals = report["totals"]
+    assert totals["quantized_parameters"] == stats["quantized_weights"]
+    assert totals["parameters"] == stats["total_parameters"]
+    assert totals["bits_per_weight"] == pytest.approx(stats["bits_per_weight"], rel=1e-12)
+    export = Checkpoint(out)
+    tensor_bytes = sum(export.tensor(n).numel() * export.tensor(n).element_size() for n in export.names())
+    assert totals["estimated_bytes"] == tensor_bytes
+    classes = report["classes"]
+    assert classes["attention"]["quantized_parameters"] > 0
+    assert ("routed expert" in classes) == (ARCHITECTURES[model_type].experts is not None)
+    assert classes["not quantized"]["quantized_parameters"] == 0
+
+
+def test_inspect_deepseek_v3_classifies_router_bias_shared_experts_and_dense_layer(tiny_model):
+    src = tiny_model("deepseek_v3")
+    result = CliRunner().invoke(main, ["inspect", str(src), "--json", "--group-size", "32"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = {e["pattern"]: e for e in report["tensors"]}
+
+    def row(rel: str) -> dict:
+        return rows[f"model.layers.{{i}}.{rel}"]
+
+    assert report["dense_layers"] == [0] and report["moe_layers"] == [1, 2]
+    for rel in ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"):
+        assert (row(rel)["cls"], row(rel)["layers"], row(rel)["quantized_parameters"]) == ("router", [1, 2], 0)
+    assert row("mlp.gate.e_score_correction_bias")["dtype"] == "F32"
+    for w in ("gate_proj", "up_proj", "down_proj"):
+        assert (row(f"mlp.shared_experts.{w}.weight")["cls"], row(f"mlp.shared_experts.{w}.weight")["layers"]) == \
+            ("shared expert", [1, 2])
+        assert (row(f"mlp.{w}.weight")["cls"], row(f"mlp.{w}.weight")["layers"]) == ("dense MLP", [0])
+        experts = row(f"mlp.experts.{{e}}.{w}.weight")
+        assert (experts["cls"], experts["layers"], experts["tensors"]) == ("routed expert", [1, 2], 16)
+    for lin in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+        assert row(f"self_attn.{lin}.weight")["cls"] == "attention"
+    for norm in ("self_attn.q_a_layernorm.weight", "self_attn.kv_a_layernorm.weight", "input_layernorm.weight"):
+        assert row(norm)["cls"] == "not quantized"
+    assert rows["model.embed_tokens.weight"]["cls"] == rows["lm_head.weight"]["cls"] == "not quantized"
+    assert set(report["classes"]) == {"attention", "routed expert", "shared expert", "dense MLP", "router",
+                                      "not quantized"}
+    listing = CliRunner().invoke(main, ["inspect", str(src)]).output
+    assert re.search(r"model\.layers\.\{i\}\.mlp\.gate\.e_score_correction_bias\s+router\s+1-2\s", listing), listing
+    assert re.search(r"model\.layers\.\{i\}\.mlp\.gate_proj\.weight\s+dense MLP\s+0\s", listing), listing
+    assert re.search(r"model\.layers\.\{i\}\.mlp\.shared_experts\.down_proj\.weight\s+shared expert\s+1-2\s",
+                     listing)
+    assert "estimate at int4 g128" in listing
+
+
+def test_inspect_lists_layers_beyond_num_hidden_layers_as_not_exported(tiny_model, tmp_path):
+    """DeepSeek-V3's Hub checkpoint carries its multi-token-prediction layer after the last decoder layer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "with-mtp"
+    shutil.copytree(tiny_model("deepseek_v3"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+        tensors["model.layers.3." + name[len("model.layers.2."):]] = tensors[name].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    plain, report = inspect_model(tiny_model("deepseek_v3"), group_size=32), inspect_model(folder, group_size=32)
+    extra = [e for e in report["tensors"] if e["cls"] == "not exported"]
+    assert extra and all(e["layers"] == [3] for e in extra)
+    assert any(e["pattern"] == "model.layers.{i}.mlp.experts.{e}.gate_proj.weight" for e in extra)
+    assert report["totals"] == plain["totals"]  # the estimate is of what the export holds
+
+
+def test_inspect_reads_only_headers(tiny_model, monkeypatch):
+    def no_weights(self, name):
+        raise AssertionError(f"inspect read the weights of {name}")
+
+    monkeypatch.setattr(Checkpoint, "tensor", no_weights)
+    assert inspect_model(tiny_model("granitemoe"))["classes"]["routed expert"]["quantized_parameters"] > 0
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["quantize", "--no-eval", "--quiet"]])
+def test_unsupported_model_type_is_a_one_line_error(tmp_path, command):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    make_tokenizer(folder)
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(folder)
+    args = [*command, str(folder)] + (["--out", str(tmp_path / "out")] if command[0] == "quantize" else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unsupported architecture 'gpt2'; supported: ")
+    assert all(name in lines[0] for name in ARCHITECTURES)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gptqmodel_layout_is_refused_where_gptqmodel_names_experts_otherwise(tiny_model, tmp_path):
+    rows = [n for n in ARCH_NAMES if not ARCHITECTURES[n].gptqmodel]
+    assert rows == ["granitemoe"]
+    result = CliRunner().invoke(main, ["quantize", str(tiny_model(rows[0])), "--out", str(tmp_path / "out"),
+                                       "--layout", "gptqmodel", "--no-eval", "--quiet"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: --layout gptqmodel is not available for granitemoe (GPTQModel names its "
+                                     "experts differently); use --layout source (see docs/interop.md)")
+
+
+def test_docs_table_is_generated_from_the_code():
+    doc = DOCS.read_text()
+    start, end = "<!-- architectures table: start -->\n", "<!-- architectures table: end -->"
+    assert start in doc and end in doc
+    table = doc[doc.index(start) + len(start):doc.index(end)]
+    assert table == markdown_table(), "docs/architectures.md is stale: paste quantmoe.architectures.markdown_table()"
