@@ -201,6 +201,17 @@ class LayerQuantizer:
     def rare_threshold(self, columns: int, inner: int) -> int:
         return self.qcfg.rare_expert_tokens or max(columns, inner)
 
+    def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int]) -> QuantResult:
+        """This process's experts W (n, R, C) solved with Hessians H (consumed), RTN for rare ones
+        under ``--rare-expert rtn``, then gathered over the processes."""
+        qcfg = self.qcfg
+        with self._stage("solve"):
+            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            if H is not None and rare and qcfg.rare_expert == "rtn":
+                res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg)), rare)
+            del H
+            return gather_result(res, self.plan.num_experts, self.ranks)
+
     def experts(self) -> None:
         """All routed experts of the layer (this process's share of them), solved as one batch."""
         qcfg, arch, mlp, ranks = self.qcfg, self.arch, self.plan.experts, self.ranks
@@ -244,12 +255,8 @@ class LayerQuantizer:
                 H_gu[j] = _blend(H_gu[j], H_all, counts[own[j]], threshold, qcfg.rare_expert)
         del H_all
 
-        with self._stage("solve"):
-            res_gu = solve(gate_up_proj.data[mine], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn)
-            if gptq and rare and qcfg.rare_expert == "rtn":
-                res_gu = _replace(res_gu, rtn_quantize(gate_up_proj.data[mine][rare], spec_of(qcfg)), rare)
-            del H_gu
-            res_gu = gather_result(res_gu, E, ranks)
+        res_gu = self._solve_experts(gate_up_proj.data[mine], H_gu, rare)
+        del H_gu
         originals = None if qcfg.true_sequential else gate_up_proj.data[mine].clone()
         gate_up_proj.data.copy_(res_gu.W)
         res_gu.W = None  # the layer holds the weights now; packing needs only levels, scales and zeros
@@ -283,12 +290,8 @@ class LayerQuantizer:
             for j, H_all_j in H_all_d.items():
                 H_d[j] = _blend(H_d[j], H_all_j, counts[own[j]], threshold, qcfg.rare_expert)
             del H_all_d, originals
-        with self._stage("solve"):
-            res_d = solve(down_proj.data[mine], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn)
-            if gptq and rare and qcfg.rare_expert == "rtn":
-                res_d = _replace(res_d, rtn_quantize(down_proj.data[mine][rare], spec_of(qcfg)), rare)
-            del H_d
-            res_d = gather_result(res_d, E, ranks)
+        res_d = self._solve_experts(down_proj.data[mine], H_d, rare)
+        del H_d
         down_proj.data.copy_(res_d.W)
         res_d.W = None
         t2 = time.perf_counter()

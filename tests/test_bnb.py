@@ -28,7 +28,11 @@ from conftest import ARCH_NAMES
 from tiny import make_model, write_text
 
 BNB = [n for n in backends.names() if n.startswith("bnb-")]
-ALL_CASES = [(a, b) for a in ARCH_NAMES for b in BNB]
+# The bnb backends read each expert's own on-disk tensors; rows whose experts are fused on disk
+# (GraniteMoE) are refused in one line instead (test_bnb_refuses_experts_fused_on_disk).
+PER_EXPERT = [a for a in ARCH_NAMES if ARCHITECTURES[a].fused is None]
+FUSED_ON_DISK = [a for a in ARCH_NAMES if ARCHITECTURES[a].fused is not None]
+ALL_CASES = [(a, b) for a in PER_EXPERT for b in BNB]
 
 
 @pytest.fixture(scope="session")
@@ -383,3 +387,11 @@ def test_compare_isolated_runs_report_errors_from_the_child_process(tmp_path):
     with pytest.raises(QuantMoeError) as err:
         _call(True, measure_backend, "nope", str(tmp_path), str(tmp_path / "x"), str(tmp_path / "w"), Options())
     assert "unknown backend 'nope'" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", FUSED_ON_DISK)
+def test_bnb_refuses_experts_fused_on_disk(tiny_model, tmp_path, model_type):
+    with pytest.raises(QuantMoeError) as err:
+        backends.get("bnb-nf4").quantize(tiny_model(model_type), tmp_path / "out", Options(run_eval=False, quiet=True))
+    assert "the bnb backends read each expert's own tensors" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
