@@ -6,6 +6,7 @@ Every QuantMoeError is printed as one ``error: ...`` line with exit status 2.
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import sys
 import threading
@@ -67,6 +68,10 @@ def fail(message: str, status: int = 2) -> None:
 @click.version_option(package_name="quantmoe")
 def main():
     """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
+    # Optional extras log import-time warnings that are not about the user's run (torchao, pulled in by
+    # gptqmodel, cannot load its CUDA kernels on a CPU machine); errors must stay one line.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _backend_names() -> list[str]:

@@ -25,7 +25,13 @@ def test_shares_cover_every_expert_once(world, experts, shares):
     assert [Ranks(r, world).share(experts) for r in range(world)] == shares
 
 
-@pytest.mark.parametrize("model_type", ARCH_NAMES)
+# Spreading experts matters only where there are experts; one row per distinct expert layout
+# (per-expert on disk, shared expert + dense layer, MLA + first-k dense, fused on disk) keeps
+# this torchrun-per-row test affordable.
+SPREAD_ROWS = [r for r in ("mixtral", "qwen2_moe", "deepseek_v3", "granitemoe") if r in ARCH_NAMES]
+
+
+@pytest.mark.parametrize("model_type", SPREAD_ROWS)
 def test_two_gloo_processes_write_the_same_bytes_as_one(tiny_model, text_file, tmp_path, model_type):
     src = tiny_model(model_type)
     args = ["--calib", str(text_file), "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--no-eval",
