@@ -30,8 +30,13 @@ from tiny import make_model, write_text
 BNB = [n for n in backends.names() if n.startswith("bnb-")]
 # The bnb backends read each expert's own on-disk tensors; rows whose experts are fused on disk
 # (GraniteMoE) are refused in one line instead (test_bnb_refuses_experts_fused_on_disk).
-PER_EXPERT = [a for a in ARCH_NAMES if ARCHITECTURES[a].fused is None]
-FUSED_ON_DISK = [a for a in ARCH_NAMES if ARCHITECTURES[a].fused is not None]
+def _fused_on_disk(model_type: str) -> bool:
+    fused = ARCHITECTURES[model_type].fused
+    return fused is not None and fused.disk_gate_up is not None
+
+
+PER_EXPERT = [a for a in ARCH_NAMES if not _fused_on_disk(a)]
+FUSED_ON_DISK = [a for a in ARCH_NAMES if _fused_on_disk(a)]
 ALL_CASES = [(a, b) for a in PER_EXPERT for b in BNB]
 
 
