@@ -37,7 +37,9 @@ def _fused_on_disk(model_type: str) -> bool:
 
 PER_EXPERT = [a for a in ARCH_NAMES if not _fused_on_disk(a)]
 FUSED_ON_DISK = [a for a in ARCH_NAMES if _fused_on_disk(a)]
-ALL_CASES = [(a, b) for a in PER_EXPERT for b in BNB]
+# nf4 on every row; fp4 and int8 (same code path, other quantizer) on the two reference MoE rows.
+ALL_CASES = [(a, "bnb-nf4") for a in PER_EXPERT] + [
+    (a, b) for a in ("mixtral", "qwen2_moe") if a in PER_EXPERT for b in BNB if b != "bnb-nf4"]
 
 
 @pytest.fixture(scope="session")
