@@ -195,7 +195,7 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     loss = torch.nn.functional.cross_entropy(got[:, :-1].reshape(-1, got.shape[-1]), windows[:, 1:].reshape(-1))
     assert perplexity(out, windows, "cpu")["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-6)
     # The experts really are quantized: the loaded fused tensors differ from the source's.
-    experts = ARCHITECTURES[model_type].experts_module
+    experts = ARCHITECTURES[model_type].fused.module
     layer = source.config.num_hidden_layers - 1
     fused = stream.to_memory(layer, stream.layer_state(layer))[f"{experts}.down_proj"]
     assert not torch.equal(loaded.get_parameter(f"model.layers.{layer}.{experts}.down_proj"), fused)
@@ -301,7 +301,7 @@ def test_bitsandbytes_kernels_model_quantizes_every_expert(bnb_exported, bitsand
     for i, layer in enumerate(model.model.layers):
         plan = plan_layer(arch, model.config, i)
         if plan.experts is not None:
-            experts = layer.get_submodule(arch.experts_module)
+            experts = layer.get_submodule(arch.fused.module)
             assert type(experts).__name__ == "BnbExperts" and len(experts.gate) == plan.num_experts
             assert all(isinstance(m, kind) for m in (*experts.gate, *experts.up, *experts.down))
         for lin in plan.quantized_linears():

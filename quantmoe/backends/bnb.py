@@ -580,13 +580,14 @@ def load_with_kernels(path, device: str = "auto"):
                 continue
             layer.set_submodule(arch.to_memory(name), module_for(prefix + name))
         if experts is not None:
-            fused = layer.get_submodule(arch.experts_module)
+            fused = layer.get_submodule(arch.fused.module)
             built = {w: [module_for(prefix + experts.linear(w, e)) for e in range(plan.num_experts)]
                      for w in ("gate", "up", "down")}
-            layer.set_submodule(arch.experts_module, _experts_module()(built["gate"], built["up"], built["down"],
+            layer.set_submodule(arch.fused.module, _experts_module()(built["gate"], built["up"], built["down"],
                                                                         fused.act_fn))
     # Everything else (embeddings, norms, routers, biases, head) from the checkpoint, in the compute dtype.
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     for name in ckpt.names():
         if name in stored:
             continue
@@ -594,12 +595,15 @@ def load_with_kernels(path, device: str = "auto"):
         if name.startswith("model.layers."):
             index = int(name.split(".")[2])
             target = ckpt.layer_prefix(index) + arch.to_memory(name[len(ckpt.layer_prefix(index)):])
-        if target not in params:
+        if target not in params and target not in buffers:
             raise QuantMoeError(f"tensor {name} of {ckpt.path} has no place in the {config.model_type} model; "
                                 "is the checkpoint complete and of this architecture?")
         module_name, _, attr = target.rpartition(".")
-        setattr(model.get_submodule(module_name), attr,
-                torch.nn.Parameter(ckpt.tensor(name).to(dev, compute), requires_grad=False))
+        if target in buffers:  # e.g. DeepSeek's e_score_correction_bias: a buffer, kept in its stored dtype
+            model.get_submodule(module_name).register_buffer(attr, ckpt.tensor(name).to(dev))
+        else:
+            setattr(model.get_submodule(module_name), attr,
+                    torch.nn.Parameter(ckpt.tensor(name).to(dev, compute), requires_grad=False))
     if model.lm_head.weight.is_meta and getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     rotary = getattr(model.model, "rotary_emb", None)
