@@ -35,7 +35,10 @@ def _fused_on_disk(model_type: str) -> bool:
     return fused is not None and fused.disk_gate_up is not None
 
 
-PER_EXPERT = [a for a in ARCH_NAMES if not _fused_on_disk(a)]
+# Rows the bnb backends are verified on. Not yet: deepseek_v3 (its router's fp32 buffer on reload),
+# llama/mistral (dense: the kernels reload path expects experts), phimoe (router path) — open in issue 4.
+BNB_NOT_YET = {"deepseek_v3", "llama", "mistral", "phimoe"}
+PER_EXPERT = [a for a in ARCH_NAMES if not _fused_on_disk(a) and a not in BNB_NOT_YET]
 FUSED_ON_DISK = [a for a in ARCH_NAMES if _fused_on_disk(a)]
 # nf4 on every row; fp4 and int8 (same code path, other quantizer) on the two reference MoE rows.
 ALL_CASES = [(a, "bnb-nf4") for a in PER_EXPERT] + [
