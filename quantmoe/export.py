@@ -176,7 +176,7 @@ def checkpoint_stats(folder: Path) -> dict:
     arch = architecture_for(ckpt.config)
     # Routers under their on-disk and in-memory names (the gptqmodel layout writes the latter).
     routers = {f"{ckpt.layer_prefix(i)}{name}" for i in range(ckpt.config.num_hidden_layers)
-               for r in plan_layer(arch, ckpt.config, i).routers for name in (r, arch.to_memory(r))}
+               for r in plan_layer(arch, ckpt.config, i).routers for name in (r, arch.to_memory(r + ".")[:-1])}
     quantized_bits = 0
     other_params = decoder_params = decoder_bytes = decoder_linear = 0
     for name in ckpt.names():

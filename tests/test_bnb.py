@@ -19,6 +19,7 @@ import quantmoe
 from quantmoe import backends
 from quantmoe.architectures import ARCHITECTURES, plan_layer
 from quantmoe.backends import Options
+from quantmoe.backends.bnb import module_to_memory
 from quantmoe.checkpoint import Checkpoint
 from quantmoe.cli import main
 from quantmoe.errors import QuantMoeError
@@ -35,10 +36,7 @@ def _fused_on_disk(model_type: str) -> bool:
     return fused is not None and fused.disk_gate_up is not None
 
 
-# Rows the bnb backends are verified on. Not yet: deepseek_v3 (its router's fp32 buffer on reload),
-# llama/mistral (dense: the kernels reload path expects experts), phimoe (router path) — open in issue 4.
-BNB_NOT_YET = {"deepseek_v3", "llama", "mistral", "phimoe"}
-PER_EXPERT = [a for a in ARCH_NAMES if not _fused_on_disk(a) and a not in BNB_NOT_YET]
+PER_EXPERT = [a for a in ARCH_NAMES if not _fused_on_disk(a)]
 FUSED_ON_DISK = [a for a in ARCH_NAMES if _fused_on_disk(a)]
 # nf4 on every row; fp4 and int8 (same code path, other quantizer) on the two reference MoE rows.
 ALL_CASES = [(a, "bnb-nf4") for a in PER_EXPERT] + [
@@ -155,7 +153,7 @@ def test_bnb_routers_untouched_and_every_projection_quantized(bnb_exported, mode
     assert "lm_head" in skip
     for i in range(source.config.num_hidden_layers):
         for router in plan_layer(arch, source.config, i).routers:
-            assert f"model.layers.{i}.{arch.to_memory(router)}" in skip  # in-memory path, as transformers matches it
+            assert f"model.layers.{i}.{module_to_memory(arch, router)}" in skip  # in-memory path, as transformers matches it
 
 
 @pytest.mark.parametrize(("model_type", "name"), ALL_CASES)
@@ -172,6 +170,7 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     source, saved = Checkpoint(src), Checkpoint(out)
     stream = LayerStream(source, torch.device("cpu"))  # only for to_memory (on-disk -> fused layout)
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    params = dict(reference.named_parameters())
     quant_type = name.removeprefix("bnb-")
     for i, (prefix, names) in enumerate(_planned(source).items()):
         state = {k[len(prefix):]: v for k, v in ((n, source.tensor(n)) for n in source.names(prefix))}
@@ -186,7 +185,8 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
                                                                            quant_type=quant_type))
         with torch.no_grad():
             for key, value in stream.to_memory(i, state).items():
-                reference.get_parameter(f"model.layers.{i}.{key}").copy_(value)
+                target = f"model.layers.{i}.{key}"  # a parameter, or a buffer (DeepSeek's e_score_correction_bias)
+                (reference.get_parameter if target in params else reference.get_buffer)(target).copy_(value)
     loaded = quantmoe.load_quantized(out)
     windows, _ = eval_windows(source.tokenizer(), text_file, 64)
     windows = windows[:4]
@@ -197,11 +197,13 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     # quantmoe's streamed evaluation reads the folder to the same numbers.
     loss = torch.nn.functional.cross_entropy(got[:, :-1].reshape(-1, got.shape[-1]), windows[:, 1:].reshape(-1))
     assert perplexity(out, windows, "cpu")["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-6)
-    # The experts really are quantized: the loaded fused tensors differ from the source's.
-    experts = ARCHITECTURES[model_type].fused.module
+    # The MLPs really are quantized: the last layer's loaded down projection (the fused experts', or the
+    # dense MLP's) differs from the source's.
+    arch = ARCHITECTURES[model_type]
     layer = source.config.num_hidden_layers - 1
-    fused = stream.to_memory(layer, stream.layer_state(layer))[f"{experts}.down_proj"]
-    assert not torch.equal(loaded.get_parameter(f"model.layers.{layer}.{experts}.down_proj"), fused)
+    down = f"{arch.fused.module}.down_proj" if arch.experts is not None else f"{arch.dense_mlp.prefix}.down_proj.weight"
+    original = stream.to_memory(layer, stream.layer_state(layer))[down]
+    assert not torch.equal(loaded.get_parameter(f"model.layers.{layer}.{down}"), original)
 
 
 @pytest.mark.parametrize("name", BNB)
@@ -309,9 +311,9 @@ def test_bitsandbytes_kernels_model_quantizes_every_expert(bnb_exported, bitsand
             assert all(isinstance(m, kind) for m in (*experts.gate, *experts.up, *experts.down))
         for lin in plan.quantized_linears():
             if plan.experts is None or ".experts." not in lin:
-                assert isinstance(layer.get_submodule(arch.to_memory(lin)), kind), lin
+                assert isinstance(layer.get_submodule(module_to_memory(arch, lin)), kind), lin
         for router in plan.routers:
-            assert not isinstance(layer.get_submodule(arch.to_memory(router)), kind)
+            assert not isinstance(layer.get_submodule(module_to_memory(arch, router)), kind)
     windows, _ = eval_windows(Checkpoint(out).tokenizer(), text_file, 64)
     with torch.no_grad():
         ours = float(model(windows[:4], labels=windows[:4]).loss)

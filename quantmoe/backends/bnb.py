@@ -280,6 +280,15 @@ def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quant
     }
 
 
+def module_to_memory(arch, path: str) -> str:
+    """The in-memory path of an on-disk, layer-relative *module* path.
+
+    ``Architecture.to_memory`` maps tensor names, and a rename may be keyed on a prefix ending in
+    "." (Phi-MoE: ``block_sparse_moe.gate.`` -> ``mlp.router.``), so map the path as a prefix.
+    """
+    return arch.to_memory(path + ".")[:-1]
+
+
 def _kinds(plan) -> dict[str, str]:
     """Layer-relative on-disk linear name -> attention | expert | shared_expert | dense_mlp."""
     kinds = {n: "attention" for group in plan.attention for n in group}
@@ -369,7 +378,7 @@ def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) 
         log = write_shards(ckpt, staging, cfg, parse_size(options.max_shard_size), dev, options.quiet)
     routers = [f"{ckpt.layer_prefix(i)}{r}" for i in range(ckpt.config.num_hidden_layers)
                for r in plan_layer(arch, ckpt.config, i).routers]
-    skip = [f"{ckpt.layer_prefix(i)}{arch.to_memory(r)}" for i in range(ckpt.config.num_hidden_layers)
+    skip = [f"{ckpt.layer_prefix(i)}{module_to_memory(arch, r)}" for i in range(ckpt.config.num_hidden_layers)
             for r in plan_layer(arch, ckpt.config, i).routers]
     qconfig = quantization_config(cfg, backend.name, skip, routers, __version__)
     write_config(ckpt, staging, qconfig)
@@ -578,7 +587,7 @@ def load_with_kernels(path, device: str = "auto"):
         for name in plan.quantized_linears():
             if experts is not None and name.startswith(experts.prefix.split("{e}")[0]):
                 continue
-            layer.set_submodule(arch.to_memory(name), module_for(prefix + name))
+            layer.set_submodule(module_to_memory(arch, name), module_for(prefix + name))
         if experts is not None:
             fused = layer.get_submodule(arch.fused.module)
             built = {w: [module_for(prefix + experts.linear(w, e)) for e in range(plan.num_experts)]
