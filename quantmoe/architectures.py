@@ -94,16 +94,34 @@ class Architecture:
         return self.to_memory(name)
 
     def from_gptqmodel_name(self, name: str) -> str:
-        """Inverse of gptqmodel_name."""
-        if self.experts is not None:
-            m = re.fullmatch(re.escape(self.experts_module) + r"\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)", name)
-            if m:
-                which = ("gate", "up", "down")[GPTQMODEL_PROJ.index(m.group(2))]
-                return f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
+        """Inverse of gptqmodel_name, for any unfused expert naming other tools write.
+
+        GPTQModel writes ``mlp.experts.E.gate_proj`` (in-memory paths); llm-compressor writes
+        ``block_sparse_moe.experts.E.gate_proj`` (in-memory renames undone, experts still
+        unfused). Both become the source name: renames are undone first, then
+        ``<experts prefix>.E.{gate,up,down}_proj`` maps to the row's projection names.
+        Source names are fixed points.
+        """
         for old, new in reversed(self.renames):
             if name.startswith(new):
                 name = old + name[len(new):]
+        if self.experts is not None:
+            prefix = re.escape(self.experts.prefix).replace(re.escape("{e}"), r"(\d+)")
+            m = re.fullmatch(prefix + r"\.(gate_proj|up_proj|down_proj)\.(.+)", name)
+            if m:
+                which = ("gate", "up", "down")[GPTQMODEL_PROJ.index(m.group(2))]
+                return f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
         return name
+
+    def uses_unfused_names(self, names) -> bool:
+        """True when a layer's tensor names (layer-relative) are in an unfused expert naming
+        (GPTQModel's or llm-compressor's) rather than the source one.
+
+        Every source name is a fixed point of ``from_gptqmodel_name`` (tests check this for
+        each row), so one name it changes decides; checkpoints written by GPTQModel or
+        llm-compressor carry no ``meta.layout`` and are recognised this way.
+        """
+        return any(self.from_gptqmodel_name(n) != n for n in names)
 
     def to_memory(self, name: str) -> str:
         """Map an on-disk, layer-relative tensor name to its in-memory module path."""

@@ -1,8 +1,9 @@
 """The one loader: a checkpoint folder read lazily, tensor by tensor, from its safetensors shards.
 
-Works for source checkpoints and for quantmoe's GPTQ exports alike: a quantized linear
-(``P.qweight`` ...) is dequantized into ``P.weight`` when a layer is read, so every stage
-sees plain weights under the on-disk names.
+Works for source checkpoints, GPTQ v1 exports (quantmoe's or GPTQModel's) and
+compressed-tensors pack-quantized ones (llm-compressor's) alike: a quantized linear
+(``P.qweight`` ..., or ``P.weight_packed`` ...) is dequantized into ``P.weight`` when a layer
+is read, so every stage sees plain weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from .compressed_tensors import config_group_size, dequantize_compressed_state
 from .errors import QuantMoeError
 from .packing import dequantize_state
 
@@ -121,6 +123,11 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
 
+    def itemsize(self, name: str) -> int:
+        """Bytes per element of a stored tensor, from its safetensors dtype (F16, I32, ...)."""
+        dtype = self._open(self.weight_map[name]).get_slice(name).get_dtype()
+        return max(1, int("".join(c for c in dtype if c.isdigit()) or 8) // 8)
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
@@ -131,7 +138,7 @@ class Checkpoint:
         return f"model.layers.{index}."
 
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
-        """All tensors under ``prefix`` with the prefix stripped; GPTQ linears dequantized to ``.weight``.
+        """All tensors under ``prefix`` with the prefix stripped; quantized linears dequantized to ``.weight``.
 
         Floating tensors come in ``dtype`` (None: as stored). Every tensor is copied into
         this process's memory and the shards are closed afterwards: pages of a mapped shard
@@ -139,7 +146,9 @@ class Checkpoint:
         would make memory grow with every layer read.
         """
         tensors = {name[len(prefix):]: self.tensor(name) for name in self.names(prefix)}
-        if self.quantization:
+        if self.quantization and self.quantization.get("quant_method") == "compressed-tensors":
+            tensors = dequantize_compressed_state(tensors, config_group_size(self.quantization))
+        elif self.quantization:
             tensors = dequantize_state(tensors, int(self.quantization["bits"]))
         out = {n: t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
                for n, t in tensors.items()}

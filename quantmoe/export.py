@@ -9,6 +9,7 @@ at a time, so memory holds at most one shard.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,10 +18,11 @@ from safetensors import safe_open
 
 from .architectures import Architecture
 from .checkpoint import INDEX_NAME, Checkpoint
+from .compressed_tensors import CT_SUFFIXES, compressed_modules
 from .config import QuantConfig
 from .errors import QuantMoeError
 from .files import atomic_write_json, save_safetensors
-from .packing import GPTQ_SUFFIXES
+from .packing import GPTQ_SUFFIXES, quantized_modules
 
 QUANTIZE_CONFIG = "quantize_config.json"
 
@@ -149,20 +151,25 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
 
 
 def checkpoint_stats(folder: Path) -> dict:
-    """Bits per weight, size on disk and the fraction of parameters quantized, measured from the files."""
+    """Bits per weight, size on disk and the fraction of parameters quantized, measured from the files.
+
+    Every tensor stored for a quantized linear counts towards its bits (levels, scales, zeros,
+    g_idx, shape); GPTQ v1 and compressed-tensors pack-quantized linears are both recognised.
+    """
     ckpt = Checkpoint(folder)
+    names = ckpt.names()
+    stored = {m: GPTQ_SUFFIXES for m in quantized_modules(names)}
+    stored.update({m: CT_SUFFIXES for m in compressed_modules(names)})
     bits_quantized, weights_quantized, params_other = 0, 0, 0
-    for name in ckpt.names():
+    for name in names:
         module, _, suffix = name.rpartition(".")
-        shape = ckpt.shape(name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if ckpt.has(f"{module}.qweight") and suffix in GPTQ_SUFFIXES:
-            itemsize = 2 if suffix == "scales" else 4
-            bits_quantized += numel * itemsize * 8
+        numel = math.prod(ckpt.shape(name))
+        if suffix in stored.get(module, ()):
+            bits_quantized += numel * ckpt.itemsize(name) * 8
             if suffix == "g_idx":
                 weights_quantized += numel * ckpt.shape(f"{module}.scales")[1]
+            elif suffix == "weight_shape":
+                weights_quantized += math.prod(int(x) for x in ckpt.tensor(name).tolist())
         else:
             params_other += numel
     size = sum((Path(folder) / s).stat().st_size for s in ckpt.shards)
