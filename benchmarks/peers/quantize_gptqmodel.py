@@ -11,7 +11,9 @@ model definitions never quantize routers (``mlp.gate``, ``mlp.shared_expert_gate
 from __future__ import annotations
 
 import argparse
+import enum
 import json
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from safetensors.torch import load_file
 
 def jsonable(value):
     """GPTQModel's config dict holds enums and dtypes; keep their names."""
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -45,6 +49,17 @@ def main() -> None:
     qcfg = QuantizeConfig(bits=4, group_size=128, sym=True)
     # fp16 like the source checkpoint (GPTQModel would otherwise pick bf16 on CPU and save bf16 tensors).
     model = GPTQModel.load(args.model, qcfg, device="cpu", dtype=torch.float16)
+    config = model.model.config
+    dense_layers = bool(getattr(config, "mlp_only_layers", None)) or (getattr(config, "decoder_sparse_step", 1) or 1) > 1
+    workaround = None
+    if dense_layers:
+        # GPTQModel's Qwen2-MoE tree expects mlp.shared_expert/experts in every layer and stops with
+        # "layer module item `mlp.shared_expert.gate_proj` not found" on a dense (mlp_only_layers) layer.
+        # Its own definitions for such models (glm4_moe, dots1, ...) set layer_modules_strict = False,
+        # which skips the missing modules; the dense MLP is then not in its tree and stays fp16.
+        model.layer_modules_strict = False
+        workaround = ("layer_modules_strict=False (the model has dense mlp_only_layers that GPTQModel's tree "
+                      "does not describe; their MLP stays fp16)")
     model.quantize(calibration, batch_size=args.batch_size)
     model.save(args.out)
     record = {
@@ -53,8 +68,9 @@ def main() -> None:
         "call": "GPTQModel.load(model, QuantizeConfig(bits=4, group_size=128, sym=True), device='cpu', "
                 f"dtype=torch.float16).quantize(rows, batch_size={args.batch_size})",
         "options": jsonable(qcfg.to_dict()),
-        "rare_experts": {"policy": f"fallback {jsonable(qcfg.fallback)}: a module that sees fewer calibration "
-                                   "tokens than the threshold is quantized by that strategy instead of GPTQ"},
+        "workaround": workaround,
+        "rare_experts": {"policy": f"fallback {jsonable(asdict(qcfg.fallback))}: a module that sees fewer "
+                                   "calibration tokens than the threshold is quantized by that strategy instead of GPTQ"},
         "calibration_rows": list(ids.shape),
     }
     Path(args.out, "peer_run.json").write_text(json.dumps(record, indent=1))
