@@ -58,11 +58,13 @@ def log(msg: str) -> None:
 
 def run_measured(cmd: list[str], log_file: Path, env: dict | None = None, timeout: float = 7200,
                  interval: float = 0.2) -> dict:
-    """Run ``cmd``, sampling the RSS of its whole process tree; output goes to ``log_file``."""
+    """Run ``cmd`` in the log file's folder (GPTQModel writes ./logs there), sampling the RSS of its
+    whole process tree; output goes to ``log_file``."""
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=log_file.parent)
         peak, cpu = [0], [0.0]
         stop = threading.Event()
 
@@ -124,7 +126,7 @@ def tool_record(tool: str, out: Path, venvs: Path) -> dict:
     names = (peer.version_of, "torch", "transformers", "compressed-tensors", "safetensors")
     return {"version": run["version"], "versions": installed_versions(venv_python(peer, venvs), names),
             "options": run["options"], "call": run["call"], "output_format": peer.output_format,
-            "rare_experts": run.get("rare_experts", {})}
+            "rare_experts": run.get("rare_experts", {}), "workaround": run.get("workaround")}
 
 
 def gptqmodel_fallbacks(log_file: Path) -> list[dict]:
@@ -270,6 +272,10 @@ def markdown(r: dict) -> str:
                       f"at most {v['target_ratio']}x: **{'met' if v['gap_target_met'] else 'not met'}**. "
                       f"Bits per weight not higher than the peers': {v['bits_per_weight_not_higher']}. "
                       f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x."]
+    notes = [f"- **{tool}**: {t['workaround']}" for tool, t in r["tools"].items() if t.get("workaround")]
+    notes += [f"- **{tool}** failed: see `log_tail` in the JSON" for tool, t in r["tools"].items() if "failed" in t]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
     lines += ["", "## Rare experts", ""]
     for tool, t in r["tools"].items():
         if "failed" in t:
