@@ -1,5 +1,5 @@
 """Where each tool's gap comes from: perplexity of the original model with only one part
-(attention, routed experts, shared expert / dense MLP) replaced by a tool's dequantized weights.
+(attention, routed experts, shared expert, dense MLP) replaced by a tool's dequantized weights.
 
     python benchmarks/peers/ablate.py MODEL --work DIR [--tools quantmoe,gptqmodel,llmcompressor]
 
@@ -34,9 +34,9 @@ def layer_parts(stream: LayerStream, index: int) -> dict[str, str]:
     parts = {m: "attention" for group in plan.attention for m in group}
     if plan.experts is not None:
         parts.update({plan.experts.linear(w, e): "experts" for e in range(plan.num_experts) for w in ("gate", "up", "down")})
-    for mlp in (plan.shared_expert, plan.dense_mlp):
+    for mlp, label in ((plan.shared_expert, "shared_expert"), (plan.dense_mlp, "dense_mlp")):
         if mlp is not None:
-            parts.update({mlp.linear(w): "shared_or_dense_mlp" for w in ("gate", "up", "down")})
+            parts.update({mlp.linear(w): label for w in ("gate", "up", "down")})
     return parts
 
 
@@ -45,12 +45,14 @@ def mixed_perplexity(original: Path, quantized: Path, part: str, windows: torch.
     base = LayerStream(Checkpoint(original), torch.device("cpu"))
     other = LayerStream(Checkpoint(quantized), torch.device("cpu"))
     batches = base.embed(windows, batch_size)
+    replaced = [0]
     for i in range(base.num_layers):
         state = base.layer_state(i)
         theirs = other.layer_state(i)
         for module, which in layer_parts(base, i).items():
-            if which == part:
+            if which == part and not torch.equal(theirs[f"{module}.weight"], state[f"{module}.weight"]):
                 state[f"{module}.weight"] = theirs[f"{module}.weight"]
+                replaced[0] += 1
         layer = base.load_layer(i, state)
         batches = base.run_layer(layer, batches)
         base.release_layer(i)
@@ -61,7 +63,7 @@ def mixed_perplexity(original: Path, quantized: Path, part: str, windows: torch.
         logits = base.logits(b.hidden)
         nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
         count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+    return math.exp(nll / count), replaced[0]
 
 
 def main() -> None:
@@ -75,14 +77,17 @@ def main() -> None:
     windows, _ = eval_windows(Checkpoint(model).tokenizer(), EVAL_DATA, SEQLEN)
     results = json.loads((Path(__file__).resolve().parents[2] / "eval" / "results" / f"peers-{model.name}.json").read_text())
     original = results["eval"]["original"]["perplexity"]
-    parts = ["attention", "experts"] + (["shared_or_dense_mlp"] if LayerStream(Checkpoint(model), torch.device("cpu")).arch.dense_mlp else [])
+    stream = LayerStream(Checkpoint(model), torch.device("cpu"))
+    parts = sorted({p for i in range(stream.num_layers) for p in layer_parts(stream, i).values()})
     out = {"original": original, "tools": {}}
     for tool in args.tools:
         out["tools"][tool] = {}
         for part in parts:
-            ppl = mixed_perplexity(model, folder / tool, part, windows)
-            out["tools"][tool][part] = {"perplexity": ppl, "gap_relative": (ppl - original) / original}
-            print(f"{model.name} {tool:14s} {part:20s} {ppl:.4f} {100 * (ppl - original) / original:+.3f}%", flush=True)
+            ppl, replaced = mixed_perplexity(model, folder / tool, part, windows)
+            out["tools"][tool][part] = {"perplexity": ppl, "gap_relative": (ppl - original) / original,
+                                        "linears_replaced": replaced}
+            print(f"{model.name} {tool:26s} {part:14s} {ppl:.4f} {100 * (ppl - original) / original:+.3f}% "
+                  f"({replaced} linears differ from the original)", flush=True)
     (folder / "ablation.json").write_text(json.dumps(out, indent=1))
 
 

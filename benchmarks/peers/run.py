@@ -49,7 +49,11 @@ from quantmoe.stream import LayerStream  # noqa: E402
 
 NSAMPLES, SEQLEN, SEED = 128, 512, 0
 TARGET = 0.7  # issue 6: quantmoe's relative gap at most 70% of the smaller peer gap
-TOOLS = ("quantmoe", "gptqmodel", "llmcompressor")
+# quantmoe's runs: its default recipe (the one the verdict uses), and the same recipe with GPTQModel's
+# layout, which also leaves dense-layer MLPs (Qwen2-MoE mlp_only_layers) in fp16 as GPTQModel does:
+# the like-for-like row when GPTQModel quantizes fewer weights.
+QUANTMOE_RUNS = {"quantmoe": [], "quantmoe-gptqmodel-layout": ["--layout", "gptqmodel"]}
+TOOLS = (*QUANTMOE_RUNS, *PEERS)
 
 
 def log(msg: str) -> None:
@@ -106,20 +110,22 @@ def make_calibration(model: Path, folder: Path) -> Path:
 
 
 def quantize_command(tool: str, model: Path, calib: Path, out: Path, venvs: Path) -> tuple[list[str], dict]:
-    if tool == "quantmoe":
+    if tool in QUANTMOE_RUNS:
         return ([sys.executable, "-m", "quantmoe", "quantize", str(model), "--out", str(out), "--calib", str(calib),
-                 "--device", "cpu", "--no-eval", "--quiet", "--overwrite"], {})
+                 "--device", "cpu", "--no-eval", "--quiet", "--overwrite", *QUANTMOE_RUNS[tool]], {})
     peer = PEERS[tool]
     return [str(venv_python(peer, venvs)), str(HERE / peer.script), str(model), str(calib), str(out)], dict(peer.env)
 
 
 def tool_record(tool: str, out: Path, venvs: Path) -> dict:
     """Version and options of a finished run, from what the tool wrote."""
-    if tool == "quantmoe":
+    if tool in QUANTMOE_RUNS:
         qlog = json.loads((out / "quantization_log.json").read_text())
+        flags = " ".join(QUANTMOE_RUNS[tool])
         return {"version": __version__, "versions": versions(), "options": qlog["options"],
-                "call": "quantmoe quantize MODEL --calib calib.safetensors --device cpu (default recipe)",
-                "output_format": "GPTQ v1 (source tensor names)",
+                "call": f"quantmoe quantize MODEL --calib calib.safetensors --device cpu {flags}".rstrip()
+                        + " (default recipe)",
+                "output_format": f"GPTQ v1 ({'GPTQModel' if flags else 'source'} tensor names)",
                 "rare_experts": {"policy": qlog["options"]["rare_expert"], "fallbacks": qlog["fallbacks"]}}
     peer = PEERS[tool]
     run = json.loads((out / "peer_run.json").read_text())
@@ -192,9 +198,9 @@ def run_model(name: str, args) -> dict:
     for tool in args.tools:
         out = folder / tool
         log_file = folder / f"{tool}.log"
-        done = (out / ("quantization_log.json" if tool == "quantmoe" else "peer_run.json")).is_file()
+        done = (out / ("quantization_log.json" if tool in QUANTMOE_RUNS else "peer_run.json")).is_file()
         measured_file = folder / f"{tool}.measured.json"
-        if tool != "quantmoe":
+        if tool in PEERS:
             ensure_venv(PEERS[tool], Path(args.venvs), log)
         if not (done and args.reuse and measured_file.is_file()):
             cmd, env = quantize_command(tool, model, calib, out, Path(args.venvs))
@@ -231,15 +237,19 @@ def run_model(name: str, args) -> dict:
 
 def verdict(tools: dict) -> dict:
     ok = {t: r for t, r in tools.items() if "gap" in r}
-    peers = {t: r["gap"]["relative"] for t, r in ok.items() if t != "quantmoe"}
+    peers = {t: r["gap"]["relative"] for t, r in ok.items() if t in PEERS}
     if "quantmoe" not in ok or not peers:
         return {"complete": False}
     best = min(peers, key=peers.get)
     ours = ok["quantmoe"]["gap"]["relative"]
     ratio = ours / peers[best] if peers[best] > 0 else float("inf")
-    bpw_ok = all(ok["quantmoe"]["bits_per_weight"] <= r["bits_per_weight"] + 1e-9 for t, r in ok.items() if t != "quantmoe")
+    bpw_ok = all(ok["quantmoe"]["bits_per_weight"] <= r["bits_per_weight"] + 1e-9 for t, r in ok.items() if t in PEERS)
     fastest = min(ok[t]["quantize"]["seconds"] for t in peers)
+    same = ok.get("quantmoe-gptqmodel-layout"), ok.get("gptqmodel")
+    like_for_like = (same[0]["gap"]["relative"] / same[1]["gap"]["relative"]
+                     if all(same) and same[1]["gap"]["relative"] > 0 else None)
     return {"complete": True, "best_peer": best, "best_peer_gap": peers[best], "quantmoe_gap": ours,
+            "quantmoe_gptqmodel_layout_over_gptqmodel": like_for_like,
             "ratio": ratio, "target_ratio": TARGET, "gap_target_met": ratio <= TARGET,
             "bits_per_weight_not_higher": bpw_ok,
             "quantize_seconds_vs_fastest_peer": ok["quantmoe"]["quantize"]["seconds"] / fastest}
@@ -272,6 +282,10 @@ def markdown(r: dict) -> str:
                       f"at most {v['target_ratio']}x: **{'met' if v['gap_target_met'] else 'not met'}**. "
                       f"Bits per weight not higher than the peers': {v['bits_per_weight_not_higher']}. "
                       f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x."]
+        if v.get("quantmoe_gptqmodel_layout_over_gptqmodel") is not None:
+            lines += ["", "Like for like with GPTQModel (the same modules quantized: quantmoe's `--layout gptqmodel` "
+                          "leaves dense-layer MLPs in fp16 as GPTQModel does): quantmoe's gap is "
+                          f"{v['quantmoe_gptqmodel_layout_over_gptqmodel']:.2f}x GPTQModel's."]
     notes = [f"- **{tool}**: {t['workaround']}" for tool, t in r["tools"].items() if t.get("workaround")]
     notes += [f"- **{tool}** failed: see `log_tail` in the JSON" for tool, t in r["tools"].items() if "failed" in t]
     if notes:
