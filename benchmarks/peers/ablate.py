@@ -3,7 +3,7 @@
 
     python benchmarks/peers/ablate.py MODEL --work DIR [--tools quantmoe,gptqmodel,llmcompressor]
 
-Reads the outputs run.py left in ``DIR/<model>/<tool>`` and the same held-out windows, and
+Reads the outputs run.py left in ``DIR/<model>/outputs/<tool>`` and the same held-out windows, and
 writes ``DIR/<model>/ablation.json``. A diagnostic, not part of the committed comparison.
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
     for tool in args.tools:
         out["tools"][tool] = {}
         for part in parts:
-            ppl, replaced = mixed_perplexity(model, folder / tool, part, windows)
+            ppl, replaced = mixed_perplexity(model, folder / "outputs" / tool, part, windows)
             out["tools"][tool][part] = {"perplexity": ppl, "gap_relative": (ppl - original) / original,
                                         "linears_replaced": replaced}
             print(f"{model.name} {tool:26s} {part:14s} {ppl:.4f} {100 * (ppl - original) / original:+.3f}% "

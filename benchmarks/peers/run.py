@@ -5,7 +5,7 @@ same calibration tokens, scored by quantmoe's evaluator on the same held-out tok
 
 MODEL is a demo model name (mixtral-demo, qwen2moe-demo; default both) or a checkpoint
 folder. Run it with the python of the venv where quantmoe is installed. Steps, each
-leaving files in ``--work/<model>/``:
+leaving files in ``--work/<model>/`` (tool outputs in ``outputs/<tool>``):
 
 1. ``quantmoe calibrate --tokenizer MODEL --nsamples 128 --seqlen 512 --seed 0``
    -> ``calib.safetensors``; every tool gets these exact ``input_ids`` rows.
@@ -142,6 +142,14 @@ def gptqmodel_fallbacks(log_file: Path) -> list[dict]:
     return [{"module": m.group(1), "fallback": m.group(2), "samples": int(m.group(3))} for m in pattern.finditer(text)]
 
 
+def llmcompressor_fallbacks(log_file: Path) -> list[dict]:
+    """Modules llm-compressor quantized by round-to-nearest after a failed Hessian inversion (from its log)."""
+    text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    m = re.search(r"Hessian inversion failed for \d+/\d+ modules.*?Affected modules: ([^\n]+)", text)
+    names = [n.strip() for n in m.group(1).split(",")] if m else []
+    return [{"module": n, "fallback": "rtn (Hessian inversion failed)"} for n in names if n and " more " not in n]
+
+
 def expert_health(path: Path) -> dict:
     """All-zero or non-finite routed-expert projections in a checkpoint, read as quantmoe reads it."""
     stream = LayerStream(Checkpoint(path), torch.device("cpu"))
@@ -196,7 +204,8 @@ def run_model(name: str, args) -> dict:
         "tools": {},
     }
     for tool in args.tools:
-        out = folder / tool
+        # Not folder/<tool>: a folder named "quantmoe" in the working directory would shadow the package.
+        out = folder / "outputs" / tool
         log_file = folder / f"{tool}.log"
         done = (out / ("quantization_log.json" if tool in QUANTMOE_RUNS else "peer_run.json")).is_file()
         measured_file = folder / f"{tool}.measured.json"
@@ -215,6 +224,8 @@ def run_model(name: str, args) -> dict:
         record = tool_record(tool, out, Path(args.venvs))
         if tool == "gptqmodel":
             record["rare_experts"]["fallbacks"] = gptqmodel_fallbacks(log_file)
+        if tool == "llmcompressor":
+            record["rare_experts"]["fallbacks"] = llmcompressor_fallbacks(log_file)
         log(f"{key}: evaluating {tool}")
         ppl = perplexity(out, windows, "cpu")
         stats = checkpoint_stats(out)
@@ -230,7 +241,7 @@ def run_model(name: str, args) -> dict:
             "experts": expert_health(out),
         }
     if "quantmoe" in results["tools"] and "failed" not in results["tools"]["quantmoe"]:
-        results["routed_calibration_tokens"] = routed_token_counts(folder / "quantmoe")
+        results["routed_calibration_tokens"] = routed_token_counts(folder / "outputs" / "quantmoe")
     results["verdict"] = verdict(results["tools"])
     return results
 
