@@ -4,7 +4,7 @@
     python benchmarks/peers/ablate.py MODEL --work DIR [--tools quantmoe,gptqmodel,llmcompressor]
 
 Reads the outputs run.py left in ``DIR/<model>/outputs/<tool>`` and the same held-out windows, and
-writes ``DIR/<model>/ablation.json``. A diagnostic, not part of the committed comparison.
+writes ``DIR/<model>/ablation.json`` and ``eval/results/peers-<model>-ablation.{json,md}``.
 """
 
 from __future__ import annotations
@@ -89,6 +89,24 @@ def main() -> None:
             print(f"{model.name} {tool:26s} {part:14s} {ppl:.4f} {100 * (ppl - original) / original:+.3f}% "
                   f"({replaced} linears differ from the original)", flush=True)
     (folder / "ablation.json").write_text(json.dumps(out, indent=1))
+    write_results(model.name, out)
+
+
+def write_results(name: str, out: dict) -> None:
+    """eval/results/peers-<model>-ablation.json and .md beside the comparison."""
+    base = Path(__file__).resolve().parents[2] / "eval" / "results" / f"peers-{name}-ablation"
+    base.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    parts = sorted({p for t in out["tools"].values() for p in t})
+    lines = [f"# Where each tool's gap comes from: {name}", "",
+             "Perplexity gap of the original model with only one part replaced by the tool's dequantized "
+             "weights (`benchmarks/peers/ablate.py`; same held-out windows as the comparison; original "
+             f"perplexity {out['original']:.4f}). Parts are not additive exactly.", "",
+             "| tool | " + " | ".join(parts) + " |", "| --- |" + " ---: |" * len(parts)]
+    for tool, t in out["tools"].items():
+        cells = [f"{100 * t[p]['gap_relative']:+.3f}%" + ("" if t[p]["linears_replaced"] else " (fp16)")
+                 if p in t else "" for p in parts]
+        lines.append(f"| {tool} | " + " | ".join(cells) + " |")
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
