@@ -161,13 +161,37 @@ class Architecture:
         return self.to_memory(name)
 
     def from_gptqmodel_name(self, name: str) -> str:
-        """Inverse of gptqmodel_name."""
-        if self.experts is not None:
-            m = re.fullmatch(re.escape(self.fused.module) + r"\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)", name)
+        """Inverse of gptqmodel_name, for any unfused expert naming other tools write.
+
+        GPTQModel writes ``<fused.module>.E.gate_proj`` under in-memory paths (Mixtral:
+        ``mlp.experts.E.gate_proj``); llm-compressor writes ``<experts prefix>.E.gate_proj``
+        with the in-memory renames undone (``block_sparse_moe.experts.E.gate_proj``). Both
+        become the source name: renames are undone first, then either unfused naming maps to
+        the row's projection names. Source names are fixed points.
+        """
+        return self._unfused_expert(name) or self.from_memory(name)
+
+    def _unfused_expert(self, name: str) -> str | None:
+        """The source name of an expert tensor under an unfused naming (GPTQModel's or
+        llm-compressor's), or None when ``name`` is not one."""
+        if self.experts is None:
+            return None
+        name = self.from_memory(name)
+        for prefix in (re.escape(self.from_memory(self.fused.module)) + r"\.(\d+)",
+                       re.escape(self.experts.prefix).replace(re.escape("{e}"), r"(\d+)")):
+            m = re.fullmatch(prefix + r"\.(gate_proj|up_proj|down_proj)\.(.+)", name)
             if m:
                 which = ("gate", "up", "down")[GPTQMODEL_PROJ.index(m.group(2))]
-                return f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
-        return self.from_memory(name)
+                source = f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
+                return source if source != name else None
+        return None
+
+    def uses_unfused_names(self, names) -> bool:
+        """True when a layer's tensor names (layer-relative) are in an unfused expert naming
+        (GPTQModel's or llm-compressor's) rather than the source one; checkpoints written by
+        GPTQModel or llm-compressor carry no ``meta.layout`` and are recognised this way.
+        """
+        return any(self._unfused_expert(n) is not None for n in names)
 
     def to_memory(self, name: str) -> str:
         """Map an on-disk, layer-relative tensor name to its in-memory module path."""
@@ -177,8 +201,11 @@ class Architecture:
         return name
 
     def from_memory(self, name: str) -> str:
-        """Inverse of to_memory."""
+        """Inverse of to_memory; on-disk names are fixed points (GraniteMoE's router.layer. starts
+        with its in-memory prefix router.)."""
         for old, new in self.renames:
+            if name.startswith(old):
+                return name
             if name.startswith(new):
                 return old + name[len(new):]
         return name

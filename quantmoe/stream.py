@@ -110,14 +110,16 @@ class LayerStream:
 
     # -- decoder layers ------------------------------------------------------------
     def layer_state(self, index: int, keep_dtype: bool = False) -> dict[str, Tensor]:
-        """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory.
+        """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory
+        (an export with unfused expert names, GPTQModel's or llm-compressor's, is recognised by its
+        names and mapped back).
 
         ``keep_dtype`` leaves them as stored (bf16 for most checkpoints: half the bytes to
         read and to copy to the device, where ``load_layer`` converts them). Safe to call
         from a background thread while another layer is being worked on.
         """
         state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype)
-        if ((self.ckpt.quantization or {}).get("meta") or {}).get("layout") == "gptqmodel":
+        if self.arch.uses_unfused_names(state):
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         return state
 

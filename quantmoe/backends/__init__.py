@@ -5,6 +5,9 @@ following ``base.Backend``. Adding a backend is adding one such file; nothing el
 lists them. Modules must import optional libraries (bitsandbytes, ...) only inside
 functions, so that ``quantmoe`` works without them until such a backend is chosen.
 
+A module may also define ``READERS``: formats quantmoe reads but does not write
+(llm-compressor's compressed-tensors), with the reading half of the interface only.
+
 Names: ``gptq``, ``rtn``, ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``. ``resolve`` also takes
 ``<name>-int<bits>`` (``gptq-int4``, ``rtn-int8``) for backends with a ``bits`` setting.
 """
@@ -37,6 +40,16 @@ def registry() -> dict[str, Backend]:
     return found
 
 
+@cache
+def readers() -> tuple:
+    """Every backend, then every read-only format: what ``for_checkpoint`` can recognise."""
+    found = list(registry().values())
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "base":
+            found.extend(getattr(importlib.import_module(f"{__name__}.{info.name}"), "READERS", ()))
+    return tuple(found)
+
+
 def names() -> list[str]:
     return list(registry())
 
@@ -67,9 +80,9 @@ def for_checkpoint(quantization: dict | None) -> Backend | None:
     """The backend that wrote a checkpoint with this ``quantization_config`` (None: not quantized)."""
     if quantization is None:
         return None
-    for backend in registry().values():
-        if backend.recognizes(quantization):
-            return backend
-    known = ", ".join(names())
+    for reader in readers():
+        if reader.recognizes(quantization):
+            return reader
+    known = ", ".join(r.name for r in readers())
     raise QuantMoeError(f"quantization method {quantization.get('quant_method')!r} is not one quantmoe reads "
                         f"(it reads checkpoints of {known}); pass the original checkpoint instead")

@@ -1,0 +1,349 @@
+"""Peer harness: quantmoe against GPTQModel and llm-compressor on the same MoE, same bits,
+same calibration tokens, scored by quantmoe's evaluator on the same held-out tokens.
+
+    python benchmarks/peers/run.py [MODEL ...] [--work DIR] [--venvs DIR] [--timeout S]
+
+MODEL is a demo model name (mixtral-demo, qwen2moe-demo; default both) or a checkpoint
+folder. Run it with the python of the venv where quantmoe is installed. Steps, each
+leaving files in ``--work/<model>/`` (tool outputs in ``outputs/<tool>``):
+
+1. ``quantmoe calibrate --tokenizer MODEL --nsamples 128 --seqlen 512 --seed 0``
+   -> ``calib.safetensors``; every tool gets these exact ``input_ids`` rows.
+2. Each tool quantizes MODEL (w4, g128, symmetric, routers left in full precision) in a
+   subprocess: the peers in their own venvs (created by peer_tools.ensure_venv), quantmoe
+   with its default recipe. Wall time and peak RSS (the process tree, sampled) are
+   measured the same way for all three.
+3. ``quantmoe.evaluation.perplexity`` scores the original and every output on the same
+   held-out windows; the outputs are read by quantmoe's one loader (GPTQ v1 in either
+   naming, compressed-tensors).
+4. ``eval/results/peers-<model>.json`` and ``.md``: versions, options, wall time, peak
+   RSS, perplexity, gap, bits per weight, and what each tool did to rare experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peer_tools import HERE, PEERS, ensure_venv, installed_versions, venv_python  # noqa: E402
+
+from quantmoe import __version__  # noqa: E402
+from quantmoe.checkpoint import Checkpoint  # noqa: E402
+from quantmoe.defaults import DEMO_MODELS, EVAL_DATA, REPO  # noqa: E402
+from quantmoe.evaluation import Protocol, eval_windows, gap, perplexity  # noqa: E402
+from quantmoe.export import checkpoint_stats  # noqa: E402
+from quantmoe.files import sha256_file, versions  # noqa: E402
+from quantmoe.stream import LayerStream  # noqa: E402
+
+NSAMPLES, SEQLEN, SEED = 128, 512, 0
+TARGET = 0.7  # issue 6: quantmoe's relative gap at most 70% of the smaller peer gap
+# quantmoe's runs: its default recipe (the one the verdict uses), and the same recipe with GPTQModel's
+# layout, which also leaves dense-layer MLPs (Qwen2-MoE mlp_only_layers) in fp16 as GPTQModel does:
+# the like-for-like row when GPTQModel quantizes fewer weights.
+QUANTMOE_RUNS = {"quantmoe": [], "quantmoe-gptqmodel-layout": ["--layout", "gptqmodel"]}
+TOOLS = (*QUANTMOE_RUNS, *PEERS)
+
+
+def log(msg: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_measured(cmd: list[str], log_file: Path, env: dict | None = None, timeout: float = 7200,
+                 interval: float = 0.2) -> dict:
+    """Run ``cmd`` in the log file's folder (GPTQModel writes ./logs there), sampling the RSS of its
+    whole process tree; output goes to ``log_file``."""
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=log_file.parent)
+        peak, cpu = [0], [0.0]
+        stop = threading.Event()
+
+        def sample():
+            root = psutil.Process(proc.pid)
+            while not stop.is_set():
+                try:
+                    tree = [root] + root.children(recursive=True)
+                    peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
+                    times = root.cpu_times()
+                    cpu[0] = max(cpu[0], times.user + times.system + times.children_user + times.children_system)
+                except psutil.Error:
+                    pass
+                stop.wait(interval)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+            log(f"timed out after {timeout} s: {' '.join(cmd)}")
+        stop.set()
+        thread.join()
+    return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak[0] / 2**20, 1),
+            "cpu_seconds": round(cpu[0], 1), "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2)}
+
+
+def make_calibration(model: Path, folder: Path) -> Path:
+    calib = folder / "calib.safetensors"
+    if not calib.is_file():
+        cmd = [sys.executable, "-m", "quantmoe", "calibrate", "--tokenizer", str(model), "--nsamples", str(NSAMPLES),
+               "--seqlen", str(SEQLEN), "--seed", str(SEED), "--out", str(calib)]
+        log(" ".join(cmd[1:]))
+        subprocess.run(cmd, check=True)
+    return calib
+
+
+def quantize_command(tool: str, model: Path, calib: Path, out: Path, venvs: Path) -> tuple[list[str], dict]:
+    if tool in QUANTMOE_RUNS:
+        return ([sys.executable, "-m", "quantmoe", "quantize", str(model), "--out", str(out), "--calib", str(calib),
+                 "--device", "cpu", "--no-eval", "--quiet", "--overwrite", *QUANTMOE_RUNS[tool]], {})
+    peer = PEERS[tool]
+    return [str(venv_python(peer, venvs)), str(HERE / peer.script), str(model), str(calib), str(out)], dict(peer.env)
+
+
+def tool_record(tool: str, out: Path, venvs: Path) -> dict:
+    """Version and options of a finished run, from what the tool wrote."""
+    if tool in QUANTMOE_RUNS:
+        qlog = json.loads((out / "quantization_log.json").read_text())
+        flags = " ".join(QUANTMOE_RUNS[tool])
+        return {"version": __version__, "versions": versions(), "options": qlog["options"],
+                "call": f"quantmoe quantize MODEL --calib calib.safetensors --device cpu {flags}".rstrip()
+                        + " (default recipe)",
+                "output_format": f"GPTQ v1 ({'GPTQModel' if flags else 'source'} tensor names)",
+                "rare_experts": {"policy": qlog["options"]["rare_expert"], "fallbacks": qlog["fallbacks"]}}
+    peer = PEERS[tool]
+    run = json.loads((out / "peer_run.json").read_text())
+    names = (peer.version_of, "torch", "transformers", "compressed-tensors", "safetensors")
+    return {"version": run["version"], "versions": installed_versions(venv_python(peer, venvs), names),
+            "options": run["options"], "call": run["call"], "output_format": peer.output_format,
+            "rare_experts": run.get("rare_experts", {}), "workaround": run.get("workaround")}
+
+
+def gptqmodel_fallbacks(log_file: Path) -> list[dict]:
+    """Modules GPTQModel quantized by its low-sample fallback instead of GPTQ (from its log)."""
+    pattern = re.compile(r"Module `([^`]+)` -> Using `(\w+)` fallback quantization \(observed (\d+) samples")
+    text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    return [{"module": m.group(1), "fallback": m.group(2), "samples": int(m.group(3))} for m in pattern.finditer(text)]
+
+
+def llmcompressor_fallbacks(log_file: Path) -> list[dict]:
+    """Modules llm-compressor quantized by round-to-nearest after a failed Hessian inversion (from its log)."""
+    text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    m = re.search(r"Hessian inversion failed for \d+/\d+ modules.*?Affected modules: ([^\n]+)", text)
+    names = [n.strip() for n in m.group(1).split(",")] if m else []
+    return [{"module": n, "fallback": "rtn (Hessian inversion failed)"} for n in names if n and " more " not in n]
+
+
+def expert_health(path: Path) -> dict:
+    """All-zero or non-finite routed-expert projections in a checkpoint, read as quantmoe reads it."""
+    stream = LayerStream(Checkpoint(path), torch.device("cpu"))
+    arch, config = stream.arch, stream.config
+    zero, nonfinite, checked = [], [], 0
+    for i in range(stream.num_layers):
+        if not arch.is_moe_layer(config, i):
+            continue
+        state = stream.layer_state(i)
+        for e in range(arch.num_experts(config)):
+            for which in ("gate", "up", "down"):
+                name = f"{arch.experts.linear(which, e)}.weight"
+                w = state[name]
+                checked += 1
+                if not torch.isfinite(w).all():
+                    nonfinite.append(f"model.layers.{i}.{name}")
+                elif w.abs().max() == 0:
+                    zero.append(f"model.layers.{i}.{name}")
+    return {"expert_projections_checked": checked, "all_zero": zero, "non_finite": nonfinite}
+
+
+def routed_token_counts(out_quantmoe: Path) -> dict:
+    """Calibration tokens routed to each expert (from quantmoe's log; the original router decides)."""
+    qlog = json.loads((out_quantmoe / "quantization_log.json").read_text())
+    return {str(layer["index"]): layer["expert_tokens"] for layer in qlog["layers"] if layer.get("expert_tokens")}
+
+
+def run_model(name: str, args) -> dict:
+    model = DEMO_MODELS.get(name, Path(name)).resolve()
+    key = model.name
+    folder = Path(args.work).resolve() / key
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = make_calibration(model, folder)
+    ckpt = Checkpoint(model)
+    windows, data_meta = eval_windows(ckpt.tokenizer(), args.eval_data, SEQLEN)
+    log(f"{key}: eval {data_meta['windows']} windows x {SEQLEN} tokens")
+    original = perplexity(model, windows, "cpu")
+    results: dict = {
+        "model": key,
+        "model_path": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
+        "settings": {"bits": 4, "group_size": 128, "sym": True, "routers": "not quantized (every tool)",
+                     "calibration": {"file_sha256": sha256_file(calib), "nsamples": NSAMPLES, "seqlen": SEQLEN,
+                                     "seed": SEED, "made_by": f"quantmoe calibrate --tokenizer {key} --nsamples "
+                                                               f"{NSAMPLES} --seqlen {SEQLEN} --seed {SEED}"}},
+        "eval": {"protocol": Protocol(data=str(Path(args.eval_data).resolve().relative_to(REPO)) if
+                                      Path(args.eval_data).resolve().is_relative_to(REPO) else str(args.eval_data),
+                                      seqlen=SEQLEN).to_dict(),
+                 "data": {k: v for k, v in data_meta.items() if k != "path"},
+                 "original": {"perplexity": original["perplexity"], "mean_nll": original["mean_nll"]}},
+        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                    "note": "shared machine: wall times include waiting for CPU (see load averages, cpu_seconds)"},
+        "tools": {},
+    }
+    for tool in args.tools:
+        # Not folder/<tool>: a folder named "quantmoe" in the working directory would shadow the package.
+        out = folder / "outputs" / tool
+        log_file = folder / f"{tool}.log"
+        done = (out / ("quantization_log.json" if tool in QUANTMOE_RUNS else "peer_run.json")).is_file()
+        measured_file = folder / f"{tool}.measured.json"
+        if tool in PEERS:
+            ensure_venv(PEERS[tool], Path(args.venvs), log)
+        if not (done and args.reuse and measured_file.is_file()):
+            cmd, env = quantize_command(tool, model, calib, out, Path(args.venvs))
+            log(f"{key}: quantizing with {tool} (log: {log_file})")
+            measured = run_measured(cmd, log_file, env, args.timeout)
+            measured_file.write_text(json.dumps(measured))
+            if measured["returncode"] != 0:
+                log(f"{key}: {tool} failed (exit {measured['returncode']}); see {log_file}")
+                results["tools"][tool] = {"failed": measured, "log_tail": log_file.read_text(errors="replace")[-3000:]}
+                continue
+        measured = json.loads(measured_file.read_text())
+        record = tool_record(tool, out, Path(args.venvs))
+        if tool == "gptqmodel":
+            record["rare_experts"]["fallbacks"] = gptqmodel_fallbacks(log_file)
+        if tool == "llmcompressor":
+            record["rare_experts"]["fallbacks"] = llmcompressor_fallbacks(log_file)
+        log(f"{key}: evaluating {tool}")
+        ppl = perplexity(out, windows, "cpu")
+        stats = checkpoint_stats(out)
+        results["tools"][tool] = {
+            **record,
+            "quantize": {k: measured[k] for k in ("seconds", "peak_rss_mb", "cpu_seconds", "load_average_before",
+                                                  "load_average_after")},
+            "perplexity": ppl["perplexity"],
+            "gap": gap(original["perplexity"], ppl["perplexity"]),
+            "bits_per_weight": stats["bits_per_weight"],
+            "fraction_quantized": stats["fraction_quantized"],
+            "size_bytes": stats["size_bytes"],
+            "experts": expert_health(out),
+        }
+    if "quantmoe" in results["tools"] and "failed" not in results["tools"]["quantmoe"]:
+        results["routed_calibration_tokens"] = routed_token_counts(folder / "outputs" / "quantmoe")
+    results["verdict"] = verdict(results["tools"])
+    return results
+
+
+def verdict(tools: dict) -> dict:
+    ok = {t: r for t, r in tools.items() if "gap" in r}
+    peers = {t: r["gap"]["relative"] for t, r in ok.items() if t in PEERS}
+    if "quantmoe" not in ok or not peers:
+        return {"complete": False}
+    best = min(peers, key=peers.get)
+    ours = ok["quantmoe"]["gap"]["relative"]
+    ratio = ours / peers[best] if peers[best] > 0 else float("inf")
+    bpw_ok = all(ok["quantmoe"]["bits_per_weight"] <= r["bits_per_weight"] + 1e-9 for t, r in ok.items() if t in PEERS)
+    fastest = min(ok[t]["quantize"]["seconds"] for t in peers)
+    same = ok.get("quantmoe-gptqmodel-layout"), ok.get("gptqmodel")
+    like_for_like = (same[0]["gap"]["relative"] / same[1]["gap"]["relative"]
+                     if all(same) and same[1]["gap"]["relative"] > 0 else None)
+    return {"complete": True, "best_peer": best, "best_peer_gap": peers[best], "quantmoe_gap": ours,
+            "quantmoe_gptqmodel_layout_over_gptqmodel": like_for_like,
+            "ratio": ratio, "target_ratio": TARGET, "gap_target_met": ratio <= TARGET,
+            "bits_per_weight_not_higher": bpw_ok,
+            "quantize_seconds_vs_fastest_peer": ok["quantmoe"]["quantize"]["seconds"] / fastest}
+
+
+def markdown(r: dict) -> str:
+    e = r["eval"]
+    lines = [f"# Peer comparison: {r['model']}", "",
+             f"w4 g128 symmetric, routers in full precision; the same {r['settings']['calibration']['nsamples']} x "
+             f"{r['settings']['calibration']['seqlen']} calibration tokens for every tool "
+             f"(`{r['settings']['calibration']['made_by']}`); scored by quantmoe's evaluator on "
+             f"{e['data']['windows']} held-out windows of {e['protocol']['seqlen']} tokens "
+             f"(`{e['protocol']['data']}`, {e['data']['tokens_scored']} tokens scored).", "",
+             f"Original perplexity: **{e['original']['perplexity']:.4f}**", "",
+             "| tool | version | perplexity | gap (rel) | bits/weight | quantized params | wall (s) | CPU (s) | "
+             "peak RSS (MB) | all-zero experts |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for tool, t in r["tools"].items():
+        if "failed" in t:
+            lines.append(f"| {tool} | failed (exit {t['failed']['returncode']}) | | | | | "
+                         f"{t['failed']['seconds']} | | {t['failed']['peak_rss_mb']} | |")
+            continue
+        q = t["quantize"]
+        lines.append(f"| {tool} | {t['version']} | {t['perplexity']:.4f} | {100 * t['gap']['relative']:+.2f}% | "
+                     f"{t['bits_per_weight']:.3f} | {100 * t['fraction_quantized']:.1f}% | {q['seconds']} | "
+                     f"{q['cpu_seconds']} | {q['peak_rss_mb']} | {len(t['experts']['all_zero'])} |")
+    v = r["verdict"]
+    if v.get("complete"):
+        lines += ["", f"quantmoe's gap is **{v['ratio']:.2f}x** the best peer's ({v['best_peer']}); the target is "
+                      f"at most {v['target_ratio']}x: **{'met' if v['gap_target_met'] else 'not met'}**. "
+                      f"Bits per weight not higher than the peers': {v['bits_per_weight_not_higher']}. "
+                      f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x."]
+        if v.get("quantmoe_gptqmodel_layout_over_gptqmodel") is not None:
+            lines += ["", "Like for like with GPTQModel (the same modules quantized: quantmoe's `--layout gptqmodel` "
+                          "leaves dense-layer MLPs in fp16 as GPTQModel does): quantmoe's gap is "
+                          f"{v['quantmoe_gptqmodel_layout_over_gptqmodel']:.2f}x GPTQModel's."]
+    notes = [f"- **{tool}**: {t['workaround']}" for tool, t in r["tools"].items() if t.get("workaround")]
+    notes += [f"- **{tool}** failed: see `log_tail` in the JSON" for tool, t in r["tools"].items() if "failed" in t]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
+    lines += ["", "## Rare experts", ""]
+    for tool, t in r["tools"].items():
+        if "failed" in t:
+            continue
+        fb = t["rare_experts"].get("fallbacks", [])
+        lines.append(f"- **{tool}**: {t['rare_experts'].get('policy', '')}; {len(fb)} projections used a fallback; "
+                     f"all-zero expert projections: {t['experts']['all_zero'] or 'none'}; "
+                     f"non-finite: {t['experts']['non_finite'] or 'none'}.")
+    if r.get("routed_calibration_tokens"):
+        counts = r["routed_calibration_tokens"]
+        lines += ["", "Calibration tokens routed to each expert (original routers), per layer:", ""]
+        lines += [f"- layer {i}: {c}" for i, c in counts.items()]
+    lines += ["", "## Options", ""]
+    for tool, t in r["tools"].items():
+        if "failed" not in t:
+            lines += [f"- **{tool}** `{t['call']}`; versions {t['versions']}"]
+    lines += ["", "Wall and CPU times come from a shared 2-core machine; load averages are in the JSON.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=list(DEMO_MODELS))
+    parser.add_argument("--work", default="peers-work", help="where calibration tokens and outputs go")
+    parser.add_argument("--venvs", default=str(HERE / ".venvs"), help="where the peer venvs are created")
+    parser.add_argument("--results", default=str(REPO / "eval" / "results"))
+    parser.add_argument("--eval-data", default=str(EVAL_DATA))
+    parser.add_argument("--tools", default=",".join(TOOLS), type=lambda s: [t for t in s.split(",") if t])
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per quantization run")
+    parser.add_argument("--reuse", action="store_true", help="keep outputs of finished runs (re-evaluate only)")
+    args = parser.parse_args()
+    unknown = set(args.tools) - set(TOOLS)
+    if unknown:
+        parser.error(f"unknown tools {sorted(unknown)}; choose from {', '.join(TOOLS)}")
+    Path(args.results).mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        r = run_model(name, args)
+        base = Path(args.results) / f"peers-{r['model']}"
+        base.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
+        base.with_suffix(".md").write_text(markdown(r))
+        log(f"wrote {base}.json and .md")
+        print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
