@@ -69,6 +69,7 @@ def _quant_types() -> dict[str, tuple[type, ...]]:
     for f in fields(QuantConfig):
         t = type(f.default)
         out[f.name] = (int, float) if t is float else (t,)
+    out["act_order"] = (str, bool)  # true/false: the boolean form of earlier versions
     return out
 
 

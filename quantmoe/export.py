@@ -86,10 +86,10 @@ def quantization_config(qcfg: QuantConfig, not_quantized: list[str], version: st
         "quant_method": "gptq",
         "bits": qcfg.bits,
         "group_size": qcfg.group_size,
-        # g_idx is always c // group_size (act-order uses static groups), so loaders need no reordering.
+        # g_idx is always c // group_size (every column order keeps it), so loaders need no reordering.
         "desc_act": False,
         "sym": qcfg.sym,
-        "static_groups": qcfg.act_order,
+        "static_groups": qcfg.act_order == "static",
         "true_sequential": qcfg.true_sequential,
         "damp_percent": qcfg.damp,
         "checkpoint_format": "gptq",

@@ -160,9 +160,10 @@ def test_expert_with_zero_tokens_is_quantized_finite_and_nonzero(tiny_model, tex
     original_route = LayerQuantizer.route
 
     def starve_expert_0(self, X):
-        tokens = original_route(self, X)
-        tokens[0] = tokens[0][:0]
-        return tokens
+        routes = original_route(self, X)
+        rows, weights = routes[0]
+        routes[0] = (rows[:0], weights[:0])
+        return routes
 
     monkeypatch.setattr(LayerQuantizer, "route", starve_expert_0)
     out = tmp_path / "out"
