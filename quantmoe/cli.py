@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -68,6 +69,11 @@ def fail(message: str, status: int = 2) -> None:
 @click.version_option(package_name="quantmoe")
 def main():
     """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
+    # Before torch loads OpenMP (the commands import it lazily): threads that spin at a barrier while
+    # another process holds their core made the demo quantization 8x slower on a shared 2-core
+    # machine (190 s against 24 s at load 5); threads that sleep there cost little on an idle one.
+    # A value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Optional extras log import-time warnings that are not about the user's run (torchao, pulled in by
     # gptqmodel, cannot load its CUDA kernels on a CPU machine); errors must stay one line.
     for name in ("torchao", "torch.utils._pytree"):
@@ -83,7 +89,7 @@ def _backend_names() -> list[str]:
 # Options that belong to one backend's settings; only those the user typed are passed on,
 # so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
 BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
-                    "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "expert_hessian", "fit",
+                    "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine", "expert_hessian", "fit",
                     "compute_dtype", "double_quant", "int8_threshold")
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 
@@ -112,15 +118,20 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Routed tokens below which the fallback applies; 0 = the expert's widest input size.")
 @click.option("--layout", type=click.Choice(["source", "gptqmodel"]), default="source", show_default=True,
               help="Tensor names: the checkpoint's own (vLLM) or GPTQModel's (see docs/interop.md).")
-@click.option("--clip-steps", type=int, default=0, show_default=True,
+@click.option("--clip-steps", type=int, default=20, show_default=True,
               help="Clipping ratios tried per group grid, keeping the one with the least Hessian-weighted error; 0 = min/max.")
 @click.option("--clip-min", type=float, default=0.6, show_default=True, help="Smallest clipping ratio tried.")
 @click.option("--clip-max", type=float, default=1.0, show_default=True, help="Largest clipping ratio tried.")
-@click.option("--expert-hessian", type=click.Choice(["routed", "weighted", "all"]), default="routed", show_default=True,
+@click.option("--clip-weight", type=click.Choice(["residual", "hessian"]), default="residual", show_default=True,
+              help="A column's error weight in the clipping search: what GPTQ cannot spread of it, or the Hessian diagonal.")
+@click.option("--refine", type=int, default=0, show_default=True,
+              help="Coordinate-descent passes over GPTQ's levels, each lowering the same error GPTQ minimises.")
+@click.option("--expert-hessian", type=click.Choice(["routed", "weighted", "all"]), default="weighted", show_default=True,
               help="Tokens of a routed expert's Hessian: those routed to it, the same weighted by router score, or all.")
-@click.option("--fit", type=click.Choice(["none", "mlp", "stream"]), default="none", show_default=True,
-              help="Fit linears to the original model's outputs: down_proj from quantized gate/up (mlp), or every "
-                   "linear from the quantized model's inputs (stream; keeps full-precision activations too).")
+@click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="mlp", show_default=True,
+              help="Fit linears to the original model's outputs: down_proj from the quantized gate/up (mlp); also "
+                   "o_proj and gate/up on the layer's own inputs (layer); every linear from the quantized model's "
+                   "inputs (stream: full-precision activations kept beside, about 2x the time and activation memory).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
 @click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -156,8 +167,6 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
     spread over the N processes (one GPU each, or CPU processes over gloo); rank 0 writes.
     """
-    import os
-
     from .backends import Options, get
 
     chosen = get(backend)

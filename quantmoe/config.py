@@ -20,11 +20,15 @@ ACT_ORDERS = ("static", "group", "none")
 # same weighted by the router's score for it ("weighted": the expert's output is scaled by it),
 # or every token entering the MoE block ("all").
 EXPERT_HESSIANS = ("routed", "weighted", "all")
+# How the clipping search weighs a column's rounding error (gptq.ClipSearch.weight).
+CLIP_WEIGHTS = ("residual", "hessian")
 # Which linears GPTQ fits to the original model's outputs rather than to their own weights
 # (gptq.fitted_weights): "mlp" = every down_proj, from the outputs of its quantized gate/up;
+# "layer" = also o_proj and the MLPs' gate/up, from the layer's inputs through its quantized parts
+# to what its original parts give on the same inputs (measured worse than "mlp" on the demo models);
 # "stream" = every linear, from the inputs the quantized model gives it to the outputs the
 # original model gives (a second, full-precision stream of activations runs beside the first).
-FITS = ("none", "mlp", "stream")
+FITS = ("none", "mlp", "layer", "stream")
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,13 @@ class QuantConfig:
     rare_expert_tokens: int = 0    # below this many routed tokens an expert's Hessian is blended; 0 = auto (its input width)
     rare_expert: str = "blend"     # blend | all-tokens | rtn: the fallback for rare experts
     layout: str = "source"         # source | gptqmodel: tensor names of the export (see LAYOUTS)
-    clip_steps: int = 0            # clipping ratios tried per grid (0 = plain min/max)
+    clip_steps: int = 20           # clipping ratios tried per grid (0 = plain min/max)
     clip_min: float = 0.6          # smallest clipping ratio tried
     clip_max: float = 1.0          # largest clipping ratio tried
-    expert_hessian: str = "routed" # routed | weighted | all (see EXPERT_HESSIANS)
-    fit: str = "none"              # none | mlp | stream (see FITS)
+    clip_weight: str = "residual"  # residual | hessian: how each column's rounding error counts (gptq.ClipSearch)
+    refine: int = 0                # coordinate-descent passes over GPTQ's levels (gptq.refine_levels)
+    expert_hessian: str = "weighted"  # routed | weighted | all (see EXPERT_HESSIANS)
+    fit: str = "mlp"               # none | mlp | layer | stream (see FITS)
 
     def __post_init__(self):
         if isinstance(self.act_order, bool):  # the boolean form of earlier versions
@@ -56,8 +62,12 @@ class QuantConfig:
         if self.expert_hessian not in EXPERT_HESSIANS:
             raise QuantMoeError(f"--expert-hessian {self.expert_hessian!r} is unknown; "
                                 f"use one of {', '.join(EXPERT_HESSIANS)}")
+        if self.clip_weight not in CLIP_WEIGHTS:
+            raise QuantMoeError(f"--clip-weight {self.clip_weight!r} is unknown; use one of {', '.join(CLIP_WEIGHTS)}")
         if self.fit not in FITS:
             raise QuantMoeError(f"--fit {self.fit!r} is unknown; use one of {', '.join(FITS)}")
+        if self.refine < 0:
+            raise QuantMoeError(f"--refine {self.refine} is invalid; use 0 (off) or a number of passes such as 2")
         if self.clip_steps < 0 or not 0 < self.clip_min <= self.clip_max:
             raise QuantMoeError(f"--clip-steps {self.clip_steps} / --clip-min {self.clip_min} / --clip-max "
                                 f"{self.clip_max} are invalid; use steps >= 0 and 0 < min <= max, e.g. 20, 0.6, 1.0")

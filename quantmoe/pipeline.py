@@ -189,7 +189,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
             waited = time.perf_counter() - t0
             next_state = reader.submit(stream.layer_state, i + 1, True) if prefetch and i + 1 < n else None
-            quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn, originals)
+            quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn,
+                                       batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals)
             del state  # on the device now; host memory holds only the layer being prefetched
             result = quantizer.run()
             del quantizer

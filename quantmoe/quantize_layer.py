@@ -27,13 +27,16 @@ from torch import Tensor, nn
 from .architectures import MLP, LayerPlan, plan_layer
 from .config import QuantConfig
 from .distributed import SINGLE, Ranks, gather_result
-from .gptq import (ClipSearch, QuantResult, QuantSpec, accumulate_hessian, accumulate_moment, gptq_quantize,
-                   quantize_block, rtn_quantize)
+from .gptq import (ClipSearch, QuantResult, QuantSpec, accumulate_hessian, accumulate_moment, dequantize,
+                   gptq_quantize, quantize_block, rtn_quantize)
 from .measure import Stopwatch
 from .packing import pack_result
 from .stream import Batch, LayerStream
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
+# Inputs of the MLP stage are captured once and reused by the passes after (down Hessians, shared
+# expert) when they take at most this much memory; above it, each pass captures them again.
+CAPTURE_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -52,17 +55,19 @@ def spec_of(qcfg: QuantConfig) -> QuantSpec:
 
 
 def search_of(qcfg: QuantConfig) -> ClipSearch:
-    return ClipSearch(qcfg.clip_steps, qcfg.clip_min, qcfg.clip_max)
+    return ClipSearch(qcfg.clip_steps, qcfg.clip_min, qcfg.clip_max, qcfg.clip_weight)
 
 
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
           block_fn=quantize_block, target: Tensor | None = None) -> QuantResult:
     """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target``, see
     gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian."""
-    if qcfg.backend == "rtn" or H is None:
+    if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
+        return rtn_quantize(W, spec_of(qcfg))
+    if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
     return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn,
-                         search_of(qcfg), target)
+                         search_of(qcfg), target, qcfg.refine)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -154,6 +159,7 @@ class LayerQuantizer:
         del state
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={})
+        self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
 
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
@@ -172,18 +178,30 @@ class LayerQuantizer:
                 return
             yield x
 
-    def _captured_pairs(self, module_path: str) -> Iterator[tuple[Tensor, Tensor]]:
+    def _captured_pairs(self, module_path: str, keep: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """(x, x0) batch by batch: the input of ``layer.<module_path>`` in the model being quantized,
-        and, under --fit stream, the same tokens' input in the full-precision model (else x0 is x)."""
-        if self.original is None:
-            for x in self._captured(module_path):
-                yield x, x
+        and, under --fit stream, the same tokens' input in the full-precision model (else x0 is x).
+
+        ``keep``: the input will not change before the next call for this path (the MLP stage:
+        attention is done), so it is kept for that call if it fits in CAPTURE_CACHE_BYTES,
+        which saves a partial forward pass (through attention) per reuse."""
+        if module_path in self._kept:
+            yield from self._kept[module_path]
             return
-        originals = self.stream.capture(self.original, self.original_batches, module_path)
+        kept, size = ([] if keep else None), 0
+        originals = None if self.original is None else \
+            self.stream.capture(self.original, self.original_batches, module_path)
         for x in self._captured(module_path):
-            with self._stage("capture"):
-                x0 = next(originals)
+            x0 = x
+            if originals is not None:
+                with self._stage("capture"):
+                    x0 = next(originals)
+            if kept is not None:
+                size += x.numel() * x.element_size() * (1 if x0 is x else 2)
+                kept = kept + [(x, x0)] if size <= CAPTURE_CACHE_BYTES else None
             yield x, x0
+        if kept is not None:
+            self._kept[module_path] = kept
 
     @property
     def fit_stream(self) -> bool:
@@ -242,6 +260,7 @@ class LayerQuantizer:
         if plan.dense_mlp is not None:
             self.dense(plan.dense_mlp, arch.to_memory(plan.dense_mlp.prefix), "dense_mlp")
 
+    @torch.no_grad()
     def route(self, X: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per expert, the indices of the tokens the original router sends it (top-k, as in the
         forward pass) and the router's score for each of them (what its output is multiplied by)."""
@@ -281,7 +300,7 @@ class LayerQuantizer:
         with self._stage("solve"):
             res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target)
             if H is not None and rare and qcfg.rare_expert == "rtn":
-                res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg)), rare)
+                res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg)), rare)
             del H
             return gather_result(res, self.plan.num_experts, self.ranks)
 
@@ -312,7 +331,7 @@ class LayerQuantizer:
         n_gu = [0] * len(own)
         H_all = torch.zeros(C, C, device=dev) if blend else None
         n_all = 0
-        for x, x0 in self._captured_pairs(arch.moe_module):
+        for x, x0 in self._captured_pairs(arch.moe_module, keep=True):
             with self._stage("hessians"):
                 routes = self.route(x)
                 counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routes)]
@@ -338,9 +357,14 @@ class LayerQuantizer:
         res_gu = self._solve_experts(W_gu, H_gu, rare, P_gu)
         del H_gu, P_gu, W_gu
         fit = gptq and qcfg.fit in ("mlp", "stream")
-        originals = gate_up_proj.data[mine].clone() if fit or not qcfg.true_sequential else None
-        gate_up_proj.data.copy_(res_gu.W)
-        res_gu.W = None  # the layer holds the weights now; packing needs only levels, scales and zeros
+        # The layer keeps its original gate/up until the down Hessians are built (the fit needs the
+        # original outputs); the quantized weights are rebuilt from the levels, one expert at a time,
+        # rather than kept as a second fp32 copy of every expert's gate/up.
+        res_gu.W = None
+
+        def quantized_gate_up(e: int) -> Tensor:  # (2I, C)
+            return dequantize(res_gu.q[e], res_gu.scales[e], res_gu.zeros[e], res_gu.g_idx)
+
         t1 = time.perf_counter()
         log_gu = {}
         for name_of, part in zip(layout.halves, _split_rows(res_gu, [I, I])):
@@ -348,35 +372,39 @@ class LayerQuantizer:
                 self._store([mlp.linear(name_of, e)], _select(part, e))
                 log_gu[name_of, e] = _log(self.prefix + mlp.linear(name_of, e), "expert", part, e, (I, C), counts[e],
                                           (t1 - t0) / E / 2, fallback.get(e))
-        del res_gu, part  # the levels are packed; what follows needs room for the down Hessians
+        del part
 
         # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens.
         H_d = P_d = None
         if gptq:
-            src = gate_up_proj.data[mine] if qcfg.true_sequential else originals
-            Wg, Wu = src[:, half["gate"]], src[:, half["up"]]
-            Wd = down_proj.data[mine]  # still the original weights
+            W_gu = gate_up_proj.data  # still the original weights, as is down_proj
+            Wd = down_proj.data[mine]
             H_d = torch.zeros(len(own), I, I, device=dev)
             P_d = torch.zeros(len(own), C, I, device=dev) if fit else None
             n_d = [0] * len(own)
             H_all_d = {j: torch.zeros(I, I, device=dev) for j in rare} if blend else {}
             n_all_d = dict.fromkeys(H_all_d, 0)
-            for x, x0 in self._captured_pairs(arch.moe_module):
+            for x, x0 in self._captured_pairs(arch.moe_module, keep=True):
                 with self._stage("hessians"):
                     routes = self.route(x)
                     for j, e in enumerate(own):
                         rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                        original = (originals[j, half["gate"]], originals[j, half["up"]], Wd[j]) if fit else None
-                        n_d[j] = fold_down(H_d[j], None if P_d is None else P_d[j], n_d[j], rows, w, Wg[j], Wu[j],
+                        src = quantized_gate_up(e) if qcfg.true_sequential else W_gu[e]
+                        Wg, Wu = src[half["gate"]], src[half["up"]]
+                        original = (W_gu[e, half["gate"]], W_gu[e, half["up"]], Wd[j]) if fit else None
+                        n_d[j] = fold_down(H_d[j], None if P_d is None else P_d[j], n_d[j], rows, w, Wg, Wu,
                                            act, original, rows0)
                         if j in H_all_d:
-                            for h in mlp_hidden(x, Wg[j], Wu[j], act):
+                            for h in mlp_hidden(x, Wg, Wu, act):
                                 _, n_all_d[j] = accumulate_hessian(H_all_d[j], h, n_all_d[j])
             for j, H_all_j in H_all_d.items():
                 H_d[j] = _blend(H_d[j], H_all_j, counts[own[j]], threshold, qcfg.rare_expert)
                 if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
                     P_d[j] = Wd[j] @ H_d[j]
-            del H_all_d, originals
+            del H_all_d, W_gu
+        for e in range(E):
+            gate_up_proj.data[e].copy_(quantized_gate_up(e))
+        del res_gu  # the levels are packed; what follows needs room for the down solve
         res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
         del H_d, P_d
         down_proj.data.copy_(res_d.W)
@@ -404,7 +432,7 @@ class LayerQuantizer:
         if gptq:
             H_gu = torch.zeros(C, C, device=Wg.device)
             P_gu = torch.zeros_like(W_gu) if self.fit_stream else None
-            for x, x0 in self._captured_pairs(module_path):
+            for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
                     if P_gu is not None:
                         accumulate_moment(P_gu, x0 @ W_gu.t(), x, n)
@@ -424,7 +452,7 @@ class LayerQuantizer:
             H_d, n_d = torch.zeros(I, I, device=Wg.device), 0
             fit = qcfg.fit in ("mlp", "stream")
             P_d = torch.zeros(Wd.shape[0], I, device=Wg.device) if fit else None
-            for x, x0 in self._captured_pairs(module_path):
+            for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
                     n_d = fold_down(H_d, P_d, n_d, x, None, src_g, src_u, module.act_fn,
                                     (Wg, Wu, Wd) if fit else None, x0)
@@ -450,9 +478,10 @@ class LayerQuantizer:
     def run(self) -> LayerResult:
         self.attention()
         self.mlps()
+        self._kept.clear()
         with self._stage("forward"):
             self.result.outputs = self.stream.run_layer(self.layer, self.batches)
-            if self.original is not None:
+            if self.original is not None and self.qcfg.fit == "stream":
                 self.result.original_outputs = self.stream.run_layer(self.original, self.original_batches)
         self.original = None
         self.stream.release_layer(self.index)
