@@ -109,6 +109,13 @@ def make_calibration(model: Path, folder: Path) -> Path:
     return calib
 
 
+def tokens_sha256(calib: Path) -> str:
+    from quantmoe.calibration import read_calibration
+    from quantmoe.resume import hash_tokens
+
+    return hash_tokens(read_calibration(calib)[0])
+
+
 def quantize_command(tool: str, model: Path, calib: Path, out: Path, venvs: Path) -> tuple[list[str], dict]:
     if tool in QUANTMOE_RUNS:
         return ([sys.executable, "-m", "quantmoe", "quantize", str(model), "--out", str(out), "--calib", str(calib),
@@ -191,7 +198,10 @@ def run_model(name: str, args) -> dict:
         "model": key,
         "model_path": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
         "settings": {"bits": 4, "group_size": 128, "sym": True, "routers": "not quantized (every tool)",
-                     "calibration": {"file_sha256": sha256_file(calib), "nsamples": NSAMPLES, "seqlen": SEQLEN,
+                     # The file's hash changes with the paths in its metadata; the tokens' hash says
+                     # whether two runs calibrated on the same rows.
+                     "calibration": {"file_sha256": sha256_file(calib), "tokens_sha256": tokens_sha256(calib),
+                                     "nsamples": NSAMPLES, "seqlen": SEQLEN,
                                      "seed": SEED, "made_by": f"quantmoe calibrate --tokenizer {key} --nsamples "
                                                                f"{NSAMPLES} --seqlen {SEQLEN} --seed {SEED}"}},
         "eval": {"protocol": Protocol(data=str(Path(args.eval_data).resolve().relative_to(REPO)) if
