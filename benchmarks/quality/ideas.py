@@ -256,13 +256,43 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combined_table(models: list[str]) -> str:
+    """One row per idea, the gap and KL on each model side by side (docs/quality.md's table)."""
+    results = {}
+    for name in models:
+        path = REPO / "eval" / "results" / f"quality-ideas-{DEMO_MODELS.get(name, Path(name)).name}.json"
+        results[name] = json.loads(path.read_text())["ideas"]
+    head = "| idea | " + " | ".join(f"{m} gap | {m} KL (1e-3), vs before" for m in models) + " | flags |"
+    lines = [head, "| --- |" + " ---: | ---: |" * len(models) + " --- |"]
+    for idea in IDEAS:
+        cells = []
+        for m in models:
+            r, before = results[m].get(idea.name), results[m].get("before")
+            if r is None:
+                cells += ["", ""]
+                continue
+            cells += [f"{100 * r['gap_relative']:+.3f}%",
+                      f"{1000 * r['kl']:.2f}, {100 * (r['kl'] / before['kl'] - 1):+.1f}%" if before else f"{1000 * r['kl']:.2f}"]
+        if idea.flags[:len(BEFORE)] == BEFORE and idea.name != "before":
+            flags = f"`before` + `{' '.join(idea.flags[len(BEFORE):])}`"
+        else:
+            flags = f"`{' '.join(idea.flags)}`" if idea.flags else "default"
+        calib = "" if idea.calib == "calib.safetensors" else f", calibration `{idea.calib}`"
+        lines.append(f"| `{idea.name}` | " + " | ".join(cells) + f" | {flags}{calib} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=list(DEMO_MODELS))
     parser.add_argument("--only", type=lambda s: [n for n in s.split(",") if n], help="comma-separated idea names")
     parser.add_argument("--work", default="quality-work", help="calibration files and outputs")
     parser.add_argument("--reuse", action="store_true", help="re-score finished outputs instead of quantizing again")
+    parser.add_argument("--table", action="store_true", help="only print the combined table of the results written")
     args = parser.parse_args()
+    if args.table:
+        print(combined_table(args.models))
+        return
     names = {i.name for i in IDEAS}
     if args.only and set(args.only) - names:
         parser.error(f"unknown ideas {sorted(set(args.only) - names)}; choose from {', '.join(sorted(names))}")
