@@ -122,7 +122,8 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--seqlen", type=int, help="Calibration sequence length [default: min(2048, context)].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete).")
 @click.option("--resume/--restart", default=True, show_default=True,
@@ -206,7 +207,8 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
 @click.option("--data", help="Held-out text [default: the bundled held-out text].")
 @click.option("--seqlen", type=int, help="Window length [default: min(2048, context)].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here (and .md beside it).")
 @click.option("--backend", type=click.Choice(_backend_names()),
               help="Fail unless MODEL was quantized with this backend [default: read it from config.json].")
@@ -357,7 +359,8 @@ def verify(folder):
 @click.option("--nsamples", type=int, help="Calibration sequences for gptq/rtn [default: 128].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @friendly
 def compare(model, specs, out, report_path, data, seqlen, calib, nsamples, seed, device, batch_size):
     """Quantize MODEL with several backends and write one table: size, bits, fraction quantized, perplexity, time, memory."""

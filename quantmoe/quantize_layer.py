@@ -131,7 +131,7 @@ class LayerQuantizer:
 
     def _captured(self, module_path: str) -> Iterator[Tensor]:
         """The input of ``layer.<module_path>``, batch by batch, (tokens, features); its forward passes timed as capture."""
-        batches = self.stream.capture(self.layer, self.batches, module_path)
+        batches = self.stream.capture(self.layer, self.batches, module_path, self.ranks)
         while True:
             with self._stage("capture"):
                 x = next(batches, None)
@@ -355,7 +355,7 @@ class LayerQuantizer:
         self.attention()
         self.mlps()
         with self._stage("forward"):
-            self.result.outputs = self.stream.run_layer(self.layer, self.batches)
+            self.result.outputs = self.stream.run_layer(self.layer, self.batches, self.ranks)
         self.stream.release_layer(self.index)
         self.result.timings = self.clock.rounded()
         self.result.peak_gpu_mb = dict(self.clock.peak_gpu_mb)

@@ -39,7 +39,7 @@ class Options:
     resume: bool = True                   # reuse the finished layers a stopped run left (backends that can)
     run_eval: bool = True                 # measure the perplexity gap after export
     eval_data: str | Path | None = None   # held-out text [default: the bundled held-out text]
-    batch_size: int = 8                   # sequences per forward pass
+    batch_size: int | None = None         # sequences per forward pass [default: stream.default_batch_size]
     quiet: bool = False
     # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them).
     tf32: bool = False                    # TF32 matrix products on CUDA
