@@ -256,14 +256,16 @@ def batch(jobs_file, root, dry_run, quiet):
     group_size = 128
     [matrix]                        # models x recipes, jobs named <model>-<recipe>
     models = ["models/a", "models/b"]
-    recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}]
+    recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}, {backend = "bnb-nf4"}]
 
-    Other job keys: any quantize option (sym, act_order, damp, true_sequential, rare_expert,
-    rare_expert_tokens, block_size, nsamples, seed, device, batch_size, max_shard_size, eval).
-    A job whose folder is complete (manifest valid, same options) is skipped; an unfinished one
-    is run again (continuing from its work folder where quantize can resume). A failed job does
-    not stop the others. Exit status: 0 when every job is done or skipped, 1 when a job failed,
-    2 when the jobs file is wrong.
+    Other job keys: the backend's settings (gptq/rtn: sym, act_order, damp, true_sequential,
+    rare_expert, rare_expert_tokens, block_size, layout; bnb-*: compute_dtype, double_quant,
+    int8_threshold) and nsamples, seed, device, batch_size, max_shard_size, eval. A [defaults]
+    setting reaches only the jobs whose backend takes it. A job whose folder is complete
+    (manifest valid, same backend and options) is skipped; an unfinished one is run again
+    (gptq/rtn continue from their finished layers). A failed job does not stop the others. Exit
+    status: 0 when every job is done or skipped, 1 when a job failed, 2 when the jobs file is
+    wrong, 130 when interrupted.
     """
     from .batch import load_jobs, plan, run_batch
 

@@ -62,6 +62,11 @@ class Backend(Protocol):
     name: str                   # what follows --backend, e.g. "bnb-nf4"
     summary: str                # one line for --help and the docs
     needs_calibration: bool     # False: --calib/--nsamples/--seqlen do not apply
+    resumable: bool             # True: a stopped quantize continues from the work folder it left
+
+    def settings(self) -> frozenset[str]:
+        """The keyword options ``configure`` takes (field names of its frozen settings)."""
+        ...
 
     def configure(self, **settings) -> Any:
         """The backend's frozen settings from keyword options; a setting it does not take is a QuantMoeError."""

@@ -192,10 +192,14 @@ class BnbBackend(Backend):
     summary: str
     quant_type: str
     needs_calibration: bool = False
+    resumable: bool = False  # a run takes seconds per layer; a stopped one starts again
+
+    def settings(self) -> frozenset[str]:
+        return frozenset({"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8"
+                         else {"int8_threshold"})
 
     def configure(self, **settings) -> BnbConfig:
-        accepted = {"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8" else {"int8_threshold"}
-        unknown_settings(self.name, settings, accepted)
+        unknown_settings(self.name, settings, self.settings())
         return BnbConfig(quant_type=self.quant_type, **settings)
 
     def recognizes(self, quantization: dict) -> bool:
