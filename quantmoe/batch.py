@@ -384,10 +384,10 @@ def summary_markdown(summary: dict) -> str:
 @cache
 def provenance() -> dict:
     """The quantmoe commit, machine and library versions the numbers come from (computed once per process)."""
-    from .compare import git_commit, machine
+    from .compare import optional_versions, git_commit, machine
     from .files import versions
 
-    return {"commit": git_commit(), "machine": machine()["summary"], "versions": versions()}
+    return {"commit": git_commit(), "machine": machine()["summary"], "versions": {**versions(), **optional_versions()}}
 
 
 def write_summary(root: Path, jobs_file: Path, rows: list[dict]) -> dict:
