@@ -2,7 +2,8 @@
 # The GPU measurements behind benchmarks/README.md, in one go (one device lease):
 #   bash benchmarks/gpu_suite.sh OUT_DIR [BASELINE_TREE]
 # BASELINE_TREE is a checkout of the code before the speed-ups (its quantmoe/ is run as is).
-# STEPS picks and orders the steps (default: all but new-tf32-2L); OPTS are extra
+# STEPS picks and orders the steps (default: the single-GPU ones; the 2-GPU steps one-gpu-3L,
+# two-gpu-3L and compare-1v2 need an nvidia-h200-x2-like machine); OPTS are extra
 # `quantmoe quantize` options for this tree's runs (e.g. "--batch-size 4").
 # Steps are independent: one failing or timing out does not stop the rest.
 # SHAPE=REDUCED EXTRA=--reduced runs the same steps at reduced size on CPU (a dry run of this script).
@@ -31,7 +32,7 @@ from pathlib import Path
 import scale
 t0 = time.time()
 src = scale.make_checkpoint(Path(sys.argv[2]) / "mixtral-4L", getattr(scale, sys.argv[3]), 4)
-for n in (1, 2):
+for n in (1, 2, 3):
     scale.make_view(src, Path(sys.argv[2]) / f"mixtral-{n}L", n)
 print(f"checkpoint written in {time.time() - t0:.1f}s")
 PYEOF
@@ -49,6 +50,11 @@ for s in $STEPS; do
             --model "$W/mixtral-2L" --name compare-baseline-vs-new-fp32
         timeout 90 "${BENCH[@]}" --compare "$W/out-gpu-new-fp32-2L" "$W/out-gpu-new-tf32-4L" --model "$W/mixtral-2L" \
             --name compare-fp32-vs-tf32 ;;
+    one-gpu-3L) timeout 200 "${BENCH[@]}" --model "$W/mixtral-3L" --name gpu-1proc-tf32-3L --keep --timeout 180 --tf32 $OPTS ;;
+    two-gpu-3L) timeout 200 "${BENCH[@]}" --model "$W/mixtral-3L" --name gpu-2proc-tf32-3L --keep --timeout 180 --tf32 \
+                    --nproc 2 $OPTS ;;
+    compare-1v2) timeout 90 "${BENCH[@]}" --compare "$W/out-gpu-1proc-tf32-3L" "$W/out-gpu-2proc-tf32-3L" \
+                     --model "$W/mixtral-3L" --name compare-1proc-vs-2proc-tf32 ;;
     solve) [ -z "$EXTRA" ] && timeout 120 "${BENCH[@]}" --solve-bench ${BASE:+--baseline "$BASE"} --name gpu-solve-bench ;;
     esac
 done

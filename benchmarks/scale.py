@@ -146,11 +146,14 @@ def make_calibration(path: Path, vocab_size: int, nsamples: int, seqlen: int, se
 
 # -- running and measuring ------------------------------------------------------------------
 def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list[str], quantmoe_path: Path,
-                 timeout: float) -> dict:
-    """``python -m quantmoe quantize`` as a child process; wall time, exit status and its sampled peak RSS."""
+                 timeout: float, nproc: int = 1) -> dict:
+    """``python -m quantmoe quantize`` as a child process (under torchrun with ``nproc`` > 1);
+    wall time, exit status and the sampled peak RSS: of the process tree, and of its largest process."""
     import psutil
 
-    cmd = [sys.executable, "-m", "quantmoe", "quantize", str(Path(model).resolve()), "--out", str(Path(out).resolve()),
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(nproc)]
+    cmd = [*launch, "-m", "quantmoe", "quantize", str(Path(model).resolve()), "--out", str(Path(out).resolve()),
            "--calib", str(Path(calib).resolve()), "--no-eval", "--quiet", "--overwrite", "--device", device, *options]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quantmoe_path), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -158,14 +161,17 @@ def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list
     # `python -m` puts the working folder first on sys.path: run inside the tree whose quantmoe is meant.
     child = subprocess.Popen(cmd, env=env, cwd=quantmoe_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    proc, peak = psutil.Process(child.pid), 0
+    proc, peak, peak_one = psutil.Process(child.pid), 0, 0
     status = None
     while status is None:
         try:
-            peak = max(peak, proc.memory_info().rss)
+            sizes = [p.memory_info().rss for p in (proc, *proc.children(recursive=True))]
+            peak, peak_one = max(peak, sum(sizes)), max(peak_one, *sizes)
         except psutil.Error:
             pass
         if time.perf_counter() - t0 > timeout:
+            for p in proc.children(recursive=True):
+                p.kill()
             child.kill()
             status = "timeout"
             break
@@ -175,8 +181,9 @@ def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list
         except subprocess.TimeoutExpired:
             pass
     output = child.communicate()[0] or ""
-    return {"command": " ".join(cmd[1:]), "returncode": status, "wall_seconds": round(time.perf_counter() - t0, 2),
-            "peak_rss_mb_sampled": round(peak / 2**20, 1), "output_tail": output[-3000:]}
+    return {"command": " ".join(cmd[1:]), "processes": nproc, "returncode": status,
+            "wall_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb_sampled": round(peak / 2**20, 1),
+            "peak_rss_mb_one_process": round(peak_one / 2**20, 1), "output_tail": output[-3000:]}
 
 
 STAGES = ("load", "capture", "hessians", "solve", "forward", "write")
@@ -368,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reduced", action="store_true", help="hidden 512, intermediate 1792, 32 x 256 tokens, on CPU")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun")
     ap.add_argument("--nsamples", type=int)
     ap.add_argument("--seqlen", type=int)
     ap.add_argument("--device", default=None, help="auto | cpu | cuda [default: cpu with --reduced, else auto]")
@@ -410,20 +418,21 @@ def main(argv: list[str] | None = None) -> dict:
     read_calibration(calib, Checkpoint(model).tokenizer())  # the vocabulary check passes
 
     out = work / f"out-{args.name or 'run'}"
-    run = run_quantize(model, out, calib, device, options, args.quantmoe, args.timeout)
+    run = run_quantize(model, out, calib, device, options, args.quantmoe, args.timeout, args.nproc)
     layers, stages = read_layers(out)
     info = device_info(device)
     label = (info["gpu"] or "cpu").replace(" ", "-")
     n_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     result = {
         "benchmark": "benchmarks/scale.py", "reduced": args.reduced, "shape": shape, "num_layers": n_layers,
-        "calibration_tokens": [nsamples, seqlen], "options": options, "device": info,
+        "calibration_tokens": [nsamples, seqlen], "options": options, "processes": args.nproc, "device": info,
         "checkpoint_seconds": make_seconds, "run": run,
         "peak_gpu_mb": (stages.get("quantize") or {}).get("peak_gpu_mb"),
         "peak_rss_mb": run["peak_rss_mb_sampled"],
         **summarise(layers, stages),
     }
-    name = args.name or f"scale-{label}-{n_layers}L{'-reduced' if args.reduced else ''}"
+    name = args.name or f"scale-{label}-{n_layers}L{'-reduced' if args.reduced else ''}" \
+        + (f"-{args.nproc}proc" if args.nproc > 1 else "")
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result.get(k) for k in ("peak_gpu_mb", "peak_rss_mb", "steady_layer_mean",

@@ -89,8 +89,11 @@ def main() -> None:
                          "wall_s": round(wall, 1), "exit_code": rc})
             print(runs[-1], flush=True)
     peaks = [r["peak_rss_mb"] for r in runs]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
     result = {
         "benchmark": "streaming_memory",
+        "commit": commit,
         "machine": f"{platform.node() or 'cpu'}: {psutil.cpu_count()} CPU cores, "
                    f"{round(psutil.virtual_memory().total / 2**30)} GiB RAM, {platform.machine()}, no GPU (device cpu)",
         "model": f"synthetic Mixtral, hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} experts, fp16",

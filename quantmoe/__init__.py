@@ -5,7 +5,16 @@ Pipeline: calibrate -> quantize (streamed, one decoder layer at a time) -> expor
 ``quantmoe`` CLI command.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# OpenMP threads that finish early sleep instead of spinning (unless the user chose otherwise).
+# With the default spinning, torch's CPU threads burn their time slices waiting at barriers
+# whenever another process wants a core: on a 2-core machine with one other busy process the
+# default demo quantize took 239 s wall and 138 s CPU, and 39 s wall and 18 s CPU with this
+# (same bytes). It has effect only when quantmoe is imported before torch, as the CLI does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import QuantConfig  # noqa: E402
 from .errors import QuantMoeError  # noqa: E402

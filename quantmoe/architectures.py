@@ -16,8 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import QuantMoeError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Linears that read one input (and so share one Hessian), in the order they are quantized.
 Groups = tuple[tuple[str, ...], ...]
@@ -431,13 +435,16 @@ class LayerPlan:
             if f"{name}.weight" in shapes:
                 rows, cols = shapes[f"{name}.weight"]
                 out[name] = (rows, cols)
-        if fused is not None and fused.disk_gate_up in shapes and self.experts is not None:
-            _, two_i, hidden = shapes[fused.disk_gate_up]
-            _, down_out, down_in = shapes[fused.disk_down]
-            for e in range(self.num_experts):
-                out.setdefault(self.experts.linear("gate", e), (two_i // 2, hidden))
-                out.setdefault(self.experts.linear("up", e), (two_i // 2, hidden))
-                out.setdefault(self.experts.linear("down", e), (down_out, down_in))
+        if fused is not None and self.experts is not None:
+            if fused.disk_gate_up in shapes:
+                _, two_i, hidden = shapes[fused.disk_gate_up]
+                for e in range(self.num_experts):
+                    out.setdefault(self.experts.linear("gate", e), (two_i // 2, hidden))
+                    out.setdefault(self.experts.linear("up", e), (two_i // 2, hidden))
+            if fused.disk_down in shapes:
+                _, down_out, down_in = shapes[fused.disk_down]
+                for e in range(self.num_experts):
+                    out.setdefault(self.experts.linear("down", e), (down_out, down_in))
         return out
 
 
@@ -457,6 +464,29 @@ def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -
         routers=arch.routers if moe else (),
         fused=arch.fused if moe else None,
     )
+
+
+def unfuse_experts(plan: LayerPlan, name: str, fused: Tensor) -> dict[str, Tensor]:
+    """One on-disk fused expert tensor of ``plan``'s layer -> per-expert weights under the row's
+    per-expert names (``<experts.linear(which, e)>.weight``), as views of ``fused``.
+
+    ``name`` is one of ``plan.fused_disk_tensors()``: ``disk_gate_up`` (E, 2I, H) gives each
+    expert's two halves (I, H) in ``fused.halves`` order, ``disk_down`` (E, H, I) each expert's
+    down (H, I). The inverse of the stacking in ``LayerStream.to_memory``; one tensor at a time,
+    so a caller holds one fused tensor, not the layer's experts.
+    """
+    layout, experts = plan.fused, plan.experts
+    if name in plan.fused_disk_tensors() and fused.shape[0] != plan.num_experts:
+        raise QuantMoeError(f"{name} of layer {plan.index} holds {fused.shape[0]} experts, its config "
+                            f"{plan.num_experts}; is the checkpoint of this config?")
+    if name == layout.disk_gate_up:
+        half = fused.shape[1] // 2
+        return {f"{experts.linear(which, e)}.weight": fused[e, k * half:(k + 1) * half]
+                for e in range(fused.shape[0]) for k, which in enumerate(layout.halves)}
+    if name == layout.disk_down:
+        return {f"{experts.linear('down', e)}.weight": fused[e] for e in range(fused.shape[0])}
+    raise QuantMoeError(f"{name} is not a fused expert tensor of layer {plan.index} "
+                        f"(those are {', '.join(plan.fused_disk_tensors()) or 'none'})")
 
 
 def markdown_table() -> str:

@@ -16,18 +16,22 @@ A jobs file is TOML (or YAML with the same structure)::
 
     [matrix]                        # models x recipes -> jobs named <model folder name>-<recipe name>
     models = ["models/a", "models/b"]
-    recipes = [{backend = "gptq", bits = 4}, {name = "rtn8", backend = "rtn", bits = 8}]
+    recipes = [{backend = "gptq", bits = 4}, {name = "rtn8", backend = "rtn", bits = 8}, {backend = "bnb-nf4"}]
 
-Job keys are ``name``, ``model``, every ``QuantConfig`` field (backend, bits, group_size, sym,
-act_order, damp, ...) and the ``pipeline.quantize`` options in ``RUN_OPTIONS`` (calib, eval_data,
-seqlen, nsamples, seed, device, batch_size, max_shard_size, eval). Hyphens may stand for
-underscores. The whole file is checked before any job runs.
+Job keys are ``name``, ``model``, ``backend`` (a name from ``quantmoe.backends``: gptq, rtn,
+bnb-nf4, ...; default gptq), the settings that backend takes (gptq/rtn: the ``QuantConfig`` fields
+bits, group_size, sym, act_order, damp, ...; bnb-nf4/fp4: compute_dtype, double_quant, blocksize)
+and the run options in ``RUN_OPTIONS`` (calib, eval_data, seqlen, nsamples, seed, device,
+batch_size, max_shard_size, eval). Hyphens may stand for underscores. A setting written in a job
+or recipe that its backend does not take is an error; one from ``[defaults]`` reaches only the
+jobs whose backend takes it (a ``group_size`` default leaves a bnb-nf4 recipe alone). Backends
+without calibration ignore calib, nsamples and seqlen. The whole file is checked before any job runs.
 
-Each job is one ``pipeline.quantize`` call into ``ROOT/<name>``, never with ``overwrite``:
-- a folder that is present and matches its manifest (and the job's options) is skipped;
-- a missing folder means the job never finished; quantize is called again on the same ``out``,
-  and continues from the work folder beside it (``.<name>.quantmoe-work``) where the pipeline
-  supports resuming, otherwise it starts that job again;
+Each job is one ``backend.quantize`` call into ``ROOT/<name>``, never with ``overwrite``:
+- a folder that is present and matches its manifest (and the job's backend and options) is skipped;
+- a missing folder means the job never finished; quantize is called again on the same ``out``.
+  A resumable backend (gptq, rtn) continues from the finished layers it left in the work folder
+  beside it (``.<name>.quantmoe-work``); the others (bnb-*: seconds per layer) start the job again;
 - a failure is recorded and the next job runs.
 After every job ``ROOT/batch_summary.json`` and ``.md`` are rewritten; their perplexities, bits
 per weight and sizes are copied from each job's own ``eval_report.json``, never recomputed.
@@ -41,54 +45,72 @@ import os
 import re
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from .config import QuantConfig
+from .backends import Options, for_checkpoint, get, registry
 from .errors import QuantMoeError
 from .files import MANIFEST, atomic_write_json, atomic_write_text, check_manifest
 
 SUMMARY_NAME = "batch_summary"
 
-# pipeline.quantize keyword arguments a job may set, with their types. ``overwrite``, ``out`` and
-# ``quiet`` belong to the batch, not to a job.
+# ``backends.Options`` fields a job may set, with their types. ``overwrite``, ``out`` and ``quiet``
+# belong to the batch, not to a job.
 RUN_OPTIONS: dict[str, tuple[type, ...]] = {
     "calib": (str,), "eval_data": (str,), "seqlen": (int,), "nsamples": (int,), "seed": (int,),
     "device": (str,), "batch_size": (int,), "max_shard_size": (str, int), "run_eval": (bool,),
 }
+CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 ALIASES = {"eval": "run_eval"}
 PATH_KEYS = ("model", "calib", "eval_data")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
-def _quant_types() -> dict[str, tuple[type, ...]]:
-    """QuantConfig fields and the types their defaults have (an int is accepted for a float)."""
-    out = {}
-    for f in fields(QuantConfig):
-        t = type(f.default)
-        out[f.name] = (int, float) if t is float else (t,)
-    out["act_order"] = (str, bool)  # true/false: the boolean form of earlier versions
+@cache
+def setting_types() -> dict[str, tuple[type, ...]]:
+    """Every backend's settings and the types of their defaults (an int is accepted for a float)."""
+    out: dict[str, tuple[type, ...]] = {}
+    for backend in registry().values():
+        for f in fields(backend.configure()):
+            if f.name in backend.settings():
+                t = type(f.default)
+                out[f.name] = (int, float) if t is float else (t,)
+    if "act_order" in out:
+        out["act_order"] = (str, bool)  # true/false: the boolean form of earlier versions
     return out
 
 
-QUANT_OPTIONS = _quant_types()
-KEY_TYPES = {"name": (str,), "model": (str,), **QUANT_OPTIONS, **RUN_OPTIONS}
+@cache
+def key_types() -> dict[str, tuple[type, ...]]:
+    return {"name": (str,), "model": (str,), "backend": (str,), **setting_types(), **RUN_OPTIONS}
 
 
 @dataclass(frozen=True)
 class Job:
-    """One quantize call: ``model`` with ``qcfg`` into ROOT/``name``; ``run`` holds the other quantize kwargs."""
+    """One quantize call: ``model`` with ``backend`` and its frozen settings ``config`` into ROOT/``name``.
+
+    ``run``: the other ``backends.Options`` fields; ``notes``: what the job set that its backend ignores.
+    """
 
     name: str
     model: str
-    qcfg: QuantConfig
+    backend: str
+    config: Any
     run: dict
+    notes: tuple[str, ...] = ()
 
     def recipe(self) -> str:
-        q = self.qcfg
-        return f"{q.backend} int{q.bits} g{q.group_size}"
+        """``gptq int4 g128`` for a backend with bits and groups, else the backend's name (``bnb-nf4``)."""
+        c = self.config
+        if hasattr(c, "bits") and hasattr(c, "group_size"):
+            return f"{self.backend} int{c.bits} g{c.group_size}"
+        return self.backend
+
+    def options(self, quiet: bool = False) -> Options:
+        return Options(config=self.config, overwrite=False, quiet=quiet, **self.run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,10 +157,10 @@ def _normalize(table: dict, where: str, file: Path) -> dict:
     for key, value in table.items():
         k = key.replace("-", "_")
         k = ALIASES.get(k, k)
-        if k not in KEY_TYPES:
+        if k not in key_types():
             raise QuantMoeError(f"{file}: {where} has unknown key {key!r}; known keys: "
-                                f"{', '.join(sorted(set(KEY_TYPES) - {'run_eval'} | set(ALIASES)))}")
-        types = KEY_TYPES[k]
+                                f"{', '.join(sorted(set(key_types()) - {'run_eval'} | set(ALIASES)))}")
+        types = key_types()[k]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             raise QuantMoeError(f"{file}: {where}: {key} = {value!r} should be {' or '.join(t.__name__ for t in types)}")
         out[k] = value
@@ -154,8 +176,10 @@ def _resolve_path(value: str, base: Path) -> str:
     return str(p) if p.exists() else value
 
 
-def make_job(options: dict, where: str, file: Path) -> Job:
-    """A Job from merged, normalized options; QuantConfig checks the recipe now, not hours later."""
+def make_job(defaults: dict, own: dict, where: str, file: Path) -> Job:
+    """A Job from normalized ``[defaults]`` and the job's ``own`` keys (which win). The backend checks
+    the recipe now, not hours later; a default setting the backend does not take is left out."""
+    options = {**defaults, **own}
     name = options.get("name")
     if name is None:
         raise QuantMoeError(f"{file}: {where} has no name; add name = \"...\" (it is the output folder ROOT/<name>)")
@@ -167,18 +191,26 @@ def make_job(options: dict, where: str, file: Path) -> Job:
     base = file.parent
     options = {k: _resolve_path(v, base) if k in PATH_KEYS else v for k, v in options.items()}
     try:
-        qcfg = QuantConfig(**{k: v for k, v in options.items() if k in QUANT_OPTIONS})
+        backend = get(options.get("backend", "gptq"))
+        config = backend.configure(**{k: v for k, v in options.items()
+                                      if k in setting_types() and (k in own or k in backend.settings())})
     except QuantMoeError as exc:
         raise QuantMoeError(f"{file}: job {name!r}: {exc}") from None
+    notes = () if backend.needs_calibration else tuple(
+        f"{backend.name} uses no calibration data; {k} is ignored" for k in CALIBRATION_OPTIONS if k in own)
     run = {k: v for k, v in options.items() if k in RUN_OPTIONS}
-    return Job(name=name, model=options["model"], qcfg=qcfg, run=run)
+    return Job(name=name, model=options["model"], backend=backend.name, config=config, run=run, notes=notes)
 
 
 def _recipe_label(recipe: dict) -> str:
-    """A recipe's ``name``, or backend-int<bits>[-g<group>] as in pipeline.default_out."""
-    q = QuantConfig()
-    backend, bits, group = recipe.get("backend", q.backend), recipe.get("bits", q.bits), recipe.get("group_size", q.group_size)
-    return f"{backend}-int{bits}" + ("" if group == -1 else f"-g{group}")
+    """A recipe's name as quantize's default --out spells it: <backend>-int<bits>[-g<group>] for a
+    backend with bits (gptq, rtn), otherwise the backend's name (bnb-nf4)."""
+    backend = get(recipe.get("backend", "gptq"))
+    config = backend.configure(**{k: v for k, v in recipe.items() if k in backend.settings()})
+    if not hasattr(config, "bits"):
+        return backend.name
+    group = getattr(config, "group_size", -1)
+    return f"{backend.name}-int{config.bits}" + ("" if group == -1 else f"-g{group}")
 
 
 def _matrix_jobs(matrix: dict, defaults: dict, file: Path) -> list[Job]:
@@ -202,8 +234,13 @@ def _matrix_jobs(matrix: dict, defaults: dict, file: Path) -> list[Job]:
             body = _normalize({k: v for k, v in recipe.items() if k != "name"}, f"[matrix] recipe {r}", file)
             if "model" in body:
                 raise QuantMoeError(f"{file}: [matrix] recipe {r} sets model; models come from [matrix] models")
-            name = f"{Path(model.rstrip('/')).name}-{label or _recipe_label({**defaults, **body})}"
-            jobs.append(make_job({**defaults, **body, "model": model, "name": name}, f"job {name!r}", file))
+            if label is None:
+                try:
+                    label = _recipe_label({**defaults, **body})
+                except QuantMoeError as exc:
+                    raise QuantMoeError(f"{file}: [matrix] recipe {r}: {exc}") from None
+            name = f"{Path(model.rstrip('/')).name}-{label}"
+            jobs.append(make_job(defaults, {**body, "model": model, "name": name}, f"job {name!r}", file))
     return jobs
 
 
@@ -223,7 +260,7 @@ def load_jobs(path: str | Path) -> list[Job]:
     jobs = []
     for n, table in enumerate(tables, 1):
         where = f"job {table.get('name')!r}" if isinstance(table, dict) and "name" in table else f"job {n}"
-        jobs.append(make_job({**defaults, **_normalize(table, where, file)}, where, file))
+        jobs.append(make_job(defaults, _normalize(table, where, file), where, file))
     matrices = data.get("matrix", [])
     for matrix in matrices if isinstance(matrices, list) else [matrices]:
         jobs += _matrix_jobs(matrix, defaults, file)
@@ -242,10 +279,17 @@ def load_jobs(path: str | Path) -> list[Job]:
 
 
 def _option_mismatch(job: Job, out: Path) -> str | None:
-    """Why a finished folder does not belong to this job (its recipe or model changed), or None."""
+    """Why a finished folder does not belong to this job (its backend, recipe or model changed), or None."""
+    try:
+        made_by = for_checkpoint(json.loads((out / "config.json").read_text()).get("quantization_config"))
+    except (OSError, ValueError, QuantMoeError):
+        made_by = None
+    if made_by is None or made_by.name != job.backend:
+        return f"backend {made_by.name if made_by else None!r}, but the jobs file asks for {job.backend!r}"
     manifest = json.loads((out / MANIFEST).read_text())
     recorded = manifest.get("options", {})
-    wanted = {**job.qcfg.to_dict(), **{k: job.run[k] for k in ("seed", "nsamples", "seqlen") if k in job.run}}
+    calibration = ("seed", "nsamples", "seqlen") if get(job.backend).needs_calibration else ()
+    wanted = {**asdict(job.config), **{k: job.run[k] for k in calibration if k in job.run}}
     for key, value in wanted.items():
         if key in recorded and recorded[key] != value:
             return f"{key} {recorded[key]!r}, but the jobs file asks for {value!r}"
@@ -256,7 +300,8 @@ def _option_mismatch(job: Job, out: Path) -> str | None:
 
 
 def job_state(job: Job, out: Path) -> str:
-    """'complete' (skip it), 'resume' (a work folder is left from an interrupted run) or 'new'.
+    """'complete' (skip it), 'resume' (a resumable backend left a work folder), 'restart' (another
+    backend left one: it starts again) or 'new'.
 
     Raises QuantMoeError when ``out`` exists but is damaged or was made by another recipe:
     quantize would refuse to write there, and skipping it would report a result that is not this job's.
@@ -273,7 +318,17 @@ def job_state(job: Job, out: Path) -> str:
         if why:
             raise QuantMoeError(f"{out} was made with {why}; delete the folder or rename the job")
         return "complete"
-    return "resume" if work_dir(out).exists() else "new"
+    if not work_dir(out).exists():
+        return "new"
+    return "resume" if get(job.backend).resumable else "restart"
+
+
+def finished_layers(out: Path) -> int:
+    """How many layer files an interrupted run left in ``out``'s work folder (quantize checks each one's
+    fingerprint before reusing it; this count is for the progress line)."""
+    from .pipeline import work_dir
+
+    return len(list((work_dir(out) / "layers").glob("layer-*.json")))
 
 
 def result_row(job: Job, out: Path, status: str, seconds: float, error: str | None = None) -> dict:
@@ -313,6 +368,7 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# quantmoe batch: {summary['jobs_file']}", "",
              f"Output root `{summary['root']}`; {c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
              + (f", {c['pending']} not run" if c.get("pending") else "") + f" ({summary['updated']}).", "",
+             f"quantmoe commit `{summary.get('commit')}`; {summary.get('machine')}.", "",
              "| job | status | recipe | ppl original | ppl quantized | gap | bits/weight | size (MB) | wall time (s) | error |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in summary["jobs"]:
@@ -327,10 +383,20 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@cache
+def provenance() -> dict:
+    """The quantmoe commit, machine and library versions the numbers come from (computed once per process)."""
+    from .compare import optional_versions, git_commit, machine
+    from .files import versions
+
+    return {"commit": git_commit(), "machine": machine()["summary"], "versions": {**versions(), **optional_versions()}}
+
+
 def write_summary(root: Path, jobs_file: Path, rows: list[dict]) -> dict:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "pending")}
     summary = {"jobs_file": str(jobs_file), "root": str(root),
-               "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "counts": counts, "jobs": rows}
+               "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), **provenance(),
+               "counts": counts, "jobs": rows}
     atomic_write_json(root / f"{SUMMARY_NAME}.json", summary)
     atomic_write_text(root / f"{SUMMARY_NAME}.md", summary_markdown(summary))
     return summary
@@ -346,10 +412,8 @@ def run_batch(jobs: list[Job], root: str | Path, jobs_file: str | Path = "", qui
     """Run ``jobs`` one after another into ``root``/<name>; returns the summary written to root/batch_summary.json.
 
     ``log`` receives one line per job start and end (job i/n, what it does, time, batch ETA);
-    the layer bar with its own ETA comes from pipeline.quantize unless ``quiet``.
+    the layer bar with its own ETA comes from the backend's quantize unless ``quiet``.
     """
-    from .pipeline import quantize
-
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     rows = [result_row(job, root / job.name, "pending", 0.0) for job in jobs]
@@ -365,8 +429,14 @@ def run_batch(jobs: list[Job], root: str | Path, jobs_file: str | Path = "", qui
                 rows[i] = result_row(job, out, "skipped", time.perf_counter() - t0)
                 log(f"{tag}: already complete in {out} (manifest valid); skipped")
             else:
-                log(f"{tag}: {'resuming' if state == 'resume' else 'starting'} {job.recipe()} of {job.model}")
-                quantize(job.model, out, job.qcfg, overwrite=False, quiet=quiet, **job.run)
+                doing = {"new": "starting",
+                         "resume": f"resuming ({finished_layers(out)} finished layers left by an interrupted run)",
+                         "restart": f"restarting ({job.backend} does not resume; its unfinished work folder is discarded)",
+                         }[state]
+                log(f"{tag}: {doing} {job.recipe()} of {job.model}")
+                for line in job.notes:
+                    log(f"{tag}: note: {line}")
+                get(job.backend).quantize(job.model, out, job.options(quiet))
                 rows[i] = r = result_row(job, out, "done", time.perf_counter() - t0)
                 ran.append(r["wall_seconds"])
                 ppl = ("" if r["gap_relative"] is None else
@@ -397,7 +467,7 @@ def plan(jobs: list[Job], root: str | Path) -> list[tuple[Job, str]]:
     for job in jobs:
         try:
             state = job_state(job, root / job.name)
-            out.append((job, {"complete": "skip", "resume": "resume", "new": "run"}[state]))
+            out.append((job, {"complete": "skip", "resume": "resume", "restart": "run again", "new": "run"}[state]))
         except QuantMoeError as exc:
             out.append((job, f"fail: {exc}"))
     return out

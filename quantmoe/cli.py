@@ -69,11 +69,6 @@ def fail(message: str, status: int = 2) -> None:
 @click.version_option(package_name="quantmoe")
 def main():
     """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
-    # Before torch loads OpenMP (the commands import it lazily): threads that spin at a barrier while
-    # another process holds their core made the demo quantization 8x slower on a shared 2-core
-    # machine (190 s against 24 s at load 5); threads that sleep there cost little on an idle one.
-    # A value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Optional extras log import-time warnings that are not about the user's run (torchao, pulled in by
     # gptqmodel, cannot load its CUDA kernels on a CPU machine); errors must stay one line.
     for name in ("torchao", "torch.utils._pytree"):
@@ -144,7 +139,8 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--seqlen", type=int, help="Calibration sequence length [default: min(2048, context)].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete).")
 @click.option("--resume/--restart", default=True, show_default=True,
@@ -226,7 +222,8 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
 @click.option("--data", help="Held-out text [default: the bundled held-out text].")
 @click.option("--seqlen", type=int, help="Window length [default: min(2048, context)].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here (and .md beside it).")
 @click.option("--backend", type=click.Choice(_backend_names()),
               help="Fail unless MODEL was quantized with this backend [default: read it from config.json].")
@@ -274,14 +271,16 @@ def batch(jobs_file, root, dry_run, quiet):
     group_size = 128
     [matrix]                        # models x recipes, jobs named <model>-<recipe>
     models = ["models/a", "models/b"]
-    recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}]
+    recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}, {backend = "bnb-nf4"}]
 
-    Other job keys: any quantize option (sym, act_order, damp, true_sequential, rare_expert,
-    rare_expert_tokens, block_size, nsamples, seed, device, batch_size, max_shard_size, eval).
-    A job whose folder is complete (manifest valid, same options) is skipped; an unfinished one
-    is run again (continuing from its work folder where quantize can resume). A failed job does
-    not stop the others. Exit status: 0 when every job is done or skipped, 1 when a job failed,
-    2 when the jobs file is wrong.
+    Other job keys: the backend's settings (gptq/rtn: sym, act_order, damp, true_sequential,
+    rare_expert, rare_expert_tokens, block_size, layout; bnb-*: compute_dtype, double_quant,
+    int8_threshold) and nsamples, seed, device, batch_size, max_shard_size, eval. A [defaults]
+    setting reaches only the jobs whose backend takes it. A job whose folder is complete
+    (manifest valid, same backend and options) is skipped; an unfinished one is run again
+    (gptq/rtn continue from their finished layers). A failed job does not stop the others. Exit
+    status: 0 when every job is done or skipped, 1 when a job failed, 2 when the jobs file is
+    wrong, 130 when interrupted.
     """
     from .batch import load_jobs, plan, run_batch
 
@@ -377,7 +376,8 @@ def verify(folder):
 @click.option("--nsamples", type=int, help="Calibration sequences for gptq/rtn [default: 128].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @friendly
 def compare(model, specs, out, report_path, data, seqlen, calib, nsamples, seed, device, batch_size):
     """Quantize MODEL with several backends and write one table: size, bits, fraction quantized, perplexity, time, memory."""

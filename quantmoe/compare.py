@@ -87,7 +87,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
         "isolated": isolate,
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": _load_average()},
         "commit": git_commit(),
-        "versions": {**versions(), **_optional_versions()},
+        "versions": {**versions(), **optional_versions()},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "seconds": round(time.perf_counter() - t0, 1),
         "original": original,
@@ -182,7 +182,8 @@ def measure_backend(spec: str, model: str, folder: str, windows_file: str, optio
             "quantize": record["quantize"], "eval": record["eval"], "folder": folder}
 
 
-def _optional_versions() -> dict[str, str]:
+def optional_versions() -> dict[str, str]:
+    """Versions of the optional libraries that backends' numbers depend on (bitsandbytes), where installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

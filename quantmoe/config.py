@@ -86,13 +86,3 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Where and how a stage runs (not part of the result's identity, except the seed)."""
-
-    device: str = "auto"           # auto | cpu | cuda
-    batch_size: int = 8            # calibration sequences per forward pass
-    quiet: bool = False            # no progress bars
-    seed: int = 0

@@ -1,17 +1,26 @@
-"""Spreading each layer's routed experts over several processes:
+"""Spreading each layer's work over several processes:
 ``torchrun --nproc-per-node N -m quantmoe quantize ...``.
 
-Every process streams the whole model (the same forward passes, the same attention
-GPTQ), but solves only its contiguous share of the experts: their Hessians and their
-GPTQ. The shares are all-gathered, so every process holds the same quantized layer for
-the next forward pass, and rank 0 alone writes files. torch.distributed carries the
-tensors: NCCL between GPUs, gloo between CPU processes.
+Every process streams the whole model and ends each layer holding the same quantized
+layer and the same activations, so the output is the one a single process writes:
+
+- forward passes (the partial ones that capture a module's input, and the layer's full
+  forward that makes the next layer's inputs) are spread by batch, round-robin, and their
+  results all-gathered, so every process sees every batch's activations, in order;
+- routed experts are spread by expert: each process accumulates the Hessians of, and
+  solves, its contiguous share, and the results are all-gathered;
+- attention (one solve per group) is done by every process alike.
+
+Rank 0 alone writes files. torch.distributed carries the tensors: NCCL between GPUs, gloo
+between CPU processes. An all-gather only copies, so nothing is summed in another order
+than one process sums it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -47,6 +56,7 @@ class Ranks:
 
 
 SINGLE = Ranks()
+T = TypeVar("T")
 
 
 def join(ranks: Ranks, device: torch.device) -> torch.device:
@@ -92,3 +102,45 @@ def gather_result(res: QuantResult, n: int, ranks: Ranks) -> QuantResult:
     shared = ("g_idx",)  # the same on every process
     return QuantResult(**{f.name: getattr(res, f.name) if f.name in shared else
                           gather_experts(getattr(res, f.name), n, ranks) for f in fields(res)})
+
+
+def spread(items: Sequence[T], compute: Callable[[T], Tensor], ranks: Ranks, device: torch.device) -> Iterator[Tensor]:
+    """``compute(item)`` for every item, in order, on every process.
+
+    Each process computes every world-th item (round-robin) and the results are all-gathered
+    round by round, so at most ``world`` results are held at once. The results may differ
+    in their first dimension (a shorter last batch); every other dimension and the dtype
+    must be the same for every item.
+    """
+    if ranks.world == 1:
+        for item in items:
+            yield compute(item)
+        return
+    import torch.distributed as dist
+
+    for start in range(0, len(items), ranks.world):
+        mine = start + ranks.rank
+        local = compute(items[mine]) if mine < len(items) else None
+        # Shapes and dtypes first: a process with no item this round learns what to send.
+        meta = torch.full((8,), -1, dtype=torch.int64, device=device)
+        if local is not None:
+            meta[0] = _DTYPES.index(local.dtype)
+            meta[1:1 + local.ndim] = torch.tensor(local.shape, dtype=torch.int64)
+        metas = [torch.empty_like(meta) for _ in range(ranks.world)]
+        dist.all_gather(metas, meta)
+        metas = torch.stack(metas).tolist()
+        known = next(m for m in metas if m[0] >= 0)
+        dtype = _DTYPES[known[0]]
+        rest = [d for d in known[2:] if d >= 0]
+        rows = [max(m[1], 0) for m in metas]
+        padded = torch.zeros([max(rows)] + rest, dtype=dtype, device=device)
+        if local is not None:
+            padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+        dist.all_gather(parts, padded)
+        for r, part in enumerate(parts):
+            if start + r < len(items):
+                yield local if r == ranks.rank else part[: rows[r]]
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

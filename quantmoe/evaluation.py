@@ -21,7 +21,7 @@ from torch import Tensor
 from .calibration import read_documents, token_stream, tokenizer_fingerprint
 from .checkpoint import Checkpoint
 from .errors import QuantMoeError
-from .stream import LayerStream, pick_device
+from .stream import LayerStream, default_batch_size, pick_device
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,14 @@ def eval_windows(tokenizer, data: str | Path, seqlen: int) -> tuple[Tensor, dict
 
 
 @torch.no_grad()
-def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_size: int = 8,
+def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_size: int | None = None,
                progress=None) -> dict:
-    """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time."""
+    """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time
+    (``batch_size`` None: ``stream.default_batch_size``)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     stream = LayerStream(Checkpoint(model), dev)
+    batch_size = batch_size or default_batch_size(stream.config, windows.shape[1])
     batches = stream.embed(windows, batch_size)
     for i in range(stream.num_layers):
         layer = stream.load_layer(i, stream.layer_state(i))
@@ -87,7 +89,7 @@ def gap(original: float, quantized: float) -> dict:
 
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
-             seqlen: int | None = None, device: str = "auto", batch_size: int = 8, quiet: bool = False,
+             seqlen: int | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
              backend: str | None = None) -> dict:
     """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
 

@@ -36,11 +36,11 @@ from .files import atomic_write_json, atomic_write_text, replace_dir, versions, 
 from .gptq import quantize_block
 from .gptq_graphs import GraphedBlocks
 from .inspect import ranges
-from .measure import PeakRSS, release_freed_memory, stage
+from .measure import PeakRSS, release_freed_memory, stage, steady_host_memory
 from .quantize_layer import LayerQuantizer
 from .report import model_card, render_markdown
 from .resume import fingerprint, fingerprint_parts, layer_file, open_work, read_layer_log, replay_layer, write_layer
-from .stream import LayerStream, pick_device
+from .stream import LayerStream, default_batch_size, pick_device
 
 
 def default_out(model: Path, qcfg: QuantConfig) -> Path:
@@ -111,7 +111,7 @@ def not_quantized_modules(stream: LayerStream, layout: str) -> list[str]:
 def quantize(model: str | Path | None = None, out: str | Path | None = None, qcfg: QuantConfig = QuantConfig(),
              calib: str | Path | None = None, nsamples: int | None = None, seqlen: int | None = None,
              seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
-             run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int = 8,
+             run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int | None = None,
              quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
              cuda_graphs: bool = True, ranks: Ranks | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
@@ -130,6 +130,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     from tqdm.auto import tqdm
 
     ranks = ranks if ranks is not None else Ranks.from_env(os.environ)
+    steady_host_memory()
     quiet = quiet or not ranks.writes
     torch.manual_seed(seed)
     # Every input is checked, cheapest first, before the work folder (a resumable run) is touched.
@@ -152,6 +153,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     dev = join(ranks, pick_device(device))  # a no-op for a single process
     stream = LayerStream(ckpt, dev)
     n = stream.num_layers
+    batch_size = batch_size or default_batch_size(stream.config, ids.shape[1])
 
     parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size, tf32)
     fp = fingerprint(parts)

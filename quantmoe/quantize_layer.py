@@ -170,7 +170,7 @@ class LayerQuantizer:
 
     def _captured(self, module_path: str) -> Iterator[Tensor]:
         """The input of ``layer.<module_path>``, batch by batch, (tokens, features); its forward passes timed as capture."""
-        batches = self.stream.capture(self.layer, self.batches, module_path)
+        batches = self.stream.capture(self.layer, self.batches, module_path, self.ranks)
         while True:
             with self._stage("capture"):
                 x = next(batches, None)
@@ -190,7 +190,7 @@ class LayerQuantizer:
             return
         kept, size = ([] if keep else None), 0
         originals = None if self.original is None else \
-            self.stream.capture(self.original, self.original_batches, module_path)
+            self.stream.capture(self.original, self.original_batches, module_path, self.ranks)
         for x in self._captured(module_path):
             x0 = x
             if originals is not None:
@@ -480,9 +480,9 @@ class LayerQuantizer:
         self.mlps()
         self._kept.clear()
         with self._stage("forward"):
-            self.result.outputs = self.stream.run_layer(self.layer, self.batches)
+            self.result.outputs = self.stream.run_layer(self.layer, self.batches, self.ranks)
             if self.original is not None and self.qcfg.fit == "stream":
-                self.result.original_outputs = self.stream.run_layer(self.original, self.original_batches)
+                self.result.original_outputs = self.stream.run_layer(self.original, self.original_batches, self.ranks)
         self.original = None
         self.stream.release_layer(self.index)
         self.result.timings = self.clock.rounded()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
+from .distributed import SINGLE, Ranks, spread
 from .errors import QuantMoeError
 
 
@@ -32,6 +33,21 @@ class Batch:
 
     hidden: Tensor  # (b, L, hidden) activations entering the next layer
     kwargs: dict    # what the model passes every layer: position embeddings, mask, ...
+
+
+ATTENTION_SCORES_BYTES = 2 * 2**30  # what one batch's attention scores may take
+
+
+def default_batch_size(config, seqlen: int) -> int:
+    """Sequences per forward pass when none is asked for: the largest batch, at most 8, whose
+    fp32 attention scores (batch, heads, seqlen, seqlen) take at most 2 GiB.
+
+    transformers' SDPA path materialises those scores in fp32; at Mixtral-8x7B's 32 heads and
+    2048 tokens a batch of 8 holds 4 GiB per tensor and peaked at 28.6 GB of GPU memory, a batch
+    of 4 at 22.7 GB with the same speed (benchmarks/README.md). Small models keep 8.
+    """
+    per_sequence = int(getattr(config, "num_attention_heads", 1) or 1) * seqlen * seqlen * 4
+    return max(1, min(8, ATTENTION_SCORES_BYTES // per_sequence))
 
 
 def pick_device(device: str) -> torch.device:
@@ -178,19 +194,22 @@ class LayerStream:
         return out
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, batches: list[Batch]) -> list[Batch]:
-        """Outputs of ``layer`` for every batch: the next layer's inputs."""
-        out = []
-        for b in batches:
+    def run_layer(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> list[Batch]:
+        """Outputs of ``layer`` for every batch: the next layer's inputs (with several processes,
+        each runs its share of the batches and every process gets all outputs)."""
+        def forward(b: Batch) -> Tensor:
             h = layer(b.hidden, **b.kwargs)
-            out.append(Batch(h[0] if isinstance(h, tuple) else h, b.kwargs))
-        return out
+            return h[0] if isinstance(h, tuple) else h
+
+        return [Batch(h, b.kwargs) for h, b in zip(spread(batches, forward, ranks, self.device), batches)]
 
     @torch.no_grad()
-    def capture(self, layer: nn.Module, batches: list[Batch], module_path: str) -> Iterator[Tensor]:
+    def capture(self, layer: nn.Module, batches: list[Batch], module_path: str,
+                ranks: Ranks = SINGLE) -> Iterator[Tensor]:
         """The input of ``layer.<module_path>`` for each batch, flattened to (tokens, features).
 
-        The forward pass stops at that module, so nothing after it is computed.
+        The forward pass stops at that module, so nothing after it is computed. With several
+        processes each runs its share of the batches; every process gets every batch's input.
         """
         module = layer.get_submodule(module_path)
         grabbed: list[Tensor] = []
@@ -200,12 +219,14 @@ class LayerStream:
             grabbed.append(x.reshape(-1, x.shape[-1]))
             raise _Stop
 
+        def one(b: Batch) -> Tensor:
+            with contextlib.suppress(_Stop):
+                layer(b.hidden, **b.kwargs)
+            return grabbed.pop()
+
         handle = module.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            for b in batches:
-                with contextlib.suppress(_Stop):
-                    layer(b.hidden, **b.kwargs)
-                yield grabbed.pop()
+            yield from spread(batches, one, ranks, self.device)
         finally:
             handle.remove()
 

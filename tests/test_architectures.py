@@ -13,10 +13,11 @@ import torch
 from click.testing import CliRunner
 
 import quantmoe
-from quantmoe.architectures import ARCHITECTURES, markdown_table, plan_layer
+from quantmoe.architectures import ARCHITECTURES, markdown_table, plan_layer, unfuse_experts
 from quantmoe.checkpoint import Checkpoint
 from quantmoe.cli import main
 from quantmoe.config import QuantConfig
+from quantmoe.errors import QuantMoeError
 from quantmoe.evaluation import eval_windows
 from quantmoe.export import checkpoint_stats
 from quantmoe.inspect import inspect_model
@@ -27,6 +28,7 @@ from conftest import ARCH_NAMES
 from tiny import TINY, make_tokenizer
 
 MOE_NAMES = [name for name in ARCH_NAMES if ARCHITECTURES[name].experts is not None]
+FUSED_ON_DISK = [name for name in MOE_NAMES if ARCHITECTURES[name].fused.on_disk]
 QCFG = QuantConfig(group_size=32)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 
@@ -168,6 +170,37 @@ def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
                 got = module(x, torch.full((5, 1), e), torch.ones(5, 1))
             want = (module.act_fn(x @ half["gate"][e].t()) * (x @ half["up"][e].t())) @ down[e].t()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", FUSED_ON_DISK)
+def test_unfused_experts_load_to_the_same_layer_as_the_fused_tensors(tiny_model, model_type):
+    """unfuse_experts (how the bnb backends cut experts fused on disk) inverts to_memory's stacking: the
+    per-expert weights alone, under the row's per-expert names and linear_shapes, load to the same layer."""
+    ckpt = Checkpoint(tiny_model(model_type))
+    arch = ARCHITECTURES[model_type]
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    for i in range(ckpt.config.num_hidden_layers):
+        plan = plan_layer(arch, ckpt.config, i)
+        state = stream.layer_state(i, keep_dtype=True)
+        fused = plan.fused_disk_tensors()
+        assert fused and set(fused) <= set(state)
+        split = {n: t for n, t in state.items() if n not in fused}
+        for name in fused:
+            split |= unfuse_experts(plan, name, state[name])
+        experts = {n for n, kind in plan.linear_kinds().items() if kind == "expert"}
+        assert {n[: -len(".weight")] for n in split} >= experts
+        shapes = plan.linear_shapes(_layer_shapes(ckpt, i))
+        assert all(tuple(split[f"{n}.weight"].shape) == shapes[n] for n in experts)
+        want, got = stream.to_memory(i, state), stream.to_memory(i, split)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.equal(want[key], got[key]), f"layer {i}: {key}"
+    with pytest.raises(QuantMoeError) as err:
+        unfuse_experts(plan, plan.fused.disk_down, state[plan.fused.disk_down][:-1])
+    assert f"holds {plan.num_experts - 1} experts, its config {plan.num_experts}" in str(err.value)
+    with pytest.raises(QuantMoeError) as err:
+        unfuse_experts(plan, "self_attn.q_proj.weight", state["self_attn.q_proj.weight"])
+    assert "is not a fused expert tensor" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)

@@ -1,5 +1,6 @@
-"""CUDA-only speed-ups, checked against the plain path: CUDA graphs must give the same
-bits, TF32 must change results by rounding only. Skipped without a GPU (conftest.py)."""
+"""CUDA code paths, checked against the plain path: CUDA graphs must give the same bits, TF32
+must change results by rounding only, the bnb backends must quantize on CUDA as on CPU.
+Skipped without a GPU (conftest.py)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,35 @@ def test_tf32_hessians_change_the_result_by_rounding_only():
     assert output_error(tf) == pytest.approx(output_error(ref), rel=0.01)
     assert float(tf.loss.sum()) == pytest.approx(float(ref.loss.sum()), rel=0.01)
     assert float((tf.q != ref.q).float().mean()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bnb-nf4", "bnb-int8"])
+def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
+    """The bnb backends quantize on CUDA as on CPU (the same codes up to bitsandbytes' own CPU/CUDA
+    rounding), and the bitsandbytes-kernels model runs on the GPU with the dequantized model's outputs."""
+    pytest.importorskip("bitsandbytes")
+    import quantmoe
+    from quantmoe.backends import Options, get
+    from quantmoe.checkpoint import Checkpoint
+    from tiny import make_model
+
+    src = make_model("mixtral", tmp_path / "src")
+    outs = {}
+    for device in ("cpu", "cuda"):
+        outs[device] = tmp_path / device
+        get(name).quantize(src, outs[device], Options(device=device, run_eval=False, quiet=True))
+    cpu, gpu = Checkpoint(outs["cpu"]), Checkpoint(outs["cuda"])
+    assert set(cpu.names()) == set(gpu.names())
+    for module, linear in cpu.quantized_linears.items():
+        w_cpu = cpu.backend.dequantize(cpu, linear).float()
+        w_gpu = gpu.backend.dequantize(gpu, gpu.quantized_linears[module]).float().cpu()
+        assert torch.isfinite(w_gpu).all() and w_gpu.abs().sum() > 0, module
+        assert (w_cpu - w_gpu).norm() <= 0.02 * w_cpu.norm(), module  # same codes but for rare ties
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    dequantized = quantmoe.load_quantized(outs["cuda"], device="cuda")
+    kernels = quantmoe.load_quantized(outs["cuda"], device="cuda", kernels="bitsandbytes")
+    with torch.no_grad():
+        want, got = dequantized(ids).logits.float(), kernels(ids).logits.float()
+    cos = torch.nn.functional.cosine_similarity(want.flatten(1), got.flatten(1)).min()
+    assert cos > 0.99, float(cos)

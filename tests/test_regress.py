@@ -15,6 +15,8 @@ from quantmoe.config import QuantConfig
 from quantmoe.pipeline import quantize
 from tiny import write_text
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def report(tiny_model, tmp_path_factory) -> dict:
@@ -118,26 +120,64 @@ def test_not_a_report_is_refused(tmp_path):
     assert result.exit_code == 2 and "is not a quantmoe eval report (no 'protocol')" in result.stderr
 
 
-def test_ci_doc_workflow_is_valid_and_matches_the_baseline_recipe():
-    """docs/ci-regression.md: the workflow parses, pins CPU torch, and its quantmoe commands parse
-    with the real CLI; the baseline is made with the very quantize command CI runs."""
+def _ci_doc() -> tuple[list[dict], list[str], str]:
+    """docs/ci-regression.md: the workflow's steps, its quantmoe commands, and the baseline's bash block."""
     import re
-    import shlex
 
     import yaml
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "ci-regression.md").read_text()
-    workflow = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))
-    steps = workflow["jobs"]["regress"]["steps"]
+    doc = (REPO / "docs" / "ci-regression.md").read_text()
+    steps = yaml.safe_load(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))["jobs"]["regress"]["steps"]
     runs = [s["run"] for s in steps if "run" in s]
-    assert any("pip install torch==2.13.0" in r and "whl/cpu" in r for r in runs)
     commands = [line.split("|")[0].strip() for r in runs for line in r.replace("\n", " ").split("&&")
                 if line.strip().startswith("quantmoe ")]
+    return steps, commands, re.search(r"```bash\n(.*?)```", doc, re.S).group(1)
+
+
+def test_ci_doc_workflow_is_valid_and_matches_the_baseline_recipe():
+    """docs/ci-regression.md: the workflow parses, pins CPU torch, and its quantmoe commands parse
+    with the real CLI; the baseline is made with the very quantize command CI runs."""
+    import shlex
+
+    steps, commands, baseline_block = _ci_doc()
+    assert any("pip install torch==2.13.0" in s["run"] and "whl/cpu" in s["run"] for s in steps if "run" in s)
     assert [c.split()[1] for c in commands] == ["quantize", "regress"]
     for command in commands:
         _, name, *args = shlex.split(command)
         main.get_command(None, name).make_context(name, args)  # raises on an unknown option or bad value
-    baseline_block = re.search(r"```bash\n(.*?)```", doc, re.S).group(1)
     assert commands[0] in baseline_block
     _, _, committed, produced, *_ = shlex.split(commands[1])
     assert committed.startswith("eval/results/") and f"cp {produced} {committed}" in baseline_block
+
+
+def test_the_committed_ci_baseline_matches_what_the_ci_command_produces():
+    """The baseline the CI example compares with is committed, and describes the run CI makes: the report
+    quantize writes for the bundled demo model (default recipe, default output folder), on the bundled
+    held-out text and tokenizer as they are now. Changing that text or the defaults needs a new baseline."""
+    import hashlib
+    import shlex
+
+    from quantmoe.calibration import read_documents, tokenizer_fingerprint
+    from quantmoe.checkpoint import Checkpoint
+    from quantmoe.defaults import DEFAULT_MODEL, EVAL_DATA, default_seqlen
+    from quantmoe.pipeline import default_out
+    from quantmoe.regress import compare, load_report
+    from quantmoe.report import base_model_name
+
+    _, commands, _ = _ci_doc()
+    params = main.get_command(None, "quantize").make_context("quantize", shlex.split(commands[0])[2:]).params
+    _, _, committed, produced, *_ = shlex.split(commands[1])
+    # the README's default run: bundled model and data, default recipe and output folder, CPU
+    assert (params["model"], params["out"], params["calib"], params["nsamples"], params["eval_data"]) == (None,) * 5
+    assert (params["backend"], params["bits"], params["group_size"], params["seed"], params["device"]) == (
+        "gptq", 4, 128, 0, "cpu")
+    assert Path(produced) == default_out(DEFAULT_MODEL, QuantConfig()) / "eval_report.json"
+    report = load_report(REPO / committed)
+    demo = Checkpoint(DEFAULT_MODEL)
+    assert base_model_name(report["baseline"]) == DEFAULT_MODEL.name
+    assert report["quantization"]["label"] == "gptq int4 g128" and report["device"] == "cpu"
+    assert report["protocol"]["seqlen"] == default_seqlen(demo.config)
+    assert report["data"]["text_sha256"] == hashlib.sha256("\n\n".join(read_documents(EVAL_DATA)).encode()).hexdigest()
+    assert report["data"]["tokenizer_fingerprint"] == tokenizer_fingerprint(demo.tokenizer())
+    assert (REPO / committed).with_suffix(".md").is_file()
+    assert not compare(report, report).regressions

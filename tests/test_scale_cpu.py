@@ -93,3 +93,14 @@ def test_prefetch_changes_nothing_and_compare_says_so(benchmark_run, tmp_path):
     assert diff["identical_modules"] == diff["modules"] and diff["levels_differ"] == 0
     assert diff["gptq_loss_ratio_b_over_a"] == 1.0
     assert 0 < diff["relative_weight_error_a"] == diff["relative_weight_error_b"] < 0.2
+
+
+@pytest.mark.parametrize("heads,seqlen,expected", [(32, 2048, 4), (32, 4096, 1), (8, 512, 8), (64, 8192, 1)])
+def test_default_batch_keeps_attention_scores_within_2_gib(heads, seqlen, expected):
+    from types import SimpleNamespace
+
+    from quantmoe.stream import default_batch_size
+
+    size = default_batch_size(SimpleNamespace(num_attention_heads=heads), seqlen)
+    assert size == expected
+    assert size == 1 or size * heads * seqlen**2 * 4 <= 2 * 2**30

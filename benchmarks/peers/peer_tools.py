@@ -9,6 +9,7 @@ compressed-tensors 0.19.0; gptqmodel 7.7 requires torch>=2.14.1, so 7.6.0).
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from dataclasses import dataclass
@@ -82,3 +83,18 @@ def installed_versions(python: Path, names: tuple[str, ...]) -> dict[str, str | 
             "print(json.dumps(out))")
     done = subprocess.run([str(python), "-c", code, *names], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def script_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, object]:
+    """The command line every peer quantize script takes (MODEL CALIB OUT [--batch-size]) and the
+    calibration rows, int64 (N, L), read from CALIB. The scripts run in the peers' own venvs,
+    where this module is importable from the script's folder."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("calib")
+    parser.add_argument("out")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    from safetensors.torch import load_file
+
+    return args, load_file(args.calib)["input_ids"].long()

@@ -10,7 +10,6 @@ model definitions never quantize routers (``mlp.gate``, ``mlp.shared_expert_gate
 
 from __future__ import annotations
 
-import argparse
 import enum
 import json
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from peer_tools import script_arguments
 
 
 def jsonable(value):
@@ -35,16 +34,10 @@ def jsonable(value):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("calib")
-    parser.add_argument("out")
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    args, ids = script_arguments()  # ids: the calibration rows (N, L), used as they are
 
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    ids = load_file(args.calib)["input_ids"].long()  # (N, L)
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     qcfg = QuantizeConfig(bits=4, group_size=128, sym=True)
     # fp16 like the source checkpoint (GPTQModel would otherwise pick bf16 on CPU and save bf16 tensors).

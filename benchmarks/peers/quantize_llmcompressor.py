@@ -13,13 +13,12 @@ Output: compressed-tensors ``pack-quantized`` (``weight_packed``, ``weight_scale
 
 from __future__ import annotations
 
-import argparse
 import json
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from peer_tools import script_arguments
 
 # Routers by exact module-name suffix (transformers 5 in-memory names); llm-compressor
 # matches its ignore list against module names, "re:" marking a regex.
@@ -27,19 +26,13 @@ IGNORE = ["lm_head", r"re:.*\.mlp\.gate$", r"re:.*\.mlp\.shared_expert_gate$"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("calib")
-    parser.add_argument("out")
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    args, ids = script_arguments()  # ids: the calibration rows (N, L), used as they are
 
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ids = load_file(args.calib)["input_ids"].long()  # (N, L)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

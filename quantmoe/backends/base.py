@@ -39,7 +39,7 @@ class Options:
     resume: bool = True                   # reuse the finished layers a stopped run left (backends that can)
     run_eval: bool = True                 # measure the perplexity gap after export
     eval_data: str | Path | None = None   # held-out text [default: the bundled held-out text]
-    batch_size: int = 8                   # sequences per forward pass
+    batch_size: int | None = None         # sequences per forward pass [default: stream.default_batch_size]
     quiet: bool = False
     # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them).
     tf32: bool = False                    # TF32 matrix products on CUDA
@@ -62,6 +62,11 @@ class Backend(Protocol):
     name: str                   # what follows --backend, e.g. "bnb-nf4"
     summary: str                # one line for --help and the docs
     needs_calibration: bool     # False: --calib/--nsamples/--seqlen do not apply
+    resumable: bool             # True: a stopped quantize continues from the work folder it left
+
+    def settings(self) -> frozenset[str]:
+        """The keyword options ``configure`` takes (field names of its frozen settings)."""
+        ...
 
     def configure(self, **settings) -> Any:
         """The backend's frozen settings from keyword options; a setting it does not take is a QuantMoeError."""

@@ -11,9 +11,13 @@ parameters.
 
 What these backends do: stream the source checkpoint one decoder layer at a time and
 quantize, with bitsandbytes' own functions, every linear the architecture row names:
-attention, each routed expert (per expert, from the per-expert tensors every Hub
-checkpoint stores), shared experts and dense MLPs. Routers (named in the row),
-norms, embeddings and the LM head are copied unchanged.
+attention, each routed expert, shared experts and dense MLPs. Routers (named in the row),
+norms, embeddings and the LM head are copied unchanged. Experts are quantized one at a
+time: from each expert's own tensors where the checkpoint stores them (most families), or
+cut out of the fused on-disk tensors where the row's ``fused.on_disk`` says it stores them
+fused (GraniteMoE's ``input_linear`` (E, 2I, H) / ``output_linear`` (E, H, I)); either way
+they are written under the row's per-expert names (``experts.linear(which, e)``), as the
+GPTQ export does, and the fused tensors are not kept.
 
 On-disk format, per quantized linear ``P`` under its on-disk name, exactly what
 transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linear8bitLt``:
@@ -37,7 +41,10 @@ into the fused 16-bit ``gate_up_proj`` and knows no quantized experts:
   error (never pass ``ignore_mismatched_sizes=True``: it re-initialises the experts at random);
 - int8: the codes have the weights' shape, so ``from_pretrained`` returns a model whose fused
   expert tensors hold the raw int8 codes without their scales (its load report lists the
-  expert tensors as UNEXPECTED) and whose first forward fails with a dtype error.
+  expert tensors as UNEXPECTED) and whose first forward fails with a dtype error;
+- rows whose experts are fused on disk (GraniteMoE): transformers maps only the fused names,
+  so ``from_pretrained`` loads without an error, with the per-expert tensors UNEXPECTED and
+  every routed expert initialised at random (both 4-bit and int8).
 
 ``quantmoe.load_quantized`` reads every linear back, dequantized with bitsandbytes'
 ``dequantize_4bit`` / ``int8_vectorwise_dequant`` into the weights the bitsandbytes
@@ -185,10 +192,14 @@ class BnbBackend(Backend):
     summary: str
     quant_type: str
     needs_calibration: bool = False
+    resumable: bool = False  # a run takes seconds per layer; a stopped one starts again
+
+    def settings(self) -> frozenset[str]:
+        return frozenset({"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8"
+                         else {"int8_threshold"})
 
     def configure(self, **settings) -> BnbConfig:
-        accepted = {"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8" else {"int8_threshold"}
-        unknown_settings(self.name, settings, accepted)
+        unknown_settings(self.name, settings, self.settings())
         return BnbConfig(quant_type=self.quant_type, **settings)
 
     def recognizes(self, quantization: dict) -> bool:
@@ -274,7 +285,8 @@ def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quant
             "version": version,
             "blocksize": cfg.blocksize if cfg.four_bit else None,
             "double_quant": cfg.double_quant if cfg.four_bit else None,
-            "experts": "per expert, under the on-disk names (block_sparse_moe.experts.E.w1 / mlp.experts.E.gate_proj ...)",
+            "experts": "per expert, under the row's per-expert on-disk names (block_sparse_moe.experts.E.w1 / "
+                       "mlp.experts.E.gate_proj ...); experts fused on disk are cut per expert",
             "modules_not_quantized": not_quantized,
         },
     }
@@ -289,26 +301,31 @@ def module_to_memory(arch, path: str) -> str:
     return arch.to_memory(path + ".")[:-1]
 
 
-def _kinds(plan) -> dict[str, str]:
-    """Layer-relative on-disk linear name -> attention | expert | shared_expert | dense_mlp."""
-    kinds = {n: "attention" for group in plan.attention for n in group}
-    if plan.experts is not None:
-        kinds.update({plan.experts.linear(w, e): "expert" for e in range(plan.num_experts) for w in ("gate", "up", "down")})
-    for mlp, kind in ((plan.shared_expert, "shared_expert"), (plan.dense_mlp, "dense_mlp")):
-        if mlp is not None:
-            kinds.update({mlp.linear(w): kind for w in ("gate", "up", "down")})
-    return kinds
+def _quantize_linear(writer, module: str, kind: str, W: Tensor, cfg: BnbConfig, device: torch.device) -> dict:
+    """Quantize one linear's weight W (out, in) into ``writer`` under ``module``; returns its log entry."""
+    W = W.to(device)
+    parts = quantize_weight(W, cfg)
+    Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
+    for suffix, t in parts.items():
+        writer.add(f"{module}.{suffix}", t.cpu())
+    W = W.float()
+    return {"module": module, "kind": kind, "shape": list(W.shape),
+            "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
+            "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))}  # ||W - Wq|| / ||W||
 
 
 def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, device: torch.device,
                  quiet: bool = True) -> list[dict]:
     """Stream ``ckpt`` layer by layer into bitsandbytes shards in ``staging``; returns the per-linear log.
 
-    Memory holds one source tensor and the shard being filled.
+    Experts stored fused on disk (the row's ``fused.disk_gate_up`` / ``disk_down``) are cut per
+    expert (``unfuse_experts``) and written under the row's per-expert names, as the GPTQ export
+    does; the fused tensors are not copied. Memory holds one source tensor (one fused expert
+    tensor for such rows) and the shard being filled.
     """
     from tqdm.auto import tqdm
 
-    from ..architectures import architecture_for, plan_layer
+    from ..architectures import architecture_for, plan_layer, unfuse_experts
     from ..export import ShardWriter
 
     arch = architecture_for(ckpt.config)
@@ -318,26 +335,27 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
     log = []
     for i in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=quiet):
         prefix = ckpt.layer_prefix(i)
-        kinds = {prefix + n: k for n, k in _kinds(plan_layer(arch, ckpt.config, i)).items()}
-        missing = sorted(m for m in kinds if not ckpt.has(f"{m}.weight"))
+        plan = plan_layer(arch, ckpt.config, i)
+        kinds = plan.linear_kinds()
+        readable = plan.linear_shapes({n[len(prefix):]: ckpt.shape(n) for n in ckpt.names(prefix)})
+        missing = [m for m in kinds if m not in readable]
         if missing:
-            raise QuantMoeError(f"{missing[0]}.weight is not in {ckpt.path}; the bnb backends read each expert's "
-                                "own tensors (the Hub layout save_pretrained writes); re-save the model with "
-                                "transformers' save_pretrained")
+            raise QuantMoeError(f"{prefix}{missing[0]}.weight is not in {ckpt.path}, neither as its own tensor nor "
+                                f"in a fused expert tensor; is the checkpoint complete and a {arch.model_type} one?")
+        fused = plan.fused_disk_tensors()
         for name in ckpt.names(prefix):
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module not in kinds:
+            rel = name[len(prefix):]
+            if rel in fused:  # per-expert tensors on disk win over a fused copy, as on loading
+                weights = {n: W for n, W in unfuse_experts(plan, rel, ckpt.tensor(name)).items()
+                           if not ckpt.has(prefix + n)}
+            elif rel.endswith(".weight") and rel[: -len(".weight")] in kinds:
+                weights = {rel: ckpt.tensor(name)}
+            else:
                 writer.add(name, ckpt.tensor(name))
                 continue
-            W = ckpt.tensor(name).to(device)
-            parts = quantize_weight(W, cfg)
-            Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
-            for suffix, t in parts.items():
-                writer.add(f"{module}.{suffix}", t.cpu())
-            W = W.float()
-            log.append({"module": module, "kind": kinds[module], "shape": list(W.shape),
-                        "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
-                        "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))})  # ||W - Wq|| / ||W||
+            for weight, W in weights.items():
+                module = weight[: -len(".weight")]
+                log.append(_quantize_linear(writer, prefix + module, kinds[module], W, cfg, device))
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name in ckpt.names():
         if name not in done and not name.startswith(("model.layers.", "model.embed_tokens.")):
@@ -396,7 +414,8 @@ def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) 
         atomic_write_text(staging / "eval_report.md", render_markdown(report))
     atomic_write_text(staging / "README.md", model_card(report, {
         "name": out.name, "base_model": ckpt.path.name, "model_type": ckpt.config.model_type, "version": __version__,
-        "backend": backend.name, "config": cfg, "not_quantized": routers, "linears": len(log)}))
+        "backend": backend.name, "config": cfg, "not_quantized": routers, "linears": len(log),
+        "fused_on_disk": arch.experts is not None and arch.fused.on_disk}))
     write_manifest(staging, {"options": settings, "versions": {**versions(), "bitsandbytes": _bnb_version()},
                              "base_model": str(ckpt.path), "stages": stages})
     replace_dir(staging, out, options.overwrite)
@@ -435,7 +454,9 @@ def model_card(report: dict | None, info: dict) -> str:
         "## Method", "",
         f"- bitsandbytes {method}",
         f"- {info['linears']} linears quantized: every attention projection, every routed expert (each expert "
-        "separately, from its own tensors) and every shared-expert / dense-MLP projection",
+        + ("separately, cut from the base model's fused expert tensors and saved under per-expert names"
+           if info.get("fused_on_disk") else "separately, from its own tensors")
+        + ") and every shared-expert / dense-MLP projection",
         f"- not quantized: {', '.join(f'`{m}`' for m in info['not_quantized'])} (routers), norms, embeddings "
         "and the LM head",
         "- per-linear relative weight errors in `quantization_log.json`", "",
@@ -450,10 +471,16 @@ def model_card(report: dict | None, info: dict) -> str:
         lines += ["## Evaluation protocol", "", protocol_text(report) + " Weights dequantized with bitsandbytes.",
                   f"Text sha256 `{report['data']['text_sha256']}`.", "",
                   "## Perplexity", "", gap_table(report), ""]
-    plain = ("stops with a size-mismatch error (do not pass `ignore_mismatched_sizes=True`: it re-initialises the "
-             "experts at random)" if cfg.four_bit else
-             "returns a model whose fused expert tensors hold the raw int8 codes without their scales (its load "
-             "report lists the expert tensors as UNEXPECTED); the first forward fails with a dtype error")
+    if info.get("fused_on_disk"):  # transformers reads this family's experts from fused names it no longer finds
+        plain = ("loads WITHOUT an error but with every routed expert initialised at random (its load report lists "
+                 "the per-expert tensors as UNEXPECTED and the fused `gate_up_proj` / `down_proj` as MISSING): "
+                 "never use a model loaded that way")
+    elif cfg.four_bit:
+        plain = ("stops with a size-mismatch error (do not pass `ignore_mismatched_sizes=True`: it re-initialises "
+                 "the experts at random)")
+    else:
+        plain = ("returns a model whose fused expert tensors hold the raw int8 codes without their scales (its load "
+                 "report lists the expert tensors as UNEXPECTED); the first forward fails with a dtype error")
     lines += [
         "## Loading", "",
         "`./this-folder` stands for this folder, or for its Hub repo id once it is published.", "",

@@ -21,10 +21,13 @@ class GptqBackend(Backend):
     name: str
     summary: str
     needs_calibration: bool = True
+    resumable: bool = True  # finished layers are kept in the work folder (quantmoe.resume)
+
+    def settings(self) -> frozenset[str]:
+        return frozenset(f.name for f in fields(QuantConfig)) - {"backend"}
 
     def configure(self, **settings) -> QuantConfig:
-        accepted = {f.name for f in fields(QuantConfig)} - {"backend"}
-        unknown_settings(self.name, settings, accepted)
+        unknown_settings(self.name, settings, self.settings())
         return QuantConfig(backend=self.name, **settings)
 
     def quantize(self, model, out, options: Options) -> dict:
