@@ -123,10 +123,11 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Coordinate-descent passes over GPTQ's levels, each lowering the same error GPTQ minimises.")
 @click.option("--expert-hessian", type=click.Choice(["routed", "weighted", "all"]), default="weighted", show_default=True,
               help="Tokens of a routed expert's Hessian: those routed to it, the same weighted by router score, or all.")
-@click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="mlp", show_default=True,
-              help="Fit linears to the original model's outputs: down_proj from the quantized gate/up (mlp); also "
-                   "o_proj and gate/up on the layer's own inputs (layer); every linear from the quantized model's "
-                   "inputs (stream: full-precision activations kept beside, about 2x the time and activation memory).")
+@click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="stream", show_default=True,
+              help="Fit linears to the original model's outputs: every linear from the quantized model's inputs "
+                   "(stream: a full-precision stream runs beside, ~1.3x the time, a copy of the layer and twice the "
+                   "activations in memory); down_proj only, from the quantized gate/up (mlp); also o_proj and gate/up "
+                   "on the layer's own inputs (layer); plain GPTQ (none: the least memory).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
 @click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,

@@ -52,7 +52,7 @@ class QuantConfig:
     clip_weight: str = "residual"  # residual | hessian: how each column's rounding error counts (gptq.ClipSearch)
     refine: int = 0                # coordinate-descent passes over GPTQ's levels (gptq.refine_levels)
     expert_hessian: str = "weighted"  # routed | weighted | all (see EXPERT_HESSIANS)
-    fit: str = "mlp"               # none | mlp | layer | stream (see FITS)
+    fit: str = "stream"            # none | mlp | layer | stream (see FITS)
 
     def __post_init__(self):
         if isinstance(self.act_order, bool):  # the boolean form of earlier versions

@@ -194,6 +194,10 @@ def group_params(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
     if importance is not None:
         importance = torch.nn.functional.pad(importance, (0, pad)) if pad else importance
         importance = importance.reshape(B, 1, G, width)
+    if search.ratios() and B > 1:  # one matrix at a time: each ratio's temporaries are the size of W
+        parts = [search_params(Wg[b:b + 1], spec, search, None if importance is None else importance[b:b + 1])
+                 for b in range(B)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return search_params(Wg, spec, search, importance)
 
 

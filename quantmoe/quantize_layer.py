@@ -197,7 +197,8 @@ class LayerQuantizer:
                 with self._stage("capture"):
                     x0 = next(originals)
             if kept is not None:
-                size += x.numel() * x.element_size() * (1 if x0 is x else 2)
+                # Judged on the first batch: a cache that will not fit is not started (its growth is peak memory).
+                size = max(size, x.numel() * x.element_size() * (1 if x0 is x else 2) * len(self.batches))
                 kept = kept + [(x, x0)] if size <= CAPTURE_CACHE_BYTES else None
             yield x, x0
         if kept is not None:
