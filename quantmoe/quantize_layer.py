@@ -232,7 +232,7 @@ class LayerQuantizer:
             H, P, n = None, None, 0
             if self.qcfg.backend != "rtn":
                 H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
-                P = torch.zeros_like(W) if self.fit_stream else None
+                P = torch.zeros_like(W, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
                 for x, x0 in self._captured_pairs(self.arch.to_memory(group[0])):
                     with self._stage("hessians"):
                         if P is not None:
@@ -328,7 +328,7 @@ class LayerQuantizer:
         counts = [0] * E
         H_gu = torch.zeros(len(own), C, C, device=dev) if gptq else None
         W_gu = gate_up_proj.data[mine]
-        P_gu = torch.zeros_like(W_gu) if self.fit_stream else None
+        P_gu = torch.zeros_like(W_gu, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
         n_gu = [0] * len(own)
         H_all = torch.zeros(C, C, device=dev) if blend else None
         n_all = 0
@@ -432,7 +432,7 @@ class LayerQuantizer:
         W_gu = torch.cat([Wg, Wu])
         if gptq:
             H_gu = torch.zeros(C, C, device=Wg.device)
-            P_gu = torch.zeros_like(W_gu) if self.fit_stream else None
+            P_gu = torch.zeros_like(W_gu, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
             for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
                     if P_gu is not None:

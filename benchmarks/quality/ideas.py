@@ -79,12 +79,17 @@ IDEAS = (
          BEFORE + ["--fit", "layer"]),
     Idea("fit-stream", "every linear fitted to the original model's outputs (a full-precision stream beside)",
          BEFORE + ["--fit", "stream"]),
-    Idea("default", "this version's default: clip-residual + experts-weighted + fit-mlp", DEFAULT),
+    Idea("default", "this version's default: clip-residual + experts-weighted + fit-stream", DEFAULT),
+    Idea("default-fit-mlp", "the default with --fit mlp (the lighter fit: down_proj only, no second stream)",
+         ["--fit", "mlp"]),
     Idea("default-group", "the default with group-aware act-order", ["--act-order", "group"]),
     Idea("default-damp-0.05", "the default with dampening 0.05", ["--damp", "0.05"]),
     Idea("default-refine-2", "the default with 2 coordinate-descent passes over GPTQ's levels", ["--refine", "2"]),
-    Idea("default-stream", "the default with --fit stream", ["--fit", "stream"]),
-    Idea("default-stream-refine-2", "the default with --fit stream and --refine 2", ["--fit", "stream", "--refine", "2"]),
+    Idea("default-no-clip", "the default without the clipping search", ["--clip-steps", "0"]),
+    Idea("default-routed", "the default with routed-token (unweighted) expert Hessians", ["--expert-hessian", "routed"]),
+    Idea("before-seed1", "`before` on another calibration draw (seed 1): how much the gap moves by chance",
+         BEFORE, "calib-seed1.safetensors"),
+    Idea("default-seed1", "the default on another calibration draw (seed 1)", DEFAULT, "calib-seed1.safetensors"),
     Idea("default-nsamples-64", "the default on 64 x 512 calibration tokens", DEFAULT, "calib-512.safetensors:64"),
     Idea("default-nsamples-256", "the default on 256 x 512 calibration tokens", DEFAULT, "calib-512.safetensors:256"),
     Idea("default-nsamples-512", "the default on 512 x 512 calibration tokens", DEFAULT, "calib-512.safetensors:512"),
@@ -94,7 +99,6 @@ IDEAS = (
          DEFAULT, "calib-balanced.safetensors"),
     Idea("default-gptqmodel-layout", "the default with --layout gptqmodel (dense-layer MLPs left in fp16, as GPTQModel)",
          ["--layout", "gptqmodel"]),
-    Idea("default-stream-gptqmodel-layout", "--fit stream with --layout gptqmodel", ["--fit", "stream", "--layout", "gptqmodel"]),
 )
 
 
@@ -149,11 +153,12 @@ def balanced_rows(counts: torch.Tensor, keep: int) -> list[int]:
 
 
 def calibration_files(model: Path, folder: Path) -> None:
-    """calib.safetensors (the harness's), calib-512.safetensors (512 rows, the same seed) and
+    """calib.safetensors (the harness's), calib-seed1.safetensors (another draw), calib-512.safetensors (512 rows, the same seed) and
     calib-balanced.safetensors (128 of those 512 rows, see balanced_rows)."""
     from quantmoe.calibration import read_calibration, write_calibration
 
     calibrate(model, folder / "calib.safetensors", 128)
+    calibrate(model, folder / "calib-seed1.safetensors", 128, seed=1)
     pool = calibrate(model, folder / "calib-512.safetensors", 512)
     balanced = folder / "calib-balanced.safetensors"
     if not balanced.is_file():
@@ -211,6 +216,8 @@ def run_model(name: str, ideas: list[Idea], work: Path, reuse: bool) -> dict:
     stream, original = final_hidden(model, windows)
     results_file = REPO / "eval" / "results" / f"quality-ideas-{model.name}.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"model": model.name, "ideas": {}}
+    known = {i.name for i in IDEAS}  # rows of ideas since removed or renamed are dropped
+    results["ideas"] = {k: v for k, v in results["ideas"].items() if k in known}
     for idea in ideas:
         out = folder / "outputs" / idea.name
         cmd = [sys.executable, "-m", "quantmoe", "quantize", str(model), "--out", str(out), "--device", "cpu",
