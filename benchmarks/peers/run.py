@@ -36,7 +36,9 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))
 
+from ideas import final_hidden, score  # noqa: E402
 from peer_tools import HERE, PEERS, ensure_venv, installed_versions, venv_python  # noqa: E402
 
 from quantmoe import __version__  # noqa: E402
@@ -194,6 +196,7 @@ def run_model(name: str, args) -> dict:
     windows, data_meta = eval_windows(ckpt.tokenizer(), args.eval_data, SEQLEN)
     log(f"{key}: eval {data_meta['windows']} windows x {SEQLEN} tokens")
     original = perplexity(model, windows, "cpu")
+    head, hidden0 = final_hidden(model, windows)  # the original's last hidden states, for the KL
     results: dict = {
         "model": key,
         "model_path": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
@@ -239,12 +242,14 @@ def run_model(name: str, args) -> dict:
         log(f"{key}: evaluating {tool}")
         ppl = perplexity(out, windows, "cpu")
         stats = checkpoint_stats(out)
+        kl = score(head, hidden0, final_hidden(out, windows)[1], windows)["kl"]
         results["tools"][tool] = {
             **record,
             "quantize": {k: measured[k] for k in ("seconds", "peak_rss_mb", "cpu_seconds", "load_average_before",
                                                   "load_average_after")},
             "perplexity": ppl["perplexity"],
             "gap": gap(original["perplexity"], ppl["perplexity"]),
+            "kl": kl,
             "bits_per_weight": stats["bits_per_weight"],
             "information_bits_per_weight": stats["information_bits_per_weight"],
             "fraction_quantized": stats["fraction_quantized"],
@@ -277,6 +282,7 @@ def verdict(tools: dict) -> dict:
             "quantmoe_gptqmodel_layout_over_gptqmodel": like_for_like,
             "ratio": ratio, "target_ratio": TARGET, "gap_target_met": ratio <= TARGET,
             "bits_per_weight_not_higher": bpw_ok,
+            "kl_vs_best_peer": ok["quantmoe"]["kl"] / min(ok[t]["kl"] for t in peers),
             "quantize_seconds_vs_fastest_peer": ok["quantmoe"]["quantize"]["seconds"] / fastest}
 
 
@@ -288,17 +294,20 @@ def markdown(r: dict) -> str:
              f"(`{r['settings']['calibration']['made_by']}`); scored by quantmoe's evaluator on "
              f"{e['data']['windows']} held-out windows of {e['protocol']['seqlen']} tokens "
              f"(`{e['protocol']['data']}`, {e['data']['tokens_scored']} tokens scored).", "",
-             f"Original perplexity: **{e['original']['perplexity']:.4f}**", "",
-             "| tool | version | perplexity | gap (rel) | bits/weight (information) | bits/weight (stored) | "
+             f"Original perplexity: **{e['original']['perplexity']:.4f}**. KL: mean KL(original || quantized) "
+             "per predicted token on the same windows, in nats: a steadier measure of closeness than the gap, "
+             "whose sign can flip between calibration draws.", "",
+             "| tool | version | perplexity | gap (rel) | KL (1e-3) | bits/weight (information) | bits/weight (stored) | "
              "quantized params | wall (s) | CPU (s) | peak RSS (MB) | all-zero experts |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for tool, t in r["tools"].items():
         if "failed" in t:
-            lines.append(f"| {tool} | failed (exit {t['failed']['returncode']}) | | | | | | "
+            lines.append(f"| {tool} | failed (exit {t['failed']['returncode']}) | | | | | | | "
                          f"{t['failed']['seconds']} | | {t['failed']['peak_rss_mb']} | |")
             continue
         q = t["quantize"]
         lines.append(f"| {tool} | {t['version']} | {t['perplexity']:.4f} | {100 * t['gap']['relative']:+.2f}% | "
+                     f"{1000 * t['kl']:.2f} | "
                      f"{t['information_bits_per_weight']:.3f} | {t['bits_per_weight']:.3f} | "
                      f"{100 * t['fraction_quantized']:.1f}% | {q['seconds']} | "
                      f"{q['cpu_seconds']} | {q['peak_rss_mb']} | {len(t['experts']['all_zero'])} |")
@@ -307,7 +316,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"quantmoe's gap is **{v['ratio']:.2f}x** the best peer's ({v['best_peer']}); the target is "
                       f"at most {v['target_ratio']}x: **{'met' if v['gap_target_met'] else 'not met'}**. "
                       f"Bits per weight (information) not higher than the peers': {v['bits_per_weight_not_higher']}. "
-                      f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x."]
+                      f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x. "
+                      f"KL vs the peer with the least: {v['kl_vs_best_peer']:.2f}x."]
         if v.get("quantmoe_gptqmodel_layout_over_gptqmodel") is not None:
             lines += ["", "Like for like with GPTQModel (the same modules quantized: quantmoe's `--layout gptqmodel` "
                           "leaves dense-layer MLPs in fp16 as GPTQModel does): quantmoe's gap is "
