@@ -106,9 +106,11 @@ class Architecture:
     # In-memory module whose input is the tokens entering the MoE block.
     moe_module: str | None = None
     # In-memory router module, called on tokens (T, H); it returns a tuple whose element
-    # ``router_indices`` is the top-k expert indices (T, k), as the model's forward uses them.
+    # ``router_indices`` is the top-k expert indices (T, k), as the model's forward uses them,
+    # and element ``router_weights`` the scores (T, k) the experts' outputs are multiplied by.
     router_module: str | None = None
     router_indices: int = -1
+    router_weights: int = -2
     # Routers: exact on-disk module paths. Never quantized; every tensor under them (weights,
     # DeepSeek's e_score_correction_bias) is copied unchanged.
     routers: tuple[str, ...] = ()

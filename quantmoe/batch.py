@@ -78,6 +78,8 @@ def setting_types() -> dict[str, tuple[type, ...]]:
             if f.name in backend.settings():
                 t = type(f.default)
                 out[f.name] = (int, float) if t is float else (t,)
+    if "act_order" in out:
+        out["act_order"] = (str, bool)  # true/false: the boolean form of earlier versions
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -83,7 +84,8 @@ def _backend_names() -> list[str]:
 # Options that belong to one backend's settings; only those the user typed are passed on,
 # so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
 BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
-                    "rare_expert_tokens", "layout", "compute_dtype", "double_quant", "int8_threshold")
+                    "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine", "expert_hessian", "fit",
+                    "compute_dtype", "double_quant", "int8_threshold")
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 
 
@@ -101,7 +103,8 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128.")
 @click.option("--sym/--asym", default=True, show_default=True)
-@click.option("--act-order/--no-act-order", default=True, show_default=True, help="Act-order with static groups.")
+@click.option("--act-order", type=click.Choice(["static", "group", "none"]), default="static", show_default=True,
+              help="GPTQ's column order: by Hessian diagonal with static groups, group-aware, or natural.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening, fraction of mean(diag H).")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True)
 @click.option("--rare-expert", type=click.Choice(["blend", "all-tokens", "rtn"]), default="blend", show_default=True,
@@ -110,6 +113,21 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Routed tokens below which the fallback applies; 0 = the expert's widest input size.")
 @click.option("--layout", type=click.Choice(["source", "gptqmodel"]), default="source", show_default=True,
               help="Tensor names: the checkpoint's own (vLLM) or GPTQModel's (see docs/interop.md).")
+@click.option("--clip-steps", type=int, default=20, show_default=True,
+              help="Clipping ratios tried per group grid, keeping the one with the least Hessian-weighted error; 0 = min/max.")
+@click.option("--clip-min", type=float, default=0.6, show_default=True, help="Smallest clipping ratio tried.")
+@click.option("--clip-max", type=float, default=1.0, show_default=True, help="Largest clipping ratio tried.")
+@click.option("--clip-weight", type=click.Choice(["residual", "hessian"]), default="residual", show_default=True,
+              help="A column's error weight in the clipping search: what GPTQ cannot spread of it, or the Hessian diagonal.")
+@click.option("--refine", type=int, default=0, show_default=True,
+              help="Coordinate-descent passes over GPTQ's levels, each lowering the same error GPTQ minimises.")
+@click.option("--expert-hessian", type=click.Choice(["routed", "weighted", "all"]), default="weighted", show_default=True,
+              help="Tokens of a routed expert's Hessian: those routed to it, the same weighted by router score, or all.")
+@click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="stream", show_default=True,
+              help="Fit linears to the original model's outputs: every linear from the quantized model's inputs "
+                   "(stream: a full-precision stream runs beside, ~1.3x the time, a copy of the layer and twice the "
+                   "activations in memory); down_proj only, from the quantized gate/up (mlp); also o_proj and gate/up "
+                   "on the layer's own inputs (layer); plain GPTQ (none: the least memory).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
 @click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -146,8 +164,6 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
     spread over the N processes (one GPU each, or CPU processes over gloo); rank 0 writes.
     """
-    import os
-
     from .backends import Options, get
 
     chosen = get(backend)

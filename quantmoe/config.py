@@ -14,6 +14,21 @@ LAYOUTS = ("source", "gptqmodel")
 # QuantConfig drives the GPTQ pipeline only; other backends (quantmoe.backends, e.g. bnb-nf4)
 # bring their own frozen config.
 BACKENDS = ("gptq", "rtn")
+# Column orders of GPTQ (gptq.column_order); True/False are read as "static"/"none".
+ACT_ORDERS = ("static", "group", "none")
+# Which tokens make a routed expert's Hessians: the tokens its router sends it ("routed"), the
+# same weighted by the router's score for it ("weighted": the expert's output is scaled by it),
+# or every token entering the MoE block ("all").
+EXPERT_HESSIANS = ("routed", "weighted", "all")
+# How the clipping search weighs a column's rounding error (gptq.ClipSearch.weight).
+CLIP_WEIGHTS = ("residual", "hessian")
+# Which linears GPTQ fits to the original model's outputs rather than to their own weights
+# (gptq.fitted_weights): "mlp" = every down_proj, from the outputs of its quantized gate/up;
+# "layer" = also o_proj and the MLPs' gate/up, from the layer's inputs through its quantized parts
+# to what its original parts give on the same inputs (measured worse than "mlp" on the demo models);
+# "stream" = every linear, from the inputs the quantized model gives it to the outputs the
+# original model gives (a second, full-precision stream of activations runs beside the first).
+FITS = ("none", "mlp", "layer", "stream")
 
 
 @dataclass(frozen=True)
@@ -24,15 +39,38 @@ class QuantConfig:
     bits: int = 4                  # 4 or 8
     group_size: int = 128          # columns sharing one scale; -1 = one group per row
     sym: bool = True               # symmetric (zero fixed at 2**(bits-1)); Marlin needs this
-    act_order: bool = True         # quantize columns by decreasing Hessian diagonal (static groups)
+    act_order: str = "static"      # static | group | none: GPTQ's column order (see ACT_ORDERS)
     damp: float = 0.01             # dampening, as a fraction of mean(diag(H)); raised on Cholesky failure
     block_size: int = 128          # GPTQ lazy-batch width
     true_sequential: bool = True   # inputs of later projections come from already-quantized ones
     rare_expert_tokens: int = 0    # below this many routed tokens an expert's Hessian is blended; 0 = auto (its input width)
     rare_expert: str = "blend"     # blend | all-tokens | rtn: the fallback for rare experts
     layout: str = "source"         # source | gptqmodel: tensor names of the export (see LAYOUTS)
+    clip_steps: int = 20           # clipping ratios tried per grid (0 = plain min/max)
+    clip_min: float = 0.6          # smallest clipping ratio tried
+    clip_max: float = 1.0          # largest clipping ratio tried
+    clip_weight: str = "residual"  # residual | hessian: how each column's rounding error counts (gptq.ClipSearch)
+    refine: int = 0                # coordinate-descent passes over GPTQ's levels (gptq.refine_levels)
+    expert_hessian: str = "weighted"  # routed | weighted | all (see EXPERT_HESSIANS)
+    fit: str = "stream"            # none | mlp | layer | stream (see FITS)
 
     def __post_init__(self):
+        if isinstance(self.act_order, bool):  # the boolean form of earlier versions
+            object.__setattr__(self, "act_order", "static" if self.act_order else "none")
+        if self.act_order not in ACT_ORDERS:
+            raise QuantMoeError(f"--act-order {self.act_order!r} is unknown; use one of {', '.join(ACT_ORDERS)}")
+        if self.expert_hessian not in EXPERT_HESSIANS:
+            raise QuantMoeError(f"--expert-hessian {self.expert_hessian!r} is unknown; "
+                                f"use one of {', '.join(EXPERT_HESSIANS)}")
+        if self.clip_weight not in CLIP_WEIGHTS:
+            raise QuantMoeError(f"--clip-weight {self.clip_weight!r} is unknown; use one of {', '.join(CLIP_WEIGHTS)}")
+        if self.fit not in FITS:
+            raise QuantMoeError(f"--fit {self.fit!r} is unknown; use one of {', '.join(FITS)}")
+        if self.refine < 0:
+            raise QuantMoeError(f"--refine {self.refine} is invalid; use 0 (off) or a number of passes such as 2")
+        if self.clip_steps < 0 or not 0 < self.clip_min <= self.clip_max:
+            raise QuantMoeError(f"--clip-steps {self.clip_steps} / --clip-min {self.clip_min} / --clip-max "
+                                f"{self.clip_max} are invalid; use steps >= 0 and 0 < min <= max, e.g. 20, 0.6, 1.0")
         if self.backend not in BACKENDS:
             raise QuantMoeError(f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.bits not in (4, 8):

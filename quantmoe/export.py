@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from .architectures import Architecture, plan_layer
@@ -86,10 +87,10 @@ def quantization_config(qcfg: QuantConfig, not_quantized: list[str], version: st
         "quant_method": "gptq",
         "bits": qcfg.bits,
         "group_size": qcfg.group_size,
-        # g_idx is always c // group_size (act-order uses static groups), so loaders need no reordering.
+        # g_idx is always c // group_size (every column order keeps it), so loaders need no reordering.
         "desc_act": False,
         "sym": qcfg.sym,
-        "static_groups": qcfg.act_order,
+        "static_groups": qcfg.act_order == "static",
         "true_sequential": qcfg.true_sequential,
         "damp_percent": qcfg.damp,
         "checkpoint_format": "gptq",
@@ -157,11 +158,31 @@ def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:
         shutil.copyfile(file, staging / file.name)
 
 
+def derivable(ckpt: Checkpoint, name: str) -> bool:
+    """Whether a stored tensor of a quantized linear only repeats what the format already says:
+    a group index ``c // width`` (static groups), zero points of one value (symmetric), a shape."""
+    suffix = name.rpartition(".")[2]
+    if suffix == "weight_shape":
+        return True
+    if suffix in ("qzeros", "weight_zero_point"):
+        t = ckpt.tensor(name).reshape(-1)
+        return bool((t == t[0]).all())
+    if suffix in ("g_idx", "weight_g_idx"):
+        t = ckpt.tensor(name).long()
+        width = int((t == 0).sum())
+        return width > 0 and torch.equal(t, torch.arange(t.numel()) // width)
+    return False
+
+
 def checkpoint_stats(folder: Path) -> dict:
     """What a checkpoint's files hold, measured from the saved tensors (any backend, or none).
 
     - ``bits_per_weight``: bits of every tensor storing a quantized linear (packed weights,
       scales, zeros, statistics) over the weights those linears stand for;
+    - ``information_bits_per_weight``: the same without the tensors that repeat what the format
+      already says (``derivable``): a ``g_idx`` equal to ``c // group_size``, zero points that hold
+      one value (symmetric), compressed-tensors' ``weight_shape``. GPTQ v1 stores these for its
+      loaders, compressed-tensors omits them, so this is the measure that compares the two;
     - ``fraction_quantized``: quantized weights over all parameters (embeddings and head included);
     - ``decoder_linear_fraction``: quantized weights over the linear weights of the decoder
       layers, routers excluded (norms and biases are not linear weights);
@@ -177,7 +198,7 @@ def checkpoint_stats(folder: Path) -> dict:
     # Routers under their on-disk and in-memory names (the gptqmodel layout writes the latter).
     routers = {f"{ckpt.layer_prefix(i)}{name}" for i in range(ckpt.config.num_hidden_layers)
                for r in plan_layer(arch, ckpt.config, i).routers for name in (r, arch.to_memory(r + ".")[:-1])}
-    quantized_bits = 0
+    quantized_bits = information_bits = 0
     other_params = decoder_params = decoder_bytes = decoder_linear = 0
     for name in ckpt.names():
         shape = ckpt.shape(name)
@@ -188,6 +209,7 @@ def checkpoint_stats(folder: Path) -> dict:
             decoder_bytes += nbytes
         if name in stored:
             quantized_bits += nbytes * 8
+            information_bits += 0 if derivable(ckpt, name) else nbytes * 8
             continue
         other_params += numel
         if in_decoder:
@@ -201,6 +223,7 @@ def checkpoint_stats(folder: Path) -> dict:
     total = quantized + other_params
     return {
         "bits_per_weight": quantized_bits / quantized if quantized else None,
+        "information_bits_per_weight": information_bits / quantized if quantized else None,
         "size_bytes": size,
         "quantized_weights": quantized,
         "total_parameters": total,

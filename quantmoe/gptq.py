@@ -70,22 +70,45 @@ class QuantResult:
     damp: Tensor     # (B,) fp32, the dampening fraction that made H positive definite
 
 
-def accumulate_hessian(H: Tensor, X: Tensor, n_seen: int) -> tuple[Tensor, int]:
-    """Fold the rows of X (T, C) into the running Hessian H (C, C) = 2/n sum x x^T, in fp32."""
+def accumulate_hessian(H: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None) -> tuple[Tensor, float]:
+    """Fold the rows of X (T, C) into the running Hessian H (C, C) = 2/n sum x x^T, in fp32.
+
+    With ``weights`` (T,), row t counts as w_t x_t (its error is scaled by w_t, as a routed
+    expert's output is by its router score): H = 2 sum w^2 x x^T / sum w^2, and n is sum w^2.
+    """
+    return accumulate_moment(H, X, X, n_seen, weights)
+
+
+def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None
+                      ) -> tuple[Tensor, float]:
+    """Fold rows of Y (T, R) and X (T, C) into the running moment P (R, C) = 2/n sum y x^T, in fp32,
+    weighted and counted as in ``accumulate_hessian`` (P and H built from the same rows share n)."""
     T = X.shape[0]
     if T == 0:
-        return H, n_seen
+        return P, n_seen
     X = X.reshape(T, -1).float()
-    n_total = n_seen + T
-    H.mul_(n_seen / n_total)
-    H.addmm_(X.t(), X, alpha=2.0 / n_total)
-    return H, n_total
+    Y = X if Y is X else Y.reshape(T, -1).float()
+    if weights is not None:
+        w = weights.float().reshape(T, 1)
+        X, Y = X * w, (X * w if Y is X else Y * w)
+        added = float(w.pow(2).sum())
+    else:
+        added = T
+    n_total = n_seen + added
+    if n_total == 0:
+        return P, n_seen
+    P.mul_(n_seen / n_total)
+    P.addmm_(Y.t(), X, alpha=2.0 / n_total)
+    return P, n_total
 
 
 def find_params(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Per-row min/max quantization grid for W (..., R, k): scales (fp16-exact) and zeros (..., R)."""
-    wmin = W.amin(dim=-1).clamp(max=0)
-    wmax = W.amax(dim=-1).clamp(min=0)
+    return _grid(W.amin(dim=-1).clamp(max=0), W.amax(dim=-1).clamp(min=0), spec)
+
+
+def _grid(wmin: Tensor, wmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The grid spanning [wmin, wmax] (wmin <= 0 <= wmax): fp16-exact scales and integer zeros."""
     if spec.sym:
         wmax = torch.maximum(wmin.abs(), wmax)
         wmin = -wmax
@@ -101,27 +124,89 @@ def find_params(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
+@dataclass(frozen=True)
+class ClipSearch:
+    """A clipping-ratio search for each row's grid: the min/max range shrunk (or, up to
+    ``max_ratio``, widened) by each of ``steps`` ratios; the grid with the smallest
+    ``importance``-weighted squared rounding error wins, ties to the plain min/max grid.
+    ``steps`` 0 turns it off."""
+
+    steps: int = 0
+    min_ratio: float = 0.6
+    max_ratio: float = 1.0
+    weight: str = "residual"  # each column's error weight: "residual" (see gptq_quantize) or "hessian" (diagonal of H)
+
+    def ratios(self) -> list[float]:
+        if self.steps <= 1:
+            return [self.min_ratio] if self.steps == 1 else []
+        step = (self.max_ratio - self.min_ratio) / (self.steps - 1)
+        return [self.min_ratio + k * step for k in range(self.steps)]
+
+
+def rounding_error(W: Tensor, scale: Tensor, zero: Tensor, maxq: int, importance: Tensor | None) -> Tensor:
+    """sum_c importance_c (w_c - Q(w_c))^2 over the last dim of W (..., R, k) on the grid
+    (scale, zero) (..., R); importance broadcasts against W (None: all ones). Returns (..., R)."""
+    s, z = scale[..., None], zero[..., None]
+    err = (W - s * (quantize_levels(W, s, z, maxq) - z)).pow_(2)
+    if importance is not None:
+        err.mul_(importance)
+    return err.sum(-1)
+
+
+def search_params(W: Tensor, spec: QuantSpec, search: ClipSearch, importance: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Like find_params, the grid of each row of W (..., R, k), but chosen among clipping ratios
+    to minimise ``rounding_error`` weighted by ``importance`` (the Hessian diagonal of the
+    columns, broadcastable to W): the plain min/max grid is the first candidate and is only
+    replaced by a strictly better one, so the error never exceeds min/max's."""
+    scale, zero = find_params(W, spec)
+    ratios = search.ratios()
+    if not ratios:
+        return scale, zero
+    wmin = W.amin(dim=-1).clamp(max=0)
+    wmax = W.amax(dim=-1).clamp(min=0)
+    best = rounding_error(W, scale, zero, spec.maxq, importance)
+    for r in ratios:
+        s, z = _grid(wmin * r, wmax * r, spec)
+        err = rounding_error(W, s, z, spec.maxq, importance)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
 def quantize_levels(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     """Integer levels of w on the grid (scale, zero), all broadcastable."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def group_params(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Static grid of every group: W (B, R, C) -> scales, zeros (B, R, G)."""
+def group_params(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
+                 importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Static grid of every group: W (B, R, C) -> scales, zeros (B, R, G). ``importance`` (B, C)
+    weights each column's rounding error in the clipping search (the Hessian diagonal)."""
     B, R, C = W.shape
     width = spec.width(C)
     G = spec.groups(C)
     pad = G * width - C
     Wg = torch.nn.functional.pad(W, (0, pad)) if pad else W
     Wg = Wg.reshape(B, R, G, width)
-    return find_params(Wg, spec)
+    if importance is not None:
+        importance = torch.nn.functional.pad(importance, (0, pad)) if pad else importance
+        importance = importance.reshape(B, 1, G, width)
+    if search.ratios() and B > 1:  # one matrix at a time: each ratio's temporaries are the size of W
+        parts = [search_params(Wg[b:b + 1], spec, search, None if importance is None else importance[b:b + 1])
+                 for b in range(B)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return search_params(Wg, spec, search, importance)
 
 
-def rtn_quantize(W: Tensor, spec: QuantSpec) -> QuantResult:
+def rtn_quantize(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
+                 importance: Tensor | None = None) -> QuantResult:
     """Round-to-nearest baseline on the same grid and format as GPTQ."""
     W = W.float()
     B, R, C = W.shape
-    scales, zeros = group_params(W, spec)
+    scales, zeros = group_params(W, spec, search, importance)
     g_idx = torch.arange(C, device=W.device) // spec.width(C)
     s, z = scales[..., g_idx], zeros[..., g_idx]
     q = quantize_levels(W, s, z, spec.maxq)
@@ -182,12 +267,54 @@ def quantize_block(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int,
     return Err1
 
 
+ORDERS = ("static", "group", "none")  # column orders of gptq_quantize, see column_order
+
+
+def column_order(diag: Tensor, order: str, width: int) -> Tensor:
+    """The order in which GPTQ quantizes the columns, from the Hessian diagonal (B, C): perm (B, C),
+    perm[b, k] = the column quantized k-th.
+
+    * ``static``: act-order, by decreasing diagonal over the whole row; the columns of a group
+      are scattered in time, so every grid is fixed from the original weights beforehand.
+    * ``group``: group-aware act-order (GAR, Gafni et al. 2025, as GPTQModel's act_group_aware):
+      groups by decreasing largest diagonal, columns by decreasing diagonal inside their group.
+      A group's columns stay together, so its grid is found when it starts, from weights that
+      already carry the error spread by the groups before it.
+    * ``none``: natural order, grids found when each group starts.
+
+    Every order keeps ``g_idx[c] = c // width``: only the time a column is quantized changes.
+    """
+    B, C = diag.shape
+    if order == "none":
+        return torch.arange(C, device=diag.device).expand(B, C)
+    if order == "static":
+        return torch.argsort(diag, dim=-1, descending=True, stable=True)
+    if order != "group":
+        raise ValueError(f"column order {order!r} is unknown; use one of {', '.join(ORDERS)}")
+    if C % width:
+        raise ValueError(f"group order needs whole groups: {C} columns are not a multiple of {width}")
+    G = C // width
+    groups = diag.reshape(B, G, width)
+    inner = torch.argsort(groups, dim=-1, descending=True, stable=True)                 # (B, G, width)
+    outer = torch.argsort(groups.amax(-1), dim=-1, descending=True, stable=True)         # (B, G)
+    inner = inner + torch.arange(G, device=diag.device)[None, :, None] * width           # column indices
+    return torch.gather(inner, 1, outer[:, :, None].expand(B, G, width)).reshape(B, C)
+
+
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
-                  act_order: bool = True, block_size: int = 128, overwrite_H: bool = False,
-                  block_fn=quantize_block) -> QuantResult:
+                  order: str = "static", block_size: int = 128, overwrite_H: bool = False,
+                  block_fn=quantize_block, search: ClipSearch = ClipSearch(),
+                  target: Tensor | None = None, refine: int = 0) -> QuantResult:
     """Quantize W (B, R, C) column by column, spreading each rounding error over the
     not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
 
+    ``order``: one of ORDERS (see column_order). ``search``: the clipping-ratio search of every
+    grid, its rounding errors weighted by the Hessian diagonal of the columns.
+    ``target`` (B, R, C): P = 2/n sum y x^T, the moment between the outputs y the layer should
+    give (the original model's) and the inputs x it will get (those behind already-quantized
+    layers, which H = 2/n sum x x^T is made of); see ``fitted_weights``. GPTQ then quantizes
+    the weights that best map those inputs to those outputs instead of W.
+    ``refine``: passes of ``refine_levels`` over GPTQ's levels (0: GPTQ's own).
     With ``overwrite_H`` the caller hands H over (a dense fp32 tensor it no longer needs):
     it is permuted and turned into the inverse factor in place, which saves a (B, C, C)
     copy; for Mixtral's down_proj that is 6.6 GB. ``block_fn`` runs one block; any
@@ -199,12 +326,38 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     dev = W.device
 
     diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, C), a view into H
-    diag[diag == 0] = 1.0  # dead inputs: no error is spread through them
+    dead = diag == 0
+    diag[dead] = 1.0  # dead inputs: no error is spread through them
+    mean_diag = diag.mean(-1).clamp(min=1e-8)  # as damped_inverse_cholesky measures it
 
     width = spec.width(C)
-    static = act_order or spec.group_size == -1
+    static = order == "static" or spec.group_size == -1
+    perm = column_order(diag, order, width)
+    if order != "none":
+        for b in range(B):  # H[b] = H[b][perm, perm], one matrix at a time
+            H[b].copy_(H[b].index_select(0, perm[b]))
+            H[b].copy_(H[b].index_select(1, perm[b]))
+    importance = diag.clone() if search.steps else None  # (B, C) in quantization order; H becomes Hinv below
+    group_of = perm // width  # (B, C): group of each permuted column
+
+    Hinv, damp_used = damped_inverse_cholesky(H, damp)
+    if importance is not None and search.weight == "residual":
+        # What GPTQ cannot spread of a column's error: 1/U_cc^2, the variance of its input left
+        # over once the inputs quantized after it are known (GPTQ's loss is err^2 / U_cc^2).
+        importance = torch.diagonal(Hinv, dim1=-2, dim2=-1).pow(-2)
+    by_perm = perm[:, None, :].expand(B, R, C)
+    if target is not None:
+        # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
+        P = torch.gather(torch.where(dead[:, None, :], W, target.float()), 2, by_perm)
+        W = fitted_weights(torch.gather(W, 2, by_perm), P, Hinv, damp_used * mean_diag)
+        del P
+    else:
+        W = torch.gather(W, 2, by_perm)  # the working copy, in quantization order
+
     if static:
-        scales, zeros = group_params(W, spec)  # (B, R, G) from the original weights
+        # Grids fixed beforehand from the weights to quantize, in natural column order.
+        natural = None if importance is None else torch.empty_like(importance).scatter_(1, perm, importance)
+        scales, zeros = group_params(torch.empty_like(W).scatter_(2, by_perm, W), spec, search, natural)  # (B, R, G)
     else:
         scales = torch.empty(B, R, spec.groups(C), device=dev)
         zeros = torch.empty_like(scales)
@@ -212,31 +365,36 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
         # so no block may straddle a group start.
         block_size = math.gcd(block_size, width)
 
-    if act_order:
-        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # (B, C)
-        for b in range(B):  # H[b] = H[b][perm, perm], one matrix at a time
-            H[b].copy_(H[b].index_select(0, perm[b]))
-            H[b].copy_(H[b].index_select(1, perm[b]))
-    else:
-        perm = torch.arange(C, device=dev).expand(B, C)
-    group_of = perm // width  # (B, C): group of each permuted column
-
-    Hinv, damp_used = damped_inverse_cholesky(H, damp)
-    W = torch.gather(W, 2, perm[:, None, :].expand(B, R, C))  # the working copy, in quantization order
     levels = torch.empty(B, R, C, device=dev, dtype=torch.uint8)
     losses = torch.zeros(B, R, device=dev)
+    batch = torch.arange(B, device=dev)
+    aim = W.clone() if refine else None  # the weights GPTQ aims at (W is spread into as it goes)
 
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
         if not static and i1 % width == 0:
-            g = i1 // width
-            scales[:, :, g], zeros[:, :, g] = find_params(W[:, :, i1:i1 + width], spec)
+            cols = slice(i1, i1 + width)
+            imp = None if importance is None else importance[:, None, cols]
+            g = group_of[:, i1]  # (B,): the group starting here, per matrix
+            scales[batch, :, g], zeros[batch, :, g] = search_params(W[:, :, cols], spec, search, imp)
         cols = group_of[:, None, i1:i2].expand(B, R, i2 - i1)  # each column's grid, gathered once per block
         Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
                         torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
         losses += Err1.pow(2).sum(-1) / 2
         _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
-    del W, Hinv, H
+    del W
+    if refine:
+        eye = torch.eye(C, device=dev)
+        for b in range(B):  # one matrix at a time bounds the temporaries
+            Uinv = torch.linalg.solve_triangular(Hinv[b], eye, upper=True)
+            Hd = Uinv @ Uinv.t()  # H + damp I, in quantization order: (U^T U)^-1
+            del Uinv
+            cols = group_of[b]
+            losses[b] = refine_levels(aim[b], Hd, scales[b][:, cols], zeros[b][:, cols], levels[b], spec.maxq,
+                                      refine, block_size)
+            del Hd
+        del aim, eye
+    del Hinv, H
 
     inv = torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, C)
     q = torch.gather(levels, 2, inv)
@@ -248,6 +406,61 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     for b in range(B):  # one matrix at a time bounds the temporaries
         Wq[b] = dequantize(q[b], scales[b], zeros[b], g_idx)
     return QuantResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, W=Wq, loss=losses, damp=damp_used)
+
+
+def refine_levels(W: Tensor, Hd: Tensor, S: Tensor, Z: Tensor, levels: Tensor, maxq: int, passes: int,
+                  block_size: int = 128) -> Tensor:
+    """Coordinate descent on one matrix's levels after GPTQ, which picks each column's levels once
+    and never revisits them: column by column, each row's level becomes the grid point nearest to
+    the value that minimises e Hd e^T (e = W - What) with every other column as it stands. That
+    point is the best of the grid along the column and the old level is on the grid, so the error
+    never grows.
+
+    W (R, C) the weights GPTQ aimed at, Hd (C, C) the damped Hessian, both in quantization order;
+    S, Z (R, C) each column's grid; levels (R, C) uint8, updated in place. Changes are applied to
+    the gradient G = e Hd a block of columns at a time, as GPTQ spreads its errors. Returns each
+    row's e Hd e^T / 2 (R,), the loss GPTQ reports.
+    """
+    What = S * (levels.float() - Z)
+    E = W - What
+    G = E @ Hd
+    C = W.shape[1]
+    for _ in range(passes):
+        for i1 in range(0, C, block_size):
+            i2 = min(i1 + block_size, C)
+            Gb = G[:, i1:i2].clone()
+            D = torch.zeros_like(Gb)  # how much each column of e changed in this block
+            for j in range(i2 - i1):
+                c = i1 + j
+                best = What[:, c] + Gb[:, j] / Hd[c, c]
+                lv = quantize_levels(best, S[:, c], Z[:, c], maxq)
+                new = S[:, c] * (lv - Z[:, c])
+                D[:, j] = What[:, c] - new
+                What[:, c] = new
+                levels[:, c] = lv.to(levels.dtype)
+                Gb += D[:, j, None] * Hd[None, c, i1:i2]
+            E[:, i1:i2] += D
+            G[:, i1:i2] = Gb
+            G[:, :i1] += D @ Hd[i1:i2, :i1]
+            G[:, i2:] += D @ Hd[i1:i2, i2:]
+    return (E * G).sum(-1) / 2
+
+
+def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
+    """W* = (P + delta W)(H + delta I)^-1 for W, P (B, R, C), U (B, C, C) the upper factor with
+    U^T U = (H + delta I)^-1, delta (B,).
+
+    The ridge least-squares solution of min ||Y - W' X||^2 + delta ||W' - W||^2 (P = Y X^T,
+    H = X X^T, both 2/n-scaled): the weights that best map the inputs the layer will really see
+    to the outputs the original model gives, pulled towards W as much as GPTQ's dampening.
+    Since ||Y - Q X||^2 = ||Y - W* X||^2 + ||(W* - Q) X||^2 up to that ridge, quantizing W*
+    with GPTQ minimises the error against the original outputs. When P = W H, W* = W.
+    """
+    out = torch.empty_like(W)
+    for b in range(W.shape[0]):
+        rhs = P[b] + delta[b] * W[b]                  # (R, C)
+        out[b] = (rhs @ U[b].transpose(0, 1)) @ U[b]  # rhs (H + delta I)^-1
+    return out
 
 
 def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, max_elements: int = 1 << 26) -> None:

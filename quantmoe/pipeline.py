@@ -171,11 +171,16 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
     with stage(stages, "quantize"), PeakRSS() as rss, reader, writer:
         batches = stream.embed(ids, batch_size) if done < n else []
+        # --fit stream: the full-precision model's activations, beside the quantized model's.
+        originals = list(batches) if qcfg.fit == "stream" and qcfg.backend != "rtn" else None
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
             layers_log.append(read_layer_log(work, i, fp))
             layer_files.append(layer_file(work, i))
             if done < n:
                 batches = replay_layer(stream, i, layer_files[-1], qcfg.bits, batches)
+                if originals is not None:
+                    originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals)
+                    stream.release_layer(i)
         peak_gpu = _gpu_peak(dev, reset=True) or 0.0
         next_state: Future | None = reader.submit(stream.layer_state, done, True) if prefetch and done < n else None
         written: Future | None = None
@@ -186,11 +191,12 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
             waited = time.perf_counter() - t0
             next_state = reader.submit(stream.layer_state, i + 1, True) if prefetch and i + 1 < n else None
-            quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn)
+            quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn,
+                                       batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals)
             del state  # on the device now; host memory holds only the layer being prefetched
             result = quantizer.run()
             del quantizer
-            batches = result.outputs
+            batches, originals = result.outputs, result.original_outputs
             timings = {**result.timings, "load": round(waited + result.timings.get("load", 0.0), 3)}
             if ranks.writes:
                 w0 = time.perf_counter()
@@ -210,7 +216,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             layer_files.append(layer_file(work, i))
             del result
             release_freed_memory()
-        del batches
+        del batches, originals
         if written is not None:
             written.result()
     if dev.type == "cuda":

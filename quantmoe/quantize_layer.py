@@ -15,6 +15,7 @@ Mixtral). With several processes each solves only its share of the experts
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,12 +27,16 @@ from torch import Tensor, nn
 from .architectures import MLP, LayerPlan, plan_layer
 from .config import QuantConfig
 from .distributed import SINGLE, Ranks, gather_result
-from .gptq import QuantResult, QuantSpec, accumulate_hessian, gptq_quantize, quantize_block, rtn_quantize
+from .gptq import (ClipSearch, QuantResult, QuantSpec, accumulate_hessian, accumulate_moment, dequantize,
+                   gptq_quantize, quantize_block, rtn_quantize)
 from .measure import Stopwatch
 from .packing import pack_result
 from .stream import Batch, LayerStream
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
+# Inputs of the MLP stage are captured once and reused by the passes after (down Hessians, shared
+# expert) when they take at most this much memory; above it, each pass captures them again.
+CAPTURE_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -40,6 +45,7 @@ class LayerResult:
     log: list[dict] = field(default_factory=list)     # one entry per quantized module
     expert_tokens: list[int] = field(default_factory=list)
     outputs: list[Batch] = field(default_factory=list)  # the next layer's inputs
+    original_outputs: list[Batch] | None = None          # the same in the full-precision model (--fit stream)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, capture, hessians, solve, forward, write
     peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per stage, on CUDA
 
@@ -48,12 +54,20 @@ def spec_of(qcfg: QuantConfig) -> QuantSpec:
     return QuantSpec(bits=qcfg.bits, group_size=qcfg.group_size, sym=qcfg.sym)
 
 
+def search_of(qcfg: QuantConfig) -> ClipSearch:
+    return ClipSearch(qcfg.clip_steps, qcfg.clip_min, qcfg.clip_max, qcfg.clip_weight)
+
+
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
-          block_fn=quantize_block) -> QuantResult:
-    """W (B, R, C) with Hessians H (B, C, C); RTN when the backend is rtn or there is no Hessian."""
-    if qcfg.backend == "rtn" or H is None:
+          block_fn=quantize_block, target: Tensor | None = None) -> QuantResult:
+    """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target``, see
+    gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian."""
+    if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
-    return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn)
+    if H is None:
+        return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
+    return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn,
+                         search_of(qcfg), target, qcfg.refine)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -65,6 +79,26 @@ def mlp_hidden(X: Tensor, Wg: Tensor, Wu: Tensor, act) -> Iterable[Tensor]:
     """act(X Wg^T) * (X Wu^T), the input of down_proj, chunk by chunk."""
     for x in _chunks(X):
         yield act(x @ Wg.t()) * (x @ Wu.t())
+
+
+def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor | None, Wg: Tensor, Wu: Tensor,
+              act, original: tuple[Tensor, Tensor, Tensor] | None = None, X0: Tensor | None = None) -> float:
+    """Fold the tokens X (T, C) entering a gated MLP into its down_proj's Hessian H (I, I), from the
+    gate/up weights Wg, Wu it will run with (quantized), and, given the ``original`` (gate, up,
+    down) weights, into P (C', I), the moment of the original MLP's outputs with those inputs
+    (gptq.gptq_quantize's ``target``); the original MLP sees X0 (the same tokens in the
+    full-precision model, default X). ``weights`` (T,) as in accumulate_hessian. Returns n."""
+    X0 = X if X0 is None else X0
+    for start in range(0, X.shape[0], TOKEN_CHUNK):
+        x = X[start:start + TOKEN_CHUNK]
+        w = None if weights is None else weights[start:start + TOKEN_CHUNK]
+        h = act(x @ Wg.t()) * (x @ Wu.t())
+        if original is not None:
+            g0, u0, d0 = original
+            x0 = X0[start:start + TOKEN_CHUNK]
+            accumulate_moment(P, (act(x0 @ g0.t()) * (x0 @ u0.t())) @ d0.t(), h, n, w)
+        _, n = accumulate_hessian(H, h, n, w)
+    return n
 
 
 @contextmanager
@@ -106,10 +140,12 @@ class LayerQuantizer:
 
     def __init__(self, stream: LayerStream, index: int, batches: list[Batch], qcfg: QuantConfig,
                  state: dict[str, Tensor] | None = None, ranks: Ranks = SINGLE, tf32: bool = False,
-                 block_fn=quantize_block):
+                 block_fn=quantize_block, original_batches: list[Batch] | None = None):
         """``state``: the layer's tensors if already read (by a prefetching thread), else read here.
-        ``block_fn``: how GPTQ runs a block of columns (gptq_graphs.GraphedBlocks on CUDA)."""
+        ``block_fn``: how GPTQ runs a block of columns (gptq_graphs.GraphedBlocks on CUDA).
+        ``original_batches``: this layer's inputs in the full-precision model (``--fit stream``)."""
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
+        self.original_batches = original_batches
         self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
         self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
@@ -118,9 +154,12 @@ class LayerQuantizer:
             if state is None:
                 state = stream.layer_state(index, keep_dtype=True)
             self.layer: nn.Module = stream.load_layer(index, state)
+            # --fit stream: the layer as it was, run on the full-precision stream beside the one quantized.
+            self.original: nn.Module | None = copy.deepcopy(self.layer) if original_batches is not None else None
         del state
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={})
+        self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
 
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
@@ -138,6 +177,36 @@ class LayerQuantizer:
             if x is None:
                 return
             yield x
+
+    def _captured_pairs(self, module_path: str, keep: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, x0) batch by batch: the input of ``layer.<module_path>`` in the model being quantized,
+        and, under --fit stream, the same tokens' input in the full-precision model (else x0 is x).
+
+        ``keep``: the input will not change before the next call for this path (the MLP stage:
+        attention is done), so it is kept for that call if it fits in CAPTURE_CACHE_BYTES,
+        which saves a partial forward pass (through attention) per reuse."""
+        if module_path in self._kept:
+            yield from self._kept[module_path]
+            return
+        kept, size = ([] if keep else None), 0
+        originals = None if self.original is None else \
+            self.stream.capture(self.original, self.original_batches, module_path, self.ranks)
+        for x in self._captured(module_path):
+            x0 = x
+            if originals is not None:
+                with self._stage("capture"):
+                    x0 = next(originals)
+            if kept is not None:
+                # Judged on the first batch: a cache that will not fit is not started (its growth is peak memory).
+                size = max(size, x.numel() * x.element_size() * (1 if x0 is x else 2) * len(self.batches))
+                kept = kept + [(x, x0)] if size <= CAPTURE_CACHE_BYTES else None
+            yield x, x0
+        if kept is not None:
+            self._kept[module_path] = kept
+
+    @property
+    def fit_stream(self) -> bool:
+        return self.original is not None and self.qcfg.backend != "rtn"
 
     def _store(self, names: list[str], res: QuantResult) -> None:
         if not self.ranks.writes:
@@ -160,16 +229,20 @@ class LayerQuantizer:
             # Rows are independent in GPTQ, so linears sharing an input are solved as one matrix.
             W = torch.cat([self._linear(name).weight.data for name in group])  # the original weights, copied
             rows = [self._linear(name).weight.shape[0] for name in group]
-            H, n = None, 0
+            H, P, n = None, None, 0
             if self.qcfg.backend != "rtn":
                 H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
-                for x in self._captured(self.arch.to_memory(group[0])):
+                P = torch.zeros_like(W, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
+                for x, x0 in self._captured_pairs(self.arch.to_memory(group[0])):
                     with self._stage("hessians"):
+                        if P is not None:
+                            accumulate_moment(P, x0 @ W.t(), x, n)
                         H, n = accumulate_hessian(H, x, n)
                 H = H[None]
+                P = None if P is None else P[None]
             with self._stage("solve"):
-                res = solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn)
-            del H
+                res = solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn, target=P)
+            del H, P
             parts = _split_rows(res, rows)
             seconds = time.perf_counter() - t0
             for name, part, r in zip(group, parts, rows):
@@ -188,27 +261,47 @@ class LayerQuantizer:
         if plan.dense_mlp is not None:
             self.dense(plan.dense_mlp, arch.to_memory(plan.dense_mlp.prefix), "dense_mlp")
 
-    def route(self, X: Tensor) -> list[Tensor]:
-        """Token indices the original router sends to each expert (top-k, as in the forward pass)."""
+    @torch.no_grad()
+    def route(self, X: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per expert, the indices of the tokens the original router sends it (top-k, as in the
+        forward pass) and the router's score for each of them (what its output is multiplied by)."""
         router = self.layer.get_submodule(self.arch.router_module)
         out = router(X)
-        top_k_index = out[self.arch.router_indices] if isinstance(out, tuple) else out  # (T, k)
-        return [
-            (top_k_index == e).any(dim=-1).nonzero().squeeze(-1)
-            for e in range(self.plan.num_experts)
-        ]
+        top_k_index = out[self.arch.router_indices]   # (T, k)
+        top_k_weight = out[self.arch.router_weights]  # (T, k)
+        routes = []
+        for e in range(self.plan.num_experts):
+            hit = top_k_index == e
+            rows = hit.any(dim=-1).nonzero().squeeze(-1)
+            routes.append((rows, (top_k_weight * hit).sum(-1)[rows]))
+        return routes
+
+    def expert_rows(self, x: Tensor, route: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The rows of x (T, C) that make an expert's Hessian, and their weights (see --expert-hessian)."""
+        rows, weights = route
+        policy = self.qcfg.expert_hessian
+        if policy == "all":
+            return x, None
+        return x[rows], (weights if policy == "weighted" else None)
+
+    def expert_pairs(self, x: Tensor, x0: Tensor, route: tuple[Tensor, Tensor]
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """expert_rows of x, the same rows of x0 (x itself unless --fit stream), and their weights."""
+        rows, w = self.expert_rows(x, route)
+        return rows, (rows if x0 is x else self.expert_rows(x0, route)[0]), w
 
     def rare_threshold(self, columns: int, inner: int) -> int:
         return self.qcfg.rare_expert_tokens or max(columns, inner)
 
-    def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int]) -> QuantResult:
+    def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int], target: Tensor | None = None
+                       ) -> QuantResult:
         """This process's experts W (n, R, C) solved with Hessians H (consumed), RTN for rare ones
         under ``--rare-expert rtn``, then gathered over the processes."""
         qcfg = self.qcfg
         with self._stage("solve"):
-            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target)
             if H is not None and rare and qcfg.rare_expert == "rtn":
-                res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg)), rare)
+                res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg)), rare)
             del H
             return gather_result(res, self.plan.num_experts, self.ranks)
 
@@ -234,16 +327,21 @@ class LayerQuantizer:
         # all-token Hessian that rare experts blend in.
         counts = [0] * E
         H_gu = torch.zeros(len(own), C, C, device=dev) if gptq else None
+        W_gu = gate_up_proj.data[mine]
+        P_gu = torch.zeros_like(W_gu, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
         n_gu = [0] * len(own)
         H_all = torch.zeros(C, C, device=dev) if blend else None
         n_all = 0
-        for x in self._captured(arch.moe_module):
+        for x, x0 in self._captured_pairs(arch.moe_module, keep=True):
             with self._stage("hessians"):
-                tokens = self.route(x)
-                counts = [c + int(t.numel()) for c, t in zip(counts, tokens)]
+                routes = self.route(x)
+                counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routes)]
                 if gptq:
                     for j, e in enumerate(own):
-                        _, n_gu[j] = accumulate_hessian(H_gu[j], x[tokens[e]], n_gu[j])
+                        rows, rows0, w = self.expert_pairs(x, x0, routes[e])
+                        if P_gu is not None:
+                            accumulate_moment(P_gu[j], rows0 @ W_gu[j].t(), rows, n_gu[j], w)
+                        _, n_gu[j] = accumulate_hessian(H_gu[j], rows, n_gu[j], w)
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
         self.result.expert_tokens = counts
@@ -253,13 +351,21 @@ class LayerQuantizer:
         if blend:
             for j in rare:
                 H_gu[j] = _blend(H_gu[j], H_all, counts[own[j]], threshold, qcfg.rare_expert)
+                if P_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ
+                    P_gu[j] = W_gu[j] @ H_gu[j]
         del H_all
 
-        res_gu = self._solve_experts(gate_up_proj.data[mine], H_gu, rare)
-        del H_gu
-        originals = None if qcfg.true_sequential else gate_up_proj.data[mine].clone()
-        gate_up_proj.data.copy_(res_gu.W)
-        res_gu.W = None  # the layer holds the weights now; packing needs only levels, scales and zeros
+        res_gu = self._solve_experts(W_gu, H_gu, rare, P_gu)
+        del H_gu, P_gu, W_gu
+        fit = gptq and qcfg.fit in ("mlp", "stream")
+        # The layer keeps its original gate/up until the down Hessians are built (the fit needs the
+        # original outputs); the quantized weights are rebuilt from the levels, one expert at a time,
+        # rather than kept as a second fp32 copy of every expert's gate/up.
+        res_gu.W = None
+
+        def quantized_gate_up(e: int) -> Tensor:  # (2I, C)
+            return dequantize(res_gu.q[e], res_gu.scales[e], res_gu.zeros[e], res_gu.g_idx)
+
         t1 = time.perf_counter()
         log_gu = {}
         for name_of, part in zip(layout.halves, _split_rows(res_gu, [I, I])):
@@ -267,31 +373,41 @@ class LayerQuantizer:
                 self._store([mlp.linear(name_of, e)], _select(part, e))
                 log_gu[name_of, e] = _log(self.prefix + mlp.linear(name_of, e), "expert", part, e, (I, C), counts[e],
                                           (t1 - t0) / E / 2, fallback.get(e))
-        del res_gu, part  # the levels are packed; what follows needs room for the down Hessians
+        del part
 
         # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens.
-        H_d = None
+        H_d = P_d = None
         if gptq:
-            src = originals if originals is not None else gate_up_proj.data[mine]
-            Wg, Wu = src[:, half["gate"]], src[:, half["up"]]
+            W_gu = gate_up_proj.data  # still the original weights, as is down_proj
+            Wd = down_proj.data[mine]
             H_d = torch.zeros(len(own), I, I, device=dev)
+            P_d = torch.zeros(len(own), C, I, device=dev) if fit else None
             n_d = [0] * len(own)
             H_all_d = {j: torch.zeros(I, I, device=dev) for j in rare} if blend else {}
             n_all_d = dict.fromkeys(H_all_d, 0)
-            for x in self._captured(arch.moe_module):
+            for x, x0 in self._captured_pairs(arch.moe_module, keep=True):
                 with self._stage("hessians"):
-                    tokens = self.route(x)
+                    routes = self.route(x)
                     for j, e in enumerate(own):
-                        for h in mlp_hidden(x[tokens[e]], Wg[j], Wu[j], act):
-                            _, n_d[j] = accumulate_hessian(H_d[j], h, n_d[j])
+                        rows, rows0, w = self.expert_pairs(x, x0, routes[e])
+                        src = quantized_gate_up(e) if qcfg.true_sequential else W_gu[e]
+                        Wg, Wu = src[half["gate"]], src[half["up"]]
+                        original = (W_gu[e, half["gate"]], W_gu[e, half["up"]], Wd[j]) if fit else None
+                        n_d[j] = fold_down(H_d[j], None if P_d is None else P_d[j], n_d[j], rows, w, Wg, Wu,
+                                           act, original, rows0)
                         if j in H_all_d:
-                            for h in mlp_hidden(x, Wg[j], Wu[j], act):
+                            for h in mlp_hidden(x, Wg, Wu, act):
                                 _, n_all_d[j] = accumulate_hessian(H_all_d[j], h, n_all_d[j])
             for j, H_all_j in H_all_d.items():
                 H_d[j] = _blend(H_d[j], H_all_j, counts[own[j]], threshold, qcfg.rare_expert)
-            del H_all_d, originals
-        res_d = self._solve_experts(down_proj.data[mine], H_d, rare)
-        del H_d
+                if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
+                    P_d[j] = Wd[j] @ H_d[j]
+            del H_all_d, W_gu
+        for e in range(E):
+            gate_up_proj.data[e].copy_(quantized_gate_up(e))
+        del res_gu  # the levels are packed; what follows needs room for the down solve
+        res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
+        del H_d, P_d
         down_proj.data.copy_(res_d.W)
         res_d.W = None
         t2 = time.perf_counter()
@@ -312,30 +428,39 @@ class LayerQuantizer:
         C, I = Wg.shape[1], Wg.shape[0]
         gptq = qcfg.backend != "rtn"
         t0 = time.perf_counter()
-        H_gu, n = None, 0
+        H_gu, P_gu, n = None, None, 0
+        W_gu = torch.cat([Wg, Wu])
         if gptq:
             H_gu = torch.zeros(C, C, device=Wg.device)
-            for x in self._captured(module_path):
+            P_gu = torch.zeros_like(W_gu, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
+            for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
+                    if P_gu is not None:
+                        accumulate_moment(P_gu, x0 @ W_gu.t(), x, n)
                     H_gu, n = accumulate_hessian(H_gu, x, n)
             H_gu = H_gu[None]
+            P_gu = None if P_gu is None else P_gu[None]
         with self._stage("solve"):
-            res_gu = solve(torch.cat([Wg, Wu])[None], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            res_gu = solve(W_gu[None], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn, target=P_gu)
+        del W_gu, P_gu
         gq, uq = _split_rows(res_gu, [I, I])
         self._set_linear(names[0], gq.W[0])
         self._set_linear(names[1], uq.W[0])
         t1 = time.perf_counter()
         src_g, src_u = (gq.W[0], uq.W[0]) if qcfg.true_sequential else (Wg, Wu)
-        H_d = None
+        H_d = P_d = None
         if gptq:
             H_d, n_d = torch.zeros(I, I, device=Wg.device), 0
-            for x in self._captured(module_path):
+            fit = qcfg.fit in ("mlp", "stream")
+            P_d = torch.zeros(Wd.shape[0], I, device=Wg.device) if fit else None
+            for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
-                    for h in mlp_hidden(x, src_g, src_u, module.act_fn):
-                        H_d, n_d = accumulate_hessian(H_d, h, n_d)
+                    n_d = fold_down(H_d, P_d, n_d, x, None, src_g, src_u, module.act_fn,
+                                    (Wg, Wu, Wd) if fit else None, x0)
             H_d = H_d[None]
+            P_d = None if P_d is None else P_d[None]
         with self._stage("solve"):
-            res_d = solve(Wd[None], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn)
+            res_d = solve(Wd[None], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn, target=P_d)
         self._set_linear(names[2], res_d.W[0])
         t2 = time.perf_counter()
         for name, part, W, secs in ((names[0], gq, Wg, (t1 - t0) / 2), (names[1], uq, Wu, (t1 - t0) / 2),
@@ -354,8 +479,12 @@ class LayerQuantizer:
     def run(self) -> LayerResult:
         self.attention()
         self.mlps()
+        self._kept.clear()
         with self._stage("forward"):
             self.result.outputs = self.stream.run_layer(self.layer, self.batches, self.ranks)
+            if self.original is not None and self.qcfg.fit == "stream":
+                self.result.original_outputs = self.stream.run_layer(self.original, self.original_batches, self.ranks)
+        self.original = None
         self.stream.release_layer(self.index)
         self.result.timings = self.clock.rounded()
         self.result.peak_gpu_mb = dict(self.clock.peak_gpu_mb)

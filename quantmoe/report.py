@@ -60,6 +60,9 @@ def render_markdown(report: dict) -> str:
 
 # What a model card must state before `quantmoe push` publishes it: the thing, and the line that states it.
 # model_card writes every one of them; publish.check_card looks for them.
+# How the model card names each column order (QuantConfig.act_order); True/False: cards of older runs.
+ORDER_WORDS = {"static": "on (static groups)", "group": "group-aware (groups by largest Hessian diagonal)",
+               "none": "off", True: "on (static groups)", False: "off"}
 CARD_SECTIONS = {
     "the base model": "## Base model",
     "the method and its options": "## Method",
@@ -109,7 +112,7 @@ def model_card(report: dict | None, info: dict) -> str:
         "## Method",
         "",
         f"- backend: {info['options']['backend']}; bits {q['bits']}; group size {q['group_size']}; "
-        f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {'on (static groups)' if info['options']['act_order'] else 'off'}; "
+        f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {ORDER_WORDS.get(info['options']['act_order'], info['options']['act_order'])}; "
         f"damp {q['damp_percent']}; true-sequential {q['true_sequential']}",
         f"- every attention and expert projection is quantized; not quantized: "
         f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'])}, embeddings, norms and the LM head",

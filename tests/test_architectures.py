@@ -283,6 +283,12 @@ def test_inspect_estimate_is_what_the_export_measures(quantized, model_type):
     assert totals["quantized_parameters"] == stats["quantized_weights"]
     assert totals["parameters"] == stats["total_parameters"]
     assert totals["bits_per_weight"] == pytest.approx(stats["bits_per_weight"], rel=1e-12)
+    # Symmetric int4 at group size 32 carries 4 bits and an fp16 scale per 32 weights; the g_idx
+    # (c // 32) and the constant zero points are stored for the loaders but say nothing new.
+    linears = Checkpoint(out).quantized_linears.values()
+    information = sum(4 * r * c + 16 * r * -(-c // 32) for r, c in (lin.shape for lin in linears))
+    assert stats["information_bits_per_weight"] == pytest.approx(information / stats["quantized_weights"])
+    assert stats["bits_per_weight"] > stats["information_bits_per_weight"]
     export = Checkpoint(out)
     tensor_bytes = sum(export.tensor(n).numel() * export.tensor(n).element_size() for n in export.names())
     assert totals["estimated_bytes"] == tensor_bytes

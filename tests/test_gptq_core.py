@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantmoe.gptq import QuantSpec, accumulate_hessian, dequantize, gptq_quantize, rtn_quantize
+from quantmoe.gptq import ORDERS, QuantSpec, accumulate_hessian, dequantize, gptq_quantize, rtn_quantize
 from quantmoe.packing import dequantize_linear, pack_result, unpack_linear
 
 
@@ -20,12 +20,12 @@ def hessian_of(X):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("act_order", [True, False])
-def test_gptq_beats_rtn_and_packing_round_trips(bits, group_size, sym, act_order):
+@pytest.mark.parametrize("order", ORDERS)
+def test_gptq_beats_rtn_and_packing_round_trips(bits, group_size, sym, order):
     X = correlated_inputs()
     W = torch.randn(2, 64, 128)
     spec = QuantSpec(bits, group_size, sym)
-    res = gptq_quantize(W, hessian_of(X).expand(2, 128, 128), spec, act_order=act_order)
+    res = gptq_quantize(W, hessian_of(X).expand(2, 128, 128), spec, order=order)
     rtn = rtn_quantize(W, spec)
     err_gptq = ((X @ (res.W[0] - W[0]).T) ** 2).mean()
     err_rtn = ((X @ (rtn.W[0] - W[0]).T) ** 2).mean()
@@ -54,9 +54,10 @@ def test_v1_zero_convention_and_low_bits_first():
     assert int(packed["qweight"][0, 0]) & 0xF == int(res.q[0, 0, 0])
 
 
-def test_act_order_keeps_g_idx_monotonic():
+@pytest.mark.parametrize("order", ORDERS)
+def test_every_order_keeps_g_idx_monotonic(order):
     X = correlated_inputs()
-    res = gptq_quantize(torch.randn(1, 32, 128), hessian_of(X)[None], QuantSpec(4, 32, True), act_order=True)
+    res = gptq_quantize(torch.randn(1, 32, 128), hessian_of(X)[None], QuantSpec(4, 32, True), order=order)
     assert torch.equal(res.g_idx, torch.arange(128, dtype=torch.int32) // 32)
 
 
@@ -119,3 +120,135 @@ def test_tf32_context_restores_the_matmul_precision():
     assert matmul.fp32_precision == before
     with tf32_matmuls(False):
         assert matmul.fp32_precision == before
+
+
+def heavy_tailed(B=2, R=64, C=256, seed=0):
+    """Weights with a few outliers per row, where clipping them pays off."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(B, R, C, generator=g) * 0.02
+    spikes = torch.rand(B, R, C, generator=g) < 0.01
+    return torch.where(spikes, W * 8, W)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_clip_search_never_loses_to_min_max(sym, weighted):
+    """The searched grid's weighted rounding error is at most min/max's for every row; levels stay in range."""
+    from quantmoe.gptq import ClipSearch, find_params, quantize_levels, rounding_error, search_params
+
+    spec = QuantSpec(4, 128, sym)
+    W = heavy_tailed().reshape(2, 64, 2, 128)
+    g = torch.Generator().manual_seed(1)
+    importance = torch.rand(2, 1, 2, 128, generator=g) * 10 if weighted else None
+    s0, z0 = find_params(W, spec)
+    s, z = search_params(W, spec, ClipSearch(steps=20, min_ratio=0.5, max_ratio=1.1), importance)
+    before = rounding_error(W, s0, z0, spec.maxq, importance)
+    after = rounding_error(W, s, z, spec.maxq, importance)
+    assert torch.isfinite(after).all() and torch.isfinite(s).all() and (s > 0).all()
+    assert (after <= before).all()
+    assert after.sum() < 0.95 * before.sum()  # outliers make clipping worth it on many rows
+    assert torch.equal(s, s.half().float())  # fp16-exact, as exported
+    levels = quantize_levels(W, s[..., None], z[..., None], spec.maxq)
+    assert levels.min() >= 0 and levels.max() <= spec.maxq
+    if sym:
+        assert (z == 8).all()
+    else:
+        assert z.min() >= 1 and z.max() <= spec.maxq
+
+
+def test_clip_search_off_is_min_max():
+    from quantmoe.gptq import ClipSearch, find_params, search_params
+
+    W = heavy_tailed().reshape(2, 64, 2, 128)
+    s0, z0 = find_params(W, QuantSpec(4, 128, True))
+    s, z = search_params(W, QuantSpec(4, 128, True), ClipSearch(steps=0))
+    assert torch.equal(s, s0) and torch.equal(z, z0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_gptq_with_clip_search_is_valid_v1(order):
+    """Searched grids through GPTQ: finite, symmetric int4 levels in range, static g_idx, and the
+    output error no worse than RTN's with the same search."""
+    from quantmoe.gptq import ClipSearch
+
+    X = correlated_inputs(C=256)
+    W = heavy_tailed()
+    spec, search = QuantSpec(4, 128, True), ClipSearch(steps=16)
+    res = gptq_quantize(W, hessian_of(X).expand(2, 256, 256), spec, order=order, search=search)
+    assert torch.isfinite(res.W).all() and res.q.max() <= 15 and (res.zeros == 8).all()
+    assert torch.equal(res.g_idx, torch.arange(256, dtype=torch.int32) // 128)
+    assert torch.equal(res.W, dequantize(res.q, res.scales, res.zeros, res.g_idx))
+    rtn = rtn_quantize(W, spec, search)
+    err = ((X @ (res.W[0] - W[0]).T) ** 2).mean()
+    assert err < ((X @ (rtn.W[0] - W[0]).T) ** 2).mean()
+
+
+def test_group_order_keeps_groups_together():
+    """Group-aware act-order: each group's columns are quantized together, by decreasing Hessian
+    diagonal, and groups go by decreasing largest diagonal."""
+    from quantmoe.gptq import column_order
+
+    g = torch.Generator().manual_seed(0)
+    diag = torch.rand(3, 512, generator=g)
+    perm = column_order(diag, "group", 128)
+    for b in range(3):
+        assert torch.equal(perm[b].sort().values, torch.arange(512))
+        chunks = perm[b].reshape(4, 128)
+        assert all(len(set((chunk // 128).tolist())) == 1 for chunk in chunks)
+        d = diag[b][chunks]
+        assert (d[:, :-1] >= d[:, 1:]).all()
+        assert (d[:-1, 0] >= d[1:, 0]).all()
+        assert torch.equal(d[:, 0], diag[b].reshape(4, 128).amax(-1).sort(descending=True).values)
+
+
+def test_weighted_hessian_counts_weighted_rows():
+    X = torch.randn(50, 8)
+    w = torch.rand(50)
+    H, n = accumulate_hessian(torch.zeros(8, 8), X[:20], 0, w[:20])
+    H, n = accumulate_hessian(H, X[20:], n, w[20:])
+    assert abs(n - float((w ** 2).sum())) < 1e-4
+    assert torch.allclose(H, 2 * (X * w[:, None]).T @ (X * w[:, None]) / (w ** 2).sum(), atol=1e-5)
+
+
+def test_target_of_matching_inputs_changes_nothing_and_fits_shifted_ones():
+    """P = W H (the inputs are the original ones) gives GPTQ's own result; when the inputs seen
+    differ from the original ones, the fitted weights map them closer to the original outputs."""
+    X = correlated_inputs(C=128)
+    W = torch.randn(1, 64, 128) * 0.1
+    H = hessian_of(X)[None]
+    spec = QuantSpec(4, 128, True)
+    plain = gptq_quantize(W, H, spec)
+    same = gptq_quantize(W, H, spec, target=W @ H)
+    assert torch.allclose(plain.W, same.W, atol=1e-5) or (plain.q != same.q).float().mean() < 0.01
+    g = torch.Generator().manual_seed(3)
+    Xq = X + 0.3 * torch.randn(X.shape, generator=g) @ torch.randn(128, 128, generator=g) * 0.05  # inputs behind quantized layers
+    Hq = hessian_of(Xq)[None]
+    P = (2 * (X @ W[0].T).T @ Xq / X.shape[0])[None]
+    fitted = gptq_quantize(W, Hq, spec, target=P)
+    unfitted = gptq_quantize(W, Hq, spec)
+    Y = X @ W[0].T
+    assert ((Xq @ fitted.W[0].T - Y) ** 2).mean() < 0.9 * ((Xq @ unfitted.W[0].T - Y) ** 2).mean()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_refine_lowers_gptq_loss_and_keeps_the_format(order):
+    """Coordinate descent after GPTQ: the error GPTQ minimises never grows (row by row), levels stay
+    in range, the grids and g_idx are GPTQ's, and W is what the levels dequantize to."""
+    X = correlated_inputs(C=256)
+    W = heavy_tailed()
+    H = hessian_of(X).expand(2, 256, 256)
+    spec = QuantSpec(4, 128, True)
+    plain = gptq_quantize(W, H, spec, order=order)
+    refined = gptq_quantize(W, H, spec, order=order, refine=2)
+    Hd = H[0] + 0.01 * torch.diagonal(H[0]).mean() * torch.eye(256)
+
+    def proxy(res):
+        E = W - res.W
+        return torch.einsum("brc,cd,brd->br", E, Hd, E)
+
+    assert (proxy(refined) <= proxy(plain) * (1 + 1e-4) + 1e-9).all()
+    assert proxy(refined).sum() < proxy(plain).sum()
+    assert torch.allclose(refined.loss, proxy(refined) / 2, rtol=1e-3)
+    assert torch.equal(refined.scales, plain.scales) and torch.equal(refined.g_idx, plain.g_idx)
+    assert refined.q.max() <= 15 and torch.isfinite(refined.W).all()
+    assert torch.equal(refined.W, dequantize(refined.q, refined.scales, refined.zeros, refined.g_idx))

@@ -24,16 +24,16 @@ def hessian(X):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("act_order,group_size", [(True, 128), (False, 64), (True, -1)])
-def test_cuda_graphs_give_the_same_bits_as_eager(act_order, group_size):
+@pytest.mark.parametrize("order,group_size", [("static", 128), ("none", 64), ("group", 64), ("static", -1)])
+def test_cuda_graphs_give_the_same_bits_as_eager(order, group_size):
     graphs = GraphedBlocks()
     spec = QuantSpec(4, group_size, True)
     for seed in (0, 1):  # the second call replays the graphs captured by the first, on new data
         X = inputs(4096, 1024, seed)
         H = hessian(X).expand(3, 1024, 1024).contiguous()
         W = inputs(3 * 256, 1024, seed + 10).reshape(3, 256, 1024) * 0.02
-        eager = gptq_quantize(W, H, spec, act_order=act_order)
-        graphed = gptq_quantize(W, H, spec, act_order=act_order, block_fn=graphs)
+        eager = gptq_quantize(W, H, spec, order=order)
+        graphed = gptq_quantize(W, H, spec, order=order, block_fn=graphs)
         for name in ("q", "scales", "zeros", "W", "loss", "damp"):
             assert torch.equal(getattr(eager, name), getattr(graphed, name)), name
     assert len(graphs.graphs) == 1

@@ -98,6 +98,8 @@ def test_checkpoint_reads_compressed_tensors_and_counts_bits(tmp_path):
     stats = checkpoint_stats(tmp_path)
     # 4 bits + an fp16 scale per 128 weights + the int64 (2,) shape over 64*256 weights
     assert stats["bits_per_weight"] == pytest.approx(4 + 16 / 128 + 128 / (64 * 256))
+    # the shape repeats what the config and the packed weight say: not information
+    assert stats["information_bits_per_weight"] == pytest.approx(4 + 16 / 128)
     assert stats["quantized_weights"] == 64 * 256
 
 

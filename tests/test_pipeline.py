@@ -160,9 +160,10 @@ def test_expert_with_zero_tokens_is_quantized_finite_and_nonzero(tiny_model, tex
     original_route = LayerQuantizer.route
 
     def starve_expert_0(self, X):
-        tokens = original_route(self, X)
-        tokens[0] = tokens[0][:0]
-        return tokens
+        routes = original_route(self, X)
+        rows, weights = routes[0]
+        routes[0] = (rows[:0], weights[:0])
+        return routes
 
     monkeypatch.setattr(LayerQuantizer, "route", starve_expert_0)
     out = tmp_path / "out"
@@ -222,6 +223,50 @@ def test_load_quantized_generates_and_matches_streamed_eval(exported, text_file,
     assert float(torch.exp(loss)) == pytest.approx(perplexity(out, windows[:4], "cpu")["perplexity"], rel=1e-4)
     generated = model.generate(windows[:1, :8], max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 13)
+
+
+@pytest.mark.parametrize("model_type,options", [
+    ("qwen2_moe", {"fit": "stream"}),
+    ("qwen2_moe", {"fit": "layer", "expert_hessian": "all", "refine": 1}),
+    ("mixtral", {"fit": "none", "expert_hessian": "routed", "act_order": "group", "clip_steps": 0}),
+    ("deepseek_v3", {"fit": "stream", "clip_weight": "hessian"}),
+])
+def test_recipe_options_export_exactly_what_the_layer_runs_with(tiny_model, text_file, model_type, options):
+    """Every fit, expert Hessian, order and refine option: the packed tensors stand for exactly the
+    weights the quantized layer holds, and under --fit stream the full-precision stream is the
+    original layer's output."""
+    from quantmoe.calibration import build_calibration
+
+    ckpt = Checkpoint(tiny_model(model_type))
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 4, 32, 0)
+    index = stream.num_layers - 1
+    batches = stream.embed(ids, 4)
+    qcfg = QuantConfig(group_size=32, **options)
+    originals = [type(b)(b.hidden + 0.01, b.kwargs) for b in batches] if qcfg.fit == "stream" else None
+    expected_original = None
+    if originals is not None:
+        layer = stream.load_layer(index, stream.layer_state(index))
+        expected_original = stream.run_layer(layer, originals)
+        stream.release_layer(index)
+    lq = LayerQuantizer(stream, index, batches, qcfg,
+                        original_batches=batches if qcfg.fit == "layer" else originals)
+    lq.attention()
+    lq.mlps()
+    memory = {k: v.clone() for k, v in lq.layer.state_dict().items()}
+    prefix = f"model.layers.{index}."
+    weights = {}
+    for name in {n.rsplit(".", 1)[0] for n in lq.result.tensors}:
+        parts = {s: lq.result.tensors[f"{name}.{s}"] for s in GPTQ_SUFFIXES}
+        weights[name[len(prefix):] + ".weight"] = dequantize_linear(parts, 4)
+    expected = stream.to_memory(index, {**stream.layer_state(index), **weights})
+    for key, value in memory.items():
+        assert torch.isfinite(value).all(), key
+        assert torch.equal(value, expected[key].to(value.dtype)), key
+    if expected_original is not None:
+        out = stream.run_layer(lq.original, lq.original_batches)
+        for got, want in zip(out, expected_original):
+            assert torch.allclose(got.hidden, want.hidden, atol=1e-6)
 
 
 def test_rtn_backend_writes_the_same_format(tiny_model, text_file, tmp_path):
