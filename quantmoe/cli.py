@@ -84,7 +84,8 @@ def _backend_names() -> list[str]:
 # Options that belong to one backend's settings; only those the user typed are passed on,
 # so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
 BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
-                    "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine", "expert_hessian", "fit",
+                    "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine",
+                    "expert_hessian", "fit",
                     "compute_dtype", "double_quant", "int8_threshold")
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 
@@ -125,7 +126,7 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Tokens of a routed expert's Hessian: those routed to it, the same weighted by router score, or all.")
 @click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="stream", show_default=True,
               help="Fit linears to the original model's outputs: every linear from the quantized model's inputs "
-                   "(stream: a full-precision stream runs beside, ~1.3x the time, a copy of the layer and twice the "
+                   "(stream: a full-precision stream runs beside, ~1.6x the time of none, a copy of the layer and twice the "
                    "activations in memory); down_proj only, from the quantized gate/up (mlp); also o_proj and gate/up "
                    "on the layer's own inputs (layer); plain GPTQ (none: the least memory).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
