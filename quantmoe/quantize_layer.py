@@ -363,8 +363,8 @@ class LayerQuantizer:
         # rather than kept as a second fp32 copy of every expert's gate/up.
         res_gu.W = None
 
-        def quantized_gate_up(e: int) -> Tensor:  # (2I, C)
-            return dequantize(res_gu.q[e], res_gu.scales[e], res_gu.zeros[e], res_gu.g_idx)
+        def quantized_gate_up(e: int, res: QuantResult = res_gu) -> Tensor:  # (2I, C)
+            return dequantize(res.q[e], res.scales[e], res.zeros[e], res.g_idx)
 
         t1 = time.perf_counter()
         log_gu = {}
@@ -405,7 +405,7 @@ class LayerQuantizer:
             del H_all_d, W_gu
         for e in range(E):
             gate_up_proj.data[e].copy_(quantized_gate_up(e))
-        del res_gu  # the levels are packed; what follows needs room for the down solve
+        del res_gu, quantized_gate_up  # the levels are packed; what follows needs room for the down solve
         res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
         del H_d, P_d
         down_proj.data.copy_(res_d.W)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import quantmoe
 from quantmoe.architectures import ARCHITECTURES, plan_layer
