@@ -353,7 +353,8 @@ def regress(baseline, new, max_gap_increase, max_ppl_increase):
 @friendly
 def verify(folder):
     """Check an exported checkpoint: manifest hashes, index, shapes and dtypes against the config,
-    NaN/Inf, all-zero modules. Exits 1 with the list of problems, 0 when sound."""
+    NaN/Inf, all-zero modules (GPTQ; bitsandbytes and compressed-tensors linears are read back
+    through their backend). Exits 1 with the list of problems, 0 when sound."""
     from .verify import verify as run
 
     report = run(folder)

@@ -1,4 +1,4 @@
-"""``quantmoe verify DIR``: is an exported GPTQ checkpoint whole and sane?
+"""``quantmoe verify DIR``: is an exported checkpoint whole and sane?
 
 Checks, each problem reported as one line naming the file, tensor or module:
 
@@ -12,11 +12,16 @@ Checks, each problem reported as one line naming the file, tensor or module:
 5. no quantized module is all zero (every scale zero, or a dequantized weight of zeros):
    what routed-only calibration leaves behind for an expert that saw no tokens.
 
+A checkpoint of another backend (bitsandbytes, compressed-tensors) gets 1, 2 and 4, and instead of
+3 and 5: every linear the architecture table quantizes is stored quantized, and each one, read back
+through its backend, has the config's shape, is finite and is not all zero.
+
 Tensors are read one at a time, so memory holds one module.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +111,10 @@ def verify(folder: str | Path) -> VerifyReport:
     if qc is None:
         problems.append("config.json has no quantization_config: not a quantized checkpoint")
     elif qc.get("quant_method") != "gptq":
-        problems.append(f"quant_method is {qc.get('quant_method')!r}; verify checks GPTQ checkpoints")
-        qc = None
+        # bitsandbytes, compressed-tensors: no GPTQ levels to check; each linear is read back through
+        # its backend and checked as a weight (present where the table quantizes, finite, not all zero).
+        _verify_other(ckpt, report, present)
+        return report
     else:
         if (folder / QUANTIZE_CONFIG).is_file() and read_json(folder / QUANTIZE_CONFIG) != qc:
             problems.append(f"{QUANTIZE_CONFIG} differs from config.json's quantization_config")
@@ -138,8 +145,56 @@ def verify(folder: str | Path) -> VerifyReport:
                 continue
             _check_values(module, parts, bits, problems)
 
-    packed = {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}
-    for name in sorted(present - packed):
+    _check_finite(ckpt, present - {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}, problems)
+    return report
+
+
+def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> None:
+    """The checks for a checkpoint of a non-GPTQ backend (``ckpt.backend`` reads it)."""
+    problems = report.problems
+    try:
+        arch = architecture_for(ckpt.config)
+        expected = expected_linears(model_config(ckpt))
+        # Other tools' unfused expert names (llm-compressor's experts.E.gate_proj) under the source's.
+        linears = {_source_module(arch, m): lin for m, lin in ckpt.quantized_linears.items()}
+    except QuantMoeError as exc:
+        problems.append(str(exc))
+        return
+    for module in sorted(set(expected) - set(linears)):
+        problems.append(f"{module} is not quantized ({module}.weight kept)" if f"{module}.weight" in present
+                        else f"{module} is missing from the checkpoint")
+    for module, linear in sorted(linears.items()):
+        if module not in expected:
+            problems.append(f"{module} is quantized but the architecture table keeps it in full precision "
+                            "(a router or another module that must not be quantized)")
+        if missing := [t for t in linear.tensors if t not in present]:
+            problems.append(f"{module} lacks {', '.join(missing)}")
+            continue
+        try:
+            weight = ckpt.backend.dequantize(ckpt, linear)
+        except (QuantMoeError, RuntimeError, ValueError) as exc:
+            problems.append(f"{module} cannot be dequantized: {exc}")
+            continue
+        report.quantized_modules += 1
+        want = expected.get(module, linear.shape)
+        if tuple(weight.shape) != tuple(want):
+            problems.append(f"{module} dequantizes to {tuple(weight.shape)}; the config needs {tuple(want)}")
+        elif not bool(torch.isfinite(weight).all()):
+            problems.append(f"{module} holds NaN or Inf once dequantized")
+        elif not bool(weight.any()):
+            problems.append(f"{module} is all zero once dequantized")
+    stored = {t for linear in linears.values() for t in linear.tensors}
+    _check_finite(ckpt, present - stored, problems)
+
+
+def _source_module(arch, module: str) -> str:
+    m = re.match(r"(model\.layers\.\d+\.)(.+)", module)
+    return module if m is None else m.group(1) + arch.from_gptqmodel_name(m.group(2) + ".weight")[: -len(".weight")]
+
+
+def _check_finite(ckpt: Checkpoint, names: set[str], problems: list[str]) -> None:
+    """No NaN or Inf in any floating-point tensor of ``names`` (one tensor read at a time)."""
+    for name in sorted(names):
         try:
             t = ckpt.tensor(name)
         except QuantMoeError as exc:
@@ -147,7 +202,6 @@ def verify(folder: str | Path) -> VerifyReport:
             continue
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             problems.append(f"{name} holds NaN or Inf")
-    return report
 
 
 def _check_index(ckpt: Checkpoint, report: VerifyReport) -> set[str] | None:
