@@ -159,12 +159,12 @@ def search_params(W: Tensor, spec: QuantSpec, search: ClipSearch, importance: Te
     to minimise ``rounding_error`` weighted by ``importance`` (the Hessian diagonal of the
     columns, broadcastable to W): the plain min/max grid is the first candidate and is only
     replaced by a strictly better one, so the error never exceeds min/max's."""
-    scale, zero = find_params(W, spec)
+    wmin = W.amin(dim=-1).clamp(max=0)
+    wmax = W.amax(dim=-1).clamp(min=0)
+    scale, zero = _grid(wmin, wmax, spec)  # find_params' grid
     ratios = search.ratios()
     if not ratios:
         return scale, zero
-    wmin = W.amin(dim=-1).clamp(max=0)
-    wmax = W.amax(dim=-1).clamp(min=0)
     best = rounding_error(W, scale, zero, spec.maxq, importance)
     for r in ratios:
         s, z = _grid(wmin * r, wmax * r, spec)

@@ -75,10 +75,15 @@ def _chunks(X: Tensor) -> Iterable[Tensor]:
         yield X[start:start + TOKEN_CHUNK]
 
 
+def gated(x: Tensor, Wg: Tensor, Wu: Tensor, act) -> Tensor:
+    """act(x Wg^T) * (x Wu^T): what a gated MLP feeds its down_proj."""
+    return act(x @ Wg.t()) * (x @ Wu.t())
+
+
 def mlp_hidden(X: Tensor, Wg: Tensor, Wu: Tensor, act) -> Iterable[Tensor]:
-    """act(X Wg^T) * (X Wu^T), the input of down_proj, chunk by chunk."""
+    """``gated`` for X, chunk by chunk."""
     for x in _chunks(X):
-        yield act(x @ Wg.t()) * (x @ Wu.t())
+        yield gated(x, Wg, Wu, act)
 
 
 def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor | None, Wg: Tensor, Wu: Tensor,
@@ -92,11 +97,10 @@ def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor 
     for start in range(0, X.shape[0], TOKEN_CHUNK):
         x = X[start:start + TOKEN_CHUNK]
         w = None if weights is None else weights[start:start + TOKEN_CHUNK]
-        h = act(x @ Wg.t()) * (x @ Wu.t())
+        h = gated(x, Wg, Wu, act)
         if original is not None:
             g0, u0, d0 = original
-            x0 = X0[start:start + TOKEN_CHUNK]
-            accumulate_moment(P, (act(x0 @ g0.t()) * (x0 @ u0.t())) @ d0.t(), h, n, w)
+            accumulate_moment(P, gated(X0[start:start + TOKEN_CHUNK], g0, u0, act) @ d0.t(), h, n, w)
         _, n = accumulate_hessian(H, h, n, w)
     return n
 
@@ -207,6 +211,11 @@ class LayerQuantizer:
     @property
     def fit_stream(self) -> bool:
         return self.original is not None and self.qcfg.backend != "rtn"
+
+    @property
+    def fit_down(self) -> bool:
+        """Down projections are fitted to the original MLP's outputs (--fit mlp or stream)."""
+        return self.qcfg.backend != "rtn" and self.qcfg.fit in ("mlp", "stream")
 
     def _store(self, names: list[str], res: QuantResult) -> None:
         if not self.ranks.writes:
@@ -357,7 +366,7 @@ class LayerQuantizer:
 
         res_gu = self._solve_experts(W_gu, H_gu, rare, P_gu)
         del H_gu, P_gu, W_gu
-        fit = gptq and qcfg.fit in ("mlp", "stream")
+        fit = self.fit_down
         # The layer keeps its original gate/up until the down Hessians are built (the fit needs the
         # original outputs); the quantized weights are rebuilt from the levels, one expert at a time,
         # rather than kept as a second fp32 copy of every expert's gate/up.
@@ -451,7 +460,7 @@ class LayerQuantizer:
         H_d = P_d = None
         if gptq:
             H_d, n_d = torch.zeros(I, I, device=Wg.device), 0
-            fit = qcfg.fit in ("mlp", "stream")
+            fit = self.fit_down
             P_d = torch.zeros(Wd.shape[0], I, device=Wg.device) if fit else None
             for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
