@@ -217,6 +217,13 @@ def rtn_quantize(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
     )
 
 
+def mean_diagonal(H: Tensor) -> Tensor:
+    """mean(diag H) of one matrix H (C, C), floored: what the dampening is a fraction of. Always one
+    matrix at a time: a batched mean's rounding can depend on the batch's size, and a matrix's
+    result must not depend on which others are solved beside it (1 vs several GPUs)."""
+    return torch.diagonal(H).mean().clamp(min=1e-8)
+
+
 def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 for H (B, C, C), so that U^T U is that inverse.
 
@@ -230,7 +237,7 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16) -> tupl
     used = torch.full((B,), damp, device=H.device, dtype=H.dtype)
     for b in range(B):
         Hb = H[b]
-        mean_diag = torch.diagonal(Hb).mean().clamp(min=1e-8)
+        mean_diag = mean_diagonal(Hb)
         for _ in range(max_tries):
             Hd = Hb.flip((0, 1))
             Hd.diagonal().add_(used[b] * mean_diag)
@@ -304,7 +311,7 @@ def column_order(diag: Tensor, order: str, width: int) -> Tensor:
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
                   order: str = "static", block_size: int = 128, overwrite_H: bool = False,
                   block_fn=quantize_block, search: ClipSearch = ClipSearch(),
-                  target: Tensor | None = None, refine: int = 0) -> QuantResult:
+                  target: Tensor | None = None, refine: int = 0, cross: Tensor | None = None) -> QuantResult:
     """Quantize W (B, R, C) column by column, spreading each rounding error over the
     not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
 
@@ -314,6 +321,10 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     give (the original model's) and the inputs x it will get (those behind already-quantized
     layers, which H = 2/n sum x x^T is made of); see ``fitted_weights``. GPTQ then quantizes
     the weights that best map those inputs to those outputs instead of W.
+    ``cross`` (B, C, C), instead of ``target`` when the original outputs are W's own: the moment
+    C = 2/n sum x0 x^T between the inputs x0 the original model gives this layer and the inputs x
+    it will get, so that P = W C. A C x C moment is smaller than P when R > C (gate/up, q/k/v)
+    and costs one product per batch of tokens instead of two.
     ``refine``: passes of ``refine_levels`` over GPTQ's levels (0: GPTQ's own).
     With ``overwrite_H`` the caller hands H over (a dense fp32 tensor it no longer needs):
     it is permuted and turned into the inverse factor in place, which saves a (B, C, C)
@@ -328,7 +339,6 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, C), a view into H
     dead = diag == 0
     diag[dead] = 1.0  # dead inputs: no error is spread through them
-    mean_diag = diag.mean(-1).clamp(min=1e-8)  # as damped_inverse_cholesky measures it
 
     width = spec.width(C)
     static = order == "static" or spec.group_size == -1
@@ -340,17 +350,24 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     importance = diag.clone() if search.steps else None  # (B, C) in quantization order; H becomes Hinv below
     group_of = perm // width  # (B, C): group of each permuted column
 
+    fit = target is not None or cross is not None
+    mean_diag = torch.stack([mean_diagonal(H[b]) for b in range(B)]) if fit else None  # as damped_inverse_cholesky
     Hinv, damp_used = damped_inverse_cholesky(H, damp)
     if importance is not None and search.weight == "residual":
         # What GPTQ cannot spread of a column's error: 1/U_cc^2, the variance of its input left
         # over once the inputs quantized after it are known (GPTQ's loss is err^2 / U_cc^2).
         importance = torch.diagonal(Hinv, dim1=-2, dim2=-1).pow(-2)
     by_perm = perm[:, None, :].expand(B, R, C)
-    if target is not None:
-        # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
-        P = torch.gather(torch.where(dead[:, None, :], W, target.float()), 2, by_perm)
-        W = fitted_weights(torch.gather(W, 2, by_perm), P, Hinv, damp_used * mean_diag)
-        del P
+    if fit:
+        fitted = torch.empty_like(W)
+        for b in range(B):  # one matrix at a time: P never exists for the whole batch
+            P = target[b].float() if target is not None else W[b] @ cross[b].float()
+            # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
+            P = torch.where(dead[b], W[b], P)[:, perm[b]]
+            fitted[b] = fitted_weights(W[b][:, perm[b]], P, Hinv[b], damp_used[b] * mean_diag[b])
+            del P
+        W = fitted
+        del fitted
     else:
         W = torch.gather(W, 2, by_perm)  # the working copy, in quantization order
 
@@ -447,8 +464,8 @@ def refine_levels(W: Tensor, Hd: Tensor, S: Tensor, Z: Tensor, levels: Tensor, m
 
 
 def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
-    """W* = (P + delta W)(H + delta I)^-1 for W, P (B, R, C), U (B, C, C) the upper factor with
-    U^T U = (H + delta I)^-1, delta (B,).
+    """W* = (P + delta W)(H + delta I)^-1 for one matrix: W, P (R, C), U (C, C) the upper factor
+    with U^T U = (H + delta I)^-1, delta a scalar.
 
     The ridge least-squares solution of min ||Y - W' X||^2 + delta ||W' - W||^2 (P = Y X^T,
     H = X X^T, both 2/n-scaled): the weights that best map the inputs the layer will really see
@@ -456,11 +473,7 @@ def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
     Since ||Y - Q X||^2 = ||Y - W* X||^2 + ||(W* - Q) X||^2 up to that ridge, quantizing W*
     with GPTQ minimises the error against the original outputs. When P = W H, W* = W.
     """
-    out = torch.empty_like(W)
-    for b in range(W.shape[0]):
-        rhs = P[b] + delta[b] * W[b]                  # (R, C)
-        out[b] = (rhs @ U[b].transpose(0, 1)) @ U[b]  # rhs (H + delta I)^-1
-    return out
+    return ((P + delta * W) @ U.transpose(0, 1)) @ U
 
 
 def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, max_elements: int = 1 << 26) -> None:

@@ -59,15 +59,15 @@ def search_of(qcfg: QuantConfig) -> ClipSearch:
 
 
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
-          block_fn=quantize_block, target: Tensor | None = None) -> QuantResult:
-    """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target``, see
-    gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian."""
+          block_fn=quantize_block, target: Tensor | None = None, cross: Tensor | None = None) -> QuantResult:
+    """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target`` or the input
+    moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian."""
     if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
     if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
     return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn,
-                         search_of(qcfg), target, qcfg.refine)
+                         search_of(qcfg), target, qcfg.refine, cross)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -238,20 +238,20 @@ class LayerQuantizer:
             # Rows are independent in GPTQ, so linears sharing an input are solved as one matrix.
             W = torch.cat([self._linear(name).weight.data for name in group])  # the original weights, copied
             rows = [self._linear(name).weight.shape[0] for name in group]
-            H, P, n = None, None, 0
+            H, X0, n = None, None, 0
             if self.qcfg.backend != "rtn":
                 H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
-                P = torch.zeros_like(W, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
+                X0 = torch.zeros_like(H) if self.fit_stream else None  # the cross moment, see gptq_quantize
                 for x, x0 in self._captured_pairs(self.arch.to_memory(group[0])):
                     with self._stage("hessians"):
-                        if P is not None:
-                            accumulate_moment(P, x0 @ W.t(), x, n)
+                        if X0 is not None:
+                            accumulate_moment(X0, x0, x, n)
                         H, n = accumulate_hessian(H, x, n)
                 H = H[None]
-                P = None if P is None else P[None]
+                X0 = None if X0 is None else X0[None]
             with self._stage("solve"):
-                res = solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn, target=P)
-            del H, P
+                res = solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0)
+            del H, X0
             parts = _split_rows(res, rows)
             seconds = time.perf_counter() - t0
             for name, part, r in zip(group, parts, rows):
@@ -302,13 +302,13 @@ class LayerQuantizer:
     def rare_threshold(self, columns: int, inner: int) -> int:
         return self.qcfg.rare_expert_tokens or max(columns, inner)
 
-    def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int], target: Tensor | None = None
-                       ) -> QuantResult:
+    def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int], target: Tensor | None = None,
+                       cross: Tensor | None = None) -> QuantResult:
         """This process's experts W (n, R, C) solved with Hessians H (consumed), RTN for rare ones
         under ``--rare-expert rtn``, then gathered over the processes."""
         qcfg = self.qcfg
         with self._stage("solve"):
-            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target)
+            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target, cross=cross)
             if H is not None and rare and qcfg.rare_expert == "rtn":
                 res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg)), rare)
             del H
@@ -337,7 +337,7 @@ class LayerQuantizer:
         counts = [0] * E
         H_gu = torch.zeros(len(own), C, C, device=dev) if gptq else None
         W_gu = gate_up_proj.data[mine]
-        P_gu = torch.zeros_like(W_gu, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
+        X0_gu = torch.zeros_like(H_gu) if self.fit_stream else None  # cross moments, see gptq_quantize
         n_gu = [0] * len(own)
         H_all = torch.zeros(C, C, device=dev) if blend else None
         n_all = 0
@@ -348,8 +348,8 @@ class LayerQuantizer:
                 if gptq:
                     for j, e in enumerate(own):
                         rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                        if P_gu is not None:
-                            accumulate_moment(P_gu[j], rows0 @ W_gu[j].t(), rows, n_gu[j], w)
+                        if X0_gu is not None:
+                            accumulate_moment(X0_gu[j], rows0, rows, n_gu[j], w)
                         _, n_gu[j] = accumulate_hessian(H_gu[j], rows, n_gu[j], w)
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
@@ -360,20 +360,32 @@ class LayerQuantizer:
         if blend:
             for j in rare:
                 H_gu[j] = _blend(H_gu[j], H_all, counts[own[j]], threshold, qcfg.rare_expert)
-                if P_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ
-                    P_gu[j] = W_gu[j] @ H_gu[j]
+                if X0_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ (P = W H)
+                    X0_gu[j] = H_gu[j]
         del H_all
 
-        res_gu = self._solve_experts(W_gu, H_gu, rare, P_gu)
-        del H_gu, P_gu, W_gu
+        res_gu = self._solve_experts(W_gu, H_gu, rare, cross=X0_gu)
+        del H_gu, X0_gu, W_gu
         fit = self.fit_down
-        # The layer keeps its original gate/up until the down Hessians are built (the fit needs the
-        # original outputs); the quantized weights are rebuilt from the levels, one expert at a time,
-        # rather than kept as a second fp32 copy of every expert's gate/up.
-        res_gu.W = None
+        res_gu.W = None  # rebuilt from the levels, one expert at a time, rather than kept as a second copy
 
         def quantized_gate_up(e: int, res: QuantResult = res_gu) -> Tensor:  # (2I, C)
             return dequantize(res.q[e], res.scales[e], res.zeros[e], res.g_idx)
+
+        # Pass 2 runs the quantized gate/up (true-sequential) and, for the fit or without true-sequential,
+        # the original ones. Where the originals are kept elsewhere (the --fit stream/layer copy of the
+        # layer) or not needed, the quantized weights go into the layer now; otherwise the layer keeps
+        # its originals until the down Hessians are built and the quantized ones are rebuilt from the
+        # levels per batch (--fit mlp: no second fp32 copy of every expert's gate/up).
+        original_gu = None
+        if self.original is not None:
+            original_gu = getattr(self.original.get_submodule(layout.module), layout.gate_up).data
+        quantized_in = original_gu is not None or (qcfg.true_sequential and not fit)
+        if quantized_in:
+            for e in range(E):
+                gate_up_proj.data[e].copy_(quantized_gate_up(e))
+        else:
+            original_gu = gate_up_proj.data
 
         t1 = time.perf_counter()
         log_gu = {}
@@ -387,7 +399,7 @@ class LayerQuantizer:
         # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens.
         H_d = P_d = None
         if gptq:
-            W_gu = gate_up_proj.data  # still the original weights, as is down_proj
+            W_gu = original_gu  # down_proj is still the original
             Wd = down_proj.data[mine]
             H_d = torch.zeros(len(own), I, I, device=dev)
             P_d = torch.zeros(len(own), C, I, device=dev) if fit else None
@@ -399,7 +411,8 @@ class LayerQuantizer:
                     routes = self.route(x)
                     for j, e in enumerate(own):
                         rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                        src = quantized_gate_up(e) if qcfg.true_sequential else W_gu[e]
+                        src = W_gu[e] if not qcfg.true_sequential else \
+                            gate_up_proj.data[e] if quantized_in else quantized_gate_up(e)
                         Wg, Wu = src[half["gate"]], src[half["up"]]
                         original = (W_gu[e, half["gate"]], W_gu[e, half["up"]], Wd[j]) if fit else None
                         n_d[j] = fold_down(H_d[j], None if P_d is None else P_d[j], n_d[j], rows, w, Wg, Wu,
@@ -412,9 +425,10 @@ class LayerQuantizer:
                 if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
                     P_d[j] = Wd[j] @ H_d[j]
             del H_all_d, W_gu
-        for e in range(E):
-            gate_up_proj.data[e].copy_(quantized_gate_up(e))
-        del res_gu, quantized_gate_up  # the levels are packed; what follows needs room for the down solve
+        if not quantized_in:
+            for e in range(E):
+                gate_up_proj.data[e].copy_(quantized_gate_up(e))
+        del res_gu, quantized_gate_up, original_gu  # the levels are packed; what follows needs room for the down solve
         res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
         del H_d, P_d
         down_proj.data.copy_(res_d.W)
@@ -437,21 +451,21 @@ class LayerQuantizer:
         C, I = Wg.shape[1], Wg.shape[0]
         gptq = qcfg.backend != "rtn"
         t0 = time.perf_counter()
-        H_gu, P_gu, n = None, None, 0
+        H_gu, X0, n = None, None, 0
         W_gu = torch.cat([Wg, Wu])
         if gptq:
             H_gu = torch.zeros(C, C, device=Wg.device)
-            P_gu = torch.zeros_like(W_gu, dtype=torch.float32) if self.fit_stream else None  # fp32, as H
+            X0 = torch.zeros_like(H_gu) if self.fit_stream else None  # the cross moment, see gptq_quantize
             for x, x0 in self._captured_pairs(module_path, keep=True):
                 with self._stage("hessians"):
-                    if P_gu is not None:
-                        accumulate_moment(P_gu, x0 @ W_gu.t(), x, n)
+                    if X0 is not None:
+                        accumulate_moment(X0, x0, x, n)
                     H_gu, n = accumulate_hessian(H_gu, x, n)
             H_gu = H_gu[None]
-            P_gu = None if P_gu is None else P_gu[None]
+            X0 = None if X0 is None else X0[None]
         with self._stage("solve"):
-            res_gu = solve(W_gu[None], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn, target=P_gu)
-        del W_gu, P_gu
+            res_gu = solve(W_gu[None], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0)
+        del W_gu, X0
         gq, uq = _split_rows(res_gu, [I, I])
         self._set_linear(names[0], gq.W[0])
         self._set_linear(names[1], uq.W[0])
