@@ -48,6 +48,8 @@ def friendly(fn):
                 fail(str(exc))
             if isinstance(exc, MemoryError):
                 fail("out of memory; lower --batch-size or --nsamples, or use --device cuda")
+            if _gpu_out_of_memory(exc):
+                fail(GPU_OUT_OF_MEMORY)
             if isinstance(exc, OSError):  # what the stages did not foresee: still one line naming the file
                 where = f": {exc.filename}" if exc.filename else ""
                 fix = ("free disk space, then re-run the same command to resume" if exc.errno == errno.ENOSPC
@@ -58,6 +60,18 @@ def friendly(fn):
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
     return wrapper
+
+
+GPU_OUT_OF_MEMORY = (
+    "the GPU ran out of memory; the default recipe (--fit stream) holds two copies of a layer and two sets of "
+    "activations (35 GB for a full-size Mixtral-8x7B layer): use --fit none (24 GB there), a lower --batch-size, "
+    "or more GPUs (torchrun --nproc-per-node N -m quantmoe quantize ...); finished layers of the same recipe are kept")
+
+
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def fail(message: str, status: int = 2) -> None:

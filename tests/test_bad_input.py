@@ -231,3 +231,29 @@ def test_ctrl_c_mid_run_leaves_resumable_work_and_no_out(earlier, tmp_path):
     assert finished_layers(work, fp, 2) >= 1
     assert not (work / "export").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [work.name, "out"]
+
+
+def test_gpu_out_of_memory_is_one_line_naming_the_lighter_recipe(capsys):
+    """A CUDA out-of-memory error (a RuntimeError, which the CLI otherwise keeps as a bug's traceback)
+    becomes one line that names what to change."""
+    import torch
+
+    from quantmoe.cli import friendly
+
+    @friendly
+    def run():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.56 GiB")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the GPU ran out of memory;")
+    assert "--fit none" in err and "--batch-size" in err and "torchrun" in err
+
+    @friendly
+    def bug():
+        raise RuntimeError("some other failure")
+
+    with pytest.raises(RuntimeError):  # any other RuntimeError is a bug and keeps its traceback
+        bug()
