@@ -100,7 +100,7 @@ def gather_result(res: QuantResult, n: int, ranks: Ranks) -> QuantResult:
     if ranks.world == 1:
         return res
     shared = ("g_idx",)  # the same on every process
-    return QuantResult(**{f.name: getattr(res, f.name) if f.name in shared else
+    return QuantResult(**{f.name: getattr(res, f.name) if f.name in shared or getattr(res, f.name) is None else
                           gather_experts(getattr(res, f.name), n, ranks) for f in fields(res)})
 
 

@@ -59,15 +59,17 @@ def search_of(qcfg: QuantConfig) -> ClipSearch:
 
 
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
-          block_fn=quantize_block, target: Tensor | None = None, cross: Tensor | None = None) -> QuantResult:
+          block_fn=quantize_block, target: Tensor | None = None, cross: Tensor | None = None,
+          dequantized: bool = True) -> QuantResult:
     """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target`` or the input
-    moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian."""
+    moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian.
+    ``dequantized`` False: the result's W may be None (the caller rebuilds it from the levels)."""
     if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
     if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
     return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn,
-                         search_of(qcfg), target, qcfg.refine, cross)
+                         search_of(qcfg), target, qcfg.refine, cross, dequantized)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -305,13 +307,16 @@ class LayerQuantizer:
     def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int], target: Tensor | None = None,
                        cross: Tensor | None = None) -> QuantResult:
         """This process's experts W (n, R, C) solved with Hessians H (consumed), RTN for rare ones
-        under ``--rare-expert rtn``, then gathered over the processes."""
+        under ``--rare-expert rtn``, then gathered over the processes. The result carries no
+        dequantized W: the caller rebuilds each expert's from its levels (``_dequantized``)."""
         qcfg = self.qcfg
         with self._stage("solve"):
-            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target, cross=cross)
+            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target, cross=cross,
+                        dequantized=False)
             if H is not None and rare and qcfg.rare_expert == "rtn":
                 res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg)), rare)
             del H
+            res.W = None
             return gather_result(res, self.plan.num_experts, self.ranks)
 
     def experts(self) -> None:
@@ -367,10 +372,9 @@ class LayerQuantizer:
         res_gu = self._solve_experts(W_gu, H_gu, rare, cross=X0_gu)
         del H_gu, X0_gu, W_gu
         fit = self.fit_down
-        res_gu.W = None  # rebuilt from the levels, one expert at a time, rather than kept as a second copy
 
         def quantized_gate_up(e: int, res: QuantResult = res_gu) -> Tensor:  # (2I, C)
-            return dequantize(res.q[e], res.scales[e], res.zeros[e], res.g_idx)
+            return _dequantized(res, e)
 
         # Pass 2 runs the quantized gate/up (true-sequential) and, for the fit or without true-sequential,
         # the original ones. Where the originals are kept elsewhere (the --fit stream/layer copy of the
@@ -431,8 +435,8 @@ class LayerQuantizer:
         del res_gu, quantized_gate_up, original_gu  # the levels are packed; what follows needs room for the down solve
         res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
         del H_d, P_d
-        down_proj.data.copy_(res_d.W)
-        res_d.W = None
+        for e in range(E):
+            down_proj.data[e].copy_(_dequantized(res_d, e))
         t2 = time.perf_counter()
         for e in range(E):
             self._store([mlp.linear("down", e)], _select(res_d, e))
@@ -539,7 +543,13 @@ def _select(res: QuantResult, b: int) -> QuantResult:
 
 
 def _replace(res: QuantResult, sub: QuantResult, idx: list[int]) -> QuantResult:
-    """res with the matrices at batch positions idx replaced by sub's."""
+    """res with the matrices at batch positions idx replaced by sub's (W only where res has it)."""
     for field_name in ("q", "scales", "zeros", "W", "loss", "damp"):
-        getattr(res, field_name)[idx] = getattr(sub, field_name)
+        if getattr(res, field_name) is not None:
+            getattr(res, field_name)[idx] = getattr(sub, field_name)
     return res
+
+
+def _dequantized(res: QuantResult, b: int) -> Tensor:
+    """Matrix b's dequantized weights, rebuilt from its levels."""
+    return dequantize(res.q[b], res.scales[b], res.zeros[b], res.g_idx)
