@@ -64,7 +64,36 @@ def model_config(ckpt: Checkpoint):
     if getattr(config, "quantization_config", None) is not None:
         config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     config._attn_implementation = "sdpa"
+    fp32_attention_without_scores()
     return config
+
+
+def fp32_attention_without_scores() -> None:
+    """Let fp32 attention on CUDA run without materialising its (batch, heads, seq, seq) scores.
+
+    For grouped KV heads transformers' SDPA path asks PyTorch for GQA (``enable_gqa``) when there
+    is no mask; in fp32 on CUDA only the math kernel takes that, and it builds the scores and
+    their softmax: 2 GiB each for a batch of 4 of Mixtral-8x7B's 32 heads and 2048 tokens, 5-6 GB
+    of every capture pass's peak (benchmarks/README.md). With the K/V heads repeated instead,
+    SDPA takes its memory-efficient kernel. The same attention, another kernel's rounding; CPU
+    and half-precision inputs keep transformers' choice. Idempotent; a transformers without
+    the hook is left alone.
+    """
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        return
+    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if original is None or getattr(original, "quantmoe", False):
+        return
+
+    def use_gqa_in_sdpa(attention_mask, key, value) -> bool:
+        if key.is_cuda and key.dtype == torch.float32:
+            return False  # transformers then repeats the K/V heads itself
+        return original(attention_mask, key, value)
+
+    use_gqa_in_sdpa.quantmoe = True
+    sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
 
 
 def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -98,3 +98,33 @@ def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
         want, got = dequantized(ids).logits.float(), kernels(ids).logits.float()
     cos = torch.nn.functional.cosine_similarity(want.flatten(1), got.flatten(1)).min()
     assert cos > 0.99, float(cos)
+
+
+@pytest.mark.gpu
+def test_fp32_attention_on_cuda_does_not_materialise_the_scores():
+    """With grouped KV heads and fp32 inputs, attention runs without a (batch, heads, seq, seq)
+    tensor (quantmoe.stream.fp32_attention_without_scores), and computes what eager attention does."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from quantmoe.stream import fp32_attention_without_scores
+
+    fp32_attention_without_scores()
+    config = MixtralConfig(hidden_size=1024, intermediate_size=64, num_attention_heads=16, num_key_value_heads=4,
+                           num_hidden_layers=1, num_local_experts=2, vocab_size=128)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).cuda().eval()
+    ids = torch.randint(0, 128, (4, 2048), device="cuda")
+    scores_bytes = 4 * 16 * 2048 * 2048 * 4  # 1 GiB
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = model(ids).logits
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < scores_bytes / 2
+        model.config._attn_implementation = "eager"
+        for layer in model.model.layers:
+            layer.self_attn.config._attn_implementation = "eager"
+        ref = model(ids).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)

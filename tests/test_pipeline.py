@@ -315,3 +315,19 @@ def test_unknown_architecture_is_a_one_line_error(tmp_path):
         architecture_for(BertConfig())
     assert "unsupported architecture 'bert'" in str(err.value) and "mixtral" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_fp32_attention_hook_leaves_cpu_and_half_precision_to_transformers():
+    """quantmoe.stream.fp32_attention_without_scores changes transformers' GQA choice only for fp32 CUDA tensors."""
+    from transformers.integrations import sdpa_attention
+
+    from quantmoe.stream import fp32_attention_without_scores
+
+    fp32_attention_without_scores()
+    fp32_attention_without_scores()  # idempotent
+    hook = sdpa_attention.use_gqa_in_sdpa
+    assert getattr(hook, "quantmoe", False)
+    k = torch.zeros(1, 2, 8, 16)
+    assert hook(None, k, k) is True               # CPU fp32, no mask: transformers' own answer
+    assert hook(None, k.half(), k.half()) is True
+    assert hook(torch.zeros(1, 1, 8, 8), k, k) is False
