@@ -64,7 +64,7 @@ def friendly(fn):
 
 GPU_OUT_OF_MEMORY = (
     "the GPU ran out of memory; the default recipe (--fit stream) holds two copies of a layer and two sets of "
-    "activations (35 GB for a full-size Mixtral-8x7B layer): use --fit none (24 GB there), a lower --batch-size, "
+    "activations (33 GB for a full-size Mixtral-8x7B layer): use --fit none (21 GB there), a lower --batch-size, "
     "or more GPUs (torchrun --nproc-per-node N -m quantmoe quantize ...); finished layers of the same recipe are kept")
 
 
