@@ -343,8 +343,9 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     With ``overwrite_H`` the caller hands H over (a dense fp32 tensor it no longer needs):
     it is permuted and turned into the inverse factor in place, which saves a (B, C, C)
     copy; for Mixtral's down_proj that is 6.6 GB. ``dequantized`` False leaves the result's W
-    None, for a caller that rebuilds it from the levels (a (B, R, C) fp32 tensor less). ``block_fn`` runs one block; any
-    replacement must compute exactly what ``quantize_block`` computes (see gptq_graphs.py).
+    None, for a caller that rebuilds it from the levels (a (B, R, C) fp32 tensor less).
+    ``block_fn`` runs one block; any replacement must compute exactly what ``quantize_block``
+    computes (see gptq_graphs.py).
     """
     W = W.float()
     H = H.float() if overwrite_H else H.float().clone()
