@@ -275,6 +275,11 @@ def verdict(tools: dict) -> dict:
     bpw_ok = all(ok["quantmoe"]["information_bits_per_weight"] <= r["information_bits_per_weight"] + 1e-9
                  for t, r in ok.items() if t in PEERS)
     fastest = min(ok[t]["quantize"]["seconds"] for t in peers)
+    # Over every linear any tool quantizes, counting a linear a tool left in 16 bit at 16 bits: what a
+    # tool that quantizes fewer modules (GPTQModel and Qwen2-MoE's dense layers) spends per weight.
+    linears = max(r["fraction_quantized"] for r in ok.values())
+    all_linears = {t: (r["information_bits_per_weight"] * r["fraction_quantized"]
+                       + 16 * (linears - r["fraction_quantized"])) / linears for t, r in ok.items()}
     same = ok.get("quantmoe-gptqmodel-layout"), ok.get("gptqmodel")
     like_for_like = (same[0]["gap"]["relative"] / same[1]["gap"]["relative"]
                      if all(same) and same[1]["gap"]["relative"] > 0 else None)
@@ -282,6 +287,7 @@ def verdict(tools: dict) -> dict:
             "quantmoe_gptqmodel_layout_over_gptqmodel": like_for_like,
             "ratio": ratio, "target_ratio": TARGET, "gap_target_met": ratio <= TARGET,
             "bits_per_weight_not_higher": bpw_ok,
+            "information_bits_per_linear_weight": all_linears,
             "kl_vs_best_peer": ok["quantmoe"]["kl"] / min(ok[t]["kl"] for t in peers),
             "quantize_seconds_vs_fastest_peer": ok["quantmoe"]["quantize"]["seconds"] / fastest}
 
@@ -318,6 +324,10 @@ def markdown(r: dict) -> str:
                       f"Bits per weight (information) not higher than the peers': {v['bits_per_weight_not_higher']}. "
                       f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x. "
                       f"KL vs the peer with the least: {v['kl_vs_best_peer']:.2f}x."]
+        spent = v.get("information_bits_per_linear_weight")
+        if spent and len({round(b, 3) for b in spent.values()}) > 1:
+            lines += ["", "Bits of information per weight over every linear any tool quantizes (a linear left in "
+                          "16 bit counted at 16): " + ", ".join(f"{t} {b:.3f}" for t, b in spent.items()) + "."]
         if v.get("quantmoe_gptqmodel_layout_over_gptqmodel") is not None:
             lines += ["", "Like for like with GPTQModel (the same modules quantized: quantmoe's `--layout gptqmodel` "
                           "leaves dense-layer MLPs in fp16 as GPTQModel does): quantmoe's gap is "
@@ -358,7 +368,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED,
                         help="calibration draw; results of a seed other than 0 go to peers-<model>-seed<N>")
     parser.add_argument("--reuse", action="store_true", help="keep outputs of finished runs (re-evaluate only)")
+    parser.add_argument("--render", action="store_true",
+                        help="only recompute the verdict and the Markdown of results already written (all seeds)")
     args = parser.parse_args()
+    if args.render:
+        for path in sorted(Path(args.results).glob("peers-*.json")):
+            r = json.loads(path.read_text())
+            if "tools" not in r or "eval" not in r:  # not a harness run (e.g. the ablation file)
+                continue
+            r["verdict"] = verdict(r["tools"])
+            path.write_text(json.dumps(r, indent=1) + "\n")
+            path.with_suffix(".md").write_text(markdown(r))
+            log(f"rendered {path.with_suffix('.md')}")
+        return
     unknown = set(args.tools) - set(TOOLS)
     if unknown:
         parser.error(f"unknown tools {sorted(unknown)}; choose from {', '.join(TOOLS)}")
