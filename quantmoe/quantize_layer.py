@@ -233,27 +233,31 @@ class LayerQuantizer:
     def _set_linear(self, name: str, W: Tensor) -> None:
         self._linear(name).weight.data.copy_(W)
 
+    def _solve_shared_input(self, W: Tensor, module_path: str, keep: bool = False) -> tuple[QuantResult, float]:
+        """Linears that share one input, stacked as W (R, C), solved as one matrix (rows are
+        independent in GPTQ) with the Hessian of the captured input of ``module_path`` (and, under
+        --fit stream, the cross moment with the full-precision stream's). Returns the result and n."""
+        H = X0 = None
+        n = 0
+        if self.qcfg.backend != "rtn":
+            H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
+            X0 = torch.zeros_like(H) if self.fit_stream else None  # the cross moment, see gptq_quantize
+            for x, x0 in self._captured_pairs(module_path, keep):
+                with self._stage("hessians"):
+                    if X0 is not None:
+                        accumulate_moment(X0, x0, x, n)
+                    H, n = accumulate_hessian(H, x, n)
+            H, X0 = H[None], (None if X0 is None else X0[None])
+        with self._stage("solve"):
+            return solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0), n
+
     # -- attention ------------------------------------------------------------------
     def attention(self) -> None:
         for group in self.plan.attention:
             t0 = time.perf_counter()
-            # Rows are independent in GPTQ, so linears sharing an input are solved as one matrix.
             W = torch.cat([self._linear(name).weight.data for name in group])  # the original weights, copied
             rows = [self._linear(name).weight.shape[0] for name in group]
-            H, X0, n = None, None, 0
-            if self.qcfg.backend != "rtn":
-                H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
-                X0 = torch.zeros_like(H) if self.fit_stream else None  # the cross moment, see gptq_quantize
-                for x, x0 in self._captured_pairs(self.arch.to_memory(group[0])):
-                    with self._stage("hessians"):
-                        if X0 is not None:
-                            accumulate_moment(X0, x0, x, n)
-                        H, n = accumulate_hessian(H, x, n)
-                H = H[None]
-                X0 = None if X0 is None else X0[None]
-            with self._stage("solve"):
-                res = solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0)
-            del H, X0
+            res, n = self._solve_shared_input(W, self.arch.to_memory(group[0]))
             parts = _split_rows(res, rows)
             seconds = time.perf_counter() - t0
             for name, part, r in zip(group, parts, rows):
@@ -452,24 +456,10 @@ class LayerQuantizer:
         module = self.layer.get_submodule(self.arch.to_memory(mlp.prefix))
         names = [mlp.linear(w) for w in ("gate", "up", "down")]
         Wg, Wu, Wd = (self._linear(n).weight.data.clone() for n in names)  # originals, kept
-        C, I = Wg.shape[1], Wg.shape[0]
+        I = Wg.shape[0]
         gptq = qcfg.backend != "rtn"
         t0 = time.perf_counter()
-        H_gu, X0, n = None, None, 0
-        W_gu = torch.cat([Wg, Wu])
-        if gptq:
-            H_gu = torch.zeros(C, C, device=Wg.device)
-            X0 = torch.zeros_like(H_gu) if self.fit_stream else None  # the cross moment, see gptq_quantize
-            for x, x0 in self._captured_pairs(module_path, keep=True):
-                with self._stage("hessians"):
-                    if X0 is not None:
-                        accumulate_moment(X0, x0, x, n)
-                    H_gu, n = accumulate_hessian(H_gu, x, n)
-            H_gu = H_gu[None]
-            X0 = None if X0 is None else X0[None]
-        with self._stage("solve"):
-            res_gu = solve(W_gu[None], H_gu, qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0)
-        del W_gu, X0
+        res_gu, n = self._solve_shared_input(torch.cat([Wg, Wu]), module_path, keep=True)
         gq, uq = _split_rows(res_gu, [I, I])
         self._set_linear(names[0], gq.W[0])
         self._set_linear(names[1], uq.W[0])
