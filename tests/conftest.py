@@ -34,6 +34,22 @@ def tiny_model(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_rtn_export(tiny_model, tmp_path_factory) -> Path:
+    """A finished, evaluated RTN int4 export of the tiny Mixtral (manifest, card, eval_report.json):
+    read it as it is; copy it before changing it."""
+    from quantmoe.config import QuantConfig
+    from quantmoe.pipeline import quantize
+
+    base = tmp_path_factory.mktemp("tiny-export")
+    write_text(base / "calib.jsonl", repeats=10)
+    write_text(base / "heldout.jsonl", repeats=3)
+    out = base / "tiny-mixtral-rtn-int4"
+    quantize(tiny_model("mixtral"), out, QuantConfig(backend="rtn", group_size=32), calib=base / "calib.jsonl",
+             nsamples=4, seqlen=32, device="cpu", eval_data=base / "heldout.jsonl", batch_size=4, quiet=True)
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -16,21 +16,12 @@ from click.testing import CliRunner
 from quantmoe.cli import main
 from quantmoe.config import QuantConfig
 from quantmoe.files import write_manifest
-from quantmoe.pipeline import quantize
 from quantmoe.report import CARD_SECTIONS, base_model_name, model_card
-from tiny import write_text
 
 
 @pytest.fixture(scope="module")
-def export(tiny_model, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("publish")
-    model = tiny_model("mixtral")
-    write_text(base / "calib.jsonl", repeats=10)
-    write_text(base / "heldout.jsonl", repeats=3)
-    out = base / "tiny-mixtral-rtn-int4"
-    quantize(model, out, QuantConfig(backend="rtn", group_size=32), calib=base / "calib.jsonl", nsamples=4,
-             seqlen=32, device="cpu", eval_data=base / "heldout.jsonl", batch_size=4, quiet=True)
-    return out
+def export(tiny_rtn_export) -> Path:
+    return tiny_rtn_export
 
 
 @pytest.fixture

@@ -12,23 +12,14 @@ from click.testing import CliRunner
 
 from quantmoe.cli import main
 from quantmoe.config import QuantConfig
-from quantmoe.pipeline import quantize
-from tiny import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def report(tiny_model, tmp_path_factory) -> dict:
+def report(tiny_rtn_export) -> dict:
     """A real eval_report.json, from quantize on a tiny MoE."""
-    base = tmp_path_factory.mktemp("regress")
-    model = tiny_model("mixtral")
-    write_text(base / "calib.jsonl", repeats=10)
-    write_text(base / "heldout.jsonl", repeats=3)
-    out = base / "q"
-    quantize(model, out, QuantConfig(backend="rtn", group_size=32), calib=base / "calib.jsonl", nsamples=4,
-             seqlen=32, device="cpu", eval_data=base / "heldout.jsonl", batch_size=4, quiet=True)
-    return json.loads((out / "eval_report.json").read_text())
+    return json.loads((tiny_rtn_export / "eval_report.json").read_text())
 
 
 def regress(tmp_path: Path, baseline: dict, new: dict, *options):
