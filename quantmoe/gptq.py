@@ -237,23 +237,25 @@ def mean_diagonal(H: Tensor) -> Tensor:
     return torch.diagonal(H).mean().clamp(min=1e-8)
 
 
-def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16) -> tuple[Tensor, Tensor]:
+def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
+                            mean_diag: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 for H (B, C, C), so that U^T U is that inverse.
 
     With J the reversal permutation and J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J), and
     J L^-1 J is upper triangular with a positive diagonal: it is U. Dampening is
     multiplied by 10 for each matrix whose factorisation fails. H is overwritten with U,
-    one matrix at a time, so only one matrix's temporaries exist at once.
+    one matrix at a time, so only one matrix's temporaries exist at once. ``mean_diag`` (B,):
+    each matrix's ``mean_diagonal``, if the caller has it already.
     Returns (U (B, C, C), which is H's own storage; damp used (B,)).
     """
     B, C, _ = H.shape
     used = torch.full((B,), damp, device=H.device, dtype=H.dtype)
     for b in range(B):
         Hb = H[b]
-        mean_diag = mean_diagonal(Hb)
+        scale = mean_diagonal(Hb) if mean_diag is None else mean_diag[b]
         for _ in range(max_tries):
             Hd = Hb.flip((0, 1))
-            Hd.diagonal().add_(used[b] * mean_diag)
+            Hd.diagonal().add_(used[b] * scale)
             L, info = torch.linalg.cholesky_ex(Hd)
             del Hd
             if int(info) == 0:
@@ -366,15 +368,14 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     importance = diag.clone() if search.steps else None  # (B, C) in quantization order; H becomes Hinv below
     group_of = perm // width  # (B, C): group of each permuted column
 
-    fit = target is not None or cross is not None
-    mean_diag = torch.stack([mean_diagonal(H[b]) for b in range(B)]) if fit else None  # as damped_inverse_cholesky
-    Hinv, damp_used = damped_inverse_cholesky(H, damp)
+    mean_diag = torch.stack([mean_diagonal(H[b]) for b in range(B)])  # the fit's ridge is damp x this, as H's
+    Hinv, damp_used = damped_inverse_cholesky(H, damp, mean_diag=mean_diag)
     if importance is not None and search.weight == "residual":
         # What GPTQ cannot spread of a column's error: 1/U_cc^2, the variance of its input left
         # over once the inputs quantized after it are known (GPTQ's loss is err^2 / U_cc^2).
         importance = torch.diagonal(Hinv, dim1=-2, dim2=-1).pow(-2)
     by_perm = perm[:, None, :].expand(B, R, C)
-    if fit:
+    if target is not None or cross is not None:
         fitted = torch.empty_like(W)
         for b in range(B):  # one matrix at a time: P never exists for the whole batch
             P = target[b].float() if target is not None else W[b] @ cross[b].float()

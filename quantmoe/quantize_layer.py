@@ -377,9 +377,6 @@ class LayerQuantizer:
         del H_gu, X0_gu, W_gu
         fit = self.fit_down
 
-        def quantized_gate_up(e: int, res: QuantResult = res_gu) -> Tensor:  # (2I, C)
-            return _dequantized(res, e)
-
         # Pass 2 runs the quantized gate/up (true-sequential) and, for the fit or without true-sequential,
         # the original ones. Where the originals are kept elsewhere (the --fit stream/layer copy of the
         # layer) or not needed, the quantized weights go into the layer now; otherwise the layer keeps
@@ -391,7 +388,7 @@ class LayerQuantizer:
         quantized_in = original_gu is not None or (qcfg.true_sequential and not fit)
         if quantized_in:
             for e in range(E):
-                gate_up_proj.data[e].copy_(quantized_gate_up(e))
+                gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
         else:
             original_gu = gate_up_proj.data
 
@@ -419,8 +416,10 @@ class LayerQuantizer:
                     routes = self.route(x)
                     for j, e in enumerate(own):
                         rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                        src = W_gu[e] if not qcfg.true_sequential else \
-                            gate_up_proj.data[e] if quantized_in else quantized_gate_up(e)
+                        if not qcfg.true_sequential:
+                            src = W_gu[e]
+                        else:  # (2I, C): the quantized gate/up, in the layer or rebuilt from the levels
+                            src = gate_up_proj.data[e] if quantized_in else _dequantized(res_gu, e)
                         Wg, Wu = src[half["gate"]], src[half["up"]]
                         original = (W_gu[e, half["gate"]], W_gu[e, half["up"]], Wd[j]) if fit else None
                         n_d[j] = fold_down(H_d[j], None if P_d is None else P_d[j], n_d[j], rows, w, Wg, Wu,
@@ -435,8 +434,8 @@ class LayerQuantizer:
             del H_all_d, W_gu
         if not quantized_in:
             for e in range(E):
-                gate_up_proj.data[e].copy_(quantized_gate_up(e))
-        del res_gu, quantized_gate_up, original_gu  # the levels are packed; what follows needs room for the down solve
+                gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
+        del res_gu, original_gu  # the levels are packed; what follows needs room for the down solve
         res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
         del H_d, P_d
         for e in range(E):
