@@ -128,6 +128,10 @@ class Architecture:
     # (config attribute, groups): when config.<attribute> is None, these groups replace ``attention``
     # (DeepSeek without a query LoRA has q_proj instead of q_a_proj/q_b_proj).
     attention_if_none: tuple[tuple[str, Groups], ...] = ()
+    # In-memory (norm, mlp) paths when the layer ends in ``h + mlp(norm(h))``, h the residual stream
+    # after attention (pre-norm blocks): the MLP stage and the layer's outputs then start from h
+    # instead of running attention again. None: the layer is always run whole.
+    mlp_tail: tuple[str, str] | None = ("post_attention_layernorm", "mlp")
     # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
     logits_divisor: str | None = None
     # GPTQModel interop (--layout gptqmodel): whether GPTQModel 7.6 loads this family under the
@@ -328,6 +332,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             routers=("block_sparse_moe.router.layer",),
             renames=(("block_sparse_moe.router.layer.", "block_sparse_moe.router."),),
             logits_divisor="logits_scaling",
+            mlp_tail=None,  # its residual adds are scaled by residual_multiplier
             gptqmodel=False,  # GPTQModel packs gate+up of each expert as one input_linear.{e}.linear
             notes="logits divided by `logits_scaling`; exported per expert under the names vLLM splits experts into",
         ),

@@ -31,6 +31,8 @@ is B = 1. Differences from the reference, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +232,31 @@ def rtn_quantize(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
     )
 
 
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Let fp32 matrix products run as TF32 on CUDA (inputs rounded to a 10-bit mantissa, fp32
+    accumulation) inside the block. quantmoe uses it, under ``--tf32``, for Hessians, forward
+    passes and the fitted-weight products, never for GPTQ's own updates; benchmarks/README.md
+    says what it changes."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; mixing it with allow_tf32 is an error
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
 def mean_diagonal(H: Tensor) -> Tensor:
     """mean(diag H) of one matrix H (C, C), floored: what the dampening is a fraction of. Always one
     matrix at a time: a batched mean's rounding can depend on the batch's size, and a matrix's
@@ -263,10 +290,13 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
             used[b] *= 10
         else:
             raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
+        # L^-1 straight into Hb (no longer needed), through its transpose: solve_triangular's own
+        # (column-major) layout, which gives the bits of an out-of-place solve. Two C x C temporaries
+        # at a time instead of three: 0.8 GB less for a Mixtral down_proj.
         eye = torch.eye(C, device=H.device, dtype=H.dtype)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        torch.linalg.solve_triangular(L, eye, upper=False, out=Hb.mT)
         del L, eye
-        Hb.copy_(Linv.flip((0, 1)))
+        Hb.copy_(Hb.mT.flip((0, 1)))
     return H, used
 
 
@@ -327,7 +357,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
                   order: str = "static", block_size: int = 128, overwrite_H: bool = False,
                   block_fn=quantize_block, search: ClipSearch = ClipSearch(),
                   target: Tensor | None = None, refine: int = 0, cross: Tensor | None = None,
-                  dequantized: bool = True) -> QuantResult:
+                  dequantized: bool = True, overwrite_W: bool = False, fit_tf32: bool = False) -> QuantResult:
     """Quantize W (B, R, C) column by column, spreading each rounding error over the
     not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
 
@@ -344,8 +374,11 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     ``refine``: passes of ``refine_levels`` over GPTQ's levels (0: GPTQ's own).
     With ``overwrite_H`` the caller hands H over (a dense fp32 tensor it no longer needs):
     it is permuted and turned into the inverse factor in place, which saves a (B, C, C)
-    copy; for Mixtral's down_proj that is 6.6 GB. ``dequantized`` False leaves the result's W
-    None, for a caller that rebuilds it from the levels (a (B, R, C) fp32 tensor less).
+    copy; for Mixtral's down_proj that is 6.6 GB. ``overwrite_W`` likewise hands W over (fp32): it
+    becomes the working copy (3.8 GB less for Mixtral's eight gate/up). ``dequantized`` False leaves
+    the result's W None, for a caller that rebuilds it from the levels (a (B, R, C) fp32 tensor less).
+    ``fit_tf32``: the products that form the fitted weights (``target``/``cross``) may run as TF32
+    on CUDA (see ``tf32_matmuls``); GPTQ's own updates never do.
     ``block_fn`` runs one block; any replacement must compute exactly what ``quantize_block``
     computes (see gptq_graphs.py).
     """
@@ -376,15 +409,19 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
         importance = torch.diagonal(Hinv, dim1=-2, dim2=-1).pow(-2)
     by_perm = perm[:, None, :].expand(B, R, C)
     if target is not None or cross is not None:
-        fitted = torch.empty_like(W)
-        for b in range(B):  # one matrix at a time: P never exists for the whole batch
-            P = target[b].float() if target is not None else W[b] @ cross[b].float()
-            # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
-            P = torch.where(dead[b], W[b], P)[:, perm[b]]
-            fitted[b] = fitted_weights(W[b][:, perm[b]], P, Hinv[b], damp_used[b] * mean_diag[b])
-            del P
+        fitted = W if overwrite_W else torch.empty_like(W)
+        with tf32_matmuls(fit_tf32):
+            for b in range(B):  # one matrix at a time: P never exists for the whole batch
+                P = target[b].float() if target is not None else W[b] @ cross[b].float()
+                # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
+                P = torch.where(dead[b], W[b], P)[:, perm[b]]
+                fitted[b] = fitted_weights(W[b][:, perm[b]], P, Hinv[b], damp_used[b] * mean_diag[b])
+                del P
         W = fitted
         del fitted
+    elif overwrite_W:
+        for b in range(B):  # the working copy, in quantization order, in W's own storage
+            W[b] = W[b][:, perm[b]]
     else:
         W = torch.gather(W, 2, by_perm)  # the working copy, in quantization order
 

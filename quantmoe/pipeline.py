@@ -40,7 +40,7 @@ from .measure import PeakRSS, release_freed_memory, stage, steady_host_memory
 from .quantize_layer import LayerQuantizer
 from .report import model_card, render_markdown
 from .resume import fingerprint, fingerprint_parts, layer_file, open_work, read_layer_log, replay_layer, write_layer
-from .stream import LayerStream, default_batch_size, pick_device
+from .stream import Batch, LayerStream, default_batch_size, pick_device
 
 
 def default_out(model: Path, qcfg: QuantConfig) -> Path:
@@ -171,8 +171,10 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
     with stage(stages, "quantize"), PeakRSS() as rss, reader, writer:
         batches = stream.embed(ids, batch_size) if done < n else []
-        # --fit stream: the full-precision model's activations, beside the quantized model's.
-        originals = list(batches) if qcfg.fit == "stream" and qcfg.backend != "rtn" else None
+        # --fit stream: the full-precision model's activations, beside the quantized model's (their own
+        # tensors: each layer's outputs overwrite its inputs).
+        originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] \
+            if qcfg.fit == "stream" and qcfg.backend != "rtn" else None
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
             layers_log.append(read_layer_log(work, i, fp))
             layer_files.append(layer_file(work, i))

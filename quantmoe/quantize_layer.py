@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +29,15 @@ from .architectures import MLP, LayerPlan, plan_layer
 from .config import QuantConfig
 from .distributed import SINGLE, Ranks, gather_result
 from .gptq import (ClipSearch, QuantResult, QuantSpec, accumulate_hessian, accumulate_moment, dequantize,
-                   gptq_quantize, quantize_block, rtn_quantize)
+                   gptq_quantize, quantize_block, rtn_quantize, tf32_matmuls)
 from .measure import Stopwatch
 from .packing import pack_result
 from .stream import Batch, LayerStream
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
+# The down Hessians (and fit moments) of a layer's experts are built and solved in groups of experts
+# whose statistics take at most this much: 4 of Mixtral-8x7B's 8 (0.98 GiB each) per group.
+DOWN_STATS_BYTES = 4 << 30
 # Inputs of the MLP stage are captured once and reused by the passes after (down Hessians, shared
 # expert) when they take at most this much memory; above it, each pass captures them again.
 CAPTURE_CACHE_BYTES = 1 << 30
@@ -60,16 +64,17 @@ def search_of(qcfg: QuantConfig) -> ClipSearch:
 
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
           block_fn=quantize_block, target: Tensor | None = None, cross: Tensor | None = None,
-          dequantized: bool = True) -> QuantResult:
+          dequantized: bool = True, overwrite_W: bool = False, fit_tf32: bool = False) -> QuantResult:
     """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target`` or the input
     moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian.
-    ``dequantized`` False: the result's W may be None (the caller rebuilds it from the levels)."""
+    ``dequantized`` False: the result's W may be None (the caller rebuilds it from the levels).
+    ``overwrite_W``/``overwrite_H``: W/H are handed over and become GPTQ's working storage."""
     if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
     if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
     return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn,
-                         search_of(qcfg), target, qcfg.refine, cross, dequantized)
+                         search_of(qcfg), target, qcfg.refine, cross, dequantized, overwrite_W, fit_tf32)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -107,30 +112,6 @@ def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor 
     return n
 
 
-@contextmanager
-def tf32_matmuls(enabled: bool):
-    """Let fp32 matrix products inside the block run as TF32 on CUDA (inputs rounded to a
-    10-bit mantissa, fp32 accumulation). Used for Hessians and forward passes only, never
-    inside the GPTQ solve; see benchmarks/README.md for what it changes."""
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; mixing it with allow_tf32 is an error
-    before = matmul.fp32_precision if new_api else matmul.allow_tf32
-    if new_api:
-        matmul.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        if new_api:
-            matmul.fp32_precision = before
-        else:
-            matmul.allow_tf32 = before
-
-
 def _log(name: str, kind: str, res: QuantResult, b: int, shape, tokens: int, seconds: float,
          fallback: str | None = None) -> dict:
     return {
@@ -149,9 +130,9 @@ class LayerQuantizer:
                  block_fn=quantize_block, original_batches: list[Batch] | None = None):
         """``state``: the layer's tensors if already read (by a prefetching thread), else read here.
         ``block_fn``: how GPTQ runs a block of columns (gptq_graphs.GraphedBlocks on CUDA).
-        ``original_batches``: this layer's inputs in the full-precision model (``--fit stream``)."""
+        ``original_batches``: this layer's inputs in the full-precision model (``--fit stream``; for
+        ``--fit layer``, ``batches`` themselves)."""
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
-        self.original_batches = original_batches
         self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
         self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
@@ -160,12 +141,59 @@ class LayerQuantizer:
             if state is None:
                 state = stream.layer_state(index, keep_dtype=True)
             self.layer: nn.Module = stream.load_layer(index, state)
-            # --fit stream: the layer as it was, run on the full-precision stream beside the one quantized.
-            self.original: nn.Module | None = copy.deepcopy(self.layer) if original_batches is not None else None
+            # --fit stream/layer: the layer as it was, run on the full-precision stream beside the one quantized.
+            self.original: nn.Module | None = None
+            self.original_experts: tuple[Tensor, Tensor] | None = None  # (gate_up, down), see _original_copy
+            if original_batches is not None:
+                self.original, self.original_experts = self._original_copy(self._expert_dtype(state))
         del state
+        if original_batches is batches:  # --fit layer: each stream turns its own inputs into residuals
+            original_batches = [Batch(b.hidden.clone(), b.kwargs) for b in batches]
+        self.original_batches = original_batches
+        self.residual = False  # the batches hold the residual after attention (stream.to_residual)
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={})
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
+
+    def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
+        """The dtype the routed experts are stored in (fp32 where there are none)."""
+        fused, mlp = self.plan.fused, self.plan.experts
+        if fused is None or mlp is None:
+            return torch.float32
+        names = [fused.disk_gate_up] if fused.on_disk else []
+        names.append(f"{mlp.linear(fused.halves[0], 0)}.weight")
+        return next((state[n].dtype for n in names if n in state), torch.float32)
+
+    def _original_copy(self, dtype: torch.dtype) -> tuple[nn.Module, tuple[Tensor, Tensor] | None]:
+        """The layer before quantization, for the full-precision stream: a copy of every module but the
+        routed experts, whose fused (gate_up, down) tensors are kept apart in the checkpoint's ``dtype``
+        (they were converted from it, so converting back is exact): for Mixtral-8x7B 2.7 GiB instead
+        of a 5.4 GiB fp32 copy. The copy's expert tensors are empty; ``_restore_original`` puts it all
+        back into the layer for the full-precision stream's outputs."""
+        if self.plan.fused is None:
+            return copy.deepcopy(self.layer), None
+        fused = self.layer.get_submodule(self.plan.fused.module)
+        params = [getattr(fused, self.plan.fused.gate_up), getattr(fused, self.plan.fused.down)]
+        data = [p.data for p in params]
+        experts = (data[0].to(dtype, copy=True), data[1].to(dtype, copy=True))
+        try:
+            for p in params:
+                p.data = p.data.new_empty(0)
+            original = copy.deepcopy(self.layer)
+        finally:
+            for p, t in zip(params, data):
+                p.data = t
+        return original, experts
+
+    def _restore_original(self) -> None:
+        """The layer's weights back to those of ``_original_copy`` (once its quantized outputs are made)."""
+        for name, p in self.original.named_parameters():
+            if p.numel():
+                self.layer.get_parameter(name).data.copy_(p.data)
+        if self.original_experts is not None:
+            fused = self.layer.get_submodule(self.plan.fused.module)
+            for attr, t in zip((self.plan.fused.gate_up, self.plan.fused.down), self.original_experts):
+                getattr(fused, attr).data.copy_(t)
 
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
@@ -174,9 +202,19 @@ class LayerQuantizer:
         with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")):
             yield
 
+    def _inputs(self, layer: nn.Module, batches: list[Batch], module_path: str) -> Iterator[Tensor]:
+        """The input of ``layer.<module_path>`` for every batch. The MLP of a layer with an ``mlp_tail``
+        is fed from the residual after attention: the first such pass turns the batches into it."""
+        tail = self.arch.mlp_tail
+        if tail is None or module_path != tail[1]:
+            return self.stream.capture(layer, batches, module_path, self.ranks)
+        if self.residual:
+            return self.stream.mlp_inputs(layer, batches)
+        return self.stream.to_residual(layer, batches, self.ranks)
+
     def _captured(self, module_path: str) -> Iterator[Tensor]:
         """The input of ``layer.<module_path>``, batch by batch, (tokens, features); its forward passes timed as capture."""
-        batches = self.stream.capture(self.layer, self.batches, module_path, self.ranks)
+        batches = self._inputs(self.layer, self.batches, module_path)
         while True:
             with self._stage("capture"):
                 x = next(batches, None)
@@ -196,7 +234,7 @@ class LayerQuantizer:
             return
         kept, size = ([] if keep else None), 0
         originals = None if self.original is None else \
-            self.stream.capture(self.original, self.original_batches, module_path, self.ranks)
+            self._inputs(self.original, self.original_batches, module_path)
         for x in self._captured(module_path):
             x0 = x
             if originals is not None:
@@ -209,6 +247,8 @@ class LayerQuantizer:
             yield x, x0
         if kept is not None:
             self._kept[module_path] = kept
+        if self.arch.mlp_tail is not None and module_path == self.arch.mlp_tail[1]:
+            self.residual = True  # both streams' batches now hold the residual after attention
 
     @property
     def fit_stream(self) -> bool:
@@ -308,19 +348,27 @@ class LayerQuantizer:
     def rare_threshold(self, columns: int, inner: int) -> int:
         return self.qcfg.rare_expert_tokens or max(columns, inner)
 
-    def _solve_experts(self, W: Tensor, H: Tensor | None, rare: list[int], target: Tensor | None = None,
-                       cross: Tensor | None = None) -> QuantResult:
-        """This process's experts W (n, R, C) solved with Hessians H (consumed), RTN for rare ones
-        under ``--rare-expert rtn``, then gathered over the processes. The result carries no
-        dequantized W: the caller rebuilds each expert's from its levels (``_dequantized``)."""
+    def _solve_local(self, W: Tensor, H: Tensor | None, rare: list[int], target: Tensor | None = None,
+                     cross: Tensor | None = None, overwrite_W: bool = False) -> QuantResult:
+        """Experts W (n, R, C) of this process solved with Hessians H (consumed), RTN for the ``rare``
+        positions under ``--rare-expert rtn``. ``overwrite_W``: W becomes GPTQ's working copy. The
+        result carries no dequantized W: the caller rebuilds each expert's from its levels (``_dequantized``)."""
         qcfg = self.qcfg
         with self._stage("solve"):
-            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target, cross=cross,
-                        dequantized=False)
+            fallback = None
             if H is not None and rare and qcfg.rare_expert == "rtn":
-                res = _replace(res, rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg)), rare)
+                fallback = rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg))
+            res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target, cross=cross,
+                        dequantized=False, overwrite_W=overwrite_W, fit_tf32=self.tf32)
+            if fallback is not None:
+                res = _replace(res, fallback, rare)
             del H
             res.W = None
+            return res
+
+    def _gathered(self, res: QuantResult) -> QuantResult:
+        """This process's experts' result -> every expert's (distributed.gather_result)."""
+        with self._stage("solve"):
             return gather_result(res, self.plan.num_experts, self.ranks)
 
     def experts(self) -> None:
@@ -339,13 +387,13 @@ class LayerQuantizer:
         dev = gate_up_proj.device
         gptq = qcfg.backend != "rtn"
         blend = gptq and qcfg.rare_expert != "rtn"
+        fit = self.fit_down
         t0 = time.perf_counter()
 
         # Pass 1: route every token; the gate/up Hessians of this process's experts, and the
         # all-token Hessian that rare experts blend in.
         counts = [0] * E
         H_gu = torch.zeros(len(own), C, C, device=dev) if gptq else None
-        W_gu = gate_up_proj.data[mine]
         X0_gu = torch.zeros_like(H_gu) if self.fit_stream else None  # cross moments, see gptq_quantize
         n_gu = [0] * len(own)
         H_all = torch.zeros(C, C, device=dev) if blend else None
@@ -373,19 +421,16 @@ class LayerQuantizer:
                     X0_gu[j] = H_gu[j]
         del H_all
 
-        res_gu = self._solve_experts(W_gu, H_gu, rare, cross=X0_gu)
-        del H_gu, X0_gu, W_gu
-        fit = self.fit_down
-
         # Pass 2 runs the quantized gate/up (true-sequential) and, for the fit or without true-sequential,
-        # the original ones. Where the originals are kept elsewhere (the --fit stream/layer copy of the
-        # layer) or not needed, the quantized weights go into the layer now; otherwise the layer keeps
-        # its originals until the down Hessians are built and the quantized ones are rebuilt from the
-        # levels per batch (--fit mlp: no second fp32 copy of every expert's gate/up).
-        original_gu = None
-        if self.original is not None:
-            original_gu = getattr(self.original.get_submodule(layout.module), layout.gate_up).data
+        # the original ones. Where the originals are kept elsewhere (the full-precision copy of --fit
+        # stream/layer) or not needed, the layer's gate/up become GPTQ's working copy and then hold the
+        # quantized weights; otherwise the layer keeps its originals until the down Hessians are built
+        # and the quantized ones are rebuilt from the levels per batch (--fit mlp: no second fp32 copy).
+        original_gu = None if self.original_experts is None else self.original_experts[0]
         quantized_in = original_gu is not None or (qcfg.true_sequential and not fit)
+        res_gu = self._gathered(self._solve_local(gate_up_proj.data[mine], H_gu, rare, cross=X0_gu,
+                                                  overwrite_W=quantized_in))
+        del H_gu, X0_gu
         if quantized_in:
             for e in range(E):
                 gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
@@ -400,44 +445,32 @@ class LayerQuantizer:
                 log_gu[name_of, e] = _log(self.prefix + mlp.linear(name_of, e), "expert", part, e, (I, C), counts[e],
                                           (t1 - t0) / E / 2, fallback.get(e))
         del part
+        if quantized_in:
+            del res_gu  # packed; what follows needs room for the down statistics
 
-        # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens.
-        H_d = P_d = None
+        # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens,
+        # built and solved a group of experts at a time (DOWN_STATS_BYTES).
+        Wd = down_proj.data[mine]  # still the original; each group's becomes its solve's working copy
         if gptq:
-            W_gu = original_gu  # down_proj is still the original
-            Wd = down_proj.data[mine]
-            H_d = torch.zeros(len(own), I, I, device=dev)
-            P_d = torch.zeros(len(own), C, I, device=dev) if fit else None
-            n_d = [0] * len(own)
-            H_all_d = {j: torch.zeros(I, I, device=dev) for j in rare} if blend else {}
-            n_all_d = dict.fromkeys(H_all_d, 0)
-            for x, x0 in self._captured_pairs(arch.moe_module, keep=True):
-                with self._stage("hessians"):
-                    routes = self.route(x)
-                    for j, e in enumerate(own):
-                        rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                        if not qcfg.true_sequential:
-                            src = W_gu[e]
-                        else:  # (2I, C): the quantized gate/up, in the layer or rebuilt from the levels
-                            src = gate_up_proj.data[e] if quantized_in else _dequantized(res_gu, e)
-                        Wg, Wu = src[half["gate"]], src[half["up"]]
-                        original = (W_gu[e, half["gate"]], W_gu[e, half["up"]], Wd[j]) if fit else None
-                        n_d[j] = fold_down(H_d[j], None if P_d is None else P_d[j], n_d[j], rows, w, Wg, Wu,
-                                           act, original, rows0)
-                        if j in H_all_d:
-                            for h in mlp_hidden(x, Wg, Wu, act):
-                                _, n_all_d[j] = accumulate_hessian(H_all_d[j], h, n_all_d[j])
-            for j, H_all_j in H_all_d.items():
-                H_d[j] = _blend(H_d[j], H_all_j, counts[own[j]], threshold, qcfg.rare_expert)
-                if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
-                    P_d[j] = Wd[j] @ H_d[j]
-            del H_all_d, W_gu
+            per = max(1, DOWN_STATS_BYTES // ((I * I + (C * I if fit else 0)) * 4))
+            parts = []
+            for start in range(0, max(len(own), 1), per):
+                group = range(start, min(start + per, len(own)))
+                H_d, P_d = self._down_statistics(group, own, Wd, original_gu, None if quantized_in else res_gu,
+                                                 counts, threshold, rare, act, half)
+                parts.append(self._solve_local(Wd[start:group.stop], H_d, [j - start for j in rare if j in group],
+                                               P_d, overwrite_W=True))
+                del H_d, P_d
+            res_d = _concat(parts)
+            del parts
+        else:
+            res_d = self._solve_local(Wd, None, rare)
+        res_d = self._gathered(res_d)
         if not quantized_in:
             for e in range(E):
                 gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
-        del res_gu, original_gu  # the levels are packed; what follows needs room for the down solve
-        res_d = self._solve_experts(down_proj.data[mine], H_d, rare, P_d)
-        del H_d, P_d
+            del res_gu
+        del original_gu, Wd
         for e in range(E):
             down_proj.data[e].copy_(_dequantized(res_d, e))
         t2 = time.perf_counter()
@@ -448,6 +481,50 @@ class LayerQuantizer:
             self.result.log += [log_gu["gate", e], log_gu["up", e],
                                 _log(self.prefix + mlp.linear("down", e), "expert", res_d, e, (C, I), counts[e],
                                      (t2 - t1) / E, fallback.get(e))]
+
+    def _down_statistics(self, group: range, own: range, Wd: Tensor, original_gu: Tensor,
+                         res_gu: QuantResult | None, counts: list[int], threshold: int, rare: list[int], act,
+                         half: dict[str, slice]) -> tuple[Tensor, Tensor | None]:
+        """Pass 2 for the experts at positions ``group`` of this process's share ``own``: their down
+        Hessians (and, for the fit, the moments P of the original MLP's outputs), from the routed
+        tokens run through the quantized gate/up (in the layer, or rebuilt from ``res_gu``'s levels).
+        ``original_gu`` (E, 2I, C) holds the original gate/up, in any float dtype; ``Wd`` the
+        original down of ``own``."""
+        qcfg, fit = self.qcfg, self.fit_down
+        gate_up_proj = getattr(self.layer.get_submodule(self.plan.fused.module), self.plan.fused.gate_up)
+        C, I = Wd.shape[1], Wd.shape[2]
+        dev = Wd.device
+        H_d = torch.zeros(len(group), I, I, device=dev)
+        P_d = torch.zeros(len(group), C, I, device=dev) if fit else None
+        n_d = [0] * len(group)
+        H_all_d = {k: torch.zeros(I, I, device=dev) for k, j in enumerate(group) if j in rare} \
+            if qcfg.rare_expert != "rtn" else {}
+        n_all_d = dict.fromkeys(H_all_d, 0)
+        for x, x0 in self._captured_pairs(self.arch.moe_module, keep=True):
+            with self._stage("hessians"):
+                routes = self.route(x)
+                for k, j in enumerate(group):
+                    e = own[j]
+                    rows, rows0, w = self.expert_pairs(x, x0, routes[e])
+                    W_gu = original_gu[e].float() if fit or not qcfg.true_sequential else None  # (2I, C)
+                    if not qcfg.true_sequential:
+                        src = W_gu
+                    else:  # the quantized gate/up, in the layer or rebuilt from the levels
+                        src = gate_up_proj.data[e] if res_gu is None else _dequantized(res_gu, e)
+                    Wg, Wu = src[half["gate"]], src[half["up"]]
+                    original = (W_gu[half["gate"]], W_gu[half["up"]], Wd[j]) if fit else None
+                    n_d[k] = fold_down(H_d[k], None if P_d is None else P_d[k], n_d[k], rows, w, Wg, Wu,
+                                       act, original, rows0)
+                    if k in H_all_d:
+                        for h in mlp_hidden(x, Wg, Wu, act):
+                            _, n_all_d[k] = accumulate_hessian(H_all_d[k], h, n_all_d[k])
+                    del W_gu
+        for k, H_all_k in H_all_d.items():
+            j = group[k]
+            H_d[k] = _blend(H_d[k], H_all_k, counts[own[j]], threshold, qcfg.rare_expert)
+            if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
+                P_d[k] = Wd[j] @ H_d[k]
+        return H_d, P_d
 
     def dense(self, mlp: MLP, module_path: str, kind: str) -> None:
         """A gated MLP fed every token entering ``module_path``: a shared expert or a dense layer's MLP."""
@@ -492,15 +569,22 @@ class LayerQuantizer:
             return f"all-tokens: {count} routed tokens < {threshold}; Hessian of all tokens entering the MoE block"
         return f"rtn: {count} routed tokens < {threshold}; round-to-nearest"
 
+    def outputs(self) -> None:
+        """The quantized layer's outputs (and under --fit stream the original layer's, on the
+        full-precision stream): the next layer's inputs, written over this layer's, batch by batch."""
+        self._kept.clear()
+        with self._stage("forward"):
+            forward = self.stream.run_tail if self.residual else partial(self.stream.run_layer, in_place=True)
+            self.result.outputs = forward(self.layer, self.batches, self.ranks)
+            if self.original is not None and self.qcfg.fit == "stream":
+                self._restore_original()
+                self.result.original_outputs = forward(self.layer, self.original_batches, self.ranks)
+        self.original = self.original_experts = None
+
     def run(self) -> LayerResult:
         self.attention()
         self.mlps()
-        self._kept.clear()
-        with self._stage("forward"):
-            self.result.outputs = self.stream.run_layer(self.layer, self.batches, self.ranks)
-            if self.original is not None and self.qcfg.fit == "stream":
-                self.result.original_outputs = self.stream.run_layer(self.original, self.original_batches, self.ranks)
-        self.original = None
+        self.outputs()
         self.stream.release_layer(self.index)
         self.result.timings = self.clock.rounded()
         self.result.peak_gpu_mb = dict(self.clock.peak_gpu_mb)
@@ -537,6 +621,14 @@ def _replace(res: QuantResult, sub: QuantResult, idx: list[int]) -> QuantResult:
         if getattr(res, field_name) is not None:
             getattr(res, field_name)[idx] = getattr(sub, field_name)
     return res
+
+
+def _concat(parts: list[QuantResult]) -> QuantResult:
+    """Results over consecutive groups of matrices (without W) as one result."""
+    if len(parts) == 1:
+        return parts[0]
+    return QuantResult(**{name: torch.cat([getattr(r, name) for r in parts])
+                          for name in ("q", "scales", "zeros", "loss", "damp")}, g_idx=parts[0].g_idx, W=None)
 
 
 def _dequantized(res: QuantResult, b: int) -> Tensor:

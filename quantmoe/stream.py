@@ -223,14 +223,48 @@ class LayerStream:
         return out
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> list[Batch]:
+    def run_layer(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE,
+                  in_place: bool = False) -> list[Batch]:
         """Outputs of ``layer`` for every batch: the next layer's inputs (with several processes,
-        each runs its share of the batches and every process gets all outputs)."""
+        each runs its share of the batches and every process gets all outputs). ``in_place``:
+        each output overwrites its batch's input, so the activations never exist twice."""
         def forward(b: Batch) -> Tensor:
             h = layer(b.hidden, **b.kwargs)
             return h[0] if isinstance(h, tuple) else h
 
-        return [Batch(h, b.kwargs) for h, b in zip(spread(batches, forward, ranks, self.device), batches)]
+        return _outputs(batches, spread(batches, forward, ranks, self.device), in_place)
+
+    # -- the MLP half of a pre-norm layer (the row's ``mlp_tail``) ---------------------
+    @torch.no_grad()
+    def to_residual(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """Turn every batch's hidden state, the layer's input, into the residual stream after
+        attention (the input of the row's post-attention norm), in place, and yield the MLP's
+        input for each batch, (tokens, features). Attention runs once more here and never again
+        for this layer: later MLP inputs and the layer's outputs start from the residual."""
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
+            b.hidden.copy_(h.view_as(b.hidden))
+            # norm.forward: the capture's hook on the norm stays registered until the last batch.
+            yield norm.forward(b.hidden).reshape(-1, b.hidden.shape[-1])
+
+    @torch.no_grad()
+    def mlp_inputs(self, layer: nn.Module, batches: list[Batch]) -> Iterator[Tensor]:
+        """The MLP's input for batches that hold the residual after attention (``to_residual``)."""
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        for b in batches:
+            yield norm(b.hidden).reshape(-1, b.hidden.shape[-1])
+
+    @torch.no_grad()
+    def run_tail(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> list[Batch]:
+        """The layer's outputs for batches that hold the residual after attention, written in place:
+        residual + mlp(norm(residual)), the last lines of the layer's own forward."""
+        norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
+
+        def forward(b: Batch) -> Tensor:
+            out = mlp(norm(b.hidden))
+            return b.hidden + (out[0] if isinstance(out, tuple) else out)
+
+        return _outputs(batches, spread(batches, forward, ranks, self.device), True)
 
     @torch.no_grad()
     def capture(self, layer: nn.Module, batches: list[Batch], module_path: str,
@@ -278,3 +312,13 @@ class LayerStream:
         if self.arch.logits_divisor is not None:  # as the model's own forward does (GraniteMoE)
             logits = logits / getattr(self.config, self.arch.logits_divisor)
         return logits
+
+
+def _outputs(batches: list[Batch], outputs: Iterator[Tensor], in_place: bool) -> list[Batch]:
+    """The batches with ``outputs`` as their hidden states: written into the same tensors
+    (``in_place``; each output is computed before its batch is overwritten) or as new batches."""
+    if not in_place:
+        return [Batch(h, b.kwargs) for h, b in zip(outputs, batches)]
+    for b, h in zip(batches, outputs):
+        b.hidden.copy_(h.view_as(b.hidden))
+    return batches

@@ -253,6 +253,8 @@ def test_recipe_options_export_exactly_what_the_layer_runs_with(tiny_model, text
     lq.attention()
     lq.mlps()
     memory = {k: v.clone() for k, v in lq.layer.state_dict().items()}
+    if lq.original_experts is not None:  # kept in the checkpoint's dtype (fp16 here), not as an fp32 copy
+        assert all(t.dtype == torch.float16 for t in lq.original_experts)
     prefix = f"model.layers.{index}."
     weights = {}
     for name in {n.rsplit(".", 1)[0] for n in lq.result.tensors}:
@@ -263,9 +265,9 @@ def test_recipe_options_export_exactly_what_the_layer_runs_with(tiny_model, text
         assert torch.isfinite(value).all(), key
         assert torch.equal(value, expected[key].to(value.dtype)), key
     if expected_original is not None:
-        out = stream.run_layer(lq.original, lq.original_batches)
-        for got, want in zip(out, expected_original):
-            assert torch.allclose(got.hidden, want.hidden, atol=1e-6)
+        lq.outputs()
+        for got, want in zip(lq.result.original_outputs, expected_original):
+            assert torch.equal(got.hidden, want.hidden)
 
 
 @torch.no_grad()
@@ -331,3 +333,52 @@ def test_fp32_attention_hook_leaves_cpu_and_half_precision_to_transformers():
     assert hook(None, k, k) is True               # CPU fp32, no mask: transformers' own answer
     assert hook(None, k.half(), k.half()) is True
     assert hook(torch.zeros(1, 1, 8, 8), k, k) is False
+
+
+@pytest.mark.parametrize("model_type", [name for name in ARCH_NAMES if ARCHITECTURES[name].mlp_tail is not None])
+def test_mlp_tail_gives_the_layers_own_outputs(tiny_model, text_file, model_type):
+    """A row's ``mlp_tail``: turning the inputs into the residual after attention and running only
+    norm + MLP gives the whole layer's outputs bit for bit, and the MLP's inputs it captures."""
+    from quantmoe.calibration import build_calibration
+
+    ckpt = Checkpoint(tiny_model(model_type))
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 4, 32, 0)
+    tail = ARCHITECTURES[model_type].mlp_tail
+    for index in range(stream.num_layers):  # dense and MoE layers alike
+        layer = stream.load_layer(index, stream.layer_state(index))
+        batches = stream.embed(ids, 2)
+        whole = stream.run_layer(layer, batches)
+        captured = list(stream.capture(layer, batches, tail[1]))
+        inputs = list(stream.to_residual(layer, batches))
+        assert all(torch.equal(a, b) for a, b in zip(inputs, captured))
+        assert all(torch.equal(a, b) for a, b in zip(stream.mlp_inputs(layer, batches), captured))
+        out = stream.run_tail(layer, batches)
+        assert out is batches  # written in place
+        assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(out, whole))
+        stream.release_layer(index)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_down_statistics_in_groups_and_without_the_mlp_tail_give_the_same_bytes(tiny_model, text_file, tmp_path,
+                                                                                  monkeypatch, model_type):
+    """Memory savers that must not change a bit: the experts' down Hessians built and solved one
+    expert at a time (DOWN_STATS_BYTES) instead of all at once, and the MLP stage fed by running
+    every layer whole instead of from the residual after attention (no ``mlp_tail``)."""
+    import dataclasses
+
+    import quantmoe.quantize_layer as ql
+    from quantmoe import architectures
+
+    def run(name):
+        out = tmp_path / name
+        quantmoe.quantize(tiny_model(model_type), out, QuantConfig(group_size=32), calib=text_file, nsamples=8,
+                          seqlen=32, run_eval=False, quiet=True)
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    reference = run("reference")
+    monkeypatch.setattr(ql, "DOWN_STATS_BYTES", 1)
+    assert run("one-expert-groups") == reference
+    monkeypatch.setitem(architectures.ARCHITECTURES, model_type,
+                        dataclasses.replace(architectures.ARCHITECTURES[model_type], mlp_tail=None))
+    assert run("whole-layers") == reference
