@@ -280,21 +280,23 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
     for b in range(B):
         Hb = H[b]
         scale = mean_diagonal(Hb) if mean_diag is None else mean_diag[b]
+        Hb.copy_(Hb.flip((0, 1)))  # J H J, in H's own storage
+        diag = Hb.diagonal().clone()
         for _ in range(max_tries):
-            Hd = Hb.flip((0, 1))
-            Hd.diagonal().add_(used[b] * scale)
-            L, info = torch.linalg.cholesky_ex(Hd)
-            del Hd
+            Hb.diagonal().copy_(diag).add_(used[b] * scale)
+            L, info = torch.linalg.cholesky_ex(Hb)
             if int(info) == 0:
                 break
             used[b] *= 10
         else:
             raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
-        # L^-1 straight into Hb (no longer needed), through its transpose: solve_triangular's own
-        # (column-major) layout, which gives the bits of an out-of-place solve. Two C x C temporaries
-        # at a time instead of three: 0.8 GB less for a Mixtral down_proj.
-        eye = torch.eye(C, device=H.device, dtype=H.dtype)
-        torch.linalg.solve_triangular(L, eye, upper=False, out=Hb.mT)
+        # L^-1 solved in place over an identity in Hb, through its transpose: solve_triangular's own
+        # (column-major) layout, which gives the bits of an out-of-place solve. L is the one C x C
+        # temporary (three before: 1.6 GB less for a Mixtral down_proj).
+        eye = Hb.mT
+        eye.zero_()
+        eye.diagonal().fill_(1)
+        torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
         del L, eye
         Hb.copy_(Hb.mT.flip((0, 1)))
     return H, used

@@ -55,10 +55,12 @@ def pack_linear(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bits: i
 
 def pack_result(result: QuantResult, bits: int) -> list[dict[str, Tensor]]:
     """Pack each of the B matrices in a QuantResult on the device it lies on (the int64
-    bit shuffling is cheap on a GPU, slow on the host at Mixtral size); the packed tensors come back on the CPU."""
+    bit shuffling is cheap on a GPU, slow on the host at Mixtral size); the packed tensors come back on
+    the CPU. From a GPU the copies are only queued (into pinned memory): wait for the device, e.g. on an
+    event recorded after this call, before reading them."""
     return [
-        {name: t.cpu() for name, t in pack_linear(result.q[b], result.scales[b], result.zeros[b], result.g_idx,
-                                                  bits).items()}
+        {name: t.to("cpu", non_blocking=True)
+         for name, t in pack_linear(result.q[b], result.scales[b], result.zeros[b], result.g_idx, bits).items()}
         for b in range(result.q.shape[0])
     ]
 

@@ -213,7 +213,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                      "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb, "peak_rss_mb": rss.take(),
                      "expert_tokens": result.expert_tokens, "modules": result.log}
             if ranks.writes:
-                written = writer.submit(write_layer, work, i, result.tensors, entry, fp)
+                written = writer.submit(_write_when_packed, result.packed, work, i, result.tensors, entry, fp)
             layers_log.append(entry)
             layer_files.append(layer_file(work, i))
             del result
@@ -266,6 +266,13 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         raise
     shutil.rmtree(work, ignore_errors=True)
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes, "rank": 0}
+
+
+def _write_when_packed(packed: torch.cuda.Event | None, *args) -> Path:
+    """write_layer(*args) once the layer's packed tensors have reached the host (LayerResult.packed)."""
+    if packed is not None:
+        packed.synchronize()
+    return write_layer(*args)
 
 
 def _gpu_peak(dev: torch.device, reset: bool = False) -> float | None:

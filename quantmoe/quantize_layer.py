@@ -52,6 +52,7 @@ class LayerResult:
     original_outputs: list[Batch] | None = None          # the same in the full-precision model (--fit stream)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, capture, hessians, solve, forward, write
     peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per stage, on CUDA
+    packed: torch.cuda.Event | None = None  # on CUDA: reached once ``tensors`` are copied to the host
 
 
 def spec_of(qcfg: QuantConfig) -> QuantSpec:
@@ -450,7 +451,13 @@ class LayerQuantizer:
 
         # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens,
         # built and solved a group of experts at a time (DOWN_STATS_BYTES).
-        Wd = down_proj.data[mine]  # still the original; each group's becomes its solve's working copy
+        if gptq and self.original_experts is not None:
+            # The original down weights are in the full-precision copy: the layer's fp32 ones are freed
+            # until the quantized ones go in, and each group's solve works in an fp32 copy of its own.
+            Wd = self.original_experts[1][mine]
+            down_proj.data = down_proj.data.new_empty(0)
+        else:
+            Wd = down_proj.data[mine]  # still the original; each group's becomes its solve's working copy
         if gptq:
             per = max(1, DOWN_STATS_BYTES // ((I * I + (C * I if fit else 0)) * 4))
             parts = []
@@ -458,7 +465,7 @@ class LayerQuantizer:
                 group = range(start, min(start + per, len(own)))
                 H_d, P_d = self._down_statistics(group, own, Wd, original_gu, None if quantized_in else res_gu,
                                                  counts, threshold, rare, act, half)
-                parts.append(self._solve_local(Wd[start:group.stop], H_d, [j - start for j in rare if j in group],
+                parts.append(self._solve_local(Wd[start:group.stop].float(), H_d, [j - start for j in rare if j in group],
                                                P_d, overwrite_W=True))
                 del H_d, P_d
             res_d = _concat(parts)
@@ -471,6 +478,8 @@ class LayerQuantizer:
                 gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
             del res_gu
         del original_gu, Wd
+        if down_proj.data.numel() == 0:
+            down_proj.data = torch.empty(E, C, I, device=dev, dtype=gate_up_proj.dtype)
         for e in range(E):
             down_proj.data[e].copy_(_dequantized(res_d, e))
         t2 = time.perf_counter()
@@ -488,8 +497,8 @@ class LayerQuantizer:
         """Pass 2 for the experts at positions ``group`` of this process's share ``own``: their down
         Hessians (and, for the fit, the moments P of the original MLP's outputs), from the routed
         tokens run through the quantized gate/up (in the layer, or rebuilt from ``res_gu``'s levels).
-        ``original_gu`` (E, 2I, C) holds the original gate/up, in any float dtype; ``Wd`` the
-        original down of ``own``."""
+        ``original_gu`` (E, 2I, C) holds the original gate/up and ``Wd`` the original down of ``own``,
+        both in any float dtype."""
         qcfg, fit = self.qcfg, self.fit_down
         gate_up_proj = getattr(self.layer.get_submodule(self.plan.fused.module), self.plan.fused.gate_up)
         C, I = Wd.shape[1], Wd.shape[2]
@@ -512,7 +521,7 @@ class LayerQuantizer:
                     else:  # the quantized gate/up, in the layer or rebuilt from the levels
                         src = gate_up_proj.data[e] if res_gu is None else _dequantized(res_gu, e)
                     Wg, Wu = src[half["gate"]], src[half["up"]]
-                    original = (W_gu[half["gate"]], W_gu[half["up"]], Wd[j]) if fit else None
+                    original = (W_gu[half["gate"]], W_gu[half["up"]], Wd[j].float()) if fit else None
                     n_d[k] = fold_down(H_d[k], None if P_d is None else P_d[k], n_d[k], rows, w, Wg, Wu,
                                        act, original, rows0)
                     if k in H_all_d:
@@ -523,7 +532,7 @@ class LayerQuantizer:
             j = group[k]
             H_d[k] = _blend(H_d[k], H_all_k, counts[own[j]], threshold, qcfg.rare_expert)
             if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
-                P_d[k] = Wd[j] @ H_d[k]
+                P_d[k] = Wd[j].float() @ H_d[k]
         return H_d, P_d
 
     def dense(self, mlp: MLP, module_path: str, kind: str) -> None:
@@ -584,6 +593,9 @@ class LayerQuantizer:
     def run(self) -> LayerResult:
         self.attention()
         self.mlps()
+        if self.stream.device.type == "cuda":  # the packed tensors' copies to the host are queued, not done
+            self.result.packed = torch.cuda.Event()
+            self.result.packed.record()
         self.outputs()
         self.stream.release_layer(self.index)
         self.result.timings = self.clock.rounded()
