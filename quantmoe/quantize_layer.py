@@ -151,7 +151,8 @@ class LayerQuantizer:
         if original_batches is batches:  # --fit layer: each stream turns its own inputs into residuals
             original_batches = [Batch(b.hidden.clone(), b.kwargs) for b in batches]
         self.original_batches = original_batches
-        self.residual = False  # the batches hold the residual after attention (stream.to_residual)
+        # Whether each stream's batches hold the residual after attention (stream.to_residual).
+        self.residual = self.original_residual = False
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={})
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
@@ -203,19 +204,24 @@ class LayerQuantizer:
         with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")):
             yield
 
-    def _inputs(self, layer: nn.Module, batches: list[Batch], module_path: str) -> Iterator[Tensor]:
-        """The input of ``layer.<module_path>`` for every batch. The MLP of a layer with an ``mlp_tail``
-        is fed from the residual after attention: the first such pass turns the batches into it."""
+    def _inputs(self, module_path: str, original: bool = False) -> Iterator[Tensor]:
+        """The input of ``<module_path>`` for every batch of the quantized (or the ``original``) stream.
+        The MLP of a layer with an ``mlp_tail`` is fed from the residual after attention: the first
+        such pass turns the batches into it; the full-precision stream's attention never changes, so
+        its last attention capture does that already."""
+        layer, batches = (self.original, self.original_batches) if original else (self.layer, self.batches)
         tail = self.arch.mlp_tail
-        if tail is None or module_path != tail[1]:
-            return self.stream.capture(layer, batches, module_path, self.ranks)
-        if self.residual:
-            return self.stream.mlp_inputs(layer, batches)
-        return self.stream.to_residual(layer, batches, self.ranks)
+        if tail is not None and module_path == tail[1]:
+            if self.original_residual if original else self.residual:
+                return self.stream.mlp_inputs(layer, batches)
+            return self.stream.to_residual(layer, batches, self.ranks)
+        if tail is not None and original and module_path == self.arch.to_memory(self.plan.attention[-1][0]):
+            return self.stream.capture_to_residual(layer, batches, module_path, self.ranks)
+        return self.stream.capture(layer, batches, module_path, self.ranks)
 
     def _captured(self, module_path: str) -> Iterator[Tensor]:
         """The input of ``layer.<module_path>``, batch by batch, (tokens, features); its forward passes timed as capture."""
-        batches = self._inputs(self.layer, self.batches, module_path)
+        batches = self._inputs(module_path)
         while True:
             with self._stage("capture"):
                 x = next(batches, None)
@@ -234,8 +240,7 @@ class LayerQuantizer:
             yield from self._kept[module_path]
             return
         kept, size = ([] if keep else None), 0
-        originals = None if self.original is None else \
-            self._inputs(self.original, self.original_batches, module_path)
+        originals = None if self.original is None else self._inputs(module_path, original=True)
         for x in self._captured(module_path):
             x0 = x
             if originals is not None:
@@ -248,8 +253,11 @@ class LayerQuantizer:
             yield x, x0
         if kept is not None:
             self._kept[module_path] = kept
-        if self.arch.mlp_tail is not None and module_path == self.arch.mlp_tail[1]:
-            self.residual = True  # both streams' batches now hold the residual after attention
+        tail = self.arch.mlp_tail
+        if tail is not None and module_path == tail[1]:
+            self.residual = self.original_residual = True  # both streams hold the residual after attention
+        elif tail is not None and originals is not None and module_path == self.arch.to_memory(self.plan.attention[-1][0]):
+            self.original_residual = True  # see _inputs
 
     @property
     def fit_stream(self) -> bool:

@@ -248,6 +248,40 @@ class LayerStream:
             yield norm.forward(b.hidden).reshape(-1, b.hidden.shape[-1])
 
     @torch.no_grad()
+    def capture_to_residual(self, layer: nn.Module, batches: list[Batch], module_path: str,
+                            ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """``capture`` of a module before the post-attention norm, in a pass that goes on to the norm
+        and does what ``to_residual`` does: for a stream whose attention will not change (the
+        full-precision one), the last pass through attention serves both."""
+        module = layer.get_submodule(module_path)
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        grabbed: list[Tensor] = []
+
+        def grab(_module, args, kwargs):  # the module's input; the pass goes on
+            grabbed.append(args[0] if args else next(iter(kwargs.values())))
+
+        def stop(_module, args, kwargs):  # the residual after attention; the pass ends here
+            grabbed.append(args[0] if args else next(iter(kwargs.values())))
+            raise _Stop
+
+        def one(b: Batch) -> Tensor:  # both as one flat tensor, for spread
+            with contextlib.suppress(_Stop):
+                layer(b.hidden, **b.kwargs)
+            h = grabbed.pop()
+            return torch.cat([grabbed.pop().reshape(-1), h.reshape(-1)])
+
+        handles = [module.register_forward_pre_hook(grab, with_kwargs=True),
+                   norm.register_forward_pre_hook(stop, with_kwargs=True)]
+        try:
+            for b, both in zip(batches, spread(batches, one, ranks, self.device)):
+                x = both[:-b.hidden.numel()]
+                b.hidden.copy_(both[-b.hidden.numel():].view_as(b.hidden))
+                yield x.view(b.hidden.numel() // b.hidden.shape[-1], -1)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
     def mlp_inputs(self, layer: nn.Module, batches: list[Batch]) -> Iterator[Tensor]:
         """The MLP's input for batches that hold the residual after attention (``to_residual``)."""
         norm = layer.get_submodule(self.arch.mlp_tail[0])

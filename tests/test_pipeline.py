@@ -353,6 +353,12 @@ def test_mlp_tail_gives_the_layers_own_outputs(tiny_model, text_file, model_type
         inputs = list(stream.to_residual(layer, batches))
         assert all(torch.equal(a, b) for a, b in zip(inputs, captured))
         assert all(torch.equal(a, b) for a, b in zip(stream.mlp_inputs(layer, batches), captured))
+        # The full-precision stream's last attention capture turns it into the residual on the way.
+        last = ARCHITECTURES[model_type].to_memory(plan_layer(ARCHITECTURES[model_type], ckpt.config, index).attention[-1][0])
+        fresh = stream.embed(ids, 2)
+        want = list(stream.capture(layer, fresh, last))  # (one capture on a layer at a time: hooks)
+        assert all(torch.equal(a, b) for a, b in zip(stream.capture_to_residual(layer, fresh, last), want))
+        assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(fresh, batches))
         out = stream.run_tail(layer, batches)
         assert out is batches  # written in place
         assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(out, whole))
