@@ -154,18 +154,22 @@ class LayerStream:
         return grabbed
 
     # -- decoder layers ------------------------------------------------------------
-    def layer_state(self, index: int, keep_dtype: bool = False) -> dict[str, Tensor]:
+    def layer_state(self, index: int, keep_dtype: bool = False, pin: bool = False) -> dict[str, Tensor]:
         """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory
         (an export with unfused expert names, GPTQModel's or llm-compressor's, is recognised by its
         names and mapped back).
 
         ``keep_dtype`` leaves them as stored (bf16 for most checkpoints: half the bytes to
         read and to copy to the device, where ``load_layer`` converts them). Safe to call
-        from a background thread while another layer is being worked on.
+        from a background thread while another layer is being worked on. ``pin``: in page-locked
+        memory, which a GPU copies from asynchronously and several times faster (2.7 GiB of Mixtral
+        layer: about 0.2 s less per layer on an H200), for the price of that copy in host memory.
         """
         state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype)
         if self.arch.uses_unfused_names(state):
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
+        if pin:
+            state = {name: t.pin_memory() for name, t in state.items()}
         return state
 
     def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
