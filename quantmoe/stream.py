@@ -169,6 +169,9 @@ class LayerStream:
         if self.arch.uses_unfused_names(state):
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         if pin:
+            # Under this process's GPU: a reading thread starts on device 0, where a second process
+            # must not make a CUDA context (torchrun: rank 1 would hold one on rank 0's GPU).
+            torch.cuda.set_device(self.device)
             state = {name: t.pin_memory() for name, t in state.items()}
         return state
 
