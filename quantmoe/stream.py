@@ -171,7 +171,8 @@ class LayerStream:
         if pin:
             # Under this process's GPU: a reading thread starts on device 0, where a second process
             # must not make a CUDA context (torchrun: rank 1 would hold one on rank 0's GPU).
-            torch.cuda.set_device(self.device)
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
             state = {name: t.pin_memory() for name, t in state.items()}
         return state
 
