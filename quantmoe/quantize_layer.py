@@ -151,8 +151,14 @@ class LayerQuantizer:
         if original_batches is batches:  # --fit layer: each stream turns its own inputs into residuals
             original_batches = [Batch(b.hidden.clone(), b.kwargs) for b in batches]
         self.original_batches = original_batches
-        # Whether each stream's batches hold the residual after attention (stream.to_residual).
+        # Whether each stream's batches hold the residual after attention (stream.to_residual), and the
+        # captures that make them do so: the MLP's input, and for the full-precision stream the last
+        # attention group's input (None: the row has no mlp_tail).
         self.residual = self.original_residual = False
+        tail = self.arch.mlp_tail
+        self._mlp_path = None if tail is None else tail[1]
+        self._last_attention_path = None if tail is None or not self.plan.attention else \
+            self.arch.to_memory(self.plan.attention[-1][0])
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={})
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
@@ -210,12 +216,11 @@ class LayerQuantizer:
         such pass turns the batches into it; the full-precision stream's attention never changes, so
         its last attention capture does that already."""
         layer, batches = (self.original, self.original_batches) if original else (self.layer, self.batches)
-        tail = self.arch.mlp_tail
-        if tail is not None and module_path == tail[1]:
+        if module_path == self._mlp_path:
             if self.original_residual if original else self.residual:
                 return self.stream.mlp_inputs(layer, batches)
             return self.stream.to_residual(layer, batches, self.ranks)
-        if tail is not None and original and module_path == self.arch.to_memory(self.plan.attention[-1][0]):
+        if original and module_path == self._last_attention_path:
             return self.stream.capture_to_residual(layer, batches, module_path, self.ranks)
         return self.stream.capture(layer, batches, module_path, self.ranks)
 
@@ -253,10 +258,9 @@ class LayerQuantizer:
             yield x, x0
         if kept is not None:
             self._kept[module_path] = kept
-        tail = self.arch.mlp_tail
-        if tail is not None and module_path == tail[1]:
+        if module_path == self._mlp_path:
             self.residual = self.original_residual = True  # both streams hold the residual after attention
-        elif tail is not None and originals is not None and module_path == self.arch.to_memory(self.plan.attention[-1][0]):
+        elif originals is not None and module_path == self._last_attention_path:
             self.original_residual = True  # see _inputs
 
     @property
@@ -473,7 +477,7 @@ class LayerQuantizer:
                 group = range(start, min(start + per, len(own)))
                 H_d, P_d = self._down_statistics(group, own, Wd, original_gu, None if quantized_in else res_gu,
                                                  counts, threshold, rare, act, half)
-                parts.append(self._solve_local(Wd[start:group.stop].float(), H_d, [j - start for j in rare if j in group],
+                parts.append(self._solve_local(Wd[group.start:group.stop].float(), H_d, [j - start for j in rare if j in group],
                                                P_d, overwrite_W=True))
                 del H_d, P_d
             res_d = _concat(parts)
@@ -535,7 +539,6 @@ class LayerQuantizer:
                     if k in H_all_d:
                         for h in mlp_hidden(x, Wg, Wu, act):
                             _, n_all_d[k] = accumulate_hessian(H_all_d[k], h, n_all_d[k])
-                    del W_gu
         for k, H_all_k in H_all_d.items():
             j = group[k]
             H_d[k] = _blend(H_d[k], H_all_k, counts[own[j]], threshold, qcfg.rare_expert)

@@ -266,10 +266,10 @@ class LayerStream:
         grabbed: list[Tensor] = []
 
         def grab(_module, args, kwargs):  # the module's input; the pass goes on
-            grabbed.append(args[0] if args else next(iter(kwargs.values())))
+            grabbed.append(_first_input(args, kwargs))
 
         def stop(_module, args, kwargs):  # the residual after attention; the pass ends here
-            grabbed.append(args[0] if args else next(iter(kwargs.values())))
+            grabbed.append(_first_input(args, kwargs))
             raise _Stop
 
         def one(b: Batch) -> Tensor:  # both as one flat tensor, for spread
@@ -320,7 +320,7 @@ class LayerStream:
         grabbed: list[Tensor] = []
 
         def grab(_module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
+            x = _first_input(args, kwargs)
             grabbed.append(x.reshape(-1, x.shape[-1]))
             raise _Stop
 
@@ -354,6 +354,11 @@ class LayerStream:
         if self.arch.logits_divisor is not None:  # as the model's own forward does (GraniteMoE)
             logits = logits / getattr(self.config, self.arch.logits_divisor)
         return logits
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    """The tensor a forward pre-hook's module is called on."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _outputs(batches: list[Batch], outputs: Iterator[Tensor], in_place: bool) -> list[Batch]:

@@ -111,7 +111,7 @@ def test_overwrite_H_gives_the_same_result_and_consumes_H():
 
 
 def test_tf32_context_restores_the_matmul_precision():
-    from quantmoe.quantize_layer import tf32_matmuls
+    from quantmoe.gptq import tf32_matmuls
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision

@@ -9,7 +9,7 @@ import torch
 
 from quantmoe.gptq import QuantSpec, accumulate_hessian, gptq_quantize
 from quantmoe.gptq_graphs import GraphedBlocks
-from quantmoe.quantize_layer import tf32_matmuls
+from quantmoe.gptq import tf32_matmuls
 
 
 def inputs(T, C, seed, device="cuda"):
