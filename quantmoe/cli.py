@@ -168,12 +168,14 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="TF32 matrix products for Hessians and forward passes on CUDA: faster, differs by rounding only.")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="Read the next layer from disk in a background thread.")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="Replay GPTQ's column loop as CUDA graphs (same results, fewer kernel launches).")
+@click.option("--block-kernel", type=click.Choice(["auto", "triton", "cuda-graphs", "eager"]), default="auto", show_default=True,
+              help="How GPTQ's column loop runs on CUDA (every choice gives the same bits): one Triton kernel "
+                   "per block of columns, a CUDA-graph replay, or eager PyTorch; auto: Triton where it is "
+                   "installed, else CUDA graphs (eager on CPU).")
 @click.pass_context
 @friendly
 def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
-             resume, run_eval, eval_data, quiet, tf32, prefetch, cuda_graphs, **settings):
+             resume, run_eval, eval_data, quiet, tf32, prefetch, block_kernel, **settings):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
 
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
@@ -189,7 +191,7 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
     options = Options(config=config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                       max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, run_eval=run_eval,
                       eval_data=eval_data, batch_size=batch_size, quiet=quiet, tf32=tf32, prefetch=prefetch,
-                      cuda_graphs=cuda_graphs)
+                      block_kernel=block_kernel)
     from .distributed import Ranks, leave  # these import torch: after the cheap option checks
 
     ranks = Ranks.from_env(os.environ)

@@ -22,6 +22,8 @@ ACT_ORDERS = ("static", "group", "none")
 EXPERT_HESSIANS = ("routed", "weighted", "all")
 # How the clipping search weighs a column's rounding error (gptq.ClipSearch.weight).
 CLIP_WEIGHTS = ("residual", "hessian")
+# How GPTQ's column loop runs (pipeline.block_function); not part of the recipe: every one gives the same bits.
+BLOCK_KERNELS = ("auto", "triton", "cuda-graphs", "eager")
 # Which linears GPTQ fits to the original model's outputs rather than to their own weights
 # (gptq.fitted_weights): "mlp" = every down_proj, from the outputs of its quantized gate/up;
 # "layer" = also o_proj and the MLPs' gate/up, from the layer's inputs through its quantized parts

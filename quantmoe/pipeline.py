@@ -26,7 +26,7 @@ from . import __version__
 from .architectures import Architecture, architecture_for, plan_layer
 from .calibration import calibration_tokens, read_documents, write_calibration
 from .checkpoint import Checkpoint
-from .config import QuantConfig
+from .config import BLOCK_KERNELS, QuantConfig
 from .defaults import CALIB_DATA, DEFAULT_MODEL, EVAL_DATA, default_seqlen
 from .distributed import Ranks, join
 from .errors import QuantMoeError, note
@@ -35,6 +35,7 @@ from .export import export_gptq, parse_size
 from .files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
 from .gptq import quantize_block
 from .gptq_graphs import GraphedBlocks
+from .gptq_triton import TritonBlocks, available as triton_available
 from .inspect import ranges
 from .measure import PeakRSS, release_freed_memory, stage, steady_host_memory
 from .quantize_layer import LayerQuantizer
@@ -108,12 +109,30 @@ def not_quantized_modules(stream: LayerStream, layout: str) -> list[str]:
     return out
 
 
+def block_function(kernel: str, dev: torch.device):
+    """GPTQ's block loop for ``kernel`` (one of BLOCK_KERNELS) on ``dev``; every one gives the same bits.
+    auto: the Triton kernel on CUDA where Triton is installed, else the CUDA-graph replay; eager on CPU."""
+    if kernel not in BLOCK_KERNELS:
+        raise QuantMoeError(f"--block-kernel {kernel!r} is unknown; use one of {', '.join(BLOCK_KERNELS)}")
+    if kernel in ("triton", "cuda-graphs") and dev.type != "cuda":
+        raise QuantMoeError(f"--block-kernel {kernel} needs a CUDA device and this run is on {dev.type}; "
+                            "use --block-kernel auto")
+    if kernel == "triton" and not triton_available(dev):
+        raise QuantMoeError("--block-kernel triton needs Triton, which is not installed (pip install triton); "
+                            "use --block-kernel auto")
+    if dev.type != "cuda" or kernel == "eager":
+        return quantize_block
+    if kernel == "triton" or (kernel == "auto" and triton_available(dev)):
+        return TritonBlocks()
+    return GraphedBlocks()
+
+
 def quantize(model: str | Path | None = None, out: str | Path | None = None, qcfg: QuantConfig = QuantConfig(),
              calib: str | Path | None = None, nsamples: int | None = None, seqlen: int | None = None,
              seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
              run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int | None = None,
              quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
-             cuda_graphs: bool = True, ranks: Ranks | None = None) -> dict:
+             block_kernel: str = "auto", ranks: Ranks | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
@@ -123,8 +142,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
 
     ``tf32``: TF32 matrix products for Hessians and forward passes on CUDA (faster; changes
     results by rounding only, see benchmarks/README.md). ``prefetch``: read the next layer
-    in a background thread. ``cuda_graphs``: replay GPTQ's column loop as CUDA graphs (the
-    same results, fewer launches). ``ranks``: this process's place under torchrun (default:
+    in a background thread. ``block_kernel``: how GPTQ's column loop runs, one of BLOCK_KERNELS
+    (see block_function; every choice gives the same bits). ``ranks``: this process's place under torchrun (default:
     read from torchrun's environment variables; a single process without them).
     """
     from tqdm.auto import tqdm
@@ -151,6 +170,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     if run_eval:
         read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
     dev = join(ranks, pick_device(device))  # a no-op for a single process
+    block_fn = block_function(block_kernel, dev)
     stream = LayerStream(ckpt, dev)
     n = stream.num_layers
     batch_size = batch_size or default_batch_size(stream.config, ids.shape[1])
@@ -187,7 +207,6 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         pin = dev.type == "cuda"  # the prefetched layer in page-locked memory: a faster, asynchronous upload
         next_state: Future | None = reader.submit(stream.layer_state, done, True, pin) if prefetch and done < n else None
         written: Future | None = None
-        block_fn = GraphedBlocks() if cuda_graphs and dev.type == "cuda" else quantize_block
         for i in tqdm(range(done, n), desc="quantize", unit="layer", disable=quiet, initial=done, total=n):
             t0 = time.perf_counter()
             _gpu_peak(dev, reset=True)

@@ -139,6 +139,9 @@ CASES = {
                                       "or inside it; choose a folder outside it"),
     "model folder inside out": (lambda e, out: ["--out", e["root"], "--overwrite"],
                                 "is inside --out"),
+    "block kernel for CUDA on a CPU run": (lambda e, out: ["--device", "cpu", "--block-kernel", "triton"],
+                                           "--block-kernel triton needs a CUDA device and this run is on cpu; "
+                                           "use --block-kernel auto"),
     "out exists without --overwrite": (lambda e, out: ["--out", out],
                                        "already exists; pass --overwrite or choose another --out"),
 }

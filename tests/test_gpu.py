@@ -40,6 +40,29 @@ def test_cuda_graphs_give_the_same_bits_as_eager(order, group_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("order,group_size,bits", [("static", 128, 4), ("none", 64, 4), ("group", 64, 8),
+                                                   ("static", -1, 4), ("static", 96, 8)])
+def test_the_triton_block_kernel_gives_the_same_bits_as_eager(order, group_size, bits):
+    """One Triton kernel per block of columns: every level, scale and loss as quantize_block's,
+    with rows that do not fill the kernel's last tile (257) and blocks narrower than 128 columns."""
+    from quantmoe.gptq import ClipSearch
+    from quantmoe.gptq_triton import TritonBlocks, available
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    spec = QuantSpec(bits, group_size, True)
+    for seed in (0, 1):
+        X = inputs(4096, 960, seed)
+        H = hessian(X).expand(3, 960, 960).contiguous()
+        W = inputs(3 * 257, 960, seed + 10).reshape(3, 257, 960) * 0.02
+        eager = gptq_quantize(W, H, spec, order=order, search=ClipSearch(20))
+        for rows, warps in ((32, 4), (16, 2)):
+            kernel = gptq_quantize(W, H, spec, order=order, search=ClipSearch(20), block_fn=TritonBlocks(rows, warps))
+            for name in ("q", "scales", "zeros", "W", "loss", "damp"):
+                assert torch.equal(getattr(eager, name), getattr(kernel, name)), (name, rows)
+
+
+@pytest.mark.gpu
 def test_a_matrix_gets_the_same_bits_whatever_else_is_in_its_batch_on_cuda():
     """As on CPU (test_gptq_core), with CUDA graphs: on an H200 a batched mean once made one expert
     of a 2-GPU run differ from the 1-GPU run."""

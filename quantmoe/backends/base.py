@@ -44,7 +44,7 @@ class Options:
     # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them).
     tf32: bool = False                    # TF32 matrix products on CUDA
     prefetch: bool = True                 # read the next layer in a background thread
-    cuda_graphs: bool = True              # GPTQ's column loop as CUDA graphs
+    block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
 
 
 @dataclass(frozen=True)
