@@ -168,7 +168,8 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="TF32 matrix products for Hessians and forward passes on CUDA: faster, differs by rounding only.")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="Read the next layer from disk in a background thread.")
-@click.option("--block-kernel", type=click.Choice(["auto", "triton", "cuda-graphs", "eager"]), default="auto", show_default=True,
+@click.option("--block-kernel", type=click.Choice(["auto", "triton", "cuda-graphs", "eager"]), default="auto",
+              show_default=True,
               help="How GPTQ's column loop runs on CUDA (every choice gives the same bits): one Triton kernel "
                    "per block of columns, a CUDA-graph replay, or eager PyTorch; auto: Triton where it is "
                    "installed, else CUDA graphs (eager on CPU).")

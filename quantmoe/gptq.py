@@ -149,9 +149,14 @@ def rounding_error(W: Tensor, scale: Tensor, zero: Tensor, maxq: int, importance
     """sum_c importance_c (w_c - Q(w_c))^2 over the last dim of W (..., R, k) on the grid
     (scale, zero) (..., R); importance broadcasts against W (None: all ones). Returns (..., R)."""
     s, z = scale[..., None], zero[..., None]
-    err = (W - s * (quantize_levels(W, s, z, maxq) - z)).pow_(2)
-    if importance is not None:
-        err.mul_(importance)
+    err = None
+    if W.is_cuda:  # the same terms from one kernel instead of a chain of W-sized ones, where Triton is here
+        from .gptq_triton import error_terms
+        err = error_terms(W, s, z, maxq, importance)
+    if err is None:
+        err = (W - s * (quantize_levels(W, s, z, maxq) - z)).pow_(2)
+        if importance is not None:
+            err.mul_(importance)
     return err.sum(-1)
 
 

@@ -8,6 +8,9 @@ launches one kernel per block). Every operation is the one quantize_block perfor
 order and with the same rounding (division and product rounded on their own, never fused into an
 FMA, rounding half to even), so the levels and errors are bit for bit those of quantize_block;
 tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether both are here.
+
+``error_terms`` is the clipping search's per-weight rounding error (gptq.rounding_error) as one
+kernel instead of a chain of tensor-wide ones, again with the same operations and rounding.
 """
 
 from __future__ import annotations
@@ -56,6 +59,43 @@ if triton is not None:
             w_tile = tl.where(later[None, :], w_tile - libdevice.mul_rn(err[:, None], h[None, :]), w_tile)
             tl.store(levels + b * sLb + rows * sLr + i * sLc, lv.to(tl.uint8), mask=live)
             tl.store(Err + b * sEb + rows * sEr + i * sEc, err, mask=live)
+
+
+if triton is not None:
+    @triton.jit
+    def _error_kernel(W, S, Z, Imp, Out, N, width, M, RM, maxq, HAS_IMP: tl.constexpr, BLOCK: tl.constexpr):
+        # W (B, R, G, width) flat; S, Z (B, R, G); Imp (B, 1, G, width): M = G * width, RM = R * M.
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = idx < N
+        w = tl.load(W + idx, mask=live, other=0.0)
+        s = tl.load(S + idx // width, mask=live, other=1.0)
+        z = tl.load(Z + idx // width, mask=live, other=0.0)
+        lv = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(w, s)) + z, 0.0), maxq)
+        d = w - libdevice.mul_rn(s, lv - z)
+        e = libdevice.mul_rn(d, d)
+        if HAS_IMP:
+            e = libdevice.mul_rn(e, tl.load(Imp + (idx // RM) * M + idx % M, mask=live, other=0.0))
+        tl.store(Out + idx, e, mask=live)
+
+
+def error_terms(W: Tensor, scale: Tensor, zero: Tensor, maxq: int, importance: Tensor | None) -> Tensor | None:
+    """gptq.rounding_error's terms importance * (w - Q(w))^2 for W (B, R, G, width) on the grids
+    scale, zero (B, R, G, 1), importance (B, 1, G, width) or None, as one kernel; None where this
+    kernel does not apply (no CUDA or Triton, other shapes), and the caller computes them itself."""
+    if not available(W.device) or W.dim() != 4 or W.dtype != torch.float32 or not W.is_contiguous():
+        return None
+    B, R, G, width = W.shape
+    if scale.shape != (B, R, G, 1) or zero.shape != (B, R, G, 1):
+        return None
+    if importance is not None and (importance.shape != (B, 1, G, width) or importance.dtype != torch.float32):
+        return None
+    S, Z = scale.float().contiguous(), zero.float().contiguous()
+    imp = importance.contiguous() if importance is not None else S  # S: a valid pointer the kernel never reads
+    out = torch.empty_like(W)
+    N, block = W.numel(), 1024
+    _error_kernel[(triton.cdiv(N, block),)](W, S, Z, imp, out, N, width, G * width, R * G * width, float(maxq),
+                                            HAS_IMP=importance is not None, BLOCK=block)
+    return out
 
 
 class TritonBlocks:

@@ -143,8 +143,9 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     ``tf32``: TF32 matrix products for Hessians and forward passes on CUDA (faster; changes
     results by rounding only, see benchmarks/README.md). ``prefetch``: read the next layer
     in a background thread. ``block_kernel``: how GPTQ's column loop runs, one of BLOCK_KERNELS
-    (see block_function; every choice gives the same bits). ``ranks``: this process's place under torchrun (default:
-    read from torchrun's environment variables; a single process without them).
+    (see block_function; every choice gives the same bits). ``ranks``: this process's place
+    under torchrun (default: read from torchrun's environment variables; a single process
+    without them).
     """
     from tqdm.auto import tqdm
 

@@ -63,6 +63,45 @@ def test_the_triton_block_kernel_gives_the_same_bits_as_eager(order, group_size,
 
 
 @pytest.mark.gpu
+def test_the_fused_rounding_error_gives_the_same_bits(monkeypatch):
+    """The clipping search's error terms from one Triton kernel: the same bits as the tensor-wide chain,
+    term by term and through a whole GPTQ run with the search (grids, levels, losses)."""
+    from quantmoe import gptq_triton
+    from quantmoe.gptq import ClipSearch, rounding_error, search_params
+
+    if not gptq_triton.available("cuda"):
+        pytest.skip("Triton is not installed")
+    spec = QuantSpec(4, 128, True)
+    W = inputs(2 * 300, 640, 3).reshape(2, 300, 5, 128) * 0.02
+    importance = inputs(2, 640, 4).abs().reshape(2, 1, 5, 128)
+    scale, zero = search_params(W, spec, ClipSearch(20), importance)
+    for imp in (importance, None):
+        s, z = scale[..., None], zero[..., None]
+        chain = (W - s * (torch.clamp(torch.round(W / s) + z, 0, spec.maxq) - z)).pow(2)
+        chain = chain * imp if imp is not None else chain
+        assert torch.equal(gptq_triton.error_terms(W, s, z, spec.maxq, imp), chain)
+        assert torch.equal(rounding_error(W, scale, zero, spec.maxq, imp), chain.sum(-1))
+    X = inputs(4096, 1024, 5)
+    H = hessian(X).expand(2, 1024, 1024).contiguous()
+    W = inputs(2 * 257, 1024, 6).reshape(2, 257, 1024) * 0.02
+    fused = gptq_quantize(W, H, spec, search=ClipSearch(20))
+    monkeypatch.setattr(gptq_triton, "error_terms", lambda *args: None)  # the chain of tensor-wide kernels
+    chained = gptq_quantize(W, H, spec, search=ClipSearch(20))
+    for name in ("q", "scales", "zeros", "W", "loss"):
+        assert torch.equal(getattr(fused, name), getattr(chained, name)), name
+
+
+@pytest.mark.gpu
+def test_auto_block_kernel_on_cuda_is_triton_where_installed():
+    from quantmoe.gptq_triton import TritonBlocks, available
+    from quantmoe.pipeline import block_function
+
+    cuda = torch.device("cuda")
+    assert isinstance(block_function("auto", cuda), TritonBlocks if available(cuda) else GraphedBlocks)
+    assert isinstance(block_function("cuda-graphs", cuda), GraphedBlocks)
+
+
+@pytest.mark.gpu
 def test_a_matrix_gets_the_same_bits_whatever_else_is_in_its_batch_on_cuda():
     """As on CPU (test_gptq_core), with CUDA graphs: on an H200 a batched mean once made one expert
     of a 2-GPU run differ from the 1-GPU run."""

@@ -388,3 +388,16 @@ def test_down_statistics_in_groups_and_without_the_mlp_tail_give_the_same_bytes(
     monkeypatch.setitem(architectures.ARCHITECTURES, model_type,
                         dataclasses.replace(architectures.ARCHITECTURES[model_type], mlp_tail=None))
     assert run("whole-layers") == reference
+
+
+def test_block_kernel_choices_on_cpu():
+    """On CPU every run takes the eager block loop; a CUDA-only kernel or an unknown name is refused."""
+    from quantmoe.gptq import quantize_block
+    from quantmoe.pipeline import block_function
+
+    cpu = torch.device("cpu")
+    assert block_function("auto", cpu) is quantize_block
+    assert block_function("eager", cpu) is quantize_block
+    for kernel in ("triton", "cuda-graphs", "fast"):
+        with pytest.raises(QuantMoeError, match="--block-kernel"):
+            block_function(kernel, cpu)
