@@ -41,8 +41,8 @@ if triton is not None:
                       sWb, sWr, sWc, sHb, sHr, sHc, sSb, sSr, sSc, sZb, sZr, sZc,
                       sLb, sLr, sLc, sEb, sEr, sEc,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-        b = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a batch of experts can pass 2^31 elements
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_N)
         live = rows < R
         w_tile = tl.load(W + b * sWb + rows[:, None] * sWr + cols[None, :] * sWc,
@@ -60,8 +60,6 @@ if triton is not None:
             tl.store(levels + b * sLb + rows * sLr + i * sLc, lv.to(tl.uint8), mask=live)
             tl.store(Err + b * sEb + rows * sEr + i * sEc, err, mask=live)
 
-
-if triton is not None:
     @triton.jit
     def _error_kernel(W, S, Z, Imp, Out, N, width, M, RM, maxq, HAS_IMP: tl.constexpr, BLOCK: tl.constexpr):
         # W (B, R, G, width) flat; S, Z (B, R, G); Imp (B, 1, G, width): M = G * width, RM = R * M.
