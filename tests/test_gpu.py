@@ -1,5 +1,6 @@
-"""CUDA code paths, checked against the plain path: CUDA graphs must give the same bits, TF32
-must change results by rounding only, the bnb backends must quantize on CUDA as on CPU.
+"""CUDA code paths, checked against the plain path: CUDA graphs and the Triton kernels must give
+the same bits, TF32 must change results by rounding only, the bnb backends must quantize on CUDA
+as on CPU.
 Skipped without a GPU (conftest.py)."""
 
 from __future__ import annotations
