@@ -32,7 +32,8 @@ except ImportError:  # CPU-only installs: no Triton
 
 
 def available(device: torch.device | str) -> bool:
-    return triton is not None and torch.device(device).type == "cuda"
+    """Triton and an NVIDIA GPU (the kernels' rounding is checked on CUDA; a ROCm build keeps the PyTorch path)."""
+    return triton is not None and torch.device(device).type == "cuda" and torch.version.cuda is not None
 
 
 if triton is not None:
