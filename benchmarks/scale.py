@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -344,15 +345,15 @@ def solve_bench(baseline: Path | None = None, device: str = "cuda", shapes: dict
         for label, core in cores.items():
             H = H1.expand(B, C, C).contiguous()
             if label == "new":
-                res, secs, mem = timed(lambda: core.gptq_quantize(W, H, core.QuantSpec(4, 128, True),
-                                                                  overwrite_H=True))
+                res, secs, mem = timed(partial(core.gptq_quantize, W, H, core.QuantSpec(4, 128, True),
+                                               overwrite_H=True))
                 Hc = H1.expand(B, C, C).contiguous()
-                _, chol, _ = timed(lambda: core.damped_inverse_cholesky(Hc, 0.01))
+                _, chol, _ = timed(partial(core.damped_inverse_cholesky, Hc, 0.01))
                 row["new_inverse_seconds"] = chol
                 del Hc
             else:
-                res, secs, mem = timed(lambda: core.gptq_quantize(W, H, core.QuantSpec(4, 128, True)))
-                _, chol, _ = timed(lambda: core.damped_inverse_cholesky(H1.expand(B, C, C), 0.01))
+                res, secs, mem = timed(partial(core.gptq_quantize, W, H, core.QuantSpec(4, 128, True)))
+                _, chol, _ = timed(partial(core.damped_inverse_cholesky, H1.expand(B, C, C), 0.01))
                 row["baseline_inverse_seconds"] = chol
             del H
             row[f"{label}_seconds"], row[f"{label}_extra_gpu_mb"] = secs, mem

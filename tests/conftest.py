@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import TINY, make_model, write_text  # noqa: E402
+from tiny import make_model, write_text  # noqa: E402
 
 from quantmoe.architectures import ARCHITECTURES  # noqa: E402
 
