@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,11 +180,17 @@ def calib_args(folder: Path, spec: str) -> list[str]:
 
 
 @torch.no_grad()
-def final_hidden(path: Path, windows: torch.Tensor, batch_size: int = 8) -> tuple[LayerStream, torch.Tensor]:
+def final_hidden(path: Path, windows: torch.Tensor, batch_size: int = 8,
+                 replace: Callable[[int], dict[str, torch.Tensor]] | None = None) -> tuple[LayerStream, torch.Tensor]:
+    """The model's last hidden states for ``windows``, layer by layer; ``replace(i)``: tensors (layer-relative
+    names) that stand in for layer i's own."""
     stream = LayerStream(Checkpoint(path), torch.device("cpu"))
     batches = stream.embed(windows, batch_size)
     for i in range(stream.num_layers):
-        batches = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), batches)
+        state = stream.layer_state(i)
+        if replace is not None:
+            state.update(replace(i))
+        batches = stream.run_layer(stream.load_layer(i, state), batches)
         stream.release_layer(i)
     stream.load_head()
     return stream, torch.cat([b.hidden for b in batches])

@@ -24,25 +24,18 @@ from ideas import SEQLEN, final_hidden, score  # noqa: E402
 from quantmoe.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.defaults import EVAL_DATA  # noqa: E402
 from quantmoe.evaluation import eval_windows  # noqa: E402
-from quantmoe.stream import LayerStream  # noqa: E402
 
 
-@torch.no_grad()
-def mixed_hidden(original: Path, quantized: Path, pattern: str | None, windows: torch.Tensor,
-                 batch_size: int = 8) -> torch.Tensor:
+def mixed_hidden(original: Path, quantized: Path, pattern: str | None, windows: torch.Tensor) -> torch.Tensor:
     """The last hidden states of the quantized model with the tensors whose names match ``pattern`` taken
     from the original (both read under the source's names: an export is dequantized when read)."""
-    stream, source = LayerStream(Checkpoint(quantized), torch.device("cpu")), Checkpoint(original)
-    batches = stream.embed(windows, batch_size)
-    for i in range(stream.num_layers):
-        state = stream.layer_state(i)
-        if pattern is not None:
-            prefix = source.layer_prefix(i)
-            back = {k: v for k, v in source.read_prefix(prefix).items() if re.search(pattern, prefix + k)}
-            state.update(back)
-        batches = stream.run_layer(stream.load_layer(i, state), batches)
-        stream.release_layer(i)
-    return torch.cat([b.hidden for b in batches])
+    source = Checkpoint(original)
+
+    def put_back(i: int) -> dict[str, torch.Tensor]:
+        prefix = source.layer_prefix(i)
+        return {k: v for k, v in source.read_prefix(prefix).items() if re.search(pattern, prefix + k)}
+
+    return final_hidden(quantized, windows, replace=None if pattern is None else put_back)[1]
 
 
 def main(argv: list[str] | None = None) -> None:
