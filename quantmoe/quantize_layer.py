@@ -477,8 +477,11 @@ class LayerQuantizer:
                 group = range(start, min(start + per, len(own)))
                 H_d, P_d = self._down_statistics(group, own, Wd, original_gu, None if quantized_in else res_gu,
                                                  counts, threshold, rare, act, half)
-                parts.append(self._solve_local(Wd[group.start:group.stop].float(), H_d, [j - start for j in rare if j in group],
-                                               P_d, overwrite_W=True))
+                # A copy even where Wd is fp32 already: Wd may be the full-precision stream's originals.
+                W_group = Wd[group.start:group.stop].to(torch.float32, copy=True)
+                parts.append(self._solve_local(W_group, H_d, [j - start for j in rare if j in group], P_d,
+                                               overwrite_W=True))
+                del W_group
                 del H_d, P_d
             res_d = _concat(parts)
             del parts
