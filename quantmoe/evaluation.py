@@ -70,22 +70,38 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
             progress.update(1)
     stream.load_head()
     nll, count = 0.0, 0
+    window_nll: list[float] = []
     for start, b in zip(range(0, windows.shape[0], batch_size), batches):
         ids = windows[start:start + batch_size].to(dev)
         logits = stream.logits(b.hidden)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        nll += float(loss)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        nll += float(loss.sum())
         count += ids[:, 1:].numel()
+        window_nll += loss.reshape(ids.shape[0], -1).double().mean(1).tolist()
     mean = nll / count
     if not math.isfinite(mean):
         raise QuantMoeError(f"{model} produced non-finite log-likelihoods; run quantmoe verify on it")
     return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": count,
-            "seconds": round(time.perf_counter() - t0, 3), "device": str(dev)}
+            "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "window_nll": window_nll}
 
 
-def gap(original: float, quantized: float) -> dict:
-    return {"absolute": quantized - original, "relative": (quantized - original) / original}
+def gap(original: float, quantized: float, original_windows: list[float] | None = None,
+        quantized_windows: list[float] | None = None) -> dict:
+    """The perplexity gap; given both models' mean NLL per window (``perplexity``'s ``window_nll``, the
+    same windows), also its standard error over windows (``relative_se``, see ``paired_se``)."""
+    out = {"absolute": quantized - original, "relative": (quantized - original) / original}
+    if original_windows is not None and quantized_windows is not None and len(original_windows) > 1:
+        out["relative_se"] = (quantized / original) * paired_se(quantized_windows, original_windows)
+    return out
+
+
+def paired_se(a: list[float], b: list[float], weight: float = 1.0) -> float:
+    """Standard error of mean(a - weight * b) over windows: how far a gap (a difference of mean NLLs,
+    the log of a perplexity ratio) would move with another sample of evaluation windows of the same
+    text, the windows treated as independent. It does not cover another calibration draw."""
+    d = torch.tensor(a, dtype=torch.float64) - weight * torch.tensor(b, dtype=torch.float64)
+    return float(d.std() / math.sqrt(d.numel()))
 
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
@@ -124,6 +140,7 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
         with tqdm(total=n, desc=f"eval {label}", unit="layer", disable=quiet, leave=False) as bar, \
                 stage(stages, f"eval_{label}"):
             results[label] = perplexity(path, windows, device, batch_size, progress=bar)
+    per_window = {label: r.pop("window_nll") for label, r in results.items()}
     report = {
         "model": str(model),
         "baseline": str(baseline) if baseline is not None else None,
@@ -134,7 +151,8 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
         "stages": stages,
     }
     if baseline is not None:
-        report["gap"] = gap(results["original"]["perplexity"], results["quantized"]["perplexity"])
+        report["gap"] = gap(results["original"]["perplexity"], results["quantized"]["perplexity"],
+                            per_window["original"], per_window["quantized"])
         report["original_size_bytes"] = checkpoint_stats(baseline)["size_bytes"]
     if ckpt.backend is not None:
         report["quantization"] = {**checkpoint_stats(model), **ckpt.backend.describe(ckpt.quantization)}

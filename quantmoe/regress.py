@@ -96,6 +96,12 @@ class Comparison:
         return "\n".join(lines + ["", verdict] + [f"note: {n}" for n in self.notes])
 
 
+def _gap_text(gap: dict) -> str:
+    """+0.220% (± 0.045: the gap's standard error over windows, in reports that have it)."""
+    se = gap.get("relative_se")
+    return f"{100 * gap['relative']:+.3f}%" + ("" if se is None else f" ± {100 * se:.3f}")
+
+
 def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increase: float | None = None) -> Comparison:
     """Compare two comparable eval reports (see the module docstring for the definitions)."""
     check_comparable(base, new)
@@ -118,8 +124,8 @@ def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increa
     if has_gap:
         ga, gb = 100 * base["gap"]["relative"], 100 * new["gap"]["relative"]
         bad = gb - ga > max_gap_increase
-        c.rows.append(("gap (relative)", f"{ga:+.3f}%", f"{gb:+.3f}%", f"{gb - ga:+.3f} pp", f"+{max_gap_increase:g} pp",
-                       "REGRESSION" if bad else "ok"))
+        c.rows.append(("gap (relative)", _gap_text(base["gap"]), _gap_text(new["gap"]), f"{gb - ga:+.3f} pp",
+                       f"+{max_gap_increase:g} pp", "REGRESSION" if bad else "ok"))
         c.rows.append(("gap (absolute)", f"{base['gap']['absolute']:+.4f}", f"{new['gap']['absolute']:+.4f}",
                        f"{new['gap']['absolute'] - base['gap']['absolute']:+.4f}", "", ""))
         if bad:

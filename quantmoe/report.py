@@ -25,12 +25,19 @@ def gap_table(report: dict) -> str:
                     f"{_fmt(report.get('original_size_bytes', 0) / 1e6, 2)} | 0% |")
     if quant:
         g = report.get("gap") or {}
-        rel = g.get("relative")
         rows.append(
             f"| {q.get('label', 'quantized')} | {_fmt(quant['perplexity'])} | {_fmt(g.get('absolute'))} | "
-            f"{'-' if rel is None else f'{100 * rel:+.2f}%'} | {_fmt(q.get('bits_per_weight'), 3)} | "
+            f"{_relative_gap(g)} | {_fmt(q.get('bits_per_weight'), 3)} | "
             f"{_fmt(q.get('size_bytes', 0) / 1e6, 2)} | {_fmt(100 * q.get('fraction_quantized', 0), 1)}% |")
     return "\n".join(rows)
+
+
+def _relative_gap(g: dict) -> str:
+    """+0.22% ± 0.04% (the standard error over windows, where the report has it)."""
+    rel, se = g.get("relative"), g.get("relative_se")
+    if rel is None:
+        return "-"
+    return f"{100 * rel:+.2f}%" + ("" if se is None else f" ± {100 * se:.2f}%")
 
 
 def protocol_text(report: dict) -> str:
@@ -38,7 +45,10 @@ def protocol_text(report: dict) -> str:
     d = report["data"]
     return (f"Data `{d['path']}` ({d['documents']} documents, {d['tokens']} tokens, {d['windows']} windows of "
             f"{p['seqlen']}); documents joined with \"\\n\\n\", tokenized once without special tokens; "
-            f"{p['windows']}; {p['metric']}; {p['dtype']} on {report.get('device', '?')}.")
+            f"{p['windows']}; {p['metric']}; {p['dtype']} on {report.get('device', '?')}."
+            + (" The gap's ± is one standard error over the windows, paired (both models score the same windows): "
+               "how much another sample of text could move it; another calibration draw can move it more."
+               if (report.get("gap") or {}).get("relative_se") is not None else ""))
 
 
 def stages_table(stages: dict) -> str:

@@ -117,6 +117,8 @@ def test_configs_and_report(exported, model_type):
     report = json.loads((out / "eval_report.json").read_text())
     orig, quant = report["results"]["original"]["perplexity"], report["results"]["quantized"]["perplexity"]
     assert report["gap"]["relative"] == pytest.approx((quant - orig) / orig)
+    assert 0 < report["gap"]["relative_se"] < 0.1
+    assert not any("window_nll" in r for r in report["results"].values())  # used for the gap's error, not kept
     assert 4.0 < report["quantization"]["bits_per_weight"] < 5.2
     assert 0.5 < report["quantization"]["fraction_quantized"] < 1.0
     assert report["protocol"]["seqlen"] == 256 and report["data"]["tokens_scored"] == report["data"]["windows"] * 255
@@ -208,6 +210,30 @@ def test_streamed_perplexity_matches_transformers(tiny_model, text_file, model_t
     with torch.no_grad():
         loss = model(windows[:6], labels=windows[:6]).loss
     assert ours == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+
+
+def test_the_gaps_standard_error_is_over_windows_paired(exported, text_file):
+    """The report's ± on the gap: the standard error of the mean per-window NLL difference between
+    the two models on the same windows, scaled to the relative gap; and per-window NLLs that
+    average to the perplexity's own mean NLL."""
+    import math
+
+    from quantmoe.evaluation import eval_windows, paired_se, perplexity
+
+    src, out, _ = exported("mixtral")
+    report = json.loads((out / "eval_report.json").read_text())
+    windows, _ = eval_windows(Checkpoint(src).tokenizer(), text_file, report["protocol"]["seqlen"])
+    o, q = perplexity(src, windows, "cpu"), perplexity(out, windows, "cpu")
+    for r in (o, q):
+        assert len(r["window_nll"]) == windows.shape[0]
+        assert sum(r["window_nll"]) / windows.shape[0] == pytest.approx(r["mean_nll"], rel=1e-6)
+    d = torch.tensor(q["window_nll"], dtype=torch.float64) - torch.tensor(o["window_nll"], dtype=torch.float64)
+    expected = math.exp(float(d.mean())) * float(d.std()) / math.sqrt(d.numel())
+    assert report["gap"]["relative_se"] == pytest.approx(expected, rel=1e-6)
+    assert paired_se(q["window_nll"], o["window_nll"]) == pytest.approx(float(d.std()) / math.sqrt(d.numel()))
+    # Paired: a constant shift of every window has no error; unpaired it would.
+    assert paired_se([v + 0.01 for v in o["window_nll"]], o["window_nll"]) == pytest.approx(0, abs=1e-12)
+    assert "± " in (out / "eval_report.md").read_text()
 
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)

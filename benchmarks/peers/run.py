@@ -196,6 +196,7 @@ def run_model(name: str, args) -> dict:
     windows, data_meta = eval_windows(ckpt.tokenizer(), args.eval_data, SEQLEN)
     log(f"{key}: eval {data_meta['windows']} windows x {SEQLEN} tokens")
     original = perplexity(model, windows, "cpu")
+    original_windows = original.pop("window_nll")
     head, hidden0 = final_hidden(model, windows)  # the original's last hidden states, for the KL
     results: dict = {
         "model": key,
@@ -211,7 +212,8 @@ def run_model(name: str, args) -> dict:
                                       Path(args.eval_data).resolve().is_relative_to(REPO) else str(args.eval_data),
                                       seqlen=SEQLEN).to_dict(),
                  "data": {k: v for k, v in data_meta.items() if k != "path"},
-                 "original": {"perplexity": original["perplexity"], "mean_nll": original["mean_nll"]}},
+                 "original": {"perplexity": original["perplexity"], "mean_nll": original["mean_nll"],
+                              "window_nll": _rounded(original_windows)}},
         "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                     "note": "shared machine: wall times include waiting for CPU (see load averages, cpu_seconds)"},
         "tools": {},
@@ -241,6 +243,7 @@ def run_model(name: str, args) -> dict:
             record["rare_experts"]["fallbacks"] = llmcompressor_fallbacks(log_file)
         log(f"{key}: evaluating {tool}")
         ppl = perplexity(out, windows, "cpu")
+        tool_windows = ppl.pop("window_nll")
         stats = checkpoint_stats(out)
         kl = score(head, hidden0, final_hidden(out, windows)[1], windows)["kl"]
         results["tools"][tool] = {
@@ -248,7 +251,8 @@ def run_model(name: str, args) -> dict:
             "quantize": {k: measured[k] for k in ("seconds", "peak_rss_mb", "cpu_seconds", "load_average_before",
                                                   "load_average_after")},
             "perplexity": ppl["perplexity"],
-            "gap": gap(original["perplexity"], ppl["perplexity"]),
+            "gap": gap(original["perplexity"], ppl["perplexity"], original_windows, tool_windows),
+            "window_nll": _rounded(tool_windows),
             "kl": kl,
             "bits_per_weight": stats["bits_per_weight"],
             "information_bits_per_weight": stats["information_bits_per_weight"],
@@ -258,11 +262,24 @@ def run_model(name: str, args) -> dict:
         }
     if "quantmoe" in results["tools"] and "failed" not in results["tools"]["quantmoe"]:
         results["routed_calibration_tokens"] = routed_token_counts(folder / "outputs" / "quantmoe")
-    results["verdict"] = verdict(results["tools"])
+    results["verdict"] = verdict(results["tools"], original_windows)
     return results
 
 
-def verdict(tools: dict) -> dict:
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 7) for v in values]
+
+
+def margin(ours: list[float], peer: list[float], original: list[float]) -> dict:
+    """The target as one paired statistic per window: quantmoe's log-perplexity gap minus TARGET times the
+    peer's (for gaps this small the log of the perplexity ratio is the relative gap to 0.01 of itself),
+    its mean over windows and the mean's standard error. Below zero: the target is met on this text."""
+    q, p, o = (torch.tensor(v, dtype=torch.float64) for v in (ours, peer, original))
+    d = (q - o) - TARGET * (p - o)
+    return {"mean": float(d.mean()), "se": float(d.std() / d.numel() ** 0.5)}
+
+
+def verdict(tools: dict, original_windows: list[float] | None = None) -> dict:
     ok = {t: r for t, r in tools.items() if "gap" in r}
     peers = {t: r["gap"]["relative"] for t, r in ok.items() if t in PEERS}
     if "quantmoe" not in ok or not peers:
@@ -283,7 +300,10 @@ def verdict(tools: dict) -> dict:
     same = ok.get("quantmoe-gptqmodel-layout"), ok.get("gptqmodel")
     like_for_like = (same[0]["gap"]["relative"] / same[1]["gap"]["relative"]
                      if all(same) and same[1]["gap"]["relative"] > 0 else None)
+    paired = (margin(ok["quantmoe"]["window_nll"], ok[best]["window_nll"], original_windows)
+              if original_windows is not None and "window_nll" in ok["quantmoe"] else None)
     return {"complete": True, "best_peer": best, "best_peer_gap": peers[best], "quantmoe_gap": ours,
+            "target_margin": paired,
             "quantmoe_gptqmodel_layout_over_gptqmodel": like_for_like,
             "ratio": ratio, "target_ratio": TARGET, "gap_target_met": ratio <= TARGET,
             "bits_per_weight_not_higher": bpw_ok,
@@ -312,7 +332,9 @@ def markdown(r: dict) -> str:
                          f"{t['failed']['seconds']} | | {t['failed']['peak_rss_mb']} | |")
             continue
         q = t["quantize"]
-        lines.append(f"| {tool} | {t['version']} | {t['perplexity']:.4f} | {100 * t['gap']['relative']:+.2f}% | "
+        se = t["gap"].get("relative_se")
+        lines.append(f"| {tool} | {t['version']} | {t['perplexity']:.4f} | {100 * t['gap']['relative']:+.2f}%"
+                     f"{'' if se is None else f' ± {100 * se:.2f}%'} | "
                      f"{1000 * t['kl']:.2f} | "
                      f"{t['information_bits_per_weight']:.3f} | {t['bits_per_weight']:.3f} | "
                      f"{100 * t['fraction_quantized']:.1f}% | {q['seconds']} | "
@@ -324,6 +346,15 @@ def markdown(r: dict) -> str:
                       f"Bits per weight (information) not higher than the peers': {v['bits_per_weight_not_higher']}. "
                       f"Wall time vs the fastest peer: {v['quantize_seconds_vs_fastest_peer']:.2f}x. "
                       f"KL vs the peer with the least: {v['kl_vs_best_peer']:.2f}x."]
+        m = v.get("target_margin")
+        if m is not None:
+            lines += ["", "How firm that verdict is on this text: per window, quantmoe's log-perplexity gap minus "
+                          f"{v['target_ratio']}x {v['best_peer']}'s averages {100 * m['mean']:+.3f} points "
+                          f"± {100 * m['se']:.3f} (one standard error, paired over the windows; below zero meets "
+                          f"the target): {abs(m['mean']) / m['se']:.1f} standard errors "
+                          f"{'inside' if m['mean'] <= 0 else 'outside'} the target. The ± after each gap is its "
+                          "own standard error the same way. Neither covers another calibration draw, which "
+                          "moves the gaps more (the harness's other seeds)."]
         spent = v.get("information_bits_per_linear_weight")
         if spent and len({round(b, 3) for b in spent.values()}) > 1:
             lines += ["", "Bits of information per weight over every linear any tool quantizes (a linear left in "
@@ -376,7 +407,7 @@ def main() -> None:
             r = json.loads(path.read_text())
             if "tools" not in r or "eval" not in r:  # not a harness run (e.g. the ablation file)
                 continue
-            r["verdict"] = verdict(r["tools"])
+            r["verdict"] = verdict(r["tools"], r["eval"]["original"].get("window_nll"))
             path.write_text(json.dumps(r, indent=1) + "\n")
             path.with_suffix(".md").write_text(markdown(r))
             log(f"rendered {path.with_suffix('.md')}")
