@@ -52,11 +52,29 @@ def eval_windows(tokenizer, data: str | Path, seqlen: int) -> tuple[Tensor, dict
     return stream[: n * seqlen].reshape(n, seqlen), meta
 
 
+class Reference:
+    """A model's next-token log-probabilities on the evaluation windows, batch by batch, for the KL of
+    another model to it: its last hidden states (kept on the CPU: windows x seqlen x hidden x 4 bytes,
+    as much as the evaluation's own activations) and its head."""
+
+    def __init__(self, stream: LayerStream, hidden: list[Tensor]):
+        self.stream, self.hidden = stream, hidden
+
+    def logp(self, batch: int, device: torch.device) -> Tensor:
+        logits = self.stream.logits(self.hidden[batch].to(device))
+        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
 @torch.no_grad()
 def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_size: int | None = None,
-               progress=None) -> dict:
+               progress=None, keep_reference: bool = False, reference: Reference | None = None) -> dict:
     """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time
-    (``batch_size`` None: ``stream.default_batch_size``)."""
+    (``batch_size`` None: ``stream.default_batch_size``), with each window's mean NLL (``window_nll``).
+
+    ``keep_reference``: also return ``reference``, this model's ``Reference`` on these windows.
+    ``reference``: another model's, made with the same windows and batch size; returns ``window_kl``,
+    each window's mean KL(reference || this model) over its predicted positions, and
+    ``top1_agreement``, the share of positions where both put the same token first."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     stream = LayerStream(Checkpoint(model), dev)
@@ -71,7 +89,9 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
     stream.load_head()
     nll, count = 0.0, 0
     window_nll: list[float] = []
-    for start, b in zip(range(0, windows.shape[0], batch_size), batches):
+    window_kl: list[float] = []
+    same_top1 = 0
+    for j, (start, b) in enumerate(zip(range(0, windows.shape[0], batch_size), batches)):
         ids = windows[start:start + batch_size].to(dev)
         logits = stream.logits(b.hidden)
         loss = torch.nn.functional.cross_entropy(
@@ -79,11 +99,23 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
         nll += float(loss.sum())
         count += ids[:, 1:].numel()
         window_nll += loss.reshape(ids.shape[0], -1).double().mean(1).tolist()
+        if reference is not None:
+            logp, logp0 = torch.log_softmax(logits[:, :-1].float(), dim=-1), reference.logp(j, dev)
+            window_kl += (logp0.exp() * (logp0 - logp)).sum(-1).double().mean(1).tolist()
+            same_top1 += int((logp.argmax(-1) == logp0.argmax(-1)).sum())
+            del logp, logp0
+        del logits
     mean = nll / count
     if not math.isfinite(mean):
         raise QuantMoeError(f"{model} produced non-finite log-likelihoods; run quantmoe verify on it")
-    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": count,
-            "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "window_nll": window_nll}
+    out = {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": count,
+           "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "window_nll": window_nll}
+    if keep_reference:
+        out["reference"] = Reference(stream, [b.hidden.cpu() for b in batches])
+    if reference is not None:
+        out["window_kl"] = window_kl
+        out["top1_agreement"] = same_top1 / count
+    return out
 
 
 def gap(original: float, quantized: float, original_windows: list[float] | None = None,
@@ -135,11 +167,16 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     stages: dict = {}
     results: dict = {}
     runs = ([("original", baseline)] if baseline is not None else []) + [("quantized" if baseline else "model", model)]
+    reference = None  # the original's, for the quantized model's KL to it
+    batch_size = batch_size or default_batch_size(ckpt.config, seqlen)
     for label, path in runs:
         n = Checkpoint(path).config.num_hidden_layers
         with tqdm(total=n, desc=f"eval {label}", unit="layer", disable=quiet, leave=False) as bar, \
                 stage(stages, f"eval_{label}"):
-            results[label] = perplexity(path, windows, device, batch_size, progress=bar)
+            results[label] = perplexity(path, windows, device, batch_size, progress=bar,
+                                        keep_reference=label == "original", reference=reference)
+        reference = results[label].pop("reference", None)
+    del reference
     per_window = {label: r.pop("window_nll") for label, r in results.items()}
     report = {
         "model": str(model),
@@ -153,6 +190,13 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     if baseline is not None:
         report["gap"] = gap(results["original"]["perplexity"], results["quantized"]["perplexity"],
                             per_window["original"], per_window["quantized"])
+        quantized = results["quantized"]
+        window_kl = quantized.pop("window_kl")
+        report["kl"] = {"mean": sum(window_kl) / len(window_kl),
+                        "se": paired_se(window_kl, [0.0] * len(window_kl)) if len(window_kl) > 1 else None,
+                        "top1_agreement": quantized.pop("top1_agreement"),
+                        "definition": "mean over predicted positions of KL(original || quantized), in nats, over "
+                                      "the whole vocabulary; se: its standard error over windows"}
         report["original_size_bytes"] = checkpoint_stats(baseline)["size_bytes"]
     if ckpt.backend is not None:
         report["quantization"] = {**checkpoint_stats(model), **ckpt.backend.describe(ckpt.quantization)}

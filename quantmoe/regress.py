@@ -8,6 +8,9 @@ What is compared:
   +0.60 pp, a regression). It needs both reports to hold an original-model run (``--baseline``).
 - perplexity increase = (new quantized ppl - baseline quantized ppl) / baseline quantized ppl, in
   percent; ``max_ppl_increase`` fails it above that many percent (off unless given).
+- shown, not judged: each gap's standard error over windows, and, where both reports have them
+  (reports since the KL was added), the KL to the original and the share of positions with the
+  original's most likely token: steadier than the gap, but no threshold applies to them.
 
 Reports are comparable only when they describe the same thing; otherwise the comparison is
 refused, naming the field:
@@ -102,6 +105,10 @@ def _gap_text(gap: dict) -> str:
     return f"{100 * gap['relative']:+.3f}%" + ("" if se is None else f" ± {100 * se:.3f}")
 
 
+def _kl_text(kl: dict) -> str:
+    return f"{1000 * kl['mean']:.2f}" + ("" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}")
+
+
 def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increase: float | None = None) -> Comparison:
     """Compare two comparable eval reports (see the module docstring for the definitions)."""
     check_comparable(base, new)
@@ -131,6 +138,13 @@ def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increa
         if bad:
             c.regressions.append(f"the relative gap grew by {gb - ga:.3f} pp, from {ga:+.3f}% to {gb:+.3f}% "
                                  f"(limit {max_gap_increase:g} pp)")
+    ka, kb = base.get("kl"), new.get("kl")
+    if ka and kb:
+        c.rows.append(("KL to the original (1e-3)", _kl_text(ka), _kl_text(kb), f"{1000 * (kb['mean'] - ka['mean']):+.2f}",
+                       "", ""))
+        c.rows.append(("same top token as the original", f"{100 * ka['top1_agreement']:.2f}%",
+                       f"{100 * kb['top1_agreement']:.2f}%",
+                       f"{100 * (kb['top1_agreement'] - ka['top1_agreement']):+.2f} pp", "", ""))
     sa, sb = base.get("quantization", {}), new.get("quantization", {})
     if sa.get("bits_per_weight") is not None and sb.get("bits_per_weight") is not None:
         c.rows.append(("bits/weight", f"{sa['bits_per_weight']:.3f}", f"{sb['bits_per_weight']:.3f}",

@@ -236,6 +236,32 @@ def test_the_gaps_standard_error_is_over_windows_paired(exported, text_file):
     assert "± " in (out / "eval_report.md").read_text()
 
 
+def test_the_reports_kl_is_the_full_vocabulary_kl_to_the_original(exported, text_file):
+    """The report's KL(original || quantized), computed by the streamed evaluator from the original's kept
+    last hidden states, is the one transformers' own forward passes give (the quantized model loaded
+    dequantized); a model's KL to itself is 0 with every top token the same."""
+    from transformers import AutoModelForCausalLM
+
+    from quantmoe.evaluation import eval_windows, perplexity
+
+    src, out, _ = exported("mixtral")
+    report = json.loads((out / "eval_report.json").read_text())
+    windows, _ = eval_windows(Checkpoint(src).tokenizer(), text_file, report["protocol"]["seqlen"])
+    with torch.no_grad():
+        lp0 = torch.log_softmax(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(windows).logits[:, :-1], -1)
+        lp1 = torch.log_softmax(quantmoe.load_quantized(out, dtype=torch.float32)(windows).logits[:, :-1], -1)
+    kl = (lp0.exp() * (lp0 - lp1)).sum(-1)
+    assert float(kl.mean()) > 1e-6  # int4 moves the predictions (a random tiny model: little): 0 would be a bug
+    assert report["kl"]["mean"] == pytest.approx(float(kl.mean()), rel=1e-3)
+    assert report["kl"]["se"] == pytest.approx(float(kl.mean(1).double().std()) / windows.shape[0] ** 0.5, rel=1e-2)
+    assert report["kl"]["top1_agreement"] == pytest.approx(float((lp0.argmax(-1) == lp1.argmax(-1)).float().mean()),
+                                                           abs=1.5 / lp0[..., 0].numel())
+    assert "KL(original ‖ quantized)" in (out / "eval_report.md").read_text()
+    own = perplexity(src, windows, "cpu", keep_reference=True)
+    itself = perplexity(src, windows, "cpu", reference=own["reference"])
+    assert max(itself["window_kl"]) == pytest.approx(0, abs=1e-6) and itself["top1_agreement"] == 1.0
+
+
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_load_quantized_generates_and_matches_streamed_eval(exported, text_file, model_type):
     from quantmoe.evaluation import eval_windows, perplexity

@@ -44,6 +44,26 @@ def test_identical_reports_pass(report, tmp_path):
     assert "| gap (relative) |" in result.output and "+0.000 pp" in result.output and "no regression" in result.output
 
 
+def test_the_kl_and_the_gaps_error_are_shown_and_older_reports_still_compare(report, tmp_path):
+    """Reports carry the KL to the original and the gap's standard error; regress shows both (a higher
+    KL alone is no regression: no limit applies to it), and a report from before they existed still
+    compares, without those rows."""
+    assert report["kl"]["mean"] > 0 and 0 < report["kl"]["top1_agreement"] <= 1 and report["gap"]["relative_se"] > 0
+    higher = copy.deepcopy(report)
+    higher["kl"] = {**report["kl"], "mean": 2 * report["kl"]["mean"] + 0.01}
+    result = regress(tmp_path, report, higher)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| KL to the original"))
+    assert f"{1000 * report['kl']['mean']:.2f} ± {1000 * report['kl']['se']:.2f}" in row
+    assert f"+{1000 * (report['kl']['mean'] + 0.01):.2f} |" in row
+    assert f"± {100 * report['gap']['relative_se']:.3f}" in result.output
+    old = copy.deepcopy(report)
+    del old["kl"], old["gap"]["relative_se"]
+    result = regress(tmp_path, old, report)
+    assert result.exit_code == 0, result.output
+    assert "KL to the original" not in result.output and "no regression" in result.output
+
+
 def test_max_gap_increase_is_in_percentage_points_of_relative_gap(report, tmp_path):
     assert regress(tmp_path, report, worse(report, 0.4)).exit_code == 0
     result = regress(tmp_path, report, worse(report, 0.6))
