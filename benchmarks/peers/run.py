@@ -302,8 +302,10 @@ def verdict(tools: dict, original_windows: list[float] | None = None) -> dict:
                      if all(same) and same[1]["gap"]["relative"] > 0 else None)
     paired = (margin(ok["quantmoe"]["window_nll"], ok[best]["window_nll"], original_windows)
               if original_windows is not None and "window_nll" in ok["quantmoe"] else None)
+    paired_same = (margin(same[0]["window_nll"], same[1]["window_nll"], original_windows)
+                   if original_windows is not None and all(same) and "window_nll" in same[0] else None)
     return {"complete": True, "best_peer": best, "best_peer_gap": peers[best], "quantmoe_gap": ours,
-            "target_margin": paired,
+            "target_margin": paired, "gptqmodel_layout_target_margin": paired_same,
             "quantmoe_gptqmodel_layout_over_gptqmodel": like_for_like,
             "ratio": ratio, "target_ratio": TARGET, "gap_target_met": ratio <= TARGET,
             "bits_per_weight_not_higher": bpw_ok,
@@ -362,7 +364,11 @@ def markdown(r: dict) -> str:
         if v.get("quantmoe_gptqmodel_layout_over_gptqmodel") is not None:
             lines += ["", "Like for like with GPTQModel (the same modules quantized: quantmoe's `--layout gptqmodel` "
                           "leaves dense-layer MLPs in fp16 as GPTQModel does): quantmoe's gap is "
-                          f"{v['quantmoe_gptqmodel_layout_over_gptqmodel']:.2f}x GPTQModel's."]
+                          f"{v['quantmoe_gptqmodel_layout_over_gptqmodel']:.2f}x GPTQModel's"
+                          + ("." if v.get("gptqmodel_layout_target_margin") is None else
+                             f"; per window, its log-perplexity gap minus {v['target_ratio']}x GPTQModel's averages "
+                             f"{100 * v['gptqmodel_layout_target_margin']['mean']:+.3f} points "
+                             f"± {100 * v['gptqmodel_layout_target_margin']['se']:.3f}.")]
     notes = [f"- **{tool}**: {t['workaround']}" for tool, t in r["tools"].items() if t.get("workaround")]
     notes += [f"- **{tool}** failed: see `log_tail` in the JSON" for tool, t in r["tools"].items() if "failed" in t]
     if notes:
