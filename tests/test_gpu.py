@@ -191,3 +191,58 @@ def test_fp32_attention_on_cuda_does_not_materialise_the_scores():
             layer.self_attn.config._attn_implementation = "eager"
         ref = model(ids).logits
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_an_fp32_checkpoint_on_cuda_quantizes_to_the_bits_of_its_fp16_source(tmp_path):
+    """As tests/test_pipeline.py checks on CPU: the default --fit stream on CUDA must not use the
+    full-precision stream's fp32 originals as GPTQ's working storage."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    import quantmoe
+    from quantmoe.checkpoint import Checkpoint
+    from quantmoe.config import QuantConfig
+    from quantmoe.packing import GPTQ_SUFFIXES
+    from tiny import make_model, write_text
+
+    text = write_text(tmp_path / "text.jsonl")
+    src = make_model("qwen2_moe", tmp_path / "fp16")
+    fp32 = make_model("qwen2_moe", tmp_path / "fp32")
+    for f in fp32.glob("*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    config = json.loads((fp32 / "config.json").read_text())
+    (fp32 / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    outs = {}
+    for name, model in (("fp16", src), ("fp32", fp32)):
+        outs[name] = tmp_path / f"out-{name}"
+        quantmoe.quantize(model, outs[name], QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64,
+                          device="cuda", run_eval=False, quiet=True)
+    a, b = Checkpoint(outs["fp16"]), Checkpoint(outs["fp32"])
+    names = [n for n in a.names() if n.endswith(GPTQ_SUFFIXES)]
+    assert names and [n for n in names if not torch.equal(a.tensor(n), b.tensor(n))] == []
+
+
+@pytest.mark.gpu
+def test_eval_on_cuda_gives_the_cpu_gap_and_kl(tmp_path):
+    """The evaluator on CUDA (activations, the original's kept hidden states moved back per batch for
+    the KL) reports what it reports on CPU, up to float rounding."""
+    import quantmoe
+    from quantmoe.config import QuantConfig
+    from quantmoe.evaluation import evaluate
+    from tiny import make_model, write_text
+
+    text = write_text(tmp_path / "text.jsonl")
+    src = make_model("mixtral", tmp_path / "src")
+    out = tmp_path / "out"
+    quantmoe.quantize(src, out, QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64, device="cuda",
+                      run_eval=False, quiet=True)
+    reports = {d: evaluate(out, baseline=src, data=text, seqlen=64, device=d, quiet=True) for d in ("cpu", "cuda")}
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["device"].startswith("cuda")
+    assert gpu["results"]["quantized"]["perplexity"] == pytest.approx(cpu["results"]["quantized"]["perplexity"], rel=1e-4)
+    assert gpu["gap"]["relative_se"] == pytest.approx(cpu["gap"]["relative_se"], rel=1e-2)
+    assert cpu["kl"]["mean"] > 0
+    assert gpu["kl"]["mean"] == pytest.approx(cpu["kl"]["mean"], rel=1e-2)
+    assert gpu["kl"]["top1_agreement"] == pytest.approx(cpu["kl"]["top1_agreement"], abs=0.01)
