@@ -26,6 +26,8 @@ from .errors import QuantMoeError
 
 DEFAULT_SPECS = ("gptq-int4", "rtn-int4", "bnb-nf4", "bnb-int8")
 WINDOWS_FILE = "eval_windows.safetensors"
+# The original's last hidden states on those windows, for each row's KL to it (removed at the end).
+REFERENCE_FILE = ".original_hidden.safetensors"
 
 
 def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] = DEFAULT_SPECS,
@@ -40,7 +42,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     """
     from .checkpoint import Checkpoint
     from .defaults import DEFAULT_MODEL, EVAL_DATA, default_seqlen
-    from .evaluation import Protocol, eval_windows
+    from .evaluation import Protocol, eval_windows, paired_se
     from .files import atomic_write_json, atomic_write_text, save_safetensors, versions
 
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
@@ -65,16 +67,24 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
 
     t0 = time.perf_counter()
     load_before = _load_average()
-    original = _call(isolate, measure_original, str(ckpt.path), str(out / WINDOWS_FILE), options)
-    rows = []
-    for spec in specs:
-        try:
-            row = _call(isolate, measure_backend, spec, str(ckpt.path), str(out / spec), str(out / WINDOWS_FILE), options)
-        except QuantMoeError as exc:
-            row = {"backend": spec, "error": str(exc)}
-        if "perplexity" in row:
-            row["gap"] = (row["perplexity"] - original["perplexity"]) / original["perplexity"]
-        rows.append(row)
+    reference = out / REFERENCE_FILE
+    try:
+        original = _call(isolate, measure_original, str(ckpt.path), str(out / WINDOWS_FILE), options, str(reference))
+        rows = []
+        for spec in specs:
+            try:
+                row = _call(isolate, measure_backend, spec, str(ckpt.path), str(out / spec), str(out / WINDOWS_FILE),
+                            options, str(reference))
+            except QuantMoeError as exc:
+                row = {"backend": spec, "error": str(exc)}
+            if "perplexity" in row:
+                row["gap"] = (row["perplexity"] - original["perplexity"]) / original["perplexity"]
+                row["gap_se"] = (row["perplexity"] / original["perplexity"]) * paired_se(row.pop("window_nll"),
+                                                                                         original["window_nll"])
+            rows.append(row)
+    finally:
+        reference.unlink(missing_ok=True)
+    del original["window_nll"]
     table = {
         "model": ckpt.path.name,
         "model_path": _shown(ckpt.path),
@@ -149,23 +159,27 @@ def _windows(path: str):
     return load_file(path)["input_ids"]
 
 
-def measure_original(model: str, windows_file: str, options: Options) -> dict:
-    """Perplexity and stats of the unquantized model."""
+def measure_original(model: str, windows_file: str, options: Options, reference_file: str) -> dict:
+    """Perplexity and stats of the unquantized model; its last hidden states go to ``reference_file``."""
     from .evaluation import perplexity
     from .export import checkpoint_stats
     from .measure import stage
 
     record: dict = {}
     with stage(record, "eval"):
-        result = perplexity(model, _windows(windows_file), options.device, options.batch_size)
+        result = perplexity(model, _windows(windows_file), options.device, options.batch_size, keep_reference=True)
+    result["reference"].save(Path(reference_file))
     return {"backend": "original", "label": "original (16 bit)", **checkpoint_stats(Path(model)),
-            "perplexity": result["perplexity"], "tokens_scored": result["tokens_scored"], "eval": record["eval"]}
+            "perplexity": result["perplexity"], "tokens_scored": result["tokens_scored"], "eval": record["eval"],
+            "window_nll": result["window_nll"]}
 
 
-def measure_backend(spec: str, model: str, folder: str, windows_file: str, options: Options) -> dict:
-    """Quantize ``model`` into ``folder`` with one backend spec, then measure it."""
+def measure_backend(spec: str, model: str, folder: str, windows_file: str, options: Options,
+                    reference_file: str) -> dict:
+    """Quantize ``model`` into ``folder`` with one backend spec, then measure it (with its KL to the
+    original, whose hidden states ``measure_original`` left in ``reference_file``)."""
     from .checkpoint import Checkpoint
-    from .evaluation import perplexity
+    from .evaluation import Reference, paired_se, perplexity
     from .export import checkpoint_stats
     from .measure import stage
 
@@ -174,11 +188,17 @@ def measure_backend(spec: str, model: str, folder: str, windows_file: str, optio
     with stage(record, "quantize"):
         backend.quantize(model, folder, replace(options, config=config, quiet=True))
     with stage(record, "eval"):
-        result = perplexity(folder, _windows(windows_file), options.device, options.batch_size)
+        reference = Reference.load(model, Path(reference_file), options.device)
+        result = perplexity(folder, _windows(windows_file), options.device, options.batch_size, reference=reference)
+        del reference
     stats = checkpoint_stats(Path(folder))
     saved = Checkpoint(folder)
+    window_kl = result["window_kl"]
     return {**saved.backend.describe(saved.quantization), "backend": spec, "backend_name": backend.name, **stats,
             "perplexity": result["perplexity"], "tokens_scored": result["tokens_scored"],
+            "kl": sum(window_kl) / len(window_kl),
+            "kl_se": paired_se(window_kl, [0.0] * len(window_kl)) if len(window_kl) > 1 else None,
+            "top1_agreement": result["top1_agreement"], "window_nll": result["window_nll"],
             "quantize": record["quantize"], "eval": record["eval"], "folder": folder}
 
 
@@ -240,8 +260,18 @@ def _mb(x) -> str:
     return "-" if x is None else f"{x / 1e6:.2f}"
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _gap(row: dict) -> str:
+    return f"{100 * row['gap']:+.2f}%" + ("" if row.get("gap_se") is None else f" ± {100 * row['gap_se']:.2f}%")
+
+
+def _kl(row: dict) -> str:
+    if row.get("kl") is None:  # tables from before the KL was measured
+        return "-"
+    return f"{1000 * row['kl']:.2f}" + ("" if row.get("kl_se") is None else f" ± {1000 * row['kl_se']:.2f}")
 
 
 def _loads(m: dict) -> str:
@@ -252,22 +282,24 @@ def _loads(m: dict) -> str:
 def render_markdown(table: dict) -> str:
     """The comparison as Markdown: one row per backend, then protocol and provenance."""
     head = ("| backend | bits/weight | size (MB) | quantized (all params) | quantized (decoder linears) | "
-            "decoder bytes / bf16 | perplexity | gap | quantize time (s) | quantize peak RSS (MB) | eval time (s) |")
-    rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "decoder bytes / bf16 | perplexity | gap | KL (1e-3) | same top token | quantize time (s) | "
+            "quantize peak RSS (MB) | eval time (s) |")
+    rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     o = table["original"]
     rows.append(f"| original | 16 | {_mb(o['size_bytes'])} | 0.0% | 0.0% | "
-                f"{o['decoder_bytes'] / o['decoder_bf16_bytes']:.3f} | {o['perplexity']:.4f} | | | | "
+                f"{o['decoder_bytes'] / o['decoder_bf16_bytes']:.3f} | {o['perplexity']:.4f} | | | | | | "
                 f"{o['eval']['seconds']:.1f} |")
     for r in table["rows"]:
         if "error" in r:
-            rows.append(f"| {r['backend']} | failed: {r['error']} | | | | | | | | | |")
+            rows.append(f"| {r['backend']} | failed: {r['error']} | | | | | | | | | | | |")
             continue
         q = r["quantize"]
         peak = f"{q['peak_rss_mb']:.0f}" + (f" (GPU {q['peak_gpu_mb']:.0f})" if q.get("peak_gpu_mb") else "")
         rows.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {_mb(r['size_bytes'])} | "
                     f"{_pct(r['fraction_quantized'])} | {_pct(r['decoder_linear_fraction'])} | "
                     f"{r['decoder_bytes'] / r['decoder_bf16_bytes']:.3f} | {r['perplexity']:.4f} | "
-                    f"{100 * r['gap']:+.2f}% | {q['seconds']:.1f} | {peak} | {r['eval']['seconds']:.1f} |")
+                    f"{_gap(r)} | {_kl(r)} | {_pct(r.get('top1_agreement'), 2)} | {q['seconds']:.1f} | {peak} | "
+                    f"{r['eval']['seconds']:.1f} |")
     p, d = table["protocol"], table["data"]
     opts = table["options"]
     lines = [
@@ -281,7 +313,10 @@ def render_markdown(table: dict) -> str:
         f"- **Perplexity**: `{d['path']}` ({d['documents']} documents, {d['tokens']} tokens, {d['windows']} "
         f"windows of {p['seqlen']}, the same windows for every row); documents joined with \"\\n\\n\", tokenized "
         f"once without special tokens; {p['windows']}; {p['metric']}; weights dequantized, {p['dtype']} "
-        "activations. **gap** is relative to the original.",
+        "activations. **gap** is relative to the original, ± its standard error over the windows (paired). "
+        "**KL**: mean KL(original ‖ quantized) per predicted token over the whole vocabulary, ± its standard "
+        "error over the windows; **same top token**: positions where the row's most likely next token is "
+        "the original's.",
         "- **Time and memory**: wall time and peak RSS (sampled every 50 ms) of the quantize stage, "
         + ("each row in a fresh process. " if table["isolated"] else "all rows in one process (RSS includes "
            "what earlier rows left). ")

@@ -53,16 +53,38 @@ def eval_windows(tokenizer, data: str | Path, seqlen: int) -> tuple[Tensor, dict
 
 
 class Reference:
-    """A model's next-token log-probabilities on the evaluation windows, batch by batch, for the KL of
-    another model to it: its last hidden states (kept on the CPU: windows x seqlen x hidden x 4 bytes,
-    as much as the evaluation's own activations) and its head."""
+    """A model's next-token log-probabilities on the evaluation windows, for the KL of another model
+    to it: its last hidden states, batch by batch (kept on the CPU: windows x seqlen x hidden x 4
+    bytes, as much as the evaluation's own activations), and its head."""
 
     def __init__(self, stream: LayerStream, hidden: list[Tensor]):
         self.stream, self.hidden = stream, hidden
+        self.starts = [0]
+        for h in hidden:
+            self.starts.append(self.starts[-1] + h.shape[0])
 
-    def logp(self, batch: int, device: torch.device) -> Tensor:
-        logits = self.stream.logits(self.hidden[batch].to(device))
+    def logp(self, start: int, stop: int, device: torch.device) -> Tensor:
+        """Log-probabilities (stop - start, L - 1, V) of windows start..stop-1 at their predicted positions."""
+        parts = [h[max(start, a) - a:min(stop, a + h.shape[0]) - a]
+                 for h, a in zip(self.hidden, self.starts) if max(start, a) < min(stop, a + h.shape[0])]
+        logits = self.stream.logits(torch.cat(parts).to(device))
         return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+    def save(self, path: Path) -> None:
+        """The hidden states to a file (atomically), for ``load`` in another process."""
+        from .files import save_safetensors
+
+        save_safetensors(path, {f"hidden.{j}": h for j, h in enumerate(self.hidden)})
+
+    @classmethod
+    def load(cls, model: str | Path, path: Path, device: str = "auto") -> Reference:
+        """``model``'s Reference from the hidden states ``save`` wrote: only its head is loaded."""
+        from safetensors.torch import load_file
+
+        stream = LayerStream(Checkpoint(model), pick_device(device))
+        stream.load_head()
+        tensors = load_file(str(path))
+        return cls(stream, [tensors[f"hidden.{j}"] for j in range(len(tensors))])
 
 
 @torch.no_grad()
@@ -72,7 +94,7 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
     (``batch_size`` None: ``stream.default_batch_size``), with each window's mean NLL (``window_nll``).
 
     ``keep_reference``: also return ``reference``, this model's ``Reference`` on these windows.
-    ``reference``: another model's, made with the same windows and batch size; returns ``window_kl``,
+    ``reference``: another model's, made with the same windows; returns ``window_kl``,
     each window's mean KL(reference || this model) over its predicted positions, and
     ``top1_agreement``, the share of positions where both put the same token first."""
     t0 = time.perf_counter()
@@ -91,7 +113,7 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
     window_nll: list[float] = []
     window_kl: list[float] = []
     same_top1 = 0
-    for j, (start, b) in enumerate(zip(range(0, windows.shape[0], batch_size), batches)):
+    for start, b in zip(range(0, windows.shape[0], batch_size), batches):
         ids = windows[start:start + batch_size].to(dev)
         logits = stream.logits(b.hidden)
         loss = torch.nn.functional.cross_entropy(
@@ -100,7 +122,8 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
         count += ids[:, 1:].numel()
         window_nll += loss.reshape(ids.shape[0], -1).double().mean(1).tolist()
         if reference is not None:
-            logp, logp0 = torch.log_softmax(logits[:, :-1].float(), dim=-1), reference.logp(j, dev)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            logp0 = reference.logp(start, start + ids.shape[0], dev)
             window_kl += (logp0.exp() * (logp0 - logp)).sum(-1).double().mean(1).tolist()
             same_top1 += int((logp.argmax(-1) == logp0.argmax(-1)).sum())
             del logp, logp0
@@ -168,7 +191,6 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     results: dict = {}
     runs = ([("original", baseline)] if baseline is not None else []) + [("quantized" if baseline else "model", model)]
     reference = None  # the original's, for the quantized model's KL to it
-    batch_size = batch_size or default_batch_size(ckpt.config, seqlen)
     for label, path in runs:
         n = Checkpoint(path).config.num_hidden_layers
         with tqdm(total=n, desc=f"eval {label}", unit="layer", disable=quiet, leave=False) as bar, \

@@ -420,6 +420,16 @@ def test_compare_writes_one_table_measured_from_the_files(tiny_model, text_file,
                                            / table["original"]["perplexity"])
         assert row["quantize"]["seconds"] > 0 and row["quantize"]["peak_rss_mb"] > 0
     assert 4.0 < rows["rtn-int4"]["bits_per_weight"] < 5.5
+    # Each row's KL to the original, through the original's hidden states saved by one measurement and
+    # read by the next, is what quantmoe eval --baseline gives on the same windows.
+    from quantmoe.evaluation import evaluate
+
+    for spec, row in rows.items():
+        ev = evaluate(tmp_path / "cmp" / spec, baseline=src, data=short, seqlen=32, device="cpu", quiet=True)
+        assert row["kl"] > 0 and row["kl"] == pytest.approx(ev["kl"]["mean"], rel=1e-6), spec
+        assert row["top1_agreement"] == ev["kl"]["top1_agreement"] and row["gap_se"] > 0, spec
+    assert "KL (1e-3)" in markdown and "window_nll" not in json.dumps(table)  # used for the errors, not kept
+    assert not list((tmp_path / "cmp").glob(".original_hidden*"))  # the reference is removed
     assert table["original"]["fraction_quantized"] == 0.0 and table["original"]["bits_per_weight"] is None
     assert table["data"]["windows"] * 31 == table["original"]["tokens_scored"]
 
@@ -429,7 +439,8 @@ def test_compare_isolated_runs_report_errors_from_the_child_process(tmp_path):
 
     assert _call(True, machine)["cores"] == machine()["cores"]
     with pytest.raises(QuantMoeError) as err:
-        _call(True, measure_backend, "nope", str(tmp_path), str(tmp_path / "x"), str(tmp_path / "w"), Options())
+        _call(True, measure_backend, "nope", str(tmp_path), str(tmp_path / "x"), str(tmp_path / "w"), Options(),
+              str(tmp_path / "r"))
     assert "unknown backend 'nope'" in str(err.value)
 
 
