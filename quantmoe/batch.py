@@ -335,7 +335,7 @@ def result_row(job: Job, out: Path, status: str, seconds: float, error: str | No
     """One summary row; the numbers come from the job's own eval_report.json (or, without eval, its files)."""
     row = {"job": job.name, "status": status, "model": job.model, "recipe": job.recipe(), "out": str(out),
            "ppl_original": None, "ppl_quantized": None, "gap_absolute": None, "gap_relative": None,
-           "bits_per_weight": None, "size_bytes": None, "wall_seconds": round(seconds, 3), "error": error}
+           "kl": None, "bits_per_weight": None, "size_bytes": None, "wall_seconds": round(seconds, 3), "error": error}
     if status not in ("done", "skipped"):
         return row
     report_path = out / "eval_report.json"
@@ -345,6 +345,7 @@ def result_row(job: Job, out: Path, status: str, seconds: float, error: str | No
         row.update(ppl_original=results.get("original", {}).get("perplexity"),
                    ppl_quantized=results.get("quantized", results.get("model", {})).get("perplexity"),
                    gap_absolute=gap.get("absolute"), gap_relative=gap.get("relative"),
+                   kl=(report.get("kl") or {}).get("mean"),
                    bits_per_weight=q.get("bits_per_weight"), size_bytes=q.get("size_bytes"))
     else:  # the job ran with eval = false: no perplexity, but the files still say how big it is
         from .export import checkpoint_stats
@@ -363,22 +364,29 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _milli(x: float | None) -> float | None:
+    return None if x is None else 1000 * x
+
+
 def summary_markdown(summary: dict) -> str:
     c = summary["counts"]
     lines = [f"# quantmoe batch: {summary['jobs_file']}", "",
              f"Output root `{summary['root']}`; {c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
              + (f", {c['pending']} not run" if c.get("pending") else "") + f" ({summary['updated']}).", "",
              f"quantmoe commit `{summary.get('commit')}`; {summary.get('machine')}.", "",
-             "| job | status | recipe | ppl original | ppl quantized | gap | bits/weight | size (MB) | wall time (s) | error |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| job | status | recipe | ppl original | ppl quantized | gap | KL (1e-3) | bits/weight | size (MB) | "
+             "wall time (s) | error |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in summary["jobs"]:
         gap = "-" if r["gap_relative"] is None else f"{r['gap_absolute']:+.4f} ({100 * r['gap_relative']:+.2f}%)"
         size = None if r["size_bytes"] is None else r["size_bytes"] / 1e6
         error = (r["error"] or "").replace("|", "\\|")
         lines.append(f"| {r['job']} | {r['status']} | {r['recipe']} | {_fmt(r['ppl_original'], '.4f')} | "
-                     f"{_fmt(r['ppl_quantized'], '.4f')} | {gap} | {_fmt(r['bits_per_weight'], '.3f')} | "
+                     f"{_fmt(r['ppl_quantized'], '.4f')} | {gap} | {_fmt(_milli(r.get('kl')), '.2f')} | "
+                     f"{_fmt(r['bits_per_weight'], '.3f')} | "
                      f"{_fmt(size, '.2f')} | {_fmt(r['wall_seconds'], '.1f')} | {error} |")
-    lines += ["", "Perplexity, gap, bits/weight and size are copied from each job's `eval_report.json`; "
+    lines += ["", "Perplexity, gap, KL to the original, bits/weight and size are copied from each job's "
+              "`eval_report.json`; "
               "wall time is this run's (a skipped job only had its files checked).", ""]
     return "\n".join(lines)
 

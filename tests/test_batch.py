@@ -81,9 +81,11 @@ def test_batch_runs_every_job_and_the_summary_agrees_with_each_report(first_run)
         assert row["ppl_quantized"] == report["results"]["quantized"]["perplexity"]
         assert row["gap_absolute"] == report["gap"]["absolute"]
         assert row["gap_relative"] == report["gap"]["relative"]
+        assert row["kl"] == report["kl"]["mean"] > 0
         assert row["bits_per_weight"] == report["quantization"]["bits_per_weight"]
         assert row["size_bytes"] == report["quantization"]["size_bytes"]
         assert f"| {name} | done | " in md and f"{report['results']['quantized']['perplexity']:.4f}" in md
+        assert f" | {1000 * report['kl']['mean']:.2f} | " in md
     assert rows["mix-rtn4"]["recipe"] == "rtn int4 g32"
     assert json.loads((root / "mix-rtn4" / "config.json").read_text())["quantization_config"]["meta"]["backend"] == "rtn"
     # job-level progress: which job of how many, and the batch ETA once a job has finished
