@@ -116,11 +116,12 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
     for start, b in zip(range(0, windows.shape[0], batch_size), batches):
         ids = windows[start:start + batch_size].to(dev)
         logits = stream.logits(b.hidden)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        nll += float(loss.sum())
-        count += ids[:, 1:].numel()
+        flat_logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        nll += float(torch.nn.functional.cross_entropy(flat_logits, targets, reduction="sum"))
+        count += targets.numel()
+        loss = torch.nn.functional.cross_entropy(flat_logits, targets, reduction="none")
         window_nll += loss.reshape(ids.shape[0], -1).double().mean(1).tolist()
+        del flat_logits, loss
         if reference is not None:
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             logp0 = reference.logp(start, start + ids.shape[0], dev)
