@@ -27,9 +27,12 @@ class PeerTool:
     version_of: str            # distribution whose version is reported as the tool's version
     output_format: str         # what it writes, as quantmoe's evaluator reads it
     env: tuple[tuple[str, str], ...] = ()  # environment for the quantize run
+    script_args: tuple[str, ...] = ()      # more arguments for the script
+    venv_name: str | None = None           # another row's venv (same packages), default its own
+    in_verdict: bool = True                # False: a row shown beside the peers, not one the target is set by
 
     def venv(self, venvs: Path) -> Path:
-        return Path(venvs) / self.name
+        return Path(venvs) / (self.venv_name or self.name)
 
 
 PEERS: dict[str, PeerTool] = {
@@ -42,6 +45,19 @@ PEERS: dict[str, PeerTool] = {
             version_of="gptqmodel",
             output_format="GPTQ v1 (GPTQModel's tensor names)",
             # GPTQModel needs a worker count on a CPU-only machine; dynamo compiles on first call otherwise.
+            env=(("GPTQMODEL_CPU_WORKERS", "2"), ("TORCHDYNAMO_DISABLE", "1")),
+        ),
+        PeerTool(
+            # GPTQModel's Qwen2-MoE definition as it ships: on a model with dense (mlp_only_layers) layers
+            # it has no entry for their MLP, which stays fp16 (more bits than the other rows).
+            name="gptqmodel-dense-fp16",
+            packages=("gptqmodel==7.6.0", "transformers==5.23.0"),
+            script="quantize_gptqmodel.py",
+            script_args=("--dense-mlp", "fp16"),
+            venv_name="gptqmodel",
+            in_verdict=False,
+            version_of="gptqmodel",
+            output_format="GPTQ v1 (GPTQModel's tensor names)",
             env=(("GPTQMODEL_CPU_WORKERS", "2"), ("TORCHDYNAMO_DISABLE", "1")),
         ),
         PeerTool(
@@ -85,15 +101,17 @@ def installed_versions(python: Path, names: tuple[str, ...]) -> dict[str, str | 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def script_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, object]:
-    """The command line every peer quantize script takes (MODEL CALIB OUT [--batch-size]) and the
-    calibration rows, int64 (N, L), read from CALIB. The scripts run in the peers' own venvs,
-    where this module is importable from the script's folder."""
+def script_arguments(argv: list[str] | None = None, more=None) -> tuple[argparse.Namespace, object]:
+    """The command line every peer quantize script takes (MODEL CALIB OUT [--batch-size], and what
+    ``more(parser)`` adds) and the calibration rows, int64 (N, L), read from CALIB. The scripts run
+    in the peers' own venvs, where this module is importable from the script's folder."""
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("calib")
     parser.add_argument("out")
     parser.add_argument("--batch-size", type=int, default=8)
+    if more is not None:
+        more(parser)
     args = parser.parse_args(argv)
     from safetensors.torch import load_file
 

@@ -1,15 +1,19 @@
 """Quantize a checkpoint with GPTQModel (run with the python of the harness's gptqmodel venv).
 
-    python quantize_gptqmodel.py MODEL CALIB.safetensors OUT [--batch-size 8]
+    python quantize_gptqmodel.py MODEL CALIB.safetensors OUT [--batch-size 8] [--dense-mlp quantize|fp16]
 
 Settings fixed by the harness: 4 bits, group size 128, symmetric; everything else is
-GPTQModel's default (recorded in OUT/peer_run.json). The calibration rows are the
+GPTQModel's default (recorded in OUT/peer_run.json). On a Qwen2-MoE with dense layers
+(``mlp_only_layers``) their MLP is quantized by default, as GPTQModel's definitions of the
+other MoE families with dense layers do, so that every tool quantizes the same linears;
+``--dense-mlp fp16`` leaves it as GPTQModel's Qwen2-MoE definition does. The calibration rows are the
 ``input_ids`` of CALIB, fed as they are (no re-tokenizing, no concatenation). GPTQModel's
 model definitions never quantize routers (``mlp.gate``, ``mlp.shared_expert_gate``).
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 from dataclasses import asdict
@@ -33,26 +37,53 @@ def jsonable(value):
     return str(getattr(value, "value", value))
 
 
+# The entry GPTQModel's own definitions of MoE families with dense layers (deepseek_v2, glm4_moe,
+# dots1) give the dense layers' MLP under "mlp"; its Qwen2-MoE definition has none (released
+# Qwen2-MoE models have no dense layers).
+DENSE_MLP = ("gate_proj:0:in=x", "up_proj:0:in=x", "down_proj:1")
+
+
+def with_dense_mlp(tree: list) -> list:
+    """GPTQModel's Qwen2-MoE module tree with the dense-layer MLP entry added (in forward order: first)."""
+    tree = copy.deepcopy(tree)
+    layer = tree[3]
+    key = next(k for k in layer if k.split(":")[0] == "mlp")
+    layer[key] = {"": DENSE_MLP, **layer[key]}
+    return tree
+
+
 def main() -> None:
-    args, ids = script_arguments()  # ids: the calibration rows (N, L), used as they are
+    # ids: the calibration rows (N, L), used as they are
+    args, ids = script_arguments(more=lambda p: p.add_argument(
+        "--dense-mlp", choices=("quantize", "fp16"), default="quantize",
+        help="dense (mlp_only_layers) layers' MLP: quantized as GPTQModel's deepseek_v2/glm4_moe definitions "
+             "do, or left fp16 as its Qwen2-MoE definition does"))
 
     from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.models.definitions.qwen2_moe import Qwen2MoeQModel
 
-    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
-    qcfg = QuantizeConfig(bits=4, group_size=128, sym=True)
-    # fp16 like the source checkpoint (GPTQModel would otherwise pick bf16 on CPU and save bf16 tensors).
-    model = GPTQModel.load(args.model, qcfg, device="cpu", dtype=torch.float16)
-    config = model.model.config
-    dense_layers = bool(getattr(config, "mlp_only_layers", None)) or (getattr(config, "decoder_sparse_step", 1) or 1) > 1
+    config = json.loads(Path(args.model, "config.json").read_text())
+    dense_layers = bool(config.get("mlp_only_layers")) or (config.get("decoder_sparse_step") or 1) > 1
     workaround = None
     if dense_layers:
         # GPTQModel's Qwen2-MoE tree expects mlp.shared_expert/experts in every layer and stops with
         # "layer module item `mlp.shared_expert.gate_proj` not found" on a dense (mlp_only_layers) layer.
         # Its own definitions for such models (glm4_moe, dots1, ...) set layer_modules_strict = False,
-        # which skips the missing modules; the dense MLP is then not in its tree and stays fp16.
+        # which skips the modules a layer lacks.
+        if args.dense_mlp == "quantize":
+            Qwen2MoeQModel.module_tree = with_dense_mlp(Qwen2MoeQModel.module_tree)
+            workaround = ("layer_modules_strict=False, and the dense (mlp_only_layers) layers' MLP added to the Qwen2-MoE "
+                          "module tree as GPTQModel's deepseek_v2/glm4_moe/dots1 definitions have it: quantized")
+        else:
+            workaround = ("layer_modules_strict=False (the model has dense mlp_only_layers that GPTQModel's Qwen2-MoE "
+                          "tree does not describe; their MLP stays fp16)")
+
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
+    qcfg = QuantizeConfig(bits=4, group_size=128, sym=True)
+    # fp16 like the source checkpoint (GPTQModel would otherwise pick bf16 on CPU and save bf16 tensors).
+    model = GPTQModel.load(args.model, qcfg, device="cpu", dtype=torch.float16)
+    if dense_layers:
         model.layer_modules_strict = False
-        workaround = ("layer_modules_strict=False (the model has dense mlp_only_layers that GPTQModel's tree "
-                      "does not describe; their MLP stays fp16)")
     model.quantize(calibration, batch_size=args.batch_size)
     model.save(args.out)
     record = {

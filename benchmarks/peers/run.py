@@ -52,8 +52,8 @@ from quantmoe.stream import LayerStream  # noqa: E402
 NSAMPLES, SEQLEN, SEED = 128, 512, 0
 TARGET = 0.7  # issue 6: quantmoe's relative gap at most 70% of the smaller peer gap
 # quantmoe's runs: its default recipe (the one the verdict uses), and the same recipe with GPTQModel's
-# layout, which also leaves dense-layer MLPs (Qwen2-MoE mlp_only_layers) in fp16 as GPTQModel does:
-# the like-for-like row when GPTQModel quantizes fewer weights.
+# layout, which also leaves dense-layer MLPs (Qwen2-MoE mlp_only_layers) in fp16 as GPTQModel's Qwen2-MoE
+# definition does: the like-for-like row for the peer row gptqmodel-dense-fp16.
 QUANTMOE_RUNS = {"quantmoe": [], "quantmoe-gptqmodel-layout": ["--layout", "gptqmodel"]}
 TOOLS = (*QUANTMOE_RUNS, *PEERS)
 
@@ -123,7 +123,8 @@ def quantize_command(tool: str, model: Path, calib: Path, out: Path, venvs: Path
         return ([sys.executable, "-m", "quantmoe", "quantize", str(model), "--out", str(out), "--calib", str(calib),
                  "--device", "cpu", "--no-eval", "--quiet", "--overwrite", *QUANTMOE_RUNS[tool]], {})
     peer = PEERS[tool]
-    return [str(venv_python(peer, venvs)), str(HERE / peer.script), str(model), str(calib), str(out)], dict(peer.env)
+    return ([str(venv_python(peer, venvs)), str(HERE / peer.script), str(model), str(calib), str(out),
+             *peer.script_args], dict(peer.env))
 
 
 def tool_record(tool: str, out: Path, venvs: Path) -> dict:
@@ -281,7 +282,7 @@ def margin(ours: list[float], peer: list[float], original: list[float]) -> dict:
 
 def verdict(tools: dict, original_windows: list[float] | None = None) -> dict:
     ok = {t: r for t, r in tools.items() if "gap" in r}
-    peers = {t: r["gap"]["relative"] for t, r in ok.items() if t in PEERS}
+    peers = {t: r["gap"]["relative"] for t, r in ok.items() if t in PEERS and PEERS[t].in_verdict}
     if "quantmoe" not in ok or not peers:
         return {"complete": False}
     best = min(peers, key=peers.get)
@@ -290,14 +291,14 @@ def verdict(tools: dict, original_windows: list[float] | None = None) -> dict:
     # Compared on the bits that carry information: GPTQ v1 also stores a g_idx and constant zero points
     # for its loaders, which compressed-tensors leaves out (export.checkpoint_stats).
     bpw_ok = all(ok["quantmoe"]["information_bits_per_weight"] <= r["information_bits_per_weight"] + 1e-9
-                 for t, r in ok.items() if t in PEERS)
+                 for t, r in ok.items() if t in peers)
     fastest = min(ok[t]["quantize"]["seconds"] for t in peers)
     # Over every linear any tool quantizes, counting a linear a tool left in 16 bit at 16 bits: what a
     # tool that quantizes fewer modules (GPTQModel and Qwen2-MoE's dense layers) spends per weight.
     linears = max(r["fraction_quantized"] for r in ok.values())
     all_linears = {t: (r["information_bits_per_weight"] * r["fraction_quantized"]
                        + 16 * (linears - r["fraction_quantized"])) / linears for t, r in ok.items()}
-    same = ok.get("quantmoe-gptqmodel-layout"), ok.get("gptqmodel")
+    same = ok.get("quantmoe-gptqmodel-layout"), ok.get("gptqmodel-dense-fp16")
     like_for_like = (same[0]["gap"]["relative"] / same[1]["gap"]["relative"]
                      if all(same) and same[1]["gap"]["relative"] > 0 else None)
     paired = (margin(ok["quantmoe"]["window_nll"], ok[best]["window_nll"], original_windows)
@@ -362,9 +363,9 @@ def markdown(r: dict) -> str:
             lines += ["", "Bits of information per weight over every linear any tool quantizes (a linear left in "
                           "16 bit counted at 16): " + ", ".join(f"{t} {b:.3f}" for t, b in spent.items()) + "."]
         if v.get("quantmoe_gptqmodel_layout_over_gptqmodel") is not None:
-            lines += ["", "Like for like with GPTQModel (the same modules quantized: quantmoe's `--layout gptqmodel` "
-                          "leaves dense-layer MLPs in fp16 as GPTQModel does): quantmoe's gap is "
-                          f"{v['quantmoe_gptqmodel_layout_over_gptqmodel']:.2f}x GPTQModel's"
+            lines += ["", "Both leaving dense-layer MLPs in fp16 (quantmoe `--layout gptqmodel`; GPTQModel's Qwen2-MoE "
+                          "definition as it ships, `gptqmodel-dense-fp16`, which is not in the verdict): quantmoe's "
+                          f"gap is {v['quantmoe_gptqmodel_layout_over_gptqmodel']:.2f}x GPTQModel's"
                           + ("." if v.get("gptqmodel_layout_target_margin") is None else
                              f"; per window, its log-perplexity gap minus {v['target_ratio']}x GPTQModel's averages "
                              f"{100 * v['gptqmodel_layout_target_margin']['mean']:+.3f} points "
