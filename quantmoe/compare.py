@@ -42,7 +42,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     """
     from .checkpoint import Checkpoint
     from .defaults import DEFAULT_MODEL, EVAL_DATA, default_seqlen
-    from .evaluation import Protocol, eval_windows, paired_se
+    from .evaluation import Protocol, eval_windows, gap
     from .files import atomic_write_json, atomic_write_text, save_safetensors, versions
 
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
@@ -78,9 +78,8 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
             except QuantMoeError as exc:
                 row = {"backend": spec, "error": str(exc)}
             if "perplexity" in row:
-                row["gap"] = (row["perplexity"] - original["perplexity"]) / original["perplexity"]
-                row["gap_se"] = (row["perplexity"] / original["perplexity"]) * paired_se(row.pop("window_nll"),
-                                                                                         original["window_nll"])
+                g = gap(original["perplexity"], row["perplexity"], original["window_nll"], row.pop("window_nll"))
+                row["gap"], row["gap_se"] = g["relative"], g.get("relative_se")
             rows.append(row)
     finally:
         reference.unlink(missing_ok=True)
@@ -179,7 +178,7 @@ def measure_backend(spec: str, model: str, folder: str, windows_file: str, optio
     """Quantize ``model`` into ``folder`` with one backend spec, then measure it (with its KL to the
     original, whose hidden states ``measure_original`` left in ``reference_file``)."""
     from .checkpoint import Checkpoint
-    from .evaluation import Reference, paired_se, perplexity
+    from .evaluation import Reference, kl_summary, perplexity
     from .export import checkpoint_stats
     from .measure import stage
 
@@ -193,12 +192,9 @@ def measure_backend(spec: str, model: str, folder: str, windows_file: str, optio
         del reference
     stats = checkpoint_stats(Path(folder))
     saved = Checkpoint(folder)
-    window_kl = result["window_kl"]
     return {**saved.backend.describe(saved.quantization), "backend": spec, "backend_name": backend.name, **stats,
             "perplexity": result["perplexity"], "tokens_scored": result["tokens_scored"],
-            "kl": sum(window_kl) / len(window_kl),
-            "kl_se": paired_se(window_kl, [0.0] * len(window_kl)) if len(window_kl) > 1 else None,
-            "top1_agreement": result["top1_agreement"], "window_nll": result["window_nll"],
+            "kl": kl_summary(result), "window_nll": result["window_nll"],
             "quantize": record["quantize"], "eval": record["eval"], "folder": folder}
 
 
@@ -269,9 +265,10 @@ def _gap(row: dict) -> str:
 
 
 def _kl(row: dict) -> str:
-    if row.get("kl") is None:  # tables from before the KL was measured
+    kl = row.get("kl")
+    if kl is None:  # tables from before the KL was measured
         return "-"
-    return f"{1000 * row['kl']:.2f}" + ("" if row.get("kl_se") is None else f" ± {1000 * row['kl_se']:.2f}")
+    return f"{1000 * kl['mean']:.2f}" + ("" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}")
 
 
 def _loads(m: dict) -> str:
@@ -298,7 +295,7 @@ def render_markdown(table: dict) -> str:
         rows.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {_mb(r['size_bytes'])} | "
                     f"{_pct(r['fraction_quantized'])} | {_pct(r['decoder_linear_fraction'])} | "
                     f"{r['decoder_bytes'] / r['decoder_bf16_bytes']:.3f} | {r['perplexity']:.4f} | "
-                    f"{_gap(r)} | {_kl(r)} | {_pct(r.get('top1_agreement'), 2)} | {q['seconds']:.1f} | {peak} | "
+                    f"{_gap(r)} | {_kl(r)} | {_pct((r.get('kl') or {}).get('top1_agreement'), 2)} | {q['seconds']:.1f} | {peak} | "
                     f"{r['eval']['seconds']:.1f} |")
     p, d = table["protocol"], table["data"]
     opts = table["options"]

@@ -152,12 +152,30 @@ def gap(original: float, quantized: float, original_windows: list[float] | None 
     return out
 
 
-def paired_se(a: list[float], b: list[float], weight: float = 1.0) -> float:
-    """Standard error of mean(a - weight * b) over windows: how far a gap (a difference of mean NLLs,
-    the log of a perplexity ratio) would move with another sample of evaluation windows of the same
-    text, the windows treated as independent. It does not cover another calibration draw."""
-    d = torch.tensor(a, dtype=torch.float64) - weight * torch.tensor(b, dtype=torch.float64)
-    return float(d.std() / math.sqrt(d.numel()))
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of per-window ``values``, the windows taken as independent: how far
+    the mean would move with another sample of evaluation windows of the same text. It does not
+    cover another calibration draw."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return float(v.std() / math.sqrt(v.numel()))
+
+
+def paired_se(a: list[float], b: list[float]) -> float:
+    """Standard error of mean(a - b) over the same windows (a gap: a difference of mean NLLs, the log of
+    a perplexity ratio)."""
+    return standard_error([x - y for x, y in zip(a, b)])
+
+
+def kl_summary(result: dict) -> dict:
+    """The KL part of a report from ``perplexity(..., reference=...)``'s result (whose per-window
+    values it takes out)."""
+    window_kl = result.pop("window_kl")
+    return {"mean": sum(window_kl) / len(window_kl),
+            "se": standard_error(window_kl) if len(window_kl) > 1 else None,
+            "top1_agreement": result.pop("top1_agreement"),
+            "definition": "mean over predicted positions of KL(original || quantized), in nats, over the whole "
+                          "vocabulary; se: its standard error over windows; top1_agreement: the share of "
+                          "positions where both models put the same token first"}
 
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
@@ -213,13 +231,7 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     if baseline is not None:
         report["gap"] = gap(results["original"]["perplexity"], results["quantized"]["perplexity"],
                             per_window["original"], per_window["quantized"])
-        quantized = results["quantized"]
-        window_kl = quantized.pop("window_kl")
-        report["kl"] = {"mean": sum(window_kl) / len(window_kl),
-                        "se": paired_se(window_kl, [0.0] * len(window_kl)) if len(window_kl) > 1 else None,
-                        "top1_agreement": quantized.pop("top1_agreement"),
-                        "definition": "mean over predicted positions of KL(original || quantized), in nats, over "
-                                      "the whole vocabulary; se: its standard error over windows"}
+        report["kl"] = kl_summary(results["quantized"])
         report["original_size_bytes"] = checkpoint_stats(baseline)["size_bytes"]
     if ckpt.backend is not None:
         report["quantization"] = {**checkpoint_stats(model), **ckpt.backend.describe(ckpt.quantization)}

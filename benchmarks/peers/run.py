@@ -44,7 +44,7 @@ from peer_tools import HERE, PEERS, ensure_venv, installed_versions, venv_python
 from quantmoe import __version__  # noqa: E402
 from quantmoe.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.defaults import DEMO_MODELS, EVAL_DATA, REPO  # noqa: E402
-from quantmoe.evaluation import Protocol, eval_windows, gap, perplexity  # noqa: E402
+from quantmoe.evaluation import Protocol, eval_windows, gap, perplexity, standard_error  # noqa: E402
 from quantmoe.export import checkpoint_stats  # noqa: E402
 from quantmoe.files import sha256_file, versions  # noqa: E402
 from quantmoe.stream import LayerStream  # noqa: E402
@@ -275,9 +275,8 @@ def margin(ours: list[float], peer: list[float], original: list[float]) -> dict:
     """The target as one paired statistic per window: quantmoe's log-perplexity gap minus TARGET times the
     peer's (for gaps this small the log of the perplexity ratio is the relative gap to 0.01 of itself),
     its mean over windows and the mean's standard error. Below zero: the target is met on this text."""
-    q, p, o = (torch.tensor(v, dtype=torch.float64) for v in (ours, peer, original))
-    d = (q - o) - TARGET * (p - o)
-    return {"mean": float(d.mean()), "se": float(d.std() / d.numel() ** 0.5)}
+    d = [(q - o) - TARGET * (p - o) for q, p, o in zip(ours, peer, original)]
+    return {"mean": sum(d) / len(d), "se": standard_error(d)}
 
 
 def verdict(tools: dict, original_windows: list[float] | None = None) -> dict:
