@@ -31,7 +31,7 @@ def gap_table(report: dict) -> str:
             f"{_fmt(q.get('size_bytes', 0) / 1e6, 2)} | {_fmt(100 * q.get('fraction_quantized', 0), 1)}% |")
     kl = report.get("kl")
     if quant and kl:
-        se = "" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}"
+        se = "" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}e-3"
         rows += ["", f"KL(original ‖ quantized): {1000 * kl['mean']:.2f}e-3{se} nats per predicted token; "
                      f"the same most likely next token as the original at {100 * kl['top1_agreement']:.2f}% of "
                      "positions."]
