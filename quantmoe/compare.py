@@ -260,15 +260,6 @@ def _pct(x, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def _gap(row: dict) -> str:
-    return f"{100 * row['gap']:+.2f}%" + ("" if row.get("gap_se") is None else f" ± {100 * row['gap_se']:.2f}%")
-
-
-def _kl(row: dict) -> str:
-    kl = row.get("kl")
-    if kl is None:  # tables from before the KL was measured
-        return "-"
-    return f"{1000 * kl['mean']:.2f}" + ("" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}")
 
 
 def _loads(m: dict) -> str:
@@ -278,6 +269,8 @@ def _loads(m: dict) -> str:
 
 def render_markdown(table: dict) -> str:
     """The comparison as Markdown: one row per backend, then protocol and provenance."""
+    from .report import kl_text, relative_gap_text
+
     head = ("| backend | bits/weight | size (MB) | quantized (all params) | quantized (decoder linears) | "
             "decoder bytes / bf16 | perplexity | gap | KL (1e-3) | same top token | quantize time (s) | "
             "quantize peak RSS (MB) | eval time (s) |")
@@ -295,7 +288,8 @@ def render_markdown(table: dict) -> str:
         rows.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {_mb(r['size_bytes'])} | "
                     f"{_pct(r['fraction_quantized'])} | {_pct(r['decoder_linear_fraction'])} | "
                     f"{r['decoder_bytes'] / r['decoder_bf16_bytes']:.3f} | {r['perplexity']:.4f} | "
-                    f"{_gap(r)} | {_kl(r)} | {_pct((r.get('kl') or {}).get('top1_agreement'), 2)} | {q['seconds']:.1f} | {peak} | "
+                    f"{relative_gap_text({'relative': r['gap'], 'relative_se': r.get('gap_se')})} | {kl_text(r.get('kl'))} | "
+                    f"{_pct((r.get('kl') or {}).get('top1_agreement'), 2)} | {q['seconds']:.1f} | {peak} | "
                     f"{r['eval']['seconds']:.1f} |")
     p, d = table["protocol"], table["data"]
     opts = table["options"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QuantMoeError
-from .report import base_model_name
+from .report import base_model_name, kl_text
 
 ORIGINAL_PPL_TOLERANCE = 1e-3  # relative: the same model, data and protocol on another machine
 REQUIRED = ("protocol", "data", "results")
@@ -105,10 +105,6 @@ def _gap_text(gap: dict) -> str:
     return f"{100 * gap['relative']:+.3f}%" + ("" if se is None else f" ± {100 * se:.3f}")
 
 
-def _kl_text(kl: dict) -> str:
-    return f"{1000 * kl['mean']:.2f}" + ("" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}")
-
-
 def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increase: float | None = None) -> Comparison:
     """Compare two comparable eval reports (see the module docstring for the definitions)."""
     check_comparable(base, new)
@@ -140,7 +136,7 @@ def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increa
                                  f"(limit {max_gap_increase:g} pp)")
     ka, kb = base.get("kl"), new.get("kl")
     if ka and kb:
-        c.rows.append(("KL to the original (1e-3)", _kl_text(ka), _kl_text(kb), f"{1000 * (kb['mean'] - ka['mean']):+.2f}",
+        c.rows.append(("KL to the original (1e-3)", kl_text(ka), kl_text(kb), f"{1000 * (kb['mean'] - ka['mean']):+.2f}",
                        "", ""))
         c.rows.append(("same top token as the original", f"{100 * ka['top1_agreement']:.2f}%",
                        f"{100 * kb['top1_agreement']:.2f}%",

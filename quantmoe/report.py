@@ -27,7 +27,7 @@ def gap_table(report: dict) -> str:
         g = report.get("gap") or {}
         rows.append(
             f"| {q.get('label', 'quantized')} | {_fmt(quant['perplexity'])} | {_fmt(g.get('absolute'))} | "
-            f"{_relative_gap(g)} | {_fmt(q.get('bits_per_weight'), 3)} | "
+            f"{relative_gap_text(g)} | {_fmt(q.get('bits_per_weight'), 3)} | "
             f"{_fmt(q.get('size_bytes', 0) / 1e6, 2)} | {_fmt(100 * q.get('fraction_quantized', 0), 1)}% |")
     kl = report.get("kl")
     if quant and kl:
@@ -38,12 +38,19 @@ def gap_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def _relative_gap(g: dict) -> str:
+def relative_gap_text(g: dict) -> str:
     """+0.22% ± 0.04% (the standard error over windows, where the report has it)."""
     rel, se = g.get("relative"), g.get("relative_se")
     if rel is None:
         return "-"
     return f"{100 * rel:+.2f}%" + ("" if se is None else f" ± {100 * se:.2f}%")
+
+
+def kl_text(kl: dict | None) -> str:
+    """A report's KL in units of 1e-3: 13.35 ± 0.19 (- for reports from before the KL was measured)."""
+    if kl is None:
+        return "-"
+    return f"{1000 * kl['mean']:.2f}" + ("" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}")
 
 
 def protocol_text(report: dict) -> str:

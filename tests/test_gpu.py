@@ -197,23 +197,15 @@ def test_fp32_attention_on_cuda_does_not_materialise_the_scores():
 def test_an_fp32_checkpoint_on_cuda_quantizes_to_the_bits_of_its_fp16_source(tmp_path):
     """As tests/test_pipeline.py checks on CPU: the default --fit stream on CUDA must not use the
     full-precision stream's fp32 originals as GPTQ's working storage."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     import quantmoe
     from quantmoe.checkpoint import Checkpoint
     from quantmoe.config import QuantConfig
     from quantmoe.packing import GPTQ_SUFFIXES
-    from tiny import make_model, write_text
+    from tiny import make_model, upcast_to_fp32, write_text
 
     text = write_text(tmp_path / "text.jsonl")
     src = make_model("qwen2_moe", tmp_path / "fp16")
-    fp32 = make_model("qwen2_moe", tmp_path / "fp32")
-    for f in fp32.glob("*.safetensors"):
-        save_file({k: v.float() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
-    config = json.loads((fp32 / "config.json").read_text())
-    (fp32 / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    fp32 = upcast_to_fp32(src, tmp_path / "fp32")
     outs = {}
     for name, model in (("fp16", src), ("fp32", fp32)):
         outs[name] = tmp_path / f"out-{name}"

@@ -17,7 +17,7 @@ from quantmoe.quantize_layer import LayerQuantizer
 from quantmoe.stream import LayerStream
 
 from conftest import ARCH_NAMES
-from tiny import TINY
+from tiny import TINY, upcast_to_fp32
 
 QCFG = QuantConfig(group_size=32)
 
@@ -449,19 +449,8 @@ def test_an_fp32_checkpoint_quantizes_to_the_bits_of_its_fp16_source(exported, t
     --fit stream's copy of the original experts was GPTQ's working storage when it was fp32 already,
     so the full-precision stream ran on garbage from the first MoE layer on (Qwen2-MoE demo: KL 11e-3
     became 178e-3)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     src, reference, _ = exported(model_type)
-    fp32 = tmp_path / "fp32"
-    shutil.copytree(src, fp32)
-    for f in fp32.glob("*.safetensors"):
-        tensors = load_file(f)
-        save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, f,
-                  metadata={"format": "pt"})
-    config = json.loads((fp32 / "config.json").read_text())
-    (fp32 / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    fp32 = upcast_to_fp32(src, tmp_path / "fp32")
     out = tmp_path / "out"
     quantmoe.quantize(fp32, out, QCFG, calib=text_file, nsamples=8, seqlen=64, run_eval=False, quiet=True)
 

@@ -110,6 +110,23 @@ def make_model(model_type: str, folder: Path, seed: int = 0, dtype=torch.float16
     return folder
 
 
+def upcast_to_fp32(src: Path, folder: Path) -> Path:
+    """A copy of checkpoint ``src`` in ``folder`` with every floating tensor stored as fp32 (exactly
+    the fp16 values) and config.json saying so."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, folder)
+    for f in folder.glob("*.safetensors"):
+        save_file({k: v.float() if v.is_floating_point() else v for k, v in load_file(f).items()}, f,
+                  metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    return folder
+
+
 def write_text(path: Path, repeats: int = 60) -> Path:
     """A JSONL file of simple documents, long enough for small calibration/eval runs."""
     import json
