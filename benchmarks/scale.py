@@ -136,7 +136,7 @@ def make_view(src: Path, dst: Path, layers: int) -> Path:
 
 def make_calibration(path: Path, vocab_size: int, nsamples: int, seqlen: int, seed: int = 0) -> Path:
     """A token file of random ids in [0, vocab_size), in quantmoe's calibration format."""
-    from quantmoe.calibration import write_calibration
+    from quantmoe.stages.calibrate import write_calibration
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (nsamples, seqlen), generator=gen, dtype=torch.int64)
@@ -257,8 +257,8 @@ def device_info(device: str) -> dict:
 def compare_outputs(a: Path, b: Path, model: Path | None = None, device: str = "auto") -> dict:
     """How far output ``b`` is from output ``a``: levels that differ, and (with the source ``model``)
     each one's weight error and GPTQ loss, to show a difference is rounding rather than quality."""
-    from quantmoe.checkpoint import Checkpoint
-    from quantmoe.packing import GPTQ_SUFFIXES, dequantize_linear, unpack_linear
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear, unpack_linear
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     A, B = Checkpoint(a), Checkpoint(b)
@@ -306,11 +306,13 @@ def solve_bench(baseline: Path | None = None, device: str = "cuda", shapes: dict
     2C random correlated inputs): this tree's core, and the core of a ``baseline`` tree if given."""
     import importlib.util
 
-    from quantmoe import gptq
+    from quantmoe.gptq import core as gptq
 
     cores = {"new": gptq}
     if baseline is not None:
-        spec = importlib.util.spec_from_file_location("baseline_gptq", Path(baseline) / "quantmoe" / "gptq.py")
+        old = Path(baseline) / "quantmoe" / "gptq.py"  # trees before the layered package kept the core there
+        spec = importlib.util.spec_from_file_location(
+            "baseline_gptq", old if old.is_file() else Path(baseline) / "quantmoe" / "gptq" / "core.py")
         cores["baseline"] = importlib.util.module_from_spec(spec)
         sys.modules["baseline_gptq"] = cores["baseline"]
         spec.loader.exec_module(cores["baseline"])
@@ -413,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
     make_seconds = round(time.perf_counter() - t0, 1)
     calib = make_calibration(work / f"calib-{nsamples}x{seqlen}.safetensors", shape["vocab_size"], nsamples, seqlen)
 
-    from quantmoe.calibration import read_calibration
-    from quantmoe.checkpoint import Checkpoint
+    from quantmoe.stages.calibrate import read_calibration
+    from quantmoe.model.checkpoint import Checkpoint
 
     read_calibration(calib, Checkpoint(model).tokenizer())  # the vocabulary check passes
 

@@ -9,8 +9,8 @@ copied verbatim.
 What it writes (the split is by document, so no held-out document is ever read
 during calibration or training):
 
-    calibration_data/python_docs_calib.jsonl   ~2.5 MB  {"source": ..., "text": ...} per line
-    eval/data/python_docs_heldout.jsonl        ~0.4 MB  same format
+    quantmoe/data/python_docs_calib.jsonl      ~2.5 MB  {"source": ..., "text": ...} per line
+    quantmoe/data/python_docs_heldout.jsonl    ~0.4 MB  same format
     calibration_data/LICENSE-PSF.txt           the package's debian/copyright
 
 How the split is made: every cleaned document is keyed by the SHA-256 of its path
@@ -313,11 +313,12 @@ def main() -> None:
             root = Path(tmp)
         docs = load_documents(root, cfg)
         heldout, calib = split_documents(docs, cfg)
-        calib_path = args.out_root / "calibration_data" / "python_docs_calib.jsonl"
-        heldout_path = args.out_root / "eval" / "data" / "python_docs_heldout.jsonl"
+        calib_path = args.out_root / "quantmoe" / "data" / "python_docs_calib.jsonl"
+        heldout_path = args.out_root / "quantmoe" / "data" / "python_docs_heldout.jsonl"
         write_jsonl(calib_path, docs, calib)
         write_jsonl(heldout_path, docs, heldout)
-        shutil.copyfile(root / COPYRIGHT_FILE, args.out_root / "calibration_data" / "LICENSE-PSF.txt")
+        for licence in ("calibration_data", "quantmoe/data"):  # beside the sources, and inside the package that ships the text
+            shutil.copyfile(root / COPYRIGHT_FILE, args.out_root / licence / "LICENSE-PSF.txt")
 
     assert not set(heldout) & set(calib)
     for label, path, names in (("calibration", calib_path, calib), ("held-out", heldout_path, heldout)):

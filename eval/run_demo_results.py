@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 
 import quantmoe
-from quantmoe.config import QuantConfig
-from quantmoe.defaults import DEMO_MODELS
+from quantmoe.base.options import QuantConfig
+from quantmoe.base.paths import DEMO_MODELS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

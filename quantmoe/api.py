@@ -1,4 +1,4 @@
-"""Python entry points that are not a whole stage module of their own."""
+"""The Python API: ``quantize``, ``calibrate``, ``evaluate`` and ``load_quantized`` (re-exported by the package root)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from pathlib import Path
 
 import torch
 
-from .calibration import build_calibration, write_calibration
-from .checkpoint import Checkpoint
-from .defaults import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
-from .errors import QuantMoeError
-from .stream import LayerStream, pick_device
+from .backends.bnb import load_with_kernels
+from .base.errors import QuantMoeError
+from .base.paths import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
+from .model.checkpoint import Checkpoint
+from .model.stream import LayerStream, pick_device
+from .stages.calibrate import build_calibration, write_calibration
+from .stages.evaluate import evaluate
+from .stages.quantize import quantize
 
 
 def calibrate(data: str | Path | None = None, tokenizer: str | Path | None = None, nsamples: int = NSAMPLES,
@@ -33,11 +36,10 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     generate and eval checks. For int4 GPTQ serving, load the folder with vLLM or GPTQModel.
 
     ``kernels="bitsandbytes"``, for bnb-* checkpoints: weights stay quantized in memory and
-    run through bitsandbytes' own modules, experts included (see ``backends.bnb.load_with_kernels``);
+    run through bitsandbytes' own modules, experts included (see ``quantmoe.backends.bnb.load_with_kernels``);
     ``dtype`` is then the checkpoint's compute dtype.
     """
     if kernels == "bitsandbytes":
-        from .backends.bnb import load_with_kernels
 
         return load_with_kernels(path, device)
     if kernels != "dequantized":
@@ -49,3 +51,6 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     model = stream.model
     model.eval()
     return model
+
+
+__all__ = ["quantize", "calibrate", "evaluate", "load_quantized"]

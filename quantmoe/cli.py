@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from .errors import QuantMoeError
-
+from .base.errors import QuantMoeError
+from .base.options import BACKEND_NAMES
 
 INTERRUPTED = ("interrupted; --out was left as it was (re-run the same command: quantize resumes from its last "
                "finished layer)")
@@ -64,8 +64,8 @@ def friendly(fn):
 
 GPU_OUT_OF_MEMORY = (
     "the GPU ran out of memory; the default recipe (--fit stream) holds two copies of a layer and two sets of "
-    "activations (33 GB for a full-size Mixtral-8x7B layer): use --fit none (21 GB there), a lower --batch-size, "
-    "or more GPUs (torchrun --nproc-per-node N -m quantmoe quantize ...); finished layers of the same recipe are kept")
+    "activations: use --fit none, a lower --batch-size, or more GPUs (torchrun --nproc-per-node N -m quantmoe "
+    "quantize ...); finished layers of the same recipe are kept (benchmarks/README.md lists measured peaks)")
 
 
 def _gpu_out_of_memory(exc: BaseException) -> bool:
@@ -83,6 +83,10 @@ def fail(message: str, status: int = 2) -> None:
 @click.version_option(package_name="quantmoe")
 def main():
     """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
+    # OpenMP threads that finish early sleep instead of spinning (unless the user chose otherwise): spinning
+    # threads burn the cores another process needs (benchmarks/README.md). Set here, before any command
+    # imports torch, and only for the command line's own process.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Optional extras log import-time warnings that are not about the user's run (torchao, pulled in by
     # gptqmodel, cannot load its CUDA kernels on a CPU machine); errors must stay one line.
     for name in ("torchao", "torch.utils._pytree"):
@@ -90,9 +94,7 @@ def main():
 
 
 def _backend_names() -> list[str]:
-    from .backends import names
-
-    return names()
+    return list(BACKEND_NAMES)  # the registry's names, without importing the backends (torch) at start-up
 
 
 # Options that belong to one backend's settings; only those the user typed are passed on,
@@ -140,13 +142,13 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Tokens of a routed expert's Hessian: those routed to it, the same weighted by router score, or all.")
 @click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="stream", show_default=True,
               help="Fit linears to the original model's outputs: every linear from the quantized model's inputs "
-                   "(stream: a full-precision stream runs beside, ~1.6x the time of none, a copy of the layer and twice the "
+                   "(stream: a full-precision stream runs beside, slower than none, with a copy of the layer and twice the "
                    "activations in memory); down_proj only, from the quantized gate/up (mlp); also o_proj and gate/up "
                    "on the layer's own inputs (layer); plain GPTQ (none: the least memory).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
 @click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="bnb-nf4/fp4: quantize the 4-bit scales again (~0.37 fewer bits per weight on large linears); "
+              help="bnb-nf4/fp4: quantize the 4-bit scales again (fewer bits per weight on large linears); "
                    "auto: where it makes the linear smaller.")
 @click.option("--int8-threshold", type=float, default=6.0, show_default=True,
               help="bnb-int8: LLM.int8() outlier threshold used when served; 0 = no outlier columns.")
@@ -193,7 +195,10 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
                       max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, run_eval=run_eval,
                       eval_data=eval_data, batch_size=batch_size, quiet=quiet, tf32=tf32, prefetch=prefetch,
                       block_kernel=block_kernel)
-    from .distributed import Ranks, leave  # these import torch: after the cheap option checks
+    from .model.distributed import (  # these import torch: after the cheap option checks
+        Ranks,
+        leave,
+    )
 
     ranks = Ranks.from_env(os.environ)
     try:
@@ -205,7 +210,7 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
 
 
 def _print_summary(summary: dict) -> None:
-    from .report import gap_table, protocol_text
+    from .stages.report import gap_table, protocol_text
 
     for note in summary.get("notes", []):
         click.echo(f"note: {note}", err=True)
@@ -250,9 +255,9 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
 @friendly
 def eval_(model, baseline, data, seqlen, device, batch_size, report_path, backend, quiet):
     """Perplexity of MODEL (default: the bundled demo MoE), and its gap to --baseline."""
-    from .evaluation import evaluate
-    from .files import atomic_write_json, atomic_write_text
-    from .report import gap_table, protocol_text, render_markdown
+    from .base.files import atomic_write_json, atomic_write_text
+    from .stages.evaluate import evaluate
+    from .stages.report import gap_table, protocol_text, render_markdown
 
     report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size,
                       quiet=quiet, backend=backend)
@@ -301,7 +306,7 @@ def batch(jobs_file, root, dry_run, quiet):
     status: 0 when every job is done or skipped, 1 when a job failed, 2 when the jobs file is
     wrong, 130 when interrupted.
     """
-    from .batch import load_jobs, plan, run_batch
+    from .apps.batch import load_jobs, plan, run_batch
 
     jobs = load_jobs(jobs_file)
     if dry_run:
@@ -331,7 +336,7 @@ def push(folder, repo_id, private, revision, dry_run):
     base model, method, calibration data, eval protocol, perplexity table, bits per weight and
     how to load it. The token comes from HF_TOKEN or `hf auth login`. Needs quantmoe[hub].
     """
-    from .publish import push as run
+    from .apps.publish import push as run
 
     url = run(folder, repo_id, private=private, revision=revision, dry_run=dry_run, log=click.echo)
     if url:
@@ -357,7 +362,7 @@ def regress(baseline, new, max_gap_increase, max_ppl_increase):
     perplexity), protocols (any protocol field) or eval data (text sha256, tokenizer, token
     counts) are refused with exit status 2, naming the field that differs.
     """
-    from .regress import compare, load_report
+    from .apps.regress import compare, load_report
 
     result = compare(load_report(baseline), load_report(new), max_gap_increase, max_ppl_increase)
     click.echo(result.markdown())
@@ -372,7 +377,7 @@ def verify(folder):
     """Check an exported checkpoint: manifest hashes, index, shapes and dtypes against the config,
     NaN/Inf, all-zero modules (GPTQ; bitsandbytes and compressed-tensors linears are read back
     through their backend). Exits 1 with the list of problems, 0 when sound."""
-    from .verify import verify as run
+    from .apps.verify import verify as run
 
     report = run(folder)
     if report.problems:
@@ -401,8 +406,8 @@ def verify(folder):
 @friendly
 def compare(model, specs, out, report_path, data, seqlen, calib, nsamples, seed, device, batch_size):
     """Quantize MODEL with several backends and write one table: size, bits, fraction quantized, perplexity, time, memory."""
+    from .apps.compare import compare as run
     from .backends import Options
-    from .compare import compare as run
 
     options = Options(calib=calib, nsamples=nsamples, seed=seed, device=device, batch_size=batch_size, quiet=True)
     table = run(model, specs.split(","), out, options, data=data, seqlen=seqlen, report=report_path)
@@ -416,7 +421,7 @@ def compare(model, specs, out, report_path, data, seqlen, calib, nsamples, seed,
 
 
 def _table_only(table: dict) -> str:
-    from .compare import render_markdown
+    from .apps.compare import render_markdown
 
     return "\n".join(line for line in render_markdown(table).splitlines() if line.startswith("|"))
 
@@ -432,8 +437,8 @@ def inspect_(model, bits, group_size, as_json):
     and estimate its size at --bits/--group-size, reading only headers (default: the bundled demo MoE)."""
     import json
 
-    from .defaults import DEFAULT_MODEL
-    from .inspect import inspect_model, render_text
+    from .apps.inspection import inspect_model, render_text
+    from .base.paths import DEFAULT_MODEL
 
     report = inspect_model(model if model is not None else DEFAULT_MODEL, bits, group_size)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_model, write_text  # noqa: E402
 
-from quantmoe.architectures import ARCHITECTURES  # noqa: E402
+from quantmoe.model.architectures import ARCHITECTURES  # noqa: E402
 
 ARCH_NAMES = sorted(ARCHITECTURES)
 
@@ -38,8 +38,8 @@ def tiny_model(tmp_path_factory):
 def tiny_rtn_export(tiny_model, tmp_path_factory) -> Path:
     """A finished, evaluated RTN int4 export of the tiny Mixtral (manifest, card, eval_report.json):
     read it as it is; copy it before changing it."""
-    from quantmoe.config import QuantConfig
-    from quantmoe.pipeline import quantize
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.stages.quantize import quantize
 
     base = tmp_path_factory.mktemp("tiny-export")
     write_text(base / "calib.jsonl", repeats=10)

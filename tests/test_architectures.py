@@ -13,16 +13,16 @@ import torch
 from click.testing import CliRunner
 
 import quantmoe
-from quantmoe.architectures import ARCHITECTURES, markdown_table, plan_layer, unfuse_experts
-from quantmoe.checkpoint import Checkpoint
+from quantmoe.model.architectures import ARCHITECTURES, markdown_table, plan_layer, unfuse_experts
+from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.cli import main
-from quantmoe.config import QuantConfig
-from quantmoe.errors import QuantMoeError
-from quantmoe.evaluation import eval_windows
-from quantmoe.export import checkpoint_stats
-from quantmoe.inspect import inspect_model
-from quantmoe.packing import GPTQ_SUFFIXES
-from quantmoe.stream import LayerStream
+from quantmoe.base.options import QuantConfig
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.stages.evaluate import eval_windows
+from quantmoe.stages.export import checkpoint_stats
+from quantmoe.apps.inspection import inspect_model
+from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES
+from quantmoe.model.stream import LayerStream
 
 from conftest import ARCH_NAMES
 from tiny import TINY, make_tokenizer
@@ -391,4 +391,4 @@ def test_docs_table_is_generated_from_the_code():
     start, end = "<!-- architectures table: start -->\n", "<!-- architectures table: end -->"
     assert start in doc and end in doc
     table = doc[doc.index(start) + len(start):doc.index(end)]
-    assert table == markdown_table(), "docs/architectures.md is stale: paste quantmoe.architectures.markdown_table()"
+    assert table == markdown_table(), "docs/architectures.md is stale: paste quantmoe.model.architectures.markdown_table()"

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 import quantmoe
-from quantmoe.architectures import ARCHITECTURES
+from quantmoe.model.architectures import ARCHITECTURES
 from clirun import QUICK, cli, digest, one_error_line, quantize_args, start, wait_for
-from quantmoe.calibration import write_calibration
-from quantmoe.config import QuantConfig
-from quantmoe.pipeline import work_dir
-from quantmoe.resume import FINGERPRINT, finished_layers, layer_file
-from quantmoe.verify import verify
+from quantmoe.stages.calibrate import write_calibration
+from quantmoe.base.options import QuantConfig
+from quantmoe.stages.quantize import work_dir
+from quantmoe.stages.resume import FINGERPRINT, finished_layers, layer_file
+from quantmoe.apps.verify import verify
 from tiny import make_model, write_text
 
 

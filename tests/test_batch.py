@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantmoe.batch import Job, job_state, load_jobs, result_row, run_batch
+from quantmoe.apps.batch import Job, job_state, load_jobs, result_row, run_batch
 from quantmoe.cli import main
-from quantmoe.config import QuantConfig
-from quantmoe.errors import QuantMoeError
+from quantmoe.base.options import QuantConfig
+from quantmoe.base.errors import QuantMoeError
 from tiny import write_text
 
 # Small enough that one job takes seconds: 4 calibration windows of 32 tokens, ~5 eval windows.
@@ -198,7 +198,7 @@ backend = "gptq"
 
 def test_bnb_recipes_take_only_the_defaults_that_apply(tmp_path):
     """[defaults] group_size (a gptq setting) does not reach a bnb-nf4 recipe; written in the job it is an error."""
-    from quantmoe.backends.bnb import BnbConfig
+    from quantmoe.formats.bnb import BnbConfig
 
     f = tmp_path / "jobs.toml"
     f.write_text(DEFAULTS + '[[jobs]]\nname = "nf4-own"\nmodel = "m"\nbackend = "bnb-nf4"\nnsamples = 8\n'

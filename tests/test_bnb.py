@@ -18,13 +18,13 @@ from click.testing import CliRunner
 
 import quantmoe
 from quantmoe import backends
-from quantmoe.architectures import ARCHITECTURES, plan_layer, unfuse_experts
+from quantmoe.model.architectures import ARCHITECTURES, plan_layer, unfuse_experts
 from quantmoe.backends import Options
 from quantmoe.backends.bnb import module_to_memory
-from quantmoe.checkpoint import INDEX_NAME, Checkpoint
+from quantmoe.model.checkpoint import INDEX_NAME, Checkpoint
 from quantmoe.cli import main
-from quantmoe.errors import QuantMoeError
-from quantmoe.export import checkpoint_stats
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.stages.export import checkpoint_stats
 
 from conftest import ARCH_NAMES
 from tiny import make_model, write_text
@@ -72,7 +72,12 @@ def _planned(ckpt) -> dict[str, list[str]]:
 
 # -- the interface ----------------------------------------------------------------------
 def test_registry_holds_every_backend_and_resolves_compare_specs():
+    from quantmoe.base.options import BACKEND_NAMES
+    from quantmoe.formats import READERS
+
     assert {"gptq", "rtn", "bnb-nf4", "bnb-fp4", "bnb-int8"} <= set(backends.names())
+    assert sorted(backends.names()) == sorted(BACKEND_NAMES)  # the command line's list, kept without imports
+    assert set(BACKEND_NAMES) <= {r.name for r in READERS}  # every backend's output is read back
     backend, config = backends.resolve("gptq-int8")
     assert backend.name == "gptq" and config.bits == 8 and config.backend == "gptq"
     backend, config = backends.resolve("rtn-int4")
@@ -119,7 +124,7 @@ def test_missing_bitsandbytes_is_a_one_line_error_naming_the_extra(tiny_model, t
 def test_bnb_routers_untouched_and_every_projection_quantized(bnb_exported, model_type, name):
     src, out = bnb_exported(model_type, name)
     source, q = Checkpoint(src), Checkpoint(out)
-    assert q.backend is backends.get(name)
+    assert q.format.name == name
     linears = q.quantized_linears
     arch = ARCHITECTURES[model_type]
     planned, shapes, fused = set(), {}, set()
@@ -167,8 +172,8 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     """load_quantized == the source model with each projection replaced by bnb's dequantize(quantize(W))."""
     from transformers import AutoModelForCausalLM
 
-    from quantmoe.evaluation import eval_windows, perplexity
-    from quantmoe.stream import LayerStream
+    from quantmoe.stages.evaluate import eval_windows, perplexity
+    from quantmoe.model.stream import LayerStream
 
     F = bitsandbytes.functional
     src, out = bnb_exported(model_type, name)
@@ -245,7 +250,7 @@ def test_saved_tensors_are_bitsandbytes_own_serialization(bnb_exported, bitsandb
             layer.weight = bitsandbytes.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
                                                                         device=torch.device("cpu"), module=layer)
         x = torch.randn(7, in_features, generator=torch.Generator().manual_seed(0))
-        W = q.backend.dequantize(q, linear).float()
+        W = q.format.dequantize(q, linear).float()
         with torch.no_grad():
             ours = x @ W.T
             theirs = layer(x.to(torch.float16) if name == "bnb-int8" else x).float()
@@ -301,7 +306,7 @@ def test_plain_transformers_loads_experts_fused_on_disk_at_random(bnb_exported, 
 
 
 def test_auto_double_quant_keeps_whichever_statistics_are_smaller(bitsandbytes):
-    from quantmoe.backends.bnb import quantize_weight
+    from quantmoe.formats.bnb import quantize_weight
 
     configs = {mode: backends.get("bnb-nf4").configure(double_quant=mode) for mode in ("on", "off", "auto")}
     chosen = []
@@ -329,7 +334,7 @@ def test_nf4_decoder_layers_take_a_quarter_of_their_bf16_bytes(wide_nf4):
 def test_bitsandbytes_kernels_model_quantizes_every_expert(bnb_exported, bitsandbytes, text_file, model_type, name):
     """load_quantized(kernels="bitsandbytes"): bitsandbytes modules everywhere the row says, same perplexity."""
     from quantmoe.backends.bnb import load_with_kernels
-    from quantmoe.evaluation import eval_windows
+    from quantmoe.stages.evaluate import eval_windows
 
     src, out = bnb_exported(model_type, name)
     model = quantmoe.load_quantized(out, kernels="bitsandbytes")
@@ -372,7 +377,7 @@ def test_bitsandbytes_kernels_model_holds_decoder_weights_in_4_bit(wide_nf4):
 
 # -- commands -------------------------------------------------------------------------
 def test_cli_quantize_bnb_with_options_then_eval_backend_check(tiny_model, tmp_path, bitsandbytes):
-    from quantmoe.publish import validate
+    from quantmoe.apps.publish import validate
 
     src = tiny_model("qwen2_moe")
     out = tmp_path / "fp4"
@@ -400,7 +405,7 @@ def test_cli_quantize_bnb_with_options_then_eval_backend_check(tiny_model, tmp_p
 
 
 def test_compare_writes_one_table_measured_from_the_files(tiny_model, text_file, tmp_path, bitsandbytes):
-    from quantmoe.compare import compare
+    from quantmoe.apps.compare import compare
 
     src = tiny_model("mixtral")
     short = write_text(tmp_path / "short.jsonl", repeats=3)
@@ -422,7 +427,7 @@ def test_compare_writes_one_table_measured_from_the_files(tiny_model, text_file,
     assert 4.0 < rows["rtn-int4"]["bits_per_weight"] < 5.5
     # Each row's KL to the original, through the original's hidden states saved by one measurement and
     # read by the next, is what quantmoe eval --baseline gives on the same windows.
-    from quantmoe.evaluation import evaluate
+    from quantmoe.stages.evaluate import evaluate
 
     for spec, row in rows.items():
         ev = evaluate(tmp_path / "cmp" / spec, baseline=src, data=short, seqlen=32, device="cpu", quiet=True)
@@ -435,7 +440,8 @@ def test_compare_writes_one_table_measured_from_the_files(tiny_model, text_file,
 
 
 def test_compare_isolated_runs_report_errors_from_the_child_process(tmp_path):
-    from quantmoe.compare import _call, machine, measure_backend
+    from quantmoe.apps.compare import _call, measure_backend
+    from quantmoe.base.provenance import machine
 
     assert _call(True, machine)["cores"] == machine()["cores"]
     with pytest.raises(QuantMoeError) as err:
@@ -473,7 +479,7 @@ def test_bnb_names_an_expert_weight_the_checkpoint_lacks(tiny_model, tmp_path, m
 # -- verify ------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type,name", ALL_CASES)
 def test_a_fresh_bnb_export_verifies(bnb_exported, model_type, name):
-    from quantmoe.verify import verify
+    from quantmoe.apps.verify import verify
 
     _, out = bnb_exported(model_type, name)
     report = verify(out)
@@ -486,8 +492,8 @@ def test_verify_reads_bnb_linears_back_and_finds_nan(bnb_exported, tmp_path):
     dequantizing that linear; the rest still verifies."""
     from safetensors.torch import load_file, save_file
 
-    from quantmoe.files import write_manifest
-    from quantmoe.verify import verify
+    from quantmoe.base.files import write_manifest
+    from quantmoe.apps.verify import verify
 
     _, out = bnb_exported("mixtral", "bnb-nf4")
     bad = tmp_path / "bad"

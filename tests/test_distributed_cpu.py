@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import quantmoe
-from quantmoe.distributed import Ranks
+from quantmoe.model.distributed import Ranks
 
 from conftest import ARCH_NAMES
 
@@ -63,7 +63,7 @@ def test_two_gloo_processes_write_the_same_bytes_as_one(tiny_model, text_file, t
 def _spread_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from quantmoe.distributed import spread
+    from quantmoe.model.distributed import spread
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from quantmoe.gptq import ORDERS, QuantSpec, accumulate_hessian, dequantize, gptq_quantize, rtn_quantize
-from quantmoe.packing import dequantize_linear, pack_result, unpack_linear
+from quantmoe.gptq.core import ORDERS, QuantSpec, accumulate_hessian, dequantize, gptq_quantize, rtn_quantize
+from quantmoe.formats.gptq_v1 import dequantize_linear, pack_result, unpack_linear
 
 
 def correlated_inputs(T=2048, C=128, seed=0):
@@ -85,7 +85,7 @@ def test_hessian_accumulates_as_a_mean():
 
 def test_inverse_factor_matches_cholesky_of_the_inverse():
     """U from the reversed factorisation is the upper Cholesky factor of (H + damp)^-1 (float64 reference)."""
-    from quantmoe.gptq import damped_inverse_cholesky
+    from quantmoe.gptq.core import damped_inverse_cholesky
 
     X = correlated_inputs(T=512, C=96).double()
     H = (2 * X.T @ X / 512)[None].repeat(2, 1, 1)
@@ -111,7 +111,7 @@ def test_overwrite_H_gives_the_same_result_and_consumes_H():
 
 
 def test_tf32_context_restores_the_matmul_precision():
-    from quantmoe.gptq import tf32_matmuls
+    from quantmoe.gptq.core import tf32_matmuls
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
@@ -134,7 +134,7 @@ def heavy_tailed(B=2, R=64, C=256, seed=0):
 @pytest.mark.parametrize("weighted", [True, False])
 def test_clip_search_never_loses_to_min_max(sym, weighted):
     """The searched grid's weighted rounding error is at most min/max's for every row; levels stay in range."""
-    from quantmoe.gptq import ClipSearch, find_params, quantize_levels, rounding_error, search_params
+    from quantmoe.gptq.core import ClipSearch, find_params, quantize_levels, rounding_error, search_params
 
     spec = QuantSpec(4, 128, sym)
     W = heavy_tailed().reshape(2, 64, 2, 128)
@@ -157,7 +157,7 @@ def test_clip_search_never_loses_to_min_max(sym, weighted):
 
 
 def test_clip_search_off_is_min_max():
-    from quantmoe.gptq import ClipSearch, find_params, search_params
+    from quantmoe.gptq.core import ClipSearch, find_params, search_params
 
     W = heavy_tailed().reshape(2, 64, 2, 128)
     s0, z0 = find_params(W, QuantSpec(4, 128, True))
@@ -169,7 +169,7 @@ def test_clip_search_off_is_min_max():
 def test_gptq_with_clip_search_is_valid_v1(order):
     """Searched grids through GPTQ: finite, symmetric int4 levels in range, static g_idx, and the
     output error no worse than RTN's with the same search."""
-    from quantmoe.gptq import ClipSearch
+    from quantmoe.gptq.core import ClipSearch
 
     X = correlated_inputs(C=256)
     W = heavy_tailed()
@@ -186,7 +186,7 @@ def test_gptq_with_clip_search_is_valid_v1(order):
 def test_group_order_keeps_groups_together():
     """Group-aware act-order: each group's columns are quantized together, by decreasing Hessian
     diagonal, and groups go by decreasing largest diagonal."""
-    from quantmoe.gptq import column_order
+    from quantmoe.gptq.core import column_order
 
     g = torch.Generator().manual_seed(0)
     diag = torch.rand(3, 512, generator=g)
@@ -257,7 +257,7 @@ def test_refine_lowers_gptq_loss_and_keeps_the_format(order):
 def batch_independence_mismatches(device: str = "cpu", block_fn=None) -> list[str]:
     """Solve 8 matrices (stream-fit targets, clipping search, act-order) as one batch, as two
     batches of 4 and one by one, as 1, 2 or 8 processes would share them; return what differs."""
-    from quantmoe.gptq import ClipSearch, quantize_block
+    from quantmoe.gptq.core import ClipSearch, quantize_block
 
     g = torch.Generator(device=device).manual_seed(5)
     B, R, C = 8, 96, 256

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import quantmoe
-from quantmoe.architectures import ARCHITECTURES
-from quantmoe.checkpoint import Checkpoint
-from quantmoe.config import QuantConfig
-from quantmoe.evaluation import eval_windows, perplexity
+from quantmoe.model.architectures import ARCHITECTURES
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.base.options import QuantConfig
+from quantmoe.stages.evaluate import eval_windows, perplexity
 
 from conftest import ARCH_NAMES
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantmoe.gptq import QuantSpec, accumulate_hessian, gptq_quantize
-from quantmoe.gptq_graphs import GraphedBlocks
-from quantmoe.gptq import tf32_matmuls
+from quantmoe.gptq.core import QuantSpec, accumulate_hessian, gptq_quantize
+from quantmoe.gptq.cuda_graphs import GraphedBlocks
+from quantmoe.gptq.core import tf32_matmuls
 
 
 def inputs(T, C, seed, device="cuda"):
@@ -46,8 +46,8 @@ def test_cuda_graphs_give_the_same_bits_as_eager(order, group_size):
 def test_the_triton_block_kernel_gives_the_same_bits_as_eager(order, group_size, bits):
     """One Triton kernel per block of columns: every level, scale and loss as quantize_block's,
     with rows that do not fill the kernel's last tile (257) and blocks narrower than 128 columns."""
-    from quantmoe.gptq import ClipSearch
-    from quantmoe.gptq_triton import TritonBlocks, available
+    from quantmoe.gptq.core import ClipSearch
+    from quantmoe.gptq.triton_kernels import TritonBlocks, available
 
     if not available("cuda"):
         pytest.skip("Triton is not installed")
@@ -64,11 +64,11 @@ def test_the_triton_block_kernel_gives_the_same_bits_as_eager(order, group_size,
 
 
 @pytest.mark.gpu
-def test_the_fused_rounding_error_gives_the_same_bits(monkeypatch):
+def test_the_fused_rounding_error_gives_the_same_bits():
     """The clipping search's error terms from one Triton kernel: the same bits as the tensor-wide chain,
     term by term and through a whole GPTQ run with the search (grids, levels, losses)."""
-    from quantmoe import gptq_triton
-    from quantmoe.gptq import ClipSearch, rounding_error, search_params
+    from quantmoe.gptq import triton_kernels as gptq_triton
+    from quantmoe.gptq.core import ClipSearch, rounding_error, search_params
 
     if not gptq_triton.available("cuda"):
         pytest.skip("Triton is not installed")
@@ -81,21 +81,21 @@ def test_the_fused_rounding_error_gives_the_same_bits(monkeypatch):
         chain = (W - s * (torch.clamp(torch.round(W / s) + z, 0, spec.maxq) - z)).pow(2)
         chain = chain * imp if imp is not None else chain
         assert torch.equal(gptq_triton.error_terms(W, s, z, spec.maxq, imp), chain)
+        assert torch.equal(rounding_error(W, scale, zero, spec.maxq, imp, gptq_triton.error_terms), chain.sum(-1))
         assert torch.equal(rounding_error(W, scale, zero, spec.maxq, imp), chain.sum(-1))
     X = inputs(4096, 1024, 5)
     H = hessian(X).expand(2, 1024, 1024).contiguous()
     W = inputs(2 * 257, 1024, 6).reshape(2, 257, 1024) * 0.02
-    fused = gptq_quantize(W, H, spec, search=ClipSearch(20))
-    monkeypatch.setattr(gptq_triton, "error_terms", lambda *args: None)  # the chain of tensor-wide kernels
-    chained = gptq_quantize(W, H, spec, search=ClipSearch(20))
+    fused = gptq_quantize(W, H, spec, search=ClipSearch(20, error_terms=gptq_triton.error_terms))
+    chained = gptq_quantize(W, H, spec, search=ClipSearch(20))  # the chain of tensor-wide kernels
     for name in ("q", "scales", "zeros", "W", "loss"):
         assert torch.equal(getattr(fused, name), getattr(chained, name)), name
 
 
 @pytest.mark.gpu
 def test_auto_block_kernel_on_cuda_is_triton_where_installed():
-    from quantmoe.gptq_triton import TritonBlocks, available
-    from quantmoe.pipeline import block_function
+    from quantmoe.gptq.triton_kernels import TritonBlocks, available
+    from quantmoe.stages.quantize import block_function
 
     cuda = torch.device("cuda")
     assert isinstance(block_function("auto", cuda), TritonBlocks if available(cuda) else GraphedBlocks)
@@ -139,7 +139,7 @@ def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
     pytest.importorskip("bitsandbytes")
     import quantmoe
     from quantmoe.backends import Options, get
-    from quantmoe.checkpoint import Checkpoint
+    from quantmoe.model.checkpoint import Checkpoint
     from tiny import make_model
 
     src = make_model("mixtral", tmp_path / "src")
@@ -150,8 +150,8 @@ def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
     cpu, gpu = Checkpoint(outs["cpu"]), Checkpoint(outs["cuda"])
     assert set(cpu.names()) == set(gpu.names())
     for module, linear in cpu.quantized_linears.items():
-        w_cpu = cpu.backend.dequantize(cpu, linear).float()
-        w_gpu = gpu.backend.dequantize(gpu, gpu.quantized_linears[module]).float().cpu()
+        w_cpu = cpu.format.dequantize(cpu, linear).float()
+        w_gpu = gpu.format.dequantize(gpu, gpu.quantized_linears[module]).float().cpu()
         assert torch.isfinite(w_gpu).all() and w_gpu.abs().sum() > 0, module
         assert (w_cpu - w_gpu).norm() <= 0.02 * w_cpu.norm(), module  # same codes but for rare ties
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
@@ -166,10 +166,10 @@ def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
 @pytest.mark.gpu
 def test_fp32_attention_on_cuda_does_not_materialise_the_scores():
     """With grouped KV heads and fp32 inputs, attention runs without a (batch, heads, seq, seq)
-    tensor (quantmoe.stream.fp32_attention_without_scores), and computes what eager attention does."""
+    tensor (quantmoe.model.stream.fp32_attention_without_scores), and computes what eager attention does."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from quantmoe.stream import fp32_attention_without_scores
+    from quantmoe.model.stream import fp32_attention_without_scores
 
     fp32_attention_without_scores()
     config = MixtralConfig(hidden_size=1024, intermediate_size=64, num_attention_heads=16, num_key_value_heads=4,
@@ -198,9 +198,9 @@ def test_an_fp32_checkpoint_on_cuda_quantizes_to_the_bits_of_its_fp16_source(tmp
     """As tests/test_pipeline.py checks on CPU: the default --fit stream on CUDA must not use the
     full-precision stream's fp32 originals as GPTQ's working storage."""
     import quantmoe
-    from quantmoe.checkpoint import Checkpoint
-    from quantmoe.config import QuantConfig
-    from quantmoe.packing import GPTQ_SUFFIXES
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES
     from tiny import make_model, upcast_to_fp32, write_text
 
     text = write_text(tmp_path / "text.jsonl")
@@ -221,8 +221,8 @@ def test_eval_on_cuda_gives_the_cpu_gap_and_kl(tmp_path):
     """The evaluator on CUDA (activations, the original's kept hidden states moved back per batch for
     the KL) reports what it reports on CPU, up to float rounding."""
     import quantmoe
-    from quantmoe.config import QuantConfig
-    from quantmoe.evaluation import evaluate
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.stages.evaluate import evaluate
     from tiny import make_model, write_text
 
     text = write_text(tmp_path / "text.jsonl")

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantmoe.architectures import ARCHITECTURES, GPTQMODEL_PROJ
-from quantmoe.checkpoint import Checkpoint
-from quantmoe.compressed_tensors import dequantize_compressed, unpack_int32
-from quantmoe.export import checkpoint_stats
-from quantmoe.stream import LayerStream
+from quantmoe.model.architectures import ARCHITECTURES, GPTQMODEL_PROJ
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.formats.compressed_tensors import dequantize_compressed, unpack_int32
+from quantmoe.stages.export import checkpoint_stats
+from quantmoe.model.stream import LayerStream
 
 from conftest import ARCH_NAMES
 

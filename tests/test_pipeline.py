@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import quantmoe
-from quantmoe.architectures import ARCHITECTURES, plan_layer
-from quantmoe.checkpoint import Checkpoint
-from quantmoe.config import QuantConfig
-from quantmoe.errors import QuantMoeError
-from quantmoe.packing import GPTQ_SUFFIXES, dequantize_linear
-from quantmoe.quantize_layer import LayerQuantizer
-from quantmoe.stream import LayerStream
+from quantmoe.model.architectures import ARCHITECTURES, plan_layer
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.base.options import QuantConfig
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
+from quantmoe.stages.layer import LayerQuantizer
+from quantmoe.model.stream import LayerStream
 
 from conftest import ARCH_NAMES
 from tiny import TINY, upcast_to_fp32
@@ -133,7 +133,7 @@ def test_configs_and_report(exported, model_type):
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_export_dequantizes_to_exactly_the_gptq_result(tiny_model, text_file, model_type):
     """The packed tensors of a layer stand for exactly the weights GPTQ computed and the pipeline ran with."""
-    from quantmoe.calibration import build_calibration
+    from quantmoe.stages.calibrate import build_calibration
 
     ckpt = Checkpoint(tiny_model(model_type))
     stream = LayerStream(ckpt, torch.device("cpu"))
@@ -201,7 +201,7 @@ def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
 def test_streamed_perplexity_matches_transformers(tiny_model, text_file, model_type):
     from transformers import AutoModelForCausalLM
 
-    from quantmoe.evaluation import eval_windows, perplexity
+    from quantmoe.stages.evaluate import eval_windows, perplexity
 
     src = tiny_model(model_type)
     windows, _ = eval_windows(Checkpoint(src).tokenizer(), text_file, 64)
@@ -218,7 +218,7 @@ def test_the_gaps_standard_error_is_over_windows_paired(exported, text_file):
     average to the perplexity's own mean NLL."""
     import math
 
-    from quantmoe.evaluation import eval_windows, paired_se, perplexity
+    from quantmoe.stages.evaluate import eval_windows, paired_se, perplexity
 
     src, out, _ = exported("mixtral")
     report = json.loads((out / "eval_report.json").read_text())
@@ -242,7 +242,7 @@ def test_the_reports_kl_is_the_full_vocabulary_kl_to_the_original(exported, text
     dequantized); a model's KL to itself is 0 with every top token the same."""
     from transformers import AutoModelForCausalLM
 
-    from quantmoe.evaluation import eval_windows, perplexity
+    from quantmoe.stages.evaluate import eval_windows, perplexity
 
     src, out, _ = exported("mixtral")
     report = json.loads((out / "eval_report.json").read_text())
@@ -264,7 +264,7 @@ def test_the_reports_kl_is_the_full_vocabulary_kl_to_the_original(exported, text
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_load_quantized_generates_and_matches_streamed_eval(exported, text_file, model_type):
-    from quantmoe.evaluation import eval_windows, perplexity
+    from quantmoe.stages.evaluate import eval_windows, perplexity
 
     _, out, _ = exported(model_type)
     model = quantmoe.load_quantized(out)
@@ -286,7 +286,7 @@ def test_recipe_options_export_exactly_what_the_layer_runs_with(tiny_model, text
     """Every fit, expert Hessian, order and refine option: the packed tensors stand for exactly the
     weights the quantized layer holds, and under --fit stream the full-precision stream is the
     original layer's output."""
-    from quantmoe.calibration import build_calibration
+    from quantmoe.stages.calibrate import build_calibration
 
     ckpt = Checkpoint(tiny_model(model_type))
     stream = LayerStream(ckpt, torch.device("cpu"))
@@ -337,7 +337,7 @@ def test_stream_fit_brings_the_output_closer_to_the_original(tiny_model, text_fi
     """The default --fit stream quantizes every linear towards the original model's outputs on the
     calibration tokens, so on those tokens the last hidden states must be closer to the original's
     than plain GPTQ's (--fit none), all else equal."""
-    from quantmoe.calibration import build_calibration
+    from quantmoe.stages.calibrate import build_calibration
 
     src = tiny_model(model_type)
     ids, _ = build_calibration(Checkpoint(src).tokenizer(), text_file, 8, 32, 0)
@@ -363,7 +363,7 @@ def test_rtn_backend_writes_the_same_format(tiny_model, text_file, tmp_path):
 def test_unknown_architecture_is_a_one_line_error(tmp_path):
     from transformers import BertConfig
 
-    from quantmoe.architectures import architecture_for
+    from quantmoe.model.architectures import architecture_for
 
     with pytest.raises(QuantMoeError) as err:
         architecture_for(BertConfig())
@@ -372,10 +372,10 @@ def test_unknown_architecture_is_a_one_line_error(tmp_path):
 
 
 def test_fp32_attention_hook_leaves_cpu_and_half_precision_to_transformers():
-    """quantmoe.stream.fp32_attention_without_scores changes transformers' GQA choice only for fp32 CUDA tensors."""
+    """quantmoe.model.stream.fp32_attention_without_scores changes transformers' GQA choice only for fp32 CUDA tensors."""
     from transformers.integrations import sdpa_attention
 
-    from quantmoe.stream import fp32_attention_without_scores
+    from quantmoe.model.stream import fp32_attention_without_scores
 
     fp32_attention_without_scores()
     fp32_attention_without_scores()  # idempotent
@@ -391,7 +391,7 @@ def test_fp32_attention_hook_leaves_cpu_and_half_precision_to_transformers():
 def test_mlp_tail_gives_the_layers_own_outputs(tiny_model, text_file, model_type):
     """A row's ``mlp_tail``: turning the inputs into the residual after attention and running only
     norm + MLP gives the whole layer's outputs bit for bit, and the MLP's inputs it captures."""
-    from quantmoe.calibration import build_calibration
+    from quantmoe.stages.calibrate import build_calibration
 
     ckpt = Checkpoint(tiny_model(model_type))
     stream = LayerStream(ckpt, torch.device("cpu"))
@@ -425,8 +425,8 @@ def test_down_statistics_in_groups_and_without_the_mlp_tail_give_the_same_bytes(
     every layer whole instead of from the residual after attention (no ``mlp_tail``)."""
     import dataclasses
 
-    import quantmoe.quantize_layer as ql
-    from quantmoe import architectures
+    import quantmoe.stages.layer as ql
+    from quantmoe.model import architectures
 
     def run(name):
         out = tmp_path / name
@@ -465,8 +465,8 @@ def test_an_fp32_checkpoint_quantizes_to_the_bits_of_its_fp16_source(exported, t
 
 def test_block_kernel_choices_on_cpu():
     """On CPU every run takes the eager block loop; a CUDA-only kernel or an unknown name is refused."""
-    from quantmoe.gptq import quantize_block
-    from quantmoe.pipeline import block_function
+    from quantmoe.gptq.core import quantize_block
+    from quantmoe.stages.quantize import block_function
 
     cpu = torch.device("cpu")
     assert block_function("auto", cpu) is quantize_block

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from quantmoe.cli import main
-from quantmoe.config import QuantConfig
-from quantmoe.files import write_manifest
-from quantmoe.report import CARD_SECTIONS, base_model_name, model_card
+from quantmoe.base.options import QuantConfig
+from quantmoe.base.files import write_manifest
+from quantmoe.stages.report import CARD_SECTIONS, base_model_name, model_card
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantmoe.cli import main
-from quantmoe.config import QuantConfig
+from quantmoe.base.options import QuantConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,12 +168,12 @@ def test_the_committed_ci_baseline_matches_what_the_ci_command_produces():
     import hashlib
     import shlex
 
-    from quantmoe.calibration import read_documents, tokenizer_fingerprint
-    from quantmoe.checkpoint import Checkpoint
-    from quantmoe.defaults import DEFAULT_MODEL, EVAL_DATA, default_seqlen
-    from quantmoe.pipeline import default_out
-    from quantmoe.regress import compare, load_report
-    from quantmoe.report import base_model_name
+    from quantmoe.stages.calibrate import read_documents, tokenizer_fingerprint
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen
+    from quantmoe.stages.quantize import default_out
+    from quantmoe.apps.regress import compare, load_report
+    from quantmoe.stages.report import base_model_name
 
     _, commands, _ = _ci_doc()
     params = main.get_command(None, "quantize").make_context("quantize", shlex.split(commands[0])[2:]).params

@@ -15,13 +15,13 @@ import torch
 from safetensors import safe_open
 
 import quantmoe
-import quantmoe.pipeline
+import quantmoe.stages.quantize
 from clirun import cli, content, quantize_args, start, wait_for
-from quantmoe.config import QuantConfig
-from quantmoe.files import save_safetensors
-from quantmoe.pipeline import work_dir
-from quantmoe.resume import layer_file
-from quantmoe.verify import verify
+from quantmoe.base.options import QuantConfig
+from quantmoe.base.files import save_safetensors
+from quantmoe.stages.quantize import work_dir
+from quantmoe.stages.resume import layer_file
+from quantmoe.apps.verify import verify
 from tiny import make_model, write_text
 
 QCFG = QuantConfig(group_size=32)
@@ -93,7 +93,7 @@ class Stop(Exception):
 
 
 def _crash_after(monkeypatch, index: int) -> None:
-    real = quantmoe.pipeline.write_layer
+    real = quantmoe.stages.quantize.write_layer
 
     def write_layer(work, i, *args):
         file = real(work, i, *args)
@@ -101,7 +101,7 @@ def _crash_after(monkeypatch, index: int) -> None:
             raise Stop
         return file
 
-    monkeypatch.setattr(quantmoe.pipeline, "write_layer", write_layer)
+    monkeypatch.setattr(quantmoe.stages.quantize, "write_layer", write_layer)
 
 
 def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, monkeypatch, capsys):

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import scale  # noqa: E402
 
-from quantmoe.calibration import read_calibration  # noqa: E402
-from quantmoe.checkpoint import Checkpoint  # noqa: E402
+from quantmoe.stages.calibrate import read_calibration  # noqa: E402
+from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 
 TINY_SHAPE = {**scale.MIXTRAL_8X7B, "hidden_size": 64, "intermediate_size": 96, "num_local_experts": 4,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
@@ -99,7 +99,7 @@ def test_prefetch_changes_nothing_and_compare_says_so(benchmark_run, tmp_path):
 def test_default_batch_keeps_attention_scores_within_2_gib(heads, seqlen, expected):
     from types import SimpleNamespace
 
-    from quantmoe.stream import default_batch_size
+    from quantmoe.model.stream import default_batch_size
 
     size = default_batch_size(SimpleNamespace(num_attention_heads=heads), seqlen)
     assert size == expected

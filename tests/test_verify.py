@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 
 import quantmoe
 from clirun import cli, one_error_line
-from quantmoe.architectures import ARCHITECTURES
-from quantmoe.checkpoint import Checkpoint
-from quantmoe.config import LAYOUTS, QuantConfig
-from quantmoe.files import MANIFEST, write_manifest
-from quantmoe.verify import verify
+from quantmoe.model.architectures import ARCHITECTURES
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.base.options import LAYOUTS, QuantConfig
+from quantmoe.base.files import MANIFEST, write_manifest
+from quantmoe.apps.verify import verify
 from tiny import make_model, write_text
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.1.w2"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 # Per model_type: the config class name and a few overrides that keep the model tiny.
-# Every row of quantmoe.architectures.ARCHITECTURES needs one (tests/test_architectures.py checks).
+# Every row of quantmoe.model.architectures.ARCHITECTURES needs one (tests/test_architectures.py checks).
 # Widths are multiples of 32 so group sizes 32 and -1 divide every input, except DeepSeek-V3's
 # low-rank q_lora_rank/kv_lora_rank of 16, kept narrower than a group on purpose.
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

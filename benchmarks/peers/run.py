@@ -13,7 +13,7 @@ leaving files in ``--work/<model>/`` (tool outputs in ``outputs/<tool>``):
    subprocess: the peers in their own venvs (created by peer_tools.ensure_venv), quantmoe
    with its default recipe. Wall time and peak RSS (the process tree, sampled) are
    measured the same way for all three.
-3. ``quantmoe.evaluation.perplexity`` scores the original and every output on the same
+3. ``quantmoe.stages.evaluate.perplexity`` scores the original and every output on the same
    held-out windows; the outputs are read by quantmoe's one loader (GPTQ v1 in either
    naming, compressed-tensors).
 4. ``eval/results/peers-<model>.json`` and ``.md``: versions, options, wall time, peak
@@ -42,12 +42,14 @@ from ideas import final_hidden, score  # noqa: E402
 from peer_tools import HERE, PEERS, ensure_venv, installed_versions, venv_python  # noqa: E402
 
 from quantmoe import __version__  # noqa: E402
-from quantmoe.checkpoint import Checkpoint  # noqa: E402
-from quantmoe.defaults import DEMO_MODELS, EVAL_DATA, REPO  # noqa: E402
-from quantmoe.evaluation import Protocol, eval_windows, gap, perplexity, standard_error  # noqa: E402
-from quantmoe.export import checkpoint_stats  # noqa: E402
-from quantmoe.files import sha256_file, versions  # noqa: E402
-from quantmoe.stream import LayerStream  # noqa: E402
+from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
+from quantmoe.base.paths import DEMO_MODELS, EVAL_DATA  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+from quantmoe.stages.evaluate import Protocol, eval_windows, gap, perplexity, standard_error  # noqa: E402
+from quantmoe.stages.export import checkpoint_stats  # noqa: E402
+from quantmoe.base.files import sha256_file, versions  # noqa: E402
+from quantmoe.model.stream import LayerStream  # noqa: E402
 
 NSAMPLES, SEQLEN, SEED = 128, 512, 0
 TARGET = 0.7  # issue 6: quantmoe's relative gap at most 70% of the smaller peer gap
@@ -112,8 +114,8 @@ def make_calibration(model: Path, folder: Path, seed: int = SEED) -> Path:
 
 
 def tokens_sha256(calib: Path) -> str:
-    from quantmoe.calibration import read_calibration
-    from quantmoe.resume import hash_tokens
+    from quantmoe.stages.calibrate import read_calibration
+    from quantmoe.stages.resume import hash_tokens
 
     return hash_tokens(read_calibration(calib)[0])
 

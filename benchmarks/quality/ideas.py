@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 
-from quantmoe.checkpoint import Checkpoint
-from quantmoe.defaults import DEMO_MODELS, EVAL_DATA, REPO
-from quantmoe.evaluation import eval_windows
-from quantmoe.export import checkpoint_stats
-from quantmoe.stream import LayerStream
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.base.paths import DEMO_MODELS, EVAL_DATA
+
+REPO = Path(__file__).resolve().parents[2]
+from quantmoe.stages.evaluate import eval_windows
+from quantmoe.stages.export import checkpoint_stats
+from quantmoe.model.stream import LayerStream
 
 SEQLEN = 512
 # The recipe of quantmoe 0.1.0 before issue 6, spelled out so that its rows do not follow the default.
@@ -156,7 +158,7 @@ def balanced_rows(counts: torch.Tensor, keep: int) -> list[int]:
 def calibration_files(model: Path, folder: Path) -> None:
     """calib.safetensors (the harness's), calib-seed1.safetensors (another draw), calib-512.safetensors (512 rows, the same seed) and
     calib-balanced.safetensors (128 of those 512 rows, see balanced_rows)."""
-    from quantmoe.calibration import read_calibration, write_calibration
+    from quantmoe.stages.calibrate import read_calibration, write_calibration
 
     calibrate(model, folder / "calib.safetensors", 128)
     calibrate(model, folder / "calib-seed1.safetensors", 128, seed=1)

@@ -97,7 +97,7 @@ def main() -> None:
     if args.root.exists():
         sys.exit(f"{args.root} exists; give a fresh --root")
     sys.path.insert(0, str(JOBS_FILE.parents[2]))
-    from quantmoe.compare import git_commit, machine
+    from quantmoe.base.provenance import git_commit, machine
 
     runs = [run(args.root, stop) for stop in [*STOPS, None, None]]
     table, ok = check(args.root, args.reference)

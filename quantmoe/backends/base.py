@@ -1,23 +1,19 @@
 """The backend interface: what every quantization method in quantmoe provides.
 
-A backend turns a source checkpoint folder into a quantized checkpoint folder, and
-knows how to read its own folders back: which tensors store each quantized linear and
-how to dequantize one. Everything else (the streamed loader, evaluation, the
-measurements in a compare table) is generic and built on those two methods, so adding
-a backend is one file in this package (see ``quantmoe/backends/__init__.py``).
+A backend configures itself from the run's options and turns a source checkpoint folder into
+a quantized checkpoint folder. Reading a folder back (which tensors store each quantized linear,
+how to dequantize one) belongs to its format in ``quantmoe.formats``; the streamed loader,
+evaluation and the measurements of a compare table are generic and built on that, so adding a
+backend is one file in this package (see ``quantmoe/backends/__init__.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from ..errors import QuantMoeError
-
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
+from ..base.errors import QuantMoeError
 
 
 @dataclass(frozen=True)
@@ -47,15 +43,6 @@ class Options:
     block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
 
 
-@dataclass(frozen=True)
-class QuantizedLinear:
-    """One quantized linear as stored in a checkpoint."""
-
-    module: str                 # full on-disk module path, e.g. model.layers.0.block_sparse_moe.experts.3.w1
-    shape: tuple[int, int]      # the weight it stands for: (out_features, in_features)
-    tensors: tuple[str, ...]    # every tensor name that stores it (packed weight, scales, ...)
-
-
 class Backend(Protocol):
     """One quantization method. Implementations subclass this to inherit ``load`` and ``stats``."""
 
@@ -75,36 +62,6 @@ class Backend(Protocol):
     def quantize(self, model: str | Path | None, out: str | Path | None, options: Options) -> dict:
         """Quantize ``model`` into ``out``; returns a summary (out, report, stages, fallbacks, notes)."""
         ...
-
-    def recognizes(self, quantization: dict) -> bool:
-        """True when a checkpoint's ``quantization_config`` was written by this backend."""
-        ...
-
-    def describe(self, quantization: dict) -> dict:
-        """Method, label and settings of a checkpoint of this backend, for reports."""
-        ...
-
-    def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
-        """Every quantized linear of a checkpoint written by this backend, keyed by module path."""
-        ...
-
-    def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
-        """The weight (out, in) that ``linear`` stands for, in the dtype its quantization restores."""
-        ...
-
-    def load(self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-        """A plain transformers model computing what the checkpoint stands for (weights dequantized; float32 by default)."""
-        import torch
-
-        from ..api import load_quantized
-
-        return load_quantized(path, device, dtype or torch.float32)
-
-    def stats(self, path: str | Path) -> dict:
-        """Bits per weight, size and fractions quantized, measured from the saved tensors."""
-        from ..export import checkpoint_stats
-
-        return checkpoint_stats(Path(path))
 
 
 def unknown_settings(backend: str, settings: dict, accepted: set[str]) -> None:

@@ -54,135 +54,44 @@ kernels compute with (quantmoe's evaluation reads them the same way), or, with
 
 from __future__ import annotations
 
-import json
-import logging
-import re
+import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..errors import QuantMoeError
-from .base import Backend, Options, QuantizedLinear, unknown_settings
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
-INSTALL = "pip install 'quantmoe[bnb]'"
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-DOUBLE_QUANT = ("auto", "on", "off")
-_4BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
-
-
-def require_bitsandbytes(backend: str):
-    """The bitsandbytes module, or a one-line error that names the command installing it."""
-    loaded = sys.modules.get("bitsandbytes")
-    if loaded is not None and "bitsandbytes.functional" in sys.modules:
-        return loaded
-    # On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package
-    # (a faster 4-bit matmul) is missing. quantmoe does not use that matmul, so the warning is noise.
-    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops.level
-    cpu_ops.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional  # noqa: F401
-    except ImportError:
-        raise QuantMoeError(f"the {backend} backend needs bitsandbytes, which is not installed; run: {INSTALL}") from None
-    except Exception as exc:  # a broken native library shows up as OSError/RuntimeError at import
-        raise QuantMoeError(f"bitsandbytes is installed but does not import ({type(exc).__name__}: {exc}); "
-                            f"reinstall it: {INSTALL}") from None
-    finally:
-        cpu_ops.setLevel(level)
-    return bitsandbytes
-
-
-@dataclass(frozen=True)
-class BnbConfig:
-    """How bitsandbytes quantizes; ``quant_type`` is fixed by the backend name."""
-
-    quant_type: str = "nf4"            # nf4 | fp4 (4-bit, blockwise absmax) | int8 (LLM.int8(), per-row absmax)
-    compute_dtype: str = "bfloat16"    # 4-bit: dtype bitsandbytes' Linear4bit multiplies in when served (bnb_4bit_compute_dtype)
-    double_quant: str = "auto"         # 4-bit: on | off | auto: quantize the absmax scales again (8 bit, blocks of 256,
-                                       # ~4.5 -> ~4.13 bits/weight); auto does it where it makes the linear smaller
-    blocksize: int = 64                # 4-bit: weights sharing one absmax (bitsandbytes' default)
-    int8_threshold: float = 6.0        # int8: LLM.int8() outlier threshold; input features above it run in 16 bit when served
-
-    def __post_init__(self):
-        if self.quant_type not in ("nf4", "fp4", "int8"):
-            raise QuantMoeError(f"bitsandbytes quant type {self.quant_type!r} is unknown; use nf4, fp4 or int8")
-        if self.double_quant not in DOUBLE_QUANT:
-            raise QuantMoeError(f"--double-quant {self.double_quant!r} is unknown; use one of {', '.join(DOUBLE_QUANT)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise QuantMoeError(f"--compute-dtype {self.compute_dtype} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise QuantMoeError(f"4-bit blocksize {self.blocksize} is not one bitsandbytes takes; use 64")
-        if self.int8_threshold < 0:
-            raise QuantMoeError(f"--int8-threshold {self.int8_threshold} is negative; use 0 (no outliers) or e.g. 6.0")
-
-    @property
-    def four_bit(self) -> bool:
-        return self.quant_type != "int8"
-
-    def double_quantize(self, numel: int) -> bool:
-        """Whether a 4-bit linear of ``numel`` weights gets double quantization.
-
-        "auto" compares the bytes of its statistics both ways: double quantization turns each
-        block's float32 absmax into one byte plus a float32 per 256 blocks, but adds a fixed
-        256-entry float32 code table (1 KB) and ~90 bytes of metadata, so it only pays from
-        ~380 blocks (~24k weights at blocksize 64) up: every linear of a real Mixtral, not the
-        128 x 128 experts of a small demo model.
-        """
-        if self.double_quant != "auto":
-            return self.double_quant == "on"
-        blocks = -(-numel // self.blocksize)
-        return blocks + 4 * -(-blocks // 256) + 1024 + 90 < 4 * blocks
-
-
-# -- one linear ----------------------------------------------------------------------
-def quantize_weight(W: Tensor, cfg: BnbConfig) -> dict[str, Tensor]:
-    """A weight (out, in) -> its bitsandbytes tensors, keyed by name relative to the module.
-
-    4-bit: ``weight`` (packed) and ``weight.<stat>``; int8: ``weight``, ``SCB`` and
-    ``weight_format``. Quantized from W's own dtype, as ``Params4bit`` does (int8 from
-    float16, as ``Int8Params`` does).
-    """
-    import torch
-
-    F = require_bitsandbytes(f"bnb-{cfg.quant_type}").functional
-    if cfg.four_bit:
-        packed, state = F.quantize_4bit(W.contiguous(), blocksize=cfg.blocksize,
-                                        compress_statistics=cfg.double_quantize(W.numel()), quant_type=cfg.quant_type,
-                                        quant_storage=torch.uint8)
-        return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
-    CB, SCB, _ = F.int8_vectorwise_quant(W.contiguous().to(torch.float16))
-    # weight_format 0 = row-major, the only layout bitsandbytes 0.45+ writes.
-    return {"weight": CB, "SCB": SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
-
-
-def dequantize_weight(tensors: dict[str, Tensor], backend: str = "bnb") -> Tensor:
-    """The weight (out, in) that bitsandbytes tensors (names relative to the module) stand for.
-
-    4-bit: ``dequantize_4bit``, in the dtype the weight was quantized from; int8:
-    ``int8_vectorwise_dequant`` (W * SCB / 127), in float32. Both are elementwise, so the
-    result is the same on every run and device.
-    """
-    F = require_bitsandbytes(backend).functional
-    weight = tensors["weight"]
-    if "SCB" in tensors:
-        return F.int8_vectorwise_dequant(weight, tensors["SCB"].to(weight.device))
-    stats = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
-    state = F.QuantState.from_dict(stats, device=weight.device)
-    return F.dequantize_4bit(weight, state)
-
-
-def _4bit_shape(blob: Tensor) -> tuple[int, int]:
-    """(out, in) from the JSON blob ``weight.quant_state.bitsandbytes__*`` that every 4-bit linear carries."""
-    import torch
-
-    return tuple(json.loads(bytes(blob.to(torch.uint8).tolist()).decode())["shape"])
+from ..base.errors import QuantMoeError
+from ..base.files import (
+    atomic_write_json,
+    atomic_write_text,
+    replace_dir,
+    versions,
+    write_manifest,
+)
+from ..base.measure import stage
+from ..base.paths import DEFAULT_MODEL
+from ..base.version import __version__
+from ..formats.bnb import (
+    BnbConfig,
+    BnbReader,
+    dequantize_weight,
+    quantization_config,
+    quantize_weight,
+    require_bitsandbytes,
+)
+from ..model.architectures import architecture_for, plan_layer, unfuse_experts
+from ..model.checkpoint import Checkpoint
+from ..model.distributed import Ranks
+from ..model.stream import model_config, pick_device
+from ..stages.evaluate import evaluate
+from ..stages.export import ShardWriter, parse_size, write_config
+from ..stages.quantize import check_out, work_dir
+from ..stages.report import base_model_name, gap_table, protocol_text, render_markdown
+from .base import Backend, Options, unknown_settings
 
 
 # -- the backend ---------------------------------------------------------------------
@@ -202,45 +111,8 @@ class BnbBackend(Backend):
         unknown_settings(self.name, settings, self.settings())
         return BnbConfig(quant_type=self.quant_type, **settings)
 
-    def recognizes(self, quantization: dict) -> bool:
-        if quantization.get("quant_method") != "bitsandbytes":
-            return False
-        if quantization.get("load_in_8bit"):
-            return self.quant_type == "int8"
-        return quantization.get("load_in_4bit", False) and quantization.get("bnb_4bit_quant_type", "fp4") == self.quant_type
-
-    def describe(self, quantization: dict) -> dict:
-        q = quantization
-        four = self.quant_type != "int8"
-        double = (q.get("quantmoe") or {}).get("double_quant") or ("on" if q.get("bnb_4bit_use_double_quant") else "off")
-        label = f"{self.name} (double quant {double})" if four else self.name
-        return {"method": "bitsandbytes", "backend": self.name, "bits": 4 if four else 8, "label": label,
-                "compute_dtype": q.get("bnb_4bit_compute_dtype") if four else None,
-                "double_quant": double if four else None,
-                "int8_threshold": None if four else q.get("llm_int8_threshold")}
-
-    def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
-        out = {}
-        for name in ckpt.names():
-            m = re.fullmatch(r"(.+)\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)", name)
-            if m:
-                module = m.group(1)
-                names = [f"{module}.weight"] + [f"{module}.weight.{s}" for s in _4BIT_STATS] + [name]
-                out[module] = QuantizedLinear(module, _4bit_shape(ckpt.tensor(name)), tuple(n for n in names if ckpt.has(n)))
-            elif name.endswith(".SCB"):
-                module = name[: -len(".SCB")]
-                names = (f"{module}.weight", name, f"{module}.weight_format")
-                out[module] = QuantizedLinear(module, ckpt.shape(f"{module}.weight"), tuple(n for n in names if ckpt.has(n)))
-        return out
-
-    def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
-        prefix = linear.module + "."
-        return dequantize_weight({n[len(prefix):]: ckpt.tensor(n) for n in linear.tensors}, self.name)
-
     def quantize(self, model, out, options: Options) -> dict:
-        import os
 
-        from ..distributed import Ranks
 
         if Ranks.from_env(os.environ).world > 1:
             raise QuantMoeError(f"the {self.name} backend runs in one process (torchrun spreads GPTQ's experts); "
@@ -260,36 +132,6 @@ BACKENDS = (
     BnbBackend("bnb-int8", "bitsandbytes LLM.int8() (8-bit, per-row absmax), experts included; no calibration",
                "int8"),
 )
-
-
-# -- the stage -----------------------------------------------------------------------
-def quantization_config(cfg: BnbConfig, backend: str, skip: list[str], not_quantized: list[str], version: str) -> dict:
-    """The bitsandbytes ``quantization_config`` transformers reads, plus quantmoe's own record."""
-    return {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": cfg.four_bit,
-        "load_in_8bit": not cfg.four_bit,
-        "bnb_4bit_quant_type": cfg.quant_type if cfg.four_bit else "fp4",
-        # Loaders read double quantization per linear (from its quant_state); "auto" may mix both.
-        "bnb_4bit_use_double_quant": cfg.four_bit and cfg.double_quant != "off",
-        "bnb_4bit_compute_dtype": cfg.compute_dtype,
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_threshold": cfg.int8_threshold,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        # In-memory module paths, matched from the start by transformers; giving any list turns off
-        # its default skips, so lm_head is listed too.
-        "llm_int8_skip_modules": skip + ["lm_head"],
-        "quantmoe": {
-            "backend": backend,
-            "version": version,
-            "blocksize": cfg.blocksize if cfg.four_bit else None,
-            "double_quant": cfg.double_quant if cfg.four_bit else None,
-            "experts": "per expert, under the row's per-expert on-disk names (block_sparse_moe.experts.E.w1 / "
-                       "mlp.experts.E.gate_proj ...); experts fused on disk are cut per expert",
-            "modules_not_quantized": not_quantized,
-        },
-    }
 
 
 def module_to_memory(arch, path: str) -> str:
@@ -323,10 +165,7 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
     does; the fused tensors are not copied. Memory holds one source tensor (one fused expert
     tensor for such rows) and the shard being filled.
     """
-    from tqdm.auto import tqdm
 
-    from ..architectures import architecture_for, plan_layer, unfuse_experts
-    from ..export import ShardWriter
 
     arch = architecture_for(ckpt.config)
     writer = ShardWriter(staging, max_shard_size)
@@ -366,17 +205,6 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
 
 def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) -> dict:
     """The whole bnb run: shards into a staging folder, config, log, optional eval, card, manifest, rename."""
-    from .. import __version__
-    from ..architectures import architecture_for, plan_layer
-    from ..checkpoint import Checkpoint
-    from ..defaults import DEFAULT_MODEL
-    from ..evaluation import evaluate
-    from ..export import parse_size, write_config
-    from ..files import atomic_write_json, atomic_write_text, replace_dir, versions, write_manifest
-    from ..measure import stage
-    from ..pipeline import check_out, work_dir
-    from ..report import render_markdown
-    from ..stream import pick_device
 
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
     if ckpt.quantization is not None:
@@ -431,7 +259,6 @@ def model_card(report: dict | None, info: dict) -> str:
     """README.md of a bnb export, with every section ``report.CARD_SECTIONS`` asks for (so ``quantmoe push``
     takes it): base model, method, bits per weight, calibration, protocol, perplexity, and loading,
     saying plainly which loaders cannot read quantized experts."""
-    from ..report import base_model_name, gap_table, protocol_text
 
     cfg: BnbConfig = info["config"]
     base = base_model_name(info["base_model"])
@@ -509,7 +336,6 @@ def model_card(report: dict | None, info: dict) -> str:
 # -- serving with bitsandbytes' own kernels ----------------------------------------------
 def _experts_module():
     """BnbExperts, defined on first use so that importing this file needs no torch."""
-    from torch import nn
 
     class BnbExperts(nn.Module):
         """Routed experts as bitsandbytes linears, one per projection and expert.
@@ -525,7 +351,6 @@ def _experts_module():
             self.act_fn = act_fn
 
         def forward(self, hidden_states, top_k_index, top_k_weights):  # (T, H), (T, k), (T, k) -> (T, H)
-            import torch
 
             out = torch.zeros_like(hidden_states)
             for e in top_k_index.unique().tolist():
@@ -542,8 +367,6 @@ def _experts_module():
 
 def _bnb_linear(bnb, tensors: dict, bias, shape: tuple[int, int], quantization: dict, device, compute_dtype):
     """One bitsandbytes module from its saved tensors (names relative to the module)."""
-    import torch
-    from torch import nn
 
     out_features, in_features = shape
     if "SCB" in tensors:
@@ -576,16 +399,11 @@ def load_with_kernels(path, device: str = "auto"):
     ``bnb_4bit_compute_dtype``; int8: float16). Outputs match ``load_quantized``'s
     dequantized model up to the kernels' rounding (bf16/int8 activations), not bit for bit.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from ..architectures import architecture_for, plan_layer
-    from ..checkpoint import Checkpoint
-    from ..stream import model_config, pick_device
 
     ckpt = Checkpoint(path)
-    backend = ckpt.backend
-    if not isinstance(backend, BnbBackend):
+    backend = ckpt.format
+    if not isinstance(backend, BnbReader):
         raise QuantMoeError(f"{ckpt.path} is not a bitsandbytes checkpoint "
                             f"({backend.name if backend else 'not quantized'}); kernels='bitsandbytes' needs one "
                             "made with --backend bnb-nf4/bnb-fp4/bnb-int8")

@@ -1,0 +1,197 @@
+"""``quantmoe inspect``: what every tensor of a checkpoint is, and what quantizing it would cost.
+
+Reads config.json and the safetensors headers (names, shapes, dtypes) only; no weight is
+loaded. Each tensor gets the class the architecture row gives it: attention, routed
+expert, shared expert, dense MLP, router (never quantized, with everything under it, such
+as DeepSeek's e_score_correction_bias) or not quantized (norms, embeddings, lm_head).
+Biases of quantized linears keep their linear's class but stay 16-bit.
+
+The size estimate counts bytes exactly as the GPTQ v1 export writes them and as
+``export.checkpoint_stats`` measures them: per quantized linear (out R, in C) with G groups,
+qweight C*R*bits/8 + qzeros G*R*bits/8 + scales 2*G*R + g_idx 4*C bytes; every other tensor
+keeps its size. Bits per weight = those bytes * 8 / (R*C), about bits + (16 + bits)/group + 32/R.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..base.errors import QuantMoeError
+from ..base.options import QuantConfig
+from ..gptq.core import QuantSpec
+from ..model.architectures import architecture_for, plan_layer
+from ..model.checkpoint import Checkpoint
+from ..stages.report import ranges
+
+CLASSES = ("attention", "routed expert", "shared expert", "dense MLP", "router", "not quantized", "not exported")
+KIND_CLASS = {"attention": "attention", "expert": "routed expert", "shared_expert": "shared expert",
+              "dense_mlp": "dense MLP"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def gptq_bytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+    """Bytes of the GPTQ v1 tensors (qweight, qzeros, scales, g_idx) of one (rows, cols) linear."""
+    groups = QuantSpec(bits=bits, group_size=group_size).groups(cols)
+    return cols * rows * bits // 8 + groups * rows * bits // 8 + 2 * groups * rows + 4 * cols
+
+
+@dataclass
+class Entry:
+    """Tensors sharing one name pattern (layer index as {i}, expert index as {e}) and one class."""
+
+    pattern: str
+    cls: str
+    shape: list[int]              # of one tensor
+    dtype: str
+    layers: list[int] = field(default_factory=list)
+    tensors: int = 0
+    parameters: int = 0
+    quantized_parameters: int = 0
+    bytes: int = 0                # as stored now
+    estimated_bytes: int = 0      # after quantization (GPTQ tensors for quantized weights)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> dict:
+    """Classify every tensor of ``model`` and estimate its GPTQ size; returns the report dict."""
+    QuantConfig(bits=bits, group_size=group_size)  # the same checks as quantize
+    ckpt = Checkpoint(model)
+    if ckpt.quantization is not None:
+        method = ckpt.quantization.get("quant_method", "unknown")
+        raise QuantMoeError(f"{ckpt.path} is already quantized ({method}); inspect the 16-bit original "
+                            "(FP8 releases such as DeepSeek-V3's must be cast to BF16 first)")
+    config = ckpt.config
+    arch = architecture_for(config)
+    num_layers = int(config.num_hidden_layers)
+    plans = [plan_layer(arch, config, i) for i in range(num_layers)]
+    kinds = [p.linear_kinds() for p in plans]
+    entries: dict[tuple[str, str], Entry] = {}
+
+    for name in ckpt.names():
+        shape, dtype = list(ckpt.shape(name)), ckpt.dtype(name)
+        numel = _numel(shape)
+        size = numel * DTYPE_BYTES.get(dtype, 2)
+        layer, cls, pattern, quantized_as = None, "not quantized", name, []
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            rel = name[len(ckpt.layer_prefix(layer)):]
+            plan = plans[layer] if layer < num_layers else plan_layer(arch, config, layer)
+            module, _, suffix = rel.rpartition(".")
+            pattern = "model.layers.{i}." + plan.pattern(module) + "." + suffix
+            if layer >= num_layers:
+                cls = "not exported"  # beyond num_hidden_layers (DeepSeek-V3's MTP layer): transformers ignores it
+            elif module in kinds[layer]:
+                cls = KIND_CLASS[kinds[layer][module]]
+                if suffix == "weight":
+                    quantized_as = [tuple(shape)]
+            elif rel in plan.fused_disk_tensors():
+                cls = "routed expert"
+                experts, out_rows, cols = shape
+                if rel == plan.fused.disk_gate_up:  # two halves, gate and up, each (I, H)
+                    quantized_as = [(out_rows // 2, cols)] * (2 * experts)
+                else:
+                    quantized_as = [(out_rows, cols)] * experts
+            elif any(rel.startswith(r + ".") for r in plan.routers):
+                cls = "router"
+        key = (pattern, cls)
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = Entry(pattern=pattern, cls=cls, shape=shape, dtype=dtype)
+        if layer is not None:
+            entry.layers.append(layer)
+        entry.tensors += 1
+        entry.parameters += numel
+        entry.bytes += size
+        if cls == "not exported":
+            continue
+        if quantized_as:
+            entry.quantized_parameters += numel
+            entry.estimated_bytes += sum(gptq_bytes(r, c, bits, group_size) for r, c in quantized_as)
+        else:
+            entry.estimated_bytes += size
+
+    for e in entries.values():
+        e.layers = sorted(set(e.layers))
+    classes = {c: {"tensors": 0, "parameters": 0, "quantized_parameters": 0, "bytes": 0, "estimated_bytes": 0}
+               for c in CLASSES}
+    for e in entries.values():
+        for k in classes[e.cls]:
+            classes[e.cls][k] += getattr(e, k)
+    exported = [e for e in entries.values() if e.cls != "not exported"]
+    quantized = sum(e.quantized_parameters for e in exported)
+    parameters = sum(e.parameters for e in exported)
+    quantized_bytes = sum(e.estimated_bytes for e in exported if e.quantized_parameters)
+    moe_layers = [p.index for p in plans if p.experts is not None]
+    return {
+        "model": str(ckpt.path),
+        "model_type": config.model_type,
+        "num_layers": num_layers,
+        "moe_layers": moe_layers,
+        "dense_layers": [p.index for p in plans if p.experts is None],
+        "routed_experts": plans[moe_layers[0]].num_experts if moe_layers else 0,
+        "bits": bits,
+        "group_size": group_size,
+        "tensors": [asdict(e) for e in sorted(entries.values(), key=lambda e: (e.pattern, e.cls))],
+        "classes": {c: v for c, v in classes.items() if v["tensors"]},
+        "totals": {
+            "parameters": parameters,
+            "quantized_parameters": quantized,
+            "fraction_quantized": quantized / parameters if parameters else 0.0,
+            "bytes": sum(e.bytes for e in exported),
+            "estimated_bytes": sum(e.estimated_bytes for e in exported),
+            # As checkpoint_stats: the bits of the GPTQ tensors over the weights they stand for.
+            "bits_per_weight": quantized_bytes * 8 / quantized if quantized else None,
+        },
+    }
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def render_text(report: dict) -> str:
+    """The human-readable form of an inspect report: one line per tensor pattern, then per class."""
+    r = report
+    label = f"int{r['bits']} g{r['group_size']}" if r["group_size"] != -1 else f"int{r['bits']} per-row"
+    moe = (f"{len(r['moe_layers'])} MoE (layers {ranges(r['moe_layers'])}, {r['routed_experts']} routed experts)"
+           if r["moe_layers"] else "no MoE layers")
+    dense = f"{len(r['dense_layers'])} dense" + (f" (layers {ranges(r['dense_layers'])})" if r["dense_layers"] else "")
+    lines = [f"{r['model']}: {r['model_type']}, {r['num_layers']} decoder layers: {moe}, {dense}", ""]
+    rows = [("tensor", "class", "layers", "count", "shape", "dtype")]
+    for e in r["tensors"]:
+        rows.append((e["pattern"], e["cls"], ranges(e["layers"]) or "-", str(e["tensors"]),
+                     "x".join(map(str, e["shape"])) or "scalar", e["dtype"]))
+    lines += _columns(rows, right=(3,))
+    lines.append("")
+    rows = [("class", "tensors", "parameters", "quantized", "size now", f"at {label}")]
+    for cls, v in r["classes"].items():
+        rows.append((cls, str(v["tensors"]), f"{v['parameters']:,}", f"{v['quantized_parameters']:,}",
+                     _size(v["bytes"]), "-" if cls == "not exported" else _size(v["estimated_bytes"])))
+    t = r["totals"]
+    rows.append(("total", "", f"{t['parameters']:,}", f"{t['quantized_parameters']:,}", _size(t["bytes"]),
+                 _size(t["estimated_bytes"])))
+    lines += _columns(rows, right=(1, 2, 3, 4, 5))
+    bpw = "-" if t["bits_per_weight"] is None else f"{t['bits_per_weight']:.3f}"
+    lines += ["", f"estimate at {label}: {_size(t['estimated_bytes'])} of tensors (now {_size(t['bytes'])}); "
+                  f"{bpw} bits per quantized weight; {100 * t['fraction_quantized']:.1f}% of parameters quantized"]
+    if "not exported" in r["classes"]:
+        lines.append(f"tensors of layers >= {r['num_layers']} (num_hidden_layers) are not loaded by transformers "
+                     "and not exported")
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if k in right else cell.ljust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]

@@ -1,0 +1,138 @@
+"""Wall time and peak memory of a stage, sampled while it runs."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from contextlib import contextmanager
+
+import psutil
+import torch
+
+
+@contextmanager
+def stage(record: dict, name: str, interval: float = 0.05):
+    """Time the block and sample this process's RSS; store {seconds, peak_rss_mb, peak_gpu_mb} under record[name]."""
+    proc = psutil.Process()
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        record[name] = {
+            "seconds": round(seconds, 3),
+            "peak_rss_mb": round(peak[0] / 2**20, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        }
+
+
+class Stopwatch:
+    """Seconds per named stage, summed over every entry into it, and on CUDA the peak GPU
+    memory allocated inside each stage (MB).
+
+    On CUDA the device is synchronised at each boundary, so queued work is charged to the
+    stage that queued it rather than to whichever stage next waits for the device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.peak_gpu_mb: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                self.peak_gpu_mb[name] = round(max(peak, self.peak_gpu_mb.get(name, 0.0)), 1)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+class PeakRSS:
+    """This process's resident memory, sampled in a thread; ``take()`` gives the peak (MB) since the last take."""
+
+    def __init__(self, interval: float = 0.05):
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def take(self) -> float:
+        now = self.proc.memory_info().rss
+        peak, self.peak = max(self.peak, now), now
+        return round(peak / 2**20, 1)
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: host allocations at least this large get their own mapping
+
+
+def steady_host_memory() -> None:
+    """Fix glibc's mmap threshold so that memory freed by one layer goes back to the OS.
+
+    glibc serves allocations above a threshold with their own mmap, but raises the threshold
+    to the size of every such block freed (up to 32 MiB). After the first layer frees its
+    Hessians and weights, blocks of that size come from the heap instead, where fragmentation
+    keeps them resident: peak RSS then grew by about one layer's weights over the first
+    layers (benchmarks/streaming_memory.py: 598.6 MB for 2 layers, 698.5 MB for 8). Setting
+    the threshold explicitly turns that adjustment off. Called once per process; a no-op
+    without glibc.
+    """
+    try:
+
+        M_MMAP_THRESHOLD = -3  # malloc.h
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the OS (glibc keeps it otherwise).
+
+    Without this the allocator's free lists grow a little with every layer, so peak RSS
+    would creep up with depth even though nothing is kept.
+    """
+    try:
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do

@@ -1,0 +1,159 @@
+"""GPTQ v1 checkpoint packing (the format auto-gptq defined; GPTQModel, vLLM and
+transformers read it).
+
+Per quantized linear ``P`` with weight (out, in):
+
+* ``P.qweight`` int32 (in * bits / 32, out): levels packed along the input dim, low bits first;
+* ``P.qzeros``  int32 (groups, out * bits / 32): zero points minus one (the v1 convention),
+  packed along the output dim, low bits first;
+* ``P.scales``  fp16 (groups, out);
+* ``P.g_idx``   int32 (in,): the group of each input column.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..gptq.core import QuantResult, dequantize
+from .base import QuantizedLinear
+
+
+def _pack_rows(values: Tensor, bits: int) -> Tensor:
+    """Pack (N, M) small non-negative ints along dim 0 into int32 (N * bits / 32, M)."""
+    per = 32 // bits
+    N, M = values.shape
+    if N % per:
+        raise ValueError(f"cannot pack {N} rows at {bits} bits: not a multiple of {per}")
+    v = values.to(torch.int64).reshape(N // per, per, M)
+    shifts = (torch.arange(per, dtype=torch.int64, device=v.device) * bits)[None, :, None]
+    packed = (v << shifts).sum(dim=1)  # < 2**32
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def _unpack_rows(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of _pack_rows: int32 (N * bits / 32, M) -> int64 (N, M)."""
+    per = 32 // bits
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per, dtype=torch.int64, device=p.device) * bits)[None, :, None]
+    v = (p[:, None, :] >> shifts) & (2**bits - 1)
+    return v.reshape(-1, packed.shape[1])
+
+
+def pack_linear(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bits: int) -> dict[str, Tensor]:
+    """One linear's GPTQ v1 tensors from q (R, C), scales/zeros (R, G), g_idx (C,)."""
+    maxq = 2**bits - 1
+    # v1 stores zero - 1, wrapped into `bits` bits (the loaders add 1 back).
+    stored_zeros = (zeros.to(torch.int64) - 1) & maxq
+    return {
+        "qweight": _pack_rows(q.t().contiguous(), bits),
+        "qzeros": _pack_rows(stored_zeros, bits).t().contiguous(),
+        "scales": scales.t().half().clone(),
+        "g_idx": g_idx.to(torch.int32).clone(),
+    }
+
+
+def pack_result(result: QuantResult, bits: int) -> list[dict[str, Tensor]]:
+    """Pack each of the B matrices in a QuantResult on the device it lies on (the int64
+    bit shuffling is cheap on a GPU, slow on the host at Mixtral size); the packed tensors come back on
+    the CPU. From a GPU the copies are only queued (into pinned memory): wait for the device, e.g. on an
+    event recorded after this call, before reading them."""
+    return [
+        {name: t.to("cpu", non_blocking=True)
+         for name, t in pack_linear(result.q[b], result.scales[b], result.zeros[b], result.g_idx, bits).items()}
+        for b in range(result.q.shape[0])
+    ]
+
+
+def unpack_linear(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ v1 tensors -> (q (R, C), scales (R, G), zeros (R, G), g_idx (C,))."""
+    q = _unpack_rows(tensors["qweight"], bits).t()
+    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
+    return q, tensors["scales"].t(), zeros, tensors["g_idx"]
+
+
+def dequantize_linear(tensors: dict[str, Tensor], bits: int) -> Tensor:
+    """The fp32 weight (out, in) a GPTQ v1 linear stands for."""
+    q, scales, zeros, g_idx = unpack_linear(tensors, bits)
+    return dequantize(q, scales, zeros, g_idx)
+
+
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantized_modules(names) -> list[str]:
+    """The module paths that have a ``.qweight`` among ``names``, sorted."""
+    return sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
+
+
+def dequantize_state(tensors: dict[str, Tensor], bits: int) -> dict[str, Tensor]:
+    """Replace each GPTQ linear's four tensors in ``tensors`` with its fp32 ``.weight``; the rest pass through."""
+    modules = quantized_modules(tensors)
+    out = {f"{m}.weight": dequantize_linear({s: tensors[f"{m}.{s}"] for s in GPTQ_SUFFIXES}, bits) for m in modules}
+    packed = {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}
+    out.update({n: t for n, t in tensors.items() if n not in packed})
+    return out
+
+
+def quantization_config(qcfg, not_quantized: list[str], version: str) -> dict:
+    """The GPTQ v1 ``quantization_config`` that GPTQModel, vLLM and transformers read (``qcfg``: a QuantConfig)."""
+    return {
+        "quant_method": "gptq",
+        "bits": qcfg.bits,
+        "group_size": qcfg.group_size,
+        # g_idx is always c // group_size (every column order keeps it), so loaders need no reordering.
+        "desc_act": False,
+        "sym": qcfg.sym,
+        "static_groups": qcfg.act_order == "static",
+        "true_sequential": qcfg.true_sequential,
+        "damp_percent": qcfg.damp,
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "lm_head": False,
+        "modules_not_quantized": not_quantized,
+        # GPTQModel and vLLM read exclusions from "dynamic" ("-:" = leave this module unquantized).
+        "dynamic": {f"-:^{re.escape(m)}$": {} for m in not_quantized if qcfg.layout == "gptqmodel"},
+        "meta": {"quantizer": [f"quantmoe:{version}"], "act_order": qcfg.act_order, "backend": qcfg.backend,
+                 "layout": qcfg.layout},
+    }
+
+
+# -- reading ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GptqReader:
+    """GPTQ v1 checkpoints of the backend ``name`` (gptq or rtn, told apart by ``meta.backend``)."""
+
+    name: str
+
+    def recognizes(self, quantization: dict) -> bool:
+        return quantization.get("quant_method") == "gptq" and \
+            (quantization.get("meta") or {}).get("backend", "gptq") == self.name
+
+    def describe(self, quantization: dict) -> dict:
+        q = quantization
+        layout = (q.get("meta") or {}).get("layout", "source")
+        return {"method": "gptq", "backend": self.name, "bits": q.get("bits"), "group_size": q.get("group_size"),
+                "sym": q.get("sym"), "layout": layout,
+                "label": f"{self.name} int{q.get('bits')} g{q.get('group_size')}"
+                         + ("" if layout == "source" else f" ({layout} layout)")}
+
+    def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
+        out = {}
+        for name in ckpt.names():
+            if name.endswith(".qweight"):
+                module = name[: -len(".qweight")]
+                inputs = ckpt.shape(f"{module}.g_idx")[0]
+                outputs = ckpt.shape(f"{module}.scales")[1]
+                out[module] = QuantizedLinear(module, (outputs, inputs), tuple(f"{module}.{s}" for s in GPTQ_SUFFIXES))
+        return out
+
+    def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
+        parts = {s: ckpt.tensor(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
+        return dequantize_linear(parts, int(ckpt.quantization["bits"]))
+
+
+READERS = (GptqReader("gptq"), GptqReader("rtn"))

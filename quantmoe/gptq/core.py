@@ -1,0 +1,555 @@
+"""GPTQ, as plain typed functions: the whole algorithm, readable top to bottom.
+
+After Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (2022), and its reference implementation (IST-DASLab/gptq).
+Names follow the paper: ``W`` weights, ``H`` the Hessian 2/n X^T X, ``Hinv`` the upper
+Cholesky factor of its inverse, ``Err`` the scaled quantization error.
+
+Everything is batched over a leading dimension B so that all experts of a layer,
+which share shapes, are solved together: W (B, R, C), H (B, C, C). A single linear
+is B = 1. Differences from the reference, and why:
+
+* Act-order uses *static groups*: group scales come from the original weights in
+  natural column order, so ``g_idx[c] = c // group_size`` stays monotonic and fast
+  kernels (Marlin, ExLlama) need no reordering.
+* Scales are rounded to fp16 before use, so dequantising the exported checkpoint
+  reproduces the GPTQ result bit for bit.
+* Dead inputs (a zero Hessian diagonal) keep their weights: they are rounded but
+  spread no error, instead of being zeroed.
+* Dampening grows by 10x, per matrix, until Cholesky succeeds; the value used is returned.
+* ``Hinv`` comes from one Cholesky factorisation of the reversed H and one triangular
+  inverse (see ``damped_inverse_cholesky``) rather than Cholesky, inverse, Cholesky: as
+  many flops, but it cannot fail on an inverse that rounding left not quite positive
+  definite, and it works one matrix at a time, in place, so a layer's (B, C, C)
+  Hessians never exist twice.
+* Memory is a few copies of W, not of H: levels are kept as uint8 and the dequantized
+  weights are rebuilt from them at the end.
+* Without act-order, a group's grid comes from its columns as they stand when the group
+  starts, with every earlier block's error spread (blocks never straddle a group start).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal); a scale must survive the fp16 round trip
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1: one group spanning the row
+    sym: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, columns: int) -> int:
+        return 1 if self.group_size == -1 else -(-columns // self.group_size)
+
+    def width(self, columns: int) -> int:
+        """Columns per group; a layer narrower than the group size is one group."""
+        return columns if self.group_size == -1 else min(self.group_size, columns)
+
+
+@dataclass
+class QuantResult:
+    """The quantized form of B matrices of shape (R, C)."""
+
+    q: Tensor        # (B, R, C) uint8, integer levels in [0, maxq]
+    scales: Tensor   # (B, R, G) fp16
+    zeros: Tensor    # (B, R, G) uint8, integer zero points in [0, maxq]
+    g_idx: Tensor    # (C,) int32, group of each input column
+    W: Tensor | None  # (B, R, C) fp32, the dequantized weights: scales * (q - zeros) (None: not asked for)
+    loss: Tensor     # (B, R) fp32, GPTQ's per-row squared error proxy (0 for RTN)
+    damp: Tensor     # (B,) fp32, the dampening fraction that made H positive definite
+
+
+def accumulate_hessian(H: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None) -> tuple[Tensor, float]:
+    """Fold the rows of X (T, C) into the running Hessian H (C, C) = 2/n sum x x^T, in fp32.
+
+    With ``weights`` (T,), row t counts as w_t x_t (its error is scaled by w_t, as a routed
+    expert's output is by its router score): H = 2 sum w^2 x x^T / sum w^2, and n is sum w^2.
+    """
+    return accumulate_moment(H, X, X, n_seen, weights)
+
+
+def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None
+                      ) -> tuple[Tensor, float]:
+    """Fold rows of Y (T, R) and X (T, C) into the running moment P (R, C) = 2/n sum y x^T, in fp32,
+    weighted and counted as in ``accumulate_hessian`` (P and H built from the same rows share n)."""
+    T = X.shape[0]
+    if T == 0:
+        return P, n_seen
+    X = X.reshape(T, -1).float()
+    Y = X if Y is X else Y.reshape(T, -1).float()
+    if weights is not None:
+        w = weights.float().reshape(T, 1)
+        X, Y = X * w, (X * w if Y is X else Y * w)
+        added = float(w.pow(2).sum())
+    else:
+        added = T
+    n_total = n_seen + added
+    if n_total == 0:
+        return P, n_seen
+    P.mul_(n_seen / n_total)
+    P.addmm_(Y.t(), X, alpha=2.0 / n_total)
+    return P, n_total
+
+
+def find_params(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Per-row min/max quantization grid for W (..., R, k): scales (fp16-exact) and zeros (..., R)."""
+    return _grid(W.amin(dim=-1).clamp(max=0), W.amax(dim=-1).clamp(min=0), spec)
+
+
+def _grid(wmin: Tensor, wmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The grid spanning [wmin, wmax] (wmin <= 0 <= wmax): fp16-exact scales and integer zeros."""
+    if spec.sym:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    flat = (wmax == wmin)
+    wmin = torch.where(flat, torch.full_like(wmin, -1.0), wmin)
+    wmax = torch.where(flat, torch.full_like(wmax, 1.0), wmax)
+    scale = ((wmax - wmin) / spec.maxq).clamp(min=FP16_MIN_SCALE).half().float()
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
+    else:
+        # GPTQ v1 stores zero - 1; a zero of 0 would wrap, so the grid starts at 1.
+        zero = torch.round(-wmin / scale).clamp(1, spec.maxq)
+    return scale, zero
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """A clipping-ratio search for each row's grid: the min/max range shrunk (or, up to
+    ``max_ratio``, widened) by each of ``steps`` ratios; the grid with the smallest
+    ``importance``-weighted squared rounding error wins, ties to the plain min/max grid.
+    ``steps`` 0 turns it off. ``error_terms``: a kernel computing ``rounding_error``'s terms in one
+    pass (``gptq.triton_kernels.error_terms``, chosen by the caller); it returns None where it does
+    not apply, and then PyTorch computes them. Either gives the same bits."""
+
+    steps: int = 0
+    min_ratio: float = 0.6
+    max_ratio: float = 1.0
+    weight: str = "residual"  # each column's error weight: "residual" (see gptq_quantize) or "hessian" (diagonal of H)
+    error_terms: Callable[..., Tensor | None] | None = None
+
+    def ratios(self) -> list[float]:
+        if self.steps <= 1:
+            return [self.min_ratio] if self.steps == 1 else []
+        step = (self.max_ratio - self.min_ratio) / (self.steps - 1)
+        return [self.min_ratio + k * step for k in range(self.steps)]
+
+
+def rounding_error(W: Tensor, scale: Tensor, zero: Tensor, maxq: int, importance: Tensor | None,
+                   terms: Callable[..., Tensor | None] | None = None) -> Tensor:
+    """sum_c importance_c (w_c - Q(w_c))^2 over the last dim of W (..., R, k) on the grid
+    (scale, zero) (..., R); importance broadcasts against W (None: all ones). Returns (..., R).
+    ``terms``: a kernel for the same terms in one pass (ClipSearch.error_terms), or None."""
+    s, z = scale[..., None], zero[..., None]
+    err = terms(W, s, z, maxq, importance) if terms is not None else None
+    if err is None:
+        err = (W - s * (quantize_levels(W, s, z, maxq) - z)).pow_(2)
+        if importance is not None:
+            err.mul_(importance)
+    return err.sum(-1)
+
+
+def search_params(W: Tensor, spec: QuantSpec, search: ClipSearch, importance: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Like find_params, the grid of each row of W (..., R, k), but chosen among clipping ratios
+    to minimise ``rounding_error`` weighted by ``importance`` (the Hessian diagonal of the
+    columns, broadcastable to W): the plain min/max grid is the first candidate and is only
+    replaced by a strictly better one, so the error never exceeds min/max's."""
+    wmin = W.amin(dim=-1).clamp(max=0)
+    wmax = W.amax(dim=-1).clamp(min=0)
+    scale, zero = _grid(wmin, wmax, spec)  # find_params' grid
+    ratios = search.ratios()
+    if not ratios:
+        return scale, zero
+    best = rounding_error(W, scale, zero, spec.maxq, importance, search.error_terms)
+    for r in ratios:
+        s, z = _grid(wmin * r, wmax * r, spec)
+        err = rounding_error(W, s, z, spec.maxq, importance, search.error_terms)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize_levels(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Integer levels of w on the grid (scale, zero), all broadcastable."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def group_params(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
+                 importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Static grid of every group: W (B, R, C) -> scales, zeros (B, R, G). ``importance`` (B, C)
+    weights each column's rounding error in the clipping search (the Hessian diagonal)."""
+    B, R, C = W.shape
+    width = spec.width(C)
+    G = spec.groups(C)
+    pad = G * width - C
+    Wg = torch.nn.functional.pad(W, (0, pad)) if pad else W
+    Wg = Wg.reshape(B, R, G, width)
+    if importance is not None:
+        importance = torch.nn.functional.pad(importance, (0, pad)) if pad else importance
+        importance = importance.reshape(B, 1, G, width)
+    if search.ratios() and B > 1:  # one matrix at a time: each ratio's temporaries are the size of W
+        parts = [search_params(Wg[b:b + 1], spec, search, None if importance is None else importance[b:b + 1])
+                 for b in range(B)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return search_params(Wg, spec, search, importance)
+
+
+def static_grids(W: Tensor, perm: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
+                 importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """group_params of W (B, R, C) held in the column order perm (B, C) (W[:, :, k] is column
+    perm[k]), taken in natural order one matrix at a time, so that only one matrix is ever
+    re-ordered (for Mixtral's gate/up, 440 MB instead of 3.5 GB)."""
+    parts = []
+    for b in range(W.shape[0]):
+        natural = torch.empty_like(W[b]).index_copy_(1, perm[b], W[b])
+        parts.append(group_params(natural[None], spec, search, None if importance is None else importance[b:b + 1]))
+        del natural
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def rtn_quantize(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
+                 importance: Tensor | None = None) -> QuantResult:
+    """Round-to-nearest baseline on the same grid and format as GPTQ."""
+    W = W.float()
+    B, R, C = W.shape
+    scales, zeros = group_params(W, spec, search, importance)
+    g_idx = torch.arange(C, device=W.device) // spec.width(C)
+    s, z = scales[..., g_idx], zeros[..., g_idx]
+    q = quantize_levels(W, s, z, spec.maxq)
+    return QuantResult(
+        q=q.to(torch.uint8), scales=scales.half(), zeros=zeros.to(torch.uint8),
+        g_idx=g_idx.int(), W=s * (q - z), loss=torch.zeros(B, R, device=W.device),
+        damp=torch.zeros(B, device=W.device),
+    )
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Let fp32 matrix products run as TF32 on CUDA (inputs rounded to a 10-bit mantissa, fp32
+    accumulation) inside the block. quantmoe uses it, under ``--tf32``, for Hessians, forward
+    passes and the fitted-weight products, never for GPTQ's own updates; benchmarks/README.md
+    says what it changes."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; mixing it with allow_tf32 is an error
+    before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = before
+
+
+def mean_diagonal(H: Tensor) -> Tensor:
+    """mean(diag H) of one matrix H (C, C), floored: what the dampening is a fraction of. Always one
+    matrix at a time: a batched mean's rounding can depend on the batch's size, and a matrix's
+    result must not depend on which others are solved beside it (1 vs several GPUs)."""
+    return torch.diagonal(H).mean().clamp(min=1e-8)
+
+
+def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
+                            mean_diag: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 for H (B, C, C), so that U^T U is that inverse.
+
+    With J the reversal permutation and J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J), and
+    J L^-1 J is upper triangular with a positive diagonal: it is U. Dampening is
+    multiplied by 10 for each matrix whose factorisation fails. H is overwritten with U,
+    one matrix at a time, so only one matrix's temporaries exist at once. ``mean_diag`` (B,):
+    each matrix's ``mean_diagonal``, if the caller has it already.
+    Returns (U (B, C, C), which is H's own storage; damp used (B,)).
+    """
+    B, C, _ = H.shape
+    used = torch.full((B,), damp, device=H.device, dtype=H.dtype)
+    for b in range(B):
+        Hb = H[b]
+        scale = mean_diagonal(Hb) if mean_diag is None else mean_diag[b]
+        Hb.copy_(Hb.flip((0, 1)))  # J H J, in H's own storage
+        diag = Hb.diagonal().clone()
+        for _ in range(max_tries):
+            Hb.diagonal().copy_(diag).add_(used[b] * scale)
+            L, info = torch.linalg.cholesky_ex(Hb)
+            if int(info) == 0:
+                break
+            used[b] *= 10
+        else:
+            raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
+        # L^-1 solved in place over an identity in Hb, through its transpose: solve_triangular's own
+        # (column-major) layout, which gives the bits of an out-of-place solve. L is the one C x C
+        # temporary (three before: 1.6 GB less for a Mixtral down_proj).
+        eye = Hb.mT
+        eye.zero_()
+        eye.diagonal().fill_(1)
+        torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
+        del L, eye
+        Hb.copy_(Hb.mT.flip((0, 1)))
+    return H, used
+
+
+def quantize_block(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, levels1: Tensor) -> Tensor:
+    """The sequential heart of GPTQ, for one block of n columns: quantize column i on its
+    grid (S1, Z1), then spread its scaled error over the block's columns after i.
+
+    W1 (B, R, n) is updated in place; levels1 (B, R, n) uint8 receives the levels.
+    Hinv1 (B, n, n) is the block's part of the inverse factor. Returns Err1 (B, R, n),
+    the scaled errors that the caller spreads over the columns after the block.
+    """
+    Err1 = torch.empty_like(W1)
+    for i in range(W1.shape[-1]):
+        w, s, z = W1[:, :, i], S1[:, :, i], Z1[:, :, i]       # (B, R)
+        lv = quantize_levels(w, s, z, maxq)
+        err = (w - s * (lv - z)) / Hinv1[:, i, i, None]        # (B, R)
+        W1[:, :, i + 1:] -= err[:, :, None] * Hinv1[:, None, i, i + 1:]
+        levels1[:, :, i] = lv
+        Err1[:, :, i] = err
+    return Err1
+
+
+ORDERS = ("static", "group", "none")  # column orders of gptq_quantize, see column_order
+
+
+def column_order(diag: Tensor, order: str, width: int) -> Tensor:
+    """The order in which GPTQ quantizes the columns, from the Hessian diagonal (B, C): perm (B, C),
+    perm[b, k] = the column quantized k-th.
+
+    * ``static``: act-order, by decreasing diagonal over the whole row; the columns of a group
+      are scattered in time, so every grid is fixed from the original weights beforehand.
+    * ``group``: group-aware act-order (GAR, Gafni et al. 2025, as GPTQModel's act_group_aware):
+      groups by decreasing largest diagonal, columns by decreasing diagonal inside their group.
+      A group's columns stay together, so its grid is found when it starts, from weights that
+      already carry the error spread by the groups before it.
+    * ``none``: natural order, grids found when each group starts.
+
+    Every order keeps ``g_idx[c] = c // width``: only the time a column is quantized changes.
+    """
+    B, C = diag.shape
+    if order == "none":
+        return torch.arange(C, device=diag.device).expand(B, C)
+    if order == "static":
+        return torch.argsort(diag, dim=-1, descending=True, stable=True)
+    if order != "group":
+        raise ValueError(f"column order {order!r} is unknown; use one of {', '.join(ORDERS)}")
+    if C % width:
+        raise ValueError(f"group order needs whole groups: {C} columns are not a multiple of {width}")
+    G = C // width
+    groups = diag.reshape(B, G, width)
+    inner = torch.argsort(groups, dim=-1, descending=True, stable=True)                 # (B, G, width)
+    outer = torch.argsort(groups.amax(-1), dim=-1, descending=True, stable=True)         # (B, G)
+    inner = inner + torch.arange(G, device=diag.device)[None, :, None] * width           # column indices
+    return torch.gather(inner, 1, outer[:, :, None].expand(B, G, width)).reshape(B, C)
+
+
+def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
+                  order: str = "static", block_size: int = 128, overwrite_H: bool = False,
+                  block_fn=quantize_block, search: ClipSearch = ClipSearch(),
+                  target: Tensor | None = None, refine: int = 0, cross: Tensor | None = None,
+                  dequantized: bool = True, overwrite_W: bool = False, fit_tf32: bool = False) -> QuantResult:
+    """Quantize W (B, R, C) column by column, spreading each rounding error over the
+    not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
+
+    ``order``: one of ORDERS (see column_order). ``search``: the clipping-ratio search of every
+    grid, its rounding errors weighted by the Hessian diagonal of the columns.
+    ``target`` (B, R, C): P = 2/n sum y x^T, the moment between the outputs y the layer should
+    give (the original model's) and the inputs x it will get (those behind already-quantized
+    layers, which H = 2/n sum x x^T is made of); see ``fitted_weights``. GPTQ then quantizes
+    the weights that best map those inputs to those outputs instead of W.
+    ``cross`` (B, C, C), instead of ``target`` when the original outputs are W's own: the moment
+    C = 2/n sum x0 x^T between the inputs x0 the original model gives this layer and the inputs x
+    it will get, so that P = W C. A C x C moment is smaller than P when R > C (gate/up, q/k/v)
+    and costs one product per batch of tokens instead of two.
+    ``refine``: passes of ``refine_levels`` over GPTQ's levels (0: GPTQ's own).
+    With ``overwrite_H`` the caller hands H over (a dense fp32 tensor it no longer needs):
+    it is permuted and turned into the inverse factor in place, which saves a (B, C, C)
+    copy; for Mixtral's down_proj that is 6.6 GB. ``overwrite_W`` likewise hands W over (fp32): it
+    becomes the working copy (3.8 GB less for Mixtral's eight gate/up). ``dequantized`` False leaves
+    the result's W None, for a caller that rebuilds it from the levels (a (B, R, C) fp32 tensor less).
+    ``fit_tf32``: the products that form the fitted weights (``target``/``cross``) may run as TF32
+    on CUDA (see ``tf32_matmuls``); GPTQ's own updates never do.
+    ``block_fn`` runs one block; any replacement must compute exactly what ``quantize_block``
+    computes (see gptq_graphs.py).
+    """
+    W = W.float()
+    H = H.float() if overwrite_H else H.float().clone()
+    B, R, C = W.shape
+    dev = W.device
+
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, C), a view into H
+    dead = diag == 0
+    diag[dead] = 1.0  # dead inputs: no error is spread through them
+
+    width = spec.width(C)
+    static = order == "static" or spec.group_size == -1
+    perm = column_order(diag, order, width)
+    if order != "none":
+        for b in range(B):  # H[b] = H[b][perm, perm], one matrix at a time
+            H[b].copy_(H[b].index_select(0, perm[b]))
+            H[b].copy_(H[b].index_select(1, perm[b]))
+    importance = diag.clone() if search.steps else None  # (B, C) in quantization order; H becomes Hinv below
+    group_of = perm // width  # (B, C): group of each permuted column
+
+    mean_diag = torch.stack([mean_diagonal(H[b]) for b in range(B)])  # the fit's ridge is damp x this, as H's
+    Hinv, damp_used = damped_inverse_cholesky(H, damp, mean_diag=mean_diag)
+    if importance is not None and search.weight == "residual":
+        # What GPTQ cannot spread of a column's error: 1/U_cc^2, the variance of its input left
+        # over once the inputs quantized after it are known (GPTQ's loss is err^2 / U_cc^2).
+        importance = torch.diagonal(Hinv, dim1=-2, dim2=-1).pow(-2)
+    by_perm = perm[:, None, :].expand(B, R, C)
+    if target is not None or cross is not None:
+        fitted = W if overwrite_W else torch.empty_like(W)
+        with tf32_matmuls(fit_tf32):
+            for b in range(B):  # one matrix at a time: P never exists for the whole batch
+                P = target[b].float() if target is not None else W[b] @ cross[b].float()
+                # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
+                P = torch.where(dead[b], W[b], P)[:, perm[b]]
+                fitted[b] = fitted_weights(W[b][:, perm[b]], P, Hinv[b], damp_used[b] * mean_diag[b])
+                del P
+        W = fitted
+        del fitted
+    elif overwrite_W:
+        for b in range(B):  # the working copy, in quantization order, in W's own storage
+            W[b] = W[b][:, perm[b]]
+    else:
+        W = torch.gather(W, 2, by_perm)  # the working copy, in quantization order
+
+    if static:
+        # Grids fixed beforehand from the weights to quantize, in natural column order.
+        natural = None if importance is None else torch.empty_like(importance).scatter_(1, perm, importance)
+        scales, zeros = static_grids(W, perm, spec, search, natural)  # (B, R, G)
+    else:
+        scales = torch.empty(B, R, spec.groups(C), device=dev)
+        zeros = torch.empty_like(scales)
+        # Each group's grid is found from its columns as they stand when the group starts,
+        # so no block may straddle a group start.
+        block_size = math.gcd(block_size, width)
+
+    levels = torch.empty(B, R, C, device=dev, dtype=torch.uint8)
+    losses = torch.zeros(B, R, device=dev)
+    batch = torch.arange(B, device=dev)
+    aim = W.clone() if refine else None  # the weights GPTQ aims at (W is spread into as it goes)
+
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        if not static and i1 % width == 0:
+            cols = slice(i1, i1 + width)
+            imp = None if importance is None else importance[:, None, cols]
+            g = group_of[:, i1]  # (B,): the group starting here, per matrix
+            scales[batch, :, g], zeros[batch, :, g] = search_params(W[:, :, cols], spec, search, imp)
+        cols = group_of[:, None, i1:i2].expand(B, R, i2 - i1)  # each column's grid, gathered once per block
+        Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
+                        torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
+        losses += Err1.pow(2).sum(-1) / 2
+        _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
+    del W
+    if refine:
+        eye = torch.eye(C, device=dev)
+        for b in range(B):  # one matrix at a time bounds the temporaries
+            Uinv = torch.linalg.solve_triangular(Hinv[b], eye, upper=True)
+            Hd = Uinv @ Uinv.t()  # H + damp I, in quantization order: (U^T U)^-1
+            del Uinv
+            cols = group_of[b]
+            losses[b] = refine_levels(aim[b], Hd, scales[b][:, cols], zeros[b][:, cols], levels[b], spec.maxq,
+                                      refine, block_size)
+            del Hd
+        del aim, eye
+    del Hinv, H
+
+    inv = torch.argsort(perm, dim=-1)[:, None, :].expand(B, R, C)
+    q = torch.gather(levels, 2, inv)
+    del levels
+    g_idx = (torch.arange(C, device=dev) // width).int()
+    scales = scales.half()
+    zeros = zeros.to(torch.uint8)
+    Wq = torch.empty(B, R, C, device=dev) if dequantized else None
+    for b in range(B if dequantized else 0):  # one matrix at a time bounds the temporaries
+        Wq[b] = dequantize(q[b], scales[b], zeros[b], g_idx)
+    return QuantResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, W=Wq, loss=losses, damp=damp_used)
+
+
+def refine_levels(W: Tensor, Hd: Tensor, S: Tensor, Z: Tensor, levels: Tensor, maxq: int, passes: int,
+                  block_size: int = 128) -> Tensor:
+    """Coordinate descent on one matrix's levels after GPTQ, which picks each column's levels once
+    and never revisits them: column by column, each row's level becomes the grid point nearest to
+    the value that minimises e Hd e^T (e = W - What) with every other column as it stands. That
+    point is the best of the grid along the column and the old level is on the grid, so the error
+    never grows.
+
+    W (R, C) the weights GPTQ aimed at, Hd (C, C) the damped Hessian, both in quantization order;
+    S, Z (R, C) each column's grid; levels (R, C) uint8, updated in place. Changes are applied to
+    the gradient G = e Hd a block of columns at a time, as GPTQ spreads its errors. Returns each
+    row's e Hd e^T / 2 (R,), the loss GPTQ reports.
+    """
+    What = S * (levels.float() - Z)
+    E = W - What
+    G = E @ Hd
+    C = W.shape[1]
+    for _ in range(passes):
+        for i1 in range(0, C, block_size):
+            i2 = min(i1 + block_size, C)
+            Gb = G[:, i1:i2].clone()
+            D = torch.zeros_like(Gb)  # how much each column of e changed in this block
+            for j in range(i2 - i1):
+                c = i1 + j
+                best = What[:, c] + Gb[:, j] / Hd[c, c]
+                lv = quantize_levels(best, S[:, c], Z[:, c], maxq)
+                new = S[:, c] * (lv - Z[:, c])
+                D[:, j] = What[:, c] - new
+                What[:, c] = new
+                levels[:, c] = lv.to(levels.dtype)
+                Gb += D[:, j, None] * Hd[None, c, i1:i2]
+            E[:, i1:i2] += D
+            G[:, i1:i2] = Gb
+            G[:, :i1] += D @ Hd[i1:i2, :i1]
+            G[:, i2:] += D @ Hd[i1:i2, i2:]
+    return (E * G).sum(-1) / 2
+
+
+def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
+    """W* = (P + delta W)(H + delta I)^-1 for one matrix: W, P (R, C), U (C, C) the upper factor
+    with U^T U = (H + delta I)^-1, delta a scalar.
+
+    The ridge least-squares solution of min ||Y - W' X||^2 + delta ||W' - W||^2 (P = Y X^T,
+    H = X X^T, both 2/n-scaled): the weights that best map the inputs the layer will really see
+    to the outputs the original model gives, pulled towards W as much as GPTQ's dampening.
+    Since ||Y - Q X||^2 = ||Y - W* X||^2 + ||(W* - Q) X||^2 up to that ridge, quantizing W*
+    with GPTQ minimises the error against the original outputs. When P = W H, W* = W.
+    """
+    return ((P + delta * W) @ U.transpose(0, 1)) @ U
+
+
+def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, max_elements: int = 1 << 26) -> None:
+    """W_rest (B, R, n) -= Err1 (B, R, k) @ Hinv_rest (B, k, n), in row slices so the product stays small."""
+    B, R, n = W_rest.shape
+    if n == 0:
+        return
+    rows = max(1, max_elements // (B * n))
+    for r in range(0, R, rows):
+        W_rest[:, r:r + rows] -= Err1[:, r:r + rows] @ Hinv_rest
+
+
+def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
+    """W = scale * (q - zero) for q (..., R, C) with per-group scales/zeros (..., R, G)."""
+    g = g_idx.long()
+    return scales.float()[..., g] * (q.float() - zeros.float()[..., g])

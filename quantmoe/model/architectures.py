@@ -1,0 +1,532 @@
+"""The architecture table: one declarative row per supported model family.
+
+Each row says, once and by exact path, where a decoder layer's parts live *on disk*
+(the names every Hub checkpoint uses) and how they map onto the modules that
+transformers 5.x builds in memory. Nothing elsewhere in quantmoe matches on substrings
+such as "gate": routers are listed here by exact path and are never quantized.
+
+Paths in a row are relative to one decoder layer (``model.layers.{i}.``). The layouts
+were read off transformers 5.23 (``models/<family>/modeling_*.py`` and
+``conversion_mapping.py``) and checked by saving tiny models (tests/test_architectures.py).
+To add a family, see docs/architectures.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from ..base.errors import QuantMoeError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Linears that read one input (and so share one Hessian), in the order they are quantized.
+Groups = tuple[tuple[str, ...], ...]
+
+
+GPTQMODEL_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A gated MLP (SwiGLU style): down(act(gate(x)) * up(x)).
+
+    ``prefix`` is on-disk and relative to the layer; ``gate``/``up``/``down`` are the
+    linear names under it. For routed experts the prefix holds ``{e}`` for the expert id.
+    """
+
+    prefix: str
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def linear(self, which: str, expert: int | None = None) -> str:
+        """On-disk path of one projection, e.g. ``block_sparse_moe.experts.3.w1``."""
+        prefix = self.prefix.format(e=expert) if expert is not None else self.prefix
+        return f"{prefix}.{getattr(self, which)}"
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """Routed experts as 3-D tensors: always in memory (transformers 5), on disk for some families.
+
+    In memory, ``<module>.<gate_up>`` is (E, 2I, H) holding two halves along dim 1 in the
+    order ``halves``, and ``<module>.<down>`` is (E, H, I).
+    """
+
+    module: str = "mlp.experts"          # in-memory module path
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    halves: tuple[str, str] = ("gate", "up")
+    # Layer-relative on-disk names of the same tensors, for checkpoints that store experts fused
+    # (GraniteMoE). None: the checkpoint has one linear per expert (the row's ``experts``).
+    disk_gate_up: str | None = None
+    disk_down: str | None = None
+
+    @property
+    def on_disk(self) -> bool:
+        return self.disk_gate_up is not None
+
+
+def _all_layers(config, index: int) -> bool:
+    return True
+
+
+def _sparse_step(config, index: int) -> bool:
+    # Qwen2/3-MoE: mlp_only_layers are dense; otherwise every decoder_sparse_step-th layer is MoE.
+    mlp_only = getattr(config, "mlp_only_layers", None) or []
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return index not in mlp_only and (index + 1) % step == 0
+
+
+def _first_k_dense(config, index: int) -> bool:
+    # DeepSeek: the first first_k_dense_replace layers have a dense MLP.
+    return index >= (getattr(config, "first_k_dense_replace", 0) or 0)
+
+
+# Which decoder layers hold routed experts, by rule name (the row's ``sparse_rule``).
+SPARSE_RULES = {"all": _all_layers, "sparse_step": _sparse_step, "first_k_dense": _first_k_dense}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a decoder layer's parts live, for one ``model_type``."""
+
+    model_type: str
+    # Attention linears, grouped by shared input (see Groups).
+    attention: Groups
+    # Routed experts: one linear per expert, "{e}" for the index. These are the on-disk names of
+    # per-expert checkpoints and the names quantized experts are exported under (always per expert).
+    experts: MLP | None = None
+    # How the experts are fused in memory (and on disk, for some families).
+    fused: FusedExperts = FusedExperts()
+    # In-memory module whose input is the tokens entering the MoE block.
+    moe_module: str | None = None
+    # In-memory router module, called on tokens (T, H); it returns a tuple whose element
+    # ``router_indices`` is the top-k expert indices (T, k), as the model's forward uses them,
+    # and element ``router_weights`` the scores (T, k) the experts' outputs are multiplied by.
+    router_module: str | None = None
+    router_indices: int = -1
+    router_weights: int = -2
+    # Routers: exact on-disk module paths. Never quantized; every tensor under them (weights,
+    # DeepSeek's e_score_correction_bias) is copied unchanged.
+    routers: tuple[str, ...] = ()
+    # Shared expert(s) fed every token in MoE layers.
+    shared_expert: MLP | None = None
+    # The MLP of dense layers (or of dense models).
+    dense_mlp: MLP | None = None
+    # Config attribute holding the number of routed experts.
+    num_experts_attr: str = "num_local_experts"
+    # On-disk -> in-memory prefix renames inside a layer (transformers 5 conversion); the first match
+    # applies, so a more specific prefix goes first.
+    renames: tuple[tuple[str, str], ...] = ()
+    # Which layers are MoE: a key of SPARSE_RULES.
+    sparse_rule: str = "all"
+    # (config attribute, groups): when config.<attribute> is None, these groups replace ``attention``
+    # (DeepSeek without a query LoRA has q_proj instead of q_a_proj/q_b_proj).
+    attention_if_none: tuple[tuple[str, Groups], ...] = ()
+    # In-memory (norm, mlp) paths when the layer ends in ``h + mlp(norm(h))``, h the residual stream
+    # after attention (pre-norm blocks): the MLP stage and the layer's outputs then start from h
+    # instead of running attention again. None: the layer is always run whole.
+    mlp_tail: tuple[str, str] | None = ("post_attention_layernorm", "mlp")
+    # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
+    logits_divisor: str | None = None
+    # GPTQModel interop (--layout gptqmodel): whether GPTQModel 7.6 loads this family under the
+    # names gptqmodel_name gives, and whether its definition quantizes the MLP of a sparse model's
+    # dense layers (DeepSeek's first_k_dense_replace layers: yes; Qwen-MoE's mlp_only_layers: no).
+    gptqmodel: bool = True
+    gptqmodel_dense_mlp: bool = False
+    # One line for the docs table: what is special about this family.
+    notes: str = ""
+
+    def is_moe_layer(self, config, index: int) -> bool:
+        """True when decoder layer ``index`` holds routed experts."""
+        if self.experts is None or self.num_experts(config) == 0:  # Qwen-MoE with num_experts 0 is dense
+            return False
+        return SPARSE_RULES[self.sparse_rule](config, index)
+
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.num_experts_attr))
+
+    def attention_groups(self, config) -> Groups:
+        for attribute, groups in self.attention_if_none:
+            if getattr(config, attribute, None) is None:
+                return groups
+        return self.attention
+
+    def gptqmodel_name(self, name: str) -> str:
+        """GPTQModel's name for an on-disk, layer-relative tensor.
+
+        GPTQModel unfuses experts into ``<fused.module>.E.{gate,up,down}_proj`` and otherwise
+        uses the in-memory module paths (for Mixtral ``mlp.*`` instead of ``block_sparse_moe.*``).
+        """
+        if self.experts is not None:
+            for which, std in zip(("gate", "up", "down"), GPTQMODEL_PROJ):
+                m = re.fullmatch(re.escape(self.experts.linear(which, 0)).replace(r"\.0\.", r"\.(\d+)\.") + r"\.(.+)", name)
+                if m:
+                    return f"{self.fused.module}.{m.group(1)}.{std}.{m.group(2)}"
+        return self.to_memory(name)
+
+    def from_gptqmodel_name(self, name: str) -> str:
+        """Inverse of gptqmodel_name, for any unfused expert naming other tools write.
+
+        GPTQModel writes ``<fused.module>.E.gate_proj`` under in-memory paths (Mixtral:
+        ``mlp.experts.E.gate_proj``); llm-compressor writes ``<experts prefix>.E.gate_proj``
+        with the in-memory renames undone (``block_sparse_moe.experts.E.gate_proj``). Both
+        become the source name: renames are undone first, then either unfused naming maps to
+        the row's projection names. Source names are fixed points.
+        """
+        return self._unfused_expert(name) or self.from_memory(name)
+
+    def _unfused_expert(self, name: str) -> str | None:
+        """The source name of an expert tensor under an unfused naming (GPTQModel's or
+        llm-compressor's), or None when ``name`` is not one."""
+        if self.experts is None:
+            return None
+        name = self.from_memory(name)
+        for prefix in (re.escape(self.from_memory(self.fused.module)) + r"\.(\d+)",
+                       re.escape(self.experts.prefix).replace(re.escape("{e}"), r"(\d+)")):
+            m = re.fullmatch(prefix + r"\.(gate_proj|up_proj|down_proj)\.(.+)", name)
+            if m:
+                which = ("gate", "up", "down")[GPTQMODEL_PROJ.index(m.group(2))]
+                source = f"{self.experts.linear(which, int(m.group(1)))}.{m.group(3)}"
+                return source if source != name else None
+        return None
+
+    def uses_unfused_names(self, names) -> bool:
+        """True when a layer's tensor names (layer-relative) are in an unfused expert naming
+        (GPTQModel's or llm-compressor's) rather than the source one; checkpoints written by
+        GPTQModel or llm-compressor carry no ``meta.layout`` and are recognised this way.
+        """
+        return any(self._unfused_expert(n) is not None for n in names)
+
+    def to_memory(self, name: str) -> str:
+        """Map an on-disk, layer-relative tensor name to its in-memory module path."""
+        for old, new in self.renames:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    def from_memory(self, name: str) -> str:
+        """Inverse of to_memory; on-disk names are fixed points (GraniteMoE's router.layer. starts
+        with its in-memory prefix router.)."""
+        for old, new in self.renames:
+            if name.startswith(old):
+                return name
+            if name.startswith(new):
+                return old + name[len(new):]
+        return name
+
+
+_ATTENTION_QKVO: Groups = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+)
+
+# DeepSeek's multi-head latent attention. q_a_proj and kv_a_proj_with_mqa both read the normed
+# hidden state; q_b_proj reads q_a_layernorm's output and kv_b_proj kv_a_layernorm's, so each
+# has its own Hessian, taken after the projection before it is quantized.
+_ATTENTION_MLA: Groups = (
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    ("self_attn.q_b_proj",),
+    ("self_attn.kv_b_proj",),
+    ("self_attn.o_proj",),
+)
+_ATTENTION_MLA_NO_Q_LORA: Groups = (
+    ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+    ("self_attn.kv_b_proj",),
+    ("self_attn.o_proj",),
+)
+
+
+def _deepseek(model_type: str, notes: str) -> Architecture:
+    return Architecture(
+        model_type=model_type,
+        attention=_ATTENTION_MLA,
+        attention_if_none=(("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
+        experts=MLP("mlp.experts.{e}"),
+        moe_module="mlp",
+        router_module="mlp.gate",
+        routers=("mlp.gate",),
+        shared_expert=MLP("mlp.shared_experts"),
+        dense_mlp=MLP("mlp"),
+        num_experts_attr="n_routed_experts",
+        sparse_rule="first_k_dense",
+        gptqmodel_dense_mlp=True,
+        notes=notes,
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    row.model_type: row
+    for row in (
+        Architecture(
+            model_type="mixtral",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("block_sparse_moe.gate",),
+            renames=(("block_sparse_moe.", "mlp."),),
+            notes="w1 = gate, w3 = up, w2 = down",
+        ),
+        Architecture(
+            model_type="qwen2_moe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("mlp.gate", "mlp.shared_expert_gate"),
+            shared_expert=MLP("mlp.shared_expert"),
+            dense_mlp=MLP("mlp"),
+            num_experts_attr="num_experts",
+            sparse_rule="sparse_step",
+            notes="`shared_expert_gate` (H to 1, sigmoid) is a router",
+        ),
+        Architecture(
+            model_type="qwen3_moe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("mlp.gate",),
+            dense_mlp=MLP("mlp"),
+            num_experts_attr="num_experts",
+            sparse_rule="sparse_step",
+            notes="many small experts, no shared expert; q/k norms",
+        ),
+        Architecture(
+            model_type="olmoe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("mlp.gate",),
+            num_experts_attr="num_experts",
+            notes="64 experts, top-8 in the released model; q/k norms",
+        ),
+        _deepseek("deepseek_v2", "multi-head latent attention; V2-Lite has no query LoRA (q_proj)"),
+        _deepseek("deepseek_v3", "grouped sigmoid router whose fp32 `e_score_correction_bias` is kept with it"),
+        Architecture(
+            model_type="phimoe",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            moe_module="mlp",
+            router_module="mlp.router",
+            routers=("block_sparse_moe.gate",),
+            renames=(("block_sparse_moe.gate.", "mlp.router."), ("block_sparse_moe.", "mlp.")),
+            notes="LayerNorms and attention with biases, lm_head bias",
+        ),
+        Architecture(
+            model_type="granitemoe",
+            attention=_ATTENTION_QKVO,
+            # Fused on disk; exported per expert under the Mixtral names vLLM's GraniteMoE loader maps to.
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            fused=FusedExperts(module="block_sparse_moe.experts", disk_gate_up="block_sparse_moe.input_linear.weight",
+                               disk_down="block_sparse_moe.output_linear.weight"),
+            moe_module="block_sparse_moe",
+            router_module="block_sparse_moe.router",
+            routers=("block_sparse_moe.router.layer",),
+            renames=(("block_sparse_moe.router.layer.", "block_sparse_moe.router."),),
+            logits_divisor="logits_scaling",
+            mlp_tail=None,  # its residual adds are scaled by residual_multiplier
+            gptqmodel=False,  # GPTQModel packs gate+up of each expert as one input_linear.{e}.linear
+            notes="logits divided by `logits_scaling`; exported per expert under the names vLLM splits experts into",
+        ),
+        Architecture(
+            model_type="llama",
+            attention=_ATTENTION_QKVO,
+            dense_mlp=MLP("mlp"),
+            notes="dense",
+        ),
+        Architecture(
+            model_type="mistral",
+            attention=_ATTENTION_QKVO,
+            dense_mlp=MLP("mlp"),
+            notes="dense",
+        ),
+    )
+}
+
+
+def is_causal_lm(config) -> bool:
+    """False for encoders (BERT), encoder-decoders (T5) and heads other than a causal LM."""
+
+    heads = getattr(config, "architectures", None) or []
+    if heads:
+        return any(h.endswith(("ForCausalLM", "LMHeadModel")) for h in heads)
+    model_type = getattr(config, "model_type", None)
+    # BERT-likes sit in the causal-LM table too (as decoders); being masked LMs gives them away.
+    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def architecture_for(config) -> Architecture:
+    """The row for ``config.model_type``, or a one-line error listing the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    supported = ", ".join(sorted(ARCHITECTURES))
+    if not is_causal_lm(config):
+        heads = ", ".join(getattr(config, "architectures", None) or [])
+        what = f"{model_type!r} model" + (f" ({heads})" if heads else "")
+        raise QuantMoeError(f"unsupported architecture {model_type!r}: the model is a {what}, not a causal language "
+                            f"model; quantmoe quantizes decoder-only Mixture-of-Experts LMs (supported: {supported})")
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise QuantMoeError(
+            f"unsupported architecture {model_type!r}; supported: {supported} "
+            "(see docs/architectures.md to add one)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What to quantize in one decoder layer, resolved from a row and the config."""
+
+    index: int
+    attention: Groups
+    experts: MLP | None
+    num_experts: int
+    shared_expert: MLP | None
+    dense_mlp: MLP | None
+    routers: tuple[str, ...] = field(default=())
+    fused: FusedExperts | None = None  # set in MoE layers
+
+    def quantized_linears(self) -> list[str]:
+        """Every on-disk linear path (layer-relative) this layer quantizes, in order."""
+        return list(self.linear_kinds())
+
+    def linear_kinds(self) -> dict[str, str]:
+        """Quantized linear path -> its kind: attention, expert, shared_expert or dense_mlp."""
+        kinds = {n: "attention" for group in self.attention for n in group}
+        if self.experts is not None:
+            for e in range(self.num_experts):
+                kinds.update({self.experts.linear(w, e): "expert" for w in ("gate", "up", "down")})
+        for mlp, kind in ((self.shared_expert, "shared_expert"), (self.dense_mlp, "dense_mlp")):
+            if mlp is not None:
+                kinds.update({mlp.linear(w): kind for w in ("gate", "up", "down")})
+        return kinds
+
+    def pattern(self, name: str) -> str:
+        """``name`` with a routed expert's index written as ``{e}`` (other names unchanged)."""
+        if self.experts is not None:
+            for which in ("gate", "up", "down"):
+                generic = self.experts.linear(which)
+                head, tail = generic.split("{e}")
+                middle = name[len(head):len(name) - len(tail)]
+                if name.startswith(head) and name.endswith(tail) and middle.isdigit():
+                    return generic
+        return name
+
+    def fused_disk_tensors(self) -> tuple[str, ...]:
+        """Layer-relative on-disk tensors that hold this layer's experts fused (replaced on export)."""
+        if self.fused is None or not self.fused.on_disk:
+            return ()
+        return (self.fused.disk_gate_up, self.fused.disk_down)
+
+    def linear_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+        """(out, in) of every quantized linear, from layer-relative on-disk tensor shapes.
+
+        Per-expert linears of a checkpoint that stores experts fused are cut out of the
+        fused tensors' shapes. A linear found neither way is left out (the layer load reports it).
+        """
+        out: dict[str, tuple[int, int]] = {}
+        fused = self.fused if self.fused is not None and self.fused.on_disk else None
+        for name in self.linear_kinds():
+            if f"{name}.weight" in shapes:
+                rows, cols = shapes[f"{name}.weight"]
+                out[name] = (rows, cols)
+        if fused is not None and self.experts is not None:
+            if fused.disk_gate_up in shapes:
+                _, two_i, hidden = shapes[fused.disk_gate_up]
+                for e in range(self.num_experts):
+                    out.setdefault(self.experts.linear("gate", e), (two_i // 2, hidden))
+                    out.setdefault(self.experts.linear("up", e), (two_i // 2, hidden))
+            if fused.disk_down in shapes:
+                _, down_out, down_in = shapes[fused.disk_down]
+                for e in range(self.num_experts):
+                    out.setdefault(self.experts.linear("down", e), (down_out, down_in))
+        return out
+
+
+def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -> LayerPlan:
+    """What layer ``index`` quantizes. Some of GPTQModel's definitions (Qwen-MoE) do not cover the
+    dense MLP of a sparse model's dense layers; the ``gptqmodel`` layout then leaves it in full precision."""
+    moe = arch.is_moe_layer(config, index)
+    skip_dense = layout == "gptqmodel" and arch.experts is not None and not arch.gptqmodel_dense_mlp
+    dense = None if moe or skip_dense else arch.dense_mlp
+    return LayerPlan(
+        index=index,
+        attention=arch.attention_groups(config),
+        experts=arch.experts if moe else None,
+        num_experts=arch.num_experts(config) if moe else 0,
+        shared_expert=arch.shared_expert if moe else None,
+        dense_mlp=dense,
+        routers=arch.routers if moe else (),
+        fused=arch.fused if moe else None,
+    )
+
+
+def unfuse_experts(plan: LayerPlan, name: str, fused: Tensor) -> dict[str, Tensor]:
+    """One on-disk fused expert tensor of ``plan``'s layer -> per-expert weights under the row's
+    per-expert names (``<experts.linear(which, e)>.weight``), as views of ``fused``.
+
+    ``name`` is one of ``plan.fused_disk_tensors()``: ``disk_gate_up`` (E, 2I, H) gives each
+    expert's two halves (I, H) in ``fused.halves`` order, ``disk_down`` (E, H, I) each expert's
+    down (H, I). The inverse of the stacking in ``LayerStream.to_memory``; one tensor at a time,
+    so a caller holds one fused tensor, not the layer's experts.
+    """
+    layout, experts = plan.fused, plan.experts
+    if name in plan.fused_disk_tensors() and fused.shape[0] != plan.num_experts:
+        raise QuantMoeError(f"{name} of layer {plan.index} holds {fused.shape[0]} experts, its config "
+                            f"{plan.num_experts}; is the checkpoint of this config?")
+    if name == layout.disk_gate_up:
+        half = fused.shape[1] // 2
+        return {f"{experts.linear(which, e)}.weight": fused[e, k * half:(k + 1) * half]
+                for e in range(fused.shape[0]) for k, which in enumerate(layout.halves)}
+    if name == layout.disk_down:
+        return {f"{experts.linear('down', e)}.weight": fused[e] for e in range(fused.shape[0])}
+    raise QuantMoeError(f"{name} is not a fused expert tensor of layer {plan.index} "
+                        f"(those are {', '.join(plan.fused_disk_tensors()) or 'none'})")
+
+
+def markdown_table() -> str:
+    """The supported-architectures table of docs/architectures.md, generated from ARCHITECTURES."""
+    layers_text = {"all": "all", "sparse_step": "not in `mlp_only_layers`, every `decoder_sparse_step`-th",
+                   "first_k_dense": "from `first_k_dense_replace` on"}
+    lines = ["| model_type | attention groups | routed experts on disk | in memory | routers (never quantized) | "
+             "shared expert | dense MLP | MoE layers | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def code(text: str | None) -> str:
+        return f"`{text}`" if text else "-"
+
+    for row in sorted(ARCHITECTURES.values(), key=lambda r: r.model_type):
+        attention = " ".join("(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in row.attention)
+        for attribute, groups in row.attention_if_none:
+            attention += f"; without `{attribute}`: " + " ".join(
+                "(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in groups)
+        if row.experts is None:
+            experts = memory = "-"
+        else:
+            if row.fused.on_disk:
+                experts = f"`{row.fused.disk_gate_up}`, `{row.fused.disk_down}` (fused; exported as " \
+                          f"`{row.experts.prefix}.{{{row.experts.gate},{row.experts.up},{row.experts.down}}}`)"
+            else:
+                experts = f"`{row.experts.prefix}.{{{row.experts.gate},{row.experts.up},{row.experts.down}}}`"
+            memory = (f"`{row.fused.module}.{row.fused.gate_up}` ({'+'.join(row.fused.halves)}), "
+                      f"router `{row.router_module}`")
+        lines.append(" | ".join([
+            f"| `{row.model_type}`", attention, experts, memory, ", ".join(code(r) for r in row.routers) or "-",
+            code(row.shared_expert.prefix) if row.shared_expert else "-",
+            code(row.dense_mlp.prefix) if row.dense_mlp else "-",
+            "-" if row.experts is None else layers_text[row.sparse_rule], row.notes]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,143 @@
+"""Spreading each layer's work over several processes:
+``torchrun --nproc-per-node N -m quantmoe quantize ...``.
+
+Every process streams the whole model and ends each layer holding the same quantized
+layer and the same activations, so the output is the one a single process writes:
+
+- forward passes (the partial ones that capture a module's input, and the layer's full
+  forward that makes the next layer's inputs) are spread by batch, round-robin, and their
+  results all-gathered, so every process sees every batch's activations, in order;
+- routed experts are spread by expert: each process accumulates the Hessians of, and
+  solves, its contiguous share, and the results are all-gathered;
+- attention (one solve per group) is done by every process alike.
+
+Rank 0 alone writes files. torch.distributed carries the tensors: NCCL between GPUs, gloo
+between CPU processes. An all-gather only copies, so nothing is summed in another order
+than one process sums it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..gptq.core import QuantResult
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Which process this is, of how many (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Ranks:
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def writes(self) -> bool:
+        """Rank 0 writes every file; the others only compute."""
+        return self.rank == 0
+
+    def per_rank(self, n: int) -> int:
+        return -(-n // self.world)
+
+    def share(self, n: int) -> range:
+        """This process's contiguous share of n experts (the last shares may be shorter, or empty)."""
+        per = self.per_rank(n)
+        start = min(n, self.rank * per)
+        return range(start, min(n, start + per))
+
+
+SINGLE = Ranks()
+T = TypeVar("T")
+
+
+def join(ranks: Ranks, device: torch.device) -> torch.device:
+    """Join the process group once per process (NCCL for CUDA, gloo for CPU); returns this process's device."""
+    if ranks.world == 1:
+        return device
+
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one (the CLI calls it before exiting)."""
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_experts(t: Tensor, n: int, ranks: Ranks) -> Tensor:
+    """Each process's share (k, ...) of n per-expert tensors -> all n (n, ...), on every process."""
+    if ranks.world == 1:
+        return t
+
+    per = ranks.per_rank(n)
+    padded = torch.zeros((per,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
+
+
+def gather_result(res: QuantResult, n: int, ranks: Ranks) -> QuantResult:
+    """A QuantResult over each process's share of n experts -> over all n, on every process."""
+    if ranks.world == 1:
+        return res
+    shared = ("g_idx",)  # the same on every process
+    return QuantResult(**{f.name: getattr(res, f.name) if f.name in shared or getattr(res, f.name) is None else
+                          gather_experts(getattr(res, f.name), n, ranks) for f in fields(res)})
+
+
+def spread(items: Sequence[T], compute: Callable[[T], Tensor], ranks: Ranks, device: torch.device) -> Iterator[Tensor]:
+    """``compute(item)`` for every item, in order, on every process.
+
+    Each process computes every world-th item (round-robin) and the results are all-gathered
+    round by round, so at most ``world`` results are held at once. The results may differ
+    in their first dimension (a shorter last batch); every other dimension and the dtype
+    must be the same for every item.
+    """
+    if ranks.world == 1:
+        for item in items:
+            yield compute(item)
+        return
+
+    for start in range(0, len(items), ranks.world):
+        mine = start + ranks.rank
+        local = compute(items[mine]) if mine < len(items) else None
+        # Shapes and dtypes first: a process with no item this round learns what to send.
+        meta = torch.full((8,), -1, dtype=torch.int64, device=device)
+        if local is not None:
+            meta[0] = _DTYPES.index(local.dtype)
+            meta[1:1 + local.ndim] = torch.tensor(local.shape, dtype=torch.int64)
+        metas = [torch.empty_like(meta) for _ in range(ranks.world)]
+        dist.all_gather(metas, meta)
+        metas = torch.stack(metas).tolist()
+        known = next(m for m in metas if m[0] >= 0)
+        dtype = _DTYPES[known[0]]
+        rest = [d for d in known[2:] if d >= 0]
+        rows = [max(m[1], 0) for m in metas]
+        padded = torch.zeros([max(rows)] + rest, dtype=dtype, device=device)
+        if local is not None:
+            padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+        dist.all_gather(parts, padded)
+        for r, part in enumerate(parts):
+            if start + r < len(items):
+                yield local if r == ranks.rank else part[: rows[r]]
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

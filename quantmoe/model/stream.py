@@ -1,0 +1,368 @@
+"""Run a checkpoint one decoder layer at a time.
+
+The model skeleton is built on the ``meta`` device (no memory); only the embeddings,
+the rotary tables, the current decoder layer and, at the end, the head are ever
+materialised. Activations for all sequences are kept between layers, so peak memory is
+one layer plus the activations, whatever the depth.
+
+This is the one input-capture path: quantization, evaluation and loading all use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
+from transformers.integrations import sdpa_attention
+
+from ..base.errors import QuantMoeError
+from .architectures import Architecture, architecture_for, plan_layer
+from .checkpoint import Checkpoint
+from .distributed import SINGLE, Ranks, spread
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to skip the rest of a forward pass."""
+
+
+@dataclass
+class Batch:
+    """A mini-batch of sequences between two layers."""
+
+    hidden: Tensor  # (b, L, hidden) activations entering the next layer
+    kwargs: dict    # what the model passes every layer: position embeddings, mask, ...
+
+
+ATTENTION_SCORES_BYTES = 2 * 2**30  # what one batch's attention scores may take
+
+
+def default_batch_size(config, seqlen: int) -> int:
+    """Sequences per forward pass when none is asked for: the largest batch, at most 8, whose
+    fp32 attention scores (batch, heads, seqlen, seqlen) take at most 2 GiB.
+
+    transformers' SDPA path materialises those scores in fp32; at Mixtral-8x7B's 32 heads and
+    2048 tokens a batch of 8 holds 4 GiB per tensor and peaked at 28.6 GB of GPU memory, a batch
+    of 4 at 22.7 GB with the same speed (benchmarks/README.md). Small models keep 8.
+    """
+    per_sequence = int(getattr(config, "num_attention_heads", 1) or 1) * seqlen * seqlen * 4
+    return max(1, min(8, ATTENTION_SCORES_BYTES // per_sequence))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantMoeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def model_config(ckpt: Checkpoint):
+    """The config to build the plain (unquantized) model class from."""
+    config = ckpt.config
+    if getattr(config, "quantization_config", None) is not None:
+        config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def fp32_attention_without_scores() -> None:
+    """Let fp32 attention on CUDA run without materialising its (batch, heads, seq, seq) scores.
+
+    For grouped KV heads transformers' SDPA path asks PyTorch for GQA (``enable_gqa``) when there
+    is no mask; in fp32 on CUDA only the math kernel takes that, and it builds the scores and
+    their softmax: 2 GiB each for a batch of 4 of Mixtral-8x7B's 32 heads and 2048 tokens, 5-6 GB
+    of every capture pass's peak (benchmarks/README.md). With the K/V heads repeated instead,
+    SDPA takes its memory-efficient kernel. The same attention, another kernel's rounding; CPU
+    and half-precision inputs keep transformers' choice. Idempotent; a transformers without
+    the hook is left alone.
+    """
+    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if original is None or getattr(original, "quantmoe", False):
+        return
+
+    def use_gqa_in_sdpa(attention_mask, key, value) -> bool:
+        if key.is_cuda and key.dtype == torch.float32:
+            return False  # transformers then repeats the K/V heads itself
+        return original(attention_mask, key, value)
+
+    use_gqa_in_sdpa.quantmoe = True
+    sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
+
+
+def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: every module and shape, no memory."""
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError:
+        raise QuantMoeError(f"a {config.model_type!r} model is not a causal LM; "
+                            "quantmoe quantizes decoder-only language models") from None
+
+
+class LayerStream:
+    """A causal LM whose parts are loaded on demand from a Checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.ckpt = ckpt
+        self.device = device
+        self.dtype = dtype
+        self.config = model_config(ckpt)
+        fp32_attention_without_scores()  # every forward pass of quantmoe runs through a LayerStream
+        self.arch: Architecture = architecture_for(self.config)
+        self.model = skeleton(self.config, dtype)
+        self.model.eval()
+        inner = self.model.model
+        inner.embed_tokens.to_empty(device=device)
+        inner.embed_tokens.weight.data.copy_(ckpt.tensor("model.embed_tokens.weight"))
+        rotary = getattr(inner, "rotary_emb", None)
+        if rotary is not None:
+            inner.rotary_emb = type(rotary)(config=self.config).to(device)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    # -- embeddings ----------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, input_ids: Tensor, batch_size: int) -> list[Batch]:
+        """Token ids (N, L) -> the inputs of layer 0, in mini-batches."""
+        first = self.model.model.layers[0]
+        grabbed: list[Batch] = []
+
+        def grab(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            grabbed.append(Batch(hidden, kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for start in range(0, input_ids.shape[0], batch_size):
+                ids = input_ids[start:start + batch_size].to(self.device)
+                with contextlib.suppress(_Stop):
+                    self.model.model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        return grabbed
+
+    # -- decoder layers ------------------------------------------------------------
+    def layer_state(self, index: int, keep_dtype: bool = False, pin: bool = False) -> dict[str, Tensor]:
+        """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory
+        (an export with unfused expert names, GPTQModel's or llm-compressor's, is recognised by its
+        names and mapped back).
+
+        ``keep_dtype`` leaves them as stored (bf16 for most checkpoints: half the bytes to
+        read and to copy to the device, where ``load_layer`` converts them). Safe to call
+        from a background thread while another layer is being worked on. ``pin``: in page-locked
+        memory, which a GPU copies from asynchronously and several times faster (2.7 GiB of Mixtral
+        layer: about 0.2 s less per layer on an H200), for the price of that copy in host memory.
+        """
+        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype)
+        if self.arch.uses_unfused_names(state):
+            state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
+        if pin:
+            # Under this process's GPU: a reading thread starts on device 0, where a second process
+            # must not make a CUDA context (torchrun: rank 1 would hold one on rank 0's GPU).
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
+            state = {name: t.pin_memory() for name, t in state.items()}
+        return state
+
+    def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
+        """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
+
+        Tensors are moved to the device first, so stacking the experts and converting to
+        the stream's dtype run there rather than on the host.
+        """
+        layer = self.model.model.layers[index]
+        layer.to_empty(device=self.device)
+        state = {name: t.to(self.device, non_blocking=True) for name, t in state.items()}
+        missing = layer.load_state_dict(self.to_memory(index, state), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise QuantMoeError(
+                f"layer {index} of {self.ckpt.path} does not match its {self.config.model_type} config "
+                f"(missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}); "
+                "is the checkpoint complete and of this architecture?")
+        return layer
+
+    def release_layer(self, index: int) -> None:
+        self.model.model.layers[index].to_empty(device="meta")
+
+    def to_memory(self, index: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """On-disk layer tensors -> the layer module's state dict (experts stacked and fused).
+
+        Experts come either one linear per expert (Hub checkpoints of most families, and every
+        quantmoe export) or already fused (GraniteMoE's checkpoints); both end up as the row's
+        in-memory (E, 2I, H) gate_up and (E, H, I) down tensors.
+        """
+        arch = self.arch
+        plan = plan_layer(arch, self.config, index)
+        out: dict[str, Tensor] = {}
+        consumed: set[str] = set()
+        if plan.experts is not None:
+            fused = plan.fused
+            gate_up_name, down_name = f"{fused.module}.{fused.gate_up}", f"{fused.module}.{fused.down}"
+            per_expert = f"{plan.experts.linear(fused.halves[0], 0)}.weight" in state
+            if fused.on_disk:
+                consumed.update((fused.disk_gate_up, fused.disk_down))
+            if fused.on_disk and not per_expert:
+                out[gate_up_name], out[down_name] = state[fused.disk_gate_up], state[fused.disk_down]
+            else:  # per-expert tensors win over fused ones: they are what a quantized export holds
+                gate_up, down = [], []
+                for e in range(plan.num_experts):
+                    halves = [f"{plan.experts.linear(w, e)}.weight" for w in fused.halves]
+                    d = f"{plan.experts.linear('down', e)}.weight"
+                    consumed.update((*halves, d))
+                    gate_up.append(torch.cat([state[h] for h in halves], dim=0))  # (2I, H)
+                    down.append(state[d])                                          # (H, I)
+                out[gate_up_name] = torch.stack(gate_up)
+                out[down_name] = torch.stack(down)
+        for name, t in state.items():
+            if name not in consumed:
+                out[arch.to_memory(name)] = t
+        return out
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE,
+                  in_place: bool = False) -> list[Batch]:
+        """Outputs of ``layer`` for every batch: the next layer's inputs (with several processes,
+        each runs its share of the batches and every process gets all outputs). ``in_place``:
+        each output overwrites its batch's input, so the activations never exist twice."""
+        def forward(b: Batch) -> Tensor:
+            h = layer(b.hidden, **b.kwargs)
+            return h[0] if isinstance(h, tuple) else h
+
+        return _outputs(batches, spread(batches, forward, ranks, self.device), in_place)
+
+    # -- the MLP half of a pre-norm layer (the row's ``mlp_tail``) ---------------------
+    @torch.no_grad()
+    def to_residual(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """Turn every batch's hidden state, the layer's input, into the residual stream after
+        attention (the input of the row's post-attention norm), in place, and yield the MLP's
+        input for each batch, (tokens, features). Attention runs once more here and never again
+        for this layer: later MLP inputs and the layer's outputs start from the residual."""
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
+            b.hidden.copy_(h.view_as(b.hidden))
+            # norm.forward: the capture's hook on the norm stays registered until the last batch.
+            yield norm.forward(b.hidden).reshape(-1, b.hidden.shape[-1])
+
+    @torch.no_grad()
+    def capture_to_residual(self, layer: nn.Module, batches: list[Batch], module_path: str,
+                            ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """``capture`` of a module before the post-attention norm, in a pass that goes on to the norm
+        and does what ``to_residual`` does: for a stream whose attention will not change (the
+        full-precision one), the last pass through attention serves both."""
+        module = layer.get_submodule(module_path)
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        grabbed: list[Tensor] = []
+
+        def grab(_module, args, kwargs):  # the module's input; the pass goes on
+            grabbed.append(_first_input(args, kwargs))
+
+        def stop(_module, args, kwargs):  # the residual after attention; the pass ends here
+            grabbed.append(_first_input(args, kwargs))
+            raise _Stop
+
+        def one(b: Batch) -> Tensor:  # both as one flat tensor, for spread
+            with contextlib.suppress(_Stop):
+                layer(b.hidden, **b.kwargs)
+            h = grabbed.pop()
+            return torch.cat([grabbed.pop().reshape(-1), h.reshape(-1)])
+
+        handles = [module.register_forward_pre_hook(grab, with_kwargs=True),
+                   norm.register_forward_pre_hook(stop, with_kwargs=True)]
+        try:
+            for b, both in zip(batches, spread(batches, one, ranks, self.device)):
+                x = both[:-b.hidden.numel()]
+                b.hidden.copy_(both[-b.hidden.numel():].view_as(b.hidden))
+                yield x.view(b.hidden.numel() // b.hidden.shape[-1], -1)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def mlp_inputs(self, layer: nn.Module, batches: list[Batch]) -> Iterator[Tensor]:
+        """The MLP's input for batches that hold the residual after attention (``to_residual``)."""
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        for b in batches:
+            yield norm(b.hidden).reshape(-1, b.hidden.shape[-1])
+
+    @torch.no_grad()
+    def run_tail(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> list[Batch]:
+        """The layer's outputs for batches that hold the residual after attention, written in place:
+        residual + mlp(norm(residual)), the last lines of the layer's own forward."""
+        norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
+
+        def forward(b: Batch) -> Tensor:
+            out = mlp(norm(b.hidden))
+            return b.hidden + (out[0] if isinstance(out, tuple) else out)
+
+        return _outputs(batches, spread(batches, forward, ranks, self.device), True)
+
+    @torch.no_grad()
+    def capture(self, layer: nn.Module, batches: list[Batch], module_path: str,
+                ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """The input of ``layer.<module_path>`` for each batch, flattened to (tokens, features).
+
+        The forward pass stops at that module, so nothing after it is computed. With several
+        processes each runs its share of the batches; every process gets every batch's input.
+        """
+        module = layer.get_submodule(module_path)
+        grabbed: list[Tensor] = []
+
+        def grab(_module, args, kwargs):
+            x = _first_input(args, kwargs)
+            grabbed.append(x.reshape(-1, x.shape[-1]))
+            raise _Stop
+
+        def one(b: Batch) -> Tensor:
+            with contextlib.suppress(_Stop):
+                layer(b.hidden, **b.kwargs)
+            return grabbed.pop()
+
+        handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            yield from spread(batches, one, ranks, self.device)
+        finally:
+            handle.remove()
+
+    # -- head ----------------------------------------------------------------------
+    @torch.no_grad()
+    def load_head(self) -> None:
+        inner = self.model.model
+        inner.norm.to_empty(device=self.device)
+        inner.norm.load_state_dict({k: v.to(self.dtype) for k, v in self.ckpt.read_prefix("model.norm.").items()})
+        head = self.model.lm_head
+        name = "lm_head.weight" if self.ckpt.has("lm_head.weight") else "model.embed_tokens.weight"
+        head.to_empty(device=self.device)
+        head.weight.data.copy_(self.ckpt.tensor(name))
+        if head.bias is not None:
+            head.bias.data.copy_(self.ckpt.tensor("lm_head.bias"))
+
+    @torch.no_grad()
+    def logits(self, hidden: Tensor) -> Tensor:
+        logits = self.model.lm_head(self.model.model.norm(hidden)).float()
+        if self.arch.logits_divisor is not None:  # as the model's own forward does (GraniteMoE)
+            logits = logits / getattr(self.config, self.arch.logits_divisor)
+        return logits
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    """The tensor a forward pre-hook's module is called on."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _outputs(batches: list[Batch], outputs: Iterator[Tensor], in_place: bool) -> list[Batch]:
+    """The batches with ``outputs`` as their hidden states: written into the same tensors
+    (``in_place``; each output is computed before its batch is overwritten) or as new batches."""
+    if not in_place:
+        return [Batch(h, b.kwargs) for h, b in zip(outputs, batches)]
+    for b, h in zip(batches, outputs):
+        b.hidden.copy_(h.view_as(b.hidden))
+    return batches

@@ -1,0 +1,218 @@
+"""Stage 3: per-layer results + the source checkpoint -> a sharded GPTQ v1 checkpoint.
+
+Quantized linears are written under the source checkpoint's own names
+(``...block_sparse_moe.experts.3.w1.qweight`` ...); every other tensor (routers, norms,
+biases, embeddings, head) is copied unchanged, in its source dtype. Shards are built one
+at a time, so memory holds at most one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..base.errors import QuantMoeError
+from ..base.files import atomic_write_json, save_safetensors
+from ..base.options import QuantConfig
+from ..formats.gptq_v1 import quantization_config
+from ..model.architectures import Architecture, architecture_for, plan_layer
+from ..model.checkpoint import INDEX_NAME, Checkpoint
+
+QUANTIZE_CONFIG = "quantize_config.json"
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '10KB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise QuantMoeError(f"--max-shard-size {text!r} is not a size; write it like 2GB or 500MB")
+    unit = (m.group(2) or "B").upper().replace("I", "").rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise QuantMoeError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+class ShardWriter:
+    """Collects tensors and writes a shard whenever the next tensor would overflow it."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f".shard-{len(self.written):05d}.safetensors"
+        save_safetensors(path, self.pending, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Give the shards their final names and write the index; returns the weight map."""
+        self.flush()
+        n = len(self.written)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.written):
+            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            weight_map.update({name: final.name for name in names})
+        atomic_write_json(self.folder / INDEX_NAME,
+                          {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        return weight_map
+
+
+
+
+def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
+                max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
+    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``.
+
+    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``.
+    """
+    staging.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(staging, max_shard_size)
+    if qcfg.layout == "gptqmodel":
+        def named(name: str, prefix: str) -> str:
+            return prefix + arch.gptqmodel_name(name[len(prefix):])
+    else:
+        def named(name: str, prefix: str) -> str:
+            return name
+    layer_names = {i: set() for i in range(len(layer_files))}
+    for name in ckpt.names("model.embed_tokens."):
+        writer.add(name, ckpt.tensor(name))
+    for i, file in enumerate(layer_files):
+        prefix = ckpt.layer_prefix(i)
+        with safe_open(str(file), framework="pt") as f:
+            packed = {name: f.get_tensor(name) for name in f.keys()}
+        quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
+        # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
+        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
+        experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
+        fused = {prefix + n for n in plan.fused_disk_tensors()} if experts and experts <= quantized else set()
+        for name in ckpt.names(prefix):
+            if name in fused or (name.endswith(".weight") and name[: -len(".weight")] in quantized):
+                continue
+            writer.add(named(name, prefix), ckpt.tensor(name))
+        for name in sorted(packed):
+            writer.add(named(name, prefix), packed[name])
+        layer_names[i] = quantized
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
+    for name in ckpt.names():
+        if name not in done and not name.startswith("model.layers."):
+            writer.add(name, ckpt.tensor(name))
+    weight_map = writer.close()
+
+    qconfig = quantization_config(qcfg, not_quantized, version)
+    write_config(ckpt, staging, qconfig)
+    atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
+    return weight_map
+
+
+def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:
+    """config.json (the source's, plus ``quantization_config``) and the tokenizer files, into ``staging``."""
+    config = dict(ckpt.raw_config)
+    config["quantization_config"] = qconfig
+    atomic_write_json(staging / "config.json", config)
+    for file in ckpt.tokenizer_files():
+        shutil.copyfile(file, staging / file.name)
+
+
+def derivable(ckpt: Checkpoint, name: str) -> bool:
+    """Whether a stored tensor of a quantized linear only repeats what the format already says:
+    a group index ``c // width`` (static groups), zero points of one value (symmetric), a shape."""
+    suffix = name.rpartition(".")[2]
+    if suffix == "weight_shape":
+        return True
+    if suffix in ("qzeros", "weight_zero_point"):
+        t = ckpt.tensor(name).reshape(-1)
+        return bool((t == t[0]).all())
+    if suffix in ("g_idx", "weight_g_idx"):
+        t = ckpt.tensor(name).long()
+        width = int((t == 0).sum())
+        return width > 0 and torch.equal(t, torch.arange(t.numel()) // width)
+    return False
+
+
+def checkpoint_stats(folder: Path) -> dict:
+    """What a checkpoint's files hold, measured from the saved tensors (any backend, or none).
+
+    - ``bits_per_weight``: bits of every tensor storing a quantized linear (packed weights,
+      scales, zeros, statistics) over the weights those linears stand for;
+    - ``information_bits_per_weight``: the same without the tensors that repeat what the format
+      already says (``derivable``): a ``g_idx`` equal to ``c // group_size``, zero points that hold
+      one value (symmetric), compressed-tensors' ``weight_shape``. GPTQ v1 stores these for its
+      loaders, compressed-tensors omits them, so this is the measure that compares the two;
+    - ``fraction_quantized``: quantized weights over all parameters (embeddings and head included);
+    - ``decoder_linear_fraction``: quantized weights over the linear weights of the decoder
+      layers, routers excluded (norms and biases are not linear weights);
+    - ``decoder_bytes`` / ``decoder_bf16_bytes``: bytes of every tensor under ``model.layers.``,
+      and what its parameters take in bf16.
+    """
+
+    ckpt = Checkpoint(folder)
+    linears = ckpt.quantized_linears
+    stored = {t for lin in linears.values() for t in lin.tensors}
+    arch = architecture_for(ckpt.config)
+    # Routers under their on-disk and in-memory names (the gptqmodel layout writes the latter).
+    routers = {f"{ckpt.layer_prefix(i)}{name}" for i in range(ckpt.config.num_hidden_layers)
+               for r in plan_layer(arch, ckpt.config, i).routers for name in (r, arch.to_memory(r + ".")[:-1])}
+    quantized_bits = information_bits = 0
+    other_params = decoder_params = decoder_bytes = decoder_linear = 0
+    for name in ckpt.names():
+        shape = ckpt.shape(name)
+        numel = math.prod(shape)
+        nbytes = ckpt.nbytes(name)
+        in_decoder = name.startswith("model.layers.")
+        if in_decoder:
+            decoder_bytes += nbytes
+        if name in stored:
+            quantized_bits += nbytes * 8
+            information_bits += 0 if derivable(ckpt, name) else nbytes * 8
+            continue
+        other_params += numel
+        if in_decoder:
+            decoder_params += numel
+            module = name.rpartition(".")[0]
+            if name.endswith(".weight") and len(shape) >= 2 and module not in routers:
+                decoder_linear += numel
+    quantized = sum(math.prod(lin.shape) for lin in linears.values())
+    decoder_quantized = sum(math.prod(lin.shape) for m, lin in linears.items() if m.startswith("model.layers."))
+    size = sum((Path(folder) / s).stat().st_size for s in ckpt.shards)
+    total = quantized + other_params
+    return {
+        "bits_per_weight": quantized_bits / quantized if quantized else None,
+        "information_bits_per_weight": information_bits / quantized if quantized else None,
+        "size_bytes": size,
+        "quantized_weights": quantized,
+        "total_parameters": total,
+        "fraction_quantized": quantized / total if total else 0.0,
+        "decoder_linear_fraction": decoder_quantized / (decoder_quantized + decoder_linear)
+        if decoder_quantized + decoder_linear else 0.0,
+        "decoder_bytes": decoder_bytes,
+        "decoder_bf16_bytes": 2 * (decoder_params + decoder_quantized),
+    }
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,208 @@
+"""Reports as JSON and Markdown, and the model card that ships with an export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def ranges(values) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    values = sorted(set(values))
+    parts, start = [], None
+    for k, v in enumerate(values):
+        if start is None:
+            start = v
+        if k + 1 == len(values) or values[k + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def gap_table(report: dict) -> str:
+    """The perplexity table: original vs quantized, with the gap, bits per weight and size."""
+    q = report.get("quantization", {})
+    rows = ["| model | perplexity | gap (abs) | gap (rel) | bits/weight | size (MB) | quantized params |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    orig = report["results"].get("original")
+    quant = report["results"].get("quantized")
+    if orig:
+        rows.append(f"| original | {_fmt(orig['perplexity'])} | | | 16 | "
+                    f"{_fmt(report.get('original_size_bytes', 0) / 1e6, 2)} | 0% |")
+    if quant:
+        g = report.get("gap") or {}
+        rows.append(
+            f"| {q.get('label', 'quantized')} | {_fmt(quant['perplexity'])} | {_fmt(g.get('absolute'))} | "
+            f"{relative_gap_text(g)} | {_fmt(q.get('bits_per_weight'), 3)} | "
+            f"{_fmt(q.get('size_bytes', 0) / 1e6, 2)} | {_fmt(100 * q.get('fraction_quantized', 0), 1)}% |")
+    kl = report.get("kl")
+    if quant and kl:
+        se = "" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}e-3"
+        rows += ["", f"KL(original ‖ quantized): {1000 * kl['mean']:.2f}e-3{se} nats per predicted token; "
+                     f"the same most likely next token as the original at {100 * kl['top1_agreement']:.2f}% of "
+                     "positions."]
+    return "\n".join(rows)
+
+
+def relative_gap_text(g: dict) -> str:
+    """+0.22% ± 0.04% (the standard error over windows, where the report has it)."""
+    rel, se = g.get("relative"), g.get("relative_se")
+    if rel is None:
+        return "-"
+    return f"{100 * rel:+.2f}%" + ("" if se is None else f" ± {100 * se:.2f}%")
+
+
+def kl_text(kl: dict | None) -> str:
+    """A report's KL in units of 1e-3: 13.35 ± 0.19 (- for reports from before the KL was measured)."""
+    if kl is None:
+        return "-"
+    return f"{1000 * kl['mean']:.2f}" + ("" if kl.get("se") is None else f" ± {1000 * kl['se']:.2f}")
+
+
+def protocol_text(report: dict) -> str:
+    p = report["protocol"]
+    d = report["data"]
+    return (f"Data `{d['path']}` ({d['documents']} documents, {d['tokens']} tokens, {d['windows']} windows of "
+            f"{p['seqlen']}); documents joined with \"\\n\\n\", tokenized once without special tokens; "
+            f"{p['windows']}; {p['metric']}; {p['dtype']} on {report.get('device', '?')}."
+            + (" The gap's ± is one standard error over the windows, paired (both models score the same windows): "
+               "how much another sample of text could move it; another calibration draw can move it more."
+               if (report.get("gap") or {}).get("relative_se") is not None else ""))
+
+
+def stages_table(stages: dict) -> str:
+    rows = ["| stage | wall time (s) | peak RSS (MB) | peak GPU (MB) |", "| --- | ---: | ---: | ---: |"]
+    for name, s in stages.items():
+        rows.append(f"| {name} | {_fmt(s['seconds'], 2)} | {_fmt(s['peak_rss_mb'], 1)} | {_fmt(s.get('peak_gpu_mb'), 1)} |")
+    return "\n".join(rows)
+
+
+def render_markdown(report: dict) -> str:
+    parts = [f"# quantmoe eval report: {report.get('model', '')}", "", gap_table(report), "",
+             "**Protocol.** " + protocol_text(report), ""]
+    if report.get("fallbacks"):
+        parts += ["**Rare-expert fallbacks.**", ""] + [f"- `{f['module']}`: {f['fallback']}" for f in report["fallbacks"]] + [""]
+    if report.get("stages"):
+        parts += ["## Stages", "", stages_table(report["stages"]), ""]
+    return "\n".join(parts)
+
+
+# What a model card must state before `quantmoe push` publishes it: the thing, and the line that states it.
+# model_card writes every one of them; publish.check_card looks for them.
+# How the model card names each column order (QuantConfig.act_order); True/False: cards of older runs.
+ORDER_WORDS = {"static": "on (static groups)", "group": "group-aware (groups by largest Hessian diagonal)",
+               "none": "off", True: "on (static groups)", False: "off"}
+CARD_SECTIONS = {
+    "the base model": "## Base model",
+    "the method and its options": "## Method",
+    "the calibration data": "## Calibration data",
+    "the eval protocol": "## Evaluation protocol",
+    "the perplexity table": "## Perplexity",
+    "the bits per weight": "Bits per weight:",
+    "how to load it in vLLM": "### vLLM",
+    "how to load it in transformers": "### transformers",
+    "how to load it in GPTQModel": "### GPTQModel",
+}
+
+
+def base_model_name(path: str) -> str:
+    """The name a card shows for a base model: ``org/name`` for a Hub download (its cache folder
+    ``models--org--name/snapshots/<sha>``), otherwise the folder name (never a local path)."""
+    for part in Path(path).parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return Path(path).name
+
+
+def model_card(report: dict | None, info: dict) -> str:
+    """README.md of an export: base model, method, calibration, protocol, results and how to load it.
+
+    ``info``: name, base_model (path or Hub cache path), model_type, version, quantization_config,
+    options, fallback_count, calibration. Every entry of CARD_SECTIONS is written when ``report`` is given.
+    """
+    q = info["quantization_config"]
+    base = base_model_name(info["base_model"])
+    hub_id = base if "/" in base else None
+    stats = (report or {}).get("quantization", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        *([f"base_model: {hub_id}"] if hub_id else []),
+        f"tags: [quantmoe, gptq, moe, int{q['bits']}]",
+        "---",
+        f"# {info['name']}",
+        "",
+        f"GPTQ int{q['bits']} quantization of `{base}` ({info['model_type']}) made with quantmoe {info['version']}.",
+        "",
+        "## Base model",
+        "",
+        f"`{base}` ({info['model_type']})" + (f", https://huggingface.co/{hub_id}" if hub_id else "") + ".",
+        "",
+        "## Method",
+        "",
+        f"- backend: {info['options']['backend']}; bits {q['bits']}; group size {q['group_size']}; "
+        f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {ORDER_WORDS.get(info['options']['act_order'], info['options']['act_order'])}; "
+        f"damp {q['damp_percent']}; true-sequential {q['true_sequential']}",
+        f"- every attention and expert projection is quantized; not quantized: "
+        f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'])}, embeddings, norms and the LM head",
+        f"- rare experts (fewer than the threshold of routed calibration tokens): `{info['options']['rare_expert']}` "
+        f"fallback; {info['fallback_count']} expert projections used it (see `quantization_log.json`)",
+        "",
+    ]
+    if stats.get("bits_per_weight") is not None:
+        lines += [f"Bits per weight: {stats['bits_per_weight']:.3f} in the quantized projections (packed weights, "
+                  f"scales, zeros and g_idx, measured from the files); {100 * stats['fraction_quantized']:.1f}% of "
+                  f"all parameters are quantized; {stats['size_bytes'] / 1e6:.2f} MB on disk.", ""]
+    lines += ["## Calibration data", "", f"{info['calibration']}.", ""]
+    if report is not None:
+        lines += ["## Evaluation protocol", "", protocol_text(report),
+                  f"Text sha256 `{report['data']['text_sha256']}`.", "",
+                  "## Perplexity", "", gap_table(report), ""]
+    vllm_quant = "gptq_marlin" if q["sym"] else "gptq"  # Marlin takes symmetric 4/8-bit only
+    lines += [
+        "## Loading",
+        "",
+        "`./this-folder` stands for this folder, or for its Hub repo id once it is published.",
+        "",
+        "### vLLM",
+        "",
+        "```bash",
+        f"vllm serve ./this-folder --quantization {vllm_quant}",
+        "```",
+        "",
+        "### transformers",
+        "",
+        "With optimum and gptqmodel installed:",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+        "```",
+        "",
+        "### GPTQModel",
+        "",
+        "```python",
+        "from gptqmodel import GPTQModel",
+        "model = GPTQModel.load('./this-folder')",
+        "```",
+        "",
+        "### quantmoe",
+        "",
+        "Dequantized into a plain transformers model, CPU or GPU:",
+        "```python",
+        "import quantmoe",
+        "model = quantmoe.load_quantized('./this-folder')",
+        "```",
+        "",
+        "Files: `quantization_log.json` (per module: tokens seen, GPTQ loss, fallback, time), "
+        "`eval_report.json` / `eval_report.md`, and `manifest.json` (sha256 of every file, options, versions); "
+        "`quantmoe verify ./this-folder` checks them.",
+        "",
+    ]
+    return "\n".join(lines)
