@@ -13,7 +13,8 @@ the pipeline records in quantization_log.json).
     python benchmarks/scale.py --reduced            # hidden 512 / intermediate 1792, 32 x 256 tokens, on CPU
     python benchmarks/scale.py --compare OUT_A OUT_B --model MODEL   # how far two outputs differ
 
-Results go to benchmarks/results/<name>.json, named after the device.
+Results go to benchmarks/results/<name>.json (--name; by default named after the device).
+benchmarks/README.md indexes the files that back a published number; other runs are archived.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Peak RSS of `quantmoe quantize` on synthetic Mixtral-style checkpoints of equal width and
 different depth: streaming means the deeper model must not need more memory.
 
-    python benchmarks/streaming_memory.py --layers 2 8 --out benchmarks/results/streaming_memory.json
+    python benchmarks/streaming_memory.py --layers 2 8 --out benchmarks/results/streaming-memory-cpu-2core-mixtral-h512-2L-vs-8L-default.json
 
 Each run is a separate `python -m quantmoe quantize` process whose RSS (including its
 children) is sampled every 20 ms. The shard size is fixed so that the writer's one-shard
@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/streaming_memory.json"))
+    ap.add_argument("--out", type=Path,
+                    default=Path("benchmarks/results/streaming-memory-cpu-2core-mixtral-h512-2L-vs-8L-default.json"))
     args = ap.parse_args()
     calib = Path(__file__).resolve().parents[1] / "calibration_data" / "python_docs_calib.jsonl"
     runs = []
