@@ -1,4 +1,4 @@
-"""FP8 source format (quantmoe/fp8.py): dequantization against a plain loop over blocks, bit for
+"""FP8 source format (quantmoe/formats/fp8.py): dequantization against a plain loop over blocks, bit for
 bit; the round trip within e4m3's precision; one-line errors naming the tensor; and a synthetic
 FP8 release of the tiny DeepSeek-V3 that transformers' own FP8 reader agrees with."""
 
@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quantmoe.architectures import ARCHITECTURES
-from quantmoe.errors import QuantMoeError
-from quantmoe.fp8 import (block_size, dequantize_fp8, fp8_linears, is_fp8_config, quantize_fp8_blocks,
+from quantmoe.model.architectures import ARCHITECTURES
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.formats.fp8 import (block_size, dequantize_fp8, fp8_linears, is_fp8_config, quantize_fp8_blocks,
                           quantize_fp8_channels, quantize_fp8_tensor, write_fp8_release)
 
 NAME = "model.layers.3.mlp.experts.7.down_proj.weight"

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import QuantMoeError
+from ..base.errors import QuantMoeError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
