@@ -44,6 +44,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
@@ -350,7 +351,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_shard(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
 
     if not path.is_file():
         raise QuantMoeError(f"shard {path} is missing; re-download the checkpoint")
@@ -358,7 +358,6 @@ def _load_shard(path: Path) -> dict[str, Tensor]:
 
 
 def _save_shard(tensors: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
