@@ -11,21 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
-import quantmoe
-from quantmoe.model.architectures import ARCHITECTURES, markdown_table, plan_layer, unfuse_experts
-from quantmoe.model.checkpoint import Checkpoint
-from quantmoe.cli import main
-from quantmoe.base.options import QuantConfig
-from quantmoe.base.errors import QuantMoeError
-from quantmoe.stages.evaluate import eval_windows
-from quantmoe.stages.export import checkpoint_stats
-from quantmoe.apps.inspection import inspect_model
-from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES
-from quantmoe.model.stream import LayerStream
-
 from conftest import ARCH_NAMES
 from tiny import TINY, make_tokenizer
+
+import quantmoe
+from quantmoe.apps.inspection import inspect_model
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.base.options import QuantConfig
+from quantmoe.cli import main
+from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES
+from quantmoe.model.architectures import (
+    ARCHITECTURES,
+    markdown_table,
+    plan_layer,
+    unfuse_experts,
+)
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.model.stream import LayerStream
+from quantmoe.stages.evaluate import eval_windows
+from quantmoe.stages.export import checkpoint_stats
 
 MOE_NAMES = [name for name in ARCH_NAMES if ARCHITECTURES[name].experts is not None]
 FUSED_ON_DISK = [name for name in MOE_NAMES if ARCHITECTURES[name].fused.on_disk]

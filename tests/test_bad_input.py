@@ -18,16 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from clirun import QUICK, cli, digest, one_error_line, quantize_args, start, wait_for
+from tiny import make_model, write_text
 
 import quantmoe
-from quantmoe.model.architectures import ARCHITECTURES
-from clirun import QUICK, cli, digest, one_error_line, quantize_args, start, wait_for
-from quantmoe.stages.calibrate import write_calibration
+from quantmoe.apps.verify import verify
 from quantmoe.base.options import QuantConfig
+from quantmoe.model.architectures import ARCHITECTURES
+from quantmoe.stages.calibrate import write_calibration
 from quantmoe.stages.quantize import work_dir
 from quantmoe.stages.resume import FINGERPRINT, finished_layers, layer_file
-from quantmoe.apps.verify import verify
-from tiny import make_model, write_text
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import write_text
 
 from quantmoe.apps.batch import Job, job_state, load_jobs, result_row, run_batch
-from quantmoe.cli import main
-from quantmoe.base.options import QuantConfig
 from quantmoe.base.errors import QuantMoeError
-from tiny import write_text
+from quantmoe.base.options import QuantConfig
+from quantmoe.cli import main
 
 # Small enough that one job takes seconds: 4 calibration windows of 32 tokens, ~5 eval windows.
 DEFAULTS = """

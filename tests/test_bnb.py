@@ -15,19 +15,18 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ARCH_NAMES
+from tiny import make_model, write_text
 
 import quantmoe
 from quantmoe import backends
-from quantmoe.model.architectures import ARCHITECTURES, plan_layer, unfuse_experts
 from quantmoe.backends import Options
 from quantmoe.backends.bnb import module_to_memory
-from quantmoe.model.checkpoint import INDEX_NAME, Checkpoint
-from quantmoe.cli import main
 from quantmoe.base.errors import QuantMoeError
+from quantmoe.cli import main
+from quantmoe.model.architectures import ARCHITECTURES, plan_layer, unfuse_experts
+from quantmoe.model.checkpoint import INDEX_NAME, Checkpoint
 from quantmoe.stages.export import checkpoint_stats
-
-from conftest import ARCH_NAMES
-from tiny import make_model, write_text
 
 BNB = [n for n in backends.names() if n.startswith("bnb-")]
 # Rows whose experts are fused on disk (GraniteMoE): the bnb backends cut them per expert.
@@ -172,8 +171,8 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     """load_quantized == the source model with each projection replaced by bnb's dequantize(quantize(W))."""
     from transformers import AutoModelForCausalLM
 
-    from quantmoe.stages.evaluate import eval_windows, perplexity
     from quantmoe.model.stream import LayerStream
+    from quantmoe.stages.evaluate import eval_windows, perplexity
 
     F = bitsandbytes.functional
     src, out = bnb_exported(model_type, name)
@@ -492,8 +491,8 @@ def test_verify_reads_bnb_linears_back_and_finds_nan(bnb_exported, tmp_path):
     dequantizing that linear; the rest still verifies."""
     from safetensors.torch import load_file, save_file
 
-    from quantmoe.base.files import write_manifest
     from quantmoe.apps.verify import verify
+    from quantmoe.base.files import write_manifest
 
     _, out = bnb_exported("mixtral", "bnb-nf4")
     bad = tmp_path / "bad"

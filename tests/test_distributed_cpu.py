@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCH_NAMES
 
 import quantmoe
 from quantmoe.model.distributed import Ranks
-
-from conftest import ARCH_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 

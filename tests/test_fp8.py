@@ -13,10 +13,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quantmoe.model.architectures import ARCHITECTURES
 from quantmoe.base.errors import QuantMoeError
-from quantmoe.formats.fp8 import (block_size, dequantize_fp8, fp8_linears, is_fp8_config, quantize_fp8_blocks,
-                          quantize_fp8_channels, quantize_fp8_tensor, write_fp8_release)
+from quantmoe.formats.fp8 import (
+    block_size,
+    dequantize_fp8,
+    fp8_linears,
+    is_fp8_config,
+    quantize_fp8_blocks,
+    quantize_fp8_channels,
+    quantize_fp8_tensor,
+    write_fp8_release,
+)
+from quantmoe.model.architectures import ARCHITECTURES
 
 NAME = "model.layers.3.mlp.experts.7.down_proj.weight"
 

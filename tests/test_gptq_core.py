@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from quantmoe.gptq.core import ORDERS, QuantSpec, accumulate_hessian, dequantize, gptq_quantize, rtn_quantize
 from quantmoe.formats.gptq_v1 import dequantize_linear, pack_result, unpack_linear
+from quantmoe.gptq.core import (
+    ORDERS,
+    QuantSpec,
+    accumulate_hessian,
+    dequantize,
+    gptq_quantize,
+    rtn_quantize,
+)
 
 
 def correlated_inputs(T=2048, C=128, seed=0):
@@ -134,7 +141,13 @@ def heavy_tailed(B=2, R=64, C=256, seed=0):
 @pytest.mark.parametrize("weighted", [True, False])
 def test_clip_search_never_loses_to_min_max(sym, weighted):
     """The searched grid's weighted rounding error is at most min/max's for every row; levels stay in range."""
-    from quantmoe.gptq.core import ClipSearch, find_params, quantize_levels, rounding_error, search_params
+    from quantmoe.gptq.core import (
+        ClipSearch,
+        find_params,
+        quantize_levels,
+        rounding_error,
+        search_params,
+    )
 
     spec = QuantSpec(4, 128, sym)
     W = heavy_tailed().reshape(2, 64, 2, 128)

@@ -17,14 +17,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ARCH_NAMES
 
 import quantmoe
+from quantmoe.base.options import QuantConfig
 from quantmoe.model.architectures import ARCHITECTURES
 from quantmoe.model.checkpoint import Checkpoint
-from quantmoe.base.options import QuantConfig
 from quantmoe.stages.evaluate import eval_windows, perplexity
-
-from conftest import ARCH_NAMES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                                 reason="install the extra: pip install 'quantmoe[gptqmodel]'")

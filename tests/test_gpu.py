@@ -8,9 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantmoe.gptq.core import QuantSpec, accumulate_hessian, gptq_quantize
+from quantmoe.gptq.core import (
+    QuantSpec,
+    accumulate_hessian,
+    gptq_quantize,
+    tf32_matmuls,
+)
 from quantmoe.gptq.cuda_graphs import GraphedBlocks
-from quantmoe.gptq.core import tf32_matmuls
 
 
 def inputs(T, C, seed, device="cuda"):
@@ -137,10 +141,11 @@ def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
     """The bnb backends quantize on CUDA as on CPU (the same codes up to bitsandbytes' own CPU/CUDA
     rounding), and the bitsandbytes-kernels model runs on the GPU with the dequantized model's outputs."""
     pytest.importorskip("bitsandbytes")
+    from tiny import make_model
+
     import quantmoe
     from quantmoe.backends import Options, get
     from quantmoe.model.checkpoint import Checkpoint
-    from tiny import make_model
 
     src = make_model("mixtral", tmp_path / "src")
     outs = {}
@@ -197,11 +202,12 @@ def test_fp32_attention_on_cuda_does_not_materialise_the_scores():
 def test_an_fp32_checkpoint_on_cuda_quantizes_to_the_bits_of_its_fp16_source(tmp_path):
     """As tests/test_pipeline.py checks on CPU: the default --fit stream on CUDA must not use the
     full-precision stream's fp32 originals as GPTQ's working storage."""
+    from tiny import make_model, upcast_to_fp32, write_text
+
     import quantmoe
-    from quantmoe.model.checkpoint import Checkpoint
     from quantmoe.base.options import QuantConfig
     from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES
-    from tiny import make_model, upcast_to_fp32, write_text
+    from quantmoe.model.checkpoint import Checkpoint
 
     text = write_text(tmp_path / "text.jsonl")
     src = make_model("qwen2_moe", tmp_path / "fp16")
@@ -220,10 +226,11 @@ def test_an_fp32_checkpoint_on_cuda_quantizes_to_the_bits_of_its_fp16_source(tmp
 def test_eval_on_cuda_gives_the_cpu_gap_and_kl(tmp_path):
     """The evaluator on CUDA (activations, the original's kept hidden states moved back per batch for
     the KL) reports what it reports on CPU, up to float rounding."""
+    from tiny import make_model, write_text
+
     import quantmoe
     from quantmoe.base.options import QuantConfig
     from quantmoe.stages.evaluate import evaluate
-    from tiny import make_model, write_text
 
     text = write_text(tmp_path / "text.jsonl")
     src = make_model("mixtral", tmp_path / "src")

@@ -10,15 +10,14 @@ import json
 
 import pytest
 import torch
+from conftest import ARCH_NAMES
 from safetensors.torch import save_file
 
+from quantmoe.formats.compressed_tensors import dequantize_compressed, unpack_int32
 from quantmoe.model.architectures import ARCHITECTURES, GPTQMODEL_PROJ
 from quantmoe.model.checkpoint import Checkpoint
-from quantmoe.formats.compressed_tensors import dequantize_compressed, unpack_int32
-from quantmoe.stages.export import checkpoint_stats
 from quantmoe.model.stream import LayerStream
-
-from conftest import ARCH_NAMES
+from quantmoe.stages.export import checkpoint_stats
 
 
 def pack_dense(values: list[list[int]], bits: int) -> torch.Tensor:

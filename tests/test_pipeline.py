@@ -6,18 +6,17 @@ import json
 
 import pytest
 import torch
-
-import quantmoe
-from quantmoe.model.architectures import ARCHITECTURES, plan_layer
-from quantmoe.model.checkpoint import Checkpoint
-from quantmoe.base.options import QuantConfig
-from quantmoe.base.errors import QuantMoeError
-from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
-from quantmoe.stages.layer import LayerQuantizer
-from quantmoe.model.stream import LayerStream
-
 from conftest import ARCH_NAMES
 from tiny import TINY, upcast_to_fp32
+
+import quantmoe
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.base.options import QuantConfig
+from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
+from quantmoe.model.architectures import ARCHITECTURES, plan_layer
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.model.stream import LayerStream
+from quantmoe.stages.layer import LayerQuantizer
 
 QCFG = QuantConfig(group_size=32)
 
@@ -418,11 +417,11 @@ def test_mlp_tail_gives_the_layers_own_outputs(tiny_model, text_file, model_type
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
-def test_down_statistics_in_groups_and_without_the_mlp_tail_give_the_same_bytes(tiny_model, text_file, tmp_path,
-                                                                                  monkeypatch, model_type):
-    """Memory savers that must not change a bit: the experts' down Hessians built and solved one
-    expert at a time (DOWN_STATS_BYTES) instead of all at once, and the MLP stage fed by running
-    every layer whole instead of from the residual after attention (no ``mlp_tail``)."""
+def test_uncached_inputs_and_no_mlp_tail_give_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch,
+                                                              model_type):
+    """Memory savers that must not change a bit: the MLP stage's inputs captured again for every pass
+    instead of kept (CAPTURE_CACHE_BYTES), and fed by running every layer whole instead of from the
+    residual after attention (no ``mlp_tail``). Groups of experts: tests/test_budget.py."""
     import dataclasses
 
     import quantmoe.stages.layer as ql
@@ -435,8 +434,8 @@ def test_down_statistics_in_groups_and_without_the_mlp_tail_give_the_same_bytes(
         return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
     reference = run("reference")
-    monkeypatch.setattr(ql, "DOWN_STATS_BYTES", 1)
-    assert run("one-expert-groups") == reference
+    monkeypatch.setattr(ql, "CAPTURE_CACHE_BYTES", 1)
+    assert run("captured-every-pass") == reference
     monkeypatch.setitem(architectures.ARCHITECTURES, model_type,
                         dataclasses.replace(architectures.ARCHITECTURES[model_type], mlp_tail=None))
     assert run("whole-layers") == reference

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantmoe.cli import main
-from quantmoe.base.options import QuantConfig
 from quantmoe.base.files import write_manifest
+from quantmoe.base.options import QuantConfig
+from quantmoe.cli import main
 from quantmoe.stages.report import CARD_SECTIONS, base_model_name, model_card
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantmoe.cli import main
 from quantmoe.base.options import QuantConfig
+from quantmoe.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,11 +168,11 @@ def test_the_committed_ci_baseline_matches_what_the_ci_command_produces():
     import hashlib
     import shlex
 
-    from quantmoe.stages.calibrate import read_documents, tokenizer_fingerprint
-    from quantmoe.model.checkpoint import Checkpoint
-    from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen
-    from quantmoe.stages.quantize import default_out
     from quantmoe.apps.regress import compare, load_report
+    from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.stages.calibrate import read_documents, tokenizer_fingerprint
+    from quantmoe.stages.quantize import default_out
     from quantmoe.stages.report import base_model_name
 
     _, commands, _ = _ci_doc()

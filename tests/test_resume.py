@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import cli, content, quantize_args, start, wait_for
 from safetensors import safe_open
+from tiny import make_model, write_text
 
 import quantmoe
 import quantmoe.stages.quantize
-from clirun import cli, content, quantize_args, start, wait_for
-from quantmoe.base.options import QuantConfig
+from quantmoe.apps.verify import verify
 from quantmoe.base.files import save_safetensors
+from quantmoe.base.options import QuantConfig
 from quantmoe.stages.quantize import work_dir
 from quantmoe.stages.resume import layer_file
-from quantmoe.apps.verify import verify
-from tiny import make_model, write_text
 
 QCFG = QuantConfig(group_size=32)
 QUICK_API = dict(nsamples=4, seqlen=32, run_eval=False, quiet=True)

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import scale  # noqa: E402
 
-from quantmoe.stages.calibrate import read_calibration  # noqa: E402
 from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
+from quantmoe.stages.calibrate import read_calibration  # noqa: E402
 
 TINY_SHAPE = {**scale.MIXTRAL_8X7B, "hidden_size": 64, "intermediate_size": 96, "num_local_experts": 4,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import cli, one_error_line
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import make_model, write_text
 
 import quantmoe
-from clirun import cli, one_error_line
+from quantmoe.apps.verify import verify
+from quantmoe.base.files import MANIFEST, write_manifest
+from quantmoe.base.options import LAYOUTS, QuantConfig
 from quantmoe.model.architectures import ARCHITECTURES
 from quantmoe.model.checkpoint import Checkpoint
-from quantmoe.base.options import LAYOUTS, QuantConfig
-from quantmoe.base.files import MANIFEST, write_manifest
-from quantmoe.apps.verify import verify
-from tiny import make_model, write_text
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.1.w2"
 

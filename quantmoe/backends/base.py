@@ -41,6 +41,7 @@ class Options:
     tf32: bool = False                    # TF32 matrix products on CUDA
     prefetch: bool = True                 # read the next layer in a background thread
     block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
+    gpu_memory: str | int | None = None   # device memory the run may use ("40GB"); default: what is free
 
 
 class Backend(Protocol):

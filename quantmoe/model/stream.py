@@ -66,6 +66,10 @@ def model_config(ckpt: Checkpoint):
     if getattr(config, "quantization_config", None) is not None:
         config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     config._attn_implementation = "sdpa"
+    # Routed experts run transformers' eager loop, one expert at a time: the computation the quantize
+    # stage's StoredExperts (stages/experts.py) repeats with weights rebuilt per expert, so every pass
+    # (quantize, a resume's replay, evaluation) rounds alike whatever memory the experts are kept in.
+    config._experts_implementation = "eager"
     return config
 
 
@@ -173,35 +177,68 @@ class LayerStream:
             state = {name: t.pin_memory() for name, t in state.items()}
         return state
 
-    def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
+    def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
 
-        Tensors are moved to the device first, so stacking the experts and converting to
-        the stream's dtype run there rather than on the host.
+        Tensors are moved to the device first, so converting to the stream's dtype runs there rather
+        than on the host; the routed experts are moved one expert at a time, straight into their
+        fused tensors, so the device never holds a layer's experts twice. ``experts_dtype``: the
+        dtype of the fused expert tensors (default: the stream's; None keeps fp32 for a fp32 stream).
         """
         layer = self.model.model.layers[index]
+        fused = self._fused_params(layer, index)
+        for module, attr in fused.values():  # allocated below, in their own dtype, not by to_empty
+            setattr(module, attr, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
         layer.to_empty(device=self.device)
-        state = {name: t.to(self.device, non_blocking=True) for name, t in state.items()}
-        missing = layer.load_state_dict(self.to_memory(index, state), strict=False)
-        if missing.missing_keys or missing.unexpected_keys:
+        plan = plan_layer(self.arch, self.config, index)
+        experts = set(self._expert_tensor_names(plan, state)) if fused else set()
+        state = {name: t if name in experts else t.to(self.device, non_blocking=True) for name, t in state.items()}
+        mapped = self.to_memory(index, state, experts_dtype or self.dtype)
+        for name, (module, attr) in fused.items():
+            setattr(module, attr, nn.Parameter(mapped.pop(name), requires_grad=False))
+        missing = layer.load_state_dict(mapped, strict=False)
+        absent = [k for k in missing.missing_keys if k not in fused]
+        if absent or missing.unexpected_keys:
             raise QuantMoeError(
                 f"layer {index} of {self.ckpt.path} does not match its {self.config.model_type} config "
-                f"(missing {missing.missing_keys[:3]}, unexpected {missing.unexpected_keys[:3]}); "
+                f"(missing {absent[:3]}, unexpected {missing.unexpected_keys[:3]}); "
                 "is the checkpoint complete and of this architecture?")
         return layer
+
+    def _fused_params(self, layer: nn.Module, index: int) -> dict[str, tuple[nn.Module, str]]:
+        """The routed experts' fused parameters of ``layer`` (their module and attribute), by their names
+        in the layer's state dict."""
+        plan = plan_layer(self.arch, self.config, index)
+        if plan.experts is None:
+            return {}
+        module = layer.get_submodule(plan.fused.module)
+        return {f"{plan.fused.module}.{attr}": (module, attr) for attr in (plan.fused.gate_up, plan.fused.down)}
+
+    @staticmethod
+    def _expert_tensor_names(plan, state: dict[str, Tensor]) -> list[str]:
+        """The per-expert (or fused on-disk) expert tensors of a layer's on-disk state."""
+        fused = plan.fused
+        names = [f"{plan.experts.linear(w, e)}.weight" for e in range(plan.num_experts) for w in (*fused.halves, "down")]
+        if fused.on_disk:
+            names += [fused.disk_gate_up, fused.disk_down]
+        return [n for n in names if n in state]
 
     def release_layer(self, index: int) -> None:
         self.model.model.layers[index].to_empty(device="meta")
 
-    def to_memory(self, index: int, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    def to_memory(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None
+                  ) -> dict[str, Tensor]:
         """On-disk layer tensors -> the layer module's state dict (experts stacked and fused).
 
         Experts come either one linear per expert (Hub checkpoints of most families, and every
         quantmoe export) or already fused (GraniteMoE's checkpoints); both end up as the row's
-        in-memory (E, 2I, H) gate_up and (E, H, I) down tensors.
+        in-memory (E, 2I, H) gate_up and (E, H, I) down tensors, on the stream's device in
+        ``experts_dtype`` (default: as stored), filled one expert at a time from ``state``, whose
+        per-expert tensors are taken out of it as they are used (so each can be freed at once).
         """
         arch = self.arch
         plan = plan_layer(arch, self.config, index)
+        state = dict(state)  # the caller's dict stays whole
         out: dict[str, Tensor] = {}
         consumed: set[str] = set()
         if plan.experts is not None:
@@ -211,17 +248,25 @@ class LayerStream:
             if fused.on_disk:
                 consumed.update((fused.disk_gate_up, fused.disk_down))
             if fused.on_disk and not per_expert:
-                out[gate_up_name], out[down_name] = state[fused.disk_gate_up], state[fused.disk_down]
+                out[gate_up_name], out[down_name] = (state[n].to(self.device, experts_dtype or state[n].dtype)
+                                                     for n in (fused.disk_gate_up, fused.disk_down))
             else:  # per-expert tensors win over fused ones: they are what a quantized export holds
-                gate_up, down = [], []
-                for e in range(plan.num_experts):
-                    halves = [f"{plan.experts.linear(w, e)}.weight" for w in fused.halves]
-                    d = f"{plan.experts.linear('down', e)}.weight"
-                    consumed.update((*halves, d))
-                    gate_up.append(torch.cat([state[h] for h in halves], dim=0))  # (2I, H)
-                    down.append(state[d])                                          # (H, I)
-                out[gate_up_name] = torch.stack(gate_up)
-                out[down_name] = torch.stack(down)
+                E = plan.num_experts
+                first = [state[f"{plan.experts.linear(w, 0)}.weight"] for w in (fused.halves[0], "down")]
+                dtype = experts_dtype or first[0].dtype
+                I, C = first[0].shape
+                gate_up = torch.empty(E, len(fused.halves) * I, C, device=self.device, dtype=dtype)
+                down = torch.empty(E, *first[1].shape, device=self.device, dtype=dtype)
+                del first
+                for e in range(E):
+                    for k, w in enumerate(fused.halves):  # (2I, H): the halves in the row's order
+                        name = f"{plan.experts.linear(w, e)}.weight"
+                        gate_up[e, k * I:(k + 1) * I].copy_(state.pop(name), non_blocking=True)
+                        consumed.add(name)
+                    name = f"{plan.experts.linear('down', e)}.weight"
+                    down[e].copy_(state.pop(name), non_blocking=True)  # (H, I)
+                    consumed.add(name)
+                out[gate_up_name], out[down_name] = gate_up, down
         for name, t in state.items():
             if name not in consumed:
                 out[arch.to_memory(name)] = t

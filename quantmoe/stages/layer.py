@@ -42,16 +42,17 @@ from ..gptq.core import (
 )
 from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
-from ..model.distributed import SINGLE, Ranks, gather_result
+from ..model.distributed import SINGLE, Ranks, gather_experts
 from ..model.stream import Batch, LayerStream
+from .experts import ExpertCosts, Levels, StoredExperts, group_size, routes
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
-# The down Hessians (and fit moments) of a layer's experts are built and solved in groups of experts
-# whose statistics take at most this much: 4 of Mixtral-8x7B's 8 (0.98 GiB each) per group.
-DOWN_STATS_BYTES = 4 << 30
-# Inputs of the MLP stage are captured once and reused by the passes after (down Hessians, shared
-# expert) when they take at most this much memory; above it, each pass captures them again.
+# Inputs of the MLP stage are captured once and reused by the passes after (routing, the groups of
+# experts' Hessians, the shared expert) when they take at most this much device memory; on CUDA,
+# larger ones are kept in page-locked host memory up to HOST_CAPTURE_BYTES (copying them back is
+# cheaper than a partial forward pass through attention); above that, each pass captures them again.
 CAPTURE_CACHE_BYTES = 1 << 30
+HOST_CAPTURE_BYTES = 16 << 30
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LayerResult:
     tensors: dict[str, Tensor]                        # packed GPTQ tensors under full on-disk names (rank 0 only)
     log: list[dict] = field(default_factory=list)     # one entry per quantized module
     expert_tokens: list[int] = field(default_factory=list)
+    expert_groups: int | None = None                     # groups the routed experts were solved in (budget)
     outputs: list[Batch] = field(default_factory=list)  # the next layer's inputs
     original_outputs: list[Batch] | None = None          # the same in the full-precision model (--fit stream)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, capture, hessians, solve, forward, write
@@ -141,25 +143,34 @@ class LayerQuantizer:
 
     def __init__(self, stream: LayerStream, index: int, batches: list[Batch], qcfg: QuantConfig,
                  state: dict[str, Tensor] | None = None, ranks: Ranks = SINGLE, tf32: bool = False,
-                 block_fn=quantize_block, original_batches: list[Batch] | None = None):
+                 block_fn=quantize_block, original_batches: list[Batch] | None = None, gpu_memory: int | None = None):
         """``state``: the layer's tensors if already read (by a prefetching thread), else read here.
+        ``gpu_memory``: bytes of device memory the routed experts' work may bring the process to (their
+        groups are sized to it, ``experts``); None: every expert of the layer at once.
         ``block_fn``: how GPTQ runs a block of columns (gptq_graphs.GraphedBlocks on CUDA).
         ``original_batches``: this layer's inputs in the full-precision model (``--fit stream``; for
         ``--fit layer``, ``batches`` themselves)."""
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
         self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
+        self.gpu_memory = gpu_memory
         self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
         self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
         with self.clock("load"):
             if state is None:
                 state = stream.layer_state(index, keep_dtype=True)
-            self.layer: nn.Module = stream.load_layer(index, state)
+            # Routed experts stay in the dtype they are stored in (StoredExperts); everything else is fp32.
+            self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=self._expert_dtype(state))
+            self.experts_module: nn.Module | None = None  # the fused module StoredExperts stands in for
+            if self.plan.experts is not None:
+                self.experts_module = self.layer.get_submodule(self.plan.fused.module)
+                self.layer.set_submodule(self.plan.fused.module, StoredExperts(
+                    getattr(self.experts_module, self.plan.fused.gate_up).data,
+                    getattr(self.experts_module, self.plan.fused.down).data, self.experts_module.act_fn))
             # --fit stream/layer: the layer as it was, run on the full-precision stream beside the one quantized.
             self.original: nn.Module | None = None
-            self.original_experts: tuple[Tensor, Tensor] | None = None  # (gate_up, down), see _original_copy
             if original_batches is not None:
-                self.original, self.original_experts = self._original_copy(self._expert_dtype(state))
+                self.original = self._original_copy()
         del state
         if original_batches is batches:  # --fit layer: each stream turns its own inputs into residuals
             original_batches = [Batch(b.hidden.clone(), b.kwargs) for b in batches]
@@ -185,36 +196,26 @@ class LayerQuantizer:
         names.append(f"{mlp.linear(fused.halves[0], 0)}.weight")
         return next((state[n].dtype for n in names if n in state), torch.float32)
 
-    def _original_copy(self, dtype: torch.dtype) -> tuple[nn.Module, tuple[Tensor, Tensor] | None]:
+    def _original_copy(self) -> nn.Module:
         """The layer before quantization, for the full-precision stream: a copy of every module but the
-        routed experts, whose fused (gate_up, down) tensors are kept apart in the checkpoint's ``dtype``
-        (they were converted from it, so converting back is exact): for Mixtral-8x7B 2.7 GiB instead
-        of a 5.4 GiB fp32 copy. The copy's expert tensors are empty; ``_restore_original`` puts it all
-        back into the layer for the full-precision stream's outputs."""
-        if self.plan.fused is None:
-            return copy.deepcopy(self.layer), None
-        fused = self.layer.get_submodule(self.plan.fused.module)
-        params = [getattr(fused, self.plan.fused.gate_up), getattr(fused, self.plan.fused.down)]
-        data = [p.data for p in params]
-        experts = (data[0].to(dtype, copy=True), data[1].to(dtype, copy=True))
+        routed experts, whose original weights StoredExperts keeps anyway (in the checkpoint's dtype);
+        ``_restore_original`` puts it all back into the layer for the full-precision stream's outputs."""
+        if self.plan.experts is None:
+            return copy.deepcopy(self.layer)
+        store = self.layer.get_submodule(self.plan.fused.module)
+        self.layer.set_submodule(self.plan.fused.module, nn.Identity())
         try:
-            for p in params:
-                p.data = p.data.new_empty(0)
-            original = copy.deepcopy(self.layer)
+            return copy.deepcopy(self.layer)
         finally:
-            for p, t in zip(params, data):
-                p.data = t
-        return original, experts
+            self.layer.set_submodule(self.plan.fused.module, store)
 
     def _restore_original(self) -> None:
         """The layer's weights back to those of ``_original_copy`` (once its quantized outputs are made)."""
         for name, p in self.original.named_parameters():
             if p.numel():
                 self.layer.get_parameter(name).data.copy_(p.data)
-        if self.original_experts is not None:
-            fused = self.layer.get_submodule(self.plan.fused.module)
-            for attr, t in zip((self.plan.fused.gate_up, self.plan.fused.down), self.original_experts):
-                getattr(fused, attr).data.copy_(t)
+        if self.plan.experts is not None:
+            self.layer.get_submodule(self.plan.fused.module).use_quantized = False
 
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
@@ -255,9 +256,12 @@ class LayerQuantizer:
         attention is done), so it is kept for that call if it fits in CAPTURE_CACHE_BYTES,
         which saves a partial forward pass (through attention) per reuse."""
         if module_path in self._kept:
-            yield from self._kept[module_path]
+            for x, x0 in self._kept[module_path]:
+                with self._stage("capture"):
+                    x_dev = x.to(self.stream.device, non_blocking=True)
+                    yield x_dev, (x_dev if x0 is x else x0.to(self.stream.device, non_blocking=True))
             return
-        kept, size = ([] if keep else None), 0
+        kept, size, on_host = ([] if keep else None), 0, False
         originals = None if self.original is None else self._inputs(module_path, original=True)
         for x in self._captured(module_path):
             x0 = x
@@ -267,7 +271,14 @@ class LayerQuantizer:
             if kept is not None:
                 # Judged on the first batch: a cache that will not fit is not started (its growth is peak memory).
                 size = max(size, x.numel() * x.element_size() * (1 if x0 is x else 2) * len(self.batches))
-                kept = kept + [(x, x0)] if size <= CAPTURE_CACHE_BYTES else None
+                on_host = size > CAPTURE_CACHE_BYTES and self.stream.device.type == "cuda"
+                if size > (HOST_CAPTURE_BYTES if on_host else CAPTURE_CACHE_BYTES):
+                    kept = None
+                elif on_host:
+                    x_host = _pinned_copy(x)
+                    kept.append((x_host, x_host if x0 is x else _pinned_copy(x0)))
+                else:
+                    kept.append((x, x0))
             yield x, x0
         if kept is not None:
             self._kept[module_path] = kept
@@ -348,14 +359,7 @@ class LayerQuantizer:
         forward pass) and the router's score for each of them (what its output is multiplied by)."""
         router = self.layer.get_submodule(self.arch.router_module)
         out = router(X)
-        top_k_index = out[self.arch.router_indices]   # (T, k)
-        top_k_weight = out[self.arch.router_weights]  # (T, k)
-        routes = []
-        for e in range(self.plan.num_experts):
-            hit = top_k_index == e
-            rows = hit.any(dim=-1).nonzero().squeeze(-1)
-            routes.append((rows, (top_k_weight * hit).sum(-1)[rows]))
-        return routes
+        return routes(out[self.arch.router_indices], out[self.arch.router_weights], self.plan.num_experts)
 
     def expert_rows(self, x: Tensor, route: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
         """The rows of x (T, C) that make an expert's Hessian, and their weights (see --expert-hessian)."""
@@ -392,175 +396,158 @@ class LayerQuantizer:
             res.W = None
             return res
 
-    def _gathered(self, res: QuantResult) -> QuantResult:
-        """This process's experts' result -> every expert's (distributed.gather_result)."""
-        with self._stage("solve"):
-            return gather_result(res, self.plan.num_experts, self.ranks)
-
     def experts(self) -> None:
-        """All routed experts of the layer (this process's share of them), solved as one batch."""
-        qcfg, arch, mlp, ranks = self.qcfg, self.arch, self.plan.experts, self.ranks
-        E = self.plan.num_experts
-        own = ranks.share(E)
-        mine = slice(own.start, own.stop)
-        layout = self.plan.fused
-        fused = self.layer.get_submodule(layout.module)
-        act = fused.act_fn
-        gate_up_proj, down_proj = getattr(fused, layout.gate_up), getattr(fused, layout.down)
-        _, I2, C = gate_up_proj.shape  # (E, 2I, H), the halves in layout.halves order
-        I = I2 // 2
-        half = {name: slice(k * I, (k + 1) * I) for k, name in enumerate(layout.halves)}
-        dev = gate_up_proj.device
-        gptq = qcfg.backend != "rtn"
-        blend = gptq and qcfg.rare_expert != "rtn"
-        fit = self.fit_down
+        """All routed experts of the layer (this process's share of them), a group at a time: each
+        group's gate/up Hessians are built in one pass over the tokens and solved, then its down
+        Hessians in a second pass, and solved; only one group's statistics are resident at once
+        (``expert_group``: as many experts as ``gpu_memory`` leaves room for; all of them without a
+        budget). Every expert's result is the same whatever the grouping."""
+        store: StoredExperts = self.layer.get_submodule(self.plan.fused.module)
+        E, I2, C = store.gate_up.shape
+        own = self.ranks.share(E)
+        spec = spec_of(self.qcfg)
+        dev = self.stream.device
+        gate_up = Levels(len(own), I2, C, spec.groups(C), spec.bits, dev)
+        down = Levels(len(own), C, I2 // 2, spec.groups(I2 // 2), spec.bits, dev)
         t0 = time.perf_counter()
+        counts, H_all = None, None
+        groups = self._expert_groups(store, own)
+        self.result.expert_groups = len(groups)
+        for group in groups:
+            if counts is None:  # the first pass also counts every expert's tokens and builds the all-token Hessian
+                counts, H_all = self._token_counts(own)
+            res_gu, res_d = self._solve_expert_group(store, own, group, counts, H_all)
+            gate_up.put(group.start, res_gu)
+            down.put(group.start, res_d)
+            del res_gu, res_d
+        del H_all
+        self.result.expert_tokens = counts
+        with self._stage("solve"):
+            gather = partial(gather_experts, ranks=self.ranks)
+            store.quantized, store.use_quantized = (gate_up.gathered(E, gather), down.gathered(E, gather)), True
+        self._store_experts(store, counts, time.perf_counter() - t0)
 
-        # Pass 1: route every token; the gate/up Hessians of this process's experts, and the
-        # all-token Hessian that rare experts blend in.
-        counts = [0] * E
-        H_gu = torch.zeros(len(own), C, C, device=dev) if gptq else None
-        X0_gu = torch.zeros_like(H_gu) if self.fit_stream else None  # cross moments, see gptq_quantize
-        n_gu = [0] * len(own)
-        H_all = torch.zeros(C, C, device=dev) if blend else None
+    def _expert_groups(self, store: StoredExperts, own: range) -> list[range]:
+        """Consecutive positions of ``own`` making the groups, sized to ``self.gpu_memory``."""
+        E, I2, C = store.gate_up.shape
+        costs = ExpertCosts(C, I2 // 2, hessians=self.qcfg.backend != "rtn", cross=self.fit_stream,
+                            fit_down=self.fit_down)
+        in_use = 0
+        if self.gpu_memory is not None:
+            in_use = costs.levels(E) + (torch.cuda.memory_allocated(self.stream.device)
+                                        if self.stream.device.type == "cuda" else 0)
+        per = group_size(self.gpu_memory, in_use, costs, len(own), self.index)
+        return [range(s, min(s + per, len(own))) for s in range(0, max(len(own), 1), per)]
+
+    def _token_counts(self, own: range) -> tuple[list[int], Tensor | None]:
+        """Routed tokens of every expert, and (for --rare-expert blend/all-tokens) the Hessian of all
+        tokens entering the MoE block, in one pass."""
+        gptq = self.qcfg.backend != "rtn"
+        blend = gptq and self.qcfg.rare_expert != "rtn"
+        counts = [0] * self.plan.num_experts
+        C = self.layer.get_submodule(self.plan.fused.module).gate_up.shape[-1]
+        H_all = torch.zeros(C, C, device=self.stream.device) if blend else None
         n_all = 0
-        for x, x0 in self._captured_pairs(arch.moe_module, keep=True):
+        for x, _ in self._captured_pairs(self.arch.moe_module, keep=True):
             with self._stage("hessians"):
-                routes = self.route(x)
-                counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routes)]
-                if gptq:
-                    for j, e in enumerate(own):
-                        rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                        if X0_gu is not None:
-                            accumulate_moment(X0_gu[j], rows0, rows, n_gu[j], w)
-                        _, n_gu[j] = accumulate_hessian(H_gu[j], rows, n_gu[j], w)
+                counts = [c + int(t.numel()) for c, (t, _) in zip(counts, self.route(x))]
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
-        self.result.expert_tokens = counts
+        return counts, H_all
+
+    def _solve_expert_group(self, store: StoredExperts, own: range, group: range, counts: list[int],
+                            H_all: Tensor | None) -> tuple[QuantResult, QuantResult]:
+        """Gate/up, then down, of the experts at positions ``group`` of ``own``; their levels (no W)."""
+        qcfg = self.qcfg
+        I = store.gate_up.shape[1] // 2
+        C = store.gate_up.shape[2]
+        experts = [own[j] for j in group]
         threshold = self.rare_threshold(C, I)
-        rare = [j for j, e in enumerate(own) if counts[e] < threshold]
-        fallback = {e: self._fallback_note(counts[e], threshold) for e in range(E) if counts[e] < threshold}
-        if blend:
-            for j in rare:
-                H_gu[j] = _blend(H_gu[j], H_all, counts[own[j]], threshold, qcfg.rare_expert)
-                if X0_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ (P = W H)
-                    X0_gu[j] = H_gu[j]
-        del H_all
+        rare = [k for k, e in enumerate(experts) if counts[e] < threshold]
+        H_gu = X0_gu = None
+        if qcfg.backend != "rtn":
+            H_gu, X0_gu = self._gate_up_statistics(experts)
+            for k in rare:
+                if H_all is not None:
+                    H_gu[k] = _blend(H_gu[k], H_all, counts[experts[k]], threshold, qcfg.rare_expert)
+                    if X0_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ (P = W H)
+                        X0_gu[k] = H_gu[k]
+        W = store.gate_up[experts[0]:experts[-1] + 1].to(torch.float32, copy=True)  # GPTQ's working copy
+        res_gu = self._solve_local(W, H_gu, rare, cross=X0_gu, overwrite_W=True)
+        del W, H_gu, X0_gu
+        H_d = P_d = None
+        if qcfg.backend != "rtn":
+            H_d, P_d = self._down_statistics(store, experts, res_gu, counts, threshold, rare)
+        W = store.down[experts[0]:experts[-1] + 1].to(torch.float32, copy=True)
+        res_d = self._solve_local(W, H_d, rare, P_d, overwrite_W=True)
+        return res_gu, res_d
 
-        # Pass 2 runs the quantized gate/up (true-sequential) and, for the fit or without true-sequential,
-        # the original ones. Where the originals are kept elsewhere (the full-precision copy of --fit
-        # stream/layer) or not needed, the layer's gate/up become GPTQ's working copy and then hold the
-        # quantized weights; otherwise the layer keeps its originals until the down Hessians are built
-        # and the quantized ones are rebuilt from the levels per batch (--fit mlp: no second fp32 copy).
-        original_gu = None if self.original_experts is None else self.original_experts[0]
-        quantized_in = original_gu is not None or (qcfg.true_sequential and not fit)
-        res_gu = self._gathered(self._solve_local(gate_up_proj.data[mine], H_gu, rare, cross=X0_gu,
-                                                  overwrite_W=quantized_in))
-        del H_gu, X0_gu
-        if quantized_in:
-            for e in range(E):
-                gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
-        else:
-            original_gu = gate_up_proj.data
+    def _gate_up_statistics(self, experts: list[int]) -> tuple[Tensor, Tensor | None]:
+        """Pass 1 for ``experts``: their gate/up Hessians (and under --fit stream the cross moments with
+        the full-precision stream's inputs, see gptq_quantize), from the tokens routed to each."""
+        C = self.layer.get_submodule(self.plan.fused.module).gate_up.shape[-1]
+        H = torch.zeros(len(experts), C, C, device=self.stream.device)
+        X0 = torch.zeros_like(H) if self.fit_stream else None
+        n = [0] * len(experts)
+        for x, x0 in self._captured_pairs(self.arch.moe_module, keep=True):
+            with self._stage("hessians"):
+                routed = self.route(x)
+                for k, e in enumerate(experts):
+                    rows, rows0, w = self.expert_pairs(x, x0, routed[e])
+                    if X0 is not None:
+                        accumulate_moment(X0[k], rows0, rows, n[k], w)
+                    _, n[k] = accumulate_hessian(H[k], rows, n[k], w)
+        return H, X0
 
-        t1 = time.perf_counter()
-        log_gu = {}
-        for name_of, part in zip(layout.halves, _split_rows(res_gu, [I, I])):
-            for e in range(E):
-                self._store([mlp.linear(name_of, e)], _select(part, e))
-                log_gu[name_of, e] = _log(self.prefix + mlp.linear(name_of, e), "expert", part, e, (I, C), counts[e],
-                                          (t1 - t0) / E / 2, fallback.get(e))
-        del part
-        if quantized_in:
-            del res_gu  # packed; what follows needs room for the down statistics
-
-        # Pass 2: the down Hessians, from the outputs of the (quantized) gate/up of the routed tokens,
-        # built and solved a group of experts at a time (DOWN_STATS_BYTES).
-        if gptq and self.original_experts is not None:
-            # The original down weights are in the full-precision copy: the layer's fp32 ones are freed
-            # until the quantized ones go in, and each group's solve works in an fp32 copy of its own.
-            Wd = self.original_experts[1][mine]
-            down_proj.data = down_proj.data.new_empty(0)
-        else:
-            Wd = down_proj.data[mine]  # still the original; each group's becomes its solve's working copy
-        if gptq:
-            per = max(1, DOWN_STATS_BYTES // ((I * I + (C * I if fit else 0)) * 4))
-            parts = []
-            for start in range(0, max(len(own), 1), per):
-                group = range(start, min(start + per, len(own)))
-                H_d, P_d = self._down_statistics(group, own, Wd, original_gu, None if quantized_in else res_gu,
-                                                 counts, threshold, rare, act, half)
-                # A copy even where Wd is fp32 already: Wd may be the full-precision stream's originals.
-                W_group = Wd[group.start:group.stop].to(torch.float32, copy=True)
-                parts.append(self._solve_local(W_group, H_d, [j - start for j in rare if j in group], P_d,
-                                               overwrite_W=True))
-                del W_group
-                del H_d, P_d
-            res_d = _concat(parts)
-            del parts
-        else:
-            res_d = self._solve_local(Wd, None, rare)
-        res_d = self._gathered(res_d)
-        if not quantized_in:
-            for e in range(E):
-                gate_up_proj.data[e].copy_(_dequantized(res_gu, e))
-            del res_gu
-        del original_gu, Wd
-        if down_proj.data.numel() == 0:
-            down_proj.data = torch.empty(E, C, I, device=dev, dtype=gate_up_proj.dtype)
-        for e in range(E):
-            down_proj.data[e].copy_(_dequantized(res_d, e))
-        t2 = time.perf_counter()
-        for e in range(E):
-            self._store([mlp.linear("down", e)], _select(res_d, e))
-
-        for e in range(E):
-            self.result.log += [log_gu["gate", e], log_gu["up", e],
-                                _log(self.prefix + mlp.linear("down", e), "expert", res_d, e, (C, I), counts[e],
-                                     (t2 - t1) / E, fallback.get(e))]
-
-    def _down_statistics(self, group: range, own: range, Wd: Tensor, original_gu: Tensor,
-                         res_gu: QuantResult | None, counts: list[int], threshold: int, rare: list[int], act,
-                         half: dict[str, slice]) -> tuple[Tensor, Tensor | None]:
-        """Pass 2 for the experts at positions ``group`` of this process's share ``own``: their down
-        Hessians (and, for the fit, the moments P of the original MLP's outputs), from the routed
-        tokens run through the quantized gate/up (in the layer, or rebuilt from ``res_gu``'s levels).
-        ``original_gu`` (E, 2I, C) holds the original gate/up and ``Wd`` the original down of ``own``,
-        both in any float dtype."""
+    def _down_statistics(self, store: StoredExperts, experts: list[int], res_gu: QuantResult, counts: list[int],
+                         threshold: int, rare: list[int]) -> tuple[Tensor, Tensor | None]:
+        """Pass 2 for ``experts``: their down Hessians (and, for the fit, the moments P of the original
+        MLP's outputs), from the routed tokens run through the quantized gate/up (rebuilt from
+        ``res_gu``'s levels, position k for experts[k]) or, without true-sequential, the original."""
         qcfg, fit = self.qcfg, self.fit_down
-        gate_up_proj = getattr(self.layer.get_submodule(self.plan.fused.module), self.plan.fused.gate_up)
-        C, I = Wd.shape[1], Wd.shape[2]
-        dev = Wd.device
-        H_d = torch.zeros(len(group), I, I, device=dev)
-        P_d = torch.zeros(len(group), C, I, device=dev) if fit else None
-        n_d = [0] * len(group)
-        H_all_d = {k: torch.zeros(I, I, device=dev) for k, j in enumerate(group) if j in rare} \
-            if qcfg.rare_expert != "rtn" else {}
+        half = {name: slice(k * store.gate_up.shape[1] // 2, (k + 1) * store.gate_up.shape[1] // 2)
+                for k, name in enumerate(self.plan.fused.halves)}
+        C, I = store.down.shape[1], store.down.shape[2]
+        dev, act = self.stream.device, store.act_fn
+        H_d = torch.zeros(len(experts), I, I, device=dev)
+        P_d = torch.zeros(len(experts), C, I, device=dev) if fit else None
+        n_d = [0] * len(experts)
+        H_all_d = {k: torch.zeros(I, I, device=dev) for k in rare} if qcfg.rare_expert != "rtn" else {}
         n_all_d = dict.fromkeys(H_all_d, 0)
         for x, x0 in self._captured_pairs(self.arch.moe_module, keep=True):
             with self._stage("hessians"):
-                routes = self.route(x)
-                for k, j in enumerate(group):
-                    e = own[j]
-                    rows, rows0, w = self.expert_pairs(x, x0, routes[e])
-                    W_gu = original_gu[e].float() if fit or not qcfg.true_sequential else None  # (2I, C)
-                    if not qcfg.true_sequential:
-                        src = W_gu
-                    else:  # the quantized gate/up, in the layer or rebuilt from the levels
-                        src = gate_up_proj.data[e] if res_gu is None else _dequantized(res_gu, e)
+                routed = self.route(x)
+                for k, e in enumerate(experts):
+                    rows, rows0, w = self.expert_pairs(x, x0, routed[e])
+                    W_gu = store.gate_up[e].float() if fit or not qcfg.true_sequential else None  # (2I, C)
+                    src = _dequantized(res_gu, k) if qcfg.true_sequential else W_gu
                     Wg, Wu = src[half["gate"]], src[half["up"]]
-                    original = (W_gu[half["gate"]], W_gu[half["up"]], Wd[j].float()) if fit else None
+                    original = (W_gu[half["gate"]], W_gu[half["up"]], store.down[e].float()) if fit else None
                     n_d[k] = fold_down(H_d[k], None if P_d is None else P_d[k], n_d[k], rows, w, Wg, Wu,
                                        act, original, rows0)
                     if k in H_all_d:
                         for h in mlp_hidden(x, Wg, Wu, act):
                             _, n_all_d[k] = accumulate_hessian(H_all_d[k], h, n_all_d[k])
         for k, H_all_k in H_all_d.items():
-            j = group[k]
-            H_d[k] = _blend(H_d[k], H_all_k, counts[own[j]], threshold, qcfg.rare_expert)
+            H_d[k] = _blend(H_d[k], H_all_k, counts[experts[k]], threshold, qcfg.rare_expert)
             if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
-                P_d[k] = Wd[j].float() @ H_d[k]
+                P_d[k] = store.down[experts[k]].float() @ H_d[k]
         return H_d, P_d
+
+    def _store_experts(self, store: StoredExperts, counts: list[int], seconds: float) -> None:
+        """Every expert's packed tensors and log entries (gate, up, down per expert)."""
+        mlp, E = self.plan.experts, self.plan.num_experts
+        I, C = store.gate_up.shape[1] // 2, store.gate_up.shape[2]
+        threshold = self.rare_threshold(C, I)
+        gate_up, down = store.quantized
+        for e in range(E):
+            parts = dict(zip(self.plan.fused.halves, _split_rows(gate_up.result(e), [I, I])))
+            parts["down"] = down.result(e)
+            note = self._fallback_note(counts[e], threshold) if counts[e] < threshold else None
+            for w in ("gate", "up", "down"):
+                self._store([mlp.linear(w, e)], parts[w])
+                self.result.log.append(_log(self.prefix + mlp.linear(w, e), "expert", parts[w], 0,
+                                            (C, I) if w == "down" else (I, C), counts[e], seconds / E / 3, note))
 
     def dense(self, mlp: MLP, module_path: str, kind: str) -> None:
         """A gated MLP fed every token entering ``module_path``: a shared expert or a dense layer's MLP."""
@@ -615,7 +602,7 @@ class LayerQuantizer:
             if self.original is not None and self.qcfg.fit == "stream":
                 self._restore_original()
                 self.result.original_outputs = forward(self.layer, self.original_batches, self.ranks)
-        self.original = self.original_experts = None
+        self.original = None
 
     def run(self) -> LayerResult:
         self.attention()
@@ -624,10 +611,17 @@ class LayerQuantizer:
             self.result.packed = torch.cuda.Event()
             self.result.packed.record()
         self.outputs()
+        if self.experts_module is not None:  # the fused module back in its place, for the skeleton
+            self.layer.set_submodule(self.plan.fused.module, self.experts_module)
         self.stream.release_layer(self.index)
         self.result.timings = self.clock.rounded()
         self.result.peak_gpu_mb = dict(self.clock.peak_gpu_mb)
         return self.result
+
+
+def _pinned_copy(t: Tensor) -> Tensor:
+    """A copy of the device tensor t in page-locked host memory (queued; the device's stream orders its use)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def _blend(H_routed: Tensor, H_all: Tensor, count: int, threshold: int, policy: str) -> Tensor:
@@ -649,25 +643,12 @@ def _split_rows(res: QuantResult, rows: list[int]) -> list[QuantResult]:
     return out
 
 
-def _select(res: QuantResult, b: int) -> QuantResult:
-    return QuantResult(q=res.q[b:b + 1], scales=res.scales[b:b + 1], zeros=res.zeros[b:b + 1], g_idx=res.g_idx,
-                       W=None if res.W is None else res.W[b:b + 1], loss=res.loss[b:b + 1], damp=res.damp[b:b + 1])
-
-
 def _replace(res: QuantResult, sub: QuantResult, idx: list[int]) -> QuantResult:
     """res with the matrices at batch positions idx replaced by sub's (W only where res has it)."""
     for field_name in ("q", "scales", "zeros", "W", "loss", "damp"):
         if getattr(res, field_name) is not None:
             getattr(res, field_name)[idx] = getattr(sub, field_name)
     return res
-
-
-def _concat(parts: list[QuantResult]) -> QuantResult:
-    """Results over consecutive groups of matrices (without W) as one result."""
-    if len(parts) == 1:
-        return parts[0]
-    return QuantResult(**{name: torch.cat([getattr(r, name) for r in parts])
-                          for name in ("q", "scales", "zeros", "loss", "damp")}, g_idx=parts[0].g_idx, W=None)
 
 
 def _dequantized(res: QuantResult, b: int) -> Tensor:

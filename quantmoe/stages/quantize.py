@@ -147,7 +147,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
              seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
              run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int | None = None,
              quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
-             block_kernel: str = "auto", ranks: Ranks | None = None) -> dict:
+             block_kernel: str = "auto", gpu_memory: str | int | None = None, ranks: Ranks | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
@@ -157,7 +157,10 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
 
     ``tf32``: TF32 matrix products for Hessians and forward passes on CUDA (faster; changes
     results by rounding only, see benchmarks/README.md). ``prefetch``: read the next layer
-    in a background thread. ``block_kernel``: how GPTQ's column loop runs, one of BLOCK_KERNELS
+    in a background thread. ``gpu_memory``: the device memory the run may use ("70GB"; default on CUDA:
+    what the device has free now, less some headroom; on CPU: no limit); a layer's routed experts are
+    worked on in groups that fit it (stages/experts.py), with the same bytes for any budget.
+    ``block_kernel``: how GPTQ's column loop runs, one of BLOCK_KERNELS
     (see block_function; every choice gives the same bits). ``ranks``: this process's place
     under torchrun (default: read from torchrun's environment variables; a single process
     without them).
@@ -186,6 +189,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
     dev = join(ranks, pick_device(device))  # a no-op for a single process
     block_fn = block_function(block_kernel, dev)
+    budget = memory_budget(gpu_memory, dev)
     stream = LayerStream(ckpt, dev)
     n = stream.num_layers
     batch_size = batch_size or default_batch_size(stream.config, ids.shape[1])
@@ -229,7 +233,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             waited = time.perf_counter() - t0
             next_state = reader.submit(stream.layer_state, i + 1, True, pin) if prefetch and i + 1 < n else None
             quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn,
-                                       batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals)
+                                       batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals,
+                                       budget)
             del state  # on the device now; host memory holds only the layer being prefetched
             result = quantizer.run()
             del quantizer
@@ -246,7 +251,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                 peak_gpu = max(peak_gpu, layer_peak)
             entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3), "timings": timings,
                      "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb, "peak_rss_mb": rss.take(),
-                     "expert_tokens": result.expert_tokens, "modules": result.log}
+                     "expert_tokens": result.expert_tokens, "expert_groups": result.expert_groups,
+                     "modules": result.log}
             if ranks.writes:
                 written = writer.submit(_write_when_packed, result.packed, work, i, result.tensors, entry, fp)
             layers_log.append(entry)
@@ -301,6 +307,26 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         raise
     shutil.rmtree(work, ignore_errors=True)
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes, "rank": 0}
+
+
+# What a default budget leaves free on the device: the caching allocator's fragmentation and the
+# temporaries of a forward pass, which the experts' group sizing does not count.
+BUDGET_HEADROOM = 4 << 30
+
+
+def memory_budget(gpu_memory: str | int | None, dev: torch.device) -> int | None:
+    """The bytes of device memory the run may use: ``gpu_memory`` ("40GB"), or on CUDA by default what
+    the device has free (plus what this process already holds) less BUDGET_HEADROOM; None on CPU
+    without one (no grouping)."""
+    if gpu_memory is not None:
+        try:
+            return parse_size(gpu_memory)
+        except QuantMoeError:
+            raise QuantMoeError(f"--gpu-memory {gpu_memory!r} is not a size; write it like 70GB or 40GB") from None
+    if dev.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(dev)
+    return free + torch.cuda.memory_reserved(dev) - BUDGET_HEADROOM
 
 
 def _write_when_packed(packed: torch.cuda.Event | None, *args) -> Path:

@@ -1,0 +1,173 @@
+"""A layer's routed experts while they are quantized: held compactly, routed once per batch, and
+worked on a group at a time within a memory budget.
+
+- ``StoredExperts`` stands in for transformers' fused experts module during quantization. It keeps
+  the original weights as the checkpoint stores them (bf16 for most releases: half of fp32) and,
+  once quantized, GPTQ's integer levels (one byte a weight) instead of fp32 copies of either; each
+  forward pass rebuilds one expert's fp32 weights at a time. Its forward is transformers' own eager
+  loop over the experts (the same for every family), on the same fp32 values the fused fp32
+  tensors would hold, so the outputs are bit for bit those of the fused module.
+- ``routes`` sorts a batch's (token, expert) pairs by expert once, instead of comparing every
+  expert with the router's choices: one host synchronisation per batch rather than one per expert.
+- ``ExpertCosts`` and ``group_size`` size the groups of experts whose Hessians, cross moments and
+  working copies are resident at once (``--gpu-memory``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..base.errors import QuantMoeError
+from ..gptq.core import QuantResult, dequantize
+
+
+class Levels:
+    """GPTQ's results for n matrices (R, C), filled a group at a time, kept compactly: 4-bit levels two to
+    a byte (an even C), 8-bit ones a byte each; grids as GPTQ gives them. No dequantized W."""
+
+    def __init__(self, n: int, rows: int, columns: int, groups: int, bits: int, device: torch.device):
+        self.columns, self.bits = columns, bits
+        self.packed = bits == 4 and columns % 2 == 0
+        self.q = torch.empty(n, rows, columns // 2 if self.packed else columns, dtype=torch.uint8, device=device)
+        self.scales = torch.empty(n, rows, groups, dtype=torch.float16, device=device)
+        self.zeros = torch.empty(n, rows, groups, dtype=torch.uint8, device=device)
+        self.loss = torch.empty(n, rows, device=device)
+        self.damp = torch.empty(n, device=device)
+        self.g_idx: Tensor | None = None
+
+    def put(self, start: int, res: QuantResult) -> None:
+        """Matrices start.. of a group's result (whose W is not needed)."""
+        stop = start + res.q.shape[0]
+        self.q[start:stop] = (res.q[..., 0::2] | (res.q[..., 1::2] << 4)) if self.packed else res.q
+        for name in ("scales", "zeros", "loss", "damp"):
+            getattr(self, name)[start:stop] = getattr(res, name)
+        self.g_idx = res.g_idx
+
+    def levels(self, b: int) -> Tensor:
+        """Matrix b's levels (R, C), uint8."""
+        q = self.q[b]
+        return torch.stack((q & 15, q >> 4), dim=-1).reshape(q.shape[0], self.columns) if self.packed else q
+
+    def result(self, b: int) -> QuantResult:
+        """Matrix b as a QuantResult of one matrix (levels unpacked)."""
+        return QuantResult(q=self.levels(b)[None], scales=self.scales[b:b + 1], zeros=self.zeros[b:b + 1],
+                           g_idx=self.g_idx, W=None, loss=self.loss[b:b + 1], damp=self.damp[b:b + 1])
+
+    def weight(self, b: int) -> Tensor:
+        """Matrix b's fp32 weights, scale * (level - zero): what the dequantized export holds."""
+        return dequantize(self.levels(b), self.scales[b], self.zeros[b], self.g_idx)
+
+    def gathered(self, n: int, gather) -> Levels:
+        """Every process's share -> all n matrices (``gather``: distributed.gather_experts)."""
+        for name in ("q", "scales", "zeros", "loss", "damp"):
+            setattr(self, name, gather(getattr(self, name), n))
+        return self
+
+
+class StoredExperts(nn.Module):
+    """Routed experts (E of them) computing with weights rebuilt one expert at a time.
+
+    ``gate_up`` (E, 2I, C) and ``down`` (E, C, I): the original weights in the dtype they were
+    stored in. ``quantized``: (gate_up, down) Levels over all E experts once they are solved;
+    ``use_quantized`` chooses which weights the forward pass runs with.
+    """
+
+    def __init__(self, gate_up: Tensor, down: Tensor, act_fn):
+        super().__init__()
+        self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
+        self.num_experts = gate_up.shape[0]
+        self.quantized: tuple[Levels, Levels] | None = None
+        self.use_quantized = False
+
+    def weights(self, e: int, quantized: bool) -> tuple[Tensor, Tensor]:
+        """Expert e's fp32 (gate_up (2I, C), down (C, I)): the quantized ones, or the originals."""
+        if quantized:
+            gu, d = self.quantized
+            return gu.weight(e), d.weight(e)
+        return self.gate_up[e].float(), self.down[e].float()
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """transformers' eager experts loop (MixtralExperts.forward and its copies), weights rebuilt per expert."""
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        quantized = self.use_quantized and self.quantized is not None
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == self.num_experts:
+                continue
+            gate_up, down = self.weights(int(expert_idx), quantized)
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+            current_hidden_states = self.act_fn(gate) * up
+            current_hidden_states = nn.functional.linear(current_hidden_states, down)
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> list[tuple[Tensor, Tensor]]:
+    """Per expert, the tokens the router sends it, ascending, and the router's score for each.
+
+    ``top_k_index``/``top_k_weight`` (T, k). The pairs are sorted by expert once (stable, so each
+    expert's tokens stay in order) and cut at the counts, read back in one synchronisation. An index
+    of ``num_experts`` (transformers' slot for a token routed nowhere) is dropped.
+    """
+    T, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    tokens = order // k
+    weights = top_k_weight.reshape(-1)[order]
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
+    out, start = [], 0
+    for n in counts:
+        out.append((tokens[start:start + n], weights[start:start + n]))
+        start += n
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertCosts:
+    """Bytes one routed expert's statistics and working copies take while its group is solved.
+
+    C: hidden size, I: expert width. Gate/up: the Hessian (C, C), under --fit stream the cross
+    moment (C, C) too, a working copy of the (2I, C) weights and GPTQ's levels and errors beside it
+    (about two more); down: the Hessian (I, I), the fit's moment (C, I), a working copy of (C, I)
+    and the same again, while the group's gate/up levels (one byte a weight) are kept.
+    """
+
+    C: int
+    I: int
+    hessians: bool = True   # gptq (False: rtn, no statistics)
+    cross: bool = False     # --fit stream: the gate/up cross moment
+    fit_down: bool = False  # --fit mlp/stream: the down projection's output moment
+
+    @property
+    def per_expert(self) -> int:
+        C, I = self.C, self.I
+        gate_up = (C * C * (1 + self.cross) if self.hessians else 0) + 3 * 2 * I * C
+        down = (I * I if self.hessians else 0) + (C * I if self.fit_down else 0) + 3 * C * I
+        return 4 * max(gate_up, down) + 2 * I * C
+
+    def levels(self, experts: int) -> int:
+        """Bytes of the quantized levels of ``experts`` experts (gate/up and down), kept for the forward passes."""
+        return 3 * self.I * self.C * experts
+
+
+def group_size(budget: int | None, in_use: int, costs: ExpertCosts, experts: int, layer: int) -> int:
+    """How many experts fit the ``budget`` (bytes; None: all) beside the ``in_use`` bytes already held."""
+    if budget is None:
+        return max(experts, 1)
+    room = budget - in_use
+    if room < costs.per_expert:
+        need = (in_use + costs.per_expert) / 1e9
+        raise QuantMoeError(f"--gpu-memory {budget / 1e9:.1f}GB is too small for one expert of layer {layer}: the "
+                            f"layer, its activations and one expert's statistics need about {need:.1f}GB; use "
+                            f"--gpu-memory {need + 0.5:.0f}GB or more, --fit none, or more GPUs")
+    return max(1, min(experts, room // costs.per_expert))
