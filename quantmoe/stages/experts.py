@@ -82,12 +82,26 @@ class StoredExperts(nn.Module):
         self.quantized: tuple[Levels, Levels] | None = None
         self.use_quantized = False
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(E, I, C): experts, expert width, hidden size."""
+        E, I2, C = self.gate_up.shape
+        return E, I2 // 2, C
+
+    def original(self, which: str, e: int) -> Tensor:
+        """Expert e's original ``which`` ("gate_up" (2I, C) or "down" (C, I)) weights in fp32."""
+        return getattr(self, which)[e].float()
+
+    def originals(self, which: str, start: int, stop: int) -> Tensor:
+        """Experts start..stop-1's original ``which`` weights as a new fp32 tensor (GPTQ's working copy)."""
+        return getattr(self, which)[start:stop].to(torch.float32, copy=True)
+
     def weights(self, e: int, quantized: bool) -> tuple[Tensor, Tensor]:
         """Expert e's fp32 (gate_up (2I, C), down (C, I)): the quantized ones, or the originals."""
         if quantized:
             gu, d = self.quantized
             return gu.weight(e), d.weight(e)
-        return self.gate_up[e].float(), self.down[e].float()
+        return self.original("gate_up", e), self.original("down", e)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """transformers' eager experts loop (MixtralExperts.forward and its copies), weights rebuilt per expert."""

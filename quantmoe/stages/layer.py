@@ -403,12 +403,12 @@ class LayerQuantizer:
         (``expert_group``: as many experts as ``gpu_memory`` leaves room for; all of them without a
         budget). Every expert's result is the same whatever the grouping."""
         store: StoredExperts = self.layer.get_submodule(self.plan.fused.module)
-        E, I2, C = store.gate_up.shape
+        E, I, C = store.shape
         own = self.ranks.share(E)
         spec = spec_of(self.qcfg)
         dev = self.stream.device
-        gate_up = Levels(len(own), I2, C, spec.groups(C), spec.bits, dev)
-        down = Levels(len(own), C, I2 // 2, spec.groups(I2 // 2), spec.bits, dev)
+        gate_up = Levels(len(own), 2 * I, C, spec.groups(C), spec.bits, dev)
+        down = Levels(len(own), C, I, spec.groups(I), spec.bits, dev)
         t0 = time.perf_counter()
         counts, H_all = None, None
         groups = self._expert_groups(store, own)
@@ -429,8 +429,8 @@ class LayerQuantizer:
 
     def _expert_groups(self, store: StoredExperts, own: range) -> list[range]:
         """Consecutive positions of ``own`` making the groups, sized to ``self.gpu_memory``."""
-        E, I2, C = store.gate_up.shape
-        costs = ExpertCosts(C, I2 // 2, hessians=self.qcfg.backend != "rtn", cross=self.fit_stream,
+        E, I, C = store.shape
+        costs = ExpertCosts(C, I, hessians=self.qcfg.backend != "rtn", cross=self.fit_stream,
                             fit_down=self.fit_down)
         in_use = 0
         if self.gpu_memory is not None:
@@ -445,7 +445,7 @@ class LayerQuantizer:
         gptq = self.qcfg.backend != "rtn"
         blend = gptq and self.qcfg.rare_expert != "rtn"
         counts = [0] * self.plan.num_experts
-        C = self.layer.get_submodule(self.plan.fused.module).gate_up.shape[-1]
+        C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         H_all = torch.zeros(C, C, device=self.stream.device) if blend else None
         n_all = 0
         for x, _ in self._captured_pairs(self.arch.moe_module, keep=True):
@@ -459,8 +459,7 @@ class LayerQuantizer:
                             H_all: Tensor | None) -> tuple[QuantResult, QuantResult]:
         """Gate/up, then down, of the experts at positions ``group`` of ``own``; their levels (no W)."""
         qcfg = self.qcfg
-        I = store.gate_up.shape[1] // 2
-        C = store.gate_up.shape[2]
+        _, I, C = store.shape
         experts = [own[j] for j in group]
         threshold = self.rare_threshold(C, I)
         rare = [k for k, e in enumerate(experts) if counts[e] < threshold]
@@ -472,20 +471,20 @@ class LayerQuantizer:
                     H_gu[k] = _blend(H_gu[k], H_all, counts[experts[k]], threshold, qcfg.rare_expert)
                     if X0_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ (P = W H)
                         X0_gu[k] = H_gu[k]
-        W = store.gate_up[experts[0]:experts[-1] + 1].to(torch.float32, copy=True)  # GPTQ's working copy
+        W = store.originals("gate_up", experts[0], experts[-1] + 1)  # GPTQ's working copy
         res_gu = self._solve_local(W, H_gu, rare, cross=X0_gu, overwrite_W=True)
         del W, H_gu, X0_gu
         H_d = P_d = None
         if qcfg.backend != "rtn":
             H_d, P_d = self._down_statistics(store, experts, res_gu, counts, threshold, rare)
-        W = store.down[experts[0]:experts[-1] + 1].to(torch.float32, copy=True)
+        W = store.originals("down", experts[0], experts[-1] + 1)
         res_d = self._solve_local(W, H_d, rare, P_d, overwrite_W=True)
         return res_gu, res_d
 
     def _gate_up_statistics(self, experts: list[int]) -> tuple[Tensor, Tensor | None]:
         """Pass 1 for ``experts``: their gate/up Hessians (and under --fit stream the cross moments with
         the full-precision stream's inputs, see gptq_quantize), from the tokens routed to each."""
-        C = self.layer.get_submodule(self.plan.fused.module).gate_up.shape[-1]
+        C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         H = torch.zeros(len(experts), C, C, device=self.stream.device)
         X0 = torch.zeros_like(H) if self.fit_stream else None
         n = [0] * len(experts)
@@ -505,9 +504,8 @@ class LayerQuantizer:
         MLP's outputs), from the routed tokens run through the quantized gate/up (rebuilt from
         ``res_gu``'s levels, position k for experts[k]) or, without true-sequential, the original."""
         qcfg, fit = self.qcfg, self.fit_down
-        half = {name: slice(k * store.gate_up.shape[1] // 2, (k + 1) * store.gate_up.shape[1] // 2)
-                for k, name in enumerate(self.plan.fused.halves)}
-        C, I = store.down.shape[1], store.down.shape[2]
+        _, I, C = store.shape
+        half = {name: slice(k * I, (k + 1) * I) for k, name in enumerate(self.plan.fused.halves)}
         dev, act = self.stream.device, store.act_fn
         H_d = torch.zeros(len(experts), I, I, device=dev)
         P_d = torch.zeros(len(experts), C, I, device=dev) if fit else None
@@ -519,10 +517,10 @@ class LayerQuantizer:
                 routed = self.route(x)
                 for k, e in enumerate(experts):
                     rows, rows0, w = self.expert_pairs(x, x0, routed[e])
-                    W_gu = store.gate_up[e].float() if fit or not qcfg.true_sequential else None  # (2I, C)
+                    W_gu = store.original("gate_up", e) if fit or not qcfg.true_sequential else None  # (2I, C)
                     src = _dequantized(res_gu, k) if qcfg.true_sequential else W_gu
                     Wg, Wu = src[half["gate"]], src[half["up"]]
-                    original = (W_gu[half["gate"]], W_gu[half["up"]], store.down[e].float()) if fit else None
+                    original = (W_gu[half["gate"]], W_gu[half["up"]], store.original("down", e)) if fit else None
                     n_d[k] = fold_down(H_d[k], None if P_d is None else P_d[k], n_d[k], rows, w, Wg, Wu,
                                        act, original, rows0)
                     if k in H_all_d:
@@ -531,13 +529,13 @@ class LayerQuantizer:
         for k, H_all_k in H_all_d.items():
             H_d[k] = _blend(H_d[k], H_all_k, counts[experts[k]], threshold, qcfg.rare_expert)
             if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
-                P_d[k] = store.down[experts[k]].float() @ H_d[k]
+                P_d[k] = store.original("down", experts[k]) @ H_d[k]
         return H_d, P_d
 
     def _store_experts(self, store: StoredExperts, counts: list[int], seconds: float) -> None:
         """Every expert's packed tensors and log entries (gate, up, down per expert)."""
         mlp, E = self.plan.experts, self.plan.num_experts
-        I, C = store.gate_up.shape[1] // 2, store.gate_up.shape[2]
+        _, I, C = store.shape
         threshold = self.rare_threshold(C, I)
         gate_up, down = store.quantized
         for e in range(E):
