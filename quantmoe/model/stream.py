@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import sdpa_attention
 
 from ..base.errors import QuantMoeError
+from ..formats.fp8 import dequantize_stored
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
 from .distributed import SINGLE, Ranks, spread
@@ -176,12 +177,15 @@ class LayerStream:
     def load_layer(self, index: int, state: dict[str, Tensor]) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
 
-        Tensors are moved to the device first, so stacking the experts and converting to
-        the stream's dtype run there rather than on the host.
+        Tensors are moved to the device first, so dequantizing an FP8 release, stacking the
+        experts and converting to the stream's dtype run there rather than on the host.
         """
         layer = self.model.model.layers[index]
         layer.to_empty(device=self.device)
         state = {name: t.to(self.device, non_blocking=True) for name, t in state.items()}
+        # An FP8 release's linears (formats.fp8.Fp8Weight) become BF16 weights here, on the device;
+        # a bad scale stops the run with one line naming the tensor.
+        state = dequantize_stored(state)
         missing = layer.load_state_dict(self.to_memory(index, state), strict=False)
         if missing.missing_keys or missing.unexpected_keys:
             raise QuantMoeError(
@@ -222,6 +226,7 @@ class LayerStream:
                     down.append(state[d])                                          # (H, I)
                 out[gate_up_name] = torch.stack(gate_up)
                 out[down_name] = torch.stack(down)
+        consumed.update(arch.unloaded)  # tensors no module holds (Kimi K2's rotary tables)
         for name, t in state.items():
             if name not in consumed:
                 out[arch.to_memory(name)] = t
