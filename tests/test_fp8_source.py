@@ -172,6 +172,8 @@ def test_fp8_release_with_mtp_quantizes_as_its_bf16_conversion(releases, text_fi
                 and not m.endswith(".mlp.gate")]
     assert re.match(qc["dynamic"].popitem()[0][2:], f"model.layers.{MTP}.mlp.experts")  # as vLLM matches it
     assert "multi-token prediction" in (out / "README.md").read_text()
+    verified = cli("verify", out)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # inspect, from the FP8 release's headers, foresaw exactly what the export holds.
     estimate = inspect_model(fp8, group_size=32)
