@@ -339,3 +339,15 @@ def test_kimi_k2_reads_as_deepseek_v3_with_one_group_and_its_rotary_tables(tmp_p
     assert len([n for n in exported if n.startswith("model.layers.1.mlp.experts.") and n.endswith(".qweight")]) == 384 * 3
     assert json.loads((out / "config.json").read_text())["model_type"] == "kimi_k2"  # the release's own config
     assert math.isfinite(json.loads(cli("inspect", kimi, "--json").stdout)["totals"]["bits_per_weight"])
+
+
+def test_bnb_quantizes_an_fp8_release_as_its_bf16_conversion(releases, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the bnb backends need bitsandbytes (pip install 'quantmoe[bnb]')")
+    _, fp8, reference = releases
+    for model, out in ((fp8, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")):
+        result = cli("quantize", model, "--out", out, "--backend", "bnb-nf4", "--no-eval", "--quiet")
+        assert result.returncode == 0, result.stderr
+    ours, theirs = (tmp_path / "from-fp8" / "model-00001-of-00001.safetensors",
+                    tmp_path / "from-bf16" / "model-00001-of-00001.safetensors")
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert not [n for n, d in _dtypes(tmp_path / "from-fp8").items() if d.startswith("F8") or "_scale" in n]
