@@ -337,8 +337,9 @@ def test_inspect_deepseek_v3_classifies_router_bias_shared_experts_and_dense_lay
     assert "estimate at int4 g128" in listing
 
 
-def test_inspect_lists_layers_beyond_num_hidden_layers_as_not_exported(tiny_model, tmp_path):
-    """DeepSeek-V3's Hub checkpoint carries its multi-token-prediction layer after the last decoder layer."""
+def test_inspect_counts_layers_beyond_num_hidden_layers_as_exported_unless_dropped(tiny_model, tmp_path):
+    """DeepSeek-V3's Hub checkpoint carries its multi-token-prediction layer after the last decoder layer;
+    the export keeps it unquantized (--mtp keep) or leaves it out (--mtp drop)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -349,11 +350,16 @@ def test_inspect_lists_layers_beyond_num_hidden_layers_as_not_exported(tiny_mode
     for name in [n for n in tensors if n.startswith("model.layers.2.")]:
         tensors["model.layers.3." + name[len("model.layers.2."):]] = tensors[name].clone()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    plain, report = inspect_model(tiny_model("deepseek_v3"), group_size=32), inspect_model(folder, group_size=32)
-    extra = [e for e in report["tensors"] if e["cls"] == "not exported"]
-    assert extra and all(e["layers"] == [3] for e in extra)
-    assert any(e["pattern"] == "model.layers.{i}.mlp.experts.{e}.gate_proj.weight" for e in extra)
-    assert report["totals"] == plain["totals"]  # the estimate is of what the export holds
+    plain = inspect_model(tiny_model("deepseek_v3"), group_size=32)
+    for mtp, cls in (("keep", "multi-token prediction"), ("drop", "not exported")):
+        report = inspect_model(folder, group_size=32, mtp=mtp)
+        extra = [e for e in report["tensors"] if e["cls"] == cls]
+        assert extra and all(e["layers"] == [3] for e in extra)
+        assert any(e["pattern"] == "model.layers.{i}.mlp.experts.{e}.gate_proj.weight" for e in extra)
+        added = sum(e["bytes"] for e in extra) if mtp == "keep" else 0  # unquantized, as stored
+        assert report["classes"][cls]["estimated_bytes"] == added
+        assert report["totals"]["estimated_bytes"] == plain["totals"]["estimated_bytes"] + added
+        assert report["totals"]["quantized_parameters"] == plain["totals"]["quantized_parameters"]
 
 
 def test_inspect_reads_only_headers(tiny_model, monkeypatch):

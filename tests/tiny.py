@@ -46,6 +46,13 @@ TINY = {
                                              kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                              num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=256)),
+    # GLM-4.5: DeepSeek-V3's MoE block (one group, as released) under GQA with q/k/v biases, qk-norm and
+    # partial rotary; layer 0 dense.
+    "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                       num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+                                       topk_group=1, n_shared_experts=1, first_k_dense_replace=1, head_dim=16,
+                                       partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+                                       routed_scaling_factor=2.5, **_ATTN)),
     # Phi-MoE: sparsemixer routing needs top-2; LayerNorms and linears with biases, an lm_head bias.
     "phimoe": ("PhimoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
                                     num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, **_ATTN)),
@@ -137,3 +144,130 @@ def write_text(path: Path, repeats: int = 60) -> Path:
     lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) for _ in range(repeats)]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- releases as the Hub has them
+
+
+def _rewrite_single_shard(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    tensors = change(load_file(path))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def append_mtp_layer(folder: Path, seed: int = 1, head: bool = True) -> list[str]:
+    """Append a multi-token-prediction layer to the one-shard checkpoint ``folder``, as DeepSeek-V3's
+    and GLM-4.5's releases carry it at index num_hidden_layers: a full decoder block with the names and
+    shapes of the last layer (new random values), plus ``enorm``, ``hnorm`` (H), ``eh_proj`` (H, 2H),
+    ``shared_head.norm`` (H) and, with ``head``, ``shared_head.head`` and ``embed_tokens`` (V, H)
+    (GLM leaves these two to the main model's). config.json gets num_nextn_predict_layers 1.
+    Returns the names added."""
+    import json
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    added: list[str] = []
+    g = torch.Generator().manual_seed(seed)
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        x = t.float()
+        return (torch.randn(x.shape, generator=g) * x.std() + x.mean()).to(t.dtype)
+
+    def change(tensors: dict) -> dict:
+        last, new = f"model.layers.{n - 1}.", f"model.layers.{n}."
+        dtype = tensors["model.norm.weight"].dtype
+        for name in [k for k in tensors if k.startswith(last)]:
+            tensors[new + name[len(last):]] = like(tensors[name])
+        extra = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
+                 "shared_head.norm.weight": (hidden,)}
+        if head:
+            extra |= {"shared_head.head.weight": (vocab, hidden), "embed_tokens.weight": (vocab, hidden)}
+        for rel, shape in extra.items():
+            scale = 0.1 if len(shape) == 2 else 0.05
+            base = 0.0 if len(shape) == 2 else 1.0
+            tensors[new + rel] = (base + scale * torch.randn(shape, generator=g)).to(dtype)
+        added.extend(sorted(k for k in tensors if k.startswith(new)))
+        return tensors
+
+    _rewrite_single_shard(folder, change)
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))
+    return added
+
+
+def router_or_mtp_extra(model_type: str):
+    """skip(name) for formats.fp8.write_fp8_release: the row's routers, and the MTP layer's embedding,
+    head and eh_proj, which DeepSeek-V3's release keeps in BF16."""
+    from quantmoe.model.architectures import ARCHITECTURES
+
+    routers = ARCHITECTURES[model_type].routers
+
+    def skip(name: str) -> bool:
+        layer = ".".join(name.split(".")[:3])
+        rel = name[len(layer) + 1:]
+        return any(rel.startswith(r + ".") for r in routers) or rel.startswith(("eh_proj.", "shared_head.head.",
+                                                                                "embed_tokens."))
+    return skip
+
+
+def dequantized_copy(src: Path, folder: Path) -> Path:
+    """The exact BF16 conversion of the one-shard FP8 release ``src`` (DeepSeek-style or compressed-tensors),
+    in ``folder``: every FP8 weight times its scale (formats.fp8.dequantize_fp8), scales dropped,
+    config.json without its quantization_config."""
+    import json
+    import shutil
+
+    from quantmoe.formats import reader_for
+    from quantmoe.formats.fp8 import dequantize_fp8, fp8_linears
+
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    reader = reader_for(quantization)
+
+    def change(tensors: dict) -> dict:
+        for weight, scale in fp8_linears(tensors).items():
+            w, s = tensors[weight], tensors.pop(scale)
+            block = reader.block(quantization, tuple(w.shape), tuple(s.shape))
+            tensors[weight] = dequantize_fp8(w, s, block, torch.bfloat16, weight)
+        return tensors
+
+    _rewrite_single_shard(folder, change)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+GLM_FP8 = {  # GLM-4.5-FP8's format: compressed-tensors, float8 weights with one scale per output channel
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {"targets": ["Linear"],
+                                  "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                                              "dynamic": False},
+                                  "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                                                        "dynamic": True, "symmetric": True}}},
+    "ignore": ["lm_head", "re:.*mlp\\.gate$"]}
+
+
+def write_compressed_fp8_release(src: Path, folder: Path, skip) -> Path:
+    """The one-shard checkpoint ``src`` as a compressed-tensors FP8 release (GLM-4.5-FP8's format) in
+    ``folder``: each 2-D ``model.layers.*.weight`` not ``skip``-ped becomes float8_e4m3fn codes plus a
+    float32 ``weight_scale`` (out, 1); config.json gets ``GLM_FP8``."""
+    import json
+    import shutil
+
+    from quantmoe.formats.fp8 import quantize_fp8_channels
+
+    shutil.copytree(src, folder)
+
+    def change(tensors: dict) -> dict:
+        for name in [n for n, t in tensors.items() if n.startswith("model.layers.") and n.endswith(".weight")
+                     and t.ndim == 2 and not skip(n)]:
+            tensors[name], tensors[name + "_scale"] = quantize_fp8_channels(tensors[name])
+        return tensors
+
+    _rewrite_single_shard(folder, change)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": GLM_FP8}, indent=2))
+    return folder

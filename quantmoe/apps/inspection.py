@@ -10,6 +10,12 @@ The size estimate counts bytes exactly as the GPTQ v1 export writes them and as
 ``export.checkpoint_stats`` measures them: per quantized linear (out R, in C) with G groups,
 qweight C*R*bits/8 + qzeros G*R*bits/8 + scales 2*G*R + g_idx 4*C bytes; every other tensor
 keeps its size. Bits per weight = those bytes * 8 / (R*C), about bits + (16 + bits)/group + 32/R.
+
+An FP8 release (``formats.fp8``) is inspected as it is quantized: its scales are dropped, and
+an FP8 linear that is not quantized is counted at BF16, as the export writes it; ``source``
+reports the format, its block size and what the FP8 weights take. Layers beyond
+``num_hidden_layers`` (multi-token prediction) are exported unquantized with ``mtp="keep"``
+(FP8 ones as BF16), and not at all with ``mtp="drop"`` ("not exported").
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from ..model.architectures import architecture_for, plan_layer
 from ..model.checkpoint import Checkpoint
 from ..stages.report import ranges
 
-CLASSES = ("attention", "routed expert", "shared expert", "dense MLP", "router", "not quantized", "not exported")
+CLASSES = ("attention", "routed expert", "shared expert", "dense MLP", "router", "not quantized",
+           "multi-token prediction", "not exported")
 KIND_CLASS = {"attention": "attention", "expert": "routed expert", "shared_expert": "shared expert",
               "dense_mlp": "dense MLP"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -60,14 +67,17 @@ def _numel(shape) -> int:
     return n
 
 
-def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> dict:
+def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: str = "keep") -> dict:
     """Classify every tensor of ``model`` and estimate its GPTQ size; returns the report dict."""
-    QuantConfig(bits=bits, group_size=group_size)  # the same checks as quantize
+    QuantConfig(bits=bits, group_size=group_size, mtp=mtp)  # the same checks as quantize
     ckpt = Checkpoint(model)
-    if ckpt.quantization is not None:
+    fp8 = getattr(ckpt.format, "source", False)  # an FP8 release: quantized from, like a 16-bit one
+    if ckpt.quantization is not None and not fp8:
         method = ckpt.quantization.get("quant_method", "unknown")
-        raise QuantMoeError(f"{ckpt.path} is already quantized ({method}); inspect the 16-bit original "
-                            "(FP8 releases such as DeepSeek-V3's must be cast to BF16 first)")
+        raise QuantMoeError(f"{ckpt.path} is already quantized ({method}); inspect the original it was made from")
+    linears = ckpt.quantized_linears if fp8 else {}
+    fp8_weights = {lin.tensors[0] for lin in linears.values()}
+    dropped = {t for lin in linears.values() for t in lin.tensors[1:]}  # scales: the export has none
     config = ckpt.config
     arch = architecture_for(config)
     num_layers = int(config.num_hidden_layers)
@@ -86,8 +96,8 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> di
             plan = plans[layer] if layer < num_layers else plan_layer(arch, config, layer)
             module, _, suffix = rel.rpartition(".")
             pattern = "model.layers.{i}." + plan.pattern(module) + "." + suffix
-            if layer >= num_layers:
-                cls = "not exported"  # beyond num_hidden_layers (DeepSeek-V3's MTP layer): transformers ignores it
+            if layer >= num_layers:  # beyond num_hidden_layers (DeepSeek-V3's MTP layer): transformers ignores it
+                cls = "multi-token prediction" if mtp == "keep" else "not exported"
             elif module in kinds[layer]:
                 cls = KIND_CLASS[kinds[layer][module]]
                 if suffix == "weight":
@@ -115,7 +125,9 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> di
         if quantized_as:
             entry.quantized_parameters += numel
             entry.estimated_bytes += sum(gptq_bytes(r, c, bits, group_size) for r, c in quantized_as)
-        else:
+        elif name in fp8_weights:
+            entry.estimated_bytes += 2 * numel  # exported dequantized, in BF16
+        elif name not in dropped:
             entry.estimated_bytes += size
 
     for e in entries.values():
@@ -130,6 +142,13 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> di
     parameters = sum(e.parameters for e in exported)
     quantized_bytes = sum(e.estimated_bytes for e in exported if e.quantized_parameters)
     moe_layers = [p.index for p in plans if p.experts is not None]
+    source = None
+    if fp8:
+        fp8_parameters = sum(_numel(ckpt.shape(n)) for n in fp8_weights)
+        source = {**ckpt.format.describe(ckpt.quantization), "format": ckpt.format.name,
+                  "fp8_tensors": len(fp8_weights), "fp8_parameters": fp8_parameters,
+                  "fp8_bytes": sum(ckpt.nbytes(n) for n in fp8_weights),
+                  "scale_bytes": sum(ckpt.nbytes(n) for n in dropped), "bf16_bytes": 2 * fp8_parameters}
     return {
         "model": str(ckpt.path),
         "model_type": config.model_type,
@@ -139,6 +158,8 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128) -> di
         "routed_experts": plans[moe_layers[0]].num_experts if moe_layers else 0,
         "bits": bits,
         "group_size": group_size,
+        "mtp": mtp,
+        "source": source,
         "tensors": [asdict(e) for e in sorted(entries.values(), key=lambda e: (e.pattern, e.cls))],
         "classes": {c: v for c, v in classes.items() if v["tensors"]},
         "totals": {
@@ -185,6 +206,14 @@ def render_text(report: dict) -> str:
     bpw = "-" if t["bits_per_weight"] is None else f"{t['bits_per_weight']:.3f}"
     lines += ["", f"estimate at {label}: {_size(t['estimated_bytes'])} of tensors (now {_size(t['bytes'])}); "
                   f"{bpw} bits per quantized weight; {100 * t['fraction_quantized']:.1f}% of parameters quantized"]
+    src = r.get("source")
+    if src:
+        lines.append(f"source: {src['label']} ({src['format']}): {src['fp8_tensors']:,} FP8 weights, "
+                     f"{_size(src['fp8_bytes'])} plus {_size(src['scale_bytes'])} of scales ({_size(src['bf16_bytes'])} "
+                     "in BF16); read as stored and dequantized on the device layer by layer, scales dropped")
+    if "multi-token prediction" in r["classes"]:
+        lines.append(f"tensors of layers >= {r['num_layers']} (num_hidden_layers: multi-token prediction) are "
+                     "exported unquantized, FP8 ones in BF16 (--mtp drop leaves them out)")
     if "not exported" in r["classes"]:
         lines.append(f"tensors of layers >= {r['num_layers']} (num_hidden_layers) are not loaded by transformers "
                      "and not exported")

@@ -17,7 +17,9 @@ time: from each expert's own tensors where the checkpoint stores them (most fami
 cut out of the fused on-disk tensors where the row's ``fused.on_disk`` says it stores them
 fused (GraniteMoE's ``input_linear`` (E, 2I, H) / ``output_linear`` (E, H, I)); either way
 they are written under the row's per-expert names (``experts.linear(which, e)``), as the
-GPTQ export does, and the fused tensors are not kept.
+GPTQ export does, and the fused tensors are not kept. An FP8 release (``formats.fp8``) is read
+one linear at a time, dequantized to BF16, its scales left out. Layers beyond
+``num_hidden_layers`` (multi-token prediction) are not exported by these backends.
 
 On-disk format, per quantized linear ``P`` under its on-disk name, exactly what
 transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linear8bitLt``:
@@ -88,7 +90,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
 from ..model.stream import model_config, pick_device
 from ..stages.evaluate import evaluate
-from ..stages.export import ShardWriter, parse_size, write_config
+from ..stages.export import ShardWriter, parse_size, source_tensors, write_config
 from ..stages.quantize import check_out, work_dir
 from ..stages.report import base_model_name, gap_table, protocol_text, render_markdown
 from .base import Backend, Options, unknown_settings
@@ -182,15 +184,16 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
             raise QuantMoeError(f"{prefix}{missing[0]}.weight is not in {ckpt.path}, neither as its own tensor nor "
                                 f"in a fused expert tensor; is the checkpoint complete and a {arch.model_type} one?")
         fused = plan.fused_disk_tensors()
-        for name in ckpt.names(prefix):
+        # source_tensors: an FP8 release's linears come dequantized, their scales left out.
+        for name, tensor in source_tensors(ckpt, ckpt.names(prefix)):
             rel = name[len(prefix):]
             if rel in fused:  # per-expert tensors on disk win over a fused copy, as on loading
-                weights = {n: W for n, W in unfuse_experts(plan, rel, ckpt.tensor(name)).items()
+                weights = {n: W for n, W in unfuse_experts(plan, rel, tensor).items()
                            if not ckpt.has(prefix + n)}
             elif rel.endswith(".weight") and rel[: -len(".weight")] in kinds:
-                weights = {rel: ckpt.tensor(name)}
+                weights = {rel: tensor}
             else:
-                writer.add(name, ckpt.tensor(name))
+                writer.add(name, tensor)
                 continue
             for weight, W in weights.items():
                 module = weight[: -len(".weight")]
@@ -207,7 +210,7 @@ def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) 
     """The whole bnb run: shards into a staging folder, config, log, optional eval, card, manifest, rename."""
 
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
-    if ckpt.quantization is not None:
+    if ckpt.quantization is not None and not getattr(ckpt.format, "source", False):  # FP8 releases are read
         raise QuantMoeError(f"{ckpt.path} is already quantized ({ckpt.quantization.get('quant_method')}); "
                             "quantize the original checkpoint")
     out = check_out(Path(out) if out is not None else Path("quantmoe-out") / f"{ckpt.path.name}-{backend.name}",

@@ -34,6 +34,10 @@ BLOCK_KERNELS = ("auto", "triton", "cuda-graphs", "eager")
 # "stream" = every linear, from the inputs the quantized model gives it to the outputs the
 # original model gives (a second, full-precision stream of activations runs beside the first).
 FITS = ("none", "mlp", "layer", "stream")
+# What the export does with layers stored beyond num_hidden_layers (DeepSeek-V3's and GLM-4.5's
+# multi-token-prediction layer): copy them unquantized, FP8 ones as BF16, declared so that loaders
+# leave them unquantized ("keep"), or leave them out ("drop"). See docs/architectures.md.
+MTP_CHOICES = ("keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class QuantConfig:
     refine: int = 0                # coordinate-descent passes over GPTQ's levels (gptq.refine_levels)
     expert_hessian: str = "weighted"  # routed | weighted | all (see EXPERT_HESSIANS)
     fit: str = "stream"            # none | mlp | layer | stream (see FITS)
+    mtp: str = "keep"              # keep | drop: layers beyond num_hidden_layers in BF16, or left out (see MTP_CHOICES)
 
     def __post_init__(self):
         if isinstance(self.act_order, bool):  # the boolean form of earlier versions
@@ -71,6 +76,8 @@ class QuantConfig:
             raise QuantMoeError(f"--clip-weight {self.clip_weight!r} is unknown; use one of {', '.join(CLIP_WEIGHTS)}")
         if self.fit not in FITS:
             raise QuantMoeError(f"--fit {self.fit!r} is unknown; use one of {', '.join(FITS)}")
+        if self.mtp not in MTP_CHOICES:
+            raise QuantMoeError(f"--mtp {self.mtp!r} is unknown; use one of {', '.join(MTP_CHOICES)}")
         if self.refine < 0:
             raise QuantMoeError(f"--refine {self.refine} is invalid; use 0 (off) or a number of passes such as 2")
         if self.clip_steps < 0 or not 0 < self.clip_min <= self.clip_max:

@@ -20,7 +20,12 @@ class QuantizedLinear:
 
 
 class Reader(Protocol):
-    """One on-disk format of quantized linears (named after the backend that writes it)."""
+    """One on-disk format of quantized linears (named after the backend that writes it).
+
+    The readers of releases that are quantized *from* (FP8: ``fp8.Fp8Reader``) also have
+    ``source = True`` and ``stored(ckpt, linear)``, the linear as stored, which the quantize
+    pipeline moves to its device and dequantizes there (``fp8.Fp8Weight``).
+    """
 
     name: str
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..base.errors import QuantMoeError
 from .base import QuantizedLinear
+from .fp8 import has_float_weights
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
@@ -117,7 +118,8 @@ class CompressedTensorsReader:
     name: str = "compressed-tensors"
 
     def recognizes(self, quantization: dict) -> bool:
-        return quantization.get("quant_method") == "compressed-tensors"
+        # Float weights are FP8 (fp8.CompressedFp8Reader reads those), not pack-quantized integers.
+        return quantization.get("quant_method") == "compressed-tensors" and not has_float_weights(quantization)
 
     def describe(self, quantization: dict) -> dict:
 

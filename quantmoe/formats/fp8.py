@@ -19,9 +19,18 @@ and reads it:
   (``P.weight_scale`` of shape [out] or [out, 1]) is read by ``dequantize_fp8`` too.
 * Routers, norms, embeddings and the head stay BF16 (MiniMax's routers FP32).
 
-Not claimed: compressed-tensors FP8 (``quant_method: compressed-tensors`` with float
-``config_groups``; GLM-4.5-FP8 and GLM-4.5-Air-FP8 are released that way, per-channel
-``weight_scale``), nor DeepSeek-V4's FP4-packed experts (``expert_dtype: fp4``).
+Also read, by its own reader (``CompressedFp8Reader``): compressed-tensors FP8
+(``quant_method: compressed-tensors`` whose ``config_groups`` hold float 8-bit weights,
+``format: float-quantized`` or ``naive-quantized``), which is how GLM-4.5/4.6-FP8 and
+GLM-4.5-Air-FP8 are released: ``P.weight`` float8_e4m3fn and ``P.weight_scale`` per channel
+[out, 1] (``strategy: channel``), per tensor (``tensor``), per block (``block``,
+``block_structure``) or per group of columns (``group``, ``group_size``); the same multiply.
+Not read: DeepSeek-V4's FP4-packed experts (``expert_dtype: fp4``).
+
+A source read for the quantize pipeline keeps each FP8 linear as stored (``Fp8Weight``: codes
+and scale) until it reaches the device, where it is dequantized to BF16 as its layer streams in
+(``model.stream.LayerStream.load_layer``); every other reader of the checkpoint gets the
+dequantized weight (``dequantize``).
 
 Departures from DeepSeek's reference, each with its reason:
 
@@ -39,7 +48,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,6 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
+from .base import QuantizedLinear
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -235,6 +246,196 @@ def write_fp8_release(src_folder: Path, dst_folder: Path, block: tuple[int, int]
         if path.is_file() and path.suffix != ".safetensors" and path.name not in (INDEX_NAME, "config.json"):
             _atomic(dst / path.name, partial(shutil.copyfile, path))
     return dst
+
+
+# ----------------------------------------------------------------------------- reading a checkpoint
+
+COMPUTE_DTYPE = torch.bfloat16  # what the releases compute in, so what their FP8 weights are dequantized to
+FP8_STORED = ("F8_E4M3", "F8_E5M2")  # safetensors' names of the FP8 dtypes
+_SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+                       "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """One FP8 linear's weight as stored, codes and scale, standing in for the weight in a layer's
+    state until that state is on the device it is used on; ``dequantize`` makes the weight there.
+
+    It answers what the code between reading a layer and loading it asks of a tensor: ``shape``,
+    ``dtype`` (the dequantized weight's, BF16), ``device``, ``nbytes`` (stored: codes plus scale),
+    ``to`` and ``pin_memory``. Anything else (stacking, arithmetic) fails loudly instead of
+    computing with codes that miss their scale.
+    """
+
+    codes: Tensor                     # (out, in) float8
+    scale: Tensor                     # per block, channel or tensor (see dequantize_fp8)
+    block: tuple[int, int] | None     # (rows, cols) of a scale block; None: per channel or per tensor
+    name: str                         # the weight's tensor name (P.weight), for errors
+    dtype: torch.dtype = COMPUTE_DTYPE
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def to(self, device, non_blocking: bool = False) -> Fp8Weight:
+        return replace(self, codes=self.codes.to(device, non_blocking=non_blocking),
+                       scale=self.scale.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Fp8Weight:
+        return replace(self, codes=self.codes.pin_memory(), scale=self.scale.pin_memory())
+
+    def dequantize(self) -> Tensor:
+        """The weight (out, in) in ``dtype``, on the device the codes are on; bad scales raise (dequantize_fp8)."""
+        return dequantize_fp8(self.codes, self.scale, self.block, self.dtype, self.name)
+
+
+def dequantize_stored(state: dict, skip: Collection[str] = ()) -> dict:
+    """``state`` with each Fp8Weight replaced by its weight, dequantized on the device it lies on
+    (those named in ``skip`` are left as they are, for the caller to dequantize one at a time)."""
+    return {name: t.dequantize() if isinstance(t, Fp8Weight) and name not in skip else t
+            for name, t in state.items()}
+
+
+def is_compressed_fp8_config(quantization_config: dict | None) -> bool:
+    """Whether a ``quantization_config`` is compressed-tensors FP8 (GLM-4.5/4.6-FP8): every config
+    group's weights are 8-bit floats (``format: float-quantized`` or ``naive-quantized``)."""
+    q = quantization_config
+    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
+        return False
+    weights = [(g or {}).get("weights") or {} for g in (q.get("config_groups") or {}).values()]
+    return bool(weights) and all(w.get("type") == "float" and w.get("num_bits") == 8 for w in weights)
+
+
+def has_float_weights(quantization_config: dict | None) -> bool:
+    """Whether any config group of a compressed-tensors ``quantization_config`` stores float weights."""
+    groups = ((quantization_config or {}).get("config_groups") or {}).values()
+    return any(((g or {}).get("weights") or {}).get("type") == "float" for g in groups)
+
+
+def compressed_fp8_block(quantization_config: dict) -> tuple[int, int] | None:
+    """The scale block of a compressed-tensors FP8 config: ``block_structure`` (strategy block) or
+    (1, group_size) (strategy group); None when every group scales per channel or per tensor."""
+    blocks = set()
+    for name, group in (quantization_config.get("config_groups") or {}).items():
+        w = (group or {}).get("weights") or {}
+        strategy = w.get("strategy")
+        if strategy == "block":
+            block = w.get("block_structure")
+        elif strategy == "group":
+            block = [1, w.get("group_size")]
+        elif strategy in ("channel", "tensor", None):
+            continue
+        else:
+            raise QuantMoeError(f"quantization_config.config_groups.{name}.weights.strategy is {strategy!r}; quantmoe "
+                                "reads compressed-tensors FP8 per tensor, channel, group or block: convert the "
+                                "checkpoint to BF16 first")
+        if not _is_block(block):
+            raise QuantMoeError(f"quantization_config.config_groups.{name}.weights gives the scale block "
+                                f"{block!r}; expected two positive integers: fix config.json or re-download it")
+        blocks.add(tuple(block))
+    if len(blocks) > 1:
+        raise QuantMoeError(f"the config groups of this compressed-tensors FP8 checkpoint use {len(blocks)} scale "
+                            f"blocks ({', '.join(f'{a}x{b}' for a, b in sorted(blocks))}); quantmoe reads one: "
+                            "convert the checkpoint to BF16 first")
+    return blocks.pop() if blocks else None
+
+
+class _Fp8Source:
+    """What both FP8 source readers do: find each FP8 linear by its scale tensor, check the pair
+    from the safetensors headers (so a missing or misshapen scale fails before any work), and
+    dequantize with ``dequantize_fp8``. Subclasses say which block a linear's scale has."""
+
+    name = ""
+    source = True  # a release to quantize from: the pipeline dequantizes it on the device (``stored``)
+
+    def block(self, quantization: dict, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]):
+        raise NotImplementedError
+
+    def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
+        names = ckpt.names()
+        present = set(names)
+        pairs = fp8_linears(names)
+        out = {}
+        for weight, scale in pairs.items():
+            module = weight[: -len(".weight")]
+            w, s = _header_tensor(ckpt, weight), _header_tensor(ckpt, scale)
+            _check_layout(w, s, self.block(ckpt.quantization, tuple(w.shape), tuple(s.shape)), weight, scale)
+            extra = tuple(n for n in (f"{module}.input_scale",) if n in present)  # static activation scales: unused
+            out[module] = QuantizedLinear(module, tuple(w.shape), (weight, scale, *extra))
+        for name in names:
+            if name.endswith(".weight") and name not in pairs and ckpt.dtype(name) in FP8_STORED:
+                block = self.block(ckpt.quantization, ckpt.shape(name), ())
+                _check_layout(_header_tensor(ckpt, name), None, block, name, scale_name(name, block))
+        return out
+
+    def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
+        return self.stored(ckpt, linear, copy=False).dequantize()
+
+    def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> Fp8Weight:
+        """The linear as stored (codes and scale, copied out of the shard), to dequantize later on a device."""
+        weight, scale = linear.tensors[:2]
+        codes, s = ckpt.tensor(weight), ckpt.tensor(scale)
+        if copy:
+            codes, s = codes.clone(), s.clone()
+        return Fp8Weight(codes, s, self.block(ckpt.quantization, tuple(codes.shape), tuple(s.shape)), weight)
+
+
+class Fp8Reader(_Fp8Source):
+    """DeepSeek-style FP8 releases (``quant_method: fp8``): one block size for every linear."""
+
+    name = "fp8"
+
+    def recognizes(self, quantization: dict) -> bool:
+        return is_fp8_config(quantization)
+
+    def describe(self, quantization: dict) -> dict:
+        block = block_size(quantization)
+        layout = f"{block[0]}x{block[1]} blocks" if block else "per-tensor or per-channel scales"
+        return {"method": "fp8", "backend": self.name, "bits": 8, "group_size": None, "sym": True,
+                "block_size": list(block) if block else None, "label": f"fp8 {quantization.get('fmt', 'e4m3')}, {layout}"}
+
+    def block(self, quantization, weight_shape, scale_shape):
+        return block_size(quantization)
+
+
+class CompressedFp8Reader(_Fp8Source):
+    """compressed-tensors FP8 (GLM-4.5/4.6-FP8): ``P.weight_scale`` per channel or tensor, or per
+    block or group when a config group says so."""
+
+    name = "compressed-tensors-fp8"
+
+    def recognizes(self, quantization: dict) -> bool:
+        return is_compressed_fp8_config(quantization)
+
+    def describe(self, quantization: dict) -> dict:
+        block = compressed_fp8_block(quantization)
+        layout = f"{block[0]}x{block[1]} blocks" if block else "per-channel scales"
+        return {"method": "compressed-tensors", "backend": self.name, "bits": 8, "group_size": None, "sym": True,
+                "block_size": list(block) if block else None, "label": f"compressed-tensors fp8, {layout}"}
+
+    def block(self, quantization, weight_shape, scale_shape):
+        rows = weight_shape[0] if weight_shape else None
+        if math.prod(scale_shape) == 1 or tuple(scale_shape) in ((rows,), (rows, 1)):
+            return None  # per tensor or per channel, whatever the groups say
+        return compressed_fp8_block(quantization)
+
+
+READERS = (Fp8Reader(), CompressedFp8Reader())
+
+
+def _header_tensor(ckpt, name: str) -> Tensor:
+    """A meta tensor of the stored tensor's shape and dtype, from the shard's header (no data read)."""
+    return torch.empty(ckpt.shape(name), dtype=_SAFETENSORS_DTYPES.get(ckpt.dtype(name), torch.float32),
+                       device="meta")
 
 
 # ----------------------------------------------------------------------------- helpers

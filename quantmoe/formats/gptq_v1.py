@@ -99,9 +99,18 @@ def dequantize_state(tensors: dict[str, Tensor], bits: int) -> dict[str, Tensor]
     return out
 
 
-def quantization_config(qcfg, not_quantized: list[str], version: str) -> dict:
-    """The GPTQ v1 ``quantization_config`` that GPTQModel, vLLM and transformers read (``qcfg``: a QuantConfig)."""
-    return {
+def quantization_config(qcfg, not_quantized: list[str], version: str,
+                        full_precision_layers: dict[int, list[str]] | None = None) -> dict:
+    """The GPTQ v1 ``quantization_config`` that GPTQModel, vLLM and transformers read (``qcfg``: a QuantConfig).
+
+    ``full_precision_layers``: layer index -> its modules, for whole layers exported unquantized
+    (the multi-token-prediction layers): listed in ``modules_not_quantized`` and excluded by one
+    ``-:`` rule each in ``dynamic``, the only exclusion vLLM's MoE layers honour (see
+    docs/architectures.md, "Multi-token prediction layers")."""
+    layers = full_precision_layers or {}
+    dynamic = {f"-:^{re.escape(m)}$": {} for m in not_quantized if qcfg.layout == "gptqmodel"}
+    dynamic.update({f"-:^model\\.layers\\.{i}\\.": {} for i in sorted(layers)})
+    config = {
         "quant_method": "gptq",
         "bits": qcfg.bits,
         "group_size": qcfg.group_size,
@@ -114,12 +123,15 @@ def quantization_config(qcfg, not_quantized: list[str], version: str) -> dict:
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
-        "modules_not_quantized": not_quantized,
+        "modules_not_quantized": not_quantized + [m for i in sorted(layers) for m in layers[i]],
         # GPTQModel and vLLM read exclusions from "dynamic" ("-:" = leave this module unquantized).
-        "dynamic": {f"-:^{re.escape(m)}$": {} for m in not_quantized if qcfg.layout == "gptqmodel"},
+        "dynamic": dynamic,
         "meta": {"quantizer": [f"quantmoe:{version}"], "act_order": qcfg.act_order, "backend": qcfg.backend,
                  "layout": qcfg.layout},
     }
+    if layers:
+        config["meta"]["full_precision_layers"] = sorted(layers)
+    return config
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -144,6 +144,9 @@ class Architecture:
     # dense layers (DeepSeek's first_k_dense_replace layers: yes; Qwen-MoE's mlp_only_layers: no).
     gptqmodel: bool = True
     gptqmodel_dense_mlp: bool = False
+    # Layer-relative tensors some releases store that no module of the family holds (Kimi K2's
+    # rotary tables): never loaded, copied to the export as they are.
+    unloaded: tuple[str, ...] = ()
     # One line for the docs table: what is special about this family.
     notes: str = ""
 
@@ -247,11 +250,15 @@ _ATTENTION_MLA_NO_Q_LORA: Groups = (
 )
 
 
-def _deepseek(model_type: str, notes: str) -> Architecture:
+def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
+              attention_if_none: tuple[tuple[str, Groups], ...] = (("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
+              unloaded: tuple[str, ...] = ()) -> Architecture:
+    """DeepSeek's MoE block (routed experts, shared experts, a sigmoid router with its
+    e_score_correction_bias, dense first layers), which GLM-4.5 shares with other attention."""
     return Architecture(
         model_type=model_type,
-        attention=_ATTENTION_MLA,
-        attention_if_none=(("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
+        attention=attention,
+        attention_if_none=attention_if_none,
         experts=MLP("mlp.experts.{e}"),
         moe_module="mlp",
         router_module="mlp.gate",
@@ -261,8 +268,15 @@ def _deepseek(model_type: str, notes: str) -> Architecture:
         num_experts_attr="n_routed_experts",
         sparse_rule="first_k_dense",
         gptqmodel_dense_mlp=True,
+        unloaded=unloaded,
         notes=notes,
     )
+
+
+# Model types whose config.json is read as another's config: Kimi K2 ships DeepSeek-V3's
+# architecture (DeepseekV3ForCausalLM, remote code) under model_type "kimi_k2", which
+# transformers does not know. The export keeps the release's own config.json.
+CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -314,7 +328,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             notes="64 experts, top-8 in the released model; q/k norms",
         ),
         _deepseek("deepseek_v2", "multi-head latent attention; V2-Lite has no query LoRA (q_proj)"),
-        _deepseek("deepseek_v3", "grouped sigmoid router whose fp32 `e_score_correction_bias` is kept with it"),
+        _deepseek("deepseek_v3", "grouped sigmoid router whose fp32 `e_score_correction_bias` is kept with it; "
+                                 "also Kimi K2 (`kimi_k2`: 384 experts, one group), whose per-layer "
+                                 "`self_attn.rotary_emb.inv_freq` is copied, not loaded",
+                  unloaded=("self_attn.rotary_emb.inv_freq",)),
+        _deepseek("glm4_moe", "GLM-4.5/4.6: DeepSeek-V3's MoE block (sigmoid router with `e_score_correction_bias`, "
+                              "shared expert, `first_k_dense_replace` dense layers) under grouped-query attention "
+                              "with q/k/v biases, qk-norm and partial rotary",
+                  attention=_ATTENTION_QKVO, attention_if_none=()),
         Architecture(
             model_type="phimoe",
             attention=_ATTENTION_QKVO,

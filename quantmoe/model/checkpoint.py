@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..base.errors import QuantMoeError
 from ..formats import reader_for
+from ..formats.fp8 import Fp8Weight
+from .architectures import CONFIG_ALIASES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -60,8 +62,11 @@ class Checkpoint:
     @cached_property
     def config(self):
 
-        self.raw_config  # a clearer message than AutoConfig's for a file that is not JSON at all
+        raw = self.raw_config  # a clearer message than AutoConfig's for a file that is not JSON at all
+        alias = CONFIG_ALIASES.get(raw.get("model_type"))
         try:
+            if alias is not None:  # Kimi K2: DeepSeek-V3 under its own name (architectures.CONFIG_ALIASES)
+                return AutoConfig.for_model(alias, **{k: v for k, v in raw.items() if k not in ("model_type", "auto_map")})
             return AutoConfig.from_pretrained(self.path)
         except Exception as exc:
             raise QuantMoeError(f"cannot read {self.path / 'config.json'} ({exc}); is it a transformers checkpoint?") from None
@@ -157,22 +162,38 @@ class Checkpoint:
         """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
         wrote the checkpoint) dequantized to ``.weight``.
 
-        Floating tensors come in ``dtype`` (None: as stored). Every tensor is copied into
-        this process's memory and the shards are closed afterwards: pages of a mapped shard
+        Floating tensors come in ``dtype`` (None: as stored). With ``dtype`` None, the linears of
+        an FP8 release stay as stored too: ``.weight`` is a ``formats.fp8.Fp8Weight`` (codes and
+        scale), which ``LayerStream.load_layer`` dequantizes on the device. Every tensor is copied
+        into this process's memory and the shards are closed afterwards: pages of a mapped shard
         count towards the process's resident memory for as long as it stays open, which
         would make memory grow with every layer read.
         """
         tensors: dict[str, Tensor] = {}
+        as_stored: dict[str, Fp8Weight] = {}
         stored = set()
+        keep = dtype is None and getattr(self.format, "source", False)
         for module, linear in sorted(self.quantized_linears.items()):
             if module.startswith(prefix):
-                tensors[module[len(prefix):] + ".weight"] = self.format.dequantize(self, linear)
+                name = module[len(prefix):] + ".weight"
+                if keep:
+                    as_stored[name] = self.format.stored(self, linear)
+                else:
+                    tensors[name] = self.format.dequantize(self, linear)
                 stored.update(linear.tensors)
         tensors.update({name[len(prefix):]: self.tensor(name) for name in self.names(prefix) if name not in stored})
         out = {n: t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
                for n, t in tensors.items()}
+        out.update(as_stored)
         self.close()
         return out
+
+    def extra_layers(self) -> list[int]:
+        """Indices of the layers stored beyond ``num_hidden_layers``: the multi-token-prediction
+        layers of DeepSeek-V3 (61) and GLM-4.5 (92), which transformers does not load."""
+        n = int(self.config.num_hidden_layers)
+        found = {int(name.split(".")[2]) for name in self.names("model.layers.") if name.split(".")[2].isdigit()}
+        return sorted(i for i in found if i >= n)
 
     def shard_keys(self, shard: str) -> list[str]:
         """The tensor names a shard file actually holds (the index may claim others)."""

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import sdpa_attention
 
 from ..base.errors import QuantMoeError
+from ..formats.fp8 import Fp8Weight, dequantize_stored
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
 from .distributed import SINGLE, Ranks, spread
@@ -180,10 +181,11 @@ class LayerStream:
     def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
 
-        Tensors are moved to the device first, so converting to the stream's dtype runs there rather
-        than on the host; the routed experts are moved one expert at a time, straight into their
-        fused tensors, so the device never holds a layer's experts twice. ``experts_dtype``: the
-        dtype of the fused expert tensors (default: the stream's; None keeps fp32 for a fp32 stream).
+        Tensors are moved to the device first, so dequantizing an FP8 release (formats.fp8.Fp8Weight:
+        a bad scale stops the run with one line naming the tensor) and converting to the stream's dtype
+        run there rather than on the host; the routed experts are moved one expert at a time, straight
+        into their fused tensors, so the device never holds a layer's experts twice. ``experts_dtype``:
+        the dtype of the fused expert tensors (default: the stream's).
         """
         layer = self.model.model.layers[index]
         fused = self._fused_params(layer, index)
@@ -193,6 +195,7 @@ class LayerStream:
         plan = plan_layer(self.arch, self.config, index)
         experts = set(self._expert_tensor_names(plan, state)) if fused else set()
         state = {name: t if name in experts else t.to(self.device, non_blocking=True) for name, t in state.items()}
+        state = dequantize_stored(state, skip=experts)
         mapped = self.to_memory(index, state, experts_dtype or self.dtype)
         for name, (module, attr) in fused.items():
             setattr(module, attr, nn.Parameter(mapped.pop(name), requires_grad=False))
@@ -213,6 +216,11 @@ class LayerStream:
             return {}
         module = layer.get_submodule(plan.fused.module)
         return {f"{plan.fused.module}.{attr}": (module, attr) for attr in (plan.fused.gate_up, plan.fused.down)}
+
+    def _on_device(self, t):
+        """A layer tensor on the stream's device: an FP8 release's weight (Fp8Weight) dequantized there."""
+        t = t.to(self.device, non_blocking=True)
+        return t.dequantize() if isinstance(t, Fp8Weight) else t
 
     @staticmethod
     def _expert_tensor_names(plan, state: dict[str, Tensor]) -> list[str]:
@@ -261,12 +269,13 @@ class LayerStream:
                 for e in range(E):
                     for k, w in enumerate(fused.halves):  # (2I, H): the halves in the row's order
                         name = f"{plan.experts.linear(w, e)}.weight"
-                        gate_up[e, k * I:(k + 1) * I].copy_(state.pop(name), non_blocking=True)
+                        gate_up[e, k * I:(k + 1) * I].copy_(self._on_device(state.pop(name)), non_blocking=True)
                         consumed.add(name)
                     name = f"{plan.experts.linear('down', e)}.weight"
-                    down[e].copy_(state.pop(name), non_blocking=True)  # (H, I)
+                    down[e].copy_(self._on_device(state.pop(name)), non_blocking=True)  # (H, I)
                     consumed.add(name)
                 out[gate_up_name], out[down_name] = gate_up, down
+        consumed.update(arch.unloaded)  # tensors no module holds (Kimi K2's rotary tables)
         for name, t in state.items():
             if name not in consumed:
                 out[arch.to_memory(name)] = t

@@ -2,7 +2,10 @@
 
 Quantized linears are written under the source checkpoint's own names
 (``...block_sparse_moe.experts.3.w1.qweight`` ...); every other tensor (routers, norms,
-biases, embeddings, head) is copied unchanged, in its source dtype. Shards are built one
+biases, embeddings, head) is copied unchanged, in its source dtype, except the linears of an
+FP8 release that are not quantized, which are written as BF16 weights (no FP8 tensor and no
+scale reaches the export). Layers stored beyond ``num_hidden_layers`` (multi-token
+prediction) are copied the same way with ``mtp="keep"``, unquantized. Shards are built one
 at a time, so memory holds at most one shard.
 """
 
@@ -12,10 +15,12 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import Tensor
 
 from ..base.errors import QuantMoeError
 from ..base.files import atomic_write_json, save_safetensors
@@ -84,11 +89,35 @@ class ShardWriter:
 
 
 
+def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = frozenset()) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) for each of ``names`` an export copies from the source: every tensor as stored,
+    except that the tensors of ``replaced`` modules (quantized: their ``.weight``, and an FP8 release's
+    scales) are left out, and an FP8 release's other linears come as one BF16 ``.weight`` each."""
+    linears = ckpt.quantized_linears if getattr(ckpt.format, "source", False) else {}
+    for name in names:
+        module, _, suffix = name.rpartition(".")
+        linear = linears.get(module)
+        stored = linear is not None and name in linear.tensors
+        if module in replaced and (suffix == "weight" or stored):
+            continue
+        if not stored:
+            yield name, ckpt.tensor(name)
+        elif name == linear.tensors[0]:
+            yield name, ckpt.format.dequantize(ckpt, linear)
+
+
+def extra_layer_modules(ckpt: Checkpoint, layers: list[int]) -> dict[int, list[str]]:
+    """Layer index -> the modules with a 2-D weight in it (its linears, DeepSeek's MTP embedding and head)."""
+    return {i: sorted(n[: -len(".weight")] for n in ckpt.names(ckpt.layer_prefix(i))
+                      if n.endswith(".weight") and len(ckpt.shape(n)) == 2) for i in layers}
+
+
 def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
                 max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
     """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``.
 
-    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``.
+    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``;
+    the multi-token-prediction layers (``mtp="keep"``) keep their source names in both layouts.
     """
     staging.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(staging, max_shard_size)
@@ -99,8 +128,8 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         def named(name: str, prefix: str) -> str:
             return name
     layer_names = {i: set() for i in range(len(layer_files))}
-    for name in ckpt.names("model.embed_tokens."):
-        writer.add(name, ckpt.tensor(name))
+    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
+        writer.add(name, tensor)
     for i, file in enumerate(layer_files):
         prefix = ckpt.layer_prefix(i)
         with safe_open(str(file), framework="pt") as f:
@@ -110,20 +139,22 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
         experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
         fused = {prefix + n for n in plan.fused_disk_tensors()} if experts and experts <= quantized else set()
-        for name in ckpt.names(prefix):
-            if name in fused or (name.endswith(".weight") and name[: -len(".weight")] in quantized):
-                continue
-            writer.add(named(name, prefix), ckpt.tensor(name))
+        for name, tensor in source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], quantized):
+            writer.add(named(name, prefix), tensor)
         for name in sorted(packed):
             writer.add(named(name, prefix), packed[name])
         layer_names[i] = quantized
+    mtp = ckpt.extra_layers() if qcfg.mtp == "keep" else []
+    for i in mtp:
+        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
+            writer.add(name, tensor)
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
-    for name in ckpt.names():
-        if name not in done and not name.startswith("model.layers."):
-            writer.add(name, ckpt.tensor(name))
+    for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
+                                              and not n.startswith("model.layers.")]):
+        writer.add(name, tensor)
     weight_map = writer.close()
 
-    qconfig = quantization_config(qcfg, not_quantized, version)
+    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp))
     write_config(ckpt, staging, qconfig)
     atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
     return weight_map

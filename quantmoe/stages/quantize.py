@@ -180,6 +180,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                             "experts differently); use --layout source (see docs/interop.md)")
     ckpt.open_shards()
     notes = check_shapes(ckpt, arch, qcfg)
+    ckpt.quantized_linears  # an FP8 release's missing or misshapen scales fail here, from the headers alone
     tokenizer = ckpt.tokenizer()
     stages: dict = {}
     with stage(stages, "calibrate"):

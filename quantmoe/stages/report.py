@@ -121,6 +121,10 @@ def base_model_name(path: str) -> str:
     return Path(path).name
 
 
+def _in_layers(module: str, layers: list[int]) -> bool:
+    return any(module.startswith(f"model.layers.{i}.") for i in layers)
+
+
 def model_card(report: dict | None, info: dict) -> str:
     """README.md of an export: base model, method, calibration, protocol, results and how to load it.
 
@@ -131,6 +135,7 @@ def model_card(report: dict | None, info: dict) -> str:
     base = base_model_name(info["base_model"])
     hub_id = base if "/" in base else None
     stats = (report or {}).get("quantization", {})
+    extra = (q.get("meta") or {}).get("full_precision_layers", [])
     lines = [
         "---",
         "library_name: transformers",
@@ -151,7 +156,14 @@ def model_card(report: dict | None, info: dict) -> str:
         f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {ORDER_WORDS.get(info['options']['act_order'], info['options']['act_order'])}; "
         f"damp {q['damp_percent']}; true-sequential {q['true_sequential']}",
         f"- every attention and expert projection is quantized; not quantized: "
-        f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'])}, embeddings, norms and the LM head",
+        f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'] if not _in_layers(m, extra))}, embeddings, "
+        "norms and the LM head",
+    ]
+    if extra:
+        lines.append(f"- the multi-token prediction layer{'s' if len(extra) > 1 else ''} "
+                     f"{', '.join(map(str, extra))} (beyond `num_hidden_layers`, for speculative decoding) "
+                     "kept unquantized in BF16, declared in `modules_not_quantized` and `dynamic`")
+    lines += [
         f"- rare experts (fewer than the threshold of routed calibration tokens): `{info['options']['rare_expert']}` "
         f"fallback; {info['fallback_count']} expert projections used it (see `quantization_log.json`)",
         "",

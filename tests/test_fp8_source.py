@@ -1,0 +1,353 @@
+"""Quantizing from FP8 releases (issue 19): the formats are recognised, read as stored for the
+pipeline and dequantized on its device, exported without a float8 tensor or a scale; the
+multi-token-prediction layer is carried in BF16 and declared; bad scales are one error line.
+
+The CPU check of the issue's "done when" is test_fp8_release_with_mtp_quantizes_as_its_bf16_conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quantmoe.apps.inspection import inspect_model, render_text
+from quantmoe.base.errors import QuantMoeError
+from quantmoe.formats import reader_for
+from quantmoe.formats.fp8 import Fp8Weight, dequantize_fp8, fp8_linears, write_fp8_release
+from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.model.stream import LayerStream
+from quantmoe.stages.quantize import work_dir
+
+from clirun import QUICK, cli, digest, one_error_line
+from tiny import (GLM_FP8, append_mtp_layer, dequantized_copy, make_model, router_or_mtp_extra,
+                  write_compressed_fp8_release)
+
+BLOCK = (32, 32)  # DeepSeek's 128 would make every tiny weight one ragged block; 32 gives several, some ragged
+DEEPSEEK_FP8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(BLOCK)}
+MTP = 3  # the tiny DeepSeek-V3 has 3 decoder layers: its MTP layer is model.layers.3
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """(bf16, fp8, reference): the tiny DeepSeek-V3 in BF16 with an MTP layer appended; its FP8 release
+    (DeepSeek's format, routers and the MTP layer's embedding, head and eh_proj left in BF16); the
+    exact BF16 conversion of that release, written to disk for the reference run."""
+    base = tmp_path_factory.mktemp("fp8-releases")
+    bf16 = make_model("deepseek_v3", base / "bf16", dtype=torch.bfloat16)
+    added = append_mtp_layer(bf16)
+    assert f"model.layers.{MTP}.eh_proj.weight" in added and f"model.layers.{MTP}.mlp.experts.7.down_proj.weight" in added
+    fp8 = write_fp8_release(bf16, base / "fp8", block=BLOCK, skip=router_or_mtp_extra("deepseek_v3"))
+    return bf16, fp8, dequantized_copy(fp8, base / "reference")
+
+
+def _dtypes(folder: Path) -> dict[str, str]:
+    out = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({name: f.get_slice(name).get_dtype() for name in f.keys()})
+    return out
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_each_reader_claims_only_its_own_format():
+    assert reader_for(DEEPSEEK_FP8).name == "fp8"
+    assert reader_for(GLM_FP8).name == "compressed-tensors-fp8"
+    pack = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int",
+                                                                            "strategy": "group", "group_size": 128}}}}
+    assert reader_for(pack).name == "compressed-tensors"
+    mixed = {**pack, "format": "mixed-precision",
+             "config_groups": {**pack["config_groups"], "group_1": GLM_FP8["config_groups"]["group_0"]}}
+    for config, named in ((mixed, "'compressed-tensors' (format 'mixed-precision')"), ({"quant_method": "awq"}, "'awq'")):
+        with pytest.raises(QuantMoeError) as err:
+            reader_for(config)
+        message = str(err.value)
+        assert "\n" not in message and f"quantization method {named} is not one quantmoe reads" in message
+        assert "fp8, compressed-tensors-fp8" in message and "pass the original checkpoint" in message
+
+
+def test_pipeline_reads_fp8_as_stored_and_everyone_else_dequantized(releases):
+    _, fp8, reference = releases
+    ckpt, ref = Checkpoint(fp8), Checkpoint(reference)
+    stored = load_file(fp8 / "model.safetensors")
+    for i in (0, 1, MTP):
+        prefix = ckpt.layer_prefix(i)
+        kept, plain, want = ckpt.read_prefix(prefix, None), ckpt.read_prefix(prefix), ref.read_prefix(prefix)
+        assert set(kept) == set(plain) == set(want)  # no scale tensor, under any dtype
+        assert not any("_scale" in n for n in kept)
+        for name, t in kept.items():
+            if prefix + name + "_scale_inv" in stored:
+                assert isinstance(t, Fp8Weight) and t.dtype == torch.bfloat16 and t.block == BLOCK
+                assert torch.equal(t.codes.view(torch.uint8), stored[prefix + name].view(torch.uint8))
+                assert torch.equal(t.scale, stored[prefix + name + "_scale_inv"])
+            else:
+                assert t.dtype == stored[prefix + name].dtype and torch.equal(t, stored[prefix + name]), name
+            assert plain[name].dtype == torch.float32 and torch.equal(plain[name], want[name]), name
+    assert sum(isinstance(t, Fp8Weight) for t in ckpt.read_prefix(ckpt.layer_prefix(1), None).values()) == 5 + 3 + 8 * 3
+
+
+def test_layers_load_from_fp8_as_from_their_bf16_conversion(releases):
+    """load_layer dequantizes on the stream's device what layer_state(keep_dtype=True) read as stored."""
+    _, fp8, reference = releases
+    ours, theirs = LayerStream(Checkpoint(fp8), torch.device("cpu")), LayerStream(Checkpoint(reference), torch.device("cpu"))
+    for i in range(ours.num_layers):
+        state = ours.layer_state(i, keep_dtype=True)
+        expert = state["mlp.experts.0.gate_proj.weight" if i else "mlp.gate_proj.weight"]
+        assert isinstance(expert, Fp8Weight) and expert.dtype == torch.bfloat16  # what layer.py keeps its copy in
+        got = ours.load_layer(i, state).state_dict()
+        want = theirs.load_layer(i, theirs.layer_state(i, keep_dtype=True)).state_dict()
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(got[key], want[key]), f"layer {i}: {key}"
+        ours.release_layer(i)
+        theirs.release_layer(i)
+
+
+# ----------------------------------------------------------------------------- the issue's CPU check
+
+
+def _quantize(model, out, text, *extra):
+    result = cli("quantize", model, "--out", out, "--calib", text, "--nsamples", "4", "--seqlen", "32",
+                 "--group-size", "32", "--quiet", "--eval-data", text, *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads((Path(out) / "eval_report.json").read_text()) if "--no-eval" not in extra else None
+
+
+def test_fp8_release_with_mtp_quantizes_as_its_bf16_conversion(releases, text_file, tmp_path):
+    bf16, fp8, reference = releases
+    report = _quantize(fp8, tmp_path / "from-fp8", text_file)
+    expected = _quantize(reference, tmp_path / "from-bf16", text_file)
+    gap, gap_ref = (r["gap"]["absolute"] for r in (report, expected))
+    assert abs(gap - gap_ref) <= 0.05, (gap, gap_ref)
+    # Stronger: the dequantized weights are the same numbers on either path, so are the outputs, byte for byte.
+    out, ref_out = tmp_path / "from-fp8", tmp_path / "from-bf16"
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in ref_out.glob("*.safetensors"))
+    assert all((out / s).read_bytes() == (ref_out / s).read_bytes() for s in shards)
+
+    # No FP8 tensor and no FP8 scale is left; the MTP layer is there, unquantized, FP8 parts in BF16.
+    dtypes, tensors, release = _dtypes(out), _tensors(out), _tensors(fp8)
+    assert not {d for d in dtypes.values() if d.startswith("F8")} and not [n for n in dtypes if "_scale" in n]
+    mtp = sorted(n[: -len("_scale_inv")] if n.endswith("_scale_inv") else n for n in release
+                 if n.startswith(f"model.layers.{MTP}."))
+    assert sorted(n for n in tensors if n.startswith(f"model.layers.{MTP}.")) == sorted(set(mtp))
+    source_bf16 = _tensors(bf16)
+    for name in set(mtp):
+        if name + "_scale_inv" in release:
+            assert tensors[name].dtype == torch.bfloat16
+            assert torch.equal(tensors[name], dequantize_fp8(release[name], release[name + "_scale_inv"], BLOCK,
+                                                             name=name))
+        else:  # norms, the router and its fp32 bias, eh_proj, shared_head, embed_tokens: as the release has them
+            assert tensors[name].dtype == release[name].dtype and torch.equal(tensors[name], release[name]), name
+    assert torch.equal(tensors[f"model.layers.{MTP}.eh_proj.weight"], source_bf16[f"model.layers.{MTP}.eh_proj.weight"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.1.mlp.gate.e_score_correction_bias"):
+        assert tensors[name].dtype == release[name].dtype and torch.equal(tensors[name], release[name]), name
+
+    # Declared so that loaders leave it unquantized: modules_not_quantized and a "-:" rule for vLLM's MoE path.
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["dynamic"] == {r"-:^model\.layers\.3\.": {}}
+    assert qc["meta"]["full_precision_layers"] == [MTP]
+    for module in ("eh_proj", "shared_head.head", "embed_tokens", "self_attn.q_a_proj", "mlp.experts.7.down_proj",
+                   "mlp.shared_experts.up_proj", "mlp.gate"):
+        assert f"model.layers.{MTP}.{module}" in qc["modules_not_quantized"]
+    assert not [m for m in qc["modules_not_quantized"] if not m.startswith(f"model.layers.{MTP}.")
+                and not m.endswith(".mlp.gate")]
+    assert re.match(qc["dynamic"].popitem()[0][2:], f"model.layers.{MTP}.mlp.experts")  # as vLLM matches it
+    assert "multi-token prediction" in (out / "README.md").read_text()
+    verified = cli("verify", out)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # inspect, from the FP8 release's headers, foresaw exactly what the export holds.
+    estimate = inspect_model(fp8, group_size=32)
+    assert estimate["totals"]["estimated_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert estimate["totals"]["quantized_parameters"] == inspect_model(reference, group_size=32)["totals"]["quantized_parameters"]
+
+
+def test_mtp_drop_leaves_the_mtp_layer_out(releases, text_file, tmp_path):
+    _, fp8, _ = releases
+    _quantize(fp8, tmp_path / "out", text_file, "--no-eval", "--backend", "rtn", "--mtp", "drop")
+    names = _dtypes(tmp_path / "out")
+    assert not [n for n in names if n.startswith(f"model.layers.{MTP}.")] and "model.layers.2.mlp.gate.weight" in names
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"] == {} and "full_precision_layers" not in qc["meta"]
+    dropped = inspect_model(fp8, group_size=32, mtp="drop")
+    assert dropped["classes"]["not exported"]["tensors"] > 0 and "multi-token prediction" not in dropped["classes"]
+
+
+# ----------------------------------------------------------------------------- bad scales
+
+
+def _missing(tensors):
+    del tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+
+
+def _misshapen(tensors):
+    tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(1, 1)
+
+
+def _nan(tensors):
+    tensors["model.layers.2.mlp.experts.3.down_proj.weight_scale_inv"][1, 0] = float("nan")
+
+
+BAD_SCALES = [  # (how, the tensor named, words, found before the work folder is made)
+    (_missing, "model.layers.1.self_attn.o_proj.weight_scale_inv", "is missing", True),
+    (_misshapen, "model.layers.0.mlp.down_proj.weight_scale_inv", "has shape [1, 1], expected [2, 4]", True),
+    (_nan, "model.layers.2.mlp.experts.3.down_proj.weight_scale_inv", "NaN or infinite value(s) (the first at [1, 0])",
+     False),
+]
+
+
+@pytest.mark.parametrize("spoil,tensor,words,early", BAD_SCALES, ids=["missing", "wrong shape", "NaN"])
+def test_bad_fp8_scales_are_one_error_line_and_leave_out_untouched(releases, text_file, tmp_path, spoil, tensor, words,
+                                                                   early):
+    _, fp8, _ = releases
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8, bad)
+    tensors = load_file(bad / "model.safetensors")
+    spoil(tensors)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier export")
+    before = digest(out)
+    result = cli("quantize", bad, "--out", out, "--calib", text_file, *QUICK, "--overwrite")
+    line = one_error_line(result.stderr)
+    assert result.returncode == 2 and line.startswith(f"error: {tensor} ") and words in line, line
+    assert "re-download" in line
+    assert digest(out) == before
+    assert work_dir(out).exists() != early  # a header fault stops the run before any work
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def test_inspect_reports_an_fp8_source_and_its_sizes(releases):
+    _, fp8, reference = releases
+    report, plain = inspect_model(fp8, group_size=32), inspect_model(reference, group_size=32)
+    src = report["source"]
+    stored = _tensors(fp8)
+    pairs = fp8_linears(stored)
+    assert (src["format"], src["block_size"], src["fp8_tensors"]) == ("fp8", list(BLOCK), len(pairs))
+    assert src["fp8_bytes"] == src["fp8_parameters"] == sum(stored[w].numel() for w in pairs)
+    assert src["scale_bytes"] == sum(stored[s].numel() * 4 for s in pairs.values())
+    assert src["bf16_bytes"] == 2 * src["fp8_parameters"]
+    assert plain["source"] is None
+    # The same estimate as for its BF16 conversion: scales dropped, the FP8 MTP linears counted in BF16.
+    assert report["totals"]["estimated_bytes"] == plain["totals"]["estimated_bytes"]
+    assert report["totals"]["bytes"] < plain["totals"]["bytes"]
+    assert report["classes"]["multi-token prediction"]["quantized_parameters"] == 0
+    text = render_text(report)
+    assert f"source: fp8 e4m3, 32x32 blocks (fp8): {len(pairs)} FP8 weights" in text
+    assert "exported unquantized, FP8 ones in BF16" in text
+    result = cli("inspect", fp8, "--group-size", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["source"]["fp8_tensors"] == len(pairs)
+
+
+# ----------------------------------------------------------------------------- GLM-4.5: compressed-tensors FP8
+
+
+def test_glm_compressed_tensors_fp8_release_with_mtp(tmp_path, text_file):
+    """GLM-4.5-FP8's format: per-channel float8 with ``weight_scale``, its MTP layer quantized in FP8 too."""
+    bf16 = make_model("glm4_moe", tmp_path / "bf16", dtype=torch.bfloat16)
+    append_mtp_layer(bf16, head=True)
+    routers = router_or_mtp_extra("glm4_moe")
+    release = write_compressed_fp8_release(bf16, tmp_path / "fp8", skip=lambda n: routers(n) and "shared_head" not in n)
+    stored = load_file(release / "model.safetensors")
+    assert stored["model.layers.3.shared_head.head.weight"].dtype == torch.float8_e4m3fn  # as GLM-4.6-FP8 ships it
+    assert stored["model.layers.1.self_attn.q_proj.weight_scale"].shape == (64, 1)
+    ckpt = Checkpoint(release)
+    assert ckpt.format.name == "compressed-tensors-fp8"
+    reference = Checkpoint(dequantized_copy(release, tmp_path / "reference"))
+    for i in (0, 1):
+        got, want = ckpt.read_prefix(ckpt.layer_prefix(i)), reference.read_prefix(ckpt.layer_prefix(i))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    out = tmp_path / "out"
+    result = cli("quantize", release, "--out", out, "--calib", text_file, *QUICK)
+    assert result.returncode == 0, result.stderr
+    dtypes, tensors = _dtypes(out), _tensors(out)
+    assert not [n for n, d in dtypes.items() if d.startswith("F8") or n.endswith(("weight_scale", "input_scale"))]
+    head = "model.layers.3.shared_head.head.weight"
+    assert torch.equal(tensors[head], dequantize_fp8(stored[head], stored[head + "_scale"], None, name=head))
+    assert tensors["model.layers.1.self_attn.q_proj.bias"].dtype == torch.bfloat16  # biases as the source has them
+    assert "model.layers.1.self_attn.q_proj.qweight" in tensors and "model.layers.3.self_attn.q_proj.qweight" not in tensors
+    assert inspect_model(release, group_size=32)["source"]["format"] == "compressed-tensors-fp8"
+
+
+# ----------------------------------------------------------------------------- Kimi K2
+
+
+def test_kimi_k2_reads_as_deepseek_v3_with_one_group_and_its_rotary_tables(tmp_path, text_file):
+    """Kimi K2 is DeepSeek-V3 with 384 experts in one group, model_type kimi_k2 (remote code) and a
+    rotary inv_freq tensor in every layer: the deepseek_v3 row serves it, and the tables are copied."""
+    import transformers
+
+    from quantmoe.stages.evaluate import eval_windows
+
+    deepseek = make_model("deepseek_v3", tmp_path / "deepseek", dtype=torch.bfloat16, n_routed_experts=384,
+                          n_group=1, topk_group=1, num_experts_per_tok=8, num_hidden_layers=2)
+    kimi = tmp_path / "kimi"
+    shutil.copytree(deepseek, kimi)
+    config = json.loads((kimi / "config.json").read_text())
+    config.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                            "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (kimi / "config.json").write_text(json.dumps(config))
+    tensors = load_file(kimi / "model.safetensors")
+    rope = config["qk_rope_head_dim"]
+    inv_freq = (1.0 / 50000 ** (torch.arange(0, rope, 2).float() / rope)).to(torch.bfloat16)
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    save_file(tensors, kimi / "model.safetensors", metadata={"format": "pt"})
+
+    ckpt = Checkpoint(kimi)
+    assert ckpt.config.model_type == "deepseek_v3" and ckpt.config.n_routed_experts == 384
+    ids, _ = eval_windows(ckpt.tokenizer(), text_file, 32)
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    batches = stream.embed(ids[:2], 2)
+    for i in range(2):
+        batches = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), batches)
+        stream.release_layer(i)
+    stream.load_head()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(deepseek, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stream.logits(batches[0].hidden), reference(ids[:2]).logits, rtol=1e-4, atol=1e-4)
+
+    out = tmp_path / "out"
+    result = cli("quantize", kimi, "--out", out, "--calib", text_file, *QUICK, "--backend", "rtn")
+    assert result.returncode == 0, result.stderr
+    exported = _tensors(out)
+    assert all(torch.equal(exported[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"], inv_freq) for i in range(2))
+    assert len([n for n in exported if n.startswith("model.layers.1.mlp.experts.") and n.endswith(".qweight")]) == 384 * 3
+    assert json.loads((out / "config.json").read_text())["model_type"] == "kimi_k2"  # the release's own config
+    assert math.isfinite(json.loads(cli("inspect", kimi, "--json").stdout)["totals"]["bits_per_weight"])
+
+
+def test_bnb_quantizes_an_fp8_release_as_its_bf16_conversion(releases, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="the bnb backends need bitsandbytes (pip install 'quantmoe[bnb]')")
+    _, fp8, reference = releases
+    for model, out in ((fp8, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")):
+        result = cli("quantize", model, "--out", out, "--backend", "bnb-nf4", "--no-eval", "--quiet")
+        assert result.returncode == 0, result.stderr
+    ours, theirs = (tmp_path / "from-fp8" / "model-00001-of-00001.safetensors",
+                    tmp_path / "from-bf16" / "model-00001-of-00001.safetensors")
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert not [n for n, d in _dtypes(tmp_path / "from-fp8").items() if d.startswith("F8") or "_scale" in n]
