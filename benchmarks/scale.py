@@ -11,7 +11,7 @@ device (no memory) and its own save-time conversion gives the on-disk names (exp
 per expert). The weights are bf16 (``--source bf16``) or the FP8 format of DeepSeek's
 releases (``--source fp8``: float8_e4m3fn codes and a float32 ``weight_scale_inv`` per
 128 x 128 block for every linear of the decoder layers except routers); they are drawn on
-the GPU when there is one, and the generator holds one layer at a time.
+the GPU when there is one, and the generator holds one shard (at most one layer) at a time.
 
 Calibration is a token file of random ids (128 x 2048). The quantization runs as a child
 process through the normal CLI with --no-eval, and is measured from outside (wall time, peak
@@ -75,6 +75,9 @@ FP8_BLOCK = (128, 128)
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
               "weight_block_size": list(FP8_BLOCK)}
 GENERATOR_FILE = "scale_checkpoint.json"  # how the checkpoint was generated; a matching one is reused
+# The releases' shards are a few GB; a larger layer (a DeepSeek-V3 MoE layer) is cut into several,
+# which bounds the generator's host memory (a shard and its serialised copy).
+MAX_SHARD_BYTES = 5 * 10**9
 
 
 # -- the shapes ---------------------------------------------------------------------------------
@@ -99,6 +102,10 @@ class Shape:
     # Whether the MTP layer ships its own embed_tokens and shared_head.head (DeepSeek) or shares
     # the model's (GLM, as vLLM loads it).
     mtp_own_head: bool = True
+    # The transformers model_type that builds this model, when the release's is remote code.
+    transformers_type: str | None = None
+    # Whether every layer ships its rotary table, ``self_attn.rotary_emb.inv_freq`` (Kimi K2).
+    rotary_tables: bool = False
     notes: str = ""
 
 
@@ -187,9 +194,10 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
     ),
     Shape(
         name="kimi-k2",
-        source="moonshotai/Kimi-K2-Instruct config.json, verbatim from a model-info report; model_type kimi_k2 "
-               "(remote code) is written as deepseek_v3, the architecture its `architectures` entry names",
-        config={**{k: v for k, v in _DEEPSEEK_V3.items() if k != "ep_size"}, "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1,
+        source="moonshotai/Kimi-K2-Instruct config.json, verbatim from a model-info report (auto_map left "
+               "out: no remote code is written); its tensor inventory from the same report",
+        config={**{k: v for k, v in _DEEPSEEK_V3.items() if k != "ep_size"}, "model_type": "kimi_k2",
+                "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1,
                 "max_position_embeddings": 131072, "n_group": 1, "n_routed_experts": 384, "num_attention_heads": 64,
                 "num_key_value_heads": 64, "num_nextn_predict_layers": 0, "rope_theta": 50000.0,
                 "routed_scaling_factor": 2.827, "topk_group": 1, "vocab_size": 163840,
@@ -199,6 +207,8 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         reduced={**_REDUCED_MLA, "n_routed_experts": 24},
         fp8_release="moonshotai/Kimi-K2-Instruct: block-wise, 128 x 128 (the format written here)",
         fp32=("mlp.gate.e_score_correction_bias",),
+        transformers_type="deepseek_v3",  # its `architectures` entry: DeepseekV3ForCausalLM
+        rotary_tables=True,
         notes="the DeepSeek-V3 architecture with 384 experts, 64 heads, one dense layer and no MTP layer",
     ),
     Shape(
@@ -268,9 +278,17 @@ class TensorSpec(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     fp8: bool                   # an FP8 linear under --source fp8
+    rope_theta: float | None = None  # a rotary table 1 / theta^(2i / dim), not random
 
 
-def layer_templates(config: dict) -> tuple[dict, dict | None, dict]:
+def transformers_config(config: dict, shape: Shape):
+    """transformers' config object for a config.json dict of ``shape`` (Kimi K2's remote-code
+    model_type read as the transformers type that builds it)."""
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+    return transformers.AutoConfig.for_model(shape.transformers_type or config["model_type"], **fields)
+
+
+def layer_templates(config: dict, shape: Shape) -> tuple[dict, dict | None, dict]:
     """(outside the layers, a dense layer, an MoE layer): {on-disk name: shape}, layer-relative
     for the layers, as ``save_pretrained`` writes a model of ``config``.
 
@@ -279,11 +297,9 @@ def layer_templates(config: dict) -> tuple[dict, dict | None, dict]:
     the Hub does, experts one per expert.
     """
     dense_first = bool(config.get("first_k_dense_replace"))
-    probe = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "quantization_config")}
-    probe.update(num_hidden_layers=2, **({"first_k_dense_replace": 1} if dense_first else {}))
-    cfg = transformers.AutoConfig.for_model(config["model_type"], **probe)
+    probe = {**config, "num_hidden_layers": 2, **({"first_k_dense_replace": 1} if dense_first else {})}
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(probe, shape))
     shapes = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, model.state_dict()).items()}
 
     def layer(i: int) -> dict:
@@ -307,7 +323,11 @@ def mtp_extras(config: dict, shape: Shape) -> dict[str, tuple[int, ...]]:
 def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str, dict[str, TensorSpec]]]:
     """The checkpoint's shards in writing order, (label, {tensor name: TensorSpec}): the embeddings
     and head, then one shard per decoder layer (and the MTP layer, with ``mtp``)."""
-    outside, dense, moe = layer_templates(config)
+    outside, dense, moe = layer_templates(config, shape)
+    if shape.rotary_tables:  # not a parameter of transformers' model, so not in the templates
+        for template in (dense, moe):
+            if template is not None:
+                template["self_attn.rotary_emb.inv_freq"] = (config["qk_rope_head_dim"] // 2,)
 
     def specs(prefix: str, template: dict, linears: bool) -> dict[str, TensorSpec]:
         out = {}
@@ -315,7 +335,8 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
             dtype = torch.float32 if rel in shape.fp32 else torch.bfloat16
             fp8 = (linears and len(dims) == 2 and rel.endswith(".weight")
                    and rel.removesuffix(".weight") not in shape.routers)
-            out[prefix + rel] = TensorSpec(dims, dtype, fp8)
+            theta = config["rope_theta"] if rel.endswith("rotary_emb.inv_freq") else None
+            out[prefix + rel] = TensorSpec(dims, dtype, fp8, theta)
         return out
 
     shards = [("embeddings and head", specs("", outside, linears=False))]
@@ -372,6 +393,10 @@ def random_tensors(specs: dict[str, TensorSpec], gen: torch.Generator, device: t
         if name.endswith("norm.weight"):
             out[name] = torch.ones(spec.shape, dtype=spec.dtype)
             continue
+        if spec.rope_theta is not None:
+            dim = 2 * spec.shape[0]
+            out[name] = (1.0 / spec.rope_theta ** (torch.arange(0, dim, 2).float() / dim)).to(spec.dtype)
+            continue
         t = torch.empty(spec.shape, device=device, dtype=torch.float32).normal_(0.0, INIT_STD, generator=gen)
         t = t.to(spec.dtype)
         if spec.fp8 and fp8_block is not None:
@@ -402,13 +427,14 @@ def resolve_device(device: str) -> torch.device:
 def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: bool = False, source: str = "bf16",
                     mtp: bool = False, overrides: dict | None = None, seed: int = 0, device: str = "auto") -> Path:
     """Write a ``layers``-deep checkpoint of ``shape`` with random weights (see run_config and
-    tensor_plan): one shard for the embeddings and head, then one per layer, each generated,
-    written and dropped before the next. GENERATOR_FILE, written last, records the arguments."""
+    tensor_plan): one shard for the embeddings and head, then each layer in shards of at most
+    MAX_SHARD_BYTES (one shard unless it is larger), each generated, written and dropped before
+    the next. GENERATOR_FILE, written last, records the arguments."""
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     if source not in ("bf16", "fp8"):
         raise QuantMoeError(f"--source is {source!r}; use bf16 or fp8")
     config, changes = run_config(shape, layers, reduced, mtp, overrides)
-    plan = tensor_plan(config, shape, mtp)
+    shards = split_shards(tensor_plan(config, shape, mtp), source)
     dev = resolve_device(device)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -419,18 +445,36 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
     write_tokenizer(folder, config["vocab_size"])
     gen = torch.Generator(device=dev).manual_seed(seed)
     weight_map, total = {}, 0
-    for i, (_, specs) in enumerate(plan):
-        name = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+    for i, specs in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = random_tensors(specs, gen, dev, FP8_BLOCK if source == "fp8" else None)
         save_safetensors(folder / name, tensors, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors  # one layer in memory at a time
+        del tensors  # one shard in memory at a time
     atomic_write_json(folder / "model.safetensors.index.json",
                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     atomic_write_json(folder / GENERATOR_FILE, generator_record(shape, layers, reduced, source, mtp, overrides, seed,
                                                                 changes))
     return folder
+
+
+def split_shards(plan: list, source: str, max_bytes: int | None = None) -> list[dict[str, TensorSpec]]:
+    """The plan's shards, a layer larger than ``max_bytes`` (default MAX_SHARD_BYTES) cut into
+    several in order (a tensor is never cut)."""
+    max_bytes = max_bytes or MAX_SHARD_BYTES
+    out = []
+    for _, specs in plan:
+        current, size = {}, 0
+        for name, spec in specs.items():
+            nbytes = spec_bytes(spec, source)
+            if current and size + nbytes > max_bytes:
+                out.append(current)
+                current, size = {}, 0
+            current[name] = spec
+            size += nbytes
+        out.append(current)
+    return out
 
 
 def generator_record(shape: Shape, layers: int, reduced: bool, source: str, mtp: bool, overrides: dict | None,

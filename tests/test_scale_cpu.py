@@ -70,12 +70,12 @@ def test_each_shape_names_its_routers_and_experts_as_quantmoe_does(name):
     moe = kinds.index("moe")
     experts = config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts")
     for router in shape.routers:
-        assert plan[f"model.layers.{moe}.{router}.weight"] == ((experts, config["hidden_size"]), torch.bfloat16, False)
+        assert plan[f"model.layers.{moe}.{router}.weight"] == ((experts, config["hidden_size"]), torch.bfloat16, False,
+                                                              None)
     for rel in shape.fp32:
         assert plan[f"model.layers.{moe}.{rel}"].dtype == torch.float32
     assert kinds == (["dense", "moe"] if shape.config.get("first_k_dense_replace") else ["moe", "moe"])
-    hf_config = transformers.AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items()
-                                                                           if k != "model_type"})
+    hf_config = scale.transformers_config(config, shape)
     try:
         arch = architecture_for(hf_config)
     except QuantMoeError:
@@ -114,6 +114,8 @@ def test_full_shapes_are_the_releases():
     assert 0.49 < sum(scale.spec_bytes(s, "fp8") for s in moe_layer) / experts_bf16 < 0.52
 
     kimi = plan_shapes("kimi-k2")
+    assert scale.run_config(scale.SHAPES["kimi-k2"], 2)[0]["model_type"] == "kimi_k2"  # as released
+    assert kimi["model.layers.1.self_attn.rotary_emb.inv_freq"] == ((32,), torch.bfloat16, False, 50000.0)
     assert kimi["model.layers.1.mlp.gate.weight"].shape == (384, 7168)
     assert kimi["model.layers.0.mlp.up_proj.weight"].shape == (18432, 7168)
     assert kimi["model.embed_tokens.weight"].shape == (163840, 7168)
@@ -140,17 +142,31 @@ def test_full_shapes_are_the_releases():
     assert plan_shapes("mixtral-8x7b")["model.layers.1.block_sparse_moe.experts.7.w1.weight"].shape == (14336, 4096)
 
 
+def test_a_large_layer_is_cut_into_shards_of_a_few_gb():
+    shape = scale.SHAPES["deepseek-v3"]
+    config, _ = scale.run_config(shape, 2)
+    plan = scale.tensor_plan(config, shape)
+    for source, count in (("bf16", 5), ("fp8", 3)):
+        shards = scale.split_shards(plan, source)
+        assert len(shards) == 1 + 1 + count  # embeddings and head, the dense layer, the MoE layer's
+        assert all(sum(scale.spec_bytes(s, source) for s in shard.values()) <= scale.MAX_SHARD_BYTES
+                   for shard in shards)
+        assert [name for shard in shards for name in shard] == [name for _, layer in plan for name in layer]
+
+
 @pytest.mark.parametrize("name", sorted(scale.SHAPES))
 def test_reduced_names_and_shapes_are_what_save_pretrained_writes(name, tmp_path):
     shape = scale.SHAPES[name]
     overrides = TINY_MIXTRAL if name == "mixtral-8x7b" else None
     config, _ = scale.run_config(shape, 2, reduced=True, overrides=overrides)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"}))
+    model = transformers.AutoModelForCausalLM.from_config(scale.transformers_config(config, shape))
     model.save_pretrained(tmp_path)
     saved = {k: s for k, (s, _) in read_shapes(tmp_path).items()}
     planned = {k: s.shape for _, shard in scale.tensor_plan(config, shape) for k, s in shard.items()}
-    assert planned == saved
+    tables = {k for k in planned if k.endswith(".self_attn.rotary_emb.inv_freq")}  # Kimi's, not a parameter
+    assert tables == ({"model.layers.0.self_attn.rotary_emb.inv_freq", "model.layers.1.self_attn.rotary_emb.inv_freq"}
+                      if shape.rotary_tables else set())
+    assert {k: v for k, v in planned.items() if k not in tables} == saved
 
 
 # -- runs on the reduced shapes -----------------------------------------------------------------
