@@ -78,6 +78,7 @@ GENERATOR_FILE = "scale_checkpoint.json"  # how the checkpoint was generated; a 
 # The releases' shards are a few GB; a larger layer (a DeepSeek-V3 MoE layer) is cut into several,
 # which bounds the generator's host memory (a shard and its serialised copy).
 MAX_SHARD_BYTES = 5 * 10**9
+WRITING = ".scale-writing"  # in a checkpoint folder while make_checkpoint writes it
 
 
 # -- the shapes ---------------------------------------------------------------------------------
@@ -429,7 +430,8 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
     """Write a ``layers``-deep checkpoint of ``shape`` with random weights (see run_config and
     tensor_plan): one shard for the embeddings and head, then each layer in shards of at most
     MAX_SHARD_BYTES (one shard unless it is larger), each generated, written and dropped before
-    the next. GENERATOR_FILE, written last, records the arguments."""
+    the next. GENERATOR_FILE, written last, records the arguments. ``folder`` is new, empty or
+    one that make_checkpoint wrote before (its shards are replaced)."""
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     if source not in ("bf16", "fp8"):
         raise QuantMoeError(f"--source is {source!r}; use bf16 or fp8")
@@ -437,8 +439,13 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
     shards = split_shards(tensor_plan(config, shape, mtp), source)
     dev = resolve_device(device)
     folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / f).exists() for f in (GENERATOR_FILE, WRITING)):
+        raise QuantMoeError(f"{folder} holds files that scale.py did not write; choose a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / WRITING).touch()
     (folder / GENERATOR_FILE).unlink(missing_ok=True)  # until the last shard is written
+    for old in folder.glob("model-*-of-*.safetensors"):
+        old.unlink()
     if source == "fp8":
         config["quantization_config"] = dict(FP8_CONFIG)
     atomic_write_json(folder / "config.json", config)
@@ -456,6 +463,7 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     atomic_write_json(folder / GENERATOR_FILE, generator_record(shape, layers, reduced, source, mtp, overrides, seed,
                                                                 changes))
+    (folder / WRITING).unlink()
     return folder
 
 

@@ -341,6 +341,21 @@ def test_checkpoint_has_the_hub_layout_one_shard_per_layer(benchmark_run):
                        ckpt.tensor("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
 
 
+def test_a_checkpoint_folder_is_replaced_only_when_scale_wrote_it(tmp_path):
+    folder = tmp_path / "model"
+    scale.make_checkpoint(folder, "mixtral-8x7b", layers=2, overrides=TINY_MIXTRAL, device="cpu")
+    scale.make_checkpoint(folder, "mixtral-8x7b", layers=1, overrides=TINY_MIXTRAL, device="cpu")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model-00001-of-00002.safetensors",
+                                                                    "model-00002-of-00002.safetensors"]
+    assert Checkpoint(folder).config.num_hidden_layers == 1 and not (folder / scale.WRITING).exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(QuantMoeError, match="did not write; choose a new or empty folder"):
+        scale.make_checkpoint(other, "mixtral-8x7b", layers=1, overrides=TINY_MIXTRAL, device="cpu")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
 def test_calibration_passes_the_vocabulary_check(benchmark_run):
     model, calib, _, _ = benchmark_run
     ids, meta = read_calibration(calib, Checkpoint(model).tokenizer())
