@@ -322,8 +322,9 @@ def mtp_extras(config: dict, shape: Shape) -> dict[str, tuple[int, ...]]:
 
 
 def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str, dict[str, TensorSpec]]]:
-    """The checkpoint's shards in writing order, (label, {tensor name: TensorSpec}): the embeddings
-    and head, then one shard per decoder layer (and the MTP layer, with ``mtp``)."""
+    """The checkpoint's parts in writing order, (kind, {tensor name: TensorSpec}): the embeddings
+    and head ("outside"), then each decoder layer ("dense" or "moe"), then with ``mtp`` the MTP
+    layer ("mtp")."""
     outside, dense, moe = layer_templates(config, shape)
     if shape.rotary_tables:  # not a parameter of transformers' model, so not in the templates
         for template in (dense, moe):
@@ -340,15 +341,15 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
             out[prefix + rel] = TensorSpec(dims, dtype, fp8, theta)
         return out
 
-    shards = [("embeddings and head", specs("", outside, linears=False))]
+    parts = [("outside", specs("", outside, linears=False))]
     for i, kind in enumerate(layer_kinds(config)):
-        shards.append((f"layer {i} ({kind})", specs(f"model.layers.{i}.", dense if kind == "dense" else moe, True)))
+        parts.append((kind, specs(f"model.layers.{i}.", dense if kind == "dense" else moe, True)))
     if mtp:
         n = config["num_hidden_layers"]
         block = specs(f"model.layers.{n}.", moe, True)
         block.update(specs(f"model.layers.{n}.", mtp_extras(config, shape), linears=False))  # BF16 in the release
-        shards.append((f"layer {n} (MTP)", block))
-    return shards
+        parts.append(("mtp", block))
+    return parts
 
 
 def spec_bytes(spec: TensorSpec, source: str) -> int:
@@ -362,11 +363,15 @@ def spec_bytes(spec: TensorSpec, source: str) -> int:
 def disk_estimate(plan: list, source: str, bits: int = 4) -> dict:
     """Bytes of the checkpoint, and about how many the quantization writes at its peak: each
     layer's packed file in the work folder plus the export beside it (``bits``-bit weights with
-    their group scales and zeros; everything else at the source's width)."""
-    specs = [s for _, shard in plan for s in shard.values()]
-    checkpoint = sum(spec_bytes(s, source) for s in specs)
-    linear = sum(math.prod(s.shape) for s in specs if s.fp8)
-    rest = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs if not s.fp8)
+    their group scales and zeros; everything else, the MTP layer included, at 16 bits or fp32)."""
+    checkpoint = linear = rest = 0
+    for kind, part in plan:
+        for spec in part.values():
+            checkpoint += spec_bytes(spec, source)
+            if spec.fp8 and kind != "mtp":  # MTP layers are carried through unquantized
+                linear += math.prod(spec.shape)
+            else:
+                rest += math.prod(spec.shape) * max(spec.dtype.itemsize, 2)
     packed = int(linear * (bits / 8 + 4 / 128))  # a group of 128: fp16 scale, packed zero, g_idx
     return {"checkpoint_bytes": checkpoint, "quantize_bytes": 2 * packed + rest}
 
@@ -468,8 +473,8 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
 
 
 def split_shards(plan: list, source: str, max_bytes: int | None = None) -> list[dict[str, TensorSpec]]:
-    """The plan's shards, a layer larger than ``max_bytes`` (default MAX_SHARD_BYTES) cut into
-    several in order (a tensor is never cut)."""
+    """The plan's parts as shards, a part larger than ``max_bytes`` (default MAX_SHARD_BYTES) cut
+    into several in order (a tensor is never cut)."""
     max_bytes = max_bytes or MAX_SHARD_BYTES
     out = []
     for _, specs in plan:

@@ -151,7 +151,7 @@ def test_a_large_layer_is_cut_into_shards_of_a_few_gb():
         assert len(shards) == 1 + 1 + count  # embeddings and head, the dense layer, the MoE layer's
         assert all(sum(scale.spec_bytes(s, source) for s in shard.values()) <= scale.MAX_SHARD_BYTES
                    for shard in shards)
-        assert [name for shard in shards for name in shard] == [name for _, layer in plan for name in layer]
+        assert [name for shard in shards for name in shard] == [name for _, part in plan for name in part]
 
 
 @pytest.mark.parametrize("name", sorted(scale.SHAPES))
@@ -286,6 +286,14 @@ def test_mtp_layer_only_when_asked(reduced_runs, tmp_path):
     assert "model.layers.2.mlp.experts.15.down_proj.weight_scale_inv" in shapes
     assert {k.split(".", 3)[3] for k in shapes if k.startswith("model.layers.2.")} > \
         {k.split(".", 3)[3] for k in shapes if k.startswith("model.layers.1.")}  # an MoE block and more
+
+    ds = scale.SHAPES["deepseek-v3"]
+    plans = {m: scale.tensor_plan(scale.run_config(ds, 1, mtp=m)[0], ds, m) for m in (False, True)}
+    kind, mtp_layer = plans[True][-1]
+    assert kind == "mtp" and all(name.startswith("model.layers.1.") for name in mtp_layer)
+    plain, with_mtp = (scale.disk_estimate(plans[m], "fp8") for m in (False, True))
+    mtp_bf16 = sum(math.prod(s.shape) * max(s.dtype.itemsize, 2) for s in mtp_layer.values())
+    assert with_mtp["quantize_bytes"] - plain["quantize_bytes"] == mtp_bf16  # carried through unquantized
 
     glm = plan_shapes("glm-4.5", mtp=True)
     assert "model.layers.2.eh_proj.weight" in glm and "model.layers.2.shared_head.head.weight" not in glm
