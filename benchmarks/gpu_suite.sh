@@ -6,7 +6,8 @@
 # two-gpu-3L and compare-1v2 need an nvidia-h200-x2-like machine); OPTS are extra
 # `quantmoe quantize` options for this tree's runs (e.g. "--batch-size 4").
 # Steps are independent: one failing or timing out does not stop the rest.
-# SHAPE=REDUCED EXTRA=--reduced runs the same steps at reduced size on CPU (a dry run of this script).
+# EXTRA=--reduced runs the same steps at reduced size on CPU (a dry run of this script). SHAPE picks the
+# checkpoint's shape among scale.py's --shape names (default mixtral-8x7b).
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT_DIR [BASELINE_TREE]}
 BASE=${2:-}
@@ -15,7 +16,7 @@ W=/tmp/quantmoe-scale
 R=$OUT/results
 mkdir -p "$R" "$W"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-SHAPE=${SHAPE:-MIXTRAL_8X7B}
+SHAPE=${SHAPE:-mixtral-8x7b}
 EXTRA=${EXTRA:-}
 OPTS=${OPTS:-}
 STEPS=${STEPS:-"new-tf32-4L new-fp32-2L baseline-1L compare solve"}
@@ -25,13 +26,15 @@ step() { echo "=== $(date +%T) $*"; }
 
 step gpu; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step checkpoint
-$PY - "$HERE" "$W" "$SHAPE" <<'PYEOF'
+$PY - "$HERE" "$W" "$SHAPE" "$EXTRA" <<'PYEOF'
 import sys, time
 sys.path.insert(0, sys.argv[1] + "/benchmarks"); sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 import scale
 t0 = time.time()
-src = scale.make_checkpoint(Path(sys.argv[2]) / "mixtral-4L", getattr(scale, sys.argv[3]), 4)
+reduced = "--reduced" in sys.argv[4].split()
+src = scale.make_checkpoint(Path(sys.argv[2]) / "mixtral-4L", sys.argv[3], 4, reduced=reduced,
+                           device="cpu" if reduced else "auto")
 for n in (1, 2, 3):
     scale.make_view(src, Path(sys.argv[2]) / f"mixtral-{n}L", n)
 print(f"checkpoint written in {time.time() - t0:.1f}s")

@@ -1,144 +1,539 @@
-"""Real-scale speed and memory: a checkpoint with Mixtral-8x7B's shapes, quantized by ``quantmoe quantize``.
+"""Real-scale speed and memory: a checkpoint with a released MoE's real shapes, quantized by ``quantmoe quantize``.
 
 The checkpoint is written here, layer by layer, as Hub-layout safetensors shards of random
-bf16 weights (hidden 4096, intermediate 14336, 8 experts top-2, 32 heads / 8 KV heads,
-vocab 32000); the generator holds one layer at a time. Calibration is a token file of
-random ids (128 x 2048). The quantization runs as a child process through the normal
-CLI with --no-eval, and is measured from outside (wall time, peak RSS sampled every
-20 ms) and from inside (the per-layer ``timings``, ``peak_gpu_mb`` and ``peak_rss_mb`` that
-the pipeline records in quantization_log.json).
+weights at the shapes of one of the released models in SHAPES (each row is that model's
+config.json, with its source): Mixtral-8x7B, Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3,
+Kimi K2 or GLM-4.5. Only the depth is cut (``--layers N``): a model whose first layers are
+dense keeps one dense layer, then N-1 MoE layers (``first_k_dense_replace`` 1), and the
+multi-token-prediction layer is left out unless ``--mtp``. Tensor names and shapes are
+what ``save_pretrained`` writes for that config: transformers builds the model on the meta
+device (no memory) and its own save-time conversion gives the on-disk names (experts one
+per expert). The weights are bf16 (``--source bf16``) or the FP8 format of DeepSeek's
+releases (``--source fp8``: float8_e4m3fn codes and a float32 ``weight_scale_inv`` per
+128 x 128 block for every linear of the decoder layers except routers); they are drawn on
+the GPU when there is one, and the generator holds one shard (at most one layer) at a time.
 
-    python benchmarks/scale.py                      # full size, 2 layers, on the GPU
-    python benchmarks/scale.py --layers 4 --tf32    # pipeline options pass through
-    python benchmarks/scale.py --reduced            # hidden 512 / intermediate 1792, 32 x 256 tokens, on CPU
+Calibration is a token file of random ids (128 x 2048). The quantization runs as a child
+process through the normal CLI with --no-eval, and is measured from outside (wall time, peak
+RSS sampled every 20 ms) and from inside (the per-layer ``timings``, ``peak_gpu_mb`` and
+``peak_rss_mb`` that the pipeline records in quantization_log.json). ``--eval`` also times
+``quantmoe eval OUT --baseline MODEL`` on random text (``--eval-tokens``, default 300k).
+
+    python benchmarks/scale.py                                   # Mixtral-8x7B, 2 layers, on the GPU
+    python benchmarks/scale.py --shape deepseek-v3 --source fp8  # one dense + one MoE layer, from FP8
+    python benchmarks/scale.py --shape qwen3-30b-a3b --layers 4 --tf32   # pipeline options pass through
+    python benchmarks/scale.py --shape qwen3-235b-a22b --eval    # and time the evaluation
+    python benchmarks/scale.py --reduced                         # Mixtral at hidden 512, 32 x 256 tokens, on CPU
+    python benchmarks/scale.py --shape deepseek-v3 --reduced     # the same structure at small widths, on CPU
     python benchmarks/scale.py --compare OUT_A OUT_B --model MODEL   # how far two outputs differ
 
-Results go to benchmarks/results/<name>.json (--name; by default named after the device).
-benchmarks/README.md indexes the files that back a published number; other runs are archived.
+Results go to benchmarks/results/<name>.json (--name; by default named after the device and
+shape). benchmarks/README.md indexes the files that back a published number; other runs are archived.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
+import psutil
 import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers.core_model_loading import revert_weight_conversion
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # this tree's quantmoe, when run as a script
 
-MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
-                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                    max_position_embeddings=32768, rms_norm_eps=1e-5)
-REDUCED = {**MIXTRAL_8X7B, "hidden_size": 512, "intermediate_size": 1792}
-FULL_TOKENS = (128, 2048)     # calibration sequences x length, as the issue asks
+from quantmoe.base.errors import QuantMoeError  # noqa: E402
+from quantmoe.base.files import atomic_write_json, save_safetensors  # noqa: E402
+from quantmoe.formats.fp8 import quantize_fp8_blocks  # noqa: E402
+from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear, unpack_linear  # noqa: E402
+from quantmoe.gptq import core as gptq  # noqa: E402
+from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
+from quantmoe.stages.calibrate import read_calibration, write_calibration  # noqa: E402
+
+FULL_TOKENS = (128, 2048)     # calibration sequences x length, as the issues ask
 REDUCED_TOKENS = (32, 256)
+FULL_EVAL_TOKENS = 300_000    # wikitext-2's test split is about this long (issue 20)
 INIT_STD = 0.02               # transformers' initializer_range
+FP8_BLOCK = (128, 128)
+# DeepSeek-V3's README_WEIGHTS.md; Kimi K2 and the Qwen3 FP8 releases write the same block.
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+              "weight_block_size": list(FP8_BLOCK)}
+GENERATOR_FILE = "scale_checkpoint.json"  # how the checkpoint was generated; a matching one is reused
+# The releases' shards are a few GB; a larger layer (a DeepSeek-V3 MoE layer) is cut into several,
+# which bounds the generator's host memory (a shard and its serialised copy).
+MAX_SHARD_BYTES = 5 * 10**9
+WRITING = ".scale-writing"  # in a checkpoint folder while make_checkpoint writes it
 
 
-# -- the checkpoint -------------------------------------------------------------------------
-def layer_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
-    """On-disk (Hub layout) tensor names of one Mixtral decoder layer, relative to the layer."""
-    H, I, E = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"]
-    head_dim = H // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * head_dim
-    out = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-           "self_attn.q_proj.weight": (H, H), "self_attn.k_proj.weight": (kv, H),
-           "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, H),
-           "block_sparse_moe.gate.weight": (E, H)}
-    for e in range(E):
-        out[f"block_sparse_moe.experts.{e}.w1.weight"] = (I, H)
-        out[f"block_sparse_moe.experts.{e}.w3.weight"] = (I, H)
-        out[f"block_sparse_moe.experts.{e}.w2.weight"] = (H, I)
+# -- the shapes ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """One released model: its config.json fields and what the generator needs beside them."""
+
+    name: str
+    source: str                  # where ``config`` was taken from
+    # The release's config.json, less auto_map, transformers_version and quantization_config.
+    config: dict
+    # Layer-relative router modules: never FP8 (the releases keep them BF16). The same paths as
+    # quantmoe's architecture rows (tests/test_scale_cpu.py checks where a row exists).
+    routers: tuple[str, ...]
+    # Overrides for --reduced: the same structure (attention kind, router, dense layers, shared
+    # expert) at widths and expert counts a CPU quantizes in seconds.
+    reduced: dict
+    # What the release ships as FP8; --source fp8 always writes DeepSeek's block format.
+    fp8_release: str
+    # Layer-relative tensors stored float32 (DeepSeek's router correction bias); the rest is bf16.
+    fp32: tuple[str, ...] = ()
+    # Whether the MTP layer ships its own embed_tokens and shared_head.head (DeepSeek) or shares
+    # the model's (GLM, as vLLM loads it).
+    mtp_own_head: bool = True
+    # The transformers model_type that builds this model, when the release's is remote code.
+    transformers_type: str | None = None
+    # Whether every layer ships its rotary table, ``self_attn.rotary_emb.inv_freq`` (Kimi K2).
+    rotary_tables: bool = False
+    notes: str = ""
+
+
+_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+_QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+# Reduced widths keep the multiples of 128 that the FP8 blocks and GPTQ's groups see in the
+# releases, except where the release itself is ragged (DeepSeek's kv_a_proj_with_mqa has
+# kv_lora_rank + qk_rope_head_dim rows: 576 there, 192 here).
+_REDUCED_MLA = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "n_routed_experts": 16,
+                "num_experts_per_tok": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 256,
+                "kv_lora_rank": 128, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64,
+                "vocab_size": 4096}
+_REDUCED_GQA = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_experts_per_tok": 4,
+                "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4096}
+
+SHAPES: dict[str, Shape] = {row.name: row for row in (
+    Shape(
+        name="mixtral-8x7b",
+        source="mistralai/Mixtral-8x7B-v0.1 config.json, verbatim as NVIDIA TensorRT-LLM's unit test "
+               "MIXTRAL_8X7B_CONFIG quotes it",
+        config={
+            "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+            "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+            "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+            "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+            "router_aux_loss_coef": 0.02, "sliding_window": None, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000},
+        routers=("block_sparse_moe.gate",),
+        reduced={"hidden_size": 512, "intermediate_size": 1792},  # as before the other shapes (published CPU run)
+        fp8_release="none (Mistral ships BF16); --source fp8 writes DeepSeek's block format",
+    ),
+    Shape(
+        name="qwen3-30b-a3b",
+        source="Qwen/Qwen3-30B-A3B config.json, verbatim (an MLX copy and a GPTQ copy agree); the -FP8 release adds "
+               "the quantization_config of FP8_CONFIG (reconstructed: its 128 block is confirmed by vLLM PR #44763)",
+        config=_QWEN3_30B_A3B,
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_GQA, "num_experts": 16, "num_attention_heads": 4, "intermediate_size": 384},
+        fp8_release="Qwen/Qwen3-30B-A3B-FP8: block-wise, 128 x 128 (the format written here)",
+    ),
+    Shape(
+        name="qwen3-235b-a22b",
+        source="Qwen/Qwen3-235B-A22B config.json, reconstructed: the 30B-A3B key set with the 235B values of the "
+               "Instruct-2507 config, and the original's max_position_embeddings 40960",
+        config={**_QWEN3_30B_A3B, "hidden_size": 4096, "intermediate_size": 12288, "max_window_layers": 94,
+                "moe_intermediate_size": 1536, "num_attention_heads": 64, "num_hidden_layers": 94},
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_GQA, "num_experts": 16},
+        fp8_release="Qwen/Qwen3-235B-A22B-FP8: block-wise, 128 x 128 (the format written here)",
+    ),
+    Shape(
+        name="deepseek-v3",
+        source="deepseek-ai/DeepSeek-V3 config.json, reconstructed from a printed DeepseekV3Config of the repo, "
+               "vllm-ascend issue #206 (its raw config.json) and the repo's inference/configs/config_671B.json; "
+               "quantization_config from its README_WEIGHTS.md",
+        config=_DEEPSEEK_V3,
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_MLA, "n_group": 4, "topk_group": 2},
+        fp8_release="deepseek-ai/DeepSeek-V3: block-wise, 128 x 128 (the format written here)",
+        fp32=("mlp.gate.e_score_correction_bias",),
+    ),
+    Shape(
+        name="kimi-k2",
+        source="moonshotai/Kimi-K2-Instruct config.json, verbatim from a model-info report (auto_map left "
+               "out: no remote code is written); its tensor inventory from the same report",
+        config={**{k: v for k, v in _DEEPSEEK_V3.items() if k != "ep_size"}, "model_type": "kimi_k2",
+                "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1,
+                "max_position_embeddings": 131072, "n_group": 1, "n_routed_experts": 384, "num_attention_heads": 64,
+                "num_key_value_heads": 64, "num_nextn_predict_layers": 0, "rope_theta": 50000.0,
+                "routed_scaling_factor": 2.827, "topk_group": 1, "vocab_size": 163840,
+                "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+                                 "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}},
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_MLA, "n_routed_experts": 24},
+        fp8_release="moonshotai/Kimi-K2-Instruct: block-wise, 128 x 128 (the format written here)",
+        fp32=("mlp.gate.e_score_correction_bias",),
+        transformers_type="deepseek_v3",  # its `architectures` entry: DeepseekV3ForCausalLM
+        rotary_tables=True,
+        notes="the DeepSeek-V3 architecture with 384 experts, 64 heads, one dense layer and no MTP layer",
+    ),
+    Shape(
+        name="glm-4.5",
+        source="zai-org/GLM-4.5 config.json, reconstructed from transformers' convert_glm4_moe_weights_to_hf.py, "
+               "a test's copy of GLM-4.6's (which differs in max_position_embeddings alone) and llama.cpp PR #15026",
+        config={
+            "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+            "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+            "hidden_size": 5120, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 12288,
+            "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1536,
+            "norm_topk_prob": True, "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 160,
+            "n_shared_experts": 1, "routed_scaling_factor": 2.5, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+            "num_hidden_layers": 92, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None,
+            "rope_theta": 1000000, "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "use_cache": True, "use_qk_norm": True, "vocab_size": 151552},
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_GQA, "n_routed_experts": 16},
+        fp8_release="zai-org/GLM-4.5-FP8 is compressed-tensors FP8 with per-channel weight_scale, not this "
+                    "format; --source fp8 writes DeepSeek's block format",
+        fp32=("mlp.gate.e_score_correction_bias",),
+        mtp_own_head=False,
+        notes="GQA with q/k/v biases, partial rotary (0.5) and q/k norms; sigmoid router with a correction bias",
+    ),
+)}
+
+
+def run_config(shape: Shape, layers: int, reduced: bool = False, mtp: bool = False,
+               overrides: dict | None = None) -> tuple[dict, dict]:
+    """The config.json of a ``layers``-deep checkpoint of ``shape``, and what it changes from the
+    release: {field: {"release": value, "here": value}}.
+
+    A model with dense first layers keeps one (``first_k_dense_replace`` 1), then MoE layers;
+    ``num_nextn_predict_layers`` says whether an MTP layer follows (``mtp``). ``overrides``
+    replace config fields (the tests' tiny widths).
+    """
+    if layers < 1:
+        raise QuantMoeError(f"--layers is {layers}; a checkpoint needs at least 1 decoder layer")
+    release = {**shape.config, **(shape.reduced if reduced else {}), **(overrides or {})}
+    for key, ours in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 2)):
+        # A special token beyond a reduced vocabulary becomes write_tokenizer's <s> or </s>.
+        ids = release.get(key)
+        if ids is not None and max(ids if isinstance(ids, list) else [ids]) >= release["vocab_size"]:
+            release[key] = ours
+    if release.get("mlp_only_layers") or (release.get("decoder_sparse_step") or 1) != 1:
+        raise QuantMoeError(f"{shape.name}: only dense first layers (first_k_dense_replace) are cut to depth here; "
+                            "mlp_only_layers and decoder_sparse_step must stay [] and 1")
+    if mtp and not release.get("num_nextn_predict_layers"):
+        raise QuantMoeError(f"{shape.name} has no multi-token-prediction layer (num_nextn_predict_layers is "
+                            f"{release.get('num_nextn_predict_layers', 'absent')}); leave out --mtp")
+    here = {"num_hidden_layers": layers}
+    if release.get("first_k_dense_replace"):
+        here["first_k_dense_replace"] = 1
+    if "num_nextn_predict_layers" in release:
+        here["num_nextn_predict_layers"] = 1 if mtp else 0
+    changes = {k: {"release": shape.config.get(k), "here": v} for k, v in here.items() if shape.config.get(k) != v}
+    return {**release, **here}, changes
+
+
+def layer_kinds(config: dict) -> list[str]:
+    """"dense" or "moe" for each decoder layer of a config from run_config (dense first layers only)."""
+    dense = config.get("first_k_dense_replace") or 0
+    return ["dense" if i < dense else "moe" for i in range(config["num_hidden_layers"])]
+
+
+class TensorSpec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fp8: bool                   # an FP8 linear under --source fp8
+    rope_theta: float | None = None  # a rotary table 1 / theta^(2i / dim), not random
+
+
+def transformers_config(config: dict, shape: Shape):
+    """transformers' config object for a config.json dict of ``shape`` (Kimi K2's remote-code
+    model_type read as the transformers type that builds it)."""
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+    return transformers.AutoConfig.for_model(shape.transformers_type or config["model_type"], **fields)
+
+
+def layer_templates(config: dict, shape: Shape) -> tuple[dict, dict | None, dict]:
+    """(outside the layers, a dense layer, an MoE layer): {on-disk name: shape}, layer-relative
+    for the layers, as ``save_pretrained`` writes a model of ``config``.
+
+    transformers builds a two-layer model on the meta device (no memory at any width) and its
+    save-time conversion (``revert_weight_conversion``) names the tensors as a checkpoint on
+    the Hub does, experts one per expert.
+    """
+    dense_first = bool(config.get("first_k_dense_replace"))
+    probe = {**config, "num_hidden_layers": 2, **({"first_k_dense_replace": 1} if dense_first else {})}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(probe, shape))
+    shapes = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, model.state_dict()).items()}
+
+    def layer(i: int) -> dict:
+        prefix = f"model.layers.{i}."
+        return {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+
+    outside = {k: s for k, s in shapes.items() if not k.startswith("model.layers.")}
+    return outside, layer(0) if dense_first else None, layer(1)
+
+
+def mtp_extras(config: dict, shape: Shape) -> dict[str, tuple[int, ...]]:
+    """Layer-relative tensors an MTP layer has beside its decoder block (DeepSeek-V3's inventory;
+    GLM's without its own head and embedding, which vLLM ties to the model's)."""
+    H, V = config["hidden_size"], config["vocab_size"]
+    out = {"eh_proj.weight": (H, 2 * H), "enorm.weight": (H,), "hnorm.weight": (H,), "shared_head.norm.weight": (H,)}
+    if shape.mtp_own_head:
+        out.update({"shared_head.head.weight": (V, H), "embed_tokens.weight": (V, H)})
     return out
 
 
-def random_tensors(shapes: dict[str, tuple[int, ...]], gen: torch.Generator, device: torch.device) -> dict:
-    """bf16 N(0, INIT_STD) weights (norms are ones), drawn on ``device`` and returned on the host."""
+def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str, dict[str, TensorSpec]]]:
+    """The checkpoint's parts in writing order, (kind, {tensor name: TensorSpec}): the embeddings
+    and head ("outside"), then each decoder layer ("dense" or "moe"), then with ``mtp`` the MTP
+    layer ("mtp")."""
+    outside, dense, moe = layer_templates(config, shape)
+    if shape.rotary_tables:  # not a parameter of transformers' model, so not in the templates
+        for template in (dense, moe):
+            if template is not None:
+                template["self_attn.rotary_emb.inv_freq"] = (config["qk_rope_head_dim"] // 2,)
+
+    def specs(prefix: str, template: dict, linears: bool) -> dict[str, TensorSpec]:
+        out = {}
+        for rel, dims in template.items():
+            dtype = torch.float32 if rel in shape.fp32 else torch.bfloat16
+            fp8 = (linears and len(dims) == 2 and rel.endswith(".weight")
+                   and rel.removesuffix(".weight") not in shape.routers)
+            theta = config["rope_theta"] if rel.endswith("rotary_emb.inv_freq") else None
+            out[prefix + rel] = TensorSpec(dims, dtype, fp8, theta)
+        return out
+
+    parts = [("outside", specs("", outside, linears=False))]
+    for i, kind in enumerate(layer_kinds(config)):
+        parts.append((kind, specs(f"model.layers.{i}.", dense if kind == "dense" else moe, True)))
+    if mtp:
+        n = config["num_hidden_layers"]
+        block = specs(f"model.layers.{n}.", moe, True)
+        block.update(specs(f"model.layers.{n}.", mtp_extras(config, shape), linears=False))  # BF16 in the release
+        parts.append(("mtp", block))
+    return parts
+
+
+def spec_bytes(spec: TensorSpec, source: str) -> int:
+    """Bytes on disk of one tensor, its FP8 block scale included."""
+    n = math.prod(spec.shape)
+    if spec.fp8 and source == "fp8":
+        return n + 4 * math.prod(math.ceil(d / b) for d, b in zip(spec.shape, FP8_BLOCK))
+    return n * spec.dtype.itemsize
+
+
+def disk_estimate(plan: list, source: str, bits: int = 4) -> dict:
+    """Bytes of the checkpoint, and about how many the quantization writes at its peak: each
+    layer's packed file in the work folder plus the export beside it (``bits``-bit weights with
+    their group scales and zeros; everything else, the MTP layer included, at 16 bits or fp32)."""
+    checkpoint = linear = rest = 0
+    for kind, part in plan:
+        for spec in part.values():
+            checkpoint += spec_bytes(spec, source)
+            if spec.fp8 and kind != "mtp":  # MTP layers are carried through unquantized
+                linear += math.prod(spec.shape)
+            else:
+                rest += math.prod(spec.shape) * max(spec.dtype.itemsize, 2)
+    packed = int(linear * (bits / 8 + 4 / 128))  # a group of 128: fp16 scale, packed zero, g_idx
+    return {"checkpoint_bytes": checkpoint, "quantize_bytes": 2 * packed + rest}
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """A one-line error when ``needed`` bytes would not fit the free space under ``folder``."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise QuantMoeError(f"{what} needs {needed / 1e9:.1f} GB but {probe} has {free / 1e9:.1f} GB free; "
+                            "use fewer --layers, --source fp8, or a --work folder on a larger disk")
+
+
+# -- the checkpoint -----------------------------------------------------------------------------
+def random_tensors(specs: dict[str, TensorSpec], gen: torch.Generator, device: torch.device,
+                   fp8_block: tuple[int, int] | None = None) -> dict:
+    """N(0, INIT_STD) weights (norms are ones) drawn on ``device``, returned on the host: bf16,
+    float32 where the spec says so, and with ``fp8_block`` the FP8 linears as float8_e4m3fn
+    codes of the bf16 weights plus ``weight_scale_inv``. The same seed draws the same values
+    for either source, so an FP8 checkpoint is the block-wise FP8 of its BF16 twin."""
     out = {}
-    for name, shape in shapes.items():
+    for name, spec in specs.items():
         if name.endswith("norm.weight"):
-            out[name] = torch.ones(shape, dtype=torch.bfloat16)
+            out[name] = torch.ones(spec.shape, dtype=spec.dtype)
+            continue
+        if spec.rope_theta is not None:
+            dim = 2 * spec.shape[0]
+            out[name] = (1.0 / spec.rope_theta ** (torch.arange(0, dim, 2).float() / dim)).to(spec.dtype)
+            continue
+        t = torch.empty(spec.shape, device=device, dtype=torch.float32).normal_(0.0, INIT_STD, generator=gen)
+        t = t.to(spec.dtype)
+        if spec.fp8 and fp8_block is not None:
+            codes, scale = quantize_fp8_blocks(t, fp8_block)
+            out[name], out[name + "_scale_inv"] = codes.cpu(), scale.cpu()
         else:
-            t = torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, INIT_STD, generator=gen)
-            out[name] = t.to(torch.bfloat16).cpu()
+            out[name] = t.cpu()
+        del t
     return out
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
     """A word-level tokenizer with exactly ``vocab_size`` entries, so ids < vocab_size pass the calibration check."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(folder)
 
 
-def make_checkpoint(folder: Path, shape: dict, layers: int, seed: int = 0, device: str = "auto") -> Path:
-    """Write a Mixtral checkpoint of ``shape`` with random weights: one shard per layer, plus one for embeddings and head."""
-    import transformers
-    from safetensors.torch import save_file
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+
+def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: bool = False, source: str = "bf16",
+                    mtp: bool = False, overrides: dict | None = None, seed: int = 0, device: str = "auto") -> Path:
+    """Write a ``layers``-deep checkpoint of ``shape`` with random weights (see run_config and
+    tensor_plan): one shard for the embeddings and head, then each layer in shards of at most
+    MAX_SHARD_BYTES (one shard unless it is larger), each generated, written and dropped before
+    the next. GENERATOR_FILE, written last, records the arguments. ``folder`` is new, empty or
+    one that make_checkpoint wrote before (its shards are replaced)."""
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    if source not in ("bf16", "fp8"):
+        raise QuantMoeError(f"--source is {source!r}; use bf16 or fp8")
+    config, changes = run_config(shape, layers, reduced, mtp, overrides)
+    shards = split_shards(tensor_plan(config, shape, mtp), source)
+    dev = resolve_device(device)
     folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / f).exists() for f in (GENERATOR_FILE, WRITING)):
+        raise QuantMoeError(f"{folder} holds files that scale.py did not write; choose a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
-    config = transformers.MixtralConfig(**shape, num_hidden_layers=layers, tie_word_embeddings=False, dtype="bfloat16")
-    config.architectures = ["MixtralForCausalLM"]
-    config.save_pretrained(folder)
-    write_tokenizer(folder, shape["vocab_size"])
+    (folder / WRITING).touch()
+    (folder / GENERATOR_FILE).unlink(missing_ok=True)  # until the last shard is written
+    for old in folder.glob("model-*-of-*.safetensors"):
+        old.unlink()
+    if source == "fp8":
+        config["quantization_config"] = dict(FP8_CONFIG)
+    atomic_write_json(folder / "config.json", config)
+    write_tokenizer(folder, config["vocab_size"])
     gen = torch.Generator(device=dev).manual_seed(seed)
-    n = layers + 1
     weight_map, total = {}, 0
-
-    def write(i: int, tensors: dict) -> None:
-        nonlocal total
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        for k, t in tensors.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-
-    H, V = shape["hidden_size"], shape["vocab_size"]
-    write(0, random_tensors({"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,),
-                             "lm_head.weight": (V, H)}, gen, dev))
-    for layer in range(layers):
-        shapes = {f"model.layers.{layer}.{k}": v for k, v in layer_shapes(shape).items()}
-        write(layer + 1, random_tensors(shapes, gen, dev))  # one layer in memory at a time
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for i, specs in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = random_tensors(specs, gen, dev, FP8_BLOCK if source == "fp8" else None)
+        save_safetensors(folder / name, tensors, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors  # one shard in memory at a time
+    atomic_write_json(folder / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    atomic_write_json(folder / GENERATOR_FILE, generator_record(shape, layers, reduced, source, mtp, overrides, seed,
+                                                                changes))
+    (folder / WRITING).unlink()
     return folder
 
 
+def split_shards(plan: list, source: str, max_bytes: int | None = None) -> list[dict[str, TensorSpec]]:
+    """The plan's parts as shards, a part larger than ``max_bytes`` (default MAX_SHARD_BYTES) cut
+    into several in order (a tensor is never cut)."""
+    max_bytes = max_bytes or MAX_SHARD_BYTES
+    out = []
+    for _, specs in plan:
+        current, size = {}, 0
+        for name, spec in specs.items():
+            nbytes = spec_bytes(spec, source)
+            if current and size + nbytes > max_bytes:
+                out.append(current)
+                current, size = {}, 0
+            current[name] = spec
+            size += nbytes
+        out.append(current)
+    return out
+
+
+def generator_record(shape: Shape, layers: int, reduced: bool, source: str, mtp: bool, overrides: dict | None,
+                     seed: int, changes: dict) -> dict:
+    """What make_checkpoint was asked for: a checkpoint folder with the same record is reused."""
+    return {"shape_name": shape.name, "layers": layers, "reduced": reduced, "source": source, "mtp": mtp,
+            "overrides": overrides or {}, "seed": seed, "changes": changes}
+
+
 def make_view(src: Path, dst: Path, layers: int) -> Path:
-    """The first ``layers`` layers of a checkpoint from make_checkpoint, as a folder of links (no copy)."""
-    dst = Path(dst)
+    """The first ``layers`` layers of a checkpoint from make_checkpoint, as a folder of hard links
+    (no copy; a hard link is an ordinary file to whoever reads the folder). An MTP layer is
+    left out, since it must follow the last layer."""
+    src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
     config["num_hidden_layers"] = layers
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    if "num_nextn_predict_layers" in config:
+        config["num_nextn_predict_layers"] = 0
+    atomic_write_json(dst / "config.json", config)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     keep = {k: v for k, v in index["weight_map"].items()
             if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": keep}, indent=2))
-    for p in src.iterdir():
-        if p.name not in ("config.json", "model.safetensors.index.json") and not (dst / p.name).exists():
-            (dst / p.name).symlink_to(p.resolve())
+    atomic_write_json(dst / "model.safetensors.index.json", {"metadata": {}, "weight_map": keep})
+    record = src / GENERATOR_FILE
+    if record.is_file():
+        atomic_write_json(dst / GENERATOR_FILE, {**json.loads(record.read_text()), "layers": layers, "mtp": False,
+                                                 "view_of": str(src)})
+    skip = {"config.json", "model.safetensors.index.json", GENERATOR_FILE}
+    files = sorted(set(keep.values())) + [p.name for p in sorted(src.iterdir())
+                                          if p.is_file() and p.suffix != ".safetensors" and p.name not in skip]
+    for name in files:
+        target = dst / name
+        if target.exists() and os.path.samefile(target, src / name):
+            continue
+        target.unlink(missing_ok=True)
+        try:
+            os.link(src / name, target)
+        except OSError as exc:
+            raise QuantMoeError(f"cannot hard-link {src / name} into {dst} ({exc.strerror}); put the view on the "
+                                "same filesystem as the checkpoint") from None
     return dst
 
 
 def make_calibration(path: Path, vocab_size: int, nsamples: int, seqlen: int, seed: int = 0) -> Path:
     """A token file of random ids in [0, vocab_size), in quantmoe's calibration format."""
-    from quantmoe.stages.calibrate import write_calibration
-
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (nsamples, seqlen), generator=gen, dtype=torch.int64)
     meta = {"source": "random token ids (benchmarks/scale.py)", "seed": str(seed), "nsamples": str(nsamples),
@@ -146,17 +541,22 @@ def make_calibration(path: Path, vocab_size: int, nsamples: int, seqlen: int, se
     return write_calibration(path, ids, meta)
 
 
-# -- running and measuring ------------------------------------------------------------------
-def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list[str], quantmoe_path: Path,
-                 timeout: float, nproc: int = 1) -> dict:
-    """``python -m quantmoe quantize`` as a child process (under torchrun with ``nproc`` > 1);
-    wall time, exit status and the sampled peak RSS: of the process tree, and of its largest process."""
-    import psutil
+def make_eval_text(path: Path, vocab_size: int, tokens: int, seed: int = 1, words_per_line: int = 4096) -> Path:
+    """A JSONL file of random words of write_tokenizer's vocabulary: ``tokens`` tokens in all
+    (one word is one token), for ``quantmoe eval``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (tokens,), generator=gen).tolist()
+    lines = [json.dumps({"text": " ".join(f"w{i}" for i in ids[s:s + words_per_line])})
+             for s in range(0, tokens, words_per_line)]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc-per-node", str(nproc)]
-    cmd = [*launch, "-m", "quantmoe", "quantize", str(Path(model).resolve()), "--out", str(Path(out).resolve()),
-           "--calib", str(Path(calib).resolve()), "--no-eval", "--quiet", "--overwrite", "--device", device, *options]
+
+# -- running and measuring ----------------------------------------------------------------------
+def run_child(cmd: list[str], quantmoe_path: Path, timeout: float) -> dict:
+    """Run ``cmd`` with ``quantmoe_path``'s quantmoe; wall time, exit status and the sampled peak
+    RSS: of the process tree, and of its largest process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quantmoe_path), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     t0 = time.perf_counter()
@@ -183,9 +583,36 @@ def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list
         except subprocess.TimeoutExpired:
             pass
     output = child.communicate()[0] or ""
-    return {"command": " ".join(cmd[1:]), "processes": nproc, "returncode": status,
-            "wall_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb_sampled": round(peak / 2**20, 1),
-            "peak_rss_mb_one_process": round(peak_one / 2**20, 1), "output_tail": output[-3000:]}
+    return {"command": " ".join(cmd[1:]), "returncode": status, "wall_seconds": round(time.perf_counter() - t0, 2),
+            "peak_rss_mb_sampled": round(peak / 2**20, 1), "peak_rss_mb_one_process": round(peak_one / 2**20, 1),
+            "output_tail": output[-3000:]}
+
+
+def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list[str], quantmoe_path: Path,
+                 timeout: float, nproc: int = 1) -> dict:
+    """``python -m quantmoe quantize`` as a child process (under torchrun with ``nproc`` > 1), see run_child."""
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(nproc)]
+    cmd = [*launch, "-m", "quantmoe", "quantize", str(Path(model).resolve()), "--out", str(Path(out).resolve()),
+           "--calib", str(Path(calib).resolve()), "--no-eval", "--quiet", "--overwrite", "--device", device, *options]
+    return {**run_child(cmd, quantmoe_path, timeout), "processes": nproc}
+
+
+def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quantmoe_path: Path, timeout: float,
+             batch_size: int | None = None) -> dict:
+    """``python -m quantmoe eval OUT --baseline MODEL`` as a child process, see run_child; with
+    the report's per-model stages (``eval_original``, ``eval_quantized``: seconds, peaks)."""
+    report = Path(out).resolve().parent / f"{Path(out).name}-eval-report.json"
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "quantmoe", "eval", str(Path(out).resolve()), "--baseline", str(Path(model).resolve()),
+           "--data", str(Path(data).resolve()), "--seqlen", str(seqlen), "--device", device, "--quiet",
+           "--report", str(report), *(["--batch-size", str(batch_size)] if batch_size else [])]
+    run = run_child(cmd, quantmoe_path, timeout)
+    if report.is_file():
+        r = json.loads(report.read_text())
+        run.update(stages=r.get("stages"), data=r.get("data"), device=r.get("device"), gap=r.get("gap"),
+                   perplexity={k: v.get("perplexity") for k, v in (r.get("results") or {}).items()})
+    return run
 
 
 STAGES = ("load", "capture", "hessians", "solve", "forward", "write")
@@ -202,12 +629,28 @@ def read_layers(out: Path) -> tuple[list[dict], dict]:
     return [json.loads(p.read_text()) for p in sorted(work.glob("layer-*.json"))], {}
 
 
-def summarise(layers: list[dict], stages: dict, total_layers: int = 32) -> dict:
-    """Per-layer split by stage, steady-state means (layers after the first) and the extrapolation to ``total_layers``."""
+def _mean(rows: list[dict]) -> dict:
+    return {k: round(sum(r[k] or 0.0 for r in rows) / len(rows), 3)
+            for k in ("seconds", *STAGES, "other") if any(r.get(k) is not None for r in rows)}
+
+
+def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_layers: int = 0,
+              kinds: list[str] | None = None) -> dict:
+    """Per-layer split by stage, the steady MoE-layer mean and the extrapolation to the release's
+    depth: ``total_layers`` layers of which the first ``dense_layers`` are dense.
+
+    ``kinds`` ("dense"/"moe" per measured layer; default all MoE). The steady mean is over the
+    MoE layers after the first measured layer (all of them when there is one only, as in a
+    one-dense-one-MoE run). The extrapolation takes the first layer as measured (it also pays
+    for the first read), each other dense layer at the dense layers' mean and each other MoE
+    layer at the steady mean, adds embedding the calibration tokens, and scales the export per layer.
+    """
+    kinds = kinds or ["moe"] * len(layers)
     rows = []
     for e in layers:
         t = e.get("timings", {})
-        row = {"index": e["index"], "seconds": e["seconds"], **{k: t.get(k) for k in STAGES},
+        row = {"index": e["index"], "kind": kinds[e["index"]] if e["index"] < len(kinds) else "moe",
+               "seconds": e["seconds"], **{k: t.get(k) for k in STAGES},
                "write_background": t.get("write_background"), "peak_gpu_mb": e.get("peak_gpu_mb"),
                "stage_peak_gpu_mb": e.get("stage_peak_gpu_mb"), "peak_rss_mb": e.get("peak_rss_mb")}
         if t:
@@ -215,53 +658,87 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32) -> dict:
         rows.append(row)
     if not rows:
         return {"layers": []}
-    steady = rows[1:] or rows
-    mean = {k: round(sum(r[k] or 0.0 for r in steady) / len(steady), 3)
-            for k in ("seconds", *STAGES, "other") if any(r.get(k) is not None for r in steady)}
-    out = {"layers": rows, "steady_layer_mean": mean}
+    moe = [r for r in rows if r["kind"] == "moe"]
+    dense = [r for r in rows if r["kind"] == "dense"]
+    steady = [r for r in moe if r is not rows[0]] or moe or rows[1:] or rows
+    out = {"layers": rows, "steady_layer_mean": _mean(steady)}
+    if dense:
+        out["dense_layer_mean"] = _mean(dense)
     if stages:
-        per_layer = mean["seconds"]
-        quantize_s = stages["quantize"]["seconds"]
-        outside = quantize_s - sum(r["seconds"] for r in rows)          # embedding the calibration tokens
-        export_per_layer = stages["export"]["seconds"] / len(rows)
-        out["extrapolation"] = {
-            "layers": total_layers,
-            "quantize_seconds": round(rows[0]["seconds"] + (total_layers - 1) * per_layer + outside, 1),
-            "export_seconds": round(export_per_layer * total_layers, 1),
-            "how": "first layer + (layers - 1) x mean of the later layers + embedding; export scaled per layer",
-        }
-        out["extrapolation"]["total_seconds"] = round(
-            out["extrapolation"]["quantize_seconds"] + out["extrapolation"]["export_seconds"]
-            + stages["calibrate"]["seconds"], 1)
+        out["extrapolation"] = extrapolate(rows, stages, total_layers, dense_layers,
+                                           out.get("dense_layer_mean", {}).get("seconds"),
+                                           out["steady_layer_mean"]["seconds"] if moe else None)
         out["stages"] = stages
     return out
 
 
+def extrapolate(rows: list[dict], stages: dict, total_layers: int, dense_layers: int, dense_mean: float | None,
+                moe_mean: float | None) -> dict:
+    """See summarise."""
+    first = rows[0]
+    more_dense = dense_layers - (first["kind"] == "dense")
+    more_moe = total_layers - dense_layers - (first["kind"] == "moe")
+    how = ("first layer + the other dense layers x the dense mean + the other MoE layers x the steady MoE mean "
+           "+ embedding; export scaled per layer")
+    missing = [k for k, n, m in (("dense", more_dense, dense_mean), ("MoE", more_moe, moe_mean)) if n > 0 and m is None]
+    if missing:
+        return {"layers": total_layers, "dense_layers": dense_layers,
+                "how": f"not extrapolated: no {' or '.join(missing)} layer was measured"}
+    outside = stages["quantize"]["seconds"] - sum(r["seconds"] for r in rows)  # embedding the calibration tokens
+    quantize_s = first["seconds"] + max(more_dense, 0) * (dense_mean or 0) + max(more_moe, 0) * (moe_mean or 0)
+    out = {"layers": total_layers, "dense_layers": dense_layers,
+           "quantize_seconds": round(quantize_s + outside, 1),
+           "export_seconds": round(stages["export"]["seconds"] / len(rows) * total_layers, 1), "how": how}
+    out["total_seconds"] = round(out["quantize_seconds"] + out["export_seconds"] + stages["calibrate"]["seconds"], 1)
+    return out
+
+
+def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
+    """Per-layer seconds of each model's evaluation (its stage / the checkpoint's depth), and the
+    release's depth at that rate."""
+    stages = run.get("stages") or {}
+    per_layer = {label: round(stages[f"eval_{label}"]["seconds"] / layers, 3)
+                 for label in ("original", "quantized") if f"eval_{label}" in stages}
+    out = {"per_layer_seconds": per_layer}
+    if per_layer:
+        both = sum(per_layer.values())
+        out["per_layer_seconds"]["both"] = round(both, 3)
+        out["extrapolation"] = {"layers": total_layers, "seconds": round(both * total_layers, 1),
+                                "how": "(original + quantized seconds) / layers measured x layers of the release; "
+                                       "embeddings and head are counted per layer"}
+    return out
+
+
 def device_info(device: str) -> dict:
+    """The machine: ``name`` and ``memory_gb`` of the GPU (or of the host, on CPU), and the versions."""
     info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
     if device != "cpu" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["gpu"] = info["name"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = info["memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     else:
         info["gpu"] = None
-        info["cpu"] = platform.processor() or platform.machine()
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+        info["cpu"] = info["name"] = platform.processor() or platform.machine()
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    info["transformers"] = transformers.__version__
     return info
+
+
+def quantmoe_commit(tree: Path) -> str | None:
+    """The commit of the quantmoe tree that ran (``-dirty`` with uncommitted changes); None outside git."""
+    try:
+        git = partial(subprocess.run, capture_output=True, text=True, check=True, timeout=10)
+        sha = git(["git", "-C", str(tree), "rev-parse", "--short=12", "HEAD"]).stdout.strip()
+        dirty = git(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
 
 
 # -- comparing two outputs ------------------------------------------------------------------
 def compare_outputs(a: Path, b: Path, model: Path | None = None, device: str = "auto") -> dict:
     """How far output ``b`` is from output ``a``: levels that differ, and (with the source ``model``)
     each one's weight error and GPTQ loss, to show a difference is rounding rather than quality."""
-    from quantmoe.model.checkpoint import Checkpoint
-    from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear, unpack_linear
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     A, B = Checkpoint(a), Checkpoint(b)
     src = Checkpoint(model) if model is not None else None
     bits = int(A.quantization["bits"])
@@ -306,8 +783,6 @@ def solve_bench(baseline: Path | None = None, device: str = "cuda", shapes: dict
     """Time gptq_quantize on one Mixtral layer's matrix shapes (random W, a full-rank Hessian of
     2C random correlated inputs): this tree's core, and the core of a ``baseline`` tree if given."""
     import importlib.util
-
-    from quantmoe.gptq import core as gptq
 
     cores = {"new": gptq}
     if baseline is not None:
@@ -375,10 +850,19 @@ def solve_bench(baseline: Path | None = None, device: str = "cuda", shapes: dict
 
 
 # -- the command line -----------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reduced", action="store_true", help="hidden 512, intermediate 1792, 32 x 256 tokens, on CPU")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shape", choices=list(SHAPES), default="mixtral-8x7b",
+                    help="the released model whose shapes to use")
+    ap.add_argument("--source", choices=("bf16", "fp8"), default="bf16",
+                    help="the checkpoint's weights: bf16, or DeepSeek-style FP8 with 128 x 128 block scales")
+    ap.add_argument("--mtp", action="store_true", help="append the release's multi-token-prediction layer")
+    ap.add_argument("--reduced", action="store_true",
+                    help="the shape's small widths and 32 x 256 tokens, on CPU "
+                         "(Mixtral: hidden 512, intermediate 1792)")
+    ap.add_argument("--layers", type=int, default=2,
+                    help="decoder layers; with dense first layers, one dense layer then MoE layers")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun")
     ap.add_argument("--nsamples", type=int)
     ap.add_argument("--seqlen", type=int)
@@ -386,69 +870,148 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantmoe-scale"), help="where checkpoints and outputs go")
     ap.add_argument("--model", type=Path, help="reuse a checkpoint written earlier instead of writing one")
     ap.add_argument("--quantmoe", type=Path, default=REPO, help="the quantmoe source tree to run (e.g. a baseline)")
-    ap.add_argument("--name", help="result file name [default: scale-<device>-<layers>L]")
+    ap.add_argument("--name", help="result file name [default: scale-<device>-<shape>-<source>-<layers>L]")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--eval", action="store_true", help="also time `quantmoe eval OUT --baseline MODEL`")
+    ap.add_argument("--eval-tokens", type=int, help="tokens of random text to evaluate [default: 300000; "
+                                                    "--reduced: 4 windows]")
+    ap.add_argument("--eval-seqlen", type=int, help="evaluation window [default: the calibration --seqlen]")
+    ap.add_argument("--eval-batch-size", type=int, help="windows per forward pass [default: quantmoe eval's]")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("OUT_A", "OUT_B"))
     ap.add_argument("--keep", action="store_true", help="keep the quantized output")
     ap.add_argument("--solve-bench", action="store_true", help="time the GPTQ solve alone on Mixtral's shapes (CUDA)")
     ap.add_argument("--baseline", type=Path, help="with --solve-bench: a tree whose quantmoe/gptq.py to compare with")
-    args, options = ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
+    return ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
 
+
+def option_value(options: list[str], name: str, default: str) -> str:
+    """The value of ``name`` among the options passed through to ``quantmoe quantize``."""
+    for i, opt in enumerate(options):
+        if opt == name and i + 1 < len(options):
+            return options[i + 1]
+        if opt.startswith(name + "="):
+            return opt.split("=", 1)[1]
+    return default
+
+
+def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, options: list[str]) -> dict:
+    """The checkpoint to quantize: ``--model``, a matching one under ``--work``, or a new one written
+    there once its size is printed and checked against the free disk. Returns {path, shape_name,
+    source, written, seconds, bytes, quantize_bytes}."""
+    bits = int(option_value(options, "--bits", "4"))
+    if args.model is not None:
+        record_path = args.model / GENERATOR_FILE
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        shape = SHAPES.get(record.get("shape_name"), shape)
+        config = json.loads((args.model / "config.json").read_text())
+        source = "fp8" if (config.get("quantization_config") or {}).get("quant_method") == "fp8" else "bf16"
+        size = disk_estimate(tensor_plan(config, shape, mtp=False), source, bits)
+        check_disk(args.work, size["quantize_bytes"], "quantizing the checkpoint")
+        return {"path": args.model, "shape_name": shape.name, "source": source, "written": False, "seconds": 0.0,
+                "bytes": size["checkpoint_bytes"], "quantize_bytes": size["quantize_bytes"]}
+    config, changes = run_config(shape, args.layers, args.reduced, args.mtp)
+    size = disk_estimate(tensor_plan(config, shape, args.mtp), args.source, bits)
+    folder = args.work / f"{shape.name}-{args.source}-{args.layers}L{'-mtp' if args.mtp else ''}" \
+                         f"{'-reduced' if args.reduced else ''}"
+    record = generator_record(shape, args.layers, args.reduced, args.source, args.mtp, None, args.seed, changes)
+    found = folder / GENERATOR_FILE
+    reuse = found.is_file() and json.loads(found.read_text()) == json.loads(json.dumps(record))
+    needed = size["quantize_bytes"] + (0 if reuse else size["checkpoint_bytes"])
+    print(f"checkpoint {folder}: {size['checkpoint_bytes'] / 1e9:.2f} GB ({'reused' if reuse else 'to write'}); "
+          f"quantizing writes about {size['quantize_bytes'] / 1e9:.2f} GB more", flush=True)
+    check_disk(args.work, needed, "the checkpoint and its quantization" if not reuse else "quantizing the checkpoint")
+    t0 = time.perf_counter()
+    if not reuse:
+        make_checkpoint(folder, shape, args.layers, reduced=args.reduced, source=args.source, mtp=args.mtp,
+                        seed=args.seed, device=device)
+    return {"path": folder, "shape_name": shape.name, "source": args.source, "written": not reuse,
+            "seconds": round(time.perf_counter() - t0, 1), "bytes": size["checkpoint_bytes"],
+            "quantize_bytes": size["quantize_bytes"]}
+
+
+def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: dict, seqlen: int, device: str,
+                    total_layers: int) -> dict:
+    """Time ``quantmoe eval`` of the output against the checkpoint on random text (see run_eval)."""
+    seqlen = args.eval_seqlen or seqlen
+    tokens = args.eval_tokens or (4 * seqlen if args.reduced else FULL_EVAL_TOKENS)
+    data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}.jsonl", config["vocab_size"], tokens)
+    run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size)
+    return {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, options = parse_args(argv)
     if args.compare or args.solve_bench:
         result = (compare_outputs(*args.compare, model=args.model) if args.compare
                   else {"device": device_info("cuda"), "solve": solve_bench(args.baseline)})
         if args.name:
             args.results.mkdir(parents=True, exist_ok=True)
-            (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_json(args.results / f"{args.name}.json", result)
         print(json.dumps(result, indent=2))
         return result
 
     device = args.device or ("cpu" if args.reduced else "auto")
-    shape = REDUCED if args.reduced else MIXTRAL_8X7B
+    shape = SHAPES[args.shape]
     nsamples, seqlen = REDUCED_TOKENS if args.reduced else FULL_TOKENS
     nsamples, seqlen = args.nsamples or nsamples, args.seqlen or seqlen
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model = args.model or make_checkpoint(work / f"mixtral-{'reduced' if args.reduced else 'full'}-{args.layers}L",
-                                          shape, args.layers, device=device)
-    make_seconds = round(time.perf_counter() - t0, 1)
-    calib = make_calibration(work / f"calib-{nsamples}x{seqlen}.safetensors", shape["vocab_size"], nsamples, seqlen)
+    args.work.mkdir(parents=True, exist_ok=True)
+    checkpoint = prepare_checkpoint(args, shape, device, options)
+    model = Path(checkpoint["path"])
+    shape = SHAPES[checkpoint["shape_name"]]
+    config = json.loads((model / "config.json").read_text())
+    calib = make_calibration(args.work / f"calib-{config['vocab_size']}-{nsamples}x{seqlen}.safetensors",
+                             config["vocab_size"], nsamples, seqlen)
 
-    from quantmoe.stages.calibrate import read_calibration
-    from quantmoe.model.checkpoint import Checkpoint
+    # The vocabulary check passes. The tokenizer is read without the config, which transformers
+    # cannot read for a remote-code model_type (Kimi K2's); whether quantmoe can is for the run to show.
+    read_calibration(calib, transformers.PreTrainedTokenizerFast.from_pretrained(model))
 
-    read_calibration(calib, Checkpoint(model).tokenizer())  # the vocabulary check passes
-
-    out = work / f"out-{args.name or 'run'}"
+    out = args.work / f"out-{args.name or 'run'}"
     run = run_quantize(model, out, calib, device, options, args.quantmoe, args.timeout, args.nproc)
     layers, stages = read_layers(out)
     info = device_info(device)
-    label = (info["gpu"] or "cpu").replace(" ", "-")
-    n_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    total = shape.config["num_hidden_layers"]
+    n_layers = config["num_hidden_layers"]
+    record = json.loads((model / GENERATOR_FILE).read_text()) if (model / GENERATOR_FILE).is_file() else {}
     result = {
-        "benchmark": "benchmarks/scale.py", "reduced": args.reduced, "shape": shape, "num_layers": n_layers,
-        "calibration_tokens": [nsamples, seqlen], "options": options, "processes": args.nproc, "device": info,
-        "checkpoint_seconds": make_seconds, "run": run,
+        "benchmark": "benchmarks/scale.py", "shape_name": shape.name, "shape_source": shape.source,
+        "source": checkpoint["source"], "reduced": bool(record.get("reduced", args.reduced)),
+        "mtp": bool(config.get("num_nextn_predict_layers")),
+        "structure": {"changed_from_release": record.get("changes"),
+                      "layers": layer_kinds(config) + (["mtp"] if config.get("num_nextn_predict_layers") else []),
+                      "note": "the release's config.json with num_hidden_layers cut; dense first layers cut to one "
+                              "(first_k_dense_replace 1); an MTP layer only with --mtp"},
+        "config": config, "num_layers": n_layers, "calibration_tokens": [nsamples, seqlen], "options": options,
+        "scale_options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "processes": args.nproc, "device": info, "quantmoe_commit": quantmoe_commit(args.quantmoe),
+        "checkpoint": {**checkpoint, "path": str(model)}, "run": run,
         "peak_gpu_mb": (stages.get("quantize") or {}).get("peak_gpu_mb"),
         "peak_rss_mb": run["peak_rss_mb_sampled"],
-        **summarise(layers, stages),
+        **summarise(layers, stages, total, shape.config.get("first_k_dense_replace") or 0, layer_kinds(config)),
     }
-    name = args.name or f"scale-{label}-{n_layers}L{'-reduced' if args.reduced else ''}" \
+    if checkpoint["source"] == "fp8":
+        result["fp8_release"] = shape.fp8_release
+    if args.eval and run["returncode"] == 0:
+        result["eval"] = evaluate_output(args, out, model, config, seqlen, device, total)
+    label = (info["gpu"] or "cpu").replace(" ", "-")
+    name = args.name or f"scale-{label}-{shape.name}-{checkpoint['source']}-{n_layers}L" \
+        + ("-mtp" if result["mtp"] else "") + ("-reduced" if result["reduced"] else "") \
         + (f"-{args.nproc}proc" if args.nproc > 1 else "")
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.results / f"{name}.json", result)
     print(json.dumps({k: result.get(k) for k in ("peak_gpu_mb", "peak_rss_mb", "steady_layer_mean",
                                                  "extrapolation")}, indent=2))
+    if "eval" in result:
+        print(json.dumps({k: result["eval"].get(k) for k in ("returncode", "per_layer_seconds", "extrapolation")}))
     print(f"wrote {args.results / f'{name}.json'} (returncode {run['returncode']})")
     if not args.keep and out.exists() and run["returncode"] == 0:
-        import shutil
-
         shutil.rmtree(out)
     return result
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    main()
+    try:
+        main()
+    except QuantMoeError as exc:
+        sys.exit(f"error: {exc}")
