@@ -224,15 +224,20 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                     originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals)
                     stream.release_layer(i)
         peak_gpu = _gpu_peak(dev, reset=True) or 0.0
-        pin = dev.type == "cuda"  # the prefetched layer in page-locked memory: a faster, asynchronous upload
-        next_state: Future | None = reader.submit(stream.layer_state, done, True, pin) if prefetch and done < n else None
+        def pin(i: int) -> bool:
+            """The prefetched layer in page-locked memory (a faster, asynchronous upload) unless it is larger
+            than PIN_BYTES: pinning copies it, so host memory would briefly hold it twice."""
+            return dev.type == "cuda" and sum(ckpt.nbytes(name) for name in ckpt.names(ckpt.layer_prefix(i))) <= PIN_BYTES
+
+        next_state: Future | None = reader.submit(stream.layer_state, done, True, pin(done)) \
+            if prefetch and done < n else None
         written: Future | None = None
         for i in tqdm(range(done, n), desc="quantize", unit="layer", disable=quiet, initial=done, total=n):
             t0 = time.perf_counter()
             _gpu_peak(dev, reset=True)
             state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
             waited = time.perf_counter() - t0
-            next_state = reader.submit(stream.layer_state, i + 1, True, pin) if prefetch and i + 1 < n else None
+            next_state = reader.submit(stream.layer_state, i + 1, True, pin(i + 1)) if prefetch and i + 1 < n else None
             quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn,
                                        batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals,
                                        budget)
@@ -310,6 +315,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes, "rank": 0}
 
 
+# Layers larger than this are prefetched in ordinary host memory (see quantize's ``pin``).
+PIN_BYTES = 4 << 30
 # What a default budget leaves free on the device: the caching allocator's fragmentation and the
 # temporaries of a forward pass, which the experts' group sizing does not count.
 BUDGET_HEADROOM = 4 << 30
