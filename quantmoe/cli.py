@@ -283,8 +283,15 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, backen
               help="Root folder; each job writes ROOT/<name>, and the summary goes to ROOT/batch_summary.{md,json}.")
 @click.option("--dry-run", is_flag=True, help="Check the jobs file and show what each job would do; run nothing.")
 @click.option("--quiet", is_flag=True, help="No layer progress bars (the one-line job progress stays).")
+@click.option("--shard", metavar="i/N",
+              help="Run only worker i's share of N (i from 0): job k of the file, counted from 0, is worker "
+                   "k mod N's. Its summary goes to ROOT/batch_summary.shard-i-of-N.{md,json}; when its share is "
+                   "done it merges every share's into ROOT/batch_summary.{md,json} (docs/distributed.md).")
+@click.option("--summary", "merge", is_flag=True,
+              help="Run nothing: merge the summaries the --shard workers wrote in ROOT into "
+                   "ROOT/batch_summary.{md,json}.")
 @friendly
-def batch(jobs_file, root, dry_run, quiet):
+def batch(jobs_file, root, dry_run, quiet, shard, merge):
     """Quantize every job of JOBS_FILE (TOML, or YAML), one after another.
 
     \b
@@ -308,21 +315,32 @@ def batch(jobs_file, root, dry_run, quiet):
     setting reaches only the jobs whose backend takes it. A job whose folder is complete
     (manifest valid, same backend and options) is skipped; an unfinished one is run again
     (gptq/rtn continue from their finished layers). A failed job does not stop the others. Exit
-    status: 0 when every job is done or skipped, 1 when a job failed, 2 when the jobs file is
-    wrong, 130 when interrupted.
+    status: 0 when every job is done or skipped, 1 when a job failed (with --summary: or has not
+    run yet), 2 when the jobs file is wrong, 130 when interrupted.
     """
-    from .apps.batch import load_jobs, plan, run_batch
+    from .apps.batch import Shard, load_jobs, merge_summaries, plan, run_batch, summary_name
 
+    share = Shard.parse(shard) if shard is not None else None
+    if merge and (share or dry_run):
+        raise QuantMoeError("--summary merges every share's summary and runs nothing; drop --shard and --dry-run")
     jobs = load_jobs(jobs_file)
     if dry_run:
-        for job, action in plan(jobs, root):
+        if share:
+            click.echo(share.describe(jobs))
+        for job, action in plan(share.take(jobs) if share else jobs, root):
             click.echo(f"{job.name}: {action} ({job.recipe()} of {job.model})")
         return
-    summary = run_batch(jobs, root, jobs_file, quiet=quiet, log=lambda line: click.echo(line, err=True))
-    click.echo((Path(summary["root"]) / "batch_summary.md").read_text())
-    c = summary["counts"]
+    summary = merge_summaries(jobs, root, jobs_file) if merge else \
+        run_batch(jobs, root, jobs_file, quiet=quiet, log=lambda line: click.echo(line, err=True), shard=share)
+    md = Path(summary["root"]) / f"{summary_name(share)}.md"
+    click.echo(md.read_text())
+    c, n = summary["counts"], len(summary["jobs"])
     if c["failed"]:
-        click.echo(f"error: {c['failed']} of {len(jobs)} jobs failed (see {summary['root']}/batch_summary.md)", err=True)
+        click.echo(f"error: {c['failed']} of {n} jobs failed (see {md})", err=True)
+        sys.exit(1)
+    if c["pending"]:
+        click.echo(f"error: {c['pending']} of {n} jobs have not run yet (no share's summary lists them; see {md})",
+                   err=True)
         sys.exit(1)
 
 

@@ -35,6 +35,13 @@ Each job is one ``backend.quantize`` call into ``ROOT/<name>``, never with ``ove
 - a failure is recorded and the next job runs.
 After every job ``ROOT/batch_summary.json`` and ``.md`` are rewritten; their perplexities, bits
 per weight and sizes are copied from each job's own ``eval_report.json``, never recomputed.
+
+Several workers (a Slurm job array, a Kubernetes indexed job) split one jobs file with
+``--shard i/N`` (``Shard``): worker i takes job k, counted from 0 in the order above ([[jobs]]
+tables first, then each matrix's models x recipes), when k mod N == i, so every job belongs to
+exactly one worker. A worker writes ``ROOT/batch_summary.shard-i-of-N.{json,md}`` and, when its
+share is done, merges every share's summary into ``batch_summary.{json,md}`` (``merge_summaries``;
+``quantmoe batch JOBS --summary`` merges again once all are done). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -378,9 +385,11 @@ def _milli(x: float | None) -> float | None:
 
 def summary_markdown(summary: dict) -> str:
     c = summary["counts"]
-    lines = [f"# quantmoe batch: {summary['jobs_file']}", "",
+    share = f" (shard {summary['shard']})" if summary.get("shard") else ""
+    merged = "".join(f"; merged from shard {s['shard']} ({s['updated']})" for s in summary.get("shards", []))
+    lines = [f"# quantmoe batch: {summary['jobs_file']}{share}", "",
              f"Output root `{summary['root']}`; {c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
-             + (f", {c['pending']} not run" if c.get("pending") else "") + f" ({summary['updated']}).", "",
+             + (f", {c['pending']} not run" if c.get("pending") else "") + f" ({summary['updated']}{merged}).", "",
              f"quantmoe commit `{summary.get('commit')}`; {summary.get('machine')}.", "",
              "| job | status | recipe | ppl original | ppl quantized | gap | KL (1e-3) | bits/weight | size (MB) | "
              "wall time (s) | error |",
@@ -406,13 +415,15 @@ def provenance() -> dict:
     return {"commit": git_commit(), "machine": machine()["summary"], "versions": {**versions(), **optional_versions()}}
 
 
-def write_summary(root: Path, jobs_file: Path, rows: list[dict]) -> dict:
+def write_summary(root: Path, jobs_file: Path, rows: list[dict], name: str = SUMMARY_NAME,
+                  extra: dict | None = None) -> dict:
+    """ROOT/<name>.json and .md; ``extra`` adds keys (a share's ``shard``) or replaces them (a merge's provenance)."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "pending")}
     summary = {"jobs_file": str(jobs_file), "root": str(root),
                "updated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), **provenance(),
-               "counts": counts, "jobs": rows}
-    atomic_write_json(root / f"{SUMMARY_NAME}.json", summary)
-    atomic_write_text(root / f"{SUMMARY_NAME}.md", summary_markdown(summary))
+               "counts": counts, "jobs": rows, **(extra or {})}
+    atomic_write_json(root / f"{name}.json", summary)
+    atomic_write_text(root / f"{name}.md", summary_markdown(summary))
     return summary
 
 
@@ -422,14 +433,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_batch(jobs: list[Job], root: str | Path, jobs_file: str | Path = "", quiet: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, shard: Shard | None = None) -> dict:
     """Run ``jobs`` one after another into ``root``/<name>; returns the summary written to root/batch_summary.json.
 
     ``log`` receives one line per job start and end (job i/n, what it does, time, batch ETA);
     the layer bar with its own ETA comes from the backend's quantize unless ``quiet``.
+    ``shard``: run only that worker's share of ``jobs`` (every job of the file, not just the share),
+    write its summary to root/batch_summary.shard-i-of-N.json, then merge every share's summary.
     """
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
+    if shard is not None:
+        log(f"[batch] {shard.describe(jobs)}")
+        everything, jobs = jobs, shard.take(jobs)
+    name, extra = (SUMMARY_NAME, None) if shard is None else (shard.summary_name, {"shard": str(shard)})
     rows = [result_row(job, root / job.name, "pending", 0.0) for job in jobs]
     ran: list[float] = []  # wall times of jobs that did work, for the ETA
     n = len(jobs)
@@ -458,7 +475,7 @@ def run_batch(jobs: list[Job], root: str | Path, jobs_file: str | Path = "", qui
                 log(f"{tag}: done in {_duration(r['wall_seconds'])}{ppl}")
         except KeyboardInterrupt:
             rows[i] = result_row(job, out, "failed", time.perf_counter() - t0, "interrupted")
-            write_summary(root, Path(jobs_file), rows)
+            write_summary(root, Path(jobs_file), rows, name, extra)
             raise
         except Exception as exc:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the others
             rows[i] = result_row(job, out, "failed", time.perf_counter() - t0, _one_line(exc))
@@ -470,8 +487,16 @@ def run_batch(jobs: list[Job], root: str | Path, jobs_file: str | Path = "", qui
         left = [j for j in jobs[i + 1:] if not (root / j.name).exists()]
         if left and ran:  # ETA from the jobs that did work; skipped and failed ones took no time to speak of
             log(f"[batch] {len(left)} job(s) left to run, ETA {_duration(len(left) * sum(ran) / len(ran))}")
-        write_summary(root, Path(jobs_file), rows)
-    return write_summary(root, Path(jobs_file), rows)
+        write_summary(root, Path(jobs_file), rows, name, extra)
+    summary = write_summary(root, Path(jobs_file), rows, name, extra)
+    if shard is not None:
+        try:
+            merged = merge_summaries(everything, root, jobs_file)
+            log(f"[batch] merged the summaries of every share into {root / SUMMARY_NAME}.md "
+                f"({merged['counts']['pending']} job(s) of other shares not finished yet)")
+        except QuantMoeError as exc:  # another share's file is damaged: this share's work still stands
+            log(f"[batch] the merged summary was not written: {exc}")
+    return summary
 
 
 def plan(jobs: list[Job], root: str | Path) -> list[tuple[Job, str]]:
@@ -485,3 +510,107 @@ def plan(jobs: list[Job], root: str | Path) -> list[tuple[Job, str]]:
         except QuantMoeError as exc:
             out.append((job, f"fail: {exc}"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting the jobs between workers (--shard i/N) and merging their summaries
+
+SHARD_FILE_RE = re.compile(re.escape(SUMMARY_NAME) + r"\.shard-(\d+)-of-(\d+)\.json")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker ``index`` of ``count`` (from 0). It takes job k of the file, counted from 0 in
+    ``load_jobs`` order, when k mod count == index: the shares are disjoint, cover every job, differ
+    in size by at most one, and depend on nothing but the file (not on names, hashes or the host)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/N"`` -> Shard(i, N); anything else is a QuantMoeError naming the fix."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if m is None:
+            raise QuantMoeError(f"--shard {text!r} is not i/N; write the worker's number and the number of "
+                                "workers, e.g. --shard 0/4 (workers count from 0)")
+        index, count = int(m.group(1)), int(m.group(2))
+        if count < 1:
+            raise QuantMoeError(f"--shard {text}: the number of workers N must be at least 1")
+        if index >= count:
+            raise QuantMoeError(f"--shard {text}: workers count from 0, so i must be below N: "
+                                f"0/{count} ... {count - 1}/{count}")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def take(self, jobs: list[Job]) -> list[Job]:
+        """This worker's share of every job of the file."""
+        return [job for k, job in enumerate(jobs) if k % self.count == self.index]
+
+    def describe(self, jobs: list[Job]) -> str:
+        mine = [k for k in range(len(jobs)) if k % self.count == self.index]
+        return (f"shard {self}: {len(mine)} of {len(jobs)} jobs (job k of the file, counted from 0, goes to shard "
+                f"k mod {self.count}): {', '.join(f'#{k} {jobs[k].name}' for k in mine) or 'none'}")
+
+    @property
+    def summary_name(self) -> str:
+        return f"{SUMMARY_NAME}.shard-{self.index}-of-{self.count}"
+
+
+def summary_name(shard: Shard | None) -> str:
+    """The file name (without .json/.md) of the summary a batch writes: its share's, or the whole batch's."""
+    return SUMMARY_NAME if shard is None else shard.summary_name
+
+
+def _read_share(path: Path, jobs: dict[str, Job], root: Path) -> dict:
+    """A share's summary, its rows checked (a row of a job the file no longer lists is dropped)."""
+    def damaged(why: str) -> QuantMoeError:
+        return QuantMoeError(f"{path} is not a share summary quantmoe batch --shard wrote ({why}); "
+                             "delete it and run that shard again")
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise damaged(" ".join(str(exc).split())) from None
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise damaged("no list of jobs")
+    rows = {}
+    for row in data["jobs"]:
+        if not isinstance(row, dict) or not isinstance(row.get("job"), str):
+            raise damaged("a row without a job name")
+        if row.get("status") not in ("done", "skipped", "failed", "pending"):
+            raise damaged(f"job {row['job']!r} has status {row.get('status')!r}")
+        job = jobs.get(row["job"])
+        if job is not None:  # every key a row has, even from an older quantmoe
+            rows[job.name] = {**result_row(job, root / job.name, "pending", 0.0), **row}
+    m = SHARD_FILE_RE.fullmatch(path.name)
+    return {"rows": rows, "shard": f"{m.group(1)}/{m.group(2)}", "updated": str(data.get("updated")),
+            "commit": data.get("commit"), "machine": data.get("machine")}
+
+
+def merge_summaries(jobs: list[Job], root: str | Path, jobs_file: str | Path = "") -> dict:
+    """ROOT/batch_summary.{json,md} from the share summaries in ROOT (batch_summary.shard-i-of-N.json).
+
+    One row per job of ``jobs`` (the whole file), in file order: the row of the newest share
+    summary that lists the job (the shares of an earlier split, say 0/2 before 0/3, count too, but
+    a newer one wins), or ``pending`` where none does. The commit and machine are each share's.
+    """
+    root = Path(root).expanduser().resolve()
+    files = sorted((p for p in root.glob(f"{SUMMARY_NAME}.shard-*-of-*.json") if SHARD_FILE_RE.fullmatch(p.name)),
+                   key=lambda p: (p.stat().st_mtime_ns, p.name))
+    if not files:
+        raise QuantMoeError(f"{root} holds no share summaries ({SUMMARY_NAME}.shard-i-of-N.json); run "
+                            "quantmoe batch JOBS --out ROOT --shard i/N on each worker first")
+    by_name = {job.name: job for job in jobs}
+    rows: dict[str, dict] = {}
+    shares = []
+    for path in files:  # oldest first: a newer share's row replaces an older one
+        share = _read_share(path, by_name, root)
+        rows.update(share.pop("rows"))
+        shares.append(share)
+    merged = [rows.get(job.name) or result_row(job, root / job.name, "pending", 0.0) for job in jobs]
+    distinct = lambda key: "; ".join(dict.fromkeys(str(s[key]) for s in shares))  # noqa: E731
+    return write_summary(root, Path(jobs_file), merged, extra={"commit": distinct("commit"),
+                                                              "machine": distinct("machine"), "shards": shares})

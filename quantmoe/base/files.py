@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
 from pathlib import Path
 
@@ -26,9 +27,16 @@ def write_error(path: Path, exc: OSError) -> QuantMoeError:
                          "then re-run the same command (finished layers are kept)")
 
 
+def temp_path(path: Path) -> Path:
+    """A hidden name beside ``path`` that no other process picks: workers on several hosts may write
+    the same file of a shared folder (batch --shard's merged summary), and their pids may coincide
+    (every container's first process is pid 1)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -52,7 +60,7 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None 
     """safetensors.save_file through a temp name, so a crash never leaves a torn shard."""
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:

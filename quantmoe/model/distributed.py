@@ -14,18 +14,28 @@ layer and the same activations, so the output is the one a single process writes
 Rank 0 alone writes files. torch.distributed carries the tensors: NCCL between GPUs, gloo
 between CPU processes. An all-gather only copies, so nothing is summed in another order
 than one process sums it.
+
+Nothing here assumes one host (``torchrun --nnodes N``, docs/distributed.md): RANK and
+WORLD_SIZE are global, and only the choice of GPU reads LOCAL_RANK. A second, gloo group
+(``control_group``) carries the few integers that steer the run: where a resumed run starts
+(resume.open_work_together) and whether rank 0 wrote ``--out`` (``finish``). Every process waits
+in ``finish`` until rank 0 is done, so no node's torchrun ends while rank 0 still exports: a
+torchrun agent whose workers are done waits only a few minutes for the others, and if that
+agent hosts the rendezvous store, rank 0's agent loses it and stops rank 0 mid-export.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..base.errors import QuantMoeError
 from ..gptq.core import QuantResult
 
 
@@ -66,11 +76,61 @@ def join(ranks: Ranks, device: torch.device) -> torch.device:
         return device
 
     if device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
+        # modulo: a launcher that gives each process only its own GPU (CUDA_VISIBLE_DEVICES) leaves it at index 0
+        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+# How long a process may wait on the control group: for rank 0's export and evaluation of the
+# largest model, after the last layer. A process that dies closes its connections, which ends the
+# wait at once; only a node that vanishes without closing them is waited for this long.
+CONTROL_TIMEOUT = timedelta(days=7)
+
+
+def control_group(ranks: Ranks) -> dist.ProcessGroup | None:
+    """A gloo group for the integers that steer the run (``gather_ints``, ``finish``); None for one process.
+
+    Every process must call it, right after ``join``. It is not the group that carries the
+    tensors: its timeout is long enough to wait for rank 0's export, and it runs over gloo
+    whatever the device, so waiting never holds a GPU stream.
+    """
+    if ranks.world == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def gather_ints(value: int, ranks: Ranks, group: dist.ProcessGroup | None) -> list[int]:
+    """Every process's ``value``, in rank order, on every process (a barrier too: all must call it)."""
+    if group is None:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.int64)
+    parts = [torch.empty_like(mine) for _ in range(ranks.world)]
+    all_gather(parts, mine, group)
+    return [int(p) for p in parts]
+
+
+def finish(ranks: Ranks, group: dist.ProcessGroup | None, ok: bool = True) -> None:
+    """Every process waits here until rank 0 has written ``--out`` (``ok``) or given up (not ``ok``).
+
+    Rank 0 calls it last, whether its export succeeded or failed, and never raises from it; the
+    other processes call it after the last layer and raise QuantMoeError when rank 0 failed or died.
+    """
+    if group is None:
+        return
+    flag = torch.tensor([int(ok)], dtype=torch.int64)
+    try:
+        dist.broadcast(flag, src=0, group=group)
+    except RuntimeError as exc:  # gloo: a peer closed its connection (its process died)
+        if ranks.writes:
+            return  # --out is written (or rank 0 fails with its own error); a lost peer changes nothing
+        raise QuantMoeError(f"rank 0 stopped before it finished writing --out ({_first_words(exc)}); "
+                            "its log says why; re-run the same command to resume from the finished layers") from None
+    if not ranks.writes and not flag.item():
+        raise QuantMoeError("rank 0 failed to write --out (its log names the error); fix that and re-run the same "
+                            "command to resume from the finished layers")
 
 
 def leave() -> None:
@@ -78,6 +138,20 @@ def leave() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather(parts: list[Tensor], t: Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """``dist.all_gather``, with a lost process (gloo: its connection closed or reset) as one QuantMoeError."""
+    try:
+        dist.all_gather(parts, t, group=group)
+    except RuntimeError as exc:
+        raise QuantMoeError(f"a collective across the torchrun processes failed ({_first_words(exc)}); if a node "
+                            "or process stopped, its log says why; re-run the same command on every node: the run "
+                            "resumes from the finished layers") from None
+
+
+def _first_words(exc: BaseException, limit: int = 200) -> str:
+    return " ".join(str(exc).split())[:limit]
 
 
 def gather_experts(t: Tensor, n: int, ranks: Ranks) -> Tensor:
@@ -89,7 +163,7 @@ def gather_experts(t: Tensor, n: int, ranks: Ranks) -> Tensor:
     padded = torch.zeros((per,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(parts, padded)
+    all_gather(parts, padded)
     return torch.cat(parts)[:n]
 
 
@@ -124,7 +198,7 @@ def spread(items: Sequence[T], compute: Callable[[T], Tensor], ranks: Ranks, dev
             meta[0] = _DTYPES.index(local.dtype)
             meta[1:1 + local.ndim] = torch.tensor(local.shape, dtype=torch.int64)
         metas = [torch.empty_like(meta) for _ in range(ranks.world)]
-        dist.all_gather(metas, meta)
+        all_gather(metas, meta)
         metas = torch.stack(metas).tolist()
         known = next(m for m in metas if m[0] >= 0)
         dtype = _DTYPES[known[0]]
@@ -134,7 +208,7 @@ def spread(items: Sequence[T], compute: Callable[[T], Tensor], ranks: Ranks, dev
         if local is not None:
             padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(ranks.world)]
-        dist.all_gather(parts, padded)
+        all_gather(parts, padded)
         for r, part in enumerate(parts):
             if start + r < len(items):
                 yield local if r == ranks.rank else part[: rows[r]]

@@ -8,7 +8,8 @@ Files handed between stages live in a work folder beside ``--out``
 
 While a layer is quantized, a background thread reads the next layer's tensors from the
 shards and another writes the previous layer's file, so disk time hides behind compute.
-Under torchrun the experts of each layer are spread over the processes (distributed.py).
+Under torchrun the experts of each layer are spread over the processes, on one node or
+several (distributed.py, docs/distributed.md); rank 0 writes, and a stopped run resumes there too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..base.errors import QuantMoeError, note
+from ..base.errors import QuantMoeError
 from ..base.files import (
     atomic_write_json,
     atomic_write_text,
@@ -41,7 +42,7 @@ from ..gptq.triton_kernels import TritonBlocks
 from ..gptq.triton_kernels import available as triton_available
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import Checkpoint
-from ..model.distributed import Ranks, join
+from ..model.distributed import Ranks, control_group, finish, join
 from ..model.stream import Batch, LayerStream, default_batch_size, pick_device
 from .calibrate import calibration_tokens, read_documents, write_calibration
 from .evaluate import evaluate
@@ -52,7 +53,7 @@ from .resume import (
     fingerprint,
     fingerprint_parts,
     layer_file,
-    open_work,
+    open_work_together,
     read_layer_log,
     replay_layer,
     write_layer,
@@ -189,6 +190,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     if run_eval:
         read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
     dev = join(ranks, pick_device(device))  # a no-op for a single process
+    control = control_group(ranks)
     block_fn = block_function(block_kernel, dev)
     budget = memory_budget(gpu_memory, dev)
     stream = LayerStream(ckpt, dev)
@@ -198,11 +200,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size, tf32)
     fp = fingerprint(parts)
     work = work_dir(out)
-    if ranks.world > 1 and resume:
-        resume = False  # every process would have to agree on where to resume; start over instead
-        if ranks.writes:
-            note("resume is not supported under torchrun yet; starting from the first layer")
-    done = open_work(work, parts, n, resume) if ranks.writes else 0
+    done = open_work_together(work, parts, n, resume, ranks, control)
     if ranks.writes:
         write_calibration(work / "calib.safetensors", ids, calib_meta)
 
@@ -219,9 +217,9 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             layers_log.append(read_layer_log(work, i, fp))
             layer_files.append(layer_file(work, i))
             if done < n:
-                batches = replay_layer(stream, i, layer_files[-1], qcfg.bits, batches)
+                batches = replay_layer(stream, i, layer_files[-1], qcfg.bits, batches, ranks)
                 if originals is not None:
-                    originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals)
+                    originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals, ranks)
                     stream.release_layer(i)
         peak_gpu = _gpu_peak(dev, reset=True) or 0.0
         def pin(i: int) -> bool:
@@ -271,6 +269,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     if dev.type == "cuda":
         stages["quantize"]["peak_gpu_mb"] = round(max(peak_gpu, stages["quantize"]["peak_gpu_mb"] or 0), 1)
     if not ranks.writes:
+        finish(ranks, control)  # until rank 0 has written --out: see distributed.py
         return {"out": str(out), "report": None, "stages": stages, "fallbacks": [], "notes": notes, "rank": ranks.rank}
 
     staging = work / "export"
@@ -310,8 +309,10 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         # Disk full, Ctrl-C, a failed eval: drop the partial export (it may be what filled the disk)
         # but keep the finished layers, so the same command resumes at the export.
         shutil.rmtree(staging, ignore_errors=True)
+        finish(ranks, control, ok=False)
         raise
     shutil.rmtree(work, ignore_errors=True)
+    finish(ranks, control)
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes, "rank": 0}
 
 

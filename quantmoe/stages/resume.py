@@ -10,7 +10,8 @@ The work folder beside ``--out`` (``.<out>.quantmoe-work/``) holds::
     export/                          the staged output; rebuilt on every run
 
 A layer is reused only when both of its files are readable and carry the current
-fingerprint; reuse stops at the first layer that is not. The activations entering the
+fingerprint; reuse stops at the first layer that is not. Under torchrun rank 0 alone writes
+the folder and every process must start from the same layer (open_work_together). The activations entering the
 first unfinished layer are rebuilt by running the finished layers forward with the
 weights their files stand for. Those dequantized weights are bit-identical to the ones
 the uninterrupted run computed with (scales are fp16-exact, see gptq.py), so a resumed
@@ -35,6 +36,7 @@ from ..base.options import QuantConfig
 from ..base.version import __version__
 from ..formats.gptq_v1 import dequantize_state
 from ..model.checkpoint import Checkpoint
+from ..model.distributed import SINGLE, Ranks, gather_ints
 from ..model.stream import Batch, LayerStream
 
 FINGERPRINT = "fingerprint.json"
@@ -111,6 +113,30 @@ def open_work(work: Path, parts: dict[str, str], num_layers: int, resume: bool =
     return done
 
 
+def open_work_together(work: Path, parts: dict[str, str], num_layers: int, resume: bool = True,
+                       ranks: Ranks = SINGLE, group=None) -> int:
+    """open_work for every process of a torchrun (``group``: distributed.control_group).
+
+    Rank 0 prepares the work folder and counts its finished layers; then every other process
+    counts those it can read there, and all start from the smallest count. On a filesystem
+    every node shares, that is rank 0's count. A node that sees fewer (the folder is not shared,
+    or not yet visible there) makes every process start earlier, never at different layers:
+    rank 0 says so, and rewrites the layers from there with the same bytes.
+    """
+    if ranks.world == 1:
+        return open_work(work, parts, num_layers, resume)
+    done = open_work(work, parts, num_layers, resume) if ranks.writes else 0
+    done = gather_ints(done, ranks, group)[0]  # also a barrier: the others read the folder only now
+    mine = done if ranks.writes else finished_layers(work, fingerprint(parts), done)
+    seen = gather_ints(mine, ranks, group)
+    start = min(seen)
+    if ranks.writes and start < done:
+        fewer = ", ".join(f"rank {r} ({k})" for r, k in enumerate(seen) if k < done)
+        note(f"some processes see fewer of the {done} finished layers in {work}: {fewer}; every node must see the "
+             f"work folder beside --out on one shared filesystem; all processes start from layer {start}")
+    return start
+
+
 def finished_layers(work: Path, fp: str, num_layers: int) -> int:
     """The number of leading layers whose files are complete and carry fingerprint ``fp``."""
     for i in range(num_layers):
@@ -142,15 +168,17 @@ def write_layer(work: Path, index: int, tensors: dict[str, Tensor], entry: dict,
 
 
 @torch.no_grad()
-def replay_layer(stream: LayerStream, index: int, file: Path, bits: int, batches: list[Batch]) -> list[Batch]:
-    """Outputs of finished layer ``index``, run with the weights its file stands for."""
+def replay_layer(stream: LayerStream, index: int, file: Path, bits: int, batches: list[Batch],
+                 ranks: Ranks = SINGLE) -> list[Batch]:
+    """Outputs of finished layer ``index``, run with the weights its file stands for (the batches
+    spread over the processes as in the run that wrote it)."""
     prefix = stream.ckpt.layer_prefix(index)
     with safe_open(str(file), framework="pt") as f:
         packed = {name[len(prefix):]: f.get_tensor(name) for name in f.keys()}
     state = stream.layer_state(index)
     state.update({n: t.to(stream.dtype) for n, t in dequantize_state(packed, bits).items()})
     layer = stream.load_layer(index, state)
-    out = stream.run_layer(layer, batches)
+    out = stream.run_layer(layer, batches, ranks)
     stream.release_layer(index)
     return out
 
