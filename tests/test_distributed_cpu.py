@@ -21,13 +21,11 @@ import psutil
 import pytest
 import torch
 from conftest import ARCH_NAMES
+from tiny import make_model
 
 import quantmoe
 from quantmoe.model.distributed import Ranks
 from quantmoe.stages.quantize import work_dir
-
-from conftest import ARCH_NAMES
-from tiny import make_model
 
 REPO = Path(__file__).resolve().parent.parent
 
