@@ -41,6 +41,7 @@ class Options:
     tf32: bool = False                    # TF32 matrix products on CUDA
     prefetch: bool = True                 # read the next layer in a background thread
     block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
+    record_paths: bool = False            # published files name sources by local path, not by Hub id/folder name
 
 
 class Backend(Protocol):

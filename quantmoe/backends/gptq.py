@@ -34,7 +34,7 @@ class GptqBackend(Backend):
                         seed=options.seed, device=options.device, max_shard_size=options.max_shard_size,
                         overwrite=options.overwrite, run_eval=options.run_eval, eval_data=options.eval_data,
                         batch_size=options.batch_size, quiet=options.quiet, resume=options.resume, tf32=options.tf32,
-                        prefetch=options.prefetch, block_kernel=options.block_kernel)
+                        prefetch=options.prefetch, block_kernel=options.block_kernel, record_paths=options.record_paths)
 
 
 BACKENDS = (
