@@ -1,7 +1,11 @@
 """``quantmoe verify DIR``: is an exported checkpoint whole and sane?
 
+Here, below the apps, because ``quantmoe push`` runs it before publishing (``apps.publish``).
+
 Checks, each problem reported as one line naming the file, tensor or module:
 
+0. files: no symbolic link (to a file or a folder), no hidden file or folder, nothing but regular
+   files and folders, at any depth (nothing is followed or hashed through a link);
 1. manifest: every file's sha256 matches ``manifest.json``, none missing, none stray;
 2. index: every tensor the index lists is in its shard, and no shard holds unlisted ones;
 3. layout: every linear the architecture table quantizes has ``qweight`` int32
@@ -10,7 +14,11 @@ Checks, each problem reported as one line naming the file, tensor or module:
    kept in full precision;
 4. no NaN or Inf in any floating-point tensor;
 5. no quantized module is all zero (every scale zero, or a dequantized weight of zeros):
-   what routed-only calibration leaves behind for an expert that saw no tokens.
+   what routed-only calibration leaves behind for an expert that saw no tokens; and there is at
+   least one quantized module (an export that quantized nothing is not one).
+
+A config.json whose quantization settings quantmoe cannot read (bits 3, group size 0 ...), or
+whose layer count does not match the weights, is a problem on its line too, never a traceback.
 
 A checkpoint of another backend (bitsandbytes, compressed-tensors) gets 1, 2 and 4, and instead of
 3 and 5: every linear the architecture table quantizes is stored quantized, and each one, read back
@@ -28,12 +36,12 @@ from pathlib import Path
 import torch
 
 from ..base.errors import QuantMoeError
-from ..base.files import MANIFEST, check_manifest
-from ..formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear, quantized_modules
+from ..base.files import check_manifest, check_tree, read_manifest
+from ..formats.gptq_v1 import GPTQ_SUFFIXES, check_linear, dequantize_linear, quantized_modules, settings
 from ..model.architectures import architecture_for, plan_layer
 from ..model.checkpoint import Checkpoint
 from ..model.stream import model_config, skeleton
-from ..stages.export import QUANTIZE_CONFIG, read_json
+from .export import QUANTIZE_CONFIG, read_json
 
 
 @dataclass
@@ -98,16 +106,20 @@ def verify(folder: str | Path) -> VerifyReport:
     report = VerifyReport(folder=folder)
     problems = report.problems
 
+    problems += check_tree(folder)
     found = check_manifest(folder)
     problems += found
     if not found:
-        report.files = len(read_json(folder / MANIFEST)["files"])
+        report.files = len(read_manifest(folder)[0]["files"])
 
     present = _check_index(ckpt, report)
     if present is None:
         return report
     qc = ckpt.quantization
     expected: dict[str, tuple[int, int]] = {}
+    if qc is not None and not isinstance(qc, dict):
+        problems.append(f"config.json's quantization_config is a {type(qc).__name__}, not an object")
+        return report
     if qc is None:
         problems.append("config.json has no quantization_config: not a quantized checkpoint")
     elif qc.get("quant_method") != "gptq":
@@ -116,9 +128,15 @@ def verify(folder: str | Path) -> VerifyReport:
         _verify_other(ckpt, report, present)
         return report
     else:
-        if (folder / QUANTIZE_CONFIG).is_file() and read_json(folder / QUANTIZE_CONFIG) != qc:
+        try:
+            bits, group_size = settings(qc)
+        except QuantMoeError as exc:
+            problems.append(str(exc))
+            return report
+        if (folder / QUANTIZE_CONFIG).is_file() and _read_quantize_config(folder) != qc:
             problems.append(f"{QUANTIZE_CONFIG} differs from config.json's quantization_config")
         try:
+            ckpt.check_layers()
             expected = expected_linears(model_config(ckpt), (qc.get("meta") or {}).get("layout", "source"))
         except QuantMoeError as exc:
             problems.append(f"cannot derive the expected layout from config.json: {exc}")
@@ -127,7 +145,6 @@ def verify(folder: str | Path) -> VerifyReport:
     # Tensors of an unreadable shard were reported with the shard; don't report each again as missing.
     unreadable = {n[: n.rindex(".")] for n in set(ckpt.weight_map) - present} if report.shards < len(ckpt.shards) else set()
     if qc is not None:
-        bits, group_size = int(qc["bits"]), int(qc["group_size"])
         for module in expected:
             if module in modules or module in unreadable:
                 continue
@@ -143,10 +160,25 @@ def verify(folder: str | Path) -> VerifyReport:
             report.quantized_modules += 1
             if module in expected and not _check_layout(module, parts, *expected[module], bits, group_size, problems):
                 continue
+            try:
+                check_linear(module, parts, bits)  # what the layout check did not cover: never index outside
+            except QuantMoeError as exc:
+                problems.append(str(exc))
+                continue
             _check_values(module, parts, bits, problems)
 
     _check_finite(ckpt, present - {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}, problems)
+    if qc is not None and report.quantized_modules == 0:
+        problems.append("no quantized module: the checkpoint says it is quantized, but no linear is stored "
+                        "quantized")
     return report
+
+
+def _read_quantize_config(folder: Path):
+    try:
+        return read_json(folder / QUANTIZE_CONFIG)
+    except (OSError, ValueError):
+        return None
 
 
 def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> None:
@@ -154,6 +186,7 @@ def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> 
     problems = report.problems
     try:
         arch = architecture_for(ckpt.config)
+        ckpt.check_layers()
         expected = expected_linears(model_config(ckpt))
         # Other tools' unfused expert names (llm-compressor's experts.E.gate_proj) under the source's.
         linears = {_source_module(arch, m): lin for m, lin in ckpt.quantized_linears.items()}
@@ -185,6 +218,9 @@ def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> 
             problems.append(f"{module} is all zero once dequantized")
     stored = {t for linear in linears.values() for t in linear.tensors}
     _check_finite(ckpt, present - stored, problems)
+    if report.quantized_modules == 0:
+        problems.append("no quantized module: the checkpoint says it is quantized, but no linear could be read "
+                        "back quantized")
 
 
 def _source_module(arch, module: str) -> str:
@@ -196,12 +232,9 @@ def _check_finite(ckpt: Checkpoint, names: set[str], problems: list[str]) -> Non
     """No NaN or Inf in any floating-point tensor of ``names`` (one tensor read at a time)."""
     for name in sorted(names):
         try:
-            t = ckpt.tensor(name)
+            ckpt.tensor(name)  # reading checks it (Checkpoint.tensor: check_finite)
         except QuantMoeError as exc:
-            problems.append(str(exc))
-            continue
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            problems.append(f"{name} holds NaN or Inf")
+            problems.append(f"{name} holds NaN or Inf" if "holds NaN or Inf" in str(exc) else str(exc))
 
 
 def _check_index(ckpt: Checkpoint, report: VerifyReport) -> set[str] | None:
@@ -234,11 +267,14 @@ def _read_parts(ckpt: Checkpoint, module: str, present: set[str], problems: list
     if missing:
         problems.append(f"{module} lacks {', '.join(missing)}")
         return None
-    try:
-        return {s: ckpt.tensor(f"{module}.{s}") for s in GPTQ_SUFFIXES}
-    except QuantMoeError as exc:
-        problems.append(str(exc))
-        return None
+    parts = {}
+    for s in GPTQ_SUFFIXES:
+        try:
+            parts[s] = ckpt.tensor(f"{module}.{s}")
+        except QuantMoeError as exc:
+            problems.append(f"{module}.{s} holds NaN or Inf" if "holds NaN or Inf" in str(exc) else str(exc))
+            return None
+    return parts
 
 
 def _check_layout(module: str, parts: dict, rows: int, cols: int, bits: int, group_size: int,
