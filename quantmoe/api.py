@@ -11,19 +11,27 @@ from .base.errors import QuantMoeError
 from .base.paths import CALIB_DATA, DEFAULT_MODEL, NSAMPLES, default_seqlen
 from .model.checkpoint import Checkpoint
 from .model.stream import LayerStream, pick_device
-from .stages.calibrate import build_calibration, write_calibration
+from .stages.calibrate import (
+    build_calibration,
+    check_calibration_out,
+    write_calibration,
+)
 from .stages.evaluate import evaluate
 from .stages.quantize import quantize
 
 
 def calibrate(data: str | Path | None = None, tokenizer: str | Path | None = None, nsamples: int = NSAMPLES,
-              seqlen: int | None = None, seed: int = 0, out: str | Path = "calib.safetensors") -> Path:
-    """Write a calibration token file: safetensors ``input_ids`` int64 (nsamples, seqlen)."""
+              seqlen: int | None = None, seed: int = 0, out: str | Path = "calib.safetensors",
+              overwrite: bool = False) -> Path:
+    """Write a calibration token file: safetensors ``input_ids`` int64 (nsamples, seqlen). An existing
+    ``out`` is an error, unless ``overwrite`` and it is itself a token file (nothing else is replaced)."""
+    out = Path(out)
+    check_calibration_out(out, overwrite)  # before the work; write_calibration checks again
     ckpt = Checkpoint(tokenizer if tokenizer is not None else DEFAULT_MODEL)
     ids, meta = build_calibration(ckpt.tokenizer(), data if data is not None else CALIB_DATA, nsamples,
                                   seqlen or default_seqlen(ckpt.config), seed)
     meta["tokenizer"] = str(ckpt.path)
-    return write_calibration(Path(out), ids, meta)
+    return write_calibration(out, ids, meta, overwrite)
 
 
 def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -1,6 +1,8 @@
 """The ``quantmoe`` command line: parse options, call the Python API, print results.
 
-Every QuantMoeError is printed as one ``error: ...`` line with exit status 2.
+Every QuantMoeError is printed as one ``error: ...`` line with exit status 2, and so is any other
+exception (as an internal error): inputs are untrusted, and a traceback is no answer to a bad one.
+``quantmoe --debug ...`` (or QUANTMOE_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ INTERRUPTED = ("interrupted; --out was left as it was (re-run the same command: 
                "finished layer)")
 
 
+DEBUG_ENV = "QUANTMOE_DEBUG"
+
+
 def friendly(fn):
-    """Turn QuantMoeError, OSError and Ctrl-C into one line and a non-zero exit, never a traceback."""
+    """Turn every exception and Ctrl-C into one line and a non-zero exit, never a traceback (unless
+    --debug / QUANTMOE_DEBUG=1: then any exception but a QuantMoeError keeps its traceback)."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         # A Ctrl-C that lands inside a C extension (safetensors, torch) can come out as some other
@@ -41,11 +47,15 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             fail(INTERRUPTED, 130)
-        except (QuantMoeError, OSError, MemoryError, RuntimeError) as exc:
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: usage errors and exits, which click reports itself
+        except Exception as exc:
             if interrupted:
                 fail(INTERRUPTED, 130)
             if isinstance(exc, QuantMoeError):
                 fail(str(exc))
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
             if isinstance(exc, MemoryError):
                 fail("out of memory; lower --batch-size or --nsamples, or use --device cuda")
             if _gpu_out_of_memory(exc):
@@ -55,7 +65,11 @@ def friendly(fn):
                 fix = ("free disk space, then re-run the same command to resume" if exc.errno == errno.ENOSPC
                        else "check the path and its permissions")
                 fail(f"{exc.strerror or exc}{where}; {fix}")
-            raise  # a RuntimeError not caused by Ctrl-C is a bug: keep its traceback
+            # Anything else is a bug, or an input no check foresaw: one line that says how to see more.
+            detail = " ".join(str(exc).split())[:300]
+            fail(f"internal error ({type(exc).__name__}: {detail}); this is a bug in quantmoe or an input it "
+                 f"does not check yet: re-run with quantmoe --debug (or {DEBUG_ENV}=1) for the traceback, and "
+                 "report it (see SECURITY.md)")
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
@@ -81,8 +95,11 @@ def fail(message: str, status: int = 2) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quantmoe")
-def main():
+@click.option("--debug", is_flag=True, help=f"Show the traceback of an unexpected error (also {DEBUG_ENV}=1).")
+def main(debug):
     """Quantize Mixture-of-Experts checkpoints to GPTQ int4/int8, streamed one layer at a time."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # for friendly, and for compare's child processes
     # OpenMP threads that finish early sleep instead of spinning (unless the user chose otherwise): spinning
     # threads burn the cores another process needs (benchmarks/README.md). Set here, before any command
     # imports torch, and only for the command line's own process.
@@ -163,7 +180,10 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--batch-size", type=int, default=None,
               help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @click.option("--max-shard-size", default="2GB", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete; "
+              "only a folder quantmoe wrote).")
+@click.option("--record-paths", is_flag=True, help="Name the model, data and output by their local paths in the "
+              "card, manifest, logs and eval report (for private use) [default: Hub id or folder name].")
 @click.option("--resume/--restart", default=True, show_default=True,
               help="Reuse the finished layers a stopped run left in the work folder beside --out, or start from scratch.")
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Measure the perplexity gap after export.")
@@ -183,7 +203,7 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.pass_context
 @friendly
 def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
-             resume, run_eval, eval_data, quiet, tf32, prefetch, block_kernel, gpu_memory, **settings):
+             record_paths, resume, run_eval, eval_data, quiet, tf32, prefetch, block_kernel, gpu_memory, **settings):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
 
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
@@ -199,7 +219,7 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
     options = Options(config=config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                       max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, run_eval=run_eval,
                       eval_data=eval_data, batch_size=batch_size, quiet=quiet, tf32=tf32, prefetch=prefetch,
-                      block_kernel=block_kernel, gpu_memory=gpu_memory)
+                      block_kernel=block_kernel, gpu_memory=gpu_memory, record_paths=record_paths)
     from .model.distributed import (  # these import torch: after the cheap option checks
         Ranks,
         leave,
@@ -236,12 +256,13 @@ def _print_summary(summary: dict) -> None:
 @click.option("--seqlen", type=int, help="[default: min(2048, context)]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("calib.safetensors"), show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only a token file quantmoe wrote).")
 @friendly
-def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
+def calibrate(data, tokenizer, nsamples, seqlen, seed, out, overwrite):
     """Build a calibration token file (safetensors input_ids int64 [N, L])."""
     from .api import calibrate as run
 
-    path = run(data, tokenizer, nsamples, seqlen, seed, out)
+    path = run(data, tokenizer, nsamples, seqlen, seed, out, overwrite)
     click.echo(f"wrote {path} ({nsamples} x {seqlen or 'context'} tokens)")
 
 
@@ -254,16 +275,18 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out):
 @click.option("--batch-size", type=int, default=None,
               help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here (and .md beside it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --report (only a report quantmoe wrote).")
 @click.option("--backend", type=click.Choice(_backend_names()),
               help="Fail unless MODEL was quantized with this backend [default: read it from config.json].")
 @click.option("--quiet", is_flag=True)
 @friendly
-def eval_(model, baseline, data, seqlen, device, batch_size, report_path, backend, quiet):
+def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwrite, backend, quiet):
     """Perplexity of MODEL (default: the bundled demo MoE), and its gap to --baseline."""
-    from .base.files import atomic_write_json, atomic_write_text
     from .stages.evaluate import evaluate
-    from .stages.report import gap_table, protocol_text, render_markdown
+    from .stages.report import check_report_out, gap_table, protocol_text, write_report
 
+    if report_path is not None:
+        check_report_out(report_path, overwrite)  # before the work, not after it
     report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size,
                       quiet=quiet, backend=backend)
     if baseline is not None:
@@ -272,8 +295,7 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, backen
         click.echo(f"perplexity {report['results']['model']['perplexity']:.4f}")
     click.echo(protocol_text(report))
     if report_path is not None:
-        atomic_write_json(report_path, report)
-        atomic_write_text(report_path.with_suffix(".md"), render_markdown(report))
+        write_report(report, report_path, overwrite)
         click.echo(f"wrote {report_path}")
 
 
@@ -318,7 +340,14 @@ def batch(jobs_file, root, dry_run, quiet, shard, merge):
     status: 0 when every job is done or skipped, 1 when a job failed (with --summary: or has not
     run yet), 2 when the jobs file is wrong, 130 when interrupted.
     """
-    from .apps.batch import Shard, load_jobs, merge_summaries, plan, run_batch, summary_name
+    from .apps.batch import (
+        Shard,
+        load_jobs,
+        merge_summaries,
+        plan,
+        run_batch,
+        summary_name,
+    )
 
     share = Shard.parse(shard) if shard is not None else None
     if merge and (share or dry_run):

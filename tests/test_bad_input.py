@@ -258,5 +258,8 @@ def test_gpu_out_of_memory_is_one_line_naming_the_lighter_recipe(capsys):
     def bug():
         raise RuntimeError("some other failure")
 
-    with pytest.raises(RuntimeError):  # any other RuntimeError is a bug and keeps its traceback
+    with pytest.raises(SystemExit) as exit_info:  # any other error is a bug: one line saying how to see more
         bug()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: internal error (RuntimeError: some other failure)")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import write_text
 
 from quantmoe.apps.batch import Job, Shard, merge_summaries
 from quantmoe.base.errors import QuantMoeError
 from quantmoe.base.options import QuantConfig
 from quantmoe.cli import main
-from tiny import write_text
 
 JOBS = """
 [defaults]

@@ -15,20 +15,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import QUICK, cli, digest, one_error_line
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import (
+    GLM_FP8,
+    append_mtp_layer,
+    dequantized_copy,
+    make_model,
+    router_or_mtp_extra,
+    write_compressed_fp8_release,
+)
 
 from quantmoe.apps.inspection import inspect_model, render_text
 from quantmoe.base.errors import QuantMoeError
 from quantmoe.formats import reader_for
-from quantmoe.formats.fp8 import Fp8Weight, dequantize_fp8, fp8_linears, write_fp8_release
+from quantmoe.formats.fp8 import (
+    Fp8Weight,
+    dequantize_fp8,
+    fp8_linears,
+    write_fp8_release,
+)
 from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.model.stream import LayerStream
 from quantmoe.stages.quantize import work_dir
-
-from clirun import QUICK, cli, digest, one_error_line
-from tiny import (GLM_FP8, append_mtp_layer, dequantized_copy, make_model, router_or_mtp_extra,
-                  write_compressed_fp8_release)
 
 BLOCK = (32, 32)  # DeepSeek's 128 would make every tiny weight one ragged block; 32 gives several, some ragged
 DEEPSEEK_FP8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(BLOCK)}

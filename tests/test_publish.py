@@ -61,12 +61,16 @@ def test_refuses_a_shard_with_one_byte_changed(copy):
     assert "model-00001-of-00001.safetensors: sha256 differs" in err and "--overwrite" in err
 
 
-@pytest.mark.parametrize("stray", ["notes.txt", ".DS_Store", "extra/weights.bin"])
-def test_refuses_a_stray_file(copy, stray):
+@pytest.mark.parametrize("stray, problem", [
+    ("notes.txt", "notes.txt: not listed in the manifest (stray file)"),
+    (".DS_Store", ".DS_Store: a hidden file (stray file"),  # hidden files are never part of an export
+    ("extra/weights.bin", "extra/weights.bin: not listed in the manifest (stray file)"),
+])
+def test_refuses_a_stray_file(copy, stray, problem):
     (copy / stray).parent.mkdir(exist_ok=True)
     (copy / stray).write_text("not part of the export")
     err = _one_line_error(push(copy, "someone/x", "--dry-run"))
-    assert f"{stray}: not listed in the manifest (stray file)" in err and "move the stray files" in err
+    assert problem in err and "move the stray files" in err
 
 
 def test_refuses_a_card_that_does_not_say_how_to_load_with_gptqmodel(copy):

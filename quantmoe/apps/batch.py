@@ -72,6 +72,7 @@ from ..base.files import (
     check_manifest,
     versions,
 )
+from ..base.paths import published_name
 from ..base.provenance import git_commit, machine, optional_versions
 from ..formats import reader_for
 from ..stages.export import checkpoint_stats
@@ -144,7 +145,10 @@ def read_jobs_file(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise QuantMoeError(f"jobs file {path} does not exist; check the path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QuantMoeError(f"{path} is not UTF-8 text (byte {exc.start}); save the jobs file as UTF-8") from None
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -305,15 +309,19 @@ def _option_mismatch(job: Job, out: Path) -> str | None:
     if made_by is None or made_by.name != job.backend:
         return f"backend {made_by.name if made_by else None!r}, but the jobs file asks for {job.backend!r}"
     manifest = json.loads((out / MANIFEST).read_text())
-    recorded = manifest.get("options", {})
+    recorded = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
     calibration = ("seed", "nsamples", "seqlen") if get(job.backend).needs_calibration else ()
     wanted = {**asdict(job.config), **{k: job.run[k] for k in calibration if k in job.run}}
     for key, value in wanted.items():
         if key in recorded and recorded[key] != value:
             return f"{key} {recorded[key]!r}, but the jobs file asks for {value!r}"
     base = manifest.get("base_model")
-    if base and Path(job.model).is_dir() and Path(job.model).resolve() != Path(base).resolve():
-        return f"model {base}, but the jobs file asks for {job.model}"
+    if isinstance(base, str) and base and Path(job.model).is_dir():
+        # Manifests name the model by folder name or Hub id (published_name), or by path (--record-paths).
+        same = Path(job.model).resolve() == Path(base).resolve() if Path(base).is_absolute() \
+            else published_name(job.model) == base
+        if not same:
+            return f"model {base}, but the jobs file asks for {job.model}"
     return None
 
 

@@ -26,6 +26,7 @@ from ..base.errors import QuantMoeError
 from ..base.files import (
     atomic_write_json,
     atomic_write_text,
+    check_replaceable,
     save_safetensors,
     versions,
 )
@@ -79,6 +80,8 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     out = out.expanduser().resolve()
     if out == ckpt.path or ckpt.path in out.parents:
         raise QuantMoeError(f"--out {out} is inside the model folder {ckpt.path}; choose a folder outside it")
+    for spec in specs:  # each backend replaces its folder: only one an earlier compare (quantmoe) wrote
+        check_replaceable(out / spec, overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
     seqlen = seqlen or default_seqlen(ckpt.config)
     data = data if data is not None else EVAL_DATA

@@ -1,8 +1,9 @@
 """Publishing an export on the Hugging Face Hub, after checking that it is whole and documented.
 
 ``push`` checks, in this order, and refuses on the first problem:
-1. every file matches ``manifest.json`` (sha256), and nothing else is in the folder (no stray files,
-   hidden ones included: upload_folder would send them too);
+1. ``quantmoe verify`` finds nothing (``stages.verify``): no link, hidden or stray file (upload_folder
+   would send them too), every file matches ``manifest.json`` (sha256), the tensors have the layout
+   the config says, no NaN/Inf, no all-zero module, at least one quantized module;
 2. ``config.json`` has a ``quantization_config``;
 3. ``README.md`` (the model card) names the base model recorded in the manifest and has every
    entry of ``report.CARD_SECTIONS`` (method, calibration data, eval protocol, perplexity table,
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..base.errors import QuantMoeError
-from ..base.files import MANIFEST, check_manifest
+from ..base.files import MANIFEST, read_manifest
 from ..stages.report import CARD_SECTIONS, base_model_name
+from ..stages.verify import verify
 
 CARD = "README.md"
 HUB_EXTRA = "pip install 'quantmoe[hub]'"
@@ -32,18 +34,6 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
-
-
-def check_files(folder: Path) -> list[str]:
-    """Problems with the files: manifest mismatches, and stray files (hidden ones included)."""
-    problems = check_manifest(folder)
-    if (folder / MANIFEST).is_file() and not problems:
-        listed = set(json.loads((folder / MANIFEST).read_text())["files"]) | {MANIFEST}
-        for p in sorted(folder.rglob("*")):
-            name = p.relative_to(folder).as_posix()
-            if (p.is_file() or p.is_symlink()) and name not in listed:
-                problems.append(f"{name}: not listed in the manifest (stray file)")
-    return problems
 
 
 def _fix(problems: list[str]) -> str:
@@ -60,8 +50,8 @@ def check_card(folder: Path) -> list[str]:
     text = card.read_text(encoding="utf-8", errors="replace")
     missing = [f"{CARD} does not state {what} (no line with {marker!r})"
                for what, marker in CARD_SECTIONS.items() if marker not in text]
-    base = json.loads((folder / MANIFEST).read_text()).get("base_model")
-    if base and base_model_name(base) not in text:
+    base = (read_manifest(folder)[0] or {}).get("base_model")
+    if isinstance(base, str) and base and base_model_name(base) not in text:
         missing.append(f"{CARD} does not name the base model {base_model_name(base)!r} recorded in {MANIFEST}")
     return missing
 
@@ -74,9 +64,9 @@ def validate(folder: str | Path) -> list[tuple[str, int]]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise QuantMoeError(f"{folder} is not a folder; pass the output folder of quantmoe quantize")
-    problems = check_files(folder)
+    problems = verify(folder).problems
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more; quantmoe verify lists them all)" if len(problems) > 1 else ""
         raise QuantMoeError(f"refusing to push {folder}: {problems[0]}{more}; {_fix(problems)}")
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -92,8 +82,8 @@ def validate(folder: str | Path) -> list[tuple[str, int]]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise QuantMoeError(f"refusing to push {folder}: {missing[0]}{more}; re-run quantmoe quantize with --eval "
                             "(it writes the card), or complete the card and rewrite the manifest")
-    listed = json.loads((folder / MANIFEST).read_text())["files"]
-    files = [(name, int(meta["bytes"])) for name, meta in listed.items()]
+    listed = read_manifest(folder)[0]["files"]
+    files = [(name, (folder / name).stat().st_size) for name in listed]
     files.append((MANIFEST, (folder / MANIFEST).stat().st_size))
     return sorted(files)
 

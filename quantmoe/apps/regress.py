@@ -22,11 +22,16 @@ refused, naming the field:
 - the model: both reports have an original-model run or neither; when both do, the base model's
   name (folder name or Hub id) and the original perplexity (within ORIGINAL_PPL_TOLERANCE, to allow
   for float differences between CPUs) must agree.
+
+Reports are untrusted files: a missing or non-numeric number is refused (exit 2, naming the field),
+a NaN or infinite one in the baseline too, and one in the new report is a regression (exit 1): a
+comparison with NaN is always false, so it would otherwise pass as "no regression".
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,14 +50,65 @@ def load_report(path: str | Path) -> dict:
     if not path.is_file():
         raise QuantMoeError(f"{path} does not exist; pass an eval_report.json (or the folder that holds one)")
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise QuantMoeError(f"{path} is not JSON ({exc}); pass an eval_report.json") from None
     missing = [k for k in REQUIRED if not isinstance(report, dict) or k not in report]
     if missing:
         raise QuantMoeError(f"{path} is not a quantmoe eval report (no {missing[0]!r}); "
                             "pass the eval_report.json written by quantmoe quantize or quantmoe eval --report")
+    check_fields(report, path)
     return report
+
+
+def check_fields(report: dict, path: Path) -> None:
+    """Raise naming the first field of ``report`` that is missing or of the wrong type: the sections
+    are objects, and every number regress reads is a number (NaN allowed here; ``compare`` judges it)."""
+    def odd(where: str, want: str) -> QuantMoeError:
+        return QuantMoeError(f"{path}: {where} is missing or not {want}; pass an eval_report.json written by "
+                             "quantmoe quantize or quantmoe eval --report")
+
+    for section in ("protocol", "data", "results"):
+        if not isinstance(report[section], dict):
+            raise odd(section, "an object")
+    results = report["results"]
+    runs = [k for k in ("original", "quantized", "model") if k in results]
+    if not any(k in results for k in ("quantized", "model")):
+        raise odd("results.quantized", "an object")
+    for run in runs:
+        if not isinstance(results[run], dict) or not _is_number(results[run].get("perplexity")):
+            raise odd(f"results.{run}.perplexity", "a number")
+    for section, keys in (("gap", ("relative", "absolute")), ("kl", ("mean", "top1_agreement"))):
+        value = report.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise odd(section, "an object")
+        for key in keys:
+            if not _is_number(value.get(key)):
+                raise odd(f"{section}.{key}", "a number")
+        se = value.get("relative_se" if section == "gap" else "se")
+        if se is not None and not _is_number(se):
+            raise odd(f"{section}.{'relative_se' if section == 'gap' else 'se'}", "a number")
+    quantization = report.get("quantization", {})
+    if not isinstance(quantization, dict):
+        raise odd("quantization", "an object")
+    for key in ("bits_per_weight", "size_bytes"):
+        if quantization.get(key) is not None and not _is_number(quantization[key]):
+            raise odd(f"quantization.{key}", "a number")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _not_finite(report: dict) -> list[str]:
+    """The judged numbers of a (checked) report that are NaN or infinite, by field."""
+    numbers = {f"results.{run}.perplexity": r["perplexity"] for run, r in report["results"].items()
+               if isinstance(r, dict) and "perplexity" in r}
+    for section, keys in (("gap", ("relative", "absolute")), ("kl", ("mean", "top1_agreement"))):
+        numbers.update({f"{section}.{k}": report[section][k] for k in keys if report.get(section)})
+    return [name for name, x in numbers.items() if not math.isfinite(x)]
 
 
 def _differs(name: str, a, b, how: str = "") -> QuantMoeError:
@@ -107,8 +163,17 @@ def _gap_text(gap: dict) -> str:
 
 def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increase: float | None = None) -> Comparison:
     """Compare two comparable eval reports (see the module docstring for the definitions)."""
+    broken = _not_finite(base) + [f"results.{run}.perplexity" for run, r in base["results"].items()
+                                  if isinstance(r, dict) and _is_number(r.get("perplexity")) and r["perplexity"] <= 0]
+    if broken:
+        raise QuantMoeError(f"the baseline report's {broken[0]} is NaN, infinite or not positive; regenerate the baseline "
+                            "(quantmoe eval --report) from a sound model")
     check_comparable(base, new)
     c = Comparison()
+    broken = _not_finite(new)
+    if broken:
+        c.regressions.append(f"the new report's {', '.join(broken)} {'is' if len(broken) == 1 else 'are'} not a "
+                             "finite number (the quantized model's output is broken; run quantmoe verify on it)")
     has_gap = base.get("gap") is not None and new.get("gap") is not None
     if not has_gap and max_ppl_increase is None:
         raise QuantMoeError("the reports have no perplexity gap (made without an original model), so "

@@ -68,14 +68,16 @@ from transformers import AutoModelForCausalLM
 
 from ..base.errors import QuantMoeError
 from ..base.files import (
+    RunLock,
     atomic_write_json,
     atomic_write_text,
+    clear_dir,
     replace_dir,
     versions,
     write_manifest,
 )
 from ..base.measure import stage
-from ..base.paths import DEFAULT_MODEL
+from ..base.paths import DEFAULT_MODEL, published_name
 from ..base.version import __version__
 from ..formats.bnb import (
     BnbConfig,
@@ -93,6 +95,7 @@ from ..stages.evaluate import evaluate
 from ..stages.export import ShardWriter, parse_size, source_tensors, write_config
 from ..stages.quantize import check_out, work_dir
 from ..stages.report import base_model_name, gap_table, protocol_text, render_markdown
+from ..stages.resume import lock_work
 from .base import Backend, Options, unknown_settings
 
 
@@ -216,12 +219,14 @@ def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) 
     out = check_out(Path(out) if out is not None else Path("quantmoe-out") / f"{ckpt.path.name}-{backend.name}",
                     ckpt.path, options.overwrite)
     arch = architecture_for(ckpt.config)
+    ckpt.check_layers()
     dev = pick_device(options.device)
+    shown = str if options.record_paths else published_name  # how published files name a path
     work = work_dir(out)
-    if work.exists():
-        shutil.rmtree(work)
+    lock = lock_work(work)  # held until the export is in place
+    clear_dir(work, keep=(RunLock.LOCK_NAME,))  # not resumable: whatever an earlier run left goes
     staging = work / "export"
-    staging.mkdir(parents=True)
+    staging.mkdir()
     stages: dict = {}
     with stage(stages, "quantize"):
         log = write_shards(ckpt, staging, cfg, parse_size(options.max_shard_size), dev, options.quiet)
@@ -233,24 +238,25 @@ def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) 
     write_config(ckpt, staging, qconfig)
     settings = {**asdict(cfg), "device": str(dev), "max_shard_size": parse_size(options.max_shard_size)}
     atomic_write_json(staging / "quantization_log.json",
-                      {"base_model": str(ckpt.path), "backend": backend.name, "options": settings, "linears": log})
+                      {"base_model": shown(ckpt.path), "backend": backend.name, "options": settings, "linears": log})
 
     report = None
     if options.run_eval:
         report = evaluate(staging, baseline=ckpt.path, data=options.eval_data, device=options.device,
-                          batch_size=options.batch_size, quiet=options.quiet)
-        report["model"] = str(out)
+                          batch_size=options.batch_size, quiet=options.quiet, record_paths=options.record_paths)
+        report["model"] = shown(out)
         report["stages"] = {**stages, **report["stages"]}
         atomic_write_json(staging / "eval_report.json", report)
         atomic_write_text(staging / "eval_report.md", render_markdown(report))
     atomic_write_text(staging / "README.md", model_card(report, {
-        "name": out.name, "base_model": ckpt.path.name, "model_type": ckpt.config.model_type, "version": __version__,
+        "name": out.name, "base_model": shown(ckpt.path), "model_type": ckpt.config.model_type, "version": __version__,
         "backend": backend.name, "config": cfg, "not_quantized": routers, "linears": len(log),
         "fused_on_disk": arch.experts is not None and arch.fused.on_disk}))
     write_manifest(staging, {"options": settings, "versions": {**versions(), "bitsandbytes": _bnb_version()},
-                             "base_model": str(ckpt.path), "stages": stages})
+                             "base_model": shown(ckpt.path), "stages": stages})
     replace_dir(staging, out, options.overwrite)
     shutil.rmtree(work, ignore_errors=True)
+    lock.release()
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": [], "notes": []}
 
 

@@ -23,3 +23,19 @@ MAX_SEQLEN = 2048
 def default_seqlen(config) -> int:
     """min(2048, the model's context)."""
     return min(MAX_SEQLEN, int(getattr(config, "max_position_embeddings", MAX_SEQLEN) or MAX_SEQLEN))
+
+
+def published_name(path: str | Path) -> str:
+    """How a published file (model card, manifest, logs, eval reports) names a model or data source:
+    ``org/name`` for a Hub download (its cache folder ``models--org--name/snapshots/<sha>``), the
+    folder or file name for anything else local, and a Hub id or datasets name unchanged. Never a
+    local path: those tell the world a user name and a folder layout (``--record-paths`` keeps them)."""
+    text = str(path)
+    for part in Path(text).parts:
+        for kind in ("models--", "datasets--"):
+            if part.startswith(kind):
+                return part[len(kind):].replace("--", "/", 1)
+    local = Path(text).expanduser()
+    if local.is_absolute() or text.startswith((".", "~")) or local.exists():
+        return local.resolve().name if local.name in ("", ".", "..") else local.name
+    return text  # not a local path: a Hub id (org/name) or a datasets name

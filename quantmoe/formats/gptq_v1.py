@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..base.errors import QuantMoeError
 from ..gptq.core import QuantResult, dequantize
 from .base import QuantizedLinear
 
@@ -135,6 +136,45 @@ def quantization_config(qcfg, not_quantized: list[str], version: str,
 
 
 # -- reading ---------------------------------------------------------------------------
+READ_BITS = (4, 8)  # packings that fill an int32 exactly, as quantmoe writes them
+
+
+def settings(quantization: dict) -> tuple[int, int]:
+    """(bits, group_size) of a GPTQ ``quantization_config``, or a one-line error for values quantmoe
+    cannot read (bits missing, 0 or 3; group_size 0 ...): a checkpoint is untrusted input."""
+    bits, group_size = quantization.get("bits"), quantization.get("group_size", -1)
+    if isinstance(bits, bool) or bits not in READ_BITS:
+        raise QuantMoeError(f"quantization_config bits = {bits!r} is not one quantmoe reads ({' or '.join(map(str, READ_BITS))}); "
+                            "the checkpoint's config.json is damaged or from another tool")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise QuantMoeError(f"quantization_config group_size = {group_size!r} is invalid (it must be -1 or positive); "
+                            "the checkpoint's config.json is damaged")
+    return bits, group_size
+
+
+def check_linear(module: str, parts: dict[str, Tensor], bits: int) -> None:
+    """Raise unless a GPTQ v1 linear's tensors fit together: qweight (in*bits/32, out), qzeros
+    (groups, out*bits/32) and scales (groups, out), integer/float dtypes as the format has them, and
+    every g_idx (in,) naming one of the groups. Dequantizing never indexes outside a tensor."""
+    qweight, qzeros, scales, g_idx = (parts[s] for s in GPTQ_SUFFIXES)
+    per = 32 // bits
+    problem = None
+    if any(t.is_floating_point() for t in (qweight, qzeros, g_idx)) or not scales.is_floating_point():
+        problem = "has the wrong dtypes (qweight, qzeros and g_idx are integers, scales floating point)"
+    elif qweight.ndim != 2 or scales.ndim != 2 or qzeros.ndim != 2 or g_idx.ndim != 1:
+        problem = "has tensors of the wrong rank"
+    else:
+        groups, out = scales.shape
+        if qweight.shape != (g_idx.shape[0] // per, out) or g_idx.shape[0] % per or qzeros.shape != (groups, out // per) \
+                or out % per:
+            problem = (f"has shapes that do not fit together at {bits} bits (qweight {tuple(qweight.shape)}, qzeros "
+                       f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)})")
+        elif g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            problem = f"has a g_idx outside its {groups} groups"
+    if problem:
+        raise QuantMoeError(f"{module} {problem}; the checkpoint is damaged: re-export or re-download it")
+
+
 @dataclass(frozen=True)
 class GptqReader:
     """GPTQ v1 checkpoints of the backend ``name`` (gptq or rtn, told apart by ``meta.backend``)."""
@@ -154,18 +194,25 @@ class GptqReader:
                          + ("" if layout == "source" else f" ({layout} layout)")}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
+        settings(ckpt.quantization)
         out = {}
         for name in ckpt.names():
             if name.endswith(".qweight"):
                 module = name[: -len(".qweight")]
-                inputs = ckpt.shape(f"{module}.g_idx")[0]
-                outputs = ckpt.shape(f"{module}.scales")[1]
+                g_idx, scales = ckpt.shape(f"{module}.g_idx"), ckpt.shape(f"{module}.scales")
+                if len(g_idx) != 1 or len(scales) != 2:
+                    raise QuantMoeError(f"{module} has a g_idx of shape {list(g_idx)} and scales of shape "
+                                        f"{list(scales)} (GPTQ needs (in,) and (groups, out)); the checkpoint is "
+                                        "damaged: re-export or re-download it")
+                inputs, outputs = g_idx[0], scales[1]
                 out[module] = QuantizedLinear(module, (outputs, inputs), tuple(f"{module}.{s}" for s in GPTQ_SUFFIXES))
         return out
 
     def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
         parts = {s: ckpt.tensor(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
-        return dequantize_linear(parts, int(ckpt.quantization["bits"]))
+        bits, _ = settings(ckpt.quantization)
+        check_linear(linear.module, parts, bits)
+        return dequantize_linear(parts, bits)
 
 
 READERS = (GptqReader("gptq"), GptqReader("rtn"))

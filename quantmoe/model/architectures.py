@@ -13,6 +13,7 @@ To add a family, see docs/architectures.md.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -390,6 +391,47 @@ def is_causal_lm(config) -> bool:
             and not getattr(config, "is_encoder_decoder", False))
 
 
+# Config values that size what quantmoe builds, checked (``check_config``) before transformers or
+# quantmoe allocates anything from them. None is allowed where transformers derives the value.
+POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "num_experts_per_tok", "kv_lora_rank", "q_lora_rank",
+                  "v_head_dim", "qk_rope_head_dim", "n_group", "topk_group")
+COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
+          "decoder_sparse_step", "qk_nope_head_dim")
+# Larger than any released model's dimension or count by orders of magnitude: a value above it is a
+# damaged or hostile config, whose skeleton alone could exhaust memory or take hours to build.
+SIZE_LIMIT = 2**24
+LAYER_LIMIT = 2**14
+
+
+def check_config(config: dict, where: str = "config.json") -> None:
+    """Raise a one-line error for a config.json whose sizes cannot describe a model: a size that is
+    not a positive integer (zero heads, 1e9 as a float, a string, a list), a count below zero, a
+    value beyond SIZE_LIMIT/LAYER_LIMIT, ``num_experts_per_tok`` above the experts, or a
+    ``mlp_only_layers`` that is not a list of layer indices. ``config`` is the raw JSON object."""
+    def bad(key: str, want: str) -> QuantMoeError:
+        return QuantMoeError(f"{where}: {key} = {json.dumps(config[key])[:60]} is not {want}; "
+                             "restore the checkpoint's config.json (or re-download it)")
+
+    for key in POSITIVE_SIZES + COUNTS:
+        value = config.get(key)
+        if value is None:
+            continue
+        least = 1 if key in POSITIVE_SIZES else 0
+        limit = LAYER_LIMIT if key == "num_hidden_layers" else SIZE_LIMIT
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= limit:
+            raise bad(key, f"an integer from {least} to {limit}")
+    experts = [config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if config.get(k)]
+    top_k = config.get("num_experts_per_tok")
+    if experts and top_k is not None and top_k > max(experts):
+        raise bad("num_experts_per_tok", f"a number of experts per token this model has ({max(experts)} experts)")
+    layers = config.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= LAYER_LIMIT for i in layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
+
+
 def architecture_for(config) -> Architecture:
     """The row for ``config.model_type``, or a one-line error listing the supported ones."""
     model_type = getattr(config, "model_type", None)
@@ -463,19 +505,28 @@ class LayerPlan:
         fused = self.fused if self.fused is not None and self.fused.on_disk else None
         for name in self.linear_kinds():
             if f"{name}.weight" in shapes:
-                rows, cols = shapes[f"{name}.weight"]
+                rows, cols = _rank(shapes, f"{name}.weight", 2, self.index)
                 out[name] = (rows, cols)
         if fused is not None and self.experts is not None:
             if fused.disk_gate_up in shapes:
-                _, two_i, hidden = shapes[fused.disk_gate_up]
+                _, two_i, hidden = _rank(shapes, fused.disk_gate_up, 3, self.index)
                 for e in range(self.num_experts):
                     out.setdefault(self.experts.linear("gate", e), (two_i // 2, hidden))
                     out.setdefault(self.experts.linear("up", e), (two_i // 2, hidden))
             if fused.disk_down in shapes:
-                _, down_out, down_in = shapes[fused.disk_down]
+                _, down_out, down_in = _rank(shapes, fused.disk_down, 3, self.index)
                 for e in range(self.num_experts):
                     out.setdefault(self.experts.linear("down", e), (down_out, down_in))
         return out
+
+
+def _rank(shapes: Mapping[str, tuple[int, ...]], name: str, rank: int, index: int) -> tuple[int, ...]:
+    """``shapes[name]``, or a one-line error when that tensor does not have ``rank`` dimensions."""
+    shape = tuple(shapes[name])
+    if len(shape) != rank:
+        raise QuantMoeError(f"model.layers.{index}.{name} has shape {list(shape)}; a {'linear weight' if rank == 2 else 'fused expert tensor'} "
+                            f"has {rank} dimensions: the checkpoint is damaged or not of this architecture")
+    return shape
 
 
 def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -> LayerPlan:

@@ -4,6 +4,12 @@ Works for source checkpoints and for quantmoe's exports alike: a quantized linea
 ``P.qweight`` ..., bitsandbytes ``P.weight`` + ``P.weight.absmax`` ...) is dequantized into
 ``P.weight`` when a layer is read, by the backend that wrote it (``quantmoe.backends``), so
 every stage sees plain weights under the on-disk names.
+
+A checkpoint is untrusted input: its files are read, never executed or followed out of the
+folder. Every file read must resolve inside the folder (``inside``; a Hub cache snapshot's
+links into its own ``blobs/`` count as inside), shard names are plain file names, config.json is
+checked before transformers builds anything from it and its ``auto_map`` (the checkpoint's own
+Python code) is never run, and every floating-point tensor read is checked for NaN/Inf.
 """
 
 from __future__ import annotations
@@ -11,21 +17,30 @@ from __future__ import annotations
 import json
 import math
 import os
-from functools import cached_property
+import re
+import stat
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..base.errors import QuantMoeError
+from ..base.errors import QuantMoeError, note
 from ..formats import reader_for
 from ..formats.fp8 import Fp8Weight
-from .architectures import CONFIG_ALIASES
+from .architectures import CONFIG_ALIASES, check_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Side files an export carries over from its source (tokenizer, generation defaults, chat template).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+# config.json and the index are read whole: one larger than this is no checkpoint's, and is refused unread.
+JSON_LIMIT = 64 * 2**20
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
@@ -50,33 +65,92 @@ def resolve_model(model: str | os.PathLike) -> Path:
     return Path(local)
 
 
+def trusted_root(folder: Path) -> Path:
+    """The folder every file of the checkpoint in ``folder`` must resolve inside: the folder itself, or
+    for a Hub cache snapshot (``models--org--name/snapshots/<sha>``, whose files are links into
+    ``../../blobs``) the repo's cache folder."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
+
+
+@cache
+def _ignoring_auto_map(path: Path, model_type: str) -> None:
+    note(f"{path / 'config.json'} names its own Python code (auto_map); quantmoe never runs a checkpoint's "
+         f"code and reads it with transformers' built-in {model_type!r} instead")
+
+
 class Checkpoint:
     """A model folder: config, tokenizer and lazily opened safetensors shards."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = resolve_model(path)
+        self.root = trusted_root(self.path)
         if not (self.path / "config.json").is_file():
             raise QuantMoeError(f"{self.path} has no config.json; pass a transformers checkpoint folder")
         self._handles: dict[str, object] = {}
 
+    def inside(self, name: str) -> Path:
+        """The path of file ``name`` of this folder, after checking that it is a plain file name (no
+        folder part, not absolute) and that the file, links followed, is a regular file inside the folder."""
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+                or "\0" in name:
+            raise QuantMoeError(f"{self.path}: {str(name)[:80]!r} is not a plain file name in the model folder "
+                                "(shards and side files must be files of the folder itself); restore the index "
+                                "or re-download the checkpoint")
+        path = self.path / name
+        real = path.resolve()
+        if not real.is_relative_to(self.root.resolve()):
+            raise QuantMoeError(f"{path} links outside the model folder; quantmoe reads only files inside it: "
+                                "replace the link with a copy of the file")
+        if real.exists() and not stat.S_ISREG(real.stat().st_mode):
+            raise QuantMoeError(f"{path} is not a regular file; replace it with the checkpoint's file")
+        return path
+
     @cached_property
     def config(self):
-
+        """The transformers config, built only from a config.json whose sizes pass ``check_config``; a
+        checkpoint's own code (``auto_map``) is never run, whatever transformers would ask."""
         raw = self.raw_config  # a clearer message than AutoConfig's for a file that is not JSON at all
-        alias = CONFIG_ALIASES.get(raw.get("model_type"))
+        model_type = raw.get("model_type")
+        alias = CONFIG_ALIASES.get(model_type) if isinstance(model_type, str) else None
+        if "auto_map" in raw and alias is None:
+            if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+                raise QuantMoeError(f"{self.path / 'config.json'}: model_type {model_type!r} exists only as the "
+                                    "checkpoint's own Python code (auto_map), which quantmoe never runs; quantmoe "
+                                    "quantizes the architectures transformers knows (see docs/architectures.md)")
+            _ignoring_auto_map(self.path, model_type)
+        check_config(raw, str(self.path / "config.json"))
+        if raw.get("quantization_config") is not None and not isinstance(raw["quantization_config"], dict):
+            raise QuantMoeError(f"{self.path / 'config.json'}: quantization_config is a JSON "
+                                f"{type(raw['quantization_config']).__name__}, not an object; restore config.json "
+                                "or re-download the checkpoint")
         try:
-            if alias is not None:  # Kimi K2: DeepSeek-V3 under its own name (architectures.CONFIG_ALIASES)
+            if alias is not None:  # Kimi K2: DeepSeek-V3 under its own name (architectures.CONFIG_ALIASES); its
+                # auto_map names code quantmoe never runs
                 return AutoConfig.for_model(alias, **{k: v for k, v in raw.items() if k not in ("model_type", "auto_map")})
-            return AutoConfig.from_pretrained(self.path)
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         except Exception as exc:
-            raise QuantMoeError(f"cannot read {self.path / 'config.json'} ({exc}); is it a transformers checkpoint?") from None
+            detail = " ".join(str(exc).split())[:200]
+            raise QuantMoeError(f"cannot read {self.path / 'config.json'} ({type(exc).__name__}: {detail}); "
+                                "is it a transformers checkpoint?") from None
 
     @cached_property
     def raw_config(self) -> dict:
-        path = self.path / "config.json"
+        config = self._read_json("config.json")
+        if not isinstance(config, dict):
+            raise QuantMoeError(f"{self.path / 'config.json'} holds a JSON {type(config).__name__}, not an object; "
+                                "restore it or re-download the checkpoint")
+        return config
+
+    def _read_json(self, name: str):
+        path = self.inside(name)
         try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
+            if path.stat().st_size > JSON_LIMIT:
+                raise QuantMoeError(f"{path} is larger than {JSON_LIMIT >> 20} MiB, which no checkpoint's {name} "
+                                    "is; restore it or re-download the checkpoint")
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError included
             raise QuantMoeError(f"{path} is not valid JSON ({exc}); restore it or re-download the checkpoint") from None
         except OSError as exc:
             raise QuantMoeError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
@@ -98,15 +172,20 @@ class Checkpoint:
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
-        """Tensor name -> shard file name."""
+        """Tensor name -> shard file name (a plain file name of this folder)."""
         index = self.path / INDEX_NAME
-        if index.is_file():
-            try:
-                return dict(json.loads(index.read_text())["weight_map"])
-            except (ValueError, KeyError) as exc:
-                raise QuantMoeError(f"{index} is unreadable ({exc}); restore the file or re-download the checkpoint") from None
+        if index.is_file() or index.is_symlink():
+            data = self._read_json(INDEX_NAME)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise QuantMoeError(f"{index} is unreadable (it needs \"weight_map\": {{tensor name: shard file "
+                                    "name}); restore the file or re-download the checkpoint")
+            for shard in set(weight_map.values()):
+                self.inside(shard)
+            return dict(weight_map)
         single = self.path / SINGLE_NAME
-        if single.is_file():
+        if single.is_file() or single.is_symlink():
             return {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
         raise QuantMoeError(f"{self.path} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
                             "convert .bin checkpoints with save_pretrained(safe_serialization=True)")
@@ -117,7 +196,7 @@ class Checkpoint:
 
     def _open(self, shard: str):
         if shard not in self._handles:
-            file = self.path / shard
+            file = self.inside(shard)
             if not file.is_file():
                 raise QuantMoeError(f"shard {file} listed in the index is missing; re-download the checkpoint")
             try:
@@ -131,12 +210,28 @@ class Checkpoint:
         if shard is None:
             raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
         try:
-            return self._open(shard).get_tensor(name)
+            t = self._open(shard).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise QuantMoeError(f"cannot read {name} from shard {self.path / shard} ({exc}); re-download it") from None
+        check_finite(name, t, self.path)
+        return t
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.weight_map:
+            raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
         return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+
+    def check_layers(self) -> int:
+        """config.num_hidden_layers, checked against the decoder layers the weights hold (layers
+        0..n-1, each with at least one tensor), before anything is built for that many layers."""
+        n = self.config.num_hidden_layers
+        present = {int(m.group(1)) for name in self.weight_map if (m := LAYER_NAME.match(name))}
+        if present != set(range(n)):
+            held = f"{len(present)} decoder layers (indices {min(present)} to {max(present)})" if present else \
+                "no decoder layers"
+            raise QuantMoeError(f"{self.path / 'config.json'} says num_hidden_layers = {n}, but the weights hold "
+                                f"{held}; the config does not match the shards: restore it or re-download the checkpoint")
+        return n
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor takes in its shard."""
@@ -209,14 +304,31 @@ class Checkpoint:
         self._handles.clear()
 
     def tokenizer(self):
-
+        """The checkpoint's tokenizer, read by transformers without running any of the checkpoint's code,
+        once every file of the folder transformers might open is checked to resolve inside it."""
+        self.config  # transformers reads config.json too: a damaged one is reported as such, not as a tokenizer's
+        for entry in self.path.iterdir():
+            if not entry.is_dir() or entry.is_symlink():
+                self.inside(entry.name)
         try:
-            return AutoTokenizer.from_pretrained(self.path)
+            return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         except Exception as exc:
             raise QuantMoeError(f"cannot load the tokenizer of {self.path} ({type(exc).__name__}); "
                                 "the folder needs tokenizer.json/tokenizer_config.json") from None
 
     def tokenizer_files(self) -> list[Path]:
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
-        return [self.path / n for n in names if (self.path / n).is_file()]
+        """The side files an export copies (``SIDE_FILES`` present in the folder), each checked to be a
+        regular file inside the folder: a link out of it (to a token, a key) is an error, never copied."""
+        return [self.inside(n) for n in SIDE_FILES if (self.path / n).is_file() or (self.path / n).is_symlink()]
+
+
+def check_finite(name: str, t: Tensor, folder: Path) -> None:
+    """Raise naming ``name`` when the floating-point tensor ``t`` holds NaN or Inf. One reduction per
+    tensor: a NaN or Inf makes the sum non-finite; only then is it confirmed element-wise (a sum of
+    huge finite values can overflow)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
+        return
+    raise QuantMoeError(f"tensor {name} of {folder} holds NaN or Inf; the checkpoint is damaged: "
+                        "re-download it or repair that tensor")

@@ -104,9 +104,19 @@ def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError:
-        raise QuantMoeError(f"a {config.model_type!r} model is not a causal LM; "
-                            "quantmoe quantizes decoder-only language models") from None
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise QuantMoeError(f"a {config.model_type!r} model is not a causal LM; "
+                                "quantmoe quantizes decoder-only language models") from None
+        raise _config_error(config, exc) from None
+    except (TypeError, ArithmeticError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
+        raise _config_error(config, exc) from None
+
+
+def _config_error(config, exc: Exception) -> QuantMoeError:
+    detail = " ".join(str(exc).split())[:160]
+    return QuantMoeError(f"transformers cannot build a {config.model_type!r} model from this config.json "
+                         f"({type(exc).__name__}: {detail}); restore the checkpoint's config.json")
 
 
 class LayerStream:
@@ -119,9 +129,12 @@ class LayerStream:
         self.config = model_config(ckpt)
         fp32_attention_without_scores()  # every forward pass of quantmoe runs through a LayerStream
         self.arch: Architecture = architecture_for(self.config)
+        ckpt.check_layers()  # before a skeleton of that many layers is built
         self.model = skeleton(self.config, dtype)
         self.model.eval()
         inner = self.model.model
+        for name, param in self.outer_tensors():  # before anything is allocated for them
+            check_shape(ckpt, name, param)
         inner.embed_tokens.to_empty(device=device)
         inner.embed_tokens.weight.data.copy_(ckpt.tensor("model.embed_tokens.weight"))
         rotary = getattr(inner, "rotary_emb", None)
@@ -131,6 +144,24 @@ class LayerStream:
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    def outer_tensors(self) -> list[tuple[str, Tensor]]:
+        """(stored tensor name, the parameter it fills) for everything outside the decoder layers:
+        embeddings, final norm and head (the embeddings where the head is tied to them)."""
+        inner, head = self.model.model, self.model.lm_head
+        return [("model.embed_tokens.weight", inner.embed_tokens.weight), (self.head_tensor(), head.weight),
+                *((f"model.norm.{k}", v) for k, v in inner.norm.named_parameters()),
+                *([("lm_head.bias", head.bias)] if head.bias is not None else [])]
+
+    def head_tensor(self) -> str:
+        """The stored tensor the LM head's weight comes from: ``lm_head.weight``, or the embeddings when
+        the config ties the two (a head missing from an untied checkpoint is an error, not a substitute)."""
+        if self.ckpt.has("lm_head.weight"):
+            return "lm_head.weight"
+        if not getattr(self.config, "tie_word_embeddings", False):
+            raise QuantMoeError(f"{self.ckpt.path} has no lm_head.weight, and its config does not tie the head to the "
+                                "embeddings; the checkpoint is incomplete: re-download it")
+        return "model.embed_tokens.weight"
 
     # -- embeddings ----------------------------------------------------------------
     @torch.no_grad()
@@ -196,10 +227,16 @@ class LayerStream:
         experts = set(self._expert_tensor_names(plan, state)) if fused else set()
         state = {name: t if name in experts else t.to(self.device, non_blocking=True) for name, t in state.items()}
         state = dequantize_stored(state, skip=experts)
-        mapped = self.to_memory(index, state, experts_dtype or self.dtype)
-        for name, (module, attr) in fused.items():
-            setattr(module, attr, nn.Parameter(mapped.pop(name), requires_grad=False))
-        missing = layer.load_state_dict(mapped, strict=False)
+        try:
+            mapped = self.to_memory(index, state, experts_dtype or self.dtype)
+            for name, (module, attr) in fused.items():
+                setattr(module, attr, nn.Parameter(mapped.pop(name), requires_grad=False))
+            missing = layer.load_state_dict(mapped, strict=False)
+        except (RuntimeError, KeyError, IndexError) as exc:  # a tensor of the wrong shape, a missing expert
+            detail = " ".join(str(exc).split())[:240]
+            raise QuantMoeError(f"layer {index} of {self.ckpt.path} does not match its {self.config.model_type} "
+                                f"config ({type(exc).__name__}: {detail}); is the checkpoint complete and of "
+                                "this architecture?") from None
         absent = [k for k in missing.missing_keys if k not in fused]
         if absent or missing.unexpected_keys:
             raise QuantMoeError(
@@ -390,10 +427,10 @@ class LayerStream:
     @torch.no_grad()
     def load_head(self) -> None:
         inner = self.model.model
+        head = self.model.lm_head
+        name = self.head_tensor()
         inner.norm.to_empty(device=self.device)
         inner.norm.load_state_dict({k: v.to(self.dtype) for k, v in self.ckpt.read_prefix("model.norm.").items()})
-        head = self.model.lm_head
-        name = "lm_head.weight" if self.ckpt.has("lm_head.weight") else "model.embed_tokens.weight"
         head.to_empty(device=self.device)
         head.weight.data.copy_(self.ckpt.tensor(name))
         if head.bias is not None:
@@ -405,6 +442,16 @@ class LayerStream:
         if self.arch.logits_divisor is not None:  # as the model's own forward does (GraniteMoE)
             logits = logits / getattr(self.config, self.arch.logits_divisor)
         return logits
+
+
+def check_shape(ckpt: Checkpoint, name: str, param: Tensor) -> None:
+    """Raise unless tensor ``name`` is stored with the shape of ``param``, the module the config sizes
+    (read from the shard's header: nothing is loaded or allocated)."""
+    stored = ckpt.shape(name)
+    if stored != tuple(param.shape):
+        raise QuantMoeError(f"{name} in {ckpt.path} is {list(stored)}, but its config.json needs "
+                            f"{list(param.shape)}; the config does not match the weights: restore it or "
+                            "re-download the checkpoint")
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:

@@ -47,10 +47,14 @@ def read_documents(source: str | Path) -> list[str]:
                 if not line.strip():
                     continue
                 try:
-                    docs.append(json.loads(line)["text"])
-                except (ValueError, KeyError, TypeError):
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError, IndexError):
                     raise QuantMoeError(f"{path}:{n} is not a JSON object with a \"text\" field; "
                                         "write one {\"text\": ...} per line") from None
+                if not isinstance(text, str):
+                    raise QuantMoeError(f"{path}:{n}: \"text\" is a JSON {type(text).__name__}, not a string; "
+                                        "write one {\"text\": \"...\"} per line")
+                docs.append(text)
             return docs
         return [raw]
     if str(source).endswith((".jsonl", ".txt", ".safetensors")) or "/" in str(source).strip("/") and path.suffix:
@@ -66,12 +70,33 @@ def _datasets_documents(name: str) -> list[str]:
                             "pass a local .txt/.jsonl file or pip install 'quantmoe[datasets]'") from None
     parts = name.split(":")
     try:
+        # A dataset's own loading script is code from the Hub: never run (datasets 4+ runs none at all).
         ds = datasets.load_dataset(parts[0], parts[1] if len(parts) > 1 else None,
-                                   split=parts[2] if len(parts) > 2 else "train")
+                                   split=parts[2] if len(parts) > 2 else "train", trust_remote_code=False)
     except Exception as exc:
         raise QuantMoeError(f"could not load dataset {name!r} ({type(exc).__name__}); "
                             "without Hub access pass a local .txt/.jsonl file") from None
-    return [t for t in ds["text"]]
+    try:
+        texts = list(ds["text"])
+    except (KeyError, ValueError, TypeError):
+        raise QuantMoeError(f"dataset {name!r} has no \"text\" column; pass one that has, or a local .jsonl "
+                            "file") from None
+    if not all(isinstance(t, str) for t in texts):
+        raise QuantMoeError(f"dataset {name!r} has a \"text\" column that is not all strings; pass a local .jsonl "
+                            "file of {\"text\": \"...\"} lines")
+    return texts
+
+
+def check_count(option: str, value, least: int = 1) -> None:
+    """Raise unless ``value`` (given as ``option``) is an integer of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise QuantMoeError(f"{option} {value} is invalid; use an integer of at least {least}")
+
+
+def check_seed(seed) -> None:
+    """Raise unless ``seed`` is an integer torch's generators take."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise QuantMoeError(f"--seed {seed} is out of range; use an integer such as 0")
 
 
 def token_stream(tokenizer, documents: list[str]) -> Tensor:
@@ -120,6 +145,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def build_calibration(tokenizer, data: str | Path, nsamples: int, seqlen: int, seed: int) -> tuple[Tensor, dict]:
+    check_count("--nsamples", nsamples)
+    check_count("--seqlen", seqlen)
+    check_seed(seed)
     docs = read_documents(data)
     if not any(doc.strip() for doc in docs):
         raise QuantMoeError(f"the calibration data {data} is empty; pass a file with text in it")
@@ -130,11 +158,28 @@ def build_calibration(tokenizer, data: str | Path, nsamples: int, seqlen: int, s
     return ids, meta
 
 
-def write_calibration(path: Path, ids: Tensor, meta: dict) -> Path:
+def write_calibration(path: Path, ids: Tensor, meta: dict, overwrite: bool = True) -> Path:
+    """Save a token file (``check_calibration_out`` first)."""
     path = Path(path)
+    check_calibration_out(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, {"input_ids": ids.contiguous()}, metadata=meta)
     return path
+
+
+def check_calibration_out(path: Path, overwrite: bool) -> None:
+    """Without ``overwrite`` an existing ``path`` is an error; with it, only a token file (one
+    ``read_calibration`` reads) is ever replaced, never another file that happens to be named so."""
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise QuantMoeError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+        if path.is_symlink() or not path.is_file():
+            raise QuantMoeError(f"--out {path} is not a file; choose another --out")
+        try:
+            read_calibration(path)
+        except QuantMoeError:
+            raise QuantMoeError(f"--out {path} is not a calibration token file, so --overwrite leaves it alone "
+                                "(it replaces only files quantmoe calibrate wrote); choose another --out") from None
 
 
 def read_calibration(path: Path, tokenizer=None) -> tuple[Tensor, dict]:
@@ -162,6 +207,9 @@ def calibration_tokens(tokenizer, calib: str | Path, nsamples: int | None, seqle
                        default_seqlen: int = 2048) -> tuple[Tensor, dict]:
     """Token rows for quantize: text sampled into ``nsamples`` windows of ``seqlen`` tokens, or a
     token file's rows (the first ``nsamples`` x ``seqlen`` of them when those are given)."""
+    for option, value in (("--nsamples", nsamples), ("--seqlen", seqlen)):
+        if value is not None:
+            check_count(option, value)
     if str(calib).endswith(".safetensors"):
         if not Path(calib).is_file():
             raise QuantMoeError(f"calibration file {calib} does not exist; make it with quantmoe calibrate")

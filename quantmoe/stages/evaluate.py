@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from ..base.errors import QuantMoeError
 from ..base.files import save_safetensors
 from ..base.measure import stage
-from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen
+from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen, published_name
 from ..formats import READERS
 from ..model.checkpoint import Checkpoint
 from ..model.stream import LayerStream, default_batch_size, pick_device
-from .calibrate import read_documents, token_stream, tokenizer_fingerprint
+from .calibrate import check_count, read_documents, token_stream, tokenizer_fingerprint
 from .export import checkpoint_stats
 
 
@@ -47,6 +47,7 @@ class Protocol:
 
 def eval_windows(tokenizer, data: str | Path, seqlen: int) -> tuple[Tensor, dict]:
     """Token windows (N, seqlen) of the eval text, and what they were made from."""
+    check_count("--seqlen", seqlen, least=2)
     docs = read_documents(data)
     stream = token_stream(tokenizer, docs)
     n = stream.numel() // seqlen
@@ -103,6 +104,8 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
     each window's mean KL(reference || this model) over its predicted positions, and
     ``top1_agreement``, the share of positions where both put the same token first."""
     t0 = time.perf_counter()
+    if batch_size:  # 0 or None: the default
+        check_count("--batch-size", batch_size)
     dev = pick_device(device)
     stream = LayerStream(Checkpoint(model), dev)
     batch_size = batch_size or default_batch_size(stream.config, windows.shape[1])
@@ -185,12 +188,14 @@ def kl_summary(result: dict) -> dict:
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
              seqlen: int | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
-             backend: str | None = None) -> dict:
+             backend: str | None = None, record_paths: bool = False) -> dict:
     """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
 
     The checkpoint's backend is read from its config.json; ``backend`` (a name from
     ``quantmoe.backends``) makes it an error for ``model`` to be anything else.
-    Returns the report dict (see report.render_markdown for its Markdown form).
+    Returns the report dict (see report.render_markdown for its Markdown form). The report names
+    the models and the data by Hub id or folder/file name (``published_name``: reports get
+    published), or by their local paths with ``record_paths``.
     """
 
 
@@ -220,11 +225,12 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
         reference = results[label].pop("reference", None)
     del reference
     per_window = {label: r.pop("window_nll") for label, r in results.items()}
+    shown = str if record_paths else published_name
     report = {
-        "model": str(model),
-        "baseline": str(baseline) if baseline is not None else None,
-        "protocol": Protocol(data=str(data), seqlen=seqlen).to_dict(),
-        "data": meta,
+        "model": shown(model),
+        "baseline": shown(baseline) if baseline is not None else None,
+        "protocol": Protocol(data=shown(data), seqlen=seqlen).to_dict(),
+        "data": {**meta, "path": shown(meta["path"])},
         "device": results[runs[-1][0]]["device"],
         "results": results,
         "stages": stages,

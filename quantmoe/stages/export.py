@@ -14,20 +14,24 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from ..base.files import atomic_write_json, save_safetensors
+from ..base.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    save_safetensors,
+)
 from ..base.options import QuantConfig
 from ..formats.gptq_v1 import quantization_config
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import INDEX_NAME, Checkpoint
+from .resume import read_layer
 
 QUANTIZE_CONFIG = "quantize_config.json"
 
@@ -132,8 +136,7 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         writer.add(name, tensor)
     for i, file in enumerate(layer_files):
         prefix = ckpt.layer_prefix(i)
-        with safe_open(str(file), framework="pt") as f:
-            packed = {name: f.get_tensor(name) for name in f.keys()}
+        packed = read_layer(file)
         quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
         # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
         plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
@@ -166,7 +169,26 @@ def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:
     config["quantization_config"] = qconfig
     atomic_write_json(staging / "config.json", config)
     for file in ckpt.tokenizer_files():
-        shutil.copyfile(file, staging / file.name)
+        copy_side_file(file, staging / file.name)
+
+
+def copy_side_file(source: Path, target: Path) -> None:
+    """Copy a side file (``Checkpoint.tokenizer_files``: regular, inside the model folder) into an export;
+    a JSON one is parsed and written anew, so only JSON reaches the export (a file that is not is an error)."""
+    if source.suffix != ".json":
+        atomic_write_bytes(target, source.read_bytes())
+        return
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise QuantMoeError(f"{source} is not valid JSON ({exc}); restore it or re-download the checkpoint") from None
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (valid escaped JSON, not UTF-8): keep it escaped
+            text = json.dumps(data, indent=2) + "\n"
+    atomic_write_text(target, text)
 
 
 def derivable(ckpt: Checkpoint, name: str) -> bool:

@@ -28,13 +28,20 @@ from ..base.errors import QuantMoeError
 from ..base.files import (
     atomic_write_json,
     atomic_write_text,
+    check_replaceable,
     replace_dir,
     versions,
     write_manifest,
 )
 from ..base.measure import PeakRSS, release_freed_memory, stage, steady_host_memory
 from ..base.options import BLOCK_KERNELS, QuantConfig
-from ..base.paths import CALIB_DATA, DEFAULT_MODEL, EVAL_DATA, default_seqlen
+from ..base.paths import (
+    CALIB_DATA,
+    DEFAULT_MODEL,
+    EVAL_DATA,
+    default_seqlen,
+    published_name,
+)
 from ..base.version import __version__
 from ..gptq.core import quantize_block
 from ..gptq.cuda_graphs import GraphedBlocks
@@ -44,7 +51,13 @@ from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks, control_group, finish, join
 from ..model.stream import Batch, LayerStream, default_batch_size, pick_device
-from .calibrate import calibration_tokens, read_documents, write_calibration
+from .calibrate import (
+    calibration_tokens,
+    check_count,
+    check_seed,
+    read_documents,
+    write_calibration,
+)
 from .evaluate import evaluate
 from .export import export_gptq, parse_size
 from .layer import LayerQuantizer
@@ -53,6 +66,7 @@ from .resume import (
     fingerprint,
     fingerprint_parts,
     layer_file,
+    lock_work,
     open_work_together,
     read_layer_log,
     replay_layer,
@@ -77,11 +91,13 @@ def check_out(out: Path, model: Path, overwrite: bool) -> Path:
     if out in model.parents:
         raise QuantMoeError(f"the model folder {model} is inside --out {out}, which the export replaces; "
                             "choose an --out outside the model folder")
-    if out.exists() and not overwrite:
-        raise QuantMoeError(f"{out} already exists; pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise QuantMoeError(f"--out {out} is a file; choose a folder path")
+    check_replaceable(out, overwrite)  # now, before any work; and again when the export replaces it
     return out
+
+
+def published_calibration(meta: dict) -> dict:
+    """Calibration metadata as published files record it: its source and tokenizer by name, not local path."""
+    return {**meta, **{k: published_name(meta[k]) for k in ("source", "tokenizer") if meta.get(k)}}
 
 
 def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> list[str]:
@@ -148,7 +164,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
              seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
              run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int | None = None,
              quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
-             block_kernel: str = "auto", gpu_memory: str | int | None = None, ranks: Ranks | None = None) -> dict:
+             block_kernel: str = "auto", gpu_memory: str | int | None = None, ranks: Ranks | None = None,
+             record_paths: bool = False) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
@@ -164,17 +181,24 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     ``block_kernel``: how GPTQ's column loop runs, one of BLOCK_KERNELS
     (see block_function; every choice gives the same bits). ``ranks``: this process's place
     under torchrun (default: read from torchrun's environment variables; a single process
-    without them).
+    without them). ``record_paths``: the published files (card, manifest, logs, eval report) name
+    the model, data and output by their local paths, for private use; by default by Hub id or
+    folder/file name (``published_name``).
     """
 
     ranks = ranks if ranks is not None else Ranks.from_env(os.environ)
     steady_host_memory()
     quiet = quiet or not ranks.writes
+    check_seed(seed)
+    if batch_size:  # 0 or None: the default
+        check_count("--batch-size", batch_size)
     torch.manual_seed(seed)
     # Every input is checked, cheapest first, before the work folder (a resumable run) is touched.
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
     arch = architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
+    ckpt.check_layers()
     out = check_out(Path(out) if out is not None else default_out(ckpt.path, qcfg), ckpt.path, overwrite)
+    shown = str if record_paths else published_name  # how published files name a path
     shard_bytes = parse_size(max_shard_size)
     if qcfg.layout == "gptqmodel" and not arch.gptqmodel:
         raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel names its "
@@ -187,6 +211,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     with stage(stages, "calibrate"):
         ids, calib_meta = calibration_tokens(tokenizer, calib if calib is not None else CALIB_DATA,
                                              nsamples, seqlen, seed, default_seqlen(ckpt.config))
+    calib_meta = calib_meta if record_paths else published_calibration(calib_meta)
     if run_eval:
         read_documents(eval_data if eval_data is not None else EVAL_DATA)  # fail now, not after hours of work
     dev = join(ranks, pick_device(device))  # a no-op for a single process
@@ -200,6 +225,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     parts = fingerprint_parts(ckpt, ids, qcfg, seed, dev, batch_size, tf32)
     fp = fingerprint(parts)
     work = work_dir(out)
+    lock = lock_work(work) if ranks.writes else None  # held until the export is in place
     done = open_work_together(work, parts, n, resume, ranks, control)
     if ranks.writes:
         write_calibration(work / "calib.safetensors", ids, calib_meta)
@@ -284,25 +310,25 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
                    "device": str(dev), "max_shard_size": shard_bytes, "tf32": tf32, "processes": ranks.world,
                    "batch_size": batch_size}
         atomic_write_json(staging / "quantization_log.json", {
-            "base_model": str(ckpt.path), "options": options, "calibration": calib_meta, "notes": notes,
+            "base_model": shown(ckpt.path), "options": options, "calibration": calib_meta, "notes": notes,
             "fallbacks": fallbacks, "layers": layers_log})
 
         report = None
         if run_eval:
             report = evaluate(staging, baseline=ckpt.path, data=eval_data, device=device, batch_size=batch_size,
-                              quiet=quiet)
-            report["model"] = str(out)
+                              quiet=quiet, record_paths=record_paths)
+            report["model"] = shown(out)
             report["fallbacks"] = fallbacks
             report["stages"] = {**stages, **report["stages"]}
             atomic_write_json(staging / "eval_report.json", report)
             atomic_write_text(staging / "eval_report.md", render_markdown(report))
-        info = {"name": out.name, "base_model": str(ckpt.path), "model_type": stream.config.model_type,
+        info = {"name": out.name, "base_model": shown(ckpt.path), "model_type": stream.config.model_type,
                 "version": __version__,
                 "quantization_config": json.loads((staging / "config.json").read_text())["quantization_config"],
                 "options": options, "fallback_count": len(fallbacks),
                 "calibration": f"{ids.shape[0]} x {ids.shape[1]} tokens from `{calib_meta.get('source')}` (seed {seed})"}
         atomic_write_text(staging / "README.md", model_card(report, info))
-        write_manifest(staging, {"options": options, "versions": versions(), "base_model": str(ckpt.path),
+        write_manifest(staging, {"options": options, "versions": versions(), "base_model": shown(ckpt.path),
                                  "inputs": parts, "fingerprint": fp, "calibration": calib_meta, "stages": stages})
         replace_dir(staging, out, overwrite)
     except BaseException:
@@ -312,6 +338,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         finish(ranks, control, ok=False)
         raise
     shutil.rmtree(work, ignore_errors=True)
+    lock.release()
     finish(ranks, control)
     return {"out": str(out), "report": report, "stages": stages, "fallbacks": fallbacks, "notes": notes, "rank": 0}
 

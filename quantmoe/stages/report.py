@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from ..base.errors import QuantMoeError
+from ..base.files import atomic_write_json, atomic_write_text
+from ..base.paths import published_name
 
 
 def ranges(values) -> str:
@@ -84,8 +89,47 @@ def stages_table(stages: dict) -> str:
     return "\n".join(rows)
 
 
+MARKDOWN_TITLE = "# quantmoe eval report"
+
+
+def check_report_out(path: Path, overwrite: bool) -> None:
+    """Raise unless the eval report ``path`` (.json) and its Markdown beside it (.md) may be written: they
+    do not exist, or ``overwrite`` is set and each is a quantmoe eval report; nothing else is replaced."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise QuantMoeError(f"--report {path} must name a .json file (the Markdown report goes beside it as .md)")
+    for target in (path, path.with_suffix(".md")):
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if not overwrite:
+            raise QuantMoeError(f"{target} already exists; pass --overwrite to replace it, or choose another --report")
+        if not _is_eval_report(target):
+            raise QuantMoeError(f"{target} is not a quantmoe eval report, so --overwrite leaves it alone (it "
+                                "replaces only reports quantmoe wrote); choose another --report")
+
+
+def _is_eval_report(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".md":
+            return text.startswith(MARKDOWN_TITLE)
+        report = json.loads(text)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and all(k in report for k in ("protocol", "data", "results"))
+
+
+def write_report(report: dict, path: Path, overwrite: bool) -> None:
+    """The eval report as ``path`` (JSON) and Markdown beside it (``check_report_out`` first)."""
+    check_report_out(path, overwrite)
+    atomic_write_json(path, report)
+    atomic_write_text(Path(path).with_suffix(".md"), render_markdown(report))
+
+
 def render_markdown(report: dict) -> str:
-    parts = [f"# quantmoe eval report: {report.get('model', '')}", "", gap_table(report), "",
+    parts = [f"{MARKDOWN_TITLE}: {report.get('model', '')}", "", gap_table(report), "",
              "**Protocol.** " + protocol_text(report), ""]
     if report.get("fallbacks"):
         parts += ["**Rare-expert fallbacks.**", ""] + [f"- `{f['module']}`: {f['fallback']}" for f in report["fallbacks"]] + [""]
@@ -112,13 +156,9 @@ CARD_SECTIONS = {
 }
 
 
-def base_model_name(path: str) -> str:
-    """The name a card shows for a base model: ``org/name`` for a Hub download (its cache folder
-    ``models--org--name/snapshots/<sha>``), otherwise the folder name (never a local path)."""
-    for part in Path(path).parts:
-        if part.startswith("models--"):
-            return part[len("models--"):].replace("--", "/", 1)
-    return Path(path).name
+# The name a card shows for a base model: ``org/name`` for a Hub download, otherwise the folder name
+# (never a local path).
+base_model_name = published_name
 
 
 def _in_layers(module: str, layers: list[int]) -> bool:

@@ -9,9 +9,13 @@ The work folder beside ``--out`` (``.<out>.quantmoe-work/``) holds::
     layers/layer-NNNNN.json          its log entry, with the fingerprint
     export/                          the staged output; rebuilt on every run
 
-A layer is reused only when both of its files are readable and carry the current
-fingerprint; reuse stops at the first layer that is not. Under torchrun rank 0 alone writes
-the folder and every process must start from the same layer (open_work_together). The activations entering the
+The folder is private to its owner (0700; one that belongs to someone else is refused) and
+locked for the whole run (``files.RunLock``, its ``.lock`` file), so no other user can plant a
+layer and no second run can write beside the first. A layer is reused only when both of its
+files are readable, owned by this user and carry the current fingerprint, and the tensors file
+still has the sha256 its log entry recorded (checked again when the layer is read for the
+export); reuse stops at the first layer that is not. Under torchrun rank 0 alone writes the
+folder and every process starts from the same layer (open_work_together). The activations entering the
 first unfinished layer are rebuilt by running the finished layers forward with the
 weights their files stand for. Those dequantized weights are bit-identical to the ones
 the uninterrupted run computed with (scales are fp16-exact, see gptq.py), so a resumed
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 from pathlib import Path
 
 import torch
@@ -30,8 +34,15 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..base.errors import note
-from ..base.files import atomic_write_json, save_safetensors
+from ..base.errors import QuantMoeError, note
+from ..base.files import (
+    RunLock,
+    atomic_write_json,
+    clear_dir,
+    private_dir,
+    save_safetensors,
+    sha256_file,
+)
 from ..base.options import QuantConfig
 from ..base.version import __version__
 from ..formats.gptq_v1 import dequantize_state
@@ -83,27 +94,32 @@ def layer_file(work: Path, index: int) -> Path:
     return work / "layers" / f"layer-{index:05d}.safetensors"
 
 
+def lock_work(work: Path) -> RunLock:
+    """``work`` as a private folder (created 0700; one of another user is refused), locked for this run."""
+    return RunLock(private_dir(work))
+
+
 def open_work(work: Path, parts: dict[str, str], num_layers: int, resume: bool = True) -> int:
-    """Make ``work`` ready for a run computed from ``parts``; return how many leading layers are finished.
+    """Make ``work`` (private and locked: ``lock_work``) ready for a run computed from ``parts``; return
+    how many leading layers are finished.
 
     A work folder made from other inputs is never reused: it is emptied, and the user is told why.
     """
     fp = fingerprint(parts)
-    if work.exists():
-        old = _read_json(work / FINGERPRINT)
-        has_layers = any((work / "layers").glob("layer-*.json"))
-        if not resume:
-            if has_layers:
-                note(f"--restart: discarding the finished layers in {work}")
-            shutil.rmtree(work)
-        elif old is None or old.get("fingerprint") != fp:
-            if has_layers:
-                old_parts = (old or {}).get("parts", {})
-                differs = [k for k in parts if old_parts.get(k) != parts[k]] or ["fingerprint"]
-                note(f"the work folder {work} was made from other inputs ({', '.join(differs)} differ); "
-                     "starting over (its finished layers are not reused)")
-            shutil.rmtree(work)
-    (work / "layers").mkdir(parents=True, exist_ok=True)
+    old = _read_json(work / FINGERPRINT)
+    has_layers = any((work / "layers").glob("layer-*.json"))
+    if not resume:
+        if has_layers:
+            note(f"--restart: discarding the finished layers in {work}")
+        clear_dir(work, keep=(RunLock.LOCK_NAME,))
+    elif not isinstance(old, dict) or old.get("fingerprint") != fp:
+        if has_layers:
+            old_parts = old.get("parts") if isinstance(old, dict) and isinstance(old.get("parts"), dict) else {}
+            differs = [k for k in parts if old_parts.get(k) != parts[k]] or ["fingerprint"]
+            note(f"the work folder {work} was made from other inputs ({', '.join(differs)} differ); "
+                 "starting over (its finished layers are not reused)")
+        clear_dir(work, keep=(RunLock.LOCK_NAME,))
+    (work / "layers").mkdir(mode=0o700, exist_ok=True)
     for stray in (work / "layers").glob(".*"):  # temp files of a write that was killed
         stray.unlink()
     atomic_write_json(work / FINGERPRINT, {"fingerprint": fp, "parts": parts})
@@ -146,12 +162,18 @@ def finished_layers(work: Path, fp: str, num_layers: int) -> int:
 
 
 def read_layer_log(work: Path, index: int, fp: str) -> dict | None:
-    """Layer ``index``'s log entry if both its files are readable and made with ``fp``, else None."""
+    """Layer ``index``'s log entry if both its files are readable, this user's and made with ``fp``, and
+    the tensors file has the sha256 the entry recorded; else None (the layer is computed again)."""
     file = layer_file(work, index)
     entry = _read_json(file.with_suffix(".json"))
-    if entry is None or entry.pop("fingerprint", None) != fp:
+    if not isinstance(entry, dict) or entry.pop("fingerprint", None) != fp:
         return None
+    recorded = entry.pop("sha256", None)
     try:
+        if not all(_own_file(p) for p in (file, file.with_suffix(".json"))) or sha256_file(file) != recorded:
+            note(f"{file} is not the file its run wrote (edited, replaced or not yours); computing layer "
+                 f"{index} again")
+            return None
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError):
@@ -159,12 +181,31 @@ def read_layer_log(work: Path, index: int, fp: str) -> dict | None:
     return entry if meta.get("fingerprint") == fp else None
 
 
+def read_layer(file: Path) -> dict[str, Tensor]:
+    """A finished layer's tensors (full names), after checking the file still has the sha256 its log
+    entry recorded: a layer edited since it was resumed from is never exported."""
+    entry = _read_json(file.with_suffix(".json"))
+    recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    if not _own_file(file) or sha256_file(file) != recorded:
+        raise QuantMoeError(f"{file} changed after it was written (its sha256 is not the one recorded); re-run "
+                            "the same command: that layer is computed again")
+    with safe_open(str(file), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
 def write_layer(work: Path, index: int, tensors: dict[str, Tensor], entry: dict, fp: str) -> Path:
-    """Persist a finished layer: tensors first, then the log entry that marks it finished."""
+    """Persist a finished layer: tensors first, then the log entry (with the tensors file's sha256)
+    that marks it finished."""
     file = layer_file(work, index)
     save_safetensors(file, tensors, metadata={"format": "pt", "fingerprint": fp})
-    atomic_write_json(file.with_suffix(".json"), {**entry, "fingerprint": fp})
+    atomic_write_json(file.with_suffix(".json"), {**entry, "fingerprint": fp, "sha256": sha256_file(file)})
     return file
+
+
+def _own_file(path: Path) -> bool:
+    """A regular file (not a link) of this user."""
+    info = path.lstat()
+    return path.is_file() and not path.is_symlink() and info.st_uid == os.getuid()
 
 
 @torch.no_grad()
@@ -173,8 +214,7 @@ def replay_layer(stream: LayerStream, index: int, file: Path, bits: int, batches
     """Outputs of finished layer ``index``, run with the weights its file stands for (the batches
     spread over the processes as in the run that wrote it)."""
     prefix = stream.ckpt.layer_prefix(index)
-    with safe_open(str(file), framework="pt") as f:
-        packed = {name[len(prefix):]: f.get_tensor(name) for name in f.keys()}
+    packed = {name[len(prefix):]: t for name, t in read_layer(file).items()}
     state = stream.layer_state(index)
     state.update({n: t.to(stream.dtype) for n, t in dequantize_state(packed, bits).items()})
     layer = stream.load_layer(index, state)
