@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # The fast recipe every CLI test uses on the tiny models.
@@ -74,3 +76,23 @@ def content(folder: Path) -> dict:
     out["manifest.json files"] = {k: v for k, v in json.loads((Path(folder) / "manifest.json").read_text())["files"].items()
                                   if k != "quantization_log.json"}
     return out
+
+
+class Hang(Exception):
+    """An in-process command ran past its time limit (the CLI then reports it as an internal error, which
+    the tests refuse)."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise Hang in this (main) thread after ``seconds``: a hostile input must not hang a command."""
+    def expire(signum, frame):
+        raise Hang(f"ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz suite needs hypothesis: pip install -e '.[test]'")
 from click.testing import CliRunner  # noqa: E402
-from clirun import digest  # noqa: E402
+from clirun import digest, time_limit  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tiny import make_model, write_text  # noqa: E402
@@ -40,22 +39,6 @@ FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
 LIMIT = 60  # seconds one command may take before it counts as a hang
 
 
-class Hang(Exception):
-    """A command ran past LIMIT (the CLI then reports it as an internal error, which the tests refuse)."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def expire(signum, frame):
-        raise Hang(f"ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

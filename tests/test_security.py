@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from clirun import cli, digest, one_error_line
+from clirun import cli, digest, one_error_line, time_limit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import make_model, write_text
@@ -59,23 +57,6 @@ def rtn(w) -> list[str]:
             "--no-eval", "--quiet"]
 
 
-class Hang(Exception):
-    """Raised when a command runs past its time limit (the CLI then reports it as an internal error,
-    which the tests refuse)."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def expire(signum, frame):
-        raise Hang(f"ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def run(*args, limit: float = 120):

@@ -21,18 +21,8 @@ GPTQ export does, and the fused tensors are not kept. An FP8 release (``formats.
 one linear at a time, dequantized to BF16, its scales left out. Layers beyond
 ``num_hidden_layers`` (multi-token prediction) are not exported by these backends.
 
-On-disk format, per quantized linear ``P`` under its on-disk name, exactly what
-transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linear8bitLt``:
-
-- 4-bit: ``P.weight`` uint8 (ceil(out*in/2), 1) packed codes, ``P.weight.absmax``,
-  ``P.weight.quant_map``, with double quantization ``P.weight.nested_absmax`` and
-  ``P.weight.nested_quant_map``, and ``P.weight.quant_state.bitsandbytes__nf4|fp4`` (a
-  JSON blob: blocksize, dtype, shape);
-- 8-bit: ``P.weight`` int8 (out, in), ``P.SCB`` float32 (out,) row scales (absmax),
-  ``P.weight_format`` uint8.
-
-config.json carries a bitsandbytes ``quantization_config`` (``quant_method:
-"bitsandbytes"``, with routers and ``lm_head`` in ``llm_int8_skip_modules``).
+The on-disk format (what transformers' bitsandbytes serialization writes per linear, and the
+``quantization_config``) is described and read in ``quantmoe.formats.bnb``.
 
 What plain transformers (5.23) does with it: attention, shared-expert and dense-MLP
 linears are in its own format and would load as bitsandbytes modules, but the routed
