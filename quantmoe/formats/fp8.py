@@ -389,6 +389,13 @@ class _Fp8Source:
         return Fp8Weight(codes, s, self.block(ckpt.quantization, tuple(codes.shape), tuple(s.shape)), weight)
 
 
+def _description(method: str, name: str, block, label: str, without_blocks: str) -> dict:
+    """A reader's ``describe``: an 8-bit float source, with its scale layout in the label."""
+    layout = f"{block[0]}x{block[1]} blocks" if block else without_blocks
+    return {"method": method, "backend": name, "bits": 8, "group_size": None, "sym": True,
+            "block_size": list(block) if block else None, "label": f"{label}, {layout}"}
+
+
 class Fp8Reader(_Fp8Source):
     """DeepSeek-style FP8 releases (``quant_method: fp8``): one block size for every linear."""
 
@@ -398,10 +405,8 @@ class Fp8Reader(_Fp8Source):
         return is_fp8_config(quantization)
 
     def describe(self, quantization: dict) -> dict:
-        block = block_size(quantization)
-        layout = f"{block[0]}x{block[1]} blocks" if block else "per-tensor or per-channel scales"
-        return {"method": "fp8", "backend": self.name, "bits": 8, "group_size": None, "sym": True,
-                "block_size": list(block) if block else None, "label": f"fp8 {quantization.get('fmt', 'e4m3')}, {layout}"}
+        return _description("fp8", self.name, block_size(quantization), f"fp8 {quantization.get('fmt', 'e4m3')}",
+                            "per-tensor or per-channel scales")
 
     def block(self, quantization, weight_shape, scale_shape):
         return block_size(quantization)
@@ -417,10 +422,8 @@ class CompressedFp8Reader(_Fp8Source):
         return is_compressed_fp8_config(quantization)
 
     def describe(self, quantization: dict) -> dict:
-        block = compressed_fp8_block(quantization)
-        layout = f"{block[0]}x{block[1]} blocks" if block else "per-channel scales"
-        return {"method": "compressed-tensors", "backend": self.name, "bits": 8, "group_size": None, "sym": True,
-                "block_size": list(block) if block else None, "label": f"compressed-tensors fp8, {layout}"}
+        return _description("compressed-tensors", self.name, compressed_fp8_block(quantization),
+                            "compressed-tensors fp8", "per-channel scales")
 
     def block(self, quantization, weight_shape, scale_shape):
         rows = weight_shape[0] if weight_shape else None
