@@ -39,7 +39,7 @@ from ..base.errors import QuantMoeError
 from ..base.files import check_manifest, check_tree, read_manifest
 from ..formats.gptq_v1 import GPTQ_SUFFIXES, check_linear, dequantize_linear, quantized_modules, settings
 from ..model.architectures import architecture_for, plan_layer
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint, NonFinite
 from ..model.stream import model_config, skeleton
 from .export import QUANTIZE_CONFIG, read_json
 
@@ -205,6 +205,9 @@ def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> 
             continue
         try:
             weight = ckpt.format.dequantize(ckpt, linear)
+        except NonFinite:
+            problems.append(f"{module} holds NaN or Inf once dequantized")
+            continue
         except (QuantMoeError, RuntimeError, ValueError) as exc:
             problems.append(f"{module} cannot be dequantized: {exc}")
             continue
@@ -233,8 +236,10 @@ def _check_finite(ckpt: Checkpoint, names: set[str], problems: list[str]) -> Non
     for name in sorted(names):
         try:
             ckpt.tensor(name)  # reading checks it (Checkpoint.tensor: check_finite)
+        except NonFinite:
+            problems.append(f"{name} holds NaN or Inf")
         except QuantMoeError as exc:
-            problems.append(f"{name} holds NaN or Inf" if "holds NaN or Inf" in str(exc) else str(exc))
+            problems.append(str(exc))
 
 
 def _check_index(ckpt: Checkpoint, report: VerifyReport) -> set[str] | None:
@@ -271,8 +276,11 @@ def _read_parts(ckpt: Checkpoint, module: str, present: set[str], problems: list
     for s in GPTQ_SUFFIXES:
         try:
             parts[s] = ckpt.tensor(f"{module}.{s}")
+        except NonFinite:
+            problems.append(f"{module}.{s} holds NaN or Inf")
+            return None
         except QuantMoeError as exc:
-            problems.append(f"{module}.{s} holds NaN or Inf" if "holds NaN or Inf" in str(exc) else str(exc))
+            problems.append(str(exc))
             return None
     return parts
 
