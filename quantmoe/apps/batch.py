@@ -317,9 +317,10 @@ def _option_mismatch(job: Job, out: Path) -> str | None:
             return f"{key} {recorded[key]!r}, but the jobs file asks for {value!r}"
     base = manifest.get("base_model")
     if isinstance(base, str) and base and Path(job.model).is_dir():
-        # Manifests name the model by folder name or Hub id (published_name), or by path (--record-paths).
+        # Manifests name the model as quantize saw it (links resolved) by folder name or Hub id
+        # (published_name), or by its path (--record-paths).
         same = Path(job.model).resolve() == Path(base).resolve() if Path(base).is_absolute() \
-            else published_name(job.model) == base
+            else published_name(Path(job.model).resolve()) == base
         if not same:
             return f"model {base}, but the jobs file asks for {job.model}"
     return None

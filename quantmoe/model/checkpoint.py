@@ -322,6 +322,14 @@ class Checkpoint:
         return [self.inside(n) for n in SIDE_FILES if (self.path / n).is_file() or (self.path / n).is_symlink()]
 
 
+class NonFinite(QuantMoeError):
+    """A tensor holds NaN or Inf (``tensor``: its name)."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+
+
 def check_finite(name: str, t: Tensor, folder: Path) -> None:
     """Raise naming ``name`` when the floating-point tensor ``t`` holds NaN or Inf. One reduction per
     tensor: a NaN or Inf makes the sum non-finite; only then is it confirmed element-wise (a sum of
@@ -330,5 +338,5 @@ def check_finite(name: str, t: Tensor, folder: Path) -> None:
         return
     if bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
         return
-    raise QuantMoeError(f"tensor {name} of {folder} holds NaN or Inf; the checkpoint is damaged: "
-                        "re-download it or repair that tensor")
+    raise NonFinite(f"tensor {name} of {folder} holds NaN or Inf; the checkpoint is damaged: "
+                    "re-download it or repair that tensor", name)

@@ -45,7 +45,7 @@ from ..formats.gptq_v1 import (
     settings,
 )
 from ..model.architectures import architecture_for, plan_layer
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint, NonFinite
 from ..model.stream import model_config, skeleton
 from .export import QUANTIZE_CONFIG, read_json
 
@@ -211,6 +211,9 @@ def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> 
             continue
         try:
             weight = ckpt.format.dequantize(ckpt, linear)
+        except NonFinite:
+            problems.append(f"{module} holds NaN or Inf once dequantized")
+            continue
         except (QuantMoeError, RuntimeError, ValueError) as exc:
             problems.append(f"{module} cannot be dequantized: {exc}")
             continue
@@ -239,8 +242,10 @@ def _check_finite(ckpt: Checkpoint, names: set[str], problems: list[str]) -> Non
     for name in sorted(names):
         try:
             ckpt.tensor(name)  # reading checks it (Checkpoint.tensor: check_finite)
+        except NonFinite:
+            problems.append(f"{name} holds NaN or Inf")
         except QuantMoeError as exc:
-            problems.append(f"{name} holds NaN or Inf" if "holds NaN or Inf" in str(exc) else str(exc))
+            problems.append(str(exc))
 
 
 def _check_index(ckpt: Checkpoint, report: VerifyReport) -> set[str] | None:
@@ -277,8 +282,11 @@ def _read_parts(ckpt: Checkpoint, module: str, present: set[str], problems: list
     for s in GPTQ_SUFFIXES:
         try:
             parts[s] = ckpt.tensor(f"{module}.{s}")
+        except NonFinite:
+            problems.append(f"{module}.{s} holds NaN or Inf")
+            return None
         except QuantMoeError as exc:
-            problems.append(f"{module}.{s} holds NaN or Inf" if "holds NaN or Inf" in str(exc) else str(exc))
+            problems.append(str(exc))
             return None
     return parts
 
