@@ -304,8 +304,12 @@ def test_recipe_options_export_exactly_what_the_layer_runs_with(tiny_model, text
     lq.attention()
     lq.mlps()
     memory = {k: v.clone() for k, v in lq.layer.state_dict().items()}
-    if lq.original_experts is not None:  # kept in the checkpoint's dtype (fp16 here), not as an fp32 copy
-        assert all(t.dtype == torch.float16 for t in lq.original_experts)
+    if lq.plan.experts is not None:  # StoredExperts: originals kept as stored (fp16 here), the quantized weights as levels
+        store = lq.layer.get_submodule(lq.plan.fused.module)
+        assert store.gate_up.dtype == store.down.dtype == torch.float16 and store.use_quantized
+        fused = f"{lq.plan.fused.module}.{{}}"
+        memory[fused.format(lq.plan.fused.gate_up)] = torch.stack([store.weights(e, True)[0] for e in range(store.num_experts)])
+        memory[fused.format(lq.plan.fused.down)] = torch.stack([store.weights(e, True)[1] for e in range(store.num_experts)])
     prefix = f"model.layers.{index}."
     weights = {}
     for name in {n.rsplit(".", 1)[0] for n in lq.result.tensors}:

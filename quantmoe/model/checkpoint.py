@@ -226,6 +226,11 @@ class Checkpoint:
         0..n-1, each with at least one tensor), before anything is built for that many layers."""
         n = self.config.num_hidden_layers
         present = {int(m.group(1)) for name in self.weight_map if (m := LAYER_NAME.match(name))}
+        # Multi-token-prediction layers follow the decoder layers (DeepSeek-V3's 61, GLM-4.5's 92): as many as
+        # the config declares (num_nextn_predict_layers), carried through by the export (extra_layers).
+        mtp = getattr(self.config, "num_nextn_predict_layers", 0)
+        mtp = mtp if isinstance(mtp, int) and 0 <= mtp <= 16 else 0
+        present -= set(range(n, n + mtp))
         if present != set(range(n)):
             held = f"{len(present)} decoder layers (indices {min(present)} to {max(present)})" if present else \
                 "no decoder layers"
