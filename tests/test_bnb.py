@@ -180,6 +180,7 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     arch = ARCHITECTURES[model_type]
     stream = LayerStream(source, torch.device("cpu"))  # only for to_memory (on-disk -> fused layout)
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    reference.config._experts_implementation = "eager"  # what quantmoe runs experts with (stream.model_config)
     windows, _ = eval_windows(source.tokenizer(), text_file, 64)
     windows = windows[:4]
     with torch.no_grad():

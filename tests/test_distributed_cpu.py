@@ -266,11 +266,12 @@ def _resume_worker(rank: int, world: int, port: int, base: str) -> None:
 
 
 def test_every_process_resumes_from_the_same_layer_and_learns_when_rank_0_failed(tmp_path):
-    from quantmoe.stages.resume import fingerprint, open_work, write_layer
+    from quantmoe.stages.resume import fingerprint, lock_work, open_work, write_layer
 
     parts = {"model": "m", "calibration": "c"}
     torch.save(parts, tmp_path / "parts.pt")
     work = tmp_path / "work"
+    lock_work(work).release()  # the private work folder a run makes (and locks) before opening it
     assert open_work(work, parts, 4) == 0
     for i in range(2):  # two finished layers, as a stopped run leaves them
         write_layer(work, i, {"w": torch.zeros(2)}, {"index": i}, fingerprint(parts))

@@ -253,7 +253,7 @@ _ATTENTION_MLA_NO_Q_LORA: Groups = (
 
 def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
               attention_if_none: tuple[tuple[str, Groups], ...] = (("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
-              unloaded: tuple[str, ...] = ()) -> Architecture:
+              unloaded: tuple[str, ...] = (), gptqmodel: bool = True) -> Architecture:
     """DeepSeek's MoE block (routed experts, shared experts, a sigmoid router with its
     e_score_correction_bias, dense first layers), which GLM-4.5 shares with other attention."""
     return Architecture(
@@ -268,6 +268,7 @@ def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
         dense_mlp=MLP("mlp"),
         num_experts_attr="n_routed_experts",
         sparse_rule="first_k_dense",
+        gptqmodel=gptqmodel,
         gptqmodel_dense_mlp=True,
         unloaded=unloaded,
         notes=notes,
@@ -336,7 +337,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         _deepseek("glm4_moe", "GLM-4.5/4.6: DeepSeek-V3's MoE block (sigmoid router with `e_score_correction_bias`, "
                               "shared expert, `first_k_dense_replace` dense layers) under grouped-query attention "
                               "with q/k/v biases, qk-norm and partial rotary",
-                  attention=_ATTENTION_QKVO, attention_if_none=()),
+                  attention=_ATTENTION_QKVO, attention_if_none=(),
+                  # GPTQModel 7.6's own glm4_moe model fails in its forward under transformers 5 (the
+                  # router returns a tuple where it expects logits), so no GPTQModel layout is offered.
+                  gptqmodel=False),
         Architecture(
             model_type="phimoe",
             attention=_ATTENTION_QKVO,
