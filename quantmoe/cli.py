@@ -207,7 +207,8 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
 
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
-    spread over the N processes (one GPU each, or CPU processes over gloo); rank 0 writes.
+    spread over the N processes (one GPU each, or CPU processes over gloo), on one node or
+    several (--nnodes; docs/distributed.md); rank 0 writes, and a stopped run resumes.
     """
     from .backends import Options, get
 
