@@ -201,8 +201,8 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     shown = str if record_paths else published_name  # how published files name a path
     shard_bytes = parse_size(max_shard_size)
     if qcfg.layout == "gptqmodel" and not arch.gptqmodel:
-        raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel names its "
-                            "experts differently); use --layout source (see docs/interop.md)")
+        raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel does not load "
+                            "this family's experts as quantmoe writes them); use --layout source (see docs/interop.md)")
     ckpt.open_shards()
     notes = check_shapes(ckpt, arch, qcfg)
     ckpt.quantized_linears  # an FP8 release's missing or misshapen scales fail here, from the headers alone
