@@ -10,7 +10,7 @@ import quantmoe
 from quantmoe.base.options import QuantConfig
 from quantmoe.model.architectures import architecture_for, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
-from quantmoe.stages.experts import ExpertCosts
+from quantmoe.stages.experts import ExpertCosts, expert_groups
 
 
 def costs_of(model) -> tuple[ExpertCosts, int]:
@@ -27,27 +27,34 @@ def costs_of(model) -> tuple[ExpertCosts, int]:
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_the_output_is_the_same_for_any_budget(tiny_model, text_file, tmp_path, model_type):
-    """Budgets that make groups of 1 expert, 2 experts and all experts give the same bytes (CPU: the
-    budget counts the levels kept for the forward passes and each group's statistics)."""
+    """Budgets that make groups of 1 expert, of 2 or 3, and of all experts give the same bytes (CPU: the
+    budget counts the levels kept for the forward passes and each group's rows and statistics)."""
     model = tiny_model(model_type)
     costs, E = costs_of(model)
     assert E >= 4
 
     def run(name, budget):
         out = tmp_path / name
-        summary = quantmoe.quantize(model, out, QuantConfig(group_size=32), calib=text_file, nsamples=8, seqlen=32,
-                                    run_eval=False, quiet=True, gpu_memory=budget)
-        groups = {e["index"]: e.get("expert_groups") for e in _log(out)}
-        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}, groups, summary
+        quantmoe.quantize(model, out, QuantConfig(group_size=32), calib=text_file, nsamples=8, seqlen=32,
+                          run_eval=False, quiet=True, gpu_memory=budget)
+        layers = [e for e in _log(out) if e.get("expert_groups") is not None]
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}, layers
 
-    reference, groups_all, _ = run("all", None)
-    for per in (1, 2):
-        budget = costs.levels(E) + per * costs.per_expert
-        got, groups, _ = run(f"groups-of-{per}", budget)
-        assert got == reference, f"groups of {per} experts changed the output"
-        moe = [g for g in groups.values() if g is not None]
-        assert moe and all(g == -(-E // per) for g in moe), groups  # the budget did make groups of `per`
-    assert all(g in (None, 1) for g in groups_all.values())
+    reference, layers = run("all", None)
+    assert layers and all(e["expert_groups"] == 1 for e in layers)
+    # Budgets from the routed tokens the unbudgeted run logged: room for the costliest expert alone (groups
+    # of 1: here one expert's statistics outweigh any difference in routed rows), for two of it (groups of
+    # 2 or 3), and for every expert (the groups are formed in order, as many experts as fit).
+    tokens = [e["expert_tokens"] for e in layers]
+    largest = max(costs.of(t) for ts in tokens for t in ts)
+    everything = max(sum(costs.of(t) for t in ts) for ts in tokens)
+    for room, fewest, most in ((largest, E, E), (2 * largest, -(-E // 3), E - 1), (everything, 1, 1)):
+        budget = costs.levels(E) + room
+        planned = [len(expert_groups(budget, costs.levels(E), costs, ts, 0)) for ts in tokens]
+        assert all(fewest <= n <= most for n in planned), (room, planned)
+        got, layers = run(f"room-{room}", budget)
+        assert got == reference, f"groups {planned} changed the output"
+        assert [e["expert_groups"] for e in layers] == planned  # the run made the groups the budget allows
 
 
 def _log(out):
@@ -60,7 +67,7 @@ def test_a_budget_too_small_for_one_expert_is_one_line_naming_the_smallest(tiny_
     model = tiny_model("mixtral")
     costs, E = costs_of(model)
     out = tmp_path / "out"
-    result = cli(*quantize_args(model, out, text_file, "--gpu-memory", str(costs.levels(E) + costs.per_expert - 1)))
+    result = cli(*quantize_args(model, out, text_file, "--gpu-memory", str(costs.levels(E) + costs.of(0) - 1)))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --gpu-memory") and "too small for one expert" in lines[0]

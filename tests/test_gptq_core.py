@@ -8,8 +8,12 @@ from quantmoe.gptq.core import (
     ORDERS,
     QuantSpec,
     accumulate_hessian,
+    accumulate_moment,
     dequantize,
+    dequantize_grouped,
+    finish_moment,
     gptq_quantize,
+    moment_sum,
     rtn_quantize,
 )
 
@@ -221,6 +225,42 @@ def test_weighted_hessian_counts_weighted_rows():
     H, n = accumulate_hessian(H, X[20:], n, w[20:])
     assert abs(n - float((w ** 2).sum())) < 1e-4
     assert torch.allclose(H, 2 * (X * w[:, None]).T @ (X * w[:, None]) / (w ** 2).sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_moment_summed_at_once_is_the_running_mean_up_to_rounding(weighted):
+    """moment_sum + finish_moment (the routed experts' statistics: all rows at once, no host sync) give
+    accumulate_moment's batch-by-batch 2/n mean and n; an expert with no rows keeps a zero moment."""
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(300, 16, generator=g), torch.randn(300, 8, generator=g)
+    w = torch.rand(300, generator=g) if weighted else None
+    P, n = torch.zeros(8, 16), 0
+    for start in range(0, 300, 70):
+        P, n = accumulate_moment(P, Y[start:start + 70], X[start:start + 70], n,
+                                 None if w is None else w[start:start + 70])
+    S = torch.zeros(8, 16)
+    m = moment_sum(S, Y[:150], X[:150], None if w is None else w[:150])
+    m = m + moment_sum(S, Y[150:], X[150:], None if w is None else w[150:])
+    finish_moment(S, m)
+    assert abs(float(m) - n) < 1e-3 and torch.allclose(S, P, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(S, torch.zeros_like(S))
+    empty = torch.zeros(8, 16)
+    finish_moment(empty, moment_sum(empty, Y[:0], X[:0], None if w is None else w[:0]))
+    assert torch.equal(empty, torch.zeros_like(empty))
+    zero_weights = torch.zeros(8, 16)
+    finish_moment(zero_weights, moment_sum(zero_weights, Y, X, torch.zeros(300)))
+    assert torch.isfinite(zero_weights).all() and not zero_weights.any()
+
+
+def test_grouped_dequantization_is_the_gathered_one_bit_for_bit():
+    """dequantize_grouped (GPTQ's own layout) gives exactly dequantize's values, one group or several."""
+    g = torch.Generator().manual_seed(2)
+    for groups in (1, 4):
+        q = torch.randint(0, 16, (3, 6, 32), generator=g, dtype=torch.uint8)
+        scales = torch.rand(3, 6, groups, generator=g).half()
+        zeros = torch.randint(0, 16, (3, 6, groups), generator=g, dtype=torch.uint8)
+        g_idx = (torch.arange(32) // (32 // groups)).int()
+        assert torch.equal(dequantize_grouped(q, scales, zeros), dequantize(q, scales, zeros, g_idx))
 
 
 def test_target_of_matching_inputs_changes_nothing_and_fits_shifted_ones():

@@ -104,6 +104,33 @@ def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: T
     return P, n_total
 
 
+def moment_sum(S: Tensor, Y: Tensor, X: Tensor, weights: Tensor | None = None) -> Tensor | int:
+    """Add sum_t w_t^2 y_t x_t^T over rows of Y (T, R) and X (T, C) to the running sum S (R, C), in fp32,
+    and return what the rows add to n (sum w^2 as a 0-dim tensor, or T): no host synchronisation.
+    ``finish_moment`` turns the sum into ``accumulate_moment``'s 2/n mean. Given all of a matrix's rows
+    at once (in a few large products, rather than a batch at a time), the same rows in the same chunks
+    give the same bits whatever else is computed beside them."""
+    T = X.shape[0]
+    if T == 0:
+        return 0
+    X = X.reshape(T, -1).float()
+    Y = X if Y is X else Y.reshape(T, -1).float()
+    if weights is None:
+        S.addmm_(Y.t(), X)
+        return T
+    w = weights.float().reshape(T, 1)
+    Xw = X * w
+    S.addmm_(Xw.t() if Y is X else (Y * w).t(), Xw)
+    return w.pow(2).sum()
+
+
+def finish_moment(S: Tensor, n: Tensor | float) -> Tensor:
+    """S (a ``moment_sum``) scaled to 2/n S in place; zero where n is 0."""
+    if isinstance(n, Tensor):
+        return S.mul_(torch.where(n > 0, 2.0 / n.clamp(min=torch.finfo(torch.float32).tiny), 0.0))
+    return S.mul_(2.0 / n if n else 0.0)
+
+
 def find_params(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Per-row min/max quantization grid for W (..., R, k): scales (fp16-exact) and zeros (..., R)."""
     return _grid(W.amin(dim=-1).clamp(max=0), W.amax(dim=-1).clamp(min=0), spec)
@@ -553,3 +580,13 @@ def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tenso
     """W = scale * (q - zero) for q (..., R, C) with per-group scales/zeros (..., R, G)."""
     g = g_idx.long()
     return scales.float()[..., g] * (q.float() - zeros.float()[..., g])
+
+
+def dequantize_grouped(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """``dequantize`` for GPTQ's own layout here, g_idx[c] = c // (C / G): the same values, each group's
+    scale broadcast over its columns instead of gathered for every weight."""
+    *lead, R, C = q.shape
+    G = scales.shape[-1]
+    grouped = q.float().view(*lead, R, G, C // G)
+    return (scales.float()[..., None] * (grouped - zeros.float()[..., None])).view(*lead, R, C)
+

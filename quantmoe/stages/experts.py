@@ -9,8 +9,10 @@ worked on a group at a time within a memory budget.
   tensors would hold, so the outputs are bit for bit those of the fused module.
 - ``routes`` sorts a batch's (token, expert) pairs by expert once, instead of comparing every
   expert with the router's choices: one host synchronisation per batch rather than one per expert.
-- ``ExpertCosts`` and ``group_size`` size the groups of experts whose Hessians, cross moments and
-  working copies are resident at once (``--gpu-memory``).
+- ``RoutedRows`` holds the rows routed to a group of experts, gathered once from every batch, so each
+  expert's statistics are a few large products over all its rows instead of one small one per batch.
+- ``ExpertCosts`` and ``expert_groups`` size the groups of experts whose Hessians, cross moments, routed
+  rows and working copies are resident at once (``--gpu-memory``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base.errors import QuantMoeError
-from ..gptq.core import QuantResult, dequantize
+from ..gptq.core import QuantResult, dequantize_grouped
 
 
 class Levels:
@@ -58,7 +60,7 @@ class Levels:
 
     def weight(self, b: int) -> Tensor:
         """Matrix b's fp32 weights, scale * (level - zero): what the dequantized export holds."""
-        return dequantize(self.levels(b), self.scales[b], self.zeros[b], self.g_idx)
+        return dequantize_grouped(self.levels(b), self.scales[b], self.zeros[b])
 
     def gathered(self, n: int, gather) -> Levels:
         """Every process's share -> all n matrices (``gather``: distributed.gather_experts)."""
@@ -104,19 +106,24 @@ class StoredExperts(nn.Module):
         return self.original("gate_up", e), self.original("down", e)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        """transformers' eager experts loop (MixtralExperts.forward and its copies), weights rebuilt per expert."""
+        """transformers' eager experts loop (MixtralExperts.forward and its copies), weights rebuilt per
+        expert: the same computations on the same rows in the same order, the (slot, token) pairs sorted
+        by expert once (one host synchronisation per batch instead of several per expert)."""
         final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-            expert_mask = expert_mask.permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        T = top_k_index.shape[0]
+        with torch.no_grad():  # slot-major, as torch.where over an expert's (slot, token) mask lists them
+            flat = top_k_index.t().reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts].tolist()
+        slots, tokens = order // T, order % T
         quantized = self.use_quantized and self.quantized is not None
-        for expert_idx in expert_hit:
-            expert_idx = expert_idx[0]
-            if expert_idx == self.num_experts:
+        start = 0
+        for expert_idx, n in enumerate(counts):
+            if not n:
                 continue
-            gate_up, down = self.weights(int(expert_idx), quantized)
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            top_k_pos, token_idx = slots[start:start + n], tokens[start:start + n]
+            start += n
+            gate_up, down = self.weights(expert_idx, quantized)
             current_state = hidden_states[token_idx]
             gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
             current_hidden_states = self.act_fn(gate) * up
@@ -146,42 +153,82 @@ def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> list[
     return out
 
 
+@dataclass
+class RoutedRows:
+    """The calibration rows routed to a group of experts, gathered from every batch into one buffer,
+    expert by expert (each expert's rows in batch order, its tokens ascending within a batch): expert k
+    of the group holds rows ``spans[k]``. ``x0``: the same tokens in the full-precision stream (None:
+    ``x`` itself); ``w``: the router's scores (None: unweighted)."""
+
+    x: Tensor
+    x0: Tensor | None
+    w: Tensor | None
+    spans: list[tuple[int, int]]
+
+    def of(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Expert k's rows, their full-precision counterparts and their weights."""
+        a, b = self.spans[k]
+        x = self.x[a:b]
+        return x, (x if self.x0 is None else self.x0[a:b]), (None if self.w is None else self.w[a:b])
+
+
 @dataclass(frozen=True)
 class ExpertCosts:
-    """Bytes one routed expert's statistics and working copies take while its group is solved.
+    """Bytes one routed expert's statistics, routed rows and working copies take while its group is solved.
 
     C: hidden size, I: expert width. Gate/up: the Hessian (C, C), under --fit stream the cross
     moment (C, C) too, a working copy of the (2I, C) weights and GPTQ's levels and errors beside it
     (about two more); down: the Hessian (I, I), the fit's moment (C, I), a working copy of (C, I)
-    and the same again, while the group's gate/up levels (one byte a weight) are kept.
+    and the same again, while the group's gate/up levels (one byte a weight) are kept. The rows routed
+    to the expert (``rows``) stay resident for both.
     """
 
     C: int
     I: int
     hessians: bool = True   # gptq (False: rtn, no statistics)
-    cross: bool = False     # --fit stream: the gate/up cross moment
+    cross: bool = False     # --fit stream: the gate/up cross moment, and the full-precision stream's rows
     fit_down: bool = False  # --fit mlp/stream: the down projection's output moment
 
     @property
     def per_expert(self) -> int:
+        """Bytes of one expert's statistics and working copies, its routed rows not counted."""
         C, I = self.C, self.I
         gate_up = (C * C * (1 + self.cross) if self.hessians else 0) + 3 * 2 * I * C
         down = (I * I if self.hessians else 0) + (C * I if self.fit_down else 0) + 3 * C * I
         return 4 * max(gate_up, down) + 2 * I * C
+
+    def rows(self, tokens: int) -> int:
+        """Bytes of ``tokens`` routed rows (fp32, with their full-precision twins under --fit stream, and weights)."""
+        return tokens * 4 * (self.C * (1 + self.cross) + 1) if self.hessians else 0
+
+    def of(self, tokens: int) -> int:
+        """Bytes of one expert routed ``tokens`` rows while its group is solved."""
+        return self.per_expert + self.rows(tokens)
 
     def levels(self, experts: int) -> int:
         """Bytes of the quantized levels of ``experts`` experts (gate/up and down), kept for the forward passes."""
         return 3 * self.I * self.C * experts
 
 
-def group_size(budget: int | None, in_use: int, costs: ExpertCosts, experts: int, layer: int) -> int:
-    """How many experts fit the ``budget`` (bytes; None: all) beside the ``in_use`` bytes already held."""
+def expert_groups(budget: int | None, in_use: int, costs: ExpertCosts, tokens: list[int], layer: int) -> list[range]:
+    """Consecutive groups of the experts 0..len(tokens)-1 (routed ``tokens`` rows each) whose costs fit the
+    ``budget`` (bytes; None: one group of all) beside the ``in_use`` bytes already held."""
+    if not tokens:
+        return []
     if budget is None:
-        return max(experts, 1)
+        return [range(len(tokens))]
     room = budget - in_use
-    if room < costs.per_expert:
-        need = (in_use + costs.per_expert) / 1e9
+    largest = max(costs.of(t) for t in tokens)
+    if room < largest:
+        need = (in_use + largest) / 1e9
         raise QuantMoeError(f"--gpu-memory {budget / 1e9:.1f}GB is too small for one expert of layer {layer}: the "
                             f"layer, its activations and one expert's statistics need about {need:.1f}GB; use "
                             f"--gpu-memory {need + 0.5:.0f}GB or more, --fit none, or more GPUs")
-    return max(1, min(experts, room // costs.per_expert))
+    groups, start, used = [], 0, 0
+    for k, t in enumerate(tokens):
+        if k > start and used + costs.of(t) > room:
+            groups.append(range(start, k))
+            start, used = k, 0
+        used += costs.of(t)
+    groups.append(range(start, len(tokens)))
+    return groups

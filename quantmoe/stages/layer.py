@@ -34,8 +34,10 @@ from ..gptq.core import (
     QuantSpec,
     accumulate_hessian,
     accumulate_moment,
-    dequantize,
+    dequantize_grouped,
+    finish_moment,
     gptq_quantize,
+    moment_sum,
     quantize_block,
     rtn_quantize,
     tf32_matmuls,
@@ -44,7 +46,14 @@ from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
 from ..model.distributed import SINGLE, Ranks, gather_experts
 from ..model.stream import Batch, LayerStream
-from .experts import ExpertCosts, Levels, StoredExperts, group_size, routes
+from .experts import (
+    ExpertCosts,
+    Levels,
+    RoutedRows,
+    StoredExperts,
+    expert_groups,
+    routes,
+)
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
 # Inputs of the MLP stage are captured once and reused by the passes after (routing, the groups of
@@ -259,7 +268,8 @@ class LayerQuantizer:
             for x, x0 in self._kept[module_path]:
                 with self._stage("capture"):
                     x_dev = x.to(self.stream.device, non_blocking=True)
-                    yield x_dev, (x_dev if x0 is x else x0.to(self.stream.device, non_blocking=True))
+                    x0_dev = x_dev if x0 is x else x0.to(self.stream.device, non_blocking=True)
+                yield x_dev, x0_dev  # the caller's work is timed as its own stage, not as capture
             return
         kept, size, on_host = ([] if keep else None), 0, False
         originals = None if self.original is None else self._inputs(module_path, original=True)
@@ -397,11 +407,13 @@ class LayerQuantizer:
             return res
 
     def experts(self) -> None:
-        """All routed experts of the layer (this process's share of them), a group at a time: each
-        group's gate/up Hessians are built in one pass over the tokens and solved, then its down
-        Hessians in a second pass, and solved; only one group's statistics are resident at once
-        (``expert_group``: as many experts as ``gpu_memory`` leaves room for; all of them without a
-        budget). Every expert's result is the same whatever the grouping."""
+        """All routed experts of the layer (this process's share of them), a group at a time: one pass over
+        the tokens routes every batch (and counts each expert's tokens); then per group, one pass gathers
+        the rows routed to its experts (``RoutedRows``), from which their gate/up statistics are built, a
+        few large products per expert, and solved, then their down statistics from the same rows, and
+        solved. Only one group's rows and statistics are resident at once (``expert_groups``: as many
+        experts as ``gpu_memory`` leaves room for; all of them without a budget). Every expert's result is
+        the same whatever the grouping."""
         store: StoredExperts = self.layer.get_submodule(self.plan.fused.module)
         E, I, C = store.shape
         own = self.ranks.share(E)
@@ -410,25 +422,29 @@ class LayerQuantizer:
         gate_up = Levels(len(own), 2 * I, C, spec.groups(C), spec.bits, dev)
         down = Levels(len(own), C, I, spec.groups(I), spec.bits, dev)
         t0 = time.perf_counter()
-        counts, H_all = None, None
-        groups = self._expert_groups(store, own)
+        routed, counts, H_all, tokens = self._routing()
+        rows = [tokens if self.qcfg.expert_hessian == "all" else counts[e] for e in own]
+        groups = self._expert_groups(store, rows)
         self.result.expert_groups = len(groups)
         for group in groups:
-            if counts is None:  # the first pass also counts every expert's tokens and builds the all-token Hessian
-                counts, H_all = self._token_counts(own)
-            res_gu, res_d = self._solve_expert_group(store, own, group, counts, H_all)
+            experts = [own[j] for j in group]
+            gathered = self._routed_rows(routed, experts, [rows[j] for j in group]) \
+                if self.qcfg.backend != "rtn" else None
+            res_gu, res_d = self._solve_expert_group(store, experts, gathered, counts, H_all)
+            del gathered
             gate_up.put(group.start, res_gu)
             down.put(group.start, res_d)
             del res_gu, res_d
-        del H_all
+        del H_all, routed
         self.result.expert_tokens = counts
         with self._stage("solve"):
             gather = partial(gather_experts, ranks=self.ranks)
             store.quantized, store.use_quantized = (gate_up.gathered(E, gather), down.gathered(E, gather)), True
         self._store_experts(store, counts, time.perf_counter() - t0)
 
-    def _expert_groups(self, store: StoredExperts, own: range) -> list[range]:
-        """Consecutive positions of ``own`` making the groups, sized to ``self.gpu_memory``."""
+    def _expert_groups(self, store: StoredExperts, rows: list[int]) -> list[range]:
+        """Consecutive positions of this process's experts (routed ``rows`` each) making the groups, sized to
+        ``self.gpu_memory``."""
         E, I, C = store.shape
         costs = ExpertCosts(C, I, hessians=self.qcfg.backend != "rtn", cross=self.fit_stream,
                             fit_down=self.fit_down)
@@ -436,36 +452,74 @@ class LayerQuantizer:
         if self.gpu_memory is not None:
             in_use = costs.levels(E) + (torch.cuda.memory_allocated(self.stream.device)
                                         if self.stream.device.type == "cuda" else 0)
-        per = group_size(self.gpu_memory, in_use, costs, len(own), self.index)
-        return [range(s, min(s + per, len(own))) for s in range(0, max(len(own), 1), per)]
+        return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
 
-    def _token_counts(self, own: range) -> tuple[list[int], Tensor | None]:
-        """Routed tokens of every expert, and (for --rare-expert blend/all-tokens) the Hessian of all
-        tokens entering the MoE block, in one pass."""
+    def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, int]:
+        """One pass over the tokens entering the MoE block: per batch, where the router sends them
+        (``route``); the routed tokens of every expert; (for --rare-expert blend/all-tokens) the Hessian
+        of all of them; and how many there are."""
         gptq = self.qcfg.backend != "rtn"
         blend = gptq and self.qcfg.rare_expert != "rtn"
         counts = [0] * self.plan.num_experts
         C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         H_all = torch.zeros(C, C, device=self.stream.device) if blend else None
-        n_all = 0
+        n_all, routed, tokens = 0, [], 0
         for x, _ in self._captured_pairs(self.arch.moe_module, keep=True):
             with self._stage("hessians"):
-                counts = [c + int(t.numel()) for c, (t, _) in zip(counts, self.route(x))]
+                routed.append(self.route(x))
+                counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routed[-1])]
+                tokens += x.shape[0]
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
-        return counts, H_all
+        return routed, counts, H_all, tokens
 
-    def _solve_expert_group(self, store: StoredExperts, own: range, group: range, counts: list[int],
-                            H_all: Tensor | None) -> tuple[QuantResult, QuantResult]:
-        """Gate/up, then down, of the experts at positions ``group`` of ``own``; their levels (no W)."""
+    def _routed_rows(self, routed: list[list[tuple[Tensor, Tensor]]], experts: list[int], rows: list[int]
+                     ) -> RoutedRows:
+        """One pass over the tokens: the rows each of ``experts`` is sent (``routed``, from ``_routing``;
+        ``rows`` of them each), gathered into one buffer with one copy per batch (``RoutedRows``)."""
+        dev = self.stream.device
+        C = self.layer.get_submodule(self.plan.fused.module).shape[2]
+        starts = [0]
+        for r in rows:
+            starts.append(starts[-1] + r)
+        X = torch.empty(starts[-1], C, device=dev)
+        X0 = torch.empty_like(X) if self.fit_stream else None
+        weighted = self.qcfg.expert_hessian == "weighted"
+        w = torch.empty(starts[-1], device=dev) if weighted else None
+        filled = list(starts[:-1])
+        for b, (x, x0) in enumerate(self._captured_pairs(self.arch.moe_module, keep=True)):
+            with self._stage("hessians"):
+                picks = [self._expert_tokens(routed[b][e], x.shape[0]) for e in experts]
+                sizes = [len(t) for t, _ in picks]
+                if not sum(sizes):
+                    continue
+                src = torch.cat([t for t, _ in picks])
+                dest = _spans(filled, sizes, dev)
+                X.index_copy_(0, dest, x.index_select(0, src))
+                if X0 is not None:
+                    X0.index_copy_(0, dest, x0.index_select(0, src))
+                if w is not None:
+                    w.index_copy_(0, dest, torch.cat([s for _, s in picks]).float())
+                filled = [f + n for f, n in zip(filled, sizes)]
+        return RoutedRows(X, X0, w, list(zip(starts[:-1], starts[1:])))
+
+    def _expert_tokens(self, route: tuple[Tensor, Tensor], tokens: int) -> tuple[Tensor, Tensor]:
+        """The tokens of a batch (of ``tokens``) that make an expert's statistics, and their router scores
+        (see --expert-hessian: ``all`` takes every token)."""
+        if self.qcfg.expert_hessian == "all":
+            return torch.arange(tokens, device=self.stream.device), route[1].new_ones(tokens)
+        return route
+
+    def _solve_expert_group(self, store: StoredExperts, experts: list[int], rows: RoutedRows | None,
+                            counts: list[int], H_all: Tensor | None) -> tuple[QuantResult, QuantResult]:
+        """Gate/up, then down, of ``experts`` from the ``rows`` routed to them; their levels (no W)."""
         qcfg = self.qcfg
         _, I, C = store.shape
-        experts = [own[j] for j in group]
         threshold = self.rare_threshold(C, I)
         rare = [k for k, e in enumerate(experts) if counts[e] < threshold]
         H_gu = X0_gu = None
-        if qcfg.backend != "rtn":
-            H_gu, X0_gu = self._gate_up_statistics(experts)
+        if rows is not None:
+            H_gu, X0_gu = self._gate_up_statistics(rows)
             for k in rare:
                 if H_all is not None:
                     H_gu[k] = _blend(H_gu[k], H_all, counts[experts[k]], threshold, qcfg.rare_expert)
@@ -475,62 +529,86 @@ class LayerQuantizer:
         res_gu = self._solve_local(W, H_gu, rare, cross=X0_gu, overwrite_W=True)
         del W, H_gu, X0_gu
         H_d = P_d = None
-        if qcfg.backend != "rtn":
-            H_d, P_d = self._down_statistics(store, experts, res_gu, counts, threshold, rare)
+        if rows is not None:
+            H_d, P_d = self._down_statistics(store, experts, rows, res_gu, counts, threshold, rare)
         W = store.originals("down", experts[0], experts[-1] + 1)
         res_d = self._solve_local(W, H_d, rare, P_d, overwrite_W=True)
         return res_gu, res_d
 
-    def _gate_up_statistics(self, experts: list[int]) -> tuple[Tensor, Tensor | None]:
-        """Pass 1 for ``experts``: their gate/up Hessians (and under --fit stream the cross moments with
-        the full-precision stream's inputs, see gptq_quantize), from the tokens routed to each."""
-        C = self.layer.get_submodule(self.plan.fused.module).shape[2]
-        H = torch.zeros(len(experts), C, C, device=self.stream.device)
+    def _gate_up_statistics(self, rows: RoutedRows) -> tuple[Tensor, Tensor | None]:
+        """The gate/up Hessians of a group's experts (and under --fit stream the cross moments with the
+        full-precision stream's inputs, see gptq_quantize), each from all the rows routed to it at once."""
+        C = rows.x.shape[1]
+        H = torch.zeros(len(rows.spans), C, C, device=self.stream.device)
         X0 = torch.zeros_like(H) if self.fit_stream else None
-        n = [0] * len(experts)
-        for x, x0 in self._captured_pairs(self.arch.moe_module, keep=True):
-            with self._stage("hessians"):
-                routed = self.route(x)
-                for k, e in enumerate(experts):
-                    rows, rows0, w = self.expert_pairs(x, x0, routed[e])
+        with self._stage("hessians"):
+            for k in range(len(rows.spans)):
+                x, x0, w = rows.of(k)
+                n = 0
+                for xc, x0c, wc in _row_chunks(x, x0, w):
                     if X0 is not None:
-                        accumulate_moment(X0[k], rows0, rows, n[k], w)
-                    _, n[k] = accumulate_hessian(H[k], rows, n[k], w)
+                        moment_sum(X0[k], x0c, xc, wc)
+                    n = n + moment_sum(H[k], xc, xc, wc)
+                finish_moment(H[k], n)
+                if X0 is not None:
+                    finish_moment(X0[k], n)
         return H, X0
 
-    def _down_statistics(self, store: StoredExperts, experts: list[int], res_gu: QuantResult, counts: list[int],
-                         threshold: int, rare: list[int]) -> tuple[Tensor, Tensor | None]:
-        """Pass 2 for ``experts``: their down Hessians (and, for the fit, the moments P of the original
-        MLP's outputs), from the routed tokens run through the quantized gate/up (rebuilt from
+    def _down_statistics(self, store: StoredExperts, experts: list[int], rows: RoutedRows, res_gu: QuantResult,
+                         counts: list[int], threshold: int, rare: list[int]) -> tuple[Tensor, Tensor | None]:
+        """The down Hessians of a group's experts (and, for the fit, the moments P of the original MLP's
+        outputs), from their routed ``rows`` run through the quantized gate/up (rebuilt once per expert from
         ``res_gu``'s levels, position k for experts[k]) or, without true-sequential, the original."""
         qcfg, fit = self.qcfg, self.fit_down
         _, I, C = store.shape
-        half = {name: slice(k * I, (k + 1) * I) for k, name in enumerate(self.plan.fused.halves)}
         dev, act = self.stream.device, store.act_fn
         H_d = torch.zeros(len(experts), I, I, device=dev)
         P_d = torch.zeros(len(experts), C, I, device=dev) if fit else None
-        n_d = [0] * len(experts)
-        H_all_d = {k: torch.zeros(I, I, device=dev) for k in rare} if qcfg.rare_expert != "rtn" else {}
-        n_all_d = dict.fromkeys(H_all_d, 0)
-        for x, x0 in self._captured_pairs(self.arch.moe_module, keep=True):
-            with self._stage("hessians"):
-                routed = self.route(x)
-                for k, e in enumerate(experts):
-                    rows, rows0, w = self.expert_pairs(x, x0, routed[e])
-                    W_gu = store.original("gate_up", e) if fit or not qcfg.true_sequential else None  # (2I, C)
-                    src = _dequantized(res_gu, k) if qcfg.true_sequential else W_gu
-                    Wg, Wu = src[half["gate"]], src[half["up"]]
-                    original = (W_gu[half["gate"]], W_gu[half["up"]], store.original("down", e)) if fit else None
-                    n_d[k] = fold_down(H_d[k], None if P_d is None else P_d[k], n_d[k], rows, w, Wg, Wu,
-                                       act, original, rows0)
-                    if k in H_all_d:
+        with self._stage("hessians"):
+            for k, e in enumerate(experts):
+                x, x0, w = rows.of(k)
+                Wg, Wu, original = self._expert_mlp(store, res_gu, k, e)
+                n = 0
+                for xc, x0c, wc in _row_chunks(x, x0, w):
+                    h = gated(xc, Wg, Wu, act)
+                    if P_d is not None:
+                        g0, u0, d0 = original
+                        moment_sum(P_d[k], gated(x0c, g0, u0, act) @ d0.t(), h, wc)
+                    n = n + moment_sum(H_d[k], h, h, wc)
+                finish_moment(H_d[k], n)
+                if P_d is not None:
+                    finish_moment(P_d[k], n)
+        blended = [k for k in rare if qcfg.rare_expert != "rtn"]
+        if blended:  # a rare expert's Hessian is blended with that of every token through its gate/up
+            H_all_d = {k: torch.zeros(I, I, device=dev) for k in blended}
+            n_all_d = dict.fromkeys(blended, 0)
+            for x, _ in self._captured_pairs(self.arch.moe_module, keep=True):
+                with self._stage("hessians"):
+                    for k in blended:
+                        Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
                         for h in mlp_hidden(x, Wg, Wu, act):
                             _, n_all_d[k] = accumulate_hessian(H_all_d[k], h, n_all_d[k])
-        for k, H_all_k in H_all_d.items():
-            H_d[k] = _blend(H_d[k], H_all_k, counts[experts[k]], threshold, qcfg.rare_expert)
-            if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
-                P_d[k] = store.original("down", experts[k]) @ H_d[k]
+            for k, H_all_k in H_all_d.items():
+                H_d[k] = _blend(H_d[k], H_all_k, counts[experts[k]], threshold, qcfg.rare_expert)
+                if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
+                    P_d[k] = store.original("down", experts[k]) @ H_d[k]
         return H_d, P_d
+
+    def _expert_mlp(self, store: StoredExperts, res_gu: QuantResult, k: int, e: int, original: bool = True
+                    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        """Expert e's gate and up weights as its down_proj will see them (the quantized ones, position k of
+        ``res_gu``, under true-sequential; else the originals), and (for the fit, if ``original``) its
+        original (gate, up, down)."""
+        _, I, _ = store.shape
+        halves = self.plan.fused.halves
+
+        def gate_and_up(W: Tensor) -> tuple[Tensor, Tensor]:  # W (2I, C): its halves in the order stored
+            return tuple(W[halves.index(h) * I:(halves.index(h) + 1) * I] for h in ("gate", "up"))
+
+        fit = original and self.fit_down
+        W_gu = store.original("gate_up", e) if fit or not self.qcfg.true_sequential else None  # (2I, C)
+        gate, up = gate_and_up(_dequantized(res_gu, k) if self.qcfg.true_sequential else W_gu)
+        return gate, up, ((*gate_and_up(W_gu), store.original("down", e)) if fit else None)
 
     def _store_experts(self, store: StoredExperts, counts: list[int], seconds: float) -> None:
         """Every expert's packed tensors and log entries (gate, up, down per expert)."""
@@ -650,5 +728,21 @@ def _replace(res: QuantResult, sub: QuantResult, idx: list[int]) -> QuantResult:
 
 
 def _dequantized(res: QuantResult, b: int) -> Tensor:
-    """Matrix b's dequantized weights, rebuilt from its levels."""
-    return dequantize(res.q[b], res.scales[b], res.zeros[b], res.g_idx)
+    """Matrix b's dequantized weights, rebuilt from its levels (GPTQ's layout: ``dequantize_grouped``)."""
+    return dequantize_grouped(res.q[b], res.scales[b], res.zeros[b])
+
+
+def _row_chunks(x: Tensor, x0: Tensor, w: Tensor | None) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """An expert's rows (and their full-precision twins and weights) in fixed chunks of TOKEN_CHUNK."""
+    for start in range(0, x.shape[0], TOKEN_CHUNK):
+        stop = start + TOKEN_CHUNK
+        yield x[start:stop], (x[start:stop] if x0 is x else x0[start:stop]), (None if w is None else w[start:stop])
+
+
+def _spans(starts: list[int], sizes: list[int], device: torch.device) -> Tensor:
+    """The concatenated positions starts[k] .. starts[k] + sizes[k] - 1, for every k."""
+    first = torch.tensor(starts, device=device)
+    count = torch.tensor(sizes, device=device)
+    offsets = torch.cumsum(count, 0) - count
+    total = sum(sizes)
+    return torch.repeat_interleave(first - offsets, count, output_size=total) + torch.arange(total, device=device)
