@@ -155,6 +155,34 @@ def test_export_dequantizes_to_exactly_the_gptq_result(tiny_model, text_file, mo
         assert torch.equal(value, expected[key].to(value.dtype)), key
 
 
+@pytest.mark.parametrize("model_type", [n for n in ARCH_NAMES if ARCHITECTURES[n].experts is not None
+                                        and ARCHITECTURES[n].mlp_tail is not None])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_the_experts_run_expert_by_expert_give_the_bits_of_the_batch_by_batch_tail(tiny_model, text_file, model_type,
+                                                                                  quantized):
+    """The layer's outputs with each expert's weights rebuilt once per chunk of batches (the experts'
+    calls recorded, then run expert by expert) are exactly run_tail's, batch by batch, for chunks of
+    one batch, two and all, with the quantized experts and with the originals."""
+    from quantmoe.stages.calibrate import build_calibration
+
+    ckpt = Checkpoint(tiny_model(model_type))
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 6, 32, 0)
+    index = stream.num_layers - 1
+    lq = LayerQuantizer(stream, index, stream.embed(ids, 2), QCFG)
+    lq.attention()
+    lq.mlps()
+    assert lq.residual and len(lq.batches) == 3
+    lq.layer.get_submodule(lq.plan.fused.module).use_quantized = quantized
+    expected = stream.run_tail(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches])
+    one = 4 * lq.batches[0].hidden.numel() * 4
+    for budget in (one, 2 * one, None):
+        lq.gpu_memory = budget
+        got = lq._tail_by_expert(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks)
+        assert all(torch.equal(g.hidden, e.hidden) for g, e in zip(got, expected)), budget
+    assert not torch.equal(expected[0].hidden, lq.batches[0].hidden)  # the tail did change the residual
+
+
 @pytest.mark.parametrize("model_type", [n for n in ARCH_NAMES if ARCHITECTURES[n].experts is not None])
 def test_expert_with_zero_tokens_is_quantized_finite_and_nonzero(tiny_model, text_file, tmp_path, monkeypatch, model_type):
     original_route = LayerQuantizer.route

@@ -83,6 +83,7 @@ class StoredExperts(nn.Module):
         self.num_experts = gate_up.shape[0]
         self.quantized: tuple[Levels, Levels] | None = None
         self.use_quantized = False
+        self.deferred: list[tuple[Tensor, Tensor, Tensor]] | None = None  # see forward
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -108,29 +109,55 @@ class StoredExperts(nn.Module):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """transformers' eager experts loop (MixtralExperts.forward and its copies), weights rebuilt per
         expert: the same computations on the same rows in the same order, the (slot, token) pairs sorted
-        by expert once (one host synchronisation per batch instead of several per expert)."""
-        final_hidden_states = torch.zeros_like(hidden_states)
-        T = top_k_index.shape[0]
-        with torch.no_grad():  # slot-major, as torch.where over an expert's (slot, token) mask lists them
-            flat = top_k_index.t().reshape(-1)
-            order = torch.sort(flat, stable=True).indices
-            counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts].tolist()
-        slots, tokens = order // T, order % T
+        by expert once (one host synchronisation per batch instead of several per expert).
+
+        While ``deferred`` is a list, the call is only recorded there and zeros are returned: ``run_deferred``
+        computes the recorded calls later, expert by expert (see layer.tail_by_expert)."""
+        if self.deferred is not None:
+            self.deferred.append((hidden_states, top_k_index, top_k_weights))
+            return torch.zeros_like(hidden_states)
+        return self.run_deferred([(hidden_states, top_k_index, top_k_weights)])[0]
+
+    def run_deferred(self, calls: list[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
+        """The outputs of ``forward`` for the (hidden_states, top_k_index, top_k_weights) ``calls``, computed
+        expert by expert: each expert's weights are rebuilt once for all the calls, and each call sees
+        exactly the computations ``forward`` would make for it alone (its rows, its order), so the outputs
+        are the same bits."""
         quantized = self.use_quantized and self.quantized is not None
-        start = 0
-        for expert_idx, n in enumerate(counts):
-            if not n:
-                continue
-            top_k_pos, token_idx = slots[start:start + n], tokens[start:start + n]
-            start += n
-            gate_up, down = self.weights(expert_idx, quantized)
-            current_state = hidden_states[token_idx]
-            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
-            current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = nn.functional.linear(current_hidden_states, down)
-            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-        return final_hidden_states
+        outs = [torch.zeros_like(h) for h, _, _ in calls]
+        plans = [_by_expert(index, self.num_experts) for _, index, _ in calls]
+        for expert_idx in range(self.num_experts):
+            weights = None
+            for (hidden_states, _, top_k_weights), out, (slots, tokens, starts) in zip(calls, outs, plans):
+                a, b = starts[expert_idx], starts[expert_idx + 1]
+                if a == b:
+                    continue
+                if weights is None:
+                    weights = self.weights(expert_idx, quantized)
+                gate_up, down = weights
+                top_k_pos, token_idx = slots[a:b], tokens[a:b]
+                current_state = hidden_states[token_idx]
+                gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+                current_hidden_states = self.act_fn(gate) * up
+                current_hidden_states = nn.functional.linear(current_hidden_states, down)
+                current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+                out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
+        return outs
+
+
+def _by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """A batch's (slot, token) pairs sorted by expert, in the order torch.where over an expert's
+    (slot, token) mask lists them (slot-major, tokens ascending), and where each expert's start
+    (num_experts + 1 offsets; an index of num_experts, transformers' slot for "routed nowhere", is last)."""
+    T = top_k_index.shape[0]
+    with torch.no_grad():
+        flat = top_k_index.t().reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    return order // T, order % T, starts
 
 
 def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> list[tuple[Tensor, Tensor]]:

@@ -44,7 +44,7 @@ from ..gptq.core import (
 )
 from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
-from ..model.distributed import SINGLE, Ranks, gather_experts
+from ..model.distributed import SINGLE, Ranks, gather_experts, spread
 from ..model.stream import Batch, LayerStream
 from .experts import (
     ExpertCosts,
@@ -673,12 +673,47 @@ class LayerQuantizer:
         full-precision stream): the next layer's inputs, written over this layer's, batch by batch."""
         self._kept.clear()
         with self._stage("forward"):
-            forward = self.stream.run_tail if self.residual else partial(self.stream.run_layer, in_place=True)
+            forward = partial(self.stream.run_layer, in_place=True)
+            if self.residual:
+                forward = self._tail_by_expert if self.plan.experts is not None else self.stream.run_tail
             self.result.outputs = forward(self.layer, self.batches, self.ranks)
             if self.original is not None and self.qcfg.fit == "stream":
                 self._restore_original()
                 self.result.original_outputs = forward(self.layer, self.original_batches, self.ranks)
         self.original = None
+
+    def _tail_by_expert(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
+        """``stream.run_tail`` for a layer with routed experts, a chunk of batches at a time: the MLP runs for
+        each batch with its routed experts only recorded (StoredExperts.deferred), then the experts run for
+        every recorded call, each expert's weights rebuilt once per chunk instead of once per batch. The
+        MLP's output is then experts + the rest, as the MLP adds them, so the outputs are run_tail's bits.
+        Chunks are as many batches as ``gpu_memory`` leaves room for (all of them without a budget)."""
+        store: StoredExperts = layer.get_submodule(self.plan.fused.module)
+        norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
+
+        def compute(chunk: list[Batch]) -> Tensor:
+            store.deferred = []
+            try:
+                rest = [_first(mlp(norm(b.hidden))) for b in chunk]
+                calls = store.deferred
+            finally:
+                store.deferred = None
+            experts = store.run_deferred(calls)
+            return torch.cat([(b.hidden + (e.view_as(r) + r)).reshape(-1) for b, r, e in zip(chunk, rest, experts)])
+
+        per = len(batches)
+        if self.gpu_memory is not None and batches:
+            one = 4 * batches[0].hidden.numel() * batches[0].hidden.element_size()  # input, rest, experts, output
+            in_use = torch.cuda.memory_allocated(self.stream.device) if self.stream.device.type == "cuda" else 0
+            per = max(1, (self.gpu_memory - in_use) // one)
+        chunks = [batches[i:i + per] for i in range(0, len(batches), per)]
+        with torch.no_grad():
+            for chunk, flat in zip(chunks, spread(chunks, compute, ranks, self.stream.device)):
+                start = 0
+                for b in chunk:
+                    b.hidden.copy_(flat[start:start + b.hidden.numel()].view_as(b.hidden))
+                    start += b.hidden.numel()
+        return batches
 
     def run(self) -> LayerResult:
         self.attention()
@@ -746,3 +781,9 @@ def _spans(starts: list[int], sizes: list[int], device: torch.device) -> Tensor:
     offsets = torch.cumsum(count, 0) - count
     total = sum(sizes)
     return torch.repeat_interleave(first - offsets, count, output_size=total) + torch.arange(total, device=device)
+
+
+def _first(out: Tensor | tuple) -> Tensor:
+    """A module's output, or the first of its outputs (an MoE block that also returns its router's logits)."""
+    return out[0] if isinstance(out, tuple) else out
+
