@@ -16,7 +16,7 @@ from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
 from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.model.stream import LayerStream
-from quantmoe.stages.layer import LayerQuantizer
+from quantmoe.stages.layer import TAIL_COPIES, LayerQuantizer
 
 QCFG = QuantConfig(group_size=32)
 
@@ -175,7 +175,7 @@ def test_the_experts_run_expert_by_expert_give_the_bits_of_the_batch_by_batch_ta
     assert lq.residual and len(lq.batches) == 3
     lq.layer.get_submodule(lq.plan.fused.module).use_quantized = quantized
     expected = stream.run_tail(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches])
-    one = 4 * lq.batches[0].hidden.numel() * 4
+    one = TAIL_COPIES * lq.batches[0].hidden.numel() * 4  # the budget a chunk of one batch takes
     for budget in (one, 2 * one, None):
         lq.gpu_memory = budget
         got = lq._tail_by_expert(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks)

@@ -62,6 +62,11 @@ TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound tempor
 # cheaper than a partial forward pass through attention); above that, each pass captures them again.
 CAPTURE_CACHE_BYTES = 1 << 30
 HOST_CAPTURE_BYTES = 16 << 30
+# The MLP tail of a layer with routed experts runs a chunk of batches at a time (_tail_by_expert): at most
+# this many bytes of them, counted TAIL_COPIES times (the MLP's input, the experts' outputs, the rest of the
+# MLP's, the sum, the outputs gathered), and no more than the budget leaves room for.
+TAIL_CHUNK_BYTES = 4 << 30
+TAIL_COPIES = 5
 
 
 @dataclass
@@ -257,18 +262,20 @@ class LayerQuantizer:
                 return
             yield x
 
-    def _captured_pairs(self, module_path: str, keep: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    def _captured_pairs(self, module_path: str, keep: bool = False, originals: bool = True
+                        ) -> Iterator[tuple[Tensor, Tensor]]:
         """(x, x0) batch by batch: the input of ``layer.<module_path>`` in the model being quantized,
         and, under --fit stream, the same tokens' input in the full-precision model (else x0 is x).
 
         ``keep``: the input will not change before the next call for this path (the MLP stage:
         attention is done), so it is kept for that call if it fits in CAPTURE_CACHE_BYTES,
-        which saves a partial forward pass (through attention) per reuse."""
+        which saves a partial forward pass (through attention) per reuse. ``originals`` False: the caller
+        reads only x (a kept x0 is not brought to the device; x0 is x)."""
         if module_path in self._kept:
             for x, x0 in self._kept[module_path]:
                 with self._stage("capture"):
                     x_dev = x.to(self.stream.device, non_blocking=True)
-                    x0_dev = x_dev if x0 is x else x0.to(self.stream.device, non_blocking=True)
+                    x0_dev = x_dev if x0 is x or not originals else x0.to(self.stream.device, non_blocking=True)
                 yield x_dev, x0_dev  # the caller's work is timed as its own stage, not as capture
             return
         kept, size, on_host = ([] if keep else None), 0, False
@@ -464,7 +471,7 @@ class LayerQuantizer:
         C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         H_all = torch.zeros(C, C, device=self.stream.device) if blend else None
         n_all, routed, tokens = 0, [], 0
-        for x, _ in self._captured_pairs(self.arch.moe_module, keep=True):
+        for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
             with self._stage("hessians"):
                 routed.append(self.route(x))
                 counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routed[-1])]
@@ -582,7 +589,7 @@ class LayerQuantizer:
         if blended:  # a rare expert's Hessian is blended with that of every token through its gate/up
             H_all_d = {k: torch.zeros(I, I, device=dev) for k in blended}
             n_all_d = dict.fromkeys(blended, 0)
-            for x, _ in self._captured_pairs(self.arch.moe_module, keep=True):
+            for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
                 with self._stage("hessians"):
                     for k in blended:
                         Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
@@ -701,11 +708,11 @@ class LayerQuantizer:
             experts = store.run_deferred(calls)
             return torch.cat([(b.hidden + (e.view_as(r) + r)).reshape(-1) for b, r, e in zip(chunk, rest, experts)])
 
-        per = len(batches)
-        if self.gpu_memory is not None and batches:
-            one = 4 * batches[0].hidden.numel() * batches[0].hidden.element_size()  # input, rest, experts, output
+        one = TAIL_COPIES * batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
+        per = max(1, TAIL_CHUNK_BYTES // one)
+        if self.gpu_memory is not None:
             in_use = torch.cuda.memory_allocated(self.stream.device) if self.stream.device.type == "cuda" else 0
-            per = max(1, (self.gpu_memory - in_use) // one)
+            per = max(1, min(per, (self.gpu_memory - in_use) // one))
         chunks = [batches[i:i + per] for i in range(0, len(batches), per)]
         with torch.no_grad():
             for chunk, flat in zip(chunks, spread(chunks, compute, ranks, self.stream.device)):
