@@ -190,7 +190,8 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--eval-data", help="Held-out text for --eval [default: the bundled held-out text].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--tf32/--no-tf32", default=False, show_default=True,
-              help="TF32 matrix products for Hessians and forward passes on CUDA: faster, differs by rounding only.")
+              help="TF32 matrix products for Hessians, forward passes and the evaluation on CUDA: faster, differs "
+                   "by rounding only (the eval report states it).")
 @click.option("--prefetch/--no-prefetch", default=True, show_default=True,
               help="Read the next layer from disk in a background thread.")
 @click.option("--block-kernel", type=click.Choice(["auto", "triton", "cuda-graphs", "eager"]), default="auto",
@@ -279,9 +280,11 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --report (only a report quantmoe wrote).")
 @click.option("--backend", type=click.Choice(_backend_names()),
               help="Fail unless MODEL was quantized with this backend [default: read it from config.json].")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="On CUDA, run the forward passes' matrix products as TF32 (faster; the report states it).")
 @click.option("--quiet", is_flag=True)
 @friendly
-def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwrite, backend, quiet):
+def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwrite, backend, tf32, quiet):
     """Perplexity of MODEL (default: the bundled demo MoE), and its gap to --baseline."""
     from .stages.evaluate import evaluate
     from .stages.report import check_report_out, gap_table, protocol_text, write_report
@@ -289,7 +292,7 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwr
     if report_path is not None:
         check_report_out(report_path, overwrite)  # before the work, not after it
     report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size,
-                      quiet=quiet, backend=backend)
+                      quiet=quiet, backend=backend, tf32=tf32)
     if baseline is not None:
         click.echo(gap_table(report))
     else:

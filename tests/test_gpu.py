@@ -245,3 +245,24 @@ def test_eval_on_cuda_gives_the_cpu_gap_and_kl(tmp_path):
     assert cpu["kl"]["mean"] > 0
     assert gpu["kl"]["mean"] == pytest.approx(cpu["kl"]["mean"], rel=1e-2)
     assert gpu["kl"]["top1_agreement"] == pytest.approx(cpu["kl"]["top1_agreement"], abs=0.01)
+
+
+def test_tf32_eval_on_cuda_gives_the_fp32_gap_and_kl_within_their_errors(tmp_path):
+    """`quantmoe eval --tf32` (tensor-core matrix products) reports the fp32 evaluation's gap and KL within
+    their standard errors, and says it used TF32."""
+    from tiny import make_model, write_text
+
+    import quantmoe
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.stages.evaluate import TF32, evaluate
+
+    text = write_text(tmp_path / "text.jsonl")
+    src = make_model("mixtral", tmp_path / "src")
+    out = tmp_path / "out"
+    quantmoe.quantize(src, out, QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64, device="cuda",
+                      run_eval=False, quiet=True)
+    fp32, tf32 = (evaluate(out, baseline=src, data=text, seqlen=64, device="cuda", quiet=True, tf32=t)
+                  for t in (False, True))
+    assert fp32["protocol"]["dtype"] == "float32" and tf32["protocol"]["dtype"] == TF32
+    assert abs(tf32["gap"]["relative"] - fp32["gap"]["relative"]) <= fp32["gap"]["relative_se"]
+    assert abs(tf32["kl"]["mean"] - fp32["kl"]["mean"]) <= fp32["kl"]["se"]

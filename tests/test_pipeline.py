@@ -505,3 +505,17 @@ def test_block_kernel_choices_on_cpu():
     for kernel in ("triton", "cuda-graphs", "fast"):
         with pytest.raises(QuantMoeError, match="--block-kernel"):
             block_function(kernel, cpu)
+
+
+def test_eval_with_tf32_on_cpu_states_plain_float32(tiny_model, text_file, tmp_path):
+    """--tf32 changes nothing on CPU (no TF32 there), and the report says float32; the protocol line
+    says the same."""
+    from clirun import cli
+
+    model = tiny_model("mixtral")
+    report = tmp_path / "r.json"
+    result = cli("eval", model, "--data", text_file, "--seqlen", "32", "--device", "cpu", "--quiet", "--tf32",
+                 "--report", report)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["protocol"]["dtype"] == "float32"
+    assert "float32 on cpu" in result.stdout

@@ -25,10 +25,13 @@ from ..base.files import save_safetensors
 from ..base.measure import stage
 from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen, published_name
 from ..formats import READERS
+from ..gptq.core import tf32_matmuls
 from ..model.checkpoint import Checkpoint
 from ..model.stream import LayerStream, default_batch_size, pick_device
 from .calibrate import check_count, read_documents, token_stream, tokenizer_fingerprint
 from .export import checkpoint_stats
+
+TF32 = "float32 with TF32 matrix products"  # the protocol's dtype under --tf32 on CUDA
 
 
 @dataclass(frozen=True)
@@ -95,18 +98,27 @@ class Reference:
 
 @torch.no_grad()
 def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_size: int | None = None,
-               progress=None, keep_reference: bool = False, reference: Reference | None = None) -> dict:
+               progress=None, keep_reference: bool = False, reference: Reference | None = None,
+               tf32: bool = False) -> dict:
     """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time
     (``batch_size`` None: ``stream.default_batch_size``), with each window's mean NLL (``window_nll``).
 
     ``keep_reference``: also return ``reference``, this model's ``Reference`` on these windows.
     ``reference``: another model's, made with the same windows; returns ``window_kl``,
     each window's mean KL(reference || this model) over its predicted positions, and
-    ``top1_agreement``, the share of positions where both put the same token first."""
+    ``top1_agreement``, the share of positions where both put the same token first.
+    ``tf32``: on CUDA, the forward passes' and the head's fp32 matrix products run as TF32 (log-softmax,
+    losses and KL stay fp32)."""
     t0 = time.perf_counter()
+    dev = pick_device(device)
+    with tf32_matmuls(tf32 and dev.type == "cuda"):
+        return _perplexity(model, windows, dev, batch_size, progress, keep_reference, reference, t0)
+
+
+def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_size: int | None, progress,
+                keep_reference: bool, reference: Reference | None, t0: float) -> dict:
     if batch_size:  # 0 or None: the default
         check_count("--batch-size", batch_size)
-    dev = pick_device(device)
     stream = LayerStream(Checkpoint(model), dev)
     batch_size = batch_size or default_batch_size(stream.config, windows.shape[1])
     batches = stream.embed(windows, batch_size)
@@ -188,8 +200,9 @@ def kl_summary(result: dict) -> dict:
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
              seqlen: int | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
-             backend: str | None = None, record_paths: bool = False) -> dict:
+             backend: str | None = None, record_paths: bool = False, tf32: bool = False) -> dict:
     """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
+    ``tf32``: TF32 matrix products on CUDA (``perplexity``), stated in the protocol's dtype.
 
     The checkpoint's backend is read from its config.json; ``backend`` (a name from
     ``quantmoe.backends``) makes it an error for ``model`` to be anything else.
@@ -221,7 +234,7 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
         with tqdm(total=n, desc=f"eval {label}", unit="layer", disable=quiet, leave=False) as bar, \
                 stage(stages, f"eval_{label}"):
             results[label] = perplexity(path, windows, device, batch_size, progress=bar,
-                                        keep_reference=label == "original", reference=reference)
+                                        keep_reference=label == "original", reference=reference, tf32=tf32)
         reference = results[label].pop("reference", None)
     del reference
     per_window = {label: r.pop("window_nll") for label, r in results.items()}
@@ -229,7 +242,8 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     report = {
         "model": shown(model),
         "baseline": shown(baseline) if baseline is not None else None,
-        "protocol": Protocol(data=shown(data), seqlen=seqlen).to_dict(),
+        "protocol": Protocol(data=shown(data), seqlen=seqlen, dtype=TF32 if tf32 and
+                             results[runs[-1][0]]["device"].startswith("cuda") else "float32").to_dict(),
         "data": {**meta, "path": shown(meta["path"])},
         "device": results[runs[-1][0]]["device"],
         "results": results,

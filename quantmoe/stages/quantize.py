@@ -316,7 +316,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         report = None
         if run_eval:
             report = evaluate(staging, baseline=ckpt.path, data=eval_data, device=device, batch_size=batch_size,
-                              quiet=quiet, record_paths=record_paths)
+                              quiet=quiet, record_paths=record_paths, tf32=tf32)
             report["model"] = shown(out)
             report["fallbacks"] = fallbacks
             report["stages"] = {**stages, **report["stages"]}
