@@ -235,6 +235,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
     with stage(stages, "quantize"), PeakRSS() as rss, reader, writer:
         batches = stream.embed(ids, batch_size) if done < n else []
+        stream.release_embeddings()  # not needed again: their device memory goes to the layers' work
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
         originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] \
