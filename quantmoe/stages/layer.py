@@ -153,6 +153,7 @@ class LayerQuantizer:
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
         self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
         self.gpu_memory = gpu_memory
+        self.host_capture = HOST_CAPTURE_BYTES  # what the capture may pin in host memory (quantize: the host budget's)
         self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
         self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
@@ -275,7 +276,7 @@ class LayerQuantizer:
                 # Judged on the first batch: a cache that will not fit is not started (its growth is peak memory).
                 size = max(size, x.numel() * x.element_size() * (1 if x0 is x else 2) * len(self.batches))
                 on_host = size > CAPTURE_CACHE_BYTES and self.stream.device.type == "cuda"
-                if size > (HOST_CAPTURE_BYTES if on_host else CAPTURE_CACHE_BYTES):
+                if size > (self.host_capture if on_host else CAPTURE_CACHE_BYTES):
                     kept = None
                 elif on_host:
                     x_host = _pinned_copy(x)
