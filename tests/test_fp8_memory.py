@@ -4,11 +4,14 @@ use dequantizes them to the numbers the stream's load made before, so the output
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import cli
+from safetensors.torch import load_file
 from tiny import append_mtp_layer, dequantized_copy, make_model, router_or_mtp_extra
 
 import quantmoe
@@ -147,3 +150,45 @@ def test_fp8_release_output_is_the_same_whether_its_experts_are_kept_in_fp8(rele
     before = run("bf16-experts")
     assert held and set(held) == {torch.Tensor}
     assert before == kept and math.prod(len(b) for b in kept.values()) > 0
+
+
+# ----------------------------------------------------------------------------- bnb keeps the MTP layer
+
+
+def test_bnb_export_keeps_the_mtp_layer_as_the_gptq_export_does(releases, tmp_path):
+    """--mtp keep (default): the MTP layer's tensors in the bnb export, unquantized, FP8 ones dequantized to
+    BF16, the layer skipped by prefix in llm_int8_skip_modules; --mtp drop leaves it out."""
+    pytest.importorskip("bitsandbytes", reason="the bnb backends need bitsandbytes (pip install 'quantmoe[bnb]')")
+    fp8, _ = releases
+    mtp = Checkpoint(fp8).config.num_hidden_layers
+    prefix = f"model.layers.{mtp}."
+    release = load_file(fp8 / "model.safetensors")
+    for choice in ("keep", "drop"):
+        out = tmp_path / choice
+        result = cli("quantize", fp8, "--out", out, "--backend", "bnb-nf4", "--no-eval", "--quiet", "--mtp", choice)
+        assert result.returncode == 0, result.stderr
+        exported = {}
+        for shard in sorted(out.glob("*.safetensors")):
+            exported.update(load_file(shard))
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        ours = {n: t for n, t in exported.items() if n.startswith(prefix)}
+        if choice == "drop":
+            assert not ours and f"model.layers.{mtp}" not in qc["llm_int8_skip_modules"]
+            assert not [m for m in qc["quantmoe"]["modules_not_quantized"] if m.startswith(prefix)]
+            continue
+        want = {n for n in release if n.startswith(prefix) and not n.endswith("_scale_inv")}
+        assert set(ours) == want
+        for name, t in ours.items():
+            if name + "_scale_inv" in release:  # FP8 in the release: BF16 here, exactly its dequantization
+                assert t.dtype == torch.bfloat16
+                assert torch.equal(t, dequantize_fp8(release[name], release[name + "_scale_inv"], BLOCK, name=name))
+            else:
+                assert t.dtype == release[name].dtype and torch.equal(t, release[name]), name
+        assert f"model.layers.{mtp}" in qc["llm_int8_skip_modules"]
+        for module in ("eh_proj", "self_attn.q_a_proj", "mlp.experts.7.down_proj", "mlp.shared_experts.up_proj"):
+            assert prefix + module in qc["quantmoe"]["modules_not_quantized"]
+        # The main layers are still quantized: a routed expert of layer 1 has bitsandbytes' 4-bit statistics.
+        assert "model.layers.1.mlp.experts.0.down_proj.weight.absmax" in exported
+        assert not [n for n in exported if n.endswith("_scale_inv")]
+        verified = cli("verify", out)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
