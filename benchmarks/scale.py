@@ -652,7 +652,8 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
         row = {"index": e["index"], "kind": kinds[e["index"]] if e["index"] < len(kinds) else "moe",
                "seconds": e["seconds"], **{k: t.get(k) for k in STAGES},
                "write_background": t.get("write_background"), "peak_gpu_mb": e.get("peak_gpu_mb"),
-               "stage_peak_gpu_mb": e.get("stage_peak_gpu_mb"), "peak_rss_mb": e.get("peak_rss_mb")}
+               "stage_peak_gpu_mb": e.get("stage_peak_gpu_mb"), "peak_rss_mb": e.get("peak_rss_mb"),
+               "expert_groups": e.get("expert_groups")}
         if t:
             row["other"] = round(e["seconds"] - sum(t.get(k, 0.0) for k in STAGES), 3)
         rows.append(row)

@@ -201,10 +201,14 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
                    "installed, else CUDA graphs (eager on CPU).")
 @click.option("--gpu-memory", help="Device memory the run may use, e.g. 40GB: a layer's experts are quantized in "
               "groups that fit it, with the same output for any budget [default: what the GPU has free].")
+@click.option("--host-memory", help="Host memory the run may hold, e.g. 32GB: the read-ahead of the next layer and "
+              "the pinned copies of captured activations are sized to it, with the same output for any budget "
+              "[default: what the machine has available].")
 @click.pass_context
 @friendly
 def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
-             record_paths, resume, run_eval, eval_data, quiet, tf32, prefetch, block_kernel, gpu_memory, **settings):
+             record_paths, resume, run_eval, eval_data, quiet, tf32, prefetch, block_kernel, gpu_memory, host_memory,
+             **settings):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
 
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
@@ -221,7 +225,8 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
     options = Options(config=config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                       max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, run_eval=run_eval,
                       eval_data=eval_data, batch_size=batch_size, quiet=quiet, tf32=tf32, prefetch=prefetch,
-                      block_kernel=block_kernel, gpu_memory=gpu_memory, record_paths=record_paths)
+                      block_kernel=block_kernel, gpu_memory=gpu_memory, record_paths=record_paths,
+                      host_memory=host_memory)
     from .model.distributed import (  # these import torch: after the cheap option checks
         Ranks,
         leave,

@@ -221,6 +221,7 @@ def test_reduced_shape_quantizes_and_the_json_records_it(reduced_runs, run):
     assert [r["kind"] for r in saved["layers"]] == saved["structure"]["layers"]
     for row in saved["layers"]:
         assert row["seconds"] > 0 and row["solve"] > 0 and row["hessians"] > 0
+        assert (row["expert_groups"] is None) == (row["kind"] == "dense")  # no budget on CPU: one group
     moe_rows = [r for r in saved["layers"] if r["kind"] == "moe"]
     assert saved["steady_layer_mean"]["seconds"] == moe_rows[-1]["seconds"]  # the one MoE layer
     extra = saved["extrapolation"]

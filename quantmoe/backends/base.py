@@ -42,6 +42,7 @@ class Options:
     prefetch: bool = True                 # read the next layer in a background thread
     block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
     gpu_memory: str | int | None = None   # device memory the run may use ("40GB"); default: what is free
+    host_memory: str | int | None = None  # host memory the run may hold ("32GB"); default: what is available
     record_paths: bool = False            # published files name sources by local path, not by Hub id/folder name
 
 

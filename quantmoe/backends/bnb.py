@@ -82,7 +82,13 @@ from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
 from ..model.stream import model_config, pick_device
 from ..stages.evaluate import evaluate
-from ..stages.export import ShardWriter, parse_size, source_tensors, write_config
+from ..stages.export import (
+    ShardWriter,
+    extra_layer_modules,
+    parse_size,
+    source_tensors,
+    write_config,
+)
 from ..stages.quantize import check_out, work_dir
 from ..stages.report import base_model_name, gap_table, protocol_text, render_markdown
 from ..stages.resume import lock_work
@@ -99,8 +105,8 @@ class BnbBackend(Backend):
     resumable: bool = False  # a run takes seconds per layer; a stopped one starts again
 
     def settings(self) -> frozenset[str]:
-        return frozenset({"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8"
-                         else {"int8_threshold"})
+        return frozenset({"compute_dtype", "double_quant", "blocksize", "mtp"} if self.quant_type != "int8"
+                         else {"int8_threshold", "mtp"})
 
     def configure(self, **settings) -> BnbConfig:
         unknown_settings(self.name, settings, self.settings())
@@ -191,6 +197,9 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
             for weight, W in weights.items():
                 module = weight[: -len(".weight")]
                 log.append(_quantize_linear(writer, prefix + module, kinds[module], W, cfg, device))
+    for i in ckpt.extra_layers() if cfg.mtp == "keep" else []:  # multi-token prediction: unquantized, FP8 as BF16
+        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
+            writer.add(name, tensor)
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name in ckpt.names():
         if name not in done and not name.startswith(("model.layers.", "model.embed_tokens.")):
@@ -224,7 +233,12 @@ def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) 
                for r in plan_layer(arch, ckpt.config, i).routers]
     skip = [f"{ckpt.layer_prefix(i)}{module_to_memory(arch, r)}" for i in range(ckpt.config.num_hidden_layers)
             for r in plan_layer(arch, ckpt.config, i).routers]
-    qconfig = quantization_config(cfg, backend.name, skip, routers, __version__)
+    # The multi-token-prediction layers, whole (a loader matching skips by prefix, as vLLM's bitsandbytes
+    # one does, then builds them unquantized), and each of their modules with a 2-D weight.
+    mtp = extra_layer_modules(ckpt, ckpt.extra_layers() if cfg.mtp == "keep" else [])
+    skip += [ckpt.layer_prefix(i)[:-1] for i in mtp]
+    qconfig = quantization_config(cfg, backend.name, skip, routers + [m for ms in mtp.values() for m in ms],
+                                  __version__)
     write_config(ckpt, staging, qconfig)
     settings = {**asdict(cfg), "device": str(dev), "max_shard_size": parse_size(options.max_shard_size)}
     atomic_write_json(staging / "quantization_log.json",

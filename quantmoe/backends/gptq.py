@@ -35,7 +35,8 @@ class GptqBackend(Backend):
                         overwrite=options.overwrite, run_eval=options.run_eval, eval_data=options.eval_data,
                         batch_size=options.batch_size, quiet=options.quiet, resume=options.resume, tf32=options.tf32,
                         prefetch=options.prefetch, block_kernel=options.block_kernel,
-                        gpu_memory=options.gpu_memory, record_paths=options.record_paths)
+                        gpu_memory=options.gpu_memory, record_paths=options.record_paths,
+                        host_memory=options.host_memory)
 
 
 BACKENDS = (

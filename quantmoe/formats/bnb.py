@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
+from ..base.options import MTP_CHOICES
 from .base import QuantizedLinear
 
 INSTALL = "pip install 'quantmoe[bnb]'"
@@ -67,6 +68,7 @@ class BnbConfig:
                                        # ~4.5 -> ~4.13 bits/weight); auto does it where it makes the linear smaller
     blocksize: int = 64                # 4-bit: weights sharing one absmax (bitsandbytes' default)
     int8_threshold: float = 6.0        # int8: LLM.int8() outlier threshold; input features above it run in 16 bit when served
+    mtp: str = "keep"                  # keep | drop: layers beyond num_hidden_layers copied unquantized, or left out
 
     def __post_init__(self):
         if self.quant_type not in ("nf4", "fp4", "int8"):
@@ -77,6 +79,8 @@ class BnbConfig:
             raise QuantMoeError(f"--compute-dtype {self.compute_dtype} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise QuantMoeError(f"4-bit blocksize {self.blocksize} is not one bitsandbytes takes; use 64")
+        if self.mtp not in MTP_CHOICES:
+            raise QuantMoeError(f"--mtp {self.mtp!r} is unknown; use one of {', '.join(MTP_CHOICES)}")
         if self.int8_threshold < 0:
             raise QuantMoeError(f"--int8-threshold {self.int8_threshold} is negative; use 0 (no outliers) or e.g. 6.0")
 

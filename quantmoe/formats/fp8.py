@@ -149,14 +149,20 @@ def dequantize_fp8(weight: Tensor, scale: Tensor | None, block: tuple[int, int] 
     for a missing, misshapen, negative or non-finite scale, a weight that is not FP8, NaN codes
     outside a zero-scale block, and values that overflow ``dtype``.
     """
+    return _dequantize(weight, scale, block, dtype, name)[0]
+
+
+def _dequantize(weight: Tensor, scale: Tensor | None, block: tuple[int, int] | None, dtype: torch.dtype,
+                name: str) -> tuple[Tensor, bool]:
+    """``dequantize_fp8``, and whether its result is ``_scaled(weight, scale, block).to(dtype)``
+    (False: the slow path repaired NaN codes of zero-scale blocks)."""
     wname = name or "an FP8 weight"
     sname = scale_name(name, block) if name else "its scale"
     _check_layout(weight, scale, block, wname, sname)
     s = scale.to(device=weight.device, dtype=torch.float32)
-    out = weight.to(torch.float32)
-    _apply_scale(out, s, block)
+    out = _scaled(weight, s, block)
     if out.numel() == 0:
-        return out.to(dtype)
+        return out.to(dtype), True
     # Min and max reductions, which pass NaN on, instead of torch.isfinite, which builds an |x|
     # copy and three masks of the weight's size. A value just under dtype's rounding edge only
     # sends a valid weight through the exact checks of the slow path.
@@ -166,8 +172,15 @@ def dequantize_fp8(weight: Tensor, scale: Tensor | None, block: tuple[int, int] 
     s_min, s_max, lo, hi = checks.tolist()  # the one host sync
     limit = torch.finfo(dtype).max
     if not (s_min >= 0 and math.isfinite(s_max) and -limit <= lo and hi <= limit):  # False for NaN
-        result = _explain_or_repair(weight, s, block, dtype, wname, sname)
-    return result
+        return _explain_or_repair(weight, s, block, dtype, wname, sname), False
+    return result, True
+
+
+def _scaled(weight: Tensor, s: Tensor, block: tuple[int, int] | None) -> Tensor:
+    """float32(codes) * scale (fp32 ``s``), unchecked: what every FP8 dequantization here computes."""
+    out = weight.to(torch.float32)
+    _apply_scale(out, s, block)
+    return out
 
 
 def quantize_fp8_blocks(W: Tensor, block: tuple[int, int] = (128, 128)) -> tuple[Tensor, Tensor]:
@@ -296,6 +309,69 @@ class Fp8Weight:
     def dequantize(self) -> Tensor:
         """The weight (out, in) in ``dtype``, on the device the codes are on; bad scales raise (dequantize_fp8)."""
         return dequantize_fp8(self.codes, self.scale, self.block, self.dtype, self.name)
+
+
+class Fp8Experts:
+    """A layer's routed experts of one fused kind, kept as the release stores them: the FP8 codes of
+    E experts stacked (E, R, C), and per part (the row blocks each expert's matrix is made of: gate
+    and up, or down alone) their scales. Half the bytes of BF16; each expert is dequantized when it
+    is used (``weights``), by the arithmetic of ``dequantize_fp8``, so to the same numbers.
+
+    Filled one expert part at a time (``put``), each checked then by ``dequantize_fp8`` itself (a
+    bad scale raises there, naming the tensor); the rare part whose codes only that function's
+    repair reads (NaN codes under a zero scale) is kept dequantized instead.
+    """
+
+    def __init__(self, experts: int, parts: list[Fp8Weight], device: torch.device):
+        """``parts``: expert 0's Fp8Weight of each part, in row order (they give the shapes)."""
+        self.rows = tuple(p.shape[0] for p in parts)
+        self.block, self.dtype = parts[0].block, parts[0].dtype
+        self.codes = torch.empty(experts, sum(self.rows), parts[0].shape[1], dtype=parts[0].codes.dtype, device=device)
+        self.scales = [torch.empty(experts, *p.scale.shape, dtype=torch.float32, device=device) for p in parts]
+        self.repaired: dict[tuple[int, int], Tensor] = {}
+
+    @staticmethod
+    def fits(weights: list[list]) -> bool:
+        """Whether ``weights`` (per expert, its parts) are all Fp8Weights one Fp8Experts can hold: the same
+        shapes, code dtype, block, scale size and dtype to dequantize to, part by part."""
+        def layout(w):
+            return (tuple(w.shape), w.codes.dtype, w.block, w.scale.numel(), w.dtype) if isinstance(w, Fp8Weight) else None
+
+        first = [layout(w) for w in weights[0]]
+        return None not in first and len({w.shape[1] for w in weights[0]}) == 1 and \
+            all([layout(w) for w in parts] == first for parts in weights)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return (self.codes.numel() * self.codes.element_size() + sum(s.numel() * 4 for s in self.scales)
+                + sum(t.numel() * t.element_size() for t in self.repaired.values()))
+
+    def put(self, e: int, k: int, weight: Fp8Weight) -> None:
+        """Expert e's part k, as stored (on this object's device: the check runs there)."""
+        r0 = sum(self.rows[:k])
+        self.codes[e, r0:r0 + self.rows[k]].copy_(weight.codes, non_blocking=True)
+        self.scales[k][e].copy_(weight.scale.reshape(self.scales[k].shape[1:]), non_blocking=True)
+        result, plain = _dequantize(weight.codes, weight.scale, weight.block, weight.dtype, weight.name)
+        if not plain:
+            self.repaired[e, k] = result
+
+    def weights(self, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Experts start..stop-1's weights (n, R, C), dequantized to the release's compute dtype (BF16) and
+        stored in ``dtype`` (default: that one): each element float32(code) * scale rounded once to BF16."""
+        out = torch.empty(stop - start, *self.codes.shape[1:], dtype=dtype or self.dtype, device=self.codes.device)
+        for j, e in enumerate(range(start, stop)):
+            r0 = 0
+            for k, rows in enumerate(self.rows):
+                part = self.repaired.get((e, k))
+                if part is None:
+                    part = _scaled(self.codes[e, r0:r0 + rows], self.scales[k][e], self.block).to(self.dtype)
+                out[j, r0:r0 + rows].copy_(part)
+                r0 += rows
+        return out
 
 
 def dequantize_stored(state: dict, skip: Collection[str] = ()) -> dict:

@@ -41,6 +41,9 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 # config.json and the index are read whole: one larger than this is no checkpoint's, and is refused unread.
 JSON_LIMIT = 64 * 2**20
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+# Bytes read_prefix copies between two unmappings of the shards: the pages of a mapped shard count towards
+# resident memory while it stays open, so a layer read holds its bytes twice only this far.
+READ_WINDOW = 1 << 30
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
@@ -267,23 +270,40 @@ class Checkpoint:
         scale), which ``LayerStream.load_layer`` dequantizes on the device. Every tensor is copied
         into this process's memory and the shards are closed afterwards: pages of a mapped shard
         count towards the process's resident memory for as long as it stays open, which
-        would make memory grow with every layer read.
+        would make memory grow with every layer read; they are closed every READ_WINDOW bytes too, so
+        a layer's bytes are held twice only that far.
         """
-        tensors: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
         as_stored: dict[str, Fp8Weight] = {}
         stored = set()
         keep = dtype is None and getattr(self.format, "source", False)
+        mapped = 0  # bytes read since the shards were last closed
+
+        def read(nbytes: int) -> None:
+            nonlocal mapped
+            mapped += nbytes
+            if mapped >= READ_WINDOW:
+                self.close()
+                mapped = 0
+
+        def copied(t: Tensor, nbytes: int) -> Tensor:
+            t = t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
+            read(nbytes)
+            return t
+
         for module, linear in sorted(self.quantized_linears.items()):
             if module.startswith(prefix):
                 name = module[len(prefix):] + ".weight"
+                nbytes = sum(self.nbytes(t) for t in linear.tensors)
                 if keep:
-                    as_stored[name] = self.format.stored(self, linear)
+                    as_stored[name] = self.format.stored(self, linear)  # a copy
+                    read(nbytes)
                 else:
-                    tensors[name] = self.format.dequantize(self, linear)
+                    out[name] = copied(self.format.dequantize(self, linear), nbytes)
                 stored.update(linear.tensors)
-        tensors.update({name[len(prefix):]: self.tensor(name) for name in self.names(prefix) if name not in stored})
-        out = {n: t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
-               for n, t in tensors.items()}
+        for name in self.names(prefix):
+            if name not in stored:
+                out[name[len(prefix):]] = copied(self.tensor(name), self.nbytes(name))
         out.update(as_stored)
         self.close()
         return out

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import sdpa_attention
 
 from ..base.errors import QuantMoeError
-from ..formats.fp8 import Fp8Weight, dequantize_stored
+from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
 from .distributed import SINGLE, Ranks, spread
@@ -209,14 +209,18 @@ class LayerStream:
             state = {name: t.pin_memory() for name, t in state.items()}
         return state
 
-    def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None) -> nn.Module:
+    def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None,
+                   keep_fp8: bool = False) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
 
         Tensors are moved to the device first, so dequantizing an FP8 release (formats.fp8.Fp8Weight:
         a bad scale stops the run with one line naming the tensor) and converting to the stream's dtype
         run there rather than on the host; the routed experts are moved one expert at a time, straight
         into their fused tensors, so the device never holds a layer's experts twice. ``experts_dtype``:
-        the dtype of the fused expert tensors (default: the stream's).
+        the dtype of the fused expert tensors (default: the stream's). ``keep_fp8``: an FP8 release's
+        routed experts stay as stored, each fused tensor a ``formats.fp8.Fp8Experts`` (codes and scales:
+        half the bytes of BF16) set on the experts module in place of its parameter, for the caller to
+        dequantize an expert at a time (stages.experts.StoredExperts); ``release_layer`` drops them.
         """
         layer = self.model.model.layers[index]
         fused = self._fused_params(layer, index)
@@ -228,9 +232,14 @@ class LayerStream:
         state = {name: t if name in experts else t.to(self.device, non_blocking=True) for name, t in state.items()}
         state = dequantize_stored(state, skip=experts)
         try:
-            mapped = self.to_memory(index, state, experts_dtype or self.dtype)
+            mapped = self.to_memory(index, state, experts_dtype or self.dtype, keep_fp8)
             for name, (module, attr) in fused.items():
-                setattr(module, attr, nn.Parameter(mapped.pop(name), requires_grad=False))
+                value = mapped.pop(name)
+                if isinstance(value, Fp8Experts):
+                    delattr(module, attr)  # a plain attribute now: no Parameter holds FP8 codes
+                    setattr(module, attr, value)
+                else:
+                    setattr(module, attr, nn.Parameter(value, requires_grad=False))
             missing = layer.load_state_dict(mapped, strict=False)
         except (RuntimeError, KeyError, IndexError) as exc:  # a tensor of the wrong shape, a missing expert
             detail = " ".join(str(exc).split())[:240]
@@ -269,10 +278,18 @@ class LayerStream:
         return [n for n in names if n in state]
 
     def release_layer(self, index: int) -> None:
-        self.model.model.layers[index].to_empty(device="meta")
+        layer = self.model.model.layers[index]
+        for module, attr in self._fused_params(layer, index).values():
+            if isinstance(getattr(module, attr), Fp8Experts):  # load_layer's keep_fp8: not a parameter to empty
+                setattr(module, attr, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
+        layer.to_empty(device="meta")
 
-    def to_memory(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None
-                  ) -> dict[str, Tensor]:
+    def release_embeddings(self) -> None:
+        """Free the embeddings on the device (once ``embed`` has made the first layer's inputs)."""
+        self.model.model.embed_tokens.to_empty(device="meta")
+
+    def to_memory(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None,
+                  keep_fp8: bool = False) -> dict[str, Tensor]:
         """On-disk layer tensors -> the layer module's state dict (experts stacked and fused).
 
         Experts come either one linear per expert (Hub checkpoints of most families, and every
@@ -280,6 +297,8 @@ class LayerStream:
         in-memory (E, 2I, H) gate_up and (E, H, I) down tensors, on the stream's device in
         ``experts_dtype`` (default: as stored), filled one expert at a time from ``state``, whose
         per-expert tensors are taken out of it as they are used (so each can be freed at once).
+        ``keep_fp8``: per-expert FP8 weights (formats.fp8.Fp8Weight) of one layout become two
+        ``Fp8Experts`` instead, as stored.
         """
         arch = self.arch
         plan = plan_layer(arch, self.config, index)
@@ -295,6 +314,8 @@ class LayerStream:
             if fused.on_disk and not per_expert:
                 out[gate_up_name], out[down_name] = (state[n].to(self.device, experts_dtype or state[n].dtype)
                                                      for n in (fused.disk_gate_up, fused.disk_down))
+            elif keep_fp8 and self._fp8_experts(plan, state):
+                out[gate_up_name], out[down_name] = self._stacked_fp8(plan, state, consumed)
             else:  # per-expert tensors win over fused ones: they are what a quantized export holds
                 E = plan.num_experts
                 first = [state[f"{plan.experts.linear(w, 0)}.weight"] for w in (fused.halves[0], "down")]
@@ -317,6 +338,31 @@ class LayerStream:
             if name not in consumed:
                 out[arch.to_memory(name)] = t
         return out
+
+    @staticmethod
+    def _expert_parts(plan) -> list[list[str]]:
+        """Per fused tensor (gate_up, down), per expert, the on-disk names of its row blocks in order."""
+        fused, E = plan.fused, plan.num_experts
+        return [[[f"{plan.experts.linear(w, e)}.weight" for w in ws] for e in range(E)]
+                for ws in (fused.halves, ("down",))]
+
+    def _fp8_experts(self, plan, state: dict) -> bool:
+        """Whether the layer's per-expert weights are FP8 of one layout (Fp8Experts.fits), each kind."""
+        return all(all(n in state for names in kind for n in names)
+                   and Fp8Experts.fits([[state[n] for n in names] for names in kind])
+                   for kind in self._expert_parts(plan))
+
+    def _stacked_fp8(self, plan, state: dict, consumed: set[str]) -> tuple[Fp8Experts, Fp8Experts]:
+        """(gate_up, down) as Fp8Experts on the device, filled one expert part at a time from ``state``."""
+        out = []
+        for kind in self._expert_parts(plan):
+            stack = Fp8Experts(len(kind), [state[n] for n in kind[0]], self.device)
+            for e, names in enumerate(kind):
+                for k, name in enumerate(names):
+                    stack.put(e, k, state.pop(name).to(self.device, non_blocking=True))
+                    consumed.add(name)
+            out.append(stack)
+        return out[0], out[1]
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE,

@@ -2,7 +2,8 @@
 worked on a group at a time within a memory budget.
 
 - ``StoredExperts`` stands in for transformers' fused experts module during quantization. It keeps
-  the original weights as the checkpoint stores them (bf16 for most releases: half of fp32) and,
+  the original weights as the checkpoint stores them (bf16 for most releases: half of fp32; an FP8
+  release's as FP8 codes and scales, half of that, dequantized an expert at a time) and,
   once quantized, GPTQ's integer levels (one byte a weight) instead of fp32 copies of either; each
   forward pass rebuilds one expert's fp32 weights at a time. Its forward is transformers' own eager
   loop over the experts (the same for every family), on the same fp32 values the fused fp32
@@ -17,12 +18,14 @@ worked on a group at a time within a memory budget.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..base.errors import QuantMoeError
+from ..formats.fp8 import Fp8Experts
 from ..gptq.core import QuantResult, dequantize_grouped
 
 
@@ -73,11 +76,13 @@ class StoredExperts(nn.Module):
     """Routed experts (E of them) computing with weights rebuilt one expert at a time.
 
     ``gate_up`` (E, 2I, C) and ``down`` (E, C, I): the original weights in the dtype they were
-    stored in. ``quantized``: (gate_up, down) Levels over all E experts once they are solved;
-    ``use_quantized`` chooses which weights the forward pass runs with.
+    stored in, or an FP8 release's as stored (``Fp8Experts``: every use dequantizes them to the
+    BF16 numbers the stream's load would have made). ``quantized``: (gate_up, down) Levels over
+    all E experts once they are solved; ``use_quantized`` chooses which weights the forward pass
+    runs with.
     """
 
-    def __init__(self, gate_up: Tensor, down: Tensor, act_fn):
+    def __init__(self, gate_up: Tensor | Fp8Experts, down: Tensor | Fp8Experts, act_fn):
         super().__init__()
         self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
         self.num_experts = gate_up.shape[0]
@@ -91,13 +96,23 @@ class StoredExperts(nn.Module):
         E, I2, C = self.gate_up.shape
         return E, I2 // 2, C
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the original weights take, as held."""
+        return sum(w.nbytes if isinstance(w, Fp8Experts) else w.numel() * w.element_size()
+                   for w in (self.gate_up, self.down))
+
     def original(self, which: str, e: int) -> Tensor:
         """Expert e's original ``which`` ("gate_up" (2I, C) or "down" (C, I)) weights in fp32."""
-        return getattr(self, which)[e].float()
+        w = getattr(self, which)
+        return w.weights(e, e + 1, torch.float32)[0] if isinstance(w, Fp8Experts) else w[e].float()
 
     def originals(self, which: str, start: int, stop: int) -> Tensor:
         """Experts start..stop-1's original ``which`` weights as a new fp32 tensor (GPTQ's working copy)."""
-        return getattr(self, which)[start:stop].to(torch.float32, copy=True)
+        w = getattr(self, which)
+        if isinstance(w, Fp8Experts):
+            return w.weights(start, stop, torch.float32)
+        return w[start:stop].to(torch.float32, copy=True)
 
     def weights(self, e: int, quantized: bool) -> tuple[Tensor, Tensor]:
         """Expert e's fp32 (gate_up (2I, C), down (C, I)): the quantized ones, or the originals."""
@@ -232,6 +247,12 @@ class ExpertCosts:
         """Bytes of one expert routed ``tokens`` rows while its group is solved."""
         return self.per_expert + self.rows(tokens)
 
+    def passing(self, tokens: int, streams: int) -> int:
+        """Bytes a pass over the tokens holds beside the group's statistics: one batch of ``tokens``
+        MLP inputs per stream, and one expert's weights rebuilt in fp32 (its original gate/up and down,
+        its quantized gate/up) with the temporary of an FP8 release's dequantization."""
+        return 4 * (streams * tokens * self.C + 6 * self.I * self.C)
+
     def levels(self, experts: int) -> int:
         """Bytes of the quantized levels of ``experts`` experts (gate/up and down), kept for the forward passes."""
         return 3 * self.I * self.C * experts
@@ -247,10 +268,10 @@ def expert_groups(budget: int | None, in_use: int, costs: ExpertCosts, tokens: l
     room = budget - in_use
     largest = max(costs.of(t) for t in tokens)
     if room < largest:
-        need = (in_use + largest) / 1e9
+        need = math.ceil((in_use + largest) / 1e8) / 10  # rounded up: the budget named must work
         raise QuantMoeError(f"--gpu-memory {budget / 1e9:.1f}GB is too small for one expert of layer {layer}: the "
                             f"layer, its activations and one expert's statistics need about {need:.1f}GB; use "
-                            f"--gpu-memory {need + 0.5:.0f}GB or more, --fit none, or more GPUs")
+                            f"--gpu-memory {math.ceil(need)}GB or more, --fit none, or more GPUs")
     groups, start, used = [], 0, 0
     for k, t in enumerate(tokens):
         if k > start and used + costs.of(t) > room:

@@ -147,10 +147,13 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         for name in sorted(packed):
             writer.add(named(name, prefix), packed[name])
         layer_names[i] = quantized
+        del packed
+        ckpt.close()  # an open shard's pages read so far count as resident: unmapped once the shard is written
     mtp = ckpt.extra_layers() if qcfg.mtp == "keep" else []
     for i in mtp:
         for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
             writer.add(name, tensor)
+        ckpt.close()
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
                                               and not n.startswith("model.layers.")]):

@@ -167,20 +167,24 @@ class LayerQuantizer:
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
         self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
         self.gpu_memory = gpu_memory
+        self.host_capture = HOST_CAPTURE_BYTES  # what the capture may pin in host memory (quantize: the host budget's)
         self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
         self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
         with self.clock("load"):
             if state is None:
                 state = stream.layer_state(index, keep_dtype=True)
-            # Routed experts stay in the dtype they are stored in (StoredExperts); everything else is fp32.
-            self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=self._expert_dtype(state))
+            # Routed experts stay as they are stored (StoredExperts: an FP8 release's as FP8); the rest is fp32.
+            self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=self._expert_dtype(state),
+                                                      keep_fp8=True)
             self.experts_module: nn.Module | None = None  # the fused module StoredExperts stands in for
             if self.plan.experts is not None:
                 self.experts_module = self.layer.get_submodule(self.plan.fused.module)
+                gate_up, down = (getattr(self.experts_module, attr) for attr in (self.plan.fused.gate_up,
+                                                                                 self.plan.fused.down))
                 self.layer.set_submodule(self.plan.fused.module, StoredExperts(
-                    getattr(self.experts_module, self.plan.fused.gate_up).data,
-                    getattr(self.experts_module, self.plan.fused.down).data, self.experts_module.act_fn))
+                    gate_up.data if isinstance(gate_up, nn.Parameter) else gate_up,
+                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn))
             # --fit stream/layer: the layer as it was, run on the full-precision stream beside the one quantized.
             self.original: nn.Module | None = None
             if original_batches is not None:
@@ -289,7 +293,7 @@ class LayerQuantizer:
                 # Judged on the first batch: a cache that will not fit is not started (its growth is peak memory).
                 size = max(size, x.numel() * x.element_size() * (1 if x0 is x else 2) * len(self.batches))
                 on_host = size > CAPTURE_CACHE_BYTES and self.stream.device.type == "cuda"
-                if size > (HOST_CAPTURE_BYTES if on_host else CAPTURE_CACHE_BYTES):
+                if size > (self.host_capture if on_host else CAPTURE_CACHE_BYTES):
                     kept = None
                 elif on_host:
                     x_host = _pinned_copy(x)
@@ -456,9 +460,17 @@ class LayerQuantizer:
         costs = ExpertCosts(C, I, hessians=self.qcfg.backend != "rtn", cross=self.fit_stream,
                             fit_down=self.fit_down)
         in_use = 0
-        if self.gpu_memory is not None:
-            in_use = costs.levels(E) + (torch.cuda.memory_allocated(self.stream.device)
-                                        if self.stream.device.type == "cuda" else 0)
+        if self.gpu_memory is not None and self.stream.device.type == "cuda":
+            # What is resident (the layer with its experts as stored, the activations, the Levels, which
+            # experts() allocates before it sizes the groups), the MLP inputs' capture if it will be kept
+            # on the device, and what one pass needs beside the groups' statistics.
+            tokens = [b.hidden.shape[:-1].numel() for b in self.batches]
+            streams = 1 if self.original is None else 2
+            cached = sum(tokens) * C * 4 * streams
+            in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
+                      + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
+        elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
+            in_use = costs.levels(E)
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
 
     def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, int]:

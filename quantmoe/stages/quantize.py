@@ -19,8 +19,10 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -48,7 +50,7 @@ from ..gptq.cuda_graphs import GraphedBlocks
 from ..gptq.triton_kernels import TritonBlocks
 from ..gptq.triton_kernels import available as triton_available
 from ..model.architectures import Architecture, architecture_for, plan_layer
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import READ_WINDOW, Checkpoint
 from ..model.distributed import Ranks, control_group, finish, join
 from ..model.stream import Batch, LayerStream, default_batch_size, pick_device
 from .calibrate import (
@@ -60,7 +62,7 @@ from .calibrate import (
 )
 from .evaluate import evaluate
 from .export import export_gptq, parse_size
-from .layer import LayerQuantizer
+from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
 from .report import model_card, ranges, render_markdown
 from .resume import (
     fingerprint,
@@ -165,7 +167,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
              run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int | None = None,
              quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
              block_kernel: str = "auto", gpu_memory: str | int | None = None, ranks: Ranks | None = None,
-             record_paths: bool = False) -> dict:
+             record_paths: bool = False, host_memory: str | int | None = None) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
@@ -178,6 +180,9 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     in a background thread. ``gpu_memory``: the device memory the run may use ("70GB"; default on CUDA:
     what the device has free now, less some headroom; on CPU: no limit); a layer's routed experts are
     worked on in groups that fit it (stages/experts.py), with the same bytes for any budget.
+    ``host_memory``: the host memory the run may hold ("32GB"; default: what the machine has available
+    now, less some headroom); the capture's pinned cache and the read-ahead of the next layer are sized
+    to it (``host_plan``), with the same bytes for any budget.
     ``block_kernel``: how GPTQ's column loop runs, one of BLOCK_KERNELS
     (see block_function; every choice gives the same bits). ``ranks``: this process's place
     under torchrun (default: read from torchrun's environment variables; a single process
@@ -218,6 +223,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     control = control_group(ranks)
     block_fn = block_function(block_kernel, dev)
     budget = memory_budget(gpu_memory, dev)
+    host = host_budget(host_memory)
     stream = LayerStream(ckpt, dev)
     n = stream.num_layers
     batch_size = batch_size or default_batch_size(stream.config, ids.shape[1])
@@ -235,6 +241,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
     with stage(stages, "quantize"), PeakRSS() as rss, reader, writer:
         batches = stream.embed(ids, batch_size) if done < n else []
+        stream.release_embeddings()  # not needed again: their device memory goes to the layers' work
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
         originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] \
@@ -251,21 +258,31 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         def pin(i: int) -> bool:
             """The prefetched layer in page-locked memory (a faster, asynchronous upload) unless it is larger
             than PIN_BYTES: pinning copies it, so host memory would briefly hold it twice."""
-            return dev.type == "cuda" and sum(ckpt.nbytes(name) for name in ckpt.names(ckpt.layer_prefix(i))) <= PIN_BYTES
+            return dev.type == "cuda" and layer_bytes(ckpt, i) <= PIN_BYTES
 
-        next_state: Future | None = reader.submit(stream.layer_state, done, True, pin(done)) \
-            if prefetch and done < n else None
+        def read_ahead(i: int) -> Future | None:
+            return reader.submit(stream.layer_state, i, True, pin(i)) if prefetch and i < n else None
+
+        # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
+        # larger than the device may keep.
+        captured = ids.numel() * stream.config.hidden_size * 4 * (2 if qcfg.fit in ("stream", "layer") else 1)
+        captured = captured if dev.type == "cuda" and captured > CAPTURE_CACHE_BYTES else 0
+        next_state: Future | None = read_ahead(done)
         written: Future | None = None
         for i in tqdm(range(done, n), desc="quantize", unit="layer", disable=quiet, initial=done, total=n):
             t0 = time.perf_counter()
             _gpu_peak(dev, reset=True)
             state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
             waited = time.perf_counter() - t0
-            next_state = reader.submit(stream.layer_state, i + 1, True, pin(i + 1)) if prefetch and i + 1 < n else None
             quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn,
                                        batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals,
                                        budget)
-            del state  # on the device now; host memory holds only the layer being prefetched
+            del state  # on the device now
+            plan = host_plan(host, psutil.Process().memory_info().rss, packed_bytes(ckpt, arch, qcfg, i),
+                             captured,
+                             layer_bytes(ckpt, i + 1) if prefetch and i + 1 < n else None)
+            quantizer.host_capture = plan.capture
+            next_state = read_ahead(i + 1) if plan.read_ahead else None
             result = quantizer.run()
             del quantizer
             batches, originals = result.outputs, result.original_outputs
@@ -363,6 +380,57 @@ def memory_budget(gpu_memory: str | int | None, dev: torch.device) -> int | None
         return None
     free, _ = torch.cuda.mem_get_info(dev)
     return free + torch.cuda.memory_reserved(dev) - BUDGET_HEADROOM
+
+
+# What a default host budget leaves to the rest of the machine.
+HOST_HEADROOM = 4 << 30
+
+
+def host_budget(host_memory: str | int | None) -> int:
+    """The bytes of host memory the run may hold: ``host_memory`` ("32GB"), or by default what the machine
+    has available now plus what this process holds already, less HOST_HEADROOM."""
+    if host_memory is not None:
+        try:
+            return parse_size(host_memory)
+        except QuantMoeError:
+            raise QuantMoeError(f"--host-memory {host_memory!r} is not a size; write it like 32GB or 64GB") from None
+    return psutil.virtual_memory().available + psutil.Process().memory_info().rss - HOST_HEADROOM
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    capture: int       # bytes the layer's capture may pin in host memory (LayerQuantizer.host_capture)
+    read_ahead: bool   # whether the next layer is read while this one is worked on
+
+
+def host_plan(budget: int, resident: int, packed: int, capture: int, next_layer: int | None) -> HostPlan:
+    """How a layer uses the host ``budget`` (bytes) beside what is ``resident`` once it is loaded: first its
+    ``packed`` results (host copies until its layer file is written), then its MLP inputs' pinned
+    ``capture`` (it saves a forward pass through attention for every group of experts), then the read of
+    the ``next_layer``'s stored bytes (None: none to read) while it is worked on, with the shards' pages
+    (READ_WINDOW), which saves only the read's time. Read after the layer instead, the next layer finds
+    this one's capture freed."""
+    room = budget - resident - packed
+    limit = max(0, min(HOST_CAPTURE_BYTES, room))
+    pinned = capture if capture <= limit else 0  # a capture that does not fit is not kept at all
+    read_ahead = next_layer is not None and pinned + next_layer + READ_WINDOW <= room
+    return HostPlan(limit, read_ahead)
+
+
+def layer_bytes(ckpt: Checkpoint, i: int) -> int:
+    """Bytes layer i takes in the shards (what reading it holds in host memory)."""
+    return sum(ckpt.nbytes(name) for name in ckpt.names(ckpt.layer_prefix(i)))
+
+
+def packed_bytes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig, i: int) -> int:
+    """Bytes of layer i's packed GPTQ tensors (qweight, scales, qzeros, g_idx), from the shapes in the headers."""
+    prefix = ckpt.layer_prefix(i)
+    shapes = {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
+    total = 0
+    for rows, cols in plan_layer(arch, ckpt.config, i, qcfg.layout).linear_shapes(shapes).values():
+        groups = 1 if qcfg.group_size == -1 else -(-cols // qcfg.group_size)
+        total += rows * cols * qcfg.bits // 8 + groups * rows * 2 + groups * rows * qcfg.bits // 8 + cols * 4
+    return total
 
 
 def _write_when_packed(packed: torch.cuda.Event | None, *args) -> Path:

@@ -1,0 +1,104 @@
+"""Host memory within a budget (issue 19, --host-memory): a layer's packed results first, then its MLP
+inputs' pinned capture, then the read-ahead of the next layer; shards unmapped as they are read; the
+same bytes for any budget."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import torch
+from clirun import cli, one_error_line, quantize_args
+
+import quantmoe
+from quantmoe.base.options import QuantConfig
+from quantmoe.model import checkpoint as checkpoint_module
+from quantmoe.model.checkpoint import READ_WINDOW, Checkpoint
+from quantmoe.stages import quantize as quantize_module
+from quantmoe.stages.layer import HOST_CAPTURE_BYTES
+from quantmoe.stages.quantize import HostPlan, host_budget, host_plan, packed_bytes
+
+GB = 10**9
+
+
+def test_host_plan_keeps_results_then_capture_then_read_ahead():
+    # DeepSeek-V3's MoE layer from FP8: 15 GB of captured MLP inputs (both streams), 5.9 GB packed, 11.5 GB to read.
+    capture, packed, layer = 15 * GB, 5.9 * GB, 11.5 * GB
+    assert host_plan(120 * GB, 3 * GB, packed, capture, layer) == HostPlan(HOST_CAPTURE_BYTES, True)
+    tight = host_plan(32 * GB, 3 * GB, packed, capture, layer)  # the capture fits, the read-ahead does not
+    assert tight.capture >= capture and not tight.read_ahead
+    dense = host_plan(32 * GB, 3 * GB, 0.1 * GB, capture, layer)  # after a dense layer both fit: 29.6 GB + the window
+    assert dense.capture >= capture and dense.read_ahead
+    assert 3 * GB + 0.1 * GB + capture + layer + READ_WINDOW <= 32 * GB
+    small = host_plan(16 * GB, 3 * GB, packed, capture, layer)  # no room for the capture: the layer captures again
+    assert small.capture < capture and not small.read_ahead
+    assert host_plan(16 * GB, 3 * GB, packed, 0, 2 * GB).read_ahead  # nothing pinned: the read-ahead fits
+    assert host_plan(2 * GB, 3 * GB, packed, capture, layer) == HostPlan(0, False)
+    assert not host_plan(120 * GB, 3 * GB, packed, capture, None).read_ahead  # the last layer
+
+
+def test_the_default_host_budget_is_what_the_machine_has_available():
+    available = psutil.virtual_memory().available
+    assert abs(host_budget(None) - (available + psutil.Process().memory_info().rss - quantize_module.HOST_HEADROOM)) \
+        < 2 * 2**30
+    assert host_budget("32GB") == 32 * GB
+
+
+def test_packed_bytes_are_what_the_layer_files_hold(tiny_model, text_file, tmp_path):
+    model = tiny_model("qwen2_moe")
+    out = tmp_path / "out"
+    quantmoe.quantize(model, out, QuantConfig(group_size=32), calib=text_file, nsamples=4, seqlen=32, run_eval=False,
+                      quiet=True)
+    ckpt, arch = Checkpoint(model), quantmoe.stages.quantize.architecture_for(Checkpoint(model).config)
+    written = Checkpoint(out)
+    for i in range(ckpt.config.num_hidden_layers):
+        held = sum(written.nbytes(n) for n in written.names(f"model.layers.{i}.")
+                   if n.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx"))
+        assert packed_bytes(ckpt, arch, QuantConfig(group_size=32), i) == held
+
+
+def test_a_layer_is_read_with_the_shards_unmapped_every_window(tiny_model, monkeypatch):
+    ckpt = Checkpoint(tiny_model("mixtral"))
+    prefix = ckpt.layer_prefix(0)
+    whole = ckpt.read_prefix(prefix, None)
+    closes = []
+    close = Checkpoint.close
+    monkeypatch.setattr(Checkpoint, "close", lambda self: (closes.append(1), close(self)))
+    monkeypatch.setattr(checkpoint_module, "READ_WINDOW", 1)  # every tensor
+    again = ckpt.read_prefix(prefix, None)
+    assert len(closes) == len(whole) + 1  # after each tensor, and at the end
+    assert again.keys() == whole.keys() and all(torch.equal(again[k], whole[k]) for k in whole)
+
+
+def test_any_host_budget_gives_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch):
+    """A budget below what the process holds reads no layer ahead (and pins nothing): the same output."""
+    model = tiny_model("deepseek_v3")
+    plans = []
+    plan = quantize_module.host_plan
+    monkeypatch.setattr(quantize_module, "host_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+
+    def run(name, budget):
+        out = tmp_path / name
+        quantmoe.quantize(model, out, QuantConfig(group_size=32), calib=text_file, nsamples=8, seqlen=32,
+                          run_eval=False, quiet=True, host_memory=budget)
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    roomy = run("roomy", None)
+    assert [p.read_ahead for p in plans] == [True, True, False]
+    plans.clear()
+    assert run("tight", "1MB") == roomy
+    assert [p.read_ahead for p in plans] == [False] * 3 and {p.capture for p in plans} == {0}
+
+
+def test_a_host_budget_that_is_not_a_size_is_one_line(tiny_model, text_file, tmp_path):
+    result = cli(*quantize_args(tiny_model("mixtral"), tmp_path / "out", text_file, "--host-memory", "lots"))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == "error: --host-memory 'lots' is not a size; write it like 32GB or 64GB"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_takes_a_host_budget(tiny_model, text_file, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*quantize_args(tiny_model("mixtral"), out, text_file, "--host-memory", "1MB"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
