@@ -56,6 +56,9 @@ from .experts import (
 )
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
+# The routed experts' statistics run over an expert's rows in chunks whose temporaries take at most this
+# (the budget counts it as part of one pass: ExpertCosts.passing).
+STATS_CHUNK_BYTES = 1 << 30
 # Inputs of the MLP stage are captured once and reused by the passes after (routing, the groups of
 # experts' Hessians, the shared expert) when they take at most this much device memory; on CUDA,
 # larger ones are kept in page-locked host memory up to HOST_CAPTURE_BYTES (copying them back is
@@ -468,7 +471,7 @@ class LayerQuantizer:
             streams = 1 if self.original is None else 2
             cached = sum(tokens) * C * 4 * streams
             in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
-                      + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
+                      + STATS_CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
         elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
             in_use = costs.levels(E)
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
@@ -564,7 +567,7 @@ class LayerQuantizer:
             for k in range(len(rows.spans)):
                 x, x0, w = rows.of(k)
                 n = 0
-                for xc, x0c, wc in _row_chunks(x, x0, w):
+                for xc, x0c, wc in _row_chunks(x, x0, w, 4 * 2 * C):  # the rows weighted, twice
                     if X0 is not None:
                         moment_sum(X0[k], x0c, xc, wc)
                     n = n + moment_sum(H[k], xc, xc, wc)
@@ -588,7 +591,7 @@ class LayerQuantizer:
                 x, x0, w = rows.of(k)
                 Wg, Wu, original = self._expert_mlp(store, res_gu, k, e)
                 n = 0
-                for xc, x0c, wc in _row_chunks(x, x0, w):
+                for xc, x0c, wc in _row_chunks(x, x0, w, 4 * (6 * I + C)):  # gate, up, act, h, h w; output
                     h = gated(xc, Wg, Wu, act)
                     if P_d is not None:
                         g0, u0, d0 = original
@@ -786,10 +789,14 @@ def _dequantized(res: QuantResult, b: int) -> Tensor:
     return dequantize_grouped(res.q[b], res.scales[b], res.zeros[b])
 
 
-def _row_chunks(x: Tensor, x0: Tensor, w: Tensor | None) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """An expert's rows (and their full-precision twins and weights) in fixed chunks of TOKEN_CHUNK."""
-    for start in range(0, x.shape[0], TOKEN_CHUNK):
-        stop = start + TOKEN_CHUNK
+def _row_chunks(x: Tensor, x0: Tensor, w: Tensor | None, per_row: int
+                ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """An expert's rows (and their full-precision twins and weights) in chunks whose temporaries, at
+    ``per_row`` bytes a row, stay within STATS_CHUNK_BYTES: a size set by the shapes alone, so an expert's
+    statistics are the same bits whatever the budget."""
+    rows = max(256, STATS_CHUNK_BYTES // per_row)
+    for start in range(0, x.shape[0], rows):
+        stop = start + rows
         yield x[start:stop], (x[start:stop] if x0 is x else x0[start:stop]), (None if w is None else w[start:stop])
 
 
