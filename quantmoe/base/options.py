@@ -38,6 +38,9 @@ FITS = ("none", "mlp", "layer", "stream")
 # multi-token-prediction layer): copy them unquantized, FP8 ones as BF16, declared so that loaders
 # leave them unquantized ("keep"), or leave them out ("drop"). See docs/architectures.md.
 MTP_CHOICES = ("keep", "drop")
+# On-disk format of the gptq/rtn export: GPTQ v1 (formats.gptq_v1) or compressed-tensors pack-quantized
+# (formats.compressed_tensors: vLLM's native WNA16 path, what llm-compressor writes). Same levels and scales.
+FORMATS = ("gptq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class QuantConfig:
     expert_hessian: str = "weighted"  # routed | weighted | all (see EXPERT_HESSIANS)
     fit: str = "stream"            # none | mlp | layer | stream (see FITS)
     mtp: str = "keep"              # keep | drop: layers beyond num_hidden_layers in BF16, or left out (see MTP_CHOICES)
+    format: str = "gptq"           # gptq | compressed-tensors: the export's on-disk format (see FORMATS)
 
     def __post_init__(self):
         if isinstance(self.act_order, bool):  # the boolean form of earlier versions
@@ -93,6 +97,11 @@ class QuantConfig:
             raise QuantMoeError(f"--damp {self.damp} is out of range; use a value in (0, 1), e.g. 0.01")
         if self.layout not in LAYOUTS:
             raise QuantMoeError(f"--layout {self.layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
+        if self.format not in FORMATS:
+            raise QuantMoeError(f"--format {self.format!r} is unknown; use one of {', '.join(FORMATS)}")
+        if self.format == "compressed-tensors" and self.layout != "source":
+            raise QuantMoeError("--format compressed-tensors keeps the checkpoint's own tensor names (what vLLM reads); "
+                                "drop --layout gptqmodel, or use --format gptq with it")
         if self.rare_expert not in RARE_EXPERT_POLICIES:
             raise QuantMoeError(f"--rare-expert {self.rare_expert!r} is unknown; use one of {', '.join(RARE_EXPERT_POLICIES)}")
 

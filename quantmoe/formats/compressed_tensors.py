@@ -14,6 +14,13 @@ Per quantized linear ``P`` with weight (out, in):
 
 The weight is (q - zero_point) * scale. The bit order was checked against
 compressed-tensors 0.19.0 ``pack_to_int32``/``unpack_from_int32`` (see tests).
+
+Writing (``--format compressed-tensors``): the gptq/rtn backends' GPTQ v1 tensors are repacked
+(``from_gptq``), the same levels and scales, as vLLM's compressed-tensors WNA16 loader reads them
+(docs/interop.md names its source files): ``weight_packed``, ``weight_scale`` (fp16, as GPTQ stores
+it: vLLM casts it to the model's dtype), ``weight_shape``, and ``weight_zero_point`` only for
+asymmetric weights. quantmoe's groups are always contiguous (``g_idx = c // group_size``), so no
+``weight_g_idx`` is written and ``actorder`` is never ``group`` (which vLLM refuses).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from torch import Tensor
 from ..base.errors import QuantMoeError
 from .base import QuantizedLinear
 from .fp8 import has_float_weights
+from .gptq_v1 import unpack_linear
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
@@ -112,6 +120,96 @@ def dequantize_compressed_state(tensors: dict[str, Tensor], group_size: int | No
     return out
 
 
+# -- writing ----------------------------------------------------------------------------
+def pack_int32(values: Tensor, bits: int) -> Tensor:
+    """Dense little-endian pack along the last dim (the inverse of ``unpack_int32``): unsigned ints
+    (R, C) below 2**bits -> int32 (R, ceil(C * bits / 32)); bits 4 or 8 (a value never straddles words)."""
+    if 32 % bits:
+        raise ValueError(f"{bits}-bit values straddle int32 words; only 4 and 8 bits are written")
+    per = 32 // bits
+    rows, cols = values.shape
+    v = values.to(torch.int64)
+    if cols % per:  # the tail word is padded with zeros; weight_shape crops them when read
+        v = torch.cat([v, v.new_zeros(rows, per - cols % per)], dim=1)
+    shifts = torch.arange(per, dtype=torch.int64, device=v.device) * bits
+    packed = (v.reshape(rows, -1, per) << shifts).sum(dim=-1)  # < 2**32
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def from_gptq(parts: dict[str, Tensor], bits: int, sym: bool) -> dict[str, Tensor]:
+    """One linear's GPTQ v1 tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``) as compressed-tensors
+    pack-quantized ones, keyed by suffix: the same levels q, zero points z and scales s (w = (q - z) * s).
+
+    Both formats store unsigned levels; compressed-tensors reads them as q - 2**(bits-1) and its zero
+    point likewise, so the stored values are GPTQ's own. A symmetric zero (2**(bits-1)) is signed 0:
+    not written, as compressed-tensors and vLLM's symmetric types (uint4b8, uint8b128) expect."""
+    q, scales, zeros, g_idx = unpack_linear(parts, bits)      # (R, C), (R, G), (R, G), (C,)
+    rows, cols = q.shape
+    groups = scales.shape[1]
+    out = {
+        "weight_packed": pack_int32(q, bits),
+        "weight_scale": scales.contiguous().clone(),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
+    }
+    width = -(-cols // groups)
+    if not torch.equal(g_idx.long(), torch.arange(cols) // width):  # never from quantmoe's GPTQ: kept if ever
+        out["weight_g_idx"] = g_idx.to(torch.int32).clone()
+    if sym:
+        if not bool((zeros == 2 ** (bits - 1)).all()):
+            raise QuantMoeError("a symmetric linear has zero points other than 2**(bits-1); re-run the quantization")
+    else:  # packed along the output dim, (ceil(R * bits / 32), G)
+        out["weight_zero_point"] = pack_int32(zeros.t().contiguous(), bits).t().contiguous()
+    return out
+
+
+def from_gptq_state(tensors: dict[str, Tensor], bits_of, sym_of) -> dict[str, Tensor]:
+    """``tensors`` (a layer file: GPTQ v1 tensors under full names) with every GPTQ linear repacked by
+    ``from_gptq``; ``bits_of(module)``/``sym_of(module)`` give each linear's settings."""
+    suffixes = ("qweight", "qzeros", "scales", "g_idx")
+    modules = sorted(n[: -len(".qweight")] for n in tensors if n.endswith(".qweight"))
+    out = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in modules}
+    for m in modules:
+        packed = from_gptq({s: tensors[f"{m}.{s}"] for s in suffixes}, bits_of(m), sym_of(m))
+        out.update({f"{m}.{s}": t for s, t in packed.items()})
+    return out
+
+
+def weight_args(bits: int, group_size: int, sym: bool, act_order: str) -> dict:
+    """The ``weights`` QuantizationArgs of one config group, every field compressed-tensors 0.20 defines."""
+    return {"num_bits": bits, "type": "int", "symmetric": sym,
+            "strategy": "channel" if group_size == -1 else "group",
+            "group_size": None if group_size == -1 else group_size,
+            "block_structure": None, "dynamic": False,
+            # "weight" (= static): columns visited by the Hessian's order, groups kept contiguous; vLLM
+            # refuses "group", and quantmoe's "group" order also keeps groups contiguous (no g_idx).
+            "actorder": "weight" if act_order == "static" else None,
+            "observer": "minmax", "observer_kwargs": {}}
+
+
+def quantization_config(groups: list[tuple[list[str], dict]], ignore: list[str], meta: dict) -> dict:
+    """The compressed-tensors ``quantization_config`` vLLM reads (``quant_method: compressed-tensors``,
+    ``format: pack-quantized``).
+
+    ``groups``: (targets, weight_args) per config group, in lookup order (vLLM takes the first name or
+    regex target that matches, a class name such as "Linear" only when none does); ``ignore``: the
+    modules kept in 16 bits (routers, lm_head, skipped ones), matched before any group. ``meta`` is
+    quantmoe's own record (which backend, its options), which compressed-tensors and vLLM ignore."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "kv_cache_scheme": None,
+        "config_groups": {f"group_{k}": {"targets": targets, "weights": weights, "input_activations": None,
+                                         "output_activations": None, "format": "pack-quantized"}
+                          for k, (targets, weights) in enumerate(groups)},
+        "ignore": ignore,
+        "sparsity_config": {},
+        "transform_config": {},
+        "meta": meta,
+    }
+
+
 # -- reading a checkpoint ------------------------------------------------------------
 @dataclass(frozen=True)
 class CompressedTensorsReader:
@@ -128,9 +226,11 @@ class CompressedTensorsReader:
         sym = {w.get("symmetric") for w in weights}
         group = config_group_size(quantization)
         bits_one = bits.pop() if len(bits) == 1 else None
+        # quantmoe's own exports name their backend (gptq or rtn) in "meta"; other tools' do not.
+        backend = (quantization.get("meta") or {}).get("backend")
         return {"method": "compressed-tensors", "backend": self.name, "bits": bits_one, "group_size": group,
                 "sym": sym.pop() if len(sym) == 1 else None,
-                "label": f"compressed-tensors int{bits_one} g{group}"}
+                "label": (f"{backend} " if backend else "") + f"compressed-tensors int{bits_one} g{group}"}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
 

@@ -28,6 +28,7 @@ from ..base.files import (
     save_safetensors,
 )
 from ..base.options import QuantConfig
+from ..formats import compressed_tensors
 from ..formats.gptq_v1 import quantization_config
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import INDEX_NAME, Checkpoint
@@ -122,6 +123,8 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
 
     Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``;
     the multi-token-prediction layers (``mtp="keep"``) keep their source names in both layouts.
+    With ``format="compressed-tensors"`` each layer file's GPTQ tensors are repacked as
+    compressed-tensors ones (the same levels and scales) and no quantize_config.json is written.
     """
     staging.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(staging, max_shard_size)
@@ -138,6 +141,8 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         prefix = ckpt.layer_prefix(i)
         packed = read_layer(file)
         quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
+        if qcfg.format == "compressed-tensors":
+            packed = compressed_tensors.from_gptq_state(packed, lambda m: qcfg.bits, lambda m: qcfg.sym)
         # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
         plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
         experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
@@ -157,10 +162,27 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         writer.add(name, tensor)
     weight_map = writer.close()
 
+    if qcfg.format == "compressed-tensors":
+        write_config(ckpt, staging, compressed_config(qcfg, not_quantized, version, sorted(mtp)))
+        return weight_map
     qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp))
     write_config(ckpt, staging, qconfig)
     atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
     return weight_map
+
+
+def compressed_config(qcfg: QuantConfig, not_quantized: list[str], version: str, extra_layers: list[int]) -> dict:
+    """The compressed-tensors ``quantization_config`` of an export: one config group targeting every
+    Linear; ``ignore`` names lm_head, every module left in 16 bits by exact path (the routers: since
+    transformers 5 they are not ``nn.Linear``, so a class target would not exclude them for tools that
+    match on it), and the multi-token-prediction layers by a prefix regex."""
+    ignore = ["lm_head", *not_quantized, *(f"re:^model\\.layers\\.{i}\\." for i in extra_layers)]
+    meta = {"quantizer": [f"quantmoe:{version}"], "backend": qcfg.backend, "act_order": qcfg.act_order,
+            "damp_percent": qcfg.damp, "true_sequential": qcfg.true_sequential}
+    if extra_layers:
+        meta["full_precision_layers"] = extra_layers
+    weights = compressed_tensors.weight_args(qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.act_order)
+    return compressed_tensors.quantization_config([(["Linear"], weights)], ignore, meta)
 
 
 def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:

@@ -77,7 +77,8 @@ from .resume import (
 def default_out(model: Path, qcfg: QuantConfig) -> Path:
     g = "" if qcfg.group_size == -1 else f"-g{qcfg.group_size}"
     layout = "" if qcfg.layout == "source" else f"-{qcfg.layout}"
-    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}{layout}"
+    fmt = "-ct" if qcfg.format == "compressed-tensors" else ""
+    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}{layout}{fmt}"
 
 
 def work_dir(out: Path) -> Path:

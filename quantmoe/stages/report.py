@@ -171,7 +171,12 @@ def model_card(report: dict | None, info: dict) -> str:
     ``info``: name, base_model (path or Hub cache path), model_type, version, quantization_config,
     options, fallback_count, calibration. Every entry of CARD_SECTIONS is written when ``report`` is given.
     """
-    q = info["quantization_config"]
+    q, opts = info["quantization_config"], info["options"]
+    ct = q.get("quant_method") == "compressed-tensors"
+    if ct:  # the same settings, read from the run's options; the 16-bit modules from ``ignore``
+        q = {"bits": opts["bits"], "group_size": opts["group_size"], "sym": opts["sym"], "damp_percent": opts["damp"],
+             "true_sequential": opts["true_sequential"], "meta": q.get("meta"),
+             "modules_not_quantized": [m for m in q["ignore"] if m != "lm_head" and not m.startswith("re:")]}
     base = base_model_name(info["base_model"])
     hub_id = base if "/" in base else None
     stats = (report or {}).get("quantization", {})
@@ -180,11 +185,11 @@ def model_card(report: dict | None, info: dict) -> str:
         "---",
         "library_name: transformers",
         *([f"base_model: {hub_id}"] if hub_id else []),
-        f"tags: [quantmoe, gptq, moe, int{q['bits']}]",
+        f"tags: [quantmoe, {'compressed-tensors' if ct else 'gptq'}, moe, int{q['bits']}]",
         "---",
         f"# {info['name']}",
         "",
-        f"GPTQ int{q['bits']} quantization of `{base}` ({info['model_type']}) made with quantmoe {info['version']}.",
+        f"{'compressed-tensors' if ct else 'GPTQ'} int{q['bits']} quantization of `{base}` ({info['model_type']}) made with quantmoe {info['version']}.",
         "",
         "## Base model",
         "",
@@ -217,7 +222,7 @@ def model_card(report: dict | None, info: dict) -> str:
         lines += ["## Evaluation protocol", "", protocol_text(report),
                   f"Text sha256 `{report['data']['text_sha256']}`.", "",
                   "## Perplexity", "", gap_table(report), ""]
-    vllm_quant = "gptq_marlin" if q["sym"] else "gptq"  # Marlin takes symmetric 4/8-bit only
+    vllm_quant = "compressed-tensors" if ct else "gptq_marlin" if q["sym"] else "gptq"  # Marlin: symmetric only
     lines += [
         "## Loading",
         "",
@@ -229,21 +234,37 @@ def model_card(report: dict | None, info: dict) -> str:
         f"vllm serve ./this-folder --quantization {vllm_quant}",
         "```",
         "",
-        "### transformers",
-        "",
-        "With optimum and gptqmodel installed:",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
-        "```",
-        "",
-        "### GPTQModel",
-        "",
-        "```python",
-        "from gptqmodel import GPTQModel",
-        "model = GPTQModel.load('./this-folder')",
-        "```",
-        "",
+    ]
+    if ct:
+        lines += [
+            "### transformers",
+            "",
+            "With compressed-tensors installed (`pip install compressed-tensors`):",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            "### transformers",
+            "",
+            "With optimum and gptqmodel installed:",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+            "```",
+            "",
+            "### GPTQModel",
+            "",
+            "```python",
+            "from gptqmodel import GPTQModel",
+            "model = GPTQModel.load('./this-folder')",
+            "```",
+            "",
+        ]
+    lines += [
         "### quantmoe",
         "",
         "Dequantized into a plain transformers model, CPU or GPU:",
