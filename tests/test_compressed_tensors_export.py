@@ -4,6 +4,7 @@ weights of the GPTQ v1 export of the same run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -18,8 +19,10 @@ from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
 
 # (model_type, backend, bits, sym): GPTQ once per family, the other settings with the cheaper rtn.
-CASES = [("mixtral", "gptq", 4, True), ("qwen2_moe", "gptq", 4, True), ("mixtral", "rtn", 8, False),
-         ("qwen2_moe", "rtn", 4, False), ("qwen2_moe", "rtn", 8, True)]
+CASES = [("mixtral", "gptq", 4, True), ("qwen2_moe", "gptq", 4, True),
+         ("mixtral", "rtn", 4, False), ("mixtral", "rtn", 8, True), ("mixtral", "rtn", 8, False),
+         ("qwen2_moe", "rtn", 4, False), ("qwen2_moe", "rtn", 8, True), ("qwen2_moe", "rtn", 8, False)]
+IDS = ["-".join(map(str, c)) for c in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def pair(tiny_model, text_file, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_compressed_tensors_reads_back_to_the_gptq_weights(pair, case):
     gptq, ct = (Checkpoint(f) for f in pair(*case))
     assert ct.format.name == "compressed-tensors" and gptq.format.name == case[1]
@@ -55,7 +58,7 @@ def test_compressed_tensors_reads_back_to_the_gptq_weights(pair, case):
             assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_tensors_and_config_are_what_vllm_reads(pair, case):
     model_type, _, bits, sym = case
     folder = pair(*case)[1]
@@ -140,3 +143,38 @@ def test_card_of_a_compressed_tensors_export(pair):
     assert "--quantization compressed-tensors" in card and "GPTQModel.load" not in card
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["meta"]["backend"] == "rtn"
+
+
+def library_scheme(qc: dict, module: str):
+    """The compressed-tensors library's QuantizationScheme for ``module``, found the way vLLM finds it:
+    ``ignore`` first, then the first name/regex target in order, then a class target ("Linear")."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_name
+
+    config = QuantizationConfig.model_validate(qc)
+    if any(match_name(module, t) for t in config.ignore):
+        return None
+    for scheme in config.config_groups.values():
+        if any(match_name(module, t) for t in scheme.targets if t != "Linear"):
+            return scheme
+    return next(s for s in config.config_groups.values() if "Linear" in s.targets)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
+                    reason="the compressed-tensors library is not installed (pip install 'quantmoe[test]')")
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_the_compressed_tensors_library_decompresses_to_our_weights(pair, case):
+    """The library's own pack-quantized decompressor, given our tensors and our config's scheme for each
+    module, gives our reader's weights (in the scale's dtype, fp16: the same products, rounded once)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    ckpt = Checkpoint(pair(*case)[1])
+    assert ckpt.quantized_linears
+    for module, linear in ckpt.quantized_linears.items():
+        scheme = library_scheme(ckpt.quantization, module)
+        assert scheme is not None and scheme.weights.num_bits == case[2] and scheme.weights.symmetric == case[3]
+        parts = {t.rpartition(".")[2]: ckpt.tensor(t) for t in linear.tensors}
+        theirs = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        ours = ckpt.format.dequantize(ckpt, linear)
+        assert theirs.shape == ours.shape
+        assert torch.equal(theirs, ours.to(theirs.dtype)), module
