@@ -118,7 +118,7 @@ def _backend_names() -> list[str]:
 # so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
 BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
                     "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine",
-                    "expert_hessian", "fit", "mtp", "format",
+                    "expert_hessian", "fit", "mtp", "format", "recipe",
                     "compute_dtype", "double_quant", "int8_threshold")
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 
@@ -168,6 +168,10 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--format", type=click.Choice(["gptq", "compressed-tensors"]), default="gptq", show_default=True,
               help="gptq/rtn: on-disk format, GPTQ v1 or compressed-tensors pack-quantized (vLLM's native "
                    "WNA16 path); the same levels and scales (see docs/interop.md).")
+@click.option("--recipe", default="", metavar="FILE|experts-only|attention-int8",
+              help="gptq/rtn: per-module precision, a TOML file of [[rules]] (match = a source module name or "
+                   "re:regex; bits, group_size, sym or skip = true; the first match wins) or a preset: experts-only "
+                   "(attention, shared experts, dense MLPs in 16 bits), attention-int8 (see docs/interop.md).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
 @click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,

@@ -88,7 +88,7 @@ RUN_OPTIONS: dict[str, tuple[type, ...]] = {
 }
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 ALIASES = {"eval": "run_eval"}
-PATH_KEYS = ("model", "calib", "eval_data")
+PATH_KEYS = ("model", "calib", "eval_data", "recipe")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -232,7 +232,10 @@ def _recipe_label(recipe: dict) -> str:
     if not hasattr(config, "bits"):
         return backend.name
     group = getattr(config, "group_size", -1)
-    return f"{backend.name}-int{config.bits}" + ("" if group == -1 else f"-g{group}")
+    label = f"{backend.name}-int{config.bits}" + ("" if group == -1 else f"-g{group}")
+    if getattr(config, "recipe", ""):  # a preset's name or the recipe file's stem
+        label += f"-{Path(config.recipe).stem}"
+    return label + ("-ct" if getattr(config, "format", "gptq") == "compressed-tensors" else "")
 
 
 def _matrix_jobs(matrix: dict, defaults: dict, file: Path) -> list[Job]:

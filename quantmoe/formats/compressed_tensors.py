@@ -26,6 +26,7 @@ asymmetric weights. quantmoe's groups are always contiguous (``g_idx = c // grou
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 from ..base.errors import QuantMoeError
 from .base import QuantizedLinear
 from .fp8 import has_float_weights
-from .gptq_v1 import unpack_linear
+from .gptq_v1 import GPTQ_SUFFIXES, linear_bits, quantized_modules, unpack_linear
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
@@ -162,14 +163,14 @@ def from_gptq(parts: dict[str, Tensor], bits: int, sym: bool) -> dict[str, Tenso
     return out
 
 
-def from_gptq_state(tensors: dict[str, Tensor], bits_of, sym_of) -> dict[str, Tensor]:
+def from_gptq_state(tensors: dict[str, Tensor], sym_of) -> dict[str, Tensor]:
     """``tensors`` (a layer file: GPTQ v1 tensors under full names) with every GPTQ linear repacked by
-    ``from_gptq``; ``bits_of(module)``/``sym_of(module)`` give each linear's settings."""
-    suffixes = ("qweight", "qzeros", "scales", "g_idx")
-    modules = sorted(n[: -len(".qweight")] for n in tensors if n.endswith(".qweight"))
+    ``from_gptq``, at its own bit width (from its shapes); ``sym_of(module)``: whether it is symmetric."""
+    modules = set(quantized_modules(tensors))
     out = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in modules}
-    for m in modules:
-        packed = from_gptq({s: tensors[f"{m}.{s}"] for s in suffixes}, bits_of(m), sym_of(m))
+    for m in sorted(modules):
+        parts = {s: tensors[f"{m}.{s}"] for s in GPTQ_SUFFIXES}
+        packed = from_gptq(parts, linear_bits(parts), sym_of(m))
         out.update({f"{m}.{s}": t for s, t in packed.items()})
     return out
 
@@ -208,6 +209,24 @@ def quantization_config(groups: list[tuple[list[str], dict]], ignore: list[str],
         "transform_config": {},
         "meta": meta,
     }
+
+
+def _matches(name: str, target) -> bool:
+    """compressed-tensors' and vLLM's name matching: ``re:`` is ``re.match``, anything else exact."""
+    if not isinstance(target, str):
+        return False
+    if target.startswith("re:"):
+        try:
+            return re.match(target[3:], name) is not None
+        except re.error as exc:
+            raise QuantMoeError(f"quantization_config pattern {target!r} is not a valid regular expression ({exc}); "
+                                "the checkpoint's config.json is damaged") from None
+    return target == name
+
+
+def ignored(quantization: dict, module: str) -> bool:
+    """Whether a compressed-tensors config's ``ignore`` list names ``module`` (kept unquantized)."""
+    return any(_matches(module, t) for t in (quantization or {}).get("ignore") or [])
 
 
 # -- reading a checkpoint ------------------------------------------------------------

@@ -32,6 +32,7 @@ from ..formats import compressed_tensors
 from ..formats.gptq_v1 import quantization_config
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import INDEX_NAME, Checkpoint
+from .precision import layer_units, recipe_patterns
 from .resume import read_layer
 
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -135,6 +136,9 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         def named(name: str, prefix: str) -> str:
             return name
     layer_names = {i: set() for i in range(len(layer_files))}
+    units = {i: layer_units(plan_layer(arch, ckpt.config, i, qcfg.layout), qcfg, ckpt.layer_prefix(i))
+             for i in range(len(layer_files))}
+    sym = {ckpt.layer_prefix(i) + n: u.qcfg.sym for i, us in units.items() for u in us if u.qcfg for n in u.names}
     for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
         writer.add(name, tensor)
     for i, file in enumerate(layer_files):
@@ -142,7 +146,7 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         packed = read_layer(file)
         quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
         if qcfg.format == "compressed-tensors":
-            packed = compressed_tensors.from_gptq_state(packed, lambda m: qcfg.bits, lambda m: qcfg.sym)
+            packed = compressed_tensors.from_gptq_state(packed, sym.__getitem__)
         # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
         plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
         experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
@@ -162,27 +166,42 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         writer.add(name, tensor)
     weight_map = writer.close()
 
+    patterns = recipe_patterns(units, qcfg)
     if qcfg.format == "compressed-tensors":
-        write_config(ckpt, staging, compressed_config(qcfg, not_quantized, version, sorted(mtp)))
+        write_config(ckpt, staging, compressed_config(qcfg, not_quantized, version, sorted(mtp), patterns))
         return weight_map
-    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp))
+    skipped = [ckpt.layer_prefix(i) + n for i, us in units.items() for u in us if u.qcfg is None for n in u.names]
+    overrides = [(rx, None if c is None else {"bits": c.bits, "group_size": c.group_size, "sym": c.sym})
+                 for rx, c in patterns]
+    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp), overrides, skipped)
     write_config(ckpt, staging, qconfig)
     atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
     return weight_map
 
 
-def compressed_config(qcfg: QuantConfig, not_quantized: list[str], version: str, extra_layers: list[int]) -> dict:
-    """The compressed-tensors ``quantization_config`` of an export: one config group targeting every
-    Linear; ``ignore`` names lm_head, every module left in 16 bits by exact path (the routers: since
-    transformers 5 they are not ``nn.Linear``, so a class target would not exclude them for tools that
-    match on it), and the multi-token-prediction layers by a prefix regex."""
-    ignore = ["lm_head", *not_quantized, *(f"re:^model\\.layers\\.{i}\\." for i in extra_layers)]
+def compressed_config(qcfg: QuantConfig, not_quantized: list[str], version: str, extra_layers: list[int],
+                      patterns: list[tuple[str, QuantConfig | None]] = ()) -> dict:
+    """The compressed-tensors ``quantization_config`` of an export: a config group targeting every
+    Linear with the run's settings, after one group per other setting of ``--recipe`` targeting its
+    modules by regex (``patterns``: precision.recipe_patterns; a name or regex target wins over a
+    class one in vLLM); ``ignore`` names lm_head, every module left in 16 bits by exact path (the
+    routers: since transformers 5 they are not ``nn.Linear``, so a class target would not exclude them
+    for tools that match on it) or by the recipe's regex, and the multi-token-prediction layers by a
+    prefix regex."""
+    ignore = ["lm_head", *not_quantized, *(f"re:^model\\.layers\\.{i}\\." for i in extra_layers),
+              *(f"re:{rx}" for rx, c in patterns if c is None)]
+    by_setting: dict[tuple, list[str]] = {}
+    for rx, c in patterns:
+        if c is not None:
+            by_setting.setdefault((c.bits, c.group_size, c.sym), []).append(f"re:{rx}")
+    groups = [(targets, compressed_tensors.weight_args(bits, group_size, sym, qcfg.act_order))
+              for (bits, group_size, sym), targets in sorted(by_setting.items())]
     meta = {"quantizer": [f"quantmoe:{version}"], "backend": qcfg.backend, "act_order": qcfg.act_order,
             "damp_percent": qcfg.damp, "true_sequential": qcfg.true_sequential}
     if extra_layers:
         meta["full_precision_layers"] = extra_layers
     weights = compressed_tensors.weight_args(qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.act_order)
-    return compressed_tensors.quantization_config([(["Linear"], weights)], ignore, meta)
+    return compressed_tensors.quantization_config([*groups, (["Linear"], weights)], ignore, meta)
 
 
 def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:
