@@ -211,3 +211,30 @@ def test_batch_jobs_accept_a_recipe(tiny_model, text_file, tmp_path):
                       '{backend = "rtn", format = "compressed-tensors"}]\n')
     assert [j.name for j in load_jobs(matrix)] == ["model-rtn-int4-g128", "model-rtn-int4-g128-attention-int8",
                                                    "model-rtn-int4-g128-ct"]
+
+
+# ----------------------------------------------------------------------------- the bundled demo
+@pytest.fixture(scope="module")
+def demo_gaps(tmp_path_factory):
+    """(recipe, format) -> the demo's perplexity gap, RTN int4 g128 (no calibration: quick), scored on the
+    first documents of the bundled held-out text."""
+    from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA
+
+    base = tmp_path_factory.mktemp("demo")
+    heldout = base / "heldout.jsonl"
+    heldout.write_text("\n".join(EVAL_DATA.read_text(encoding="utf-8").splitlines()[:6]) + "\n", encoding="utf-8")
+    gaps = {}
+    for recipe, fmt in (("", "gptq"), ("", "compressed-tensors"), ("attention-int8", "compressed-tensors")):
+        summary = quantmoe.quantize(DEFAULT_MODEL, base / f"{recipe or 'all4'}-{fmt}",
+                                    QuantConfig(backend="rtn", recipe=recipe, format=fmt), nsamples=4, seqlen=64,
+                                    eval_data=heldout, quiet=True, device="cpu")
+        gaps[recipe, fmt] = summary["report"]["gap"]["absolute"]
+    return gaps
+
+
+def test_demo_gap_is_the_same_through_compressed_tensors(demo_gaps):
+    assert demo_gaps["", "compressed-tensors"] == pytest.approx(demo_gaps["", "gptq"], abs=0.02)
+
+
+def test_demo_8_bit_attention_gives_a_smaller_gap_than_all_4_bit(demo_gaps):
+    assert 0 < demo_gaps["attention-int8", "compressed-tensors"] < demo_gaps["", "compressed-tensors"]
