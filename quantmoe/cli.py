@@ -492,9 +492,11 @@ def _table_only(table: dict) -> str:
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128, for the size estimate.")
 @click.option("--mtp", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
               help="Count the multi-token-prediction layers in the estimate (keep) or not (drop), as quantize --mtp.")
+@click.option("--recipe", default="", metavar="FILE|experts-only|attention-int8",
+              help="Estimate each linear at its own settings, as quantize --recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
-def inspect_(model, bits, group_size, mtp, as_json):
+def inspect_(model, bits, group_size, mtp, recipe, as_json):
     """Classify every tensor of MODEL (attention, routed/shared expert, router, dense MLP, not quantized)
     and estimate its size at --bits/--group-size, reading only headers (default: the bundled demo MoE)."""
     import json
@@ -502,7 +504,7 @@ def inspect_(model, bits, group_size, mtp, as_json):
     from .apps.inspection import inspect_model, render_text
     from .base.paths import DEFAULT_MODEL
 
-    report = inspect_model(model if model is not None else DEFAULT_MODEL, bits, group_size, mtp)
+    report = inspect_model(model if model is not None else DEFAULT_MODEL, bits, group_size, mtp, recipe)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
 
 

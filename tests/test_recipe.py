@@ -238,3 +238,38 @@ def test_demo_gap_is_the_same_through_compressed_tensors(demo_gaps):
 
 def test_demo_8_bit_attention_gives_a_smaller_gap_than_all_4_bit(demo_gaps):
     assert 0 < demo_gaps["attention-int8", "compressed-tensors"] < demo_gaps["", "compressed-tensors"]
+
+
+# ----------------------------------------------------------------------------- reports
+def test_reports_show_bits_per_module_class(tiny_model, text_file, tmp_path):
+    from quantmoe.apps.inspection import inspect_model, render_text
+    from quantmoe.stages.export import checkpoint_stats
+
+    src = tiny_model("qwen2_moe")
+    out = tmp_path / "out"
+    summary = quantmoe.quantize(src, out, QuantConfig(backend="rtn", group_size=32, recipe="attention-int8"),
+                                calib=text_file, nsamples=4, seqlen=32, eval_data=text_file, quiet=True)
+    classes = checkpoint_stats(out)["classes"]
+    assert list(classes) == ["attention", "routed experts", "shared experts", "dense MLPs"]
+    assert classes["attention"]["bits"] == [8] and classes["routed experts"]["bits"] == [4]
+    # 8 bits plus an fp16 scale and packed zero per group of 32, and each column's int32 g_idx
+    assert 8 < classes["attention"]["bits_per_weight"] < 10 and 4 < classes["routed experts"]["bits_per_weight"] < 6
+    assert summary["report"]["quantization"]["classes"] == classes
+    line = "attention 8-bit (%.2f bits/weight); routed experts 4-bit" % classes["attention"]["bits_per_weight"]
+    assert line in (out / "eval_report.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "- bits per module class: " + line in card
+    assert "recipe `attention-int8`, declared in the config's `dynamic`" in card
+    assert "every attention and expert projection is quantized" not in card
+
+    skipped = tmp_path / "experts-only"
+    quantmoe.quantize(src, skipped, QuantConfig(backend="rtn", group_size=32, recipe="experts-only"),
+                      calib=text_file, **QUICK)
+    classes = checkpoint_stats(skipped)["classes"]
+    assert classes["attention"] == {"bits": [16], "bits_per_weight": 16.0, "weights": classes["attention"]["weights"]}
+    assert classes["routed experts"]["bits"] == [4]
+
+    report = inspect_model(src, group_size=32, recipe="attention-int8")
+    assert report["class_bits"]["attention"]["bits"] == [8] and report["class_bits"]["routed expert"]["bits"] == [4]
+    assert "per class: attention 8-bit" in render_text(report)
+    assert inspect_model(src, group_size=32, recipe="experts-only")["class_bits"]["attention"]["bits"] == [16]

@@ -261,7 +261,11 @@ def checkpoint_stats(folder: Path) -> dict:
     - ``decoder_linear_fraction``: quantized weights over the linear weights of the decoder
       layers, routers excluded (norms and biases are not linear weights);
     - ``decoder_bytes`` / ``decoder_bf16_bytes``: bytes of every tensor under ``model.layers.``,
-      and what its parameters take in bf16.
+      and what its parameters take in bf16;
+    - ``classes``: per class of linear (``CLASS_NAMES``: attention, routed experts, shared experts, dense
+      MLPs), ``bits``: the widths its weights are stored at (a quantized linear's packed weight's bits per
+      weight; 16 for one kept unquantized), and ``bits_per_weight``: every tensor storing its linears
+      (packed weights, scales, zeros ...; or the plain weight) over their weights.
     """
 
     ckpt = Checkpoint(folder)
@@ -294,6 +298,7 @@ def checkpoint_stats(folder: Path) -> dict:
     decoder_quantized = sum(math.prod(lin.shape) for m, lin in linears.items() if m.startswith("model.layers."))
     size = sum((Path(folder) / s).stat().st_size for s in ckpt.shards)
     total = quantized + other_params
+    classes = class_bits(ckpt, arch)
     return {
         "bits_per_weight": quantized_bits / quantized if quantized else None,
         "information_bits_per_weight": information_bits / quantized if quantized else None,
@@ -305,7 +310,52 @@ def checkpoint_stats(folder: Path) -> dict:
         if decoder_quantized + decoder_linear else 0.0,
         "decoder_bytes": decoder_bytes,
         "decoder_bf16_bytes": 2 * (decoder_params + decoder_quantized),
+        "classes": classes,
     }
+
+
+# How reports name each kind of linear (architectures.LayerPlan.linear_kinds), in the order they show them.
+CLASS_NAMES = {"attention": "attention", "expert": "routed experts", "shared_expert": "shared experts",
+               "dense_mlp": "dense MLPs"}
+
+
+def class_bits(ckpt: Checkpoint, arch: Architecture) -> dict[str, dict]:
+    """``checkpoint_stats``' ``classes``: per class of linear of the decoder layers, the widths its weights
+    are stored at and its bits per weight, measured from the files (any format, or none)."""
+    linears = ckpt.quantized_linears
+    # Under the gptqmodel layout, stored names are GPTQModel's; the plan gives source names.
+    stored = {}
+    for module, lin in linears.items():
+        m = re.match(r"(model\.layers\.\d+\.)(.+)", module)
+        source = module if m is None else m.group(1) + arch.from_gptqmodel_name(m.group(2) + ".weight")[:-len(".weight")]
+        stored[source] = lin
+    totals: dict[str, list] = {}  # kind -> [bits, weights, widths]
+    for i in range(ckpt.config.num_hidden_layers):
+        prefix = ckpt.layer_prefix(i)
+        for name, kind in plan_layer(arch, ckpt.config, i).linear_kinds().items():
+            module = prefix + name
+            entry = totals.setdefault(kind, [0, 0, set()])
+            lin = stored.get(module)
+            if lin is not None:
+                weights = math.prod(lin.shape)
+                entry[0] += 8 * sum(ckpt.nbytes(t) for t in lin.tensors)
+                entry[2].add(round(8 * ckpt.nbytes(lin.tensors[0]) / weights, 2))
+            elif ckpt.has(f"{module}.weight"):
+                weights = math.prod(ckpt.shape(f"{module}.weight"))
+                entry[0] += 8 * ckpt.nbytes(f"{module}.weight")
+                entry[2].add(round(8 * ckpt.nbytes(f"{module}.weight") / weights, 2))
+            else:  # stored fused (GraniteMoE's experts in their source form): not counted per linear
+                continue
+            entry[1] += weights
+    return {CLASS_NAMES[k]: {"bits": sorted(int(b) if b == int(b) else b for b in v[2]),
+                             "bits_per_weight": v[0] / v[1], "weights": v[1]}
+            for k, v in sorted(totals.items(), key=lambda kv: list(CLASS_NAMES).index(kv[0])) if v[1]}
+
+
+def class_text(classes: dict[str, dict] | None) -> str:
+    """``attention 8-bit (9.42 bits/weight); routed experts 4-bit (4.53 bits/weight)``, from ``class_bits``."""
+    return "; ".join(f"{name} {'/'.join(f'{b}-bit' for b in c['bits'])} ({c['bits_per_weight']:.2f} bits/weight)"
+                     for name, c in (classes or {}).items())
 
 
 def read_json(path: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..base.errors import QuantMoeError
 from ..base.files import atomic_write_json, atomic_write_text
 from ..base.paths import published_name
+from .export import class_text
 
 
 def ranges(values) -> str:
@@ -129,8 +130,12 @@ def write_report(report: dict, path: Path, overwrite: bool) -> None:
 
 
 def render_markdown(report: dict) -> str:
-    parts = [f"{MARKDOWN_TITLE}: {report.get('model', '')}", "", gap_table(report), "",
-             "**Protocol.** " + protocol_text(report), ""]
+    parts = [f"{MARKDOWN_TITLE}: {report.get('model', '')}", "", gap_table(report), ""]
+    classes = (report.get("quantization") or {}).get("classes")
+    if classes:
+        parts += ["**Bits per module class** (stored width; bits per weight with scales and zeros): "
+                  + class_text(classes) + ".", ""]
+    parts += ["**Protocol.** " + protocol_text(report), ""]
     if report.get("fallbacks"):
         parts += ["**Rare-expert fallbacks.**", ""] + [f"- `{f['module']}`: {f['fallback']}" for f in report["fallbacks"]] + [""]
     if report.get("stages"):
@@ -200,10 +205,18 @@ def model_card(report: dict | None, info: dict) -> str:
         f"- backend: {info['options']['backend']}; bits {q['bits']}; group size {q['group_size']}; "
         f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {ORDER_WORDS.get(info['options']['act_order'], info['options']['act_order'])}; "
         f"damp {q['damp_percent']}; true-sequential {q['true_sequential']}",
-        f"- every attention and expert projection is quantized; not quantized: "
-        f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'] if not _in_layers(m, extra))}, embeddings, "
-        "norms and the LM head",
     ]
+    recipe = (info["options"].get("recipe") or "") if isinstance(info["options"], dict) else ""
+    if recipe:  # per-module precision: the classes say what each got; the config declares each module
+        lines.append(f"- per-module precision: recipe `{published_name(recipe)}`, declared in the config's "
+                     + ("`config_groups` and `ignore`" if ct else "`dynamic`") + "; routers, embeddings, norms and "
+                     "the LM head are not quantized")
+    else:
+        lines.append(f"- every attention and expert projection is quantized; not quantized: "
+                     f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'] if not _in_layers(m, extra))}, "
+                     "embeddings, norms and the LM head")
+    if stats.get("classes"):
+        lines.append(f"- bits per module class: {class_text(stats['classes'])}")
     if extra:
         lines.append(f"- the multi-token prediction layer{'s' if len(extra) > 1 else ''} "
                      f"{', '.join(map(str, extra))} (beyond `num_hidden_layers`, for speculative decoding) "
