@@ -17,9 +17,13 @@ the model in ``stages.quantize``; this file only reads and matches.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from .errors import QuantMoeError
 

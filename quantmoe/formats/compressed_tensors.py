@@ -244,12 +244,14 @@ class CompressedTensorsReader:
         bits = {w.get("num_bits") for w in weights}
         sym = {w.get("symmetric") for w in weights}
         group = config_group_size(quantization)
+        widths = "/".join(f"int{b}" for b in sorted(b for b in bits if isinstance(b, int)))  # several: per-module
         bits_one = bits.pop() if len(bits) == 1 else None
         # quantmoe's own exports name their backend (gptq or rtn) in "meta"; other tools' do not.
         backend = (quantization.get("meta") or {}).get("backend")
         return {"method": "compressed-tensors", "backend": self.name, "bits": bits_one, "group_size": group,
                 "sym": sym.pop() if len(sym) == 1 else None,
-                "label": (f"{backend} " if backend else "") + f"compressed-tensors int{bits_one} g{group}"}
+                "label": (f"{backend} " if backend else "") + f"compressed-tensors {widths}"
+                         + ("" if group is None else f" g{group}")}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
 

@@ -230,9 +230,13 @@ class GptqReader:
     def describe(self, quantization: dict) -> dict:
         q = quantization
         layout = (q.get("meta") or {}).get("layout", "source")
+        # "+:" rules of dynamic give some modules their own settings (--recipe)
+        overrides = {f"int{v['bits']}" for k, v in (q.get("dynamic") or {}).items()
+                     if not str(k).startswith("-:") and isinstance(v, dict) and v.get("bits") not in (None, q.get("bits"))}
         return {"method": "gptq", "backend": self.name, "bits": q.get("bits"), "group_size": q.get("group_size"),
                 "sym": q.get("sym"), "layout": layout,
                 "label": f"{self.name} int{q.get('bits')} g{q.get('group_size')}"
+                         + (f" ({'/'.join(sorted(overrides))} by module)" if overrides else "")
                          + ("" if layout == "source" else f" ({layout} layout)")}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:

@@ -258,6 +258,11 @@ def model_card(report: dict | None, info: dict) -> str:
             "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
             "```",
             "",
+            "### GPTQModel",
+            "",
+            "GPTQModel reads GPTQ checkpoints, not compressed-tensors ones: quantize with `--format gptq` "
+            "(and `--layout gptqmodel` for Mixtral-style experts) to load it there.",
+            "",
         ]
     else:
         lines += [
