@@ -248,7 +248,7 @@ class CompressedTensorsReader:
         bits_one = bits.pop() if len(bits) == 1 else None
         # quantmoe's own exports name their backend (gptq or rtn) in "meta"; other tools' do not.
         backend = (quantization.get("meta") or {}).get("backend")
-        return {"method": "compressed-tensors", "backend": self.name, "bits": bits_one, "group_size": group,
+        return {"method": "compressed-tensors", "backend": backend or self.name, "bits": bits_one, "group_size": group,
                 "sym": sym.pop() if len(sym) == 1 else None,
                 "label": (f"{backend} " if backend else "") + f"compressed-tensors {widths}"
                          + ("" if group is None else f" g{group}")}
