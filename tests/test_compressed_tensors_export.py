@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import ARCH_NAMES
 
 import quantmoe
 from quantmoe.base.errors import QuantMoeError
@@ -182,3 +183,21 @@ def test_the_compressed_tensors_library_decompresses_to_our_weights(pair, case):
         ours = ckpt.format.dequantize(ckpt, linear)
         assert theirs.shape == ours.shape
         assert torch.equal(theirs, ours.to(theirs.dtype)), module
+
+
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_every_architecture_reads_back_the_same_through_compressed_tensors(tiny_model, text_file, tmp_path, model_type):
+    """RTN (quick) in both formats, every row of the table: the same weights come back, and verify passes."""
+    from quantmoe.stages.verify import verify
+
+    outs = {}
+    for fmt in ("gptq", "compressed-tensors"):
+        outs[fmt] = tmp_path / fmt
+        quantmoe.quantize(tiny_model(model_type), outs[fmt], QuantConfig(backend="rtn", group_size=32, format=fmt),
+                          calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True)
+    gptq, ct = Checkpoint(outs["gptq"]), Checkpoint(outs["compressed-tensors"])
+    assert set(ct.quantized_linears) == set(gptq.quantized_linears)
+    for i in range(gptq.config.num_hidden_layers):
+        a, b = gptq.read_prefix(f"model.layers.{i}."), ct.read_prefix(f"model.layers.{i}.")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert verify(outs["compressed-tensors"]).ok

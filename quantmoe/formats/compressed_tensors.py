@@ -67,11 +67,13 @@ def config_group_size(quantization: dict | None) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def dequantize_compressed(parts: dict[str, Tensor], group_size: int | None = None) -> Tensor:
+def dequantize_compressed(parts: dict[str, Tensor], group_size: int | None = None, bits: int | None = None) -> Tensor:
     """The fp32 weight (out, in) a compressed-tensors pack-quantized linear stands for.
 
     ``group_size`` (from the quantization_config) is needed only when groups do not divide
-    the input evenly; otherwise it follows from the scale's shape."""
+    the input evenly; otherwise it follows from the scale's shape. ``bits`` (the config's ``num_bits``
+    for this linear) is needed only for an input narrower than 32 columns, whose packed width several
+    bit widths fit; otherwise it follows from the packed width."""
     if "weight_packed" not in parts or "weight_scale" not in parts or "weight_shape" not in parts:
         raise QuantMoeError(f"a compressed-tensors linear needs weight_packed, weight_scale and weight_shape; "
                             f"found {sorted(parts)}")
@@ -80,7 +82,8 @@ def dequantize_compressed(parts: dict[str, Tensor], group_size: int | None = Non
     if packed.dtype != torch.int32 or packed.shape[0] != rows:
         raise QuantMoeError(f"weight_packed has shape {tuple(packed.shape)} {packed.dtype}, not int32 ({rows}, ...); "
                             "only the pack-quantized format is read")
-    bits = packed_bits(packed.shape[1], cols)
+    if bits is None or isinstance(bits, bool) or not isinstance(bits, int) or math.ceil(cols * bits / 32) != packed.shape[1]:
+        bits = packed_bits(packed.shape[1], cols)
     offset = 2 ** (bits - 1)
     q = unpack_int32(packed, bits, cols) - offset              # (out, in), signed levels
     scale = parts["weight_scale"].float()
@@ -224,6 +227,18 @@ def _matches(name: str, target) -> bool:
     return target == name
 
 
+def module_weights(quantization: dict, module: str) -> dict | None:
+    """The ``weights`` arguments of the config group vLLM would give ``module``: the first group with a
+    name or regex target that matches it, else one targeting the class "Linear" (None: neither, or ignored)."""
+    if ignored(quantization, module):
+        return None
+    groups = [g for g in ((quantization or {}).get("config_groups") or {}).values() if isinstance(g, dict)]
+    named = next((g for g in groups if any(_matches(module, t) for t in g.get("targets") or [])), None)
+    chosen = named or next((g for g in groups if "Linear" in (g.get("targets") or [])), None)
+    weights = (chosen or {}).get("weights")
+    return weights if isinstance(weights, dict) else None
+
+
 def ignored(quantization: dict, module: str) -> bool:
     """Whether a compressed-tensors config's ``ignore`` list names ``module`` (kept unquantized)."""
     return any(_matches(module, t) for t in (quantization or {}).get("ignore") or [])
@@ -266,7 +281,9 @@ class CompressedTensorsReader:
     def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
 
         parts = {t.rpartition(".")[2]: ckpt.tensor(t) for t in linear.tensors}
-        return dequantize_compressed(parts, config_group_size(ckpt.quantization))
+        weights = module_weights(ckpt.quantization, linear.module) or {}
+        return dequantize_compressed(parts, weights.get("group_size") or config_group_size(ckpt.quantization),
+                                     weights.get("num_bits"))
 
 
 READERS = (CompressedTensorsReader(),)
