@@ -118,7 +118,7 @@ def _backend_names() -> list[str]:
 # so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
 BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
                     "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine",
-                    "expert_hessian", "fit", "mtp",
+                    "expert_hessian", "fit", "mtp", "format", "recipe",
                     "compute_dtype", "double_quant", "int8_threshold")
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 
@@ -165,6 +165,13 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
 @click.option("--mtp", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
               help="Layers stored beyond num_hidden_layers (multi-token prediction, DeepSeek-V3/GLM-4.5): "
                    "copy them unquantized in BF16, declared so loaders keep them so (keep), or leave them out (drop).")
+@click.option("--format", type=click.Choice(["gptq", "compressed-tensors"]), default="gptq", show_default=True,
+              help="gptq/rtn: on-disk format, GPTQ v1 or compressed-tensors pack-quantized (vLLM's native "
+                   "WNA16 path); the same levels and scales (see docs/interop.md).")
+@click.option("--recipe", default="", metavar="FILE|experts-only|attention-int8",
+              help="gptq/rtn: per-module precision, a TOML file of [[rules]] (match = a source module name or "
+                   "re:regex; bits, group_size, sym or skip = true; the first match wins) or a preset: experts-only "
+                   "(attention, shared experts, dense MLPs in 16 bits), attention-int8 (see docs/interop.md).")
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
 @click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -493,9 +500,11 @@ def _table_only(table: dict) -> str:
 @click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128, for the size estimate.")
 @click.option("--mtp", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
               help="Count the multi-token-prediction layers in the estimate (keep) or not (drop), as quantize --mtp.")
+@click.option("--recipe", default="", metavar="FILE|experts-only|attention-int8",
+              help="Estimate each linear at its own settings, as quantize --recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
-def inspect_(model, bits, group_size, mtp, as_json):
+def inspect_(model, bits, group_size, mtp, recipe, as_json):
     """Classify every tensor of MODEL (attention, routed/shared expert, router, dense MLP, not quantized)
     and estimate its size at --bits/--group-size, reading only headers (default: the bundled demo MoE)."""
     import json
@@ -503,7 +512,7 @@ def inspect_(model, bits, group_size, mtp, as_json):
     from .apps.inspection import inspect_model, render_text
     from .base.paths import DEFAULT_MODEL
 
-    report = inspect_model(model if model is not None else DEFAULT_MODEL, bits, group_size, mtp)
+    report = inspect_model(model if model is not None else DEFAULT_MODEL, bits, group_size, mtp, recipe)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
 
 

@@ -88,7 +88,7 @@ RUN_OPTIONS: dict[str, tuple[type, ...]] = {
 }
 CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
 ALIASES = {"eval": "run_eval"}
-PATH_KEYS = ("model", "calib", "eval_data")
+PATH_KEYS = ("model", "calib", "eval_data", "recipe")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -129,7 +129,8 @@ class Job:
         """``gptq int4 g128`` for a backend with bits and groups, else the backend's name (``bnb-nf4``)."""
         c = self.config
         if hasattr(c, "bits") and hasattr(c, "group_size"):
-            return f"{self.backend} int{c.bits} g{c.group_size}"
+            return f"{self.backend} int{c.bits} g{c.group_size}" + (f" {c.recipe}" if getattr(c, "recipe", "") else "") \
+                + (" compressed-tensors" if getattr(c, "format", "gptq") != "gptq" else "")
         return self.backend
 
     def options(self, quiet: bool = False) -> Options:
@@ -232,7 +233,10 @@ def _recipe_label(recipe: dict) -> str:
     if not hasattr(config, "bits"):
         return backend.name
     group = getattr(config, "group_size", -1)
-    return f"{backend.name}-int{config.bits}" + ("" if group == -1 else f"-g{group}")
+    label = f"{backend.name}-int{config.bits}" + ("" if group == -1 else f"-g{group}")
+    if getattr(config, "recipe", ""):  # a preset's name or the recipe file's stem
+        label += f"-{Path(config.recipe).stem}"
+    return label + ("-ct" if getattr(config, "format", "gptq") == "compressed-tensors" else "")
 
 
 def _matrix_jobs(matrix: dict, defaults: dict, file: Path) -> list[Job]:
@@ -306,12 +310,15 @@ def _option_mismatch(job: Job, out: Path) -> str | None:
         made_by = reader_for(json.loads((out / "config.json").read_text()).get("quantization_config"))
     except (OSError, ValueError, QuantMoeError):
         made_by = None
-    if made_by is None or made_by.name != job.backend:
-        return f"backend {made_by.name if made_by else None!r}, but the jobs file asks for {job.backend!r}"
+    # A compressed-tensors export names the backend that made it (gptq, rtn) in its config's meta.
+    made_by = made_by and made_by.describe(json.loads((out / "config.json").read_text())["quantization_config"])["backend"]
+    if made_by != job.backend:
+        return f"backend {made_by!r}, but the jobs file asks for {job.backend!r}"
     manifest = json.loads((out / MANIFEST).read_text())
     recorded = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
     calibration = ("seed", "nsamples", "seqlen") if get(job.backend).needs_calibration else ()
-    wanted = {**asdict(job.config), **{k: job.run[k] for k in calibration if k in job.run}}
+    # as JSON has them (the recipe's rules: a tuple of tables, recorded as a list)
+    wanted = json.loads(json.dumps({**asdict(job.config), **{k: job.run[k] for k in calibration if k in job.run}}))
     for key, value in wanted.items():
         if key in recorded and recorded[key] != value:
             return f"{key} {recorded[key]!r}, but the jobs file asks for {value!r}"

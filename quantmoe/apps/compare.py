@@ -48,7 +48,7 @@ from ..stages.evaluate import (
     kl_summary,
     perplexity,
 )
-from ..stages.export import checkpoint_stats
+from ..stages.export import checkpoint_stats, class_text
 from ..stages.report import kl_text, relative_gap_text
 
 DEFAULT_SPECS = ("gptq-int4", "rtn-int4", "bnb-nf4", "bnb-int8")
@@ -262,6 +262,8 @@ def render_markdown(table: dict) -> str:
         "embeddings and LM head included. **quantized (decoder linears)**: over the linear weights of the "
         "decoder layers, routers excluded. **decoder bytes / bf16**: bytes of every tensor under `model.layers.` "
         "over what those parameters take in bf16. All measured from the saved files.",
+        *[f"- **{r['label']}, per module class**: {class_text(r['classes'])}." for r in table["rows"]
+          if r.get("classes")],
         f"- **Perplexity**: `{d['path']}` ({d['documents']} documents, {d['tokens']} tokens, {d['windows']} "
         f"windows of {p['seqlen']}, the same windows for every row); documents joined with \"\\n\\n\", tokenized "
         f"once without special tokens; {p['windows']}; {p['metric']}; weights dequantized, {p['dtype']} "

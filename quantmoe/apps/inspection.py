@@ -67,9 +67,11 @@ def _numel(shape) -> int:
     return n
 
 
-def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: str = "keep") -> dict:
-    """Classify every tensor of ``model`` and estimate its GPTQ size; returns the report dict."""
-    QuantConfig(bits=bits, group_size=group_size, mtp=mtp)  # the same checks as quantize
+def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: str = "keep",
+                  recipe: str = "") -> dict:
+    """Classify every tensor of ``model`` and estimate its GPTQ size; returns the report dict.
+    ``recipe`` (as quantize --recipe): each linear is estimated at its own settings, 16 bits where skipped."""
+    qcfg = QuantConfig(bits=bits, group_size=group_size, mtp=mtp, recipe=recipe)  # the same checks as quantize
     ckpt = Checkpoint(model)
     fp8 = getattr(ckpt.format, "source", False)  # an FP8 release: quantized from, like a 16-bit one
     if ckpt.quantization is not None and not fp8:
@@ -84,6 +86,7 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
     plans = [plan_layer(arch, config, i) for i in range(num_layers)]
     kinds = [p.linear_kinds() for p in plans]
     entries: dict[tuple[str, str], Entry] = {}
+    per_class: dict[str, list] = {}  # class -> [estimated bits, weights, widths] of its linear weights
 
     for name in ckpt.names():
         shape, dtype = list(ckpt.shape(name)), ckpt.dtype(name)
@@ -122,13 +125,22 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
         entry.bytes += size
         if cls == "not exported":
             continue
-        if quantized_as:
+        # Its own settings under the recipe (a fused on-disk tensor: by class); None: kept in 16 bits.
+        own = qcfg.module_config(ckpt.layer_prefix(layer) + module, kinds[layer].get(module, "expert")) \
+            if quantized_as else None
+        if own is not None:
+            estimate = sum(gptq_bytes(r, c, own.bits, own.group_size) for r, c in quantized_as)
             entry.quantized_parameters += numel
-            entry.estimated_bytes += sum(gptq_bytes(r, c, bits, group_size) for r, c in quantized_as)
         elif name in fp8_weights:
-            entry.estimated_bytes += 2 * numel  # exported dequantized, in BF16
-        elif name not in dropped:
-            entry.estimated_bytes += size
+            estimate = 2 * numel  # exported dequantized, in BF16
+        else:
+            estimate = 0 if name in dropped else size
+        entry.estimated_bytes += estimate
+        if quantized_as:
+            totals = per_class.setdefault(cls, [0, 0, set()])
+            totals[0] += 8 * estimate
+            totals[1] += numel
+            totals[2].add(16 if own is None else own.bits)
 
     for e in entries.values():
         e.layers = sorted(set(e.layers))
@@ -158,7 +170,12 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
         "routed_experts": plans[moe_layers[0]].num_experts if moe_layers else 0,
         "bits": bits,
         "group_size": group_size,
+        "recipe": recipe,
         "mtp": mtp,
+        # Per class of linear, at the settings above: the widths its weights would take and the bits per
+        # weight of its estimated tensors (16-bit ones, kept by the recipe, included).
+        "class_bits": {c: {"bits": sorted(v[2]), "bits_per_weight": v[0] / v[1]}
+                       for c in CLASSES for v in [per_class.get(c)] if v and v[1]},
         "source": source,
         "tensors": [asdict(e) for e in sorted(entries.values(), key=lambda e: (e.pattern, e.cls))],
         "classes": {c: v for c, v in classes.items() if v["tensors"]},
@@ -204,8 +221,14 @@ def render_text(report: dict) -> str:
                  _size(t["estimated_bytes"])))
     lines += _columns(rows, right=(1, 2, 3, 4, 5))
     bpw = "-" if t["bits_per_weight"] is None else f"{t['bits_per_weight']:.3f}"
+    if r.get("recipe"):
+        label += f", recipe {r['recipe']}"
     lines += ["", f"estimate at {label}: {_size(t['estimated_bytes'])} of tensors (now {_size(t['bytes'])}); "
                   f"{bpw} bits per quantized weight; {100 * t['fraction_quantized']:.1f}% of parameters quantized"]
+    if r.get("class_bits"):
+        lines.append("per class: " + "; ".join(f"{c} {'/'.join(f'{b}-bit' for b in v['bits'])} "
+                                               f"({v['bits_per_weight']:.2f} bits/weight)"
+                                               for c, v in r["class_bits"].items()))
     src = r.get("source")
     if src:
         lines.append(f"source: {src['label']} ({src['format']}): {src['fp8_tensors']:,} FP8 weights, "

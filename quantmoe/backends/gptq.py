@@ -21,7 +21,7 @@ class GptqBackend(Backend):
     resumable: bool = True  # finished layers are kept in the work folder (quantmoe.stages.resume)
 
     def settings(self) -> frozenset[str]:
-        return frozenset(f.name for f in fields(QuantConfig)) - {"backend"}
+        return frozenset(f.name for f in fields(QuantConfig) if f.init) - {"backend"}
 
     def configure(self, **settings) -> QuantConfig:
         unknown_settings(self.name, settings, self.settings())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import QuantMoeError
+from .recipe import Rule, first_rule, load_recipe
 
 RARE_EXPERT_POLICIES = ("blend", "all-tokens", "rtn")
 # Tensor naming of the export: "source" keeps the checkpoint's own names (vLLM reads these);
@@ -38,6 +39,9 @@ FITS = ("none", "mlp", "layer", "stream")
 # multi-token-prediction layer): copy them unquantized, FP8 ones as BF16, declared so that loaders
 # leave them unquantized ("keep"), or leave them out ("drop"). See docs/architectures.md.
 MTP_CHOICES = ("keep", "drop")
+# On-disk format of the gptq/rtn export: GPTQ v1 (formats.gptq_v1) or compressed-tensors pack-quantized
+# (formats.compressed_tensors: vLLM's native WNA16 path, what llm-compressor writes). Same levels and scales.
+FORMATS = ("gptq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class QuantConfig:
     expert_hessian: str = "weighted"  # routed | weighted | all (see EXPERT_HESSIANS)
     fit: str = "stream"            # none | mlp | layer | stream (see FITS)
     mtp: str = "keep"              # keep | drop: layers beyond num_hidden_layers in BF16, or left out (see MTP_CHOICES)
+    format: str = "gptq"           # gptq | compressed-tensors: the export's on-disk format (see FORMATS)
+    recipe: str = ""               # per-module precision: a TOML file or a preset (base.recipe); "" = none
+    # The recipe's rules, read once from ``recipe`` (so the work folder's fingerprint covers a file's content).
+    rules: tuple[Rule, ...] = field(default=(), init=False)
 
     def __post_init__(self):
         if isinstance(self.act_order, bool):  # the boolean form of earlier versions
@@ -93,8 +101,31 @@ class QuantConfig:
             raise QuantMoeError(f"--damp {self.damp} is out of range; use a value in (0, 1), e.g. 0.01")
         if self.layout not in LAYOUTS:
             raise QuantMoeError(f"--layout {self.layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
+        if self.format not in FORMATS:
+            raise QuantMoeError(f"--format {self.format!r} is unknown; use one of {', '.join(FORMATS)}")
+        if self.format == "compressed-tensors" and self.layout != "source":
+            raise QuantMoeError("--format compressed-tensors keeps the checkpoint's own tensor names (what vLLM reads); "
+                                "drop --layout gptqmodel, or use --format gptq with it")
+        object.__setattr__(self, "rules", load_recipe(self.recipe))
+        if self.rules and self.layout != "source":
+            raise QuantMoeError("--recipe matches the checkpoint's own module names; drop --layout gptqmodel, "
+                                "or drop --recipe")
         if self.rare_expert not in RARE_EXPERT_POLICIES:
             raise QuantMoeError(f"--rare-expert {self.rare_expert!r} is unknown; use one of {', '.join(RARE_EXPERT_POLICIES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def module_config(self, name: str, kind: str) -> QuantConfig | None:
+        """The settings of one module (``name``: its source path; ``kind``: attention, expert,
+        shared_expert or dense_mlp) under the recipe: these settings where no rule names it, None where
+        the first rule that does skips it (16 bits), else these with that rule's bits/group_size/sym
+        (and no recipe: the result is for that module alone)."""
+        rule = first_rule(self.rules, name, kind)
+        if rule is None:
+            return self
+        if rule.skip:
+            return None
+        return replace(self, recipe="", bits=self.bits if rule.bits is None else rule.bits,
+                       group_size=self.group_size if rule.group_size is None else rule.group_size,
+                       sym=self.sym if rule.sym is None else rule.sym)

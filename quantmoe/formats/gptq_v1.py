@@ -91,26 +91,42 @@ def quantized_modules(names) -> list[str]:
     return sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
 
 
-def dequantize_state(tensors: dict[str, Tensor], bits: int) -> dict[str, Tensor]:
-    """Replace each GPTQ linear's four tensors in ``tensors`` with its fp32 ``.weight``; the rest pass through."""
+def linear_bits(parts: dict[str, Tensor]) -> int:
+    """The bit width of a GPTQ v1 linear from its shapes: qweight has in * bits / 32 rows, g_idx in entries."""
+    rows, inputs = parts["qweight"].shape[0], parts["g_idx"].shape[0]
+    return 32 * rows // inputs if inputs else 0
+
+
+def dequantize_state(tensors: dict[str, Tensor], bits: int | None = None) -> dict[str, Tensor]:
+    """Replace each GPTQ linear's four tensors in ``tensors`` with its fp32 ``.weight``; the rest pass through.
+    ``bits`` None: each linear's own (``linear_bits``; a layer file of a ``--recipe`` run mixes them)."""
     modules = quantized_modules(tensors)
-    out = {f"{m}.weight": dequantize_linear({s: tensors[f"{m}.{s}"] for s in GPTQ_SUFFIXES}, bits) for m in modules}
+    out = {}
+    for m in modules:
+        parts = {s: tensors[f"{m}.{s}"] for s in GPTQ_SUFFIXES}
+        out[f"{m}.weight"] = dequantize_linear(parts, bits or linear_bits(parts))
     packed = {f"{m}.{s}" for m in modules for s in GPTQ_SUFFIXES}
     out.update({n: t for n, t in tensors.items() if n not in packed})
     return out
 
 
 def quantization_config(qcfg, not_quantized: list[str], version: str,
-                        full_precision_layers: dict[int, list[str]] | None = None) -> dict:
+                        full_precision_layers: dict[int, list[str]] | None = None,
+                        overrides: list[tuple[str, dict | None]] = (), skipped: list[str] = ()) -> dict:
     """The GPTQ v1 ``quantization_config`` that GPTQModel, vLLM and transformers read (``qcfg``: a QuantConfig).
 
     ``full_precision_layers``: layer index -> its modules, for whole layers exported unquantized
     (the multi-token-prediction layers): listed in ``modules_not_quantized`` and excluded by one
     ``-:`` rule each in ``dynamic``, the only exclusion vLLM's MoE layers honour (see
-    docs/architectures.md, "Multi-token prediction layers")."""
+    docs/architectures.md, "Multi-token prediction layers").
+
+    ``overrides`` (``--recipe``): (regex, {bits, group_size, sym}) for modules with their own settings,
+    or (regex, None) for modules kept in 16 bits (also listed in ``skipped``), written as ``+:`` and
+    ``-:`` rules after the layer exclusions (the first rule that matches wins)."""
     layers = full_precision_layers or {}
     dynamic = {f"-:^{re.escape(m)}$": {} for m in not_quantized if qcfg.layout == "gptqmodel"}
     dynamic.update({f"-:^model\\.layers\\.{i}\\.": {} for i in sorted(layers)})
+    dynamic.update({("-:" if o is None else "+:") + pattern: o or {} for pattern, o in overrides})
     config = {
         "quant_method": "gptq",
         "bits": qcfg.bits,
@@ -124,7 +140,7 @@ def quantization_config(qcfg, not_quantized: list[str], version: str,
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
-        "modules_not_quantized": not_quantized + [m for i in sorted(layers) for m in layers[i]],
+        "modules_not_quantized": not_quantized + list(skipped) + [m for i in sorted(layers) for m in layers[i]],
         # GPTQModel and vLLM read exclusions from "dynamic" ("-:" = leave this module unquantized).
         "dynamic": dynamic,
         "meta": {"quantizer": [f"quantmoe:{version}"], "act_order": qcfg.act_order, "backend": qcfg.backend,
@@ -149,6 +165,32 @@ def settings(quantization: dict) -> tuple[int, int]:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
         raise QuantMoeError(f"quantization_config group_size = {group_size!r} is invalid (it must be -1 or positive); "
                             "the checkpoint's config.json is damaged")
+    return bits, group_size
+
+
+def module_settings(quantization: dict, module: str) -> tuple[int, int] | None:
+    """(bits, group_size) of ``module`` as GPTQModel and vLLM read a config: the first ``dynamic`` rule
+    whose regex matches its name (``re.match``) gives its overrides, ``-:`` none (None: not quantized);
+    without one, the top-level settings. A bad rule is a one-line error (a checkpoint is untrusted)."""
+    bits, group_size = settings(quantization)
+    dynamic = quantization.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise QuantMoeError("quantization_config dynamic is not an object; the checkpoint's config.json is damaged")
+    for key, override in dynamic.items():
+        negative = key.startswith("-:")
+        pattern = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            if re.match(pattern, module) is None:
+                continue
+        except re.error as exc:
+            raise QuantMoeError(f"quantization_config dynamic rule {key!r} is not a valid regular expression "
+                                f"({exc}); the checkpoint's config.json is damaged") from None
+        if negative:
+            return None
+        if not isinstance(override, dict):
+            raise QuantMoeError(f"quantization_config dynamic rule {key!r} is not an object; "
+                                "the checkpoint's config.json is damaged")
+        return settings({"bits": override.get("bits", bits), "group_size": override.get("group_size", group_size)})
     return bits, group_size
 
 
@@ -188,9 +230,13 @@ class GptqReader:
     def describe(self, quantization: dict) -> dict:
         q = quantization
         layout = (q.get("meta") or {}).get("layout", "source")
+        # "+:" rules of dynamic give some modules their own settings (--recipe)
+        overrides = {f"int{v['bits']}" for k, v in (q.get("dynamic") or {}).items()
+                     if not str(k).startswith("-:") and isinstance(v, dict) and v.get("bits") not in (None, q.get("bits"))}
         return {"method": "gptq", "backend": self.name, "bits": q.get("bits"), "group_size": q.get("group_size"),
                 "sym": q.get("sym"), "layout": layout,
                 "label": f"{self.name} int{q.get('bits')} g{q.get('group_size')}"
+                         + (f" ({'/'.join(sorted(overrides))} by module)" if overrides else "")
                          + ("" if layout == "source" else f" ({layout} layout)")}
 
     def quantized_linears(self, ckpt) -> dict[str, QuantizedLinear]:
@@ -210,7 +256,11 @@ class GptqReader:
 
     def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
         parts = {s: ckpt.tensor(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
-        bits, _ = settings(ckpt.quantization)
+        found = module_settings(ckpt.quantization, linear.module)
+        if found is None:
+            raise QuantMoeError(f"{linear.module} is stored quantized but the config's dynamic rules keep it "
+                                "unquantized; the checkpoint is damaged: re-export or re-download it")
+        bits, _ = found
         check_linear(linear.module, parts, bits)
         return dequantize_linear(parts, bits)
 

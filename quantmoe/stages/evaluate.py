@@ -267,6 +267,7 @@ def check_backend(ckpt: Checkpoint, backend: str) -> None:
     if ckpt.format is None:
         raise QuantMoeError(f"{ckpt.path} is not quantized; make it with `quantmoe quantize --backend {backend}` "
                             "or drop --backend")
-    if ckpt.format.name != backend:
-        raise QuantMoeError(f"{ckpt.path} was quantized with {ckpt.format.name}, not {backend}; "
-                            f"pass --backend {ckpt.format.name} or drop --backend")
+    made_by = ckpt.format.describe(ckpt.quantization)["backend"]  # a compressed-tensors export: gptq or rtn
+    if made_by != backend:
+        raise QuantMoeError(f"{ckpt.path} was quantized with {made_by}, not {backend}; "
+                            f"pass --backend {made_by} or drop --backend")

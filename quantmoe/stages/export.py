@@ -28,9 +28,11 @@ from ..base.files import (
     save_safetensors,
 )
 from ..base.options import QuantConfig
+from ..formats import compressed_tensors
 from ..formats.gptq_v1 import quantization_config
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import INDEX_NAME, Checkpoint
+from .precision import layer_units, recipe_patterns
 from .resume import read_layer
 
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -122,6 +124,8 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
 
     Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``;
     the multi-token-prediction layers (``mtp="keep"``) keep their source names in both layouts.
+    With ``format="compressed-tensors"`` each layer file's GPTQ tensors are repacked as
+    compressed-tensors ones (the same levels and scales) and no quantize_config.json is written.
     """
     staging.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(staging, max_shard_size)
@@ -132,12 +136,17 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         def named(name: str, prefix: str) -> str:
             return name
     layer_names = {i: set() for i in range(len(layer_files))}
+    units = {i: layer_units(plan_layer(arch, ckpt.config, i, qcfg.layout), qcfg, ckpt.layer_prefix(i))
+             for i in range(len(layer_files))}
+    sym = {ckpt.layer_prefix(i) + n: u.qcfg.sym for i, us in units.items() for u in us if u.qcfg for n in u.names}
     for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
         writer.add(name, tensor)
     for i, file in enumerate(layer_files):
         prefix = ckpt.layer_prefix(i)
         packed = read_layer(file)
         quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
+        if qcfg.format == "compressed-tensors":
+            packed = compressed_tensors.from_gptq_state(packed, sym.__getitem__)
         # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
         plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
         experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
@@ -160,10 +169,42 @@ def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], s
         writer.add(name, tensor)
     weight_map = writer.close()
 
-    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp))
+    patterns = recipe_patterns(units, qcfg)
+    if qcfg.format == "compressed-tensors":
+        write_config(ckpt, staging, compressed_config(qcfg, not_quantized, version, sorted(mtp), patterns))
+        return weight_map
+    skipped = [ckpt.layer_prefix(i) + n for i, us in units.items() for u in us if u.qcfg is None for n in u.names]
+    overrides = [(rx, None if c is None else {"bits": c.bits, "group_size": c.group_size, "sym": c.sym})
+                 for rx, c in patterns]
+    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp), overrides, skipped)
     write_config(ckpt, staging, qconfig)
     atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
     return weight_map
+
+
+def compressed_config(qcfg: QuantConfig, not_quantized: list[str], version: str, extra_layers: list[int],
+                      patterns: list[tuple[str, QuantConfig | None]] = ()) -> dict:
+    """The compressed-tensors ``quantization_config`` of an export: a config group targeting every
+    Linear with the run's settings, after one group per other setting of ``--recipe`` targeting its
+    modules by regex (``patterns``: precision.recipe_patterns; a name or regex target wins over a
+    class one in vLLM); ``ignore`` names lm_head, every module left in 16 bits by exact path (the
+    routers: since transformers 5 they are not ``nn.Linear``, so a class target would not exclude them
+    for tools that match on it) or by the recipe's regex, and the multi-token-prediction layers by a
+    prefix regex."""
+    ignore = ["lm_head", *not_quantized, *(f"re:^model\\.layers\\.{i}\\." for i in extra_layers),
+              *(f"re:{rx}" for rx, c in patterns if c is None)]
+    by_setting: dict[tuple, list[str]] = {}
+    for rx, c in patterns:
+        if c is not None:
+            by_setting.setdefault((c.bits, c.group_size, c.sym), []).append(f"re:{rx}")
+    groups = [(targets, compressed_tensors.weight_args(bits, group_size, sym, qcfg.act_order))
+              for (bits, group_size, sym), targets in sorted(by_setting.items())]
+    meta = {"quantizer": [f"quantmoe:{version}"], "backend": qcfg.backend, "act_order": qcfg.act_order,
+            "damp_percent": qcfg.damp, "true_sequential": qcfg.true_sequential}
+    if extra_layers:
+        meta["full_precision_layers"] = extra_layers
+    weights = compressed_tensors.weight_args(qcfg.bits, qcfg.group_size, qcfg.sym, qcfg.act_order)
+    return compressed_tensors.quantization_config([*groups, (["Linear"], weights)], ignore, meta)
 
 
 def write_config(ckpt: Checkpoint, staging: Path, qconfig: dict) -> None:
@@ -223,7 +264,11 @@ def checkpoint_stats(folder: Path) -> dict:
     - ``decoder_linear_fraction``: quantized weights over the linear weights of the decoder
       layers, routers excluded (norms and biases are not linear weights);
     - ``decoder_bytes`` / ``decoder_bf16_bytes``: bytes of every tensor under ``model.layers.``,
-      and what its parameters take in bf16.
+      and what its parameters take in bf16;
+    - ``classes``: per class of linear (``CLASS_NAMES``: attention, routed experts, shared experts, dense
+      MLPs), ``bits``: the widths its weights are stored at (a quantized linear's packed weight's bits per
+      weight; 16 for one kept unquantized), and ``bits_per_weight``: every tensor storing its linears
+      (packed weights, scales, zeros ...; or the plain weight) over their weights.
     """
 
     ckpt = Checkpoint(folder)
@@ -256,6 +301,7 @@ def checkpoint_stats(folder: Path) -> dict:
     decoder_quantized = sum(math.prod(lin.shape) for m, lin in linears.items() if m.startswith("model.layers."))
     size = sum((Path(folder) / s).stat().st_size for s in ckpt.shards)
     total = quantized + other_params
+    classes = class_bits(ckpt, arch)
     return {
         "bits_per_weight": quantized_bits / quantized if quantized else None,
         "information_bits_per_weight": information_bits / quantized if quantized else None,
@@ -267,7 +313,52 @@ def checkpoint_stats(folder: Path) -> dict:
         if decoder_quantized + decoder_linear else 0.0,
         "decoder_bytes": decoder_bytes,
         "decoder_bf16_bytes": 2 * (decoder_params + decoder_quantized),
+        "classes": classes,
     }
+
+
+# How reports name each kind of linear (architectures.LayerPlan.linear_kinds), in the order they show them.
+CLASS_NAMES = {"attention": "attention", "expert": "routed experts", "shared_expert": "shared experts",
+               "dense_mlp": "dense MLPs"}
+
+
+def class_bits(ckpt: Checkpoint, arch: Architecture) -> dict[str, dict]:
+    """``checkpoint_stats``' ``classes``: per class of linear of the decoder layers, the widths its weights
+    are stored at and its bits per weight, measured from the files (any format, or none)."""
+    linears = ckpt.quantized_linears
+    # Under the gptqmodel layout, stored names are GPTQModel's; the plan gives source names.
+    stored = {}
+    for module, lin in linears.items():
+        m = re.match(r"(model\.layers\.\d+\.)(.+)", module)
+        source = module if m is None else m.group(1) + arch.from_gptqmodel_name(m.group(2) + ".weight")[:-len(".weight")]
+        stored[source] = lin
+    totals: dict[str, list] = {}  # kind -> [bits, weights, widths]
+    for i in range(ckpt.config.num_hidden_layers):
+        prefix = ckpt.layer_prefix(i)
+        for name, kind in plan_layer(arch, ckpt.config, i).linear_kinds().items():
+            module = prefix + name
+            entry = totals.setdefault(kind, [0, 0, set()])
+            lin = stored.get(module)
+            if lin is not None:
+                weights = math.prod(lin.shape)
+                entry[0] += 8 * sum(ckpt.nbytes(t) for t in lin.tensors)
+                entry[2].add(round(8 * ckpt.nbytes(lin.tensors[0]) / weights, 2))
+            elif ckpt.has(f"{module}.weight"):
+                weights = math.prod(ckpt.shape(f"{module}.weight"))
+                entry[0] += 8 * ckpt.nbytes(f"{module}.weight")
+                entry[2].add(round(8 * ckpt.nbytes(f"{module}.weight") / weights, 2))
+            else:  # stored fused (GraniteMoE's experts in their source form): not counted per linear
+                continue
+            entry[1] += weights
+    return {CLASS_NAMES[k]: {"bits": sorted(int(b) if b == int(b) else b for b in v[2]),
+                             "bits_per_weight": v[0] / v[1], "weights": v[1]}
+            for k, v in sorted(totals.items(), key=lambda kv: list(CLASS_NAMES).index(kv[0])) if v[1]}
+
+
+def class_text(classes: dict[str, dict] | None) -> str:
+    """``attention 8-bit (9.42 bits/weight); routed experts 4-bit (4.53 bits/weight)``, from ``class_bits``."""
+    return "; ".join(f"{name} {'/'.join(f'{b}-bit' for b in c['bits'])} ({c['bits_per_weight']:.2f} bits/weight)"
+                     for name, c in (classes or {}).items())
 
 
 def read_json(path: Path) -> dict:

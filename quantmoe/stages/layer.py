@@ -54,6 +54,7 @@ from .experts import (
     expert_groups,
     routes,
 )
+from .precision import layer_units
 
 TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound temporary memory
 # The routed experts' statistics run over an expert's rows in chunks whose temporaries take at most this
@@ -174,6 +175,12 @@ class LayerQuantizer:
         self.clock = Stopwatch(stream.device)
         self.arch = stream.arch
         self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
+        # Each linear's settings under --recipe, one per unit (precision.py). The routed experts' code
+        # reads self.qcfg, so it holds theirs; the other linears look theirs up (``_settings``).
+        self.units = {n: u for u in layer_units(self.plan, qcfg, f"model.layers.{index}.") for n in u.names}
+        experts = self.units.get(self.plan.experts.linear("gate", 0)) if self.plan.experts is not None else None
+        if experts is not None and experts.qcfg is not None:
+            self.qcfg = experts.qcfg
         with self.clock("load"):
             if state is None:
                 state = stream.layer_state(index, keep_dtype=True)
@@ -320,13 +327,18 @@ class LayerQuantizer:
         """Down projections are fitted to the original MLP's outputs (--fit mlp or stream)."""
         return self.qcfg.backend != "rtn" and self.qcfg.fit in ("mlp", "stream")
 
-    def _store(self, names: list[str], res: QuantResult) -> None:
+    def _store(self, names: list[str], res: QuantResult, bits: int | None = None) -> None:
+        """Pack ``res`` (``bits``: its linears' own, default the layer's) under ``names``."""
         if not self.ranks.writes:
             return
         with self.clock("write"):
-            for name, packed in zip(names, pack_result(res, self.qcfg.bits)):
+            for name, packed in zip(names, pack_result(res, bits or self.qcfg.bits)):
                 for suffix, t in packed.items():
                     self.result.tensors[f"{self.prefix}{name}.{suffix}"] = t
+
+    def _settings(self, name: str) -> QuantConfig | None:
+        """The settings of the layer-relative linear ``name`` (None: kept in 16 bits)."""
+        return self.units[name].qcfg
 
     def _linear(self, name: str) -> nn.Module:
         return self.layer.get_submodule(self.arch.to_memory(name))
@@ -334,10 +346,13 @@ class LayerQuantizer:
     def _set_linear(self, name: str, W: Tensor) -> None:
         self._linear(name).weight.data.copy_(W)
 
-    def _solve_shared_input(self, W: Tensor, module_path: str, keep: bool = False) -> tuple[QuantResult, float]:
+    def _solve_shared_input(self, W: Tensor, module_path: str, keep: bool = False,
+                            qcfg: QuantConfig | None = None) -> tuple[QuantResult, float]:
         """Linears that share one input, stacked as W (R, C), solved as one matrix (rows are
         independent in GPTQ) with the Hessian of the captured input of ``module_path`` (and, under
-        --fit stream, the cross moment with the full-precision stream's). Returns the result and n."""
+        --fit stream, the cross moment with the full-precision stream's), with their settings ``qcfg``
+        (default: the layer's). Returns the result and n."""
+        qcfg = qcfg or self.qcfg
         H = X0 = None
         n = 0
         if self.qcfg.backend != "rtn":
@@ -350,20 +365,23 @@ class LayerQuantizer:
                     H, n = accumulate_hessian(H, x, n)
             H, X0 = H[None], (None if X0 is None else X0[None])
         with self._stage("solve"):
-            return solve(W[None], H, self.qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0), n
+            return solve(W[None], H, qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0), n
 
     # -- attention ------------------------------------------------------------------
     def attention(self) -> None:
         for group in self.plan.attention:
+            qcfg = self._settings(group[0])
+            if qcfg is None:  # kept in 16 bits (--recipe)
+                continue
             t0 = time.perf_counter()
             W = torch.cat([self._linear(name).weight.data for name in group])  # the original weights, copied
             rows = [self._linear(name).weight.shape[0] for name in group]
-            res, n = self._solve_shared_input(W, self.arch.to_memory(group[0]))
+            res, n = self._solve_shared_input(W, self.arch.to_memory(group[0]), qcfg=qcfg)
             parts = _split_rows(res, rows)
             seconds = time.perf_counter() - t0
             for name, part, r in zip(group, parts, rows):
                 self._set_linear(name, part.W[0])
-                self._store([name], part)
+                self._store([name], part, qcfg.bits)
                 self.result.log.append(_log(self.prefix + name, "attention", part, 0, (r, W.shape[1]), n,
                                             seconds / len(group)))
 
@@ -371,7 +389,8 @@ class LayerQuantizer:
     def mlps(self) -> None:
         plan, arch = self.plan, self.arch
         if plan.experts is not None:
-            self.experts()
+            if self._settings(plan.experts.linear("gate", 0)) is not None:  # else kept in 16 bits (--recipe)
+                self.experts()
             if plan.shared_expert is not None:
                 self.dense(plan.shared_expert, arch.moe_module, "shared_expert")
         if plan.dense_mlp is not None:
@@ -648,38 +667,48 @@ class LayerQuantizer:
                                             (C, I) if w == "down" else (I, C), counts[e], seconds / E / 3, note))
 
     def dense(self, mlp: MLP, module_path: str, kind: str) -> None:
-        """A gated MLP fed every token entering ``module_path``: a shared expert or a dense layer's MLP."""
-        qcfg = self.qcfg
+        """A gated MLP fed every token entering ``module_path``: a shared expert or a dense layer's MLP.
+        Gate/up and down take their own settings (``--recipe``); one kept in 16 bits is left as it is."""
         module = self.layer.get_submodule(self.arch.to_memory(mlp.prefix))
         names = [mlp.linear(w) for w in ("gate", "up", "down")]
+        qcfg_gu, qcfg_d = self._settings(names[0]), self._settings(names[2])
+        if qcfg_gu is None and qcfg_d is None:
+            return
         Wg, Wu, Wd = (self._linear(n).weight.data.clone() for n in names)  # originals, kept
         I = Wg.shape[0]
-        gptq = qcfg.backend != "rtn"
+        gptq = self.qcfg.backend != "rtn"
         t0 = time.perf_counter()
-        res_gu, n = self._solve_shared_input(torch.cat([Wg, Wu]), module_path, keep=True)
-        gq, uq = _split_rows(res_gu, [I, I])
-        self._set_linear(names[0], gq.W[0])
-        self._set_linear(names[1], uq.W[0])
+        done, n = [], 0
+        src_g, src_u = Wg, Wu
+        if qcfg_gu is not None:
+            res_gu, n = self._solve_shared_input(torch.cat([Wg, Wu]), module_path, keep=True, qcfg=qcfg_gu)
+            gq, uq = _split_rows(res_gu, [I, I])
+            self._set_linear(names[0], gq.W[0])
+            self._set_linear(names[1], uq.W[0])
+            if qcfg_gu.true_sequential:
+                src_g, src_u = gq.W[0], uq.W[0]
+            half = (time.perf_counter() - t0) / 2
+            done += [(names[0], gq, Wg, qcfg_gu, half), (names[1], uq, Wu, qcfg_gu, half)]
         t1 = time.perf_counter()
-        src_g, src_u = (gq.W[0], uq.W[0]) if qcfg.true_sequential else (Wg, Wu)
-        H_d = P_d = None
-        if gptq:
-            H_d, n_d = torch.zeros(I, I, device=Wg.device), 0
-            fit = self.fit_down
-            P_d = torch.zeros(Wd.shape[0], I, device=Wg.device) if fit else None
-            for x, x0 in self._captured_pairs(module_path, keep=True):
-                with self._stage("hessians"):
-                    n_d = fold_down(H_d, P_d, n_d, x, None, src_g, src_u, module.act_fn,
-                                    (Wg, Wu, Wd) if fit else None, x0)
-            H_d = H_d[None]
-            P_d = None if P_d is None else P_d[None]
-        with self._stage("solve"):
-            res_d = solve(Wd[None], H_d, qcfg, overwrite_H=True, block_fn=self.block_fn, target=P_d)
-        self._set_linear(names[2], res_d.W[0])
-        t2 = time.perf_counter()
-        for name, part, W, secs in ((names[0], gq, Wg, (t1 - t0) / 2), (names[1], uq, Wu, (t1 - t0) / 2),
-                                    (names[2], res_d, Wd, t2 - t1)):
-            self._store([name], part)
+        if qcfg_d is not None:
+            H_d = P_d = None
+            if gptq:
+                H_d, n_d = torch.zeros(I, I, device=Wg.device), 0
+                fit = self.fit_down
+                P_d = torch.zeros(Wd.shape[0], I, device=Wg.device) if fit else None
+                for x, x0 in self._captured_pairs(module_path, keep=True):
+                    with self._stage("hessians"):
+                        n_d = fold_down(H_d, P_d, n_d, x, None, src_g, src_u, module.act_fn,
+                                        (Wg, Wu, Wd) if fit else None, x0)
+                H_d = H_d[None]
+                P_d = None if P_d is None else P_d[None]
+                n = n or n_d
+            with self._stage("solve"):
+                res_d = solve(Wd[None], H_d, qcfg_d, overwrite_H=True, block_fn=self.block_fn, target=P_d)
+            self._set_linear(names[2], res_d.W[0])
+            done.append((names[2], res_d, Wd, qcfg_d, time.perf_counter() - t1))
+        for name, part, W, qcfg, secs in done:
+            self._store([name], part, qcfg.bits)
             self.result.log.append(_log(self.prefix + name, kind, part, 0, W.shape, n, secs))
 
     def _fallback_note(self, count: int, threshold: int) -> str:

@@ -63,6 +63,7 @@ from .calibrate import (
 from .evaluate import evaluate
 from .export import export_gptq, parse_size
 from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
+from .precision import check_recipe
 from .report import model_card, ranges, render_markdown
 from .resume import (
     fingerprint,
@@ -79,7 +80,8 @@ from .resume import (
 def default_out(model: Path, qcfg: QuantConfig) -> Path:
     g = "" if qcfg.group_size == -1 else f"-g{qcfg.group_size}"
     layout = "" if qcfg.layout == "source" else f"-{qcfg.layout}"
-    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}{layout}"
+    fmt = "-ct" if qcfg.format == "compressed-tensors" else ""
+    return Path("quantmoe-out") / f"{model.name}-{qcfg.backend}-int{qcfg.bits}{g}{layout}{fmt}"
 
 
 def work_dir(out: Path) -> Path:
@@ -109,24 +111,29 @@ def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> lis
     kv_b_proj in small models) is quantized as one group spanning its input; g_idx is all zeros.
     One note covers every layer and expert where that happens to the same linear.
     """
-    per = 32 // qcfg.bits
-    narrow: dict[tuple[str, int], list[int]] = {}
+    narrow: dict[tuple[str, int, int], list[int]] = {}
+    base = qcfg
     for i in range(ckpt.config.num_hidden_layers):
         prefix = ckpt.layer_prefix(i)
         shapes = {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
-        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
+        plan = plan_layer(arch, ckpt.config, i, base.layout)
+        kinds = plan.linear_kinds()
         for name, (rows, cols) in plan.linear_shapes(shapes).items():
+            qcfg = base.module_config(prefix + name, kinds[name])  # its own under --recipe
+            if qcfg is None:  # kept in 16 bits
+                continue
+            per = 32 // qcfg.bits
             full = f"{prefix}{name}.weight"
             if qcfg.group_size != -1 and cols < qcfg.group_size:
-                narrow.setdefault((plan.pattern(name), cols), []).append(i)
+                narrow.setdefault((plan.pattern(name), cols, qcfg.group_size), []).append(i)
             elif qcfg.group_size != -1 and cols % qcfg.group_size:
                 raise QuantMoeError(f"--group-size {qcfg.group_size} does not divide the input size {cols} of {full}; "
                                     "use a group size that divides it, or -1")
             if cols % per or rows % per:
                 raise QuantMoeError(f"{full} has shape {rows}x{cols}, which {qcfg.bits}-bit packing cannot hold "
                                     f"(both sides must be multiples of {per}); this layer cannot be exported as GPTQ")
-    return [f"model.layers.{{{ranges(layers)}}}.{pattern}.weight: input size {cols} < group size {qcfg.group_size}; "
-            "one group spans the input" for (pattern, cols), layers in narrow.items()]
+    return [f"model.layers.{{{ranges(layers)}}}.{pattern}.weight: input size {cols} < group size {size}; "
+            "one group spans the input" for (pattern, cols, size), layers in narrow.items()]
 
 
 def not_quantized_modules(stream: LayerStream, layout: str) -> list[str]:
@@ -209,6 +216,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel does not load "
                             "this family's experts as quantmoe writes them); use --layout source (see docs/interop.md)")
     ckpt.open_shards()
+    check_recipe(arch, ckpt.config, qcfg)
     notes = check_shapes(ckpt, arch, qcfg)
     ckpt.quantized_linears  # an FP8 release's missing or misshapen scales fail here, from the headers alone
     tokenizer = ckpt.tokenizer()
@@ -250,7 +258,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             layers_log.append(read_layer_log(work, i, fp))
             layer_files.append(layer_file(work, i))
             if done < n:
-                batches = replay_layer(stream, i, layer_files[-1], qcfg.bits, batches, ranks)
+                batches = replay_layer(stream, i, layer_files[-1], None, batches, ranks)  # bits: each linear's
                 if originals is not None:
                     originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals, ranks)
                     stream.release_layer(i)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..base.errors import QuantMoeError
 from ..base.files import atomic_write_json, atomic_write_text
 from ..base.paths import published_name
+from .export import class_text
 
 
 def ranges(values) -> str:
@@ -129,8 +130,12 @@ def write_report(report: dict, path: Path, overwrite: bool) -> None:
 
 
 def render_markdown(report: dict) -> str:
-    parts = [f"{MARKDOWN_TITLE}: {report.get('model', '')}", "", gap_table(report), "",
-             "**Protocol.** " + protocol_text(report), ""]
+    parts = [f"{MARKDOWN_TITLE}: {report.get('model', '')}", "", gap_table(report), ""]
+    classes = (report.get("quantization") or {}).get("classes")
+    if classes:
+        parts += ["**Bits per module class** (stored width; bits per weight with scales and zeros): "
+                  + class_text(classes) + ".", ""]
+    parts += ["**Protocol.** " + protocol_text(report), ""]
     if report.get("fallbacks"):
         parts += ["**Rare-expert fallbacks.**", ""] + [f"- `{f['module']}`: {f['fallback']}" for f in report["fallbacks"]] + [""]
     if report.get("stages"):
@@ -171,7 +176,12 @@ def model_card(report: dict | None, info: dict) -> str:
     ``info``: name, base_model (path or Hub cache path), model_type, version, quantization_config,
     options, fallback_count, calibration. Every entry of CARD_SECTIONS is written when ``report`` is given.
     """
-    q = info["quantization_config"]
+    q, opts = info["quantization_config"], info["options"]
+    ct = q.get("quant_method") == "compressed-tensors"
+    if ct:  # the same settings, read from the run's options; the 16-bit modules from ``ignore``
+        q = {"bits": opts["bits"], "group_size": opts["group_size"], "sym": opts["sym"], "damp_percent": opts["damp"],
+             "true_sequential": opts["true_sequential"], "meta": q.get("meta"),
+             "modules_not_quantized": [m for m in q["ignore"] if m != "lm_head" and not m.startswith("re:")]}
     base = base_model_name(info["base_model"])
     hub_id = base if "/" in base else None
     stats = (report or {}).get("quantization", {})
@@ -180,11 +190,11 @@ def model_card(report: dict | None, info: dict) -> str:
         "---",
         "library_name: transformers",
         *([f"base_model: {hub_id}"] if hub_id else []),
-        f"tags: [quantmoe, gptq, moe, int{q['bits']}]",
+        f"tags: [quantmoe, {'compressed-tensors' if ct else 'gptq'}, moe, int{q['bits']}]",
         "---",
         f"# {info['name']}",
         "",
-        f"GPTQ int{q['bits']} quantization of `{base}` ({info['model_type']}) made with quantmoe {info['version']}.",
+        f"{'compressed-tensors' if ct else 'GPTQ'} int{q['bits']} quantization of `{base}` ({info['model_type']}) made with quantmoe {info['version']}.",
         "",
         "## Base model",
         "",
@@ -195,10 +205,18 @@ def model_card(report: dict | None, info: dict) -> str:
         f"- backend: {info['options']['backend']}; bits {q['bits']}; group size {q['group_size']}; "
         f"{'symmetric' if q['sym'] else 'asymmetric'}; act-order {ORDER_WORDS.get(info['options']['act_order'], info['options']['act_order'])}; "
         f"damp {q['damp_percent']}; true-sequential {q['true_sequential']}",
-        f"- every attention and expert projection is quantized; not quantized: "
-        f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'] if not _in_layers(m, extra))}, embeddings, "
-        "norms and the LM head",
     ]
+    recipe = (info["options"].get("recipe") or "") if isinstance(info["options"], dict) else ""
+    if recipe:  # per-module precision: the classes say what each got; the config declares each module
+        lines.append(f"- per-module precision: recipe `{published_name(recipe)}`, declared in the config's "
+                     + ("`config_groups` and `ignore`" if ct else "`dynamic`") + "; routers, embeddings, norms and "
+                     "the LM head are not quantized")
+    else:
+        lines.append(f"- every attention and expert projection is quantized; not quantized: "
+                     f"{', '.join(f'`{m}`' for m in q['modules_not_quantized'] if not _in_layers(m, extra))}, "
+                     "embeddings, norms and the LM head")
+    if stats.get("classes"):
+        lines.append(f"- bits per module class: {class_text(stats['classes'])}")
     if extra:
         lines.append(f"- the multi-token prediction layer{'s' if len(extra) > 1 else ''} "
                      f"{', '.join(map(str, extra))} (beyond `num_hidden_layers`, for speculative decoding) "
@@ -217,7 +235,7 @@ def model_card(report: dict | None, info: dict) -> str:
         lines += ["## Evaluation protocol", "", protocol_text(report),
                   f"Text sha256 `{report['data']['text_sha256']}`.", "",
                   "## Perplexity", "", gap_table(report), ""]
-    vllm_quant = "gptq_marlin" if q["sym"] else "gptq"  # Marlin takes symmetric 4/8-bit only
+    vllm_quant = "compressed-tensors" if ct else "gptq_marlin" if q["sym"] else "gptq"  # Marlin: symmetric only
     lines += [
         "## Loading",
         "",
@@ -229,21 +247,42 @@ def model_card(report: dict | None, info: dict) -> str:
         f"vllm serve ./this-folder --quantization {vllm_quant}",
         "```",
         "",
-        "### transformers",
-        "",
-        "With optimum and gptqmodel installed:",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
-        "```",
-        "",
-        "### GPTQModel",
-        "",
-        "```python",
-        "from gptqmodel import GPTQModel",
-        "model = GPTQModel.load('./this-folder')",
-        "```",
-        "",
+    ]
+    if ct:
+        lines += [
+            "### transformers",
+            "",
+            "With compressed-tensors installed (`pip install compressed-tensors`):",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+            "```",
+            "",
+            "### GPTQModel",
+            "",
+            "GPTQModel reads GPTQ checkpoints, not compressed-tensors ones: quantize with `--format gptq` "
+            "(and `--layout gptqmodel` for Mixtral-style experts) to load it there.",
+            "",
+        ]
+    else:
+        lines += [
+            "### transformers",
+            "",
+            "With optimum and gptqmodel installed:",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+            "```",
+            "",
+            "### GPTQModel",
+            "",
+            "```python",
+            "from gptqmodel import GPTQModel",
+            "model = GPTQModel.load('./this-folder')",
+            "```",
+            "",
+        ]
+    lines += [
         "### quantmoe",
         "",
         "Dequantized into a plain transformers model, CPU or GPU:",

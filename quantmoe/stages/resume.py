@@ -209,7 +209,7 @@ def _own_file(path: Path) -> bool:
 
 
 @torch.no_grad()
-def replay_layer(stream: LayerStream, index: int, file: Path, bits: int, batches: list[Batch],
+def replay_layer(stream: LayerStream, index: int, file: Path, bits: int | None, batches: list[Batch],
                  ranks: Ranks = SINGLE) -> list[Batch]:
     """Outputs of finished layer ``index``, run with the weights its file stands for (the batches
     spread over the processes as in the run that wrote it)."""

@@ -37,10 +37,12 @@ import torch
 
 from ..base.errors import QuantMoeError
 from ..base.files import check_manifest, check_tree, read_manifest
+from ..formats.compressed_tensors import ignored
 from ..formats.gptq_v1 import (
     GPTQ_SUFFIXES,
     check_linear,
     dequantize_linear,
+    module_settings,
     quantized_modules,
     settings,
 )
@@ -144,6 +146,9 @@ def verify(folder: str | Path) -> VerifyReport:
         try:
             ckpt.check_layers()
             expected = expected_linears(model_config(ckpt), (qc.get("meta") or {}).get("layout", "source"))
+            # Each module's own settings under the config's dynamic rules (--recipe); "-:" ones stay in 16 bits.
+            own = {m: module_settings(qc, m) for m in expected}
+            expected = {m: shape for m, shape in expected.items() if own[m] is not None}
         except QuantMoeError as exc:
             problems.append(f"cannot derive the expected layout from config.json: {exc}")
 
@@ -164,6 +169,11 @@ def verify(folder: str | Path) -> VerifyReport:
             if parts is None:
                 continue
             report.quantized_modules += 1
+            try:
+                bits, group_size = module_settings(qc, module) or (bits, group_size)
+            except QuantMoeError as exc:
+                problems.append(str(exc))
+                continue
             if module in expected and not _check_layout(module, parts, *expected[module], bits, group_size, problems):
                 continue
             try:
@@ -194,6 +204,8 @@ def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> 
         arch = architecture_for(ckpt.config)
         ckpt.check_layers()
         expected = expected_linears(model_config(ckpt))
+        if ckpt.format.name == "compressed-tensors":  # modules in its ignore list (--recipe) stay in 16 bits
+            expected = {m: s for m, s in expected.items() if not ignored(ckpt.quantization, m)}
         # Other tools' unfused expert names (llm-compressor's experts.E.gate_proj) under the source's.
         linears = {_source_module(arch, m): lin for m, lin in ckpt.quantized_linears.items()}
     except QuantMoeError as exc:
