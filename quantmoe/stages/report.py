@@ -248,34 +248,27 @@ def model_card(report: dict | None, info: dict) -> str:
         "```",
         "",
     ]
+    lines += [
+        "### transformers",
+        "",
+        "With compressed-tensors installed (`pip install compressed-tensors`):" if ct
+        else "With optimum and gptqmodel installed:",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+        "```",
+        "",
+        "### GPTQModel",
+        "",
+    ]
     if ct:
         lines += [
-            "### transformers",
-            "",
-            "With compressed-tensors installed (`pip install compressed-tensors`):",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
-            "```",
-            "",
-            "### GPTQModel",
-            "",
             "GPTQModel reads GPTQ checkpoints, not compressed-tensors ones: quantize with `--format gptq` "
             "(and `--layout gptqmodel` for Mixtral-style experts) to load it there.",
             "",
         ]
     else:
         lines += [
-            "### transformers",
-            "",
-            "With optimum and gptqmodel installed:",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
-            "```",
-            "",
-            "### GPTQModel",
-            "",
             "```python",
             "from gptqmodel import GPTQModel",
             "model = GPTQModel.load('./this-folder')",
