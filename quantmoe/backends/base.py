@@ -9,38 +9,15 @@ backend is one file in this package (see ``quantmoe/backends/__init__.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..base.errors import QuantMoeError
+from ..base.options import RunOptions
 
 
-@dataclass(frozen=True)
-class Options:
-    """How one quantize run goes; the same for every backend.
-
-    ``config`` is the backend's own frozen settings (``QuantConfig`` for gptq/rtn,
-    ``BnbConfig`` for bnb-*), made by ``backend.configure(...)``; None means its defaults.
-    """
-
-    config: Any = None
-    calib: str | Path | None = None       # calibration data (backends that need none ignore it)
-    nsamples: int | None = None           # calibration sequences [default: 128]
-    seqlen: int | None = None             # calibration sequence length [default: min(2048, context)]
-    seed: int = 0
-    device: str = "auto"                  # auto | cpu | cuda
-    max_shard_size: str | int = "2GB"
-    overwrite: bool = False
-    resume: bool = True                   # reuse the finished layers a stopped run left (backends that can)
-    run_eval: bool = True                 # measure the perplexity gap after export
-    eval_data: str | Path | None = None   # held-out text [default: the bundled held-out text]
-    batch_size: int | None = None         # sequences per forward pass [default: stream.default_batch_size]
-    quiet: bool = False
-    # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them).
-    tf32: bool = False                    # TF32 matrix products on CUDA
-    prefetch: bool = True                 # read the next layer in a background thread
-    block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
+# The name of RunOptions before the options were declared in one place (base/options.py).
+Options = RunOptions
 
 
 class Backend(Protocol):
@@ -59,8 +36,10 @@ class Backend(Protocol):
         """The backend's frozen settings from keyword options; a setting it does not take is a QuantMoeError."""
         ...
 
-    def quantize(self, model: str | Path | None, out: str | Path | None, options: Options) -> dict:
-        """Quantize ``model`` into ``out``; returns a summary (out, report, stages, fallbacks, notes)."""
+    def quantize(self, model: str | Path | None, out: str | Path | None, options: RunOptions = RunOptions(),
+                 config: Any = None) -> dict:
+        """Quantize ``model`` into ``out`` with ``config`` (the backend's frozen settings, made by
+        ``configure``; None: its defaults); returns a summary (out, report, stages, fallbacks, notes)."""
         ...
 
 

@@ -73,10 +73,10 @@ from ..base.files import (
     write_manifest,
 )
 from ..base.measure import stage
+from ..base.options import BnbConfig, RunOptions
 from ..base.paths import DEFAULT_MODEL
 from ..base.version import __version__
 from ..formats.bnb import (
-    BnbConfig,
     BnbReader,
     dequantize_weight,
     quantization_config,
@@ -91,7 +91,7 @@ from ..stages.evaluate import evaluate
 from ..stages.export import ShardWriter, parse_size, write_config
 from ..stages.quantize import check_out, work_dir
 from ..stages.report import base_model_name, gap_table, protocol_text, render_markdown
-from .base import Backend, Options, unknown_settings
+from .base import Backend, unknown_settings
 
 
 # -- the backend ---------------------------------------------------------------------
@@ -111,14 +111,12 @@ class BnbBackend(Backend):
         unknown_settings(self.name, settings, self.settings())
         return BnbConfig(quant_type=self.quant_type, **settings)
 
-    def quantize(self, model, out, options: Options) -> dict:
-
-
+    def quantize(self, model, out, options: RunOptions = RunOptions(), config: BnbConfig | None = None) -> dict:
         if Ranks.from_env(os.environ).world > 1:
             raise QuantMoeError(f"the {self.name} backend runs in one process (torchrun spreads GPTQ's experts); "
                                 "run it without torchrun")
         require_bitsandbytes(self.name)
-        cfg = options.config if options.config is not None else self.configure()
+        cfg = config if config is not None else self.configure()
         if not isinstance(cfg, BnbConfig) or cfg.quant_type != self.quant_type:
             raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({cfg!r}); "
                                 f"make them with backends.get({self.name!r}).configure(...)")
@@ -203,7 +201,7 @@ def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, devic
     return log
 
 
-def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) -> dict:
+def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: RunOptions) -> dict:
     """The whole bnb run: shards into a staging folder, config, log, optional eval, card, manifest, rename."""
 
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)

@@ -6,11 +6,12 @@ rtn is the round-to-nearest baseline of the same format, without calibration Hes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
-from ..base.options import QuantConfig
+from ..base.errors import QuantMoeError
+from ..base.options import QuantConfig, RunOptions, options_of
 from ..stages.quantize import quantize
-from .base import Backend, Options, unknown_settings
+from .base import Backend, unknown_settings
 
 
 @dataclass(frozen=True)
@@ -21,20 +22,18 @@ class GptqBackend(Backend):
     resumable: bool = True  # finished layers are kept in the work folder (quantmoe.stages.resume)
 
     def settings(self) -> frozenset[str]:
-        return frozenset(f.name for f in fields(QuantConfig)) - {"backend"}
+        return frozenset(o.name for o in options_of(QuantConfig)) - {"backend"}
 
     def configure(self, **settings) -> QuantConfig:
         unknown_settings(self.name, settings, self.settings())
         return QuantConfig(backend=self.name, **settings)
 
-    def quantize(self, model, out, options: Options) -> dict:
-
-        qcfg = options.config if options.config is not None else self.configure()
-        return quantize(model, out, qcfg, calib=options.calib, nsamples=options.nsamples, seqlen=options.seqlen,
-                        seed=options.seed, device=options.device, max_shard_size=options.max_shard_size,
-                        overwrite=options.overwrite, run_eval=options.run_eval, eval_data=options.eval_data,
-                        batch_size=options.batch_size, quiet=options.quiet, resume=options.resume, tf32=options.tf32,
-                        prefetch=options.prefetch, block_kernel=options.block_kernel)
+    def quantize(self, model, out, options: RunOptions = RunOptions(), config: QuantConfig | None = None) -> dict:
+        qcfg = config if config is not None else self.configure()
+        if not isinstance(qcfg, QuantConfig) or qcfg.backend != self.name:
+            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({qcfg!r}); "
+                                f"make them with backends.get({self.name!r}).configure(...)")
+        return quantize(model, out, qcfg, **asdict(options))
 
 
 BACKENDS = (

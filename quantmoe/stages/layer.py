@@ -83,7 +83,7 @@ def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = Fa
     moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian.
     ``dequantized`` False: the result's W may be None (the caller rebuilds it from the levels).
     ``overwrite_W``/``overwrite_H``: W/H are handed over and become GPTQ's working storage."""
-    if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
+    if not qcfg.uses_hessians:  # the rtn baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
     if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
@@ -278,12 +278,12 @@ class LayerQuantizer:
 
     @property
     def fit_stream(self) -> bool:
-        return self.original is not None and self.qcfg.backend != "rtn"
+        return self.original is not None and self.qcfg.uses_hessians
 
     @property
     def fit_down(self) -> bool:
         """Down projections are fitted to the original MLP's outputs (--fit mlp or stream)."""
-        return self.qcfg.backend != "rtn" and self.qcfg.fit in ("mlp", "stream")
+        return self.qcfg.uses_hessians and self.qcfg.fit in ("mlp", "stream")
 
     def _store(self, names: list[str], res: QuantResult) -> None:
         if not self.ranks.writes:
@@ -305,7 +305,7 @@ class LayerQuantizer:
         --fit stream, the cross moment with the full-precision stream's). Returns the result and n."""
         H = X0 = None
         n = 0
-        if self.qcfg.backend != "rtn":
+        if self.qcfg.uses_hessians:
             H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
             X0 = torch.zeros_like(H) if self.fit_stream else None  # the cross moment, see gptq_quantize
             for x, x0 in self._captured_pairs(module_path, keep):
@@ -411,7 +411,7 @@ class LayerQuantizer:
         I = I2 // 2
         half = {name: slice(k * I, (k + 1) * I) for k, name in enumerate(layout.halves)}
         dev = gate_up_proj.device
-        gptq = qcfg.backend != "rtn"
+        gptq = qcfg.uses_hessians
         blend = gptq and qcfg.rare_expert != "rtn"
         fit = self.fit_down
         t0 = time.perf_counter()
@@ -569,7 +569,7 @@ class LayerQuantizer:
         names = [mlp.linear(w) for w in ("gate", "up", "down")]
         Wg, Wu, Wd = (self._linear(n).weight.data.clone() for n in names)  # originals, kept
         I = Wg.shape[0]
-        gptq = qcfg.backend != "rtn"
+        gptq = qcfg.uses_hessians
         t0 = time.perf_counter()
         res_gu, n = self._solve_shared_input(torch.cat([Wg, Wu]), module_path, keep=True)
         gq, uq = _split_rows(res_gu, [I, I])

@@ -32,7 +32,7 @@ from ..base.files import (
     write_manifest,
 )
 from ..base.measure import PeakRSS, release_freed_memory, stage, steady_host_memory
-from ..base.options import BLOCK_KERNELS, QuantConfig
+from ..base.options import BLOCK_KERNELS, QuantConfig, run_options
 from ..base.paths import CALIB_DATA, DEFAULT_MODEL, EVAL_DATA, default_seqlen
 from ..base.version import __version__
 from ..gptq.core import quantize_block
@@ -142,13 +142,13 @@ def block_function(kernel: str, dev: torch.device):
     return GraphedBlocks()
 
 
-def quantize(model: str | Path | None = None, out: str | Path | None = None, qcfg: QuantConfig = QuantConfig(),
-             calib: str | Path | None = None, nsamples: int | None = None, seqlen: int | None = None,
-             seed: int = 0, device: str = "auto", max_shard_size: str | int = "2GB", overwrite: bool = False,
-             run_eval: bool = True, eval_data: str | Path | None = None, batch_size: int | None = None,
-             quiet: bool = False, resume: bool = True, tf32: bool = False, prefetch: bool = True,
-             block_kernel: str = "auto", ranks: Ranks | None = None) -> dict:
+def quantize(model: str | Path | None = None, out: str | Path | None = None, qcfg: QuantConfig = QuantConfig(), *,
+             ranks: Ranks | None = None, **options) -> dict:
     """Quantize ``model`` into ``out``; returns the summary (report, paths, stage timings).
+
+    ``options`` are the fields of ``RunOptions`` (calib, nsamples, seqlen, seed, device,
+    max_shard_size, overwrite, resume, run_eval, eval_data, batch_size, quiet, tf32, prefetch,
+    block_kernel); any other keyword is a QuantMoeError naming it.
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
     after a crash or Ctrl-C continues from the first unfinished layer and writes the same
@@ -162,7 +162,11 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     under torchrun (default: read from torchrun's environment variables; a single process
     without them).
     """
-
+    o = run_options(**options)
+    calib, nsamples, seqlen, seed, device = o.calib, o.nsamples, o.seqlen, o.seed, o.device
+    max_shard_size, overwrite, run_eval, eval_data, batch_size = o.max_shard_size, o.overwrite, o.run_eval, \
+        o.eval_data, o.batch_size
+    quiet, resume, tf32, prefetch, block_kernel = o.quiet, o.resume, o.tf32, o.prefetch, o.block_kernel
     ranks = ranks if ranks is not None else Ranks.from_env(os.environ)
     steady_host_memory()
     quiet = quiet or not ranks.writes
@@ -209,7 +213,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
         originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] \
-            if qcfg.fit == "stream" and qcfg.backend != "rtn" else None
+            if qcfg.effective_fit == "stream" else None
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
             layers_log.append(read_layer_log(work, i, fp))
             layer_files.append(layer_file(work, i))
@@ -229,7 +233,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
             waited = time.perf_counter() - t0
             next_state = reader.submit(stream.layer_state, i + 1, True, pin) if prefetch and i + 1 < n else None
             quantizer = LayerQuantizer(stream, i, batches, qcfg, state, ranks, tf32, block_fn,
-                                       batches if qcfg.fit == "layer" and qcfg.backend != "rtn" else originals)
+                                       batches if qcfg.effective_fit == "layer" else originals)
             del state  # on the device now; host memory holds only the layer being prefetched
             result = quantizer.run()
             del quantizer
