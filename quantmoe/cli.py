@@ -253,9 +253,9 @@ recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}, {backe
 
 """ + _job_keys_text() + """ Hyphens may stand for underscores. A [defaults] setting reaches only the jobs whose
 backend takes it. A job whose folder is complete (manifest valid, same backend and options) is skipped; an
-unfinished one is run again (gptq/rtn continue from their finished layers). A failed job does not stop the
-others. Exit status: 0 when every job is done or skipped, 1 when a job failed, 2 when the jobs file is wrong,
-130 when interrupted.
+unfinished one is run again, continuing from its finished layers. A failed job does not stop the others. Exit
+status: 0 when every job is done or skipped, 1 when a job failed, 2 when the jobs file is wrong, 130 when
+interrupted.
 """
 
 

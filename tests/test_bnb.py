@@ -476,6 +476,40 @@ def test_bnb_names_an_expert_weight_the_checkpoint_lacks(tiny_model, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
+class Stop(Exception):
+    """Stands in for a crash right after a layer file is written."""
+
+
+def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path, monkeypatch, capsys, bitsandbytes):
+    """bnb runs through the one pipeline: its layers go to the work folder, and a stopped run continues
+    from them, writing the same files as a run that was never stopped."""
+    import quantmoe.stages.quantize as pipeline
+    from clirun import content
+
+    src = tiny_model("mixtral")
+    options = Options(device="cpu", run_eval=False, quiet=True)
+    backends.get("bnb-nf4").quantize(src, tmp_path / "a", options)
+    out = tmp_path / "b"
+    real = pipeline.write_layer
+
+    def write_layer(work, index, *args):
+        file = real(work, index, *args)
+        if index == 0:
+            raise Stop
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_layer", write_layer)
+        with pytest.raises(Stop):
+            backends.get("bnb-nf4").quantize(src, out, options)
+    assert not out.exists() and (tmp_path / ".b.quantmoe-work" / "layers" / "layer-00000.json").is_file()
+    capsys.readouterr()
+    backends.get("bnb-nf4").quantize(src, out, options)
+    assert "resuming: 1 of 2 layers" in capsys.readouterr().err
+    assert content(out) == content(tmp_path / "a")
+    assert not (tmp_path / ".b.quantmoe-work").exists()
+
+
 # -- verify ------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type,name", ALL_CASES)
 def test_a_fresh_bnb_export_verifies(bnb_exported, model_type, name):

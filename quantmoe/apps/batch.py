@@ -31,8 +31,8 @@ without calibration ignore calib, nsamples and seqlen. The whole file is checked
 Each job is one ``backend.quantize`` call into ``ROOT/<name>``, never with ``overwrite``:
 - a folder that is present and matches its manifest (and the job's backend and options) is skipped;
 - a missing folder means the job never finished; quantize is called again on the same ``out``.
-  A resumable backend (gptq, rtn) continues from the finished layers it left in the work folder
-  beside it (``.<name>.quantmoe-work``); the others (bnb-*: seconds per layer) start the job again;
+  A resumable backend (every backend of the one pipeline) continues from the finished layers it
+  left in the work folder beside it (``.<name>.quantmoe-work``); another starts the job again;
 - a failure is recorded and the next job runs.
 After every job ``ROOT/batch_summary.json`` and ``.md`` are rewritten; their perplexities, bits
 per weight and sizes are copied from each job's own ``eval_report.json``, never recomputed.

@@ -1,4 +1,4 @@
-"""The gptq and rtn backends: quantmoe's streamed GPTQ pipeline (``quantmoe.stages.quantize``).
+"""The gptq and rtn backends: quantmoe's streamed GPTQ method (``quantmoe.stages.gptq_method``).
 
 Both write GPTQ v1 checkpoints (``P.qweight``/``qzeros``/``scales``/``g_idx`` per linear);
 rtn is the round-to-nearest baseline of the same format, without calibration Hessians.
@@ -6,11 +6,11 @@ rtn is the round-to-nearest baseline of the same format, without calibration Hes
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ..base.errors import QuantMoeError
-from ..base.options import QuantConfig, RunOptions, options_of
-from ..stages.quantize import quantize
+from ..base.options import QuantConfig, options_of
+from ..stages.gptq_method import GptqMethod
 from .base import Backend, unknown_settings
 
 
@@ -28,16 +28,14 @@ class GptqBackend(Backend):
         unknown_settings(self.name, settings, self.settings())
         return QuantConfig(backend=self.name, **settings)
 
-    def quantize(self, model, out, options: RunOptions = RunOptions(), config: QuantConfig | None = None) -> dict:
-        qcfg = config if config is not None else self.configure()
-        if not isinstance(qcfg, QuantConfig) or qcfg.backend != self.name:
-            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({qcfg!r}); "
+    def method(self, config: QuantConfig) -> GptqMethod:
+        if not isinstance(config, QuantConfig) or config.backend != self.name:
+            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({config!r}); "
                                 f"make them with backends.get({self.name!r}).configure(...)")
-        return quantize(model, out, qcfg, **asdict(options))
+        return GptqMethod(config)
 
 
 BACKENDS = (
     GptqBackend("gptq", "GPTQ (Hessian-corrected rounding, calibrated per expert); GPTQ v1 int4/int8 checkpoint"),
     GptqBackend("rtn", "round-to-nearest baseline in the same GPTQ v1 format (no Hessian)"),
 )
-

@@ -1,9 +1,9 @@
-"""Stage 3: per-layer results + the source checkpoint -> a sharded GPTQ v1 checkpoint.
+"""Stage 3, for every backend: per-layer results + the source checkpoint -> a sharded checkpoint.
 
 Quantized linears are written under the source checkpoint's own names
-(``...block_sparse_moe.experts.3.w1.qweight`` ...); every other tensor (routers, norms,
-biases, embeddings, head) is copied unchanged, in its source dtype. Shards are built one
-at a time, so memory holds at most one shard.
+(``...block_sparse_moe.experts.3.w1.qweight`` for GPTQ, ``....w1.weight`` + statistics for
+bitsandbytes); every other tensor (routers, norms, biases, embeddings, head) is copied
+unchanged, in its source dtype. Shards are built one at a time, so memory holds at most one shard.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from safetensors import safe_open
 
 from ..base.errors import QuantMoeError
 from ..base.files import atomic_write_json, save_safetensors
-from ..base.options import QuantConfig
-from ..formats.gptq_v1 import quantization_config
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import INDEX_NAME, Checkpoint
 
@@ -82,50 +80,67 @@ class ShardWriter:
         return weight_map
 
 
+def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path, max_shard_size: int,
+                 layout: str = "source") -> dict[str, str]:
+    """The source checkpoint with each layer's quantized linears replaced by the tensors of its layer
+    file -> shards and their index in ``folder``, for every backend; returns the weight map.
 
-
-def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
-                max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
-    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``.
-
-    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``.
+    Order: the embeddings; per layer, its source tensors that are not replaced, then its quantized
+    tensors, sorted; then every other tensor (final norm, head). Safetensors sorts the tensors inside a
+    file, so the order only decides where shards end. A source tensor is replaced when it is the weight
+    of a linear the layer's plan quantizes, or a fused on-disk expert tensor (GraniteMoE's, cut per
+    expert by the layer's quantization). Decoder tensors keep their source names, or take GPTQModel's
+    with ``layout="gptqmodel"``. Memory holds one layer file and one shard.
     """
-    staging.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(staging, max_shard_size)
-    if qcfg.layout == "gptqmodel":
-        def named(name: str, prefix: str) -> str:
-            return prefix + arch.gptqmodel_name(name[len(prefix):])
-    else:
-        def named(name: str, prefix: str) -> str:
-            return name
-    layer_names = {i: set() for i in range(len(layer_files))}
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, max_shard_size)
     for name in ckpt.names("model.embed_tokens."):
         writer.add(name, ckpt.tensor(name))
     for i, file in enumerate(layer_files):
         prefix = ckpt.layer_prefix(i)
         with safe_open(str(file), framework="pt") as f:
-            packed = {name: f.get_tensor(name) for name in f.keys()}
-        quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
-        # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
-        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
-        experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
-        fused = {prefix + n for n in plan.fused_disk_tensors()} if experts and experts <= quantized else set()
+            quantized = {name: f.get_tensor(name) for name in f.keys()}
+        replaced = replaced_tensors(ckpt, arch, i, layout, quantized, file)
         for name in ckpt.names(prefix):
-            if name in fused or (name.endswith(".weight") and name[: -len(".weight")] in quantized):
-                continue
-            writer.add(named(name, prefix), ckpt.tensor(name))
-        for name in sorted(packed):
-            writer.add(named(name, prefix), packed[name])
-        layer_names[i] = quantized
+            if name not in replaced:
+                writer.add(export_name(arch, name, prefix, layout), ckpt.tensor(name))
+        for name in sorted(quantized):
+            writer.add(export_name(arch, name, prefix, layout), quantized[name])
     done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name in ckpt.names():
         if name not in done and not name.startswith("model.layers."):
             writer.add(name, ckpt.tensor(name))
-    weight_map = writer.close()
+    return writer.close()
 
-    qconfig = quantization_config(qcfg, not_quantized, version)
-    write_config(ckpt, staging, qconfig)
-    atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
+
+def replaced_tensors(ckpt: Checkpoint, arch: Architecture, index: int, layout: str, quantized: dict,
+                     file: Path) -> set[str]:
+    """The source tensors of layer ``index`` that its ``quantized`` tensors (read from ``file``) replace:
+    the weight of every linear its plan quantizes, and the fused on-disk expert tensors."""
+    prefix = ckpt.layer_prefix(index)
+    plan = plan_layer(arch, ckpt.config, index, layout)
+    stored = {name.rsplit(".", 1)[0] for name in quantized}  # P.qweight, P.weight, P.SCB ... -> P
+    missing = [m for m in plan.quantized_linears() if prefix + m not in stored]
+    if missing:
+        raise QuantMoeError(f"{file} holds no quantized tensors of {prefix}{missing[0]}; it is not this layer's "
+                            "result: re-run with --restart")
+    return {f"{prefix}{m}.weight" for m in plan.quantized_linears()} | {prefix + n for n in plan.fused_disk_tensors()}
+
+
+def export_name(arch: Architecture, name: str, prefix: str, layout: str) -> str:
+    """A decoder tensor's name in the export: its source name, or GPTQModel's with ``layout="gptqmodel"``."""
+    return prefix + arch.gptqmodel_name(name[len(prefix):]) if layout == "gptqmodel" else name
+
+
+def export_checkpoint(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path,
+                      quantization_config: dict, max_shard_size: int, layout: str = "source",
+                      config_files: tuple[str, ...] = ()) -> dict[str, str]:
+    """Shards, index, config.json (with ``quantization_config``), a copy of it in each of ``config_files``
+    (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns the weight map."""
+    weight_map = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout)
+    write_config(ckpt, folder, quantization_config)
+    for name in config_files:
+        atomic_write_json(folder / name, quantization_config)
     return weight_map
 
 
