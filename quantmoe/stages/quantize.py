@@ -135,7 +135,7 @@ class Work:
     parts: dict[str, str]       # what the layers are computed from, one hash per input (resume.fingerprint_parts)
     fingerprint: str
     done: int                   # leading layers finished by an earlier run of the same inputs
-    layers: int                 # decoder layers in all
+    num_layers: int             # decoder layers in all
 
 
 def open_work_folder(source: Source, method: Method, calibration: Calibration | None, layers: Run,
@@ -163,7 +163,7 @@ def quantize_layers(layers: Run, work: Work, ranks: Ranks, quiet: bool, stages: 
     flight at a time bounds host memory)."""
     entries = [read_layer_log(work.folder, i, work.fingerprint) for i in range(work.done)]
     peak_gpu = None
-    bar = tqdm(desc="quantize", unit="layer", disable=quiet, initial=work.done, total=work.layers)
+    bar = tqdm(desc="quantize", unit="layer", disable=quiet, initial=work.done, total=work.num_layers)
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
     with stage(stages, "quantize"), PeakRSS() as rss, writer, bar:
         written: Future | None = None
@@ -225,7 +225,7 @@ def export_and_finalize(source: Source, method: Method, calibration: Calibration
     evaluation = None if not options.run_eval else {
         "baseline": ckpt.path, "data": options.eval_data, "device": options.device, "batch_size": layers.batch_size,
         "quiet": options.quiet}
-    export = partial(export_checkpoint, ckpt, arch, [layer_file(work.folder, i) for i in range(work.layers)],
+    export = partial(export_checkpoint, ckpt, arch, [layer_file(work.folder, i) for i in range(work.num_layers)],
                      quantization_config=method.quantization_config(ckpt, arch), max_shard_size=source.shard_bytes,
                      layout=method.layout, config_files=method.config_files)
     return finalize(work.folder, source.out, export, log, manifest, method.model_card, card_info, evaluation,
