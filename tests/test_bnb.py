@@ -488,8 +488,8 @@ def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path
 
     src = tiny_model("mixtral")
     options = Options(device="cpu", run_eval=False, quiet=True)
-    backends.get("bnb-nf4").quantize(src, tmp_path / "a", options)
-    out = tmp_path / "b"
+    backends.get("bnb-nf4").quantize(src, tmp_path / "a" / "out", options)
+    out = tmp_path / "b" / "out"  # the same folder name: the model card names it
     real = pipeline.write_layer
 
     def write_layer(work, index, *args):
@@ -502,12 +502,49 @@ def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path
         m.setattr(pipeline, "write_layer", write_layer)
         with pytest.raises(Stop):
             backends.get("bnb-nf4").quantize(src, out, options)
-    assert not out.exists() and (tmp_path / ".b.quantmoe-work" / "layers" / "layer-00000.json").is_file()
+    work = tmp_path / "b" / ".out.quantmoe-work"
+    assert not out.exists() and (work / "layers" / "layer-00000.json").is_file()
     capsys.readouterr()
     backends.get("bnb-nf4").quantize(src, out, options)
     assert "resuming: 1 of 2 layers" in capsys.readouterr().err
-    assert content(out) == content(tmp_path / "a")
-    assert not (tmp_path / ".b.quantmoe-work").exists()
+    assert content(out) == content(tmp_path / "a" / "out")
+    assert not work.exists()
+
+
+def test_a_finished_layer_file_missing_a_linear_is_refused_at_export(tiny_model, tmp_path, monkeypatch, bitsandbytes):
+    """The one shard writer checks that each layer file holds every linear its plan quantizes: otherwise
+    the source weight would be dropped with nothing in its place. One line; the finished layers are kept."""
+    import quantmoe.stages.quantize as pipeline
+    from safetensors import safe_open
+
+    from quantmoe.base.files import save_safetensors
+
+    src = tiny_model("mixtral")
+    out = tmp_path / "out"
+    options = Options(device="cpu", run_eval=False, quiet=True)
+    real = pipeline.write_layer
+
+    def write_layer(work, index, *args):
+        file = real(work, index, *args)
+        if index == 1:  # the last layer: every layer is finished, the export never ran
+            raise Stop
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_layer", write_layer)
+        with pytest.raises(Stop):
+            backends.get("bnb-nf4").quantize(src, out, options)
+    file = tmp_path / ".out.quantmoe-work" / "layers" / "layer-00000.safetensors"
+    with safe_open(str(file), framework="pt") as f:  # drop one linear, keeping the fingerprint
+        meta = f.metadata()
+        kept = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("model.layers.0.self_attn.k_proj.")}
+    save_safetensors(file, kept, metadata=meta)
+    with pytest.raises(QuantMoeError) as err:
+        backends.get("bnb-nf4").quantize(src, out, options)
+    assert str(err.value) == (f"{file} holds no quantized tensors of model.layers.0.self_attn.k_proj; it is not this "
+                              "layer's result: re-run with --restart")
+    assert not out.exists() and file.is_file()
+    assert not (tmp_path / ".out.quantmoe-work" / "export").exists()
 
 
 # -- verify ------------------------------------------------------------------------------
