@@ -106,8 +106,8 @@ def check_out(out: Path, model: Path, overwrite: bool) -> Path:
 
 def check_inputs(model: str | Path | None, out: str | Path | None, method: Method, options: RunOptions,
                  ranks: Ranks) -> Source:
-    """Every input the layers do not need, checked cheapest first: nothing is written before a run
-    could fail on them (the calibration and eval data are checked next, still before the work folder)."""
+    """The model, --out, the shard size and what the method cannot do, checked cheapest first and
+    before anything is written (the calibration and eval data come next, still before the work folder)."""
     ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
     arch = architecture_for(ckpt.config)  # "not a causal LM" / "unsupported" before any complaint about its files
     out = check_out(Path(out) if out is not None else method.default_out(ckpt.path), ckpt.path, options.overwrite)
