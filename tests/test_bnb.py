@@ -480,21 +480,15 @@ class Stop(Exception):
     """Stands in for a crash right after a layer file is written."""
 
 
-def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path, monkeypatch, capsys, bitsandbytes):
-    """bnb runs through the one pipeline: its layers go to the work folder, and a stopped run continues
-    from them, writing the same files as a run that was never stopped."""
+def _stopped_after_layer(index: int, monkeypatch, src, out, options) -> None:
+    """A bnb-nf4 run of ``src`` into ``out`` that crashes once layer ``index``'s file is written."""
     import quantmoe.stages.quantize as pipeline
-    from clirun import content
 
-    src = tiny_model("mixtral")
-    options = Options(device="cpu", run_eval=False, quiet=True)
-    backends.get("bnb-nf4").quantize(src, tmp_path / "a" / "out", options)
-    out = tmp_path / "b" / "out"  # the same folder name: the model card names it
     real = pipeline.write_layer
 
-    def write_layer(work, index, *args):
-        file = real(work, index, *args)
-        if index == 0:
+    def write_layer(work, i, *args):
+        file = real(work, i, *args)
+        if i == index:
             raise Stop
         return file
 
@@ -502,6 +496,18 @@ def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path
         m.setattr(pipeline, "write_layer", write_layer)
         with pytest.raises(Stop):
             backends.get("bnb-nf4").quantize(src, out, options)
+
+
+def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path, monkeypatch, capsys, bitsandbytes):
+    """bnb runs through the one pipeline: its layers go to the work folder, and a stopped run continues
+    from them, writing the same files as a run that was never stopped."""
+    from clirun import content
+
+    src = tiny_model("mixtral")
+    options = Options(device="cpu", run_eval=False, quiet=True)
+    backends.get("bnb-nf4").quantize(src, tmp_path / "a" / "out", options)
+    out = tmp_path / "b" / "out"  # the same folder name: the model card names it
+    _stopped_after_layer(0, monkeypatch, src, out, options)
     work = tmp_path / "b" / ".out.quantmoe-work"
     assert not out.exists() and (work / "layers" / "layer-00000.json").is_file()
     capsys.readouterr()
@@ -514,7 +520,6 @@ def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path
 def test_a_finished_layer_file_missing_a_linear_is_refused_at_export(tiny_model, tmp_path, monkeypatch, bitsandbytes):
     """The one shard writer checks that each layer file holds every linear its plan quantizes: otherwise
     the source weight would be dropped with nothing in its place. One line; the finished layers are kept."""
-    import quantmoe.stages.quantize as pipeline
     from safetensors import safe_open
 
     from quantmoe.base.files import save_safetensors
@@ -522,18 +527,7 @@ def test_a_finished_layer_file_missing_a_linear_is_refused_at_export(tiny_model,
     src = tiny_model("mixtral")
     out = tmp_path / "out"
     options = Options(device="cpu", run_eval=False, quiet=True)
-    real = pipeline.write_layer
-
-    def write_layer(work, index, *args):
-        file = real(work, index, *args)
-        if index == 1:  # the last layer: every layer is finished, the export never ran
-            raise Stop
-        return file
-
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "write_layer", write_layer)
-        with pytest.raises(Stop):
-            backends.get("bnb-nf4").quantize(src, out, options)
+    _stopped_after_layer(1, monkeypatch, src, out, options)  # the last layer: all finished, no export yet
     file = tmp_path / ".out.quantmoe-work" / "layers" / "layer-00000.safetensors"
     with safe_open(str(file), framework="pt") as f:  # drop one linear, keeping the fingerprint
         meta = f.metadata()
