@@ -1,12 +1,13 @@
-"""Stage 3: per-layer results + the source checkpoint -> a sharded GPTQ v1 checkpoint.
+"""Stage 3, for every backend: per-layer results + the source checkpoint -> a sharded checkpoint.
 
 Quantized linears are written under the source checkpoint's own names
-(``...block_sparse_moe.experts.3.w1.qweight`` ...); every other tensor (routers, norms,
-biases, embeddings, head) is copied unchanged, in its source dtype, except the linears of an
-FP8 release that are not quantized, which are written as BF16 weights (no FP8 tensor and no
-scale reaches the export). Layers stored beyond ``num_hidden_layers`` (multi-token
-prediction) are copied the same way with ``mtp="keep"``, unquantized. Shards are built one
-at a time, so memory holds at most one shard.
+(``...block_sparse_moe.experts.3.w1.qweight`` for GPTQ, ``....w1.weight`` + statistics for
+bitsandbytes); every other tensor (routers, norms, biases, embeddings, head) is copied
+unchanged, in its source dtype, except the linears of an FP8 release that are not quantized,
+which are written as BF16 weights (no FP8 tensor and no scale reaches the export). Layers
+stored beyond ``num_hidden_layers`` (multi-token prediction) are copied the same way when the
+method keeps them (``mtp="keep"``), unquantized. Shards are built one at a time, so memory
+holds at most one shard.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from ..base.files import (
     atomic_write_text,
     save_safetensors,
 )
-from ..base.options import QuantConfig
-from ..formats.gptq_v1 import quantization_config
 from ..model.architectures import Architecture, architecture_for, plan_layer
 from ..model.checkpoint import INDEX_NAME, Checkpoint
 from .resume import read_layer
@@ -91,6 +90,40 @@ class ShardWriter:
         return weight_map
 
 
+def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path, max_shard_size: int,
+                 layout: str = "source", extra_layers: list[int] = ()) -> dict[str, str]:
+    """The source checkpoint with each layer's quantized linears replaced by the tensors of its layer
+    file -> shards and their index in ``folder``, for every backend; returns the weight map.
+
+    Order: the embeddings; per layer, its source tensors that are not replaced, then its quantized
+    tensors, sorted; then the layers beyond ``num_hidden_layers`` in ``extra_layers`` (multi-token
+    prediction, copied unquantized under their source names in both layouts); then every other tensor
+    (final norm, head). Safetensors sorts the tensors inside a file, so the order only decides where
+    shards end. A source tensor is replaced when it belongs to a linear the layer's plan quantizes (its
+    weight, and an FP8 release's scales), or is a fused on-disk expert tensor (GraniteMoE's, cut per
+    expert by the layer's quantization). Decoder tensors keep their source names, or take GPTQModel's
+    with ``layout="gptqmodel"``. Memory holds one layer file and one shard.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, max_shard_size)
+    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
+        writer.add(name, tensor)
+    for i, file in enumerate(layer_files):
+        prefix = ckpt.layer_prefix(i)
+        quantized = read_layer(file)
+        modules, fused = replaced_modules(ckpt, arch, i, layout, quantized, file)
+        for name, tensor in source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], modules):
+            writer.add(export_name(arch, name, prefix, layout), tensor)
+        for name in sorted(quantized):
+            writer.add(export_name(arch, name, prefix, layout), quantized[name])
+    for i in extra_layers:
+        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
+            writer.add(name, tensor)
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
+    for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
+                                              and not n.startswith("model.layers.")]):
+        writer.add(name, tensor)
+    return writer.close()
 
 
 def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = frozenset()) -> Iterator[tuple[str, Tensor]]:
@@ -110,56 +143,40 @@ def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = froz
             yield name, ckpt.format.dequantize(ckpt, linear)
 
 
+def replaced_modules(ckpt: Checkpoint, arch: Architecture, index: int, layout: str, quantized: dict,
+                     file: Path) -> tuple[set[str], set[str]]:
+    """What the ``quantized`` tensors of layer ``index`` (read from ``file``) replace in the source: the
+    linears its plan quantizes (full module paths), and the fused on-disk expert tensors (full names)."""
+    prefix = ckpt.layer_prefix(index)
+    plan = plan_layer(arch, ckpt.config, index, layout)
+    stored = {name.rsplit(".", 1)[0] for name in quantized}  # P.qweight, P.weight, P.SCB ... -> P
+    missing = [m for m in plan.quantized_linears() if prefix + m not in stored]
+    if missing:
+        raise QuantMoeError(f"{file} holds no quantized tensors of {prefix}{missing[0]}; it is not this layer's "
+                            "result: re-run with --restart")
+    return {prefix + m for m in plan.quantized_linears()}, {prefix + n for n in plan.fused_disk_tensors()}
+
+
 def extra_layer_modules(ckpt: Checkpoint, layers: list[int]) -> dict[int, list[str]]:
     """Layer index -> the modules with a 2-D weight in it (its linears, DeepSeek's MTP embedding and head)."""
     return {i: sorted(n[: -len(".weight")] for n in ckpt.names(ckpt.layer_prefix(i))
                       if n.endswith(".weight") and len(ckpt.shape(n)) == 2) for i in layers}
 
 
-def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
-                max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
-    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``.
+def export_name(arch: Architecture, name: str, prefix: str, layout: str) -> str:
+    """A decoder tensor's name in the export: its source name, or GPTQModel's with ``layout="gptqmodel"``."""
+    return prefix + arch.gptqmodel_name(name[len(prefix):]) if layout == "gptqmodel" else name
 
-    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``;
-    the multi-token-prediction layers (``mtp="keep"``) keep their source names in both layouts.
-    """
-    staging.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(staging, max_shard_size)
-    if qcfg.layout == "gptqmodel":
-        def named(name: str, prefix: str) -> str:
-            return prefix + arch.gptqmodel_name(name[len(prefix):])
-    else:
-        def named(name: str, prefix: str) -> str:
-            return name
-    layer_names = {i: set() for i in range(len(layer_files))}
-    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
-        writer.add(name, tensor)
-    for i, file in enumerate(layer_files):
-        prefix = ckpt.layer_prefix(i)
-        packed = read_layer(file)
-        quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
-        # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
-        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
-        experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
-        fused = {prefix + n for n in plan.fused_disk_tensors()} if experts and experts <= quantized else set()
-        for name, tensor in source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], quantized):
-            writer.add(named(name, prefix), tensor)
-        for name in sorted(packed):
-            writer.add(named(name, prefix), packed[name])
-        layer_names[i] = quantized
-    mtp = ckpt.extra_layers() if qcfg.mtp == "keep" else []
-    for i in mtp:
-        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
-            writer.add(name, tensor)
-    done = set(writer.pending) | {n for _, names in writer.written for n in names}
-    for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
-                                              and not n.startswith("model.layers.")]):
-        writer.add(name, tensor)
-    weight_map = writer.close()
 
-    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp))
-    write_config(ckpt, staging, qconfig)
-    atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
+def export_checkpoint(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path,
+                      quantization_config: dict, max_shard_size: int, layout: str = "source",
+                      config_files: tuple[str, ...] = (), extra_layers: list[int] = ()) -> dict[str, str]:
+    """Shards, index, config.json (with ``quantization_config``), a copy of it in each of ``config_files``
+    (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns the weight map."""
+    weight_map = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers)
+    write_config(ckpt, folder, quantization_config)
+    for name in config_files:
+        atomic_write_json(folder / name, quantization_config)
     return weight_map
 
 
