@@ -63,7 +63,8 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
             seqlen: int | None = None, report: str | Path | None = None, isolate: bool = True) -> dict:
     """Quantize ``model`` with each backend spec (``gptq-int4``, ``bnb-nf4`` ...) and tabulate the results.
 
-    ``options`` applies to every backend (each spec brings its own config); ``seqlen`` is the eval window (and calibration) length [default: min(2048, context)].
+    ``options`` applies to every backend (each spec brings its own config); ``seqlen`` is the eval
+    window (and calibration) length [default: min(2048, context)].
     ``isolate=False`` runs everything in this process (faster; memory columns then include
     what earlier rows left behind). Returns the table as a dict (see ``render_markdown``).
     """
