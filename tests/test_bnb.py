@@ -498,6 +498,40 @@ def _stopped_after_layer(index: int, monkeypatch, src, out, options) -> None:
             backends.get("bnb-nf4").quantize(src, out, options)
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", *FUSED_ON_DISK])
+def test_a_sharded_bnb_export_writes_each_linear_where_its_source_weight_stands(tiny_model, tmp_path, model_type,
+                                                                              bitsandbytes):
+    """Through the one shard writer, bitsandbytes keeps its order (each linear's tensors where its source
+    weight stands, experts cut from a fused tensor where that stands), so a sharded export's shards end
+    where they always did. Walking the source in order, the shards never go back."""
+    src = tiny_model(model_type)
+    out = tmp_path / "out"
+    backends.get("bnb-nf4").quantize(src, out, Options(device="cpu", run_eval=False, quiet=True,
+                                                       max_shard_size="20KB"))
+    weight_map = json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) >= 4
+    ckpt = Checkpoint(src)
+    arch = ARCHITECTURES[model_type]
+    walked = []
+    for i in range(ckpt.config.num_hidden_layers):
+        prefix = ckpt.layer_prefix(i)
+        plan = plan_layer(arch, ckpt.config, i)
+        for name in ckpt.names(prefix):
+            rel = name[len(prefix):]
+            if rel in plan.fused_disk_tensors():
+                cut = [f"{prefix}{n}" for n in unfuse_experts(plan, rel, ckpt.tensor(name))]
+            else:
+                cut = [name]
+            for n in cut:
+                assert n in weight_map, n  # a quantized linear keeps its source weight's name (P.weight)
+                walked.append(shards.index(weight_map[n]))
+                module = n[: -len(".weight")]
+                parts = {shards.index(f) for t, f in weight_map.items() if t.startswith(module + ".weight.")}
+                assert all(walked[-1] <= k <= walked[-1] + 1 for k in parts), n  # its statistics follow it
+    assert walked == sorted(walked)
+
+
 def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path, monkeypatch, capsys, bitsandbytes):
     """bnb runs through the one pipeline: its layers go to the work folder, and a stopped run continues
     from them, writing the same files as a run that was never stopped."""

@@ -121,6 +121,7 @@ class BnbMethod:
     layout: str = "source"
     mtp: str = "drop"  # the multi-token-prediction layers are not exported
     config_files: tuple[str, ...] = ()
+    in_place: bool = True  # the export: a linear's tensors where its source weight stands, as bnb exports always were
 
     def default_out(self, model: Path) -> Path:
         return Path("quantmoe-out") / f"{model.name}-{self.name}"

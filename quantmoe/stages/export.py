@@ -28,7 +28,7 @@ from ..base.files import (
     atomic_write_text,
     save_safetensors,
 )
-from ..model.architectures import Architecture, architecture_for, plan_layer
+from ..model.architectures import Architecture, architecture_for, plan_layer, unfused_names
 from ..model.checkpoint import INDEX_NAME, Checkpoint
 from .resume import read_layer
 
@@ -91,18 +91,16 @@ class ShardWriter:
 
 
 def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path, max_shard_size: int,
-                 layout: str = "source", extra_layers: list[int] = ()) -> dict[str, str]:
+                 layout: str = "source", extra_layers: list[int] = (), in_place: bool = False) -> dict[str, str]:
     """The source checkpoint with each layer's quantized linears replaced by the tensors of its layer
     file -> shards and their index in ``folder``, for every backend; returns the weight map.
 
-    Order: the embeddings; per layer, its source tensors that are not replaced, then its quantized
-    tensors, sorted; then the layers beyond ``num_hidden_layers`` in ``extra_layers`` (multi-token
-    prediction, copied unquantized under their source names in both layouts); then every other tensor
-    (final norm, head). Safetensors sorts the tensors inside a file, so the order only decides where
-    shards end. A source tensor is replaced when it belongs to a linear the layer's plan quantizes (its
-    weight, and an FP8 release's scales), or is a fused on-disk expert tensor (GraniteMoE's, cut per
-    expert by the layer's quantization). Decoder tensors keep their source names, or take GPTQModel's
-    with ``layout="gptqmodel"``. Memory holds one layer file and one shard.
+    Order: the embeddings; per layer, its source tensors that are not replaced and its quantized
+    tensors (``layer_tensors``); then the layers beyond ``num_hidden_layers`` in ``extra_layers``
+    (multi-token prediction, copied unquantized under their source names in both layouts); then every
+    other tensor (final norm, head). Safetensors sorts the tensors inside a file, so the order only
+    decides where shards end. Decoder tensors keep their source names, or take GPTQModel's with
+    ``layout="gptqmodel"``. Memory holds one layer file and one shard.
     """
     folder.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(folder, max_shard_size)
@@ -110,12 +108,8 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
         writer.add(name, tensor)
     for i, file in enumerate(layer_files):
         prefix = ckpt.layer_prefix(i)
-        quantized = read_layer(file)
-        modules, fused = replaced_modules(ckpt, arch, i, layout, quantized, file)
-        for name, tensor in source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], modules):
+        for name, tensor in layer_tensors(ckpt, arch, i, layout, read_layer(file), file, in_place):
             writer.add(export_name(arch, name, prefix, layout), tensor)
-        for name in sorted(quantized):
-            writer.add(export_name(arch, name, prefix, layout), quantized[name])
     for i in extra_layers:
         for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
             writer.add(name, tensor)
@@ -143,18 +137,54 @@ def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = froz
             yield name, ckpt.format.dequantize(ckpt, linear)
 
 
-def replaced_modules(ckpt: Checkpoint, arch: Architecture, index: int, layout: str, quantized: dict,
-                     file: Path) -> tuple[set[str], set[str]]:
-    """What the ``quantized`` tensors of layer ``index`` (read from ``file``) replace in the source: the
-    linears its plan quantizes (full module paths), and the fused on-disk expert tensors (full names)."""
+def layer_tensors(ckpt: Checkpoint, arch: Architecture, index: int, layout: str, quantized: dict[str, Tensor],
+                  file: Path, in_place: bool = False) -> Iterator[tuple[str, Tensor]]:
+    """Layer ``index`` of the export, by source name: its ``quantized`` tensors (read from ``file``, in the
+    order its method made them) and the source tensors they do not replace.
+
+    A source tensor is replaced when it belongs to a linear the layer's plan quantizes (its weight, and
+    an FP8 release's scales), or is a fused on-disk expert tensor (GraniteMoE's, cut per expert by the
+    layer's quantization). GPTQ's order: the source tensors kept, then the quantized ones, sorted;
+    ``in_place`` (bitsandbytes'): each linear's tensors where its source weight stands (the experts cut
+    from a fused tensor where that stands), as transformers' serialization lists them. Both orders are
+    kept so that an export's shards end where they always did.
+    """
     prefix = ckpt.layer_prefix(index)
     plan = plan_layer(arch, ckpt.config, index, layout)
-    stored = {name.rsplit(".", 1)[0] for name in quantized}  # P.qweight, P.weight, P.SCB ... -> P
-    missing = [m for m in plan.quantized_linears() if prefix + m not in stored]
+    modules = {prefix + m for m in plan.quantized_linears()}
+    parts: dict[str, list[str]] = {m: [] for m in modules}
+    for name in quantized:  # P.qweight, P.weight, P.weight.absmax, P.SCB ... -> P
+        module = next((m for m in _prefixes(name) if m in modules), None)
+        if module is not None:
+            parts[module].append(name)
+    missing = [m for m in plan.quantized_linears() if not parts[prefix + m]]
     if missing:
         raise QuantMoeError(f"{file} holds no quantized tensors of {prefix}{missing[0]}; it is not this layer's "
                             "result: re-run with --restart")
-    return {prefix + m for m in plan.quantized_linears()}, {prefix + n for n in plan.fused_disk_tensors()}
+    fused = {prefix + n for n in plan.fused_disk_tensors()}
+    if not in_place:
+        yield from source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], modules)
+        yield from ((name, quantized[name]) for name in sorted(quantized))
+        return
+    for name in ckpt.names(prefix):
+        if name in fused:
+            cut = [prefix + w[: -len(".weight")] for w in unfused_names(plan, name[len(prefix):])
+                   if not ckpt.has(prefix + w)]  # per-expert tensors on disk win over a fused copy, as on loading
+        elif name.endswith(".weight") and name[: -len(".weight")] in modules:
+            cut = [name[: -len(".weight")]]
+        else:
+            yield from source_tensors(ckpt, [name], modules)
+            continue
+        yield from ((part, quantized[part]) for module in cut for part in parts[module])
+    placed = {part for names in parts.values() for part in names}
+    yield from ((name, quantized[name]) for name in sorted(quantized) if name not in placed)
+
+
+def _prefixes(name: str) -> Iterator[str]:
+    """``a.b.c`` -> ``a.b``, ``a``: the modules a tensor name may belong to, longest first."""
+    while "." in name:
+        name = name.rpartition(".")[0]
+        yield name
 
 
 def extra_layer_modules(ckpt: Checkpoint, layers: list[int]) -> dict[int, list[str]]:
@@ -170,10 +200,11 @@ def export_name(arch: Architecture, name: str, prefix: str, layout: str) -> str:
 
 def export_checkpoint(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path,
                       quantization_config: dict, max_shard_size: int, layout: str = "source",
-                      config_files: tuple[str, ...] = (), extra_layers: list[int] = ()) -> dict[str, str]:
+                      config_files: tuple[str, ...] = (), extra_layers: list[int] = (),
+                      in_place: bool = False) -> dict[str, str]:
     """Shards, index, config.json (with ``quantization_config``), a copy of it in each of ``config_files``
     (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns the weight map."""
-    weight_map = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers)
+    weight_map = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers, in_place)
     write_config(ckpt, folder, quantization_config)
     for name in config_files:
         atomic_write_json(folder / name, quantization_config)

@@ -112,6 +112,7 @@ class GptqMethod:
     config: QuantConfig
     needs_calibration: bool = True  # rtn too: its layers run forward to give the next layer its inputs
     config_files: tuple[str, ...] = (QUANTIZE_CONFIG,)  # what AutoGPTQ-era loaders read
+    in_place: bool = False  # the export: a layer's quantized tensors after its other tensors, sorted
 
     def __post_init__(self):
         if not isinstance(self.config, QuantConfig):

@@ -83,6 +83,7 @@ class Method(Protocol):
     layout: str                 # tensor names of the export (base.options.LAYOUTS)
     mtp: str                    # keep | drop: the layers beyond num_hidden_layers in the export (base.options.MTP_CHOICES)
     config_files: tuple[str, ...]  # files beside config.json holding a copy of its quantization_config
+    in_place: bool              # the export writes a linear's tensors where its source weight stands (export.layer_tensors)
 
     def default_out(self, model: Path) -> Path:
         """--out when none is given, e.g. quantmoe-out/<model>-gptq-int4-g128."""

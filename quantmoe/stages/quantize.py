@@ -264,6 +264,6 @@ def export_and_finalize(source: Source, method: Method, calibration: Calibration
     export = partial(export_checkpoint, ckpt, arch, [layer_file(work.folder, i) for i in range(work.num_layers)],
                      quantization_config=method.quantization_config(ckpt, arch, extra_layer_modules(ckpt, extra)),
                      max_shard_size=source.shard_bytes, layout=method.layout, config_files=method.config_files,
-                     extra_layers=extra)
+                     extra_layers=extra, in_place=method.in_place)
     return finalize(work.folder, source.out, export, log, manifest, method.model_card, card_info, evaluation,
                     options.overwrite, stages, shown(source.out))

@@ -190,14 +190,26 @@ def read_layer(file: Path) -> dict[str, Tensor]:
         raise QuantMoeError(f"{file} changed after it was written (its sha256 is not the one recorded); re-run "
                             "the same command: that layer is computed again")
     with safe_open(str(file), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        names = list(f.keys())
+        try:
+            order = json.loads((f.metadata() or {}).get(ORDER_KEY, "null"))
+        except ValueError:
+            order = None
+        if isinstance(order, list) and sorted(order) == sorted(names):
+            names = order
+        return {name: f.get_tensor(name) for name in names}
+
+
+# The layer file's metadata key recording the order its method made the tensors in (safetensors keeps
+# none): the export writes a bitsandbytes linear's tensors in that order (export.write_shards).
+ORDER_KEY = "order"
 
 
 def write_layer(work: Path, index: int, tensors: dict[str, Tensor], entry: dict, fp: str) -> Path:
-    """Persist a finished layer: tensors first, then the log entry (with the tensors file's sha256)
-    that marks it finished."""
+    """Persist a finished layer: tensors first (with the order they come in), then the log entry (with
+    the tensors file's sha256) that marks it finished."""
     file = layer_file(work, index)
-    save_safetensors(file, tensors, metadata={"format": "pt", "fingerprint": fp})
+    save_safetensors(file, tensors, metadata={"format": "pt", "fingerprint": fp, ORDER_KEY: json.dumps(list(tensors))})
     atomic_write_json(file.with_suffix(".json"), {**entry, "fingerprint": fp, "sha256": sha256_file(file)})
     return file
 
