@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from .base.errors import QuantMoeError
-from .base.options import BACKEND_NAMES
+from .base.options import BACKEND_NAMES, RECIPES, Option, RunOptions, options_of
 
 INTERRUPTED = ("interrupted; --out was left as it was (re-run the same command: quantize resumes from its last "
                "finished layer)")
@@ -116,16 +116,31 @@ def _backend_names() -> list[str]:
 
 # Options that belong to one backend's settings; only those the user typed are passed on,
 # so a backend can reject one that does not apply to it (e.g. --bits with bnb-nf4).
-BACKEND_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp", "true_sequential", "rare_expert",
-                    "rare_expert_tokens", "layout", "clip_steps", "clip_min", "clip_max", "clip_weight", "refine",
-                    "expert_hessian", "fit", "mtp", "format", "recipe",
-                    "compute_dtype", "double_quant", "int8_threshold")
-CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
+BACKEND_SETTINGS = tuple(o.name for recipe in RECIPES.values() for o in options_of(recipe) if o.cli)
+CALIBRATION_OPTIONS = tuple(o.name for o in options_of(RunOptions) if o.calibration)
 
 
 def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
     """The options among ``names`` given on the command line (not left at their defaults)."""
     return [n for n in names if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+
+
+def _click_option(o: Option):
+    """The click option of one field of base.options (its flag, default, choices and help)."""
+    if o.switch and "/" not in o.flag:
+        return click.option(o.flag, o.name, is_flag=True, default=o.default, help=o.help)
+    kind = click.Choice(o.choices) if o.choices else o.types[0] if o.types in ((int,), (float,)) else None
+    return click.option(o.flag, o.name, type=kind, default=o.default, show_default=o.default is not None,
+                        help=o.help)
+
+
+def options_from(*records: type):
+    """Decorate a command with a click option for every command-line field of ``records``, in their order."""
+    def decorate(command):
+        for o in reversed([o for record in records for o in options_of(record) if o.cli]):
+            command = _click_option(o)(command)
+        return command
+    return decorate
 
 
 @main.command()
@@ -134,106 +149,24 @@ def _typed(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
               help="Output folder [default: quantmoe-out/<model>-<backend>-int<bits>-g<group>, or <model>-bnb-nf4 ...].")
 @click.option("--backend", type=click.Choice(_backend_names()), default="gptq", show_default=True,
               help="gptq/rtn: GPTQ v1 checkpoint; bnb-*: bitsandbytes, experts included (pip install 'quantmoe[bnb]').")
-@click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
-@click.option("--group-size", type=int, default=128, show_default=True, help="-1, 32, 64 or 128.")
-@click.option("--sym/--asym", default=True, show_default=True)
-@click.option("--act-order", type=click.Choice(["static", "group", "none"]), default="static", show_default=True,
-              help="GPTQ's column order: by Hessian diagonal with static groups, group-aware, or natural.")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="Dampening, fraction of mean(diag H).")
-@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True)
-@click.option("--rare-expert", type=click.Choice(["blend", "all-tokens", "rtn"]), default="blend", show_default=True,
-              help="Hessian fallback for experts that see few calibration tokens.")
-@click.option("--rare-expert-tokens", type=int, default=0, show_default=True,
-              help="Routed tokens below which the fallback applies; 0 = the expert's widest input size.")
-@click.option("--layout", type=click.Choice(["source", "gptqmodel"]), default="source", show_default=True,
-              help="Tensor names: the checkpoint's own (vLLM) or GPTQModel's (see docs/interop.md).")
-@click.option("--clip-steps", type=int, default=20, show_default=True,
-              help="Clipping ratios tried per group grid, keeping the one with the least Hessian-weighted error; 0 = min/max.")
-@click.option("--clip-min", type=float, default=0.6, show_default=True, help="Smallest clipping ratio tried.")
-@click.option("--clip-max", type=float, default=1.0, show_default=True, help="Largest clipping ratio tried.")
-@click.option("--clip-weight", type=click.Choice(["residual", "hessian"]), default="residual", show_default=True,
-              help="A column's error weight in the clipping search: what GPTQ cannot spread of it, or the Hessian diagonal.")
-@click.option("--refine", type=int, default=0, show_default=True,
-              help="Coordinate-descent passes over GPTQ's levels, each lowering the same error GPTQ minimises.")
-@click.option("--expert-hessian", type=click.Choice(["routed", "weighted", "all"]), default="weighted", show_default=True,
-              help="Tokens of a routed expert's Hessian: those routed to it, the same weighted by router score, or all.")
-@click.option("--fit", type=click.Choice(["none", "mlp", "layer", "stream"]), default="stream", show_default=True,
-              help="Fit linears to the original model's outputs: every linear from the quantized model's inputs "
-                   "(stream: a full-precision stream runs beside, slower than none, with a copy of the layer and twice the "
-                   "activations in memory); down_proj only, from the quantized gate/up (mlp); also o_proj and gate/up "
-                   "on the layer's own inputs (layer); plain GPTQ (none: the least memory).")
-@click.option("--mtp", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
-              help="Layers stored beyond num_hidden_layers (multi-token prediction, DeepSeek-V3/GLM-4.5): "
-                   "copy them unquantized in BF16, declared so loaders keep them so (keep), or leave them out (drop).")
-@click.option("--format", type=click.Choice(["gptq", "compressed-tensors"]), default="gptq", show_default=True,
-              help="gptq/rtn: on-disk format, GPTQ v1 or compressed-tensors pack-quantized (vLLM's native "
-                   "WNA16 path); the same levels and scales (see docs/interop.md).")
-@click.option("--recipe", default="", metavar="FILE|experts-only|attention-int8",
-              help="gptq/rtn: per-module precision, a TOML file of [[rules]] (match = a source module name or "
-                   "re:regex; bits, group_size, sym or skip = true; the first match wins) or a preset: experts-only "
-                   "(attention, shared experts, dense MLPs in 16 bits), attention-int8 (see docs/interop.md).")
-@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="bnb-nf4/fp4: dtype bitsandbytes multiplies in when the model is served.")
-@click.option("--double-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="bnb-nf4/fp4: quantize the 4-bit scales again (fewer bits per weight on large linears); "
-                   "auto: where it makes the linear smaller.")
-@click.option("--int8-threshold", type=float, default=6.0, show_default=True,
-              help="bnb-int8: LLM.int8() outlier threshold used when served; 0 = no outlier columns.")
-@click.option("--calib", help="Calibration text/JSONL file, folder, datasets name, or a token file from `quantmoe calibrate`.")
-@click.option("--nsamples", type=int, help="Calibration sequences [default: 128].")
-@click.option("--seqlen", type=int, help="Calibration sequence length [default: min(2048, context)].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=None,
-              help="Sequences per forward pass [default: the largest up to 8 whose attention scores fit 2 GiB].")
-@click.option("--max-shard-size", default="2GB", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new one is complete; "
-              "only a folder quantmoe wrote).")
-@click.option("--record-paths", is_flag=True, help="Name the model, data and output by their local paths in the "
-              "card, manifest, logs and eval report (for private use) [default: Hub id or folder name].")
-@click.option("--resume/--restart", default=True, show_default=True,
-              help="Reuse the finished layers a stopped run left in the work folder beside --out, or start from scratch.")
-@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Measure the perplexity gap after export.")
-@click.option("--eval-data", help="Held-out text for --eval [default: the bundled held-out text].")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--tf32/--no-tf32", default=False, show_default=True,
-              help="TF32 matrix products for Hessians, forward passes and the evaluation on CUDA: faster, differs "
-                   "by rounding only (the eval report states it).")
-@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
-              help="Read the next layer from disk in a background thread.")
-@click.option("--block-kernel", type=click.Choice(["auto", "triton", "cuda-graphs", "eager"]), default="auto",
-              show_default=True,
-              help="How GPTQ's column loop runs on CUDA (every choice gives the same bits): one Triton kernel "
-                   "per block of columns, a CUDA-graph replay, or eager PyTorch; auto: Triton where it is "
-                   "installed, else CUDA graphs (eager on CPU).")
-@click.option("--gpu-memory", help="Device memory the run may use, e.g. 40GB: a layer's experts are quantized in "
-              "groups that fit it, with the same output for any budget [default: what the GPU has free].")
-@click.option("--host-memory", help="Host memory the run may hold, e.g. 32GB: the read-ahead of the next layer and "
-              "the pinned copies of captured activations are sized to it, with the same output for any budget "
-              "[default: what the machine has available].")
+@options_from(*RECIPES.values(), RunOptions)
 @click.pass_context
 @friendly
-def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, batch_size, max_shard_size, overwrite,
-             record_paths, resume, run_eval, eval_data, quiet, tf32, prefetch, block_kernel, gpu_memory, host_memory,
-             **settings):
+def quantize(ctx, model, out, backend, **options):
     """Quantize MODEL (a checkpoint folder or Hub id; default: the bundled demo MoE).
 
     Under `torchrun --nproc-per-node N -m quantmoe quantize ...` each layer's experts are
     spread over the N processes (one GPU each, or CPU processes over gloo), on one node or
     several (--nnodes; docs/distributed.md); rank 0 writes, and a stopped run resumes.
     """
-    from .backends import Options, get
+    from .backends import get
 
     chosen = get(backend)
-    config = chosen.configure(**{k: settings[k] for k in _typed(ctx, BACKEND_SETTINGS)})
+    config = chosen.configure(**{k: options[k] for k in _typed(ctx, BACKEND_SETTINGS)})
     if not chosen.needs_calibration:
         for name in _typed(ctx, CALIBRATION_OPTIONS):
             click.echo(f"note: {backend} uses no calibration data; --{name} is ignored", err=True)
-    options = Options(config=config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                      max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, run_eval=run_eval,
-                      eval_data=eval_data, batch_size=batch_size, quiet=quiet, tf32=tf32, prefetch=prefetch,
-                      block_kernel=block_kernel, gpu_memory=gpu_memory, record_paths=record_paths,
-                      host_memory=host_memory)
+    run = RunOptions(**{o.name: options[o.name] for o in options_of(RunOptions)})
     from .model.distributed import (  # these import torch: after the cheap option checks
         Ranks,
         leave,
@@ -241,7 +174,7 @@ def quantize(ctx, model, out, backend, calib, nsamples, seqlen, seed, device, ba
 
     ranks = Ranks.from_env(os.environ)
     try:
-        summary = chosen.quantize(model, out, options)
+        summary = chosen.quantize(model, out, run, config)
     finally:
         leave()
     if ranks.writes:
@@ -315,7 +248,40 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwr
         click.echo(f"wrote {report_path}")
 
 
-@main.command()
+def _job_keys_text() -> str:
+    """`quantmoe batch --help`'s paragraph of job keys, from the fields of base.options (job_keys)."""
+    recipes = "; ".join(f"{who}: {', '.join(o.key for o in options_of(record) if o.job)}"
+                        for who, record in RECIPES.items())
+    run = ", ".join(o.key for o in options_of(RunOptions) if o.job)
+    return f"Other job keys: the backend's settings ({recipes}) and the run options {run}."
+
+
+BATCH_HELP = """Quantize every job of JOBS_FILE (TOML, or YAML), one after another.
+
+\b
+[defaults]                      # optional, applied to every job
+calib = "calib.jsonl"           # relative paths: beside the jobs file first
+eval_data = "heldout.jsonl"
+seqlen = 512                    # calibration sequence length
+[[jobs]]
+name = "mix-gptq-int4"          # output folder ROOT/<name>
+model = "models/mixtral-demo"
+backend = "gptq"
+bits = 4
+group_size = 128
+[matrix]                        # models x recipes, jobs named <model>-<recipe>
+models = ["models/a", "models/b"]
+recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}, {backend = "bnb-nf4"}]
+
+""" + _job_keys_text() + """ Hyphens may stand for underscores. A [defaults] setting reaches only the jobs whose
+backend takes it. A job whose folder is complete (manifest valid, same backend and options) is skipped; an
+unfinished one is run again, continuing from its finished layers. A failed job does not stop the others. Exit
+status: 0 when every job is done or skipped, 1 when a job failed (with --summary: or has not run yet), 2 when the
+jobs file is wrong, 130 when interrupted.
+"""
+
+
+@main.command(help=BATCH_HELP)
 @click.argument("jobs_file", type=click.Path(path_type=Path))
 @click.option("--out", "root", type=click.Path(path_type=Path), default=Path("quantmoe-out"), show_default=True,
               help="Root folder; each job writes ROOT/<name>, and the summary goes to ROOT/batch_summary.{md,json}.")
@@ -330,32 +296,7 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwr
                    "ROOT/batch_summary.{md,json}.")
 @friendly
 def batch(jobs_file, root, dry_run, quiet, shard, merge):
-    """Quantize every job of JOBS_FILE (TOML, or YAML), one after another.
-
-    \b
-    [defaults]                      # optional, applied to every job
-    calib = "calib.jsonl"           # relative paths: beside the jobs file first
-    eval_data = "heldout.jsonl"
-    seqlen = 512                    # calibration sequence length
-    [[jobs]]
-    name = "mix-gptq-int4"          # output folder ROOT/<name>
-    model = "models/mixtral-demo"
-    backend = "gptq"
-    bits = 4
-    group_size = 128
-    [matrix]                        # models x recipes, jobs named <model>-<recipe>
-    models = ["models/a", "models/b"]
-    recipes = [{backend = "gptq", bits = 4}, {name = "rtn", backend = "rtn"}, {backend = "bnb-nf4"}]
-
-    Other job keys: the backend's settings (gptq/rtn: sym, act_order, damp, true_sequential,
-    rare_expert, rare_expert_tokens, block_size, layout; bnb-*: compute_dtype, double_quant,
-    int8_threshold) and nsamples, seed, device, batch_size, max_shard_size, eval. A [defaults]
-    setting reaches only the jobs whose backend takes it. A job whose folder is complete
-    (manifest valid, same backend and options) is skipped; an unfinished one is run again
-    (gptq/rtn continue from their finished layers). A failed job does not stop the others. Exit
-    status: 0 when every job is done or skipped, 1 when a job failed (with --summary: or has not
-    run yet), 2 when the jobs file is wrong, 130 when interrupted.
-    """
+    # The help text is BATCH_HELP, whose list of job keys is generated from base.options.
     from .apps.batch import (
         Shard,
         load_jobs,
@@ -475,9 +416,8 @@ def verify(folder):
 def compare(model, specs, out, report_path, data, seqlen, calib, nsamples, seed, device, batch_size):
     """Quantize MODEL with several backends and write one table: size, bits, fraction quantized, perplexity, time, memory."""
     from .apps.compare import compare as run
-    from .backends import Options
 
-    options = Options(calib=calib, nsamples=nsamples, seed=seed, device=device, batch_size=batch_size, quiet=True)
+    options = RunOptions(calib=calib, nsamples=nsamples, seed=seed, device=device, batch_size=batch_size, quiet=True)
     table = run(model, specs.split(","), out, options, data=data, seqlen=seqlen, report=report_path)
     click.echo(_table_only(table))
     failed = [r for r in table["rows"] if "error" in r]

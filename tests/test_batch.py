@@ -216,7 +216,7 @@ def test_bnb_recipes_take_only_the_defaults_that_apply(tmp_path):
         load_jobs(f)
 
 
-def test_bnb_job_runs_is_skipped_when_done_and_restarts_when_interrupted(models, tmp_path):
+def test_bnb_job_runs_is_skipped_when_done_and_resumes_when_interrupted(models, tmp_path):
     pytest.importorskip("bitsandbytes")
     jobs = models / "jobs-bnb.toml"
     jobs.write_text(DEFAULTS + '[matrix]\nmodels = ["mix"]\nrecipes = [{backend = "bnb-nf4"}]\n')
@@ -236,12 +236,12 @@ def test_bnb_job_runs_is_skipped_when_done_and_restarts_when_interrupted(models,
     gptq = Job("mix-bnb-nf4", str(models / "mix"), "gptq", QuantConfig(group_size=32), {})
     with pytest.raises(QuantMoeError, match="made with backend 'bnb-nf4', but the jobs file asks for 'gptq'"):
         job_state(gptq, root / "mix-bnb-nf4")
-    # an interrupted bnb job leaves its work folder, but bnb does not resume: the job runs again from the start
+    # an interrupted bnb job leaves its work folder, and bnb resumes from it as gptq does (the one pipeline)
     shutil.rmtree(root / "mix-bnb-nf4")
     (root / ".mix-bnb-nf4.quantmoe-work" / "export").mkdir(parents=True)
-    assert job_state(load_jobs(jobs)[0], root / "mix-bnb-nf4") == "restart"
+    assert job_state(load_jobs(jobs)[0], root / "mix-bnb-nf4") == "resume"
     result = CliRunner().invoke(main, ["batch", str(jobs), "--out", str(root), "--dry-run"])
-    assert result.exit_code == 0 and "mix-bnb-nf4: run again (bnb-nf4 of " in result.output
+    assert result.exit_code == 0 and "mix-bnb-nf4: resume (bnb-nf4 of " in result.output
 
 
 def test_jobs_file_mistakes_are_one_line_errors_naming_key_and_job(models, tmp_path):

@@ -476,6 +476,108 @@ def test_bnb_names_an_expert_weight_the_checkpoint_lacks(tiny_model, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
+class Stop(Exception):
+    """Stands in for a crash right after a layer file is written."""
+
+
+def _stopped_after_layer(index: int, monkeypatch, src, out, options) -> None:
+    """A bnb-nf4 run of ``src`` into ``out`` that crashes once layer ``index``'s file is written."""
+    import quantmoe.stages.quantize as pipeline
+
+    real = pipeline.write_layer
+
+    def write_layer(work, i, *args):
+        file = real(work, i, *args)
+        if i == index:
+            raise Stop
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_layer", write_layer)
+        with pytest.raises(Stop):
+            backends.get("bnb-nf4").quantize(src, out, options)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", *FUSED_ON_DISK])
+def test_a_sharded_bnb_export_writes_each_linear_where_its_source_weight_stands(tiny_model, tmp_path, model_type,
+                                                                              bitsandbytes):
+    """Through the one shard writer, bitsandbytes keeps its order (each linear's tensors where its source
+    weight stands, experts cut from a fused tensor where that stands), so a sharded export's shards end
+    where they always did. Walking the source in order, the shards never go back."""
+    src = tiny_model(model_type)
+    out = tmp_path / "out"
+    backends.get("bnb-nf4").quantize(src, out, Options(device="cpu", run_eval=False, quiet=True,
+                                                       max_shard_size="20KB"))
+    weight_map = json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) >= 4
+    ckpt = Checkpoint(src)
+    arch = ARCHITECTURES[model_type]
+    walked = []
+    for i in range(ckpt.config.num_hidden_layers):
+        prefix = ckpt.layer_prefix(i)
+        plan = plan_layer(arch, ckpt.config, i)
+        for name in ckpt.names(prefix):
+            rel = name[len(prefix):]
+            if rel in plan.fused_disk_tensors():
+                cut = [f"{prefix}{n}" for n in unfuse_experts(plan, rel, ckpt.tensor(name))]
+            else:
+                cut = [name]
+            for n in cut:
+                assert n in weight_map, n  # a quantized linear keeps its source weight's name (P.weight)
+                walked.append(shards.index(weight_map[n]))
+                module = n[: -len(".weight")]
+                parts = {shards.index(f) for t, f in weight_map.items() if t.startswith(module + ".weight.")}
+                assert all(walked[-1] <= k <= walked[-1] + 1 for k in parts), n  # its statistics follow it
+    assert walked == sorted(walked)
+
+
+def test_a_stopped_bnb_run_resumes_from_its_finished_layers(tiny_model, tmp_path, monkeypatch, capsys, bitsandbytes):
+    """bnb runs through the one pipeline: its layers go to the work folder, and a stopped run continues
+    from them, writing the same files as a run that was never stopped."""
+    from clirun import content
+
+    src = tiny_model("mixtral")
+    options = Options(device="cpu", run_eval=False, quiet=True)
+    backends.get("bnb-nf4").quantize(src, tmp_path / "a" / "out", options)
+    out = tmp_path / "b" / "out"  # the same folder name: the model card names it
+    _stopped_after_layer(0, monkeypatch, src, out, options)
+    work = tmp_path / "b" / ".out.quantmoe-work"
+    assert not out.exists() and (work / "layers" / "layer-00000.json").is_file()
+    capsys.readouterr()
+    backends.get("bnb-nf4").quantize(src, out, options)
+    assert "resuming: 1 of 2 layers" in capsys.readouterr().err
+    assert content(out) == content(tmp_path / "a" / "out")
+    assert not work.exists()
+
+
+def test_a_finished_layer_file_missing_a_linear_is_refused_at_export(tiny_model, tmp_path, monkeypatch, bitsandbytes):
+    """The one shard writer checks that each layer file holds every linear its plan quantizes: otherwise
+    the source weight would be dropped with nothing in its place. One line; the finished layers are kept."""
+    from safetensors import safe_open
+
+    from quantmoe.base.files import save_safetensors, sha256_file
+
+    src = tiny_model("mixtral")
+    out = tmp_path / "out"
+    options = Options(device="cpu", run_eval=False, quiet=True)
+    _stopped_after_layer(1, monkeypatch, src, out, options)  # the last layer: all finished, no export yet
+    file = tmp_path / ".out.quantmoe-work" / "layers" / "layer-00000.safetensors"
+    with safe_open(str(file), framework="pt") as f:  # drop one linear, keeping the fingerprint
+        meta = f.metadata()
+        kept = {n: f.get_tensor(n) for n in f.keys() if not n.startswith("model.layers.0.self_attn.k_proj.")}
+    save_safetensors(file, kept, metadata=meta)
+    # ... and the sha256 its log entry records, as a layer written wrongly (not edited since) would have
+    entry = json.loads(file.with_suffix(".json").read_text())
+    file.with_suffix(".json").write_text(json.dumps({**entry, "sha256": sha256_file(file)}))
+    with pytest.raises(QuantMoeError) as err:
+        backends.get("bnb-nf4").quantize(src, out, options)
+    assert str(err.value) == (f"{file} holds no quantized tensors of model.layers.0.self_attn.k_proj; it is not this "
+                              "layer's result: re-run with --restart")
+    assert not out.exists() and file.is_file()
+    assert not (tmp_path / ".out.quantmoe-work" / "export").exists()
+
+
 # -- verify ------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type,name", ALL_CASES)
 def test_a_fresh_bnb_export_verifies(bnb_exported, model_type, name):

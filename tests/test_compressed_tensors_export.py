@@ -131,12 +131,12 @@ def test_symmetric_zero_points_must_be_the_midpoint():
 def test_format_refuses_the_gptqmodel_layout():
     with pytest.raises(QuantMoeError, match="--format compressed-tensors"):
         QuantConfig(format="compressed-tensors", layout="gptqmodel")
-    with pytest.raises(QuantMoeError, match="--format 'exl2' is unknown"):
+    with pytest.raises(QuantMoeError, match="--format exl2 is unknown"):
         QuantConfig(format="exl2")
 
 
 def test_default_folder_name_marks_the_format(tmp_path):
-    from quantmoe.stages.quantize import default_out
+    from quantmoe.stages.gptq_method import default_out
 
     assert default_out(tmp_path / "m", QuantConfig()).name == "m-gptq-int4-g128"
     assert default_out(tmp_path / "m", QuantConfig(format="compressed-tensors")).name == "m-gptq-int4-g128-ct"

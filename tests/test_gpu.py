@@ -99,7 +99,7 @@ def test_the_fused_rounding_error_gives_the_same_bits():
 @pytest.mark.gpu
 def test_auto_block_kernel_on_cuda_is_triton_where_installed():
     from quantmoe.gptq.triton_kernels import TritonBlocks, available
-    from quantmoe.stages.quantize import block_function
+    from quantmoe.stages.gptq_method import block_function
 
     cuda = torch.device("cuda")
     assert isinstance(block_function("auto", cuda), TritonBlocks if available(cuda) else GraphedBlocks)

@@ -14,9 +14,9 @@ import quantmoe
 from quantmoe.base.options import QuantConfig
 from quantmoe.model import checkpoint as checkpoint_module
 from quantmoe.model.checkpoint import READ_WINDOW, Checkpoint
-from quantmoe.stages import quantize as quantize_module
+from quantmoe.stages import gptq_method as quantize_module
+from quantmoe.stages.gptq_method import HostPlan, host_budget, host_plan, packed_bytes
 from quantmoe.stages.layer import HOST_CAPTURE_BYTES
-from quantmoe.stages.quantize import HostPlan, host_budget, host_plan, packed_bytes
 
 GB = 10**9
 

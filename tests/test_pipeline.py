@@ -497,7 +497,7 @@ def test_an_fp32_checkpoint_quantizes_to_the_bits_of_its_fp16_source(exported, t
 def test_block_kernel_choices_on_cpu():
     """On CPU every run takes the eager block loop; a CUDA-only kernel or an unknown name is refused."""
     from quantmoe.gptq.core import quantize_block
-    from quantmoe.stages.quantize import block_function
+    from quantmoe.stages.gptq_method import block_function
 
     cpu = torch.device("cpu")
     assert block_function("auto", cpu) is quantize_block

@@ -172,7 +172,7 @@ def test_the_committed_ci_baseline_matches_what_the_ci_command_produces():
     from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen
     from quantmoe.model.checkpoint import Checkpoint
     from quantmoe.stages.calibrate import read_documents, tokenizer_fingerprint
-    from quantmoe.stages.quantize import default_out
+    from quantmoe.stages.gptq_method import default_out
     from quantmoe.stages.report import base_model_name
 
     _, commands, _ = _ci_doc()

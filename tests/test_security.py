@@ -236,7 +236,7 @@ def _stopped_before_export(w, model: Path, out: Path, monkeypatch) -> Path:
         raise RuntimeError("stopped before the export")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "export_gptq", crash)
+        m.setattr(pipeline, "export_checkpoint", crash)
         with pytest.raises(RuntimeError, match="stopped before the export"):
             quantmoe.quantize(model, out, QuantConfig(backend="rtn", group_size=32), calib=w["text"], nsamples=4,
                               seqlen=32, run_eval=False, quiet=True)
@@ -320,13 +320,13 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(world, tmp_pat
 import sys, time
 from pathlib import Path
 import quantmoe.stages.quantize as pipeline
-real = pipeline.export_gptq
-def export_gptq(*args, **kwargs):
+real = pipeline.export_checkpoint
+def export_checkpoint(*args, **kwargs):
     Path({str(tmp_path / 'waiting')!r}).write_text("")
     while not Path({str(go)!r}).exists():
         time.sleep(0.05)
     return real(*args, **kwargs)
-pipeline.export_gptq = export_gptq
+pipeline.export_checkpoint = export_checkpoint
 from quantmoe.cli import main
 main(sys.argv[1:], prog_name="quantmoe")
 """

@@ -21,8 +21,9 @@ A jobs file is TOML (or YAML with the same structure)::
 Job keys are ``name``, ``model``, ``backend`` (a name from ``quantmoe.backends``: gptq, rtn,
 bnb-nf4, ...; default gptq), the settings that backend takes (gptq/rtn: the ``QuantConfig`` fields
 bits, group_size, sym, act_order, damp, ...; bnb-nf4/fp4: compute_dtype, double_quant, blocksize)
-and the run options in ``RUN_OPTIONS`` (calib, eval_data, seqlen, nsamples, seed, device,
-batch_size, max_shard_size, eval). Hyphens may stand for underscores. A setting written in a job
+and the run options (calib, eval_data, seqlen, nsamples, seed, device, batch_size, max_shard_size,
+eval, ...): every field of base/options.py's records that is not the batch's own (``job_keys``,
+which ``quantmoe batch --help`` lists). Hyphens may stand for underscores. A setting written in a job
 or recipe that its backend does not take is an error; one from ``[defaults]`` reaches only the
 jobs whose backend takes it (a ``group_size`` default leaves a bnb-nf4 recipe alone). Backends
 without calibration ignore calib, nsamples and seqlen. The whole file is checked before any job runs.
@@ -30,8 +31,8 @@ without calibration ignore calib, nsamples and seqlen. The whole file is checked
 Each job is one ``backend.quantize`` call into ``ROOT/<name>``, never with ``overwrite``:
 - a folder that is present and matches its manifest (and the job's backend and options) is skipped;
 - a missing folder means the job never finished; quantize is called again on the same ``out``.
-  A resumable backend (gptq, rtn) continues from the finished layers it left in the work folder
-  beside it (``.<name>.quantmoe-work``); the others (bnb-*: seconds per layer) start the job again;
+  A resumable backend (every backend of the one pipeline) continues from the finished layers it
+  left in the work folder beside it (``.<name>.quantmoe-work``); another starts the job again;
 - a failure is recorded and the next job runs.
 After every job ``ROOT/batch_summary.json`` and ``.md`` are rewritten; their perplexities, bits
 per weight and sizes are copied from each job's own ``eval_report.json``, never recomputed.
@@ -52,7 +53,7 @@ import os
 import re
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -63,7 +64,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from ..backends import Options, get, registry
+from ..backends import get
 from ..base.errors import QuantMoeError
 from ..base.files import (
     MANIFEST,
@@ -72,6 +73,7 @@ from ..base.files import (
     check_manifest,
     versions,
 )
+from ..base.options import RECIPES, RunOptions, job_keys, options_of
 from ..base.paths import published_name
 from ..base.provenance import git_commit, machine, optional_versions
 from ..formats import reader_for
@@ -80,42 +82,32 @@ from ..stages.quantize import work_dir
 
 SUMMARY_NAME = "batch_summary"
 
-# ``backends.Options`` fields a job may set, with their types. ``overwrite``, ``out`` and ``quiet``
-# belong to the batch, not to a job.
-RUN_OPTIONS: dict[str, tuple[type, ...]] = {
-    "calib": (str,), "eval_data": (str,), "seqlen": (int,), "nsamples": (int,), "seed": (int,),
-    "device": (str,), "batch_size": (int,), "max_shard_size": (str, int), "run_eval": (bool,),
-}
-CALIBRATION_OPTIONS = ("calib", "nsamples", "seqlen")
-ALIASES = {"eval": "run_eval"}
+# Run options a job may set are RunOptions' fields with ``job`` (base.options.job_keys); ``overwrite``,
+# ``resume`` and ``quiet`` belong to the batch, not to a job.
+RUN_OPTIONS = tuple(o.name for o in options_of(RunOptions) if o.job)
+CALIBRATION_OPTIONS = tuple(o.name for o in options_of(RunOptions) if o.calibration)
+# A jobs file spells a field as its flag does: eval = false (run_eval).
+ALIASES = {o.key: o.name for record in (*RECIPES.values(), RunOptions) for o in options_of(record) if o.key != o.name}
 PATH_KEYS = ("model", "calib", "eval_data", "recipe")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @cache
 def setting_types() -> dict[str, tuple[type, ...]]:
-    """Every backend's settings and the types of their defaults (an int is accepted for a float)."""
-    out: dict[str, tuple[type, ...]] = {}
-    for backend in registry().values():
-        for f in fields(backend.configure()):
-            if f.name in backend.settings():
-                t = type(f.default)
-                out[f.name] = (int, float) if t is float else (t,)
-    if "act_order" in out:
-        out["act_order"] = (str, bool)  # true/false: the boolean form of earlier versions
-    return out
+    """Every backend's settings (the recipes' fields a job may set) and the types of their values."""
+    return {o.name: o.types for record in RECIPES.values() for o in options_of(record) if o.job}
 
 
 @cache
 def key_types() -> dict[str, tuple[type, ...]]:
-    return {"name": (str,), "model": (str,), "backend": (str,), **setting_types(), **RUN_OPTIONS}
+    return job_keys()
 
 
 @dataclass(frozen=True)
 class Job:
     """One quantize call: ``model`` with ``backend`` and its frozen settings ``config`` into ROOT/``name``.
 
-    ``run``: the other ``backends.Options`` fields; ``notes``: what the job set that its backend ignores.
+    ``run``: the RunOptions fields it sets; ``notes``: what the job set that its backend ignores.
     """
 
     name: str
@@ -133,8 +125,8 @@ class Job:
                 + (" compressed-tensors" if getattr(c, "format", "gptq") != "gptq" else "")
         return self.backend
 
-    def options(self, quiet: bool = False) -> Options:
-        return Options(config=self.config, overwrite=False, quiet=quiet, **self.run)
+    def options(self, quiet: bool = False) -> RunOptions:
+        return RunOptions(overwrite=False, quiet=quiet, **self.run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +174,7 @@ def _normalize(table: dict, where: str, file: Path) -> dict:
         k = ALIASES.get(k, k)
         if k not in key_types():
             raise QuantMoeError(f"{file}: {where} has unknown key {key!r}; known keys: "
-                                f"{', '.join(sorted(set(key_types()) - {'run_eval'} | set(ALIASES)))}")
+                                f"{', '.join(sorted(set(key_types()) - set(ALIASES.values()) | set(ALIASES)))}")
         types = key_types()[k]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             raise QuantMoeError(f"{file}: {where}: {key} = {value!r} should be {' or '.join(t.__name__ for t in types)}")
@@ -222,6 +214,10 @@ def make_job(defaults: dict, own: dict, where: str, file: Path) -> Job:
     notes = () if backend.needs_calibration else tuple(
         f"{backend.name} uses no calibration data; {k} is ignored" for k in CALIBRATION_OPTIONS if k in own)
     run = {k: v for k, v in options.items() if k in RUN_OPTIONS}
+    try:
+        RunOptions(**run)  # its choices (device, block_kernel) checked now, not when the job runs
+    except QuantMoeError as exc:
+        raise QuantMoeError(f"{file}: job {name!r}: {exc}") from None
     return Job(name=name, model=options["model"], backend=backend.name, config=config, run=run, notes=notes)
 
 
@@ -318,7 +314,8 @@ def _option_mismatch(job: Job, out: Path) -> str | None:
     recorded = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
     calibration = ("seed", "nsamples", "seqlen") if get(job.backend).needs_calibration else ()
     # as JSON has them (the recipe's rules: a tuple of tables, recorded as a list)
-    wanted = json.loads(json.dumps({**asdict(job.config), **{k: job.run[k] for k in calibration if k in job.run}}))
+    ran = {k: job.run[k] for k in (*calibration, "mtp") if k in job.run}
+    wanted = json.loads(json.dumps({**asdict(job.config), **ran}))
     for key, value in wanted.items():
         if key in recorded and recorded[key] != value:
             return f"{key} {recorded[key]!r}, but the jobs file asks for {value!r}"
@@ -483,7 +480,7 @@ def run_batch(jobs: list[Job], root: str | Path, jobs_file: str | Path = "", qui
                 log(f"{tag}: {doing} {job.recipe()} of {job.model}")
                 for line in job.notes:
                     log(f"{tag}: note: {line}")
-                get(job.backend).quantize(job.model, out, job.options(quiet))
+                get(job.backend).quantize(job.model, out, job.options(quiet), job.config)
                 rows[i] = r = result_row(job, out, "done", time.perf_counter() - t0)
                 ran.append(r["wall_seconds"])
                 ppl = ("" if r["gap_relative"] is None else

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..backends import Options, resolve
+from ..backends import resolve
 from ..base.errors import QuantMoeError
 from ..base.files import (
     atomic_write_json,
@@ -31,6 +31,7 @@ from ..base.files import (
     versions,
 )
 from ..base.measure import stage
+from ..base.options import RunOptions
 from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen
 from ..base.provenance import (
     CHECKOUT,
@@ -58,12 +59,12 @@ REFERENCE_FILE = ".original_hidden.safetensors"
 
 
 def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] = DEFAULT_SPECS,
-            out: str | Path | None = None, options: Options = Options(), data: str | Path | None = None,
+            out: str | Path | None = None, options: RunOptions = RunOptions(), data: str | Path | None = None,
             seqlen: int | None = None, report: str | Path | None = None, isolate: bool = True) -> dict:
     """Quantize ``model`` with each backend spec (``gptq-int4``, ``bnb-nf4`` ...) and tabulate the results.
 
-    ``options`` applies to every backend (its ``config`` is ignored: each spec brings its
-    own); ``seqlen`` is the eval window (and calibration) length [default: min(2048, context)].
+    ``options`` applies to every backend (each spec brings its own config); ``seqlen`` is the eval
+    window (and calibration) length [default: min(2048, context)].
     ``isolate=False`` runs everything in this process (faster; memory columns then include
     what earlier rows left behind). Returns the table as a dict (see ``render_markdown``).
     """
@@ -88,7 +89,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     windows, meta = eval_windows(ckpt.tokenizer(), data, seqlen)
     meta["path"] = _shown(data)
     save_safetensors(out / WINDOWS_FILE, {"input_ids": windows})
-    options = replace(options, config=None, seqlen=options.seqlen or seqlen, run_eval=False, overwrite=True)
+    options = replace(options, seqlen=options.seqlen or seqlen, run_eval=False, overwrite=True)
 
     t0 = time.perf_counter()
     load_before = load_average()
@@ -181,7 +182,7 @@ def _windows(path: str):
     return load_file(path)["input_ids"]
 
 
-def measure_original(model: str, windows_file: str, options: Options, reference_file: str) -> dict:
+def measure_original(model: str, windows_file: str, options: RunOptions, reference_file: str) -> dict:
     """Perplexity and stats of the unquantized model; its last hidden states go to ``reference_file``."""
 
     record: dict = {}
@@ -193,7 +194,7 @@ def measure_original(model: str, windows_file: str, options: Options, reference_
             "window_nll": result["window_nll"]}
 
 
-def measure_backend(spec: str, model: str, folder: str, windows_file: str, options: Options,
+def measure_backend(spec: str, model: str, folder: str, windows_file: str, options: RunOptions,
                     reference_file: str) -> dict:
     """Quantize ``model`` into ``folder`` with one backend spec, then measure it (with its KL to the
     original, whose hidden states ``measure_original`` left in ``reference_file``)."""
@@ -201,7 +202,7 @@ def measure_backend(spec: str, model: str, folder: str, windows_file: str, optio
     backend, config = resolve(spec)
     record: dict = {}
     with stage(record, "quantize"):
-        backend.quantize(model, folder, replace(options, config=config, quiet=True))
+        backend.quantize(model, folder, replace(options, quiet=True), config)
     with stage(record, "eval"):
         reference = Reference.load(model, Path(reference_file), options.device)
         result = perplexity(folder, _windows(windows_file), options.device, options.batch_size, reference=reference)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..base.errors import QuantMoeError
-from ..base.options import QuantConfig
+from ..base.options import QuantConfig, RunOptions
 from ..gptq.core import QuantSpec
 from ..model.architectures import architecture_for, plan_layer
 from ..model.checkpoint import Checkpoint
@@ -71,7 +71,8 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
                   recipe: str = "") -> dict:
     """Classify every tensor of ``model`` and estimate its GPTQ size; returns the report dict.
     ``recipe`` (as quantize --recipe): each linear is estimated at its own settings, 16 bits where skipped."""
-    qcfg = QuantConfig(bits=bits, group_size=group_size, mtp=mtp, recipe=recipe)  # the same checks as quantize
+    qcfg = QuantConfig(bits=bits, group_size=group_size, recipe=recipe)  # the same checks as quantize
+    RunOptions(mtp=mtp)
     ckpt = Checkpoint(model)
     fp8 = getattr(ckpt.format, "source", False)  # an FP8 release: quantized from, like a 16-bit one
     if ckpt.quantization is not None and not fp8:

@@ -1,49 +1,25 @@
 """The backend interface: what every quantization method in quantmoe provides.
 
-A backend configures itself from the run's options and turns a source checkpoint folder into
-a quantized checkpoint folder. Reading a folder back (which tensors store each quantized linear,
-how to dequantize one) belongs to its format in ``quantmoe.formats``; the streamed loader,
-evaluation and the measurements of a compare table are generic and built on that, so adding a
-backend is one file in this package (see ``quantmoe/backends/__init__.py``).
+A backend configures itself from the run's options and says how a layer is quantized (its
+``Method``); the one pipeline (``quantmoe.stages.quantize.run``) does the rest: input checks,
+calibration, the work folder, the shards and the finish sequence. Reading a folder back
+(which tensors store each quantized linear, how to dequantize one) belongs to its format in
+``quantmoe.formats``; the streamed loader, evaluation and the measurements of a compare table
+are generic and built on that (docs/backends.md: adding a backend).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..base.errors import QuantMoeError
+from ..base.options import RunOptions
+from ..stages.method import Method
+from ..stages.quantize import run
 
-
-@dataclass(frozen=True)
-class Options:
-    """How one quantize run goes; the same for every backend.
-
-    ``config`` is the backend's own frozen settings (``QuantConfig`` for gptq/rtn,
-    ``BnbConfig`` for bnb-*), made by ``backend.configure(...)``; None means its defaults.
-    """
-
-    config: Any = None
-    calib: str | Path | None = None       # calibration data (backends that need none ignore it)
-    nsamples: int | None = None           # calibration sequences [default: 128]
-    seqlen: int | None = None             # calibration sequence length [default: min(2048, context)]
-    seed: int = 0
-    device: str = "auto"                  # auto | cpu | cuda
-    max_shard_size: str | int = "2GB"
-    overwrite: bool = False
-    resume: bool = True                   # reuse the finished layers a stopped run left (backends that can)
-    run_eval: bool = True                 # measure the perplexity gap after export
-    eval_data: str | Path | None = None   # held-out text [default: the bundled held-out text]
-    batch_size: int | None = None         # sequences per forward pass [default: stream.default_batch_size]
-    quiet: bool = False
-    # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them).
-    tf32: bool = False                    # TF32 matrix products on CUDA
-    prefetch: bool = True                 # read the next layer in a background thread
-    block_kernel: str = "auto"            # how GPTQ's column loop runs (pipeline.BLOCK_KERNELS)
-    gpu_memory: str | int | None = None   # device memory the run may use ("40GB"); default: what is free
-    host_memory: str | int | None = None  # host memory the run may hold ("32GB"); default: what is available
-    record_paths: bool = False            # published files name sources by local path, not by Hub id/folder name
+# The name of RunOptions before the options were declared in one place (base/options.py).
+Options = RunOptions
 
 
 class Backend(Protocol):
@@ -62,9 +38,16 @@ class Backend(Protocol):
         """The backend's frozen settings from keyword options; a setting it does not take is a QuantMoeError."""
         ...
 
-    def quantize(self, model: str | Path | None, out: str | Path | None, options: Options) -> dict:
-        """Quantize ``model`` into ``out``; returns a summary (out, report, stages, fallbacks, notes)."""
+    def method(self, config: Any) -> Method:
+        """What this backend brings to the pipeline (stages.method.Method), quantizing with ``config``
+        (its frozen settings, from ``configure``); settings of another backend are a QuantMoeError."""
         ...
+
+    def quantize(self, model: str | Path | None, out: str | Path | None, options: RunOptions = RunOptions(),
+                 config: Any = None) -> dict:
+        """Quantize ``model`` into ``out`` with ``config`` (None: this backend's defaults), through the one
+        pipeline (stages.quantize.run); returns a summary (out, report, stages, fallbacks, notes)."""
+        return run(model, out, self.method(config if config is not None else self.configure()), options)
 
 
 def unknown_settings(backend: str, settings: dict, accepted: set[str]) -> None:

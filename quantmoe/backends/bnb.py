@@ -9,20 +9,21 @@ ones (``integrations/bitsandbytes.py: replace_with_bnb_linear`` tests
 4-bit nor the 8-bit quantizer of transformers 5.23 unfuses experts or quantizes 3D
 parameters.
 
-What these backends do: stream the source checkpoint one decoder layer at a time and
-quantize, with bitsandbytes' own functions, every linear the architecture row names:
-attention, each routed expert, shared experts and dense MLPs. Routers (named in the row),
-norms, embeddings and the LM head are copied unchanged. Experts are quantized one at a
-time: from each expert's own tensors where the checkpoint stores them (most families), or
-cut out of the fused on-disk tensors where the row's ``fused.on_disk`` says it stores them
-fused (GraniteMoE's ``input_linear`` (E, 2I, H) / ``output_linear`` (E, H, I)); either way
-they are written under the row's per-expert names (``experts.linear(which, e)``), as the
-GPTQ export does, and the fused tensors are not kept. An FP8 release (``formats.fp8``) is read
-one linear at a time, dequantized to BF16, its scales left out. Layers beyond
-``num_hidden_layers`` (multi-token prediction) are not exported by these backends.
-
-The on-disk format (what transformers' bitsandbytes serialization writes per linear, and the
-``quantization_config``) is described and read in ``quantmoe.formats.bnb``.
+What these backends do, inside the one pipeline (``quantmoe.stages.quantize.run``, which
+streams the checkpoint one decoder layer at a time, keeps finished layers in the work folder
+so that a stopped run resumes, writes the shards and finishes the export): quantize, with
+bitsandbytes' own functions, every linear the architecture row names: attention, each routed
+expert, shared experts and dense MLPs. Routers (named in the row), norms, embeddings and the
+LM head are copied unchanged. Experts are quantized one at a time: from each expert's own
+tensors where the checkpoint stores them (most families), or cut out of the fused on-disk
+tensors where the row's ``fused.on_disk`` says it stores them fused (GraniteMoE's
+``input_linear`` (E, 2I, H) / ``output_linear`` (E, H, I)); either way they are written under
+the row's per-expert names (``experts.linear(which, e)``), as the GPTQ export does, and the
+fused tensors are not kept. An FP8 release (``formats.fp8``) is read one linear at a time,
+dequantized to BF16, its scales left out. Layers beyond ``num_hidden_layers`` (multi-token
+prediction) are not exported by these backends. The tensors of each linear are those
+transformers' bitsandbytes serialization writes for one ``Linear4bit`` / ``Linear8bitLt``; the
+on-disk format and the ``quantization_config`` are described and read in ``quantmoe.formats.bnb``.
 
 What plain transformers (5.23) does with it: attention, shared-expert and dense-MLP
 linears are in its own format and would load as bitsandbytes modules, but the routed
@@ -46,53 +47,40 @@ kernels compute with (quantmoe's evaluation reads them the same way), or, with
 
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..base.errors import QuantMoeError
-from ..base.files import (
-    RunLock,
-    atomic_write_json,
-    atomic_write_text,
-    clear_dir,
-    replace_dir,
-    versions,
-    write_manifest,
-)
-from ..base.measure import stage
-from ..base.paths import DEFAULT_MODEL, published_name
+from ..base.measure import PeakRSS
+from ..base.options import BnbConfig, RunOptions
 from ..base.version import __version__
 from ..formats.bnb import (
-    BnbConfig,
     BnbReader,
     dequantize_weight,
     quantization_config,
     quantize_weight,
     require_bitsandbytes,
 )
-from ..model.architectures import architecture_for, plan_layer, unfuse_experts
+from ..model.architectures import (
+    Architecture,
+    LayerPlan,
+    architecture_for,
+    plan_layer,
+    unfuse_experts,
+)
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
 from ..model.stream import model_config, pick_device
-from ..stages.evaluate import evaluate
-from ..stages.export import (
-    ShardWriter,
-    extra_layer_modules,
-    parse_size,
-    source_tensors,
-    write_config,
-)
-from ..stages.quantize import check_out, work_dir
-from ..stages.report import base_model_name, gap_table, protocol_text, render_markdown
-from ..stages.resume import lock_work
-from .base import Backend, Options, unknown_settings
+from ..stages.export import as_stored, source_tensors
+from ..stages.method import Calibration, LayerOutput, Source
+from ..stages.report import base_model_name, gap_table, protocol_text
+from .base import Backend, unknown_settings
 
 
 # -- the backend ---------------------------------------------------------------------
@@ -102,28 +90,21 @@ class BnbBackend(Backend):
     summary: str
     quant_type: str
     needs_calibration: bool = False
-    resumable: bool = False  # a run takes seconds per layer; a stopped one starts again
+    resumable: bool = True  # finished layers are kept in the work folder, as gptq's are
 
     def settings(self) -> frozenset[str]:
-        return frozenset({"compute_dtype", "double_quant", "blocksize", "mtp"} if self.quant_type != "int8"
-                         else {"int8_threshold", "mtp"})
+        return frozenset({"compute_dtype", "double_quant", "blocksize"} if self.quant_type != "int8"
+                         else {"int8_threshold"})
 
     def configure(self, **settings) -> BnbConfig:
         unknown_settings(self.name, settings, self.settings())
         return BnbConfig(quant_type=self.quant_type, **settings)
 
-    def quantize(self, model, out, options: Options) -> dict:
-
-
-        if Ranks.from_env(os.environ).world > 1:
-            raise QuantMoeError(f"the {self.name} backend runs in one process (torchrun spreads GPTQ's experts); "
-                                "run it without torchrun")
-        require_bitsandbytes(self.name)
-        cfg = options.config if options.config is not None else self.configure()
-        if not isinstance(cfg, BnbConfig) or cfg.quant_type != self.quant_type:
-            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({cfg!r}); "
+    def method(self, config: BnbConfig) -> BnbMethod:
+        if not isinstance(config, BnbConfig) or config.quant_type != self.quant_type:
+            raise QuantMoeError(f"the {self.name} backend was given settings for another backend ({config!r}); "
                                 f"make them with backends.get({self.name!r}).configure(...)")
-        return quantize(self, model, out, cfg, options)
+        return BnbMethod(self.name, config)
 
 
 BACKENDS = (
@@ -135,6 +116,90 @@ BACKENDS = (
 )
 
 
+@dataclass(frozen=True)
+class BnbMethod:
+    """bitsandbytes in the pipeline (stages.method.Method): each layer's linears quantized from their
+    weights alone, one linear at a time."""
+
+    name: str
+    config: BnbConfig
+    needs_calibration: bool = False
+    layout: str = "source"
+    config_files: tuple[str, ...] = ()
+    in_place: bool = True  # the export: a linear's tensors where its source weight stands, as bnb exports always were
+
+    def default_out(self, model: Path) -> Path:
+        return Path("quantmoe-out") / f"{model.name}-{self.name}"
+
+    def check(self, ckpt: Checkpoint, arch: Architecture, ranks: Ranks) -> list[str]:
+        if ranks.world > 1:
+            raise QuantMoeError(f"the {self.name} backend runs in one process (torchrun spreads GPTQ's experts); "
+                                "run it without torchrun")
+        require_bitsandbytes(self.name)
+        if ckpt.quantization is not None and not getattr(ckpt.format, "source", False):  # FP8 releases are read
+            raise QuantMoeError(f"{ckpt.path} is already quantized ({ckpt.quantization.get('quant_method')}); "
+                                "quantize the original checkpoint")
+        for i in range(ckpt.config.num_hidden_layers):
+            prefix = ckpt.layer_prefix(i)
+            plan = plan_layer(arch, ckpt.config, i)
+            readable = plan.linear_shapes({n[len(prefix):]: ckpt.shape(n) for n in ckpt.names(prefix)})
+            missing = [m for m in plan.quantized_linears() if m not in readable]
+            if missing:
+                raise QuantMoeError(f"{prefix}{missing[0]}.weight is not in {ckpt.path}, neither as its own tensor "
+                                    f"nor in a fused expert tensor; is the checkpoint complete and a "
+                                    f"{arch.model_type} one?")
+        return []
+
+    def start(self, source: Source, calibration: Calibration | None, options: RunOptions, ranks: Ranks) -> BnbRun:
+        return BnbRun(source.ckpt, source.arch, self.config, pick_device(options.device), options.batch_size)
+
+    def quantization_config(self, ckpt: Checkpoint, arch: Architecture, extra_layers: dict[int, list[str]]) -> dict:
+        plans = [plan_layer(arch, ckpt.config, i) for i in range(ckpt.config.num_hidden_layers)]
+        routers = [f"{ckpt.layer_prefix(p.index)}{r}" for p in plans for r in p.routers]
+        skip = [f"{ckpt.layer_prefix(p.index)}{module_to_memory(arch, r)}" for p in plans for r in p.routers]
+        # The multi-token-prediction layers (mtp="keep"), whole (a loader matching skips by prefix, as vLLM's
+        # bitsandbytes one does, then builds them unquantized), and each of their modules with a 2-D weight.
+        skip += [ckpt.layer_prefix(i)[:-1] for i in extra_layers]
+        return quantization_config(self.config, self.name, skip,
+                                   routers + [m for ms in extra_layers.values() for m in ms], __version__)
+
+    def export_layer(self, ckpt: Checkpoint, arch: Architecture, index: int,
+                     tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], frozenset[str]]:
+        return as_stored(index, tensors)
+
+    def versions(self) -> dict[str, str]:
+        return {"bitsandbytes": require_bitsandbytes(self.name).__version__}
+
+    def model_card(self, report: dict | None, info: dict) -> str:
+        return model_card(report, info)
+
+
+@dataclass(frozen=True)
+class BnbRun:
+    ckpt: Checkpoint
+    arch: Architecture
+    config: BnbConfig
+    device: torch.device
+    batch_size: int | None  # the eval's
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"device": self.device.type}
+
+    @property
+    def record(self) -> dict:
+        return {"device": str(self.device)}
+
+    def layers(self, work: Path, done: int, rss: PeakRSS) -> Iterator[LayerOutput]:
+        for i in range(done, self.ckpt.config.num_hidden_layers):
+            t0 = time.perf_counter()
+            tensors, modules = quantize_layer(self.ckpt, plan_layer(self.arch, self.ckpt.config, i), self.config,
+                                              self.device)
+            entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3), "timings": {},
+                     "peak_rss_mb": rss.take(), "modules": modules}
+            yield LayerOutput(i, tensors, entry)
+
+
 def module_to_memory(arch, path: str) -> str:
     """The in-memory path of an on-disk, layer-relative *module* path.
 
@@ -144,128 +209,48 @@ def module_to_memory(arch, path: str) -> str:
     return arch.to_memory(path + ".")[:-1]
 
 
-def _quantize_linear(writer, module: str, kind: str, W: Tensor, cfg: BnbConfig, device: torch.device) -> dict:
-    """Quantize one linear's weight W (out, in) into ``writer`` under ``module``; returns its log entry."""
+def quantize_layer(ckpt: Checkpoint, plan: LayerPlan, cfg: BnbConfig,
+                   device: torch.device) -> tuple[dict[str, Tensor], list[dict]]:
+    """Every linear ``plan`` names in its layer, quantized with bitsandbytes: (the tensors by full on-disk
+    name, one log entry per linear).
+
+    Experts stored fused on disk (the row's ``fused.disk_gate_up`` / ``disk_down``) are cut per expert
+    (``unfuse_experts``) and quantized under the row's per-expert names, as GPTQ does; per-expert
+    tensors on disk win over a fused copy, as on loading. Memory holds one source tensor (one fused
+    expert tensor for such rows) and the layer's quantized tensors.
+    """
+    prefix = ckpt.layer_prefix(plan.index)
+    kinds = plan.linear_kinds()
+    fused = plan.fused_disk_tensors()
+    tensors: dict[str, Tensor] = {}
+    log = []
+    # source_tensors: an FP8 release's linears come dequantized, their scales left out.
+    for name, tensor in source_tensors(ckpt, ckpt.names(prefix)):
+        rel = name[len(prefix):]
+        if rel in fused:
+            weights = {n: W for n, W in unfuse_experts(plan, rel, tensor).items() if not ckpt.has(prefix + n)}
+        elif rel.endswith(".weight") and rel[: -len(".weight")] in kinds:
+            weights = {rel: tensor}
+        else:
+            continue
+        for weight, W in weights.items():
+            module = weight[: -len(".weight")]
+            parts, entry = quantize_linear(W, cfg, device)
+            tensors.update({f"{prefix}{module}.{suffix}": t for suffix, t in parts.items()})
+            log.append({"module": prefix + module, "kind": kinds[module], **entry})
+    return tensors, log
+
+
+def quantize_linear(W: Tensor, cfg: BnbConfig, device: torch.device) -> tuple[dict[str, Tensor], dict]:
+    """One linear's weight W (out, in) -> its bitsandbytes tensors (names relative to the module, on the
+    host) and its log entry: shape, bytes, relative error ||W - Wq|| / ||W||."""
     W = W.to(device)
     parts = quantize_weight(W, cfg)
     Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
-    for suffix, t in parts.items():
-        writer.add(f"{module}.{suffix}", t.cpu())
     W = W.float()
-    return {"module": module, "kind": kind, "shape": list(W.shape),
-            "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
-            "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))}  # ||W - Wq|| / ||W||
-
-
-def write_shards(ckpt, staging: Path, cfg: BnbConfig, max_shard_size: int, device: torch.device,
-                 quiet: bool = True) -> list[dict]:
-    """Stream ``ckpt`` layer by layer into bitsandbytes shards in ``staging``; returns the per-linear log.
-
-    Experts stored fused on disk (the row's ``fused.disk_gate_up`` / ``disk_down``) are cut per
-    expert (``unfuse_experts``) and written under the row's per-expert names, as the GPTQ export
-    does; the fused tensors are not copied. Memory holds one source tensor (one fused expert
-    tensor for such rows) and the shard being filled.
-    """
-
-
-    arch = architecture_for(ckpt.config)
-    writer = ShardWriter(staging, max_shard_size)
-    for name in ckpt.names("model.embed_tokens."):
-        writer.add(name, ckpt.tensor(name))
-    log = []
-    for i in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=quiet):
-        prefix = ckpt.layer_prefix(i)
-        plan = plan_layer(arch, ckpt.config, i)
-        kinds = plan.linear_kinds()
-        readable = plan.linear_shapes({n[len(prefix):]: ckpt.shape(n) for n in ckpt.names(prefix)})
-        missing = [m for m in kinds if m not in readable]
-        if missing:
-            raise QuantMoeError(f"{prefix}{missing[0]}.weight is not in {ckpt.path}, neither as its own tensor nor "
-                                f"in a fused expert tensor; is the checkpoint complete and a {arch.model_type} one?")
-        fused = plan.fused_disk_tensors()
-        # source_tensors: an FP8 release's linears come dequantized, their scales left out.
-        for name, tensor in source_tensors(ckpt, ckpt.names(prefix)):
-            rel = name[len(prefix):]
-            if rel in fused:  # per-expert tensors on disk win over a fused copy, as on loading
-                weights = {n: W for n, W in unfuse_experts(plan, rel, tensor).items()
-                           if not ckpt.has(prefix + n)}
-            elif rel.endswith(".weight") and rel[: -len(".weight")] in kinds:
-                weights = {rel: tensor}
-            else:
-                writer.add(name, tensor)
-                continue
-            for weight, W in weights.items():
-                module = weight[: -len(".weight")]
-                log.append(_quantize_linear(writer, prefix + module, kinds[module], W, cfg, device))
-    for i in ckpt.extra_layers() if cfg.mtp == "keep" else []:  # multi-token prediction: unquantized, FP8 as BF16
-        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
-            writer.add(name, tensor)
-    done = set(writer.pending) | {n for _, names in writer.written for n in names}
-    for name in ckpt.names():
-        if name not in done and not name.startswith(("model.layers.", "model.embed_tokens.")):
-            writer.add(name, ckpt.tensor(name))
-    writer.close()
-    return log
-
-
-def quantize(backend: BnbBackend, model, out, cfg: BnbConfig, options: Options) -> dict:
-    """The whole bnb run: shards into a staging folder, config, log, optional eval, card, manifest, rename."""
-
-    ckpt = Checkpoint(model if model is not None else DEFAULT_MODEL)
-    if ckpt.quantization is not None and not getattr(ckpt.format, "source", False):  # FP8 releases are read
-        raise QuantMoeError(f"{ckpt.path} is already quantized ({ckpt.quantization.get('quant_method')}); "
-                            "quantize the original checkpoint")
-    out = check_out(Path(out) if out is not None else Path("quantmoe-out") / f"{ckpt.path.name}-{backend.name}",
-                    ckpt.path, options.overwrite)
-    arch = architecture_for(ckpt.config)
-    ckpt.check_layers()
-    dev = pick_device(options.device)
-    shown = str if options.record_paths else published_name  # how published files name a path
-    work = work_dir(out)
-    lock = lock_work(work)  # held until the export is in place
-    clear_dir(work, keep=(RunLock.LOCK_NAME,))  # not resumable: whatever an earlier run left goes
-    staging = work / "export"
-    staging.mkdir()
-    stages: dict = {}
-    with stage(stages, "quantize"):
-        log = write_shards(ckpt, staging, cfg, parse_size(options.max_shard_size), dev, options.quiet)
-    routers = [f"{ckpt.layer_prefix(i)}{r}" for i in range(ckpt.config.num_hidden_layers)
-               for r in plan_layer(arch, ckpt.config, i).routers]
-    skip = [f"{ckpt.layer_prefix(i)}{module_to_memory(arch, r)}" for i in range(ckpt.config.num_hidden_layers)
-            for r in plan_layer(arch, ckpt.config, i).routers]
-    # The multi-token-prediction layers, whole (a loader matching skips by prefix, as vLLM's bitsandbytes
-    # one does, then builds them unquantized), and each of their modules with a 2-D weight.
-    mtp = extra_layer_modules(ckpt, ckpt.extra_layers() if cfg.mtp == "keep" else [])
-    skip += [ckpt.layer_prefix(i)[:-1] for i in mtp]
-    qconfig = quantization_config(cfg, backend.name, skip, routers + [m for ms in mtp.values() for m in ms],
-                                  __version__)
-    write_config(ckpt, staging, qconfig)
-    settings = {**asdict(cfg), "device": str(dev), "max_shard_size": parse_size(options.max_shard_size)}
-    atomic_write_json(staging / "quantization_log.json",
-                      {"base_model": shown(ckpt.path), "backend": backend.name, "options": settings, "linears": log})
-
-    report = None
-    if options.run_eval:
-        report = evaluate(staging, baseline=ckpt.path, data=options.eval_data, device=options.device,
-                          batch_size=options.batch_size, quiet=options.quiet, record_paths=options.record_paths)
-        report["model"] = shown(out)
-        report["stages"] = {**stages, **report["stages"]}
-        atomic_write_json(staging / "eval_report.json", report)
-        atomic_write_text(staging / "eval_report.md", render_markdown(report))
-    atomic_write_text(staging / "README.md", model_card(report, {
-        "name": out.name, "base_model": shown(ckpt.path), "model_type": ckpt.config.model_type, "version": __version__,
-        "backend": backend.name, "config": cfg, "not_quantized": routers, "linears": len(log),
-        "fused_on_disk": arch.experts is not None and arch.fused.on_disk}))
-    write_manifest(staging, {"options": settings, "versions": {**versions(), "bitsandbytes": _bnb_version()},
-                             "base_model": shown(ckpt.path), "stages": stages})
-    replace_dir(staging, out, options.overwrite)
-    shutil.rmtree(work, ignore_errors=True)
-    lock.release()
-    return {"out": str(out), "report": report, "stages": stages, "fallbacks": [], "notes": []}
-
-
-def _bnb_version() -> str:
-    return require_bitsandbytes("bnb").__version__
+    return {suffix: t.cpu() for suffix, t in parts.items()}, {
+        "shape": list(W.shape), "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
+        "relative_error": float((Wq - W).norm() / W.norm().clamp_min(1e-12))}
 
 
 def model_card(report: dict | None, info: dict) -> str:
@@ -274,6 +259,7 @@ def model_card(report: dict | None, info: dict) -> str:
     saying plainly which loaders cannot read quantized experts."""
 
     cfg: BnbConfig = info["config"]
+    q = info["quantization_config"]
     base = base_model_name(info["base_model"])
     hub_id = base if "/" in base else None
     stats = (report or {}).get("quantization", {})
@@ -297,8 +283,8 @@ def model_card(report: dict | None, info: dict) -> str:
         + ("separately, cut from the base model's fused expert tensors and saved under per-expert names"
            if info.get("fused_on_disk") else "separately, from its own tensors")
         + ") and every shared-expert / dense-MLP projection",
-        f"- not quantized: {', '.join(f'`{m}`' for m in info['not_quantized'])} (routers), norms, embeddings "
-        "and the LM head",
+        f"- not quantized: {', '.join(f'`{m}`' for m in q['quantmoe']['modules_not_quantized'])} (routers), norms, "
+        "embeddings and the LM head",
         "- per-linear relative weight errors in `quantization_log.json`", "",
     ]
     if stats.get("bits_per_weight") is not None:

@@ -26,12 +26,10 @@ import torch
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from ..base.options import MTP_CHOICES
+from ..base.options import BnbConfig
 from .base import QuantizedLinear
 
 INSTALL = "pip install 'quantmoe[bnb]'"
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-DOUBLE_QUANT = ("auto", "on", "off")
 _4BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
@@ -56,51 +54,6 @@ def require_bitsandbytes(backend: str):
     finally:
         cpu_ops.setLevel(level)
     return bitsandbytes
-
-
-@dataclass(frozen=True)
-class BnbConfig:
-    """How bitsandbytes quantizes; ``quant_type`` is fixed by the backend name."""
-
-    quant_type: str = "nf4"            # nf4 | fp4 (4-bit, blockwise absmax) | int8 (LLM.int8(), per-row absmax)
-    compute_dtype: str = "bfloat16"    # 4-bit: dtype bitsandbytes' Linear4bit multiplies in when served (bnb_4bit_compute_dtype)
-    double_quant: str = "auto"         # 4-bit: on | off | auto: quantize the absmax scales again (8 bit, blocks of 256,
-                                       # ~4.5 -> ~4.13 bits/weight); auto does it where it makes the linear smaller
-    blocksize: int = 64                # 4-bit: weights sharing one absmax (bitsandbytes' default)
-    int8_threshold: float = 6.0        # int8: LLM.int8() outlier threshold; input features above it run in 16 bit when served
-    mtp: str = "keep"                  # keep | drop: layers beyond num_hidden_layers copied unquantized, or left out
-
-    def __post_init__(self):
-        if self.quant_type not in ("nf4", "fp4", "int8"):
-            raise QuantMoeError(f"bitsandbytes quant type {self.quant_type!r} is unknown; use nf4, fp4 or int8")
-        if self.double_quant not in DOUBLE_QUANT:
-            raise QuantMoeError(f"--double-quant {self.double_quant!r} is unknown; use one of {', '.join(DOUBLE_QUANT)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise QuantMoeError(f"--compute-dtype {self.compute_dtype} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise QuantMoeError(f"4-bit blocksize {self.blocksize} is not one bitsandbytes takes; use 64")
-        if self.mtp not in MTP_CHOICES:
-            raise QuantMoeError(f"--mtp {self.mtp!r} is unknown; use one of {', '.join(MTP_CHOICES)}")
-        if self.int8_threshold < 0:
-            raise QuantMoeError(f"--int8-threshold {self.int8_threshold} is negative; use 0 (no outliers) or e.g. 6.0")
-
-    @property
-    def four_bit(self) -> bool:
-        return self.quant_type != "int8"
-
-    def double_quantize(self, numel: int) -> bool:
-        """Whether a 4-bit linear of ``numel`` weights gets double quantization.
-
-        "auto" compares the bytes of its statistics both ways: double quantization turns each
-        block's float32 absmax into one byte plus a float32 per 256 blocks, but adds a fixed
-        256-entry float32 code table (1 KB) and ~90 bytes of metadata, so it only pays from
-        ~380 blocks (~24k weights at blocksize 64) up: every linear of a real Mixtral, not the
-        128 x 128 experts of a small demo model.
-        """
-        if self.double_quant != "auto":
-            return self.double_quant == "on"
-        blocks = -(-numel // self.blocksize)
-        return blocks + 4 * -(-blocks // 256) + 1024 + 90 < 4 * blocks
 
 
 # -- one linear ----------------------------------------------------------------------

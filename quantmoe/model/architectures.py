@@ -560,16 +560,26 @@ def unfuse_experts(plan: LayerPlan, name: str, fused: Tensor) -> dict[str, Tenso
     down (H, I). The inverse of the stacking in ``LayerStream.to_memory``; one tensor at a time,
     so a caller holds one fused tensor, not the layer's experts.
     """
-    layout, experts = plan.fused, plan.experts
-    if name in plan.fused_disk_tensors() and fused.shape[0] != plan.num_experts:
+    layout = plan.fused
+    names = unfused_names(plan, name)
+    if fused.shape[0] != plan.num_experts:
         raise QuantMoeError(f"{name} of layer {plan.index} holds {fused.shape[0]} experts, its config "
                             f"{plan.num_experts}; is the checkpoint of this config?")
     if name == layout.disk_gate_up:
         half = fused.shape[1] // 2
-        return {f"{experts.linear(which, e)}.weight": fused[e, k * half:(k + 1) * half]
-                for e in range(fused.shape[0]) for k, which in enumerate(layout.halves)}
-    if name == layout.disk_down:
-        return {f"{experts.linear('down', e)}.weight": fused[e] for e in range(fused.shape[0])}
+        return dict(zip(names, (fused[e, k * half:(k + 1) * half] for e in range(fused.shape[0])
+                                for k in range(len(layout.halves)))))
+    return dict(zip(names, (fused[e] for e in range(fused.shape[0]))))
+
+
+def unfused_names(plan: LayerPlan, name: str) -> list[str]:
+    """The per-expert weights (layer-relative names) that ``unfuse_experts`` cuts out of the fused on-disk
+    tensor ``name``, in its order: each expert's two halves for ``disk_gate_up``, its down for ``disk_down``."""
+    layout, experts = plan.fused, plan.experts
+    if name in plan.fused_disk_tensors() and name == layout.disk_gate_up:
+        return [f"{experts.linear(which, e)}.weight" for e in range(plan.num_experts) for which in layout.halves]
+    if name in plan.fused_disk_tensors() and name == layout.disk_down:
+        return [f"{experts.linear('down', e)}.weight" for e in range(plan.num_experts)]
     raise QuantMoeError(f"{name} is not a fused expert tensor of layer {plan.index} "
                         f"(those are {', '.join(plan.fused_disk_tensors()) or 'none'})")
 

@@ -1,12 +1,13 @@
-"""Stage 3: per-layer results + the source checkpoint -> a sharded GPTQ v1 checkpoint.
+"""Stage 3, for every backend: per-layer results + the source checkpoint -> a sharded checkpoint.
 
 Quantized linears are written under the source checkpoint's own names
-(``...block_sparse_moe.experts.3.w1.qweight`` ...); every other tensor (routers, norms,
-biases, embeddings, head) is copied unchanged, in its source dtype, except the linears of an
-FP8 release that are not quantized, which are written as BF16 weights (no FP8 tensor and no
-scale reaches the export). Layers stored beyond ``num_hidden_layers`` (multi-token
-prediction) are copied the same way with ``mtp="keep"``, unquantized. Shards are built one
-at a time, so memory holds at most one shard.
+(``...block_sparse_moe.experts.3.w1.qweight`` for GPTQ, ``....w1.weight`` + statistics for
+bitsandbytes); every other tensor (routers, norms, biases, embeddings, head) is copied
+unchanged, in its source dtype, except the linears of an FP8 release that are not quantized,
+which are written as BF16 weights (no FP8 tensor and no scale reaches the export). Layers
+stored beyond ``num_hidden_layers`` (multi-token prediction) are copied the same way when the
+method keeps them (``mtp="keep"``), unquantized. Shards are built one at a time, so memory
+holds at most one shard.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,10 +30,13 @@ from ..base.files import (
 )
 from ..base.options import QuantConfig
 from ..formats import compressed_tensors
-from ..formats.gptq_v1 import quantization_config
-from ..model.architectures import Architecture, architecture_for, plan_layer
+from ..model.architectures import (
+    Architecture,
+    architecture_for,
+    plan_layer,
+    unfused_names,
+)
 from ..model.checkpoint import INDEX_NAME, Checkpoint
-from .precision import layer_units, recipe_patterns
 from .resume import read_layer
 
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -93,6 +97,52 @@ class ShardWriter:
         return weight_map
 
 
+# A method's view of a layer file in the export (Method.export_layer): layer index and the file's tensors ->
+# the tensors to write (repacked for the export's format) and the layer-relative linears left in 16 bits.
+LayerExport = Callable[[int, dict[str, Tensor]], tuple[dict[str, Tensor], frozenset[str]]]
+
+
+def as_stored(index: int, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], frozenset[str]]:
+    """The LayerExport of a method that writes its layer files as they are and quantizes every linear."""
+    return tensors, frozenset()
+
+
+def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path, max_shard_size: int,
+                 layout: str = "source", extra_layers: list[int] = (), in_place: bool = False,
+                 layer_export: LayerExport = as_stored) -> dict[str, str]:
+    """The source checkpoint with each layer's quantized linears replaced by the tensors of its layer
+    file -> shards and their index in ``folder``, for every backend; returns the weight map.
+
+    Order: the embeddings; per layer, its source tensors that are not replaced and its quantized
+    tensors (``layer_tensors``); then the layers beyond ``num_hidden_layers`` in ``extra_layers``
+    (multi-token prediction, copied unquantized under their source names in both layouts); then every
+    other tensor (final norm, head). Safetensors sorts the tensors inside a file, so the order only
+    decides where shards end. Decoder tensors keep their source names, or take GPTQModel's with
+    ``layout="gptqmodel"``. ``layer_export``: what of a layer file is written (compressed-tensors repacks
+    GPTQ's tensors; a recipe leaves linears in 16 bits, copied from the source). Memory holds one layer
+    file and one shard; the source's shards are unmapped after each layer (an open shard's pages read
+    so far count as resident).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, max_shard_size)
+    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
+        writer.add(name, tensor)
+    for i, file in enumerate(layer_files):
+        prefix = ckpt.layer_prefix(i)
+        quantized, kept = layer_export(i, read_layer(file))
+        for name, tensor in layer_tensors(ckpt, arch, i, layout, quantized, file, in_place, kept):
+            writer.add(export_name(arch, name, prefix, layout), tensor)
+        del quantized
+        ckpt.close()
+    for i in extra_layers:
+        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
+            writer.add(name, tensor)
+        ckpt.close()
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
+    for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
+                                              and not n.startswith("model.layers.")]):
+        writer.add(name, tensor)
+    return writer.close()
 
 
 def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = frozenset()) -> Iterator[tuple[str, Tensor]]:
@@ -112,73 +162,81 @@ def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = froz
             yield name, ckpt.format.dequantize(ckpt, linear)
 
 
+def layer_tensors(ckpt: Checkpoint, arch: Architecture, index: int, layout: str, quantized: dict[str, Tensor],
+                  file: Path, in_place: bool = False, kept: frozenset[str] = frozenset()) -> Iterator[tuple[str, Tensor]]:
+    """Layer ``index`` of the export, by source name: its ``quantized`` tensors (read from ``file``, in the
+    order its method made them) and the source tensors they do not replace.
+
+    A source tensor is replaced when it belongs to a linear the layer's plan quantizes (its weight, and
+    an FP8 release's scales), or is a fused on-disk expert tensor (GraniteMoE's, cut per expert by the
+    layer's quantization). GPTQ's order: the source tensors kept, then the quantized ones, sorted;
+    ``in_place`` (bitsandbytes'): each linear's tensors where its source weight stands (the experts cut
+    from a fused tensor where that stands), as transformers' serialization lists them. Both orders are
+    kept so that an export's shards end where they always did. ``kept``: the layer-relative linears left
+    in 16 bits (``--recipe``), copied from the source as the other tensors are.
+    """
+    prefix = ckpt.layer_prefix(index)
+    plan = plan_layer(arch, ckpt.config, index, layout)
+    modules = {prefix + m for m in plan.quantized_linears() if m not in kept}
+    parts: dict[str, list[str]] = {m: [] for m in modules}
+    for name in quantized:  # P.qweight, P.weight, P.weight.absmax, P.SCB ... -> P
+        module = next((m for m in _prefixes(name) if m in modules), None)
+        if module is not None:
+            parts[module].append(name)
+    missing = [m for m in plan.quantized_linears() if m not in kept and not parts[prefix + m]]
+    if missing:
+        raise QuantMoeError(f"{file} holds no quantized tensors of {prefix}{missing[0]}; it is not this layer's "
+                            "result: re-run with --restart")
+    # Experts stored fused on disk (GraniteMoE) are exported per expert, unless they are kept in 16 bits.
+    experts = {m for m, kind in plan.linear_kinds().items() if kind == "expert"}
+    fused = {prefix + n for n in plan.fused_disk_tensors()} if not experts & kept else set()
+    if not in_place:
+        yield from source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], modules)
+        yield from ((name, quantized[name]) for name in sorted(quantized))
+        return
+    for name in ckpt.names(prefix):
+        if name in fused:
+            cut = [prefix + w[: -len(".weight")] for w in unfused_names(plan, name[len(prefix):])
+                   if not ckpt.has(prefix + w)]  # per-expert tensors on disk win over a fused copy, as on loading
+        elif name.endswith(".weight") and name[: -len(".weight")] in modules:
+            cut = [name[: -len(".weight")]]
+        else:
+            yield from source_tensors(ckpt, [name], modules)
+            continue
+        yield from ((part, quantized[part]) for module in cut for part in parts[module])
+    placed = {part for names in parts.values() for part in names}
+    yield from ((name, quantized[name]) for name in sorted(quantized) if name not in placed)
+
+
+def _prefixes(name: str) -> Iterator[str]:
+    """``a.b.c`` -> ``a.b``, ``a``: the modules a tensor name may belong to, longest first."""
+    while "." in name:
+        name = name.rpartition(".")[0]
+        yield name
+
+
 def extra_layer_modules(ckpt: Checkpoint, layers: list[int]) -> dict[int, list[str]]:
     """Layer index -> the modules with a 2-D weight in it (its linears, DeepSeek's MTP embedding and head)."""
     return {i: sorted(n[: -len(".weight")] for n in ckpt.names(ckpt.layer_prefix(i))
                       if n.endswith(".weight") and len(ckpt.shape(n)) == 2) for i in layers}
 
 
-def export_gptq(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], staging: Path, qcfg: QuantConfig,
-                max_shard_size: int, not_quantized: list[str], version: str) -> dict[str, str]:
-    """Write shards, index, config.json, quantize_config.json and tokenizer files into ``staging``.
+def export_name(arch: Architecture, name: str, prefix: str, layout: str) -> str:
+    """A decoder tensor's name in the export: its source name, or GPTQModel's with ``layout="gptqmodel"``."""
+    return prefix + arch.gptqmodel_name(name[len(prefix):]) if layout == "gptqmodel" else name
 
-    Decoder tensors keep their source names, or take GPTQModel's with ``layout="gptqmodel"``;
-    the multi-token-prediction layers (``mtp="keep"``) keep their source names in both layouts.
-    With ``format="compressed-tensors"`` each layer file's GPTQ tensors are repacked as
-    compressed-tensors ones (the same levels and scales) and no quantize_config.json is written.
-    """
-    staging.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(staging, max_shard_size)
-    if qcfg.layout == "gptqmodel":
-        def named(name: str, prefix: str) -> str:
-            return prefix + arch.gptqmodel_name(name[len(prefix):])
-    else:
-        def named(name: str, prefix: str) -> str:
-            return name
-    layer_names = {i: set() for i in range(len(layer_files))}
-    units = {i: layer_units(plan_layer(arch, ckpt.config, i, qcfg.layout), qcfg, ckpt.layer_prefix(i))
-             for i in range(len(layer_files))}
-    sym = {ckpt.layer_prefix(i) + n: u.qcfg.sym for i, us in units.items() for u in us if u.qcfg for n in u.names}
-    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
-        writer.add(name, tensor)
-    for i, file in enumerate(layer_files):
-        prefix = ckpt.layer_prefix(i)
-        packed = read_layer(file)
-        quantized = {n.rsplit(".", 1)[0] for n in packed if n.endswith(".qweight")}
-        if qcfg.format == "compressed-tensors":
-            packed = compressed_tensors.from_gptq_state(packed, sym.__getitem__)
-        # Experts stored fused on disk (GraniteMoE) are exported per expert; drop the fused originals.
-        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
-        experts = {prefix + n for n, kind in plan.linear_kinds().items() if kind == "expert"}
-        fused = {prefix + n for n in plan.fused_disk_tensors()} if experts and experts <= quantized else set()
-        for name, tensor in source_tensors(ckpt, [n for n in ckpt.names(prefix) if n not in fused], quantized):
-            writer.add(named(name, prefix), tensor)
-        for name in sorted(packed):
-            writer.add(named(name, prefix), packed[name])
-        layer_names[i] = quantized
-        del packed
-        ckpt.close()  # an open shard's pages read so far count as resident: unmapped once the shard is written
-    mtp = ckpt.extra_layers() if qcfg.mtp == "keep" else []
-    for i in mtp:
-        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
-            writer.add(name, tensor)
-        ckpt.close()
-    done = set(writer.pending) | {n for _, names in writer.written for n in names}
-    for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
-                                              and not n.startswith("model.layers.")]):
-        writer.add(name, tensor)
-    weight_map = writer.close()
 
-    patterns = recipe_patterns(units, qcfg)
-    if qcfg.format == "compressed-tensors":
-        write_config(ckpt, staging, compressed_config(qcfg, not_quantized, version, sorted(mtp), patterns))
-        return weight_map
-    skipped = [ckpt.layer_prefix(i) + n for i, us in units.items() for u in us if u.qcfg is None for n in u.names]
-    overrides = [(rx, None if c is None else {"bits": c.bits, "group_size": c.group_size, "sym": c.sym})
-                 for rx, c in patterns]
-    qconfig = quantization_config(qcfg, not_quantized, version, extra_layer_modules(ckpt, mtp), overrides, skipped)
-    write_config(ckpt, staging, qconfig)
-    atomic_write_json(staging / QUANTIZE_CONFIG, qconfig)
+def export_checkpoint(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path,
+                      quantization_config: dict, max_shard_size: int, layout: str = "source",
+                      config_files: tuple[str, ...] = (), extra_layers: list[int] = (),
+                      in_place: bool = False, layer_export: LayerExport = as_stored) -> dict[str, str]:
+    """Shards, index, config.json (with ``quantization_config``), a copy of it in each of ``config_files``
+    (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns the weight map."""
+    weight_map = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers, in_place,
+                              layer_export)
+    write_config(ckpt, folder, quantization_config)
+    for name in config_files:
+        atomic_write_json(folder / name, quantization_config)
     return weight_map
 
 

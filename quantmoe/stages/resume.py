@@ -5,7 +5,7 @@ The work folder beside ``--out`` (``.<out>.quantmoe-work/``) holds::
 
     fingerprint.json                 what the layers are computed from: one hash per input
     calib.safetensors                the calibration tokens
-    layers/layer-NNNNN.safetensors   a finished layer's packed GPTQ tensors (metadata: fingerprint)
+    layers/layer-NNNNN.safetensors   a finished layer's quantized tensors (metadata: fingerprint)
     layers/layer-NNNNN.json          its log entry, with the fingerprint
     export/                          the staged output; rebuilt on every run
 
@@ -15,11 +15,11 @@ layer and no second run can write beside the first. A layer is reused only when 
 files are readable, owned by this user and carry the current fingerprint, and the tensors file
 still has the sha256 its log entry recorded (checked again when the layer is read for the
 export); reuse stops at the first layer that is not. Under torchrun rank 0 alone writes the
-folder and every process starts from the same layer (open_work_together). The activations entering the
-first unfinished layer are rebuilt by running the finished layers forward with the
-weights their files stand for. Those dequantized weights are bit-identical to the ones
-the uninterrupted run computed with (scales are fp16-exact, see gptq.py), so a resumed
-run writes the same bytes as one that was never stopped.
+folder and every process starts from the same layer (open_work_together). Methods that stream
+activations (gptq, rtn) rebuild those entering the first unfinished layer by running the
+finished layers forward with the weights their files stand for. Those dequantized weights are
+bit-identical to the ones the uninterrupted run computed with (scales are fp16-exact, see
+gptq.py), so a resumed run writes the same bytes as one that was never stopped.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from ..base.files import (
     save_safetensors,
     sha256_file,
 )
-from ..base.options import QuantConfig
 from ..base.version import __version__
 from ..formats.gptq_v1 import dequantize_state
 from ..model.checkpoint import Checkpoint
@@ -64,25 +63,26 @@ def hash_tokens(ids: Tensor) -> str:
     return h.hexdigest()
 
 
-def fingerprint_parts(ckpt: Checkpoint, ids: Tensor, qcfg: QuantConfig, seed: int, device: torch.device,
-                      batch_size: int, tf32: bool = False) -> dict[str, str]:
-    """One hash per input a layer's result depends on.
+def fingerprint_parts(ckpt: Checkpoint, options: dict, run: dict, ids: Tensor | None = None, seed: int | None = None,
+                      libraries: dict[str, str] | None = None) -> dict[str, str]:
+    """One hash per input a layer's result depends on: the model, the method's ``options``
+    (its config), the ``run`` (device type, batch size ... where they change the bytes), the
+    calibration tokens ``ids`` and ``seed`` (methods that calibrate), and the library versions
+    (``libraries``: those of the method, beyond quantmoe, torch and transformers).
 
     The source checkpoint is identified by its config and its shards' names and sizes
-    (hashing hundreds of GB would take longer than a layer). The device type and the
-    batch size (and TF32) are included because they change the floating-point summation
-    order, hence the bytes.
+    (hashing hundreds of GB would take longer than a layer).
     """
 
     shards = {s: (ckpt.path / s).stat().st_size for s in ckpt.shards}
-    return {
-        "model": hash_json({"config": ckpt.raw_config, "shards": shards}),
-        "calibration": hash_tokens(ids),
-        "options": hash_json(qcfg.to_dict()),
-        "seed": str(seed),
-        "run": hash_json({"device": device.type, "batch_size": batch_size, "tf32": tf32}),
+    parts = {"model": hash_json({"config": ckpt.raw_config, "shards": shards})}
+    if ids is not None:
+        parts |= {"calibration": hash_tokens(ids), "seed": str(seed)}
+    return parts | {
+        "options": hash_json(options),
+        "run": hash_json(run),
         "versions": hash_json({"quantmoe": __version__, "torch": torch.__version__,
-                               "transformers": transformers.__version__}),
+                               "transformers": transformers.__version__, **(libraries or {})}),
     }
 
 
@@ -190,14 +190,26 @@ def read_layer(file: Path) -> dict[str, Tensor]:
         raise QuantMoeError(f"{file} changed after it was written (its sha256 is not the one recorded); re-run "
                             "the same command: that layer is computed again")
     with safe_open(str(file), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        names = list(f.keys())
+        try:
+            order = json.loads((f.metadata() or {}).get(ORDER_KEY, "null"))
+        except ValueError:
+            order = None
+        if isinstance(order, list) and sorted(order) == sorted(names):
+            names = order
+        return {name: f.get_tensor(name) for name in names}
+
+
+# The layer file's metadata key recording the order its method made the tensors in (safetensors keeps
+# none): the export writes a bitsandbytes linear's tensors in that order (export.write_shards).
+ORDER_KEY = "order"
 
 
 def write_layer(work: Path, index: int, tensors: dict[str, Tensor], entry: dict, fp: str) -> Path:
-    """Persist a finished layer: tensors first, then the log entry (with the tensors file's sha256)
-    that marks it finished."""
+    """Persist a finished layer: tensors first (with the order they come in), then the log entry (with
+    the tensors file's sha256) that marks it finished."""
     file = layer_file(work, index)
-    save_safetensors(file, tensors, metadata={"format": "pt", "fingerprint": fp})
+    save_safetensors(file, tensors, metadata={"format": "pt", "fingerprint": fp, ORDER_KEY: json.dumps(list(tensors))})
     atomic_write_json(file.with_suffix(".json"), {**entry, "fingerprint": fp, "sha256": sha256_file(file)})
     return file
 

@@ -1,0 +1,64 @@
+"""Stage 5, for every backend: the finish sequence that turns finished layers into ``--out``.
+
+Into the staging folder ``<work>/export``: the export itself (shards, config), then
+``quantization_log.json``, the optional evaluation (``eval_report.json`` / ``.md``), the model
+card ``README.md`` and ``manifest.json`` (sha256 of every file); then one atomic rename over
+``--out`` and the work folder is removed. On any exception (disk full, Ctrl-C, a failed eval) the
+partial export is dropped, since it may be what filled the disk, and the finished layers are kept,
+so the same command resumes at the export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..base.files import (
+    atomic_write_json,
+    atomic_write_text,
+    replace_dir,
+    write_manifest,
+)
+from ..base.measure import stage
+from .evaluate import evaluate
+from .report import render_markdown
+
+
+def finalize(work: Path, out: Path, export: Callable[[Path], object], log: dict, manifest: dict,
+             model_card: Callable[[dict | None, dict], str], card_info: dict, evaluation: dict | None,
+             overwrite: bool, stages: dict, shown_out: str) -> dict | None:
+    """Export into ``work``/export, finish it there and rename it over ``out``; returns the eval report.
+
+    ``export(folder)`` writes the shards and config.json. ``log``: quantization_log.json (its
+    ``fallbacks`` are copied into the eval report). ``manifest``: what manifest.json records
+    besides the files and ``stages``. ``model_card(report, info)``: the README, with ``info`` =
+    ``card_info`` plus the export's ``quantization_config``. ``evaluation``: evaluate's keyword
+    arguments (baseline, data, device, batch_size, quiet, record_paths), or None for no eval.
+    ``stages``: timings so far; "export" is added. ``shown_out``: how the eval report names ``out``
+    (its folder name, or its path with --record-paths).
+    """
+    staging = work / "export"
+    shutil.rmtree(staging, ignore_errors=True)  # a half-written export of an earlier, stopped run
+    try:
+        with stage(stages, "export"):
+            export(staging)
+        atomic_write_json(staging / "quantization_log.json", log)
+        report = None
+        if evaluation is not None:
+            report = evaluate(staging, **evaluation)
+            report["model"] = shown_out
+            report["fallbacks"] = log["fallbacks"]
+            report["stages"] = {**stages, **report["stages"]}
+            atomic_write_json(staging / "eval_report.json", report)
+            atomic_write_text(staging / "eval_report.md", render_markdown(report))
+        qconfig = json.loads((staging / "config.json").read_text())["quantization_config"]
+        atomic_write_text(staging / "README.md", model_card(report, {**card_info, "quantization_config": qconfig}))
+        write_manifest(staging, {**manifest, "stages": stages})
+        replace_dir(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return report
