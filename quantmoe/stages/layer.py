@@ -103,7 +103,7 @@ def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = Fa
     moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian.
     ``dequantized`` False: the result's W may be None (the caller rebuilds it from the levels).
     ``overwrite_W``/``overwrite_H``: W/H are handed over and become GPTQ's working storage."""
-    if qcfg.backend == "rtn":  # the baseline keeps plain min/max grids
+    if not qcfg.uses_hessians:  # the rtn baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
     if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
@@ -320,12 +320,12 @@ class LayerQuantizer:
 
     @property
     def fit_stream(self) -> bool:
-        return self.original is not None and self.qcfg.backend != "rtn"
+        return self.original is not None and self.qcfg.uses_hessians
 
     @property
     def fit_down(self) -> bool:
         """Down projections are fitted to the original MLP's outputs (--fit mlp or stream)."""
-        return self.qcfg.backend != "rtn" and self.qcfg.fit in ("mlp", "stream")
+        return self.qcfg.effective_fit in ("mlp", "stream")
 
     def _store(self, names: list[str], res: QuantResult, bits: int | None = None) -> None:
         """Pack ``res`` (``bits``: its linears' own, default the layer's) under ``names``."""
@@ -355,7 +355,7 @@ class LayerQuantizer:
         qcfg = qcfg or self.qcfg
         H = X0 = None
         n = 0
-        if self.qcfg.backend != "rtn":
+        if self.qcfg.uses_hessians:
             H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
             X0 = torch.zeros_like(H) if self.fit_stream else None  # the cross moment, see gptq_quantize
             for x, x0 in self._captured_pairs(module_path, keep):
@@ -462,7 +462,7 @@ class LayerQuantizer:
         for group in groups:
             experts = [own[j] for j in group]
             gathered = self._routed_rows(routed, experts, [rows[j] for j in group]) \
-                if self.qcfg.backend != "rtn" else None
+                if self.qcfg.uses_hessians else None
             res_gu, res_d = self._solve_expert_group(store, experts, gathered, counts, H_all)
             del gathered
             gate_up.put(group.start, res_gu)
@@ -479,7 +479,7 @@ class LayerQuantizer:
         """Consecutive positions of this process's experts (routed ``rows`` each) making the groups, sized to
         ``self.gpu_memory``."""
         E, I, C = store.shape
-        costs = ExpertCosts(C, I, hessians=self.qcfg.backend != "rtn", cross=self.fit_stream,
+        costs = ExpertCosts(C, I, hessians=self.qcfg.uses_hessians, cross=self.fit_stream,
                             fit_down=self.fit_down)
         in_use = 0
         if self.gpu_memory is not None and self.stream.device.type == "cuda":
@@ -499,7 +499,7 @@ class LayerQuantizer:
         """One pass over the tokens entering the MoE block: per batch, where the router sends them
         (``route``); the routed tokens of every expert; (for --rare-expert blend/all-tokens) the Hessian
         of all of them; and how many there are."""
-        gptq = self.qcfg.backend != "rtn"
+        gptq = self.qcfg.uses_hessians
         blend = gptq and self.qcfg.rare_expert != "rtn"
         counts = [0] * self.plan.num_experts
         C = self.layer.get_submodule(self.plan.fused.module).shape[2]
@@ -676,7 +676,7 @@ class LayerQuantizer:
             return
         Wg, Wu, Wd = (self._linear(n).weight.data.clone() for n in names)  # originals, kept
         I = Wg.shape[0]
-        gptq = self.qcfg.backend != "rtn"
+        gptq = self.qcfg.uses_hessians
         t0 = time.perf_counter()
         done, n = [], 0
         src_g, src_u = Wg, Wu
