@@ -247,6 +247,7 @@ def test_eval_on_cuda_gives_the_cpu_gap_and_kl(tmp_path):
     assert gpu["kl"]["top1_agreement"] == pytest.approx(cpu["kl"]["top1_agreement"], abs=0.01)
 
 
+@pytest.mark.gpu
 def test_tf32_eval_on_cuda_gives_the_fp32_gap_and_kl_within_their_errors(tmp_path):
     """`quantmoe eval --tf32` (tensor-core matrix products) reports the fp32 evaluation's gap and KL within
     their standard errors, and says it used TF32."""
