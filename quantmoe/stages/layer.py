@@ -530,7 +530,9 @@ class LayerQuantizer:
         filled = list(starts[:-1])
         for b, (x, x0) in enumerate(self._captured_pairs(self.arch.moe_module, keep=True)):
             with self._stage("hessians"):
-                picks = [self._expert_tokens(routed[b][e], x.shape[0]) for e in experts]
+                # --expert-hessian all: every token of the batch for every expert (no weights are read then)
+                every = torch.arange(x.shape[0], device=dev) if self.qcfg.expert_hessian == "all" else None
+                picks = [routed[b][e] if every is None else (every, every) for e in experts]
                 sizes = [len(t) for t, _ in picks]
                 if not sum(sizes):
                     continue
@@ -543,13 +545,6 @@ class LayerQuantizer:
                     w.index_copy_(0, dest, torch.cat([s for _, s in picks]).float())
                 filled = [f + n for f, n in zip(filled, sizes)]
         return RoutedRows(X, X0, w, list(zip(starts[:-1], starts[1:])))
-
-    def _expert_tokens(self, route: tuple[Tensor, Tensor], tokens: int) -> tuple[Tensor, Tensor]:
-        """The tokens of a batch (of ``tokens``) that make an expert's statistics, and their router scores
-        (see --expert-hessian: ``all`` takes every token)."""
-        if self.qcfg.expert_hessian == "all":
-            return torch.arange(tokens, device=self.stream.device), route[1].new_ones(tokens)
-        return route
 
     def _solve_expert_group(self, store: StoredExperts, experts: list[int], rows: RoutedRows | None,
                             counts: list[int], H_all: Tensor | None) -> tuple[QuantResult, QuantResult]:
