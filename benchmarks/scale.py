@@ -653,7 +653,8 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
                "seconds": e["seconds"], **{k: t.get(k) for k in STAGES},
                "write_background": t.get("write_background"), "peak_gpu_mb": e.get("peak_gpu_mb"),
                "stage_peak_gpu_mb": e.get("stage_peak_gpu_mb"), "peak_rss_mb": e.get("peak_rss_mb"),
-               "expert_groups": e.get("expert_groups")}
+               "expert_groups": e.get("expert_groups"),
+               "detail": {k: v for k, v in t.items() if ":" in k} or None}  # parts timed inside the stages
         if t:
             row["other"] = round(e["seconds"] - sum(t.get(k, 0.0) for k in STAGES), 3)
         rows.append(row)
@@ -850,6 +851,66 @@ def solve_bench(baseline: Path | None = None, device: str = "cuda", shapes: dict
     return out
 
 
+def solve_profile(shape: Shape, group: int, device: str = "cuda") -> dict:
+    """The routed experts' GPTQ solve of one group of ``group`` experts at ``shape``'s sizes, as a layer runs it
+    with the default recipe and --tf32 (gate/up with the fit's cross moment, down with its output moment;
+    Hessians of 2C correlated random rows): seconds of each, of the Hessian inversion alone, and the
+    kernels and host operations that take the most time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.stages.gptq_method import block_function
+    from quantmoe.stages.layer import solve
+
+    dev = torch.device(device)
+    cfg = shape.config
+    C, I = cfg["hidden_size"], cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    qcfg, block_fn = QuantConfig(), block_function("auto", dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def moment(C: int) -> torch.Tensor:
+        X = torch.randn(2 * C, C, device=dev, generator=gen)
+        X = X + 0.3 * X.roll(1, dims=1)
+        return (2 * X.T @ X / X.shape[0]).expand(group, C, C).contiguous()
+
+    def synced(fn):
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(dev)
+        return round(time.perf_counter() - t0, 3)
+
+    parts = {"gate_up": (2 * I, C, "cross"), "down": (C, I, "target")}
+    solve(torch.randn(2, 64, 256, device=dev), torch.eye(256, device=dev).expand(2, 256, 256).contiguous(), qcfg,
+          block_fn=block_fn)  # warm up: library handles, kernels
+    out = {"shape_name": shape.name, "group": group, "device": device_info(device)}
+    for name, (R, Cin, kind) in parts.items():
+        W = torch.randn(group, R, Cin, device=dev, generator=gen) * INIT_STD
+        row = {"shape": [group, R, Cin], "fit": kind}
+        row["inverse_seconds"] = synced(lambda: gptq.damped_inverse_cholesky(moment(Cin), qcfg.damp))
+        extra = {"cross": moment(Cin)} if kind == "cross" else {"target": W @ moment(Cin)}
+        H = moment(Cin)
+        call = partial(solve, W.clone(), H, qcfg, overwrite_H=True, block_fn=block_fn, dequantized=False,
+                       overwrite_W=True, fit_tf32=True, **extra)
+        row["seconds"] = synced(call)
+        H = moment(Cin)
+        call = partial(solve, W.clone(), H, qcfg, overwrite_H=True, block_fn=block_fn, dequantized=False,
+                       overwrite_W=True, fit_tf32=True, **extra)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize(dev)
+        events = prof.key_averages()
+        row["top_kernels"] = [{"name": e.key[:90], "calls": e.count, "device_ms": round(e.device_time_total / 1e3, 1)}
+                              for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]]
+        row["top_host"] = [{"name": e.key[:90], "calls": e.count, "host_ms": round(e.cpu_time_total / 1e3, 1)}
+                           for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]]
+        out[name] = row
+        print(name, {k: v for k, v in row.items() if not k.startswith("top")}, flush=True)
+        del W, H, extra, call
+        torch.cuda.empty_cache()
+    return out
+
+
 # -- the command line -----------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -883,6 +944,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--keep", action="store_true", help="keep the quantized output")
     ap.add_argument("--solve-bench", action="store_true", help="time the GPTQ solve alone on Mixtral's shapes (CUDA)")
     ap.add_argument("--baseline", type=Path, help="with --solve-bench: a tree whose quantmoe/gptq.py to compare with")
+    ap.add_argument("--solve-profile", type=int, metavar="GROUP",
+                    help="profile the routed experts' solve of GROUP experts at --shape's sizes (CUDA)")
     return ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
 
 
@@ -943,8 +1006,9 @@ def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: di
 
 def main(argv: list[str] | None = None) -> dict:
     args, options = parse_args(argv)
-    if args.compare or args.solve_bench:
+    if args.compare or args.solve_bench or args.solve_profile:
         result = (compare_outputs(*args.compare, model=args.model) if args.compare
+                  else solve_profile(SHAPES[args.shape], args.solve_profile) if args.solve_profile
                   else {"device": device_info("cuda"), "solve": solve_bench(args.baseline)})
         if args.name:
             args.results.mkdir(parents=True, exist_ok=True)

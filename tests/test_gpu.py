@@ -267,3 +267,18 @@ def test_tf32_eval_on_cuda_gives_the_fp32_gap_and_kl_within_their_errors(tmp_pat
     assert fp32["protocol"]["dtype"] == "float32" and tf32["protocol"]["dtype"] == TF32
     assert abs(tf32["gap"]["relative"] - fp32["gap"]["relative"]) <= fp32["gap"]["relative_se"]
     assert abs(tf32["kl"]["mean"] - fp32["kl"]["mean"]) <= fp32["kl"]["se"]
+
+
+@pytest.mark.gpu
+def test_release_pinned_memory_hands_the_cached_page_locked_blocks_back():
+    import psutil
+
+    from quantmoe.base.measure import release_pinned_memory
+
+    proc = psutil.Process()
+    block = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    block.fill_(1)
+    del block  # cached by PyTorch's host allocator, still resident
+    held = proc.memory_info().rss
+    release_pinned_memory()
+    assert proc.memory_info().rss < held - (3 << 28), "the freed 1 GiB page-locked block is still resident"

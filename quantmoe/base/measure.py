@@ -47,7 +47,8 @@ class Stopwatch:
     memory allocated inside each stage (MB).
 
     On CUDA the device is synchronised at each boundary, so queued work is charged to the
-    stage that queued it rather than to whichever stage next waits for the device.
+    stage that queued it rather than to whichever stage next waits for the device. A name with a
+    colon ("experts:gather") is a part timed inside the stages, not a stage of its own.
     """
 
     def __init__(self, device: torch.device):
@@ -136,3 +137,12 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
+
+
+def release_pinned_memory() -> None:
+    """Hand the page-locked host blocks that PyTorch caches after they are freed (the layers' captures kept
+    in host memory) back to the OS. They are reused layer after layer, so this is for when the layers are
+    done: otherwise the export would run with them still resident."""
+    empty = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds only
+    if empty is not None and torch.cuda.is_initialized():
+        empty()

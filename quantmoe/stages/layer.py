@@ -455,14 +455,16 @@ class LayerQuantizer:
         gate_up = Levels(len(own), 2 * I, C, spec.groups(C), spec.bits, dev)
         down = Levels(len(own), C, I, spec.groups(I), spec.bits, dev)
         t0 = time.perf_counter()
-        routed, counts, H_all, tokens = self._routing()
+        with self.clock("experts:routing"):
+            routed, counts, H_all, tokens = self._routing()
         rows = [tokens if self.qcfg.expert_hessian == "all" else counts[e] for e in own]
         groups = self._expert_groups(store, rows)
         self.result.expert_groups = len(groups)
         for group in groups:
             experts = [own[j] for j in group]
-            gathered = self._routed_rows(routed, experts, [rows[j] for j in group]) \
-                if self.qcfg.uses_hessians else None
+            with self.clock("experts:gather"):
+                gathered = self._routed_rows(routed, experts, [rows[j] for j in group]) \
+                    if self.qcfg.uses_hessians else None
             res_gu, res_d = self._solve_expert_group(store, experts, gathered, counts, H_all)
             del gathered
             gate_up.put(group.start, res_gu)
@@ -555,20 +557,23 @@ class LayerQuantizer:
         rare = [k for k, e in enumerate(experts) if counts[e] < threshold]
         H_gu = X0_gu = None
         if rows is not None:
-            H_gu, X0_gu = self._gate_up_statistics(rows)
+            with self.clock("experts:gate_up_statistics"):
+                H_gu, X0_gu = self._gate_up_statistics(rows)
             for k in rare:
                 if H_all is not None:
                     H_gu[k] = _blend(H_gu[k], H_all, counts[experts[k]], threshold, qcfg.rare_expert)
                     if X0_gu is not None:  # a blended Hessian has no matching moment: plain GPTQ (P = W H)
                         X0_gu[k] = H_gu[k]
-        W = store.originals("gate_up", experts[0], experts[-1] + 1)  # GPTQ's working copy
-        res_gu = self._solve_local(W, H_gu, rare, cross=X0_gu, overwrite_W=True)
+        with self.clock("experts:gate_up_solve"):
+            W = store.originals("gate_up", experts[0], experts[-1] + 1)  # GPTQ's working copy
+            res_gu = self._solve_local(W, H_gu, rare, cross=X0_gu, overwrite_W=True)
         del W, H_gu, X0_gu
         H_d = P_d = None
         if rows is not None:
             H_d, P_d = self._down_statistics(store, experts, rows, res_gu, counts, threshold, rare)
-        W = store.originals("down", experts[0], experts[-1] + 1)
-        res_d = self._solve_local(W, H_d, rare, P_d, overwrite_W=True)
+        with self.clock("experts:down_solve"):
+            W = store.originals("down", experts[0], experts[-1] + 1)
+            res_d = self._solve_local(W, H_d, rare, P_d, overwrite_W=True)
         return res_gu, res_d
 
     def _gate_up_statistics(self, rows: RoutedRows) -> tuple[Tensor, Tensor | None]:
@@ -600,7 +605,7 @@ class LayerQuantizer:
         dev, act = self.stream.device, store.act_fn
         H_d = torch.zeros(len(experts), I, I, device=dev)
         P_d = torch.zeros(len(experts), C, I, device=dev) if fit else None
-        with self._stage("hessians"):
+        with self.clock("experts:down_statistics"), self._stage("hessians"):
             for k, e in enumerate(experts):
                 x, x0, w = rows.of(k)
                 Wg, Wu, original = self._expert_mlp(store, res_gu, k, e)
@@ -619,7 +624,7 @@ class LayerQuantizer:
             H_all_d = {k: torch.zeros(I, I, device=dev) for k in blended}
             n_all_d = dict.fromkeys(blended, 0)
             for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
-                with self._stage("hessians"):
+                with self.clock("experts:blend"), self._stage("hessians"):
                     for k in blended:
                         Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
                         for h in mlp_hidden(x, Wg, Wu, act):
@@ -740,11 +745,13 @@ class LayerQuantizer:
         def compute(chunk: list[Batch]) -> Tensor:
             store.deferred = []
             try:
-                rest = [_first(mlp(norm(b.hidden))) for b in chunk]
+                with self.clock("forward:rest"):
+                    rest = [_first(mlp(norm(b.hidden))) for b in chunk]
                 calls = store.deferred
             finally:
                 store.deferred = None
-            experts = store.run_deferred(calls)
+            with self.clock("forward:experts"):
+                experts = store.run_deferred(calls)
             return torch.cat([(b.hidden + (e.view_as(r) + r)).reshape(-1) for b, r, e in zip(chunk, rest, experts)])
 
         one = TAIL_COPIES * batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..base.errors import QuantMoeError
 from ..base.files import RunLock, check_replaceable, versions
-from ..base.measure import PeakRSS, stage, steady_host_memory
+from ..base.measure import PeakRSS, release_pinned_memory, stage, steady_host_memory
 from ..base.options import QuantConfig, RunOptions, run_options
 from ..base.paths import (
     CALIB_DATA,
@@ -231,6 +231,7 @@ def quantize_layers(layers: Run, work: Work, ranks: Ranks, quiet: bool, stages: 
             bar.update()
         if written is not None:
             written.result()
+    release_pinned_memory()  # the captures' page-locked blocks, cached for the next layer: there is none
     if peak_gpu is not None:  # the layers reset the peak, so the stage's own reading covers the last one only
         stages["quantize"]["peak_gpu_mb"] = round(max(peak_gpu, stages["quantize"]["peak_gpu_mb"] or 0), 1)
     return entries
