@@ -158,11 +158,12 @@ def test_export_dequantizes_to_exactly_the_gptq_result(tiny_model, text_file, mo
 @pytest.mark.parametrize("model_type", [n for n in ARCH_NAMES if ARCHITECTURES[n].experts is not None
                                         and ARCHITECTURES[n].mlp_tail is not None])
 @pytest.mark.parametrize("quantized", [True, False])
-def test_the_experts_run_expert_by_expert_give_the_bits_of_the_batch_by_batch_tail(tiny_model, text_file, model_type,
+def test_the_experts_run_expert_by_expert_give_the_batch_by_batch_tail_to_rounding(tiny_model, text_file, model_type,
                                                                                   quantized):
-    """The layer's outputs with each expert's weights rebuilt once per chunk of batches (the experts'
-    calls recorded, then run expert by expert) are exactly run_tail's, batch by batch, for chunks of
-    one batch, two and all, with the quantized experts and with the originals."""
+    """The layer's outputs with each expert run once per chunk of batches (the experts' calls recorded, then
+    run expert by expert over all their rows) are run_tail's, batch by batch: exactly for chunks of one batch,
+    and to within a few fp32 roundings for chunks of two and all (a product over more rows may round
+    differently), with the quantized experts and with the originals."""
     from quantmoe.stages.calibrate import build_calibration
 
     ckpt = Checkpoint(tiny_model(model_type))
@@ -179,7 +180,10 @@ def test_the_experts_run_expert_by_expert_give_the_bits_of_the_batch_by_batch_ta
     for budget in (one, 2 * one, None):
         lq.gpu_memory = budget
         got = lq._tail_by_expert(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks)
-        assert all(torch.equal(g.hidden, e.hidden) for g, e in zip(got, expected)), budget
+        if budget == one:  # a chunk of one batch is run_tail's own computation
+            assert all(torch.equal(g.hidden, e.hidden) for g, e in zip(got, expected)), budget
+        for g, e in zip(got, expected):  # more rows per product: the products' rounding only
+            assert (g.hidden - e.hidden).abs().amax() <= 4 * torch.finfo(torch.float32).eps * e.hidden.abs().amax()
     assert not torch.equal(expected[0].hidden, lq.batches[0].hidden)  # the tail did change the residual
 
 

@@ -67,10 +67,16 @@ STATS_CHUNK_BYTES = 1 << 30
 CAPTURE_CACHE_BYTES = 1 << 30
 HOST_CAPTURE_BYTES = 16 << 30
 # The MLP tail of a layer with routed experts runs a chunk of batches at a time (_tail_by_expert): at most
-# this many bytes of them, counted TAIL_COPIES times (the MLP's input, the experts' outputs, the rest of the
-# MLP's, the sum, the outputs gathered), and no more than the budget leaves room for.
+# this many bytes of them, counted TAIL_COPIES times (the MLP's input, the experts' input end to end and
+# their outputs, the rest of the MLP's, the sum, the outputs gathered), and no more than the budget leaves
+# room for.
 TAIL_CHUNK_BYTES = 4 << 30
-TAIL_COPIES = 5
+TAIL_COPIES = 6
+# A rare expert's down_proj Hessian is blended with the mean over all tokens of its gate/up outputs' outer
+# products. Each rare expert needs its own pass over the tokens for that, so the mean is estimated from the
+# first batches holding at least this many times the rare-expert threshold in tokens (every batch when
+# there are fewer): a full-rank estimate, set by the shapes alone.
+BLEND_SAMPLE = 4
 
 
 @dataclass
@@ -620,10 +626,13 @@ class LayerQuantizer:
                 if P_d is not None:
                     finish_moment(P_d[k], n)
         blended = [k for k in rare if qcfg.rare_expert != "rtn"]
-        if blended:  # a rare expert's Hessian is blended with that of every token through its gate/up
+        if blended:  # a rare expert's Hessian is blended with that of all tokens through its gate/up
             H_all_d = {k: torch.zeros(I, I, device=dev) for k in blended}
             n_all_d = dict.fromkeys(blended, 0)
+            sample = BLEND_SAMPLE * threshold  # the all-token Hessian's mean, estimated from the first batches
             for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
+                if n_all_d[blended[0]] >= sample:
+                    break
                 with self.clock("experts:blend"), self._stage("hessians"):
                     for k in blended:
                         Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
