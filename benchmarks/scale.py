@@ -599,14 +599,16 @@ def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list
 
 
 def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quantmoe_path: Path, timeout: float,
-             batch_size: int | None = None) -> dict:
-    """``python -m quantmoe eval OUT --baseline MODEL`` as a child process, see run_child; with
-    the report's per-model stages (``eval_original``, ``eval_quantized``: seconds, peaks)."""
+             batch_size: int | None = None, tf32: bool = False) -> dict:
+    """``python -m quantmoe eval OUT --baseline MODEL`` (with ``--tf32`` when the quantization had it) as a
+    child process, see run_child; with the report's per-model stages (``eval_original``, ``eval_quantized``:
+    seconds, peaks)."""
     report = Path(out).resolve().parent / f"{Path(out).name}-eval-report.json"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantmoe", "eval", str(Path(out).resolve()), "--baseline", str(Path(model).resolve()),
            "--data", str(Path(data).resolve()), "--seqlen", str(seqlen), "--device", device, "--quiet",
-           "--report", str(report), *(["--batch-size", str(batch_size)] if batch_size else [])]
+           "--report", str(report), *(["--batch-size", str(batch_size)] if batch_size else []),
+           *(["--tf32"] if tf32 else [])]
     run = run_child(cmd, quantmoe_path, timeout)
     if report.is_file():
         r = json.loads(report.read_text())
@@ -995,12 +997,12 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
 
 
 def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: dict, seqlen: int, device: str,
-                    total_layers: int) -> dict:
+                    total_layers: int, tf32: bool = False) -> dict:
     """Time ``quantmoe eval`` of the output against the checkpoint on random text (see run_eval)."""
     seqlen = args.eval_seqlen or seqlen
     tokens = args.eval_tokens or (4 * seqlen if args.reduced else FULL_EVAL_TOKENS)
     data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}.jsonl", config["vocab_size"], tokens)
-    run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size)
+    run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size, tf32)
     return {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}
 
 
@@ -1058,7 +1060,7 @@ def main(argv: list[str] | None = None) -> dict:
     if checkpoint["source"] == "fp8":
         result["fp8_release"] = shape.fp8_release
     if args.eval and run["returncode"] == 0:
-        result["eval"] = evaluate_output(args, out, model, config, seqlen, device, total)
+        result["eval"] = evaluate_output(args, out, model, config, seqlen, device, total, "--tf32" in options)
     label = (info["gpu"] or "cpu").replace(" ", "-")
     name = args.name or f"scale-{label}-{shape.name}-{checkpoint['source']}-{n_layers}L" \
         + ("-mtp" if result["mtp"] else "") + ("-reduced" if result["reduced"] else "") \
