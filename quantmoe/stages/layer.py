@@ -69,8 +69,8 @@ HOST_CAPTURE_BYTES = 16 << 30
 # The MLP tail of a layer with routed experts runs a chunk of batches at a time (_tail_by_expert): at most
 # this many bytes of them, counted TAIL_COPIES times (the MLP's input, the experts' input end to end and
 # their outputs, the rest of the MLP's, the sum, the outputs gathered), and no more than the budget leaves
-# room for.
-TAIL_CHUNK_BYTES = 4 << 30
+# room for. Each expert's weights are rebuilt once per chunk, so larger chunks rebuild them fewer times.
+TAIL_CHUNK_BYTES = 16 << 30
 TAIL_COPIES = 6
 # A rare expert's down_proj Hessian is blended with the mean over all tokens of its gate/up outputs' outer
 # products. Each rare expert needs its own pass over the tokens for that, so the mean is estimated from the
