@@ -361,3 +361,57 @@ def test_cross_moment_gives_the_target_result():
     Y = X @ W[0].T
     err = lambda res: float(((Xq @ res.W[0].T - Y) ** 2).mean())  # noqa: E731
     assert err(by_cross) == pytest.approx(err(by_target), rel=0.02) and err(by_cross) < 0.9 * err(plain)
+
+
+def test_chunked_grid_search_gives_each_matrix_its_own_bits(monkeypatch):
+    """The clipping search and the static grids run over chunks of matrices (gptq.matrix_chunks): a matrix's
+    grid is bit for bit the one it gets alone, in a batch of 5 held in one chunk and in chunks of 2."""
+    from quantmoe.gptq import core
+    from quantmoe.gptq.core import ClipSearch, group_params, static_grids
+
+    g = torch.Generator().manual_seed(11)
+    B, R, C = 5, 24, 200  # 200 columns: the last group of 64 is padded
+    W = torch.randn(B, R, C, generator=g) * 0.02
+    importance = torch.rand(B, C, generator=g) + 0.1
+    perm = torch.stack([torch.randperm(C, generator=g) for _ in range(B)])
+    spec, search = QuantSpec(4, 64, False), ClipSearch(20, 0.6, 1.0)
+    alone = [(group_params(W[b:b + 1], spec, search, importance[b:b + 1]),
+              static_grids(W[b:b + 1], perm[b:b + 1], spec, search, importance[b:b + 1])) for b in range(B)]
+
+    def bits_equal(a, b):
+        return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+    for chunk_bytes in (core.CHUNK_BYTES, 2 * R * C * 4):  # all five at once; chunks of 2, 2 and 1
+        monkeypatch.setattr(core, "CHUNK_BYTES", chunk_bytes)
+        grouped = group_params(W, spec, search, importance)
+        static = static_grids(W, perm, spec, search, importance)
+        for b, (one, one_static) in enumerate(alone):
+            for got, want in ((grouped, one), (static, one_static)):
+                assert bits_equal(got[0][b:b + 1], want[0]) and bits_equal(got[1][b:b + 1], want[1]), (chunk_bytes, b)
+    assert [(s.start, s.stop) for s in core.matrix_chunks(B, R * C * 4)] == [(0, 2), (2, 4), (4, 5)]
+    natural = torch.empty_like(W)
+    for b in range(B):
+        natural[b][:, perm[b]] = W[b]  # W[b][:, k] is column perm[b, k]
+    unpermuted = group_params(natural, spec, search, importance)
+    assert bits_equal(static[0], unpermuted[0]) and bits_equal(static[1], unpermuted[1])
+    assert not torch.equal(static[0], grouped[0])  # the permutation was undone, not ignored
+
+
+def test_dampening_retries_wait_for_the_device_once_and_keep_each_matrix_bits():
+    """Matrices whose Cholesky fails are redone after the others, from the lower half kept in H: each gets the
+    dampening and the bits it gets alone, and U is zero below the diagonal."""
+    from quantmoe.gptq.core import damped_inverse_cholesky
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(16, 160, generator=g)
+    low_rank = 2 * X.T @ X / 16  # rank 16: needs more dampening than 1e-9 of its mean diagonal
+    H = torch.stack([low_rank, hessian_of(torch.randn(640, 160, generator=g)), low_rank * 3])
+    U, used = damped_inverse_cholesky(H.clone(), 1e-9)
+    assert used[1] == pytest.approx(1e-9) and (used[[0, 2]] > 1e-9).all()
+    assert torch.isfinite(U).all() and torch.equal(U, U.triu())
+    for b in range(3):
+        Ub, used_b = damped_inverse_cholesky(H[b:b + 1].clone(), 1e-9)
+        assert torch.equal(Ub[0].view(torch.int32), U[b].view(torch.int32)) and torch.equal(used_b[0], used[b])
+        # A retry starts from exactly J H J: the result is a first try's with the dampening that worked.
+        first_try, _ = damped_inverse_cholesky(H[b:b + 1].clone(), float(used[b]))
+        assert torch.equal(first_try[0].view(torch.int32), U[b].view(torch.int32))

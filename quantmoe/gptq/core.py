@@ -20,8 +20,9 @@ is B = 1. Differences from the reference, and why:
 * ``Hinv`` comes from one Cholesky factorisation of the reversed H and one triangular
   inverse (see ``damped_inverse_cholesky``) rather than Cholesky, inverse, Cholesky: as
   many flops, but it cannot fail on an inverse that rounding left not quite positive
-  definite, and it works one matrix at a time, in place, so a layer's (B, C, C)
-  Hessians never exist twice.
+  definite, and it factorises one matrix at a time, in place, so a layer's (B, C, C)
+  Hessians never exist twice; failed factorisations are redone after the others, so the
+  host waits for the device once.
 * Memory is a few copies of W, not of H: levels are kept as uint8 and the dequantized
   weights are rebuilt from them at the end.
 * Without act-order, a group's grid comes from its columns as they stand when the group
@@ -39,6 +40,10 @@ import torch
 from torch import Tensor
 
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal); a scale must survive the fp16 round trip
+# The steps that treat every matrix alike and elementwise (permutations, grids, dequantization) run over
+# chunks of matrices whose inputs take at most this many bytes (at least one matrix): fewer launches
+# for many small experts, temporaries bounded by the shapes rather than by how many experts are solved.
+CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,15 @@ def finish_moment(S: Tensor, n: Tensor | float) -> Tensor:
     return S.mul_(2.0 / n if n else 0.0)
 
 
+def matrix_chunks(B: int, matrix_bytes: int) -> Iterator[slice]:
+    """Slices of a batch of B matrices of ``matrix_bytes`` each, as many per slice as fit in CHUNK_BYTES
+    (at least one). Only for steps whose bits do not depend on what else is in the slice: data movement,
+    elementwise work and reductions along a row, never a matrix product or a reduction over a matrix."""
+    step = max(1, CHUNK_BYTES // max(1, matrix_bytes))
+    for start in range(0, B, step):
+        yield slice(start, min(start + step, B))
+
+
 def find_params(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Per-row min/max quantization grid for W (..., R, k): scales (fp16-exact) and zeros (..., R)."""
     return _grid(W.amin(dim=-1).clamp(max=0), W.amax(dim=-1).clamp(min=0), spec)
@@ -220,33 +234,47 @@ def quantize_levels(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor
 def group_params(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
                  importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Static grid of every group: W (B, R, C) -> scales, zeros (B, R, G). ``importance`` (B, C)
-    weights each column's rounding error in the clipping search (the Hessian diagonal)."""
+    weights each column's rounding error in the clipping search (the Hessian diagonal).
+
+    With a search, a chunk of matrices at a time (``matrix_chunks``): each ratio's temporaries are the
+    size of the chunk's W. Every step is elementwise or a min, max or sum along one group of one row,
+    so a matrix gets the same grid whichever chunk it is in."""
     B, R, C = W.shape
     width = spec.width(C)
     G = spec.groups(C)
     pad = G * width - C
-    Wg = torch.nn.functional.pad(W, (0, pad)) if pad else W
-    Wg = Wg.reshape(B, R, G, width)
-    if importance is not None:
-        importance = torch.nn.functional.pad(importance, (0, pad)) if pad else importance
-        importance = importance.reshape(B, 1, G, width)
-    if search.ratios() and B > 1:  # one matrix at a time: each ratio's temporaries are the size of W
-        parts = [search_params(Wg[b:b + 1], spec, search, None if importance is None else importance[b:b + 1])
-                 for b in range(B)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return search_params(Wg, spec, search, importance)
+    chunks = [slice(0, B)]
+    if search.ratios():
+        # Matrices that start 16-byte aligned in a chunk, as alone, so that a vectorised row sum splits
+        # every row as it would alone; otherwise (odd sizes), one matrix at a time.
+        chunks = list(matrix_chunks(B, R * G * width * 4 if R * G * width % 4 == 0 else CHUNK_BYTES))
+    parts = []
+    for s in chunks:
+        Wg = torch.nn.functional.pad(W[s], (0, pad)) if pad else W[s]
+        imp = None
+        if importance is not None:
+            imp = torch.nn.functional.pad(importance[s], (0, pad)) if pad else importance[s]
+            imp = imp.reshape(-1, 1, G, width)
+        parts.append(search_params(Wg.reshape(-1, R, G, width), spec, search, imp))
+        del Wg, imp
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def static_grids(W: Tensor, perm: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
                  importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """group_params of W (B, R, C) held in the column order perm (B, C) (W[:, :, k] is column
-    perm[k]), taken in natural order one matrix at a time, so that only one matrix is ever
-    re-ordered (for Mixtral's gate/up, 440 MB instead of 3.5 GB)."""
+    perm[k]), taken in natural order a chunk of matrices at a time (``matrix_chunks``), so that only
+    a chunk is ever re-ordered (for Mixtral's gate/up, one matrix of the eight)."""
+    B, R, C = W.shape
     parts = []
-    for b in range(W.shape[0]):
-        natural = torch.empty_like(W[b]).index_copy_(1, perm[b], W[b])
-        parts.append(group_params(natural[None], spec, search, None if importance is None else importance[b:b + 1]))
+    for s in matrix_chunks(B, R * C * W.element_size()):
+        natural = torch.empty_like(W[s]).scatter_(2, perm[s, None, :].expand(-1, R, C), W[s])
+        parts.append(group_params(natural, spec, search, None if importance is None else importance[s]))
         del natural
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -304,36 +332,56 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
 
     With J the reversal permutation and J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J), and
     J L^-1 J is upper triangular with a positive diagonal: it is U. Dampening is
-    multiplied by 10 for each matrix whose factorisation fails. H is overwritten with U,
-    one matrix at a time, so only one matrix's temporaries exist at once. ``mean_diag`` (B,):
-    each matrix's ``mean_diagonal``, if the caller has it already.
-    Returns (U (B, C, C), which is H's own storage; damp used (B,)).
+    multiplied by 10 for each matrix whose factorisation fails. H is overwritten with U, so a
+    layer's Hessians never exist twice. ``mean_diag`` (B,): each matrix's ``mean_diagonal``, if the
+    caller has it already. Returns (U (B, C, C), which is H's own storage; damp used (B,)).
+
+    The reversals run over chunks of matrices (``matrix_chunks``: data movement); the factorisation
+    and the inverse one matrix at a time, in place (``_invert_reversed``), as a batched one's rounding
+    could depend on the batch. The host does not wait for each factorisation: until every matrix is
+    done, H's strictly lower half (zero in U) keeps J H J's, and a matrix whose factorisation failed is
+    redone from it with 10x the dampening, try after try, exactly as if it had been retried at once.
     """
     B, C, _ = H.shape
     used = torch.full((B,), damp, device=H.device, dtype=H.dtype)
-    for b in range(B):
-        Hb = H[b]
-        scale = mean_diagonal(Hb) if mean_diag is None else mean_diag[b]
-        Hb.copy_(Hb.flip((0, 1)))  # J H J, in H's own storage
-        diag = Hb.diagonal().clone()
-        for _ in range(max_tries):
-            Hb.diagonal().copy_(diag).add_(used[b] * scale)
-            L, info = torch.linalg.cholesky_ex(Hb)
-            if int(info) == 0:
-                break
+    scale = torch.stack([mean_diagonal(H[b]) for b in range(B)]) if mean_diag is None else mean_diag
+    chunks = list(matrix_chunks(B, C * C * H.element_size()))
+    for s in chunks:
+        H[s] = H[s].flip((1, 2))  # J H J, in H's own storage
+    diag = H.diagonal(dim1=1, dim2=2).clone()  # (B, C), undampened
+    lower = torch.ones(C, C, dtype=torch.bool, device=H.device).tril_(-1)  # strictly below the diagonal
+    info = torch.stack([_invert_reversed(H[b], diag[b], used[b] * scale[b], lower) for b in range(B)])
+    for b in info.nonzero().flatten().tolist():  # the one wait for the device
+        for _ in range(max_tries - 1):
             used[b] *= 10
+            H[b] = torch.where(lower, H[b], H[b].mT)  # J H J again, from its lower half
+            if int(_invert_reversed(H[b], diag[b], used[b] * scale[b], lower)) == 0:
+                break
         else:
+            used[b] *= 10
             raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
-        # L^-1 solved in place over an identity in Hb, through its transpose: solve_triangular's own
-        # (column-major) layout, which gives the bits of an out-of-place solve. L is the one C x C
-        # temporary (three before: 1.6 GB less for a Mixtral down_proj).
-        eye = Hb.mT
-        eye.zero_()
-        eye.diagonal().fill_(1)
-        torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
-        del L, eye
-        Hb.copy_(Hb.mT.flip((0, 1)))
+    for s in chunks:
+        H[s] = H[s].mT.flip((1, 2)).triu_()  # J L^-1 J, zero below the diagonal
     return H, used
+
+
+def _invert_reversed(M: Tensor, diag: Tensor, add: Tensor, lower: Tensor) -> Tensor:
+    """One matrix of damped_inverse_cholesky: M (C, C) holds J H J (only its lower half is read), diag (C,)
+    its diagonal, ``add`` the dampening to add to it. M becomes L^-T in its upper half, L the Cholesky
+    factor of J H J + add I, and keeps J H J's strictly lower half (``lower``, a (C, C) mask of it).
+    Returns cholesky_ex's info (0-dim, on the device: nonzero where the factorisation failed)."""
+    M.diagonal().copy_(diag).add_(add)
+    L, info = torch.linalg.cholesky_ex(M)
+    # L's strictly upper half, which solve_triangular never reads, keeps M's strictly lower half while
+    # L^-1 is solved in place over an identity in M, through its transpose: solve_triangular's own
+    # (column-major) layout, which gives the bits of an out-of-place solve. L is the one C x C temporary.
+    torch.where(lower.mT, M.mT, L, out=L)
+    eye = M.mT
+    eye.zero_()
+    eye.diagonal().fill_(1)
+    torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
+    torch.where(lower, L.mT, M, out=M)
+    return info
 
 
 def quantize_block(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, levels1: Tensor) -> Tensor:
@@ -425,15 +473,16 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
 
     diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, C), a view into H
     dead = diag == 0
-    diag[dead] = 1.0  # dead inputs: no error is spread through them
+    diag.masked_fill_(dead, 1.0)  # dead inputs: no error is spread through them
 
     width = spec.width(C)
     static = order == "static" or spec.group_size == -1
     perm = column_order(diag, order, width)
     if order != "none":
-        for b in range(B):  # H[b] = H[b][perm, perm], one matrix at a time
-            H[b].copy_(H[b].index_select(0, perm[b]))
-            H[b].copy_(H[b].index_select(1, perm[b]))
+        for s in matrix_chunks(B, C * C * 4):  # H[b] = H[b][perm[b]][:, perm[b]], a chunk of matrices at a time
+            rows = torch.gather(H[s], 1, perm[s, :, None].expand(-1, C, C))
+            torch.gather(rows, 2, perm[s, None, :].expand(-1, C, C), out=H[s])
+            del rows
     importance = diag.clone() if search.steps else None  # (B, C) in quantization order; H becomes Hinv below
     group_of = perm // width  # (B, C): group of each permuted column
 
@@ -456,8 +505,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
         W = fitted
         del fitted
     elif overwrite_W:
-        for b in range(B):  # the working copy, in quantization order, in W's own storage
-            W[b] = W[b][:, perm[b]]
+        for s in matrix_chunks(B, R * C * 4):  # the working copy, in quantization order, in W's own storage
+            W[s] = torch.gather(W[s], 2, by_perm[s])
     else:
         W = torch.gather(W, 2, by_perm)  # the working copy, in quantization order
 
@@ -510,8 +559,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     scales = scales.half()
     zeros = zeros.to(torch.uint8)
     Wq = torch.empty(B, R, C, device=dev) if dequantized else None
-    for b in range(B if dequantized else 0):  # one matrix at a time bounds the temporaries
-        Wq[b] = dequantize(q[b], scales[b], zeros[b], g_idx)
+    for s in matrix_chunks(B, R * C * 4) if dequantized else ():  # a chunk at a time bounds the temporaries
+        Wq[s] = dequantize(q[s], scales[s], zeros[s], g_idx)
     return QuantResult(q=q, scales=scales, zeros=zeros, g_idx=g_idx, W=Wq, loss=losses, damp=damp_used)
 
 
