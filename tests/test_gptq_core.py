@@ -415,3 +415,65 @@ def test_dampening_retries_wait_for_the_device_once_and_keep_each_matrix_bits():
         # A retry starts from exactly J H J: the result is a first try's with the dampening that worked.
         first_try, _ = damped_inverse_cholesky(H[b:b + 1].clone(), float(used[b]))
         assert torch.equal(first_try[0].view(torch.int32), U[b].view(torch.int32))
+
+
+def _relative_error(X: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((X.double() - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("kind", ["well-conditioned", "hessian", "ill-conditioned"])
+@pytest.mark.parametrize("C,leaf", [(300, 512), (700, 128), (1000, 96)])
+def test_triangular_inverse_is_a_triangular_solve_up_to_fp32_rounding(kind, C, leaf):
+    """The blocked inverse (leaves by solve_triangular, the rest by products; 700/128 and 1000/96 recurse
+    unevenly) is as close to the float64 inverse as fp32 solve_triangular against an identity is, on a
+    well-conditioned factor, on a damped Hessian of correlated inputs as GPTQ sees and on one of a
+    product of random matrices, barely damped (condition number about 1e5); it is zero above the
+    diagonal, and written into a transposed view, as damped_inverse_cholesky does, it gives the same bits."""
+    from quantmoe.gptq.core import triangular_inverse
+
+    g = torch.Generator().manual_seed(C)
+    if kind == "well-conditioned":
+        A = torch.randn(C, C, generator=g, dtype=torch.float64) / C**0.5
+        H = A @ A.T + torch.eye(C, dtype=torch.float64)
+    else:
+        X = torch.randn(4 * C, C, generator=g, dtype=torch.float64)
+        X = X + 0.5 * X.roll(1, dims=1) + 0.3 * X[:, :1]  # correlated columns, as activations are
+        if kind == "ill-conditioned":
+            X = torch.randn(C, C, generator=g, dtype=torch.float64) @ torch.randn(C, C, generator=g, dtype=torch.float64)
+        H = 2 * X.T @ X / X.shape[0]
+        H += (0.01 if kind == "hessian" else 1e-4) * H.diagonal().mean() * torch.eye(C, dtype=torch.float64)
+    L = torch.linalg.cholesky(H).float()
+    reference = torch.linalg.solve_triangular(L.double(), torch.eye(C, dtype=torch.float64), upper=False)
+    solved = torch.linalg.solve_triangular(L, torch.eye(C), upper=False)
+    L_before = L.clone()
+    inverse = triangular_inverse(L, leaf)
+    assert torch.equal(L, L_before)
+    assert torch.equal(inverse.triu(1), torch.zeros(C, C))
+    assert _relative_error(inverse, reference) <= 1.6 * _relative_error(solved, reference)
+    assert _relative_error(inverse, reference) < (2e-7 if kind == "well-conditioned" else 1e-6)
+    storage = torch.full((C, C), float("nan"))
+    into_view = triangular_inverse(L, leaf, out=storage.mT)
+    assert into_view.data_ptr() == storage.data_ptr()
+    assert torch.equal(storage.mT.view(torch.int32), inverse.view(torch.int32))
+
+
+def test_inverse_factor_wider_than_a_leaf_matches_cholesky_of_the_inverse():
+    """At 700 columns damped_inverse_cholesky's triangular inverse recurses (leaves of 512): U is still
+    the upper Cholesky factor of (H + damp)^-1 (float64), and in fp32 a matrix gets the same bits alone
+    as in a batch of three."""
+    from quantmoe.gptq.core import damped_inverse_cholesky
+
+    C = 700
+    X = correlated_inputs(T=2 * C, C=C).double()
+    H = (2 * X.T @ X / X.shape[0])[None].repeat(3, 1, 1)
+    H[1] *= 3
+    H[2] += torch.diag(torch.linspace(0, 1, C, dtype=H.dtype))
+    reference = torch.stack([
+        torch.linalg.cholesky(torch.linalg.inv(h + 0.01 * torch.diagonal(h).mean() * torch.eye(C, dtype=h.dtype)),
+                              upper=True) for h in H])
+    U, _ = damped_inverse_cholesky(H.clone(), 0.01)
+    assert torch.allclose(U, reference, rtol=1e-7, atol=1e-9) and torch.equal(U, U.triu())
+    U32, used = damped_inverse_cholesky(H.float(), 0.01)
+    for b in range(3):
+        alone, _ = damped_inverse_cholesky(H[b:b + 1].float(), 0.01)
+        assert torch.equal(alone[0].view(torch.int32), U32[b].view(torch.int32))

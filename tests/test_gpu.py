@@ -116,6 +116,29 @@ def test_a_matrix_gets_the_same_bits_whatever_else_is_in_its_batch_on_cuda():
 
 
 @pytest.mark.gpu
+def test_the_blocked_triangular_inverse_on_cuda_is_a_triangular_solve_up_to_rounding():
+    """gptq.triangular_inverse on CUDA at a width that recurses three levels, against float64: as close as
+    cuBLAS's triangular solve against an identity; and damped_inverse_cholesky, which uses it, gives a
+    matrix the same bits alone as in a batch of three."""
+    from quantmoe.gptq.core import damped_inverse_cholesky, triangular_inverse
+
+    C = 3000
+    H = torch.stack([hessian(inputs(2 * C, C, seed)) for seed in range(3)])
+    L = torch.linalg.cholesky(H[0] + 0.01 * H[0].diagonal().mean() * torch.eye(C, device="cuda"))
+    reference = torch.linalg.solve_triangular(L.double(), torch.eye(C, device="cuda", dtype=torch.float64),
+                                              upper=False)
+    error = lambda X: float((X.double() - reference).norm() / reference.norm())  # noqa: E731
+    solved = torch.linalg.solve_triangular(L, torch.eye(C, device="cuda"), upper=False)
+    inverse = triangular_inverse(L)
+    assert torch.equal(inverse.triu(1), torch.zeros_like(inverse))
+    assert error(inverse) <= 1.6 * error(solved) and error(inverse) < 1e-6
+    U, used = damped_inverse_cholesky(H.clone(), 0.01)
+    for b in range(3):
+        alone, used_alone = damped_inverse_cholesky(H[b:b + 1].clone(), 0.01)
+        assert torch.equal(alone[0].view(torch.int32), U[b].view(torch.int32)) and torch.equal(used_alone[0], used[b])
+
+
+@pytest.mark.gpu
 def test_tf32_hessians_change_the_result_by_rounding_only():
     X = inputs(16384, 1024, 0)
     W = inputs(512, 1024, 1).reshape(1, 512, 1024) * 0.02
