@@ -16,6 +16,7 @@ from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
 from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.model.stream import LayerStream
+from quantmoe.stages import layer as layer_module
 from quantmoe.stages.layer import TAIL_COPIES, LayerQuantizer
 
 QCFG = QuantConfig(group_size=32)
@@ -159,31 +160,39 @@ def test_export_dequantizes_to_exactly_the_gptq_result(tiny_model, text_file, mo
                                         and ARCHITECTURES[n].mlp_tail is not None])
 @pytest.mark.parametrize("quantized", [True, False])
 def test_the_experts_run_expert_by_expert_give_the_batch_by_batch_tail_to_rounding(tiny_model, text_file, model_type,
-                                                                                  quantized):
+                                                                                  quantized, monkeypatch):
     """The layer's outputs with each expert run once per chunk of batches (the experts' calls recorded, then
-    run expert by expert over all their rows) are run_tail's, batch by batch: exactly for chunks of one batch,
-    and to within a few fp32 roundings for chunks of two and all (a product over more rows may round
-    differently), with the quantized experts and with the originals."""
+    run expert by expert over all their rows) are run_tail's, batch by batch: exactly when each product
+    covers one batch's rows, and to within a few fp32 roundings when it covers two or all (a product over
+    more rows may round differently). For a given product size the bits are the same whatever the budget
+    makes the chunks (one product's batches, two products', all), with the quantized experts and the originals."""
     from quantmoe.stages.calibrate import build_calibration
 
     ckpt = Checkpoint(tiny_model(model_type))
     stream = LayerStream(ckpt, torch.device("cpu"))
-    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 6, 32, 0)
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 8, 32, 0)
     index = stream.num_layers - 1
     lq = LayerQuantizer(stream, index, stream.embed(ids, 2), QCFG)
     lq.attention()
     lq.mlps()
-    assert lq.residual and len(lq.batches) == 3
-    lq.layer.get_submodule(lq.plan.fused.module).use_quantized = quantized
+    assert lq.residual and len(lq.batches) == 4
+    store = lq.layer.get_submodule(lq.plan.fused.module)
+    store.use_quantized = quantized
     expected = stream.run_tail(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches])
-    one = TAIL_COPIES * lq.batches[0].hidden.numel() * 4  # the budget a chunk of one batch takes
-    for budget in (one, 2 * one, None):
-        lq.gpu_memory = budget
-        got = lq._tail_by_expert(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks)
-        if budget == one:  # a chunk of one batch is run_tail's own computation
-            assert all(torch.equal(g.hidden, e.hidden) for g, e in zip(got, expected)), budget
-        for g, e in zip(got, expected):  # more rows per product: the products' rounding only
-            assert (g.hidden - e.hidden).abs().amax() <= 4 * torch.finfo(torch.float32).eps * e.hidden.abs().amax()
+    one = TAIL_COPIES * lq.batches[0].hidden.numel() * 4  # what one batch of a chunk takes
+    extra = layer_module.PRODUCT_BYTES + store.weight_bytes
+    for per_product in (1, 2, 4):
+        monkeypatch.setattr(layer_module, "TAIL_PRODUCT_BYTES", per_product * one)
+        outputs = []
+        for chunk in (1, 2, None):  # chunks of one product's batches, two products', all
+            lq.gpu_memory = None if chunk is None else extra + chunk * per_product * one
+            got = lq._tail_by_expert(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks)
+            outputs.append(torch.cat([g.hidden for g in got]))
+        assert all(torch.equal(o, outputs[0]) for o in outputs), per_product  # the budget changes no bit
+        want = torch.cat([e.hidden for e in expected])
+        if per_product == 1:  # one batch per product is run_tail's own computation
+            assert torch.equal(outputs[0], want)
+        assert (outputs[0] - want).abs().amax() <= 4 * torch.finfo(torch.float32).eps * want.abs().amax()
     assert not torch.equal(expected[0].hidden, lq.batches[0].hidden)  # the tail did change the residual
 
 

@@ -28,6 +28,10 @@ from ..base.errors import QuantMoeError
 from ..formats.fp8 import Fp8Experts
 from ..gptq.core import QuantResult, dequantize_grouped
 
+# An expert's forward products (StoredExperts.run_deferred) take at most this many bytes of temporaries: its
+# rows are cut into blocks of a size set by the shapes alone.
+PRODUCT_BYTES = 1 << 30
+
 
 class Levels:
     """GPTQ's results for n matrices (R, C), filled a group at a time, kept compactly: 4-bit levels two to
@@ -97,6 +101,12 @@ class StoredExperts(nn.Module):
         return E, I2 // 2, C
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of one expert's weights as rebuilt for use (fp32 gate, up and down)."""
+        _, I, C = self.shape
+        return 3 * I * C * 4
+
+    @property
     def nbytes(self) -> int:
         """Bytes the original weights take, as held."""
         return sum(w.nbytes if isinstance(w, Fp8Experts) else w.numel() * w.element_size()
@@ -133,34 +143,43 @@ class StoredExperts(nn.Module):
             return torch.zeros_like(hidden_states)
         return self.run_deferred([(hidden_states, top_k_index, top_k_weights)])[0]
 
-    def run_deferred(self, calls: list[tuple[Tensor, Tensor, Tensor]]) -> list[Tensor]:
-        """The outputs of ``forward`` for the (hidden_states, top_k_index, top_k_weights) ``calls``, computed
-        expert by expert over all of them at once: the calls' tokens are put end to end, and each expert runs
-        once, on every row routed to it in any call, with its weights rebuilt once. Each row sees the
-        computations ``forward`` makes for it; only the products' rounding may differ with the number of
-        rows they are made over (not on the CPU; tests/test_pipeline.py)."""
+    def run_deferred(self, calls: list[tuple[Tensor, Tensor, Tensor]], per_product: int | None = None,
+                     product_bytes: int = PRODUCT_BYTES) -> list[Tensor]:
+        """The outputs of ``forward`` for the (hidden_states, top_k_index, top_k_weights) ``calls``, expert by
+        expert: each expert's weights are rebuilt once for all the calls. The calls are taken ``per_product``
+        at a time (all by default), their tokens end to end, and an expert's products are made over all its
+        rows in them, at most ``product_bytes`` of temporaries at a time. Each row sees the computations
+        ``forward`` makes for it; a product over more rows may round differently, so the bits depend on
+        ``per_product`` and ``product_bytes`` (the caller fixes them by the shapes), and on nothing else."""
         if not calls:
             return []
         quantized = self.use_quantized and self.quantized is not None
-        sizes = [h.shape[0] for h, _, _ in calls]
-        hidden = torch.cat([h for h, _, _ in calls])
-        top_k_index = torch.cat([i for _, i, _ in calls])
-        top_k_weights = torch.cat([w for _, _, w in calls])
-        out = torch.zeros_like(hidden)
-        slots, tokens, starts = _by_expert(top_k_index, self.num_experts)
-        for expert_idx in range(self.num_experts):
-            a, b = starts[expert_idx], starts[expert_idx + 1]
-            if a == b:
-                continue
-            gate_up, down = self.weights(expert_idx, quantized)
-            top_k_pos, token_idx = slots[a:b], tokens[a:b]
-            current_state = hidden[token_idx]
-            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
-            current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = nn.functional.linear(current_hidden_states, down)
-            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-            out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
-        return list(out.split(sizes))
+        E, I, C = self.shape
+        rows = max(1, product_bytes // ((3 * I + C) * 4))  # gate and up, their product, the output
+        per_product = per_product or len(calls)
+        parts = []
+        for i in range(0, len(calls), per_product):
+            part = calls[i:i + per_product]
+            index = torch.cat([t for _, t, _ in part])
+            parts.append((torch.cat([h for h, _, _ in part]), index, torch.cat([w for _, _, w in part]),
+                          _by_expert(index, E), [h.shape[0] for h, _, _ in part]))
+        outs = [torch.zeros_like(hidden) for hidden, *_ in parts]
+        for expert_idx in range(E):
+            weights = None
+            for (hidden, _, top_k_weights, (slots, tokens, starts), _), out in zip(parts, outs):
+                for a in range(starts[expert_idx], starts[expert_idx + 1], rows):
+                    b = min(a + rows, starts[expert_idx + 1])
+                    if weights is None:
+                        weights = self.weights(expert_idx, quantized)
+                    gate_up, down = weights
+                    top_k_pos, token_idx = slots[a:b], tokens[a:b]
+                    current_state = hidden[token_idx]
+                    gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+                    current_hidden_states = self.act_fn(gate) * up
+                    current_hidden_states = nn.functional.linear(current_hidden_states, down)
+                    current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+                    out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
+        return [o for out, (*_, sizes) in zip(outs, parts) for o in out.split(sizes)]
 
 
 def _by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:

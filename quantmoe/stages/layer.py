@@ -47,6 +47,7 @@ from ..model.architectures import MLP, LayerPlan, plan_layer
 from ..model.distributed import SINGLE, Ranks, gather_experts, spread
 from ..model.stream import Batch, LayerStream
 from .experts import (
+    PRODUCT_BYTES,
     ExpertCosts,
     Levels,
     RoutedRows,
@@ -66,11 +67,12 @@ STATS_CHUNK_BYTES = 1 << 30
 # cheaper than a partial forward pass through attention); above that, each pass captures them again.
 CAPTURE_CACHE_BYTES = 1 << 30
 HOST_CAPTURE_BYTES = 16 << 30
-# The MLP tail of a layer with routed experts runs a chunk of batches at a time (_tail_by_expert): at most
-# this many bytes of them, counted TAIL_COPIES times (the MLP's input, the experts' input end to end and
-# their outputs, the rest of the MLP's, the sum, the outputs gathered), and no more than the budget leaves
-# room for. Each expert's weights are rebuilt once per chunk, so larger chunks rebuild them fewer times.
-TAIL_CHUNK_BYTES = 16 << 30
+# The MLP tail of a layer with routed experts (_tail_by_expert) runs each expert once over the rows of
+# several batches: TAIL_PRODUCT_BYTES of them, counted TAIL_COPIES times (the MLP's input, the experts'
+# input end to end and their outputs, the rest of the MLP's, the sum, the outputs gathered), a number of
+# batches set by the shapes alone, so the products' rounding is the same under any budget. As many of those
+# as the budget leaves room for make a chunk, for which each expert's weights are rebuilt once.
+TAIL_PRODUCT_BYTES = 4 << 30
 TAIL_COPIES = 6
 # A rare expert's down_proj Hessian is blended with the mean over all tokens of its gate/up outputs' outer
 # products. Each rare expert needs its own pass over the tokens for that, so the mean is estimated from the
@@ -745,11 +747,14 @@ class LayerQuantizer:
     def _tail_by_expert(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
         """``stream.run_tail`` for a layer with routed experts, a chunk of batches at a time: the MLP runs for
         each batch with its routed experts only recorded (StoredExperts.deferred), then the experts run for
-        every recorded call, each expert's weights rebuilt once per chunk instead of once per batch. The
-        MLP's output is then experts + the rest, as the MLP adds them, so the outputs are run_tail's bits.
-        Chunks are as many batches as ``gpu_memory`` leaves room for (all of them without a budget)."""
+        every recorded call, expert by expert, each expert's weights rebuilt once per chunk, its products
+        made over the rows of a fixed number of batches (TAIL_PRODUCT_BYTES). The MLP's output is then
+        experts + the rest, as the MLP adds them: run_tail's computations, the products' rounding apart.
+        Chunks are as many of those numbers of batches as ``gpu_memory`` leaves room for (all without one)."""
         store: StoredExperts = layer.get_submodule(self.plan.fused.module)
         norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
+        one = TAIL_COPIES * batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
+        per_product = max(1, TAIL_PRODUCT_BYTES // one)
 
         def compute(chunk: list[Batch]) -> Tensor:
             store.deferred = []
@@ -760,14 +765,14 @@ class LayerQuantizer:
             finally:
                 store.deferred = None
             with self.clock("forward:experts"):
-                experts = store.run_deferred(calls)
+                experts = store.run_deferred(calls, per_product)
             return torch.cat([(b.hidden + (e.view_as(r) + r)).reshape(-1) for b, r, e in zip(chunk, rest, experts)])
 
-        one = TAIL_COPIES * batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
-        per = max(1, TAIL_CHUNK_BYTES // one)
+        per = max(1, len(batches))
         if self.gpu_memory is not None:
             in_use = torch.cuda.memory_allocated(self.stream.device) if self.stream.device.type == "cuda" else 0
-            per = max(1, min(per, (self.gpu_memory - in_use) // one))
+            room = self.gpu_memory - in_use - PRODUCT_BYTES - store.weight_bytes
+            per = max(1, room // (per_product * one)) * per_product
         chunks = [batches[i:i + per] for i in range(0, len(batches), per)]
         with torch.no_grad():
             for chunk, flat in zip(chunks, spread(chunks, compute, ranks, self.stream.device)):
