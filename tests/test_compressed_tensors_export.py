@@ -14,6 +14,7 @@ from conftest import ARCH_NAMES
 import quantmoe
 from quantmoe.base.errors import QuantMoeError
 from quantmoe.base.options import QuantConfig
+from quantmoe.formats.base import StoredWeight
 from quantmoe.formats.compressed_tensors import (
     dequantize_compressed,
     from_gptq,
@@ -23,6 +24,7 @@ from quantmoe.formats.compressed_tensors import (
 from quantmoe.formats.gptq_v1 import dequantize_linear, pack_linear
 from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.model.stream import LayerStream
 
 # (model_type, backend, bits, sym): GPTQ once per family, the other settings with the cheaper rtn.
 CASES = [("mixtral", "gptq", 4, True), ("qwen2_moe", "gptq", 4, True),
@@ -206,3 +208,22 @@ def test_every_architecture_reads_back_the_same_through_compressed_tensors(tiny_
         a, b = gptq.read_prefix(f"model.layers.{i}."), ct.read_prefix(f"model.layers.{i}.")
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert verify(outs["compressed-tensors"]).ok
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+def test_the_layer_stream_dequantizes_an_export_where_it_loads_the_layer_to_the_same_weights(pair, case):
+    """An export's quantized linears reach the layer stream as stored (StoredWeight: packed, checked), not
+    dequantized on the host, and the loaded layer holds exactly the host-dequantized weights, both formats."""
+    for folder in pair(*case):
+        ckpt = Checkpoint(folder)
+        stream = LayerStream(ckpt, torch.device("cpu"))
+        for i in range(ckpt.config.num_hidden_layers):
+            prefix = ckpt.layer_prefix(i)
+            state = stream.layer_state(i)
+            stored = {n for n, t in state.items() if isinstance(t, StoredWeight)}
+            assert stored == {m[len(prefix):] + ".weight" for m in ckpt.quantized_linears if m.startswith(prefix)}
+            deferred = {k: v.clone() for k, v in stream.load_layer(i, state).state_dict().items()}
+            stream.release_layer(i)
+            host = stream.load_layer(i, ckpt.read_prefix(prefix, stream.dtype)).state_dict()
+            assert deferred.keys() == host.keys() and all(torch.equal(deferred[k], host[k]) for k in host)
+            stream.release_layer(i)

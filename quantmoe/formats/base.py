@@ -4,9 +4,11 @@ how to turn one back into a plain weight. ``ckpt`` is any object with ``names()`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -19,12 +21,50 @@ class QuantizedLinear:
     tensors: tuple[str, ...]    # every tensor name that stores it (packed weight, scales, ...)
 
 
+@dataclass(frozen=True)
+class StoredWeight:
+    """One quantized linear's tensors as stored (``parts``, names relative to the module), standing in for
+    its weight in a layer's state until that state is on the device it is used on, where ``dequantize``
+    makes the weight with the reader's own arithmetic (elementwise, so the same numbers on any device).
+
+    It answers what the code between reading a layer and loading it asks of a tensor: ``shape`` (the
+    weight's, (out, in)), ``dtype`` (the dequantized weight's), ``device``, ``nbytes`` (as stored), ``to``
+    and ``pin_memory``; anything else fails loudly instead of computing with packed integers.
+    """
+
+    parts: dict[str, Tensor]
+    decode: Callable[[dict[str, Tensor]], Tensor]  # the reader's dequantization of ``parts``
+    shape: torch.Size
+    dtype: torch.dtype
+    name: str  # the weight's tensor name (P.weight), for errors
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parts.values())).device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def to(self, device, non_blocking: bool = False) -> StoredWeight:
+        return replace(self, parts={k: t.to(device, non_blocking=non_blocking) for k, t in self.parts.items()})
+
+    def pin_memory(self) -> StoredWeight:
+        return replace(self, parts={k: t.pin_memory() for k, t in self.parts.items()})
+
+    def dequantize(self) -> Tensor:
+        """The weight (out, in) in ``dtype``, on the device the parts are on."""
+        return self.decode(self.parts)
+
+
 class Reader(Protocol):
     """One on-disk format of quantized linears (named after the backend that writes it).
 
     The readers of releases that are quantized *from* (FP8: ``fp8.Fp8Reader``) also have
     ``source = True`` and ``stored(ckpt, linear)``, the linear as stored, which the quantize
-    pipeline moves to its device and dequantizes there (``fp8.Fp8Weight``).
+    pipeline moves to its device and dequantizes there (``fp8.Fp8Weight``). The readers of quantized
+    exports (GPTQ, compressed-tensors) have ``stored`` too (a ``StoredWeight``), which the layer
+    stream dequantizes on its device when it loads a layer (evaluation, verification).
     """
 
     name: str

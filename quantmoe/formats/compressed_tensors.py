@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from .base import QuantizedLinear
+from .base import QuantizedLinear, StoredWeight
 from .fp8 import has_float_weights
 from .gptq_v1 import GPTQ_SUFFIXES, linear_bits, quantized_modules, unpack_linear
 
@@ -279,11 +280,16 @@ class CompressedTensorsReader:
         return out
 
     def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
+        return self.stored(ckpt, linear, copy=False).dequantize()
 
+    def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> StoredWeight:
+        """The linear's tensors (copies unless ``copy`` is False), to dequantize where they go."""
         parts = {t.rpartition(".")[2]: ckpt.tensor(t) for t in linear.tensors}
+        parts = {k: t.clone() for k, t in parts.items()} if copy else parts
         weights = module_weights(ckpt.quantization, linear.module) or {}
-        return dequantize_compressed(parts, weights.get("group_size") or config_group_size(ckpt.quantization),
-                                     weights.get("num_bits"))
+        decode = partial(dequantize_compressed, group_size=weights.get("group_size")
+                         or config_group_size(ckpt.quantization), bits=weights.get("num_bits"))
+        return StoredWeight(parts, decode, torch.Size(linear.shape), torch.float32, f"{linear.module}.weight")
 
 
 READERS = (CompressedTensorsReader(),)

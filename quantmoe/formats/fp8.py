@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from .base import QuantizedLinear
+from .base import QuantizedLinear, StoredWeight
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -375,9 +375,10 @@ class Fp8Experts:
 
 
 def dequantize_stored(state: dict, skip: Collection[str] = ()) -> dict:
-    """``state`` with each Fp8Weight replaced by its weight, dequantized on the device it lies on
-    (those named in ``skip`` are left as they are, for the caller to dequantize one at a time)."""
-    return {name: t.dequantize() if isinstance(t, Fp8Weight) and name not in skip else t
+    """``state`` with each weight as stored (Fp8Weight, or a quantized export's base.StoredWeight) replaced
+    by its weight, dequantized on the device it lies on (those named in ``skip`` are left as they are, for
+    the caller to dequantize one at a time)."""
+    return {name: t.dequantize() if isinstance(t, (Fp8Weight, StoredWeight)) and name not in skip else t
             for name, t in state.items()}
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
 from ..gptq.core import QuantResult, dequantize
-from .base import QuantizedLinear
+from .base import QuantizedLinear, StoredWeight
 
 
 def _pack_rows(values: Tensor, bits: int) -> Tensor:
@@ -255,6 +256,10 @@ class GptqReader:
         return out
 
     def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
+        return self.stored(ckpt, linear, copy=False).dequantize()
+
+    def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> StoredWeight:
+        """The linear's four tensors (copies unless ``copy`` is False), checked, to dequantize where they go."""
         parts = {s: ckpt.tensor(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
         found = module_settings(ckpt.quantization, linear.module)
         if found is None:
@@ -262,7 +267,9 @@ class GptqReader:
                                 "unquantized; the checkpoint is damaged: re-export or re-download it")
         bits, _ = found
         check_linear(linear.module, parts, bits)
-        return dequantize_linear(parts, bits)
+        parts = {k: t.clone() for k, t in parts.items()} if copy else parts
+        return StoredWeight(parts, partial(dequantize_linear, bits=bits), torch.Size(linear.shape), torch.float32,
+                            f"{linear.module}.weight")
 
 
 READERS = (GptqReader("gptq"), GptqReader("rtn"))

@@ -261,13 +261,16 @@ class Checkpoint:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
-    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor]:
+    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False
+                    ) -> dict[str, Tensor]:
         """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
         wrote the checkpoint) dequantized to ``.weight``.
 
         Floating tensors come in ``dtype`` (None: as stored). With ``dtype`` None, the linears of
         an FP8 release stay as stored too: ``.weight`` is a ``formats.fp8.Fp8Weight`` (codes and
-        scale), which ``LayerStream.load_layer`` dequantizes on the device. Every tensor is copied
+        scale), which ``LayerStream.load_layer`` dequantizes on the device. With ``defer``, the quantized
+        linears of an export (GPTQ, compressed-tensors) likewise come as stored (``formats.base.StoredWeight``,
+        the reader's checks done) for the caller to dequantize on its device. Every tensor is copied
         into this process's memory and the shards are closed afterwards: pages of a mapped shard
         count towards the process's resident memory for as long as it stays open, which
         would make memory grow with every layer read; they are closed every READ_WINDOW bytes too, so
@@ -276,7 +279,8 @@ class Checkpoint:
         out: dict[str, Tensor] = {}
         as_stored: dict[str, Fp8Weight] = {}
         stored = set()
-        keep = dtype is None and getattr(self.format, "source", False)
+        source = getattr(self.format, "source", False)
+        keep = (dtype is None and source) or (defer and not source and hasattr(self.format, "stored"))
         mapped = 0  # bytes read since the shards were last closed
 
         def read(nbytes: int) -> None:

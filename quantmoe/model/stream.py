@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import sdpa_attention
 
 from ..base.errors import QuantMoeError
+from ..formats.base import StoredWeight
 from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
@@ -198,7 +199,7 @@ class LayerStream:
         memory, which a GPU copies from asynchronously and several times faster (2.7 GiB of Mixtral
         layer: about 0.2 s less per layer on an H200), for the price of that copy in host memory.
         """
-        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype)
+        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype, defer=True)
         if self.arch.uses_unfused_names(state):
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         if pin:
@@ -264,9 +265,10 @@ class LayerStream:
         return {f"{plan.fused.module}.{attr}": (module, attr) for attr in (plan.fused.gate_up, plan.fused.down)}
 
     def _on_device(self, t):
-        """A layer tensor on the stream's device: an FP8 release's weight (Fp8Weight) dequantized there."""
+        """A layer tensor on the stream's device: a weight as stored (an FP8 release's Fp8Weight, a quantized
+        export's StoredWeight) dequantized there."""
         t = t.to(self.device, non_blocking=True)
-        return t.dequantize() if isinstance(t, Fp8Weight) else t
+        return t.dequantize() if isinstance(t, (Fp8Weight, StoredWeight)) else t
 
     @staticmethod
     def _expert_tensor_names(plan, state: dict[str, Tensor]) -> list[str]:
