@@ -29,6 +29,7 @@ from ..base.measure import Stopwatch
 from ..base.options import QuantConfig
 from ..formats.gptq_v1 import pack_result
 from ..gptq.core import (
+    CHUNK_BYTES,
     ClipSearch,
     QuantResult,
     QuantSpec,
@@ -495,12 +496,13 @@ class LayerQuantizer:
         if self.gpu_memory is not None and self.stream.device.type == "cuda":
             # What is resident (the layer with its experts as stored, the activations, the Levels, which
             # experts() allocates before it sizes the groups), the MLP inputs' capture if it will be kept
-            # on the device, and what one pass needs beside the groups' statistics.
+            # on the device, what one pass needs beside the groups' statistics, and the solve's chunks of
+            # matrices (a few CHUNK_BYTES of temporaries, see gptq.core.matrix_chunks).
             tokens = [b.hidden.shape[:-1].numel() for b in self.batches]
             streams = 1 if self.original is None else 2
             cached = sum(tokens) * C * 4 * streams
             in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
-                      + STATS_CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
+                      + STATS_CHUNK_BYTES + 4 * CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
         elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
             in_use = costs.levels(E)
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
