@@ -4,7 +4,8 @@ Protocol (as in the GPTQ paper): the evaluation documents are joined with "\\n\\
 tokenized once without special tokens; the stream is cut into non-overlapping windows
 of ``seqlen`` tokens (the trailing partial window is dropped); perplexity is
 exp(mean token-level negative log-likelihood) over every predicted position
-(seqlen - 1 per window). The model runs layer by layer (see stream.py) in fp32.
+(seqlen - 1 per window). The model runs layer by layer (see stream.py) in fp32; a quantized
+layer's weights are dequantized on the device as the layer loads (formats.base.StoredWeight).
 """
 
 from __future__ import annotations
