@@ -113,6 +113,7 @@ def _expert_worker(rank: int, world: int, port: int, out: str) -> None:
                 # single process at the same expert numbers (built below from the same generator state)
                 store.quantized, store.use_quantized = ((gu, d) if quantized else None), quantized
                 found[kind][quantized] = [torch.cat(store.run_deferred(calls, per_product=2, product_bytes=600))]
+
             def held(e: int) -> list[torch.Tensor]:
                 j = store.local(e)
                 return gu.fields(j) + d.fields(j)

@@ -672,6 +672,7 @@ class LayerQuantizer:
         _, I, C = store.shape
         threshold = self.rare_threshold(C, I)
         gate_up, down = store.quantized
+
         def held(e: int) -> list[Tensor]:  # expert e's levels, gate/up's then down's
             j = store.local(e)
             return gate_up.fields(j) + down.fields(j)
