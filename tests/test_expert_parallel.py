@@ -67,16 +67,18 @@ def _experts(kind: str, g: torch.Generator):
     return tuple(out)
 
 
-def _levels(g: torch.Generator, n: int) -> tuple[Levels, Levels]:
-    """Random levels of n experts (as GPTQ would leave them)."""
+def _levels(g: torch.Generator, own: range = range(E)) -> tuple[Levels, Levels]:
+    """Random levels of the E experts (as GPTQ would leave them), of which those ``own`` are kept."""
     out = []
     for rows, cols in ((2 * I, C), (C, I)):
-        lv = Levels(n, rows, cols, cols // 8, 4, torch.device("cpu"))
+        lv = Levels(E, rows, cols, cols // 8, 4, torch.device("cpu"))
         lv.q.copy_(torch.randint(0, 256, lv.q.shape, generator=g, dtype=torch.uint8))
         lv.scales.copy_(torch.rand(lv.scales.shape, generator=g).half() / 8)
         lv.zeros.copy_(torch.randint(0, 16, lv.zeros.shape, generator=g, dtype=torch.uint8))
         lv.loss.copy_(torch.rand(lv.loss.shape, generator=g))
-        lv.damp.copy_(torch.rand(n, generator=g))
+        lv.damp.copy_(torch.rand(E, generator=g))
+        for name in Levels.FIELDS:
+            setattr(lv, name, getattr(lv, name)[own.start:own.stop].clone())
         out.append(lv)
     return out[0], out[1]
 
@@ -100,7 +102,7 @@ def _expert_worker(rank: int, world: int, port: int, out: str) -> None:
             g = torch.Generator().manual_seed(1)
             gate_up, down = _experts(kind, g)
             store = StoredExperts(gate_up, down, torch.nn.SiLU(), ranks)
-            gu, d = _levels(g, len(store.own))  # this process's experts' levels (g: the same on every process)
+            gu, d = _levels(g, store.own)  # this process's experts' levels
             calls = _calls(g)
             found[kind] = {"own": (store.own.start, store.own.stop), "held": store.gate_up.shape[0],
                            "nbytes": store.nbytes, "shape": store.shape}
@@ -109,8 +111,6 @@ def _expert_worker(rank: int, world: int, port: int, out: str) -> None:
                     with pytest.raises(IndexError, match="held by another process"):
                         store.original("down", e)
             for quantized in (False, True):
-                # levels by position in the share: process r holds experts own, whose levels are those of a
-                # single process at the same expert numbers (built below from the same generator state)
                 store.quantized, store.use_quantized = ((gu, d) if quantized else None), quantized
                 found[kind][quantized] = [torch.cat(store.run_deferred(calls, per_product=2, product_bytes=600))]
 
@@ -129,35 +129,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_hold_half_the_experts_and_compute_one_process_bits(tmp_path):
-    """Each of two gloo processes holds three of six experts (plain, BF16 or FP8) and its levels; their
-    forward outputs are one process's, bit for bit, for the originals and for the levels; rank 0 receives
-    every expert's levels in order."""
-    torch.multiprocessing.spawn(_expert_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.mark.parametrize("world,shares", [(2, [(0, 3), (3, 6)]), (4, [(0, 2), (2, 4), (4, 6), (6, 6)])])
+def test_processes_hold_their_share_of_the_experts_and_compute_one_process_bits(tmp_path, world, shares):
+    """Each gloo process holds its share of six experts (plain, BF16 or FP8; with four processes the last
+    holds none) and their levels; every process's forward outputs are one process's, bit for bit, for the
+    originals and for the levels; rank 0 receives every expert's levels in order."""
+    torch.multiprocessing.spawn(_expert_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for kind in ("fp32", "bf16", "fp8"):
         g = torch.Generator().manual_seed(1)
-        gate_up, down = _experts(kind, g)
-        whole = StoredExperts(gate_up, down, torch.nn.SiLU())
-        # the levels each process drew for its 3 experts, stacked as one process would hold them: the
-        # generator's state after the weights is the same on both, so both drew the same 3 experts' levels
-        gu, d = _levels(g, 3)
+        whole = StoredExperts(*_experts(kind, g), torch.nn.SiLU())
+        gu_all, d_all = _levels(g)
         calls = _calls(g)
-        gu_all, d_all = (Levels(E, *shape, shape[1] // 8, 4, torch.device("cpu")) for shape in ((2 * I, C), (C, I)))
-        for lv_all, lv in ((gu_all, gu), (d_all, d)):
-            for name in Levels.FIELDS:
-                getattr(lv_all, name).copy_(torch.cat([getattr(lv, name)] * 2))
-            lv_all.g_idx = lv.g_idx
         for quantized in (False, True):
             whole.quantized, whole.use_quantized = ((gu_all, d_all) if quantized else None), quantized
             want = torch.cat(whole.run_deferred(calls, per_product=2, product_bytes=600))
-            for r in range(2):
+            for r in range(world):
                 assert torch.equal(results[r][kind][quantized][0], want), (kind, quantized, r)
-        assert [res[kind]["own"] for res in results] == [(0, 3), (3, 6)]
-        assert all(res[kind]["held"] == 3 and res[kind]["shape"] == (E, I, C) for res in results)
-        assert all(res[kind]["nbytes"] * 2 == whole.nbytes for res in results)
+        assert [res[kind]["own"] for res in results] == shares
+        for res, (a, b) in zip(results, shares):
+            assert res[kind]["held"] == b - a and res[kind]["shape"] == (E, I, C)
+            assert res[kind]["nbytes"] * E == whole.nbytes * (b - a)  # only its share's bytes
         written = results[0][kind]["written"]
-        assert len(written) == E and results[1][kind]["written"] == []
+        assert len(written) == E and all(res[kind]["written"] == [] for res in results[1:])
         for e in range(E):
             expect = gu_all.fields(e) + d_all.fields(e)
             assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(written[e], expect)), (kind, e)
