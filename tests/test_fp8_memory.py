@@ -123,9 +123,9 @@ def test_fp8_release_output_is_the_same_whether_its_experts_are_kept_in_fp8(rele
     held = []
     init = StoredExperts.__init__
 
-    def spy(self, gate_up, down, act_fn):
+    def spy(self, gate_up, down, act_fn, *rest):
         held.append(type(gate_up))
-        init(self, gate_up, down, act_fn)
+        init(self, gate_up, down, act_fn, *rest)
 
     monkeypatch.setattr(StoredExperts, "__init__", spy)
 

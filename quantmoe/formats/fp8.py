@@ -359,6 +359,15 @@ class Fp8Experts:
         if not plain:
             self.repaired[e, k] = result
 
+    def share(self, start: int, stop: int) -> Fp8Experts:
+        """Experts start..stop-1 alone (renumbered from 0), in tensors of their own: this one's can be freed."""
+        out = Fp8Experts.__new__(Fp8Experts)
+        out.rows, out.block, out.dtype = self.rows, self.block, self.dtype
+        out.codes = self.codes[start:stop].clone()
+        out.scales = [s[start:stop].clone() for s in self.scales]
+        out.repaired = {(e - start, k): t for (e, k), t in self.repaired.items() if start <= e < stop}
+        return out
+
     def weights(self, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
         """Experts start..stop-1's weights (n, R, C), dequantized to the release's compute dtype (BF16) and
         stored in ``dtype`` (default: that one): each element float32(code) * scale rounded once to BF16."""

@@ -7,13 +7,18 @@ layer and the same activations, so the output is the one a single process writes
 - forward passes (the partial ones that capture a module's input, and the layer's full
   forward that makes the next layer's inputs) are spread by batch, round-robin, and their
   results all-gathered, so every process sees every batch's activations, in order;
-- routed experts are spread by expert: each process accumulates the Hessians of, and
-  solves, its contiguous share, and the results are all-gathered;
+- routed experts are spread by expert (expert parallel): each process holds only its contiguous
+  share of a layer's experts (``Ranks.share``), accumulates their Hessians, solves them and runs
+  them in the forward passes, whose batches it does not spread then: every process runs every
+  batch, each expert's products land in one slot per (token, choice), and one all-reduce of
+  those slots (each nonzero on one process only: exact) gives every process all of them, which
+  are added in ascending expert order as one process adds them (stages.experts.slot_sum); rank 0
+  receives every expert's results, one expert at a time, to write them (``experts_to_writer``);
 - attention (one solve per group) is done by every process alike.
 
 Rank 0 alone writes files. torch.distributed carries the tensors: NCCL between GPUs, gloo
-between CPU processes. An all-gather only copies, so nothing is summed in another order
-than one process sums it.
+between CPU processes. An all-gather only copies, and the experts' all-reduce adds zeros, so
+nothing is summed in another order than one process sums it.
 
 Nothing here assumes one host (``torchrun --nnodes N``, docs/distributed.md): RANK and
 WORLD_SIZE are global, and only the choice of GPU reads LOCAL_RANK. A second, gloo group
@@ -27,7 +32,7 @@ agent hosts the rendezvous store, rank 0's agent loses it and stops rank 0 mid-e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
@@ -36,7 +41,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from ..gptq.core import QuantResult
 
 
 @dataclass(frozen=True)
@@ -142,8 +146,18 @@ def leave() -> None:
 
 def all_gather(parts: list[Tensor], t: Tensor, group: dist.ProcessGroup | None = None) -> None:
     """``dist.all_gather``, with a lost process (gloo: its connection closed or reset) as one QuantMoeError."""
+    _collective(dist.all_gather, parts, t, group=group)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """``t`` summed over every process, in place (a lost process is one QuantMoeError, as in ``all_gather``)."""
+    _collective(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _collective(collective, *args, **kwargs) -> None:
     try:
-        dist.all_gather(parts, t, group=group)
+        collective(*args, **kwargs)
     except RuntimeError as exc:
         raise QuantMoeError(f"a collective across the torchrun processes failed ({_first_words(exc)}); if a node "
                             "or process stopped, its log says why; re-run the same command on every node: the run "
@@ -154,26 +168,34 @@ def _first_words(exc: BaseException, limit: int = 200) -> str:
     return " ".join(str(exc).split())[:limit]
 
 
-def gather_experts(t: Tensor, n: int, ranks: Ranks) -> Tensor:
-    """Each process's share (k, ...) of n per-expert tensors -> all n (n, ...), on every process."""
+def experts_to_writer(n: int, ranks: Ranks, local: Callable[[int], list[Tensor]]) -> Iterator[list[Tensor]]:
+    """Expert by expert, 0..n-1 in order, its tensors ``local(e)`` on rank 0, sent there by the process whose
+    ``share`` holds it: rank 0 gets every expert's, one at a time, the others none (they only send, so every
+    process must run the loop to its end). ``local(e)``: tensors of the same shapes and dtypes for every e."""
     if ranks.world == 1:
-        return t
-
+        for e in range(n):
+            yield local(e)
+        return
     per = ranks.per_rank(n)
-    padded = torch.zeros((per,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
-    all_gather(parts, padded)
-    return torch.cat(parts)[:n]
-
-
-def gather_result(res: QuantResult, n: int, ranks: Ranks) -> QuantResult:
-    """A QuantResult over each process's share of n experts -> over all n, on every process."""
-    if ranks.world == 1:
-        return res
-    shared = ("g_idx",)  # the same on every process
-    return QuantResult(**{f.name: getattr(res, f.name) if f.name in shared or getattr(res, f.name) is None else
-                          gather_experts(getattr(res, f.name), n, ranks) for f in fields(res)})
+    like = local(0) if ranks.writes and n else None  # rank 0 holds expert 0: the shapes every expert's have
+    for e in range(n):
+        owner = e // per
+        if owner == ranks.rank:
+            tensors = local(e)
+            if ranks.writes:
+                yield tensors
+            else:
+                _collective(dist.send, torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors]), 0)
+        elif ranks.writes:
+            flat = torch.empty(sum(t.numel() * t.element_size() for t in like), dtype=torch.uint8,
+                               device=like[0].device)
+            _collective(dist.recv, flat, owner)
+            tensors, start = [], 0
+            for t in like:  # each piece copied out: a view as another dtype needs an aligned start
+                size = t.numel() * t.element_size()
+                tensors.append(flat[start:start + size].clone().view(t.dtype).view(t.shape))
+                start += size
+            yield tensors
 
 
 def spread(items: Sequence[T], compute: Callable[[T], Tensor], ranks: Ranks, device: torch.device) -> Iterator[Tensor]:

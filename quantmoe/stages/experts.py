@@ -7,7 +7,8 @@ worked on a group at a time within a memory budget.
   once quantized, GPTQ's integer levels (one byte a weight) instead of fp32 copies of either; each
   forward pass rebuilds one expert's fp32 weights at a time. Its forward is transformers' own eager
   loop over the experts (the same for every family), on the same fp32 values the fused fp32
-  tensors would hold, so the outputs are bit for bit those of the fused module.
+  tensors would hold, so the outputs are bit for bit those of the fused module. Under torchrun it
+  holds only this process's share of the experts, and its forward is a collective (``slot_sum``).
 - ``routes`` sorts a batch's (token, expert) pairs by expert once, instead of comparing every
   expert with the router's choices: one host synchronisation per batch rather than one per expert.
 - ``RoutedRows`` holds the rows routed to a group of experts, gathered once from every batch, so each
@@ -18,6 +19,7 @@ worked on a group at a time within a memory budget.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from ..base.errors import QuantMoeError
 from ..formats.fp8 import Fp8Experts
 from ..gptq.core import QuantResult, dequantize_grouped
+from ..model.distributed import SINGLE, Ranks, all_reduce_sum
 
 # An expert's forward products (StoredExperts.run_deferred) take at most this many bytes of temporaries: its
 # rows are cut into blocks of a size set by the shapes alone.
@@ -69,11 +72,22 @@ class Levels:
         """Matrix b's fp32 weights, scale * (level - zero): what the dequantized export holds."""
         return dequantize_grouped(self.levels(b), self.scales[b], self.zeros[b])
 
-    def gathered(self, n: int, gather) -> Levels:
-        """Every process's share -> all n matrices (``gather``: distributed.gather_experts)."""
-        for name in ("q", "scales", "zeros", "loss", "damp"):
-            setattr(self, name, gather(getattr(self, name), n))
-        return self
+    FIELDS = ("q", "scales", "zeros", "loss", "damp")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.FIELDS)
+
+    def fields(self, b: int) -> list[Tensor]:
+        """Matrix b's tensors as held (``FIELDS``), for sending it to another process."""
+        return [getattr(self, name)[b] for name in self.FIELDS]
+
+    def one(self, tensors: list[Tensor]) -> Levels:
+        """A Levels of the one matrix whose ``fields`` are ``tensors``, with this one's settings."""
+        out = copy.copy(self)
+        for name, t in zip(self.FIELDS, tensors):
+            setattr(out, name, t[None])
+        return out
 
 
 class StoredExperts(nn.Module):
@@ -82,23 +96,31 @@ class StoredExperts(nn.Module):
     ``gate_up`` (E, 2I, C) and ``down`` (E, C, I): the original weights in the dtype they were
     stored in, or an FP8 release's as stored (``Fp8Experts``: every use dequantizes them to the
     BF16 numbers the stream's load would have made). ``quantized``: (gate_up, down) Levels over
-    all E experts once they are solved; ``use_quantized`` chooses which weights the forward pass
+    the experts held once they are solved; ``use_quantized`` chooses which weights the forward pass
     runs with.
+
+    Under several processes (``ranks``) it keeps only this process's share ``own`` of the experts
+    (``Ranks.share``; the given tensors are copied from and can be freed), experts are still named by
+    their number in the layer, and the forward pass is a collective: every process must run it on the
+    same calls (``run_deferred``).
     """
 
-    def __init__(self, gate_up: Tensor | Fp8Experts, down: Tensor | Fp8Experts, act_fn):
+    def __init__(self, gate_up: Tensor | Fp8Experts, down: Tensor | Fp8Experts, act_fn, ranks: Ranks = SINGLE):
         super().__init__()
-        self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
         self.num_experts = gate_up.shape[0]
+        self.ranks, self.own = ranks, ranks.share(self.num_experts)
+        if ranks.world > 1:
+            gate_up, down = (_share(w, self.own) for w in (gate_up, down))
+        self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
         self.quantized: tuple[Levels, Levels] | None = None
         self.use_quantized = False
         self.deferred: list[tuple[Tensor, Tensor, Tensor]] | None = None  # see forward
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """(E, I, C): experts, expert width, hidden size."""
-        E, I2, C = self.gate_up.shape
-        return E, I2 // 2, C
+        """(E, I, C): experts (of the layer, not only those held), expert width, hidden size."""
+        _, I2, C = self.gate_up.shape
+        return self.num_experts, I2 // 2, C
 
     @property
     def weight_bytes(self) -> int:
@@ -112,23 +134,36 @@ class StoredExperts(nn.Module):
         return sum(w.nbytes if isinstance(w, Fp8Experts) else w.numel() * w.element_size()
                    for w in (self.gate_up, self.down))
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the experts' original weights and quantized levels this process holds."""
+        return self.nbytes + (sum(q.nbytes for q in self.quantized) if self.quantized is not None else 0)
+
+    def local(self, e: int) -> int:
+        """Expert e's position among those held; an expert another process holds is an error."""
+        if e not in self.own:
+            raise IndexError(f"expert {e} is held by another process (process {self.ranks.rank} of "
+                             f"{self.ranks.world} holds experts {self.own.start}..{self.own.stop - 1})")
+        return e - self.own.start
+
     def original(self, which: str, e: int) -> Tensor:
         """Expert e's original ``which`` ("gate_up" (2I, C) or "down" (C, I)) weights in fp32."""
-        w = getattr(self, which)
-        return w.weights(e, e + 1, torch.float32)[0] if isinstance(w, Fp8Experts) else w[e].float()
+        w, j = getattr(self, which), self.local(e)
+        return w.weights(j, j + 1, torch.float32)[0] if isinstance(w, Fp8Experts) else w[j].float()
 
     def originals(self, which: str, start: int, stop: int) -> Tensor:
         """Experts start..stop-1's original ``which`` weights as a new fp32 tensor (GPTQ's working copy)."""
-        w = getattr(self, which)
+        w, a, b = getattr(self, which), self.local(start), self.local(stop - 1) + 1
         if isinstance(w, Fp8Experts):
-            return w.weights(start, stop, torch.float32)
-        return w[start:stop].to(torch.float32, copy=True)
+            return w.weights(a, b, torch.float32)
+        return w[a:b].to(torch.float32, copy=True)
 
     def weights(self, e: int, quantized: bool) -> tuple[Tensor, Tensor]:
         """Expert e's fp32 (gate_up (2I, C), down (C, I)): the quantized ones, or the originals."""
         if quantized:
             gu, d = self.quantized
-            return gu.weight(e), d.weight(e)
+            j = self.local(e)
+            return gu.weight(j), d.weight(j)
         return self.original("gate_up", e), self.original("down", e)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -150,7 +185,12 @@ class StoredExperts(nn.Module):
         at a time (all by default), their tokens end to end, and an expert's products are made over all its
         rows in them, at most ``product_bytes`` of temporaries at a time. Each row sees the computations
         ``forward`` makes for it; a product over more rows may round differently, so the bits depend on
-        ``per_product`` and ``product_bytes`` (the caller fixes them by the shapes), and on nothing else."""
+        ``per_product`` and ``product_bytes`` (the caller fixes them by the shapes), and on nothing else.
+
+        Under several processes each runs only the experts it holds, over the same rows in the same
+        products, and puts each row's result in its (token, choice) slot; the slots are all-reduced and
+        added per token in ascending expert order (``slot_sum``): the same bits. Every process must call
+        it with the same calls."""
         if not calls:
             return []
         quantized = self.use_quantized and self.quantized is not None
@@ -163,8 +203,11 @@ class StoredExperts(nn.Module):
             index = torch.cat([t for _, t, _ in part])
             parts.append((torch.cat([h for h, _, _ in part]), index, torch.cat([w for _, _, w in part]),
                           _by_expert(index, E), [h.shape[0] for h, _, _ in part]))
-        outs = [torch.zeros_like(hidden) for hidden, *_ in parts]
-        for expert_idx in range(E):
+        single = self.ranks.world == 1
+        # one process: the outputs (T, C); several: the slots (T, k, C) of the experts held
+        outs = [torch.zeros_like(hidden) if single else hidden.new_zeros(index.shape + hidden.shape[-1:])
+                for hidden, index, *_ in parts]
+        for expert_idx in self.own:
             weights = None
             for (hidden, _, top_k_weights, (slots, tokens, starts), _), out in zip(parts, outs):
                 for a in range(starts[expert_idx], starts[expert_idx + 1], rows):
@@ -178,8 +221,34 @@ class StoredExperts(nn.Module):
                     current_hidden_states = self.act_fn(gate) * up
                     current_hidden_states = nn.functional.linear(current_hidden_states, down)
                     current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-                    out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
+                    if single:
+                        out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
+                    else:
+                        out[token_idx, top_k_pos] = current_hidden_states.to(out.dtype)
+        if not single:
+            outs = [slot_sum(all_reduce_sum(slots), index) for slots, (_, index, *_) in zip(outs, parts)]
         return [o for out, (*_, sizes) in zip(outs, parts) for o in out.split(sizes)]
+
+
+def slot_sum(slots: Tensor, top_k_index: Tensor) -> Tensor:
+    """slots (T, k, C), each token's experts' outputs at its router's choices ``top_k_index`` (T, k) ->
+    their sum per token (T, C), added from zeros in ascending expert order: the additions, in the order,
+    that ``run_deferred``'s ``index_add_`` makes per expert on one process, so the same bits. (An
+    unrouted choice, index E, has a zero slot and comes last; adding +0 changes nothing, as a sum
+    started from +0 is never -0.)"""
+    T, k, C = slots.shape
+    order = torch.sort(top_k_index, dim=1, stable=True).indices  # (T, k)
+    out = slots.new_zeros(T, C)
+    for j in range(k):
+        out += slots.gather(1, order[:, j, None, None].expand(T, 1, C))[:, 0]
+    return out
+
+
+def _share(w: Tensor | Fp8Experts, own: range) -> Tensor | Fp8Experts:
+    """The experts ``own`` of w, in storage of their own (the rest can be freed)."""
+    if isinstance(w, Fp8Experts):
+        return w.share(own.start, own.stop)
+    return w[own.start:own.stop].clone()
 
 
 def _by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:

@@ -276,7 +276,8 @@ class GptqRun:
                 entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3), "timings": timings,
                          "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb,
                          "peak_rss_mb": rss.take(), "expert_tokens": result.expert_tokens,
-                         "expert_groups": result.expert_groups, "modules": result.log}
+                         "expert_groups": result.expert_groups, "expert_bytes_held": result.expert_bytes_held,
+                         "modules": result.log}
                 peak = layer_peak if i > done or setup_peak is None else max(layer_peak, setup_peak)
                 yield LayerOutput(i, result.tensors, entry, result.packed, peak)
                 del result

@@ -9,7 +9,7 @@ Activations are streamed batch by batch from the capture hook, never concatenate
 input of the MoE block is captured once for the gate/up Hessians and again, once gate/up
 are quantized, for the down Hessians. The second partial forward pass costs less than
 keeping a (tokens, hidden) fp32 copy on the device (4.3 GB for 128 x 2048 tokens of
-Mixtral). With several processes each solves only its share of the experts
+Mixtral). With several processes each holds, solves and runs only its share of the experts
 (distributed.py). Time per stage is recorded in ``LayerResult.timings``.
 """
 
@@ -45,7 +45,7 @@ from ..gptq.core import (
 )
 from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
-from ..model.distributed import SINGLE, Ranks, gather_experts, spread
+from ..model.distributed import SINGLE, Ranks, experts_to_writer, spread
 from ..model.stream import Batch, LayerStream
 from .experts import (
     PRODUCT_BYTES,
@@ -93,6 +93,7 @@ class LayerResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, capture, hessians, solve, forward, write
     peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per stage, on CUDA
     packed: torch.cuda.Event | None = None  # on CUDA: reached once ``tensors`` are copied to the host
+    expert_bytes_held: int | None = None  # bytes of routed experts' originals and levels this process held
 
 
 def spec_of(qcfg: QuantConfig) -> QuantSpec:
@@ -203,7 +204,11 @@ class LayerQuantizer:
                                                                                  self.plan.fused.down))
                 self.layer.set_submodule(self.plan.fused.module, StoredExperts(
                     gate_up.data if isinstance(gate_up, nn.Parameter) else gate_up,
-                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn))
+                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks))
+                del gate_up, down
+                if ranks.world > 1:  # StoredExperts copied this process's share: the whole layer's experts go
+                    for attr in (self.plan.fused.gate_up, self.plan.fused.down):
+                        _empty(self.experts_module, attr)
             # --fit stream/layer: the layer as it was, run on the full-precision stream beside the one quantized.
             self.original: nn.Module | None = None
             if original_batches is not None:
@@ -458,7 +463,7 @@ class LayerQuantizer:
         the same whatever the grouping."""
         store: StoredExperts = self.layer.get_submodule(self.plan.fused.module)
         E, I, C = store.shape
-        own = self.ranks.share(E)
+        own = store.own
         spec = spec_of(self.qcfg)
         dev = self.stream.device
         gate_up = Levels(len(own), 2 * I, C, spec.groups(C), spec.bits, dev)
@@ -481,9 +486,7 @@ class LayerQuantizer:
             del res_gu, res_d
         del H_all, routed
         self.result.expert_tokens = counts
-        with self._stage("solve"):
-            gather = partial(gather_experts, ranks=self.ranks)
-            store.quantized, store.use_quantized = (gate_up.gathered(E, gather), down.gathered(E, gather)), True
+        store.quantized, store.use_quantized = (gate_up, down), True
         self._store_experts(store, counts, time.perf_counter() - t0)
 
     def _expert_groups(self, store: StoredExperts, rows: list[int]) -> list[range]:
@@ -504,7 +507,7 @@ class LayerQuantizer:
             in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
                       + STATS_CHUNK_BYTES + 4 * CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
         elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
-            in_use = costs.levels(E)
+            in_use = costs.levels(len(store.own))
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
 
     def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, int]:
@@ -665,14 +668,22 @@ class LayerQuantizer:
         return gate, up, ((*gate_and_up(W_gu), store.original("down", e)) if fit else None)
 
     def _store_experts(self, store: StoredExperts, counts: list[int], seconds: float) -> None:
-        """Every expert's packed tensors and log entries (gate, up, down per expert)."""
+        """Every expert's packed tensors and log entries (gate, up, down per expert), on rank 0, which
+        receives the other processes' experts one at a time (distributed.experts_to_writer)."""
         mlp, E = self.plan.experts, self.plan.num_experts
         _, I, C = store.shape
         threshold = self.rare_threshold(C, I)
         gate_up, down = store.quantized
-        for e in range(E):
-            parts = dict(zip(self.plan.fused.halves, _split_rows(gate_up.result(e), [I, I])))
-            parts["down"] = down.result(e)
+
+        def held(e: int) -> list[Tensor]:  # expert e's levels, gate/up's then down's
+            j = store.local(e)
+            return gate_up.fields(j) + down.fields(j)
+
+        n = len(Levels.FIELDS)
+        # rank 0 only: the other processes' loop sends their experts and ends without a turn
+        for e, fields in enumerate(experts_to_writer(E, self.ranks, held)):
+            parts = dict(zip(self.plan.fused.halves, _split_rows(gate_up.one(fields[:n]).result(0), [I, I])))
+            parts["down"] = down.one(fields[n:]).result(0)
             note = self._fallback_note(counts[e], threshold) if counts[e] < threshold else None
             for w in ("gate", "up", "down"):
                 self._store([mlp.linear(w, e)], parts[w])
@@ -736,14 +747,16 @@ class LayerQuantizer:
         """The quantized layer's outputs (and under --fit stream the original layer's, on the
         full-precision stream): the next layer's inputs, written over this layer's, batch by batch."""
         self._kept.clear()
+        # Routed experts run expert-parallel (StoredExperts), every process over every batch: not spread by batch.
+        ranks = self.ranks if self.plan.experts is None else SINGLE
         with self._stage("forward"):
             forward = partial(self.stream.run_layer, in_place=True)
             if self.residual:
                 forward = self._tail_by_expert if self.plan.experts is not None else self.stream.run_tail
-            self.result.outputs = forward(self.layer, self.batches, self.ranks)
+            self.result.outputs = forward(self.layer, self.batches, ranks)
             if self.original is not None and self.qcfg.fit == "stream":
                 self._restore_original()
-                self.result.original_outputs = forward(self.layer, self.original_batches, self.ranks)
+                self.result.original_outputs = forward(self.layer, self.original_batches, ranks)
         self.original = None
 
     def _tail_by_expert(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
@@ -752,11 +765,16 @@ class LayerQuantizer:
         every recorded call, expert by expert, each expert's weights rebuilt once per chunk, its products
         made over the rows of a fixed number of batches (TAIL_PRODUCT_BYTES). The MLP's output is then
         experts + the rest, as the MLP adds them: run_tail's computations, the products' rounding apart.
-        Chunks are as many of those numbers of batches as ``gpu_memory`` leaves room for (all without one)."""
+        Chunks are as many of those numbers of batches as ``gpu_memory`` leaves room for (all without one).
+        Under several processes (``ranks``: SINGLE then, see ``outputs``) every process runs every chunk, its
+        experts only, each product's results in slots of k copies of the hidden states (StoredExperts.run_deferred)."""
         store: StoredExperts = layer.get_submodule(self.plan.fused.module)
         norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
-        one = TAIL_COPIES * batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
+        hidden = batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
+        one = TAIL_COPIES * hidden
         per_product = max(1, TAIL_PRODUCT_BYTES // one)
+        if store.ranks.world > 1:  # the slots: k copies of the hidden states, counted in the chunk, not the product
+            one += getattr(self.stream.config, "num_experts_per_tok", store.num_experts) * hidden
 
         def compute(chunk: list[Batch]) -> Tensor:
             store.deferred = []
@@ -787,6 +805,8 @@ class LayerQuantizer:
     def run(self) -> LayerResult:
         self.attention()
         self.mlps()
+        if self.plan.experts is not None:  # the originals and levels are all held by now
+            self.result.expert_bytes_held = self.layer.get_submodule(self.plan.fused.module).held_bytes
         if self.stream.device.type == "cuda":  # the packed tensors' copies to the host are queued, not done
             self.result.packed = torch.cuda.Event()
             self.result.packed.record()
@@ -797,6 +817,14 @@ class LayerQuantizer:
         self.result.timings = self.clock.rounded()
         self.result.peak_gpu_mb = dict(self.clock.peak_gpu_mb)
         return self.result
+
+
+def _empty(module: nn.Module, attr: str) -> None:
+    """module.<attr> (a fused experts tensor, or an FP8 release's Fp8Experts) replaced by an empty parameter,
+    as LayerStream.release_layer leaves it."""
+    if not isinstance(getattr(module, attr), nn.Parameter):
+        delattr(module, attr)
+    setattr(module, attr, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
 
 
 def _pinned_copy(t: Tensor) -> Tensor:

@@ -1,0 +1,193 @@
+"""Expert-parallel layers (issue 22): under torchrun each process holds only its share of a layer's routed
+experts (their originals and their levels), runs only those in the forward passes, and the output bytes
+are one process's. The slots each process fills are all-reduced and added in ascending expert order
+(stages.experts.slot_sum), the additions one process's ``index_add_`` loop makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_model, router_or_mtp_extra
+
+import quantmoe
+from quantmoe.formats.fp8 import Fp8Experts, Fp8Weight, quantize_fp8_blocks, write_fp8_release
+from quantmoe.model.distributed import Ranks, experts_to_writer
+from quantmoe.stages.experts import Levels, StoredExperts, _by_expert, slot_sum
+
+REPO = Path(__file__).resolve().parent.parent
+E, I, C, K = 6, 16, 24, 2
+
+
+def _routing(T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_k_index (T, K) of distinct experts in a random slot order, some tokens routed nowhere (index E)
+    in their last slot, and the router's weights."""
+    index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    index[::5, -1] = E
+    return index, torch.rand(T, K, generator=g)
+
+
+def test_slot_sum_adds_in_the_order_of_the_index_add_loop_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    T, k, width = 64, 4, 8
+    index = torch.stack([torch.randperm(E + 2, generator=g)[:k] for _ in range(T)])  # E + 2 experts here
+    index[::7, 0] = E + 2  # routed nowhere
+    # values of very different sizes: the order of the additions shows in the bits
+    y = torch.randn(T, k, width, generator=g) * torch.logspace(-6, 6, k * width).view(1, k, width)
+    y[index == E + 2] = 0.0
+    slots, tokens, starts = _by_expert(index, E + 2)
+    want = torch.zeros(T, width)
+    for e in range(E + 2):  # StoredExperts.run_deferred's loop on one process
+        a, b = starts[e], starts[e + 1]
+        want.index_add_(0, tokens[a:b], y[tokens[a:b], slots[a:b]])
+    assert torch.equal(slot_sum(y, index), want)
+    in_slot_order = y.sum(dim=1)  # another order: differs, so the test above can fail
+    assert not torch.equal(in_slot_order, want)
+
+
+def _experts(kind: str, g: torch.Generator):
+    gate_up, down = torch.randn(E, 2 * I, C, generator=g), torch.randn(E, C, I, generator=g)
+    if kind == "bf16":
+        return gate_up.bfloat16(), down.bfloat16()
+    if kind == "fp32":
+        return gate_up, down
+    out = []
+    for w in (gate_up, down):  # an FP8 release's: one part per expert, in 8 x 8 blocks
+        parts = [[Fp8Weight(*quantize_fp8_blocks(w[e], (8, 8)), (8, 8), f"e{e}")] for e in range(E)]
+        stack = Fp8Experts(E, parts[0], torch.device("cpu"))
+        for e in range(E):
+            stack.put(e, 0, parts[e][0])
+        out.append(stack)
+    return tuple(out)
+
+
+def _levels(g: torch.Generator, own: range = range(E)) -> tuple[Levels, Levels]:
+    """Random levels of the E experts (as GPTQ would leave them), of which those ``own`` are kept."""
+    out = []
+    for rows, cols in ((2 * I, C), (C, I)):
+        lv = Levels(E, rows, cols, cols // 8, 4, torch.device("cpu"))
+        lv.q.copy_(torch.randint(0, 256, lv.q.shape, generator=g, dtype=torch.uint8))
+        lv.scales.copy_(torch.rand(lv.scales.shape, generator=g).half() / 8)
+        lv.zeros.copy_(torch.randint(0, 16, lv.zeros.shape, generator=g, dtype=torch.uint8))
+        lv.loss.copy_(torch.rand(lv.loss.shape, generator=g))
+        lv.damp.copy_(torch.rand(E, generator=g))
+        for name in Levels.FIELDS:
+            setattr(lv, name, getattr(lv, name)[own.start:own.stop].clone())
+        out.append(lv)
+    return out[0], out[1]
+
+
+def _calls(g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    calls = []
+    for T in (11, 7, 13):
+        index, weights = _routing(T, g)
+        calls.append((torch.randn(T, C, generator=g), index, weights))
+    return calls
+
+
+def _expert_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ranks, found = Ranks(rank, world), {}
+        for kind in ("fp32", "bf16", "fp8"):
+            g = torch.Generator().manual_seed(1)
+            gate_up, down = _experts(kind, g)
+            store = StoredExperts(gate_up, down, torch.nn.SiLU(), ranks)
+            gu, d = _levels(g, store.own)  # this process's experts' levels
+            calls = _calls(g)
+            found[kind] = {"own": (store.own.start, store.own.stop), "held": store.gate_up.shape[0],
+                           "nbytes": store.nbytes, "shape": store.shape}
+            for e in range(E):
+                if e not in store.own:
+                    with pytest.raises(IndexError, match="held by another process"):
+                        store.original("down", e)
+            for quantized in (False, True):
+                store.quantized, store.use_quantized = ((gu, d) if quantized else None), quantized
+                found[kind][quantized] = [torch.cat(store.run_deferred(calls, per_product=2, product_bytes=600))]
+
+            def held(e: int) -> list[torch.Tensor]:
+                j = store.local(e)
+                return gu.fields(j) + d.fields(j)
+            found[kind]["written"] = list(experts_to_writer(E, ranks, held))
+        torch.save(found, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world,shares", [(2, [(0, 3), (3, 6)]), (4, [(0, 2), (2, 4), (4, 6), (6, 6)])])
+def test_processes_hold_their_share_of_the_experts_and_compute_one_process_bits(tmp_path, world, shares):
+    """Each gloo process holds its share of six experts (plain, BF16 or FP8; with four processes the last
+    holds none) and their levels; every process's forward outputs are one process's, bit for bit, for the
+    originals and for the levels; rank 0 receives every expert's levels in order."""
+    torch.multiprocessing.spawn(_expert_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for kind in ("fp32", "bf16", "fp8"):
+        g = torch.Generator().manual_seed(1)
+        whole = StoredExperts(*_experts(kind, g), torch.nn.SiLU())
+        gu_all, d_all = _levels(g)
+        calls = _calls(g)
+        for quantized in (False, True):
+            whole.quantized, whole.use_quantized = ((gu_all, d_all) if quantized else None), quantized
+            want = torch.cat(whole.run_deferred(calls, per_product=2, product_bytes=600))
+            for r in range(world):
+                assert torch.equal(results[r][kind][quantized][0], want), (kind, quantized, r)
+        assert [res[kind]["own"] for res in results] == shares
+        for res, (a, b) in zip(results, shares):
+            assert res[kind]["held"] == b - a and res[kind]["shape"] == (E, I, C)
+            assert res[kind]["nbytes"] * E == whole.nbytes * (b - a)  # only its share's bytes
+        written = results[0][kind]["written"]
+        assert len(written) == E and all(res[kind]["written"] == [] for res in results[1:])
+        for e in range(E):
+            expect = gu_all.fields(e) + d_all.fields(e)
+            assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(written[e], expect)), (kind, e)
+
+
+def _layer_entries(out: Path) -> list[dict]:
+    return json.loads((out / "quantization_log.json").read_text())["layers"]
+
+
+def test_two_processes_on_an_fp8_release_write_one_process_bytes_holding_half_the_experts(text_file, tmp_path):
+    """A tiny DeepSeek-V3 FP8 release (--fit stream, the default): two torchrun processes write the bytes of one,
+    and each MoE layer's log says rank 0 held about half the experts' bytes that one process held."""
+    bf16 = make_model("deepseek_v3", tmp_path / "bf16", dtype=torch.bfloat16)
+    src = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantmoe.quantize(src, tmp_path / "one", quantmoe.QuantConfig(group_size=32), calib=text_file, nsamples=8,
+                          seqlen=64, device="cpu", run_eval=False, quiet=True, batch_size=3)
+    finally:
+        torch.set_num_threads(threads)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "quantmoe", "quantize", str(src), "--out", str(tmp_path / "two"), "--calib",
+                          str(text_file), "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size",
+                          "3", "--no-eval", "--quiet", "--device", "cpu"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    one = sorted(p.name for p in (tmp_path / "one").glob("model*.safetensors*"))
+    assert one and one == sorted(p.name for p in (tmp_path / "two").glob("model*.safetensors*"))
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    held = [(a["expert_bytes_held"], b["expert_bytes_held"])
+            for a, b in zip(_layer_entries(tmp_path / "one"), _layer_entries(tmp_path / "two"))]
+    moe = [(a, b) for a, b in held if a is not None]
+    assert moe and len(moe) < len(held)  # the first layer is dense (first_k_dense_replace)
+    for alone, shared in moe:
+        assert 0 < shared and abs(shared - alone / 2) <= alone * 0.01, (alone, shared)
