@@ -17,7 +17,12 @@ import torch
 from tiny import make_model, router_or_mtp_extra
 
 import quantmoe
-from quantmoe.formats.fp8 import Fp8Experts, Fp8Weight, quantize_fp8_blocks, write_fp8_release
+from quantmoe.formats.fp8 import (
+    Fp8Experts,
+    Fp8Weight,
+    quantize_fp8_blocks,
+    write_fp8_release,
+)
 from quantmoe.model.distributed import Ranks, experts_to_writer
 from quantmoe.stages.experts import Levels, StoredExperts, _by_expert, slot_sum
 
