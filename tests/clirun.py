@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,8 +16,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+import quantmoe
+
 # The fast recipe every CLI test uses on the tiny models.
 QUICK = ["--nsamples", "4", "--seqlen", "32", "--no-eval", "--group-size", "32", "--quiet"]
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def quantize_args(model, out, calib, *extra) -> list[str]:
@@ -96,3 +104,36 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def one_process(src: Path, out: Path, calib: Path) -> Path:
+    """The reference of the torchrun tests: ``src`` quantized in this process with one thread (as torchrun
+    gives each process), group size 32, batches of 3, on CPU, no evaluation, into ``out``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantmoe.quantize(src, out, quantmoe.QuantConfig(group_size=32), calib=calib, nsamples=8, seqlen=64,
+                          device="cpu", run_eval=False, quiet=True, batch_size=3)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def one_and_two_processes(src: Path, calib: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Quantize ``src`` in this process (one thread, as torchrun gives each process) into tmp_path/one and
+    with two gloo processes under torchrun into tmp_path/two (group size 32, batches of 3, CPU), and assert
+    they wrote the same shards, byte for byte. Returns the two output folders."""
+    one, two = one_process(src, tmp_path / "one", calib), tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "quantmoe", "quantize", str(src), "--out", str(two), "--calib", str(calib),
+                          "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size", "3",
+                          "--no-eval", "--quiet", "--device", "cpu"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    shards = sorted(p.name for p in one.glob("model*.safetensors*"))
+    assert shards and shards == sorted(p.name for p in two.glob("model*.safetensors*"))
+    for name in shards:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    return one, two

@@ -20,10 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from clirun import one_and_two_processes, one_process
 from conftest import ARCH_NAMES
 from tiny import make_model
 
-import quantmoe
 from quantmoe.model.distributed import Ranks
 from quantmoe.stages.quantize import work_dir
 
@@ -45,26 +45,7 @@ SPREAD_ROWS = [r for r in ("mixtral", "qwen2_moe", "deepseek_v3", "granitemoe") 
 
 @pytest.mark.parametrize("model_type", SPREAD_ROWS)
 def test_two_gloo_processes_write_the_same_bytes_as_one(tiny_model, text_file, tmp_path, model_type):
-    src = tiny_model(model_type)
-    args = ["--calib", str(text_file), "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size", "3",
-            "--no-eval", "--quiet", "--device", "cpu"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # torchrun gives each process one thread; the same here
-    try:
-        quantmoe.quantize(src, tmp_path / "one", quantmoe.QuantConfig(group_size=32), calib=text_file, nsamples=8,
-                          seqlen=64, device="cpu", run_eval=False, quiet=True, batch_size=3)
-    finally:
-        torch.set_num_threads(threads)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "quantmoe", "quantize", str(src), "--out", str(tmp_path / "two"), *args],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    one = sorted(p.name for p in (tmp_path / "one").glob("model*.safetensors*"))
-    assert one and one == sorted(p.name for p in (tmp_path / "two").glob("model*.safetensors*"))
-    for name in one:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    one_and_two_processes(tiny_model(model_type), text_file, tmp_path)
 
 
 def _spread_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -113,18 +94,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _one_process(src: Path, out: Path, text_file: Path) -> Path:
-    """The reference: one process, one thread (as each torchrun worker below), no evaluation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        quantmoe.quantize(src, out, quantmoe.QuantConfig(group_size=32), calib=text_file, nsamples=8, seqlen=64,
-                          device="cpu", run_eval=False, quiet=True, batch_size=3)
-    finally:
-        torch.set_num_threads(threads)
-    return out
 
 
 def _start_nodes(src: Path, out: Path, text_file: Path, logs: Path, rendezvous: str, extra: list[str]):
@@ -187,7 +156,7 @@ def test_two_nodes_write_the_same_bytes_as_one_process_and_end_after_rank_0(tiny
     evaluates it; node 1 stays until --out is complete (distributed.finish) instead of ending after
     the last layer, so no launcher ends while rank 0 still works."""
     src = tiny_model("qwen2_moe")
-    one = _one_process(src, tmp_path / "one", text_file)
+    one = one_process(src, tmp_path / "one", text_file)
     nodes = _start_nodes(src, tmp_path / "two", text_file, tmp_path, "static", ["--eval-data", str(text_file)])
     ended = _wait(nodes, time.monotonic() + NODE_TIMEOUT)
     logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
@@ -205,7 +174,7 @@ def test_a_run_whose_node_died_resumes_from_the_finished_layers_with_the_same_by
     and worker, SIGKILL) once a layer is finished; the survivor stops. The same command on two nodes
     again resumes from the finished layers and writes what one process writes."""
     src = make_model("qwen2_moe", tmp_path / "model", num_hidden_layers=6)
-    one = _one_process(src, tmp_path / "one", text_file)
+    one = one_process(src, tmp_path / "one", text_file)
     out = tmp_path / "two"
     layer0 = work_dir(out) / "layers" / "layer-00000.json"
     first, second = tmp_path / "first", tmp_path / "second"

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import one_and_two_processes
 from tiny import make_model, router_or_mtp_extra
 
-import quantmoe
 from quantmoe.formats.fp8 import (
     Fp8Experts,
     Fp8Weight,
@@ -26,7 +24,6 @@ from quantmoe.formats.fp8 import (
 from quantmoe.model.distributed import Ranks, experts_to_writer
 from quantmoe.stages.experts import Levels, StoredExperts, _by_expert, slot_sum
 
-REPO = Path(__file__).resolve().parent.parent
 E, I, C, K = 6, 16, 24, 2
 
 
@@ -171,27 +168,9 @@ def test_two_processes_on_an_fp8_release_write_one_process_bytes_holding_half_th
     and each MoE layer's log says rank 0 held about half the experts' bytes that one process held."""
     bf16 = make_model("deepseek_v3", tmp_path / "bf16", dtype=torch.bfloat16)
     src = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        quantmoe.quantize(src, tmp_path / "one", quantmoe.QuantConfig(group_size=32), calib=text_file, nsamples=8,
-                          seqlen=64, device="cpu", run_eval=False, quiet=True, batch_size=3)
-    finally:
-        torch.set_num_threads(threads)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "quantmoe", "quantize", str(src), "--out", str(tmp_path / "two"), "--calib",
-                          str(text_file), "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size",
-                          "3", "--no-eval", "--quiet", "--device", "cpu"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    one = sorted(p.name for p in (tmp_path / "one").glob("model*.safetensors*"))
-    assert one and one == sorted(p.name for p in (tmp_path / "two").glob("model*.safetensors*"))
-    for name in one:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    one, two = one_and_two_processes(src, text_file, tmp_path)
     held = [(a["expert_bytes_held"], b["expert_bytes_held"])
-            for a, b in zip(_layer_entries(tmp_path / "one"), _layer_entries(tmp_path / "two"))]
+            for a, b in zip(_layer_entries(one), _layer_entries(two))]
     moe = [(a, b) for a, b in held if a is not None]
     assert moe and len(moe) < len(held)  # the first layer is dense (first_k_dense_replace)
     for alone, shared in moe:
