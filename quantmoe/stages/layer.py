@@ -418,20 +418,6 @@ class LayerQuantizer:
         out = router(X)
         return routes(out[self.arch.router_indices], out[self.arch.router_weights], self.plan.num_experts)
 
-    def expert_rows(self, x: Tensor, route: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """The rows of x (T, C) that make an expert's Hessian, and their weights (see --expert-hessian)."""
-        rows, weights = route
-        policy = self.qcfg.expert_hessian
-        if policy == "all":
-            return x, None
-        return x[rows], (weights if policy == "weighted" else None)
-
-    def expert_pairs(self, x: Tensor, x0: Tensor, route: tuple[Tensor, Tensor]
-                     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """expert_rows of x, the same rows of x0 (x itself unless --fit stream), and their weights."""
-        rows, w = self.expert_rows(x, route)
-        return rows, (rows if x0 is x else self.expert_rows(x0, route)[0]), w
-
     def rare_threshold(self, columns: int, inner: int) -> int:
         return self.qcfg.rare_expert_tokens or max(columns, inner)
 
