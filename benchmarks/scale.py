@@ -602,7 +602,7 @@ def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quant
              batch_size: int | None = None, tf32: bool = False) -> dict:
     """``python -m quantmoe eval OUT --baseline MODEL`` (with ``--tf32`` when the quantization had it) as a
     child process, see run_child; with the report's per-model stages (``eval_original``, ``eval_quantized``:
-    seconds, peaks)."""
+    seconds, peaks) and each model's ``timings`` (read, load, layers, head: seconds over all layers)."""
     report = Path(out).resolve().parent / f"{Path(out).name}-eval-report.json"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantmoe", "eval", str(Path(out).resolve()), "--baseline", str(Path(model).resolve()),
@@ -613,7 +613,8 @@ def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quant
     if report.is_file():
         r = json.loads(report.read_text())
         run.update(stages=r.get("stages"), data=r.get("data"), device=r.get("device"), gap=r.get("gap"),
-                   perplexity={k: v.get("perplexity") for k, v in (r.get("results") or {}).items()})
+                   perplexity={k: v.get("perplexity") for k, v in (r.get("results") or {}).items()},
+                   timings={k: v.get("timings") for k, v in (r.get("results") or {}).items()})
     return run
 
 
@@ -704,6 +705,10 @@ def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
     per_layer = {label: round(stages[f"eval_{label}"]["seconds"] / layers, 3)
                  for label in ("original", "quantized") if f"eval_{label}" in stages}
     out = {"per_layer_seconds": per_layer}
+    timings = run.get("timings") or {}
+    if any(timings.values()):  # where each model's layer went: waiting for its read, loading it, running it
+        out["per_layer_detail"] = {label: {k: round(v / layers, 3) for k, v in t.items() if k != "head"}
+                                   for label, t in timings.items() if t}
     if per_layer:
         both = sum(per_layer.values())
         out["per_layer_seconds"]["both"] = round(both, 3)

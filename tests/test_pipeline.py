@@ -532,3 +532,36 @@ def test_eval_with_tf32_on_cpu_states_plain_float32(tiny_model, text_file, tmp_p
     assert result.returncode == 0, result.stderr
     assert json.loads(report.read_text())["protocol"]["dtype"] == "float32"
     assert "float32 on cpu" in result.stdout
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_eval_reads_each_next_layer_in_the_background_when_memory_allows(tiny_model, text_file, monkeypatch, room):
+    """The evaluation reads layer i+1 in its reader thread while layer i runs, and in its own thread when
+    host memory has no room for it; the perplexity and the NLL of every window are the same either way,
+    and the result says where the time went."""
+    import threading
+    from types import SimpleNamespace
+
+    from quantmoe.stages import evaluate
+
+    src = tiny_model("qwen3_moe")
+    windows, _ = evaluate.eval_windows(Checkpoint(src).tokenizer(), text_file, 32)
+    plain = evaluate.perplexity(src, windows[:4], "cpu")
+    reads = []
+    state_of = LayerStream.read_ahead_state
+
+    def recorded(self, index):
+        reads.append((index, threading.current_thread().name.startswith("quantmoe-read")))
+        return state_of(self, index)
+
+    monkeypatch.setattr(LayerStream, "read_ahead_state", recorded)
+    if not room:
+        monkeypatch.setattr(evaluate.psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
+    out = evaluate.perplexity(src, windows[:4], "cpu")
+    n = Checkpoint(src).config.num_hidden_layers
+    assert n > 1
+    assert [i for i, _ in reads] == list(range(n))
+    assert [background for _, background in reads] == [True] + [room] * (n - 1)
+    assert out["window_nll"] == plain["window_nll"] and out["perplexity"] == plain["perplexity"]
+    assert set(out["timings"]) == {"read", "load", "layers", "head"}
+    assert out["timings"]["layers"] > 0

@@ -241,6 +241,9 @@ def test_eval_is_timed_per_layer_and_extrapolated(reduced_runs):
     assert ev["extrapolation"]["layers"] == 61
     assert ev["extrapolation"]["seconds"] == pytest.approx(ev["per_layer_seconds"]["both"] * 61, abs=0.1)
     assert set(ev["perplexity"]) == {"original", "quantized"}
+    for label in ("original", "quantized"):  # where each model's layers went, per layer
+        assert set(ev["per_layer_detail"][label]) == {"read", "load", "layers"}
+        assert ev["per_layer_detail"][label]["layers"] == round(ev["timings"][label]["layers"] / 2, 3) > 0
 
 
 def test_fp8_source_is_the_block_fp8_of_the_bf16_one(reduced_runs):

@@ -48,12 +48,14 @@ class Stopwatch:
 
     On CUDA the device is synchronised at each boundary, so queued work is charged to the
     stage that queued it rather than to whichever stage next waits for the device. A name with a
-    colon ("experts:gather") is a part timed inside the stages, not a stage of its own.
+    colon ("experts:gather") is a part timed inside the stages, not a stage of its own. ``peaks``
+    False: only the seconds (the device's peak-memory counter is left to an enclosing ``stage``).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, peaks: bool = True):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.peaks = peaks and self.cuda
         self.seconds: dict[str, float] = {}
         self.peak_gpu_mb: dict[str, float] = {}
 
@@ -61,6 +63,7 @@ class Stopwatch:
     def __call__(self, name: str):
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        if self.peaks:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         try:
@@ -68,6 +71,7 @@ class Stopwatch:
         finally:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
+            if self.peaks:
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**20
                 self.peak_gpu_mb[name] = round(max(peak, self.peak_gpu_mb.get(name, 0.0)), 1)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0

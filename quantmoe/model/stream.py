@@ -40,6 +40,8 @@ class Batch:
 
 
 ATTENTION_SCORES_BYTES = 2 * 2**30  # what one batch's attention scores may take
+# Layers larger than this are read ahead in ordinary host memory (see LayerStream.read_ahead_state).
+PIN_BYTES = 4 << 30
 
 
 def default_batch_size(config, seqlen: int) -> int:
@@ -188,6 +190,17 @@ class LayerStream:
         return grabbed
 
     # -- decoder layers ------------------------------------------------------------
+    def layer_bytes(self, index: int) -> int:
+        """Bytes layer ``index`` takes in the shards (what reading it holds in host memory)."""
+        return sum(self.ckpt.nbytes(name) for name in self.ckpt.names(self.ckpt.layer_prefix(index)))
+
+    def read_ahead_state(self, index: int) -> dict[str, Tensor]:
+        """``layer_state`` for a read that runs while the layer before it is worked on: as stored (converted
+        on the device), and on CUDA in page-locked memory unless the layer is larger than PIN_BYTES
+        (pinning copies it, so host memory would briefly hold it twice)."""
+        pin = self.device.type == "cuda" and self.layer_bytes(index) <= PIN_BYTES
+        return self.layer_state(index, keep_dtype=True, pin=pin)
+
     def layer_state(self, index: int, keep_dtype: bool = False, pin: bool = False) -> dict[str, Tensor]:
         """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory
         (an export with unfused expert names, GPTQModel's or llm-compressor's, is recognised by its

@@ -4,8 +4,9 @@ Protocol (as in the GPTQ paper): the evaluation documents are joined with "\\n\\
 tokenized once without special tokens; the stream is cut into non-overlapping windows
 of ``seqlen`` tokens (the trailing partial window is dropped); perplexity is
 exp(mean token-level negative log-likelihood) over every predicted position
-(seqlen - 1 per window). The model runs layer by layer (see stream.py) in fp32; a quantized
-layer's weights are dequantized on the device as the layer loads (formats.base.StoredWeight).
+(seqlen - 1 per window). The model runs layer by layer (see stream.py) in fp32; each layer is read as
+stored while the one before it runs, and converted (a quantized layer's weights dequantized,
+formats.base.StoredWeight) on the device as it loads.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
@@ -23,12 +26,12 @@ from tqdm.auto import tqdm
 
 from ..base.errors import QuantMoeError
 from ..base.files import save_safetensors
-from ..base.measure import stage
+from ..base.measure import Stopwatch, stage
 from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen, published_name
 from ..formats import READERS
 from ..gptq.core import tf32_matmuls
-from ..model.checkpoint import Checkpoint
-from ..model.stream import LayerStream, default_batch_size, pick_device
+from ..model.checkpoint import READ_WINDOW, Checkpoint
+from ..model.stream import Batch, LayerStream, default_batch_size, pick_device
 from .calibrate import check_count, read_documents, token_stream, tokenizer_fingerprint
 from .export import checkpoint_stats
 
@@ -122,14 +125,11 @@ def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_siz
         check_count("--batch-size", batch_size)
     stream = LayerStream(Checkpoint(model), dev)
     batch_size = batch_size or default_batch_size(stream.config, windows.shape[1])
+    clock = Stopwatch(dev, peaks=False)  # the peak is evaluate()'s stage's
     batches = stream.embed(windows, batch_size)
-    for i in range(stream.num_layers):
-        layer = stream.load_layer(i, stream.layer_state(i))
-        batches = stream.run_layer(layer, batches)
-        stream.release_layer(i)
-        if progress is not None:
-            progress.update(1)
-    stream.load_head()
+    batches = run_layers(stream, batches, clock, progress)
+    with clock("head"):
+        stream.load_head()
     nll, count = 0.0, 0
     window_nll: list[float] = []
     window_kl: list[float] = []
@@ -154,13 +154,39 @@ def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_siz
     if not math.isfinite(mean):
         raise QuantMoeError(f"{model} produced non-finite log-likelihoods; run quantmoe verify on it")
     out = {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": count,
-           "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "window_nll": window_nll}
+           "seconds": round(time.perf_counter() - t0, 3), "timings": clock.rounded(), "device": str(dev),
+           "window_nll": window_nll}
     if keep_reference:
         out["reference"] = Reference(stream, [b.hidden.cpu() for b in batches])
     if reference is not None:
         out["window_kl"] = window_kl
         out["top1_agreement"] = same_top1 / count
     return out
+
+
+def run_layers(stream: LayerStream, batches: list[Batch], clock: Stopwatch, progress=None) -> list[Batch]:
+    """Every decoder layer of ``stream`` over ``batches``, each output written over its input. Each layer is
+    read as stored (``LayerStream.read_ahead_state``: converted and dequantized on the device as it loads) in
+    a background thread while the layer before it runs, when host memory has room for it. ``clock`` times
+    ``read`` (waiting for a layer's tensors), ``load`` and ``layers`` (the forward passes)."""
+    n = stream.num_layers
+    with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
+        pending = reader.submit(stream.read_ahead_state, 0)
+        for i in range(n):
+            with clock("read"):
+                state = pending.result() if pending is not None else stream.read_ahead_state(i)
+            pending = None
+            if i + 1 < n and stream.layer_bytes(i + 1) + READ_WINDOW <= psutil.virtual_memory().available:
+                pending = reader.submit(stream.read_ahead_state, i + 1)
+            with clock("load"):
+                layer = stream.load_layer(i, state)
+                del state
+            with clock("layers"):
+                batches = stream.run_layer(layer, batches, in_place=True)
+            stream.release_layer(i)
+            if progress is not None:
+                progress.update(1)
+    return batches
 
 
 def gap(original: float, quantized: float, original_windows: list[float] | None = None,

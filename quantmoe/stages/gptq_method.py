@@ -238,11 +238,6 @@ class GptqRun:
                 stream.release_layer(i)
         setup_peak = _gpu_peak(dev, reset=True)
 
-        def pin(i: int) -> bool:
-            """The prefetched layer in page-locked memory (a faster, asynchronous upload) unless it is larger
-            than PIN_BYTES: pinning copies it, so host memory would briefly hold it twice."""
-            return dev.type == "cuda" and layer_bytes(stream.ckpt, i) <= PIN_BYTES
-
         # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
         # larger than the device may keep.
         captured = self.ids.numel() * stream.config.hidden_size * 4 * (2 if qcfg.fit in ("stream", "layer") else 1)
@@ -250,7 +245,7 @@ class GptqRun:
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
             def read_ahead(i: int) -> Future | None:
-                return reader.submit(stream.layer_state, i, True, pin(i)) if self.prefetch and i < n else None
+                return reader.submit(stream.read_ahead_state, i) if self.prefetch and i < n else None
 
             next_state = read_ahead(done)
             for i in range(done, n):
@@ -263,7 +258,7 @@ class GptqRun:
                 del state  # on the device now
                 plan = host_plan(self.host, psutil.Process().memory_info().rss,
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,
-                                 layer_bytes(stream.ckpt, i + 1) if self.prefetch and i + 1 < n else None)
+                                 stream.layer_bytes(i + 1) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture
                 next_state = read_ahead(i + 1) if plan.read_ahead else None
                 result = quantizer.run()
@@ -284,8 +279,6 @@ class GptqRun:
                 release_freed_memory()
 
 
-# Layers larger than this are prefetched in ordinary host memory (see GptqRun.layers' ``pin``).
-PIN_BYTES = 4 << 30
 # What a default budget leaves free on the device: the caching allocator's fragmentation and the
 # temporaries of a forward pass, which the experts' group sizing does not count.
 BUDGET_HEADROOM = 4 << 30
@@ -339,11 +332,6 @@ def host_plan(budget: int, resident: int, packed: int, capture: int, next_layer:
     pinned = capture if capture <= limit else 0  # a capture that does not fit is not kept at all
     read_ahead = next_layer is not None and pinned + next_layer + READ_WINDOW <= room
     return HostPlan(limit, read_ahead)
-
-
-def layer_bytes(ckpt: Checkpoint, i: int) -> int:
-    """Bytes layer i takes in the shards (what reading it holds in host memory)."""
-    return sum(ckpt.nbytes(name) for name in ckpt.names(ckpt.layer_prefix(i)))
 
 
 def packed_bytes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig, i: int) -> int:
