@@ -607,7 +607,7 @@ def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quant
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantmoe", "eval", str(Path(out).resolve()), "--baseline", str(Path(model).resolve()),
            "--data", str(Path(data).resolve()), "--seqlen", str(seqlen), "--device", device, "--quiet",
-           "--report", str(report), *(["--batch-size", str(batch_size)] if batch_size else []),
+           "--report", str(report), "--overwrite", *(["--batch-size", str(batch_size)] if batch_size else []),
            *(["--tf32"] if tf32 else [])]
     run = run_child(cmd, quantmoe_path, timeout)
     if report.is_file():
@@ -919,6 +919,34 @@ def solve_profile(shape: Shape, group: int, device: str = "cuda") -> dict:
 
 
 # -- the command line -----------------------------------------------------------------------
+def eval_profile(models: dict[str, Path], data: Path, seqlen: int, windows: int, tf32: bool,
+                 device: str = "cuda") -> dict:
+    """Each model's evaluation (``perplexity``, in this process) of its first ``windows`` windows of ``data``
+    under torch.profiler, after a warm-up of one batch: its timings and the operators that take the most
+    device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.stages.evaluate import eval_windows, perplexity
+
+    out = {"windows": windows}
+    for label, path in models.items():
+        w, _ = eval_windows(Checkpoint(path).tokenizer(), data, seqlen)
+        perplexity(path, w[:1], device, tf32=tf32)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = perplexity(path, w[:windows], device, tf32=tf32)
+        events = prof.key_averages()
+        out[label] = {"timings": result["timings"],
+                      "top_kernels": [{"name": e.key[:90], "calls": e.count,
+                                       "device_ms": round(e.self_device_time_total / 1e3, 1)}
+                                      for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]],
+                      "top_ops": [{"name": e.key[:90], "calls": e.count, "device_ms": round(e.device_time_total / 1e3, 1),
+                                   "host_ms": round(e.cpu_time_total / 1e3, 1)}
+                                  for e in sorted(events, key=lambda e: -e.device_time_total)[:25]]}
+        print(label, result["timings"], flush=True)
+    return out
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="mixtral-8x7b",
@@ -946,6 +974,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--eval-tokens", type=int, help="tokens of random text to evaluate [default: 300000; "
                                                     "--reduced: 4 windows]")
     ap.add_argument("--eval-seqlen", type=int, help="evaluation window [default: the calibration --seqlen]")
+    ap.add_argument("--eval-profile", type=int, metavar="WINDOWS",
+                    help="after --eval, profile each model's evaluation of this many windows (torch.profiler)")
     ap.add_argument("--eval-batch-size", type=int, help="windows per forward pass [default: quantmoe eval's]")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("OUT_A", "OUT_B"))
     ap.add_argument("--keep", action="store_true", help="keep the quantized output")
@@ -1008,7 +1038,11 @@ def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: di
     tokens = args.eval_tokens or (4 * seqlen if args.reduced else FULL_EVAL_TOKENS)
     data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}.jsonl", config["vocab_size"], tokens)
     run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size, tf32)
-    return {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}
+    result = {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}
+    if args.eval_profile:
+        result["profile"] = eval_profile({"original": model, "quantized": out}, data, seqlen, args.eval_profile, tf32,
+                                         "cpu" if device == "cpu" else "cuda")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
