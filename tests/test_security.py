@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from clirun import cli, digest, one_error_line, time_limit
 from safetensors import safe_open
@@ -796,3 +797,21 @@ def test_private_dir_refuses_a_planted_link_and_the_lock_names_its_holder(tmp_pa
                            "RunLock(sys.argv[1])", str(work)], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert free.returncode == 0, free.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_check_finite_finds_every_nan_and_inf_and_passes_huge_finite_values(dtype):
+    """Whatever the dtype and wherever it is, one NaN or Inf is found; values whose sum would overflow
+    the dtype, but are all finite, pass."""
+    from quantmoe.model.checkpoint import NonFinite, check_finite
+
+    big = torch.finfo(dtype).max
+    for sign in (1, -1):
+        check_finite("w", torch.full((64, 64), sign * big, dtype=torch.float64).to(dtype), Path("m"))
+    bad = [float("nan")] + ([float("inf"), float("-inf")] if dtype != torch.float8_e4m3fn else [])  # e4m3fn: no Inf
+    for value in bad:
+        for where in ((0, 0), (63, 63), (17, 40)):
+            t = torch.randn(64, 64).to(dtype)
+            t[where] = value
+            with pytest.raises(NonFinite, match="tensor w of m holds NaN or Inf"):
+                check_finite("w", t, Path("m"))

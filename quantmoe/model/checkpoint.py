@@ -261,8 +261,8 @@ class Checkpoint:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
-    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False
-                    ) -> dict[str, Tensor]:
+    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False,
+                    pin: bool = False) -> dict[str, Tensor]:
         """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
         wrote the checkpoint) dequantized to ``.weight``.
 
@@ -274,7 +274,8 @@ class Checkpoint:
         into this process's memory and the shards are closed afterwards: pages of a mapped shard
         count towards the process's resident memory for as long as it stays open, which
         would make memory grow with every layer read; they are closed every READ_WINDOW bytes too, so
-        a layer's bytes are held twice only that far.
+        a layer's bytes are held twice only that far. ``pin``: the copies are made in page-locked memory
+        (which a GPU copies from asynchronously and faster), one copy per tensor.
         """
         out: dict[str, Tensor] = {}
         as_stored: dict[str, Fp8Weight] = {}
@@ -291,7 +292,8 @@ class Checkpoint:
                 mapped = 0
 
         def copied(t: Tensor, nbytes: int) -> Tensor:
-            t = t.to(dtype, copy=True) if t.is_floating_point() and dtype is not None else t.clone()
+            to = dtype if t.is_floating_point() and dtype is not None else t.dtype
+            t = torch.empty(t.shape, dtype=to, pin_memory=True).copy_(t) if pin else t.to(to, copy=True)
             read(nbytes)
             return t
 
@@ -301,6 +303,7 @@ class Checkpoint:
                 nbytes = sum(self.nbytes(t) for t in linear.tensors)
                 if keep:
                     as_stored[name] = self.format.stored(self, linear)  # a copy
+                    as_stored[name] = as_stored[name].pin_memory() if pin else as_stored[name]
                     read(nbytes)
                 else:
                     out[name] = copied(self.format.dequantize(self, linear), nbytes)
@@ -359,13 +362,21 @@ class NonFinite(QuantMoeError):
         self.tensor = tensor
 
 
+MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_finite(name: str, t: Tensor, folder: Path) -> None:
     """Raise naming ``name`` when the floating-point tensor ``t`` holds NaN or Inf. One reduction per
-    tensor: a NaN or Inf makes the sum non-finite; only then is it confirmed element-wise (a sum of
-    huge finite values can overflow)."""
+    tensor: its least and greatest values, both finite exactly when every value is (a NaN makes both NaN),
+    read in the tensor's own dtype; a dtype without that reduction (FP8) is summed in float32 instead,
+    a NaN or Inf making the sum non-finite, and only then confirmed element-wise (a sum of huge finite
+    values can overflow)."""
     if not t.is_floating_point() or t.numel() == 0:
         return
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
+    if t.dtype in MINMAX_DTYPES:
+        if bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+            return
+    elif bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
         return
     raise NonFinite(f"tensor {name} of {folder} holds NaN or Inf; the checkpoint is damaged: "
                     "re-download it or repair that tensor", name)

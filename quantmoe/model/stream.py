@@ -212,15 +212,14 @@ class LayerStream:
         memory, which a GPU copies from asynchronously and several times faster (2.7 GiB of Mixtral
         layer: about 0.2 s less per layer on an H200), for the price of that copy in host memory.
         """
-        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype, defer=True)
-        if self.arch.uses_unfused_names(state):
-            state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
-        if pin:
+        if pin and self.device.index is not None:
             # Under this process's GPU: a reading thread starts on device 0, where a second process
             # must not make a CUDA context (torchrun: rank 1 would hold one on rank 0's GPU).
-            if self.device.index is not None:
-                torch.cuda.set_device(self.device)
-            state = {name: t.pin_memory() for name, t in state.items()}
+            torch.cuda.set_device(self.device)
+        state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype, defer=True,
+                                      pin=pin)
+        if self.arch.uses_unfused_names(state):
+            state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         return state
 
     def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None,
