@@ -227,9 +227,12 @@ def calibrate(data, tokenizer, nsamples, seqlen, seed, out, overwrite):
               help="Fail unless MODEL was quantized with this backend [default: read it from config.json].")
 @click.option("--tf32/--no-tf32", default=False, show_default=True,
               help="On CUDA, run the forward passes' matrix products as TF32 (faster; the report states it).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="The forward passes' dtype: bfloat16 is faster on GPUs (float32 accumulation; the logits, losses "
+                   "and KL stay float32; the report states it). Compare reports made with the same dtype.")
 @click.option("--quiet", is_flag=True)
 @friendly
-def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwrite, backend, tf32, quiet):
+def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwrite, backend, tf32, dtype, quiet):
     """Perplexity of MODEL (default: the bundled demo MoE), and its gap to --baseline."""
     from .stages.evaluate import evaluate
     from .stages.report import check_report_out, gap_table, protocol_text, write_report
@@ -237,7 +240,7 @@ def eval_(model, baseline, data, seqlen, device, batch_size, report_path, overwr
     if report_path is not None:
         check_report_out(report_path, overwrite)  # before the work, not after it
     report = evaluate(model, baseline=baseline, data=data, seqlen=seqlen, device=device, batch_size=batch_size,
-                      quiet=quiet, backend=backend, tf32=tf32)
+                      quiet=quiet, backend=backend, tf32=tf32, dtype=dtype)
     if baseline is not None:
         click.echo(gap_table(report))
     else:

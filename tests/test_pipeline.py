@@ -464,9 +464,10 @@ def test_mlp_tail_gives_the_layers_own_outputs(tiny_model, text_file, model_type
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
 def test_uncached_inputs_and_no_mlp_tail_give_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch,
                                                               model_type):
-    """Memory savers that must not change a bit: the MLP stage's inputs captured again for every pass
-    instead of kept (CAPTURE_CACHE_BYTES), and fed by running every layer whole instead of from the
-    residual after attention (no ``mlp_tail``). Groups of experts: tests/test_budget.py."""
+    """Memory savers that must not change a bit: the MLP stage's inputs made again from the residual after
+    attention by every pass (a row with an ``mlp_tail``), or, running every layer whole instead (no
+    ``mlp_tail``), kept from the first pass or captured again for every pass (CAPTURE_CACHE_BYTES).
+    Groups of experts: tests/test_budget.py."""
     import dataclasses
 
     import quantmoe.stages.layer as ql
@@ -478,12 +479,22 @@ def test_uncached_inputs_and_no_mlp_tail_give_the_same_bytes(tiny_model, text_fi
                           seqlen=32, run_eval=False, quiet=True)
         return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
-    reference = run("reference")
-    monkeypatch.setattr(ql, "CAPTURE_CACHE_BYTES", 1)
-    assert run("captured-every-pass") == reference
+    kept_paths = set()
+    captured_pairs = ql.LayerQuantizer._captured_pairs
+
+    def recording(self, module_path, *args, **kwargs):
+        yield from captured_pairs(self, module_path, *args, **kwargs)
+        kept_paths.update(self._kept)
+
+    monkeypatch.setattr(ql.LayerQuantizer, "_captured_pairs", recording)
+    reference = run("reference")  # the MLP's input made again from the residual by every pass: nothing kept
+    assert kept_paths == set()
     monkeypatch.setitem(architectures.ARCHITECTURES, model_type,
                         dataclasses.replace(architectures.ARCHITECTURES[model_type], mlp_tail=None))
     assert run("whole-layers") == reference
+    assert kept_paths == {ARCHITECTURES[model_type].moe_module}  # whole layers: the MLP's input kept
+    monkeypatch.setattr(ql, "CAPTURE_CACHE_BYTES", 1)
+    assert run("whole-layers-captured-every-pass") == reference
 
 
 @pytest.mark.parametrize("model_type", [n for n in ARCH_NAMES if ARCHITECTURES[n].experts is not None])

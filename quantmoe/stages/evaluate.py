@@ -36,6 +36,16 @@ from .calibrate import check_count, read_documents, token_stream, tokenizer_fing
 from .export import checkpoint_stats
 
 TF32 = "float32 with TF32 matrix products"  # the protocol's dtype under --tf32 on CUDA
+# The forward passes' dtypes (--dtype); the head's logits, log-softmax, losses and KL are float32 in each.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BF16 = "bfloat16 (float32 accumulation; logits, log-softmax, losses and KL in float32)"
+
+
+def protocol_dtype(dtype: str, tf32: bool, device: str) -> str:
+    """The protocol's ``dtype`` line for forward passes in ``dtype`` (a DTYPES key) on ``device``."""
+    if dtype == "bfloat16":
+        return BF16
+    return TF32 if tf32 and device.startswith("cuda") else "float32"
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ class Reference:
 @torch.no_grad()
 def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_size: int | None = None,
                progress=None, keep_reference: bool = False, reference: Reference | None = None,
-               tf32: bool = False) -> dict:
+               tf32: bool = False, dtype: str = "float32") -> dict:
     """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time
     (``batch_size`` None: ``stream.default_batch_size``), with each window's mean NLL (``window_nll``).
 
@@ -112,18 +122,21 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
     each window's mean KL(reference || this model) over its predicted positions, and
     ``top1_agreement``, the share of positions where both put the same token first.
     ``tf32``: on CUDA, the forward passes' and the head's fp32 matrix products run as TF32 (log-softmax,
-    losses and KL stay fp32)."""
+    losses and KL stay fp32). ``dtype``: the forward passes' (a DTYPES key: the weights and the activations
+    between layers are held in it; the logits are made float32)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
+    if dtype not in DTYPES:
+        raise QuantMoeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}; choose one of them")
     with tf32_matmuls(tf32 and dev.type == "cuda"):
-        return _perplexity(model, windows, dev, batch_size, progress, keep_reference, reference, t0)
+        return _perplexity(model, windows, dev, batch_size, progress, keep_reference, reference, t0, DTYPES[dtype])
 
 
 def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_size: int | None, progress,
-                keep_reference: bool, reference: Reference | None, t0: float) -> dict:
+                keep_reference: bool, reference: Reference | None, t0: float, dtype: torch.dtype) -> dict:
     if batch_size:  # 0 or None: the default
         check_count("--batch-size", batch_size)
-    stream = LayerStream(Checkpoint(model), dev)
+    stream = LayerStream(Checkpoint(model), dev, dtype)
     batch_size = batch_size or default_batch_size(stream.config, windows.shape[1])
     clock = Stopwatch(dev, peaks=False)  # the peak is evaluate()'s stage's
     batches = stream.embed(windows, batch_size)
@@ -227,9 +240,11 @@ def kl_summary(result: dict) -> dict:
 
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
              seqlen: int | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
-             backend: str | None = None, record_paths: bool = False, tf32: bool = False) -> dict:
+             backend: str | None = None, record_paths: bool = False, tf32: bool = False,
+             dtype: str = "float32") -> dict:
     """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
-    ``tf32``: TF32 matrix products on CUDA (``perplexity``), stated in the protocol's dtype.
+    ``tf32``: TF32 matrix products on CUDA; ``dtype``: the forward passes' (``perplexity``); both stated in
+    the protocol's dtype.
 
     The checkpoint's backend is read from its config.json; ``backend`` (a name from
     ``quantmoe.backends``) makes it an error for ``model`` to be anything else.
@@ -261,7 +276,8 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
         with tqdm(total=n, desc=f"eval {label}", unit="layer", disable=quiet, leave=False) as bar, \
                 stage(stages, f"eval_{label}"):
             results[label] = perplexity(path, windows, device, batch_size, progress=bar,
-                                        keep_reference=label == "original", reference=reference, tf32=tf32)
+                                        keep_reference=label == "original", reference=reference, tf32=tf32,
+                                        dtype=dtype)
         reference = results[label].pop("reference", None)
     del reference
     per_window = {label: r.pop("window_nll") for label, r in results.items()}
@@ -269,8 +285,8 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     report = {
         "model": shown(model),
         "baseline": shown(baseline) if baseline is not None else None,
-        "protocol": Protocol(data=shown(data), seqlen=seqlen, dtype=TF32 if tf32 and
-                             results[runs[-1][0]]["device"].startswith("cuda") else "float32").to_dict(),
+        "protocol": Protocol(data=shown(data), seqlen=seqlen,
+                             dtype=protocol_dtype(dtype, tf32, results[runs[-1][0]]["device"])).to_dict(),
         "data": {**meta, "path": shown(meta["path"])},
         "device": results[runs[-1][0]]["device"],
         "results": results,

@@ -241,7 +241,8 @@ class GptqRun:
         # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
         # larger than the device may keep.
         captured = self.ids.numel() * stream.config.hidden_size * 4 * (2 if qcfg.fit in ("stream", "layer") else 1)
-        captured = captured if dev.type == "cuda" and captured > CAPTURE_CACHE_BYTES else 0
+        captured = captured if dev.type == "cuda" and captured > CAPTURE_CACHE_BYTES and stream.arch.mlp_tail is None \
+            else 0
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
             def read_ahead(i: int) -> Future | None:

@@ -62,10 +62,13 @@ TOKEN_CHUNK = 32768  # tokens per matmul when building Hessians, to bound tempor
 # The routed experts' statistics run over an expert's rows in chunks whose temporaries take at most this
 # (the budget counts it as part of one pass: ExpertCosts.passing).
 STATS_CHUNK_BYTES = 1 << 30
-# Inputs of the MLP stage are captured once and reused by the passes after (routing, the groups of
-# experts' Hessians, the shared expert) when they take at most this much device memory; on CUDA,
-# larger ones are kept in page-locked host memory up to HOST_CAPTURE_BYTES (copying them back is
-# cheaper than a partial forward pass through attention); above that, each pass captures them again.
+# Inputs of the MLP stage of a row without an ``mlp_tail`` (GraniteMoE) are captured once and reused by the
+# passes after (routing, the groups of experts' Hessians, the shared expert) when they take at most this
+# much device memory; on CUDA, larger ones are kept in page-locked host memory up to HOST_CAPTURE_BYTES
+# (copying them back is cheaper than a partial forward pass through attention); above that, each pass
+# captures them again. A row with an mlp_tail keeps none: once its batches hold the residual after
+# attention, each pass makes the MLP's input again with the norm alone (LayerStream.mlp_inputs), the same
+# bits for less than a copy.
 CAPTURE_CACHE_BYTES = 1 << 30
 HOST_CAPTURE_BYTES = 16 << 30
 # The MLP tail of a layer with routed experts (_tail_by_expert) runs each expert once over the rows of
@@ -298,7 +301,9 @@ class LayerQuantizer:
         ``keep``: the input will not change before the next call for this path (the MLP stage:
         attention is done), so it is kept for that call if it fits in CAPTURE_CACHE_BYTES,
         which saves a partial forward pass (through attention) per reuse. ``originals`` False: the caller
-        reads only x (a kept x0 is not brought to the device; x0 is x)."""
+        reads only x (a kept x0 is not brought to the device; x0 is x). The MLP's input of a row with an
+        mlp_tail is never kept (see CAPTURE_CACHE_BYTES)."""
+        keep = keep and module_path != self._mlp_path
         if module_path in self._kept:
             for x, x0 in self._kept[module_path]:
                 with self._stage("capture"):
@@ -489,7 +494,7 @@ class LayerQuantizer:
             # matrices (a few CHUNK_BYTES of temporaries, see gptq.core.matrix_chunks).
             tokens = [b.hidden.shape[:-1].numel() for b in self.batches]
             streams = 1 if self.original is None else 2
-            cached = sum(tokens) * C * 4 * streams
+            cached = 0 if self._mlp_path is not None else sum(tokens) * C * 4 * streams
             in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
                       + STATS_CHUNK_BYTES + 4 * CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
         elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
