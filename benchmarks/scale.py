@@ -599,7 +599,7 @@ def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list
 
 
 def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quantmoe_path: Path, timeout: float,
-             batch_size: int | None = None, tf32: bool = False) -> dict:
+             batch_size: int | None = None, tf32: bool = False, dtype: str = "float32") -> dict:
     """``python -m quantmoe eval OUT --baseline MODEL`` (with ``--tf32`` when the quantization had it) as a
     child process, see run_child; with the report's per-model stages (``eval_original``, ``eval_quantized``:
     seconds, peaks) and each model's ``timings`` (read, load, layers, head: seconds over all layers)."""
@@ -608,11 +608,12 @@ def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quant
     cmd = [sys.executable, "-m", "quantmoe", "eval", str(Path(out).resolve()), "--baseline", str(Path(model).resolve()),
            "--data", str(Path(data).resolve()), "--seqlen", str(seqlen), "--device", device, "--quiet",
            "--report", str(report), "--overwrite", *(["--batch-size", str(batch_size)] if batch_size else []),
-           *(["--tf32"] if tf32 else [])]
+           *(["--tf32"] if tf32 else []), *(["--dtype", dtype] if dtype != "float32" else [])]
     run = run_child(cmd, quantmoe_path, timeout)
     if report.is_file():
         r = json.loads(report.read_text())
         run.update(stages=r.get("stages"), data=r.get("data"), device=r.get("device"), gap=r.get("gap"),
+                   kl=(r.get("kl") or {}).get("mean"), protocol_dtype=(r.get("protocol") or {}).get("dtype"),
                    perplexity={k: v.get("perplexity") for k, v in (r.get("results") or {}).items()},
                    timings={k: v.get("timings") for k, v in (r.get("results") or {}).items()})
     return run
@@ -699,20 +700,31 @@ def extrapolate(rows: list[dict], stages: dict, total_layers: int, dense_layers:
 
 
 def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
-    """Per-layer seconds of each model's evaluation (its stage / the checkpoint's depth), and the
-    release's depth at that rate."""
+    """Per-layer seconds of each model's evaluation: its whole stage / the checkpoint's depth
+    (``per_layer_seconds``), and the steady part of a layer (``steady_per_layer_seconds``: waiting for its
+    read, loading it, running it), what is left being paid once per model (``fixed_seconds``: start,
+    tokenization, embeddings, head, KL); the release's depth at those rates."""
     stages = run.get("stages") or {}
     per_layer = {label: round(stages[f"eval_{label}"]["seconds"] / layers, 3)
                  for label in ("original", "quantized") if f"eval_{label}" in stages}
     out = {"per_layer_seconds": per_layer}
-    timings = run.get("timings") or {}
-    if any(timings.values()):  # where each model's layer went: waiting for its read, loading it, running it
-        out["per_layer_detail"] = {label: {k: round(v / layers, 3) for k, v in t.items() if k != "head"}
-                                   for label, t in timings.items() if t}
     if per_layer:
-        both = sum(per_layer.values())
-        out["per_layer_seconds"]["both"] = round(both, 3)
-        out["extrapolation"] = {"layers": total_layers, "seconds": round(both * total_layers, 1),
+        out["per_layer_seconds"]["both"] = round(sum(per_layer.values()), 3)
+    timings = {label: t for label, t in (run.get("timings") or {}).items() if t and f"eval_{label}" in stages}
+    if timings:  # where each model's layer went: waiting for its read, loading it, running it
+        out["per_layer_detail"] = {label: {k: round(v / layers, 3) for k, v in t.items() if k != "head"}
+                                   for label, t in timings.items()}
+        steady = {label: sum(v for k, v in t.items() if k != "head") / layers for label, t in timings.items()}
+        fixed = {label: stages[f"eval_{label}"]["seconds"] - steady[label] * layers for label in steady}
+        out["steady_per_layer_seconds"] = {**{k: round(v, 3) for k, v in steady.items()},
+                                           "both": round(sum(steady.values()), 3)}
+        out["fixed_seconds"] = {k: round(v, 3) for k, v in fixed.items()}
+        out["extrapolation"] = {"layers": total_layers,
+                                "seconds": round(sum(fixed.values()) + sum(steady.values()) * total_layers, 1),
+                                "how": "each model's fixed seconds + its steady seconds per layer x layers of the "
+                                       "release"}
+    elif per_layer:
+        out["extrapolation"] = {"layers": total_layers, "seconds": round(per_layer["both"] * total_layers, 1),
                                 "how": "(original + quantized seconds) / layers measured x layers of the release; "
                                        "embeddings and head are counted per layer"}
     return out
@@ -974,6 +986,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--eval-tokens", type=int, help="tokens of random text to evaluate [default: 300000; "
                                                     "--reduced: 4 windows]")
     ap.add_argument("--eval-seqlen", type=int, help="evaluation window [default: the calibration --seqlen]")
+    ap.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="quantmoe eval's --dtype (the forward passes')")
     ap.add_argument("--eval-profile", type=int, metavar="WINDOWS",
                     help="after --eval, profile each model's evaluation of this many windows (torch.profiler)")
     ap.add_argument("--eval-batch-size", type=int, help="windows per forward pass [default: quantmoe eval's]")
@@ -1037,7 +1051,8 @@ def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: di
     seqlen = args.eval_seqlen or seqlen
     tokens = args.eval_tokens or (4 * seqlen if args.reduced else FULL_EVAL_TOKENS)
     data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}.jsonl", config["vocab_size"], tokens)
-    run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size, tf32)
+    run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size, tf32,
+                   args.eval_dtype)
     result = {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}
     if args.eval_profile:
         result["profile"] = eval_profile({"original": model, "quantized": out}, data, seqlen, args.eval_profile, tf32,

@@ -239,7 +239,13 @@ def test_eval_is_timed_per_layer_and_extrapolated(reduced_runs):
     assert ev["per_layer_seconds"]["original"] > 0 and ev["per_layer_seconds"]["quantized"] > 0
     assert ev["per_layer_seconds"]["original"] == round(ev["stages"]["eval_original"]["seconds"] / 2, 3)
     assert ev["extrapolation"]["layers"] == 61
-    assert ev["extrapolation"]["seconds"] == pytest.approx(ev["per_layer_seconds"]["both"] * 61, abs=0.1)
+    steady, fixed = ev["steady_per_layer_seconds"], ev["fixed_seconds"]
+    assert steady["both"] == pytest.approx(steady["original"] + steady["quantized"], abs=0.002)
+    for label in ("original", "quantized"):  # the stage = once per model + per layer x layers
+        assert fixed[label] > 0
+        assert fixed[label] + 2 * steady[label] == pytest.approx(ev["stages"][f"eval_{label}"]["seconds"], abs=0.01)
+    assert ev["extrapolation"]["seconds"] == pytest.approx(fixed["original"] + fixed["quantized"] + 61 * steady["both"],
+                                                           abs=0.2)
     assert set(ev["perplexity"]) == {"original", "quantized"}
     for label in ("original", "quantized"):  # where each model's layers went, per layer
         assert set(ev["per_layer_detail"][label]) == {"read", "load", "layers"}
