@@ -576,3 +576,15 @@ def test_eval_reads_each_next_layer_in_the_background_when_memory_allows(tiny_mo
     assert out["window_nll"] == plain["window_nll"] and out["perplexity"] == plain["perplexity"]
     assert set(out["timings"]) == {"read", "load", "layers", "head"}
     assert out["timings"]["layers"] > 0
+
+
+def test_log_losses_and_damps_are_read_from_the_device_at_once_and_exactly():
+    """The per-linear loss and damp stay 0-d tensors while a layer is worked on, then become the same
+    numbers a read of each would give (float32 and float64 values alike), already-read entries untouched."""
+    from quantmoe.stages.layer import _read_logs
+
+    loss32, damp64 = torch.tensor(1.2345678, dtype=torch.float32), torch.tensor(0.0123456789012345, dtype=torch.float64)
+    entries = [{"loss": loss32, "damp": damp64}, {"loss": 2.0, "damp": 0.1}]
+    _read_logs(entries)
+    assert entries == [{"loss": float(loss32), "damp": float(damp64)}, {"loss": 2.0, "damp": 0.1}]
+    assert all(type(e[k]) is float for e in entries for k in ("loss", "damp"))
