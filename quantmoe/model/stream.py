@@ -40,8 +40,9 @@ class Batch:
 
 
 ATTENTION_SCORES_BYTES = 2 * 2**30  # what one batch's attention scores may take
-# Layers larger than this are read ahead in ordinary host memory (see LayerStream.read_ahead_state).
-PIN_BYTES = 4 << 30
+# Layers larger than this are read ahead in ordinary host memory (see LayerStream.read_ahead_state): it bounds
+# the page-locked memory a read holds (PyTorch keeps such blocks cached for reuse, rounded up to a power of two).
+PIN_BYTES = 8 << 30
 
 
 def default_batch_size(config, seqlen: int) -> int:
@@ -196,8 +197,8 @@ class LayerStream:
 
     def read_ahead_state(self, index: int) -> dict[str, Tensor]:
         """``layer_state`` for a read that runs while the layer before it is worked on: as stored (converted
-        on the device), and on CUDA in page-locked memory unless the layer is larger than PIN_BYTES
-        (pinning copies it, so host memory would briefly hold it twice)."""
+        on the device), and on CUDA in page-locked memory (read straight into it) unless the layer is larger
+        than PIN_BYTES."""
         pin = self.device.type == "cuda" and self.layer_bytes(index) <= PIN_BYTES
         return self.layer_state(index, keep_dtype=True, pin=pin)
 
