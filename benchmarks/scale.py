@@ -932,7 +932,7 @@ def solve_profile(shape: Shape, group: int, device: str = "cuda") -> dict:
 
 # -- the command line -----------------------------------------------------------------------
 def eval_profile(models: dict[str, Path], data: Path, seqlen: int, windows: int, tf32: bool,
-                 device: str = "cuda") -> dict:
+                 device: str = "cuda", dtype: str = "float32") -> dict:
     """Each model's evaluation (``perplexity``, in this process) of its first ``windows`` windows of ``data``
     under torch.profiler, after a warm-up of one batch: its timings and the operators that take the most
     device time."""
@@ -944,9 +944,9 @@ def eval_profile(models: dict[str, Path], data: Path, seqlen: int, windows: int,
     out = {"windows": windows}
     for label, path in models.items():
         w, _ = eval_windows(Checkpoint(path).tokenizer(), data, seqlen)
-        perplexity(path, w[:1], device, tf32=tf32)
+        perplexity(path, w[:1], device, tf32=tf32, dtype=dtype)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            result = perplexity(path, w[:windows], device, tf32=tf32)
+            result = perplexity(path, w[:windows], device, tf32=tf32, dtype=dtype)
         events = prof.key_averages()
         out[label] = {"timings": result["timings"],
                       "top_kernels": [{"name": e.key[:90], "calls": e.count,
@@ -986,8 +986,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--eval-tokens", type=int, help="tokens of random text to evaluate [default: 300000; "
                                                     "--reduced: 4 windows]")
     ap.add_argument("--eval-seqlen", type=int, help="evaluation window [default: the calibration --seqlen]")
-    ap.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="quantmoe eval's --dtype (the forward passes')")
+    ap.add_argument("--eval-dtype", choices=("float32", "bfloat16"), nargs="+", default=["float32"],
+                    help="quantmoe eval's --dtype (the forward passes'); each one given is timed, the first as "
+                         "'eval', the others as 'eval_<dtype>'")
     ap.add_argument("--eval-profile", type=int, metavar="WINDOWS",
                     help="after --eval, profile each model's evaluation of this many windows (torch.profiler)")
     ap.add_argument("--eval-batch-size", type=int, help="windows per forward pass [default: quantmoe eval's]")
@@ -1046,17 +1047,17 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
 
 
 def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: dict, seqlen: int, device: str,
-                    total_layers: int, tf32: bool = False) -> dict:
+                    total_layers: int, tf32: bool = False, dtype: str = "float32") -> dict:
     """Time ``quantmoe eval`` of the output against the checkpoint on random text (see run_eval)."""
     seqlen = args.eval_seqlen or seqlen
     tokens = args.eval_tokens or (4 * seqlen if args.reduced else FULL_EVAL_TOKENS)
     data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}.jsonl", config["vocab_size"], tokens)
     run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size, tf32,
-                   args.eval_dtype)
+                   dtype)
     result = {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}
     if args.eval_profile:
         result["profile"] = eval_profile({"original": model, "quantized": out}, data, seqlen, args.eval_profile, tf32,
-                                         "cpu" if device == "cpu" else "cuda")
+                                         "cpu" if device == "cpu" else "cuda", dtype)
     return result
 
 
@@ -1114,7 +1115,9 @@ def main(argv: list[str] | None = None) -> dict:
     if checkpoint["source"] == "fp8":
         result["fp8_release"] = shape.fp8_release
     if args.eval and run["returncode"] == 0:
-        result["eval"] = evaluate_output(args, out, model, config, seqlen, device, total, "--tf32" in options)
+        for k, dtype in enumerate(args.eval_dtype):
+            result["eval" if k == 0 else f"eval_{dtype}"] = evaluate_output(args, out, model, config, seqlen, device,
+                                                                            total, "--tf32" in options, dtype)
     label = (info["gpu"] or "cpu").replace(" ", "-")
     name = args.name or f"scale-{label}-{shape.name}-{checkpoint['source']}-{n_layers}L" \
         + ("-mtp" if result["mtp"] else "") + ("-reduced" if result["reduced"] else "") \
@@ -1123,8 +1126,9 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(args.results / f"{name}.json", result)
     print(json.dumps({k: result.get(k) for k in ("peak_gpu_mb", "peak_rss_mb", "steady_layer_mean",
                                                  "extrapolation")}, indent=2))
-    if "eval" in result:
-        print(json.dumps({k: result["eval"].get(k) for k in ("returncode", "per_layer_seconds", "extrapolation")}))
+    for key in [k for k in result if k.startswith("eval")]:
+        print(key, json.dumps({k: result[key].get(k) for k in ("returncode", "steady_per_layer_seconds",
+                                                               "extrapolation")}))
     print(f"wrote {args.results / f'{name}.json'} (returncode {run['returncode']})")
     if not args.keep and out.exists() and run["returncode"] == 0:
         shutil.rmtree(out)
