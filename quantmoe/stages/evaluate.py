@@ -188,12 +188,12 @@ def run_layers(stream: LayerStream, batches: list[Batch], clock: Stopwatch, prog
         for i in range(n):
             with clock("read"):
                 state = pending.result() if pending is not None else stream.read_ahead_state(i)
+            with clock("load"):
+                layer = stream.load_layer(i, state)
+                del state  # its page-locked blocks go back to PyTorch's cache for the next read to reuse
             pending = None
             if i + 1 < n and stream.layer_bytes(i + 1) + READ_WINDOW <= psutil.virtual_memory().available:
                 pending = reader.submit(stream.read_ahead_state, i + 1)
-            with clock("load"):
-                layer = stream.load_layer(i, state)
-                del state
             with clock("layers"):
                 batches = stream.run_layer(layer, batches, in_place=True)
             stream.release_layer(i)
