@@ -305,3 +305,31 @@ def test_release_pinned_memory_hands_the_cached_page_locked_blocks_back():
     held = proc.memory_info().rss
     release_pinned_memory()
     assert proc.memory_info().rss < held - (3 << 28), "the freed 1 GiB page-locked block is still resident"
+
+
+@pytest.mark.gpu
+def test_a_layer_read_into_page_locked_memory_is_the_plain_read(tmp_path):
+    """read_prefix(pin=True) makes each copy in page-locked memory (stored weights of a quantized export too),
+    holding the same values as the plain read."""
+    from tiny import make_model, write_text
+
+    import quantmoe
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.model.checkpoint import Checkpoint
+
+    text = write_text(tmp_path / "text.jsonl")
+    src = make_model("mixtral", tmp_path / "src")
+    out = tmp_path / "out"
+    quantmoe.quantize(src, out, QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64, device="cuda",
+                      run_eval=False, quiet=True)
+    for folder in (src, out):
+        ckpt = Checkpoint(folder)
+        plain = ckpt.read_prefix("model.layers.1.", None, defer=True)
+        pinned = ckpt.read_prefix("model.layers.1.", None, defer=True, pin=True)
+        assert plain.keys() == pinned.keys()
+        for name, t in pinned.items():
+            parts = t.parts if hasattr(t, "parts") else {"": t}
+            assert all(p.is_pinned() for p in parts.values()), name
+            want = plain[name].dequantize() if hasattr(t, "parts") else plain[name]
+            got = t.dequantize() if hasattr(t, "parts") else t
+            assert torch.equal(got, want), name
