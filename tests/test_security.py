@@ -799,7 +799,8 @@ def test_private_dir_refuses_a_planted_link_and_the_lock_names_its_holder(tmp_pa
     assert free.returncode == 0, free.stderr
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2, torch.float8_e4m3fnuz])
 def test_check_finite_finds_every_nan_and_inf_and_passes_huge_finite_values(dtype):
     """Whatever the dtype and wherever it is, one NaN or Inf is found; values whose sum would overflow
     the dtype, but are all finite, pass."""
@@ -808,10 +809,28 @@ def test_check_finite_finds_every_nan_and_inf_and_passes_huge_finite_values(dtyp
     big = torch.finfo(dtype).max
     for sign in (1, -1):
         check_finite("w", torch.full((64, 64), sign * big, dtype=torch.float64).to(dtype), Path("m"))
-    bad = [float("nan")] + ([float("inf"), float("-inf")] if dtype != torch.float8_e4m3fn else [])  # e4m3fn: no Inf
+    no_inf = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)  # Inf becomes NaN there
+    bad = [float("nan")] + ([float("inf"), float("-inf")] if dtype not in no_inf else [])
     for value in bad:
         for where in ((0, 0), (63, 63), (17, 40)):
             t = torch.randn(64, 64).to(dtype)
             t[where] = value
             with pytest.raises(NonFinite, match="tensor w of m holds NaN or Inf"):
+                check_finite("w", t, Path("m"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz])
+def test_check_finite_agrees_with_isfinite_on_every_fp8_code(dtype):
+    """Each of the 256 codes, alone among finite ones: refused exactly when torch says it is not finite."""
+    from quantmoe.model.checkpoint import NonFinite, check_finite
+
+    for code in range(256):
+        t = torch.zeros(1000, dtype=torch.uint8)
+        t[517] = code
+        t = t.view(dtype)
+        finite = bool(torch.isfinite(t.float()).all())
+        if finite:
+            check_finite("w", t, Path("m"))
+        else:
+            with pytest.raises(NonFinite):
                 check_finite("w", t, Path("m"))

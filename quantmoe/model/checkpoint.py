@@ -363,18 +363,25 @@ class NonFinite(QuantMoeError):
 
 
 MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# FP8 codes whose bits under the mask are all ones are NaN (e4m3fn: exponent and mantissa) or NaN and Inf
+# (e5m2: exponent): the greatest masked code says whether a tensor holds one.
+FP8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
 def check_finite(name: str, t: Tensor, folder: Path) -> None:
     """Raise naming ``name`` when the floating-point tensor ``t`` holds NaN or Inf. One reduction per
     tensor: its least and greatest values, both finite exactly when every value is (a NaN makes both NaN),
-    read in the tensor's own dtype; a dtype without that reduction (FP8) is summed in float32 instead,
-    a NaN or Inf making the sum non-finite, and only then confirmed element-wise (a sum of huge finite
-    values can overflow)."""
+    read in the tensor's own dtype; for FP8, the greatest code under FP8_NONFINITE's mask; another dtype
+    is summed in float32, a NaN or Inf making the sum non-finite, and only then confirmed element-wise
+    (a sum of huge finite values can overflow)."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     if t.dtype in MINMAX_DTYPES:
         if bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+            return
+    elif t.dtype in FP8_NONFINITE:
+        mask = FP8_NONFINITE[t.dtype]
+        if int((t.view(torch.uint8) & mask).amax()) != mask:
             return
     elif bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
         return
