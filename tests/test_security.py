@@ -834,3 +834,47 @@ def test_check_finite_agrees_with_isfinite_on_every_fp8_code(dtype):
         else:
             with pytest.raises(NonFinite):
                 check_finite("w", t, Path("m"))
+
+
+def test_read_copy_holds_what_safetensors_reads_for_every_dtype_and_refuses_a_shard_cut_short(tmp_path):
+    """Checkpoint.read_copy reads a tensor's bytes from its shard itself: the same values and dtype as
+    safetensors' own reading for every stored dtype (and converted on request), a NaN refused, and a shard
+    cut short after it was opened one error naming it."""
+    from safetensors.torch import save_file
+
+    from quantmoe.base.errors import QuantMoeError
+    from quantmoe.model.checkpoint import Checkpoint, NonFinite
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=g)
+    tensors = {f"t.{dtype}".replace("torch.", ""): base.to(dtype) for dtype in
+               (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)}
+    tensors.update({"t.int64": torch.arange(7), "t.int32": torch.arange(7, dtype=torch.int32) - 3,
+                    "t.int16": torch.arange(4, dtype=torch.int16), "t.int8": torch.tensor([-3, 4], dtype=torch.int8),
+                    "t.uint8": torch.tensor([0, 255], dtype=torch.uint8), "t.bool": torch.tensor([True, False, True]),
+                    "t.scalar": torch.tensor(2.5), "t.empty": torch.zeros(0, 4)})
+    save_file(tensors, str(folder / "model.safetensors"))
+    ckpt = Checkpoint(folder)
+    for name, want in tensors.items():
+        got = ckpt.read_copy(name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), ckpt.tensor(name).reshape(-1).view(torch.uint8)), name
+    assert torch.equal(ckpt.read_copy("t.bfloat16", torch.float32), tensors["t.bfloat16"].float())
+    assert ckpt.read_copy("t.int8", torch.float32).dtype == torch.int8  # only floating tensors are converted
+
+    bad = base.clone()
+    bad[1, 2] = float("nan")
+    save_file({"w": bad}, str(folder / "model.safetensors"))
+    with pytest.raises(NonFinite, match="tensor w of"):
+        Checkpoint(folder).read_copy("w")
+
+    save_file({"w": base}, str(folder / "model.safetensors"))
+    ckpt = Checkpoint(folder)
+    ckpt.shape("w")  # opened and checked whole
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(QuantMoeError, match="model.safetensors is truncated or corrupt"):
+        ckpt.read_copy("w")

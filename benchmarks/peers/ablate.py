@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import SEQLEN, TOOLS  # noqa: E402
 
+from quantmoe.base.paths import DEMO_MODELS, EVAL_DATA  # noqa: E402
 from quantmoe.model.architectures import plan_layer  # noqa: E402
 from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
-from quantmoe.base.paths import DEMO_MODELS, EVAL_DATA  # noqa: E402
-from quantmoe.stages.evaluate import eval_windows  # noqa: E402
 from quantmoe.model.stream import LayerStream  # noqa: E402
+from quantmoe.stages.evaluate import eval_windows  # noqa: E402
 
 
 def layer_parts(stream: LayerStream, index: int) -> dict[str, str]:

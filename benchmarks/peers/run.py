@@ -42,14 +42,20 @@ from ideas import final_hidden, score  # noqa: E402
 from peer_tools import HERE, PEERS, ensure_venv, installed_versions, venv_python  # noqa: E402
 
 from quantmoe import __version__  # noqa: E402
-from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.base.paths import DEMO_MODELS, EVAL_DATA  # noqa: E402
+from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-from quantmoe.stages.evaluate import Protocol, eval_windows, gap, perplexity, standard_error  # noqa: E402
-from quantmoe.stages.export import checkpoint_stats  # noqa: E402
 from quantmoe.base.files import sha256_file, versions  # noqa: E402
 from quantmoe.model.stream import LayerStream  # noqa: E402
+from quantmoe.stages.evaluate import (  # noqa: E402
+    Protocol,
+    eval_windows,
+    gap,
+    perplexity,
+    standard_error,
+)
+from quantmoe.stages.export import checkpoint_stats  # noqa: E402
 
 NSAMPLES, SEQLEN, SEED = 128, 512, 0
 TARGET = 0.7  # issue 6: quantmoe's relative gap at most 70% of the smaller peer gap

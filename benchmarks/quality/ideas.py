@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.base.paths import DEMO_MODELS, EVAL_DATA
+from quantmoe.model.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+from quantmoe.model.stream import LayerStream
 from quantmoe.stages.evaluate import eval_windows
 from quantmoe.stages.export import checkpoint_stats
-from quantmoe.model.stream import LayerStream
 
 SEQLEN = 512
 # The recipe of quantmoe 0.1.0 before issue 6, spelled out so that its rows do not follow the default.

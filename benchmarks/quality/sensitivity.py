@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ideas import SEQLEN, final_hidden, score  # noqa: E402
 
-from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.base.paths import EVAL_DATA  # noqa: E402
+from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.stages.evaluate import eval_windows  # noqa: E402
 
 

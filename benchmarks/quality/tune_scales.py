@@ -22,11 +22,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ideas import SEQLEN  # noqa: E402
 
-from quantmoe.stages.calibrate import read_calibration  # noqa: E402
-from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.base.paths import EVAL_DATA  # noqa: E402
-from quantmoe.stages.evaluate import eval_windows  # noqa: E402
+from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.model.stream import LayerStream  # noqa: E402
+from quantmoe.stages.calibrate import read_calibration  # noqa: E402
+from quantmoe.stages.evaluate import eval_windows  # noqa: E402
 
 
 def whole_model(path: Path) -> nn.Module:

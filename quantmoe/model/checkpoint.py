@@ -92,6 +92,7 @@ class Checkpoint:
         if not (self.path / "config.json").is_file():
             raise QuantMoeError(f"{self.path} has no config.json; pass a transformers checkpoint folder")
         self._handles: dict[str, object] = {}
+        self._layouts: dict[str, tuple[int, dict]] = {}  # see _layout
 
     def inside(self, name: str) -> Path:
         """The path of file ``name`` of this folder, after checking that it is a plain file name (no
@@ -219,6 +220,56 @@ class Checkpoint:
         check_finite(name, t, self.path)
         return t
 
+    def _layout(self, shard: str) -> tuple[int, dict]:
+        """(offset of the data, header) of a shard whose header safe_open has checked (offsets within the
+        file, sizes matching shapes and dtypes)."""
+        if shard not in self._layouts:
+            self._open(shard)
+            try:
+                with open(self.inside(shard), "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    self._layouts[shard] = (8 + n, json.loads(f.read(n)))
+            except (OSError, ValueError) as exc:
+                raise QuantMoeError(f"shard {self.path / shard} is truncated or corrupt ({exc}); re-download it") \
+                    from None
+        return self._layouts[shard]
+
+    def read_copy(self, name: str, dtype: torch.dtype | None = None, pin: bool = False) -> Tensor:
+        """Tensor ``name`` copied into this process's memory (page-locked with ``pin``) by reading its bytes
+        from the shard file straight into it (one copy, and no pages of a mapping to fault in), checked for
+        NaN/Inf, floating tensors then converted to ``dtype`` (None: as stored)."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
+        start, header = self._layout(shard)
+        info = header.get(name) if isinstance(header, dict) else None
+        stored = STORED_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if stored is None:  # a dtype torch reads only through safetensors: the mapped tensor, copied
+            t = self.tensor(name)
+            t = t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+            return t.pin_memory() if pin else t
+        t = torch.empty(info["shape"], dtype=stored, pin_memory=pin)
+        begin, end = info["data_offsets"]
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        if end - begin != len(data):
+            raise QuantMoeError(f"shard {self.path / shard} is truncated or corrupt (tensor {name} takes "
+                                f"{end - begin} bytes for {len(data)}); re-download it")
+        fd = os.open(self.inside(shard), os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(data):
+                n = os.preadv(fd, [data[done:]], start + begin + done)
+                if n <= 0:
+                    raise QuantMoeError(f"shard {self.path / shard} is truncated or corrupt (it ends inside tensor "
+                                        f"{name}); re-download it")
+                done += n
+        finally:
+            os.close(fd)
+        check_finite(name, t, self.path)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype).pin_memory() if pin else t.to(dtype)
+        return t
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.weight_map:
             raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
@@ -292,8 +343,7 @@ class Checkpoint:
                 mapped = 0
 
         def copied(t: Tensor, nbytes: int) -> Tensor:
-            to = dtype if t.is_floating_point() and dtype is not None else t.dtype
-            t = torch.empty(t.shape, dtype=to, pin_memory=True).copy_(t) if pin else t.to(to, copy=True)
+            t = t.to(dtype if t.is_floating_point() and dtype is not None else t.dtype, copy=True)
             read(nbytes)
             return t
 
@@ -310,7 +360,7 @@ class Checkpoint:
                 stored.update(linear.tensors)
         for name in self.names(prefix):
             if name not in stored:
-                out[name[len(prefix):]] = copied(self.tensor(name), self.nbytes(name))
+                out[name[len(prefix):]] = self.read_copy(name, dtype, pin)
         out.update(as_stored)
         self.close()
         return out
@@ -362,6 +412,10 @@ class NonFinite(QuantMoeError):
         self.tensor = tensor
 
 
+# safetensors' dtype names, for the tensors read_copy reads itself.
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # FP8 codes whose bits under the mask are all ones are NaN (e4m3fn: exponent and mantissa) or NaN and Inf
 # (e5m2: exponent): the greatest masked code says whether a tensor holds one.
