@@ -1,12 +1,14 @@
-"""Peak RSS of reading one FP8 MoE layer as the quantize pipeline reads it (LayerStream.layer_state with
-keep_dtype: codes and scales as stored), on CPU, for one or more quantmoe source trees.
+"""Peak RSS and seconds of reading one FP8 MoE layer as the quantize pipeline reads it (LayerStream.layer_state
+with keep_dtype: codes and scales as stored), on CPU, for one or more quantmoe source trees.
 
     python benchmarks/read_memory.py --trees /path/to/old-quantmoe /path/to/this-quantmoe --out results/x.json
 
 The checkpoint is scale.py's DeepSeek-V3 structure (--reduced widths, with the overrides below so that
 the MoE layer holds about 3 GB of FP8), written once into --work. Each tree is measured in its own
 process: the RSS before the read, the peak while reading (sampled every 2 ms) and the bytes the layer
-holds afterwards; ``extra_mb`` is what the read held beyond the layer itself (the shards' mapped pages).
+holds afterwards; ``extra_mb`` is what the read held beyond the layer itself (the shards' mapped pages);
+``read_seconds``, the read's wall time (the shards in the page cache: the checkpoint was just written or
+read). ``--repeat`` measures the trees in turn that many times.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def sample():
         peak[0] = max(peak[0], proc.memory_info().rss)
 thread = threading.Thread(target=sample)
 thread.start()
+t0 = time.perf_counter()
 state = stream.layer_state(1, keep_dtype=True)
+seconds = time.perf_counter() - t0
 stop.set()
 thread.join()
 held = sum(t.nbytes for t in state.values())
 print(json.dumps({"tree": tree, "layer_mb": round(held / 2**20), "rss_before_mb": round(before / 2**20),
-                  "peak_rss_mb": round(peak[0] / 2**20), "extra_mb": round((peak[0] - before - held) / 2**20)}))
+                  "peak_rss_mb": round(peak[0] / 2**20), "extra_mb": round((peak[0] - before - held) / 2**20),
+                  "read_seconds": round(seconds, 2)}))
 """
 
 
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--trees", nargs="+", required=True, help="quantmoe source trees (folders holding quantmoe/)")
     ap.add_argument("--work", default="/tmp/quantmoe-read-memory", help="where the checkpoint is written (once)")
     ap.add_argument("--out", required=True, help="the result JSON")
+    ap.add_argument("--repeat", type=int, default=1, help="measure the trees in turn this many times")
     args = ap.parse_args()
     folder = Path(args.work) / "deepseek-v3-fp8-2L"
     if not (folder / "config.json").is_file():
@@ -66,7 +72,7 @@ def main() -> None:
 
         scale.make_checkpoint(folder, "deepseek-v3", 2, reduced=True, source="fp8", device="cpu", overrides=OVERRIDES)
     runs = []
-    for tree in args.trees:
+    for tree in args.trees * args.repeat:
         done = subprocess.run([sys.executable, "-c", MEASURE, str(Path(tree).resolve()), str(folder)],
                               capture_output=True, text=True, check=True)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))

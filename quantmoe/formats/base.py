@@ -1,6 +1,7 @@
 """What every on-disk format reader provides: which linears a checkpoint stores quantized, and
 how to turn one back into a plain weight. ``ckpt`` is any object with ``names()``, ``has()``,
-``shape()``, ``tensor()`` and ``quantization`` (``model.checkpoint.Checkpoint``)."""
+``shape()``, ``tensor()`` (a view of the stored tensor), ``read_copy()`` (a copy of it in this process's
+memory) and ``quantization`` (``model.checkpoint.Checkpoint``)."""
 
 from __future__ import annotations
 

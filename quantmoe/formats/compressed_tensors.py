@@ -284,8 +284,8 @@ class CompressedTensorsReader:
 
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> StoredWeight:
         """The linear's tensors (copies unless ``copy`` is False), to dequantize where they go."""
-        parts = {t.rpartition(".")[2]: ckpt.tensor(t) for t in linear.tensors}
-        parts = {k: t.clone() for k, t in parts.items()} if copy else parts
+        read = ckpt.read_copy if copy else ckpt.tensor
+        parts = {t.rpartition(".")[2]: read(t) for t in linear.tensors}
         weights = module_weights(ckpt.quantization, linear.module) or {}
         decode = partial(dequantize_compressed, group_size=weights.get("group_size")
                          or config_group_size(ckpt.quantization), bits=weights.get("num_bits"))

@@ -469,9 +469,8 @@ class _Fp8Source:
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> Fp8Weight:
         """The linear as stored (codes and scale, copied out of the shard), to dequantize later on a device."""
         weight, scale = linear.tensors[:2]
-        codes, s = ckpt.tensor(weight), ckpt.tensor(scale)
-        if copy:
-            codes, s = codes.clone(), s.clone()
+        read = ckpt.read_copy if copy else ckpt.tensor
+        codes, s = read(weight), read(scale)
         return Fp8Weight(codes, s, self.block(ckpt.quantization, tuple(codes.shape), tuple(s.shape)), weight)
 
 

@@ -260,14 +260,14 @@ class GptqReader:
 
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> StoredWeight:
         """The linear's four tensors (copies unless ``copy`` is False), checked, to dequantize where they go."""
-        parts = {s: ckpt.tensor(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
+        read = ckpt.read_copy if copy else ckpt.tensor
+        parts = {s: read(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
         found = module_settings(ckpt.quantization, linear.module)
         if found is None:
             raise QuantMoeError(f"{linear.module} is stored quantized but the config's dynamic rules keep it "
                                 "unquantized; the checkpoint is damaged: re-export or re-download it")
         bits, _ = found
         check_linear(linear.module, parts, bits)
-        parts = {k: t.clone() for k, t in parts.items()} if copy else parts
         return StoredWeight(parts, partial(dequantize_linear, bits=bits), torch.Size(linear.shape), torch.float32,
                             f"{linear.module}.weight")
 

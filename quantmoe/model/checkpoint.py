@@ -417,15 +417,16 @@ STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# FP8 codes whose bits under the mask are all ones are NaN (e4m3fn: exponent and mantissa) or NaN and Inf
-# (e5m2: exponent): the greatest masked code says whether a tensor holds one.
+# The least non-finite FP8 code with the sign bit clear: it and the codes above it are NaN (e4m3fn) or Inf
+# and NaN (e5m2), with either sign. The greatest code read as int8 (sign bit clear) and as uint8 (sign bit set)
+# says whether a tensor holds one: two reductions, no temporary.
 FP8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
 def check_finite(name: str, t: Tensor, folder: Path) -> None:
     """Raise naming ``name`` when the floating-point tensor ``t`` holds NaN or Inf. One reduction per
     tensor: its least and greatest values, both finite exactly when every value is (a NaN makes both NaN),
-    read in the tensor's own dtype; for FP8, the greatest code under FP8_NONFINITE's mask; another dtype
+    read in the tensor's own dtype; for FP8, its greatest codes (FP8_NONFINITE); another dtype
     is summed in float32, a NaN or Inf making the sum non-finite, and only then confirmed element-wise
     (a sum of huge finite values can overflow)."""
     if not t.is_floating_point() or t.numel() == 0:
@@ -434,8 +435,8 @@ def check_finite(name: str, t: Tensor, folder: Path) -> None:
         if bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
             return
     elif t.dtype in FP8_NONFINITE:
-        mask = FP8_NONFINITE[t.dtype]
-        if int((t.view(torch.uint8) & mask).amax()) != mask:
+        least = FP8_NONFINITE[t.dtype]
+        if int(t.view(torch.int8).amax()) < least and int(t.view(torch.uint8).amax()) < 0x80 + least:
             return
     elif bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
         return
