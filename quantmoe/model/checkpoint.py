@@ -322,11 +322,11 @@ class Checkpoint:
         scale), which ``LayerStream.load_layer`` dequantizes on the device. With ``defer``, the quantized
         linears of an export (GPTQ, compressed-tensors) likewise come as stored (``formats.base.StoredWeight``,
         the reader's checks done) for the caller to dequantize on its device. Every tensor is copied
-        into this process's memory and the shards are closed afterwards: pages of a mapped shard
-        count towards the process's resident memory for as long as it stays open, which
-        would make memory grow with every layer read; they are closed every READ_WINDOW bytes too, so
-        a layer's bytes are held twice only that far. ``pin``: the copies are made in page-locked memory
-        (which a GPU copies from asynchronously and faster), one copy per tensor.
+        into this process's memory (``read_copy``: read from the shard file straight into it, so no pages of
+        a mapping are held); what is dequantized here is read through the mapped shards, which are closed
+        every READ_WINDOW bytes and at the end (a mapped shard's pages count towards the process's resident
+        memory while it stays open). ``pin``: the copies are made in page-locked memory (which a GPU copies
+        from asynchronously and faster).
         """
         out: dict[str, Tensor] = {}
         as_stored: dict[str, Fp8Weight] = {}
