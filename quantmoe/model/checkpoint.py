@@ -19,6 +19,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -261,10 +262,11 @@ class Checkpoint:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
-    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False
-                    ) -> dict[str, Tensor]:
+    def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False,
+                    only: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
         """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
-        wrote the checkpoint) dequantized to ``.weight``.
+        wrote the checkpoint) dequantized to ``.weight``. ``only``: which of them to read, by their name
+        under the prefix (a quantized linear's by its ``.weight``); the others are not read at all.
 
         Floating tensors come in ``dtype`` (None: as stored). With ``dtype`` None, the linears of
         an FP8 release stay as stored too: ``.weight`` is a ``formats.fp8.Fp8Weight`` (codes and
@@ -298,6 +300,9 @@ class Checkpoint:
         for module, linear in sorted(self.quantized_linears.items()):
             if module.startswith(prefix):
                 name = module[len(prefix):] + ".weight"
+                if only is not None and not only(name):
+                    stored.update(linear.tensors)
+                    continue
                 nbytes = sum(self.nbytes(t) for t in linear.tensors)
                 if keep:
                     as_stored[name] = self.format.stored(self, linear)  # a copy
@@ -306,7 +311,7 @@ class Checkpoint:
                     out[name] = copied(self.format.dequantize(self, linear), nbytes)
                 stored.update(linear.tensors)
         for name in self.names(prefix):
-            if name not in stored:
+            if name not in stored and (only is None or only(name[len(prefix):])):
                 out[name[len(prefix):]] = copied(self.tensor(name), self.nbytes(name))
         out.update(as_stored)
         self.close()

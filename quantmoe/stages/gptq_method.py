@@ -238,10 +238,17 @@ class GptqRun:
                 stream.release_layer(i)
         setup_peak = _gpu_peak(dev, reset=True)
 
+        def share(i: int) -> range | None:
+            """The routed experts of layer i this process reads and holds (None: all)."""
+            return stream.expert_share(i, self.ranks)
+
+        def read_bytes(i: int) -> int:
+            return layer_bytes(stream.ckpt, i, stream.reads(i, share(i)))
+
         def pin(i: int) -> bool:
             """The prefetched layer in page-locked memory (a faster, asynchronous upload) unless it is larger
             than PIN_BYTES: pinning copies it, so host memory would briefly hold it twice."""
-            return dev.type == "cuda" and layer_bytes(stream.ckpt, i) <= PIN_BYTES
+            return dev.type == "cuda" and read_bytes(i) <= PIN_BYTES
 
         # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
         # larger than the device may keep.
@@ -250,20 +257,21 @@ class GptqRun:
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
             def read_ahead(i: int) -> Future | None:
-                return reader.submit(stream.layer_state, i, True, pin(i)) if self.prefetch and i < n else None
+                return reader.submit(stream.layer_state, i, True, pin(i), share(i)) if self.prefetch and i < n else None
 
             next_state = read_ahead(done)
             for i in range(done, n):
                 t0 = time.perf_counter()
                 _gpu_peak(dev, reset=True)
-                state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
+                state = next_state.result() if next_state is not None else \
+                    stream.layer_state(i, keep_dtype=True, experts=share(i))
                 waited = time.perf_counter() - t0
                 quantizer = LayerQuantizer(stream, i, batches, qcfg, state, self.ranks, self.tf32, self.block_fn,
                                            batches if qcfg.effective_fit == "layer" else originals, self.budget)
                 del state  # on the device now
                 plan = host_plan(self.host, psutil.Process().memory_info().rss,
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,
-                                 layer_bytes(stream.ckpt, i + 1) if self.prefetch and i + 1 < n else None)
+                                 read_bytes(i + 1) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture
                 next_state = read_ahead(i + 1) if plan.read_ahead else None
                 result = quantizer.run()
@@ -277,6 +285,7 @@ class GptqRun:
                          "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb,
                          "peak_rss_mb": rss.take(), "expert_tokens": result.expert_tokens,
                          "expert_groups": result.expert_groups, "expert_bytes_held": result.expert_bytes_held,
+                         "expert_bytes_loaded": result.expert_bytes_loaded,
                          "modules": result.log}
                 peak = layer_peak if i > done or setup_peak is None else max(layer_peak, setup_peak)
                 yield LayerOutput(i, result.tensors, entry, result.packed, peak)
@@ -341,9 +350,11 @@ def host_plan(budget: int, resident: int, packed: int, capture: int, next_layer:
     return HostPlan(limit, read_ahead)
 
 
-def layer_bytes(ckpt: Checkpoint, i: int) -> int:
-    """Bytes layer i takes in the shards (what reading it holds in host memory)."""
-    return sum(ckpt.nbytes(name) for name in ckpt.names(ckpt.layer_prefix(i)))
+def layer_bytes(ckpt: Checkpoint, i: int, keep: Callable[[str], bool] | None = None) -> int:
+    """Bytes layer i takes in the shards (what reading it holds in host memory); ``keep``: of the tensors
+    a read keeps (LayerStream.reads), by layer-relative name."""
+    prefix = ckpt.layer_prefix(i)
+    return sum(ckpt.nbytes(name) for name in ckpt.names(prefix) if keep is None or keep(name[len(prefix):]))
 
 
 def packed_bytes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig, i: int) -> int:

@@ -94,6 +94,7 @@ class LayerResult:
     peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per stage, on CUDA
     packed: torch.cuda.Event | None = None  # on CUDA: reached once ``tensors`` are copied to the host
     expert_bytes_held: int | None = None  # bytes of routed experts' originals and levels this process held
+    expert_bytes_loaded: int | None = None  # bytes of routed experts this process read for the layer's load
 
 
 def spec_of(qcfg: QuantConfig) -> QuantSpec:
@@ -192,11 +193,14 @@ class LayerQuantizer:
         if experts is not None and experts.qcfg is not None:
             self.qcfg = experts.qcfg
         with self.clock("load"):
+            # Under several processes only this process's share of the routed experts is read and loaded.
+            share = stream.expert_share(index, ranks)
             if state is None:
-                state = stream.layer_state(index, keep_dtype=True)
+                state = stream.layer_state(index, keep_dtype=True, experts=share)
+            loaded = self._expert_bytes(state)
             # Routed experts stay as they are stored (StoredExperts: an FP8 release's as FP8); the rest is fp32.
             self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=self._expert_dtype(state),
-                                                      keep_fp8=True)
+                                                      keep_fp8=True, experts=share)
             self.experts_module: nn.Module | None = None  # the fused module StoredExperts stands in for
             if self.plan.experts is not None:
                 self.experts_module = self.layer.get_submodule(self.plan.fused.module)
@@ -204,9 +208,10 @@ class LayerQuantizer:
                                                                                  self.plan.fused.down))
                 self.layer.set_submodule(self.plan.fused.module, StoredExperts(
                     gate_up.data if isinstance(gate_up, nn.Parameter) else gate_up,
-                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks))
+                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks,
+                    None if share is None else self.plan.num_experts))
                 del gate_up, down
-                if ranks.world > 1:  # StoredExperts copied this process's share: the whole layer's experts go
+                if ranks.world > 1:  # StoredExperts holds this process's share: the fused module lets go of it
                     for attr in (self.plan.fused.gate_up, self.plan.fused.down):
                         _empty(self.experts_module, attr)
             # --fit stream/layer: the layer as it was, run on the full-precision stream beside the one quantized.
@@ -226,7 +231,7 @@ class LayerQuantizer:
         self._last_attention_path = None if tail is None or not self.plan.attention else \
             self.arch.to_memory(self.plan.attention[-1][0])
         self.prefix = f"model.layers.{index}."
-        self.result = LayerResult(tensors={})
+        self.result = LayerResult(tensors={}, expert_bytes_loaded=loaded)
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
 
     def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
@@ -235,8 +240,17 @@ class LayerQuantizer:
         if fused is None or mlp is None:
             return torch.float32
         names = [fused.disk_gate_up] if fused.on_disk else []
-        names.append(f"{mlp.linear(fused.halves[0], 0)}.weight")
+        # the first expert read (under several processes, the first of this process's share)
+        names += [f"{mlp.linear(fused.halves[0], e)}.weight" for e in range(self.plan.num_experts)]
         return next((state[n].dtype for n in names if n in state), torch.float32)
+
+    def _expert_bytes(self, state: dict[str, Tensor]) -> int | None:
+        """Bytes of the routed experts' tensors the layer's ``state`` holds, as read into host memory (the load
+        puts as many on the device: a share's, with several processes); None for a layer without any."""
+        if self.plan.experts is None:
+            return None
+        fused = self.plan.fused_disk_tensors()
+        return sum(t.nbytes for n, t in state.items() if n in fused or self.arch.expert_of(n) is not None)
 
     def _original_copy(self) -> nn.Module:
         """The layer before quantization, for the full-precision stream: a copy of every module but the
