@@ -163,11 +163,12 @@ def _layer_entries(out: Path) -> list[dict]:
     return json.loads((out / "quantization_log.json").read_text())["layers"]
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3-fp8", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["deepseek_v3-fp8", "mixtral", "qwen2_moe", "granitemoe"])
 def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_experts(text_file, tmp_path, kind):
-    """A tiny DeepSeek-V3 FP8 release, Mixtral and Qwen2-MoE (BF16), --fit stream (the default): two torchrun
-    processes write the bytes of one, and each MoE layer's log says rank 0 read from the shards, loaded and held
-    half the experts' bytes that one process did (expert_bytes_loaded, expert_bytes_held)."""
+    """A tiny DeepSeek-V3 FP8 release, Mixtral, Qwen2-MoE and GraniteMoE (experts fused on disk; BF16), --fit
+    stream (the default): two torchrun processes write the bytes of one, and each MoE layer's log says rank 0
+    read from the shards, loaded and held half the experts' bytes that one process did (expert_bytes_loaded,
+    expert_bytes_held)."""
     model_type = kind.split("-")[0]
     src = make_model(model_type, tmp_path / "bf16", dtype=torch.bfloat16)
     if kind.endswith("fp8"):
@@ -175,7 +176,8 @@ def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_expe
     one, two = one_and_two_processes(src, text_file, tmp_path)
     entries = list(zip(_layer_entries(one), _layer_entries(two)))
     moe = [(a, b) for a, b in entries if a["expert_bytes_held"] is not None]
-    assert moe and (len(moe) < len(entries)) == (model_type != "mixtral")  # a dense first layer, but in Mixtral
+    # a dense first layer in DeepSeek-V3 and Qwen2-MoE (first_k_dense_replace, mlp_only_layers)
+    assert moe and (len(moe) < len(entries)) == (model_type in ("deepseek_v3", "qwen2_moe"))
     for alone, shared in moe:
         for field in ("expert_bytes_held", "expert_bytes_loaded"):
             assert 0 < shared[field] and abs(shared[field] - alone[field] / 2) <= alone[field] * 0.01, \
@@ -198,7 +200,7 @@ def _as_tensors(w) -> list[torch.Tensor]:
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3-fp8", "granitemoe"])
 def test_a_process_reads_and_loads_only_its_share_of_the_routed_experts(tmp_path, kind):
     """Each process of two (or of eight: some shares empty) reads from the shards only its share's per-expert
-    tensors (none of the other experts'), and load_layer's fused tensors hold exactly those experts, equal to
+    tensors (none of the other experts'; of GraniteMoE's fused tensors only its rows), and load_layer's fused tensors hold exactly those experts, equal to
     the same rows of a whole load (FP8 codes and scales as stored); one process reads and loads them all."""
     from quantmoe.model.architectures import plan_layer
     from quantmoe.model.checkpoint import Checkpoint
@@ -230,7 +232,9 @@ def test_a_process_reads_and_loads_only_its_share_of_the_routed_experts(tmp_path
             assert share == Ranks(rank, world).share(E)
             state = stream.layer_state(index, keep_dtype=True, experts=share)
             read = {stream.arch.expert_of(n) for n in state} - {None}
-            if not plan.fused.on_disk:  # an empty share reads one expert, for the shapes
+            if plan.fused.on_disk:  # only the share's rows of the fused tensors
+                assert all(state[n].shape[0] == len(share) for n in plan.fused_disk_tensors()), (world, rank)
+            else:  # an empty share reads one expert, for the shapes
                 assert read == (set(share) if len(share) else {E - 1}), (world, rank)
             layer = stream.load_layer(index, state, torch.bfloat16, keep_fp8=True, experts=share)
             for got, want in zip(_fused(layer, plan), whole):

@@ -19,7 +19,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -209,12 +209,14 @@ class Checkpoint:
                 raise QuantMoeError(f"shard {file} is truncated or corrupt ({exc}); re-download it") from None
         return self._handles[shard]
 
-    def tensor(self, name: str) -> Tensor:
+    def tensor(self, name: str, rows: range | None = None) -> Tensor:
+        """Tensor ``name``; ``rows``: only those of its first dimension are read."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
         try:
-            t = self._open(shard).get_tensor(name)
+            f = self._open(shard)
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows.start:rows.stop]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise QuantMoeError(f"cannot read {name} from shard {self.path / shard} ({exc}); re-download it") from None
         check_finite(name, t, self.path)
@@ -263,10 +265,12 @@ class Checkpoint:
         return f"model.layers.{index}."
 
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False,
-                    only: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+                    only: Callable[[str], bool] | None = None, rows: Mapping[str, range] | None = None
+                    ) -> dict[str, Tensor]:
         """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
         wrote the checkpoint) dequantized to ``.weight``. ``only``: which of them to read, by their name
         under the prefix (a quantized linear's by its ``.weight``); the others are not read at all.
+        ``rows``: tensors (by name under the prefix) of which only those rows (first dimension) are read.
 
         Floating tensors come in ``dtype`` (None: as stored). With ``dtype`` None, the linears of
         an FP8 release stay as stored too: ``.weight`` is a ``formats.fp8.Fp8Weight`` (codes and
@@ -311,8 +315,11 @@ class Checkpoint:
                     out[name] = copied(self.format.dequantize(self, linear), nbytes)
                 stored.update(linear.tensors)
         for name in self.names(prefix):
-            if name not in stored and (only is None or only(name[len(prefix):])):
-                out[name[len(prefix):]] = copied(self.tensor(name), self.nbytes(name))
+            short = name[len(prefix):]
+            if name not in stored and (only is None or only(short)):
+                some = (rows or {}).get(short)
+                t = self.tensor(name, some)
+                out[short] = copied(t, self.nbytes(name) if some is None else t.numel() * t.element_size())
         out.update(as_stored)
         self.close()
         return out

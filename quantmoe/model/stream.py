@@ -213,7 +213,8 @@ class LayerStream:
         """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory
         (an export with unfused expert names, GPTQModel's or llm-compressor's, is recognised by its
         names and mapped back). ``experts``: the routed experts to read (``expert_share``; None: all):
-        the other experts' per-expert tensors are not read from the shards (fused ones are read whole).
+        the other experts' tensors are not read from the shards (of fused ones, GraniteMoE's, only the
+        experts' rows are read).
 
         ``keep_dtype`` leaves them as stored (bf16 for most checkpoints: half the bytes to
         read and to copy to the device, where ``load_layer`` converts them). Safe to call
@@ -221,8 +222,9 @@ class LayerStream:
         memory, which a GPU copies from asynchronously and several times faster (2.7 GiB of Mixtral
         layer: about 0.2 s less per layer on an H200), for the price of that copy in host memory.
         """
+        fused = plan_layer(self.arch, self.config, index).fused_disk_tensors() if experts is not None else ()
         state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype, defer=True,
-                                      only=self.reads(index, experts))
+                                      only=self.reads(index, experts), rows=dict.fromkeys(fused, experts))
         if self.arch.uses_unfused_names(state):
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         if pin:
@@ -347,9 +349,12 @@ class LayerStream:
             if fused.on_disk and not per_expert:
                 for name, n in ((gate_up_name, fused.disk_gate_up), (down_name, fused.disk_down)):
                     t, dtype = state[n], experts_dtype or state[n].dtype
-                    # a share: copied out of the fused tensor, whose storage can then go
-                    out[name] = t.to(self.device, dtype) if experts is None else \
-                        t[held.start:held.stop].to(self.device, dtype, copy=True)
+                    if experts is not None:  # the share's rows (layer_state's), or cut out of every expert's
+                        if t.shape[0] == plan.num_experts:
+                            t = t[held.start:held.stop].clone()  # the whole tensor's storage can then go
+                        if t.shape[0] != len(held):
+                            raise IndexError(f"{n} holds {t.shape[0]} experts, not the {len(held)} of this share")
+                    out[name] = t.to(self.device, dtype)
             elif keep_fp8 and self._fp8_experts(plan, state, held, shapes):
                 out[gate_up_name], out[down_name] = self._stacked_fp8(plan, state, consumed, held, shapes)
             else:  # per-expert tensors win over fused ones: they are what a quantized export holds
