@@ -168,7 +168,8 @@ def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_expe
     """A tiny DeepSeek-V3 FP8 release, Mixtral, Qwen2-MoE and GraniteMoE (experts fused on disk; BF16), --fit
     stream (the default): two torchrun processes write the bytes of one, and each MoE layer's log says rank 0
     read from the shards, loaded and held half the experts' bytes that one process did (expert_bytes_loaded,
-    expert_bytes_held)."""
+    expert_bytes_held), and every layer's that it held the hidden states of its share of the batches only
+    (activation_bytes_held)."""
     model_type = kind.split("-")[0]
     src = make_model(model_type, tmp_path / "bf16", dtype=torch.bfloat16)
     if kind.endswith("fp8"):
@@ -183,6 +184,11 @@ def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_expe
             assert 0 < shared[field] and abs(shared[field] - alone[field] / 2) <= alone[field] * 0.01, \
                 (field, alone[field], shared[field])
         assert alone["expert_bytes_loaded"] < alone["expert_bytes_held"]  # the levels come on top
+    # 8 sequences in batches of 3, 3 and 2: rank 0 holds the first and the last, 5 of the 8 (both streams)
+    for alone, shared in entries:
+        assert alone["activation_bytes_held"] > 0 and shared["activation_bytes_held"] * 8 == \
+            alone["activation_bytes_held"] * 5, (alone["index"], alone["activation_bytes_held"],
+                                                 shared["activation_bytes_held"])
 
 
 def _fused(layer, plan) -> list:

@@ -149,10 +149,31 @@ def all_gather(parts: list[Tensor], t: Tensor, group: dist.ProcessGroup | None =
     _collective(dist.all_gather, parts, t, group=group)
 
 
+def broadcast(t: Tensor, src: int) -> Tensor:
+    """``t`` of process ``src`` on every process, in place (a lost process is one QuantMoeError)."""
+    _collective(dist.broadcast, t, src)
+    return t
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over every process, in place (a lost process is one QuantMoeError, as in ``all_gather``)."""
     _collective(dist.all_reduce, t, op=dist.ReduceOp.SUM)
     return t
+
+
+def max_ints(values: list[int], ranks: Ranks, device: torch.device) -> list[int]:
+    """Element by element, the largest of every process's ``values`` (padded with zeros to the longest list),
+    on every process (a collective: all must call it; ``device``: the process group's, as in ``spread``)."""
+    if ranks.world == 1:
+        return list(values)
+    n = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    _collective(dist.all_reduce, n, op=dist.ReduceOp.MAX)
+    if not int(n):
+        return []
+    t = torch.zeros(int(n), dtype=torch.int64, device=device)
+    t[:len(values)] = torch.tensor(values, dtype=torch.int64)
+    _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _collective(collective, *args, **kwargs) -> None:

@@ -24,7 +24,7 @@ from ..formats.base import StoredWeight
 from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
-from .distributed import SINGLE, Ranks, spread
+from .distributed import SINGLE, Ranks, broadcast, spread
 
 
 class _Stop(Exception):
@@ -33,7 +33,9 @@ class _Stop(Exception):
 
 @dataclass
 class Batch:
-    """A mini-batch of sequences between two layers."""
+    """A mini-batch of sequences between two layers. Under several processes each holds the hidden states
+    of its share of the batches only (``LayerStream.embed``); the others' are meta tensors (their shape and
+    dtype, no memory), which writes leave alone."""
 
     hidden: Tensor  # (b, L, hidden) activations entering the next layer
     kwargs: dict    # what the model passes every layer: position embeddings, mask, ...
@@ -166,8 +168,10 @@ class LayerStream:
 
     # -- embeddings ----------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, input_ids: Tensor, batch_size: int) -> list[Batch]:
-        """Token ids (N, L) -> the inputs of layer 0, in mini-batches."""
+    def embed(self, input_ids: Tensor, batch_size: int, ranks: Ranks = SINGLE) -> list[Batch]:
+        """Token ids (N, L) -> the inputs of layer 0, in mini-batches. Under several processes (``ranks``) each
+        keeps the hidden states of the batches whose forward passes it runs (``distributed.spread``: every
+        world-th, from its rank on); the others' are meta tensors. Every process keeps every batch's kwargs."""
         first = self.model.model.layers[0]
         grabbed: list[Batch] = []
 
@@ -183,6 +187,8 @@ class LayerStream:
                 ids = input_ids[start:start + batch_size].to(self.device)
                 with contextlib.suppress(_Stop):
                     self.model.model(input_ids=ids, use_cache=False)
+                if (len(grabbed) - 1) % ranks.world != ranks.rank:  # another process's batch
+                    grabbed[-1].hidden = grabbed[-1].hidden.to("meta")
         finally:
             handle.remove()
         return grabbed
@@ -430,7 +436,7 @@ class LayerStream:
         for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
             b.hidden.copy_(h.view_as(b.hidden))
             # norm.forward: the capture's hook on the norm stays registered until the last batch.
-            yield norm.forward(b.hidden).reshape(-1, b.hidden.shape[-1])
+            yield norm.forward(h.view_as(b.hidden) if b.hidden.is_meta else b.hidden).reshape(-1, b.hidden.shape[-1])
 
     @torch.no_grad()
     def capture_to_residual(self, layer: nn.Module, batches: list[Batch], module_path: str,
@@ -467,11 +473,24 @@ class LayerStream:
                 handle.remove()
 
     @torch.no_grad()
-    def mlp_inputs(self, layer: nn.Module, batches: list[Batch]) -> Iterator[Tensor]:
-        """The MLP's input for batches that hold the residual after attention (``to_residual``)."""
+    def mlp_inputs(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """The MLP's input for batches that hold the residual after attention (``to_residual``); with several
+        processes each computes its batches' and every process gets all."""
         norm = layer.get_submodule(self.arch.mlp_tail[0])
-        for b in batches:
-            yield norm(b.hidden).reshape(-1, b.hidden.shape[-1])
+        yield from spread(batches, lambda b: norm(b.hidden).reshape(-1, b.hidden.shape[-1]), ranks, self.device)
+
+    def hidden_states(self, batches: list[Batch], ranks: Ranks, first: int = 0) -> Iterator[Tensor]:
+        """Every batch's hidden state on every process, one batch at a time: each sent by the process that
+        holds it (``embed``: batch ``first + j`` of the layer's list by process (first + j) % world). A
+        process's own batches come as they are, the others' in new tensors."""
+        for j, b in enumerate(batches):
+            if ranks.world == 1:
+                yield b.hidden
+                continue
+            owner = (first + j) % ranks.world
+            h = b.hidden if owner == ranks.rank else torch.empty(b.hidden.shape, dtype=b.hidden.dtype,
+                                                                   device=self.device)
+            yield broadcast(h, owner)
 
     @torch.no_grad()
     def run_tail(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> list[Batch]:
@@ -551,8 +570,8 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
 def _outputs(batches: list[Batch], outputs: Iterator[Tensor], in_place: bool) -> list[Batch]:
     """The batches with ``outputs`` as their hidden states: written into the same tensors
     (``in_place``; each output is computed before its batch is overwritten) or as new batches."""
-    if not in_place:
-        return [Batch(h, b.kwargs) for h, b in zip(outputs, batches)]
+    if not in_place:  # another process's batch stays a meta tensor
+        return [Batch(b.hidden if b.hidden.is_meta else h, b.kwargs) for h, b in zip(outputs, batches)]
     for b, h in zip(batches, outputs):
         b.hidden.copy_(h.view_as(b.hidden))
     return batches

@@ -226,7 +226,7 @@ class GptqRun:
         stream, qcfg, dev, n = self.stream, self.qcfg, self.device, self.stream.num_layers
         if done == n:
             return
-        batches = stream.embed(self.ids, self.batch_size)
+        batches = stream.embed(self.ids, self.batch_size, self.ranks)  # this process's share of the batches
         stream.release_embeddings()  # not needed again: their device memory goes to the layers' work
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
@@ -286,6 +286,7 @@ class GptqRun:
                          "peak_rss_mb": rss.take(), "expert_tokens": result.expert_tokens,
                          "expert_groups": result.expert_groups, "expert_bytes_held": result.expert_bytes_held,
                          "expert_bytes_loaded": result.expert_bytes_loaded,
+                         "activation_bytes_held": result.activation_bytes_held,
                          "modules": result.log}
                 peak = layer_peak if i > done or setup_peak is None else max(layer_peak, setup_peak)
                 yield LayerOutput(i, result.tensors, entry, result.packed, peak)
