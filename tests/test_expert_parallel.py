@@ -191,6 +191,25 @@ def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_expe
                                                  shared["activation_bytes_held"])
 
 
+def test_processes_with_different_numbers_of_expert_groups_make_the_same_passes(text_file, tmp_path):
+    """Five experts over two processes (three and two), --gpu-memory room for about one expert a group: rank 0
+    solves three groups in a layer, rank 1 at most two, and joins the third group's passes over the tokens
+    (collectives, as each holds its share of the batches), its rare experts' blend passes too; the bytes are
+    one process's, which solves all five in one group."""
+    from quantmoe.stages.experts import ExpertCosts
+
+    src = make_model("qwen2_moe", tmp_path / "bf16", dtype=torch.bfloat16, num_experts=5)
+    C, I = 64, 64  # tests/tiny.py's qwen2_moe: hidden_size, moe_intermediate_size
+    costs = ExpertCosts(C, I, hessians=True, cross=True, fit_down=True)
+    budget = costs.levels(3) + costs.of(8 * 64)  # 8 sequences of 64 tokens: room for one expert on rank 0
+    one, two = one_and_two_processes(src, text_file, tmp_path, "--gpu-memory", str(budget))
+    moe = [(a, b) for a, b in zip(_layer_entries(one), _layer_entries(two)) if a["expert_groups"] is not None]
+    groups = [(a["expert_groups"], b["expert_groups"]) for a, b in moe]
+    # one process: one group; rank 0 of two: three groups in some layer (its three experts apart), so rank 1,
+    # holding two experts, joins at least one group's passes there
+    assert moe and all(a == 1 for a, _ in groups) and any(b == 3 for _, b in groups), groups
+
+
 def _fused(layer, plan) -> list:
     module = layer.get_submodule(plan.fused.module)
     return [getattr(module, attr) for attr in (plan.fused.gate_up, plan.fused.down)]

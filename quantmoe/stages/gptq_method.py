@@ -251,9 +251,9 @@ class GptqRun:
             return dev.type == "cuda" and read_bytes(i) <= PIN_BYTES
 
         # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
-        # larger than the device may keep.
+        # larger than the device may keep; never under several processes, which capture them again instead.
         captured = self.ids.numel() * stream.config.hidden_size * 4 * (2 if qcfg.fit in ("stream", "layer") else 1)
-        captured = captured if dev.type == "cuda" and captured > CAPTURE_CACHE_BYTES else 0
+        captured = captured if dev.type == "cuda" and captured > CAPTURE_CACHE_BYTES and self.ranks.world == 1 else 0
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
             def read_ahead(i: int) -> Future | None:
