@@ -9,8 +9,9 @@ Activations are streamed batch by batch from the capture hook, never concatenate
 input of the MoE block is captured once for the gate/up Hessians and again, once gate/up
 are quantized, for the down Hessians. The second partial forward pass costs less than
 keeping a (tokens, hidden) fp32 copy on the device (4.3 GB for 128 x 2048 tokens of
-Mixtral). With several processes each holds, solves and runs only its share of the experts
-(distributed.py). Time per stage is recorded in ``LayerResult.timings``.
+Mixtral). With several processes each holds, solves and runs only its share of the experts, and
+holds the activations of its share of the batches: every pass over the tokens is then a collective
+that all processes make alike (distributed.py). Time per stage is recorded in ``LayerResult.timings``.
 """
 
 from __future__ import annotations
