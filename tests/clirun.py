@@ -119,17 +119,18 @@ def one_process(src: Path, out: Path, calib: Path) -> Path:
     return out
 
 
-def one_and_two_processes(src: Path, calib: Path, tmp_path: Path) -> tuple[Path, Path]:
+def one_and_two_processes(src: Path, calib: Path, tmp_path: Path, *two_only: str) -> tuple[Path, Path]:
     """Quantize ``src`` in this process (one thread, as torchrun gives each process) into tmp_path/one and
-    with two gloo processes under torchrun into tmp_path/two (group size 32, batches of 3, CPU), and assert
-    they wrote the same shards, byte for byte. Returns the two output folders."""
+    with two gloo processes under torchrun into tmp_path/two (group size 32, batches of 3, CPU; ``two_only``:
+    more options for them alone, which must not change the bytes), and assert they wrote the same shards,
+    byte for byte. Returns the two output folders."""
     one, two = one_process(src, tmp_path / "one", calib), tmp_path / "two"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "quantmoe", "quantize", str(src), "--out", str(two), "--calib", str(calib),
                           "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size", "3",
-                          "--no-eval", "--quiet", "--device", "cpu"], env=env, capture_output=True, text=True,
+                          "--no-eval", "--quiet", "--device", "cpu", *two_only], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     shards = sorted(p.name for p in one.glob("model*.safetensors*"))

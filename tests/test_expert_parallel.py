@@ -163,15 +163,107 @@ def _layer_entries(out: Path) -> list[dict]:
     return json.loads((out / "quantization_log.json").read_text())["layers"]
 
 
-def test_two_processes_on_an_fp8_release_write_one_process_bytes_holding_half_the_experts(text_file, tmp_path):
-    """A tiny DeepSeek-V3 FP8 release (--fit stream, the default): two torchrun processes write the bytes of one,
-    and each MoE layer's log says rank 0 held about half the experts' bytes that one process held."""
-    bf16 = make_model("deepseek_v3", tmp_path / "bf16", dtype=torch.bfloat16)
-    src = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
+@pytest.mark.parametrize("kind", ["deepseek_v3-fp8", "mixtral", "qwen2_moe", "granitemoe"])
+def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_experts(text_file, tmp_path, kind):
+    """A tiny DeepSeek-V3 FP8 release, Mixtral, Qwen2-MoE and GraniteMoE (experts fused on disk; BF16), --fit
+    stream (the default): two torchrun processes write the bytes of one, and each MoE layer's log says rank 0
+    read from the shards, loaded and held half the experts' bytes that one process did (expert_bytes_loaded,
+    expert_bytes_held), and every layer's that it held the hidden states of its share of the batches only
+    (activation_bytes_held)."""
+    model_type = kind.split("-")[0]
+    src = make_model(model_type, tmp_path / "bf16", dtype=torch.bfloat16)
+    if kind.endswith("fp8"):
+        src = write_fp8_release(src, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra(model_type))
     one, two = one_and_two_processes(src, text_file, tmp_path)
-    held = [(a["expert_bytes_held"], b["expert_bytes_held"])
-            for a, b in zip(_layer_entries(one), _layer_entries(two))]
-    moe = [(a, b) for a, b in held if a is not None]
-    assert moe and len(moe) < len(held)  # the first layer is dense (first_k_dense_replace)
+    entries = list(zip(_layer_entries(one), _layer_entries(two)))
+    moe = [(a, b) for a, b in entries if a["expert_bytes_held"] is not None]
+    # a dense first layer in DeepSeek-V3 and Qwen2-MoE (first_k_dense_replace, mlp_only_layers)
+    assert moe and (len(moe) < len(entries)) == (model_type in ("deepseek_v3", "qwen2_moe"))
     for alone, shared in moe:
-        assert 0 < shared and abs(shared - alone / 2) <= alone * 0.01, (alone, shared)
+        for field in ("expert_bytes_held", "expert_bytes_loaded"):
+            assert 0 < shared[field] and abs(shared[field] - alone[field] / 2) <= alone[field] * 0.01, \
+                (field, alone[field], shared[field])
+        assert alone["expert_bytes_loaded"] < alone["expert_bytes_held"]  # the levels come on top
+    # 8 sequences in batches of 3, 3 and 2: rank 0 holds the first and the last, 5 of the 8 (both streams)
+    for alone, shared in entries:
+        assert alone["activation_bytes_held"] > 0 and shared["activation_bytes_held"] * 8 == \
+            alone["activation_bytes_held"] * 5, (alone["index"], alone["activation_bytes_held"],
+                                                 shared["activation_bytes_held"])
+
+
+def test_processes_with_different_numbers_of_expert_groups_make_the_same_passes(text_file, tmp_path):
+    """Five experts over two processes (three and two), --gpu-memory room for about one expert a group: rank 0
+    solves three groups in a layer, rank 1 at most two, and joins the third group's passes over the tokens
+    (collectives, as each holds its share of the batches), its rare experts' blend passes too; the bytes are
+    one process's, which solves all five in one group."""
+    from quantmoe.stages.experts import ExpertCosts
+
+    src = make_model("qwen2_moe", tmp_path / "bf16", dtype=torch.bfloat16, num_experts=5)
+    C, I = 64, 64  # tests/tiny.py's qwen2_moe: hidden_size, moe_intermediate_size
+    costs = ExpertCosts(C, I, hessians=True, cross=True, fit_down=True)
+    budget = costs.levels(3) + costs.of(8 * 64)  # 8 sequences of 64 tokens: room for one expert on rank 0
+    one, two = one_and_two_processes(src, text_file, tmp_path, "--gpu-memory", str(budget))
+    moe = [(a, b) for a, b in zip(_layer_entries(one), _layer_entries(two)) if a["expert_groups"] is not None]
+    groups = [(a["expert_groups"], b["expert_groups"]) for a, b in moe]
+    # one process: one group; rank 0 of two: three groups in some layer (its three experts apart), so rank 1,
+    # holding two experts, joins at least one group's passes there
+    assert moe and all(a == 1 for a, _ in groups) and any(b == 3 for _, b in groups), groups
+
+
+def _fused(layer, plan) -> list:
+    module = layer.get_submodule(plan.fused.module)
+    return [getattr(module, attr) for attr in (plan.fused.gate_up, plan.fused.down)]
+
+
+def _as_tensors(w) -> list[torch.Tensor]:
+    """A fused experts tensor as plain tensors to compare: itself, or an Fp8Experts' codes and scales."""
+    if isinstance(w, Fp8Experts):
+        return [w.codes.view(torch.uint8), *w.scales]
+    return [w.data]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3-fp8", "granitemoe"])
+def test_a_process_reads_and_loads_only_its_share_of_the_routed_experts(tmp_path, kind):
+    """Each process of two (or of eight: some shares empty) reads from the shards only its share's per-expert
+    tensors (none of the other experts'; of GraniteMoE's fused tensors only its rows), and load_layer's fused tensors hold exactly those experts, equal to
+    the same rows of a whole load (FP8 codes and scales as stored); one process reads and loads them all."""
+    from quantmoe.model.architectures import plan_layer
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.model.stream import LayerStream
+
+    model_type = kind.split("-")[0]
+    src = make_model(model_type, tmp_path / "bf16", dtype=torch.bfloat16)
+    if kind.endswith("fp8"):
+        src = write_fp8_release(src, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra(model_type))
+    stream = LayerStream(Checkpoint(src), torch.device("cpu"))
+    index = stream.num_layers - 1  # a MoE layer in every tiny config
+    plan = plan_layer(stream.arch, stream.config, index)
+    E = plan.num_experts
+    assert stream.expert_share(index, Ranks()) is None
+    whole_state = stream.layer_state(index, keep_dtype=True)
+    whole_read = {stream.arch.expert_of(n) for n in whole_state} - {None}
+    assert whole_read == (set() if plan.fused.on_disk else set(range(E)))
+    whole = [[t.clone() for t in _as_tensors(w)]
+             for w in _fused(stream.load_layer(index, whole_state, torch.bfloat16, keep_fp8=True), plan)]
+    stream.release_layer(index)
+    if kind.endswith("fp8"):
+        assert all(isinstance(w, Fp8Experts) for w in _fused(stream.load_layer(index, whole_state, torch.bfloat16,
+                                                                                keep_fp8=True), plan))
+        stream.release_layer(index)
+    del whole_state
+    for world in (2, 8):
+        for rank in range(world):
+            share = stream.expert_share(index, Ranks(rank, world))
+            assert share == Ranks(rank, world).share(E)
+            state = stream.layer_state(index, keep_dtype=True, experts=share)
+            read = {stream.arch.expert_of(n) for n in state} - {None}
+            if plan.fused.on_disk:  # only the share's rows of the fused tensors
+                assert all(state[n].shape[0] == len(share) for n in plan.fused_disk_tensors()), (world, rank)
+            else:  # an empty share reads one expert, for the shapes
+                assert read == (set(share) if len(share) else {E - 1}), (world, rank)
+            layer = stream.load_layer(index, state, torch.bfloat16, keep_fp8=True, experts=share)
+            for got, want in zip(_fused(layer, plan), whole):
+                assert got.shape[0] == len(share) and tuple(got.shape[1:]) == tuple(want[0].shape[1:])
+                for a, b in zip(_as_tensors(got), want):
+                    assert torch.equal(a, b[share.start:share.stop]), (world, rank)
+            stream.release_layer(index)

@@ -145,8 +145,8 @@ def test_fp8_release_output_is_the_same_whether_its_experts_are_kept_in_fp8(rele
         assert run(f"groups-of-{per}", costs.levels(8) + per * costs.of(most)) == kept
     held.clear()
     load = LayerStream.load_layer
-    monkeypatch.setattr(LayerStream, "load_layer", lambda self, index, state, experts_dtype=None, keep_fp8=False:
-                        load(self, index, state, experts_dtype, False))
+    monkeypatch.setattr(LayerStream, "load_layer", lambda self, index, state, experts_dtype=None, keep_fp8=False,
+                        experts=None: load(self, index, state, experts_dtype, False, experts))
     before = run("bf16-experts")
     assert held and set(held) == {torch.Tensor}
     assert before == kept and math.prod(len(b) for b in kept.values()) > 0

@@ -205,6 +205,15 @@ class Architecture:
                 return source if source != name else None
         return None
 
+    def expert_of(self, name: str) -> int | None:
+        """The routed expert a layer-relative on-disk tensor belongs to (``block_sparse_moe.experts.3.w1.weight``:
+        3; the source naming or an unfused one), or None for every other tensor, fused experts included."""
+        if self.experts is None:
+            return None
+        head, tail = self.experts.prefix.split("{e}")
+        m = re.fullmatch(re.escape(head) + r"(\d+)" + re.escape(tail) + r"\..+", self._unfused_expert(name) or name)
+        return int(m.group(1)) if m else None
+
     def uses_unfused_names(self, names) -> bool:
         """True when a layer's tensor names (layer-relative) are in an unfused expert naming
         (GPTQModel's or llm-compressor's) rather than the source one; checkpoints written by

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable, Mapping
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -209,12 +210,14 @@ class Checkpoint:
                 raise QuantMoeError(f"shard {file} is truncated or corrupt ({exc}); re-download it") from None
         return self._handles[shard]
 
-    def tensor(self, name: str) -> Tensor:
+    def tensor(self, name: str, rows: range | None = None) -> Tensor:
+        """Tensor ``name``; ``rows``: only those of its first dimension are read."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
         try:
-            t = self._open(shard).get_tensor(name)
+            f = self._open(shard)
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows.start:rows.stop]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise QuantMoeError(f"cannot read {name} from shard {self.path / shard} ({exc}); re-download it") from None
         check_finite(name, t, self.path)
@@ -313,9 +316,12 @@ class Checkpoint:
         return f"model.layers.{index}."
 
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False,
-                    pin: bool = False) -> dict[str, Tensor]:
+                    pin: bool = False, only: Callable[[str], bool] | None = None,
+                    rows: Mapping[str, range] | None = None) -> dict[str, Tensor]:
         """All tensors under ``prefix`` with the prefix stripped; quantized linears (of whichever backend
-        wrote the checkpoint) dequantized to ``.weight``.
+        wrote the checkpoint) dequantized to ``.weight``. ``only``: which of them to read, by their name
+        under the prefix (a quantized linear's by its ``.weight``); the others are not read at all.
+        ``rows``: tensors (by name under the prefix) of which only those rows (first dimension) are read.
 
         Floating tensors come in ``dtype`` (None: as stored). With ``dtype`` None, the linears of
         an FP8 release stay as stored too: ``.weight`` is a ``formats.fp8.Fp8Weight`` (codes and
@@ -350,6 +356,9 @@ class Checkpoint:
         for module, linear in sorted(self.quantized_linears.items()):
             if module.startswith(prefix):
                 name = module[len(prefix):] + ".weight"
+                if only is not None and not only(name):
+                    stored.update(linear.tensors)
+                    continue
                 nbytes = sum(self.nbytes(t) for t in linear.tensors)
                 if keep:
                     as_stored[name] = self.format.stored(self, linear)  # a copy
@@ -359,8 +368,15 @@ class Checkpoint:
                     out[name] = copied(self.format.dequantize(self, linear), nbytes)
                 stored.update(linear.tensors)
         for name in self.names(prefix):
-            if name not in stored:
-                out[name[len(prefix):]] = self.read_copy(name, dtype, pin)
+            short = name[len(prefix):]
+            if name not in stored and (only is None or only(short)):
+                some = (rows or {}).get(short)
+                if some is None:
+                    out[short] = self.read_copy(name, dtype, pin)
+                else:  # some rows of a tensor (GraniteMoE's fused experts): read through the mapped shard
+                    t = self.tensor(name, some)
+                    t = copied(t, t.numel() * t.element_size())
+                    out[short] = t.pin_memory() if pin else t
         out.update(as_stored)
         self.close()
         return out

@@ -2,23 +2,27 @@
 ``torchrun --nproc-per-node N -m quantmoe quantize ...``.
 
 Every process streams the whole model and ends each layer holding the same quantized
-layer and the same activations, so the output is the one a single process writes:
+layer (but the routed experts: its share) and the activations of its share of the batches,
+so the output is the one a single process writes:
 
 - forward passes (the partial ones that capture a module's input, and the layer's full
-  forward that makes the next layer's inputs) are spread by batch, round-robin, and their
-  results all-gathered, so every process sees every batch's activations, in order;
+  forward that makes the next layer's inputs) are spread by batch, round-robin: batch i is run,
+  and its hidden states held, by process i mod world (``spread``; the others hold a meta tensor
+  for it); what a pass captures is all-gathered, so every process sees every batch's, in order;
 - routed experts are spread by expert (expert parallel): each process holds only its contiguous
-  share of a layer's experts (``Ranks.share``), accumulates their Hessians, solves them and runs
-  them in the forward passes, whose batches it does not spread then: every process runs every
-  batch, each expert's products land in one slot per (token, choice), and one all-reduce of
+  share of a layer's experts (``Ranks.share``; only those are read from the checkpoint), accumulates
+  their Hessians, solves them and runs them in the forward passes, whose batches it does not spread
+  then: every process runs every batch (each sent by the process that holds it, ``broadcast``), each
+  expert's products land in one slot per (token, choice), and one all-reduce of
   those slots (each nonzero on one process only: exact) gives every process all of them, which
   are added in ascending expert order as one process adds them (stages.experts.slot_sum); rank 0
   receives every expert's results, one expert at a time, to write them (``experts_to_writer``);
 - attention (one solve per group) is done by every process alike.
 
 Rank 0 alone writes files. torch.distributed carries the tensors: NCCL between GPUs, gloo
-between CPU processes. An all-gather only copies, and the experts' all-reduce adds zeros, so
-nothing is summed in another order than one process sums it.
+between CPU processes. An all-gather or a broadcast only copies, and the experts' all-reduce adds
+zeros, so nothing is summed in another order than one process sums it. Every pass over the tokens
+is a collective, so every process makes the same passes (stages.layer's ``_blend_passes``).
 
 Nothing here assumes one host (``torchrun --nnodes N``, docs/distributed.md): RANK and
 WORLD_SIZE are global, and only the choice of GPU reads LOCAL_RANK. A second, gloo group
@@ -149,10 +153,31 @@ def all_gather(parts: list[Tensor], t: Tensor, group: dist.ProcessGroup | None =
     _collective(dist.all_gather, parts, t, group=group)
 
 
+def broadcast(t: Tensor, src: int) -> Tensor:
+    """``t`` of process ``src`` on every process, in place (a lost process is one QuantMoeError)."""
+    _collective(dist.broadcast, t, src)
+    return t
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """``t`` summed over every process, in place (a lost process is one QuantMoeError, as in ``all_gather``)."""
     _collective(dist.all_reduce, t, op=dist.ReduceOp.SUM)
     return t
+
+
+def max_ints(values: list[int], ranks: Ranks, device: torch.device) -> list[int]:
+    """Element by element, the largest of every process's ``values`` (padded with zeros to the longest list),
+    on every process (a collective: all must call it; ``device``: the process group's, as in ``spread``)."""
+    if ranks.world == 1:
+        return list(values)
+    n = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    _collective(dist.all_reduce, n, op=dist.ReduceOp.MAX)
+    if not int(n):
+        return []
+    t = torch.zeros(int(n), dtype=torch.int64, device=device)
+    t[:len(values)] = torch.tensor(values, dtype=torch.int64)
+    _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _collective(collective, *args, **kwargs) -> None:

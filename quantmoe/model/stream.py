@@ -11,7 +11,7 @@ This is the one input-capture path: quantization, evaluation and loading all use
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from ..formats.base import StoredWeight
 from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
-from .distributed import SINGLE, Ranks, spread
+from .distributed import SINGLE, Ranks, broadcast, spread
 
 
 class _Stop(Exception):
@@ -33,7 +33,9 @@ class _Stop(Exception):
 
 @dataclass
 class Batch:
-    """A mini-batch of sequences between two layers."""
+    """A mini-batch of sequences between two layers. Under several processes each holds the hidden states
+    of its share of the batches only (``LayerStream.embed``); the others' are meta tensors (their shape and
+    dtype, no memory), which writes leave alone."""
 
     hidden: Tensor  # (b, L, hidden) activations entering the next layer
     kwargs: dict    # what the model passes every layer: position embeddings, mask, ...
@@ -169,8 +171,10 @@ class LayerStream:
 
     # -- embeddings ----------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, input_ids: Tensor, batch_size: int) -> list[Batch]:
-        """Token ids (N, L) -> the inputs of layer 0, in mini-batches."""
+    def embed(self, input_ids: Tensor, batch_size: int, ranks: Ranks = SINGLE) -> list[Batch]:
+        """Token ids (N, L) -> the inputs of layer 0, in mini-batches. Under several processes (``ranks``) each
+        keeps the hidden states of the batches whose forward passes it runs (``distributed.spread``: every
+        world-th, from its rank on); the others' are meta tensors. Every process keeps every batch's kwargs."""
         first = self.model.model.layers[0]
         grabbed: list[Batch] = []
 
@@ -186,45 +190,72 @@ class LayerStream:
                 ids = input_ids[start:start + batch_size].to(self.device)
                 with contextlib.suppress(_Stop):
                     self.model.model(input_ids=ids, use_cache=False)
+                if (len(grabbed) - 1) % ranks.world != ranks.rank:  # another process's batch
+                    grabbed[-1].hidden = grabbed[-1].hidden.to("meta")
         finally:
             handle.remove()
         return grabbed
 
     # -- decoder layers ------------------------------------------------------------
-    def layer_bytes(self, index: int) -> int:
-        """Bytes layer ``index`` takes in the shards (what reading it holds in host memory)."""
-        return sum(self.ckpt.nbytes(name) for name in self.ckpt.names(self.ckpt.layer_prefix(index)))
+    def layer_bytes(self, index: int, experts: range | None = None) -> int:
+        """Bytes of layer ``index`` in the shards that a read of its routed experts ``experts`` (``expert_share``;
+        None: all) takes: what the read holds in host memory."""
+        prefix, keep = self.ckpt.layer_prefix(index), self.reads(index, experts)
+        return sum(self.ckpt.nbytes(name) for name in self.ckpt.names(prefix) if keep is None or keep(name[len(prefix):]))
 
-    def read_ahead_state(self, index: int) -> dict[str, Tensor]:
+    def read_ahead_state(self, index: int, experts: range | None = None) -> dict[str, Tensor]:
         """``layer_state`` for a read that runs while the layer before it is worked on: as stored (converted
-        on the device), and on CUDA in page-locked memory (read straight into it) unless the layer is larger
+        on the device), and on CUDA in page-locked memory (read straight into it) unless the read is larger
         than PIN_BYTES."""
-        pin = self.device.type == "cuda" and self.layer_bytes(index) <= PIN_BYTES
-        return self.layer_state(index, keep_dtype=True, pin=pin)
+        pin = self.device.type == "cuda" and self.layer_bytes(index, experts) <= PIN_BYTES
+        return self.layer_state(index, keep_dtype=True, pin=pin, experts=experts)
 
-    def layer_state(self, index: int, keep_dtype: bool = False, pin: bool = False) -> dict[str, Tensor]:
+    def expert_share(self, index: int, ranks: Ranks) -> range | None:
+        """The routed experts of layer ``index`` this process holds under several processes (``Ranks.share``,
+        as stages.experts.StoredExperts keeps them); None: all of them (one process, or no routed experts)."""
+        plan = plan_layer(self.arch, self.config, index)
+        return None if ranks.world == 1 or plan.experts is None else ranks.share(plan.num_experts)
+
+    def reads(self, index: int, experts: range | None) -> Callable[[str], bool] | None:
+        """Which of layer ``index``'s tensors (by layer-relative on-disk name) a load of the routed experts
+        ``experts`` reads: all but the other experts' (None: all). An empty share still reads the last
+        expert, whose shapes give its (empty) fused tensors."""
+        if experts is None:
+            return None
+        num = plan_layer(self.arch, self.config, index).num_experts
+        wanted = experts if len(experts) else range(num - 1, num)
+
+        def keep(name: str) -> bool:
+            e = self.arch.expert_of(name)
+            return e is None or e in wanted
+        return keep
+
+    def layer_state(self, index: int, keep_dtype: bool = False, pin: bool = False,
+                    experts: range | None = None) -> dict[str, Tensor]:
         """Layer ``index``'s tensors under source on-disk names relative to the layer, in host memory
         (an export with unfused expert names, GPTQModel's or llm-compressor's, is recognised by its
-        names and mapped back).
+        names and mapped back). ``experts``: the routed experts to read (``expert_share``; None: all):
+        the other experts' tensors are not read from the shards (of fused ones, GraniteMoE's, only the
+        experts' rows are read).
 
         ``keep_dtype`` leaves them as stored (bf16 for most checkpoints: half the bytes to
         read and to copy to the device, where ``load_layer`` converts them). Safe to call
-        from a background thread while another layer is being worked on. ``pin``: in page-locked
-        memory, which a GPU copies from asynchronously and several times faster (2.7 GiB of Mixtral
-        layer: about 0.2 s less per layer on an H200), for the price of that copy in host memory.
+        from a background thread while another layer is being worked on. ``pin``: read straight into
+        page-locked memory, which a GPU copies from asynchronously and several times faster.
         """
         if pin and self.device.index is not None:
             # Under this process's GPU: a reading thread starts on device 0, where a second process
             # must not make a CUDA context (torchrun: rank 1 would hold one on rank 0's GPU).
             torch.cuda.set_device(self.device)
+        fused = plan_layer(self.arch, self.config, index).fused_disk_tensors() if experts is not None else ()
         state = self.ckpt.read_prefix(self.ckpt.layer_prefix(index), None if keep_dtype else self.dtype, defer=True,
-                                      pin=pin)
+                                      pin=pin, only=self.reads(index, experts), rows=dict.fromkeys(fused, experts))
         if self.arch.uses_unfused_names(state):
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         return state
 
     def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None,
-                   keep_fp8: bool = False) -> nn.Module:
+                   keep_fp8: bool = False, experts: range | None = None) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).
 
         Tensors are moved to the device first, so dequantizing an FP8 release (formats.fp8.Fp8Weight:
@@ -235,6 +266,8 @@ class LayerStream:
         routed experts stay as stored, each fused tensor a ``formats.fp8.Fp8Experts`` (codes and scales:
         half the bytes of BF16) set on the experts module in place of its parameter, for the caller to
         dequantize an expert at a time (stages.experts.StoredExperts); ``release_layer`` drops them.
+        ``experts``: the routed experts to hold (``expert_share``; None: all): the fused tensors then hold
+        only those, in order (len(experts), ...), and ``state`` needs no others (``layer_state``'s ``experts``).
         """
         layer = self.model.model.layers[index]
         fused = self._fused_params(layer, index)
@@ -242,11 +275,11 @@ class LayerStream:
             setattr(module, attr, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
         layer.to_empty(device=self.device)
         plan = plan_layer(self.arch, self.config, index)
-        experts = set(self._expert_tensor_names(plan, state)) if fused else set()
-        state = {name: t if name in experts else t.to(self.device, non_blocking=True) for name, t in state.items()}
-        state = dequantize_stored(state, skip=experts)
+        per_expert = set(self._expert_tensor_names(plan, state)) if fused else set()
+        state = {name: t if name in per_expert else t.to(self.device, non_blocking=True) for name, t in state.items()}
+        state = dequantize_stored(state, skip=per_expert)
         try:
-            mapped = self.to_memory(index, state, experts_dtype or self.dtype, keep_fp8)
+            mapped = self.to_memory(index, state, experts_dtype or self.dtype, keep_fp8, experts)
             for name, (module, attr) in fused.items():
                 value = mapped.pop(name)
                 if isinstance(value, Fp8Experts):
@@ -304,7 +337,7 @@ class LayerStream:
         self.model.model.embed_tokens.to_empty(device="meta")
 
     def to_memory(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None,
-                  keep_fp8: bool = False) -> dict[str, Tensor]:
+                  keep_fp8: bool = False, experts: range | None = None) -> dict[str, Tensor]:
         """On-disk layer tensors -> the layer module's state dict (experts stacked and fused).
 
         Experts come either one linear per expert (Hub checkpoints of most families, and every
@@ -313,7 +346,8 @@ class LayerStream:
         ``experts_dtype`` (default: as stored), filled one expert at a time from ``state``, whose
         per-expert tensors are taken out of it as they are used (so each can be freed at once).
         ``keep_fp8``: per-expert FP8 weights (formats.fp8.Fp8Weight) of one layout become two
-        ``Fp8Experts`` instead, as stored.
+        ``Fp8Experts`` instead, as stored. ``experts``: the routed experts the fused tensors hold
+        (None: all); ``state``'s other experts are left out.
         """
         arch = self.arch
         plan = plan_layer(arch, self.config, index)
@@ -322,30 +356,40 @@ class LayerStream:
         consumed: set[str] = set()
         if plan.experts is not None:
             fused = plan.fused
+            held = range(plan.num_experts) if experts is None else experts
+            # the expert whose tensors give the shapes: the first held, or for an empty share the one read (reads)
+            shapes = held.start if len(held) else plan.num_experts - 1
             gate_up_name, down_name = f"{fused.module}.{fused.gate_up}", f"{fused.module}.{fused.down}"
-            per_expert = f"{plan.experts.linear(fused.halves[0], 0)}.weight" in state
+            per_expert = f"{plan.experts.linear(fused.halves[0], shapes)}.weight" in state
             if fused.on_disk:
                 consumed.update((fused.disk_gate_up, fused.disk_down))
+            if experts is not None:  # the other experts' tensors, if the state holds them, are not the layer's here
+                consumed.update(self._expert_tensor_names(plan, state))
             if fused.on_disk and not per_expert:
-                out[gate_up_name], out[down_name] = (state[n].to(self.device, experts_dtype or state[n].dtype)
-                                                     for n in (fused.disk_gate_up, fused.disk_down))
-            elif keep_fp8 and self._fp8_experts(plan, state):
-                out[gate_up_name], out[down_name] = self._stacked_fp8(plan, state, consumed)
+                for name, n in ((gate_up_name, fused.disk_gate_up), (down_name, fused.disk_down)):
+                    t, dtype = state[n], experts_dtype or state[n].dtype
+                    if experts is not None:  # the share's rows (layer_state's), or cut out of every expert's
+                        if t.shape[0] == plan.num_experts:
+                            t = t[held.start:held.stop].clone()  # the whole tensor's storage can then go
+                        if t.shape[0] != len(held):
+                            raise IndexError(f"{n} holds {t.shape[0]} experts, not the {len(held)} of this share")
+                    out[name] = t.to(self.device, dtype)
+            elif keep_fp8 and self._fp8_experts(plan, state, held, shapes):
+                out[gate_up_name], out[down_name] = self._stacked_fp8(plan, state, consumed, held, shapes)
             else:  # per-expert tensors win over fused ones: they are what a quantized export holds
-                E = plan.num_experts
-                first = [state[f"{plan.experts.linear(w, 0)}.weight"] for w in (fused.halves[0], "down")]
+                first = [state[f"{plan.experts.linear(w, shapes)}.weight"] for w in (fused.halves[0], "down")]
                 dtype = experts_dtype or first[0].dtype
                 I, C = first[0].shape
-                gate_up = torch.empty(E, len(fused.halves) * I, C, device=self.device, dtype=dtype)
-                down = torch.empty(E, *first[1].shape, device=self.device, dtype=dtype)
+                gate_up = torch.empty(len(held), len(fused.halves) * I, C, device=self.device, dtype=dtype)
+                down = torch.empty(len(held), *first[1].shape, device=self.device, dtype=dtype)
                 del first
-                for e in range(E):
+                for j, e in enumerate(held):
                     for k, w in enumerate(fused.halves):  # (2I, H): the halves in the row's order
                         name = f"{plan.experts.linear(w, e)}.weight"
-                        gate_up[e, k * I:(k + 1) * I].copy_(self._on_device(state.pop(name)), non_blocking=True)
+                        gate_up[j, k * I:(k + 1) * I].copy_(self._on_device(state.pop(name)), non_blocking=True)
                         consumed.add(name)
                     name = f"{plan.experts.linear('down', e)}.weight"
-                    down[e].copy_(self._on_device(state.pop(name)), non_blocking=True)  # (H, I)
+                    down[j].copy_(self._on_device(state.pop(name)), non_blocking=True)  # (H, I)
                     consumed.add(name)
                 out[gate_up_name], out[down_name] = gate_up, down
         consumed.update(arch.unloaded)  # tensors no module holds (Kimi K2's rotary tables)
@@ -355,23 +399,26 @@ class LayerStream:
         return out
 
     @staticmethod
-    def _expert_parts(plan) -> list[list[str]]:
-        """Per fused tensor (gate_up, down), per expert, the on-disk names of its row blocks in order."""
-        fused, E = plan.fused, plan.num_experts
-        return [[[f"{plan.experts.linear(w, e)}.weight" for w in ws] for e in range(E)]
+    def _expert_parts(plan, experts: range | list[int]) -> list[list[str]]:
+        """Per fused tensor (gate_up, down), per expert of ``experts``, the on-disk names of its row blocks in order."""
+        fused = plan.fused
+        return [[[f"{plan.experts.linear(w, e)}.weight" for w in ws] for e in experts]
                 for ws in (fused.halves, ("down",))]
 
-    def _fp8_experts(self, plan, state: dict) -> bool:
-        """Whether the layer's per-expert weights are FP8 of one layout (Fp8Experts.fits), each kind."""
+    def _fp8_experts(self, plan, state: dict, held: range, shapes: int) -> bool:
+        """Whether the per-expert weights of the experts ``held`` (or, none held, of expert ``shapes``) are FP8
+        of one layout (Fp8Experts.fits), each kind."""
         return all(all(n in state for names in kind for n in names)
                    and Fp8Experts.fits([[state[n] for n in names] for names in kind])
-                   for kind in self._expert_parts(plan))
+                   for kind in self._expert_parts(plan, held if len(held) else [shapes]))
 
-    def _stacked_fp8(self, plan, state: dict, consumed: set[str]) -> tuple[Fp8Experts, Fp8Experts]:
-        """(gate_up, down) as Fp8Experts on the device, filled one expert part at a time from ``state``."""
+    def _stacked_fp8(self, plan, state: dict, consumed: set[str], held: range, shapes: int
+                     ) -> tuple[Fp8Experts, Fp8Experts]:
+        """(gate_up, down) of the experts ``held`` as Fp8Experts on the device (expert ``shapes``'s parts give
+        the layout), filled one expert part at a time from ``state``."""
         out = []
-        for kind in self._expert_parts(plan):
-            stack = Fp8Experts(len(kind), [state[n] for n in kind[0]], self.device)
+        for kind, template in zip(self._expert_parts(plan, held), self._expert_parts(plan, [shapes])):
+            stack = Fp8Experts(len(kind), [state[n] for n in template[0]], self.device)
             for e, names in enumerate(kind):
                 for k, name in enumerate(names):
                     stack.put(e, k, state.pop(name).to(self.device, non_blocking=True))
@@ -402,7 +449,7 @@ class LayerStream:
         for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
             b.hidden.copy_(h.view_as(b.hidden))
             # norm.forward: the capture's hook on the norm stays registered until the last batch.
-            yield norm.forward(b.hidden).reshape(-1, b.hidden.shape[-1])
+            yield norm.forward(h.view_as(b.hidden) if b.hidden.is_meta else b.hidden).reshape(-1, b.hidden.shape[-1])
 
     @torch.no_grad()
     def capture_to_residual(self, layer: nn.Module, batches: list[Batch], module_path: str,
@@ -439,11 +486,24 @@ class LayerStream:
                 handle.remove()
 
     @torch.no_grad()
-    def mlp_inputs(self, layer: nn.Module, batches: list[Batch]) -> Iterator[Tensor]:
-        """The MLP's input for batches that hold the residual after attention (``to_residual``)."""
+    def mlp_inputs(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+        """The MLP's input for batches that hold the residual after attention (``to_residual``); with several
+        processes each computes its batches' and every process gets all."""
         norm = layer.get_submodule(self.arch.mlp_tail[0])
-        for b in batches:
-            yield norm(b.hidden).reshape(-1, b.hidden.shape[-1])
+        yield from spread(batches, lambda b: norm(b.hidden).reshape(-1, b.hidden.shape[-1]), ranks, self.device)
+
+    def hidden_states(self, batches: list[Batch], ranks: Ranks, first: int = 0) -> Iterator[Tensor]:
+        """Every batch's hidden state on every process, one batch at a time: each sent by the process that
+        holds it (``embed``: batch ``first + j`` of the layer's list by process (first + j) % world). A
+        process's own batches come as they are, the others' in new tensors."""
+        for j, b in enumerate(batches):
+            if ranks.world == 1:
+                yield b.hidden
+                continue
+            owner = (first + j) % ranks.world
+            h = b.hidden if owner == ranks.rank else torch.empty(b.hidden.shape, dtype=b.hidden.dtype,
+                                                                   device=self.device)
+            yield broadcast(h, owner)
 
     @torch.no_grad()
     def run_tail(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> list[Batch]:
@@ -523,8 +583,8 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
 def _outputs(batches: list[Batch], outputs: Iterator[Tensor], in_place: bool) -> list[Batch]:
     """The batches with ``outputs`` as their hidden states: written into the same tensors
     (``in_place``; each output is computed before its batch is overwritten) or as new batches."""
-    if not in_place:
-        return [Batch(h, b.kwargs) for h, b in zip(outputs, batches)]
+    if not in_place:  # another process's batch stays a meta tensor
+        return [Batch(b.hidden if b.hidden.is_meta else h, b.kwargs) for h, b in zip(outputs, batches)]
     for b, h in zip(batches, outputs):
         b.hidden.copy_(h.view_as(b.hidden))
     return batches

@@ -100,16 +100,22 @@ class StoredExperts(nn.Module):
     runs with.
 
     Under several processes (``ranks``) it keeps only this process's share ``own`` of the experts
-    (``Ranks.share``; the given tensors are copied from and can be freed), experts are still named by
-    their number in the layer, and the forward pass is a collective: every process must run it on the
-    same calls (``run_deferred``).
+    (``Ranks.share``), experts are still named by their number in the layer, and the forward pass is a
+    collective: every process must run it on the same calls (``run_deferred``). The tensors given hold
+    either every expert (copied from: they can be freed) or, with ``num_experts`` (the layer's), only
+    this process's share, in order (LayerStream.load_layer's ``experts``), which are kept as they are.
     """
 
-    def __init__(self, gate_up: Tensor | Fp8Experts, down: Tensor | Fp8Experts, act_fn, ranks: Ranks = SINGLE):
+    def __init__(self, gate_up: Tensor | Fp8Experts, down: Tensor | Fp8Experts, act_fn, ranks: Ranks = SINGLE,
+                 num_experts: int | None = None):
         super().__init__()
-        self.num_experts = gate_up.shape[0]
+        self.num_experts = gate_up.shape[0] if num_experts is None else num_experts
         self.ranks, self.own = ranks, ranks.share(self.num_experts)
-        if ranks.world > 1:
+        if num_experts is not None:
+            if gate_up.shape[0] != len(self.own) or down.shape[0] != len(self.own):
+                raise ValueError(f"experts {self.own.start}..{self.own.stop - 1} of {num_experts} are this process's "
+                                 f"share; {gate_up.shape[0]} were given")
+        elif ranks.world > 1:
             gate_up, down = (_share(w, self.own) for w in (gate_up, down))
         self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
         self.quantized: tuple[Levels, Levels] | None = None

@@ -226,7 +226,7 @@ class GptqRun:
         stream, qcfg, dev, n = self.stream, self.qcfg, self.device, self.stream.num_layers
         if done == n:
             return
-        batches = stream.embed(self.ids, self.batch_size)
+        batches = stream.embed(self.ids, self.batch_size, self.ranks)  # this process's share of the batches
         stream.release_embeddings()  # not needed again: their device memory goes to the layers' work
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
@@ -238,28 +238,33 @@ class GptqRun:
                 stream.release_layer(i)
         setup_peak = _gpu_peak(dev, reset=True)
 
+        def share(i: int) -> range | None:
+            """The routed experts of layer i this process reads and holds (None: all)."""
+            return stream.expert_share(i, self.ranks)
+
         # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
-        # larger than the device may keep.
+        # larger than the device may keep; never under several processes, which capture them again instead.
         captured = self.ids.numel() * stream.config.hidden_size * 4 * (2 if qcfg.fit in ("stream", "layer") else 1)
         captured = captured if dev.type == "cuda" and captured > CAPTURE_CACHE_BYTES and stream.arch.mlp_tail is None \
-            else 0
+            and self.ranks.world == 1 else 0
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
             def read_ahead(i: int) -> Future | None:
-                return reader.submit(stream.read_ahead_state, i) if self.prefetch and i < n else None
+                return reader.submit(stream.read_ahead_state, i, share(i)) if self.prefetch and i < n else None
 
             next_state = read_ahead(done)
             for i in range(done, n):
                 t0 = time.perf_counter()
                 _gpu_peak(dev, reset=True)
-                state = next_state.result() if next_state is not None else stream.layer_state(i, keep_dtype=True)
+                state = next_state.result() if next_state is not None else \
+                    stream.layer_state(i, keep_dtype=True, experts=share(i))
                 waited = time.perf_counter() - t0
                 quantizer = LayerQuantizer(stream, i, batches, qcfg, state, self.ranks, self.tf32, self.block_fn,
                                            batches if qcfg.effective_fit == "layer" else originals, self.budget)
                 del state  # on the device now
                 plan = host_plan(self.host, psutil.Process().memory_info().rss,
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,
-                                 stream.layer_bytes(i + 1) if self.prefetch and i + 1 < n else None)
+                                 stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture
                 next_state = read_ahead(i + 1) if plan.read_ahead else None
                 result = quantizer.run()
@@ -273,6 +278,8 @@ class GptqRun:
                          "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb,
                          "peak_rss_mb": rss.take(), "expert_tokens": result.expert_tokens,
                          "expert_groups": result.expert_groups, "expert_bytes_held": result.expert_bytes_held,
+                         "expert_bytes_loaded": result.expert_bytes_loaded,
+                         "activation_bytes_held": result.activation_bytes_held,
                          "modules": result.log}
                 peak = layer_peak if i > done or setup_peak is None else max(layer_peak, setup_peak)
                 yield LayerOutput(i, result.tensors, entry, result.packed, peak)

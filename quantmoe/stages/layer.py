@@ -9,8 +9,9 @@ Activations are streamed batch by batch from the capture hook, never concatenate
 input of the MoE block is captured once for the gate/up Hessians and again, once gate/up
 are quantized, for the down Hessians. The second partial forward pass costs less than
 keeping a (tokens, hidden) fp32 copy on the device (4.3 GB for 128 x 2048 tokens of
-Mixtral). With several processes each holds, solves and runs only its share of the experts
-(distributed.py). Time per stage is recorded in ``LayerResult.timings``.
+Mixtral). With several processes each holds, solves and runs only its share of the experts, and
+holds the activations of its share of the batches: every pass over the tokens is then a collective
+that all processes make alike (distributed.py). Time per stage is recorded in ``LayerResult.timings``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ..gptq.core import (
 )
 from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
-from ..model.distributed import SINGLE, Ranks, experts_to_writer, spread
+from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints, spread
 from ..model.stream import Batch, LayerStream
 from .experts import (
     PRODUCT_BYTES,
@@ -97,6 +98,8 @@ class LayerResult:
     peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per stage, on CUDA
     packed: torch.cuda.Event | None = None  # on CUDA: reached once ``tensors`` are copied to the host
     expert_bytes_held: int | None = None  # bytes of routed experts' originals and levels this process held
+    expert_bytes_loaded: int | None = None  # bytes of routed experts this process read for the layer's load
+    activation_bytes_held: int = 0  # bytes of the hidden states entering the layer (both streams) this process held
 
 
 def spec_of(qcfg: QuantConfig) -> QuantSpec:
@@ -207,11 +210,14 @@ class LayerQuantizer:
         if experts is not None and experts.qcfg is not None:
             self.qcfg = experts.qcfg
         with self.clock("load"):
+            # Under several processes only this process's share of the routed experts is read and loaded.
+            share = stream.expert_share(index, ranks)
             if state is None:
-                state = stream.layer_state(index, keep_dtype=True)
+                state = stream.layer_state(index, keep_dtype=True, experts=share)
+            loaded = self._expert_bytes(state)
             # Routed experts stay as they are stored (StoredExperts: an FP8 release's as FP8); the rest is fp32.
             self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=self._expert_dtype(state),
-                                                      keep_fp8=True)
+                                                      keep_fp8=True, experts=share)
             self.experts_module: nn.Module | None = None  # the fused module StoredExperts stands in for
             if self.plan.experts is not None:
                 self.experts_module = self.layer.get_submodule(self.plan.fused.module)
@@ -219,9 +225,10 @@ class LayerQuantizer:
                                                                                  self.plan.fused.down))
                 self.layer.set_submodule(self.plan.fused.module, StoredExperts(
                     gate_up.data if isinstance(gate_up, nn.Parameter) else gate_up,
-                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks))
+                    down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks,
+                    None if share is None else self.plan.num_experts))
                 del gate_up, down
-                if ranks.world > 1:  # StoredExperts copied this process's share: the whole layer's experts go
+                if ranks.world > 1:  # StoredExperts holds this process's share: the fused module lets go of it
                     for attr in (self.plan.fused.gate_up, self.plan.fused.down):
                         _empty(self.experts_module, attr)
             # --fit stream/layer: the layer as it was, run on the full-precision stream beside the one quantized.
@@ -241,7 +248,7 @@ class LayerQuantizer:
         self._last_attention_path = None if tail is None or not self.plan.attention else \
             self.arch.to_memory(self.plan.attention[-1][0])
         self.prefix = f"model.layers.{index}."
-        self.result = LayerResult(tensors={})
+        self.result = LayerResult(tensors={}, expert_bytes_loaded=loaded)
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
 
     def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
@@ -250,8 +257,17 @@ class LayerQuantizer:
         if fused is None or mlp is None:
             return torch.float32
         names = [fused.disk_gate_up] if fused.on_disk else []
-        names.append(f"{mlp.linear(fused.halves[0], 0)}.weight")
+        # the first expert read (under several processes, the first of this process's share)
+        names += [f"{mlp.linear(fused.halves[0], e)}.weight" for e in range(self.plan.num_experts)]
         return next((state[n].dtype for n in names if n in state), torch.float32)
+
+    def _expert_bytes(self, state: dict[str, Tensor]) -> int | None:
+        """Bytes of the routed experts' tensors the layer's ``state`` holds, as read into host memory (the load
+        puts as many on the device: a share's, with several processes); None for a layer without any."""
+        if self.plan.experts is None:
+            return None
+        fused = self.plan.fused_disk_tensors()
+        return sum(t.nbytes for n, t in state.items() if n in fused or self.arch.expert_of(n) is not None)
 
     def _original_copy(self) -> nn.Module:
         """The layer before quantization, for the full-precision stream: a copy of every module but the
@@ -289,7 +305,7 @@ class LayerQuantizer:
         layer, batches = (self.original, self.original_batches) if original else (self.layer, self.batches)
         if module_path == self._mlp_path:
             if self.original_residual if original else self.residual:
-                return self.stream.mlp_inputs(layer, batches)
+                return self.stream.mlp_inputs(layer, batches, self.ranks)
             return self.stream.to_residual(layer, batches, self.ranks)
         if original and module_path == self._last_attention_path:
             return self.stream.capture_to_residual(layer, batches, module_path, self.ranks)
@@ -323,7 +339,9 @@ class LayerQuantizer:
                     x0_dev = x_dev if x0 is x or not originals else x0.to(self.stream.device, non_blocking=True)
                 yield x_dev, x0_dev  # the caller's work is timed as its own stage, not as capture
             return
-        kept, size, on_host = ([] if keep else None), 0, False
+        # Under several processes a kept capture would hold every batch's input, which each process gets from
+        # the others (the activations are spread by batch): each pass captures them again instead.
+        kept, size, on_host = ([] if keep and self.ranks.world == 1 else None), 0, False
         originals = None if self.original is None else self._inputs(module_path, original=True)
         for x in self._captured(module_path):
             x0 = x
@@ -477,12 +495,16 @@ class LayerQuantizer:
         rows = [tokens if self.qcfg.expert_hessian == "all" else counts[e] for e in own]
         groups = self._expert_groups(store, rows)
         self.result.expert_groups = len(groups)
-        for group in groups:
+        for g, blend in enumerate(self._blend_passes(groups, own, counts, self.rare_threshold(C, I))):
+            if g >= len(groups):  # another process's group: its passes over the tokens are collectives
+                self._join_passes(blend, self.rare_threshold(C, I))
+                continue
+            group = groups[g]
             experts = [own[j] for j in group]
             with self.clock("experts:gather"):
                 gathered = self._routed_rows(routed, experts, [rows[j] for j in group]) \
                     if self.qcfg.uses_hessians else None
-            res_gu, res_d = self._solve_expert_group(store, experts, gathered, counts, H_all)
+            res_gu, res_d = self._solve_expert_group(store, experts, gathered, counts, H_all, blend)
             del gathered
             gate_up.put(group.start, res_gu)
             down.put(group.start, res_d)
@@ -491,6 +513,34 @@ class LayerQuantizer:
         self.result.expert_tokens = counts
         store.quantized, store.use_quantized = (gate_up, down), True
         self._store_experts(store, counts, time.perf_counter() - t0)
+
+    def _blend_passes(self, groups: list[range], own: range, counts: list[int], threshold: int) -> list[bool]:
+        """Per group of experts, whether its down statistics make a pass over the tokens for a rare expert's
+        blend (``_down_statistics``). Under several processes every pass over the tokens is a collective
+        (each process holds only its share of the batches, distributed.spread), so all make the same passes:
+        as many groups as the process with the most, each with a blend pass where any process makes one."""
+        blend = self.qcfg.uses_hessians and self.qcfg.rare_expert != "rtn"
+        flags = [int(blend and any(counts[own[j]] < threshold for j in group)) for group in groups]
+        return [bool(f) for f in max_ints(flags, self.ranks, self.stream.device)]
+
+    def _join_passes(self, blend: bool, threshold: int) -> None:
+        """The passes over the tokens another process's group makes (``_routed_rows``, and a blend's in
+        ``_down_statistics``), run for their collectives alone: this process has no group left."""
+        if self.qcfg.uses_hessians:
+            with self.clock("experts:gather"):
+                for _ in self._captured_pairs(self.arch.moe_module, keep=True):
+                    pass
+        if blend:
+            self._join_blend(threshold)
+
+    def _join_blend(self, threshold: int) -> None:
+        """A blend's pass over the tokens (``_down_statistics``), made for its collectives alone: it stops
+        after the same batch, once BLEND_SAMPLE * threshold tokens are seen."""
+        seen = 0
+        for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
+            if seen >= BLEND_SAMPLE * threshold:
+                break
+            seen += x.shape[0]
 
     def _expert_groups(self, store: StoredExperts, rows: list[int]) -> list[range]:
         """Consecutive positions of this process's experts (routed ``rows`` each) making the groups, sized to
@@ -506,7 +556,7 @@ class LayerQuantizer:
             # matrices (a few CHUNK_BYTES of temporaries, see gptq.core.matrix_chunks).
             tokens = [b.hidden.shape[:-1].numel() for b in self.batches]
             streams = 1 if self.original is None else 2
-            cached = 0 if self._mlp_path is not None else sum(tokens) * C * 4 * streams
+            cached = sum(tokens) * C * 4 * streams if self._mlp_path is None and self.ranks.world == 1 else 0
             in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
                       + STATS_CHUNK_BYTES + 4 * CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
         elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
@@ -565,8 +615,10 @@ class LayerQuantizer:
         return RoutedRows(X, X0, w, list(zip(starts[:-1], starts[1:])))
 
     def _solve_expert_group(self, store: StoredExperts, experts: list[int], rows: RoutedRows | None,
-                            counts: list[int], H_all: Tensor | None) -> tuple[QuantResult, QuantResult]:
-        """Gate/up, then down, of ``experts`` from the ``rows`` routed to them; their levels (no W)."""
+                            counts: list[int], H_all: Tensor | None, blend_pass: bool = False
+                            ) -> tuple[QuantResult, QuantResult]:
+        """Gate/up, then down, of ``experts`` from the ``rows`` routed to them; their levels (no W).
+        ``blend_pass``: another process blends a rare expert here (``_blend_passes``)."""
         qcfg = self.qcfg
         _, I, C = store.shape
         threshold = self.rare_threshold(C, I)
@@ -586,7 +638,7 @@ class LayerQuantizer:
         del W, H_gu, X0_gu
         H_d = P_d = None
         if rows is not None:
-            H_d, P_d = self._down_statistics(store, experts, rows, res_gu, counts, threshold, rare)
+            H_d, P_d = self._down_statistics(store, experts, rows, res_gu, counts, threshold, rare, blend_pass)
         with self.clock("experts:down_solve"):
             W = store.originals("down", experts[0], experts[-1] + 1)
             res_d = self._solve_local(W, H_d, rare, P_d, overwrite_W=True)
@@ -612,7 +664,8 @@ class LayerQuantizer:
         return H, X0
 
     def _down_statistics(self, store: StoredExperts, experts: list[int], rows: RoutedRows, res_gu: QuantResult,
-                         counts: list[int], threshold: int, rare: list[int]) -> tuple[Tensor, Tensor | None]:
+                         counts: list[int], threshold: int, rare: list[int], blend_pass: bool = False
+                         ) -> tuple[Tensor, Tensor | None]:
         """The down Hessians of a group's experts (and, for the fit, the moments P of the original MLP's
         outputs), from their routed ``rows`` run through the quantized gate/up (rebuilt once per expert from
         ``res_gu``'s levels, position k for experts[k]) or, without true-sequential, the original."""
@@ -652,6 +705,8 @@ class LayerQuantizer:
                 H_d[k] = _blend(H_d[k], H_all_k, counts[experts[k]], threshold, qcfg.rare_expert)
                 if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
                     P_d[k] = store.original("down", experts[k]) @ H_d[k]
+        elif blend_pass:  # another process blends here: its pass over the tokens is a collective
+            self._join_blend(threshold)
         return H_d, P_d
 
     def _expert_mlp(self, store: StoredExperts, res_gu: QuantResult, k: int, e: int, original: bool = True
@@ -754,6 +809,8 @@ class LayerQuantizer:
         ranks = self.ranks if self.plan.experts is None else SINGLE
         with self._stage("forward"):
             forward = partial(self.stream.run_layer, in_place=True)
+            if self.plan.experts is not None and self.ranks.world > 1:  # every batch on every process
+                forward = self._layer_by_batch
             if self.residual:
                 forward = self._tail_by_expert if self.plan.experts is not None else self.stream.run_tail
             self.result.outputs = forward(self.layer, self.batches, ranks)
@@ -761,6 +818,15 @@ class LayerQuantizer:
                 self._restore_original()
                 self.result.original_outputs = forward(self.layer, self.original_batches, ranks)
         self.original = None
+
+    def _layer_by_batch(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
+        """``stream.run_layer`` in place, under several processes, for a layer with routed experts and no MLP tail
+        (GraniteMoE; ``ranks``: SINGLE, see ``outputs``): every process runs the whole layer over every batch, its
+        routed experts only (StoredExperts: a collective), each batch's hidden state sent by the process that
+        holds it (stream.hidden_states), which keeps the output."""
+        for b, h in zip(batches, self.stream.hidden_states(batches, self.ranks)):
+            b.hidden.copy_(_first(layer(h, **b.kwargs)).view_as(b.hidden))
+        return batches
 
     def _tail_by_expert(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
         """``stream.run_tail`` for a layer with routed experts, a chunk of batches at a time: the MLP runs for
@@ -770,16 +836,23 @@ class LayerQuantizer:
         experts + the rest, as the MLP adds them: run_tail's computations, the products' rounding apart.
         Chunks are as many of those numbers of batches as ``gpu_memory`` leaves room for (all without one).
         Under several processes (``ranks``: SINGLE then, see ``outputs``) every process runs every chunk, its
-        experts only, each product's results in slots of k copies of the hidden states (StoredExperts.run_deferred)."""
+        experts only, each product's results in slots of k copies of the hidden states (StoredExperts.run_deferred),
+        the chunk's hidden states sent by the processes that hold them (stream.hidden_states): a chunk then
+        holds at most about as many batches as a process does (or one product's), whatever the budget."""
         store: StoredExperts = layer.get_submodule(self.plan.fused.module)
         norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
         hidden = batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
         one = TAIL_COPIES * hidden
         per_product = max(1, TAIL_PRODUCT_BYTES // one)
-        if store.ranks.world > 1:  # the slots: k copies of the hidden states, counted in the chunk, not the product
-            one += getattr(self.stream.config, "num_experts_per_tok", store.num_experts) * hidden
+        world = self.ranks.world
+        if world > 1:  # the slots: k copies of the hidden states, and the hidden states sent; in the chunk, not the product
+            one += (getattr(self.stream.config, "num_experts_per_tok", store.num_experts) + 1) * hidden
 
-        def compute(chunk: list[Batch]) -> Tensor:
+        def compute(span: range) -> Tensor:
+            chunk = batches[span.start:span.stop]
+            if world > 1:
+                chunk = [Batch(h, b.kwargs) for b, h in zip(chunk, self.stream.hidden_states(chunk, self.ranks,
+                                                                                             span.start))]
             store.deferred = []
             try:
                 with self.clock("forward:rest"):
@@ -796,16 +869,20 @@ class LayerQuantizer:
             in_use = torch.cuda.memory_allocated(self.stream.device) if self.stream.device.type == "cuda" else 0
             room = self.gpu_memory - in_use - PRODUCT_BYTES - store.weight_bytes
             per = max(1, room // (per_product * one)) * per_product
-        chunks = [batches[i:i + per] for i in range(0, len(batches), per)]
+        if world > 1:  # products of whole batches: the chunk stays a multiple of them, so the bits do not change
+            per = min(per, max(1, -(-len(batches) // world) // per_product) * per_product)
+        spans = [range(i, min(i + per, len(batches))) for i in range(0, len(batches), per)]
         with torch.no_grad():
-            for chunk, flat in zip(chunks, spread(chunks, compute, ranks, self.stream.device)):
+            for span, flat in zip(spans, spread(spans, compute, ranks, self.stream.device)):
                 start = 0
-                for b in chunk:
+                for b in batches[span.start:span.stop]:
                     b.hidden.copy_(flat[start:start + b.hidden.numel()].view_as(b.hidden))
                     start += b.hidden.numel()
         return batches
 
     def run(self) -> LayerResult:
+        self.result.activation_bytes_held = sum(b.hidden.nbytes for b in [*self.batches, *(self.original_batches or [])]
+                                                if not b.hidden.is_meta)
         self.attention()
         self.mlps()
         if self.plan.experts is not None:  # the originals and levels are all held by now
