@@ -57,17 +57,25 @@ def test_packed_bytes_are_what_the_layer_files_hold(tiny_model, text_file, tmp_p
         assert packed_bytes(ckpt, arch, QuantConfig(group_size=32), i) == held
 
 
-def test_a_layer_is_read_with_the_shards_unmapped_every_window(tiny_model, monkeypatch):
-    ckpt = Checkpoint(tiny_model("mixtral"))
-    prefix = ckpt.layer_prefix(0)
-    whole = ckpt.read_prefix(prefix, None)
+def test_a_layer_is_read_without_holding_the_shards_mapped(tiny_model, tiny_rtn_export, monkeypatch):
+    """A source layer's tensors are read from the shard files straight into memory (read_copy): no shard is
+    mapped while they are read. What is dequantized on the host (an export read to float32) is read
+    through the mapped shards, unmapped every READ_WINDOW bytes."""
     closes = []
     close = Checkpoint.close
     monkeypatch.setattr(Checkpoint, "close", lambda self: (closes.append(1), close(self)))
     monkeypatch.setattr(checkpoint_module, "READ_WINDOW", 1)  # every tensor
-    again = ckpt.read_prefix(prefix, None)
-    assert len(closes) == len(whole) + 1  # after each tensor, and at the end
-    assert again.keys() == whole.keys() and all(torch.equal(again[k], whole[k]) for k in whole)
+    source = Checkpoint(tiny_model("mixtral"))
+    prefix = source.layer_prefix(0)
+    whole = source.read_prefix(prefix, None)
+    assert len(closes) == 1  # at the end only: nothing was mapped
+    assert all(torch.equal(whole[k], source.tensor(prefix + k)) for k in whole)
+    closes.clear()
+    export = Checkpoint(tiny_rtn_export)
+    quantized = [m for m in export.quantized_linears if m.startswith(prefix)]
+    assert quantized
+    export.read_prefix(prefix, torch.float32)
+    assert len(closes) == len(quantized) + 1  # after each dequantized linear, and at the end
 
 
 def test_any_host_budget_gives_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch):
