@@ -199,6 +199,16 @@ class Checkpoint:
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
+    def _shard_of(self, name: str) -> str:
+        """The shard file holding tensor ``name``."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
+        return shard
+
+    def _damaged(self, shard: str, detail) -> QuantMoeError:
+        return QuantMoeError(f"shard {self.path / shard} is truncated or corrupt ({detail}); re-download it")
+
     def _open(self, shard: str):
         if shard not in self._handles:
             file = self.inside(shard)
@@ -207,14 +217,12 @@ class Checkpoint:
             try:
                 self._handles[shard] = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError, ValueError) as exc:
-                raise QuantMoeError(f"shard {file} is truncated or corrupt ({exc}); re-download it") from None
+                raise self._damaged(shard, exc) from None
         return self._handles[shard]
 
     def tensor(self, name: str, rows: range | None = None) -> Tensor:
         """Tensor ``name``; ``rows``: only those of its first dimension are read."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
+        shard = self._shard_of(name)
         try:
             f = self._open(shard)
             t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows.start:rows.stop]
@@ -233,17 +241,14 @@ class Checkpoint:
                     n = int.from_bytes(f.read(8), "little")
                     self._layouts[shard] = (8 + n, json.loads(f.read(n)))
             except (OSError, ValueError) as exc:
-                raise QuantMoeError(f"shard {self.path / shard} is truncated or corrupt ({exc}); re-download it") \
-                    from None
+                raise self._damaged(shard, exc) from None
         return self._layouts[shard]
 
     def read_copy(self, name: str, dtype: torch.dtype | None = None, pin: bool = False) -> Tensor:
         """Tensor ``name`` copied into this process's memory (page-locked with ``pin``) by reading its bytes
         from the shard file straight into it (one copy, and no pages of a mapping to fault in), checked for
         NaN/Inf, floating tensors then converted to ``dtype`` (None: as stored)."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
+        shard = self._shard_of(name)
         start, header = self._layout(shard)
         info = header.get(name) if isinstance(header, dict) else None
         stored = STORED_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
@@ -255,16 +260,14 @@ class Checkpoint:
         begin, end = info["data_offsets"]
         data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
         if end - begin != len(data):
-            raise QuantMoeError(f"shard {self.path / shard} is truncated or corrupt (tensor {name} takes "
-                                f"{end - begin} bytes for {len(data)}); re-download it")
+            raise self._damaged(shard, f"tensor {name} takes {end - begin} bytes for {len(data)}")
         fd = os.open(self.inside(shard), os.O_RDONLY)
         try:
             done = 0
             while done < len(data):
                 n = os.preadv(fd, [data[done:]], start + begin + done)
                 if n <= 0:
-                    raise QuantMoeError(f"shard {self.path / shard} is truncated or corrupt (it ends inside tensor "
-                                        f"{name}); re-download it")
+                    raise self._damaged(shard, f"it ends inside tensor {name}")
                 done += n
         finally:
             os.close(fd)
@@ -274,9 +277,7 @@ class Checkpoint:
         return t
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self.weight_map:
-            raise QuantMoeError(f"tensor {name} is not in {self.path}; the checkpoint does not match its config")
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+        return tuple(self._open(self._shard_of(name)).get_slice(name).get_shape())
 
     def check_layers(self) -> int:
         """config.num_hidden_layers, checked against the decoder layers the weights hold (layers
