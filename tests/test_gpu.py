@@ -11,7 +11,10 @@ import torch
 from quantmoe.gptq.core import (
     QuantSpec,
     accumulate_hessian,
+    bf16_statistics,
     gptq_quantize,
+    moment_sum,
+    stat_mm,
     tf32_matmuls,
 )
 from quantmoe.gptq.cuda_graphs import GraphedBlocks
@@ -156,6 +159,35 @@ def test_tf32_hessians_change_the_result_by_rounding_only():
     assert output_error(tf) == pytest.approx(output_error(ref), rel=0.01)
     assert float(tf.loss.sum()) == pytest.approx(float(ref.loss.sum()), rel=0.01)
     assert float((tf.q != ref.q).float().mean()) < 0.05
+
+
+@pytest.mark.gpu
+def test_bf16_statistics_on_cuda_sum_the_rounded_inputs_in_fp32_and_change_the_result_by_rounding_only():
+    X = inputs(16384, 1024, 0)
+    Xr = X.bfloat16().double()
+    exact = 2 * Xr.t() @ Xr / X.shape[0]  # the Hessian of the rounded inputs, summed exactly
+    H = hessian(X)
+    with bf16_statistics(True):
+        H_bf16 = hessian(X)
+        S = torch.zeros(1024, 1024, device="cuda")
+        moment_sum(S, X[:8192], X[:8192])
+        moment_sum(S, X[8192:], X[8192:])  # out= adds to S in place, it does not replace it
+        M = stat_mm(X[:64], X[:64].t())
+    assert H_bf16.dtype == S.dtype == M.dtype == torch.float32
+    assert float((H_bf16.double() - exact).norm() / exact.norm()) < 1e-5  # fp32 sums of the rounded inputs
+    assert float((2 * S.double() / X.shape[0] - exact).norm() / exact.norm()) < 1e-5
+    assert float((M.double() - Xr[:64] @ Xr[:64].t()).norm() / M.double().norm()) < 1e-5
+    rel = float((H_bf16 - H).norm() / H.norm())
+    assert 0 < rel < 1e-2  # rounded: an 8-bit mantissa
+    W = inputs(512, 1024, 1).reshape(1, 512, 1024) * 0.02
+    spec = QuantSpec(4, 128, True)
+    ref, low = gptq_quantize(W, H[None], spec), gptq_quantize(W, H_bf16[None], spec)
+
+    def output_error(res):
+        return float(((X @ (res.W[0] - W[0]).T) ** 2).mean())
+
+    assert output_error(low) == pytest.approx(output_error(ref), rel=0.02)
+    assert float((low.q != ref.q).float().mean()) < 0.1
 
 
 @pytest.mark.gpu

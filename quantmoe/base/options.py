@@ -40,6 +40,7 @@ EXPERT_HESSIANS = ("routed", "weighted", "all")
 CLIP_WEIGHTS = ("residual", "hessian")
 # How GPTQ's column loop runs (quantize.block_function); not part of the recipe: every one gives the same bits.
 BLOCK_KERNELS = ("auto", "triton", "cuda-graphs", "eager")
+HESSIAN_DTYPES = ("float32", "bfloat16")  # the inputs of the statistics' products (gptq.core.bf16_statistics)
 # Which linears GPTQ fits to the original model's outputs rather than to their own weights
 # (gptq.fitted_weights): "mlp" = every down_proj, from the outputs of its quantized gate/up;
 # "layer" = also o_proj and the MLPs' gate/up, from the layer's inputs through its quantized parts
@@ -311,6 +312,10 @@ class RunOptions:
     # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them): none changes the bits.
     tf32: bool = option(False, "TF32 matrix products for Hessians, forward passes and the evaluation on CUDA: faster, "
                         "differs by rounding only (the eval report states it).")
+    hessian_dtype: str = option("float32", "The inputs of the products that make the Hessians and the fit's moments "
+                                "(and the down projections' inputs for them): float32, or bfloat16 summed in fp32, "
+                                "which bf16 tensor cores run on CUDA: faster, rounds the statistics (docs/method.md "
+                                "says what it changes).", choices=HESSIAN_DTYPES)
     prefetch: bool = option(True, "Read the next layer from disk in a background thread.")
     block_kernel: str = option("auto", "How GPTQ's column loop runs on CUDA (every choice gives the same bits): one "
                                "Triton kernel per block of columns, a CUDA-graph replay, or eager PyTorch; auto: "

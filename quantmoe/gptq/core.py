@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,48 @@ class QuantResult:
     damp: Tensor     # (B,) fp32, the dampening fraction that made H positive definite
 
 
+_BF16_STATISTICS = ContextVar("bf16_statistics", default=False)
+
+
+@contextmanager
+def bf16_statistics(enabled: bool) -> Iterator[None]:
+    """Inside the block, the statistics' products (``accumulate_moment``, ``moment_sum``, hence the Hessians
+    and the fit's moments, and ``stat_mm``) take their inputs rounded to bfloat16 and sum them in fp32: on CUDA
+    one bf16 tensor-core product with an fp32 result, elsewhere the rounded inputs multiplied in fp32
+    (each product of two bf16 numbers is exact in fp32, so both compute the same sums up to their order).
+    Under ``--hessian-dtype bfloat16``; GPTQ's solve never uses it."""
+    token = _BF16_STATISTICS.set(enabled)
+    try:
+        yield
+    finally:
+        _BF16_STATISTICS.reset(token)
+
+
+def _rounded(Y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """Y and X as a statistic's product takes them: as they are, or inside ``bf16_statistics`` rounded to
+    bfloat16 (kept so on CUDA, for its tensor cores; elsewhere back in fp32). The same tensor twice is rounded once."""
+    if not _BF16_STATISTICS.get():
+        return Y, X
+    r = X.bfloat16() if X.is_cuda else X.bfloat16().float()
+    return (r if Y is X else (Y.bfloat16() if Y.is_cuda else Y.bfloat16().float())), r
+
+
+def _addmm(S: Tensor, A: Tensor, B: Tensor, alpha: float = 1.0) -> Tensor:
+    """S (fp32) += alpha A @ B in place; bf16 A and B (``_rounded`` on CUDA) give one product with an fp32 result."""
+    if A.dtype == torch.bfloat16:
+        return torch.addmm(S, A, B, out_dtype=torch.float32, alpha=alpha, out=S)
+    return S.addmm_(A, B, alpha=alpha)
+
+
+def stat_mm(A: Tensor, B: Tensor) -> Tensor:
+    """A @ B in fp32 for a statistic's inputs (the down projection's, from the gate/up products): A and B
+    rounded to bfloat16 inside ``bf16_statistics``."""
+    A, B = _rounded(A, B)
+    if A.dtype == torch.bfloat16:
+        return torch.mm(A, B, out_dtype=torch.float32)
+    return A @ B
+
+
 def accumulate_hessian(H: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None) -> tuple[Tensor, float]:
     """Fold the rows of X (T, C) into the running Hessian H (C, C) = 2/n sum x x^T, in fp32.
 
@@ -106,7 +149,8 @@ def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: T
     if n_total == 0:
         return P, n_seen
     P.mul_(n_seen / n_total)
-    P.addmm_(Y.t(), X, alpha=2.0 / n_total)
+    Y, X = _rounded(Y, X)
+    _addmm(P, Y.t(), X, alpha=2.0 / n_total)
     return P, n_total
 
 
@@ -122,11 +166,13 @@ def moment_sum(S: Tensor, Y: Tensor, X: Tensor, weights: Tensor | None = None) -
     X = X.reshape(T, -1).float()
     Y = X if Y is X else Y.reshape(T, -1).float()
     if weights is None:
-        S.addmm_(Y.t(), X)
+        Y, X = _rounded(Y, X)
+        _addmm(S, Y.t(), X)
         return T
     w = weights.float().reshape(T, 1)
     Xw = X * w
-    S.addmm_(Xw.t() if Y is X else (Y * w).t(), Xw)
+    Yw, Xw = _rounded(Xw if Y is X else Y * w, Xw)
+    _addmm(S, Yw.t(), Xw)
     return w.pow(2).sum()
 
 

@@ -158,7 +158,7 @@ class GptqMethod:
         stream = LayerStream(source.ckpt, dev)
         batch_size = options.batch_size or default_batch_size(stream.config, calibration.ids.shape[1])
         return GptqRun(self.config, stream, calibration.ids, batch_size, block_fn, ranks, options.tf32,
-                       options.prefetch, budget, host)
+                       options.prefetch, budget, host, options.hessian_dtype)
 
     def units(self, ckpt: Checkpoint, arch: Architecture, index: int) -> list[Unit]:
         """Layer ``index``'s linears grouped by their settings under the recipe (precision.layer_units)."""
@@ -207,6 +207,7 @@ class GptqRun:
     prefetch: bool
     budget: int | None              # device memory the layer may use (memory_budget); None: no limit
     host: int                       # host memory the run may hold (host_budget)
+    hessian_dtype: str = "float32"  # the inputs of the statistics' products (gptq.core.bf16_statistics)
 
     @property
     def device(self) -> torch.device:
@@ -214,13 +215,18 @@ class GptqRun:
 
     @property
     def fingerprint(self) -> dict:
-        # The device type and the batch size (and TF32) change the floating-point summation order, hence the bytes.
-        return {"device": self.device.type, "batch_size": self.batch_size, "tf32": self.tf32}
+        # The device type and the batch size (and TF32) change the floating-point summation order, hence the bytes;
+        # bf16 statistics round them (named only then: a float32 run's fingerprint is as it always was).
+        return {"device": self.device.type, "batch_size": self.batch_size, "tf32": self.tf32, **self._statistics}
+
+    @property
+    def _statistics(self) -> dict:
+        return {} if self.hessian_dtype == "float32" else {"hessian_dtype": self.hessian_dtype}
 
     @property
     def record(self) -> dict:
         return {"device": str(self.device), "tf32": self.tf32, "processes": self.ranks.world,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, **self._statistics}
 
     def layers(self, work: Path, done: int, rss: PeakRSS) -> Iterator[LayerOutput]:
         stream, qcfg, dev, n = self.stream, self.qcfg, self.device, self.stream.num_layers
@@ -260,7 +266,8 @@ class GptqRun:
                     stream.layer_state(i, keep_dtype=True, experts=share(i))
                 waited = time.perf_counter() - t0
                 quantizer = LayerQuantizer(stream, i, batches, qcfg, state, self.ranks, self.tf32, self.block_fn,
-                                           batches if qcfg.effective_fit == "layer" else originals, self.budget)
+                                           batches if qcfg.effective_fit == "layer" else originals, self.budget,
+                                           self.hessian_dtype)
                 del state  # on the device now
                 plan = host_plan(self.host, psutil.Process().memory_info().rss,
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,

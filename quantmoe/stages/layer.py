@@ -36,12 +36,14 @@ from ..gptq.core import (
     QuantSpec,
     accumulate_hessian,
     accumulate_moment,
+    bf16_statistics,
     dequantize_grouped,
     finish_moment,
     gptq_quantize,
     moment_sum,
     quantize_block,
     rtn_quantize,
+    stat_mm,
     tf32_matmuls,
 )
 from ..gptq.triton_kernels import error_terms
@@ -133,8 +135,8 @@ def _chunks(X: Tensor) -> Iterable[Tensor]:
 
 
 def gated(x: Tensor, Wg: Tensor, Wu: Tensor, act) -> Tensor:
-    """act(x Wg^T) * (x Wu^T): what a gated MLP feeds its down_proj."""
-    return act(x @ Wg.t()) * (x @ Wu.t())
+    """act(x Wg^T) * (x Wu^T): what a gated MLP feeds its down_proj, for its statistics (``stat_mm``)."""
+    return act(stat_mm(x, Wg.t())) * stat_mm(x, Wu.t())
 
 
 def mlp_hidden(X: Tensor, Wg: Tensor, Wu: Tensor, act) -> Iterable[Tensor]:
@@ -157,7 +159,7 @@ def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor 
         h = gated(x, Wg, Wu, act)
         if original is not None:
             g0, u0, d0 = original
-            accumulate_moment(P, gated(X0[start:start + TOKEN_CHUNK], g0, u0, act) @ d0.t(), h, n, w)
+            accumulate_moment(P, stat_mm(gated(X0[start:start + TOKEN_CHUNK], g0, u0, act), d0.t()), h, n, w)
         _, n = accumulate_hessian(H, h, n, w)
     return n
 
@@ -189,7 +191,8 @@ class LayerQuantizer:
 
     def __init__(self, stream: LayerStream, index: int, batches: list[Batch], qcfg: QuantConfig,
                  state: dict[str, Tensor] | None = None, ranks: Ranks = SINGLE, tf32: bool = False,
-                 block_fn=quantize_block, original_batches: list[Batch] | None = None, gpu_memory: int | None = None):
+                 block_fn=quantize_block, original_batches: list[Batch] | None = None, gpu_memory: int | None = None,
+                 hessian_dtype: str = "float32"):
         """``state``: the layer's tensors if already read (by a prefetching thread), else read here.
         ``gpu_memory``: bytes of device memory the routed experts' work may bring the process to (their
         groups are sized to it, ``experts``); None: every expert of the layer at once.
@@ -198,6 +201,7 @@ class LayerQuantizer:
         ``--fit layer``, ``batches`` themselves)."""
         self.stream, self.index, self.batches, self.qcfg = stream, index, batches, qcfg
         self.ranks, self.tf32, self.block_fn = ranks, tf32 and stream.device.type == "cuda", block_fn
+        self.bf16_statistics = hessian_dtype == "bfloat16"
         self.gpu_memory = gpu_memory
         self.host_capture = HOST_CAPTURE_BYTES  # what the capture may pin in host memory (quantize: the host budget's)
         self.clock = Stopwatch(stream.device)
@@ -293,8 +297,10 @@ class LayerQuantizer:
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
     def _stage(self, name: str):
-        """Time a stage; forward passes and Hessians may use TF32, the solve never does."""
-        with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")):
+        """Time a stage; forward passes and Hessians may use TF32, the solve never does; the Hessians' products
+        take bf16 inputs under --hessian-dtype bfloat16 (gptq.core.bf16_statistics)."""
+        with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")), \
+                bf16_statistics(self.bf16_statistics and name == "hessians"):
             yield
 
     def _inputs(self, module_path: str, original: bool = False) -> Iterator[Tensor]:
@@ -683,7 +689,7 @@ class LayerQuantizer:
                     h = gated(xc, Wg, Wu, act)
                     if P_d is not None:
                         g0, u0, d0 = original
-                        moment_sum(P_d[k], gated(x0c, g0, u0, act) @ d0.t(), h, wc)
+                        moment_sum(P_d[k], stat_mm(gated(x0c, g0, u0, act), d0.t()), h, wc)
                     n = n + moment_sum(H_d[k], h, h, wc)
                 finish_moment(H_d[k], n)
                 if P_d is not None:
