@@ -10,7 +10,13 @@ import torch
 import quantmoe
 from quantmoe.base.options import QuantConfig
 from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA
-from quantmoe.gptq.core import accumulate_hessian, accumulate_moment, bf16_statistics, moment_sum, stat_mm
+from quantmoe.gptq.core import (
+    accumulate_hessian,
+    accumulate_moment,
+    bf16_statistics,
+    moment_sum,
+    stat_mm,
+)
 from quantmoe.stages.evaluate import evaluate
 
 
