@@ -174,9 +174,11 @@ def test_bf16_statistics_on_cuda_sum_the_rounded_inputs_in_fp32_and_change_the_r
         moment_sum(S, X[8192:], X[8192:])  # out= adds to S in place, it does not replace it
         M = stat_mm(X[:64], X[:64].t())
     assert H_bf16.dtype == S.dtype == M.dtype == torch.float32
-    assert float((H_bf16.double() - exact).norm() / exact.norm()) < 1e-5  # fp32 sums of the rounded inputs
-    assert float((2 * S.double() / X.shape[0] - exact).norm() / exact.norm()) < 1e-5
-    assert float((M.double() - Xr[:64] @ Xr[:64].t()).norm() / M.double().norm()) < 1e-5
+    # Sums of the rounded inputs with an fp32 result: the tensor cores' sums round more than IEEE fp32 in order
+    # (an error that grows with the rows; benchmarks/README.md), but they are no bf16 sums (those are ~1e-3 off).
+    assert float((H_bf16.double() - exact).norm() / exact.norm()) < 2e-4
+    assert float((2 * S.double() / X.shape[0] - exact).norm() / exact.norm()) < 2e-4
+    assert float((M.double() - Xr[:64] @ Xr[:64].t()).norm() / M.double().norm()) < 2e-4
     rel = float((H_bf16 - H).norm() / H.norm())
     assert 0 < rel < 1e-2  # rounded: an 8-bit mantissa
     W = inputs(512, 1024, 1).reshape(1, 512, 1024) * 0.02

@@ -1,15 +1,18 @@
 """``--hessian-dtype bfloat16``: the statistics' products (Hessians, the fit's moments, the down projections'
 inputs) take bf16-rounded inputs and sum them in fp32. What it computes, where it applies (the Hessians'
-stage only, never the solve), that a run says so, and what it changes on the bundled demo."""
+stage only, never the solve), and that a run says so. What it changes in quality is measured on the demo and
+at Mixtral-8x7B's shapes in docs/method.md (too slow for this suite)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 import quantmoe
 from quantmoe.base.options import QuantConfig
-from quantmoe.base.paths import DEFAULT_MODEL, EVAL_DATA
+from quantmoe.base.paths import DEFAULT_MODEL
 from quantmoe.gptq.core import (
     accumulate_hessian,
     accumulate_moment,
@@ -17,7 +20,6 @@ from quantmoe.gptq.core import (
     moment_sum,
     stat_mm,
 )
-from quantmoe.stages.evaluate import evaluate
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -57,32 +59,30 @@ def test_a_bad_dtype_is_one_error_line():
 
 
 @pytest.fixture(scope="module")
-def demo_reports(tmp_path_factory):
+def runs(tiny_model, text_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("hessian-dtype")
-    data = base / "heldout.jsonl"
-    data.write_text("".join(EVAL_DATA.read_text().splitlines(keepends=True)[:3]))
     out = {}
     for dtype in ("float32", "bfloat16"):
-        folder = base / f"demo-{dtype}"
-        summary = quantmoe.quantize(DEFAULT_MODEL, folder, QuantConfig(), run_eval=False, quiet=True, device="cpu",
-                                    hessian_dtype=dtype)
-        out[dtype] = (folder, summary, evaluate(folder, baseline=DEFAULT_MODEL, data=data, device="cpu", quiet=True))
+        out[dtype] = base / dtype
+        quantmoe.quantize(tiny_model("mixtral"), out[dtype], QuantConfig(group_size=32), calib=text_file, nsamples=8,
+                          seqlen=64, run_eval=False, quiet=True, device="cpu", hessian_dtype=dtype)
     return out
 
 
-def test_on_the_demo_bf16_statistics_leave_the_gap_and_the_kl_within_their_standard_errors(demo_reports):
-    (f32, _, r32), (b16, _, r16) = demo_reports["float32"], demo_reports["bfloat16"]
+def _log(folder):
+    return json.loads((folder / "quantization_log.json").read_text())
+
+
+def test_bf16_statistics_change_the_bytes_and_leave_gptqs_loss_within_rounding(runs):
     shard = "model-00001-of-00001.safetensors"
-    assert (f32 / shard).read_bytes() != (b16 / shard).read_bytes()  # not the same computation
-    assert r32["data"]["windows"] >= 20
-    assert abs(r16["gap"]["relative"] - r32["gap"]["relative"]) < r32["gap"]["relative_se"]
-    assert abs(r16["kl"]["mean"] - r32["kl"]["mean"]) < r32["kl"]["se"]
+    assert (runs["float32"] / shard).read_bytes() != (runs["bfloat16"] / shard).read_bytes()
+    losses = {d: [m["loss"] for layer in _log(f)["layers"] for m in layer["modules"]] for d, f in runs.items()}
+    assert len(losses["float32"]) == len(losses["bfloat16"]) > 0
+    total32, total16 = sum(losses["float32"]), sum(losses["bfloat16"])
+    assert total32 > 0 and abs(total16 - total32) < 0.03 * total32  # the output error GPTQ reaches, per linear summed
 
 
-def test_a_bf16_run_says_so_in_its_manifest_and_log(demo_reports):
-    import json
-
-    (f32, _, _), (b16, _, _) = demo_reports["float32"], demo_reports["bfloat16"]
+def test_a_bf16_run_says_so_in_its_manifest_and_log(runs):
     for name in ("manifest.json", "quantization_log.json"):
-        assert json.loads((b16 / name).read_text())["options"]["hessian_dtype"] == "bfloat16"
-        assert "hessian_dtype" not in json.loads((f32 / name).read_text())["options"]  # float32 runs: as before
+        assert json.loads((runs["bfloat16"] / name).read_text())["options"]["hessian_dtype"] == "bfloat16"
+        assert "hessian_dtype" not in json.loads((runs["float32"] / name).read_text())["options"]  # as before
