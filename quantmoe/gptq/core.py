@@ -684,14 +684,11 @@ def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
     return ((P + delta * W) @ U.transpose(0, 1)) @ U
 
 
-def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, max_elements: int = 1 << 26) -> None:
-    """W_rest (B, R, n) -= Err1 (B, R, k) @ Hinv_rest (B, k, n), in row slices so the product stays small."""
-    B, R, n = W_rest.shape
-    if n == 0:
-        return
-    rows = max(1, max_elements // (B * n))
-    for r in range(0, R, rows):
-        W_rest[:, r:r + rows] -= Err1[:, r:r + rows] @ Hinv_rest
+def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor) -> None:
+    """W_rest (B, R, n) -= Err1 (B, R, k) @ Hinv_rest (B, k, n), in place: one product that subtracts as it
+    writes, with no temporary of the product."""
+    if W_rest.shape[-1]:
+        W_rest.baddbmm_(Err1, Hinv_rest, alpha=-1)
 
 
 def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
