@@ -64,13 +64,21 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _whole(t):
+    """t in storage of its own, contiguous: a view of a larger tensor (``formats.gptq_v1.pack_result``'s) is
+    copied out, as safetensors will not write tensors that share storage."""
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t.contiguous()
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """safetensors.save_file through a temp name, so a crash never leaves a torn shard."""
 
     path = Path(path)
     tmp = temp_path(path)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: _whole(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -25,14 +25,14 @@ from .base import QuantizedLinear, StoredWeight
 
 
 def _pack_rows(values: Tensor, bits: int) -> Tensor:
-    """Pack (N, M) small non-negative ints along dim 0 into int32 (N * bits / 32, M)."""
+    """Pack (..., N, M) small non-negative ints along dim -2 into int32 (..., N * bits / 32, M)."""
     per = 32 // bits
-    N, M = values.shape
+    *lead, N, M = values.shape
     if N % per:
         raise ValueError(f"cannot pack {N} rows at {bits} bits: not a multiple of {per}")
-    v = values.to(torch.int64).reshape(N // per, per, M)
-    shifts = (torch.arange(per, dtype=torch.int64, device=v.device) * bits)[None, :, None]
-    packed = (v << shifts).sum(dim=1)  # < 2**32
+    v = values.to(torch.int64).reshape(*lead, N // per, per, M)
+    shifts = (torch.arange(per, dtype=torch.int64, device=v.device) * bits)[:, None]
+    packed = (v << shifts).sum(dim=-2)  # < 2**32
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
     return packed.to(torch.int32)
 
@@ -47,28 +47,30 @@ def _unpack_rows(packed: Tensor, bits: int) -> Tensor:
 
 
 def pack_linear(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bits: int) -> dict[str, Tensor]:
-    """One linear's GPTQ v1 tensors from q (R, C), scales/zeros (R, G), g_idx (C,)."""
+    """One linear's GPTQ v1 tensors from q (R, C), scales/zeros (R, G), g_idx (C,); or, with a leading
+    dimension B on q, scales and zeros, B linears' at once (each tensor with that leading dimension, but g_idx)."""
     maxq = 2**bits - 1
     # v1 stores zero - 1, wrapped into `bits` bits (the loaders add 1 back).
     stored_zeros = (zeros.to(torch.int64) - 1) & maxq
     return {
-        "qweight": _pack_rows(q.t().contiguous(), bits),
-        "qzeros": _pack_rows(stored_zeros, bits).t().contiguous(),
-        "scales": scales.t().half().clone(),
+        "qweight": _pack_rows(q.mT.contiguous(), bits),
+        "qzeros": _pack_rows(stored_zeros, bits).mT.contiguous(),
+        "scales": scales.mT.half().contiguous(),
         "g_idx": g_idx.to(torch.int32).clone(),
     }
 
 
 def pack_result(result: QuantResult, bits: int) -> list[dict[str, Tensor]]:
-    """Pack each of the B matrices in a QuantResult on the device it lies on (the int64
-    bit shuffling is cheap on a GPU, slow on the host at Mixtral size); the packed tensors come back on
-    the CPU. From a GPU the copies are only queued (into pinned memory): wait for the device, e.g. on an
-    event recorded after this call, before reading them."""
-    return [
-        {name: t.to("cpu", non_blocking=True)
-         for name, t in pack_linear(result.q[b], result.scales[b], result.zeros[b], result.g_idx, bits).items()}
-        for b in range(result.q.shape[0])
-    ]
+    """Pack the B matrices of a QuantResult together on the device they lie on (the int64 bit shuffling is
+    cheap on a GPU, slow on the host at Mixtral size), each tensor copied to the CPU once for all B; each
+    matrix's tensors are views of those (``base.files.save_safetensors`` copies a view out as it writes).
+    From a GPU the copies are only queued (into pinned memory): wait for the device, e.g. on an event
+    recorded after this call, before reading them."""
+    B, _, C = result.q.shape
+    tensors = pack_linear(result.q, result.scales, result.zeros, result.g_idx, bits)
+    tensors["g_idx"] = tensors["g_idx"].expand(B, C).contiguous()  # every matrix its own, as it is written
+    packed = {name: t.to("cpu", non_blocking=True) for name, t in tensors.items()}
+    return [{name: t[b] for name, t in packed.items()} for b in range(B)]
 
 
 def unpack_linear(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -58,15 +58,16 @@ class Levels:
             getattr(self, name)[start:stop] = getattr(res, name)
         self.g_idx = res.g_idx
 
-    def levels(self, b: int) -> Tensor:
-        """Matrix b's levels (R, C), uint8."""
+    def levels(self, b: int | slice) -> Tensor:
+        """Matrix b's levels (R, C) (or a slice's, (n, R, C)), uint8."""
         q = self.q[b]
-        return torch.stack((q & 15, q >> 4), dim=-1).reshape(q.shape[0], self.columns) if self.packed else q
+        return torch.stack((q & 15, q >> 4), dim=-1).reshape(*q.shape[:-1], self.columns) if self.packed else q
 
-    def result(self, b: int) -> QuantResult:
-        """Matrix b as a QuantResult of one matrix (levels unpacked)."""
-        return QuantResult(q=self.levels(b)[None], scales=self.scales[b:b + 1], zeros=self.zeros[b:b + 1],
-                           g_idx=self.g_idx, W=None, loss=self.loss[b:b + 1], damp=self.damp[b:b + 1])
+    def result(self, b: int | slice) -> QuantResult:
+        """Matrix b (or a slice of them) as a QuantResult (levels unpacked)."""
+        s = b if isinstance(b, slice) else slice(b, b + 1)
+        return QuantResult(q=self.levels(s), scales=self.scales[s], zeros=self.zeros[s], g_idx=self.g_idx, W=None,
+                           loss=self.loss[s], damp=self.damp[s])
 
     def weight(self, b: int) -> Tensor:
         """Matrix b's fp32 weights, scale * (level - zero): what the dequantized export holds."""

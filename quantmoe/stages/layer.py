@@ -40,6 +40,7 @@ from ..gptq.core import (
     dequantize_grouped,
     finish_moment,
     gptq_quantize,
+    matrix_chunks,
     moment_sum,
     quantize_block,
     rtn_quantize,
@@ -732,27 +733,35 @@ class LayerQuantizer:
         return gate, up, ((*gate_and_up(W_gu), store.original("down", e)) if fit else None)
 
     def _store_experts(self, store: StoredExperts, counts: list[int], seconds: float) -> None:
-        """Every expert's packed tensors and log entries (gate, up, down per expert), on rank 0, which
-        receives the other processes' experts one at a time (distributed.experts_to_writer)."""
+        """Every expert's packed tensors and log entries (gate, up, down per expert), on rank 0: one process packs
+        a chunk of experts at a time (one packing and one copy to the host per tensor for the chunk); under
+        several, rank 0 receives the other processes' experts one at a time (distributed.experts_to_writer)."""
         mlp, E = self.plan.experts, self.plan.num_experts
         _, I, C = store.shape
         threshold = self.rare_threshold(C, I)
         gate_up, down = store.quantized
+        n = len(Levels.FIELDS)
 
         def held(e: int) -> list[Tensor]:  # expert e's levels, gate/up's then down's
             j = store.local(e)
             return gate_up.fields(j) + down.fields(j)
 
-        n = len(Levels.FIELDS)
-        # rank 0 only: the other processes' loop sends their experts and ends without a turn
-        for e, fields in enumerate(experts_to_writer(E, self.ranks, held)):
-            parts = dict(zip(self.plan.fused.halves, _split_rows(gate_up.one(fields[:n]).result(0), [I, I])))
-            parts["down"] = down.one(fields[n:]).result(0)
-            note = self._fallback_note(counts[e], threshold) if counts[e] < threshold else None
+        if self.ranks.world == 1:  # chunks sized to the packing's int64 temporaries (gptq.core.matrix_chunks)
+            chunks = ((s, gate_up.result(s), down.result(s)) for s in matrix_chunks(E, 2 * I * C * 8))
+        else:  # rank 0 only: the other processes' loop sends their experts and ends without a turn
+            chunks = ((slice(e, e + 1), gate_up.one(fields[:n]).result(0), down.one(fields[n:]).result(0))
+                      for e, fields in enumerate(experts_to_writer(E, self.ranks, held)))
+        for s, res_gu, res_d in chunks:
+            parts = dict(zip(self.plan.fused.halves, _split_rows(res_gu, [I, I])))
+            parts["down"] = res_d
+            experts = range(s.start, s.stop)
             for w in ("gate", "up", "down"):
-                self._store([mlp.linear(w, e)], parts[w])
-                self.result.log.append(_log(self.prefix + mlp.linear(w, e), "expert", parts[w], 0,
-                                            (C, I) if w == "down" else (I, C), counts[e], seconds / E / 3, note))
+                self._store([mlp.linear(w, e) for e in experts], parts[w])
+            for k, e in enumerate(experts):
+                note = self._fallback_note(counts[e], threshold) if counts[e] < threshold else None
+                for w in ("gate", "up", "down"):
+                    self.result.log.append(_log(self.prefix + mlp.linear(w, e), "expert", parts[w], k,
+                                                (C, I) if w == "down" else (I, C), counts[e], seconds / E / 3, note))
 
     def dense(self, mlp: MLP, module_path: str, kind: str) -> None:
         """A gated MLP fed every token entering ``module_path``: a shared expert or a dense layer's MLP.
