@@ -351,7 +351,8 @@ class Checkpoint:
         a mapping are held); what is dequantized here is read through the mapped shards, which are closed
         every READ_WINDOW bytes and at the end (a mapped shard's pages count towards the process's resident
         memory while it stays open). ``pin``: the copies are made in page-locked memory (which a GPU copies
-        from asynchronously and faster).
+        from asynchronously and faster). The copies read_copy makes are made on READ_THREADS threads; the
+        result's order and the error a damaged tensor raises are those of one read after another.
         """
         out: dict[str, Tensor] = {}
         as_stored: dict[str, Fp8Weight] = {}
