@@ -5,15 +5,23 @@ same bytes for any budget."""
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 
 import psutil
+import pytest
 import torch
 from clirun import cli, one_error_line, quantize_args
+from safetensors.torch import load_file, save_file
+from tiny import make_model, router_or_mtp_extra
+from torch import Tensor
 
 import quantmoe
 from quantmoe.base.options import QuantConfig
+from quantmoe.formats.base import StoredWeight
+from quantmoe.formats.fp8 import Fp8Weight, write_fp8_release
 from quantmoe.model import checkpoint as checkpoint_module
-from quantmoe.model.checkpoint import READ_WINDOW, Checkpoint
+from quantmoe.model.checkpoint import READ_WINDOW, Checkpoint, NonFinite
 from quantmoe.stages import gptq_method as quantize_module
 from quantmoe.stages.gptq_method import HostPlan, host_budget, host_plan, packed_bytes
 from quantmoe.stages.layer import HOST_CAPTURE_BYTES
@@ -110,3 +118,89 @@ def test_the_cli_takes_a_host_budget(tiny_model, text_file, tmp_path):
     result = cli(*quantize_args(tiny_model("mixtral"), out, text_file, "--host-memory", "1MB"))
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
+READ_COPY = Checkpoint.read_copy
+
+
+def _read_with(monkeypatch, threads: int, read):
+    """What ``read()`` returns with read_prefix on ``threads`` threads, and (thread, tensor) of each read_copy
+    (the cores this machine has do not bound the count here)."""
+    monkeypatch.setattr(checkpoint_module, "READ_THREADS", threads)
+    monkeypatch.setattr(checkpoint_module.os, "cpu_count", lambda: 8)
+    seen = []
+
+    def read_copy(self, name, *args, **kwargs):
+        seen.append((threading.current_thread().name, name))
+        return READ_COPY(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read_copy", read_copy)
+    return read(), seen
+
+
+def _same(a, b) -> bool:
+    """Tensors, FP8 or stored weights of an export equal in dtype, shape and bytes."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    if isinstance(a, Fp8Weight):
+        return isinstance(b, Fp8Weight) and _same(a.codes, b.codes) and _same(a.scale, b.scale) and \
+            (a.block, a.name, a.dtype) == (b.block, b.name, b.dtype)
+    return isinstance(b, StoredWeight) and list(a.parts) == list(b.parts) and all(
+        _same(a.parts[k], b.parts[k]) for k in a.parts) and (a.shape, a.dtype, a.name) == (b.shape, b.dtype, b.name)
+
+
+@pytest.fixture(scope="module")
+def bf16_and_fp8(tmp_path_factory):
+    """The tiny DeepSeek-V3 in BF16 and its FP8 release (DeepSeek's format, routers left in BF16)."""
+    base = tmp_path_factory.mktemp("read-threads")
+    bf16 = make_model("deepseek_v3", base / "bf16", dtype=torch.bfloat16)
+    return bf16, write_fp8_release(bf16, base / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
+
+
+def test_a_layer_read_on_threads_is_the_layer_read_one_tensor_after_another(bf16_and_fp8, tiny_rtn_export,
+                                                                            monkeypatch):
+    """read_prefix on several threads gives what it gives on one: the same keys in the same order, the same
+    dtypes and bytes, for a BF16 source, an FP8 release kept as stored or dequantized, and an export's
+    deferred linears; and the threads did read (the FP8 weights kept as stored too)."""
+    def threaded(seen) -> set[str]:
+        return {name for thread, name in seen if thread.startswith("quantmoe-read")}
+
+    bf16, fp8 = bf16_and_fp8
+    cases = [(bf16, {}), (bf16, {"dtype": None}), (fp8, {"dtype": None}), (fp8, {}),
+             (tiny_rtn_export, {"dtype": None, "defer": True}), (bf16, {"only": lambda n: "experts" not in n})]
+    for folder, kwargs in cases:
+        ckpt = Checkpoint(folder)
+        prefix = ckpt.layer_prefix(1)  # a MoE layer
+        one, seen_one = _read_with(monkeypatch, 1, lambda: ckpt.read_prefix(prefix, **kwargs))
+        many, seen_many = _read_with(monkeypatch, 4, lambda: Checkpoint(folder).read_prefix(prefix, **kwargs))
+        assert list(many) == list(one) and len(one) > 3, (folder.name, kwargs)
+        assert all(_same(one[k], many[k]) for k in one), (folder.name, kwargs)
+        assert not threaded(seen_one) and threaded(seen_many)
+        assert sorted(name for _, name in seen_many) == sorted(name for _, name in seen_one)
+        if folder == fp8 and kwargs == {"dtype": None}:
+            assert any(isinstance(w, Fp8Weight) for w in many.values())
+            assert any(name.endswith(".weight_scale_inv") for name in threaded(seen_many))
+
+
+def test_a_nan_read_on_threads_is_reported_as_one_read_after_another(bf16_and_fp8, tmp_path, monkeypatch):
+    """NaN in the third and the last tensor a layer read reads: with threads as without, the error names
+    the third (the first in order), however the threads finish, with the same message (the CLI's line)."""
+    bf16, _ = bf16_and_fp8
+    folder = tmp_path / "nan"
+    shutil.copytree(bf16, folder)
+    names = Checkpoint(folder).names("model.layers.1.")
+    third, last = names[2], names[-1]
+    shard = next(folder.glob("*.safetensors"))
+    tensors = load_file(shard)
+    assert tensors[third].is_floating_point() and tensors[last].is_floating_point()
+    tensors[third].view(-1)[-1] = float("nan")
+    tensors[last].view(-1)[0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    errors = []
+    for threads in (1, 4):
+        with pytest.raises(NonFinite) as caught:
+            _read_with(monkeypatch, threads, lambda: Checkpoint(folder).read_prefix("model.layers.1.", None))
+        errors.append(str(caught.value))
+        assert caught.value.tensor == third
+    assert errors[0] == errors[1]

@@ -20,6 +20,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -45,6 +46,9 @@ LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 # Bytes read_prefix copies between two unmappings of the shards: the pages of a mapped shard count towards
 # resident memory while it stays open, so a layer read holds its bytes twice only this far.
 READ_WINDOW = 1 << 30
+# Threads read_prefix reads a layer's tensors with (at most one per core): os.preadv and torch's checks release the
+# GIL, so one thread per tensor in flight keeps several reads from the page cache or the disk going at once.
+READ_THREADS = 8
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
@@ -210,15 +214,16 @@ class Checkpoint:
         return QuantMoeError(f"shard {self.path / shard} is truncated or corrupt ({detail}); re-download it")
 
     def _open(self, shard: str):
-        if shard not in self._handles:
+        handle = self._handles.get(shard)  # once: close() may empty the dict meanwhile (read_prefix's threads)
+        if handle is None:
             file = self.inside(shard)
             if not file.is_file():
                 raise QuantMoeError(f"shard {file} listed in the index is missing; re-download the checkpoint")
             try:
-                self._handles[shard] = safe_open(str(file), framework="pt")
+                handle = self._handles[shard] = safe_open(str(file), framework="pt")
             except (SafetensorError, OSError, ValueError) as exc:
                 raise self._damaged(shard, exc) from None
-        return self._handles[shard]
+        return handle
 
     def tensor(self, name: str, rows: range | None = None) -> Tensor:
         """Tensor ``name``; ``rows``: only those of its first dimension are read."""
@@ -275,6 +280,19 @@ class Checkpoint:
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype).pin_memory() if pin else t.to(dtype)
         return t
+
+    def _direct(self, names: tuple[str, ...]) -> bool:
+        """Whether read_copy reads every tensor of ``names`` from its shard file without opening a mapping
+        (its shard's layout read, here, and its dtype one of STORED_DTYPES): a pool thread may read them."""
+        try:
+            for name in names:
+                _, header = self._layout(self._shard_of(name))
+                info = header.get(name) if isinstance(header, dict) else None
+                if not isinstance(info, dict) or info.get("dtype") not in STORED_DTYPES:
+                    return False
+        except QuantMoeError:  # read here, in its turn, where it raises again
+            return False
+        return True
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._shard_of(name)).get_slice(name).get_shape())
@@ -333,7 +351,8 @@ class Checkpoint:
         a mapping are held); what is dequantized here is read through the mapped shards, which are closed
         every READ_WINDOW bytes and at the end (a mapped shard's pages count towards the process's resident
         memory while it stays open). ``pin``: the copies are made in page-locked memory (which a GPU copies
-        from asynchronously and faster).
+        from asynchronously and faster). The copies read_copy makes are made on READ_THREADS threads; the
+        result's order and the error a damaged tensor raises are those of one read after another.
         """
         out: dict[str, Tensor] = {}
         as_stored: dict[str, Fp8Weight] = {}
@@ -341,6 +360,11 @@ class Checkpoint:
         source = getattr(self.format, "source", False)
         keep = (dtype is None and source) or (defer and not source and hasattr(self.format, "stored"))
         mapped = 0  # bytes read since the shards were last closed
+        # Each read, in order: (the dict it goes into, its key, the bytes it maps, how it is read, the tensors
+        # read_copy reads for it or None). Only what read_copy reads from the shard files goes to the threads
+        # (_read_in_turn): what is read through the mapped shards (dequantized here, some rows) is read here, in
+        # its turn, since close() unmaps the shards under it.
+        reads: list[tuple[dict, str, int, Callable[[], object], tuple[str, ...] | None]] = []
 
         def read(nbytes: int) -> None:
             nonlocal mapped
@@ -354,6 +378,12 @@ class Checkpoint:
             read(nbytes)
             return t
 
+        def kept(linear) -> Callable[[], object]:
+            def run():
+                weight = self.format.stored(self, linear)  # a copy
+                return weight.pin_memory() if pin else weight
+            return run
+
         for module, linear in sorted(self.quantized_linears.items()):
             if module.startswith(prefix):
                 name = module[len(prefix):] + ".weight"
@@ -362,25 +392,53 @@ class Checkpoint:
                     continue
                 nbytes = sum(self.nbytes(t) for t in linear.tensors)
                 if keep:
-                    as_stored[name] = self.format.stored(self, linear)  # a copy
-                    as_stored[name] = as_stored[name].pin_memory() if pin else as_stored[name]
-                    read(nbytes)
+                    reads.append((as_stored, name, nbytes, kept(linear), linear.tensors))
                 else:
-                    out[name] = copied(self.format.dequantize(self, linear), nbytes)
+                    reads.append((out, name, 0, lambda linear=linear, nbytes=nbytes: copied(
+                        self.format.dequantize(self, linear), nbytes), None))
                 stored.update(linear.tensors)
         for name in self.names(prefix):
             short = name[len(prefix):]
             if name not in stored and (only is None or only(short)):
                 some = (rows or {}).get(short)
                 if some is None:
-                    out[short] = self.read_copy(name, dtype, pin)
+                    reads.append((out, short, 0, lambda name=name: self.read_copy(name, dtype, pin), (name,)))
                 else:  # some rows of a tensor (GraniteMoE's fused experts): read through the mapped shard
-                    t = self.tensor(name, some)
-                    t = copied(t, t.numel() * t.element_size())
-                    out[short] = t.pin_memory() if pin else t
+                    def part(name=name, some=some):
+                        t = self.tensor(name, some)
+                        t = copied(t, t.numel() * t.element_size())
+                        return t.pin_memory() if pin else t
+                    reads.append((out, short, 0, part, None))
+        self._read_in_turn(reads, read)
         out.update(as_stored)
         self.close()
         return out
+
+    def _read_in_turn(self, reads, read: Callable[[int], None]) -> None:
+        """Each of ``reads`` (see read_prefix) put into its dict in their order. Those whose tensors read_copy
+        reads from the files (``_direct``) are read on READ_THREADS threads, the others here in their turn. A
+        failed read raises here as it would one read after another: the first failure in order."""
+        threads = min(READ_THREADS, os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="quantmoe-read") if threads > 1 else None
+        started: list[tuple[dict, str, Future]] = []
+        try:
+            for into, key, nbytes, run, names in reads:
+                if pool is not None and names is not None and self._direct(names):
+                    started.append((into, key, pool.submit(run)))
+                else:
+                    done: Future = Future()
+                    started.append((into, key, done))
+                    try:
+                        done.set_result(run())
+                    except Exception as exc:  # raised below, unless a read before it failed too
+                        done.set_exception(exc)
+                        break
+                read(nbytes)
+            for into, key, done in started:
+                into[key] = done.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
     def extra_layers(self) -> list[int]:
         """Indices of the layers stored beyond ``num_hidden_layers``: the multi-token-prediction
