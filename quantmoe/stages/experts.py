@@ -297,7 +297,7 @@ def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> list[
 class RoutedRows:
     """The calibration rows routed to a group of experts, gathered from every batch into one buffer,
     expert by expert (each expert's rows in batch order, its tokens ascending within a batch): expert k
-    of the group holds rows ``spans[k]``, in fp32, or rounded to bf16 where the statistics take bf16 inputs. ``x0``: the same tokens in the full-precision stream (None:
+    of the group holds rows ``spans[k]``. ``x0``: the same tokens in the full-precision stream (None:
     ``x`` itself); ``w``: the router's scores (None: unweighted)."""
 
     x: Tensor
@@ -328,7 +328,6 @@ class ExpertCosts:
     hessians: bool = True   # gptq (False: rtn, no statistics)
     cross: bool = False     # --fit stream: the gate/up cross moment, and the full-precision stream's rows
     fit_down: bool = False  # --fit mlp/stream: the down projection's output moment
-    row_bytes: int = 4      # the routed rows' values: fp32, or bf16 under --hessian-dtype bfloat16
 
     @property
     def per_expert(self) -> int:
@@ -339,9 +338,8 @@ class ExpertCosts:
         return 4 * max(gate_up, down) + 2 * I * C
 
     def rows(self, tokens: int) -> int:
-        """Bytes of ``tokens`` routed rows (``row_bytes`` a value, with their full-precision twins under --fit
-        stream, and fp32 weights)."""
-        return tokens * (self.row_bytes * self.C * (1 + self.cross) + 4) if self.hessians else 0
+        """Bytes of ``tokens`` routed rows (fp32, with their full-precision twins under --fit stream, and weights)."""
+        return tokens * 4 * (self.C * (1 + self.cross) + 1) if self.hessians else 0
 
     def of(self, tokens: int) -> int:
         """Bytes of one expert routed ``tokens`` rows while its group is solved."""

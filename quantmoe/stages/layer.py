@@ -554,7 +554,7 @@ class LayerQuantizer:
         ``self.gpu_memory``."""
         E, I, C = store.shape
         costs = ExpertCosts(C, I, hessians=self.qcfg.uses_hessians, cross=self.fit_stream,
-                            fit_down=self.fit_down, row_bytes=2 if self.bf16_statistics else 4)
+                            fit_down=self.fit_down)
         in_use = 0
         if self.gpu_memory is not None and self.stream.device.type == "cuda":
             # What is resident (the layer with its experts as stored, the activations, the Levels, which
@@ -598,8 +598,7 @@ class LayerQuantizer:
         starts = [0]
         for r in rows:
             starts.append(starts[-1] + r)
-        # Under bf16 statistics the rows are kept as the products take them: rounded to bf16 (half the bytes).
-        X = torch.empty(starts[-1], C, device=dev, dtype=torch.bfloat16 if self.bf16_statistics else torch.float32)
+        X = torch.empty(starts[-1], C, device=dev)
         X0 = torch.empty_like(X) if self.fit_stream else None
         weighted = self.qcfg.expert_hessian == "weighted"
         w = torch.empty(starts[-1], device=dev) if weighted else None
@@ -614,9 +613,9 @@ class LayerQuantizer:
                     continue
                 src = torch.cat([t for t, _ in picks])
                 dest = _spans(filled, sizes, dev)
-                X.index_copy_(0, dest, x.index_select(0, src).to(X.dtype))
+                X.index_copy_(0, dest, x.index_select(0, src))
                 if X0 is not None:
-                    X0.index_copy_(0, dest, x0.index_select(0, src).to(X.dtype))
+                    X0.index_copy_(0, dest, x0.index_select(0, src))
                 if w is not None:
                     w.index_copy_(0, dest, torch.cat([s for _, s in picks]).float())
                 filled = [f + n for f, n in zip(filled, sizes)]
