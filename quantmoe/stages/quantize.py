@@ -70,7 +70,7 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
 
     ``options`` are the fields of ``RunOptions`` (calib, nsamples, seqlen, seed, device,
     max_shard_size, mtp, overwrite, record_paths, resume, run_eval, eval_data, batch_size, quiet, tf32,
-    prefetch, block_kernel, gpu_memory, host_memory); any other keyword is a QuantMoeError naming it.
+    hessian_dtype, prefetch, block_kernel, gpu_memory, host_memory); any other keyword is a QuantMoeError naming it.
 
     Finished layers are kept in the work folder beside ``out``; re-running the same call
     after a crash or Ctrl-C continues from the first unfinished layer and writes the same
@@ -78,7 +78,9 @@ def quantize(model: str | Path | None = None, out: str | Path | None = None, qcf
     checked before the work folder is touched.
 
     ``tf32``: TF32 matrix products for Hessians, forward passes and the evaluation on CUDA (faster;
-    changes results by rounding only, see benchmarks/README.md). ``prefetch``: read the next layer
+    changes results by rounding only, see benchmarks/README.md). ``hessian_dtype``: "bfloat16" rounds the
+    inputs of the statistics' products to bf16 (summed in fp32; faster on CUDA; docs/method.md says what it
+    changes), "float32" (the default) does not. ``prefetch``: read the next layer
     in a background thread. ``gpu_memory``: the device memory the run may use ("70GB"; default on CUDA:
     what the device has free now, less some headroom; on CPU: no limit); a layer's routed experts are
     worked on in groups that fit it (stages/experts.py), with the same bytes for any budget.
