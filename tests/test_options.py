@@ -42,7 +42,7 @@ FLAGS = {
     "--int8-threshold", "--calib", "--nsamples", "--seqlen", "--seed", "--device", "--batch-size", "--max-shard-size",
     "--overwrite", "--resume", "--restart", "--eval", "--no-eval", "--eval-data", "--quiet", "--tf32", "--no-tf32",
     "--prefetch", "--no-prefetch", "--block-kernel", "--mtp", "--record-paths", "--gpu-memory",
-    "--format", "--recipe", "--host-memory",
+    "--format", "--recipe", "--host-memory", "--hessian-dtype",
 }
 
 
