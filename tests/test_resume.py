@@ -127,7 +127,7 @@ def _zero_layer_file(work: Path, index: int) -> None:
     save_safetensors(file, tensors, metadata=meta)
 
 
-@pytest.mark.parametrize("change", ["options", "restart"])
+@pytest.mark.parametrize("change", ["options", "hessian_dtype", "restart"])
 def test_other_inputs_or_restart_never_reuse_layers(inputs, tmp_path, monkeypatch, capsys, change):
     model, text = inputs["mixtral"], inputs["text"]
     out = tmp_path / "out"
@@ -140,6 +140,9 @@ def test_other_inputs_or_restart_never_reuse_layers(inputs, tmp_path, monkeypatc
     if change == "options":
         quantmoe.quantize(model, out, QuantConfig(group_size=32, damp=0.02), calib=text, **QUICK_API)
         expected = "was made from other inputs (options differ); starting over"
+    elif change == "hessian_dtype":  # bf16 statistics round differently: a float32 run's layers are not theirs
+        quantmoe.quantize(model, out, QCFG, calib=text, hessian_dtype="bfloat16", **QUICK_API)
+        expected = "was made from other inputs"
     else:
         quantmoe.quantize(model, out, QCFG, calib=text, resume=False, **QUICK_API)
         expected = "--restart: discarding the finished layers"
