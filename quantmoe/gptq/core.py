@@ -101,8 +101,12 @@ def _rounded(Y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     bfloat16 (kept so on CUDA, for its tensor cores; elsewhere back in fp32). The same tensor twice is rounded once."""
     if not _BF16_STATISTICS.get():
         return Y, X
-    r = X.bfloat16() if X.is_cuda else X.bfloat16().float()
-    return (r if Y is X else (Y.bfloat16() if Y.is_cuda else Y.bfloat16().float())), r
+
+    def rounded(t: Tensor) -> Tensor:
+        return t.bfloat16() if t.is_cuda else t.bfloat16().float()
+
+    r = rounded(X)
+    return (r if Y is X else rounded(Y)), r
 
 
 def _addmm(S: Tensor, A: Tensor, B: Tensor, alpha: float = 1.0) -> Tensor:
@@ -141,7 +145,8 @@ def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: T
     Y = X if Y is X else Y.reshape(T, -1).float()
     if weights is not None:
         w = weights.float().reshape(T, 1)
-        X, Y = X * w, (X * w if Y is X else Y * w)
+        Xw = X * w
+        X, Y = Xw, (Xw if Y is X else Y * w)
         added = float(w.pow(2).sum())
     else:
         added = T

@@ -254,9 +254,7 @@ class Checkpoint:
         from the shard file straight into it (one copy, and no pages of a mapping to fault in), checked for
         NaN/Inf, floating tensors then converted to ``dtype`` (None: as stored)."""
         shard = self._shard_of(name)
-        start, header = self._layout(shard)
-        info = header.get(name) if isinstance(header, dict) else None
-        stored = STORED_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        start, info, stored = self._header_entry(name)
         if stored is None:  # a dtype torch reads only through safetensors: the mapped tensor, copied
             t = self.tensor(name)
             t = t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
@@ -281,18 +279,20 @@ class Checkpoint:
             t = t.to(dtype).pin_memory() if pin else t.to(dtype)
         return t
 
+    def _header_entry(self, name: str) -> tuple[int, dict | None, torch.dtype | None]:
+        """(offset of its shard's data, tensor ``name``'s header entry, its dtype if one of STORED_DTYPES), from
+        the shard's layout (read once)."""
+        start, header = self._layout(self._shard_of(name))
+        info = header.get(name) if isinstance(header, dict) else None
+        return start, info, (STORED_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None)
+
     def _direct(self, names: tuple[str, ...]) -> bool:
         """Whether read_copy reads every tensor of ``names`` from its shard file without opening a mapping
         (its shard's layout read, here, and its dtype one of STORED_DTYPES): a pool thread may read them."""
         try:
-            for name in names:
-                _, header = self._layout(self._shard_of(name))
-                info = header.get(name) if isinstance(header, dict) else None
-                if not isinstance(info, dict) or info.get("dtype") not in STORED_DTYPES:
-                    return False
+            return all(self._header_entry(name)[2] is not None for name in names)
         except QuantMoeError:  # read here, in its turn, where it raises again
             return False
-        return True
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._shard_of(name)).get_slice(name).get_shape())
