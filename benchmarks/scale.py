@@ -910,11 +910,11 @@ def solve_profile(shape: Shape, group: int, device: str = "cuda") -> dict:
         extra = {"cross": moment(Cin)} if kind == "cross" else {"target": W @ moment(Cin)}
         H = moment(Cin)
         call = partial(solve, W.clone(), H, qcfg, overwrite_H=True, block_fn=block_fn, dequantized=False,
-                       overwrite_W=True, fit_tf32=True, **extra)
+                       overwrite_W=True, tf32=True, **extra)
         row["seconds"] = synced(call)
         H = moment(Cin)
         call = partial(solve, W.clone(), H, qcfg, overwrite_H=True, block_fn=block_fn, dequantized=False,
-                       overwrite_W=True, fit_tf32=True, **extra)
+                       overwrite_W=True, tf32=True, **extra)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             call()
             torch.cuda.synchronize(dev)

@@ -307,9 +307,10 @@ def test_refine_lowers_gptq_loss_and_keeps_the_format(order):
     assert torch.equal(refined.W, dequantize(refined.q, refined.scales, refined.zeros, refined.g_idx))
 
 
-def batch_independence_mismatches(device: str = "cpu", block_fn=None) -> list[str]:
+def batch_independence_mismatches(device: str = "cpu", block_fn=None, tf32: bool = False) -> list[str]:
     """Solve 8 matrices (stream-fit targets, clipping search, act-order) as one batch, as two
-    batches of 4 and one by one, as 1, 2 or 8 processes would share them; return what differs."""
+    batches of 4 and one by one, as 1, 2 or 8 processes would share them; return what differs.
+    ``tf32``: gptq_quantize's (TF32 products in the fit, the inverse and the error spread, on CUDA)."""
     from quantmoe.gptq.core import ClipSearch, quantize_block
 
     g = torch.Generator(device=device).manual_seed(5)
@@ -324,7 +325,7 @@ def batch_independence_mismatches(device: str = "cpu", block_fn=None) -> list[st
     spec, search = QuantSpec(4, 128, True), ClipSearch(20, 0.6, 1.0, "residual")
 
     def run(idx, **fit):
-        return gptq_quantize(W[idx], H[idx], spec, block_fn=block_fn or quantize_block, search=search,
+        return gptq_quantize(W[idx], H[idx], spec, block_fn=block_fn or quantize_block, search=search, tf32=tf32,
                              **{k: v[idx] for k, v in fit.items()})
 
     bad = []

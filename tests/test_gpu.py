@@ -110,12 +110,13 @@ def test_auto_block_kernel_on_cuda_is_triton_where_installed():
 
 
 @pytest.mark.gpu
-def test_a_matrix_gets_the_same_bits_whatever_else_is_in_its_batch_on_cuda():
+@pytest.mark.parametrize("tf32", [False, True])
+def test_a_matrix_gets_the_same_bits_whatever_else_is_in_its_batch_on_cuda(tf32):
     """As on CPU (test_gptq_core), with CUDA graphs: on an H200 a batched mean once made one expert
-    of a 2-GPU run differ from the 1-GPU run."""
+    of a 2-GPU run differ from the 1-GPU run. Also with the solve's TF32 products (--tf32)."""
     from test_gptq_core import batch_independence_mismatches
 
-    assert batch_independence_mismatches("cuda", GraphedBlocks()) == []
+    assert batch_independence_mismatches("cuda", GraphedBlocks(), tf32=tf32) == []
 
 
 @pytest.mark.gpu
@@ -159,6 +160,31 @@ def test_tf32_hessians_change_the_result_by_rounding_only():
     assert output_error(tf) == pytest.approx(output_error(ref), rel=0.01)
     assert float(tf.loss.sum()) == pytest.approx(float(ref.loss.sum()), rel=0.01)
     assert float((tf.q != ref.q).float().mean()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fit", ["none", "cross"])
+def test_tf32_solve_changes_the_result_by_rounding_only(fit):
+    """gptq_quantize's ``tf32`` (the inverse's products and the error spread as TF32, as --tf32 runs them)
+    changes some levels but neither GPTQ's loss nor the output error beyond rounding, against fp32."""
+    C = 2048  # the triangular inverse recurses (blocks of 512), 16 blocks of errors are spread
+    X = inputs(4 * C, C, 0)
+    X = X * torch.linspace(0.1, 3.0, C, device="cuda")  # channels of unequal scale, as activations have
+    W = inputs(768, C, 1).reshape(1, 768, C) * 0.02
+    H = hessian(X)[None]
+    extra = {"cross": hessian(X + 0.05 * inputs(4 * C, C, 2))[None]} if fit == "cross" else {}
+    spec = QuantSpec(4, 128, True)
+    ref = gptq_quantize(W, H, spec, **extra)
+    tf = gptq_quantize(W, H, spec, tf32=True, **extra)
+    differ = float((tf.q != ref.q).float().mean())
+    assert 0 < differ < 0.15  # TF32 was used; near-ties round the other way
+
+    def output_error(res):
+        return float(((X @ (res.W[0] - W[0]).T) ** 2).mean())
+
+    assert output_error(tf) == pytest.approx(output_error(ref), rel=0.005)
+    assert float(tf.loss.sum()) == pytest.approx(float(ref.loss.sum()), rel=0.005)
+    assert torch.equal(tf.damp, ref.damp)
 
 
 @pytest.mark.gpu
@@ -367,3 +393,4 @@ def test_a_layer_read_into_page_locked_memory_is_the_plain_read(tmp_path):
             want = plain[name].dequantize() if hasattr(t, "parts") else plain[name]
             got = t.dequantize() if hasattr(t, "parts") else t
             assert torch.equal(got, want), name
+

@@ -350,8 +350,9 @@ def rtn_quantize(W: Tensor, spec: QuantSpec, search: ClipSearch = ClipSearch(),
 def tf32_matmuls(enabled: bool) -> Iterator[None]:
     """Let fp32 matrix products run as TF32 on CUDA (inputs rounded to a 10-bit mantissa, fp32
     accumulation) inside the block. quantmoe uses it, under ``--tf32``, for Hessians, forward
-    passes and the fitted-weight products, never for GPTQ's own updates; benchmarks/README.md
-    says what it changes."""
+    passes, the fitted-weight products and, in GPTQ, the triangular inverse's products and the spread
+    of each block's errors (``gptq_quantize``'s ``tf32``); never for the Cholesky factorisation or the
+    column loop inside a block. benchmarks/README.md says what it changes."""
     if not enabled:
         yield
         return
@@ -379,7 +380,7 @@ def mean_diagonal(H: Tensor) -> Tensor:
 
 
 def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
-                            mean_diag: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            mean_diag: Tensor | None = None, tf32: bool = False) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 for H (B, C, C), so that U^T U is that inverse.
 
     With J the reversal permutation and J H J = L L^T, H^-1 = (J L^-T J)(J L^-1 J), and
@@ -393,6 +394,8 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
     could depend on the batch. The host does not wait for each factorisation: until every matrix is
     done, H's strictly lower half (zero in U) keeps J H J's, and a matrix whose factorisation failed is
     redone from it with 10x the dampening, try after try, exactly as if it had been retried at once.
+    ``tf32``: the triangular inverse's products may run as TF32 on CUDA (``tf32_matmuls``); the
+    factorisation itself and the leaves' triangular solves stay fp32.
     """
     B, C, _ = H.shape
     used = torch.full((B,), damp, device=H.device, dtype=H.dtype)
@@ -402,16 +405,17 @@ def damped_inverse_cholesky(H: Tensor, damp: float, max_tries: int = 16,
         H[s] = H[s].flip((1, 2))  # J H J, in H's own storage
     diag = H.diagonal(dim1=1, dim2=2).clone()  # (B, C), undampened
     lower = torch.ones(C, C, dtype=torch.bool, device=H.device).tril_(-1)  # strictly below the diagonal
-    info = torch.stack([_invert_reversed(H[b], diag[b], used[b] * scale[b], lower) for b in range(B)])
-    for b in info.nonzero().flatten().tolist():  # the one wait for the device
-        for _ in range(max_tries - 1):
-            used[b] *= 10
-            H[b] = torch.where(lower, H[b], H[b].mT)  # J H J again, from its lower half
-            if int(_invert_reversed(H[b], diag[b], used[b] * scale[b], lower)) == 0:
-                break
-        else:
-            used[b] *= 10
-            raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
+    with tf32_matmuls(tf32):
+        info = torch.stack([_invert_reversed(H[b], diag[b], used[b] * scale[b], lower) for b in range(B)])
+        for b in info.nonzero().flatten().tolist():  # the one wait for the device
+            for _ in range(max_tries - 1):
+                used[b] *= 10
+                H[b] = torch.where(lower, H[b], H[b].mT)  # J H J again, from its lower half
+                if int(_invert_reversed(H[b], diag[b], used[b] * scale[b], lower)) == 0:
+                    break
+            else:
+                used[b] *= 10
+                raise RuntimeError(f"Hessian is not positive definite even with dampening {float(used[b]):g}")
     for s in chunks:
         H[s] = H[s].mT.flip((1, 2)).triu_()  # J L^-1 J, zero below the diagonal
     return H, used
@@ -515,7 +519,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
                   order: str = "static", block_size: int = 128, overwrite_H: bool = False,
                   block_fn=quantize_block, search: ClipSearch = ClipSearch(),
                   target: Tensor | None = None, refine: int = 0, cross: Tensor | None = None,
-                  dequantized: bool = True, overwrite_W: bool = False, fit_tf32: bool = False) -> QuantResult:
+                  dequantized: bool = True, overwrite_W: bool = False, tf32: bool = False) -> QuantResult:
     """Quantize W (B, R, C) column by column, spreading each rounding error over the
     not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
 
@@ -535,8 +539,10 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     copy; for Mixtral's down_proj that is 6.6 GB. ``overwrite_W`` likewise hands W over (fp32): it
     becomes the working copy (3.8 GB less for Mixtral's eight gate/up). ``dequantized`` False leaves
     the result's W None, for a caller that rebuilds it from the levels (a (B, R, C) fp32 tensor less).
-    ``fit_tf32``: the products that form the fitted weights (``target``/``cross``) may run as TF32
-    on CUDA (see ``tf32_matmuls``); GPTQ's own updates never do.
+    ``tf32``: on CUDA the products that form the fitted weights (``target``/``cross``), those of the
+    inverse factor's triangular inverse and the spread of each block's errors over the later columns
+    may run as TF32 (``tf32_matmuls``); the Cholesky factorisation and the column loop inside a block
+    never do, so each column's rounding and the error it spreads within its block stay fp32.
     ``block_fn`` runs one block; any replacement must compute exactly what ``quantize_block``
     computes (see gptq_graphs.py).
     """
@@ -561,7 +567,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     group_of = perm // width  # (B, C): group of each permuted column
 
     mean_diag = torch.stack([mean_diagonal(H[b]) for b in range(B)])  # the fit's ridge is damp x this, as H's
-    Hinv, damp_used = damped_inverse_cholesky(H, damp, mean_diag=mean_diag)
+    Hinv, damp_used = damped_inverse_cholesky(H, damp, mean_diag=mean_diag, tf32=tf32)
     if importance is not None and search.weight == "residual":
         # What GPTQ cannot spread of a column's error: 1/U_cc^2, the variance of its input left
         # over once the inputs quantized after it are known (GPTQ's loss is err^2 / U_cc^2).
@@ -569,7 +575,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     by_perm = perm[:, None, :].expand(B, R, C)
     if target is not None or cross is not None:
         fitted = W if overwrite_W else torch.empty_like(W)
-        with tf32_matmuls(fit_tf32):
+        with tf32_matmuls(tf32):
             for b in range(B):  # one matrix at a time: P never exists for the whole batch
                 P = target[b].float() if target is not None else W[b] @ cross[b].float()
                 # A dead input's column keeps its weights: its H row is e_c, so P_c = W_c gives W*_c = W_c.
@@ -611,7 +617,7 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
         Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
                         torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
         losses += Err1.pow(2).sum(-1) / 2
-        _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
+        _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:], tf32)
     del W
     if refine:
         eye = torch.eye(C, device=dev)
@@ -689,11 +695,12 @@ def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
     return ((P + delta * W) @ U.transpose(0, 1)) @ U
 
 
-def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor) -> None:
+def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, tf32: bool = False) -> None:
     """W_rest (B, R, n) -= Err1 (B, R, k) @ Hinv_rest (B, k, n), in place: one product that subtracts as it
-    writes, with no temporary of the product."""
+    writes, with no temporary of the product; as TF32 on CUDA with ``tf32``."""
     if W_rest.shape[-1]:
-        W_rest.baddbmm_(Err1, Hinv_rest, alpha=-1)
+        with tf32_matmuls(tf32):
+            W_rest.baddbmm_(Err1, Hinv_rest, alpha=-1)
 
 
 def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:

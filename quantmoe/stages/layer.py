@@ -117,17 +117,18 @@ def search_of(qcfg: QuantConfig) -> ClipSearch:
 
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
           block_fn=quantize_block, target: Tensor | None = None, cross: Tensor | None = None,
-          dequantized: bool = True, overwrite_W: bool = False, fit_tf32: bool = False) -> QuantResult:
+          dequantized: bool = True, overwrite_W: bool = False, tf32: bool = False) -> QuantResult:
     """W (B, R, C) with Hessians H (B, C, C) (and the output moment ``target`` or the input
     moment ``cross``, see gptq.gptq_quantize); RTN when the backend is rtn or there is no Hessian.
     ``dequantized`` False: the result's W may be None (the caller rebuilds it from the levels).
-    ``overwrite_W``/``overwrite_H``: W/H are handed over and become GPTQ's working storage."""
+    ``overwrite_W``/``overwrite_H``: W/H are handed over and become GPTQ's working storage. ``tf32``: see
+    gptq.gptq_quantize."""
     if not qcfg.uses_hessians:  # the rtn baseline keeps plain min/max grids
         return rtn_quantize(W, spec_of(qcfg))
     if H is None:
         return rtn_quantize(W, spec_of(qcfg), search_of(qcfg))
     return gptq_quantize(W, H, spec_of(qcfg), qcfg.damp, qcfg.act_order, qcfg.block_size, overwrite_H, block_fn,
-                         search_of(qcfg), target, qcfg.refine, cross, dequantized, overwrite_W, fit_tf32)
+                         search_of(qcfg), target, qcfg.refine, cross, dequantized, overwrite_W, tf32)
 
 
 def _chunks(X: Tensor) -> Iterable[Tensor]:
@@ -298,8 +299,8 @@ class LayerQuantizer:
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
     def _stage(self, name: str):
-        """Time a stage; forward passes and Hessians may use TF32, the solve never does; the Hessians' products
-        take bf16 inputs under --hessian-dtype bfloat16 (gptq.core.bf16_statistics)."""
+        """Time a stage; forward passes and Hessians may use TF32 (the solve as ``solve``'s ``tf32`` says:
+        gptq.gptq_quantize); the Hessians' products take bf16 inputs under --hessian-dtype bfloat16 (gptq.core.bf16_statistics)."""
         with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")), \
                 bf16_statistics(self.bf16_statistics and name == "hessians"):
             yield
@@ -421,7 +422,7 @@ class LayerQuantizer:
                     H, n = accumulate_hessian(H, x, n)
             H, X0 = H[None], (None if X0 is None else X0[None])
         with self._stage("solve"):
-            return solve(W[None], H, qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0), n
+            return solve(W[None], H, qcfg, overwrite_H=True, block_fn=self.block_fn, cross=X0, tf32=self.tf32), n
 
     # -- attention ------------------------------------------------------------------
     def attention(self) -> None:
@@ -474,7 +475,7 @@ class LayerQuantizer:
             if H is not None and rare and qcfg.rare_expert == "rtn":
                 fallback = rtn_quantize(W[rare], spec_of(qcfg), search_of(qcfg))
             res = solve(W, H, qcfg, overwrite_H=True, block_fn=self.block_fn, target=target, cross=cross,
-                        dequantized=False, overwrite_W=overwrite_W, fit_tf32=self.tf32)
+                        dequantized=False, overwrite_W=overwrite_W, tf32=self.tf32)
             if fallback is not None:
                 res = _replace(res, fallback, rare)
             del H
@@ -801,7 +802,8 @@ class LayerQuantizer:
                 P_d = None if P_d is None else P_d[None]
                 n = n or n_d
             with self._stage("solve"):
-                res_d = solve(Wd[None], H_d, qcfg_d, overwrite_H=True, block_fn=self.block_fn, target=P_d)
+                res_d = solve(Wd[None], H_d, qcfg_d, overwrite_H=True, block_fn=self.block_fn, target=P_d,
+                              tf32=self.tf32)
             self._set_linear(names[2], res_d.W[0])
             done.append((names[2], res_d, Wd, qcfg_d, time.perf_counter() - t1))
         for name, part, W, qcfg, secs in done:
