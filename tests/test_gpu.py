@@ -394,3 +394,38 @@ def test_a_layer_read_into_page_locked_memory_is_the_plain_read(tmp_path):
             got = t.dequantize() if hasattr(t, "parts") else t
             assert torch.equal(got, want), name
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_tensor_core_passes_run_attention_in_fp16_and_change_the_outputs_by_rounding_only(family):
+    """Under --tf32 the forward passes' attention runs on scaled fp16 copies of its inputs (model.stream.half_sdpa):
+    logits of a model with MLA (DeepSeek-V3: query/key heads wider than value heads) or grouped KV heads differ
+    from those with TF32 products alone (fp16 was used) by rounding only, as TF32's own differ from fp32's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantmoe.model.stream import half_attention_in_sdpa, tensor_core_passes
+
+    half_attention_in_sdpa()
+    sizes = {"deepseek_v3": dict(hidden_size=512, intermediate_size=256, moe_intermediate_size=64, num_attention_heads=8,
+                                 num_key_value_heads=8, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=64,
+                                 qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=4, num_experts_per_tok=2,
+                                 first_k_dense_replace=1, n_group=1, topk_group=1),
+             "mixtral": dict(hidden_size=512, intermediate_size=256, num_attention_heads=16, num_key_value_heads=4,
+                             num_local_experts=2)}[family]
+    config = AutoConfig.for_model(family, num_hidden_layers=1, vocab_size=256, **sizes)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).cuda().eval()
+    ids = torch.randint(0, 256, (2, 1024), device="cuda")
+    with torch.no_grad():
+        fp32 = model(ids).logits
+        with tf32_matmuls(True):
+            tf32 = model(ids).logits
+        with tensor_core_passes(True):
+            half = model(ids).logits
+
+    def relative(a):
+        return float((a - fp32).norm() / fp32.norm())
+
+    assert 0 < relative(tf32) and (half != tf32).any()
+    assert relative(half) < max(4 * relative(tf32), 1e-4)

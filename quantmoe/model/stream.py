@@ -11,17 +11,20 @@ This is the one input-capture path: quantization, evaluation and loading all use
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations import sdpa_attention
 
 from ..base.errors import QuantMoeError
 from ..formats.base import StoredWeight
 from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
+from ..gptq.core import tf32_matmuls
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
 from .distributed import SINGLE, Ranks, broadcast, spread
@@ -104,6 +107,62 @@ def fp32_attention_without_scores() -> None:
     sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
 
 
+_HALF_ATTENTION = ContextVar("half_attention", default=False)
+# Where the largest magnitude of each of attention's inputs lands in fp16 (whose largest finite value is 65504):
+# every value down to 2^-28 of it keeps fp16's full 10-bit mantissa, TF32's.
+HALF_ATTENTION_PEAK = 2.0**14
+
+
+@contextlib.contextmanager
+def tensor_core_passes(enabled: bool) -> Iterator[None]:
+    """The forward passes' precision under ``--tf32`` (on CUDA): fp32 matrix products as TF32
+    (gptq.core.tf32_matmuls) and attention on fp16 copies of its inputs (``half_sdpa``), both rounding
+    the inputs of tensor-core products to a 10-bit mantissa and accumulating in fp32."""
+    token = _HALF_ATTENTION.set(enabled)
+    try:
+        with tf32_matmuls(enabled):
+            yield
+    finally:
+        _HALF_ATTENTION.reset(token)
+
+
+def half_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+              *args, scaling: float | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
+    """transformers' SDPA attention; inside ``tensor_core_passes`` on CUDA, for fp32 inputs without an additive
+    mask, on fp16 copies of the queries, keys and values, each first multiplied by the power of two that
+    brings its largest magnitude to HALF_ATTENTION_PEAK (exact; undone in the softmax's scale and on the
+    output): fp16 tensor-core kernels with fp32 accumulation and softmax instead of fp32 ones, where the
+    attention takes most of a pass through a layer with many heads. Inputs holding a non-finite value keep
+    the fp32 kernel. Costs one device-to-host read of the three largest magnitudes per call."""
+    if not (_HALF_ATTENTION.get() and query.is_cuda and query.dtype == torch.float32
+            and (attention_mask is None or attention_mask.dtype == torch.bool)):
+        return _SDPA(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+    return scaled_half_sdpa(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+
+
+def scaled_half_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     *args, scaling: float | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
+    """``half_sdpa``'s fp16 attention on any device (the CPU runs it too, slowly: for tests)."""
+    peaks = torch.stack([t.abs().amax() for t in (query, key, value)]).tolist()
+    if not all(math.isfinite(p) for p in peaks):
+        return _SDPA(module, query, key, value, attention_mask, *args, scaling=scaling, **kwargs)
+    sq, sk, sv = (2.0 ** math.floor(math.log2(HALF_ATTENTION_PEAK / p)) if p > 0 else 1.0 for p in peaks)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, weights = _SDPA(module, (query * sq).half(), (key * sk).half(), (value * sv).half(), attention_mask,
+                         *args, scaling=scaling / (sq * sk), **kwargs)
+    return out.float().mul_(1.0 / sv), weights
+
+
+_SDPA = sdpa_attention.sdpa_attention_forward
+
+
+def half_attention_in_sdpa() -> None:
+    """Route transformers' "sdpa" attention through ``half_sdpa``, which is SDPA itself outside
+    ``tensor_core_passes``. Idempotent."""
+    if AttentionInterface()["sdpa"] is not half_sdpa:
+        AttentionInterface.register("sdpa", half_sdpa)
+
+
 def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of ``config`` on the meta device: every module and shape, no memory."""
 
@@ -134,6 +193,7 @@ class LayerStream:
         self.dtype = dtype
         self.config = model_config(ckpt)
         fp32_attention_without_scores()  # every forward pass of quantmoe runs through a LayerStream
+        half_attention_in_sdpa()
         self.arch: Architecture = architecture_for(self.config)
         ckpt.check_layers()  # before a skeleton of that many layers is built
         self.model = skeleton(self.config, dtype)

@@ -34,7 +34,13 @@ from ..gptq.triton_kernels import available as triton_available
 from ..model.architectures import Architecture, plan_layer
 from ..model.checkpoint import READ_WINDOW, Checkpoint
 from ..model.distributed import Ranks, join
-from ..model.stream import Batch, LayerStream, default_batch_size, pick_device
+from ..model.stream import (
+    Batch,
+    LayerStream,
+    default_batch_size,
+    pick_device,
+    tensor_core_passes,
+)
 from .export import QUANTIZE_CONFIG, compressed_config, parse_size
 from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
 from .method import Calibration, LayerOutput, Source
@@ -238,9 +244,11 @@ class GptqRun:
         # tensors: each layer's outputs overwrite its inputs).
         originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] if qcfg.effective_fit == "stream" else None
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
-            batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks)  # bits: each linear's
+            with tensor_core_passes(self.tf32 and dev.type == "cuda"):  # as the run's own passes were made
+                batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks)  # bits: each linear's
+                if originals is not None:
+                    originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals, self.ranks)
             if originals is not None:
-                originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals, self.ranks)
                 stream.release_layer(i)
         setup_peak = _gpu_peak(dev, reset=True)
 

@@ -45,12 +45,11 @@ from ..gptq.core import (
     quantize_block,
     rtn_quantize,
     stat_mm,
-    tf32_matmuls,
 )
 from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
 from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints, spread
-from ..model.stream import Batch, LayerStream
+from ..model.stream import Batch, LayerStream, tensor_core_passes
 from .experts import (
     PRODUCT_BYTES,
     ExpertCosts,
@@ -299,9 +298,10 @@ class LayerQuantizer:
     # -- bookkeeping ----------------------------------------------------------------
     @contextmanager
     def _stage(self, name: str):
-        """Time a stage; forward passes and Hessians may use TF32 (the solve as ``solve``'s ``tf32`` says:
-        gptq.gptq_quantize); the Hessians' products take bf16 inputs under --hessian-dtype bfloat16 (gptq.core.bf16_statistics)."""
-        with self.clock(name), tf32_matmuls(self.tf32 and name in ("capture", "hessians", "forward")), \
+        """Time a stage; under --tf32 forward passes and Hessians run as ``tensor_core_passes`` (TF32 products,
+        fp16 attention; the solve as ``solve``'s ``tf32`` says: gptq.gptq_quantize); the Hessians' products
+        take bf16 inputs under --hessian-dtype bfloat16 (gptq.core.bf16_statistics)."""
+        with self.clock(name), tensor_core_passes(self.tf32 and name in ("capture", "hessians", "forward")), \
                 bf16_statistics(self.bf16_statistics and name == "hessians"):
             yield
 
