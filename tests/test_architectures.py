@@ -253,6 +253,39 @@ def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text_f
     assert float(cosine.mean()) > 0.95, f"mean logit cosine {float(cosine.mean()):.4f}"
 
 
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_reusing_attention_output_for_the_residual_gives_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch,
+                                                                        model_type):
+    """The pass that turns a layer's batches into the residual after attention runs only the output projection on
+    the input kept from its Hessian's pass (stages.layer.ATTENTION_OUTPUT_BYTES, stream.ProjectionOnly), in every
+    layer of a row with an mlp_tail: the export is byte for byte the one made by running attention again."""
+    from quantmoe.model import stream
+    from quantmoe.stages import layer
+
+    src = tiny_model(model_type)
+    calls = []
+    forward = stream.ProjectionOnly.forward
+    monkeypatch.setattr(stream.ProjectionOnly, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+
+    def run(name: str) -> Checkpoint:
+        quantmoe.quantize(src, tmp_path / name, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False,
+                          quiet=True)
+        return Checkpoint(tmp_path / name)
+
+    kept = run("kept")
+    layers = Checkpoint(src).config.num_hidden_layers
+    batches = len(calls) // layers if calls else 0
+    assert len(calls) == (layers * batches if ARCHITECTURES[model_type].mlp_tail is not None else 0)
+    assert (batches > 0) == (ARCHITECTURES[model_type].mlp_tail is not None)
+    monkeypatch.setattr(layer, "ATTENTION_OUTPUT_BYTES", 0)
+    calls.clear()
+    again = run("again")
+    assert calls == []  # attention ran again for every batch
+    assert sorted(kept.names()) == sorted(again.names())
+    for n in kept.names():
+        assert torch.equal(kept.tensor(n), again.tensor(n)), n
+
+
 def test_input_narrower_than_a_group_is_one_group(quantized):
     """DeepSeek-V3's q_b_proj/kv_b_proj read 16 features < group size 32: one group, logged, packed, reloaded."""
     _, out, summary = quantized("deepseek_v3")

@@ -500,16 +500,32 @@ class LayerStream:
 
     # -- the MLP half of a pre-norm layer (the row's ``mlp_tail``) ---------------------
     @torch.no_grad()
-    def to_residual(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> Iterator[Tensor]:
+    def to_residual(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE,
+                    projection_inputs: list[Tensor] | None = None, projection: str | None = None) -> Iterator[Tensor]:
         """Turn every batch's hidden state, the layer's input, into the residual stream after
         attention (the input of the row's post-attention norm), in place, and yield the MLP's
         input for each batch, (tokens, features). Attention runs once more here and never again
-        for this layer: later MLP inputs and the layer's outputs start from the residual."""
+        for this layer: later MLP inputs and the layer's outputs start from the residual.
+
+        ``projection_inputs``: each batch's input of attention's output ``projection`` (a layer-relative
+        path, e.g. ``self_attn.o_proj``), captured by an earlier pass through the same attention weights
+        (one process): the attention module then only runs that projection on it (``ProjectionOnly``),
+        the same bits as running attention again. The list is emptied as the batches go."""
         norm = layer.get_submodule(self.arch.mlp_tail[0])
-        for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
-            b.hidden.copy_(h.view_as(b.hidden))
-            # norm.forward: the capture's hook on the norm stays registered until the last batch.
-            yield norm.forward(h.view_as(b.hidden) if b.hidden.is_meta else b.hidden).reshape(-1, b.hidden.shape[-1])
+        attention = stand_in = None
+        if projection_inputs is not None:
+            attention = projection.rpartition(".")[0]
+            stand_in = layer.get_submodule(attention)
+            layer.set_submodule(attention, ProjectionOnly(layer.get_submodule(projection), projection_inputs))
+        try:
+            for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
+                b.hidden.copy_(h.view_as(b.hidden))
+                # norm.forward: the capture's hook on the norm stays registered until the last batch.
+                mlp_input = norm.forward(h.view_as(b.hidden) if b.hidden.is_meta else b.hidden)
+                yield mlp_input.reshape(-1, b.hidden.shape[-1])
+        finally:
+            if stand_in is not None:
+                layer.set_submodule(attention, stand_in)
 
     @torch.no_grad()
     def capture_to_residual(self, layer: nn.Module, batches: list[Batch], module_path: str,
@@ -633,6 +649,22 @@ def check_shape(ckpt: Checkpoint, name: str, param: Tensor) -> None:
         raise QuantMoeError(f"{name} in {ckpt.path} is {list(stored)}, but its config.json needs "
                             f"{list(param.shape)}; the config does not match the weights: restore it or "
                             "re-download the checkpoint")
+
+
+class ProjectionOnly(nn.Module):
+    """Stands in for an attention module whose output projection's inputs are known (``to_residual``):
+    each call takes the next batch's (tokens, features) input and returns (projection(input), None), shaped
+    as the call's hidden states, as the attention module returns its output and no weights."""
+
+    def __init__(self, projection: nn.Module, inputs: list[Tensor]):
+        super().__init__()
+        self.projection = projection
+        self.inputs = inputs
+
+    def forward(self, *args, **kwargs) -> tuple[Tensor, None]:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        x = self.inputs.pop(0)  # each is let go of once used
+        return self.projection(x.view(*hidden.shape[:-1], x.shape[-1])), None
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:

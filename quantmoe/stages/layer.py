@@ -74,6 +74,13 @@ STATS_CHUNK_BYTES = 1 << 30
 # bits for less than a copy.
 CAPTURE_CACHE_BYTES = 1 << 30
 HOST_CAPTURE_BYTES = 16 << 30
+# A row with an mlp_tail keeps the input of its last attention group (the output projection's: attention's
+# output before it) from the pass that builds that group's Hessian, when it takes at most this much memory on
+# the host (CPU) or fits in the device budget beside ATTENTION_PASS_BYTES of a pass's temporaries (CUDA): the
+# pass that turns the batches into the residual after attention (LayerStream.to_residual) then runs only the
+# projection on it instead of attention once more (the same bits). Under several processes, never.
+ATTENTION_OUTPUT_BYTES = 1 << 30
+ATTENTION_PASS_BYTES = 4 << 30
 # The MLP tail of a layer with routed experts (_tail_by_expert) runs each expert once over the rows of
 # several batches: TAIL_PRODUCT_BYTES of them, counted TAIL_COPIES times (the MLP's input, the experts'
 # input end to end and their outputs, the rest of the MLP's, the sum, the outputs gathered), a number of
@@ -255,6 +262,7 @@ class LayerQuantizer:
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={}, expert_bytes_loaded=loaded)
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
+        self._attention_output: tuple[str, list[Tensor]] | None = None  # see ATTENTION_OUTPUT_BYTES
 
     def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
         """The dtype the routed experts are stored in (fp32 where there are none)."""
@@ -314,6 +322,9 @@ class LayerQuantizer:
         if module_path == self._mlp_path:
             if self.original_residual if original else self.residual:
                 return self.stream.mlp_inputs(layer, batches, self.ranks)
+            if not original and self._attention_output is not None:
+                (path, outputs), self._attention_output = self._attention_output, None
+                return self.stream.to_residual(layer, batches, self.ranks, outputs, path)
             return self.stream.to_residual(layer, batches, self.ranks)
         if original and module_path == self._last_attention_path:
             return self.stream.capture_to_residual(layer, batches, module_path, self.ranks)
@@ -404,11 +415,13 @@ class LayerQuantizer:
         self._linear(name).weight.data.copy_(W)
 
     def _solve_shared_input(self, W: Tensor, module_path: str, keep: bool = False,
-                            qcfg: QuantConfig | None = None) -> tuple[QuantResult, float]:
+                            qcfg: QuantConfig | None = None, inputs: list[Tensor] | None = None
+                            ) -> tuple[QuantResult, float]:
         """Linears that share one input, stacked as W (R, C), solved as one matrix (rows are
         independent in GPTQ) with the Hessian of the captured input of ``module_path`` (and, under
         --fit stream, the cross moment with the full-precision stream's), with their settings ``qcfg``
-        (default: the layer's). Returns the result and n."""
+        (default: the layer's). ``inputs``: a list that receives each batch's captured input (tokens, C).
+        Returns the result and n."""
         qcfg = qcfg or self.qcfg
         H = X0 = None
         n = 0
@@ -416,6 +429,8 @@ class LayerQuantizer:
             H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
             X0 = torch.zeros_like(H) if self.fit_stream else None  # the cross moment, see gptq_quantize
             for x, x0 in self._captured_pairs(module_path, keep):
+                if inputs is not None:
+                    inputs.append(x)
                 with self._stage("hessians"):
                     if X0 is not None:
                         accumulate_moment(X0, x0, x, n)
@@ -426,14 +441,18 @@ class LayerQuantizer:
 
     # -- attention ------------------------------------------------------------------
     def attention(self) -> None:
-        for group in self.plan.attention:
+        for k, group in enumerate(self.plan.attention):
             qcfg = self._settings(group[0])
             if qcfg is None:  # kept in 16 bits (--recipe)
                 continue
             t0 = time.perf_counter()
             W = torch.cat([self._linear(name).weight.data for name in group])  # the original weights, copied
             rows = [self._linear(name).weight.shape[0] for name in group]
-            res, n = self._solve_shared_input(W, self.arch.to_memory(group[0]), qcfg=qcfg)
+            path = self.arch.to_memory(group[0])
+            kept = [] if k == len(self.plan.attention) - 1 and self._keeps_attention_output(W.shape[1]) else None
+            res, n = self._solve_shared_input(W, path, qcfg=qcfg, inputs=kept)
+            if kept:
+                self._attention_output = (path, kept)
             parts = _split_rows(res, rows)
             seconds = time.perf_counter() - t0
             for name, part, r in zip(group, parts, rows):
@@ -441,6 +460,17 @@ class LayerQuantizer:
                 self._store([name], part, qcfg.bits)
                 self.result.log.append(_log(self.prefix + name, "attention", part, 0, (r, W.shape[1]), n,
                                             seconds / len(group)))
+
+    def _keeps_attention_output(self, features: int) -> bool:
+        """Whether the last attention group's input, ``features`` wide, is kept for ``to_residual``
+        (see ATTENTION_OUTPUT_BYTES)."""
+        if self._mlp_path is None or self.ranks.world > 1 or not self.qcfg.uses_hessians:
+            return False
+        size = sum(b.hidden.shape[:-1].numel() for b in self.batches) * features * 4
+        dev = self.stream.device
+        if dev.type == "cuda" and self.gpu_memory is not None:
+            return torch.cuda.memory_allocated(dev) + size + ATTENTION_PASS_BYTES <= self.gpu_memory
+        return size <= ATTENTION_OUTPUT_BYTES
 
     # -- MLPs -----------------------------------------------------------------------
     def mlps(self) -> None:
@@ -822,6 +852,7 @@ class LayerQuantizer:
         """The quantized layer's outputs (and under --fit stream the original layer's, on the
         full-precision stream): the next layer's inputs, written over this layer's, batch by batch."""
         self._kept.clear()
+        self._attention_output = None  # kept for a to_residual that did not come (the MLP kept in 16 bits)
         # Routed experts run expert-parallel (StoredExperts), every process over every batch: not spread by batch.
         ranks = self.ranks if self.plan.experts is None else SINGLE
         with self._stage("forward"):
