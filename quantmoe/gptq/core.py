@@ -606,18 +606,19 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     batch = torch.arange(B, device=dev)
     aim = W.clone() if refine else None  # the weights GPTQ aims at (W is spread into as it goes)
 
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        if not static and i1 % width == 0:
-            cols = slice(i1, i1 + width)
-            imp = None if importance is None else importance[:, None, cols]
-            g = group_of[:, i1]  # (B,): the group starting here, per matrix
-            scales[batch, :, g], zeros[batch, :, g] = search_params(W[:, :, cols], spec, search, imp)
-        cols = group_of[:, None, i1:i2].expand(B, R, i2 - i1)  # each column's grid, gathered once per block
-        Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
-                        torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
-        losses += Err1.pow(2).sum(-1) / 2
-        _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:], tf32)
+    with tf32_matmuls(tf32):  # only the error spread multiplies matrices here: block_fn is elementwise
+        for i1 in range(0, C, block_size):
+            i2 = min(i1 + block_size, C)
+            if not static and i1 % width == 0:
+                cols = slice(i1, i1 + width)
+                imp = None if importance is None else importance[:, None, cols]
+                g = group_of[:, i1]  # (B,): the group starting here, per matrix
+                scales[batch, :, g], zeros[batch, :, g] = search_params(W[:, :, cols], spec, search, imp)
+            cols = group_of[:, None, i1:i2].expand(B, R, i2 - i1)  # each column's grid, gathered once per block
+            Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
+                            torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
+            losses += Err1.pow(2).sum(-1) / 2
+            _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
     del W
     if refine:
         eye = torch.eye(C, device=dev)
@@ -695,12 +696,11 @@ def fitted_weights(W: Tensor, P: Tensor, U: Tensor, delta: Tensor) -> Tensor:
     return ((P + delta * W) @ U.transpose(0, 1)) @ U
 
 
-def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor, tf32: bool = False) -> None:
+def _propagate(W_rest: Tensor, Err1: Tensor, Hinv_rest: Tensor) -> None:
     """W_rest (B, R, n) -= Err1 (B, R, k) @ Hinv_rest (B, k, n), in place: one product that subtracts as it
-    writes, with no temporary of the product; as TF32 on CUDA with ``tf32``."""
+    writes, with no temporary of the product."""
     if W_rest.shape[-1]:
-        with tf32_matmuls(tf32):
-            W_rest.baddbmm_(Err1, Hinv_rest, alpha=-1)
+        W_rest.baddbmm_(Err1, Hinv_rest, alpha=-1)
 
 
 def dequantize(q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:

@@ -107,6 +107,7 @@ def fp32_attention_without_scores() -> None:
     sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
 
 
+_SDPA = sdpa_attention.sdpa_attention_forward  # transformers' own, whatever is registered as "sdpa"
 _HALF_ATTENTION = ContextVar("half_attention", default=False)
 # Where the largest magnitude of each of attention's inputs lands in fp16 (whose largest finite value is 65504):
 # every value down to 2^-28 of it keeps fp16's full 10-bit mantissa, TF32's.
@@ -151,9 +152,6 @@ def scaled_half_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     out, weights = _SDPA(module, (query * sq).half(), (key * sk).half(), (value * sv).half(), attention_mask,
                          *args, scaling=scaling / (sq * sk), **kwargs)
     return out.float().mul_(1.0 / sv), weights
-
-
-_SDPA = sdpa_attention.sdpa_attention_forward
 
 
 def half_attention_in_sdpa() -> None:
