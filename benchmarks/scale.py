@@ -998,6 +998,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--baseline", type=Path, help="with --solve-bench: a tree whose quantmoe/gptq.py to compare with")
     ap.add_argument("--solve-profile", type=int, metavar="GROUP",
                     help="profile the routed experts' solve of GROUP experts at --shape's sizes (CUDA)")
+    ap.add_argument("--layer-profile", type=int, metavar="LAYER",
+                    help="after the run, quantize once more with layer LAYER under torch.profiler "
+                         "(benchmarks/layer_profile.py): each stage's kernels, as 'layer_profile'")
     return ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
 
 
@@ -1044,6 +1047,21 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
     return {"path": folder, "shape_name": shape.name, "source": args.source, "written": not reuse,
             "seconds": round(time.perf_counter() - t0, 1), "bytes": size["checkpoint_bytes"],
             "quantize_bytes": size["quantize_bytes"]}
+
+
+def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: str, options: list[str]) -> dict:
+    """The quantization of ``model`` run again with layer ``args.layer_profile`` under torch.profiler
+    (benchmarks/layer_profile.py, a child process): its record, with the child's wall time and exit status."""
+    out, record = args.work / "out-layer-profile", args.work / "layer-profile.json"
+    record.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("layer_profile.py")), str(args.layer_profile), str(record),
+           "--", str(model.resolve()), "--out", str(out.resolve()), "--calib", str(calib.resolve()), "--no-eval",
+           "--quiet", "--overwrite", "--device", device, *options]
+    run = run_child(cmd, args.quantmoe, args.timeout)
+    shutil.rmtree(out, ignore_errors=True)
+    found = json.loads(record.read_text()) if record.is_file() else {}
+    return {**found, "returncode": run["returncode"], "wall_seconds": run["wall_seconds"],
+            **({} if found else {"output_tail": run["output_tail"]})}
 
 
 def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: dict, seqlen: int, device: str,
@@ -1118,6 +1136,8 @@ def main(argv: list[str] | None = None) -> dict:
         for k, dtype in enumerate(args.eval_dtype):
             result["eval" if k == 0 else f"eval_{dtype}"] = evaluate_output(args, out, model, config, seqlen, device,
                                                                             total, "--tf32" in options, dtype)
+    if args.layer_profile is not None and run["returncode"] == 0:
+        result["layer_profile"] = profile_layer(args, model, calib, device, options)
     label = (info["gpu"] or "cpu").replace(" ", "-")
     name = args.name or f"scale-{label}-{shape.name}-{checkpoint['source']}-{n_layers}L" \
         + ("-mtp" if result["mtp"] else "") + ("-reduced" if result["reduced"] else "") \
