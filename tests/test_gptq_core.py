@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quantmoe.formats.gptq_v1 import dequantize_linear, pack_result, unpack_linear
+from quantmoe.gptq import core
 from quantmoe.gptq.core import (
     ORDERS,
     QuantSpec,
@@ -250,6 +251,38 @@ def test_a_moment_summed_at_once_is_the_running_mean_up_to_rounding(weighted):
     zero_weights = torch.zeros(8, 16)
     finish_moment(zero_weights, moment_sum(zero_weights, Y, X, torch.zeros(300)))
     assert torch.isfinite(zero_weights).all() and not zero_weights.any()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_wide_hessian_built_from_its_lower_half_is_the_whole_product_up_to_rounding(monkeypatch, weighted):
+    """A Hessian at least GRAM_MIN wide is built block by block from its lower half and mirrored (_gram): the
+    running mean and the summed moment both give the whole product's values up to fp32 rounding, every entry
+    (above the diagonal blocks too), mirrored exactly; a narrower one is the one product it was, bit for bit."""
+    monkeypatch.setattr(core, "GRAM_BLOCK", 8)
+    monkeypatch.setattr(core, "GRAM_MIN", 16)
+    widths = []
+    gram = core._gram
+    monkeypatch.setattr(core, "_gram", lambda S, X, alpha=1.0: widths.append(X.shape[1]) or gram(S, X, alpha))
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 37, generator=g) @ torch.randn(37, 37, generator=g)  # 37: a partial last block
+    w = torch.rand(300, generator=g) if weighted else None
+    Xw = X.double() if w is None else X.double() * w.double()[:, None]
+    exact = 2 * Xw.T @ Xw / (300 if w is None else float((w.double() ** 2).sum()))
+    H, n = torch.zeros(37, 37), 0
+    for start in range(0, 300, 70):
+        H, n = accumulate_hessian(H, X[start:start + 70], n, None if w is None else w[start:start + 70])
+    S = torch.zeros(37, 37)
+    finish_moment(S, moment_sum(S, X, X, w))
+    block = torch.arange(37) // 8
+    mirrored = block[:, None] != block[None, :]  # outside the diagonal blocks, which one product each makes whole
+    for built in (H, S):
+        assert torch.equal(built[mirrored], built.T[mirrored])
+        assert torch.allclose(built.double(), exact, rtol=1e-5, atol=1e-4 * float(exact.abs().max()))
+    assert widths == [37] * 6  # five batches of the running mean, one sum
+    narrow = X[:, :15]
+    S = torch.zeros(15, 15)
+    moment_sum(S, narrow, narrow)
+    assert torch.equal(S, torch.zeros(15, 15).addmm_(narrow.t(), narrow)) and widths == [37] * 6
 
 
 def test_grouped_dequantization_is_the_gathered_one_bit_for_bit():

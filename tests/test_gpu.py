@@ -219,6 +219,32 @@ def test_bf16_statistics_on_cuda_sum_the_rounded_inputs_in_fp32_and_change_the_r
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
+def test_a_wide_hessian_from_its_lower_half_on_cuda_is_the_whole_product_up_to_rounding(mode):
+    """On CUDA a Hessian GRAM_MIN wide or wider, built block by block from its lower half (gptq.core._gram), in
+    fp32, TF32 or from bf16 inputs: within its mode's rounding of the exact sums (those of the inputs as the
+    mode rounds them), as close to them as the one product it replaces, and mirrored exactly outside the
+    diagonal blocks."""
+    from quantmoe.gptq import core
+
+    C = 2 * core.GRAM_MIN + 512  # several blocks and a partial one
+    X = inputs(8192, C, 2)
+    Xr = (X.bfloat16() if mode == "bf16" else X).double()
+    exact = 2 * Xr.t() @ Xr / X.shape[0]
+    with tf32_matmuls(mode == "tf32"), bf16_statistics(mode == "bf16"):
+        H = hessian(X)
+        rounded = X.bfloat16() if mode == "bf16" else X
+        whole = torch.zeros(C, C, device="cuda")
+        core._addmm(whole, rounded.t(), rounded, alpha=2 / X.shape[0])  # the one product
+    error = float((H.double() - exact).norm() / exact.norm())
+    assert error < {"fp32": 1e-6, "tf32": 2e-3, "bf16": 2e-4}[mode]
+    assert error < 2 * float((whole.double() - exact).norm() / exact.norm()) + 1e-7
+    block = torch.arange(C, device="cuda") // core.GRAM_BLOCK
+    mirrored = block[:, None] != block[None, :]
+    assert torch.equal(H[mirrored], H.t()[mirrored])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["bnb-nf4", "bnb-int8"])
 def test_bnb_on_cuda_matches_cpu_and_its_kernels_model_runs(tmp_path, name):
     """The bnb backends quantize on CUDA as on CPU (the same codes up to bitsandbytes' own CPU/CUDA
