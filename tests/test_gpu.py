@@ -219,6 +219,38 @@ def test_bf16_statistics_on_cuda_sum_the_rounded_inputs_in_fp32_and_change_the_r
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True])
+def test_the_triangular_inverse_with_batched_leaves_on_cuda_is_a_triangular_solve_up_to_rounding(tf32):
+    """On CUDA the blocked triangular inverse (every whole leaf inverted in one batched solve, a narrower last one
+    alone, the rest by products, under TF32 as --tf32 runs it) is as close to the float64 inverse as fp32
+    solve_triangular is (TF32: within its products' rounding), zero above the diagonal, the same bits into a transposed
+    view, and a matrix's bits do not depend on the others factorised beside it."""
+    from quantmoe.gptq.core import damped_inverse_cholesky, triangular_inverse
+
+    C = 2 * 512 + 300
+    X = inputs(4 * C, C, 3)
+    H = 2 * X.T @ X / X.shape[0]
+    H += 0.01 * H.diagonal().mean() * torch.eye(C, device="cuda")
+    L = torch.linalg.cholesky(H.double()).float()
+    reference = torch.linalg.solve_triangular(L.double(), torch.eye(C, device="cuda", dtype=torch.float64), upper=False)
+    solved = torch.linalg.solve_triangular(L, torch.eye(C, device="cuda"), upper=False)
+
+    def error(M):
+        return float((M.double() - reference).norm() / reference.norm())
+
+    with tf32_matmuls(tf32):
+        inverse = triangular_inverse(L)
+        storage = torch.full((C, C), float("nan"), device="cuda")
+        triangular_inverse(L, out=storage.mT)
+        alone, _ = damped_inverse_cholesky(H[None].clone(), 0.01, tf32=tf32)
+        beside, _ = damped_inverse_cholesky(torch.stack([H, H.flip(0, 1)]), 0.01, tf32=tf32)
+    assert torch.equal(inverse.triu(1), torch.zeros_like(inverse))
+    assert error(inverse) <= (0.05 if tf32 else 2 * error(solved) + 1e-7)  # TF32: its products' rounding, no worse
+    assert torch.equal(storage.mT, inverse)
+    assert torch.equal(alone[0], beside[0])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
 def test_a_wide_hessian_from_its_lower_half_on_cuda_is_the_whole_product_up_to_rounding(mode):
     """On CUDA a Hessian GRAM_MIN wide or wider, built block by block from its lower half (gptq.core._gram), in

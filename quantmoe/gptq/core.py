@@ -468,28 +468,56 @@ def _invert_reversed(M: Tensor, diag: Tensor, add: Tensor, lower: Tensor) -> Ten
 
 def triangular_inverse(L: Tensor, leaf: int = 512, out: Tensor | None = None) -> Tensor:
     """L^-1 for a lower-triangular L (C, C), by blocks: with L = [[A, 0], [B, D]],
-    L^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]. A^-1 and D^-1 recursively, blocks of at most ``leaf``
-    columns by solve_triangular against an identity, and each split's rest by two matrix products:
-    about 2/3 C^3 flops, nearly all in large products, instead of a triangular solve's C^3.
+    L^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]. The diagonal blocks of ``leaf`` columns (the leaves) are
+    inverted first, all at once (``_invert_leaves``), then combined by splits into halves, each split's rest
+    by two matrix products: about 2/3 C^3 flops, nearly all in large products, instead of a triangular
+    solve's C^3.
 
     Only L's lower half is read. ``out`` (C, C), any strides, receives L^-1, zero above the diagonal;
     its upper-right blocks hold B A^-1 (transposed) in between, so no other C x C temporary exists.
     A new one by default. Returns ``out``."""
     if out is None:
         out = torch.empty_like(L)
+    _invert_leaves(L, leaf, out)
+    _combine_leaves(L, leaf, out)
+    return out
+
+
+def _diagonal_blocks(M: Tensor, size: int, count: int) -> Tensor:
+    """The first ``count`` diagonal blocks (size, size) of M, whatever its strides, as one (count, size, size) view."""
+    s0, s1 = M.stride()
+    return M.as_strided((count, size, size), (size * (s0 + s1), s0, s1), M.storage_offset())
+
+
+def _invert_leaves(L: Tensor, leaf: int, out: Tensor) -> None:
+    """out's diagonal blocks of ``leaf`` columns (the last one narrower if C is not a multiple) = the inverses of
+    L's, by solve_triangular against an identity: every whole leaf in one batched solve (one matrix's leaves
+    only, so its result never depends on other matrices), the narrower one alone."""
+    n = L.shape[-1]
+    whole, rest = divmod(n, leaf)
+    eye = torch.eye(min(n, leaf), device=L.device, dtype=L.dtype)
+    if whole:
+        blocks = _diagonal_blocks(out, leaf, whole)
+        blocks.copy_(torch.linalg.solve_triangular(_diagonal_blocks(L, leaf, whole), eye.expand(whole, leaf, leaf),
+                                                   upper=False))
+    if rest:
+        torch.linalg.solve_triangular(L[n - rest:, n - rest:], eye[:rest, :rest], upper=False,
+                                      out=out[n - rest:, n - rest:])
+
+
+def _combine_leaves(L: Tensor, leaf: int, out: Tensor) -> None:
+    """The rest of ``triangular_inverse`` once ``out`` holds the inverted leaves: the blocks below the diagonal ones,
+    split by split."""
     n = L.shape[-1]
     if n <= leaf:
-        out.zero_()
-        out.diagonal().fill_(1)
-        return torch.linalg.solve_triangular(L, out, upper=False, out=out)
+        return
     h = (-(-n // leaf) // 2) * leaf  # a whole number of leaves above the split, about half of them
     A_inv, D_inv, scratch = out[:h, :h], out[h:, h:], out[:h, h:]
-    triangular_inverse(L[:h, :h], leaf, A_inv)
-    triangular_inverse(L[h:, h:], leaf, D_inv)
+    _combine_leaves(L[:h, :h], leaf, A_inv)
+    _combine_leaves(L[h:, h:], leaf, D_inv)
     torch.matmul(A_inv.mT, L[h:, :h].mT, out=scratch)  # (B A^-1)^T
     torch.matmul(D_inv, scratch.mT, out=out[h:, :h]).neg_()
     scratch.zero_()
-    return out
 
 
 def quantize_block(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, levels1: Tensor) -> Tensor:
