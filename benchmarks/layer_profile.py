@@ -1,19 +1,22 @@
 """Where one layer's quantization spends its time, by stage: `quantmoe quantize` run in this process with
 one decoder layer under torch.profiler.
 
-    python benchmarks/layer_profile.py LAYER RESULT.json -- MODEL --out OUT --calib CALIB [quantize options]
+    python benchmarks/layer_profile.py LAYER RESULT.json [--stages S1,S2] -- MODEL --out OUT --calib CALIB [options]
 
 Every stage the layer's clock times ("capture", "hessians", "experts:gate_up_solve", ...) is marked as a
 profiler range; each kernel (and each copy) is charged to the nest of stages that launched it
 ("experts:down_statistics / hessians"). The result names each stage's seconds in the profiled layer (the
 profiler slows the host: compare stages with each other, not with an unprofiled run) and, per nest, the
 device time of its kernels (busy), the kernels that take the most of it, and the operators that take the
-most host time themselves. A stage whose busy time is far below its seconds waits on the host. `scale.py
---layer-profile LAYER` runs it on a checkpoint that scale.py wrote.
+most host time themselves. A stage whose busy time is far below its seconds waits on the host. With
+``--stages``, only the first entry into each named stage is profiled (``first_entry_of``): a DeepSeek-V3
+layer's whole trace takes longer to read back than the layer takes. `scale.py --layer-profile LAYER
+[--layer-profile-stages S1,S2]` runs it on a checkpoint that scale.py wrote.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -70,40 +73,68 @@ def summary(device: dict[str, dict], host: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 4 or argv[2] != "--":
+    if "--" not in argv:
         print(__doc__, file=sys.stderr)
         return 2
-    layer, result = int(argv[0]), Path(argv[1])
+    cut = argv.index("--")
+    ap = argparse.ArgumentParser(prog="layer_profile.py")
+    ap.add_argument("layer", type=int)
+    ap.add_argument("result", type=Path)
+    ap.add_argument("--stages", help="comma-separated stage names: profile only the first entry into each "
+                                     "(a smaller trace, for layers whose whole profile is too large to read back)")
+    args, quantize = ap.parse_args(argv[:cut]), argv[cut + 1:]
+    wanted = set(args.stages.split(",")) if args.stages else set()
     from quantmoe.base.measure import Stopwatch
     from quantmoe.cli import main as cli
     from quantmoe.stages.layer import LayerQuantizer
 
-    timed = Stopwatch.__call__
+    timed, run = Stopwatch.__call__, LayerQuantizer.run
+    current: list[int] = []  # the index of the layer being quantized
+    sessions: dict[str, dict] = {}
+    active: list[str] = []
 
     @contextmanager
     def marked(self, name: str):
-        with record_function(MARK + name), timed(self, name):
-            yield
-
-    run = LayerQuantizer.run
+        if current != [args.layer] or name not in wanted or name in sessions or active:
+            with record_function(MARK + name), timed(self, name):
+                yield
+            return
+        active.append(name)
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with record_function(MARK + name), timed(self, name):
+                    yield
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            sessions[name] = summary(*charge(prof.events()))
+        finally:
+            active.clear()
 
     def profiled(self):
-        if self.index != layer:
+        if self.index != args.layer:
             return run(self)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            out = run(self)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        record = {"layer": layer, "command": argv[3:], "seconds": self.clock.rounded(),
-                  "stages": summary(*charge(prof.events()))}
-        result.parent.mkdir(parents=True, exist_ok=True)
-        result.write_text(json.dumps(record, indent=1))
-        print(f"wrote {result}", flush=True)
+        current[:] = [self.index]
+        try:
+            if wanted:
+                out, stages = run(self), None
+            else:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    out = run(self)
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                stages = summary(*charge(prof.events()))
+        finally:
+            current.clear()
+        record = {"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(), "stages": stages,
+                  "first_entry_of": sessions if wanted else None}
+        args.result.parent.mkdir(parents=True, exist_ok=True)
+        args.result.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.result}", flush=True)
         return out
 
     Stopwatch.__call__, LayerQuantizer.run = marked, profiled
     try:
-        cli.main(["quantize", *argv[3:]], standalone_mode=False)
+        cli.main(["quantize", *quantize], standalone_mode=False)
     finally:
         Stopwatch.__call__, LayerQuantizer.run = timed, run
     return 0

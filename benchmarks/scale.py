@@ -602,7 +602,8 @@ def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quant
              batch_size: int | None = None, tf32: bool = False, dtype: str = "float32") -> dict:
     """``python -m quantmoe eval OUT --baseline MODEL`` (with ``--tf32`` when the quantization had it) as a
     child process, see run_child; with the report's per-model stages (``eval_original``, ``eval_quantized``:
-    seconds, peaks) and each model's ``timings`` (read, load, layers, head: seconds over all layers)."""
+    seconds, peaks), each model's ``timings`` (read, load, layers, head: seconds over all layers) and
+    ``layer_timings`` (read, load, layers of each layer)."""
     report = Path(out).resolve().parent / f"{Path(out).name}-eval-report.json"
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "quantmoe", "eval", str(Path(out).resolve()), "--baseline", str(Path(model).resolve()),
@@ -615,7 +616,8 @@ def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quant
         run.update(stages=r.get("stages"), data=r.get("data"), device=r.get("device"), gap=r.get("gap"),
                    kl=(r.get("kl") or {}).get("mean"), protocol_dtype=(r.get("protocol") or {}).get("dtype"),
                    perplexity={k: v.get("perplexity") for k, v in (r.get("results") or {}).items()},
-                   timings={k: v.get("timings") for k, v in (r.get("results") or {}).items()})
+                   timings={k: v.get("timings") for k, v in (r.get("results") or {}).items()},
+                   layer_timings={k: v.get("layer_timings") for k, v in (r.get("results") or {}).items()})
     return run
 
 
@@ -699,11 +701,17 @@ def extrapolate(rows: list[dict], stages: dict, total_layers: int, dense_layers:
     return out
 
 
+EVAL_WARM_LAYERS = 2  # an evaluation's first layers, which also allocate the page-locked memory of its reads
+
+
 def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
     """Per-layer seconds of each model's evaluation: its whole stage / the checkpoint's depth
     (``per_layer_seconds``), and the steady part of a layer (``steady_per_layer_seconds``: waiting for its
     read, loading it, running it), what is left being paid once per model (``fixed_seconds``: start,
-    tokenization, embeddings, head, KL); the release's depth at those rates."""
+    tokenization, embeddings, head, KL); the release's depth at those rates. With more than EVAL_WARM_LAYERS
+    + 1 layers timed one by one (``layer_timings``), the steady part is the mean of the layers after the
+    first EVAL_WARM_LAYERS, whose reads also allocate the page-locked memory that the later ones reuse, and
+    those layers' excess counts as fixed (``steady_from_layer``)."""
     stages = run.get("stages") or {}
     per_layer = {label: round(stages[f"eval_{label}"]["seconds"] / layers, 3)
                  for label in ("original", "quantized") if f"eval_{label}" in stages}
@@ -714,7 +722,14 @@ def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
     if timings:  # where each model's layer went: waiting for its read, loading it, running it
         out["per_layer_detail"] = {label: {k: round(v / layers, 3) for k, v in t.items() if k != "head"}
                                    for label, t in timings.items()}
-        steady = {label: sum(v for k, v in t.items() if k != "head") / layers for label, t in timings.items()}
+        each = run.get("layer_timings") or {}
+        start = EVAL_WARM_LAYERS if all(len(each.get(label) or []) == layers > EVAL_WARM_LAYERS + 1
+                                        for label in timings) else 0
+        if start:
+            steady = {label: sum(sum(t.values()) for t in each[label][start:]) / (layers - start) for label in timings}
+        else:
+            steady = {label: sum(v for k, v in t.items() if k != "head") / layers for label, t in timings.items()}
+        out["steady_from_layer"] = start
         fixed = {label: stages[f"eval_{label}"]["seconds"] - steady[label] * layers for label in steady}
         out["steady_per_layer_seconds"] = {**{k: round(v, 3) for k, v in steady.items()},
                                            "both": round(sum(steady.values()), 3)}
@@ -1001,6 +1016,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--layer-profile", type=int, metavar="LAYER",
                     help="after the run, quantize once more with layer LAYER under torch.profiler "
                          "(benchmarks/layer_profile.py): each stage's kernels, as 'layer_profile'")
+    ap.add_argument("--layer-profile-stages", metavar="S1,S2",
+                    help="with --layer-profile: profile only the first entry into each of these stages")
     return ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
 
 
@@ -1054,8 +1071,9 @@ def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: st
     (benchmarks/layer_profile.py, a child process): its record, with the child's wall time and exit status."""
     out, record = args.work / "out-layer-profile", args.work / "layer-profile.json"
     record.unlink(missing_ok=True)
+    stages = ["--stages", args.layer_profile_stages] if args.layer_profile_stages else []
     cmd = [sys.executable, str(Path(__file__).with_name("layer_profile.py")), str(args.layer_profile), str(record),
-           "--", str(model.resolve()), "--out", str(out.resolve()), "--calib", str(calib.resolve()), "--no-eval",
+           *stages, "--", str(model.resolve()), "--out", str(out.resolve()), "--calib", str(calib.resolve()), "--no-eval",
            "--quiet", "--overwrite", "--device", device, *options]
     run = run_child(cmd, args.quantmoe, args.timeout)
     shutil.rmtree(out, ignore_errors=True)

@@ -250,6 +250,10 @@ def test_eval_is_timed_per_layer_and_extrapolated(reduced_runs):
     for label in ("original", "quantized"):  # where each model's layers went, per layer
         assert set(ev["per_layer_detail"][label]) == {"read", "load", "layers"}
         assert ev["per_layer_detail"][label]["layers"] == round(ev["timings"][label]["layers"] / 2, 3) > 0
+        each = ev["layer_timings"][label]  # and each layer's own (quantmoe eval's report: layer_timings)
+        assert len(each) == 2 and all(t["layers"] > 0 for t in each)
+        assert sum(t["layers"] for t in each) == pytest.approx(ev["timings"][label]["layers"], abs=0.002)
+    assert ev["steady_from_layer"] == 0  # two layers: too few to leave the first ones out
 
 
 def test_fp8_source_is_the_block_fp8_of_the_bf16_one(reduced_runs):
@@ -411,6 +415,30 @@ def test_summary_counts_dense_and_moe_layers_apart():
     only_dense = scale.summarise(layers[:1], stages, total_layers=61, dense_layers=3, kinds=["dense"])
     assert "quantize_seconds" not in only_dense["extrapolation"]
     assert "no MoE layer was measured" in only_dense["extrapolation"]["how"]
+
+
+def test_eval_steady_state_leaves_out_the_first_layers_when_each_layer_is_timed():
+    """Timed one by one, an evaluation's first EVAL_WARM_LAYERS layers (which also allocate the page-locked memory of
+    the reads) count as fixed cost and the steady layer is the mean of the others; with too few layers timed, the
+    mean of all of them."""
+    def layer(read, run):
+        return {"read": read, "load": 0.1, "layers": run}
+    each = {"original": [layer(0.5, 2.0), layer(0.4, 1.5), layer(0.0, 0.6), layer(0.1, 0.5), layer(0.0, 0.6)],
+            "quantized": [layer(0.2, 1.0), layer(0.1, 0.6), layer(0.0, 0.5), layer(0.0, 0.5), layer(0.0, 0.5)]}
+    timings = {label: {k: sum(t[k] for t in rows) for k in ("read", "load", "layers")} | {"head": 0.1}
+               for label, rows in each.items()}
+    stages = {"eval_original": {"seconds": 9.0}, "eval_quantized": {"seconds": 5.0}}
+    out = scale.summarise_eval({"stages": stages, "timings": timings, "layer_timings": each}, 5, 32)
+    assert out["steady_from_layer"] == scale.EVAL_WARM_LAYERS == 2
+    assert out["steady_per_layer_seconds"]["original"] == pytest.approx(0.7)  # (0.7 + 0.7 + 0.7) / 3
+    assert out["steady_per_layer_seconds"]["quantized"] == pytest.approx(0.6)
+    assert out["fixed_seconds"]["original"] == pytest.approx(9.0 - 5 * 0.7)
+    assert out["extrapolation"]["seconds"] == pytest.approx(9.0 - 3.5 + 5.0 - 3.0 + 32 * 1.3, abs=0.1)
+    few = {label: rows[:3] for label, rows in each.items()}
+    three = {label: {k: sum(t[k] for t in rows) for k in ("read", "load", "layers")} for label, rows in few.items()}
+    out = scale.summarise_eval({"stages": stages, "timings": three, "layer_timings": few}, 3, 32)
+    assert out["steady_from_layer"] == 0
+    assert out["steady_per_layer_seconds"]["original"] == pytest.approx((2.6 + 2.0 + 0.7) / 3, abs=1e-3)
 
 
 def test_a_view_of_fewer_layers_is_hard_links_and_gives_the_same_first_layer(benchmark_run, tmp_path):

@@ -115,7 +115,9 @@ def perplexity(model: str | Path, windows: Tensor, device: str = "auto", batch_s
                progress=None, keep_reference: bool = False, reference: Reference | None = None,
                tf32: bool = False, dtype: str = "float32") -> dict:
     """Perplexity of ``model`` on token windows (N, L), streamed one decoder layer at a time
-    (``batch_size`` None: ``stream.default_batch_size``), with each window's mean NLL (``window_nll``).
+    (``batch_size`` None: ``stream.default_batch_size``), with each window's mean NLL (``window_nll``) and each
+    layer's seconds (``layer_timings``: waiting for its read, loading it, running it; the first layers' reads
+    also allocate the page-locked memory the later ones reuse).
 
     ``keep_reference``: also return ``reference``, this model's ``Reference`` on these windows.
     ``reference``: another model's, made with the same windows; returns ``window_kl``,
@@ -140,7 +142,8 @@ def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_siz
     batch_size = batch_size or default_batch_size(stream.config, windows.shape[1])
     clock = Stopwatch(dev, peaks=False)  # the peak is evaluate()'s stage's
     batches = stream.embed(windows, batch_size)
-    batches = run_layers(stream, batches, clock, progress)
+    layer_timings: list[dict] = []
+    batches = run_layers(stream, batches, clock, progress, layer_timings)
     with clock("head"):
         stream.load_head()
     nll, count = 0.0, 0
@@ -167,7 +170,8 @@ def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_siz
     if not math.isfinite(mean):
         raise QuantMoeError(f"{model} produced non-finite log-likelihoods; run quantmoe verify on it")
     out = {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": count,
-           "seconds": round(time.perf_counter() - t0, 3), "timings": clock.rounded(), "device": str(dev),
+           "seconds": round(time.perf_counter() - t0, 3), "timings": clock.rounded(),
+           "layer_timings": layer_timings, "device": str(dev),
            "window_nll": window_nll}
     if keep_reference:
         out["reference"] = Reference(stream, [b.hidden.cpu() for b in batches])
@@ -177,15 +181,18 @@ def _perplexity(model: str | Path, windows: Tensor, dev: torch.device, batch_siz
     return out
 
 
-def run_layers(stream: LayerStream, batches: list[Batch], clock: Stopwatch, progress=None) -> list[Batch]:
+def run_layers(stream: LayerStream, batches: list[Batch], clock: Stopwatch, progress=None,
+               per_layer: list[dict] | None = None) -> list[Batch]:
     """Every decoder layer of ``stream`` over ``batches``, each output written over its input. Each layer is
     read as stored (``LayerStream.read_ahead_state``: converted and dequantized on the device as it loads) in
     a background thread while the layer before it runs, when host memory has room for it. ``clock`` times
-    ``read`` (waiting for a layer's tensors), ``load`` and ``layers`` (the forward passes)."""
+    ``read`` (waiting for a layer's tensors), ``load`` and ``layers`` (the forward passes); ``per_layer`` (a list)
+    receives each layer's own seconds of them, in order."""
     n = stream.num_layers
     with ThreadPoolExecutor(1, thread_name_prefix="quantmoe-read") as reader:
         pending = reader.submit(stream.read_ahead_state, 0)
         for i in range(n):
+            before = dict(clock.seconds)
             with clock("read"):
                 state = pending.result() if pending is not None else stream.read_ahead_state(i)
             with clock("load"):
@@ -197,6 +204,8 @@ def run_layers(stream: LayerStream, batches: list[Batch], clock: Stopwatch, prog
             with clock("layers"):
                 batches = stream.run_layer(layer, batches, in_place=True)
             stream.release_layer(i)
+            if per_layer is not None:
+                per_layer.append({k: round(clock.seconds[k] - before.get(k, 0.0), 3) for k in ("read", "load", "layers")})
             if progress is not None:
                 progress.update(1)
     return batches
