@@ -11,7 +11,8 @@ device time of its kernels (busy), the kernels that take the most of it, and the
 most host time themselves. A stage whose busy time is far below its seconds waits on the host. With
 ``--stages``, only the first entry into each named stage is profiled (``first_entry_of``): a DeepSeek-V3
 layer's whole trace takes longer to read back than the layer takes. `scale.py --layer-profile LAYER
-[--layer-profile-stages S1,S2]` runs it on a checkpoint that scale.py wrote.
+[--layer-profile-stages S1,S2]` runs it on a checkpoint that scale.py wrote (quantmoe is the installed one, or the tree
+on PYTHONPATH, as scale.py's --quantmoe sets it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from quantmoe.base.measure import Stopwatch
+from quantmoe.cli import main as cli
+from quantmoe.stages.layer import LayerQuantizer
 
 TOP = 8  # kernels kept per stage
 MARK = "stage:"
@@ -84,10 +89,6 @@ def main(argv: list[str]) -> int:
                                      "(a smaller trace, for layers whose whole profile is too large to read back)")
     args, quantize = ap.parse_args(argv[:cut]), argv[cut + 1:]
     wanted = set(args.stages.split(",")) if args.stages else set()
-    from quantmoe.base.measure import Stopwatch
-    from quantmoe.cli import main as cli
-    from quantmoe.stages.layer import LayerQuantizer
-
     timed, run = Stopwatch.__call__, LayerQuantizer.run
     current: list[int] = []  # the index of the layer being quantized
     sessions: dict[str, dict] = {}
