@@ -441,6 +441,37 @@ def test_eval_steady_state_leaves_out_the_first_layers_when_each_layer_is_timed(
     assert out["steady_per_layer_seconds"]["original"] == pytest.approx((2.6 + 2.0 + 0.7) / 3, abs=1e-3)
 
 
+def test_layer_profile_charges_operators_to_the_stages_that_ran_them(tmp_path):
+    """benchmarks/layer_profile.py on the bundled Mixtral demo: the profiled layer's record has its clock's seconds and
+    charges each operator to the nest of stages that ran it (the experts' forward products to "forward /
+    forward:experts", the down statistics' to "experts:down_statistics / hessians"), nothing to a stage of another
+    layer; with --stages only the first entry into each named stage is profiled, and the output is written as usual."""
+    import layer_profile
+
+    from quantmoe.base.measure import Stopwatch
+    from quantmoe.stages.layer import LayerQuantizer
+
+    demo = Path(__file__).resolve().parent.parent / "quantmoe" / "demo_models" / "mixtral-demo"
+    before = (Stopwatch.__call__, LayerQuantizer.run)
+    common = [str(demo), "--no-eval", "--quiet", "--nsamples", "8", "--seqlen", "128", "--device", "cpu"]
+    whole, some = tmp_path / "whole.json", tmp_path / "some.json"
+    assert layer_profile.main(["1", str(whole), "--", *common, "--out", str(tmp_path / "a")]) == 0
+    assert layer_profile.main(["2", str(some), "--stages", "forward:experts,capture", "--",
+                               *common, "--out", str(tmp_path / "b")]) == 0
+    assert (Stopwatch.__call__, LayerQuantizer.run) == before  # the patches are undone
+    record = json.loads(whole.read_text())
+    assert record["layer"] == 1 and record["seconds"]["forward:experts"] > 0 and record["first_entry_of"] is None
+    stages = record["stages"]
+    assert stages["forward / forward:experts"]["host_ms"] > 0
+    assert any(op["name"] == "aten::mm" for op in stages["forward / forward:experts"]["host_top"])
+    assert stages["experts:down_statistics / hessians"]["host_ms"] > 0
+    record = json.loads(some.read_text())
+    assert record["layer"] == 2 and record["stages"] is None
+    assert set(record["first_entry_of"]) == {"forward:experts", "capture"}
+    assert "forward:experts" in record["first_entry_of"]["forward:experts"]  # its own operators, under its own name
+    assert all(Path(tmp_path / d).is_dir() for d in ("a", "b"))
+
+
 def test_a_view_of_fewer_layers_is_hard_links_and_gives_the_same_first_layer(benchmark_run, tmp_path):
     model, calib, out, _ = benchmark_run
     view = scale.make_view(model, tmp_path / "view", layers=1)
