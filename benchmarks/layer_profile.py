@@ -77,6 +77,16 @@ def summary(device: dict[str, dict], host: dict[str, dict]) -> dict:
     return out
 
 
+@contextmanager
+def profiled_into(record: dict, key: str):
+    """Profile the block (waiting for the device at its end) and put its ``summary`` under record[key]."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    record[key] = summary(*charge(prof.events()))
+
+
 def main(argv: list[str]) -> int:
     if "--" not in argv:
         print(__doc__, file=sys.stderr)
@@ -102,12 +112,8 @@ def main(argv: list[str]) -> int:
             return
         active.append(name)
         try:
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                with record_function(MARK + name), timed(self, name):
-                    yield
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-            sessions[name] = summary(*charge(prof.events()))
+            with profiled_into(sessions, name), record_function(MARK + name), timed(self, name):
+                yield
         finally:
             active.clear()
 
@@ -115,18 +121,16 @@ def main(argv: list[str]) -> int:
         if self.index != args.layer:
             return run(self)
         current[:] = [self.index]
+        whole = {"stages": None}
         try:
             if wanted:
-                out, stages = run(self), None
+                out = run(self)
             else:
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with profiled_into(whole, "stages"):
                     out = run(self)
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                stages = summary(*charge(prof.events()))
         finally:
             current.clear()
-        record = {"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(), "stages": stages,
+        record = {"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(), "stages": whole["stages"],
                   "first_entry_of": sessions if wanted else None}
         args.result.parent.mkdir(parents=True, exist_ok=True)
         args.result.write_text(json.dumps(record, indent=1))

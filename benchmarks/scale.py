@@ -593,9 +593,14 @@ def run_quantize(model: Path, out: Path, calib: Path, device: str, options: list
     """``python -m quantmoe quantize`` as a child process (under torchrun with ``nproc`` > 1), see run_child."""
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   "--nproc-per-node", str(nproc)]
-    cmd = [*launch, "-m", "quantmoe", "quantize", str(Path(model).resolve()), "--out", str(Path(out).resolve()),
-           "--calib", str(Path(calib).resolve()), "--no-eval", "--quiet", "--overwrite", "--device", device, *options]
+    cmd = [*launch, "-m", "quantmoe", "quantize", *quantize_args(model, out, calib, device, options)]
     return {**run_child(cmd, quantmoe_path, timeout), "processes": nproc}
+
+
+def quantize_args(model: Path, out: Path, calib: Path, device: str, options: list[str]) -> list[str]:
+    """`quantmoe quantize`'s arguments for a timed run: ``model`` to ``out`` with ``calib``, no evaluation."""
+    return [str(Path(model).resolve()), "--out", str(Path(out).resolve()), "--calib", str(Path(calib).resolve()),
+            "--no-eval", "--quiet", "--overwrite", "--device", device, *options]
 
 
 def run_eval(out: Path, model: Path, data: Path, seqlen: int, device: str, quantmoe_path: Path, timeout: float,
@@ -1073,8 +1078,7 @@ def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: st
     record.unlink(missing_ok=True)
     stages = ["--stages", args.layer_profile_stages] if args.layer_profile_stages else []
     cmd = [sys.executable, str(Path(__file__).with_name("layer_profile.py")), str(args.layer_profile), str(record),
-           *stages, "--", str(model.resolve()), "--out", str(out.resolve()), "--calib", str(calib.resolve()), "--no-eval",
-           "--quiet", "--overwrite", "--device", device, *options]
+           *stages, "--", *quantize_args(model, out, calib, device, options)]
     run = run_child(cmd, args.quantmoe, args.timeout)
     shutil.rmtree(out, ignore_errors=True)
     found = json.loads(record.read_text()) if record.is_file() else {}
