@@ -122,6 +122,32 @@ def test_overwrite_H_gives_the_same_result_and_consumes_H():
     assert not torch.equal(H_copy, H)  # it now holds the inverse factor
 
 
+@pytest.mark.parametrize("order,group_size,outer", [("static", 32, 64), ("group", 32, 64), ("none", 32, 70),
+                                                     ("static", -1, 70)])
+def test_the_error_spread_in_two_steps_is_the_one_step_spread_regrouped(order, group_size, outer, monkeypatch):
+    """gptq_quantize's ``outer`` (spans of whole blocks and groups; 70 rounds down to 64): each column gets the same
+    errors in fewer sums, so in float64 the levels, grids and losses are the one-step spread's to rounding, while
+    the columns after a span get its errors in one product per span; the default off CUDA is one step, the same
+    bits as ``outer=0``."""
+    from quantmoe.gptq import core
+
+    X = correlated_inputs(C=160).double()
+    H = hessian_of(X).expand(2, 160, 160).contiguous()
+    W = torch.randn(2, 48, 160, dtype=torch.float64)
+    spec = QuantSpec(4, group_size, True)
+    one = gptq_quantize(W, H, spec, order=order, block_size=16, outer=0)
+    widths = []  # the errors each nonempty spread takes at once
+    spread = core._propagate
+    monkeypatch.setattr(core, "_propagate", lambda W, E, Hi: (W.shape[-1] and widths.append(E.shape[-1]),
+                                                              spread(W, E, Hi)))
+    two = gptq_quantize(W, H, spec, order=order, block_size=16, outer=outer)
+    assert sorted(set(widths)) == [16, 64] and widths.count(64) == 2  # after the spans ending at 64 and 128
+    assert torch.equal(one.q, two.q) and torch.equal(one.scales, two.scales)
+    assert torch.allclose(one.loss, two.loss, rtol=1e-6)
+    default = gptq_quantize(W.float(), H.float(), spec, order=order, block_size=16)
+    assert torch.equal(default.q, gptq_quantize(W.float(), H.float(), spec, order=order, block_size=16, outer=0).q)
+
+
 def test_tf32_context_restores_the_matmul_precision():
     from quantmoe.gptq.core import tf32_matmuls
 

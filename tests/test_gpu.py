@@ -487,3 +487,19 @@ def test_tensor_core_passes_run_attention_in_fp16_and_change_the_outputs_by_roun
 
     assert 0 < relative(tf32) and (half != tf32).any()
     assert relative(half) < max(4 * relative(tf32), 1e-4)
+
+
+@pytest.mark.gpu
+def test_the_two_step_error_spread_on_cuda_changes_the_result_by_rounding_only():
+    """gptq_quantize on CUDA from OUTER_MIN columns spreads its errors in two steps by default (gptq.OUTER_BLOCK): the
+    one-step spread's levels to rounding (a level in a thousand at most moves, by one step) and its loss."""
+    from quantmoe.gptq.core import OUTER_MIN
+
+    X = inputs(2 * OUTER_MIN, OUTER_MIN, 0)
+    W = inputs(2 * 128, OUTER_MIN, 1).reshape(2, 128, OUTER_MIN) * 0.02
+    H = hessian(X).expand(2, OUTER_MIN, OUTER_MIN).contiguous()
+    one = gptq_quantize(W, H, QuantSpec(4, 128, True), outer=0)
+    two = gptq_quantize(W, H, QuantSpec(4, 128, True))
+    moved = (one.q.int() - two.q.int()).abs()
+    assert moved.max() <= 1 and (moved > 0).float().mean() < 1e-3
+    assert torch.allclose(one.loss.sum(), two.loss.sum(), rtol=1e-3)

@@ -50,6 +50,12 @@ CHUNK_BYTES = 256 << 20
 # and mirrored (``_gram``): about half the products' flops. Narrower ones take one product.
 GRAM_BLOCK = 1024
 GRAM_MIN = 2 * GRAM_BLOCK
+# On CUDA, GPTQ spreads a block's errors at once only over the columns up to the end of its OUTER_BLOCK columns,
+# and the errors of all those columns over the columns after them in one product (``gptq_quantize``'s ``outer``):
+# the rest of W read and written once per OUTER_BLOCK columns rather than once per block. Only for matrices of
+# OUTER_MIN columns or more (benchmarks/README.md: it paid at DeepSeek-V3's 7168, not at 2048).
+OUTER_BLOCK = 1024
+OUTER_MIN = 4 * OUTER_BLOCK
 
 
 @dataclass(frozen=True)
@@ -577,7 +583,8 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
                   order: str = "static", block_size: int = 128, overwrite_H: bool = False,
                   block_fn=quantize_block, search: ClipSearch = ClipSearch(),
                   target: Tensor | None = None, refine: int = 0, cross: Tensor | None = None,
-                  dequantized: bool = True, overwrite_W: bool = False, tf32: bool = False) -> QuantResult:
+                  dequantized: bool = True, overwrite_W: bool = False, tf32: bool = False,
+                  outer: int | None = None) -> QuantResult:
     """Quantize W (B, R, C) column by column, spreading each rounding error over the
     not-yet-quantized columns in proportion to the inverse Hessian H (B, C, C).
 
@@ -603,6 +610,11 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
     never do, so each column's rounding and the error it spreads within its block stay fp32.
     ``block_fn`` runs one block; any replacement must compute exactly what ``quantize_block``
     computes (see gptq_graphs.py).
+    ``outer``: the error spread in two steps (the default on CUDA from OUTER_MIN columns: OUTER_BLOCK, rounded
+    to whole blocks and groups; 0, or by default elsewhere: one step). A block's errors go at once only to the
+    columns up to the end of its ``outer`` columns; when those are done, all their errors go to the columns after
+    them in one product. Each column receives the same errors, in fewer, larger sums (so rounded differently),
+    and the columns far ahead are read and written once per ``outer`` columns instead of once per block.
     """
     W = W.float()
     H = H.float() if overwrite_H else H.float().clone()
@@ -659,6 +671,10 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
         # so no block may straddle a group start.
         block_size = math.gcd(block_size, width)
 
+    step = block_size if static else math.lcm(block_size, width)  # a span of whole blocks and groups
+    outer = (OUTER_BLOCK if W.is_cuda and C >= OUTER_MIN else 0) if outer is None else outer
+    outer = max(1, outer // step) * step if outer else C
+    spread = torch.empty(B, R, min(outer, C), device=dev) if outer < C else None  # the span's errors
     levels = torch.empty(B, R, C, device=dev, dtype=torch.uint8)
     losses = torch.zeros(B, R, device=dev)
     batch = torch.arange(B, device=dev)
@@ -676,7 +692,13 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float = 0.01,
             Err1 = block_fn(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], torch.gather(scales, 2, cols),
                             torch.gather(zeros, 2, cols), spec.maxq, levels[:, :, i1:i2])
             losses += Err1.pow(2).sum(-1) / 2
-            _propagate(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
+            s1 = i1 - i1 % outer
+            s2 = min(s1 + outer, C)  # the span of ``outer`` columns holding the block
+            _propagate(W[:, :, i2:s2], Err1, Hinv[:, i1:i2, i2:s2])
+            if spread is not None:
+                spread[:, :, i1 - s1:i2 - s1] = Err1
+                if i2 == s2:
+                    _propagate(W[:, :, s2:], spread[:, :, :s2 - s1], Hinv[:, s1:s2, s2:])
     del W
     if refine:
         eye = torch.eye(C, device=dev)

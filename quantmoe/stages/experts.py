@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..base.errors import QuantMoeError
 from ..formats.fp8 import Fp8Experts
-from ..gptq.core import QuantResult, dequantize_grouped
+from ..gptq.core import OUTER_BLOCK, OUTER_MIN, QuantResult, dequantize_grouped
 from ..model.distributed import SINGLE, Ranks, all_reduce_sum
 
 # An expert's forward products (StoredExperts.run_deferred) take at most this many bytes of temporaries: its
@@ -318,9 +318,10 @@ class ExpertCosts:
 
     C: hidden size, I: expert width. Gate/up: the Hessian (C, C), under --fit stream the cross
     moment (C, C) too, a working copy of the (2I, C) weights and GPTQ's levels and errors beside it
-    (about two more); down: the Hessian (I, I), the fit's moment (C, I), a working copy of (C, I)
-    and the same again, while the group's gate/up levels (one byte a weight) are kept. The rows routed
-    to the expert (``rows``) stay resident for both.
+    (about two more), and the errors of a span of OUTER_BLOCK columns where GPTQ spreads them in two steps
+    (gptq_quantize's ``outer``); down: the Hessian (I, I), the fit's moment (C, I), a working copy of (C, I) and
+    the same again, and a span's errors, while the group's gate/up levels (one byte a weight) are kept. The rows
+    routed to the expert (``rows``) stay resident for both.
     """
 
     C: int
@@ -333,8 +334,8 @@ class ExpertCosts:
     def per_expert(self) -> int:
         """Bytes of one expert's statistics and working copies, its routed rows not counted."""
         C, I = self.C, self.I
-        gate_up = (C * C * (1 + self.cross) if self.hessians else 0) + 3 * 2 * I * C
-        down = (I * I if self.hessians else 0) + (C * I if self.fit_down else 0) + 3 * C * I
+        gate_up = (C * C * (1 + self.cross) if self.hessians else 0) + 3 * 2 * I * C + _span(2 * I, C)
+        down = (I * I if self.hessians else 0) + (C * I if self.fit_down else 0) + 3 * C * I + _span(C, I)
         return 4 * max(gate_up, down) + 2 * I * C
 
     def rows(self, tokens: int) -> int:
@@ -354,6 +355,11 @@ class ExpertCosts:
     def levels(self, experts: int) -> int:
         """Bytes of the quantized levels of ``experts`` experts (gate/up and down), kept for the forward passes."""
         return 3 * self.I * self.C * experts
+
+
+def _span(rows: int, columns: int) -> int:
+    """Elements of the errors GPTQ keeps for a span of a (rows, columns) matrix (gptq_quantize's ``outer``)."""
+    return rows * OUTER_BLOCK if columns >= OUTER_MIN else 0
 
 
 def expert_groups(budget: int | None, in_use: int, costs: ExpertCosts, tokens: list[int], layer: int) -> list[range]:
