@@ -588,3 +588,52 @@ def test_log_losses_and_damps_are_read_from_the_device_at_once_and_exactly():
     _read_logs(entries)
     assert entries == [{"loss": float(loss32), "damp": float(damp64)}, {"loss": 2.0, "damp": 0.1}]
     assert all(type(e[k]) is float for e in entries for k in ("loss", "damp"))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_a_rare_experts_all_token_down_hessian_comes_from_the_first_batches_through_its_quantized_gate_up(
+        tiny_model, text_file, monkeypatch, model_type):
+    """--rare-expert blend: a rare expert's down Hessian is blended with 2/n sum h h^T over the MoE block's inputs
+    in the first batches that hold BLEND_SAMPLE x the threshold in tokens (h through the expert's quantized gate
+    and up), whichever way its products are chunked (float64 reference)."""
+    from dataclasses import replace
+
+    from quantmoe.stages.calibrate import build_calibration
+
+    ckpt = Checkpoint(tiny_model(model_type))
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 8, 32, 0)
+    index = stream.num_layers - 1
+    qcfg = replace(QCFG, rare_expert_tokens=40)  # sample: 160 tokens, so the first 5 of 8 batches of 32
+    lq = LayerQuantizer(stream, index, stream.embed(ids, 1), qcfg)
+    samples, mlps, blends = [], {}, []
+    blend_sample, expert_mlp = LayerQuantizer._blend_sample, LayerQuantizer._expert_mlp
+    monkeypatch.setattr(LayerQuantizer, "_blend_sample", lambda self, t: samples.append(blend_sample(self, t))
+                        or samples[-1])
+    monkeypatch.setattr(LayerQuantizer, "_expert_mlp", lambda self, store, res, k, e, original=True:
+                        mlps.setdefault((e, original), expert_mlp(self, store, res, k, e, original)))
+    monkeypatch.setattr(layer_module, "_blend", lambda H, H_all, count, threshold, policy:
+                        blends.append((H_all.clone(), count)) or H)
+    monkeypatch.setattr(layer_module, "STATS_CHUNK_BYTES", 64 * 1024)  # several chunks of rows
+    route = LayerQuantizer.route
+
+    def few_for_expert_0(self, X):  # at most 2 of each batch's tokens: a rare expert
+        routes = route(self, X)
+        routes[0] = (routes[0][0][:2], routes[0][1][:2])
+        return routes
+
+    monkeypatch.setattr(LayerQuantizer, "route", few_for_expert_0)
+    lq.attention()
+    lq.mlps()
+    assert blends and len(samples) >= 1
+    sample = samples[0]
+    assert sample.shape[0] == 5 * 32
+    assert torch.equal(sample, torch.cat([x for x, _ in list(lq._captured_pairs(lq.arch.moe_module))[:5]]))
+    rare = [e for e, _ in mlps if not _]  # the experts whose all-token Hessian was built (original=False)
+    assert 0 in rare and len(blends) == 2 * len(rare)  # one group: its gate/up blends, then its down blends
+    act = lq.layer.get_submodule(lq.plan.fused.module).act_fn
+    for e, (H_all, count) in zip(rare, blends[len(rare):]):
+        Wg, Wu, _ = mlps[(e, False)]
+        h = act(sample.double() @ Wg.double().T) * (sample.double() @ Wu.double().T)
+        assert count < 40
+        assert torch.allclose(H_all.double(), 2 * h.T @ h / sample.shape[0], rtol=1e-4, atol=1e-6 * h.abs().max() ** 2)

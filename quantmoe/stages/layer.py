@@ -531,7 +531,9 @@ class LayerQuantizer:
         with self.clock("experts:routing"):
             routed, counts, H_all, tokens = self._routing()
         rows = [tokens if self.qcfg.expert_hessian == "all" else counts[e] for e in own]
-        groups = self._expert_groups(store, rows)
+        blends = self.qcfg.uses_hessians and self.qcfg.rare_expert != "rtn" \
+            and any(counts[e] < self.rare_threshold(C, I) for e in own)
+        groups = self._expert_groups(store, rows, blends)
         self.result.expert_groups = len(groups)
         for g, blend in enumerate(self._blend_passes(groups, own, counts, self.rare_threshold(C, I))):
             if g >= len(groups):  # another process's group: its passes over the tokens are collectives
@@ -571,6 +573,18 @@ class LayerQuantizer:
         if blend:
             self._join_blend(threshold)
 
+    def _blend_sample(self, threshold: int) -> Tensor:
+        """The tokens a rare expert's all-token down Hessian is estimated from (``_down_statistics``): the MoE
+        block's inputs in the first batches, up to the batch that brings them to BLEND_SAMPLE * threshold (every
+        batch when there are fewer), as one tensor, so that each rare expert's products run over all of them at once."""
+        sample, seen = [], 0
+        for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
+            if seen >= BLEND_SAMPLE * threshold:
+                break
+            sample.append(x.reshape(-1, x.shape[-1]))
+            seen += x.shape[0]
+        return torch.cat(sample)
+
     def _join_blend(self, threshold: int) -> None:
         """A blend's pass over the tokens (``_down_statistics``), made for its collectives alone: it stops
         after the same batch, once BLEND_SAMPLE * threshold tokens are seen."""
@@ -580,9 +594,9 @@ class LayerQuantizer:
                 break
             seen += x.shape[0]
 
-    def _expert_groups(self, store: StoredExperts, rows: list[int]) -> list[range]:
+    def _expert_groups(self, store: StoredExperts, rows: list[int], blends: bool = False) -> list[range]:
         """Consecutive positions of this process's experts (routed ``rows`` each) making the groups, sized to
-        ``self.gpu_memory``."""
+        ``self.gpu_memory``; ``blends``: some are rare, and their blends hold ``_blend_sample``'s tokens."""
         E, I, C = store.shape
         costs = ExpertCosts(C, I, hessians=self.qcfg.uses_hessians, cross=self.fit_stream,
                             fit_down=self.fit_down)
@@ -595,8 +609,10 @@ class LayerQuantizer:
             tokens = [b.hidden.shape[:-1].numel() for b in self.batches]
             streams = 1 if self.original is None else 2
             cached = sum(tokens) * C * 4 * streams if self._mlp_path is None and self.ranks.world == 1 else 0
+            sample = (BLEND_SAMPLE * self.rare_threshold(C, I) + max(tokens)) * C * 4 if blends else 0
             in_use = (torch.cuda.memory_allocated(self.stream.device) + costs.passing(max(tokens), streams)
-                      + STATS_CHUNK_BYTES + 4 * CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0))
+                      + STATS_CHUNK_BYTES + 4 * CHUNK_BYTES + (cached if cached <= CAPTURE_CACHE_BYTES else 0)
+                      + min(sample, sum(tokens) * C * 4))
         elif self.gpu_memory is not None:  # nothing is measured on the host: the budget counts the levels kept
             in_use = costs.levels(len(store.own))
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
@@ -728,21 +744,20 @@ class LayerQuantizer:
                     finish_moment(P_d[k], n)
         blended = [k for k in rare if qcfg.rare_expert != "rtn"]
         if blended:  # a rare expert's Hessian is blended with that of all tokens through its gate/up
-            H_all_d = {k: torch.zeros(I, I, device=dev) for k in blended}
-            n_all_d = dict.fromkeys(blended, 0)
-            sample = BLEND_SAMPLE * threshold  # the all-token Hessian's mean, estimated from the first batches
-            for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
-                if n_all_d[blended[0]] >= sample:
-                    break
-                with self.clock("experts:blend"), self._stage("hessians"):
-                    for k in blended:
-                        Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
-                        for h in mlp_hidden(x, Wg, Wu, act):
-                            _, n_all_d[k] = accumulate_hessian(H_all_d[k], h, n_all_d[k])
-            for k, H_all_k in H_all_d.items():
-                H_d[k] = _blend(H_d[k], H_all_k, counts[experts[k]], threshold, qcfg.rare_expert)
-                if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
-                    P_d[k] = store.original("down", experts[k]) @ H_d[k]
+            sample = self._blend_sample(threshold)
+            with self.clock("experts:blend"), self._stage("hessians"):
+                for k in blended:
+                    Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
+                    H_all = torch.zeros(I, I, device=dev)
+                    n = 0
+                    for xc, _, _ in _row_chunks(sample, sample, None, 4 * 4 * I):  # gate, up, act, h
+                        h = gated(xc, Wg, Wu, act)
+                        n = n + moment_sum(H_all, h, h)
+                    H_d[k] = _blend(H_d[k], finish_moment(H_all, n), counts[experts[k]], threshold, qcfg.rare_expert)
+                    del H_all
+                    if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
+                        P_d[k] = store.original("down", experts[k]) @ H_d[k]
+            del sample
         elif blend_pass:  # another process blends here: its pass over the tokens is a collective
             self._join_blend(threshold)
         return H_d, P_d
