@@ -503,3 +503,25 @@ def test_the_two_step_error_spread_on_cuda_changes_the_result_by_rounding_only()
     moved = (one.q.int() - two.q.int()).abs()
     assert moved.max() <= 1 and (moved > 0).float().mean() < 1e-3
     assert torch.allclose(one.loss.sum(), two.loss.sum(), rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_a_stage_inside_another_is_timed_on_the_device_without_waiting_for_it(monkeypatch):
+    """base.Stopwatch on CUDA: an outermost stage waits for the device as it begins and ends, the stages inside it
+    (a pass's per-batch ones) never do; their seconds are the device's time between two events, added when the
+    outermost stage ends, and fit inside it."""
+    from quantmoe.base.measure import Stopwatch
+
+    clock = Stopwatch(torch.device("cuda"))
+    waits = []
+    synchronize = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(a) or synchronize(*a))
+    X = torch.randn(4096, 4096, device="cuda")
+    with clock("outer"):
+        for _ in range(5):
+            with clock("inner"):
+                Y = X @ X
+            assert "inner" not in clock.seconds  # not added before the outermost stage ends
+    assert len(waits) == 2 and Y.shape == X.shape
+    assert 0 < clock.seconds["inner"] <= clock.seconds["outer"]
+    assert clock.peak_gpu_mb["inner"] > 0

@@ -46,10 +46,13 @@ class Stopwatch:
     """Seconds per named stage, summed over every entry into it, and on CUDA the peak GPU
     memory allocated inside each stage (MB).
 
-    On CUDA the device is synchronised at each boundary, so queued work is charged to the
-    stage that queued it rather than to whichever stage next waits for the device. A name with a
-    colon ("experts:gather") is a part timed inside the stages, not a stage of its own. ``peaks``
-    False: only the seconds (the device's peak-memory counter is left to an enclosing ``stage``).
+    On CUDA the device is synchronised when an outermost stage begins and ends, so queued work is
+    charged to the stage that queued it rather than to whichever stage next waits for the device. A
+    stage entered inside another is timed on the device instead, between two events, without a wait:
+    a pass over many small batches keeps the device fed (its stages per batch would otherwise wait for
+    it twice a batch). Its seconds are added when the outermost stage ends. A name with a colon
+    ("experts:gather") is a part timed inside the stages, not a stage of its own. ``peaks`` False: only
+    the seconds (the device's peak-memory counter is left to an enclosing ``stage``).
     """
 
     def __init__(self, device: torch.device, peaks: bool = True):
@@ -58,23 +61,40 @@ class Stopwatch:
         self.peaks = peaks and self.cuda
         self.seconds: dict[str, float] = {}
         self.peak_gpu_mb: dict[str, float] = {}
+        self._depth = 0
+        self._timed: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # nested stages' events
 
     @contextmanager
     def __call__(self, name: str):
-        if self.cuda:
+        nested = self.cuda and self._depth > 0
+        if self.cuda and not nested:
             torch.cuda.synchronize(self.device)
         if self.peaks:
             torch.cuda.reset_peak_memory_stats(self.device)
+        start = self._event() if nested else None
         t0 = time.perf_counter()
+        self._depth += 1
         try:
             yield
         finally:
-            if self.cuda:
+            self._depth -= 1
+            if nested:
+                self._timed.append((name, start, self._event()))
+            elif self.cuda:
                 torch.cuda.synchronize(self.device)
             if self.peaks:
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**20
                 self.peak_gpu_mb[name] = round(max(peak, self.peak_gpu_mb.get(name, 0.0)), 1)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if not nested:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                for inner, a, b in self._timed:  # all done: the device was just synchronised
+                    self.seconds[inner] = self.seconds.get(inner, 0.0) + a.elapsed_time(b) / 1000
+                self._timed.clear()
+
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}

@@ -744,7 +744,8 @@ class LayerQuantizer:
                     finish_moment(P_d[k], n)
         blended = [k for k in rare if qcfg.rare_expert != "rtn"]
         if blended:  # a rare expert's Hessian is blended with that of all tokens through its gate/up
-            sample = self._blend_sample(threshold)
+            with self.clock("experts:blend"):
+                sample = self._blend_sample(threshold)
             with self.clock("experts:blend"), self._stage("hessians"):
                 for k in blended:
                     Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
