@@ -637,3 +637,12 @@ def test_a_rare_experts_all_token_down_hessian_comes_from_the_first_batches_thro
         h = act(sample.double() @ Wg.double().T) * (sample.double() @ Wu.double().T)
         assert count < 40
         assert torch.allclose(H_all.double(), 2 * h.T @ h / sample.shape[0], rtol=1e-4, atol=1e-6 * h.abs().max() ** 2)
+
+
+def test_a_groups_rows_go_expert_after_expert_each_in_batch_order():
+    """layer._destinations: expert k's rows from starts[k], batch after batch; per batch its experts' rows in order."""
+    from quantmoe.stages.layer import _destinations
+
+    dest, ends = _destinations([0, 3, 3, 7], [[1, 0, 2], [2, 0, 0], [0, 0, 2]], torch.device("cpu"))
+    assert ends == [3, 5, 7]
+    assert dest.tolist() == [0, 3, 4, 1, 2, 5, 6]

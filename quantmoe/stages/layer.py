@@ -263,6 +263,7 @@ class LayerQuantizer:
         self.result = LayerResult(tensors={}, expert_bytes_loaded=loaded)
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
         self._attention_output: tuple[str, list[Tensor]] | None = None  # see ATTENTION_OUTPUT_BYTES
+        self._batch_tokens: list[int] = []  # the tokens of each batch entering the MoE block, see _routing
 
     def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
         """The dtype the routed experts are stored in (fp32 where there are none)."""
@@ -620,21 +621,21 @@ class LayerQuantizer:
     def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, int]:
         """One pass over the tokens entering the MoE block: per batch, where the router sends them
         (``route``); the routed tokens of every expert; (for --rare-expert blend/all-tokens) the Hessian
-        of all of them; and how many there are."""
+        of all of them; and how many there are (and per batch: ``_batch_tokens``)."""
         gptq = self.qcfg.uses_hessians
         blend = gptq and self.qcfg.rare_expert != "rtn"
         counts = [0] * self.plan.num_experts
         C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         H_all = torch.zeros(C, C, device=self.stream.device) if blend else None
-        n_all, routed, tokens = 0, [], 0
+        n_all, routed, self._batch_tokens = 0, [], []
         for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
             with self._stage("hessians"):
                 routed.append(self.route(x))
                 counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routed[-1])]
-                tokens += x.shape[0]
+                self._batch_tokens.append(x.shape[0])
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
-        return routed, counts, H_all, tokens
+        return routed, counts, H_all, sum(self._batch_tokens)
 
     def _routed_rows(self, routed: list[list[tuple[Tensor, Tensor]]], experts: list[int], rows: list[int]
                      ) -> RoutedRows:
@@ -649,23 +650,23 @@ class LayerQuantizer:
         X0 = torch.empty_like(X) if self.fit_stream else None
         weighted = self.qcfg.expert_hessian == "weighted"
         w = torch.empty(starts[-1], device=dev) if weighted else None
-        filled = list(starts[:-1])
+        every = self.qcfg.expert_hessian == "all"  # every token of a batch for every expert (no weights read)
+        sizes = [[self._batch_tokens[b] if every else len(routed[b][e][0]) for e in experts]
+                 for b in range(len(routed))]
+        dest_all, ends = _destinations(starts, sizes, dev)  # every batch's rows' places, copied at once
         for b, (x, x0) in enumerate(self._captured_pairs(self.arch.moe_module, keep=True)):
             with self._stage("hessians"):
-                # --expert-hessian all: every token of the batch for every expert (no weights are read then)
-                every = torch.arange(x.shape[0], device=dev) if self.qcfg.expert_hessian == "all" else None
-                picks = [routed[b][e] if every is None else (every, every) for e in experts]
-                sizes = [len(t) for t, _ in picks]
-                if not sum(sizes):
+                first = ends[b - 1] if b else 0
+                if ends[b] == first:
                     continue
+                picks = [(torch.arange(x.shape[0], device=dev),) * 2 if every else routed[b][e] for e in experts]
                 src = torch.cat([t for t, _ in picks])
-                dest = _spans(filled, sizes, dev)
+                dest = dest_all[first:ends[b]]
                 X.index_copy_(0, dest, x.index_select(0, src))
                 if X0 is not None:
                     X0.index_copy_(0, dest, x0.index_select(0, src))
                 if w is not None:
                     w.index_copy_(0, dest, torch.cat([s for _, s in picks]).float())
-                filled = [f + n for f, n in zip(filled, sizes)]
         return RoutedRows(X, X0, w, list(zip(starts[:-1], starts[1:])))
 
     def _solve_expert_group(self, store: StoredExperts, experts: list[int], rows: RoutedRows | None,
@@ -1021,13 +1022,21 @@ def _row_chunks(x: Tensor, x0: Tensor, w: Tensor | None, per_row: int
         yield x[start:stop], (x[start:stop] if x0 is x else x0[start:stop]), (None if w is None else w[start:stop])
 
 
-def _spans(starts: list[int], sizes: list[int], device: torch.device) -> Tensor:
-    """The concatenated positions starts[k] .. starts[k] + sizes[k] - 1, for every k."""
-    first = torch.tensor(starts, device=device)
-    count = torch.tensor(sizes, device=device)
-    offsets = torch.cumsum(count, 0) - count
-    total = sum(sizes)
-    return torch.repeat_interleave(first - offsets, count, output_size=total) + torch.arange(total, device=device)
+def _destinations(starts: list[int], sizes: list[list[int]], device: torch.device) -> tuple[Tensor, list[int]]:
+    """Where a group's routed rows go in its buffer (``_routed_rows``): expert k's rows start at starts[k], and batch
+    b brings sizes[b][k] of them, after the earlier batches'. Returns every batch's positions, batch after batch
+    (each batch's expert after expert), made on the host and copied to ``device`` at once, and where each batch's
+    positions end in them."""
+    count = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), len(starts) - 1)
+    first = torch.tensor(starts[:-1], dtype=torch.int64) + count.cumsum(0) - count  # (batches, experts)
+    flat = count.flatten()
+    total = int(flat.sum())
+    dest = torch.repeat_interleave(first.flatten() - (flat.cumsum(0) - flat), flat, output_size=total) \
+        + torch.arange(total)
+    ends = count.sum(1).cumsum(0).tolist()
+    if device.type == "cuda":
+        return dest.pin_memory().to(device, non_blocking=True), ends
+    return dest.to(device), ends
 
 
 def _first(out: Tensor | tuple) -> Tensor:
