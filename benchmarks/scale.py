@@ -652,9 +652,12 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
 
     ``kinds`` ("dense"/"moe" per measured layer; default all MoE). The steady mean is over the
     MoE layers after the first measured layer (all of them when there is one only, as in a
-    one-dense-one-MoE run). The extrapolation takes the first layer as measured (it also pays
-    for the first read), each other dense layer at the dense layers' mean and each other MoE
-    layer at the steady mean, adds embedding the calibration tokens, and scales the export per layer.
+    one-dense-one-MoE run). After a dense first layer, with three MoE layers or more, it also leaves
+    out the first MoE layer, which pays once for the page-locked memory that its packed levels are
+    copied into and the later layers reuse (``steady_from_layer``). The extrapolation takes the first
+    layer (and that MoE layer) as measured, each other dense layer at the dense layers' mean and each
+    other MoE layer at the steady mean, adds embedding the calibration tokens, and scales the export
+    per layer.
     """
     kinds = kinds or ["moe"] * len(layers)
     rows = []
@@ -674,31 +677,36 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     moe = [r for r in rows if r["kind"] == "moe"]
     dense = [r for r in rows if r["kind"] == "dense"]
     steady = [r for r in moe if r is not rows[0]] or moe or rows[1:] or rows
-    out = {"layers": rows, "steady_layer_mean": _mean(steady)}
+    measured = rows[:1]  # taken as measured by the extrapolation
+    if rows[0]["kind"] == "dense" and len(steady) >= 3:
+        measured, steady = [rows[0], steady[0]], steady[1:]
+    out = {"layers": rows, "steady_layer_mean": _mean(steady), "steady_from_layer": steady[0]["index"]}
     if dense:
         out["dense_layer_mean"] = _mean(dense)
     if stages:
-        out["extrapolation"] = extrapolate(rows, stages, total_layers, dense_layers,
+        out["extrapolation"] = extrapolate(measured, rows, stages, total_layers, dense_layers,
                                            out.get("dense_layer_mean", {}).get("seconds"),
                                            out["steady_layer_mean"]["seconds"] if moe else None)
         out["stages"] = stages
     return out
 
 
-def extrapolate(rows: list[dict], stages: dict, total_layers: int, dense_layers: int, dense_mean: float | None,
-                moe_mean: float | None) -> dict:
-    """See summarise."""
-    first = rows[0]
-    more_dense = dense_layers - (first["kind"] == "dense")
-    more_moe = total_layers - dense_layers - (first["kind"] == "moe")
-    how = ("first layer + the other dense layers x the dense mean + the other MoE layers x the steady MoE mean "
-           "+ embedding; export scaled per layer")
+def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_layers: int, dense_layers: int,
+                dense_mean: float | None, moe_mean: float | None) -> dict:
+    """See summarise: ``measured``, the layers taken as measured (the first, and the first MoE layer when the steady
+    mean leaves it out), ``rows`` all of them."""
+    more_dense = dense_layers - sum(r["kind"] == "dense" for r in measured)
+    more_moe = total_layers - dense_layers - sum(r["kind"] == "moe" for r in measured)
+    named = " and ".join("layer %d" % r["index"] for r in measured)
+    how = (f"{named} as measured + the other dense layers x the dense mean + the other MoE layers x the steady MoE "
+           "mean + embedding; export scaled per layer")
     missing = [k for k, n, m in (("dense", more_dense, dense_mean), ("MoE", more_moe, moe_mean)) if n > 0 and m is None]
     if missing:
         return {"layers": total_layers, "dense_layers": dense_layers,
                 "how": f"not extrapolated: no {' or '.join(missing)} layer was measured"}
     outside = stages["quantize"]["seconds"] - sum(r["seconds"] for r in rows)  # embedding the calibration tokens
-    quantize_s = first["seconds"] + max(more_dense, 0) * (dense_mean or 0) + max(more_moe, 0) * (moe_mean or 0)
+    quantize_s = sum(r["seconds"] for r in measured) + max(more_dense, 0) * (dense_mean or 0) \
+        + max(more_moe, 0) * (moe_mean or 0)
     out = {"layers": total_layers, "dense_layers": dense_layers,
            "quantize_seconds": round(quantize_s + outside, 1),
            "export_seconds": round(stages["export"]["seconds"] / len(rows) * total_layers, 1), "how": how}

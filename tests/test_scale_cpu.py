@@ -412,6 +412,14 @@ def test_summary_counts_dense_and_moe_layers_apart():
     extra = summary["extrapolation"]
     assert extra["quantize_seconds"] == 10.0 + 2 * 10.0 + 58 * 25.0 + 1.0  # + 1 s outside the layers
     assert extra["export_seconds"] == 61.0 and extra["total_seconds"] == extra["quantize_seconds"] + 61.5
+    assert summary["steady_from_layer"] == 1
+    four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
+    stages4 = {**stages, "quantize": {"seconds": 83.0}}
+    summary = scale.summarise(four, stages4, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe", "moe"])
+    assert summary["steady_from_layer"] == 2 and summary["steady_layer_mean"]["seconds"] == 21.0  # not the first MoE
+    extra = summary["extrapolation"]  # layers 0 and 1 as measured, the other 57 MoE layers at the steady mean
+    assert extra["quantize_seconds"] == 10.0 + 30.0 + 2 * 10.0 + 57 * 21.0 + 1.0
+    assert "layer 0 and layer 1 as measured" in extra["how"]
     only_dense = scale.summarise(layers[:1], stages, total_layers=61, dense_layers=3, kinds=["dense"])
     assert "quantize_seconds" not in only_dense["extrapolation"]
     assert "no MoE layer was measured" in only_dense["extrapolation"]["how"]
