@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -137,20 +137,9 @@ def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = Fa
                          search_of(qcfg), target, qcfg.refine, cross, dequantized, overwrite_W, tf32)
 
 
-def _chunks(X: Tensor) -> Iterable[Tensor]:
-    for start in range(0, X.shape[0], TOKEN_CHUNK):
-        yield X[start:start + TOKEN_CHUNK]
-
-
 def gated(x: Tensor, Wg: Tensor, Wu: Tensor, act) -> Tensor:
     """act(x Wg^T) * (x Wu^T): what a gated MLP feeds its down_proj, for its statistics (``stat_mm``)."""
     return act(stat_mm(x, Wg.t())) * stat_mm(x, Wu.t())
-
-
-def mlp_hidden(X: Tensor, Wg: Tensor, Wu: Tensor, act) -> Iterable[Tensor]:
-    """``gated`` for X, chunk by chunk."""
-    for x in _chunks(X):
-        yield gated(x, Wg, Wu, act)
 
 
 def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor | None, Wg: Tensor, Wu: Tensor,
@@ -263,7 +252,6 @@ class LayerQuantizer:
         self.result = LayerResult(tensors={}, expert_bytes_loaded=loaded)
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
         self._attention_output: tuple[str, list[Tensor]] | None = None  # see ATTENTION_OUTPUT_BYTES
-        self._batch_tokens: list[int] = []  # the tokens of each batch entering the MoE block, see _routing
 
     def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
         """The dtype the routed experts are stored in (fp32 where there are none)."""
@@ -386,6 +374,11 @@ class LayerQuantizer:
             self.residual = self.original_residual = True  # both streams hold the residual after attention
         elif originals is not None and module_path == self._last_attention_path:
             self.original_residual = True  # see _inputs
+
+    @property
+    def blends_rare(self) -> bool:
+        """A rare expert's Hessians are blended with those of all tokens (--rare-expert blend or all-tokens)."""
+        return self.qcfg.uses_hessians and self.qcfg.rare_expert != "rtn"
 
     @property
     def fit_stream(self) -> bool:
@@ -530,10 +523,9 @@ class LayerQuantizer:
         down = Levels(len(own), C, I, spec.groups(I), spec.bits, dev)
         t0 = time.perf_counter()
         with self.clock("experts:routing"):
-            routed, counts, H_all, tokens = self._routing()
-        rows = [tokens if self.qcfg.expert_hessian == "all" else counts[e] for e in own]
-        blends = self.qcfg.uses_hessians and self.qcfg.rare_expert != "rtn" \
-            and any(counts[e] < self.rare_threshold(C, I) for e in own)
+            routed, counts, H_all, batch_tokens = self._routing()
+        rows = [sum(batch_tokens) if self.qcfg.expert_hessian == "all" else counts[e] for e in own]
+        blends = self.blends_rare and any(counts[e] < self.rare_threshold(C, I) for e in own)
         groups = self._expert_groups(store, rows, blends)
         self.result.expert_groups = len(groups)
         for g, blend in enumerate(self._blend_passes(groups, own, counts, self.rare_threshold(C, I))):
@@ -543,7 +535,7 @@ class LayerQuantizer:
             group = groups[g]
             experts = [own[j] for j in group]
             with self.clock("experts:gather"):
-                gathered = self._routed_rows(routed, experts, [rows[j] for j in group]) \
+                gathered = self._routed_rows(routed, batch_tokens, experts, [rows[j] for j in group]) \
                     if self.qcfg.uses_hessians else None
             res_gu, res_d = self._solve_expert_group(store, experts, gathered, counts, H_all, blend)
             del gathered
@@ -560,8 +552,7 @@ class LayerQuantizer:
         blend (``_down_statistics``). Under several processes every pass over the tokens is a collective
         (each process holds only its share of the batches, distributed.spread), so all make the same passes:
         as many groups as the process with the most, each with a blend pass where any process makes one."""
-        blend = self.qcfg.uses_hessians and self.qcfg.rare_expert != "rtn"
-        flags = [int(blend and any(counts[own[j]] < threshold for j in group)) for group in groups]
+        flags = [int(self.blends_rare and any(counts[own[j]] < threshold for j in group)) for group in groups]
         return [bool(f) for f in max_ints(flags, self.ranks, self.stream.device)]
 
     def _join_passes(self, blend: bool, threshold: int) -> None:
@@ -574,26 +565,25 @@ class LayerQuantizer:
         if blend:
             self._join_blend(threshold)
 
-    def _blend_sample(self, threshold: int) -> Tensor:
-        """The tokens a rare expert's all-token down Hessian is estimated from (``_down_statistics``): the MoE
-        block's inputs in the first batches, up to the batch that brings them to BLEND_SAMPLE * threshold (every
-        batch when there are fewer), as one tensor, so that each rare expert's products run over all of them at once."""
-        sample, seen = [], 0
-        for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
-            if seen >= BLEND_SAMPLE * threshold:
-                break
-            sample.append(x.reshape(-1, x.shape[-1]))
-            seen += x.shape[0]
-        return torch.cat(sample)
-
-    def _join_blend(self, threshold: int) -> None:
-        """A blend's pass over the tokens (``_down_statistics``), made for its collectives alone: it stops
-        after the same batch, once BLEND_SAMPLE * threshold tokens are seen."""
+    def _blend_batches(self, threshold: int) -> Iterator[Tensor]:
+        """A blend's pass over the tokens: the MoE block's inputs in the first batches, up to the batch that brings
+        them to BLEND_SAMPLE * threshold (every batch when there are fewer); the pass stops after the next batch."""
         seen = 0
         for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
             if seen >= BLEND_SAMPLE * threshold:
                 break
+            yield x
             seen += x.shape[0]
+
+    def _blend_sample(self, threshold: int) -> Tensor:
+        """The tokens a rare expert's all-token down Hessian is estimated from (``_down_statistics``), as one
+        tensor, so that each rare expert's products run over all of them at once."""
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in self._blend_batches(threshold)])
+
+    def _join_blend(self, threshold: int) -> None:
+        """A blend's pass over the tokens (``_down_statistics``), made for its collectives alone."""
+        for _ in self._blend_batches(threshold):
+            pass
 
     def _expert_groups(self, store: StoredExperts, rows: list[int], blends: bool = False) -> list[range]:
         """Consecutive positions of this process's experts (routed ``rows`` each) making the groups, sized to
@@ -618,29 +608,29 @@ class LayerQuantizer:
             in_use = costs.levels(len(store.own))
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
 
-    def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, int]:
+    def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, list[int]]:
         """One pass over the tokens entering the MoE block: per batch, where the router sends them
         (``route``); the routed tokens of every expert; (for --rare-expert blend/all-tokens) the Hessian
-        of all of them; and how many there are (and per batch: ``_batch_tokens``)."""
-        gptq = self.qcfg.uses_hessians
-        blend = gptq and self.qcfg.rare_expert != "rtn"
+        of all of them; and how many tokens each batch holds."""
+        blend = self.blends_rare
         counts = [0] * self.plan.num_experts
         C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         H_all = torch.zeros(C, C, device=self.stream.device) if blend else None
-        n_all, routed, self._batch_tokens = 0, [], []
+        n_all, routed, batch_tokens = 0, [], []
         for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
             with self._stage("hessians"):
                 routed.append(self.route(x))
                 counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routed[-1])]
-                self._batch_tokens.append(x.shape[0])
+                batch_tokens.append(x.shape[0])
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
-        return routed, counts, H_all, sum(self._batch_tokens)
+        return routed, counts, H_all, batch_tokens
 
-    def _routed_rows(self, routed: list[list[tuple[Tensor, Tensor]]], experts: list[int], rows: list[int]
-                     ) -> RoutedRows:
-        """One pass over the tokens: the rows each of ``experts`` is sent (``routed``, from ``_routing``;
-        ``rows`` of them each), gathered into one buffer with one copy per batch (``RoutedRows``)."""
+    def _routed_rows(self, routed: list[list[tuple[Tensor, Tensor]]], batch_tokens: list[int], experts: list[int],
+                     rows: list[int]) -> RoutedRows:
+        """One pass over the tokens: the rows each of ``experts`` is sent (``routed`` and the tokens of each batch,
+        ``batch_tokens``, from ``_routing``; ``rows`` of them each), gathered into one buffer with one copy per
+        batch (``RoutedRows``)."""
         dev = self.stream.device
         C = self.layer.get_submodule(self.plan.fused.module).shape[2]
         starts = [0]
@@ -651,15 +641,15 @@ class LayerQuantizer:
         weighted = self.qcfg.expert_hessian == "weighted"
         w = torch.empty(starts[-1], device=dev) if weighted else None
         every = self.qcfg.expert_hessian == "all"  # every token of a batch for every expert (no weights read)
-        sizes = [[self._batch_tokens[b] if every else len(routed[b][e][0]) for e in experts]
-                 for b in range(len(routed))]
+        sizes = [[batch_tokens[b] if every else len(routed[b][e][0]) for e in experts] for b in range(len(routed))]
         dest_all, ends = _destinations(starts, sizes, dev)  # every batch's rows' places, copied at once
         for b, (x, x0) in enumerate(self._captured_pairs(self.arch.moe_module, keep=True)):
             with self._stage("hessians"):
                 first = ends[b - 1] if b else 0
                 if ends[b] == first:
                     continue
-                picks = [(torch.arange(x.shape[0], device=dev),) * 2 if every else routed[b][e] for e in experts]
+                picks = [(torch.arange(x.shape[0], device=dev),) * 2] * len(experts) if every \
+                    else [routed[b][e] for e in experts]
                 src = torch.cat([t for t, _ in picks])
                 dest = dest_all[first:ends[b]]
                 X.index_copy_(0, dest, x.index_select(0, src))
@@ -743,7 +733,7 @@ class LayerQuantizer:
                 finish_moment(H_d[k], n)
                 if P_d is not None:
                     finish_moment(P_d[k], n)
-        blended = [k for k in rare if qcfg.rare_expert != "rtn"]
+        blended = rare if self.blends_rare else []
         if blended:  # a rare expert's Hessian is blended with that of all tokens through its gate/up
             with self.clock("experts:blend"):
                 sample = self._blend_sample(threshold)
