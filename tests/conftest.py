@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -14,6 +15,12 @@ from tiny import make_model, write_text  # noqa: E402
 from quantmoe.model.architectures import ARCHITECTURES  # noqa: E402
 
 ARCH_NAMES = sorted(ARCHITECTURES)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test draws its unseeded random inputs from the same state, whatever ran before it."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
