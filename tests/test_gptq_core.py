@@ -283,12 +283,15 @@ def test_a_moment_summed_at_once_is_the_running_mean_up_to_rounding(weighted):
 def test_a_wide_hessian_built_from_its_lower_half_is_the_whole_product_up_to_rounding(monkeypatch, weighted):
     """A Hessian at least GRAM_MIN wide is built block by block from its lower half and mirrored (_gram): the
     running mean and the summed moment both give the whole product's values up to fp32 rounding, every entry
-    (above the diagonal blocks too), mirrored exactly; a narrower one is the one product it was, bit for bit."""
+    (above the diagonal blocks too), mirrored exactly; summed chunk by chunk without mirroring, the mirror made
+    once by finish_moment gives the same bits as mirroring every chunk; a narrower one is the one product it
+    was, bit for bit."""
     monkeypatch.setattr(core, "GRAM_BLOCK", 8)
     monkeypatch.setattr(core, "GRAM_MIN", 16)
     widths = []
     gram = core._gram
-    monkeypatch.setattr(core, "_gram", lambda S, X, alpha=1.0: widths.append(X.shape[1]) or gram(S, X, alpha))
+    monkeypatch.setattr(core, "_gram", lambda S, X, alpha=1.0, mirror=True: widths.append(X.t.shape[1])
+                        or gram(S, X, alpha, mirror))
     g = torch.Generator().manual_seed(2)
     X = torch.randn(300, 37, generator=g) @ torch.randn(37, 37, generator=g)  # 37: a partial last block
     w = torch.rand(300, generator=g) if weighted else None
@@ -305,10 +308,19 @@ def test_a_wide_hessian_built_from_its_lower_half_is_the_whole_product_up_to_rou
         assert torch.equal(built[mirrored], built.T[mirrored])
         assert torch.allclose(built.double(), exact, rtol=1e-5, atol=1e-4 * float(exact.abs().max()))
     assert widths == [37] * 6  # five batches of the running mean, one sum
+    chunked, late = torch.zeros(37, 37), torch.zeros(37, 37)
+    n = 0
+    for start in range(0, 300, 70):
+        rows, part = X[start:start + 70], None if w is None else w[start:start + 70]
+        n = n + moment_sum(chunked, rows, rows, part)
+        moment_sum(late, rows, rows, part, mirror=False)
+    assert not torch.equal(late[mirrored], late.T[mirrored])  # the upper part is not there yet
+    assert torch.equal(finish_moment(late, n, mirror=True), finish_moment(chunked, n))
+    widths.clear()
     narrow = X[:, :15]
     S = torch.zeros(15, 15)
     moment_sum(S, narrow, narrow)
-    assert torch.equal(S, torch.zeros(15, 15).addmm_(narrow.t(), narrow)) and widths == [37] * 6
+    assert torch.equal(S, torch.zeros(15, 15).addmm_(narrow.t(), narrow)) and widths == []
 
 
 def test_grouped_dequantization_is_the_gathered_one_bit_for_bit():

@@ -13,6 +13,7 @@ from quantmoe.gptq.core import (
     accumulate_hessian,
     bf16_statistics,
     gptq_quantize,
+    half_products,
     moment_sum,
     stat_mm,
     tf32_matmuls,
@@ -251,25 +252,26 @@ def test_the_triangular_inverse_with_batched_leaves_on_cuda_is_a_triangular_solv
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16", "fp16"])
 def test_a_wide_hessian_from_its_lower_half_on_cuda_is_the_whole_product_up_to_rounding(mode):
     """On CUDA a Hessian GRAM_MIN wide or wider, built block by block from its lower half (gptq.core._gram), in
-    fp32, TF32 or from bf16 inputs: within its mode's rounding of the exact sums (those of the inputs as the
-    mode rounds them), as close to them as the one product it replaces, and mirrored exactly outside the
+    fp32, TF32 or from bf16 or fp16 inputs: within its mode's rounding of the exact sums (those of the inputs as
+    the mode rounds them), as close to them as the one product it replaces, and mirrored exactly outside the
     diagonal blocks."""
     from quantmoe.gptq import core
 
     C = 2 * core.GRAM_MIN + 512  # several blocks and a partial one
     X = inputs(8192, C, 2)
-    Xr = (X.bfloat16() if mode == "bf16" else X).double()
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+    Xr = (X if low is None else X.to(low)).double()
     exact = 2 * Xr.t() @ Xr / X.shape[0]
-    with tf32_matmuls(mode == "tf32"), bf16_statistics(mode == "bf16"):
+    with tf32_matmuls(mode == "tf32"), bf16_statistics(mode == "bf16"), half_products(mode == "fp16"):
         H = hessian(X)
-        rounded = X.bfloat16() if mode == "bf16" else X
+        rounded = X if low is None else X.to(low)
         whole = torch.zeros(C, C, device="cuda")
         core._addmm(whole, rounded.t(), rounded, alpha=2 / X.shape[0])  # the one product
     error = float((H.double() - exact).norm() / exact.norm())
-    assert error < {"fp32": 1e-6, "tf32": 2e-3, "bf16": 2e-4}[mode]
+    assert error < {"fp32": 1e-6, "tf32": 2e-3, "bf16": 2e-4, "fp16": 2e-4}[mode]
     assert error < 2 * float((whole.double() - exact).norm() / exact.norm()) + 1e-7
     block = torch.arange(C, device="cuda") // core.GRAM_BLOCK
     mirrored = block[:, None] != block[None, :]
@@ -525,3 +527,29 @@ def test_a_stage_inside_another_is_timed_on_the_device_without_waiting_for_it(mo
     assert len(waits) == 2 and Y.shape == X.shape
     assert 0 < clock.seconds["inner"] <= clock.seconds["outer"]
     assert clock.peak_gpu_mb["inner"] > 0
+
+
+@pytest.mark.gpu
+def test_half_products_on_cuda_are_tf32s_rounding_at_any_scale():
+    """Under half_products (--tf32's statistics), products take fp16 operands scaled by powers of
+    two: a Hessian, a moment and a product of inputs far beyond fp16's range or far below its normal numbers are
+    as close to float64 as TF32's (the same 10-bit mantissa), and finite; the results are fp32."""
+    X, Y = inputs(8192, 1024, 4), inputs(8192, 512, 5)
+
+    def products(X, Y):  # a Hessian (mirrored), a moment, a product
+        S = torch.zeros(512, 1024, device="cuda")
+        moment_sum(S, Y, X)
+        return [hessian(X), S, stat_mm(X[:256], X[:512].t())]
+
+    for scale in (1.0, 1e7, 1e-9):
+        Xs, Ys = X * scale, Y * scale
+        Xd, Yd = Xs.double(), Ys.double()
+        exact = [2 * Xd.t() @ Xd / Xd.shape[0], Yd.t() @ Xd, Xd[:256] @ Xd[:512].t()]
+        with tf32_matmuls(True):
+            tf32 = products(Xs, Ys)
+        with half_products(True):
+            half = products(Xs, Ys)
+        for h, t, e in zip(half, tf32, exact):
+            assert h.dtype == torch.float32 and torch.isfinite(h).all()
+            err = float((h.double() - e).norm() / e.norm())
+            assert err < max(2 * float((t.double() - e).norm() / e.norm()), 1e-5), scale

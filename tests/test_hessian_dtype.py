@@ -6,6 +6,7 @@ at Mixtral-8x7B's shapes in docs/method.md (too slow for this suite)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,11 +14,15 @@ import torch
 import quantmoe
 from quantmoe.base.options import QuantConfig
 from quantmoe.base.paths import DEFAULT_MODEL
+from quantmoe.gptq import core
 from quantmoe.gptq.core import (
+    Operand,
     accumulate_hessian,
     accumulate_moment,
     bf16_statistics,
+    half_products,
     moment_sum,
+    operands,
     stat_mm,
 )
 
@@ -49,6 +54,41 @@ def test_the_statistics_are_those_of_the_rounded_inputs_and_only_inside_the_bloc
     with bf16_statistics(False):
         assert torch.equal(accumulate_hessian(torch.zeros(24, 24), X, 0)[0], H32)
 
+
+def test_half_operands_are_fp16_after_a_power_of_two_scale_and_only_inside_the_block(monkeypatch):
+    """half_products (--tf32's statistics and routed experts, on CUDA; here on the CPU, which holds the rounded
+    values in fp32): an operand whose largest magnitude lies in HALF_RANGE is rounded to fp16 as it is; one beyond
+    fp16's range or below its normal numbers first takes the power of two that brings that magnitude to HALF_PEAK,
+    and its factor undoes it exactly; a non-finite one is not scaled; the same tensor twice is one operand, an
+    Operand is kept, bf16 statistics take precedence, and outside the block (or on another device) nothing is
+    rounded. Products and moments are those of the rounded values."""
+    monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(1)
+    mid = torch.randn(64, 32, generator=g)
+    big, small = mid * 1e7, mid * 1e-9
+    bad = mid.clone()
+    bad[3, 4] = float("inf")
+    kept = Operand(mid * 2, 0.5)
+    with half_products(True):
+        m, again, b, s, inf, k = operands(mid, mid, big, small, bad, kept)
+        M = stat_mm(big, mid.t())
+        S = torch.zeros(32, 32)
+        moment_sum(S, small, small)
+        with bf16_statistics(True):
+            (low,) = operands(mid)
+    assert again is m and k is kept and m.factor == 1.0 and torch.equal(m.t, mid.half().float())
+    for o, t in ((b, big), (s, small)):
+        assert o.factor != 1.0 and math.log2(o.factor).is_integer()
+        assert core.HALF_PEAK / 2 < float(o.t.abs().amax()) <= core.HALF_PEAK
+        assert torch.equal(o.t, (t / o.factor).half().float())
+    assert inf.factor == 1.0 and torch.isinf(inf.t).any()
+    assert torch.equal(M, (b.t * b.factor) @ m.t.t())
+    assert torch.equal(S, (s.t.t() @ s.t) * s.factor**2)
+    assert torch.equal(low.t, mid.bfloat16().float())
+    assert operands(mid)[0].t is mid
+    monkeypatch.setattr(core, "HALF_DEVICES", ("cuda",))
+    with half_products(True):
+        assert operands(mid)[0].t is mid
 
 def test_a_bad_dtype_is_one_error_line():
     from clirun import cli

@@ -77,14 +77,16 @@ def test_sigkill_after_first_layer_then_resume_is_byte_identical(inputs, referen
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_rerun_and_resume_are_byte_identical(inputs, tmp_path):
-    """On one GPU too: cuBLAS and the MoE scatter must not make the bytes depend on the run."""
+@pytest.mark.parametrize("extra", [(), ("--tf32",)])
+def test_cuda_rerun_and_resume_are_byte_identical(inputs, tmp_path, extra):
+    """On one GPU too, in fp32 and under --tf32: cuBLAS, the MoE scatter and the replay of the finished layers
+    must not make the bytes depend on the run."""
     outs = [tmp_path / name / "out" for name in ("a", "b", "resumed")]
     for out in outs[:2]:
-        run = cli(*quantize_args(inputs["qwen2_moe"], out, inputs["text"], "--device", "cuda"))
+        run = cli(*quantize_args(inputs["qwen2_moe"], out, inputs["text"], "--device", "cuda", *extra))
         assert run.returncode == 0, run.stderr
-    kill_after_first_layer_then_resume(quantize_args(inputs["qwen2_moe"], outs[2], inputs["text"], "--device", "cuda"),
-                                       outs[2])
+    kill_after_first_layer_then_resume(quantize_args(inputs["qwen2_moe"], outs[2], inputs["text"], "--device", "cuda",
+                                                     *extra), outs[2])
     assert content(outs[0]) == content(outs[1]) == content(outs[2])
 
 

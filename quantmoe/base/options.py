@@ -310,10 +310,11 @@ class RunOptions:
     eval_data: str | Path | None = option(None, "Held-out text for --eval [default: the bundled held-out text].")
     quiet: bool = option(False, "No progress bars.", flag="--quiet", job=False)  # quantmoe batch --quiet
     # The GPTQ pipeline's speed knobs (gptq/rtn; other backends have no use for them): none changes the bits.
-    tf32: bool = option(False, "Tensor-core precision on CUDA: TF32 matrix products for Hessians, forward passes, "
-                        "GPTQ's error spread and inverse factor and the evaluation, and attention on scaled fp16 "
-                        "inputs in quantize's forward passes: faster, differs by rounding only (the eval report "
-                        "states it).")
+    tf32: bool = option(False, "Tensor-core precision on CUDA: TF32 matrix products for forward passes, GPTQ's "
+                        "error spread and inverse factor and the evaluation, and in quantize the attention and the "
+                        "Hessians' and moments' products on fp16 inputs scaled by powers of two (TF32's 10-bit "
+                        "mantissa): faster, differs by rounding only (the eval report states "
+                        "it).")
     hessian_dtype: str = option("float32", "The inputs of the products that make the Hessians and the fit's moments "
                                 "(and the down projections' inputs for them): float32, or bfloat16 summed in fp32, "
                                 "which bf16 tensor cores run on CUDA: faster, rounds the statistics (docs/method.md "

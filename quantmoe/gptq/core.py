@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -90,6 +91,14 @@ class QuantResult:
 
 
 _BF16_STATISTICS = ContextVar("bf16_statistics", default=False)
+_HALF_PRODUCTS = ContextVar("half_products", default=False)
+# Under ``half_products``, fp32 operands on these devices go to products as fp16 (``operands``).
+HALF_DEVICES = ("cuda",)
+# An fp16 operand is first multiplied by the power of two that brings its largest magnitude to HALF_PEAK unless
+# that magnitude already lies in HALF_RANGE: within it nothing overflows, and what fp16 cannot hold at full
+# precision (below 2**-14) is under 2**-11 of the largest, where TF32 rounds that one's own error.
+HALF_RANGE = (2.0**-3, 2.0**15)
+HALF_PEAK = 2.0**14
 
 
 @contextmanager
@@ -106,55 +115,113 @@ def bf16_statistics(enabled: bool) -> Iterator[None]:
         _BF16_STATISTICS.reset(token)
 
 
-def _rounded(Y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-    """Y and X as a statistic's product takes them: as they are, or inside ``bf16_statistics`` rounded to
-    bfloat16 (kept so on CUDA, for its tensor cores; elsewhere back in fp32). The same tensor twice is rounded once."""
-    if not _BF16_STATISTICS.get():
-        return Y, X
-
-    def rounded(t: Tensor) -> Tensor:
-        return t.bfloat16() if t.is_cuda else t.bfloat16().float()
-
-    r = rounded(X)
-    return (r if Y is X else rounded(Y)), r
-
-
-def _addmm(S: Tensor, A: Tensor, B: Tensor, alpha: float = 1.0) -> Tensor:
-    """S (fp32) += alpha A @ B in place; bf16 A and B (``_rounded`` on CUDA) give one product with an fp32 result."""
-    if A.dtype == torch.bfloat16:
-        return torch.addmm(S, A, B, out_dtype=torch.float32, alpha=alpha, out=S)
-    return S.addmm_(A, B, alpha=alpha)
+@contextmanager
+def half_products(enabled: bool) -> Iterator[None]:
+    """Inside the block, the statistics' products (those made through ``operands``: the Hessians, the fit's
+    moments, ``stat_mm``) take fp32 operands on HALF_DEVICES as fp16, scaled by powers of two (see HALF_RANGE):
+    the 10-bit mantissa TF32 rounds them to, on tensor cores twice as fast, summed in fp32. ``--tf32`` turns it on
+    with TF32 (stream.tensor_core_passes); ``bf16_statistics`` takes precedence. The forward passes that carry
+    the activations keep TF32: a resumed run replays them through other modules (resume.replay_layer)."""
+    token = _HALF_PRODUCTS.set(enabled)
+    try:
+        yield
+    finally:
+        _HALF_PRODUCTS.reset(token)
 
 
-def _moment_mm(S: Tensor, Y: Tensor, X: Tensor, alpha: float = 1.0) -> None:
-    """S (R, C) += alpha Y^T X in place: ``_gram`` when Y is X (a Hessian), else one product (``_addmm``)."""
-    if Y is X and X.shape[1] >= GRAM_MIN:
-        _gram(S, X, alpha)
+class Operand(NamedTuple):
+    """A product's operand as ``operands`` makes it: ``t`` (fp32, or bf16/fp16 on CUDA; elsewhere fp32 holding
+    the rounded values) and the ``factor`` a product of it must be multiplied by (1 / the scale applied)."""
+    t: Tensor
+    factor: float = 1.0
+
+
+def operands(*ts: Tensor | Operand) -> list[Operand]:
+    """``ts`` as a product takes them: inside ``bf16_statistics`` rounded to bfloat16, inside ``half_products``
+    (fp32 on HALF_DEVICES) to fp16 after their scales (one host read of their largest magnitudes for all of
+    them), else as they are. An Operand is kept; the same tensor twice is rounded once (a Hessian's X and X)."""
+    raw = list(dict.fromkeys(id(t) for t in ts if not isinstance(t, Operand)))
+    by_id = {id(t): t for t in ts if not isinstance(t, Operand)}
+    made: dict[int, Operand] = {}
+    if _BF16_STATISTICS.get():
+        for i in raw:
+            t = by_id[i]
+            made[i] = Operand(t.bfloat16() if t.is_cuda else t.bfloat16().float())
     else:
-        _addmm(S, Y.t(), X, alpha=alpha)
+        half = [i for i in raw if _HALF_PRODUCTS.get() and by_id[i].device.type in HALF_DEVICES
+                and by_id[i].dtype == torch.float32 and by_id[i].numel()]
+        peaks = torch.stack([by_id[i].abs().amax() for i in half]).tolist() if half else []
+        for i, peak in zip(half, peaks):
+            t = by_id[i]
+            scale = 1.0
+            if math.isfinite(peak) and peak > 0 and not HALF_RANGE[0] <= peak <= HALF_RANGE[1]:
+                scale = 2.0 ** math.floor(math.log2(HALF_PEAK / peak))
+            h = (t * scale if scale != 1.0 else t).half()
+            made[i] = Operand(h if h.is_cuda else h.float(), 1.0 / scale)
+    for i in raw:
+        made.setdefault(i, Operand(by_id[i]))
+    return [t if isinstance(t, Operand) else made[id(t)] for t in ts]
 
 
-def _gram(S: Tensor, X: Tensor, alpha: float = 1.0) -> None:
+def _paired(A: Operand, B: Operand) -> tuple[Tensor, Tensor]:
+    """A's and B's tensors in one dtype (an fp16/bf16 one beside an fp32 one is widened: exact)."""
+    if A.t.dtype == B.t.dtype:
+        return A.t, B.t
+    return A.t.float(), B.t.float()
+
+
+def _addmm(S: Tensor, A: Tensor | Operand, B: Tensor | Operand, alpha: float = 1.0) -> Tensor:
+    """S (fp32) += alpha A @ B in place; bf16/fp16 A and B (``operands`` on CUDA) give one product with an fp32
+    result; their factors go into alpha."""
+    A, B = (t if isinstance(t, Operand) else Operand(t) for t in (A, B))
+    a, b = _paired(A, B)
+    alpha = alpha * A.factor * B.factor
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(S, a, b, out_dtype=torch.float32, alpha=alpha, out=S)
+    return S.addmm_(a, b, alpha=alpha)
+
+
+def _moment_mm(S: Tensor, Y: Operand, X: Operand, alpha: float = 1.0, mirror: bool = True) -> None:
+    """S (R, C) += alpha Y^T X in place: ``_gram`` when Y is X (a Hessian), else one product (``_addmm``)."""
+    if Y is X and X.t.shape[1] >= GRAM_MIN:
+        _gram(S, X, alpha, mirror)
+    else:
+        _addmm(S, Operand(Y.t.t(), Y.factor), X, alpha=alpha)
+
+
+def _gram(S: Tensor, X: Operand, alpha: float = 1.0, mirror: bool = True) -> None:
     """S (C, C) += alpha X^T X for X (T, C), S symmetric: per block of GRAM_BLOCK columns, one product for
-    the block and everything below it, then the part above the diagonal blocks copied from its mirror
-    image. (C/GRAM_BLOCK + 1) / (2 C/GRAM_BLOCK) of one product's flops; each entry is a sum over the
-    same rows as in one product, only the products' tiling (so their rounding) may differ."""
-    C = X.shape[1]
+    the block and everything below it, then (``mirror``) the part above the diagonal blocks copied from its
+    mirror image. (C/GRAM_BLOCK + 1) / (2 C/GRAM_BLOCK) of one product's flops; each entry is a sum over the
+    same rows as in one product, only the products' tiling (so their rounding) may differ. Without ``mirror``
+    that part is left as it was, for ``finish_moment``'s ``mirror`` once every chunk of rows is in."""
+    x, C = X.t, X.t.shape[1]
     for start in range(0, C, GRAM_BLOCK):
         stop = min(start + GRAM_BLOCK, C)
-        _addmm(S[start:, start:stop], X[:, start:].t(), X[:, start:stop], alpha=alpha)
+        _addmm(S[start:, start:stop], Operand(x[:, start:].t(), X.factor), Operand(x[:, start:stop], X.factor),
+               alpha=alpha)
+    if mirror:
+        _mirror(S)
+
+
+def _mirror(S: Tensor) -> None:
+    """S's part above its diagonal blocks of GRAM_BLOCK columns copied from the part below (``_gram``)."""
+    C = S.shape[1]
+    if C < GRAM_MIN:
+        return
     for start in range(0, C - GRAM_BLOCK, GRAM_BLOCK):
         stop = start + GRAM_BLOCK
         S[start:stop, stop:].copy_(S[stop:, start:stop].mT)
 
 
-def stat_mm(A: Tensor, B: Tensor) -> Tensor:
-    """A @ B in fp32 for a statistic's inputs (the down projection's, from the gate/up products): A and B
-    rounded to bfloat16 inside ``bf16_statistics``."""
-    A, B = _rounded(A, B)
-    if A.dtype == torch.bfloat16:
-        return torch.mm(A, B, out_dtype=torch.float32)
-    return A @ B
+def stat_mm(A: Tensor | Operand, B: Tensor | Operand) -> Tensor:
+    """A @ B in fp32 for a statistic's inputs (the down projection's, from the gate/up products), from
+    ``operands`` (an operand used again, a weight, can be made once)."""
+    A, B = operands(A, B)
+    a, b = _paired(A, B)
+    out = torch.mm(a, b, out_dtype=torch.float32) if a.dtype in (torch.bfloat16, torch.float16) else a @ b
+    factor = A.factor * B.factor
+    return out.mul_(factor) if factor != 1.0 else out
 
 
 def _flat(Y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,34 +258,51 @@ def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: T
     if n_total == 0:
         return P, n_seen
     P.mul_(n_seen / n_total)
-    Y, X = _rounded(Y, X)
-    _moment_mm(P, Y, X, alpha=2.0 / n_total)
+    _moment_mm(P, *operands(Y, X), alpha=2.0 / n_total)
     return P, n_total
 
 
-def moment_sum(S: Tensor, Y: Tensor, X: Tensor, weights: Tensor | None = None) -> Tensor | int:
-    """Add sum_t w_t^2 y_t x_t^T over rows of Y (T, R) and X (T, C) to the running sum S (R, C), in fp32,
-    and return what the rows add to n (sum w^2 as a 0-dim tensor, or T): no host synchronisation.
-    ``finish_moment`` turns the sum into ``accumulate_moment``'s 2/n mean. Given all of a matrix's rows
-    at once (in a few large products, rather than a batch at a time), the same rows in the same chunks
-    give the same bits whatever else is computed beside them."""
+def weighted(X: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor | int]:
+    """The rows of X (T, ...) as (T, -1) fp32, times their ``weights`` (T,) if given, and what they add to a
+    moment's n: sum w^2 as a 0-dim tensor, or T (no host synchronisation)."""
     T = X.shape[0]
-    if T == 0:
-        return 0
-    Y, X = _flat(Y, X)
+    X = X.flatten(1).float()
     if weights is None:
-        Y, X = _rounded(Y, X)
-        _moment_mm(S, Y, X)
-        return T
+        return X, T
     w = weights.float().reshape(T, 1)
-    Xw = X * w
-    Yw, Xw = _rounded(Xw if Y is X else Y * w, Xw)
-    _moment_mm(S, Yw, Xw)
-    return w.pow(2).sum()
+    return X * w, w.pow(2).sum()
 
 
-def finish_moment(S: Tensor, n: Tensor | float) -> Tensor:
-    """S (a ``moment_sum``) scaled to 2/n S in place; zero where n is 0."""
+def weighted_rows(X: Tensor, weights: Tensor | None = None) -> tuple[Operand, Tensor | int]:
+    """``weighted``'s rows as a moment's product takes them (``operands``), and what they add to n."""
+    Xw, added = weighted(X, weights)
+    return operands(Xw)[0], added
+
+
+def moment_add(S: Tensor, Y: Operand, X: Operand, mirror: bool = True) -> None:
+    """S (R, C) += Y^T X in place, in fp32, for rows Y (T, R) and X (T, C) from ``weighted_rows``; Y is X: a
+    Hessian, of which ``mirror`` False leaves the upper part for ``finish_moment``'s ``mirror``."""
+    if X.t.shape[0]:
+        _moment_mm(S, Y, X, mirror=mirror)
+
+
+def moment_sum(S: Tensor, Y: Tensor, X: Tensor, weights: Tensor | None = None, mirror: bool = True
+               ) -> Tensor | int:
+    """Add sum_t w_t^2 y_t x_t^T over rows of Y (T, R) and X (T, C) to the running sum S (R, C), in fp32,
+    and return what the rows add to n (``weighted_rows``). ``finish_moment`` turns the sum into
+    ``accumulate_moment``'s 2/n mean. Given all of a matrix's rows at once (in a few large products, rather
+    than a batch at a time), the same rows in the same chunks give the same bits whatever else is computed
+    beside them. ``mirror`` as in ``moment_add``."""
+    Xo, added = weighted_rows(X, weights)
+    moment_add(S, Xo if Y is X else weighted_rows(Y, weights)[0], Xo, mirror)
+    return added
+
+
+def finish_moment(S: Tensor, n: Tensor | float, mirror: bool = False) -> Tensor:
+    """S (a ``moment_sum``) scaled to 2/n S in place; zero where n is 0. ``mirror``: S is a Hessian summed
+    with ``moment_sum``'s ``mirror`` False, whose upper part is filled here first."""
+    if mirror:
+        _mirror(S)
     if isinstance(n, Tensor):
         return S.mul_(torch.where(n > 0, 2.0 / n.clamp(min=torch.finfo(torch.float32).tiny), 0.0))
     return S.mul_(2.0 / n if n else 0.0)

@@ -24,7 +24,7 @@ from transformers.integrations import sdpa_attention
 from ..base.errors import QuantMoeError
 from ..formats.base import StoredWeight
 from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
-from ..gptq.core import tf32_matmuls
+from ..gptq.core import half_products, tf32_matmuls
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
 from .distributed import SINGLE, Ranks, broadcast, spread
@@ -117,11 +117,11 @@ HALF_ATTENTION_PEAK = 2.0**14
 @contextlib.contextmanager
 def tensor_core_passes(enabled: bool) -> Iterator[None]:
     """The forward passes' precision under ``--tf32`` (on CUDA): fp32 matrix products as TF32
-    (gptq.core.tf32_matmuls) and attention on fp16 copies of its inputs (``half_sdpa``), both rounding
+    (gptq.core.tf32_matmuls), the statistics' products on scaled fp16 operands (gptq.core.half_products) and attention on fp16 copies of its inputs (``half_sdpa``), all rounding
     the inputs of tensor-core products to a 10-bit mantissa and accumulating in fp32."""
     token = _HALF_ATTENTION.set(enabled)
     try:
-        with tf32_matmuls(enabled):
+        with tf32_matmuls(enabled), half_products(enabled):
             yield
     finally:
         _HALF_ATTENTION.reset(token)

@@ -32,6 +32,7 @@ from ..formats.gptq_v1 import pack_result
 from ..gptq.core import (
     CHUNK_BYTES,
     ClipSearch,
+    Operand,
     QuantResult,
     QuantSpec,
     accumulate_hessian,
@@ -41,10 +42,14 @@ from ..gptq.core import (
     finish_moment,
     gptq_quantize,
     matrix_chunks,
+    moment_add,
     moment_sum,
+    operands,
     quantize_block,
     rtn_quantize,
     stat_mm,
+    weighted,
+    weighted_rows,
 )
 from ..gptq.triton_kernels import error_terms
 from ..model.architectures import MLP, LayerPlan, plan_layer
@@ -137,9 +142,11 @@ def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = Fa
                          search_of(qcfg), target, qcfg.refine, cross, dequantized, overwrite_W, tf32)
 
 
-def gated(x: Tensor, Wg: Tensor, Wu: Tensor, act) -> Tensor:
-    """act(x Wg^T) * (x Wu^T): what a gated MLP feeds its down_proj, for its statistics (``stat_mm``)."""
-    return act(stat_mm(x, Wg.t())) * stat_mm(x, Wu.t())
+def gated(x: Tensor, Wg: Tensor | Operand, Wu: Tensor | Operand, act) -> Tensor:
+    """act(x Wg) * (x Wu) for a gated MLP's gate and up weights transposed, Wg and Wu (C, I), or their ``operands``
+    (made once for many calls): what it feeds its down_proj, for its statistics (``stat_mm``)."""
+    xo, = operands(x)
+    return act(stat_mm(xo, Wg)) * stat_mm(xo, Wu)
 
 
 def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor | None, Wg: Tensor, Wu: Tensor,
@@ -150,13 +157,16 @@ def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor 
     (gptq.gptq_quantize's ``target``); the original MLP sees X0 (the same tokens in the
     full-precision model, default X). ``weights`` (T,) as in accumulate_hessian. Returns n."""
     X0 = X if X0 is None else X0
+    Wg, Wu = operands(Wg.t(), Wu.t())
+    if original is not None:
+        original = operands(*(W.t() for W in original))
     for start in range(0, X.shape[0], TOKEN_CHUNK):
         x = X[start:start + TOKEN_CHUNK]
         w = None if weights is None else weights[start:start + TOKEN_CHUNK]
         h = gated(x, Wg, Wu, act)
         if original is not None:
             g0, u0, d0 = original
-            accumulate_moment(P, stat_mm(gated(X0[start:start + TOKEN_CHUNK], g0, u0, act), d0.t()), h, n, w)
+            accumulate_moment(P, stat_mm(gated(X0[start:start + TOKEN_CHUNK], g0, u0, act), d0), h, n, w)
         _, n = accumulate_hessian(H, h, n, w)
     return n
 
@@ -700,10 +710,15 @@ class LayerQuantizer:
                 x, x0, w = rows.of(k)
                 n = 0
                 for xc, x0c, wc in _row_chunks(x, x0, w, 4 * 2 * C):  # the rows weighted, twice
-                    if X0 is not None:
-                        moment_sum(X0[k], x0c, xc, wc)
-                    n = n + moment_sum(H[k], xc, xc, wc)
-                finish_moment(H[k], n)
+                    if X0 is None:
+                        xw, added = weighted_rows(xc, wc)
+                    else:
+                        xw, added = weighted(xc, wc)
+                        x0w, xw = operands(weighted(x0c, wc)[0], xw)  # one read of both scales
+                        moment_add(X0[k], x0w, xw)
+                    moment_add(H[k], xw, xw, mirror=False)
+                    n = n + added
+                finish_moment(H[k], n, mirror=True)
                 if X0 is not None:
                     finish_moment(X0[k], n)
         return H, X0
@@ -723,14 +738,23 @@ class LayerQuantizer:
             for k, e in enumerate(experts):
                 x, x0, w = rows.of(k)
                 Wg, Wu, original = self._expert_mlp(store, res_gu, k, e)
+                # Every operand made as few times, and with as few reads of their scales, as it can be
+                # (gptq.core.operands): the weights once per expert, then three reads per chunk.
+                Wg, Wu, *original = operands(Wg.t(), Wu.t(), *(() if P_d is None else (W.t() for W in original)))
                 n = 0
                 for xc, x0c, wc in _row_chunks(x, x0, w, 4 * (6 * I + C)):  # gate, up, act, h, h w; output
-                    h = gated(xc, Wg, Wu, act)
-                    if P_d is not None:
+                    if P_d is None:
+                        hw, added = weighted_rows(gated(xc, Wg, Wu, act), wc)
+                    else:
                         g0, u0, d0 = original
-                        moment_sum(P_d[k], stat_mm(gated(x0c, g0, u0, act), d0.t()), h, wc)
-                    n = n + moment_sum(H_d[k], h, h, wc)
-                finish_moment(H_d[k], n)
+                        xo, x0o = operands(xc, x0c)
+                        hw, added = weighted(gated(xo, Wg, Wu, act), wc)
+                        hw, a0 = operands(hw, gated(x0o, g0, u0, act))
+                        y0w, _ = weighted_rows(stat_mm(a0, d0), wc)
+                        moment_add(P_d[k], y0w, hw)
+                    moment_add(H_d[k], hw, hw, mirror=False)
+                    n = n + added
+                finish_moment(H_d[k], n, mirror=True)
                 if P_d is not None:
                     finish_moment(P_d[k], n)
         blended = rare if self.blends_rare else []
@@ -740,12 +764,14 @@ class LayerQuantizer:
             with self.clock("experts:blend"), self._stage("hessians"):
                 for k in blended:
                     Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
+                    Wg, Wu = operands(Wg.t(), Wu.t())
                     H_all = torch.zeros(I, I, device=dev)
                     n = 0
                     for xc, _, _ in _row_chunks(sample, sample, None, 4 * 4 * I):  # gate, up, act, h
                         h = gated(xc, Wg, Wu, act)
-                        n = n + moment_sum(H_all, h, h)
-                    H_d[k] = _blend(H_d[k], finish_moment(H_all, n), counts[experts[k]], threshold, qcfg.rare_expert)
+                        n = n + moment_sum(H_all, h, h, mirror=False)
+                    H_all = finish_moment(H_all, n, mirror=True)
+                    H_d[k] = _blend(H_d[k], H_all, counts[experts[k]], threshold, qcfg.rare_expert)
                     del H_all
                     if P_d is not None:  # a rare expert's blended Hessian has no matching moment: plain GPTQ
                         P_d[k] = store.original("down", experts[k]) @ H_d[k]
