@@ -150,7 +150,8 @@ def operands(*ts: Tensor | Operand) -> list[Operand]:
     else:
         half = [i for i in raw if _HALF_PRODUCTS.get() and by_id[i].device.type in HALF_DEVICES
                 and by_id[i].dtype == torch.float32 and by_id[i].numel()]
-        peaks = torch.stack([by_id[i].abs().amax() for i in half]).tolist() if half else []
+        # largest magnitudes in one pass each (abs().amax() would write a copy first), read once for all
+        peaks = torch.stack([torch.linalg.vector_norm(by_id[i], math.inf) for i in half]).tolist() if half else []
         for i, peak in zip(half, peaks):
             t = by_id[i]
             scale = 1.0
