@@ -117,8 +117,9 @@ HALF_ATTENTION_PEAK = 2.0**14
 @contextlib.contextmanager
 def tensor_core_passes(enabled: bool) -> Iterator[None]:
     """The forward passes' precision under ``--tf32`` (on CUDA): fp32 matrix products as TF32
-    (gptq.core.tf32_matmuls), the statistics' products on scaled fp16 operands (gptq.core.half_products) and attention on fp16 copies of its inputs (``half_sdpa``), all rounding
-    the inputs of tensor-core products to a 10-bit mantissa and accumulating in fp32."""
+    (gptq.core.tf32_matmuls), the statistics' products on scaled fp16 operands (gptq.core.half_products)
+    and attention on fp16 copies of its inputs (``half_sdpa``), all rounding the inputs of tensor-core
+    products to a 10-bit mantissa and accumulating in fp32."""
     token = _HALF_ATTENTION.set(enabled)
     try:
         with tf32_matmuls(enabled), half_products(enabled):
