@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.getcwd())
-from quantmoe.gptq.core import _invert_reversed  # noqa: E402
+from quantmoe.gptq.core import _invert_reversed
 
 dev = torch.device("cuda")
 out = {"benchmark": "products", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -165,4 +165,5 @@ for B, C in [(26, 7168), (26, 2048), (8, 14336), (16, 4096)]:
     del H0, ref_out
     torch.cuda.empty_cache()
 out["inverse_factors"] = inv
-json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "products.json"), "w"), indent=1)
+with open(os.path.join(os.environ.get("OUT", "."), "products.json"), "w") as f:
+    json.dump(out, f, indent=1)
