@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import quantmoe
+import quantmoe.stages.layer
 from quantmoe.base.options import QuantConfig
 from quantmoe.base.paths import DEFAULT_MODEL
 from quantmoe.gptq import core
@@ -90,6 +91,7 @@ def test_half_operands_are_fp16_after_a_power_of_two_scale_and_only_inside_the_b
     with half_products(True):
         assert operands(mid)[0].t is mid
 
+
 def test_a_bad_dtype_is_one_error_line():
     from clirun import cli
 
@@ -100,12 +102,20 @@ def test_a_bad_dtype_is_one_error_line():
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, text_file, tmp_path_factory):
+    """The tiny Mixtral quantized with float32 and bfloat16 statistics, and ("half") with --tf32's fp16 statistics
+    as CUDA makes them, here on the CPU (half_products in every stage, HALF_DEVICES patched; the stages without
+    statistics make no product through ``operands``)."""
     base = tmp_path_factory.mktemp("hessian-dtype")
     out = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "half"):
         out[dtype] = base / dtype
-        quantmoe.quantize(tiny_model("mixtral"), out[dtype], QuantConfig(group_size=32), calib=text_file, nsamples=8,
-                          seqlen=64, run_eval=False, quiet=True, device="cpu", hessian_dtype=dtype)
+        with pytest.MonkeyPatch.context() as patch:
+            if dtype == "half":
+                patch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
+                patch.setattr(quantmoe.stages.layer, "tensor_core_passes", lambda enabled: half_products(True))
+            quantmoe.quantize(tiny_model("mixtral"), out[dtype], QuantConfig(group_size=32), calib=text_file,
+                              nsamples=8, seqlen=64, run_eval=False, quiet=True, device="cpu",
+                              hessian_dtype="float32" if dtype == "half" else dtype)
     return out
 
 
@@ -120,6 +130,17 @@ def test_bf16_statistics_change_the_bytes_and_leave_gptqs_loss_within_rounding(r
     assert len(losses["float32"]) == len(losses["bfloat16"]) > 0
     total32, total16 = sum(losses["float32"]), sum(losses["bfloat16"])
     assert total32 > 0 and abs(total16 - total32) < 0.03 * total32  # the output error GPTQ reaches, per linear summed
+
+
+def test_fp16_statistics_through_the_layer_change_the_bytes_and_leave_gptqs_loss_within_rounding(runs):
+    """--tf32's fp16 statistics (scaled operands, factors carried through the gated products, the moments and the
+    Hessians mirrored once), run through the whole layer: other bytes than float32's, GPTQ's loss within rounding."""
+    shard = "model-00001-of-00001.safetensors"
+    assert (runs["float32"] / shard).read_bytes() != (runs["half"] / shard).read_bytes()
+    losses = {d: [m["loss"] for layer in _log(runs[d])["layers"] for m in layer["modules"]] for d in ("float32", "half")}
+    assert len(losses["float32"]) == len(losses["half"]) > 0
+    total32, half = sum(losses["float32"]), sum(losses["half"])
+    assert total32 > 0 and abs(half - total32) < 0.01 * total32
 
 
 def test_a_bf16_run_says_so_in_its_manifest_and_log(runs):
