@@ -313,8 +313,7 @@ class RunOptions:
     tf32: bool = option(False, "Tensor-core precision on CUDA: TF32 matrix products for forward passes, GPTQ's "
                         "error spread and inverse factor and the evaluation, and in quantize the attention and the "
                         "Hessians' and moments' products on fp16 inputs scaled by powers of two (TF32's 10-bit "
-                        "mantissa): faster, differs by rounding only (the eval report states "
-                        "it).")
+                        "mantissa): faster, differs by rounding only (the eval report states it).")
     hessian_dtype: str = option("float32", "The inputs of the products that make the Hessians and the fit's moments "
                                 "(and the down projections' inputs for them): float32, or bfloat16 summed in fp32, "
                                 "which bf16 tensor cores run on CUDA: faster, rounds the statistics (docs/method.md "

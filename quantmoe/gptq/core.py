@@ -140,16 +140,14 @@ def operands(*ts: Tensor | Operand) -> list[Operand]:
     """``ts`` as a product takes them: inside ``bf16_statistics`` rounded to bfloat16, inside ``half_products``
     (fp32 on HALF_DEVICES) to fp16 after their scales (one host read of their largest magnitudes for all of
     them), else as they are. An Operand is kept; the same tensor twice is rounded once (a Hessian's X and X)."""
-    raw = list(dict.fromkeys(id(t) for t in ts if not isinstance(t, Operand)))
-    by_id = {id(t): t for t in ts if not isinstance(t, Operand)}
+    by_id = {id(t): t for t in ts if not isinstance(t, Operand)}  # each tensor once, in order
     made: dict[int, Operand] = {}
     if _BF16_STATISTICS.get():
-        for i in raw:
-            t = by_id[i]
+        for i, t in by_id.items():
             made[i] = Operand(t.bfloat16() if t.is_cuda else t.bfloat16().float())
     else:
-        half = [i for i in raw if _HALF_PRODUCTS.get() and by_id[i].device.type in HALF_DEVICES
-                and by_id[i].dtype == torch.float32 and by_id[i].numel()]
+        half = [i for i, t in by_id.items() if _HALF_PRODUCTS.get() and t.device.type in HALF_DEVICES
+                and t.dtype == torch.float32 and t.numel()]
         # largest magnitudes in one pass each (abs().amax() would write a copy first), read once for all
         peaks = torch.stack([torch.linalg.vector_norm(by_id[i], math.inf) for i in half]).tolist() if half else []
         for i, peak in zip(half, peaks):
@@ -159,8 +157,8 @@ def operands(*ts: Tensor | Operand) -> list[Operand]:
                 scale = 2.0 ** math.floor(math.log2(HALF_PEAK / peak))
             h = (t * scale if scale != 1.0 else t).half()
             made[i] = Operand(h if h.is_cuda else h.float(), 1.0 / scale)
-    for i in raw:
-        made.setdefault(i, Operand(by_id[i]))
+    for i, t in by_id.items():
+        made.setdefault(i, Operand(t))
     return [t if isinstance(t, Operand) else made[id(t)] for t in ts]
 
 
@@ -225,12 +223,6 @@ def stat_mm(A: Tensor | Operand, B: Tensor | Operand) -> Tensor:
     return out.mul_(factor) if factor != 1.0 else out
 
 
-def _flat(Y: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-    """Y and X as (T, -1) fp32; given the same tensor twice (a Hessian), the same one twice."""
-    X2 = X.reshape(X.shape[0], -1).float()
-    return (X2 if Y is X else Y.reshape(Y.shape[0], -1).float()), X2
-
-
 def accumulate_hessian(H: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None) -> tuple[Tensor, float]:
     """Fold the rows of X (T, C) into the running Hessian H (C, C) = 2/n sum x x^T, in fp32.
 
@@ -244,22 +236,15 @@ def accumulate_moment(P: Tensor, Y: Tensor, X: Tensor, n_seen: float, weights: T
                       ) -> tuple[Tensor, float]:
     """Fold rows of Y (T, R) and X (T, C) into the running moment P (R, C) = 2/n sum y x^T, in fp32,
     weighted and counted as in ``accumulate_hessian`` (P and H built from the same rows share n)."""
-    T = X.shape[0]
-    if T == 0:
+    if X.shape[0] == 0:
         return P, n_seen
-    Y, X = _flat(Y, X)
-    if weights is not None:
-        w = weights.float().reshape(T, 1)
-        Xw = X * w
-        X, Y = Xw, (Xw if Y is X else Y * w)
-        added = float(w.pow(2).sum())
-    else:
-        added = T
-    n_total = n_seen + added
+    Xw, added = weighted(X, weights)
+    Yw = Xw if Y is X else weighted(Y, weights)[0]
+    n_total = n_seen + (added if weights is None else float(added))
     if n_total == 0:
         return P, n_seen
     P.mul_(n_seen / n_total)
-    _moment_mm(P, *operands(Y, X), alpha=2.0 / n_total)
+    _moment_mm(P, *operands(Yw, Xw), alpha=2.0 / n_total)
     return P, n_total
 
 
