@@ -10,7 +10,12 @@ profiler slows the host: compare stages with each other, not with an unprofiled 
 device time of its kernels (busy), the kernels that take the most of it, and the operators that take the
 most host time themselves. A stage whose busy time is far below its seconds waits on the host. With
 ``--stages``, only the first entry into each named stage is profiled (``first_entry_of``): a DeepSeek-V3
-layer's whole trace takes longer to read back than the layer takes. `scale.py --layer-profile LAYER
+layer's whole trace takes longer to read back than the layer takes. With ``--sample MS`` the whole run is also
+sampled every MS milliseconds from a thread (the main thread's Python stack, as ``sys._current_frames`` shows it):
+each sample's wait since the one before is charged to the innermost quantmoe lines and the nest of stages open then, for
+the profiled layer from its construction (its load) to the next layer's (its write, and the wait for the next
+read), as ``sampled``. That shows where a stage, or the time outside every stage, waits on the host.
+`scale.py --layer-profile LAYER
 [--layer-profile-stages S1,S2]` runs it on a checkpoint that scale.py wrote (quantmoe is the installed one, or the tree
 on PYTHONPATH, as scale.py's --quantmoe sets it).
 """
@@ -20,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +40,53 @@ from quantmoe.stages.layer import LayerQuantizer
 
 TOP = 8  # kernels kept per stage
 MARK = "stage:"
+SAMPLED_TOP = 12  # lines kept per stage by --sample
+
+
+class Sampler:
+    """The main thread's Python stack every ``interval`` seconds, while ``layer`` says which layer is being
+    quantized and ``stages`` which stages are open: seconds per (stage, innermost quantmoe line, its callers)."""
+
+    def __init__(self, interval: float):
+        self.interval, self.layer, self.stages = interval, None, []
+        self.seconds: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self._main)
+            now = time.perf_counter()
+            if frame is None or self.layer is None:
+                last = now
+                continue
+            lines = []
+            while frame is not None and len(lines) < 4:
+                code = frame.f_code
+                if "/quantmoe/" in code.co_filename and "/benchmarks/" not in code.co_filename:
+                    lines.append(f"{Path(code.co_filename).stem}.{code.co_name}:{frame.f_lineno}")
+                frame = frame.f_back
+            stage = " / ".join(self.stages) or "(outside the stages)"
+            self.seconds[self.layer][stage][" < ".join(lines) or "(no quantmoe frame)"] += now - last
+            last = now
+
+    def summary(self, layer: int) -> dict:
+        out = {}
+        for stage, rows in sorted(self.seconds.get(layer, {}).items(), key=lambda kv: -sum(kv[1].values())):
+            top = sorted(rows.items(), key=lambda kv: -kv[1])[:SAMPLED_TOP]
+            out[stage] = {"seconds": round(sum(rows.values()), 3),
+                          "top": [{"where": k, "seconds": round(v, 3)} for k, v in top]}
+        return out
 
 
 def charge(events) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -97,15 +151,32 @@ def main(argv: list[str]) -> int:
     ap.add_argument("result", type=Path)
     ap.add_argument("--stages", help="comma-separated stage names: profile only the first entry into each "
                                      "(a smaller trace, for layers whose whole profile is too large to read back)")
+    ap.add_argument("--sample", type=float, metavar="MS", help="also sample the main thread's stack every MS ms")
     args, quantize = ap.parse_args(argv[:cut]), argv[cut + 1:]
     wanted = set(args.stages.split(",")) if args.stages else set()
-    timed, run = Stopwatch.__call__, LayerQuantizer.run
+    timed, run, init = Stopwatch.__call__, LayerQuantizer.run, LayerQuantizer.__init__
+    sampler = Sampler(args.sample / 1e3) if args.sample else None
     current: list[int] = []  # the index of the layer being quantized
     sessions: dict[str, dict] = {}
     active: list[str] = []
 
     @contextmanager
+    def opened(name: str):
+        if sampler is not None:
+            sampler.stages.append(name)
+        try:
+            yield
+        finally:
+            if sampler is not None:
+                sampler.stages.pop()
+
+    @contextmanager
     def marked(self, name: str):
+        with opened(name), _marked(self, name):
+            yield
+
+    @contextmanager
+    def _marked(self, name: str):
         if current != [args.layer] or name not in wanted or name in sessions or active:
             with record_function(MARK + name), timed(self, name):
                 yield
@@ -130,18 +201,36 @@ def main(argv: list[str]) -> int:
                     out = run(self)
         finally:
             current.clear()
-        record = {"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(), "stages": whole["stages"],
-                  "first_entry_of": sessions if wanted else None}
+        records.append({"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(),
+                        "stages": whole["stages"], "first_entry_of": sessions if wanted else None})
+        save()
+        return out
+
+    def save() -> None:
+        record = dict(records[0])
+        if sampler is not None:
+            record["sampled"] = {"interval_ms": args.sample, "stages": sampler.summary(args.layer)}
         args.result.parent.mkdir(parents=True, exist_ok=True)
         args.result.write_text(json.dumps(record, indent=1))
         print(f"wrote {args.result}", flush=True)
-        return out
 
-    Stopwatch.__call__, LayerQuantizer.run = marked, profiled
+    def constructed(self, stream, index, *a, **kw):
+        if sampler is not None:
+            sampler.layer = index
+        init(self, stream, index, *a, **kw)
+
+    records: list[dict] = []
+    Stopwatch.__call__, LayerQuantizer.run, LayerQuantizer.__init__ = marked, profiled, constructed
     try:
-        cli.main(["quantize", *quantize], standalone_mode=False)
+        if sampler is not None:
+            with sampler:
+                cli.main(["quantize", *quantize], standalone_mode=False)
+        else:
+            cli.main(["quantize", *quantize], standalone_mode=False)
     finally:
-        Stopwatch.__call__, LayerQuantizer.run = timed, run
+        Stopwatch.__call__, LayerQuantizer.run, LayerQuantizer.__init__ = timed, run, init
+    if records and sampler is not None:  # again, with the samples taken up to the next layer's construction
+        save()
     return 0
 
 

@@ -1031,6 +1031,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                          "(benchmarks/layer_profile.py): each stage's kernels, as 'layer_profile'")
     ap.add_argument("--layer-profile-stages", metavar="S1,S2",
                     help="with --layer-profile: profile only the first entry into each of these stages")
+    ap.add_argument("--layer-profile-sample", type=float, metavar="MS",
+                    help="with --layer-profile: also sample the host's Python stack every MS ms (layer_profile.py "
+                         "--sample): where the layer's stages, and its time outside them, wait on the host")
     return ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
 
 
@@ -1085,6 +1088,7 @@ def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: st
     out, record = args.work / "out-layer-profile", args.work / "layer-profile.json"
     record.unlink(missing_ok=True)
     stages = ["--stages", args.layer_profile_stages] if args.layer_profile_stages else []
+    stages += ["--sample", str(args.layer_profile_sample)] if args.layer_profile_sample else []
     cmd = [sys.executable, str(Path(__file__).with_name("layer_profile.py")), str(args.layer_profile), str(record),
            *stages, "--", *quantize_args(model, out, calib, device, options)]
     run = run_child(cmd, args.quantmoe, args.timeout)
