@@ -14,7 +14,7 @@ layer's whole trace takes longer to read back than the layer takes. With ``--sam
 sampled every MS milliseconds from a thread (the main thread's Python stack, as ``sys._current_frames`` shows it):
 each sample's wait since the one before is charged to the innermost quantmoe lines and the nest of stages open then, for
 the profiled layer from its construction (its load) to the next layer's (its write, and the wait for the next
-read), as ``sampled``. That shows where a stage, or the time outside every stage, waits on the host.
+read), as ``sampled``, with the garbage collector's pauses in that span. That shows where a stage, or the time outside every stage, waits on the host.
 `scale.py --layer-profile LAYER
 [--layer-profile-stages S1,S2]` runs it on a checkpoint that scale.py wrote (quantmoe is the installed one, or the tree
 on PYTHONPATH, as scale.py's --quantmoe sets it).
@@ -23,6 +23,7 @@ on PYTHONPATH, as scale.py's --quantmoe sets it).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import threading
@@ -48,19 +49,31 @@ class Sampler:
     quantized and ``stages`` which stages are open: seconds per (stage, innermost quantmoe line, its callers)."""
 
     def __init__(self, interval: float):
-        self.interval, self.layer, self.stages = interval, None, []
+        self.interval, self.layer, self.stages, self.running = interval, None, [], False
         self.seconds: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
         self._stop = threading.Event()
         self._main = threading.main_thread().ident
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.collections: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
+        self._collecting = 0.0
+
+    def _collected(self, phase: str, info: dict) -> None:  # gc.callbacks: the garbage collector's pauses
+        if phase == "start":
+            self._collecting = time.perf_counter()
+        elif self.layer is not None:
+            row = self.collections[self.layer][f"generation {info['generation']}" + ("" if self.running else ", outside its run")]
+            row[0] += 1
+            row[1] += time.perf_counter() - self._collecting
 
     def __enter__(self):
+        gc.callbacks.append(self._collected)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        gc.callbacks.remove(self._collected)
 
     def _run(self) -> None:
         last = time.perf_counter()
@@ -81,7 +94,8 @@ class Sampler:
             last = now
 
     def summary(self, layer: int) -> dict:
-        out = {}
+        out = {"garbage collections": {g: {"count": n, "seconds": round(t, 3)}
+                                       for g, (n, t) in sorted(self.collections.get(layer, {}).items())}}
         for stage, rows in sorted(self.seconds.get(layer, {}).items(), key=lambda kv: -sum(kv[1].values())):
             top = sorted(rows.items(), key=lambda kv: -kv[1])[:SAMPLED_TOP]
             out[stage] = {"seconds": round(sum(rows.values()), 3),
@@ -193,6 +207,8 @@ def main(argv: list[str]) -> int:
             return run(self)
         current[:] = [self.index]
         whole = {"stages": None}
+        if sampler is not None:
+            sampler.running = True
         try:
             if wanted:
                 out = run(self)
@@ -201,6 +217,8 @@ def main(argv: list[str]) -> int:
                     out = run(self)
         finally:
             current.clear()
+            if sampler is not None:
+                sampler.running = False
         records.append({"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(),
                         "stages": whole["stages"], "first_entry_of": sessions if wanted else None})
         save()
