@@ -4,9 +4,11 @@ same bytes for any budget."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import threading
+import weakref
 
 import psutil
 import pytest
@@ -17,6 +19,7 @@ from tiny import make_model, router_or_mtp_extra
 from torch import Tensor
 
 import quantmoe
+from quantmoe.base.measure import cached_pinned_bytes, frozen_collector
 from quantmoe.base.options import QuantConfig
 from quantmoe.formats.base import StoredWeight
 from quantmoe.formats.fp8 import Fp8Weight, write_fp8_release
@@ -104,6 +107,65 @@ def test_any_host_budget_gives_the_same_bytes(tiny_model, text_file, tmp_path, m
     plans.clear()
     assert run("tight", "1MB") == roomy
     assert [p.read_ahead for p in plans] == [False] * 3 and {p.capture for p in plans} == {0}
+
+
+def test_cached_page_locked_blocks_are_free_for_the_next_read(tiny_model, text_file, tmp_path, monkeypatch):
+    """Page-locked blocks PyTorch caches after they are freed (a pinned read, the packed results' copies) are reused
+    by the next read: the plan does not count them as held. With more cached than any budget, a 1 MB budget
+    reads ahead as a roomy one does, and the bytes are the same."""
+    stats = {"allocated_bytes.current": 10 * GB, "active_bytes.current": 4 * GB}
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: stats, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert cached_pinned_bytes() == 6 * GB
+    stats.pop("active_bytes.current")
+    assert cached_pinned_bytes() == 10 * GB
+    stats.clear()  # a torch that says nothing: nothing is taken off
+    assert cached_pinned_bytes() == 0
+    monkeypatch.undo()
+
+    model = tiny_model("deepseek_v3")
+    plans, plan = [], quantize_module.host_plan
+    monkeypatch.setattr(quantize_module, "host_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    monkeypatch.setattr(quantize_module, "cached_pinned_bytes", lambda: 1 << 50)
+
+    def run(name):
+        out = tmp_path / name
+        quantmoe.quantize(model, out, QuantConfig(group_size=32), calib=text_file, nsamples=8, seqlen=32,
+                          run_eval=False, quiet=True, host_memory="1MB")
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    cached = run("cached")
+    assert [p.read_ahead for p in plans] == [True, True, False]
+    monkeypatch.setattr(quantize_module, "cached_pinned_bytes", lambda: 0)
+    plans.clear()
+    assert run("none") == cached
+    assert [p.read_ahead for p in plans] == [False] * 3
+
+
+def test_the_layers_run_with_the_objects_before_them_frozen_out_of_the_collector(tiny_model, text_file, tmp_path,
+                                                                                 monkeypatch):
+    """The garbage collector's full passes skip what existed before the layers (frozen_collector): a cycle made
+    inside is still collected, and nothing stays frozen after."""
+    with frozen_collector():
+        assert gc.get_freeze_count() > 0
+        class Node:
+            pass
+        cycle = Node()
+        cycle.next = Node()
+        cycle.next.next = cycle
+        gone = weakref.ref(cycle.next)
+        del cycle
+        gc.collect()
+        assert gone() is None
+    assert gc.get_freeze_count() == 0
+
+    frozen = []
+    run = quantize_module.LayerQuantizer.run
+    monkeypatch.setattr(quantize_module.LayerQuantizer, "run", lambda self: frozen.append(gc.get_freeze_count()) or
+                        run(self))
+    quantmoe.quantize(tiny_model("mixtral"), tmp_path / "out", QuantConfig(group_size=32), calib=text_file,
+                      nsamples=8, seqlen=32, run_eval=False, quiet=True)
+    assert len(frozen) == 2 and min(frozen) > 1000 and gc.get_freeze_count() == 0
 
 
 def test_a_host_budget_that_is_not_a_size_is_one_line(tiny_model, text_file, tmp_path):

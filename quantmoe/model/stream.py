@@ -46,8 +46,10 @@ class Batch:
 
 ATTENTION_SCORES_BYTES = 2 * 2**30  # what one batch's attention scores may take
 # Layers larger than this are read ahead in ordinary host memory (see LayerStream.read_ahead_state): it bounds
-# the page-locked memory a read holds (PyTorch keeps such blocks cached for reuse, rounded up to a power of two).
-PIN_BYTES = 8 << 30
+# the page-locked memory a read holds (PyTorch keeps such blocks cached for reuse, each rounded up to a power of
+# two). A DeepSeek-V3 MoE layer in FP8 is read into it (its experts copy to the device several times faster
+# from there); a layer larger than this one is copied from ordinary memory.
+PIN_BYTES = 16 << 30
 
 
 def default_batch_size(config, seqlen: int) -> int:

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from ..base.errors import QuantMoeError
-from ..base.measure import PeakRSS, release_freed_memory
+from ..base.measure import PeakRSS, cached_pinned_bytes, release_freed_memory
 from ..base.options import BLOCK_KERNELS, QuantConfig, RunOptions
 from ..base.version import __version__
 from ..formats import compressed_tensors
@@ -277,7 +277,9 @@ class GptqRun:
                                            batches if qcfg.effective_fit == "layer" else originals, self.budget,
                                            self.hessian_dtype)
                 del state  # on the device now
-                plan = host_plan(self.host, psutil.Process().memory_info().rss,
+                # What is resident, less the page-locked blocks cached for reuse (a pinned read, the packed
+                # results' copies), which the next read or packing takes again instead of new memory.
+                plan = host_plan(self.host, psutil.Process().memory_info().rss - cached_pinned_bytes(),
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,
                                  stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture

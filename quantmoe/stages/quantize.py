@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from ..base.errors import QuantMoeError
 from ..base.files import RunLock, check_replaceable, versions
-from ..base.measure import PeakRSS, release_pinned_memory, stage, steady_host_memory
+from ..base.measure import (
+    PeakRSS,
+    frozen_collector,
+    release_pinned_memory,
+    stage,
+    steady_host_memory,
+)
 from ..base.options import QuantConfig, RunOptions, run_options
 from ..base.paths import (
     CALIB_DATA,
@@ -215,7 +221,7 @@ def quantize_layers(layers: Run, work: Work, ranks: Ranks, quiet: bool, stages: 
     peak_gpu = None
     bar = tqdm(desc="quantize", unit="layer", disable=quiet, initial=work.done, total=work.num_layers)
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
-    with stage(stages, "quantize"), PeakRSS() as rss, writer, bar:
+    with stage(stages, "quantize"), PeakRSS() as rss, writer, bar, frozen_collector():
         written: Future | None = None
         for layer in layers.layers(work.folder, work.done, rss):
             if ranks.writes:
