@@ -26,7 +26,13 @@ from quantmoe.formats.fp8 import Fp8Weight, write_fp8_release
 from quantmoe.model import checkpoint as checkpoint_module
 from quantmoe.model.checkpoint import READ_WINDOW, Checkpoint, NonFinite
 from quantmoe.stages import gptq_method as quantize_module
-from quantmoe.stages.gptq_method import HostPlan, host_budget, host_plan, packed_bytes
+from quantmoe.stages.gptq_method import (
+    HostPlan,
+    host_budget,
+    host_plan,
+    packed_bytes,
+    pinned_bytes,
+)
 from quantmoe.stages.layer import HOST_CAPTURE_BYTES
 
 GB = 10**9
@@ -123,6 +129,15 @@ def test_cached_page_locked_blocks_are_free_for_the_next_read(tiny_model, text_f
     assert cached_pinned_bytes() == 0
     monkeypatch.undo()
 
+    # A torch whose stats say nothing (2.11): the layer's own pinned read is what the next one reuses.
+    pinned, plain = torch.zeros(1000), torch.zeros(10)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: t is pinned or t is fp8.codes)
+    fp8 = Fp8Weight(torch.zeros(64, 8, dtype=torch.float8_e4m3fn), torch.ones(1, 1), (128, 128), "w")
+    half = StoredWeight({"qweight": pinned, "scales": plain}, None, torch.Size((8, 8)), torch.float32, "h.weight")
+    whole = StoredWeight({"qweight": pinned}, None, torch.Size((8, 8)), torch.float32, "s.weight")
+    assert pinned_bytes({"a": pinned, "b": plain, "c": fp8, "d": half, "e": whole}) == 4000 + 512 + 4 + 4000
+    monkeypatch.undo()
+
     model = tiny_model("deepseek_v3")
     plans, plan = [], quantize_module.host_plan
     monkeypatch.setattr(quantize_module, "host_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
@@ -140,6 +155,10 @@ def test_cached_page_locked_blocks_are_free_for_the_next_read(tiny_model, text_f
     plans.clear()
     assert run("none") == cached
     assert [p.read_ahead for p in plans] == [False] * 3
+    monkeypatch.setattr(quantize_module, "pinned_bytes", lambda state: 1 << 50)  # the layer's read was pinned
+    plans.clear()
+    assert run("read") == cached
+    assert [p.read_ahead for p in plans] == [True, True, False]
 
 
 def test_the_layers_run_with_the_objects_before_them_frozen_out_of_the_collector(tiny_model, text_file, tmp_path,

@@ -29,8 +29,8 @@ class StoredWeight:
     makes the weight with the reader's own arithmetic (elementwise, so the same numbers on any device).
 
     It answers what the code between reading a layer and loading it asks of a tensor: ``shape`` (the
-    weight's, (out, in)), ``dtype`` (the dequantized weight's), ``device``, ``nbytes`` (as stored), ``to``
-    and ``pin_memory``; anything else fails loudly instead of computing with packed integers.
+    weight's, (out, in)), ``dtype`` (the dequantized weight's), ``device``, ``nbytes`` (as stored), ``to``,
+    ``pin_memory`` and ``is_pinned``; anything else fails loudly instead of computing with packed integers.
     """
 
     parts: dict[str, Tensor]
@@ -52,6 +52,9 @@ class StoredWeight:
 
     def pin_memory(self) -> StoredWeight:
         return replace(self, parts={k: t.pin_memory() for k, t in self.parts.items()})
+
+    def is_pinned(self) -> bool:
+        return all(t.is_pinned() for t in self.parts.values())
 
     def dequantize(self) -> Tensor:
         """The weight (out, in) in ``dtype``, on the device the parts are on."""

@@ -277,7 +277,7 @@ class Fp8Weight:
 
     It answers what the code between reading a layer and loading it asks of a tensor: ``shape``,
     ``dtype`` (the dequantized weight's, BF16), ``device``, ``nbytes`` (stored: codes plus scale),
-    ``to`` and ``pin_memory``. Anything else (stacking, arithmetic) fails loudly instead of
+    ``to``, ``pin_memory`` and ``is_pinned``. Anything else (stacking, arithmetic) fails loudly instead of
     computing with codes that miss their scale.
     """
 
@@ -305,6 +305,9 @@ class Fp8Weight:
 
     def pin_memory(self) -> Fp8Weight:
         return replace(self, codes=self.codes.pin_memory(), scale=self.scale.pin_memory())
+
+    def is_pinned(self) -> bool:
+        return self.codes.is_pinned()
 
     def dequantize(self) -> Tensor:
         """The weight (out, in) in ``dtype``, on the device the codes are on; bad scales raise (dequantize_fp8)."""

@@ -273,13 +273,16 @@ class GptqRun:
                 state = next_state.result() if next_state is not None else \
                     stream.layer_state(i, keep_dtype=True, experts=share(i))
                 waited = time.perf_counter() - t0
+                pinned = pinned_bytes(state)
                 quantizer = LayerQuantizer(stream, i, batches, qcfg, state, self.ranks, self.tf32, self.block_fn,
                                            batches if qcfg.effective_fit == "layer" else originals, self.budget,
                                            self.hessian_dtype)
                 del state  # on the device now
-                # What is resident, less the page-locked blocks cached for reuse (a pinned read, the packed
-                # results' copies), which the next read or packing takes again instead of new memory.
-                plan = host_plan(self.host, psutil.Process().memory_info().rss - cached_pinned_bytes(),
+                # What is resident, less the page-locked blocks PyTorch keeps cached for reuse (this layer's
+                # pinned read, the packed results' copies), which the next read or packing takes again instead
+                # of new memory: as torch counts them, or (a torch that does not) this layer's read at least.
+                reusable = max(cached_pinned_bytes(), pinned)
+                plan = host_plan(self.host, psutil.Process().memory_info().rss - reusable,
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,
                                  stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture
@@ -357,6 +360,12 @@ def host_plan(budget: int, resident: int, packed: int, capture: int, next_layer:
     pinned = capture if capture <= limit else 0  # a capture that does not fit is not kept at all
     read_ahead = next_layer is not None and pinned + next_layer + READ_WINDOW <= room
     return HostPlan(limit, read_ahead)
+
+
+def pinned_bytes(state: dict) -> int:
+    """Bytes of a layer's ``state`` read into page-locked memory (LayerStream.read_ahead_state): once the layer is
+    on the device, PyTorch keeps those blocks cached, and the next pinned read of the same sizes reuses them."""
+    return sum(t.nbytes for t in state.values() if t.is_pinned())
 
 
 def packed_bytes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig, i: int) -> int:
