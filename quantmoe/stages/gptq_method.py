@@ -22,7 +22,12 @@ import psutil
 import torch
 
 from ..base.errors import QuantMoeError
-from ..base.measure import PeakRSS, cached_pinned_bytes, release_freed_memory
+from ..base.measure import (
+    PeakRSS,
+    cached_pinned_bytes,
+    release_freed_memory,
+    release_pinned_memory,
+)
 from ..base.options import BLOCK_KERNELS, QuantConfig, RunOptions
 from ..base.version import __version__
 from ..formats import compressed_tensors
@@ -287,6 +292,8 @@ class GptqRun:
                                  stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture
                 next_state = read_ahead(i + 1) if plan.read_ahead else None
+                if next_state is None and pinned:  # the next layer is read after this one, into ordinary memory:
+                    release_pinned_memory()        # this one's cached pinned blocks would only be held beside it
                 result = quantizer.run()
                 del quantizer
                 batches, originals = result.outputs, result.original_outputs
