@@ -184,6 +184,14 @@ def test_the_layers_run_with_the_objects_before_them_frozen_out_of_the_collector
         gc.collect()
         assert gone() is None
     assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is left as it is
+    try:
+        before = gc.get_freeze_count()
+        with frozen_collector():
+            pass
+        assert gc.get_freeze_count() == before > 0
+    finally:
+        gc.unfreeze()
 
     frozen = []
     run = quantize_module.LayerQuantizer.run

@@ -158,7 +158,11 @@ def frozen_collector() -> Iterator[None]:
     model's skeleton: hundreds of thousands) are left out of the garbage collector's passes. A full pass
     scans every tracked object, and the layers' work makes enough objects that full passes come several
     times a layer; inside the block they scan only what the layers made. Objects freed by their reference
-    counts go at once as ever; only the frozen ones' cycles wait until the block ends."""
+    counts go at once as ever; only the frozen ones' cycles wait until the block ends. A caller that froze
+    objects itself (gc.freeze) keeps its own freeze: the block then leaves the collector as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield
