@@ -46,9 +46,10 @@ SAMPLED_TOP = 12  # lines kept per stage by --sample
 
 class Sampler:
     """The main thread's Python stack every ``interval`` seconds, while ``layer`` says which layer is being
-    quantized and ``stages`` which stages are open: seconds per (stage, innermost quantmoe line, its callers)."""
+    quantized and ``stages`` which stages are open: seconds per (stage, innermost quantmoe line, its callers).
+    ``interval`` None: it only keeps ``layer``, ``stages`` and ``running``, and samples nothing."""
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float | None):
         self.interval, self.layer, self.stages, self.running = interval, None, [], False
         self.seconds: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
         self._stop = threading.Event()
@@ -66,14 +67,16 @@ class Sampler:
             row[1] += time.perf_counter() - self._collecting
 
     def __enter__(self):
-        gc.callbacks.append(self._collected)
-        self._thread.start()
+        if self.interval is not None:
+            gc.callbacks.append(self._collected)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        gc.callbacks.remove(self._collected)
+        if self.interval is not None:
+            self._stop.set()
+            self._thread.join()
+            gc.callbacks.remove(self._collected)
 
     def _run(self) -> None:
         last = time.perf_counter()
@@ -169,25 +172,19 @@ def main(argv: list[str]) -> int:
     args, quantize = ap.parse_args(argv[:cut]), argv[cut + 1:]
     wanted = set(args.stages.split(",")) if args.stages else set()
     timed, run, init = Stopwatch.__call__, LayerQuantizer.run, LayerQuantizer.__init__
-    sampler = Sampler(args.sample / 1e3) if args.sample else None
+    sampler = Sampler(args.sample / 1e3 if args.sample else None)
     current: list[int] = []  # the index of the layer being quantized
     sessions: dict[str, dict] = {}
     active: list[str] = []
 
     @contextmanager
-    def opened(name: str):
-        if sampler is not None:
-            sampler.stages.append(name)
-        try:
-            yield
-        finally:
-            if sampler is not None:
-                sampler.stages.pop()
-
-    @contextmanager
     def marked(self, name: str):
-        with opened(name), _marked(self, name):
-            yield
+        sampler.stages.append(name)
+        try:
+            with _marked(self, name):
+                yield
+        finally:
+            sampler.stages.pop()
 
     @contextmanager
     def _marked(self, name: str):
@@ -207,8 +204,7 @@ def main(argv: list[str]) -> int:
             return run(self)
         current[:] = [self.index]
         whole = {"stages": None}
-        if sampler is not None:
-            sampler.running = True
+        sampler.running = True
         try:
             if wanted:
                 out = run(self)
@@ -217,8 +213,7 @@ def main(argv: list[str]) -> int:
                     out = run(self)
         finally:
             current.clear()
-            if sampler is not None:
-                sampler.running = False
+            sampler.running = False
         records.append({"layer": args.layer, "command": quantize, "seconds": self.clock.rounded(),
                         "stages": whole["stages"], "first_entry_of": sessions if wanted else None})
         save()
@@ -226,28 +221,24 @@ def main(argv: list[str]) -> int:
 
     def save() -> None:
         record = dict(records[0])
-        if sampler is not None:
+        if args.sample:
             record["sampled"] = {"interval_ms": args.sample, "stages": sampler.summary(args.layer)}
         args.result.parent.mkdir(parents=True, exist_ok=True)
         args.result.write_text(json.dumps(record, indent=1))
         print(f"wrote {args.result}", flush=True)
 
     def constructed(self, stream, index, *a, **kw):
-        if sampler is not None:
-            sampler.layer = index
+        sampler.layer = index
         init(self, stream, index, *a, **kw)
 
     records: list[dict] = []
     Stopwatch.__call__, LayerQuantizer.run, LayerQuantizer.__init__ = marked, profiled, constructed
     try:
-        if sampler is not None:
-            with sampler:
-                cli.main(["quantize", *quantize], standalone_mode=False)
-        else:
+        with sampler:
             cli.main(["quantize", *quantize], standalone_mode=False)
     finally:
         Stopwatch.__call__, LayerQuantizer.run, LayerQuantizer.__init__ = timed, run, init
-    if records and sampler is not None:  # again, with the samples taken up to the next layer's construction
+    if records and args.sample:  # again, with the samples taken up to the next layer's construction
         save()
     return 0
 
