@@ -292,8 +292,9 @@ class GptqRun:
                                  stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None)
                 quantizer.host_capture = plan.capture
                 next_state = read_ahead(i + 1) if plan.read_ahead else None
-                if next_state is None and pinned:  # the next layer is read after this one, into ordinary memory:
-                    release_pinned_memory()        # this one's cached pinned blocks would only be held beside it
+                if next_state is None and pinned and i + 1 < n:  # the next layer is read after this one, into
+                    release_pinned_memory()  # ordinary memory: this one's cached pinned blocks would only be held
+                    # beside it (after the last layer, the stage lets them go once the layers are written)
                 result = quantizer.run()
                 del quantizer
                 batches, originals = result.outputs, result.original_outputs
