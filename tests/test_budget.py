@@ -99,3 +99,50 @@ def test_an_experts_forward_products_cut_into_row_blocks_round_alike_and_the_sam
     assert (blocks[0] - whole).abs().amax() <= 4 * torch.finfo(torch.float32).eps * whole.abs().amax()
     one_call = torch.cat([store.run_deferred([c])[0] for c in calls])  # forward's own computation, per call
     assert torch.equal(torch.cat(store.run_deferred(calls, per_product=1)), one_call)
+
+
+def test_an_experts_fp16_forward_products_hold_each_rows_result_whatever_rows_are_beside_it(monkeypatch):
+    """Under half_products (--tf32 on CUDA; here on the CPU, which holds the rounded values in fp32) the routed
+    experts' forward products take fp16 operands where the experts are wide (``half``), each input row and each
+    weight matrix scaled by its own power of two (core.half_rows): a row's result does not depend on the rows it
+    is computed with (products per call, over several calls, and resume.run_stored's replay per batch give the
+    same bits), it is fp16's rounding of the fp32 result, even for inputs far outside fp16's range, and outside
+    the block nothing is rounded."""
+    from quantmoe.gptq import core
+
+    g = torch.Generator().manual_seed(0)
+    E, I, C, T, k = 4, 24, 16, 40, 2
+    store = StoredExperts(torch.randn(E, 2 * I, C, generator=g) * 1e-3, torch.randn(E, C, I, generator=g) * 1e3,
+                          torch.nn.SiLU())
+    assert not store.half  # no top_k given: never
+    store.half = True  # as for wide experts (half_forward)
+    calls = []
+    for scale in (1.0, 1e-9, 1e7):  # one call's inputs underflow fp16, another's overflow it, unscaled
+        index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        calls.append((torch.randn(T, C, generator=g) * scale, index, torch.rand(T, k, generator=g)))
+    exact = [o.double() for o in store.run_deferred(calls)]
+    monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
+    with core.half_products(True):
+        together = store.run_deferred(calls)
+        alone = [store.run_deferred([c])[0] for c in calls]
+        tiny_blocks = store.run_deferred(calls, product_bytes=(3 * I + C) * 4 * 3)
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    for half, ref, small in zip(together, exact, tiny_blocks):
+        for out in (half, small):  # rounded as fp16 (10-bit mantissa), not fp32, and not lost to fp16's range
+            assert 1e-6 < float((out.double() - ref).abs().amax() / ref.abs().amax()) < 4e-3
+    with core.half_products(False):
+        assert all(torch.equal(a, b.float()) for a, b in zip(store.run_deferred(calls), exact))
+
+
+@pytest.mark.parametrize("name, experts, top_k, width, hidden, wide", [
+    ("Mixtral-8x7B", 8, 2, 14336, 4096, True), ("DeepSeek-V3", 256, 8, 2048, 7168, False),
+    ("Qwen3-30B-A3B", 128, 8, 768, 2048, False), ("Qwen3-235B-A22B", 128, 8, 1536, 4096, False)])
+def test_the_fp16_forward_is_for_wide_experts_only(name, experts, top_k, width, hidden, wide):
+    """StoredExperts runs its forward products on fp16 under --tf32 (``half``) where each expert's products over a
+    product group's rows are large: Mixtral's few wide experts, where it was measured faster, and not DeepSeek-V3's
+    or Qwen3's many narrow ones, where the operands' scaling per expert cost more than it saved (benchmarks/README.md).
+    From the shapes alone (here on the meta device), and never without the experts per token."""
+    gate_up, down = torch.empty(experts, 2 * width, hidden, device="meta"), torch.empty(experts, hidden, width,
+                                                                                        device="meta")
+    assert StoredExperts(gate_up, down, torch.nn.SiLU(), top_k=top_k).half is wide, name
+    assert not StoredExperts(gate_up, down, torch.nn.SiLU()).half

@@ -553,3 +553,43 @@ def test_half_products_on_cuda_are_tf32s_rounding_at_any_scale():
             assert h.dtype == torch.float32 and torch.isfinite(h).all()
             err = float((h.double() - e).norm() / e.norm())
             assert err < max(2 * float((t.double() - e).norm() / e.norm()), 1e-5), scale
+
+
+@pytest.mark.gpu
+def test_the_experts_fp16_forward_on_cuda_is_tf32s_rounding_and_holds_each_rows_result():
+    """Under half_products (--tf32) the routed experts' forward (StoredExperts.run_deferred) takes fp16 operands,
+    each input row and weight matrix scaled by its own power of two: as close to float64 as the TF32 forward for
+    inputs of any magnitude, finite, and each row's result the same whichever rows are computed with it (a
+    resumed run's replay computes them batch by batch)."""
+    from quantmoe.stages.experts import StoredExperts
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, I, C, T, k = 8, 512, 256, 1024, 2
+    store = StoredExperts(torch.randn(E, 2 * I, C, device="cuda", generator=g) * 0.05,
+                          torch.randn(E, C, I, device="cuda", generator=g) * 0.05, torch.nn.SiLU())
+    store.half = True  # as for wide experts (half_forward)
+    calls = []
+    for scale in (1.0, 1e-9, 1e7):
+        index = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+        calls.append((torch.randn(T, C, device="cuda", generator=g) * scale, index,
+                      torch.rand(T, k, device="cuda", generator=g)))
+
+    def reference(hidden, index, weights):  # transformers' experts loop in float64
+        out = torch.zeros(hidden.shape, dtype=torch.float64, device="cuda")
+        for e in range(E):
+            tokens, slots = (index == e).nonzero(as_tuple=True)
+            gate, up = (hidden[tokens].double() @ store.gate_up[e].double().t()).chunk(2, dim=-1)
+            y = (torch.nn.functional.silu(gate) * up) @ store.down[e].double().t()
+            out.index_add_(0, tokens, y * weights[tokens, slots, None].double())
+        return out
+
+    exact = [reference(*c) for c in calls]
+    with tf32_matmuls(True):
+        tf32 = store.run_deferred(calls)
+    with half_products(True):
+        together = store.run_deferred(calls)
+        alone = [store.run_deferred([c])[0] for c in calls]
+    for h, a, t, e in zip(together, alone, tf32, exact):
+        assert h.dtype == torch.float32 and torch.isfinite(h).all() and torch.equal(h, a)
+        err = float((h.double() - e).norm() / e.norm())
+        assert err < max(2 * float((t.double() - e).norm() / e.norm()), 1e-5)

@@ -151,3 +151,40 @@ def test_other_inputs_or_restart_never_reuse_layers(inputs, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert expected in err and "resuming" not in err
     assert verify(out).ok, verify(out).problems  # a reused (zeroed) layer 0 would be all-zero modules
+
+
+def test_a_resumed_run_replays_the_experts_fp16_products_as_the_stopped_run_made_them(inputs, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Under --tf32 on CUDA the routed experts' forward products take fp16 operands (core.half_rows), and a resumed
+    run replays the finished layers' experts, on both streams, through the same products (resume.run_stored):
+    the bytes of a run never stopped. Here on the CPU (fp16's rounded values held in fp32): replayed through
+    transformers' own experts module instead, the resumed run's bytes differ."""
+    from quantmoe.gptq import core
+    from quantmoe.model import stream
+    from quantmoe.stages import experts, gptq_method, resume
+
+    monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(stream, "half_products", lambda enabled: core.half_products(True))
+    monkeypatch.setattr(experts, "HALF_FORWARD_FLOPS", 0)  # the tiny experts count as wide
+    model, text = inputs["qwen2_moe"], inputs["text"]
+    quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
+
+    def resumed(name: str) -> dict:
+        out = tmp_path / name / "out"
+        with monkeypatch.context() as m:
+            _crash_after(m, 1)
+            with pytest.raises(Stop):
+                quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+        capsys.readouterr()
+        quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+        assert "resuming: 2 of 3 layers" in capsys.readouterr().err
+        return content(out)
+
+    assert resumed("b") == content(tmp_path / "a" / "out")
+
+    def plain(stream, index, layer, batches, ranks=None):
+        return stream.run_layer(layer, batches, ranks)
+
+    for module in (resume, gptq_method):
+        monkeypatch.setattr(module, "run_stored", plain)
+    assert resumed("c") != content(tmp_path / "a" / "out")

@@ -99,6 +99,7 @@ HALF_DEVICES = ("cuda",)
 # precision (below 2**-14) is under 2**-11 of the largest, where TF32 rounds that one's own error.
 HALF_RANGE = (2.0**-3, 2.0**15)
 HALF_PEAK = 2.0**14
+HALF_PEAK_EXPONENT = 14  # log2(HALF_PEAK)
 
 
 @contextmanager
@@ -120,13 +121,33 @@ def half_products(enabled: bool) -> Iterator[None]:
     """Inside the block, the statistics' products (those made through ``operands``: the Hessians, the fit's
     moments, ``stat_mm``) take fp32 operands on HALF_DEVICES as fp16, scaled by powers of two (see HALF_RANGE):
     the 10-bit mantissa TF32 rounds them to, on tensor cores twice as fast, summed in fp32. ``--tf32`` turns it on
-    with TF32 (stream.tensor_core_passes); ``bf16_statistics`` takes precedence. The forward passes that carry
-    the activations keep TF32: a resumed run replays them through other modules (resume.replay_layer)."""
+    with TF32 (stream.tensor_core_passes); ``bf16_statistics`` takes precedence. The routed experts' forward
+    products take fp16 operands too where a layer's experts are wide (``StoredExperts.half``), scaled row by row
+    (``half_rows``), so that a resumed run's replay of them (resume.run_stored) rounds each row alike; the rest
+    of the forward passes keeps TF32."""
     token = _HALF_PRODUCTS.set(enabled)
     try:
         yield
     finally:
         _HALF_PRODUCTS.reset(token)
+
+
+def half_rows(X: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Inside ``half_products``, fp32 X (n, k) on HALF_DEVICES as a product's fp16 operand, scaled row by row:
+    each row times the power of two that brings its largest magnitude into [HALF_PEAK / 2, HALF_PEAK) (1 for a
+    row holding a non-finite value), and those powers' inverses (n,), which undo it exactly on the product's
+    rows. A row's operand depends on that row alone, so products over any set of rows hold each row's
+    result alike (the routed experts' forward, ``StoredExperts.run_deferred``, and a resumed run's replay of
+    it). Off CUDA the rounded values are held in fp32. None outside the block or elsewhere: the caller keeps
+    fp32 (TF32 under --tf32). A whole matrix's single scale is ``half_rows(W.reshape(1, -1))``."""
+    if not _HALF_PRODUCTS.get() or X.device.type not in HALF_DEVICES or X.dtype != torch.float32:
+        return None
+    peak = torch.linalg.vector_norm(X, math.inf, dim=-1)
+    shift = (HALF_PEAK_EXPONENT - torch.frexp(peak).exponent).clamp(-126, 126)  # peak = m 2^e, 1/2 <= m < 1
+    scale = ((shift + 127) << 23).view(torch.float32)  # 2^shift, built from its bits: exact
+    scale = torch.where(torch.isfinite(peak), scale, torch.ones_like(scale))
+    h = (X * scale[:, None]).half()
+    return (h if h.is_cuda else h.float()), scale.reciprocal()
 
 
 class Operand(NamedTuple):

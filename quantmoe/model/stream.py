@@ -80,7 +80,8 @@ def model_config(ckpt: Checkpoint):
     config._attn_implementation = "sdpa"
     # Routed experts run transformers' eager loop, one expert at a time: the computation the quantize
     # stage's StoredExperts (stages/experts.py) repeats with weights rebuilt per expert, so every pass
-    # (quantize, a resume's replay, evaluation) rounds alike whatever memory the experts are kept in.
+    # (quantize, a resume's replay, evaluation) rounds alike whatever memory the experts are kept in
+    # (under --tf32 on CUDA, quantize's and the replay's experts take fp16 operands: StoredExperts).
     config._experts_implementation = "eager"
     return config
 
@@ -119,7 +120,8 @@ HALF_ATTENTION_PEAK = 2.0**14
 @contextlib.contextmanager
 def tensor_core_passes(enabled: bool) -> Iterator[None]:
     """The forward passes' precision under ``--tf32`` (on CUDA): fp32 matrix products as TF32
-    (gptq.core.tf32_matmuls), the statistics' products on scaled fp16 operands (gptq.core.half_products)
+    (gptq.core.tf32_matmuls), the statistics' and the routed experts' products on scaled fp16 operands
+    (gptq.core.half_products)
     and attention on fp16 copies of its inputs (``half_sdpa``), all rounding the inputs of tensor-core
     products to a 10-bit mantissa and accumulating in fp32."""
     token = _HALF_ATTENTION.set(enabled)

@@ -7,7 +7,9 @@ worked on a group at a time within a memory budget.
   once quantized, GPTQ's integer levels (one byte a weight) instead of fp32 copies of either; each
   forward pass rebuilds one expert's fp32 weights at a time. Its forward is transformers' own eager
   loop over the experts (the same for every family), on the same fp32 values the fused fp32
-  tensors would hold, so the outputs are bit for bit those of the fused module. Under torchrun it
+  tensors would hold, so the outputs are bit for bit those of the fused module; under --tf32 on CUDA,
+  for wide experts (``half_forward``), its products take fp16 operands instead (gptq.core.half_rows), and
+  a resumed run replays a finished layer's experts through it too (resume.run_stored). Under torchrun it
   holds only this process's share of the experts, and its forward is a collective (``slot_sum``).
 - ``routes`` sorts a batch's (token, expert) pairs by expert once, instead of comparing every
   expert with the router's choices: one host synchronisation per batch rather than one per expert.
@@ -28,12 +30,38 @@ from torch import Tensor, nn
 
 from ..base.errors import QuantMoeError
 from ..formats.fp8 import Fp8Experts
-from ..gptq.core import OUTER_BLOCK, OUTER_MIN, QuantResult, dequantize_grouped
+from ..gptq.core import (
+    OUTER_BLOCK,
+    OUTER_MIN,
+    QuantResult,
+    dequantize_grouped,
+    half_rows,
+)
 from ..model.distributed import SINGLE, Ranks, all_reduce_sum
 
 # An expert's forward products (StoredExperts.run_deferred) take at most this many bytes of temporaries: its
 # rows are cut into blocks of a size set by the shapes alone.
 PRODUCT_BYTES = 1 << 30
+# The MLP tail of a layer with routed experts (layer._tail_by_expert) runs each expert once over the rows of
+# several batches: TAIL_PRODUCT_BYTES of them, counted TAIL_COPIES times (the MLP's input, the experts'
+# input end to end and their outputs, the rest of the MLP's, the sum, the outputs gathered), a number of
+# batches set by the shapes alone, so the products' rounding is the same under any budget. As many of those
+# as the budget leaves room for make a chunk, for which each expert's weights are rebuilt once.
+TAIL_PRODUCT_BYTES = 4 << 30
+TAIL_COPIES = 6
+# Under --tf32 the routed experts' forward products take fp16 operands (StoredExperts.half) where an expert's
+# products over the rows routed to it from TAIL_PRODUCT_BYTES of batches come to at least this many flops
+# (``half_forward``): the scaling of the operands adds a dozen small operations per expert and product, which
+# cost more than fp16's rate saves where many narrow experts each get few rows (benchmarks/README.md).
+HALF_FORWARD_FLOPS = 1e12
+
+
+def half_forward(num_experts: int, top_k: int, width: int, hidden: int) -> bool:
+    """Whether a layer's routed experts (``num_experts`` of ``width``, ``top_k`` per token, on ``hidden`` features)
+    run their forward products on fp16 operands under --tf32: from the shapes alone, so that a resumed run's
+    replay (resume.run_stored) decides as the run that finished the layer did."""
+    tokens = TAIL_PRODUCT_BYTES // (TAIL_COPIES * hidden * 4)
+    return tokens * top_k / num_experts * 6 * width * hidden >= HALF_FORWARD_FLOPS
 
 
 class Levels:
@@ -108,9 +136,11 @@ class StoredExperts(nn.Module):
     """
 
     def __init__(self, gate_up: Tensor | Fp8Experts, down: Tensor | Fp8Experts, act_fn, ranks: Ranks = SINGLE,
-                 num_experts: int | None = None):
+                 num_experts: int | None = None, top_k: int | None = None):
         super().__init__()
         self.num_experts = gate_up.shape[0] if num_experts is None else num_experts
+        # fp16 forward products under --tf32 (half_forward; ``top_k``: experts per token, None: never)
+        self.half = top_k is not None and half_forward(self.num_experts, top_k, down.shape[-1], gate_up.shape[-1])
         self.ranks, self.own = ranks, ranks.share(self.num_experts)
         if num_experts is not None:
             if gate_up.shape[0] != len(self.own) or down.shape[0] != len(self.own):
@@ -131,9 +161,10 @@ class StoredExperts(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of one expert's weights as rebuilt for use (fp32 gate, up and down)."""
+        """Bytes of one expert's weights as rebuilt for use (fp32 gate, up and down, and their fp16 copies under
+        --tf32 where ``half``: ``run_deferred``)."""
         _, I, C = self.shape
-        return 3 * I * C * 4
+        return 3 * I * C * (6 if self.half else 4)
 
     @property
     def nbytes(self) -> int:
@@ -214,20 +245,29 @@ class StoredExperts(nn.Module):
         # one process: the outputs (T, C); several: the slots (T, k, C) of the experts held
         outs = [torch.zeros_like(hidden) if single else hidden.new_zeros(index.shape + hidden.shape[-1:])
                 for hidden, index, *_ in parts]
+        # each part's inputs once, as fp16 (``half``, under --tf32 on CUDA; else None: fp32)
+        halves = [half_rows(hidden) if self.half else None for hidden, *_ in parts]
         for expert_idx in self.own:
             weights = None
-            for (hidden, _, top_k_weights, (slots, tokens, starts), _), out in zip(parts, outs):
+            for (hidden, _, top_k_weights, (slots, tokens, starts), _), half, out in zip(parts, halves, outs):
                 for a in range(starts[expert_idx], starts[expert_idx + 1], rows):
                     b = min(a + rows, starts[expert_idx + 1])
                     if weights is None:
                         weights = self.weights(expert_idx, quantized)
+                        weights = weights if half is None else tuple(_HalfMatrix(w) for w in weights)
                     gate_up, down = weights
                     top_k_pos, token_idx = slots[a:b], tokens[a:b]
-                    current_state = hidden[token_idx]
-                    gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
-                    current_hidden_states = self.act_fn(gate) * up
-                    current_hidden_states = nn.functional.linear(current_hidden_states, down)
-                    current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+                    if half is None:  # transformers' own computation
+                        current_state = hidden[token_idx]
+                        gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+                        current_hidden_states = self.act_fn(gate) * up
+                        current_hidden_states = nn.functional.linear(current_hidden_states, down)
+                        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+                    else:  # the same on fp16 operands, each row's and matrix's power of two undone on its results
+                        x, x_inv = half
+                        gate, up = gate_up.linear(x[token_idx], x_inv[token_idx]).chunk(2, dim=-1)
+                        current_hidden_states = down.linear(*half_rows(self.act_fn(gate) * up),
+                                                            top_k_weights[token_idx, top_k_pos])
                     if single:
                         out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
                     else:
@@ -235,6 +275,23 @@ class StoredExperts(nn.Module):
         if not single:
             outs = [slot_sum(all_reduce_sum(slots), index) for slots, (_, index, *_) in zip(outs, parts)]
         return [o for out, (*_, sizes) in zip(outs, parts) for o in out.split(sizes)]
+
+
+class _HalfMatrix:
+    """An expert's fp32 weights W (R, C) as a product's fp16 operand under ``half_products`` (``half_rows`` of the
+    whole matrix: one power of two), for ``linear``."""
+
+    def __init__(self, W: Tensor):
+        h, inv = half_rows(W.reshape(1, -1))
+        self.t, self.inv = h.view_as(W), inv
+
+    def linear(self, x: Tensor, x_inv: Tensor, factor: Tensor | None = None) -> Tensor:
+        """``nn.functional.linear(x / x_inv, W)`` (times ``factor`` (n,), each row's) for x (n, C), ``half_rows``'
+        fp16 rows (each row times 1 / x_inv): one fp16 product with fp32 results, the powers of two then undone
+        (exactly) in the one pass that multiplies each row by its factor."""
+        y = torch.mm(x, self.t.t(), out_dtype=torch.float32) if x.is_cuda else x @ self.t.t()
+        rows = x_inv * self.inv if factor is None else factor * (x_inv * self.inv)
+        return y.mul_(rows[:, None])
 
 
 def slot_sum(slots: Tensor, top_k_index: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
 from .method import Calibration, LayerOutput, Source
 from .precision import Unit, check_recipe, layer_units, recipe_patterns
 from .report import model_card, ranges
-from .resume import layer_file, replay_layer
+from .resume import layer_file, replay_layer, run_stored
 
 
 def default_out(model: Path, qcfg: QuantConfig) -> Path:
@@ -252,7 +252,8 @@ class GptqRun:
             with tensor_core_passes(self.tf32 and dev.type == "cuda"):  # as the run's own passes were made
                 batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks)  # bits: each linear's
                 if originals is not None:
-                    originals = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), originals, self.ranks)
+                    originals = run_stored(stream, i, stream.load_layer(i, stream.layer_state(i)), originals,
+                                           self.ranks)
             if originals is not None:
                 stream.release_layer(i)
         setup_peak = _gpu_peak(dev, reset=True)

@@ -57,6 +57,8 @@ from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints, spre
 from ..model.stream import Batch, LayerStream, tensor_core_passes
 from .experts import (
     PRODUCT_BYTES,
+    TAIL_COPIES,
+    TAIL_PRODUCT_BYTES,
     ExpertCosts,
     Levels,
     RoutedRows,
@@ -86,13 +88,6 @@ HOST_CAPTURE_BYTES = 16 << 30
 # projection on it instead of attention once more (the same bits). Under several processes, never.
 ATTENTION_OUTPUT_BYTES = 1 << 30
 ATTENTION_PASS_BYTES = 4 << 30
-# The MLP tail of a layer with routed experts (_tail_by_expert) runs each expert once over the rows of
-# several batches: TAIL_PRODUCT_BYTES of them, counted TAIL_COPIES times (the MLP's input, the experts'
-# input end to end and their outputs, the rest of the MLP's, the sum, the outputs gathered), a number of
-# batches set by the shapes alone, so the products' rounding is the same under any budget. As many of those
-# as the budget leaves room for make a chunk, for which each expert's weights are rebuilt once.
-TAIL_PRODUCT_BYTES = 4 << 30
-TAIL_COPIES = 6
 # A rare expert's down_proj Hessian is blended with the mean over all tokens of its gate/up outputs' outer
 # products. Each rare expert needs its own pass over the tokens for that, so the mean is estimated from the
 # first batches holding at least this many times the rare-expert threshold in tokens (every batch when
@@ -237,7 +232,8 @@ class LayerQuantizer:
                 self.layer.set_submodule(self.plan.fused.module, StoredExperts(
                     gate_up.data if isinstance(gate_up, nn.Parameter) else gate_up,
                     down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks,
-                    None if share is None else self.plan.num_experts))
+                    None if share is None else self.plan.num_experts, getattr(stream.config, "num_experts_per_tok",
+                                                                              None)))
                 del gate_up, down
                 if ranks.world > 1:  # StoredExperts holds this process's share: the fused module lets go of it
                     for attr in (self.plan.fused.gate_up, self.plan.fused.down):
@@ -925,6 +921,7 @@ class LayerQuantizer:
         hidden = batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
         one = TAIL_COPIES * hidden
         per_product = max(1, TAIL_PRODUCT_BYTES // one)
+        one += hidden // 2 if store.half else 0  # the experts' input as fp16 (run_deferred, --tf32): in the chunk only
         world = self.ranks.world
         if world > 1:  # the slots: k copies of the hidden states, and the hidden states sent; in the chunk, not the product
             one += (getattr(self.stream.config, "num_experts_per_tok", store.num_experts) + 1) * hidden

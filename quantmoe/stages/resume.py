@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..base.errors import QuantMoeError, note
 from ..base.files import (
@@ -45,9 +45,11 @@ from ..base.files import (
 )
 from ..base.version import __version__
 from ..formats.gptq_v1 import dequantize_state
+from ..model.architectures import plan_layer
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import SINGLE, Ranks, gather_ints
 from ..model.stream import Batch, LayerStream
+from .experts import StoredExperts
 
 FINGERPRINT = "fingerprint.json"
 
@@ -229,10 +231,27 @@ def replay_layer(stream: LayerStream, index: int, file: Path, bits: int | None, 
     packed = {name[len(prefix):]: t for name, t in read_layer(file).items()}
     state = stream.layer_state(index)
     state.update({n: t.to(stream.dtype) for n, t in dequantize_state(packed, bits).items()})
-    layer = stream.load_layer(index, state)
-    out = stream.run_layer(layer, batches, ranks)
+    out = run_stored(stream, index, stream.load_layer(index, state), batches, ranks)
     stream.release_layer(index)
     return out
+
+
+def run_stored(stream: LayerStream, index: int, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE
+               ) -> list[Batch]:
+    """``stream.run_layer`` for a finished layer ``index`` (quantized or original), its routed experts computed as
+    the run that finished it computed them: through StoredExperts (``run_deferred``'s products, fp16 ones
+    under --tf32 on CUDA for wide experts) over the layer's own fused tensors, put back afterwards."""
+    fused = plan_layer(stream.arch, stream.config, index).fused
+    if fused is None:
+        return stream.run_layer(layer, batches, ranks)
+    module = layer.get_submodule(fused.module)
+    gate_up, down = (getattr(module, attr).data for attr in (fused.gate_up, fused.down))
+    layer.set_submodule(fused.module, StoredExperts(gate_up, down, module.act_fn,
+                                                    top_k=getattr(stream.config, "num_experts_per_tok", None)))
+    try:
+        return stream.run_layer(layer, batches, ranks)
+    finally:
+        layer.set_submodule(fused.module, module)
 
 
 def _read_json(path: Path) -> dict | None:
