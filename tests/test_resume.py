@@ -106,11 +106,8 @@ def _crash_after(monkeypatch, index: int) -> None:
     monkeypatch.setattr(quantmoe.stages.quantize, "write_layer", write_layer)
 
 
-def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, monkeypatch, capsys):
-    """Qwen2-MoE: layer 0 is dense, layer 1 has routed and shared experts; both are replayed."""
-    model, text = inputs["qwen2_moe"], inputs["text"]
-    quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
-    out = tmp_path / "b" / "out"
+def _crashed_and_resumed(model: Path, text: Path, out: Path, monkeypatch, capsys) -> dict:
+    """The content of ``out`` after a run stopped right after writing layer 1 and the run that resumes it."""
     with monkeypatch.context() as m:
         _crash_after(m, 1)
         with pytest.raises(Stop):
@@ -118,7 +115,15 @@ def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, mon
     capsys.readouterr()
     quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
     assert "resuming: 2 of 3 layers" in capsys.readouterr().err
-    assert content(out) == content(tmp_path / "a" / "out")
+    return content(out)
+
+
+def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, monkeypatch, capsys):
+    """Qwen2-MoE: layer 0 is dense, layer 1 has routed and shared experts; both are replayed."""
+    model, text = inputs["qwen2_moe"], inputs["text"]
+    quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
+    assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
+        content(tmp_path / "a" / "out")
 
 
 def _zero_layer_file(work: Path, index: int) -> None:
@@ -169,22 +174,13 @@ def test_a_resumed_run_replays_the_experts_fp16_products_as_the_stopped_run_made
     model, text = inputs["qwen2_moe"], inputs["text"]
     quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
 
-    def resumed(name: str) -> dict:
-        out = tmp_path / name / "out"
-        with monkeypatch.context() as m:
-            _crash_after(m, 1)
-            with pytest.raises(Stop):
-                quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
-        capsys.readouterr()
-        quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
-        assert "resuming: 2 of 3 layers" in capsys.readouterr().err
-        return content(out)
-
-    assert resumed("b") == content(tmp_path / "a" / "out")
+    assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
+        content(tmp_path / "a" / "out")
 
     def plain(stream, index, layer, batches, ranks=None):
         return stream.run_layer(layer, batches, ranks)
 
     for module in (resume, gptq_method):
         monkeypatch.setattr(module, "run_stored", plain)
-    assert resumed("c") != content(tmp_path / "a" / "out")
+    assert _crashed_and_resumed(model, text, tmp_path / "c" / "out", monkeypatch, capsys) != \
+        content(tmp_path / "a" / "out")
