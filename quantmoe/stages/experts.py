@@ -239,8 +239,11 @@ class StoredExperts(nn.Module):
         for i in range(0, len(calls), per_product):
             part = calls[i:i + per_product]
             index = torch.cat([t for _, t, _ in part])
-            parts.append((torch.cat([h for h, _, _ in part]), index, torch.cat([w for _, _, w in part]),
-                          _by_expert(index, E), [h.shape[0] for h, _, _ in part]))
+            slots, tokens, starts = _by_expert(index, E)
+            # the router's weight of every (slot, token) pair in that order, gathered once for all the experts
+            scores = torch.cat([w for _, _, w in part])[tokens, slots]
+            parts.append((torch.cat([h for h, _, _ in part]), index, scores, (slots, tokens, starts),
+                          [h.shape[0] for h, _, _ in part]))
         single = self.ranks.world == 1
         # one process: the outputs (T, C); several: the slots (T, k, C) of the experts held
         outs = [torch.zeros_like(hidden) if single else hidden.new_zeros(index.shape + hidden.shape[-1:])
@@ -249,7 +252,7 @@ class StoredExperts(nn.Module):
         halves = [half_rows(hidden) if self.half else None for hidden, *_ in parts]
         for expert_idx in self.own:
             weights = None
-            for (hidden, _, top_k_weights, (slots, tokens, starts), _), half, out in zip(parts, halves, outs):
+            for (hidden, _, scores, (slots, tokens, starts), _), half, out in zip(parts, halves, outs):
                 for a in range(starts[expert_idx], starts[expert_idx + 1], rows):
                     b = min(a + rows, starts[expert_idx + 1])
                     if weights is None:
@@ -262,12 +265,11 @@ class StoredExperts(nn.Module):
                         gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
                         current_hidden_states = self.act_fn(gate) * up
                         current_hidden_states = nn.functional.linear(current_hidden_states, down)
-                        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+                        current_hidden_states = current_hidden_states * scores[a:b, None]
                     else:  # the same on fp16 operands, each row's and matrix's power of two undone on its results
                         x, x_inv = half
                         gate, up = gate_up.linear(x[token_idx], x_inv[token_idx]).chunk(2, dim=-1)
-                        current_hidden_states = down.linear(*half_rows(self.act_fn(gate) * up),
-                                                            top_k_weights[token_idx, top_k_pos])
+                        current_hidden_states = down.linear(*half_rows(self.act_fn(gate) * up), scores[a:b])
                     if single:
                         out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
                     else:
