@@ -121,9 +121,8 @@ HALF_ATTENTION_PEAK = 2.0**14
 def tensor_core_passes(enabled: bool) -> Iterator[None]:
     """The forward passes' precision under ``--tf32`` (on CUDA): fp32 matrix products as TF32
     (gptq.core.tf32_matmuls), the statistics' and the routed experts' products on scaled fp16 operands
-    (gptq.core.half_products)
-    and attention on fp16 copies of its inputs (``half_sdpa``), all rounding the inputs of tensor-core
-    products to a 10-bit mantissa and accumulating in fp32."""
+    (gptq.core.half_products) and attention on fp16 copies of its inputs (``half_sdpa``), all rounding the
+    inputs of tensor-core products to a 10-bit mantissa and accumulating in fp32."""
     token = _HALF_ATTENTION.set(enabled)
     try:
         with tf32_matmuls(enabled), half_products(enabled):
@@ -209,6 +208,11 @@ class LayerStream:
         rotary = getattr(inner, "rotary_emb", None)
         if rotary is not None:
             inner.rotary_emb = type(rotary)(config=self.config).to(device)
+
+    @property
+    def experts_per_token(self) -> int | None:
+        """The routed experts each token goes to (the config's ``num_experts_per_tok``; None where it has none)."""
+        return getattr(self.config, "num_experts_per_tok", None)
 
     @property
     def num_layers(self) -> int:

@@ -232,8 +232,7 @@ class LayerQuantizer:
                 self.layer.set_submodule(self.plan.fused.module, StoredExperts(
                     gate_up.data if isinstance(gate_up, nn.Parameter) else gate_up,
                     down.data if isinstance(down, nn.Parameter) else down, self.experts_module.act_fn, ranks,
-                    None if share is None else self.plan.num_experts, getattr(stream.config, "num_experts_per_tok",
-                                                                              None)))
+                    None if share is None else self.plan.num_experts, stream.experts_per_token))
                 del gate_up, down
                 if ranks.world > 1:  # StoredExperts holds this process's share: the fused module lets go of it
                     for attr in (self.plan.fused.gate_up, self.plan.fused.down):
@@ -924,7 +923,7 @@ class LayerQuantizer:
         one += hidden // 2 if store.half else 0  # the experts' input as fp16 (run_deferred, --tf32): in the chunk only
         world = self.ranks.world
         if world > 1:  # the slots: k copies of the hidden states, and the hidden states sent; in the chunk, not the product
-            one += (getattr(self.stream.config, "num_experts_per_tok", store.num_experts) + 1) * hidden
+            one += ((self.stream.experts_per_token or store.num_experts) + 1) * hidden
 
         def compute(span: range) -> Tensor:
             chunk = batches[span.start:span.stop]

@@ -246,8 +246,7 @@ def run_stored(stream: LayerStream, index: int, layer: nn.Module, batches: list[
         return stream.run_layer(layer, batches, ranks)
     module = layer.get_submodule(fused.module)
     gate_up, down = (getattr(module, attr).data for attr in (fused.gate_up, fused.down))
-    layer.set_submodule(fused.module, StoredExperts(gate_up, down, module.act_fn,
-                                                    top_k=getattr(stream.config, "num_experts_per_tok", None)))
+    layer.set_submodule(fused.module, StoredExperts(gate_up, down, module.act_fn, top_k=stream.experts_per_token))
     try:
         return stream.run_layer(layer, batches, ranks)
     finally:
