@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from clirun import cli, quantize_args
+from torch import Tensor
 
 import quantmoe
 from quantmoe.base.options import QuantConfig
@@ -146,3 +147,33 @@ def test_the_fp16_forward_is_for_wide_experts_only(name, experts, top_k, width, 
                                                                                         device="meta")
     assert StoredExperts(gate_up, down, torch.nn.SiLU(), top_k=top_k).half is wide, name
     assert not StoredExperts(gate_up, down, torch.nn.SiLU()).half
+
+
+def test_a_batchs_routes_give_each_expert_its_tokens_in_order_and_a_group_its_pairs_in_one_piece():
+    """experts.routes: expert e's tokens are those whose top-k holds e, ascending, with the router's score of
+    each; a group of experts' pairs (``pairs``) are theirs expert after expert, consecutive or not; slot
+    ``num_experts`` (routed nowhere) is dropped; ``first`` keeps an expert's first pairs and no other's changes."""
+    from quantmoe.stages.experts import routes
+
+    gen = torch.Generator().manual_seed(0)
+    E, T, k = 6, 40, 3
+    index = torch.stack([torch.randperm(E + 1, generator=gen)[:k] for _ in range(T)])
+    weight = torch.rand(T, k, generator=gen)
+    r = routes(index, weight, E)
+
+    def expected(e: int) -> tuple[Tensor, Tensor]:
+        tokens, slots = (index == e).nonzero(as_tuple=True)
+        return tokens, weight[tokens, slots]
+
+    assert r.counts == [int((index == e).sum()) for e in range(E)]
+    for e in range(E):
+        assert all(torch.equal(a, b) for a, b in zip(r[e], expected(e)))
+    for group in ([1, 2, 3], [4, 0, 5], [2]):
+        tokens, scores = r.pairs(group)
+        assert torch.equal(tokens, torch.cat([expected(e)[0] for e in group]))
+        assert torch.equal(scores, torch.cat([expected(e)[1] for e in group]))
+    for n in (0, 2):
+        cut = r.first(2, n)
+        assert cut.counts == [min(n, c) if e == 2 else c for e, c in enumerate(r.counts)]
+        assert torch.equal(cut[2][0], expected(2)[0][:n]) and torch.equal(cut[2][1], expected(2)[1][:n])
+        assert all(torch.equal(cut[e][0], r[e][0]) and torch.equal(cut[e][1], r[e][1]) for e in range(E) if e != 2)

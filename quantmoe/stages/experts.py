@@ -12,7 +12,8 @@ worked on a group at a time within a memory budget.
   a resumed run replays a finished layer's experts through it too (resume.run_stored). Under torchrun it
   holds only this process's share of the experts, and its forward is a collective (``slot_sum``).
 - ``routes`` sorts a batch's (token, expert) pairs by expert once, instead of comparing every
-  expert with the router's choices: one host synchronisation per batch rather than one per expert.
+  expert with the router's choices: one host synchronisation per batch rather than one per expert, and
+  the pairs stay one tensor (``Routes``) from which a group of consecutive experts takes one slice.
 - ``RoutedRows`` holds the rows routed to a group of experts, gathered once from every batch, so each
   expert's statistics are a few large products over all its rows instead of one small one per batch.
 - ``ExpertCosts`` and ``expert_groups`` size the groups of experts whose Hessians, cross moments, routed
@@ -332,7 +333,44 @@ def _by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, l
     return order // T, order % T, starts
 
 
-def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> list[tuple[Tensor, Tensor]]:
+@dataclass
+class Routes:
+    """One batch's routing: its (token, expert) pairs sorted by expert, each expert's tokens ascending, with the
+    router's score of each pair; expert e's pairs are ``tokens[starts[e]:starts[e + 1]]`` (``starts`` on the
+    host). Kept whole rather than cut into one tensor per expert: a layer of 256 experts would make 512
+    slices a batch, and a group of consecutive experts takes its pairs as one slice (``pairs``)."""
+
+    tokens: Tensor
+    weights: Tensor
+    starts: list[int]
+
+    @property
+    def counts(self) -> list[int]:
+        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:])]
+
+    def __getitem__(self, e: int) -> tuple[Tensor, Tensor]:
+        """Expert e's tokens and scores."""
+        a, b = self.starts[e], self.starts[e + 1]
+        return self.tokens[a:b], self.weights[a:b]
+
+    def pairs(self, experts: list[int]) -> tuple[Tensor, Tensor]:
+        """The tokens and scores of ``experts``, expert after expert: one slice where they are consecutive."""
+        if experts == list(range(experts[0], experts[0] + len(experts))):
+            a, b = self.starts[experts[0]], self.starts[experts[-1] + 1]
+            return self.tokens[a:b], self.weights[a:b]
+        picks = [self[e] for e in experts]
+        return torch.cat([t for t, _ in picks]), torch.cat([w for _, w in picks])
+
+    def first(self, e: int, n: int) -> Routes:
+        """The same routing with only expert e's first ``n`` pairs kept (tests starve an expert with it)."""
+        a, b = self.starts[e], self.starts[e + 1]
+        cut = max(0, b - a - n)
+        keep = torch.cat([torch.arange(a + min(n, b - a)), torch.arange(b, self.starts[-1])]).to(self.tokens.device)
+        return Routes(self.tokens[keep], self.weights[keep],
+                      self.starts[:e + 1] + [s - cut for s in self.starts[e + 1:]])
+
+
+def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> Routes:
     """Per expert, the tokens the router sends it, ascending, and the router's score for each.
 
     ``top_k_index``/``top_k_weight`` (T, k). The pairs are sorted by expert once (stable, so each
@@ -342,14 +380,11 @@ def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> list[
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    tokens = order // k
-    weights = top_k_weight.reshape(-1)[order]
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
-    out, start = [], 0
-    for n in counts:
-        out.append((tokens[start:start + n], weights[start:start + n]))
-        start += n
-    return out
+    starts = [0]
+    for n in torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist():
+        starts.append(starts[-1] + n)
+    order = order[:starts[-1]]  # the pairs routed nowhere sort last
+    return Routes(order // k, top_k_weight.reshape(-1)[order], starts)
 
 
 @dataclass

@@ -62,6 +62,7 @@ from .experts import (
     ExpertCosts,
     Levels,
     RoutedRows,
+    Routes,
     StoredExperts,
     expert_groups,
     routes,
@@ -343,7 +344,8 @@ class LayerQuantizer:
         attention is done), so it is kept for that call if it fits in CAPTURE_CACHE_BYTES,
         which saves a partial forward pass (through attention) per reuse. ``originals`` False: the caller
         reads only x (a kept x0 is not brought to the device; x0 is x). The MLP's input of a row with an
-        mlp_tail is never kept (see CAPTURE_CACHE_BYTES)."""
+        mlp_tail is never kept (see CAPTURE_CACHE_BYTES), and with ``originals`` False the full-precision stream's
+        is not made once that stream holds the residual after attention."""
         keep = keep and module_path != self._mlp_path
         if module_path in self._kept:
             for x, x0 in self._kept[module_path]:
@@ -355,12 +357,13 @@ class LayerQuantizer:
         # Under several processes a kept capture would hold every batch's input, which each process gets from
         # the others (the activations are spread by batch): each pass captures them again instead.
         kept, size, on_host = ([] if keep and self.ranks.world == 1 else None), 0, False
-        originals = None if self.original is None else self._inputs(module_path, original=True)
+        unread = not originals and module_path == self._mlp_path and self.original_residual
+        x0s = None if self.original is None or unread else self._inputs(module_path, original=True)
         for x in self._captured(module_path):
             x0 = x
-            if originals is not None:
+            if x0s is not None:
                 with self._stage("capture"):
-                    x0 = next(originals)
+                    x0 = next(x0s)
             if kept is not None:
                 # Judged on the first batch: a cache that will not fit is not started (its growth is peak memory).
                 size = max(size, x.numel() * x.element_size() * (1 if x0 is x else 2) * len(self.batches))
@@ -377,7 +380,7 @@ class LayerQuantizer:
             self._kept[module_path] = kept
         if module_path == self._mlp_path:
             self.residual = self.original_residual = True  # both streams hold the residual after attention
-        elif originals is not None and module_path == self._last_attention_path:
+        elif x0s is not None and module_path == self._last_attention_path:
             self.original_residual = True  # see _inputs
 
     @property
@@ -483,7 +486,7 @@ class LayerQuantizer:
             self.dense(plan.dense_mlp, arch.to_memory(plan.dense_mlp.prefix), "dense_mlp")
 
     @torch.no_grad()
-    def route(self, X: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def route(self, X: Tensor) -> Routes:
         """Per expert, the indices of the tokens the original router sends it (top-k, as in the
         forward pass) and the router's score for each of them (what its output is multiplied by)."""
         router = self.layer.get_submodule(self.arch.router_module)
@@ -613,7 +616,7 @@ class LayerQuantizer:
             in_use = costs.levels(len(store.own))
         return expert_groups(self.gpu_memory, in_use, costs, rows, self.index)
 
-    def _routing(self) -> tuple[list[list[tuple[Tensor, Tensor]]], list[int], Tensor | None, list[int]]:
+    def _routing(self) -> tuple[list[Routes], list[int], Tensor | None, list[int]]:
         """One pass over the tokens entering the MoE block: per batch, where the router sends them
         (``route``); the routed tokens of every expert; (for --rare-expert blend/all-tokens) the Hessian
         of all of them; and how many tokens each batch holds."""
@@ -625,13 +628,13 @@ class LayerQuantizer:
         for x, _ in self._captured_pairs(self.arch.moe_module, keep=True, originals=False):
             with self._stage("hessians"):
                 routed.append(self.route(x))
-                counts = [c + int(t.numel()) for c, (t, _) in zip(counts, routed[-1])]
+                counts = [c + n for c, n in zip(counts, routed[-1].counts)]
                 batch_tokens.append(x.shape[0])
                 if blend:
                     _, n_all = accumulate_hessian(H_all, x, n_all)
         return routed, counts, H_all, batch_tokens
 
-    def _routed_rows(self, routed: list[list[tuple[Tensor, Tensor]]], batch_tokens: list[int], experts: list[int],
+    def _routed_rows(self, routed: list[Routes], batch_tokens: list[int], experts: list[int],
                      rows: list[int]) -> RoutedRows:
         """One pass over the tokens: the rows each of ``experts`` is sent (``routed`` and the tokens of each batch,
         ``batch_tokens``, from ``_routing``; ``rows`` of them each), gathered into one buffer with one copy per
@@ -646,22 +649,23 @@ class LayerQuantizer:
         weighted = self.qcfg.expert_hessian == "weighted"
         w = torch.empty(starts[-1], device=dev) if weighted else None
         every = self.qcfg.expert_hessian == "all"  # every token of a batch for every expert (no weights read)
-        sizes = [[batch_tokens[b] if every else len(routed[b][e][0]) for e in experts] for b in range(len(routed))]
+        sizes = [[batch_tokens[b] if every else routed[b].counts[e] for e in experts] for b in range(len(routed))]
         dest_all, ends = _destinations(starts, sizes, dev)  # every batch's rows' places, copied at once
         for b, (x, x0) in enumerate(self._captured_pairs(self.arch.moe_module, keep=True)):
             with self._stage("hessians"):
                 first = ends[b - 1] if b else 0
                 if ends[b] == first:
                     continue
-                picks = [(torch.arange(x.shape[0], device=dev),) * 2] * len(experts) if every \
-                    else [routed[b][e] for e in experts]
-                src = torch.cat([t for t, _ in picks])
+                if every:
+                    src, scores = torch.arange(x.shape[0], device=dev).repeat(len(experts)), None
+                else:
+                    src, scores = routed[b].pairs(experts)
                 dest = dest_all[first:ends[b]]
                 X.index_copy_(0, dest, x.index_select(0, src))
                 if X0 is not None:
                     X0.index_copy_(0, dest, x0.index_select(0, src))
                 if w is not None:
-                    w.index_copy_(0, dest, torch.cat([s for _, s in picks]).float())
+                    w.index_copy_(0, dest, scores.float())
         return RoutedRows(X, X0, w, list(zip(starts[:-1], starts[1:])))
 
     def _solve_expert_group(self, store: StoredExperts, experts: list[int], rows: RoutedRows | None,
