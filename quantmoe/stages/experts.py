@@ -23,6 +23,7 @@ worked on a group at a time within a memory budget.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -333,20 +334,15 @@ def _by_expert(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, l
     return order // T, order % T, starts
 
 
-@dataclass
 class Routes:
     """One batch's routing: its (token, expert) pairs sorted by expert, each expert's tokens ascending, with the
-    router's score of each pair; expert e's pairs are ``tokens[starts[e]:starts[e + 1]]`` (``starts`` on the
-    host). Kept whole rather than cut into one tensor per expert: a layer of 256 experts would make 512
-    slices a batch, and a group of consecutive experts takes its pairs as one slice (``pairs``)."""
+    router's score of each pair; expert e's pairs are ``tokens[starts[e]:starts[e + 1]]``, ``counts[e]`` of them
+    (both on the host). Kept whole rather than cut into one tensor per expert: a layer of 256 experts would make
+    512 slices a batch, and a group of consecutive experts takes its pairs as one slice (``pairs``)."""
 
-    tokens: Tensor
-    weights: Tensor
-    starts: list[int]
-
-    @property
-    def counts(self) -> list[int]:
-        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:])]
+    def __init__(self, tokens: Tensor, weights: Tensor, counts: list[int]):
+        self.tokens, self.weights, self.counts = tokens, weights, counts
+        self.starts = [0, *itertools.accumulate(counts)]
 
     def __getitem__(self, e: int) -> tuple[Tensor, Tensor]:
         """Expert e's tokens and scores."""
@@ -364,10 +360,9 @@ class Routes:
     def first(self, e: int, n: int) -> Routes:
         """The same routing with only expert e's first ``n`` pairs kept (tests starve an expert with it)."""
         a, b = self.starts[e], self.starts[e + 1]
-        cut = max(0, b - a - n)
-        keep = torch.cat([torch.arange(a + min(n, b - a)), torch.arange(b, self.starts[-1])]).to(self.tokens.device)
-        return Routes(self.tokens[keep], self.weights[keep],
-                      self.starts[:e + 1] + [s - cut for s in self.starts[e + 1:]])
+        n = min(n, b - a)
+        keep = torch.cat([torch.arange(a + n), torch.arange(b, self.starts[-1])]).to(self.tokens.device)
+        return Routes(self.tokens[keep], self.weights[keep], self.counts[:e] + [n] + self.counts[e + 1:])
 
 
 def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> Routes:
@@ -380,11 +375,9 @@ def routes(top_k_index: Tensor, top_k_weight: Tensor, num_experts: int) -> Route
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    starts = [0]
-    for n in torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist():
-        starts.append(starts[-1] + n)
-    order = order[:starts[-1]]  # the pairs routed nowhere sort last
-    return Routes(order // k, top_k_weight.reshape(-1)[order], starts)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
+    order = order[:sum(counts)]  # the pairs routed nowhere sort last
+    return Routes(order // k, top_k_weight.reshape(-1)[order], counts)
 
 
 @dataclass
