@@ -351,15 +351,15 @@ class ClipSearch:
     """A clipping-ratio search for each row's grid: the min/max range shrunk (or, up to
     ``max_ratio``, widened) by each of ``steps`` ratios; the grid with the smallest
     ``importance``-weighted squared rounding error wins, ties to the plain min/max grid.
-    ``steps`` 0 turns it off. ``error_terms``: a kernel computing ``rounding_error``'s terms in one
-    pass (``gptq.triton_kernels.error_terms``, chosen by the caller); it returns None where it does
-    not apply, and then PyTorch computes them. Either gives the same bits."""
+    ``steps`` 0 turns it off. ``kernel``: the whole search in one kernel (``gptq.triton_kernels.search_grids``,
+    chosen by the caller); it returns None where it does not apply, and then PyTorch searches. The kernel sums
+    each group's error terms in its own order, so a grid may differ where two candidates tie to rounding."""
 
     steps: int = 0
     min_ratio: float = 0.6
     max_ratio: float = 1.0
     weight: str = "residual"  # each column's error weight: "residual" (see gptq_quantize) or "hessian" (diagonal of H)
-    error_terms: Callable[..., Tensor | None] | None = None
+    kernel: Callable[..., tuple[Tensor, Tensor] | None] | None = None
 
     def ratios(self) -> list[float]:
         if self.steps <= 1:
@@ -369,17 +369,15 @@ class ClipSearch:
 
 
 def rounding_error(W: Tensor, scale: Tensor, zero: Tensor, maxq: int, importance: Tensor | None,
-                   terms: Callable[..., Tensor | None] | None = None) -> Tensor:
+                   dtype: torch.dtype | None = None) -> Tensor:
     """sum_c importance_c (w_c - Q(w_c))^2 over the last dim of W (..., R, k) on the grid
-    (scale, zero) (..., R); importance broadcasts against W (None: all ones). Returns (..., R).
-    ``terms``: a kernel for the same terms in one pass (ClipSearch.error_terms), or None."""
+    (scale, zero) (..., R); importance broadcasts against W (None: all ones). Returns (..., R), summed in
+    ``dtype`` (default W's)."""
     s, z = scale[..., None], zero[..., None]
-    err = terms(W, s, z, maxq, importance) if terms is not None else None
-    if err is None:
-        err = (W - s * (quantize_levels(W, s, z, maxq) - z)).pow_(2)
-        if importance is not None:
-            err.mul_(importance)
-    return err.sum(-1)
+    err = (W - s * (quantize_levels(W, s, z, maxq) - z)).pow_(2)
+    if importance is not None:
+        err.mul_(importance)
+    return err.sum(-1, dtype=dtype)
 
 
 def search_params(W: Tensor, spec: QuantSpec, search: ClipSearch, importance: Tensor | None = None
@@ -388,16 +386,19 @@ def search_params(W: Tensor, spec: QuantSpec, search: ClipSearch, importance: Te
     to minimise ``rounding_error`` weighted by ``importance`` (the Hessian diagonal of the
     columns, broadcastable to W): the plain min/max grid is the first candidate and is only
     replaced by a strictly better one, so the error never exceeds min/max's."""
+    ratios = search.ratios()
+    found = search.kernel(W, spec, ratios, importance) if ratios and search.kernel is not None else None
+    if found is not None:
+        return found
     wmin = W.amin(dim=-1).clamp(max=0)
     wmax = W.amax(dim=-1).clamp(min=0)
     scale, zero = _grid(wmin, wmax, spec)  # find_params' grid
-    ratios = search.ratios()
     if not ratios:
         return scale, zero
-    best = rounding_error(W, scale, zero, spec.maxq, importance, search.error_terms)
+    best = rounding_error(W, scale, zero, spec.maxq, importance)
     for r in ratios:
         s, z = _grid(wmin * r, wmax * r, spec)
-        err = rounding_error(W, s, z, spec.maxq, importance, search.error_terms)
+        err = rounding_error(W, s, z, spec.maxq, importance)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)

@@ -9,8 +9,8 @@ order and with the same rounding (division and product rounded on their own, nev
 FMA, rounding half to even), so the levels and errors are bit for bit those of quantize_block;
 tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether both are here.
 
-``error_terms`` is the clipping search's per-weight rounding error (gptq.rounding_error) as one
-kernel instead of a chain of tensor-wide ones, again with the same operations and rounding.
+``search_grids`` is the clipping search (gptq.search_params) as one kernel instead of a chain of
+tensor-wide ones per ratio, with the same operations and rounding but for the order of each group's sum.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core import quantize_block
+from .core import FP16_MIN_SCALE, QuantSpec, quantize_block
 
 try:
     import triton
@@ -62,39 +62,96 @@ if triton is not None:
             tl.store(Err + b * sEb + rows * sEr + i * sEc, err, mask=live)
 
     @triton.jit
-    def _error_kernel(W, S, Z, Imp, Out, N, width, M, RM, maxq, HAS_IMP: tl.constexpr, BLOCK: tl.constexpr):
-        # W (B, R, G, width) flat; S, Z (B, R, G); Imp (B, 1, G, width): M = G * width, RM = R * M.
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = idx < N
-        w = tl.load(W + idx, mask=live, other=0.0)
-        s = tl.load(S + idx // width, mask=live, other=1.0)
-        z = tl.load(Z + idx // width, mask=live, other=0.0)
-        lv = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(w, s)) + z, 0.0), maxq)
-        d = w - libdevice.mul_rn(s, lv - z)
+    def _grid(lo, hi, maxq, inv_maxq, min_scale, SYM: tl.constexpr):
+        # gptq.core._grid for each row's range [lo, hi] (lo <= 0 <= hi), with its operations and rounding on CUDA,
+        # where PyTorch divides by a Python number as a product with its fp32 reciprocal (``inv_maxq``)
+        if SYM:
+            hi = tl.maximum(tl.abs(lo), hi)
+            lo = -hi
+        flat = hi == lo
+        lo = tl.where(flat, -1.0, lo)
+        hi = tl.where(flat, 1.0, hi)
+        scale = tl.maximum(libdevice.mul_rn(hi - lo, inv_maxq), min_scale).to(tl.float16).to(tl.float32)
+        if SYM:
+            zero = tl.zeros_like(scale) + (maxq + 1.0) / 2.0
+        else:
+            zero = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(-lo, scale)), 1.0), maxq)
+        return scale, zero
+
+    @triton.jit
+    def _error(w, imp, s, z, maxq, HAS_IMP: tl.constexpr):
+        # gptq.core.rounding_error of each row of w on its grid (s, z), the terms as gptq.core computes them
+        lv = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(w, s[:, None])) + z[:, None], 0.0), maxq)
+        d = w - libdevice.mul_rn(s[:, None], lv - z[:, None])
         e = libdevice.mul_rn(d, d)
         if HAS_IMP:
-            e = libdevice.mul_rn(e, tl.load(Imp + (idx // RM) * M + idx % M, mask=live, other=0.0))
-        tl.store(Out + idx, e, mask=live)
+            e = libdevice.mul_rn(e, imp)
+        return tl.sum(e, axis=1)
+
+    @triton.jit
+    def _search_kernel(W, Imp, Ratios, Scale, Zero, N, G, RG, width, n_ratios, maxq, inv_maxq, min_scale,
+                       HAS_IMP: tl.constexpr, SYM: tl.constexpr, BLOCK_G: tl.constexpr, WIDTH: tl.constexpr):
+        # W (B, R, G, width) as N = B * R * G rows of ``width``; Imp (B, 1, G, width); Scale, Zero (N,) out.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+        cols = tl.arange(0, WIDTH)
+        live = rows < N
+        mask = live[:, None] & (cols[None, :] < width)
+        w = tl.load(W + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        imp = w
+        if HAS_IMP:
+            at = (rows // RG) * G + rows % G
+            imp = tl.load(Imp + at[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        lo = tl.minimum(tl.min(tl.where(mask, w, float("inf")), axis=1), 0.0)
+        hi = tl.maximum(tl.max(tl.where(mask, w, float("-inf")), axis=1), 0.0)
+        best_s, best_z = _grid(lo, hi, maxq, inv_maxq, min_scale, SYM)
+        best = _error(w, imp, best_s, best_z, maxq, HAS_IMP)
+        for k in range(n_ratios):
+            r = tl.load(Ratios + k)
+            s, z = _grid(libdevice.mul_rn(lo, r), libdevice.mul_rn(hi, r), maxq, inv_maxq, min_scale, SYM)
+            e = _error(w, imp, s, z, maxq, HAS_IMP)
+            better = e < best
+            best = tl.where(better, e, best)
+            best_s = tl.where(better, s, best_s)
+            best_z = tl.where(better, z, best_z)
+        tl.store(Scale + rows, best_s, mask=live)
+        tl.store(Zero + rows, best_z, mask=live)
 
 
-def error_terms(W: Tensor, scale: Tensor, zero: Tensor, maxq: int, importance: Tensor | None) -> Tensor | None:
-    """gptq.rounding_error's terms importance * (w - Q(w))^2 for W (B, R, G, width) on the grids
-    scale, zero (B, R, G, 1), importance (B, 1, G, width) or None, as one kernel; None where this
-    kernel does not apply (no CUDA or Triton, other shapes), and the caller computes them itself."""
+def fp32_reciprocal(x: float) -> float:
+    """1 / x rounded to fp32, as PyTorch's CUDA kernels make it to divide a tensor by a Python number (they multiply
+    by it, which may differ from the division in the last bit)."""
+    return float(torch.tensor(1.0) / torch.tensor(float(x)))
+
+
+SEARCH_WIDTH = 256  # the widest group the search kernel holds in registers; wider ones keep the PyTorch path
+SEARCH_TILE = 4096  # weights per program
+
+
+def search_grids(W: Tensor, spec: QuantSpec, ratios: list[float], importance: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """gptq.core.search_params' grids (scales, zeros (B, R, G)) for W (B, R, G, width), ``importance``
+    (B, 1, G, width) or None, in one kernel that reads each group's weights once for every ratio instead of
+    a chain of tensor-wide kernels per ratio. Each candidate's grid and each weight's error term are computed
+    with PyTorch's operations and rounding; a group's terms are summed in the kernel's own order, so where two
+    candidates' errors tie to within that rounding the kernel may keep the other one. None where it does not
+    apply (no CUDA or Triton, groups wider than SEARCH_WIDTH, other shapes): the caller searches itself."""
     if not available(W.device) or W.dim() != 4 or W.dtype != torch.float32 or not W.is_contiguous():
         return None
     B, R, G, width = W.shape
-    if scale.shape != (B, R, G, 1) or zero.shape != (B, R, G, 1):
+    if width > SEARCH_WIDTH or W.numel() == 0:
         return None
     if importance is not None and (importance.shape != (B, 1, G, width) or importance.dtype != torch.float32):
         return None
-    S, Z = scale.float().contiguous(), zero.float().contiguous()
-    imp = importance.contiguous() if importance is not None else S  # S: a valid pointer the kernel never reads
-    out = torch.empty_like(W)
-    N, block = W.numel(), 1024
-    _error_kernel[(triton.cdiv(N, block),)](W, S, Z, imp, out, N, width, G * width, R * G * width, float(maxq),
-                                            HAS_IMP=importance is not None, BLOCK=block)
-    return out
+    imp = importance.contiguous() if importance is not None else W  # W: a valid pointer the kernel never reads
+    scale = torch.empty(B, R, G, device=W.device)
+    zero = torch.empty_like(scale)
+    ratios_t = torch.tensor(ratios, dtype=torch.float32, device=W.device)
+    N, wide = B * R * G, triton.next_power_of_2(width)
+    block = max(1, SEARCH_TILE // wide)
+    _search_kernel[(triton.cdiv(N, block),)](W, imp, ratios_t, scale, zero, N, G, R * G, width, len(ratios),
+                                             float(spec.maxq), fp32_reciprocal(spec.maxq), FP16_MIN_SCALE,
+                                             HAS_IMP=importance is not None,
+                                             SYM=spec.sym, BLOCK_G=block, WIDTH=wide)
+    return scale, zero
 
 
 class TritonBlocks:

@@ -51,7 +51,7 @@ from ..gptq.core import (
     weighted,
     weighted_rows,
 )
-from ..gptq.triton_kernels import error_terms
+from ..gptq.triton_kernels import search_grids
 from ..model.architectures import MLP, LayerPlan, plan_layer
 from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints, spread
 from ..model.stream import Batch, LayerStream, tensor_core_passes
@@ -117,9 +117,9 @@ def spec_of(qcfg: QuantConfig) -> QuantSpec:
 
 
 def search_of(qcfg: QuantConfig) -> ClipSearch:
-    """The clipping search of ``qcfg``; its rounding errors come from one Triton kernel on CUDA where Triton
-    is installed (``error_terms`` itself says where it applies), else from PyTorch: the same bits."""
-    return ClipSearch(qcfg.clip_steps, qcfg.clip_min, qcfg.clip_max, qcfg.clip_weight, error_terms)
+    """The clipping search of ``qcfg``: one Triton kernel on CUDA where Triton is installed (``search_grids``
+    itself says where it applies), else PyTorch's chain of kernels per ratio."""
+    return ClipSearch(qcfg.clip_steps, qcfg.clip_min, qcfg.clip_max, qcfg.clip_weight, search_grids)
 
 
 def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = False,
