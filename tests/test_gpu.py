@@ -523,22 +523,28 @@ def test_the_two_step_error_spread_on_cuda_changes_the_result_by_rounding_only()
 def test_a_stage_inside_another_is_timed_on_the_device_without_waiting_for_it(monkeypatch):
     """base.Stopwatch on CUDA: an outermost stage waits for the device as it begins and ends, the stages inside it
     (a pass's per-batch ones) never do; their seconds are the device's time between two events, added when the
-    outermost stage ends, and fit inside it."""
+    outermost stage ends, and fit inside it. Only the outermost stage reads and resets the peak-memory counter
+    (a read builds PyTorch's whole table of statistics); the stages inside it get its peak."""
     from quantmoe.base.measure import Stopwatch
 
     clock = Stopwatch(torch.device("cuda"))
-    waits = []
-    synchronize = torch.cuda.synchronize
+    waits, reads, resets = [], [], []
+    synchronize, peak, reset = torch.cuda.synchronize, torch.cuda.max_memory_allocated, torch.cuda.reset_peak_memory_stats
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(a) or synchronize(*a))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: reads.append(a) or peak(*a))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append(a) or reset(*a))
     X = torch.randn(4096, 4096, device="cuda")
     with clock("outer"):
         for _ in range(5):
             with clock("inner"):
                 Y = X @ X
             assert "inner" not in clock.seconds  # not added before the outermost stage ends
-    assert len(waits) == 2 and Y.shape == X.shape
+            del Y
+        Z = torch.empty(2 * X.numel(), device="cuda")  # the outer stage's own peak, beyond any inner one's
+        del Z
+    assert len(waits) == 2 and len(reads) == 1 and len(resets) == 1
     assert 0 < clock.seconds["inner"] <= clock.seconds["outer"]
-    assert clock.peak_gpu_mb["inner"] > 0
+    assert clock.peak_gpu_mb["inner"] == clock.peak_gpu_mb["outer"] >= 3 * X.numel() * 4 / 2**20
 
 
 @pytest.mark.gpu

@@ -55,6 +55,10 @@ class Stopwatch:
     it twice a batch). Its seconds are added when the outermost stage ends. A name with a colon
     ("experts:gather") is a part timed inside the stages, not a stage of its own. ``peaks`` False: only
     the seconds (the device's peak-memory counter is left to an enclosing ``stage``).
+
+    The peak is read and reset by outermost stages alone, and a stage inside one is given that outermost
+    stage's peak (a bound on its own): reading PyTorch's counter builds its whole table of allocator
+    statistics in Python, and a pass that read it in every stage of every batch was bound by that host time.
     """
 
     def __init__(self, device: torch.device, peaks: bool = True):
@@ -71,7 +75,7 @@ class Stopwatch:
         nested = self.cuda and self._depth > 0
         if self.cuda and not nested:
             torch.cuda.synchronize(self.device)
-        if self.peaks:
+        if self.peaks and not nested:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = self._event() if nested else None
         t0 = time.perf_counter()
@@ -84,13 +88,14 @@ class Stopwatch:
                 self._timed.append((name, start, self._event()))
             elif self.cuda:
                 torch.cuda.synchronize(self.device)
-            if self.peaks:
-                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-                self.peak_gpu_mb[name] = round(max(peak, self.peak_gpu_mb.get(name, 0.0)), 1)
             if not nested:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
                 for inner, a, b in self._timed:  # all done: the device was just synchronised
                     self.seconds[inner] = self.seconds.get(inner, 0.0) + a.elapsed_time(b) / 1000
+                if self.peaks:
+                    peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    for inner in {name, *(inner for inner, _, _ in self._timed)}:
+                        self.peak_gpu_mb[inner] = round(max(peak, self.peak_gpu_mb.get(inner, 0.0)), 1)
                 self._timed.clear()
 
     def _event(self) -> torch.cuda.Event:
