@@ -286,6 +286,77 @@ def test_reusing_attention_output_for_the_residual_gives_the_same_bytes(tiny_mod
         assert torch.equal(kept.tensor(n), again.tensor(n)), n
 
 
+@pytest.mark.parametrize("model_type", MOE_NAMES)
+def test_gathering_the_residuals_routed_rows_and_scaling_them_gives_the_same_bytes(tiny_model, text_file, tmp_path,
+                                                                                   monkeypatch, model_type):
+    """A gather pass copies each expert's rows of the residual after attention and scales them as the post-attention
+    norm does, with each token's scale made once per layer (LayerStream.norm_scales), instead of norming every batch
+    of both streams again: the export is byte for byte the one made by norming. Every row whose MoE block is fed by
+    an RMSNorm of transformers' form takes it; PhiMoE's norm is a LayerNorm, and GraniteMoE has no mlp_tail."""
+    from quantmoe.model import stream
+
+    src = tiny_model(model_type)
+    made = []
+    norm_scales = stream.LayerStream.norm_scales
+
+    def spy(self, *args):
+        scales = norm_scales(self, *args)
+        made.append(scales is not None)
+        return scales
+
+    monkeypatch.setattr(stream.LayerStream, "norm_scales", spy)
+
+    def run(name: str) -> Checkpoint:
+        quantmoe.quantize(src, tmp_path / name, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False,
+                          quiet=True)
+        return Checkpoint(tmp_path / name)
+
+    scaled = run("scaled")
+    takes = ARCHITECTURES[model_type].mlp_tail is not None and model_type != "phimoe"
+    assert made and all(made) if takes else not any(made)
+    monkeypatch.setattr(stream.LayerStream, "norm_scales", lambda self, *a: None)
+    normed = run("normed")
+    assert sorted(scaled.names()) == sorted(normed.names())
+    for n in scaled.names():
+        assert torch.equal(scaled.tensor(n), normed.tensor(n)), n
+
+
+def test_norm_scales_make_the_norms_bits_for_any_rows_and_refuse_a_norm_of_another_form(tiny_model):
+    """LayerStream.norm_scales and norm_rows: any rows of the residual, scaled, are the norm's output for them bit
+    for bit; a norm with the same attributes but another formula (Gemma's 1 + weight), or bf16 activations, get
+    None, and the caller norms every batch itself."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from quantmoe.model.stream import Batch
+
+    stream = LayerStream(Checkpoint(tiny_model("mixtral")), torch.device("cpu"))
+    C = 64
+    gen = torch.Generator().manual_seed(0)
+
+    class Gemma(MixtralRMSNorm):
+        def forward(self, h):
+            return (1.0 + self.weight) * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def layer(norm: torch.nn.Module) -> torch.nn.Module:
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(C, generator=gen))
+        module = torch.nn.Module()
+        module.post_attention_layernorm = norm
+        return module
+
+    batches = [Batch(torch.randn(2, 16, C, generator=gen) * 3, {}) for _ in range(3)]
+    rms = layer(MixtralRMSNorm(C, eps=1e-6))
+    scales = stream.norm_scales(rms, batches)
+    assert scales is not None and [s.shape for s in scales] == [(32, 1)] * 3
+    rows = torch.tensor([30, 2, 2, 17, 0])
+    for b, s in zip(batches, scales):
+        h = b.hidden.reshape(-1, C)
+        expected = rms.post_attention_layernorm(b.hidden).reshape(-1, C)[rows]
+        assert torch.equal(stream.norm_rows(rms, h[rows].clone(), s[rows]), expected)
+    assert stream.norm_scales(layer(Gemma(C, eps=1e-6)), batches) is None
+    assert stream.norm_scales(rms, [Batch(b.hidden.bfloat16(), {}) for b in batches]) is None
+
+
 def test_input_narrower_than_a_group_is_one_group(quantized):
     """DeepSeek-V3's q_b_proj/kv_b_proj read 16 features < group size 32: one group, logged, packed, reloaded."""
     _, out, summary = quantized("deepseek_v3")

@@ -378,6 +378,40 @@ def test_an_fp32_checkpoint_on_cuda_quantizes_to_the_bits_of_its_fp16_source(tmp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_gathering_scaled_residual_rows_on_cuda_gives_the_bits_of_norming_every_batch(tmp_path, monkeypatch,
+                                                                                       model_type):
+    """As tests/test_architectures.py checks on CPU, with --tf32: a gather pass's rows of the residual scaled with each
+    token's norm scale (LayerStream.norm_scales) give the export of norming every batch; the scales are taken."""
+    from tiny import make_model, write_text
+
+    import quantmoe
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.model import stream
+    from quantmoe.model.checkpoint import Checkpoint
+
+    text = write_text(tmp_path / "text.jsonl")
+    src = make_model(model_type, tmp_path / "model")
+    made, norm_scales = [], stream.LayerStream.norm_scales
+
+    def spy(self, *args):
+        scales = norm_scales(self, *args)
+        made.append(scales is not None)
+        return scales
+
+    outs = {}
+    for name, patch in (("scaled", spy), ("normed", lambda self, *a: None)):
+        monkeypatch.setattr(stream.LayerStream, "norm_scales", patch)
+        outs[name] = tmp_path / name
+        quantmoe.quantize(src, outs[name], QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64,
+                          device="cuda", tf32=True, run_eval=False, quiet=True)
+    assert made and all(made)
+    a, b = Checkpoint(outs["scaled"]), Checkpoint(outs["normed"])
+    assert sorted(a.names()) == sorted(b.names())
+    assert [n for n in a.names() if not torch.equal(a.tensor(n), b.tensor(n))] == []
+
+
+@pytest.mark.gpu
 def test_eval_on_cuda_gives_the_cpu_gap_and_kl(tmp_path):
     """The evaluator on CUDA (activations, the original's kept hidden states moved back per batch for
     the KL) reports what it reports on CPU, up to float rounding."""

@@ -569,6 +569,31 @@ class LayerStream:
                 handle.remove()
 
     @torch.no_grad()
+    def norm_scales(self, layer: nn.Module, batches: list[Batch]) -> list[Tensor] | None:
+        """For batches that hold the residual after attention (one process), each token's scale in the row's
+        post-attention norm, (tokens, 1): an RMSNorm of transformers' form (``weight``, ``variance_epsilon``, fp32)
+        computes ``weight * (h * scale)``, and with these scales a caller may make the MLP's input of any rows of
+        the residual without norming the rest. Each scale is made by the norm's own operations on its whole batch,
+        and the first batch's MLP input is checked against the norm's bit for bit; None where it differs or the
+        norm is of another kind, and the caller runs the norm itself."""
+        norm = layer.get_submodule(self.arch.mlp_tail[0])
+        eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+        if not batches or not isinstance(eps, float) or not isinstance(weight, Tensor) \
+                or weight.dtype != torch.float32 or any(b.hidden.dtype != torch.float32 for b in batches):
+            return None
+        scales = [torch.rsqrt(b.hidden.pow(2).mean(-1, keepdim=True) + eps).reshape(-1, 1) for b in batches]
+        h = batches[0].hidden
+        if not torch.equal(norm(h).reshape(-1, h.shape[-1]), weight * (h.reshape(-1, h.shape[-1]) * scales[0])):
+            return None
+        return scales
+
+    @torch.no_grad()
+    def norm_rows(self, layer: nn.Module, rows: Tensor, scales: Tensor) -> Tensor:
+        """Rows of the residual, (rows, features), made the MLP's input in place with their ``norm_scales``:
+        the norm's last two products, in its order (``weight * (h * scale)``), the norm's bits for those rows."""
+        return rows.mul_(scales).mul_(layer.get_submodule(self.arch.mlp_tail[0]).weight)
+
+    @torch.no_grad()
     def mlp_inputs(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> Iterator[Tensor]:
         """The MLP's input for batches that hold the residual after attention (``to_residual``); with several
         processes each computes its batches' and every process gets all."""

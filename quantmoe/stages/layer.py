@@ -79,7 +79,7 @@ STATS_CHUNK_BYTES = 1 << 30
 # (copying them back is cheaper than a partial forward pass through attention); above that, each pass
 # captures them again. A row with an mlp_tail keeps none: once its batches hold the residual after
 # attention, each pass makes the MLP's input again with the norm alone (LayerStream.mlp_inputs), the same
-# bits for less than a copy.
+# bits for less than a copy, and a group's gather pass only for the rows it gathers (_norm_scales).
 CAPTURE_CACHE_BYTES = 1 << 30
 HOST_CAPTURE_BYTES = 16 << 30
 # A row with an mlp_tail keeps the input of its last attention group (the output projection's: attention's
@@ -257,6 +257,8 @@ class LayerQuantizer:
         self.prefix = f"model.layers.{index}."
         self.result = LayerResult(tensors={}, expert_bytes_loaded=loaded)
         self._kept: dict[str, list[tuple[Tensor, Tensor]]] = {}  # see _captured_pairs
+        self._scales: list[tuple[Tensor, Tensor | None]] | None = None  # see _norm_scales
+        self._scales_made = False
         self._attention_output: tuple[str, list[Tensor]] | None = None  # see ATTENTION_OUTPUT_BYTES
 
     def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
@@ -651,7 +653,10 @@ class LayerQuantizer:
         every = self.qcfg.expert_hessian == "all"  # every token of a batch for every expert (no weights read)
         sizes = [[batch_tokens[b] if every else routed[b].counts[e] for e in experts] for b in range(len(routed))]
         dest_all, ends = _destinations(starts, sizes, dev)  # every batch's rows' places, copied at once
-        for b, (x, x0) in enumerate(self._captured_pairs(self.arch.moe_module, keep=True)):
+        scales = self._norm_scales()  # the residual's rows are copied, then scaled as the norm scales them
+        S = None if scales is None else torch.empty(starts[-1], 1, device=dev)
+        S0 = None if S is None or X0 is None else torch.empty_like(S)
+        for b, (x, x0) in enumerate(self._routed_inputs(scales is not None)):
             with self._stage("hessians"):
                 first = ends[b - 1] if b else 0
                 if ends[b] == first:
@@ -666,7 +671,45 @@ class LayerQuantizer:
                     X0.index_copy_(0, dest, x0.index_select(0, src))
                 if w is not None:
                     w.index_copy_(0, dest, scores.float())
+                if S is not None:
+                    S.index_copy_(0, dest, scales[b][0].index_select(0, src))
+                if S0 is not None:
+                    S0.index_copy_(0, dest, scales[b][1].index_select(0, src))
+        if S is not None:
+            with self._stage("hessians"):
+                self.stream.norm_rows(self.layer, X, S)
+                if S0 is not None:
+                    self.stream.norm_rows(self.original, X0, S0)
         return RoutedRows(X, X0, w, list(zip(starts[:-1], starts[1:])))
+
+    def _norm_scales(self) -> list[tuple[Tensor, Tensor | None]] | None:
+        """Each batch's token scales in the post-attention norm, of this stream and (under --fit stream or layer)
+        the full-precision one (LayerStream.norm_scales), made once per layer: a gather pass then copies the
+        routed rows of the residual and scales them, the norm's bits for those rows, instead of norming every
+        batch of both streams again. None where a stream's norm is not of that form, under several processes
+        (each holds only its share of the batches), or for a row whose MoE block is not fed by its ``mlp_tail``."""
+        if not self._scales_made:
+            self._scales_made = True
+            usable = self.ranks.world == 1 and self._mlp_path == self.arch.moe_module and self.residual \
+                and (not self.fit_stream or self.original_residual)
+            with self._stage("capture"):
+                mine = self.stream.norm_scales(self.layer, self.batches) if usable else None
+                theirs = self.stream.norm_scales(self.original, self.original_batches) \
+                    if mine is not None and self.fit_stream else None
+            if mine is not None and (theirs is not None or not self.fit_stream):
+                self._scales = [(r, None if theirs is None else theirs[b]) for b, r in enumerate(mine)]
+        return self._scales
+
+    def _routed_inputs(self, residual: bool) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, x0) batch by batch for a gather pass: the MoE block's inputs (``_captured_pairs``), or with
+        ``residual`` each stream's residual after attention, (tokens, features), which ``_norm_scales`` scales."""
+        if not residual:
+            yield from self._captured_pairs(self.arch.moe_module, keep=True)
+            return
+        for b, batch in enumerate(self.batches):
+            x = batch.hidden.reshape(-1, batch.hidden.shape[-1])
+            x0 = self.original_batches[b].hidden.reshape(x.shape) if self.fit_stream else x
+            yield x, x0
 
     def _solve_expert_group(self, store: StoredExperts, experts: list[int], rows: RoutedRows | None,
                             counts: list[int], H_all: Tensor | None, blend_pass: bool = False
@@ -884,6 +927,7 @@ class LayerQuantizer:
         """The quantized layer's outputs (and under --fit stream the original layer's, on the
         full-precision stream): the next layer's inputs, written over this layer's, batch by batch."""
         self._kept.clear()
+        self._scales, self._scales_made = None, True  # the batches change: no gather pass follows
         self._attention_output = None  # kept for a to_residual that did not come (the MLP kept in 16 bits)
         # Routed experts run expert-parallel (StoredExperts), every process over every batch: not spread by batch.
         ranks = self.ranks if self.plan.experts is None else SINGLE
