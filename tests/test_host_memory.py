@@ -19,7 +19,6 @@ from tiny import make_model, router_or_mtp_extra
 from torch import Tensor
 
 import quantmoe
-from quantmoe.base import measure as measure_module
 from quantmoe.base.measure import cached_pinned_bytes, frozen_collector
 from quantmoe.base.options import QuantConfig
 from quantmoe.formats.base import StoredWeight
@@ -27,7 +26,6 @@ from quantmoe.formats.fp8 import Fp8Weight, write_fp8_release
 from quantmoe.model import checkpoint as checkpoint_module
 from quantmoe.model.checkpoint import READ_WINDOW, Checkpoint, NonFinite
 from quantmoe.stages import gptq_method as quantize_module
-from quantmoe.stages import quantize as quantize_stage
 from quantmoe.stages.gptq_method import (
     HostPlan,
     host_budget,
@@ -304,32 +302,3 @@ def test_a_nan_read_on_threads_is_reported_as_one_read_after_another(bf16_and_fp
         errors.append(str(caught.value))
         assert caught.value.tensor == third
     assert errors[0] == errors[1]
-
-
-@pytest.mark.parametrize("cuda, conf, expected", [
-    (True, None, measure_module.PINNED_SETTINGS),
-    (True, "expandable_segments:True", measure_module.PINNED_SETTINGS),
-    (True, "pinned_use_background_threads:True", None),  # the user's own pinned option is kept
-    (False, None, None),
-])
-def test_page_locked_blocks_are_registered_on_threads_unless_the_user_says_otherwise(monkeypatch, cuda, conf, expected):
-    set_to = []
-    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", set_to.append, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    if conf is None:
-        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    else:
-        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
-    measure_module.fast_pinned_memory()
-    assert set_to == ([] if expected is None else [expected])
-
-
-def test_a_quantize_run_sets_how_page_locked_blocks_are_made_before_its_work(tiny_model, text_file, tmp_path,
-                                                                             monkeypatch):
-    calls = []
-    monkeypatch.setattr(quantize_stage, "fast_pinned_memory", lambda: calls.append("pinned"))
-    monkeypatch.setattr(quantize_stage, "check_seed", lambda seed: calls.append("work"))
-    model = tiny_model("mixtral")
-    quantmoe.quantize(model, tmp_path / "out", QuantConfig(group_size=32), calib=text_file, nsamples=2, seqlen=16,
-                      run_eval=False, quiet=True)
-    assert calls[:2] == ["pinned", "work"] and calls.count("pinned") == 1

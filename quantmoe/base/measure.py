@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -156,23 +155,6 @@ def steady_host_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
-
-
-# How PyTorch makes new page-locked host blocks on CUDA (``fast_pinned_memory``).
-PINNED_SETTINGS = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
-
-
-def fast_pinned_memory() -> None:
-    """On CUDA, new page-locked host blocks (each layer's read-ahead, the packed results' copies to the host)
-    are made by PyTorch's ``pinned_use_cuda_host_register``: ordinary memory paged in on 8 threads, then
-    registered with CUDA, instead of one ``cudaHostAlloc`` call that pages in a block on one thread while
-    other CUDA calls wait on it (pytorch#108488). The blocks are cached and reused alike; only the first
-    layer of each size makes them. Left alone where PYTORCH_CUDA_ALLOC_CONF sets a pinned option itself, or
-    without CUDA. Called once per process, before its first page-locked block."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if setter is None or not torch.cuda.is_available() or "pinned_" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        return
-    setter(PINNED_SETTINGS)
 
 
 @contextmanager

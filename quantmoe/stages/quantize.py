@@ -30,7 +30,6 @@ from ..base.errors import QuantMoeError
 from ..base.files import RunLock, check_replaceable, versions
 from ..base.measure import (
     PeakRSS,
-    fast_pinned_memory,
     frozen_collector,
     release_pinned_memory,
     stage,
@@ -110,7 +109,6 @@ def run(model: str | Path | None, out: str | Path | None, method: Method, option
     without eval), stages (timings), fallbacks, notes, rank."""
     ranks = ranks if ranks is not None else Ranks.from_env(os.environ)
     steady_host_memory()
-    fast_pinned_memory()
     check_seed(options.seed)
     if options.batch_size:  # 0 or None: the default
         check_count("--batch-size", options.batch_size)
