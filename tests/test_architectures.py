@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ARCH_NAMES
-from tiny import TINY, make_tokenizer
+from tiny import TINY, make_tokenizer, spy_taken
 
 import quantmoe
 from quantmoe.apps.inspection import inspect_model
@@ -296,15 +296,7 @@ def test_gathering_the_residuals_routed_rows_and_scaling_them_gives_the_same_byt
     from quantmoe.model import stream
 
     src = tiny_model(model_type)
-    made = []
-    norm_scales = stream.LayerStream.norm_scales
-
-    def spy(self, *args):
-        scales = norm_scales(self, *args)
-        made.append(scales is not None)
-        return scales
-
-    monkeypatch.setattr(stream.LayerStream, "norm_scales", spy)
+    made = spy_taken(monkeypatch, stream.LayerStream, "norm_scales")
 
     def run(name: str) -> Checkpoint:
         quantmoe.quantize(src, tmp_path / name, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False,

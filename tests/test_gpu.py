@@ -383,7 +383,7 @@ def test_gathering_scaled_residual_rows_on_cuda_gives_the_bits_of_norming_every_
                                                                                        model_type):
     """As tests/test_architectures.py checks on CPU, with --tf32: a gather pass's rows of the residual scaled with each
     token's norm scale (LayerStream.norm_scales) give the export of norming every batch; the scales are taken."""
-    from tiny import make_model, write_text
+    from tiny import make_model, spy_taken, write_text
 
     import quantmoe
     from quantmoe.base.options import QuantConfig
@@ -392,21 +392,17 @@ def test_gathering_scaled_residual_rows_on_cuda_gives_the_bits_of_norming_every_
 
     text = write_text(tmp_path / "text.jsonl")
     src = make_model(model_type, tmp_path / "model")
-    made, norm_scales = [], stream.LayerStream.norm_scales
 
-    def spy(self, *args):
-        scales = norm_scales(self, *args)
-        made.append(scales is not None)
-        return scales
-
-    outs = {}
-    for name, patch in (("scaled", spy), ("normed", lambda self, *a: None)):
-        monkeypatch.setattr(stream.LayerStream, "norm_scales", patch)
-        outs[name] = tmp_path / name
-        quantmoe.quantize(src, outs[name], QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64,
+    def run(name: str) -> Checkpoint:
+        quantmoe.quantize(src, tmp_path / name, QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64,
                           device="cuda", tf32=True, run_eval=False, quiet=True)
+        return Checkpoint(tmp_path / name)
+
+    made = spy_taken(monkeypatch, stream.LayerStream, "norm_scales")
+    a = run("scaled")
     assert made and all(made)
-    a, b = Checkpoint(outs["scaled"]), Checkpoint(outs["normed"])
+    monkeypatch.setattr(stream.LayerStream, "norm_scales", lambda self, *a: None)
+    b = run("normed")
     assert sorted(a.names()) == sorted(b.names())
     assert [n for n in a.names() if not torch.equal(a.tensor(n), b.tensor(n))] == []
 

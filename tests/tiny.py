@@ -271,3 +271,17 @@ def write_compressed_fp8_release(src: Path, folder: Path, skip) -> Path:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": GLM_FP8}, indent=2))
     return folder
+
+
+def spy_taken(monkeypatch, owner: type, name: str) -> list[bool]:
+    """Wrap ``owner.name`` (a method that may decline by returning None) for the test: each call still returns what
+    the method does, and the list returned here records, call by call, whether it gave something."""
+    method, taken = getattr(owner, name), []
+
+    def spy(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(owner, name, spy)
+    return taken
