@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from quantmoe.gptq.core import (
-    Operand,
     QuantSpec,
-    _gram,
     accumulate_hessian,
     bf16_statistics,
     gptq_quantize,
     half_products,
-    moment_add,
     moment_sum,
-    operands,
     stat_mm,
     tf32_matmuls,
 )
@@ -605,28 +601,6 @@ def test_half_products_on_cuda_are_tf32s_rounding_at_any_scale():
             assert h.dtype == torch.float32 and torch.isfinite(h).all()
             err = float((h.double() - e).norm() / e.norm())
             assert err < max(2 * float((t.double() - e).norm() / e.norm()), 1e-5), scale
-
-
-@pytest.mark.gpu
-def test_half_products_factors_held_on_cuda_give_the_bits_of_a_product_whose_alpha_holds_them():
-    """operands' factors stay on the device (no read on the host): a moment and a wide Hessian (a Gram over
-    blocks of columns) divide the running sum by the factor, add the products and multiply it back, and get
-    the bits of the products whose alpha holds the factor read on the host (as before they were held on the
-    device), at magnitudes that take scales and at one that does not."""
-    for scale in (1.0, 1e7, 1e-9):
-        X, Y = inputs(4096, 2560, 6) * scale, inputs(4096, 768, 7) * scale
-        before = inputs(2560, 2560, 8) * scale**2  # a running sum's earlier rows
-        with half_products(True):
-            x, y = operands(X, Y)
-            fx, fy = float(x.factor), float(y.factor)
-            assert (fx == 1.0) == (scale == 1.0)
-            H, H_host = before.clone(), before.clone()
-            moment_add(H, x, x)
-            _gram(H_host, Operand(x.t, fx))
-            P = before[:768].clone()
-            moment_add(P, y, x)
-            P_host = torch.addmm(before[:768], y.t.t(), x.t, out_dtype=torch.float32, alpha=fy * fx)
-        assert torch.equal(H, H_host) and torch.equal(P, P_host), scale
 
 
 @pytest.mark.gpu

@@ -92,47 +92,6 @@ def test_half_operands_are_fp16_after_a_power_of_two_scale_and_only_inside_the_b
         assert operands(mid)[0].t is mid
 
 
-def _host_scale(peak: float) -> float:
-    """The scale ``operands`` gives an fp16 operand, as the host would choose it from the read peak."""
-    if math.isfinite(peak) and peak > 0 and not core.HALF_RANGE[0] <= peak <= core.HALF_RANGE[1]:
-        return 2.0 ** math.floor(math.log2(core.HALF_PEAK / peak))
-    return 1.0
-
-
-def test_half_scales_made_on_the_device_are_the_host_formulas_and_making_products_never_reads_the_host(
-        monkeypatch):
-    """half_scales gives, from the peaks alone, the power of two the host formula gives: at HALF_RANGE's ends and
-    just beyond them, at powers of two (whose scale brings them to HALF_PEAK itself), at zero, infinity and NaN.
-    With them the statistics' products under half_products (operands, moments, Grams, stat_mm) make every
-    scale and factor on the device: no value is read on the host."""
-    lo, hi = core.HALF_RANGE
-    below, above = (float(torch.nextafter(torch.tensor(p), torch.tensor(q))) for p, q in ((lo, 0.0), (hi, math.inf)))
-    peaks = [lo, hi, below, above, 2.0**-20, 2.0**20, 3e-7, 1e7, 1e-30, 1.5e30, 0.0, math.inf, math.nan, 1.0]
-    peaks = [float(torch.tensor(p, dtype=torch.float32)) for p in peaks]  # as fp32 holds them
-    assert below < lo and above > hi
-    assert core.half_scales(torch.tensor(peaks)).tolist() == [_host_scale(p) for p in peaks]
-
-    def no_read(*args):
-        raise AssertionError("read on the host")
-
-    monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
-    g = torch.Generator().manual_seed(3)
-    X, Y = torch.randn(300, core.GRAM_MIN + 64, generator=g) * 1e-9, torch.randn(300, 40, generator=g) * 1e7
-    for name in ("tolist", "item", "__float__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, no_read)
-    with half_products(True):
-        x, y = operands(X, Y)
-        H, P = torch.zeros(X.shape[1], X.shape[1]), torch.zeros(40, X.shape[1])
-        moment_sum(H, X, X)
-        moment_sum(P, Y, X)
-        M = stat_mm(Y[:16], Y[:32].t())
-    monkeypatch.undo()
-    assert isinstance(x.factor, torch.Tensor) and float(x.factor) == 1 / _host_scale(float(X.abs().amax()))
-    assert float(y.factor) == 1 / _host_scale(float(Y.abs().amax()))
-    assert torch.equal(P, (y.t.t() @ x.t) * (x.factor * y.factor))
-    assert torch.isfinite(H).all() and torch.isfinite(M).all()
-
-
 def test_a_bad_dtype_is_one_error_line():
     from clirun import cli
 

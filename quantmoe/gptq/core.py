@@ -152,29 +152,15 @@ def half_rows(X: Tensor) -> tuple[Tensor, Tensor] | None:
 
 class Operand(NamedTuple):
     """A product's operand as ``operands`` makes it: ``t`` (fp32, or bf16/fp16 on CUDA; elsewhere fp32 holding
-    the rounded values) and the ``factor`` a product of it must be multiplied by (1 / the scale applied): a
-    number, or for an fp16 operand a 0-dim tensor on its device, so that making it never waits for the device."""
+    the rounded values) and the ``factor`` a product of it must be multiplied by (1 / the scale applied)."""
     t: Tensor
-    factor: float | Tensor = 1.0
-
-
-def half_scales(peaks: Tensor) -> Tensor:
-    """The power of two that ``operands`` multiplies an fp16 operand by, for each largest magnitude in ``peaks``
-    (fp32, >= 0), made on their device: 2^floor(log2(HALF_PEAK / peak)) for a finite, non-zero peak outside
-    HALF_RANGE, else 1 (exponents within +-126)."""
-    peak = peaks.nan_to_num(1.0, 1.0, 1.0)  # a non-finite magnitude is not scaled
-    mantissa, exponent = torch.frexp(peak)  # peak = m 2^e, 1/2 <= m < 1
-    shift = (HALF_PEAK_EXPONENT - exponent).add_((mantissa == 0.5).int())  # log2(HALF_PEAK / peak), rounded down
-    kept = (peak >= HALF_RANGE[0]) & (peak <= HALF_RANGE[1]) | (peak == 0)
-    shift = shift.masked_fill_(kept, 0).clamp_(-126, 126)
-    return ((shift + 127) << 23).view(torch.float32)  # 2^shift, built from its bits: exact
+    factor: float = 1.0
 
 
 def operands(*ts: Tensor | Operand) -> list[Operand]:
     """``ts`` as a product takes them: inside ``bf16_statistics`` rounded to bfloat16, inside ``half_products``
-    (fp32 on HALF_DEVICES) to fp16 after their scales (``half_scales``, made on the device from their largest
-    magnitudes: no read on the host), else as they are. An Operand is kept; the same tensor twice is rounded
-    once (a Hessian's X and X)."""
+    (fp32 on HALF_DEVICES) to fp16 after their scales (one host read of their largest magnitudes for all of
+    them), else as they are. An Operand is kept; the same tensor twice is rounded once (a Hessian's X and X)."""
     by_id = {id(t): t for t in ts if not isinstance(t, Operand)}  # each tensor once, in order
     made: dict[int, Operand] = {}
     if _BF16_STATISTICS.get():
@@ -183,14 +169,15 @@ def operands(*ts: Tensor | Operand) -> list[Operand]:
     else:
         half = [i for i, t in by_id.items() if _HALF_PRODUCTS.get() and t.device.type in HALF_DEVICES
                 and t.dtype == torch.float32 and t.numel()]
-        if half:
-            # largest magnitudes in one pass each (abs().amax() would write a copy first)
-            scales = half_scales(torch.stack([torch.linalg.vector_norm(by_id[i], math.inf) for i in half]))
-            factors = scales.reciprocal()
-            for j, i in enumerate(half):
-                t = by_id[i]
-                h = torch.mul(t, scales[j], out=torch.empty_like(t, dtype=torch.float16))  # exact, then rounded
-                made[i] = Operand(h if h.is_cuda else h.float(), factors[j])
+        # largest magnitudes in one pass each (abs().amax() would write a copy first), read once for all
+        peaks = torch.stack([torch.linalg.vector_norm(by_id[i], math.inf) for i in half]).tolist() if half else []
+        for i, peak in zip(half, peaks):
+            t = by_id[i]
+            scale = 1.0
+            if math.isfinite(peak) and peak > 0 and not HALF_RANGE[0] <= peak <= HALF_RANGE[1]:
+                scale = 2.0 ** math.floor(math.log2(HALF_PEAK / peak))
+            h = (t * scale if scale != 1.0 else t).half()
+            made[i] = Operand(h if h.is_cuda else h.float(), 1.0 / scale)
     for i, t in by_id.items():
         made.setdefault(i, Operand(t))
     return [t if isinstance(t, Operand) else made[id(t)] for t in ts]
@@ -205,7 +192,7 @@ def _paired(A: Operand, B: Operand) -> tuple[Tensor, Tensor]:
 
 def _addmm(S: Tensor, A: Tensor | Operand, B: Tensor | Operand, alpha: float = 1.0) -> Tensor:
     """S (fp32) += alpha A @ B in place; bf16/fp16 A and B (``operands`` on CUDA) give one product with an fp32
-    result; their factors (numbers: ``_moment_mm`` takes a device factor out first) go into alpha."""
+    result; their factors go into alpha."""
     A, B = (t if isinstance(t, Operand) else Operand(t) for t in (A, B))
     a, b = _paired(A, B)
     alpha = alpha * A.factor * B.factor
@@ -215,22 +202,11 @@ def _addmm(S: Tensor, A: Tensor | Operand, B: Tensor | Operand, alpha: float = 1
 
 
 def _moment_mm(S: Tensor, Y: Operand, X: Operand, alpha: float = 1.0, mirror: bool = True) -> None:
-    """S (R, C) += alpha Y^T X in place: ``_gram`` when Y is X (a Hessian), else one product (``_addmm``).
-    Factors held on the device (fp16 operands) are taken out of the product: S is divided by them first and
-    multiplied by them after, exactly (powers of two), as a product's alpha would have scaled its result."""
-    factor = Y.factor * X.factor
-    on_device = isinstance(factor, Tensor)
-    if on_device:
-        S.div_(factor)
-        same = Y is X
-        X = Operand(X.t)
-        Y = X if same else Operand(Y.t)
+    """S (R, C) += alpha Y^T X in place: ``_gram`` when Y is X (a Hessian), else one product (``_addmm``)."""
     if Y is X and X.t.shape[1] >= GRAM_MIN:
         _gram(S, X, alpha, mirror)
     else:
         _addmm(S, Operand(Y.t.t(), Y.factor), X, alpha=alpha)
-    if on_device:
-        S.mul_(factor)
 
 
 def _gram(S: Tensor, X: Operand, alpha: float = 1.0, mirror: bool = True) -> None:
@@ -265,7 +241,7 @@ def stat_mm(A: Tensor | Operand, B: Tensor | Operand) -> Tensor:
     a, b = _paired(A, B)
     out = torch.mm(a, b, out_dtype=torch.float32) if a.dtype in (torch.bfloat16, torch.float16) else a @ b
     factor = A.factor * B.factor
-    return out.mul_(factor) if isinstance(factor, Tensor) or factor != 1.0 else out
+    return out.mul_(factor) if factor != 1.0 else out
 
 
 def accumulate_hessian(H: Tensor, X: Tensor, n_seen: float, weights: Tensor | None = None) -> tuple[Tensor, float]:

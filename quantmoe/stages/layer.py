@@ -756,7 +756,7 @@ class LayerQuantizer:
                         xw, added = weighted_rows(xc, wc)
                     else:
                         xw, added = weighted(xc, wc)
-                        x0w, xw = operands(weighted(x0c, wc)[0], xw)  # both scales in one pass
+                        x0w, xw = operands(weighted(x0c, wc)[0], xw)  # one read of both scales
                         moment_add(X0[k], x0w, xw)
                     moment_add(H[k], xw, xw, mirror=False)
                     n = n + added
@@ -780,7 +780,8 @@ class LayerQuantizer:
             for k, e in enumerate(experts):
                 x, x0, w = rows.of(k)
                 Wg, Wu, original = self._expert_mlp(store, res_gu, k, e)
-                # Every operand made as few times as it can be (gptq.core.operands): the weights once per expert.
+                # Every operand made as few times, and with as few reads of their scales, as it can be
+                # (gptq.core.operands): the weights once per expert, then three reads per chunk.
                 Wg, Wu, *original = operands(Wg.t(), Wu.t(), *(() if P_d is None else (W.t() for W in original)))
                 n = 0
                 for xc, x0c, wc in _row_chunks(x, x0, w, 4 * (6 * I + C)):  # gate, up, act, h, h w; output
