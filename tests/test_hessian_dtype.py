@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import quantmoe
+import quantmoe.stages.experts
 import quantmoe.stages.layer
 from quantmoe.base.options import QuantConfig
 from quantmoe.base.paths import DEFAULT_MODEL
@@ -103,20 +104,57 @@ def test_a_bad_dtype_is_one_error_line():
 @pytest.fixture(scope="module")
 def runs(tiny_model, text_file, tmp_path_factory):
     """The tiny Mixtral quantized with float32 and bfloat16 statistics, and ("half") with --tf32's fp16 statistics
-    as CUDA makes them, here on the CPU (half_products in every stage, HALF_DEVICES patched; the stages without
-    statistics make no product through ``operands``)."""
+    as CUDA makes them, here on the CPU (half_products in every stage, HALF_DEVICES patched, the experts taken as
+    wide; the stages without statistics make no product through ``operands``)."""
     base = tmp_path_factory.mktemp("hessian-dtype")
     out = {}
     for dtype in ("float32", "bfloat16", "half"):
         out[dtype] = base / dtype
         with pytest.MonkeyPatch.context() as patch:
-            if dtype == "half":
+            if dtype == "half":  # its experts taken as wide, so that their down statistics take fp16 too
                 patch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
                 patch.setattr(quantmoe.stages.layer, "tensor_core_passes", lambda enabled: half_products(True))
+                patch.setattr(quantmoe.stages.experts, "half_forward", lambda *shapes: True)
             quantmoe.quantize(tiny_model("mixtral"), out[dtype], QuantConfig(group_size=32), calib=text_file,
                               nsamples=8, seqlen=64, run_eval=False, quiet=True, device="cpu",
                               hessian_dtype="float32" if dtype == "half" else dtype)
     return out
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_down_statistics_take_fp16_operands_only_for_wide_experts(tiny_model, text_file, tmp_path, monkeypatch, wide):
+    """Under --tf32's fp16 statistics, the routed experts' gate/up statistics take fp16 operands whatever their
+    width, their down statistics only where the experts are wide (experts.half_forward, which their forward
+    follows too): narrow experts' many small products keep fp32 operands (TF32 on CUDA)."""
+    monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(quantmoe.stages.layer, "tensor_core_passes", lambda enabled: half_products(True))
+    monkeypatch.setattr(quantmoe.stages.experts, "half_forward", lambda *shapes: wide)
+    stage, rounded = [None], {"gate_up": [], "down": []}
+    made = quantmoe.stages.layer.operands
+
+    def spy(*ts):
+        out = made(*ts)
+        if stage[0] is not None:
+            rounded[stage[0]] += [o.t is not t for o, t in zip(out, ts) if not isinstance(t, Operand)]
+        return out
+
+    def in_stage(name, method):
+        def run(*args, **kwargs):
+            stage[0] = name
+            try:
+                return method(*args, **kwargs)
+            finally:
+                stage[0] = None
+        return run
+
+    LQ = quantmoe.stages.layer.LayerQuantizer
+    monkeypatch.setattr(quantmoe.stages.layer, "operands", spy)
+    monkeypatch.setattr(LQ, "_gate_up_statistics", in_stage("gate_up", LQ._gate_up_statistics))
+    monkeypatch.setattr(LQ, "_down_statistics", in_stage("down", LQ._down_statistics))
+    quantmoe.quantize(tiny_model("mixtral"), tmp_path / "out", QuantConfig(group_size=32), calib=text_file,
+                      nsamples=8, seqlen=64, run_eval=False, quiet=True, device="cpu")
+    assert rounded["gate_up"] and all(rounded["gate_up"])
+    assert rounded["down"] and all(r == wide for r in rounded["down"])
 
 
 def _log(folder):

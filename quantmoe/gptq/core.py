@@ -132,6 +132,18 @@ def half_products(enabled: bool) -> Iterator[None]:
         _HALF_PRODUCTS.reset(token)
 
 
+@contextmanager
+def fp32_operands(enabled: bool) -> Iterator[None]:
+    """Inside the block, where ``enabled``, the statistics' products keep fp32 operands (TF32 under --tf32) even
+    inside ``half_products``: for narrow experts' down statistics, whose many small products per expert gain
+    less from fp16's rate than their operands' conversions cost (benchmarks/README.md)."""
+    token = _HALF_PRODUCTS.set(_HALF_PRODUCTS.get() and not enabled)
+    try:
+        yield
+    finally:
+        _HALF_PRODUCTS.reset(token)
+
+
 def half_rows(X: Tensor) -> tuple[Tensor, Tensor] | None:
     """Inside ``half_products``, fp32 X (n, k) on HALF_DEVICES as a product's fp16 operand, scaled row by row:
     each row times the power of two that brings its largest magnitude into [HALF_PEAK / 2, HALF_PEAK) (1 for a

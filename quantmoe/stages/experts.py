@@ -51,10 +51,11 @@ PRODUCT_BYTES = 1 << 30
 # as the budget leaves room for make a chunk, for which each expert's weights are rebuilt once.
 TAIL_PRODUCT_BYTES = 4 << 30
 TAIL_COPIES = 6
-# Under --tf32 the routed experts' forward products take fp16 operands (StoredExperts.half) where an expert's
-# products over the rows routed to it from TAIL_PRODUCT_BYTES of batches come to at least this many flops
-# (``half_forward``): the scaling of the operands adds a dozen small operations per expert and product, which
-# cost more than fp16's rate saves where many narrow experts each get few rows (benchmarks/README.md).
+# Under --tf32 the routed experts' forward products, and their down statistics (layer._down_statistics), take
+# fp16 operands (StoredExperts.half) where an expert's products over the rows routed to it from TAIL_PRODUCT_BYTES
+# of batches come to at least this many flops (``half_forward``): the scaling of the operands adds a dozen small
+# operations per expert and product, which cost more than fp16's rate saves where many narrow experts each get
+# few rows (benchmarks/README.md).
 HALF_FORWARD_FLOPS = 1e12
 
 

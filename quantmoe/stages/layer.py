@@ -40,6 +40,7 @@ from ..gptq.core import (
     bf16_statistics,
     dequantize_grouped,
     finish_moment,
+    fp32_operands,
     gptq_quantize,
     matrix_chunks,
     moment_add,
@@ -776,7 +777,8 @@ class LayerQuantizer:
         dev, act = self.stream.device, store.act_fn
         H_d = torch.zeros(len(experts), I, I, device=dev)
         P_d = torch.zeros(len(experts), C, I, device=dev) if fit else None
-        with self.clock("experts:down_statistics"), self._stage("hessians"):
+        # Narrow experts (those whose forward keeps TF32 too: experts.half_forward) keep fp32 operands here.
+        with self.clock("experts:down_statistics"), self._stage("hessians"), fp32_operands(not store.half):
             for k, e in enumerate(experts):
                 x, x0, w = rows.of(k)
                 Wg, Wu, original = self._expert_mlp(store, res_gu, k, e)
@@ -803,7 +805,7 @@ class LayerQuantizer:
         if blended:  # a rare expert's Hessian is blended with that of all tokens through its gate/up
             with self.clock("experts:blend"):
                 sample = self._blend_sample(threshold)
-            with self.clock("experts:blend"), self._stage("hessians"):
+            with self.clock("experts:blend"), self._stage("hessians"), fp32_operands(not store.half):
                 for k in blended:
                     Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
                     Wg, Wu = operands(Wg.t(), Wu.t())
