@@ -125,11 +125,12 @@ def runs(tiny_model, text_file, tmp_path_factory):
 def test_down_statistics_take_fp16_operands_only_for_wide_experts(tiny_model, text_file, tmp_path, monkeypatch, wide):
     """Under --tf32's fp16 statistics, the routed experts' gate/up statistics take fp16 operands whatever their
     width, their down statistics only where the experts are wide (experts.half_forward, which their forward
-    follows too): narrow experts' many small products keep fp32 operands (TF32 on CUDA)."""
+    follows too): narrow experts' many small products keep fp32 operands (TF32 on CUDA). A rare expert's blend
+    with all tokens (a few large products) takes fp16 operands either way."""
     monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(quantmoe.stages.layer, "tensor_core_passes", lambda enabled: half_products(True))
     monkeypatch.setattr(quantmoe.stages.experts, "half_forward", lambda *shapes: wide)
-    stage, rounded = [None], {"gate_up": [], "down": []}
+    stage, rounded = [None], {"gate_up": [], "down": [], "blend": []}
     made = quantmoe.stages.layer.operands
 
     def spy(*ts):
@@ -151,10 +152,14 @@ def test_down_statistics_take_fp16_operands_only_for_wide_experts(tiny_model, te
     monkeypatch.setattr(quantmoe.stages.layer, "operands", spy)
     monkeypatch.setattr(LQ, "_gate_up_statistics", in_stage("gate_up", LQ._gate_up_statistics))
     monkeypatch.setattr(LQ, "_down_statistics", in_stage("down", LQ._down_statistics))
-    quantmoe.quantize(tiny_model("mixtral"), tmp_path / "out", QuantConfig(group_size=32), calib=text_file,
+    sample = LQ._blend_sample
+    monkeypatch.setattr(LQ, "_blend_sample", lambda *args: (sample(*args), stage.__setitem__(0, "blend"))[0])
+    every_expert_rare = QuantConfig(group_size=32, rare_expert_tokens=10**6)  # so that each is blended too
+    quantmoe.quantize(tiny_model("mixtral"), tmp_path / "out", every_expert_rare, calib=text_file,
                       nsamples=8, seqlen=64, run_eval=False, quiet=True, device="cpu")
     assert rounded["gate_up"] and all(rounded["gate_up"])
     assert rounded["down"] and all(r == wide for r in rounded["down"])
+    assert rounded["blend"] and all(rounded["blend"])
 
 
 def _log(folder):

@@ -805,7 +805,7 @@ class LayerQuantizer:
         if blended:  # a rare expert's Hessian is blended with that of all tokens through its gate/up
             with self.clock("experts:blend"):
                 sample = self._blend_sample(threshold)
-            with self.clock("experts:blend"), self._stage("hessians"), fp32_operands(not store.half):
+            with self.clock("experts:blend"), self._stage("hessians"):  # fp16 operands: few, large products
                 for k in blended:
                     Wg, Wu, _ = self._expert_mlp(store, res_gu, k, experts[k], original=False)
                     Wg, Wu = operands(Wg.t(), Wu.t())
