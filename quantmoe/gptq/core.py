@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -132,16 +132,12 @@ def half_products(enabled: bool) -> Iterator[None]:
         _HALF_PRODUCTS.reset(token)
 
 
-@contextmanager
-def fp32_operands(enabled: bool) -> Iterator[None]:
+def fp32_operands(enabled: bool) -> AbstractContextManager[None]:
     """Inside the block, where ``enabled``, the statistics' products keep fp32 operands (TF32 under --tf32) even
-    inside ``half_products``: for narrow experts' down statistics, whose many small products per expert gain
-    less from fp16's rate than their operands' conversions cost (benchmarks/README.md)."""
-    token = _HALF_PRODUCTS.set(_HALF_PRODUCTS.get() and not enabled)
-    try:
-        yield
-    finally:
-        _HALF_PRODUCTS.reset(token)
+    inside ``half_products`` (entered before this is called): for narrow experts' down statistics, whose many
+    small products per expert gain less from fp16's rate than their operands' conversions cost
+    (benchmarks/README.md)."""
+    return half_products(_HALF_PRODUCTS.get() and not enabled)
 
 
 def half_rows(X: Tensor) -> tuple[Tensor, Tensor] | None:
