@@ -455,6 +455,21 @@ def test_tf32_eval_on_cuda_gives_the_fp32_gap_and_kl_within_their_errors(tmp_pat
 
 
 @pytest.mark.gpu
+def test_page_locked_blocks_registered_in_parallel_hold_device_copies():
+    """After pick_device("cuda") (page-locked blocks malloc'd, touched by several threads and registered), a queued
+    copy from the device lands in a page-locked block with the device's values, and a copy back matches."""
+    from quantmoe.model.stream import pick_device
+
+    dev = pick_device("cuda")
+    x = torch.arange(1 << 26, device=dev, dtype=torch.int32)
+    host = x.to("cpu", non_blocking=True)
+    torch.cuda.synchronize()
+    assert host.is_pinned()
+    assert torch.equal(host, torch.arange(1 << 26, dtype=torch.int32))
+    assert torch.equal(host.to(dev, non_blocking=True), x)
+
+
+@pytest.mark.gpu
 def test_release_pinned_memory_hands_the_cached_page_locked_blocks_back():
     import psutil
 

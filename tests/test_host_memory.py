@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import threading
 import weakref
@@ -302,3 +303,30 @@ def test_a_nan_read_on_threads_is_reported_as_one_read_after_another(bf16_and_fp
         errors.append(str(caught.value))
         assert caught.value.tensor == third
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, "pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+     "expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "pinned_num_register_threads:2"}, None),
+    ({"PYTORCH_ALLOC_CONF": "pinned_use_cuda_host_register:False"}, None),
+])
+def test_a_cuda_device_registers_page_locked_blocks_in_parallel_unless_told_otherwise(monkeypatch, given, expected):
+    """pick_device("cuda") asks PyTorch for page-locked blocks made by malloc and several threads touching their
+    pages, then registered with CUDA, passing on the rest of the user's allocator settings, and leaves the
+    setting alone where the user made it; a CPU run never touches the allocator."""
+    from quantmoe.base import measure
+    from quantmoe.model import stream
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
+    assert stream.pick_device("cpu") == torch.device("cpu") and calls == []
+    assert stream.pick_device("cuda") == torch.device("cuda")
+    threads = max(1, min(measure.PINNED_REGISTER_THREADS, len(os.sched_getaffinity(0))))
+    assert calls == ([] if expected is None else [expected.format(threads=threads)])

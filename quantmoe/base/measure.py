@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -196,6 +197,31 @@ def cached_pinned_bytes() -> int:
         return 0
     found = stats()
     return max(0, int(found.get("allocated_bytes.current", 0)) - int(found.get("active_bytes.current", 0)))
+
+
+# Threads that touch a new page-locked block's pages before CUDA registers it (PyTorch's
+# pinned_num_register_threads); the gain levels off well before the host's cores run out.
+PINNED_REGISTER_THREADS = 8
+_PINNED_KEYS = ("pinned_use_cuda_host_register", "pinned_num_register_threads")
+
+
+def register_pinned_in_parallel() -> None:
+    """Make PyTorch's new page-locked host blocks with malloc, their pages touched by several threads, then
+    registered with CUDA (``pinned_use_cuda_host_register``), instead of one cudaHostAlloc, which pins them on
+    one thread under CUDA's global lock. The first MoE layer's packed copies and captures allocate several GB
+    of them (later layers reuse the cached blocks): benchmarks/README.md. The rest of PYTORCH_CUDA_ALLOC_CONF
+    (or PYTORCH_ALLOC_CONF) is passed on as it is, and a user's own choice of these settings is kept. For CUDA
+    runs only (``model.stream.pick_device``); a PyTorch without the setting is left alone."""
+    given = ",".join(v for v in (os.environ.get(k, "") for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"))
+                     if v)
+    if any(key in given for key in _PINNED_KEYS):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
+        or getattr(getattr(torch.cuda, "memory", None), "_set_allocator_settings", None)
+    if setter is None:
+        return
+    threads = max(1, min(PINNED_REGISTER_THREADS, len(os.sched_getaffinity(0))))
+    setter(",".join(filter(None, (given, f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"))))
 
 
 def release_pinned_memory() -> None:

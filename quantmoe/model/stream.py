@@ -22,6 +22,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations import sdpa_attention
 
 from ..base.errors import QuantMoeError
+from ..base.measure import register_pinned_in_parallel
 from ..formats.base import StoredWeight
 from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
 from ..gptq.core import half_products, tf32_matmuls
@@ -65,10 +66,14 @@ def default_batch_size(config, seqlen: int) -> int:
 
 
 def pick_device(device: str) -> torch.device:
+    """The device ``--device`` names ("auto": CUDA where visible); for CUDA, page-locked host memory set up to be
+    allocated in parallel (base.measure.register_pinned_in_parallel)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantMoeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    if device.startswith("cuda"):
+        register_pinned_in_parallel()
     return torch.device(device)
 
 
