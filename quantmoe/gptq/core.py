@@ -154,8 +154,14 @@ def half_rows(X: Tensor) -> tuple[Tensor, Tensor] | None:
     shift = (HALF_PEAK_EXPONENT - torch.frexp(peak).exponent).clamp(-126, 126)  # peak = m 2^e, 1/2 <= m < 1
     scale = ((shift + 127) << 23).view(torch.float32)  # 2^shift, built from its bits: exact
     scale = torch.where(torch.isfinite(peak), scale, torch.ones_like(scale))
-    h = (X * scale[:, None]).half()
+    h = _scaled_half(X, scale[:, None])
     return (h if h.is_cuda else h.float()), scale.reciprocal()
+
+
+def _scaled_half(t: Tensor, scale: Tensor | float) -> Tensor:
+    """(t * scale).half() in one pass, with t's layout: the product rounded once, to fp16, as .half() rounds it
+    (scale a power of two: the product is exact in fp32)."""
+    return torch.mul(t, scale, out=torch.empty_like(t, dtype=torch.float16))
 
 
 class Operand(NamedTuple):
@@ -184,7 +190,7 @@ def operands(*ts: Tensor | Operand) -> list[Operand]:
             scale = 1.0
             if math.isfinite(peak) and peak > 0 and not HALF_RANGE[0] <= peak <= HALF_RANGE[1]:
                 scale = 2.0 ** math.floor(math.log2(HALF_PEAK / peak))
-            h = (t * scale if scale != 1.0 else t).half()
+            h = _scaled_half(t, scale) if scale != 1.0 else t.half()
             made[i] = Operand(h if h.is_cuda else h.float(), 1.0 / scale)
     for i, t in by_id.items():
         made.setdefault(i, Operand(t))
@@ -247,8 +253,11 @@ def stat_mm(A: Tensor | Operand, B: Tensor | Operand) -> Tensor:
     ``operands`` (an operand used again, a weight, can be made once)."""
     A, B = operands(A, B)
     a, b = _paired(A, B)
-    out = torch.mm(a, b, out_dtype=torch.float32) if a.dtype in (torch.bfloat16, torch.float16) else a @ b
     factor = A.factor * B.factor
+    if a.dtype in (torch.bfloat16, torch.float16):  # the factors (powers of two) as the product's alpha: exact
+        out = a.new_empty(a.shape[0], b.shape[1], dtype=torch.float32)
+        return torch.addmm(out, a, b, beta=0, alpha=factor, out_dtype=torch.float32, out=out)
+    out = a @ b
     return out.mul_(factor) if factor != 1.0 else out
 
 
