@@ -3,7 +3,7 @@ non-zero exit, no traceback, and nothing written earlier damaged.
 
 "Earlier" is a finished export that every bad run targets with ``--out ... --overwrite``
 (so a run that got far enough would replace it), and the source model folder. Cases that
-fail before any work are launched together, since each costs one interpreter start.
+fail before any work are launched together, in forks of one interpreter, since each start costs seconds.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from clirun import QUICK, cli, digest, one_error_line, quantize_args, start, wait_for
+from clirun import QUICK, cli, cli_forked, digest, one_error_line, quantize_args, start, wait_for
 from tiny import make_model, write_text
 
 import quantmoe
@@ -157,15 +156,15 @@ def _command(e, case: str, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def outcomes(earlier):
-    """case -> (its copy of the earlier export, its --out, the finished process); all launched at once."""
+    """case -> (its copy of the earlier export, its --out, the finished process); launched together, in
+    forks of one interpreter that made the imports once (clirun.cli_forked)."""
     prepared = {}
     for n, case in enumerate(CASES):
         copy = Path(shutil.copytree(earlier["out"], earlier["root"] / f"case{n}" / "out"))
         command = _command(earlier, case, copy)
         prepared[case] = (copy, Path(command[len(command) - 1 - command[::-1].index("--out") + 1]), command)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        runs = pool.map(lambda c: cli(*c), [command for _, _, command in prepared.values()])
-        return {case: (copy, out, run) for (case, (copy, out, _)), run in zip(prepared.items(), runs)}
+    runs = cli_forked([command for _, _, command in prepared.values()])
+    return {case: (copy, out, run) for (case, (copy, out, _)), run in zip(prepared.items(), runs)}
 
 
 def assert_nothing_damaged(e, out: Path) -> None:
