@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from clirun import cli
+from clirun import cli, cli_forked
 from safetensors.torch import load_file
 from tiny import append_mtp_layer, dequantized_copy, make_model, router_or_mtp_extra
 
@@ -163,9 +163,10 @@ def test_bnb_export_keeps_the_mtp_layer_as_the_gptq_export_does(releases, tmp_pa
     mtp = Checkpoint(fp8).config.num_hidden_layers
     prefix = f"model.layers.{mtp}."
     release = load_file(fp8 / "model.safetensors")
-    for choice in ("keep", "drop"):
+    runs = cli_forked([["quantize", fp8, "--out", tmp_path / choice, "--backend", "bnb-nf4", "--no-eval", "--quiet",
+                        "--mtp", choice] for choice in ("keep", "drop")])
+    for choice, result in zip(("keep", "drop"), runs):
         out = tmp_path / choice
-        result = cli("quantize", fp8, "--out", out, "--backend", "bnb-nf4", "--no-eval", "--quiet", "--mtp", choice)
         assert result.returncode == 0, result.stderr
         exported = {}
         for shard in sorted(out.glob("*.safetensors")):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import QUICK, cli, digest, one_error_line
+from clirun import QUICK, cli, cli_forked, digest, one_error_line
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import (
@@ -134,16 +134,23 @@ def test_layers_load_from_fp8_as_from_their_bf16_conversion(releases):
 
 
 def _quantize(model, out, text, *extra):
-    result = cli("quantize", model, "--out", out, "--calib", text, "--nsamples", "4", "--seqlen", "32",
-                 "--group-size", "32", "--quiet", "--eval-data", text, *extra)
-    assert result.returncode == 0, result.stderr
-    return json.loads((Path(out) / "eval_report.json").read_text()) if "--no-eval" not in extra else None
+    (report,) = _quantize_each([(model, out)], text, *extra)
+    return report
+
+
+def _quantize_each(runs, text, *extra):
+    """Each (model, out) of ``runs`` quantized by the CLI, side by side (clirun.cli_forked); their reports."""
+    results = cli_forked([["quantize", model, "--out", out, "--calib", text, "--nsamples", "4", "--seqlen", "32",
+                           "--group-size", "32", "--quiet", "--eval-data", text, *extra] for model, out in runs])
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    return [json.loads((Path(out) / "eval_report.json").read_text()) if "--no-eval" not in extra else None
+            for _, out in runs]
 
 
 def test_fp8_release_with_mtp_quantizes_as_its_bf16_conversion(releases, text_file, tmp_path):
     bf16, fp8, reference = releases
-    report = _quantize(fp8, tmp_path / "from-fp8", text_file)
-    expected = _quantize(reference, tmp_path / "from-bf16", text_file)
+    report, expected = _quantize_each([(fp8, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")], text_file)
     gap, gap_ref = (r["gap"]["absolute"] for r in (report, expected))
     assert abs(gap - gap_ref) <= 0.05, (gap, gap_ref)
     # Stronger: the dequantized weights are the same numbers on either path, so are the outputs, byte for byte.
@@ -357,8 +364,9 @@ def test_kimi_k2_reads_as_deepseek_v3_with_one_group_and_its_rotary_tables(tmp_p
 def test_bnb_quantizes_an_fp8_release_as_its_bf16_conversion(releases, tmp_path):
     pytest.importorskip("bitsandbytes", reason="the bnb backends need bitsandbytes (pip install 'quantmoe[bnb]')")
     _, fp8, reference = releases
-    for model, out in ((fp8, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")):
-        result = cli("quantize", model, "--out", out, "--backend", "bnb-nf4", "--no-eval", "--quiet")
+    runs = cli_forked([["quantize", model, "--out", out, "--backend", "bnb-nf4", "--no-eval", "--quiet"]
+                       for model, out in ((fp8, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16"))])
+    for result in runs:
         assert result.returncode == 0, result.stderr
     ours, theirs = (tmp_path / "from-fp8" / "model-00001-of-00001.safetensors",
                     tmp_path / "from-bf16" / "model-00001-of-00001.safetensors")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import cli, one_error_line
+from clirun import cli_forked, one_error_line
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny import make_model, write_text
@@ -141,12 +141,11 @@ def test_index_entry_without_a_tensor_is_caught(damaged):
 
 
 def test_cli_exit_status_and_output(damaged, export):
-    good = cli("verify", export("mixtral"))
+    edit_tensor(damaged, f"{EXPERT}.scales", torch.zeros_like)  # a copy: the export itself stays good
+    good, bad, missing = cli_forked([["verify", export("mixtral")], ["verify", damaged],
+                                     ["verify", damaged.parent / "nowhere"]], preload=("quantmoe.apps.verify",))
     assert good.returncode == 0 and good.stdout.startswith("ok: "), good.stderr
-    edit_tensor(damaged, f"{EXPERT}.scales", torch.zeros_like)
-    bad = cli("verify", damaged)
     assert bad.returncode == 1
     assert bad.stdout.splitlines() == [f"- {EXPERT} is all zero: every scale is 0 (an expert that saw no calibration tokens?)"]
     assert one_error_line(bad.stderr).startswith("error: 1 problem(s) found in")
-    missing = cli("verify", damaged.parent / "nowhere")
     assert missing.returncode == 2 and "does not exist" in one_error_line(missing.stderr)
