@@ -469,6 +469,7 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
     atomic_write_json(folder / GENERATOR_FILE, generator_record(shape, layers, reduced, source, mtp, overrides, seed,
                                                                 changes))
     (folder / WRITING).unlink()
+    os.sync()  # its dirty pages on disk before anything is timed on it, as a downloaded checkpoint's are
     return folder
 
 
