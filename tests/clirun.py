@@ -145,18 +145,20 @@ def one_and_two_processes(src: Path, calib: Path, tmp_path: Path, *two_only: str
 # with its own stdout, stderr and exit status, as `python -m` runs it. What the imports printed is put
 # at the head of every run's stderr, where a process of its own would have printed it.
 _FORKED = r"""
-import json, os, runpy, shutil, sys, tempfile
+import json, os, runpy, shutil, sys, tempfile, threading
 
 spec, tmp = json.loads(sys.stdin.read()), tempfile.mkdtemp()
 saved = [os.dup(1), os.dup(2)]
 printed = [os.open(os.path.join(tmp, f"imports.{s}"), os.O_RDWR | os.O_CREAT, 0o600) for s in ("out", "err")]
 os.dup2(printed[0], 1), os.dup2(printed[1], 2)
-import quantmoe.cli
-quantmoe.cli.main.callback(debug=False)  # the CLI's own setup (OpenMP and logging), made before torch is imported
+if spec["cli"]:
+    import quantmoe.cli
+    quantmoe.cli.main.callback(debug=False)  # the CLI's own setup (OpenMP and logging), made before torch is imported
 for name in spec["preload"]:
     __import__(name)
 sys.stdout.flush(), sys.stderr.flush()
 os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+assert threading.active_count() == 1, "the imports started threads, which a fork would not carry"
 for fd in (*saved, *printed):
     os.close(fd)
 printed = [open(os.path.join(tmp, f"imports.{s}"), "rb").read() for s in ("out", "err")]
@@ -167,20 +169,24 @@ for n, argv in enumerate(runs):
         runs[pids.pop(pid)] = os.waitstatus_to_exitcode(status)
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # the child ends as the interpreter ends a `python -m quantmoe` run: nothing here catches it
+    if pid == 0:  # the child ends as the interpreter ends a `python -m`/`-c` run: nothing here catches it
         for fd, s in ((1, "out"), (2, "err")):
             f = os.open(os.path.join(tmp, f"{n}.{s}"), os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(f, printed[fd - 1])
             os.dup2(f, fd), os.close(f)
-        sys.argv = ["-m", *argv]
-        runpy.run_module("quantmoe", run_name="__main__", alter_sys=True)
+        if spec["cli"]:
+            sys.argv = ["-m", *argv]
+            runpy.run_module("quantmoe", run_name="__main__", alter_sys=True)
+        else:  # python -c CODE ARGS...
+            sys.argv = ["-c", *argv[1:]]
+            exec(compile(argv[0], "<string>", "exec"), {"__name__": "__main__"})
         sys.exit(0)
     pids[pid] = n
 while pids:
     pid, status = os.wait()
     runs[pids.pop(pid)] = os.waitstatus_to_exitcode(status)
-results = [[rc, *(open(os.path.join(tmp, f"{n}.{s}"), encoding="utf-8", errors="replace").read() for s in ("out", "err"))]
-           for n, rc in enumerate(runs)]
+results = [[rc, *(open(os.path.join(tmp, f"{n}.{s}"), encoding="utf-8", errors="replace").read()
+                  for s in ("out", "err"))] for n, rc in enumerate(runs)]
 shutil.rmtree(tmp)
 print(json.dumps(results))
 """
@@ -190,10 +196,22 @@ def cli_forked(commands: list[list], preload: tuple[str, ...] = ("quantmoe.backe
                timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """Each of ``commands`` (the arguments after ``python -m quantmoe``) run as by :func:`cli`, ``jobs`` at a
     time, in forks of one process that imported ``preload`` first (what those commands import anyway)."""
+    return _forked(commands, preload, jobs, timeout, cli=True)
+
+
+def scripts_forked(code: str, args: list[list], preload: tuple[str, ...], jobs: int = 2, timeout: float = 600,
+                   **kwargs) -> list[subprocess.CompletedProcess]:
+    """``python -c code *a`` for each ``a`` of ``args``, as by subprocess.run(..., **kwargs), ``jobs`` at a time,
+    in forks of one process that imported ``preload`` first."""
+    return _forked([[code, *a] for a in args], preload, jobs, timeout, cli=False, **kwargs)
+
+
+def _forked(commands, preload, jobs, timeout, cli, **kwargs):
     commands = [[str(a) for a in c] for c in commands]
-    run = subprocess.run([sys.executable, "-c", _FORKED], input=json.dumps({"commands": commands, "preload": list(preload),
-                                                                           "jobs": jobs}),
-                         capture_output=True, text=True, timeout=timeout)
+    spec = {"commands": commands, "preload": list(preload), "jobs": jobs, "cli": cli}
+    run = subprocess.run([sys.executable, "-c", _FORKED], input=json.dumps(spec), capture_output=True, text=True,
+                         timeout=timeout, check=False, **kwargs)
     assert run.returncode == 0 and not run.stderr, run.stderr
-    return [subprocess.CompletedProcess([sys.executable, "-m", "quantmoe", *c], rc, out, err)
+    head = [sys.executable, "-m", "quantmoe"] if cli else [sys.executable, "-c"]
+    return [subprocess.CompletedProcess([*head, *c], rc, out, err)
             for c, (rc, out, err) in zip(commands, json.loads(run.stdout))]

@@ -17,7 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from clirun import QUICK, cli, cli_forked, digest, one_error_line, quantize_args, start, wait_for
+from clirun import (
+    QUICK,
+    cli,
+    cli_forked,
+    digest,
+    one_error_line,
+    quantize_args,
+    start,
+    wait_for,
+)
 from tiny import make_model, write_text
 
 import quantmoe

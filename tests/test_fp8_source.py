@@ -232,21 +232,31 @@ BAD_SCALES = [  # (how, the tensor named, words, found before the work folder is
 ]
 
 
-@pytest.mark.parametrize("spoil,tensor,words,early", BAD_SCALES, ids=["missing", "wrong shape", "NaN"])
-def test_bad_fp8_scales_are_one_error_line_and_leave_out_untouched(releases, text_file, tmp_path, spoil, tensor, words,
-                                                                   early):
+@pytest.fixture(scope="module")
+def bad_scale_runs(releases, text_file, tmp_path_factory):
+    """spoil -> (the --out, its digest before, the finished CLI run): for each case of BAD_SCALES, the FP8
+    release spoiled so, quantized over an earlier export; the cases run side by side (clirun.cli_forked)."""
     _, fp8, _ = releases
-    bad = tmp_path / "bad"
-    shutil.copytree(fp8, bad)
-    tensors = load_file(bad / "model.safetensors")
-    spoil(tensors)
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
-    out = tmp_path / "out"
-    out.mkdir()  # an earlier export of quantmoe's, which --overwrite may replace (only) once the run succeeds
-    (out / "model.safetensors").write_bytes(b"an earlier export")
-    (out / "manifest.json").write_text(json.dumps({"files": {}, "versions": {"quantmoe": "0.1.0"}}))
-    before = digest(out)
-    result = cli("quantize", bad, "--out", out, "--calib", text_file, *QUICK, "--overwrite")
+    prepared, commands = {}, []
+    for spoil, *_ in BAD_SCALES:
+        tmp_path = tmp_path_factory.mktemp("bad-scales")
+        bad = tmp_path / "bad"
+        shutil.copytree(fp8, bad)
+        tensors = load_file(bad / "model.safetensors")
+        spoil(tensors)
+        save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+        out = tmp_path / "out"
+        out.mkdir()  # an earlier export of quantmoe's, which --overwrite may replace (only) once the run succeeds
+        (out / "model.safetensors").write_bytes(b"an earlier export")
+        (out / "manifest.json").write_text(json.dumps({"files": {}, "versions": {"quantmoe": "0.1.0"}}))
+        prepared[spoil] = (out, digest(out))
+        commands.append(["quantize", bad, "--out", out, "--calib", text_file, *QUICK, "--overwrite"])
+    return {spoil: (out, before, run) for (spoil, (out, before)), run in zip(prepared.items(), cli_forked(commands))}
+
+
+@pytest.mark.parametrize("spoil,tensor,words,early", BAD_SCALES, ids=["missing", "wrong shape", "NaN"])
+def test_bad_fp8_scales_are_one_error_line_and_leave_out_untouched(bad_scale_runs, spoil, tensor, words, early):
+    out, before, result = bad_scale_runs[spoil]
     line = one_error_line(result.stderr)
     # the reader's own NaN/Inf check (any tensor) or the FP8 check names the tensor
     assert result.returncode == 2 and line.startswith("error: ") and f"{tensor} " in line, line

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from clirun import cli, quantize_args
+from clirun import cli_forked, quantize_args
 from conftest import ARCH_NAMES
 
 import quantmoe
@@ -90,16 +90,30 @@ def test_unknown_recipe_name_and_gptqmodel_layout_are_refused():
 
 
 # ----------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("rule,named", [
+REFUSED = [
     ('match = "model.layers.1.self_attn.k_proj"\nbits = 8', ("self_attn.q_proj", "self_attn.k_proj")),
     ('match = "re:.*experts\\\\.2\\\\..*"\nbits = 8', ("experts.0.w1", "experts.2.w1")),
     ('match = "re:.*experts\\\\.\\\\d+\\\\.w2$"\nskip = true', ("experts.0.w1", "experts.0.w2")),
     ('match = "re:.*\\\\.w3$"\ngroup_size = 64', ("experts.0.w1", "experts.0.w3")),
-])
-def test_recipes_vllm_cannot_serve_are_refused_before_any_work(tiny_model, text_file, tmp_path, rule, named):
-    recipe = write_recipe(tmp_path / "r.toml", f"[[rules]]\n{rule}\n")
+]
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_model, text_file, tmp_path_factory):
+    """rule -> (a folder holding its recipe r.toml, the CLI run that quantized the tiny Mixtral with it into
+    out/ there): the rules of REFUSED run side by side in forks of one interpreter (clirun.cli_forked)."""
+    folders, commands = {}, []
+    for rule, _ in REFUSED:
+        folders[rule] = tmp_path_factory.mktemp("refused")
+        recipe = write_recipe(folders[rule] / "r.toml", f"[[rules]]\n{rule}\n")
+        commands.append(quantize_args(tiny_model("mixtral"), folders[rule] / "out", text_file, "--recipe", recipe))
+    return {rule: (folders[rule], run) for rule, run in zip(folders, cli_forked(commands))}
+
+
+@pytest.mark.parametrize("rule,named", REFUSED)
+def test_recipes_vllm_cannot_serve_are_refused_before_any_work(refusals, rule, named):
+    tmp_path, run = refusals[rule]
     out = tmp_path / "out"
-    run = cli(*quantize_args(tiny_model("mixtral"), out, text_file, "--recipe", recipe))
     assert run.returncode != 0
     (line,) = run.stderr.strip().splitlines()
     assert line.startswith("error: --recipe gives") and "one scheme" in line, line
