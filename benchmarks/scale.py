@@ -376,15 +376,31 @@ def disk_estimate(plan: list, source: str, bits: int = 4) -> dict:
     return {"checkpoint_bytes": checkpoint, "quantize_bytes": 2 * packed + rest}
 
 
-def check_disk(folder: Path, needed: int, what: str) -> None:
-    """A one-line error when ``needed`` bytes would not fit the free space under ``folder``."""
+def _existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing parent."""
     probe = Path(folder)
     while not probe.exists():
         probe = probe.parent
+    return probe
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """A one-line error when ``needed`` bytes would not fit the free space under ``folder``."""
+    probe = _existing(folder)
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise QuantMoeError(f"{what} needs {needed / 1e9:.1f} GB but {probe} has {free / 1e9:.1f} GB free; "
-                            "use fewer --layers, --source fp8, or a --work folder on a larger disk")
+                            "use fewer --layers, --source fp8, or --work / --out-work folders on larger disks")
+
+
+def check_disks(work: Path, out_work: Path, checkpoint: int, quantize: int, what: str) -> None:
+    """check_disk for ``checkpoint`` bytes under ``work`` and ``quantize`` bytes under ``out_work``: their sum where
+    both lie on one file system."""
+    if os.stat(_existing(work)).st_dev == os.stat(_existing(out_work)).st_dev:
+        check_disk(work, checkpoint + quantize, what)
+    else:
+        check_disk(work, checkpoint, what)
+        check_disk(out_work, quantize, what)
 
 
 # -- the checkpoint -----------------------------------------------------------------------------
@@ -1006,6 +1022,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--seqlen", type=int)
     ap.add_argument("--device", default=None, help="auto | cpu | cuda [default: cpu with --reduced, else auto]")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantmoe-scale"), help="where checkpoints and outputs go")
+    ap.add_argument("--out-work", type=Path, help="where the quantized outputs and their work folders go [default: "
+                                                  "--work]; e.g. the checkpoint on a RAM disk, its quantization on disk")
     ap.add_argument("--model", type=Path, help="reuse a checkpoint written earlier instead of writing one")
     ap.add_argument("--quantmoe", type=Path, default=REPO, help="the quantmoe source tree to run (e.g. a baseline)")
     ap.add_argument("--name", help="result file name [default: scale-<device>-<shape>-<source>-<layers>L]")
@@ -1035,7 +1053,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--layer-profile-sample", type=float, metavar="MS",
                     help="with --layer-profile: also sample the host's Python stack every MS ms (layer_profile.py "
                          "--sample): where the layer's stages, and its time outside them, wait on the host")
-    return ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
+    args, options = ap.parse_known_args(argv)  # unknown options go to `quantmoe quantize` (--tf32, --no-prefetch, ...)
+    args.out_work = args.out_work or args.work
+    return args, options
 
 
 def option_value(options: list[str], name: str, default: str) -> str:
@@ -1060,7 +1080,7 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
         config = json.loads((args.model / "config.json").read_text())
         source = "fp8" if (config.get("quantization_config") or {}).get("quant_method") == "fp8" else "bf16"
         size = disk_estimate(tensor_plan(config, shape, mtp=False), source, bits)
-        check_disk(args.work, size["quantize_bytes"], "quantizing the checkpoint")
+        check_disk(args.out_work, size["quantize_bytes"], "quantizing the checkpoint")
         return {"path": args.model, "shape_name": shape.name, "source": source, "written": False, "seconds": 0.0,
                 "bytes": size["checkpoint_bytes"], "quantize_bytes": size["quantize_bytes"]}
     config, changes = run_config(shape, args.layers, args.reduced, args.mtp)
@@ -1070,10 +1090,10 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
     record = generator_record(shape, args.layers, args.reduced, args.source, args.mtp, None, args.seed, changes)
     found = folder / GENERATOR_FILE
     reuse = found.is_file() and json.loads(found.read_text()) == json.loads(json.dumps(record))
-    needed = size["quantize_bytes"] + (0 if reuse else size["checkpoint_bytes"])
     print(f"checkpoint {folder}: {size['checkpoint_bytes'] / 1e9:.2f} GB ({'reused' if reuse else 'to write'}); "
           f"quantizing writes about {size['quantize_bytes'] / 1e9:.2f} GB more", flush=True)
-    check_disk(args.work, needed, "the checkpoint and its quantization" if not reuse else "quantizing the checkpoint")
+    check_disks(args.work, args.out_work, 0 if reuse else size["checkpoint_bytes"], size["quantize_bytes"],
+                "the checkpoint and its quantization" if not reuse else "quantizing the checkpoint")
     t0 = time.perf_counter()
     if not reuse:
         make_checkpoint(folder, shape, args.layers, reduced=args.reduced, source=args.source, mtp=args.mtp,
@@ -1086,7 +1106,7 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
 def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: str, options: list[str]) -> dict:
     """The quantization of ``model`` run again with layer ``args.layer_profile`` under torch.profiler
     (benchmarks/layer_profile.py, a child process): its record, with the child's wall time and exit status."""
-    out, record = args.work / "out-layer-profile", args.work / "layer-profile.json"
+    out, record = args.out_work / "out-layer-profile", args.work / "layer-profile.json"
     record.unlink(missing_ok=True)
     stages = ["--stages", args.layer_profile_stages] if args.layer_profile_stages else []
     stages += ["--sample", str(args.layer_profile_sample)] if args.layer_profile_sample else []
@@ -1131,6 +1151,7 @@ def main(argv: list[str] | None = None) -> dict:
     nsamples, seqlen = REDUCED_TOKENS if args.reduced else FULL_TOKENS
     nsamples, seqlen = args.nsamples or nsamples, args.seqlen or seqlen
     args.work.mkdir(parents=True, exist_ok=True)
+    args.out_work.mkdir(parents=True, exist_ok=True)
     checkpoint = prepare_checkpoint(args, shape, device, options)
     model = Path(checkpoint["path"])
     shape = SHAPES[checkpoint["shape_name"]]
@@ -1142,7 +1163,7 @@ def main(argv: list[str] | None = None) -> dict:
     # cannot read for a remote-code model_type (Kimi K2's); whether quantmoe can is for the run to show.
     read_calibration(calib, transformers.PreTrainedTokenizerFast.from_pretrained(model))
 
-    out = args.work / f"out-{args.name or 'run'}"
+    out = args.out_work / f"out-{args.name or 'run'}"
     run = run_quantize(model, out, calib, device, options, args.quantmoe, args.timeout, args.nproc)
     layers, stages = read_layers(out)
     info = device_info(device)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,7 +184,8 @@ def reduced_runs(tmp_path_factory):
             layers = "2" if scale.SHAPES[name].config.get("first_k_dense_replace") else "1"  # one dense, one MoE
             cache[key] = scale.main(["--shape", name, "--source", source, "--reduced", "--layers", layers,
                                      "--nsamples", "4", "--seqlen", "64", "--work", str(work),
-                                     "--results", str(work / "results"), "--name", f"{name}-{source}", *extra])
+                                     "--results", str(work / "results"), "--name", f"{name}-{source}",
+                                     *(e.format(work=work) for e in extra)])
         return cache[key]
 
     return run
@@ -196,7 +199,8 @@ def quantized(result: dict) -> dict:
     return result
 
 
-RUNS = [("deepseek-v3", "bf16", "--eval"), ("qwen3-30b-a3b", "bf16"), ("deepseek-v3", "fp8"), ("qwen3-30b-a3b", "fp8")]
+RUNS = [("deepseek-v3", "bf16", "--eval"), ("qwen3-30b-a3b", "bf16", "--out-work", "{work}/outputs", "--keep"),
+        ("deepseek-v3", "fp8"), ("qwen3-30b-a3b", "fp8")]
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: "-".join(r[:2]))
@@ -229,6 +233,11 @@ def test_reduced_shape_quantizes_and_the_json_records_it(reduced_runs, run):
     assert extra["dense_layers"] == (release.get("first_k_dense_replace") or 0)
     assert extra["quantize_seconds"] >= saved["layers"][0]["seconds"] + (extra["layers"] - 1 - extra["dense_layers"]) \
         * moe_rows[-1]["seconds"] - 0.1
+    if "--out-work" in run:  # the output (kept) and its work folder under --out-work, the checkpoint under --work
+        work, out_work = Path(saved["scale_options"]["work"]), Path(saved["scale_options"]["out_work"])
+        assert out_work == work / "outputs" and (out_work / f"out-{name}-{source}" / "config.json").is_file()
+        assert not (work / f"out-{name}-{source}").exists()
+        assert Path(saved["checkpoint"]["path"]).parent == work
 
 
 def test_eval_is_timed_per_layer_and_extrapolated(reduced_runs):
@@ -337,6 +346,27 @@ def test_disk_check_refuses_before_writing_anything(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and re.search(r"needs \d+\.\d GB but .* has 1\.0 GB free; use fewer --layers", message)
     assert not list((tmp_path / "work").rglob("*.safetensors")) and not (tmp_path / "results").exists()
+
+
+def test_disk_check_counts_the_checkpoint_and_the_quantization_on_their_own_file_systems(tmp_path, monkeypatch):
+    """--work and --out-work on one file system: their bytes together against its free space; on two: each
+    against its own (a checkpoint on a RAM disk, its quantization on disk)."""
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(scale.shutil, "disk_usage", lambda path: usage(100e9, 50e9, 50e9))
+    work, out_work = tmp_path / "ram", tmp_path / "disk"
+    out_work.mkdir()
+    with pytest.raises(QuantMoeError, match=r"needs 60\.0 GB but .* has 50\.0 GB free"):
+        scale.check_disks(work, out_work, 30e9, 30e9, "the checkpoint and its quantization")
+    stat = os.stat
+
+    def two_devices(path, *args, **kwargs):  # tmp_path/ram on a file system of its own
+        found = stat(path, *args, **kwargs)
+        return SimpleNamespace(st_dev=found.st_dev + (Path(path) == tmp_path))
+
+    monkeypatch.setattr(scale.os, "stat", two_devices)
+    scale.check_disks(tmp_path, out_work, 30e9, 30e9, "the checkpoint and its quantization")
+    with pytest.raises(QuantMoeError, match=r"needs 55\.0 GB but"):
+        scale.check_disks(tmp_path, out_work, 30e9, 55e9, "the checkpoint and its quantization")
 
 
 # -- the tiny Mixtral -----------------------------------------------------------------------------
