@@ -349,20 +349,22 @@ def test_disk_check_refuses_before_writing_anything(tmp_path, monkeypatch):
 
 
 def test_ab_alternates_two_trees_on_one_checkpoint_and_compares_their_outputs(tmp_path):
-    """benchmarks/ab.py: the runs in --order on the checkpoint the first one wrote, each tree's first output kept
-    for the compare and then deleted, one file with every run in order; the same tree twice: the same levels."""
+    """benchmarks/ab.py: a warm-up run of tree A left out of the summary, then the runs in --order, all on the
+    checkpoint the first one wrote, each tree's first counted output kept for the compare and then deleted, one file
+    with every run in order; the same tree twice: the same levels."""
     sys.path.insert(0, str(Path(scale.__file__).parent))
     import ab
 
-    record = ab.main(["--a", str(scale.REPO), "--b", str(scale.REPO), "--a-label", "here", "--order", "ABA",
+    record = ab.main(["--a", str(scale.REPO), "--b", str(scale.REPO), "--a-label", "here", "--order", "AB", "--warmup",
                       "--name", "ab-test", "--results", str(tmp_path / "results"), "--",
                       "--shape", "qwen3-30b-a3b", "--reduced", "--layers", "1", "--nsamples", "4", "--seqlen", "64",
                       "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "results" / "ab-test.json").read_text())
     assert saved == json.loads(json.dumps(record))
-    assert [(r["order"], r["tree"], r["label"]) for r in saved["runs"]] == [(1, "A", "here"), (2, "B", str(scale.REPO)),
-                                                                           (3, "A", "here")]
-    assert len(saved["summary"]["a_steady_seconds"]) == 2 and len(saved["summary"]["b_steady_seconds"]) == 1
+    assert [(r["order"], r["tree"], r["label"], r["warmup"]) for r in saved["runs"]] == [
+        (1, "A", "here", True), (2, "A", "here", False), (3, "B", str(scale.REPO), False)]
+    assert saved["summary"]["a_steady_seconds"] == [saved["runs"][1]["steady_layer_mean"]["seconds"]]
+    assert saved["summary"]["b_steady_seconds"] == [saved["runs"][2]["steady_layer_mean"]["seconds"]]
     assert saved["compare"]["levels"] > 0 and saved["summary"]["levels_differ"] == 0
     assert saved["compare"]["gptq_loss_ratio_b_over_a"] == 1.0
     assert sorted(p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("out-")) == []
