@@ -7,8 +7,9 @@ Everything after ``--`` goes to scale.py (the shape, depth and work folders, and
 is written by the first run and reused by the others; the runs alternate the trees in ``--order``, after a run of
 tree A that is recorded but not counted where ``--warmup`` asks for one (a lease's first run after writing a
 checkpoint was its slowest in every stage); the first counted run of each tree keeps its output, and the two are
-compared (scale.compare_outputs: how many levels differ, each one's weight error and GPTQ loss), then deleted. One file, ``--results``/NAME.json (default $OUT or .), holds each run's
-layers and steady mean in the order they ran, the trees' labels, and the compare. A tree is a folder holding
+compared (scale.compare_outputs: how many levels differ, each one's weight error and GPTQ loss), then deleted. One
+file, ``--results``/NAME.json (default $OUT or .), holds each run's layers and steady mean in the order they ran,
+the trees' labels, and the compare. A tree is a folder holding
 ``quantmoe/`` (e.g. ``git archive REV quantmoe pyproject.toml | tar -x -C DIR``): its label names the commit, which
 the folder itself may not know. Leases differ by more than most changes, so compare trees only within one file.
 """

@@ -330,3 +330,15 @@ def test_a_cuda_device_registers_page_locked_blocks_in_parallel_unless_told_othe
     assert stream.pick_device("cuda") == torch.device("cuda")
     threads = max(1, min(measure.PINNED_REGISTER_THREADS, len(os.sched_getaffinity(0))))
     assert calls == ([] if expected is None else [expected.format(threads=threads)])
+
+
+def test_cuda_asked_for_without_a_visible_device_is_one_error_and_leaves_the_allocator_alone(monkeypatch):
+    from quantmoe.base.errors import QuantMoeError
+    from quantmoe.model import stream
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QuantMoeError, match="no CUDA device is visible; use --device cpu"):
+        stream.pick_device("cuda")
+    assert stream.pick_device("auto") == torch.device("cpu") and calls == []

@@ -70,9 +70,9 @@ def pick_device(device: str) -> torch.device:
     allocated in parallel (base.measure.register_pinned_in_parallel)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantMoeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuantMoeError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
         register_pinned_in_parallel()
     return torch.device(device)
 
