@@ -14,6 +14,7 @@ from quantmoe.gptq.core import (
     bf16_statistics,
     gptq_quantize,
     half_products,
+    half_rows,
     moment_sum,
     stat_mm,
     tf32_matmuls,
@@ -656,3 +657,53 @@ def test_the_experts_fp16_forward_on_cuda_is_tf32s_rounding_and_holds_each_rows_
         assert h.dtype == torch.float32 and torch.isfinite(h).all() and torch.equal(h, a)
         err = float((h.double() - e).norm() / e.norm())
         assert err < max(2 * float((t.double() - e).norm() / e.norm()), 1e-5)
+
+
+@pytest.mark.gpu
+def test_the_silu_kernel_gives_the_bits_of_pytorchs_activation_and_half_rows():
+    """triton_kernels.silu_mul_half_rows: a gate/up product's rows times their powers of two, silu(gate) * up and
+    its fp16 operand scaled row by row, the bits PyTorch's CUDA operations give (half_rows), for rows of any
+    magnitude, of zeros, and holding a NaN or an infinity (those keep the scale 1)."""
+    from quantmoe.gptq.triton_kernels import available, silu_mul_half_rows
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, I = 64, 14336 + 96  # a width that is not a multiple of the kernel's block
+    Y = torch.randn(n, 2 * I, device="cuda", generator=g) * 4
+    Y[1] = 0.0
+    Y[2, 5] = float("nan")
+    Y[3, I + 7] = float("inf")
+    Y[4] *= 1e-20
+    Y[5] *= 1e15
+    f = 2.0 ** torch.randint(-30, 30, (n,), device="cuda", generator=g).float()
+    H, inv = silu_mul_half_rows(Y, f)
+    with half_products(True):
+        gate, up = (Y * f[:, None]).chunk(2, dim=-1)
+        ref_h, ref_inv = half_rows(torch.nn.functional.silu(gate) * up)
+    assert torch.equal(inv, ref_inv)
+    assert torch.equal(H.isnan(), ref_h.isnan())
+    assert torch.equal(H.nan_to_num(0.0), ref_h.nan_to_num(0.0))
+
+
+@pytest.mark.gpu
+def test_the_experts_fp16_forward_gives_the_same_bits_with_and_without_the_silu_kernel():
+    """StoredExperts.run_deferred on fp16 operands (wide experts under --tf32): the fused silu kernel, where it
+    applies, changes no bit of the outputs."""
+    from quantmoe.gptq.triton_kernels import available
+    from quantmoe.stages.experts import StoredExperts
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    E, I, C, T, k = 8, 1536, 512, 2048, 2
+    store = StoredExperts(torch.randn(E, 2 * I, C, device="cuda", generator=g) * 0.02,
+                          torch.randn(E, C, I, device="cuda", generator=g) * 0.02, torch.nn.SiLU())
+    store.half = True
+    index = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+    calls = [(torch.randn(T, C, device="cuda", generator=g), index, torch.rand(T, k, device="cuda", generator=g))]
+    with half_products(True):
+        fused = store.run_deferred(calls)
+        store.silu = False
+        plain = store.run_deferred(calls)
+    assert torch.equal(fused[0], plain[0])

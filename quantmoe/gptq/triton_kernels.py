@@ -11,6 +11,11 @@ tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether
 
 ``search_grids`` is the clipping search (gptq.search_params) as one kernel instead of a chain of
 tensor-wide ones per ratio, with the same operations and rounding but for the order of each group's sum.
+
+``silu_mul_half_rows`` is a wide routed expert's activation under ``--tf32`` (stages.experts.StoredExperts): the
+gate/up product's rows times their powers of two, silu(gate) * up, and that as the down product's fp16 operand
+scaled row by row (gptq.core.half_rows), in one kernel instead of five tensor-wide passes, with PyTorch's CUDA
+operations and rounding (silu as x / (1 + expf(-x)), each product and quotient rounded on its own).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core import FP16_MIN_SCALE, QuantSpec, quantize_block
+from .core import FP16_MIN_SCALE, HALF_PEAK_EXPONENT, QuantSpec, quantize_block
 
 try:
     import triton
@@ -115,6 +120,58 @@ if triton is not None:
             best_z = tl.where(better, z, best_z)
         tl.store(Scale + rows, best_s, mask=live)
         tl.store(Zero + rows, best_z, mask=live)
+
+
+    @triton.jit
+    def _silu_mul_half_rows_kernel(Y, F, H, Inv, I, sY, sH, HALF_PEAK_EXPONENT: tl.constexpr, BLOCK: tl.constexpr):
+        # Row r of Y (n, 2I), [gate | up], times F[r]; h = silu(gate) * up; H[r] = fp16(h * 2^shift), Inv[r] = 2^-shift,
+        # shift as gptq.core.half_rows makes it from the row's largest magnitude (0 for a non-finite row).
+        r = tl.program_id(0).to(tl.int64)
+        f = tl.load(F + r)
+        peak = tl.zeros([BLOCK], dtype=tl.float32)
+        bad = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, I, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            live = cols < I
+            g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
+            u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
+            h = libdevice.mul_rn(libdevice.div_rn(g, 1.0 + libdevice.exp(-g)), u)
+            a = tl.abs(h)
+            peak = tl.where(a > peak, a, peak)
+            bad = bad | ((a != a) | (a == float("inf"))).to(tl.int32)
+        m = tl.max(peak, axis=0)
+        exponent = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # frexp's, for normal and subnormal m
+        exponent = tl.where(m == 0.0, 0, exponent)  # frexp(0) = (0, 0)
+        shift = tl.minimum(tl.maximum(HALF_PEAK_EXPONENT - exponent, -126), 126)
+        shift = tl.where(tl.max(bad, axis=0) > 0, 0, shift)
+        scale = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+        tl.store(Inv + r, ((127 - shift) << 23).to(tl.float32, bitcast=True))
+        for start in range(0, I, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            live = cols < I
+            g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
+            u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
+            h = libdevice.mul_rn(libdevice.div_rn(g, 1.0 + libdevice.exp(-g)), u)
+            tl.store(H + r * sH + cols, libdevice.mul_rn(h, scale).to(tl.float16), mask=live)
+
+
+SILU_BLOCK = 1024  # columns per step of a row in silu_mul_half_rows
+
+
+def silu_mul_half_rows(Y: Tensor, factors: Tensor) -> tuple[Tensor, Tensor] | None:
+    """For Y (n, 2I) fp32 on CUDA, a gate/up product's rows [gate | up] before their powers of two ``factors`` (n,)
+    are applied: ``half_rows(silu(gate * f) * (up * f))`` (gptq.core), fp16 (n, I) and each row's 1 / scale, in one
+    kernel with the same bits. None where it does not apply (no CUDA or Triton, other dtypes or layouts): the
+    caller makes it with PyTorch."""
+    if not available(Y.device) or Y.dtype != torch.float32 or Y.dim() != 2 or Y.stride(1) != 1 or Y.shape[1] % 2:
+        return None
+    n, I = Y.shape[0], Y.shape[1] // 2
+    H = torch.empty(n, I, device=Y.device, dtype=torch.float16)
+    inv = torch.empty(n, device=Y.device)
+    if n:
+        _silu_mul_half_rows_kernel[(n,)](Y, factors.float().contiguous(), H, inv, I, Y.stride(0), H.stride(0),
+                                         HALF_PEAK_EXPONENT=HALF_PEAK_EXPONENT, BLOCK=SILU_BLOCK)
+    return H, inv
 
 
 def fp32_reciprocal(x: float) -> float:

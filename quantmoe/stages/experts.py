@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.activations import SiLUActivation
 
 from ..base.errors import QuantMoeError
 from ..formats.fp8 import Fp8Experts
@@ -39,6 +40,7 @@ from ..gptq.core import (
     dequantize_grouped,
     half_rows,
 )
+from ..gptq.triton_kernels import silu_mul_half_rows
 from ..model.distributed import SINGLE, Ranks, all_reduce_sum
 
 # An expert's forward products (StoredExperts.run_deferred) take at most this many bytes of temporaries: its
@@ -152,6 +154,7 @@ class StoredExperts(nn.Module):
         elif ranks.world > 1:
             gate_up, down = (_share(w, self.own) for w in (gate_up, down))
         self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
+        self.silu = isinstance(act_fn, (nn.SiLU, SiLUActivation))  # triton_kernels.silu_mul_half_rows applies
         self.quantized: tuple[Levels, Levels] | None = None
         self.use_quantized = False
         self.deferred: list[tuple[Tensor, Tensor, Tensor]] | None = None  # see forward
@@ -271,8 +274,13 @@ class StoredExperts(nn.Module):
                         current_hidden_states = current_hidden_states * scores[a:b, None]
                     else:  # the same on fp16 operands, each row's and matrix's power of two undone on its results
                         x, x_inv = half
-                        gate, up = gate_up.linear(x[token_idx], x_inv[token_idx]).chunk(2, dim=-1)
-                        current_hidden_states = down.linear(*half_rows(self.act_fn(gate) * up), scores[a:b])
+                        y, rows_factor = gate_up.product(x[token_idx], x_inv[token_idx])
+                        # silu(gate) * up as the down product's operand: one kernel where it applies, same bits
+                        act = silu_mul_half_rows(y, rows_factor) if self.silu else None
+                        if act is None:
+                            gate, up = y.mul_(rows_factor[:, None]).chunk(2, dim=-1)
+                            act = half_rows(self.act_fn(gate) * up)
+                        current_hidden_states = down.linear(*act, scores[a:b])
                     if single:
                         out.index_add_(0, token_idx, current_hidden_states.to(out.dtype))
                     else:
@@ -290,13 +298,18 @@ class _HalfMatrix:
         h, inv = half_rows(W.reshape(1, -1))
         self.t, self.inv = h.view_as(W), inv
 
+    def product(self, x: Tensor, x_inv: Tensor) -> tuple[Tensor, Tensor]:
+        """``linear`` before its last pass: the fp16 product with fp32 results and each row's power of two (n,)
+        that undoes the operands' scales."""
+        y = torch.mm(x, self.t.t(), out_dtype=torch.float32) if x.is_cuda else x @ self.t.t()
+        return y, x_inv * self.inv
+
     def linear(self, x: Tensor, x_inv: Tensor, factor: Tensor | None = None) -> Tensor:
         """``nn.functional.linear(x / x_inv, W)`` (times ``factor`` (n,), each row's) for x (n, C), ``half_rows``'
         fp16 rows (each row times 1 / x_inv): one fp16 product with fp32 results, the powers of two then undone
         (exactly) in the one pass that multiplies each row by its factor."""
-        y = torch.mm(x, self.t.t(), out_dtype=torch.float32) if x.is_cuda else x @ self.t.t()
-        rows = x_inv * self.inv if factor is None else factor * (x_inv * self.inv)
-        return y.mul_(rows[:, None])
+        y, rows = self.product(x, x_inv)
+        return y.mul_((rows if factor is None else factor * rows)[:, None])
 
 
 def slot_sum(slots: Tensor, top_k_index: Tensor) -> Tensor:
