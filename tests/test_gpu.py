@@ -707,3 +707,31 @@ def test_the_experts_fp16_forward_gives_the_same_bits_with_and_without_the_silu_
         store.silu = False
         plain = store.run_deferred(calls)
     assert torch.equal(fused[0], plain[0])
+
+
+@pytest.mark.gpu
+def test_the_silu_mul_kernel_gives_the_bits_of_pytorchs_gated_rows():
+    """triton_kernels.silu_mul and the statistics' gated (stages.layer.gated) with it: silu(g) * u times each row's
+    router weight, the bits of PyTorch's CUDA silu, product and row product, NaN and infinity where they are."""
+    from quantmoe.gptq.triton_kernels import available, silu_mul
+    from quantmoe.stages import layer
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    T, I = 3000, 2048 + 40
+    G = torch.randn(T, I, device="cuda", generator=g) * 6
+    U = torch.randn(T, I, device="cuda", generator=g)
+    G[0, 1], G[1, 2], U[2, 3], G[3] = float("nan"), float("inf"), float("-inf"), 1e-39
+    w = torch.rand(T, device="cuda", generator=g)
+    for weights in (None, w, w.bfloat16()):
+        ref = torch.nn.functional.silu(G) * U
+        ref = ref if weights is None else ref * weights.float().reshape(-1, 1)
+        out = silu_mul(G.clone(), U, weights)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(0.0), ref.nan_to_num(0.0))
+    x = torch.randn(T, 512, device="cuda", generator=g)
+    Wg, Wu = (torch.randn(512, I, device="cuda", generator=g) * 0.02 for _ in range(2))
+    with half_products(True):
+        fused = layer.gated(x, Wg, Wu, torch.nn.SiLU(), w)
+        plain = layer.gated(x, Wg, Wu, lambda t: torch.nn.functional.silu(t), w)  # not a SiLU module: PyTorch
+    assert torch.equal(fused, plain)

@@ -293,8 +293,12 @@ def weighted(X: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor |
     X = X.flatten(1).float()
     if weights is None:
         return X, T
-    w = weights.float().reshape(T, 1)
-    return X * w, w.pow(2).sum()
+    return X * weights.float().reshape(T, 1), weight_count(T, weights)
+
+
+def weight_count(T: int, weights: Tensor | None = None) -> Tensor | int:
+    """What T rows with ``weights`` (T,) add to a moment's n (``weighted``): sum w^2 as a 0-dim tensor, or T."""
+    return T if weights is None else weights.float().reshape(T, 1).pow(2).sum()
 
 
 def weighted_rows(X: Tensor, weights: Tensor | None = None) -> tuple[Operand, Tensor | int]:

@@ -12,7 +12,8 @@ tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether
 ``search_grids`` is the clipping search (gptq.search_params) as one kernel instead of a chain of
 tensor-wide ones per ratio, with the same operations and rounding but for the order of each group's sum.
 
-``silu_mul_half_rows`` is a wide routed expert's activation under ``--tf32`` (stages.experts.StoredExperts): the
+``silu_mul`` is silu(gate) * up (times the router's weights) for the down projections' statistics, and
+``silu_mul_half_rows`` a wide routed expert's activation under ``--tf32`` (stages.experts.StoredExperts): the
 gate/up product's rows times their powers of two, silu(gate) * up, and that as the down product's fp16 operand
 scaled row by row (gptq.core.half_rows), in one kernel instead of five tensor-wide passes, with PyTorch's CUDA
 operations and rounding (silu as x / (1 + expf(-x)), each product and quotient rounded on its own).
@@ -123,6 +124,21 @@ if triton is not None:
 
 
     @triton.jit
+    def _silu_mul(g, u):
+        # PyTorch's CUDA silu(g) (x / (1 + expf(-x)) in fp32) times u, each operation rounded on its own
+        return libdevice.mul_rn(libdevice.div_rn(g, 1.0 + libdevice.exp(-g)), u)
+
+    @triton.jit
+    def _silu_mul_kernel(G, U, W, N, I, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        # G (N = T * I elements) := silu(G) * U, times W[row] where HAS_W, in place
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < N
+        h = _silu_mul(tl.load(G + offs, mask=live, other=0.0), tl.load(U + offs, mask=live, other=0.0))
+        if HAS_W:
+            h = libdevice.mul_rn(h, tl.load(W + offs // I, mask=live, other=0.0))
+        tl.store(G + offs, h, mask=live)
+
+    @triton.jit
     def _silu_mul_half_rows_kernel(Y, F, H, Inv, I, sY, sH, HALF_PEAK_EXPONENT: tl.constexpr, BLOCK: tl.constexpr):
         # Row r of Y (n, 2I), [gate | up], times F[r]; h = silu(gate) * up; H[r] = fp16(h * 2^shift), Inv[r] = 2^-shift,
         # shift as gptq.core.half_rows makes it from the row's largest magnitude (0 for a non-finite row).
@@ -135,7 +151,7 @@ if triton is not None:
             live = cols < I
             g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
             u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
-            h = libdevice.mul_rn(libdevice.div_rn(g, 1.0 + libdevice.exp(-g)), u)
+            h = _silu_mul(g, u)
             a = tl.abs(h)
             peak = tl.where(a > peak, a, peak)
             bad = bad | ((a != a) | (a == float("inf"))).to(tl.int32)
@@ -151,11 +167,26 @@ if triton is not None:
             live = cols < I
             g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
             u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
-            h = libdevice.mul_rn(libdevice.div_rn(g, 1.0 + libdevice.exp(-g)), u)
+            h = _silu_mul(g, u)
             tl.store(H + r * sH + cols, libdevice.mul_rn(h, scale).to(tl.float16), mask=live)
 
 
-SILU_BLOCK = 1024  # columns per step of a row in silu_mul_half_rows
+SILU_BLOCK = 1024  # elements per program of silu_mul, columns per step of a row in silu_mul_half_rows
+
+
+def silu_mul(g: Tensor, u: Tensor, weights: Tensor | None = None) -> Tensor | None:
+    """silu(g) * u (times ``weights`` (T,), each row's) for g, u (T, I) fp32 on CUDA, into g, in one kernel with
+    the bits of PyTorch's ``silu(g) * u * weights[:, None]``. None where it does not apply (no CUDA or Triton, other
+    dtypes or layouts): the caller computes it with PyTorch."""
+    if (not available(g.device) or g.dtype != torch.float32 or u.dtype != torch.float32 or g.dim() != 2
+            or g.shape != u.shape or not (g.is_contiguous() and u.is_contiguous())):
+        return None
+    T, I = g.shape
+    w = None if weights is None else weights.float().contiguous()
+    if g.numel():
+        _silu_mul_kernel[(triton.cdiv(g.numel(), SILU_BLOCK),)](g, u, g if w is None else w, g.numel(), I,
+                                                                HAS_W=w is not None, BLOCK=SILU_BLOCK)
+    return g
 
 
 def silu_mul_half_rows(Y: Tensor, factors: Tensor) -> tuple[Tensor, Tensor] | None:

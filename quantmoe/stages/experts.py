@@ -154,7 +154,7 @@ class StoredExperts(nn.Module):
         elif ranks.world > 1:
             gate_up, down = (_share(w, self.own) for w in (gate_up, down))
         self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
-        self.silu = isinstance(act_fn, (nn.SiLU, SiLUActivation))  # triton_kernels.silu_mul_half_rows applies
+        self.silu = is_silu(act_fn)  # triton_kernels.silu_mul_half_rows applies
         self.quantized: tuple[Levels, Levels] | None = None
         self.use_quantized = False
         self.deferred: list[tuple[Tensor, Tensor, Tensor]] | None = None  # see forward
@@ -288,6 +288,11 @@ class StoredExperts(nn.Module):
         if not single:
             outs = [slot_sum(all_reduce_sum(slots), index) for slots, (_, index, *_) in zip(outs, parts)]
         return [o for out, (*_, sizes) in zip(outs, parts) for o in out.split(sizes)]
+
+
+def is_silu(act) -> bool:
+    """Whether an MLP's activation module is SiLU, which gptq.triton_kernels' silu kernels compute."""
+    return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
 class _HalfMatrix:

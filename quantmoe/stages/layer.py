@@ -49,10 +49,11 @@ from ..gptq.core import (
     quantize_block,
     rtn_quantize,
     stat_mm,
+    weight_count,
     weighted,
     weighted_rows,
 )
-from ..gptq.triton_kernels import search_grids
+from ..gptq.triton_kernels import search_grids, silu_mul
 from ..model.architectures import MLP, LayerPlan, plan_layer
 from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints, spread
 from ..model.stream import Batch, LayerStream, tensor_core_passes
@@ -66,6 +67,7 @@ from .experts import (
     Routes,
     StoredExperts,
     expert_groups,
+    is_silu,
     routes,
 )
 from .precision import layer_units
@@ -139,11 +141,18 @@ def solve(W: Tensor, H: Tensor | None, qcfg: QuantConfig, overwrite_H: bool = Fa
                          search_of(qcfg), target, qcfg.refine, cross, dequantized, overwrite_W, tf32)
 
 
-def gated(x: Tensor, Wg: Tensor | Operand, Wu: Tensor | Operand, act) -> Tensor:
+def gated(x: Tensor, Wg: Tensor | Operand, Wu: Tensor | Operand, act, weights: Tensor | None = None) -> Tensor:
     """act(x Wg) * (x Wu) for a gated MLP's gate and up weights transposed, Wg and Wu (C, I), or their ``operands``
-    (made once for many calls): what it feeds its down_proj, for its statistics (``stat_mm``)."""
+    (made once for many calls): what it feeds its down_proj, for its statistics (``stat_mm``); each row times its
+    ``weights`` (T,) if given, as ``weighted`` multiplies them. SiLU's in one kernel where it applies
+    (triton_kernels.silu_mul), with the same bits."""
     xo, = operands(x)
-    return act(stat_mm(xo, Wg)) * stat_mm(xo, Wu)
+    g, u = stat_mm(xo, Wg), stat_mm(xo, Wu)
+    h = silu_mul(g, u, weights) if is_silu(act) else None
+    if h is None:
+        h = act(g) * u
+        h = h if weights is None else h * weights.float().reshape(-1, 1)
+    return h
 
 
 def fold_down(H: Tensor, P: Tensor | None, n: float, X: Tensor, weights: Tensor | None, Wg: Tensor, Wu: Tensor,
@@ -787,13 +796,13 @@ class LayerQuantizer:
                 Wg, Wu, *original = operands(Wg.t(), Wu.t(), *(() if P_d is None else (W.t() for W in original)))
                 n = 0
                 for xc, x0c, wc in _row_chunks(x, x0, w, 4 * (6 * I + C)):  # gate, up, act, h, h w; output
+                    added = weight_count(xc.shape[0], wc)
                     if P_d is None:
-                        hw, added = weighted_rows(gated(xc, Wg, Wu, act), wc)
+                        hw, = operands(gated(xc, Wg, Wu, act, wc))
                     else:
                         g0, u0, d0 = original
                         xo, x0o = operands(xc, x0c)
-                        hw, added = weighted(gated(xo, Wg, Wu, act), wc)
-                        hw, a0 = operands(hw, gated(x0o, g0, u0, act))
+                        hw, a0 = operands(gated(xo, Wg, Wu, act, wc), gated(x0o, g0, u0, act))
                         y0w, _ = weighted_rows(stat_mm(a0, d0), wc)
                         moment_add(P_d[k], y0w, hw)
                     moment_add(H_d[k], hw, hw, mirror=False)
