@@ -139,6 +139,14 @@ if triton is not None:
         tl.store(G + offs, h, mask=live)
 
     @triton.jit
+    def _gated_row_block(Y, r, sY, f, I, cols):
+        # silu(gate * f) * (up * f) at ``cols`` of row r of Y (n, 2I), [gate | up]; 0 past I
+        live = cols < I
+        g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
+        u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
+        return _silu_mul(g, u)
+
+    @triton.jit
     def _silu_mul_half_rows_kernel(Y, F, H, Inv, I, sY, sH, HALF_PEAK_EXPONENT: tl.constexpr, BLOCK: tl.constexpr):
         # Row r of Y (n, 2I), [gate | up], times F[r]; h = silu(gate) * up; H[r] = fp16(h * 2^shift), Inv[r] = 2^-shift,
         # shift as gptq.core.half_rows makes it from the row's largest magnitude (0 for a non-finite row).
@@ -147,12 +155,7 @@ if triton is not None:
         peak = tl.zeros([BLOCK], dtype=tl.float32)
         bad = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, I, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            live = cols < I
-            g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
-            u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
-            h = _silu_mul(g, u)
-            a = tl.abs(h)
+            a = tl.abs(_gated_row_block(Y, r, sY, f, I, start + tl.arange(0, BLOCK)))
             peak = tl.where(a > peak, a, peak)
             bad = bad | ((a != a) | (a == float("inf"))).to(tl.int32)
         m = tl.max(peak, axis=0)
@@ -164,11 +167,8 @@ if triton is not None:
         tl.store(Inv + r, ((127 - shift) << 23).to(tl.float32, bitcast=True))
         for start in range(0, I, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            live = cols < I
-            g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
-            u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
-            h = _silu_mul(g, u)
-            tl.store(H + r * sH + cols, libdevice.mul_rn(h, scale).to(tl.float16), mask=live)
+            h = _gated_row_block(Y, r, sY, f, I, cols)
+            tl.store(H + r * sH + cols, libdevice.mul_rn(h, scale).to(tl.float16), mask=cols < I)
 
 
 SILU_BLOCK = 1024  # elements per program of silu_mul, columns per step of a row in silu_mul_half_rows
