@@ -65,6 +65,8 @@ def test_the_triton_block_kernel_gives_the_same_bits_as_eager(order, group_size,
         X = inputs(4096, 960, seed)
         H = hessian(X).expand(3, 960, 960).contiguous()
         W = inputs(3 * 257, 960, seed + 10).reshape(3, 257, 960) * 0.02
+        W[0, 1] *= 1e-37  # subnormal weights: a whole row, and a stretch among normal ones (kept, not flushed)
+        W[1, 2, 100:300] *= 1e-37
         eager = gptq_quantize(W, H, spec, order=order, search=ClipSearch(20))
         for rows, warps in ((32, 4), (16, 2)):
             kernel = gptq_quantize(W, H, spec, order=order, search=ClipSearch(20), block_fn=TritonBlocks(rows, warps))
@@ -89,13 +91,14 @@ def test_the_search_kernel_finds_pytorchs_grids_but_where_candidates_tie_to_roun
     W = inputs(2 * 300, 640, 3).reshape(2, 300, 5, 128) * 0.02
     W[0, 0, 0] = 0.0
     W[0, 1, 1] = 0.01
+    W[1, 2, 3] *= 1e-37  # subnormal weights (kept, not flushed)
     importance = inputs(2, 640, 4).abs().reshape(2, 1, 5, 128)
     search = ClipSearch(20)
     for imp in (importance, None):
         fused = gptq_triton.search_grids(W, spec, search.ratios(), imp)
         chain = search_params(W, spec, search, imp)
         same = (fused[0] == chain[0]) & (fused[1] == chain[1])
-        assert same.float().mean() > 0.99 and same[0, 0, 0] and same[0, 1, 1]
+        assert same.float().mean() > 0.99 and same[0, 0, 0] and same[0, 1, 1] and same[1, 2, 3]
         lo, hi = W.amin(-1).clamp(max=0), W.amax(-1).clamp(min=0)
         candidates = [_grid(lo, hi, spec)] + [_grid(lo * r, hi * r, spec) for r in search.ratios()]
         assert torch.stack([(fused[0] == s) & (fused[1] == z) for s, z in candidates]).any(0).all()
@@ -663,7 +666,7 @@ def test_the_experts_fp16_forward_on_cuda_is_tf32s_rounding_and_holds_each_rows_
 def test_the_silu_kernel_gives_the_bits_of_pytorchs_activation_and_half_rows():
     """triton_kernels.silu_mul_half_rows: a gate/up product's rows times their powers of two, silu(gate) * up and
     its fp16 operand scaled row by row, the bits PyTorch's CUDA operations give (half_rows), for rows of any
-    magnitude, of zeros, and holding a NaN or an infinity (those keep the scale 1)."""
+    magnitude, subnormal ones included, of zeros, and holding a NaN or an infinity (those keep the scale 1)."""
     from quantmoe.gptq.triton_kernels import available, silu_mul_half_rows
 
     if not available("cuda"):
@@ -677,6 +680,8 @@ def test_the_silu_kernel_gives_the_bits_of_pytorchs_activation_and_half_rows():
     Y[4] *= 1e-20
     Y[5] *= 1e15
     f = 2.0 ** torch.randint(-30, 30, (n,), device="cuda", generator=g).float()
+    Y[6] *= 1e-38  # subnormal products and activations: kept, then scaled up (not flushed to zero)
+    f[6] = 1.0
     H, inv = silu_mul_half_rows(Y, f)
     with half_products(True):
         gate, up = (Y * f[:, None]).chunk(2, dim=-1)
@@ -712,7 +717,8 @@ def test_the_experts_fp16_forward_gives_the_same_bits_with_and_without_the_silu_
 @pytest.mark.gpu
 def test_the_silu_mul_kernel_gives_the_bits_of_pytorchs_gated_rows():
     """triton_kernels.silu_mul and the statistics' gated (stages.layer.gated) with it: silu(g) * u times each row's
-    router weight, the bits of PyTorch's CUDA silu, product and row product, NaN and infinity where they are."""
+    router weight, the bits of PyTorch's CUDA silu, product and row product, NaN and infinity where they are, and
+    subnormal results kept (Triton's libdevice would flush them)."""
     from quantmoe.gptq.triton_kernels import available, silu_mul
     from quantmoe.stages import layer
 

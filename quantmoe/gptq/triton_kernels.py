@@ -6,7 +6,7 @@ holds their n weights in registers and runs the whole column loop on them, inste
 tensor-wide kernels per column (gptq_graphs.GraphedBlocks replays those from a CUDA graph; this
 launches one kernel per block). Every operation is the one quantize_block performs, in the same
 order and with the same rounding (division and product rounded on their own, never fused into an
-FMA, rounding half to even), so the levels and errors are bit for bit those of quantize_block;
+FMA, rounding half to even, subnormals kept), so the levels and errors are bit for bit those of quantize_block;
 tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether both are here.
 
 ``search_grids`` is the clipping search (gptq.search_params) as one kernel instead of a chain of
@@ -43,6 +43,18 @@ def available(device: torch.device | str) -> bool:
 
 
 if triton is not None:
+    # Products and quotients rounded on their own, subnormals kept: PyTorch's CUDA kernels keep them, and Triton
+    # links libdevice with flush-to-zero, so libdevice.mul_rn and div_rn would flush them (tests/test_gpu.py)
+    @triton.jit
+    def _mul(a, b):
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _div(a, b):
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
     @triton.jit
     def _block_kernel(W, Hinv, S, Z, levels, Err, R, n, maxq,
                       sWb, sWr, sWc, sHb, sHr, sHc, sSb, sSr, sSc, sZb, sZr, sZc,
@@ -58,12 +70,12 @@ if triton is not None:
             w = tl.sum(tl.where(cols[None, :] == i, w_tile, 0.0), axis=1)  # column i (exact: one term)
             s = tl.load(S + b * sSb + rows * sSr + i * sSc, mask=live, other=1.0)
             z = tl.load(Z + b * sZb + rows * sZr + i * sZc, mask=live, other=0.0)
-            lv = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(w, s)) + z, 0.0), maxq)
+            lv = tl.minimum(tl.maximum(libdevice.rint(_div(w, s)) + z, 0.0), maxq)
             d = tl.load(Hinv + b * sHb + i * sHr + i * sHc)
-            err = libdevice.div_rn(w - libdevice.mul_rn(s, lv - z), d)
+            err = _div(w - _mul(s, lv - z), d)
             later = cols > i
             h = tl.load(Hinv + b * sHb + i * sHr + cols * sHc, mask=later & (cols < n), other=0.0)
-            w_tile = tl.where(later[None, :], w_tile - libdevice.mul_rn(err[:, None], h[None, :]), w_tile)
+            w_tile = tl.where(later[None, :], w_tile - _mul(err[:, None], h[None, :]), w_tile)
             tl.store(levels + b * sLb + rows * sLr + i * sLc, lv.to(tl.uint8), mask=live)
             tl.store(Err + b * sEb + rows * sEr + i * sEc, err, mask=live)
 
@@ -77,21 +89,21 @@ if triton is not None:
         flat = hi == lo
         lo = tl.where(flat, -1.0, lo)
         hi = tl.where(flat, 1.0, hi)
-        scale = tl.maximum(libdevice.mul_rn(hi - lo, inv_maxq), min_scale).to(tl.float16).to(tl.float32)
+        scale = tl.maximum(_mul(hi - lo, inv_maxq), min_scale).to(tl.float16).to(tl.float32)
         if SYM:
             zero = tl.zeros_like(scale) + (maxq + 1.0) / 2.0
         else:
-            zero = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(-lo, scale)), 1.0), maxq)
+            zero = tl.minimum(tl.maximum(libdevice.rint(_div(-lo, scale)), 1.0), maxq)
         return scale, zero
 
     @triton.jit
     def _error(w, imp, s, z, maxq, HAS_IMP: tl.constexpr):
         # gptq.core.rounding_error of each row of w on its grid (s, z), the terms as gptq.core computes them
-        lv = tl.minimum(tl.maximum(libdevice.rint(libdevice.div_rn(w, s[:, None])) + z[:, None], 0.0), maxq)
-        d = w - libdevice.mul_rn(s[:, None], lv - z[:, None])
-        e = libdevice.mul_rn(d, d)
+        lv = tl.minimum(tl.maximum(libdevice.rint(_div(w, s[:, None])) + z[:, None], 0.0), maxq)
+        d = w - _mul(s[:, None], lv - z[:, None])
+        e = _mul(d, d)
         if HAS_IMP:
-            e = libdevice.mul_rn(e, imp)
+            e = _mul(e, imp)
         return tl.sum(e, axis=1)
 
     @triton.jit
@@ -113,7 +125,7 @@ if triton is not None:
         best = _error(w, imp, best_s, best_z, maxq, HAS_IMP)
         for k in range(n_ratios):
             r = tl.load(Ratios + k)
-            s, z = _grid(libdevice.mul_rn(lo, r), libdevice.mul_rn(hi, r), maxq, inv_maxq, min_scale, SYM)
+            s, z = _grid(_mul(lo, r), _mul(hi, r), maxq, inv_maxq, min_scale, SYM)
             e = _error(w, imp, s, z, maxq, HAS_IMP)
             better = e < best
             best = tl.where(better, e, best)
@@ -126,7 +138,7 @@ if triton is not None:
     @triton.jit
     def _silu_mul(g, u):
         # PyTorch's CUDA silu(g) (x / (1 + expf(-x)) in fp32) times u, each operation rounded on its own
-        return libdevice.mul_rn(libdevice.div_rn(g, 1.0 + libdevice.exp(-g)), u)
+        return _mul(_div(g, 1.0 + libdevice.exp(-g)), u)
 
     @triton.jit
     def _silu_mul_kernel(G, U, W, N, I, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
@@ -135,15 +147,15 @@ if triton is not None:
         live = offs < N
         h = _silu_mul(tl.load(G + offs, mask=live, other=0.0), tl.load(U + offs, mask=live, other=0.0))
         if HAS_W:
-            h = libdevice.mul_rn(h, tl.load(W + offs // I, mask=live, other=0.0))
+            h = _mul(h, tl.load(W + offs // I, mask=live, other=0.0))
         tl.store(G + offs, h, mask=live)
 
     @triton.jit
     def _gated_row_block(Y, r, sY, f, I, cols):
         # silu(gate * f) * (up * f) at ``cols`` of row r of Y (n, 2I), [gate | up]; 0 past I
         live = cols < I
-        g = libdevice.mul_rn(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
-        u = libdevice.mul_rn(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
+        g = _mul(tl.load(Y + r * sY + cols, mask=live, other=0.0), f)
+        u = _mul(tl.load(Y + r * sY + I + cols, mask=live, other=0.0), f)
         return _silu_mul(g, u)
 
     @triton.jit
@@ -168,7 +180,7 @@ if triton is not None:
         for start in range(0, I, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             h = _gated_row_block(Y, r, sY, f, I, cols)
-            tl.store(H + r * sH + cols, libdevice.mul_rn(h, scale).to(tl.float16), mask=cols < I)
+            tl.store(H + r * sH + cols, _mul(h, scale).to(tl.float16), mask=cols < I)
 
 
 SILU_BLOCK = 1024  # elements per program of silu_mul, columns per step of a row in silu_mul_half_rows
