@@ -6,7 +6,6 @@ check under test is the only one that can fire.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ from tiny import make_model, write_text
 
 import quantmoe
 from quantmoe.apps.verify import verify
-from quantmoe.base.files import MANIFEST, file_hashes, remember_sha256, write_manifest
+from quantmoe.base.files import MANIFEST, write_manifest
 from quantmoe.base.options import LAYOUTS, QuantConfig
 from quantmoe.model.architectures import ARCHITECTURES
 from quantmoe.model.checkpoint import Checkpoint
@@ -150,18 +149,3 @@ def test_cli_exit_status_and_output(damaged, export):
     assert bad.stdout.splitlines() == [f"- {EXPERT} is all zero: every scale is 0 (an expert that saw no calibration tokens?)"]
     assert one_error_line(bad.stderr).startswith("error: 1 problem(s) found in")
     assert missing.returncode == 2 and "does not exist" in one_error_line(missing.stderr)
-
-
-def test_the_manifest_takes_a_hash_made_while_writing_only_for_the_version_hashed(tmp_path):
-    """file_hashes takes the sha256 the export recorded for a shard it wrote (remember_sha256) instead of reading
-    the file again, once, and only while the file is the version hashed; any other file is read."""
-    (tmp_path / "a.bin").write_bytes(b"one")
-    (tmp_path / "b.bin").write_bytes(b"other")
-    remember_sha256(tmp_path / "a.bin", "0" * 64)
-    hashes = file_hashes(tmp_path)
-    assert hashes["a.bin"]["sha256"] == "0" * 64  # taken, not read
-    assert hashes["b.bin"] == {"sha256": hashlib.sha256(b"other").hexdigest(), "bytes": 5}
-    assert file_hashes(tmp_path)["a.bin"]["sha256"] == hashlib.sha256(b"one").hexdigest()  # used once
-    remember_sha256(tmp_path / "a.bin", "0" * 64)
-    (tmp_path / "a.bin").write_bytes(b"two!")  # rewritten after it was hashed
-    assert file_hashes(tmp_path)["a.bin"]["sha256"] == hashlib.sha256(b"two!").hexdigest()

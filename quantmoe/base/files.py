@@ -95,37 +95,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-# sha256 of files this process wrote and hashed as it went (``remember_sha256``), by path, with the stat that
-# identifies the version hashed: ``file_hashes`` takes them instead of reading those files again.
-_HASHED: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
-
-
-def _version(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def remember_sha256(path: Path, digest: str) -> None:
-    """Record ``digest`` as the sha256 of ``path`` as it is now (a file this process just wrote and hashed);
-    ``file_hashes`` uses it while the file keeps its inode, size and modification time."""
-    path = Path(path).resolve()
-    _HASHED[path] = (_version(path.stat()), digest)
-
-
-def known_sha256(path: Path) -> str:
-    """sha256 of ``path``: the one ``remember_sha256`` recorded if the file is still that version, else read."""
-    path = Path(path).resolve()
-    known = _HASHED.pop(path, None)
-    if known is not None and known[0] == _version(path.stat()):
-        return known[1]
-    return sha256_file(path)
-
-
 def file_hashes(folder: Path) -> dict[str, dict]:
     """{relative path: {sha256, bytes}} of every file under folder except the manifest."""
     out = {}
     for p in sorted(Path(folder).rglob("*")):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
-            out[p.relative_to(folder).as_posix()] = {"sha256": known_sha256(p), "bytes": p.stat().st_size}
+            out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
 
 

@@ -16,7 +16,6 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,9 +26,7 @@ from ..base.files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    remember_sha256,
     save_safetensors,
-    sha256_file,
 )
 from ..base.options import QuantConfig
 from ..formats import compressed_tensors
@@ -61,14 +58,13 @@ def parse_size(text: str | int) -> int:
 
 
 class ShardWriter:
-    """Collects tensors and writes a shard whenever the next tensor would overflow it. Each shard is hashed
-    on a thread while the next one is built (``hasher``), for the manifest (``base.files.remember_sha256``)."""
+    """Collects tensors and writes a shard whenever the next tensor would overflow it."""
 
-    def __init__(self, folder: Path, max_bytes: int, hasher: Executor):
-        self.folder, self.max_bytes, self.hasher = Path(folder), max_bytes, hasher
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
         self.pending: dict = {}
         self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str], Future]] = []
+        self.written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor) -> None:
@@ -84,7 +80,7 @@ class ShardWriter:
             return
         path = self.folder / f".shard-{len(self.written):05d}.safetensors"
         save_safetensors(path, self.pending, metadata={"format": "pt"})
-        self.written.append((path, list(self.pending), self.hasher.submit(sha256_file, path)))
+        self.written.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> dict[str, str]:
@@ -92,11 +88,9 @@ class ShardWriter:
         self.flush()
         n = len(self.written)
         weight_map = {}
-        for i, (path, names, digest) in enumerate(self.written):
+        for i, (path, names) in enumerate(self.written):
             final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            sha = digest.result()  # before the rename: the hash reads the file by its temporary name
             path.rename(final)
-            remember_sha256(final, sha)
             weight_map.update({name: final.name for name in names})
         atomic_write_json(self.folder / INDEX_NAME,
                           {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
@@ -130,32 +124,21 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
     so far count as resident).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as ahead:
-        writer = ShardWriter(folder, max_shard_size, hasher)
-        for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
-            writer.add(name, tensor)
-        # the next layer file is checked (read whole for its sha256) and opened while this one is written
-        reads = [ahead.submit(read_layer, file) for file in layer_files[:1]]
-        for i, file in enumerate(layer_files):
-            reads += [ahead.submit(read_layer, later) for later in layer_files[i + 1:i + 2]]
-            prefix = ckpt.layer_prefix(i)
-            quantized, kept = layer_export(i, reads[i].result())
-            reads[i] = None
-            for name, tensor in layer_tensors(ckpt, arch, i, layout, quantized, file, in_place, kept):
-                writer.add(export_name(arch, name, prefix, layout), tensor)
-            del quantized
-            ckpt.close()
-        return _write_rest(ckpt, writer, extra_layers)
-
-
-def _write_rest(ckpt: Checkpoint, writer: ShardWriter, extra_layers: list[int]) -> dict[str, str]:
-    """write_shards' end: the layers beyond ``num_hidden_layers`` it keeps, every tensor not written yet,
-    the last shard and the index."""
+    writer = ShardWriter(folder, max_shard_size)
+    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
+        writer.add(name, tensor)
+    for i, file in enumerate(layer_files):
+        prefix = ckpt.layer_prefix(i)
+        quantized, kept = layer_export(i, read_layer(file))
+        for name, tensor in layer_tensors(ckpt, arch, i, layout, quantized, file, in_place, kept):
+            writer.add(export_name(arch, name, prefix, layout), tensor)
+        del quantized
+        ckpt.close()
     for i in extra_layers:
         for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
             writer.add(name, tensor)
         ckpt.close()
-    done = set(writer.pending) | {n for _, names, _ in writer.written for n in names}
+    done = set(writer.pending) | {n for _, names in writer.written for n in names}
     for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
                                               and not n.startswith("model.layers.")]):
         writer.add(name, tensor)
