@@ -674,7 +674,7 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     copied into and the later layers reuse (``steady_from_layer``). The extrapolation takes the first
     layer (and that MoE layer) as measured, each other dense layer at the dense layers' mean and each
     other MoE layer at the steady mean, adds embedding the calibration tokens, and scales the export
-    and the manifest's hashing of its files per layer.
+    per layer.
     """
     kinds = kinds or ["moe"] * len(layers)
     rows = []
@@ -716,7 +716,7 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     more_moe = total_layers - dense_layers - sum(r["kind"] == "moe" for r in measured)
     named = " and ".join("layer %d" % r["index"] for r in measured)
     how = (f"{named} as measured + the other dense layers x the dense mean + the other MoE layers x the steady MoE "
-           "mean + embedding; export and manifest scaled per layer")
+           "mean + embedding; export scaled per layer")
     missing = [k for k, n, m in (("dense", more_dense, dense_mean), ("MoE", more_moe, moe_mean)) if n > 0 and m is None]
     if missing:
         return {"layers": total_layers, "dense_layers": dense_layers,
@@ -727,10 +727,7 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     out = {"layers": total_layers, "dense_layers": dense_layers,
            "quantize_seconds": round(quantize_s + outside, 1),
            "export_seconds": round(stages["export"]["seconds"] / len(rows) * total_layers, 1), "how": how}
-    if "manifest" in stages:  # hashing the export's files (not timed before 2026-12-04)
-        out["manifest_seconds"] = round(stages["manifest"]["seconds"] / len(rows) * total_layers, 1)
-    out["total_seconds"] = round(out["quantize_seconds"] + out["export_seconds"] + out.get("manifest_seconds", 0.0)
-                                 + stages["calibrate"]["seconds"], 1)
+    out["total_seconds"] = round(out["quantize_seconds"] + out["export_seconds"] + stages["calibrate"]["seconds"], 1)
     return out
 
 

@@ -466,9 +466,6 @@ def test_summary_counts_dense_and_moe_layers_apart():
     extra = summary["extrapolation"]
     assert extra["quantize_seconds"] == 10.0 + 2 * 10.0 + 58 * 25.0 + 1.0  # + 1 s outside the layers
     assert extra["export_seconds"] == 61.0 and extra["total_seconds"] == extra["quantize_seconds"] + 61.5
-    hashed = scale.summarise(layers, {**stages, "manifest": {"seconds": 1.5}}, total_layers=61, dense_layers=3,
-                             kinds=["dense", "moe", "moe"])["extrapolation"]  # the manifest's hashing, per layer
-    assert hashed["manifest_seconds"] == 30.5 and hashed["total_seconds"] == extra["total_seconds"] + 30.5
     assert summary["steady_from_layer"] == 1
     four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
     stages4 = {**stages, "quantize": {"seconds": 83.0}}

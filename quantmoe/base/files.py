@@ -112,9 +112,8 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-def write_manifest(folder: Path, extra: dict, files: dict[str, dict] | None = None) -> dict:
-    """manifest.json of ``folder``: ``files`` (``file_hashes(folder)`` unless given) and ``extra``."""
-    manifest = {"files": file_hashes(folder) if files is None else files, **extra}
+def write_manifest(folder: Path, extra: dict) -> dict:
+    manifest = {"files": file_hashes(folder), **extra}
     atomic_write_json(Path(folder) / MANIFEST, manifest)
     return manifest
 
