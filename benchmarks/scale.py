@@ -716,7 +716,7 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     more_moe = total_layers - dense_layers - sum(r["kind"] == "moe" for r in measured)
     named = " and ".join("layer %d" % r["index"] for r in measured)
     how = (f"{named} as measured + the other dense layers x the dense mean + the other MoE layers x the steady MoE "
-           "mean + embedding; export scaled per layer")
+           "mean + embedding; export and manifest scaled per layer")
     missing = [k for k, n, m in (("dense", more_dense, dense_mean), ("MoE", more_moe, moe_mean)) if n > 0 and m is None]
     if missing:
         return {"layers": total_layers, "dense_layers": dense_layers,
@@ -724,10 +724,15 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     outside = stages["quantize"]["seconds"] - sum(r["seconds"] for r in rows)  # embedding the calibration tokens
     quantize_s = sum(r["seconds"] for r in measured) + max(more_dense, 0) * (dense_mean or 0) \
         + max(more_moe, 0) * (moe_mean or 0)
+    # The manifest hashes every file of the export, so it grows with the depth as the export does; results
+    # written before it was a stage of its own have none.
+    manifest_s = stages.get("manifest", {}).get("seconds", 0.0)
     out = {"layers": total_layers, "dense_layers": dense_layers,
            "quantize_seconds": round(quantize_s + outside, 1),
-           "export_seconds": round(stages["export"]["seconds"] / len(rows) * total_layers, 1), "how": how}
-    out["total_seconds"] = round(out["quantize_seconds"] + out["export_seconds"] + stages["calibrate"]["seconds"], 1)
+           "export_seconds": round(stages["export"]["seconds"] / len(rows) * total_layers, 1),
+           "manifest_seconds": round(manifest_s / len(rows) * total_layers, 1), "how": how}
+    out["total_seconds"] = round(out["quantize_seconds"] + out["export_seconds"] + out["manifest_seconds"]
+                                 + stages["calibrate"]["seconds"], 1)
     return out
 
 

@@ -454,18 +454,26 @@ def test_quantize_records_every_stage_and_the_summary_extrapolates(benchmark_run
     assert mean["seconds"] == layers[1]["seconds"]
     assert extra["quantize_seconds"] >= layers[0]["seconds"] + 31 * layers[1]["seconds"] - 0.1  # rounded to 0.1 s
     assert extra["total_seconds"] > extra["quantize_seconds"]
+    assert {"calibrate", "quantize", "export", "manifest"} <= set(stages)  # the manifest's hashing is timed too
+    assert extra["manifest_seconds"] == round(stages["manifest"]["seconds"] / 2 * 32, 1)
 
 
 def test_summary_counts_dense_and_moe_layers_apart():
     layers = [{"index": 0, "seconds": 10.0, "timings": {}}, {"index": 1, "seconds": 30.0, "timings": {}},
               {"index": 2, "seconds": 20.0, "timings": {}}]
-    stages = {"quantize": {"seconds": 61.0}, "export": {"seconds": 3.0}, "calibrate": {"seconds": 0.5}}
+    stages = {"quantize": {"seconds": 61.0}, "export": {"seconds": 3.0}, "manifest": {"seconds": 0.6},
+              "calibrate": {"seconds": 0.5}}
     summary = scale.summarise(layers, stages, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"])
     assert summary["steady_layer_mean"]["seconds"] == 25.0  # both MoE layers: layer 0 was the first
     assert summary["dense_layer_mean"]["seconds"] == 10.0
     extra = summary["extrapolation"]
     assert extra["quantize_seconds"] == 10.0 + 2 * 10.0 + 58 * 25.0 + 1.0  # + 1 s outside the layers
-    assert extra["export_seconds"] == 61.0 and extra["total_seconds"] == extra["quantize_seconds"] + 61.5
+    assert extra["export_seconds"] == 61.0 and extra["manifest_seconds"] == 12.2  # both per layer: x 61 / 3
+    assert extra["total_seconds"] == round(extra["quantize_seconds"] + 61.0 + 12.2 + 0.5, 1)
+    no_manifest = {k: v for k, v in stages.items() if k != "manifest"}  # a result from before it was timed
+    older = scale.summarise(layers, no_manifest, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"])
+    assert older["extrapolation"]["manifest_seconds"] == 0.0
+    assert older["extrapolation"]["total_seconds"] == round(extra["quantize_seconds"] + 61.5, 1)
     assert summary["steady_from_layer"] == 1
     four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
     stages4 = {**stages, "quantize": {"seconds": 83.0}}

@@ -112,8 +112,9 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-def write_manifest(folder: Path, extra: dict) -> dict:
-    manifest = {"files": file_hashes(folder), **extra}
+def write_manifest(folder: Path, extra: dict, files: dict[str, dict] | None = None) -> dict:
+    """manifest.json: ``files`` (``file_hashes`` of the folder, computed here unless given) and ``extra``."""
+    manifest = {"files": file_hashes(folder) if files is None else files, **extra}
     atomic_write_json(Path(folder) / MANIFEST, manifest)
     return manifest
 

@@ -18,6 +18,7 @@ from typing import Callable
 from ..base.files import (
     atomic_write_json,
     atomic_write_text,
+    file_hashes,
     replace_dir,
     write_manifest,
 )
@@ -36,7 +37,7 @@ def finalize(work: Path, out: Path, export: Callable[[Path], object], log: dict,
     besides the files and ``stages``. ``model_card(report, info)``: the README, with ``info`` =
     ``card_info`` plus the export's ``quantization_config``. ``evaluation``: evaluate's keyword
     arguments (baseline, data, device, batch_size, quiet, record_paths), or None for no eval.
-    ``stages``: timings so far; "export" is added. ``shown_out``: how the eval report names ``out``
+    ``stages``: timings so far; "export" and "manifest" (hashing every file) are added. ``shown_out``: how the eval report names ``out``
     (its folder name, or its path with --record-paths).
     """
     staging = work / "export"
@@ -55,7 +56,9 @@ def finalize(work: Path, out: Path, export: Callable[[Path], object], log: dict,
             atomic_write_text(staging / "eval_report.md", render_markdown(report))
         qconfig = json.loads((staging / "config.json").read_text())["quantization_config"]
         atomic_write_text(staging / "README.md", model_card(report, {**card_info, "quantization_config": qconfig}))
-        write_manifest(staging, {**manifest, "stages": stages})
+        with stage(stages, "manifest"):  # hashed apart from the write, so that manifest.json records its time
+            files = file_hashes(staging)
+        write_manifest(staging, {**manifest, "stages": stages}, files)
         replace_dir(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
