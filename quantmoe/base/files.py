@@ -95,12 +95,18 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_hashes(folder: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} of every file under folder except the manifest."""
+def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file under folder except the manifest.
+
+    ``known``: sha256 by relative path of files that this process hashed as it wrote them into a folder
+    private to it (the export's shards), taken instead of reading them again; every other file is read.
+    """
+    known = known or {}
     out = {}
     for p in sorted(Path(folder).rglob("*")):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
-            out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            name = p.relative_to(folder).as_posix()
+            out[name] = {"sha256": known.get(name) or sha256_file(p), "bytes": p.stat().st_size}
     return out
 
 

@@ -7,7 +7,9 @@ unchanged, in its source dtype, except the linears of an FP8 release that are no
 which are written as BF16 weights (no FP8 tensor and no scale reaches the export). Layers
 stored beyond ``num_hidden_layers`` (multi-token prediction) are copied the same way when the
 method keeps them (``mtp="keep"``), unquantized. Shards are built one at a time, so memory
-holds at most one shard.
+holds at most one shard. Beside the writer, two threads read the next layer file (its sha256 checked)
+and hash each shard written, while the writer serialises, writes and syncs: hashing and file I/O
+release the GIL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ from ..base.files import (
     atomic_write_json,
     atomic_write_text,
     save_safetensors,
+    sha256_file,
 )
 from ..base.options import QuantConfig
 from ..formats import compressed_tensors
@@ -58,13 +62,15 @@ def parse_size(text: str | int) -> int:
 
 
 class ShardWriter:
-    """Collects tensors and writes a shard whenever the next tensor would overflow it."""
+    """Collects tensors and writes a shard whenever the next tensor would overflow it; each shard written
+    is hashed on ``background`` while the next is built."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = Path(folder), max_bytes
+    def __init__(self, folder: Path, max_bytes: int, background: Executor):
+        self.folder, self.max_bytes, self.background = Path(folder), max_bytes, background
         self.pending: dict = {}
         self.pending_bytes = 0
         self.written: list[tuple[Path, list[str]]] = []
+        self.hashes: list[Future[str]] = []  # sha256 of each shard written, in order
         self.total_bytes = 0
 
     def add(self, name: str, tensor) -> None:
@@ -81,20 +87,22 @@ class ShardWriter:
         path = self.folder / f".shard-{len(self.written):05d}.safetensors"
         save_safetensors(path, self.pending, metadata={"format": "pt"})
         self.written.append((path, list(self.pending)))
+        self.hashes.append(self.background.submit(sha256_file, path))  # read back while it is in the page cache
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> dict[str, str]:
-        """Give the shards their final names and write the index; returns the weight map."""
+        """Give the shards their final names and write the index; returns each shard's sha256 by file name."""
         self.flush()
         n = len(self.written)
-        weight_map = {}
-        for i, (path, names) in enumerate(self.written):
+        weight_map, hashes = {}, {}
+        for i, ((path, names), sha) in enumerate(zip(self.written, self.hashes)):
             final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            hashes[final.name] = sha.result()  # of the file as written and synced, before its final name
             path.rename(final)
             weight_map.update({name: final.name for name in names})
         atomic_write_json(self.folder / INDEX_NAME,
                           {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
-        return weight_map
+        return hashes
 
 
 # A method's view of a layer file in the export (Method.export_layer): layer index and the file's tensors ->
@@ -111,7 +119,8 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
                  layout: str = "source", extra_layers: list[int] = (), in_place: bool = False,
                  layer_export: LayerExport = as_stored) -> dict[str, str]:
     """The source checkpoint with each layer's quantized linears replaced by the tensors of its layer
-    file -> shards and their index in ``folder``, for every backend; returns the weight map.
+    file -> shards and their index in ``folder``, for every backend; returns each shard's sha256 by
+    file name.
 
     Order: the embeddings; per layer, its source tensors that are not replaced and its quantized
     tensors (``layer_tensors``); then the layers beyond ``num_hidden_layers`` in ``extra_layers``
@@ -119,30 +128,36 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
     other tensor (final norm, head). Safetensors sorts the tensors inside a file, so the order only
     decides where shards end. Decoder tensors keep their source names, or take GPTQModel's with
     ``layout="gptqmodel"``. ``layer_export``: what of a layer file is written (compressed-tensors repacks
-    GPTQ's tensors; a recipe leaves linears in 16 bits, copied from the source). Memory holds one layer
-    file and one shard; the source's shards are unmapped after each layer (an open shard's pages read
-    so far count as resident).
+    GPTQ's tensors; a recipe leaves linears in 16 bits, copied from the source). Memory holds one shard,
+    the layer file in use and the next one, read (and its sha256 checked) on another thread while
+    this one writes; the source's shards are unmapped after each layer (an open shard's pages read so
+    far count as resident).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(folder, max_shard_size)
-    for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
-        writer.add(name, tensor)
-    for i, file in enumerate(layer_files):
-        prefix = ckpt.layer_prefix(i)
-        quantized, kept = layer_export(i, read_layer(file))
-        for name, tensor in layer_tensors(ckpt, arch, i, layout, quantized, file, in_place, kept):
-            writer.add(export_name(arch, name, prefix, layout), tensor)
-        del quantized
-        ckpt.close()
-    for i in extra_layers:
-        for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
+    # Two threads, so that hashing a shard never holds up the next layer's read that the writer waits for.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantmoe-export") as background:
+        writer = ShardWriter(folder, max_shard_size, background)
+        for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
             writer.add(name, tensor)
-        ckpt.close()
-    done = set(writer.pending) | {n for _, names in writer.written for n in names}
-    for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
-                                              and not n.startswith("model.layers.")]):
-        writer.add(name, tensor)
-    return writer.close()
+        ahead = background.submit(read_layer, layer_files[0]) if layer_files else None
+        for i, file in enumerate(layer_files):
+            prefix = ckpt.layer_prefix(i)
+            tensors = ahead.result()
+            ahead = background.submit(read_layer, layer_files[i + 1]) if i + 1 < len(layer_files) else None
+            quantized, kept = layer_export(i, tensors)
+            for name, tensor in layer_tensors(ckpt, arch, i, layout, quantized, file, in_place, kept):
+                writer.add(export_name(arch, name, prefix, layout), tensor)
+            del tensors, quantized
+            ckpt.close()
+        for i in extra_layers:
+            for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
+                writer.add(name, tensor)
+            ckpt.close()
+        done = set(writer.pending) | {n for _, names in writer.written for n in names}
+        for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
+                                                  and not n.startswith("model.layers.")]):
+            writer.add(name, tensor)
+        return writer.close()
 
 
 def source_tensors(ckpt: Checkpoint, names: list[str], replaced: set[str] = frozenset()) -> Iterator[tuple[str, Tensor]]:
@@ -231,13 +246,14 @@ def export_checkpoint(ckpt: Checkpoint, arch: Architecture, layer_files: list[Pa
                       config_files: tuple[str, ...] = (), extra_layers: list[int] = (),
                       in_place: bool = False, layer_export: LayerExport = as_stored) -> dict[str, str]:
     """Shards, index, config.json (with ``quantization_config``), a copy of it in each of ``config_files``
-    (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns the weight map."""
-    weight_map = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers, in_place,
-                              layer_export)
+    (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns each shard's sha256
+    by file name (hashed as written: finalize's manifest takes them)."""
+    hashes = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers, in_place,
+                          layer_export)
     write_config(ckpt, folder, quantization_config)
     for name in config_files:
         atomic_write_json(folder / name, quantization_config)
-    return weight_map
+    return hashes
 
 
 def compressed_config(qcfg: QuantConfig, not_quantized: list[str], version: str, extra_layers: list[int],

@@ -27,24 +27,25 @@ from .evaluate import evaluate
 from .report import render_markdown
 
 
-def finalize(work: Path, out: Path, export: Callable[[Path], object], log: dict, manifest: dict,
+def finalize(work: Path, out: Path, export: Callable[[Path], dict[str, str]], log: dict, manifest: dict,
              model_card: Callable[[dict | None, dict], str], card_info: dict, evaluation: dict | None,
              overwrite: bool, stages: dict, shown_out: str) -> dict | None:
     """Export into ``work``/export, finish it there and rename it over ``out``; returns the eval report.
 
-    ``export(folder)`` writes the shards and config.json. ``log``: quantization_log.json (its
-    ``fallbacks`` are copied into the eval report). ``manifest``: what manifest.json records
-    besides the files and ``stages``. ``model_card(report, info)``: the README, with ``info`` =
-    ``card_info`` plus the export's ``quantization_config``. ``evaluation``: evaluate's keyword
-    arguments (baseline, data, device, batch_size, quiet, record_paths), or None for no eval.
-    ``stages``: timings so far; "export" and "manifest" (hashing every file) are added. ``shown_out``: how the eval report names ``out``
-    (its folder name, or its path with --record-paths).
+    ``export(folder)`` writes the shards and config.json, and returns the sha256 of the files it hashed
+    as it wrote them (by name in ``folder``), which manifest.json records without reading them again.
+    ``log``: quantization_log.json (its ``fallbacks`` are copied into the eval report). ``manifest``:
+    what manifest.json records besides the files and ``stages``. ``model_card(report, info)``: the
+    README, with ``info`` = ``card_info`` plus the export's ``quantization_config``. ``evaluation``:
+    evaluate's keyword arguments (baseline, data, device, batch_size, quiet, record_paths), or None for
+    no eval. ``stages``: timings so far; "export" and "manifest" (hashing the files) are added.
+    ``shown_out``: how the eval report names ``out`` (its folder name, or its path with --record-paths).
     """
     staging = work / "export"
     shutil.rmtree(staging, ignore_errors=True)  # a half-written export of an earlier, stopped run
     try:
         with stage(stages, "export"):
-            export(staging)
+            hashed = export(staging)
         atomic_write_json(staging / "quantization_log.json", log)
         report = None
         if evaluation is not None:
@@ -57,7 +58,7 @@ def finalize(work: Path, out: Path, export: Callable[[Path], object], log: dict,
         qconfig = json.loads((staging / "config.json").read_text())["quantization_config"]
         atomic_write_text(staging / "README.md", model_card(report, {**card_info, "quantization_config": qconfig}))
         with stage(stages, "manifest"):  # hashed apart from the write, so that manifest.json records its time
-            files = file_hashes(staging)
+            files = file_hashes(staging, hashed)
         write_manifest(staging, {**manifest, "stages": stages}, files)
         replace_dir(staging, out, overwrite)
     except BaseException:
