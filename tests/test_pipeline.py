@@ -123,6 +123,7 @@ def test_configs_and_report(exported, model_type):
     assert 0.5 < report["quantization"]["fraction_quantized"] < 1.0
     assert report["protocol"]["seqlen"] == 256 and report["data"]["tokens_scored"] == report["data"]["windows"] * 255
     assert set(report["stages"]) >= {"calibrate", "quantize", "export", "eval_original", "eval_quantized"}
+    assert json.loads((out / "manifest.json").read_text())["stages"]["manifest"]["seconds"] >= 0  # the hashing, timed
     log = json.loads((out / "quantization_log.json").read_text())
     modules = [m for layer in log["layers"] for m in layer["modules"]]
     assert all(m["loss"] >= 0 and m["tokens"] >= 0 and m["seconds"] >= 0 for m in modules)
