@@ -6,8 +6,8 @@ holds their n weights in registers and runs the whole column loop on them, inste
 tensor-wide kernels per column (gptq_graphs.GraphedBlocks replays those from a CUDA graph; this
 launches one kernel per block). Every operation is the one quantize_block performs, in the same
 order and with the same rounding (division and product rounded on their own, never fused into an
-FMA, rounding half to even, subnormals kept), so the levels and errors are bit for bit those of quantize_block;
-tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether both are here.
+FMA, rounding half to even, subnormals kept), so the levels and errors are bit for bit those of
+quantize_block; tests/test_gpu.py checks it. Needs CUDA and Triton; ``available()`` says whether both are here.
 
 ``search_grids`` is the clipping search (gptq.search_params) as one kernel instead of a chain of
 tensor-wide ones per ratio, with the same operations and rounding but for the order of each group's sum.

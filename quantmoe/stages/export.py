@@ -69,8 +69,7 @@ class ShardWriter:
         self.folder, self.max_bytes, self.background = Path(folder), max_bytes, background
         self.pending: dict = {}
         self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.hashes: list[Future[str]] = []  # sha256 of each shard written, in order
+        self.written: list[tuple[Path, list[str], Future[str]]] = []  # each shard, its tensors and its sha256
         self.total_bytes = 0
 
     def add(self, name: str, tensor) -> None:
@@ -86,8 +85,8 @@ class ShardWriter:
             return
         path = self.folder / f".shard-{len(self.written):05d}.safetensors"
         save_safetensors(path, self.pending, metadata={"format": "pt"})
-        self.written.append((path, list(self.pending)))
-        self.hashes.append(self.background.submit(sha256_file, path))  # read back while it is in the page cache
+        # hashed from the page cache, read back on ``background`` while the next shard is built
+        self.written.append((path, list(self.pending), self.background.submit(sha256_file, path)))
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> dict[str, str]:
@@ -95,7 +94,7 @@ class ShardWriter:
         self.flush()
         n = len(self.written)
         weight_map, hashes = {}, {}
-        for i, ((path, names), sha) in enumerate(zip(self.written, self.hashes)):
+        for i, (path, names, sha) in enumerate(self.written):
             final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             hashes[final.name] = sha.result()  # of the file as written and synced, before its final name
             path.rename(final)
@@ -153,7 +152,7 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
             for name, tensor in source_tensors(ckpt, ckpt.names(ckpt.layer_prefix(i))):
                 writer.add(name, tensor)
             ckpt.close()
-        done = set(writer.pending) | {n for _, names in writer.written for n in names}
+        done = set(writer.pending) | {n for _, names, _ in writer.written for n in names}
         for name, tensor in source_tensors(ckpt, [n for n in ckpt.names() if n not in done
                                                   and not n.startswith("model.layers.")]):
             writer.add(name, tensor)
