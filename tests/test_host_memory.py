@@ -192,7 +192,9 @@ def test_the_layers_run_with_the_objects_before_them_frozen_out_of_the_collector
         before = gc.get_freeze_count()
         with frozen_collector():
             pass
-        assert gc.get_freeze_count() == before > 0
+        # Another thread (tqdm's monitor, say) may free a frozen object meanwhile, so the count can only fall;
+        # unfreezing the caller's objects would leave 0, freezing more would raise it.
+        assert 0 < gc.get_freeze_count() <= before
     finally:
         gc.unfreeze()
 
