@@ -717,6 +717,10 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     named = " and ".join("layer %d" % r["index"] for r in measured)
     how = (f"{named} as measured + the other dense layers x the dense mean + the other MoE layers x the steady MoE "
            "mean + embedding; export and manifest scaled per layer")
+    beside = "background_seconds" in stages["export"]  # the export written beside the layers (since it was)
+    if beside:
+        how += ("; the export beside the layers: its own time (less its waits for layers) scaled per layer, where it "
+                "outlasts the layers, + what it took after the last layer")
     missing = [k for k, n, m in (("dense", more_dense, dense_mean), ("MoE", more_moe, moe_mean)) if n > 0 and m is None]
     if missing:
         return {"layers": total_layers, "dense_layers": dense_layers,
@@ -727,12 +731,18 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     # The manifest hashes every file of the export, so it grows with the depth as the export does; results
     # written before it was a stage of its own have none.
     manifest_s = stages.get("manifest", {}).get("seconds", 0.0)
+    export = stages["export"]
+    own = export["background_seconds"] - export["waiting_seconds"] if beside else export["seconds"]
     out = {"layers": total_layers, "dense_layers": dense_layers,
            "quantize_seconds": round(quantize_s + outside, 1),
-           "export_seconds": round(stages["export"]["seconds"] / len(rows) * total_layers, 1),
+           "export_seconds": round(own / len(rows) * total_layers, 1),
            "manifest_seconds": round(manifest_s / len(rows) * total_layers, 1), "how": how}
-    out["total_seconds"] = round(out["quantize_seconds"] + out["export_seconds"] + out["manifest_seconds"]
-                                 + stages["calibrate"]["seconds"], 1)
+    if beside:  # what adds to the run: the longer of the layers and the export's own time, then the export's end
+        out["export_after_layers_seconds"] = round(export["seconds"], 1)
+        layers_and_export = max(out["quantize_seconds"], out["export_seconds"]) + out["export_after_layers_seconds"]
+    else:
+        layers_and_export = out["quantize_seconds"] + out["export_seconds"]
+    out["total_seconds"] = round(layers_and_export + out["manifest_seconds"] + stages["calibrate"]["seconds"], 1)
     return out
 
 

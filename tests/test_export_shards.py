@@ -1,9 +1,12 @@
 """The shard writer: the sha256 it records of each shard is the file's, the manifest takes it instead of
-reading the shard again, and the next layer file is read ahead on a second thread, one layer at most."""
+reading the shard again, and the next layer file is read ahead on a second thread, one layer at most.
+Beside the layers (BackgroundExport), it takes each layer file only once it is finished, writes the same
+shards as after the layers, and ends when the run stops or reports its own failure."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,116 @@ def test_a_layer_file_edited_after_it_was_logged_stops_the_export(layers, tmp_pa
     finally:
         file.write_bytes(original)
     assert not list(tmp_path.glob("model-*.safetensors"))  # no shard took its final name
+
+
+def _exported_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def background(layers):
+    """background(folder, done=0) -> the export of ``layers`` beside (imagined) layers; stopped after the test,
+    whatever happened in it, so that no export is left waiting for a layer (the interpreter would wait too)."""
+    ckpt, work = layers
+    files = [layer_file(work, i) for i in range(LAYERS)]
+    started: list[export.BackgroundExport] = []
+
+    def start(folder: Path, done: int = 0) -> export.BackgroundExport:
+        started.append(export.BackgroundExport(
+            lambda into, finished: export.write_shards(ckpt, architecture_for(ckpt.config), files, into, 40_000,
+                                                       layers=finished), folder, done))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop()
+
+
+def _until(condition, seconds: float = 30.0) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_beside_the_layers_each_layer_file_is_taken_once_finished_and_the_shards_are_the_same(layers, background,
+                                                                                              tmp_path, monkeypatch):
+    ckpt, work = layers
+    after = tmp_path / "after"
+    hashes = shards(ckpt, work, after)
+    read: list[int] = []
+    real_read = export.read_layer
+    monkeypatch.setattr(export, "read_layer", lambda file: read.append(int(file.stem.rpartition("-")[2]))
+                        or real_read(file))
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "left-over").write_text("an earlier, stopped run's")
+    background = background(tmp_path / "beside")
+    for i in range(LAYERS):
+        time.sleep(0.1)
+        assert read == list(range(i)), "a layer file is read only once it is finished"
+        background.layers.finished(i)
+        assert _until(lambda: len(read) > i), f"layer {i} was finished but never read"
+    assert background.result() == hashes
+    assert _exported_files(tmp_path / "beside") == _exported_files(after)
+    timings = background.timings()
+    assert 0 < timings["waiting_seconds"] < timings["background_seconds"]
+
+
+def test_a_stopped_run_ends_the_export_beside_it_and_removes_what_it_wrote(background, tmp_path):
+    background = background(tmp_path / "beside")
+    background.layers.finished(0)
+    assert _until(lambda: (tmp_path / "beside").is_dir()
+                  and any(p.name.startswith(".shard-") for p in (tmp_path / "beside").iterdir()))
+    stopper = threading.Thread(target=background.stop)
+    stopper.start()
+    stopper.join(30)
+    assert not stopper.is_alive(), "stop() waits for the export, which must end at its wait for layer 1"
+    assert not (tmp_path / "beside").exists()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("quantmoe-export")]
+    with pytest.raises(export.ExportStopped):
+        background.result()
+
+
+def test_an_export_beside_the_layers_that_fails_is_raised_by_check_once_it_has(layers, background, tmp_path):
+    ckpt, work = layers
+    file = layer_file(work, 1)
+    original = file.read_bytes()
+    file.write_bytes(original[:-4] + bytes(b ^ 0xFF for b in original[-4:]))
+    try:
+        background = background(tmp_path / "beside", done=1)  # layer 0 finished by an earlier run
+        background.check()  # nothing failed yet: layer 1 is not finished
+        background.layers.finished(1)
+
+        def failed() -> bool:
+            try:
+                background.check()
+            except QuantMoeError as exc:
+                return f"{file.name} changed after it was written" in str(exc)
+            return False
+
+        assert _until(failed)
+    finally:
+        file.write_bytes(original)
+    background.stop()
+    assert not (tmp_path / "beside").exists()
+
+
+def test_a_held_export_takes_no_layer_file_until_released(background, tmp_path, monkeypatch):
+    """A layer that leaves the export no room in the host budget holds it back (FinishedLayers.hold): it takes
+    no finished layer file until released, and the time held counts as waiting for the layers."""
+    read: list[int] = []
+    real_read = export.read_layer
+    monkeypatch.setattr(export, "read_layer", lambda file: read.append(int(file.stem.rpartition("-")[2]))
+                        or real_read(file))
+    background = background(tmp_path / "beside")
+    background.layers.hold(True)
+    for i in range(LAYERS):
+        background.layers.finished(i)
+    time.sleep(0.3)
+    assert read == []
+    background.layers.hold(False)
+    background.result()
+    assert read == list(range(LAYERS))
+    assert background.timings()["waiting_seconds"] >= 0.25  # held from before its first wait: about 0.3 s

@@ -42,7 +42,7 @@ GB = 10**9
 def test_host_plan_keeps_results_then_capture_then_read_ahead():
     # DeepSeek-V3's MoE layer from FP8: 15 GB of captured MLP inputs (both streams), 5.9 GB packed, 11.5 GB to read.
     capture, packed, layer = 15 * GB, 5.9 * GB, 11.5 * GB
-    assert host_plan(120 * GB, 3 * GB, packed, capture, layer) == HostPlan(HOST_CAPTURE_BYTES, True)
+    assert host_plan(120 * GB, 3 * GB, packed, capture, layer) == HostPlan(HOST_CAPTURE_BYTES, True, False)
     tight = host_plan(32 * GB, 3 * GB, packed, capture, layer)  # the capture fits, the read-ahead does not
     assert tight.capture >= capture and not tight.read_ahead
     dense = host_plan(32 * GB, 3 * GB, 0.1 * GB, capture, layer)  # after a dense layer both fit: 29.6 GB + the window
@@ -51,8 +51,20 @@ def test_host_plan_keeps_results_then_capture_then_read_ahead():
     small = host_plan(16 * GB, 3 * GB, packed, capture, layer)  # no room for the capture: the layer captures again
     assert small.capture < capture and not small.read_ahead
     assert host_plan(16 * GB, 3 * GB, packed, 0, 2 * GB).read_ahead  # nothing pinned: the read-ahead fits
-    assert host_plan(2 * GB, 3 * GB, packed, capture, layer) == HostPlan(0, False)
+    assert host_plan(2 * GB, 3 * GB, packed, capture, layer) == HostPlan(0, False, False)
     assert not host_plan(120 * GB, 3 * GB, packed, capture, None).read_ahead  # the last layer
+
+
+def test_the_export_beside_the_layers_gets_the_room_left_after_the_capture_and_the_read_ahead():
+    capture, packed, layer, export = 15 * GB, 5.9 * GB, 11.5 * GB, 25 * GB  # DeepSeek-V3 from FP8, 2 GB shards
+    roomy = host_plan(120 * GB, 3 * GB, packed, capture, layer, export)
+    assert roomy == HostPlan(HOST_CAPTURE_BYTES, True, True)
+    needed = 3 * GB + packed + capture + layer + READ_WINDOW + export
+    assert host_plan(needed, 3 * GB, packed, capture, layer, export).export
+    held = host_plan(needed - 1, 3 * GB, packed, capture, layer, export)  # the capture and the read-ahead first
+    assert held == HostPlan(HOST_CAPTURE_BYTES, True, False)
+    assert host_plan(32 * GB, 3 * GB, packed, 0, None, 20 * GB).export  # nothing pinned, nothing to read ahead
+    assert not host_plan(120 * GB, 3 * GB, packed, capture, layer, None).export  # no export beside the layers
 
 
 def test_the_default_host_budget_is_what_the_machine_has_available():
@@ -111,9 +123,11 @@ def test_any_host_budget_gives_the_same_bytes(tiny_model, text_file, tmp_path, m
 
     roomy = run("roomy", None)
     assert [p.read_ahead for p in plans] == [True, True, False]
+    assert [p.export for p in plans] == [True] * 3  # the export beside the layers takes each as it is written
     plans.clear()
     assert run("tight", "1MB") == roomy
     assert [p.read_ahead for p in plans] == [False] * 3 and {p.capture for p in plans} == {0}
+    assert [p.export for p in plans] == [False] * 3  # held back until the last layer is done
 
 
 def test_cached_page_locked_blocks_are_free_for_the_next_read(tiny_model, text_file, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
 from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.model.stream import LayerStream
+from quantmoe.stages import export as export_module
 from quantmoe.stages import layer as layer_module
 from quantmoe.stages.layer import TAIL_COPIES, LayerQuantizer
+from quantmoe.stages.quantize import work_dir
 
 QCFG = QuantConfig(group_size=32)
 
@@ -123,7 +126,11 @@ def test_configs_and_report(exported, model_type):
     assert 0.5 < report["quantization"]["fraction_quantized"] < 1.0
     assert report["protocol"]["seqlen"] == 256 and report["data"]["tokens_scored"] == report["data"]["windows"] * 255
     assert set(report["stages"]) >= {"calibrate", "quantize", "export", "eval_original", "eval_quantized"}
-    assert json.loads((out / "manifest.json").read_text())["stages"]["manifest"]["seconds"] >= 0  # the hashing, timed
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["manifest"]["seconds"] >= 0  # the hashing, timed
+    # The export ran beside the layers: its stage is what it took after them, with its whole time beside them
+    export = stages["export"]
+    assert 0 <= export["waiting_seconds"] < export["background_seconds"] and export["seconds"] >= 0
     log = json.loads((out / "quantization_log.json").read_text())
     modules = [m for layer in log["layers"] for m in layer["modules"]]
     assert all(m["loss"] >= 0 and m["tokens"] >= 0 and m["seconds"] >= 0 for m in modules)
@@ -642,3 +649,68 @@ def test_a_groups_rows_go_expert_after_expert_each_in_batch_order():
     dest, ends = _destinations([0, 3, 3, 7], [[1, 0, 2], [2, 0, 0], [0, 0, 2]], torch.device("cpu"))
     assert ends == [3, 5, 7]
     assert dest.tolist() == [0, 3, 4, 1, 2, 5, 6]
+
+
+def _layer_reads(monkeypatch) -> dict[int, threading.Event]:
+    """Layer index -> an event set once the export has read that layer's file."""
+    events: dict[int, threading.Event] = {}
+    real = export_module.read_layer
+
+    def read(file):
+        tensors = real(file)
+        events.setdefault(int(file.stem.rpartition("-")[2]), threading.Event()).set()
+        return tensors
+
+    monkeypatch.setattr(export_module, "read_layer", read)
+    return events
+
+
+def test_the_export_is_written_beside_the_layers(tiny_model, text_file, tmp_path, monkeypatch):
+    """Each layer file is exported while the layers after it are quantized: layer i waits here (up to a
+    minute) for the export to have read layer i - 1, which an export after the layers never would."""
+    reads = _layer_reads(monkeypatch)
+    waited = []
+    run = LayerQuantizer.run
+
+    def quantize_layer(self):
+        if self.index > 0:
+            waited.append(reads.setdefault(self.index - 1, threading.Event()).wait(60))
+        return run(self)
+
+    monkeypatch.setattr(LayerQuantizer, "run", quantize_layer)
+    out = tmp_path / "out"
+    quantmoe.quantize(tiny_model("deepseek_v3"), out, QCFG, calib=text_file, nsamples=8, seqlen=32, run_eval=False,
+                      quiet=True)
+    assert waited == [True, True]
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_an_export_that_fails_beside_the_layers_stops_the_run_at_the_next_layer(tiny_model, text_file, tmp_path,
+                                                                                 monkeypatch):
+    failed = threading.Event()
+
+    def read(file):
+        failed.set()
+        raise QuantMoeError(f"{file} could not be exported")
+
+    monkeypatch.setattr(export_module, "read_layer", read)
+    quantized = []
+    run = LayerQuantizer.run
+
+    def quantize_layer(self):
+        if self.index == 1:
+            assert failed.wait(60)  # the export has failed on layer 0 by the time layer 1 is done
+        quantized.append(self.index)
+        return run(self)
+
+    monkeypatch.setattr(LayerQuantizer, "run", quantize_layer)
+    out = tmp_path / "out"
+    with pytest.raises(QuantMoeError, match="layer-00000.safetensors could not be exported"):
+        quantmoe.quantize(tiny_model("deepseek_v3"), out, QCFG, calib=text_file, nsamples=8, seqlen=32,
+                          run_eval=False, quiet=True)
+    assert quantized == [0, 1]  # layer 2 of 3 was never started
+    work = work_dir(out)
+    assert not out.exists() and not (work / "export").exists()
+    assert sorted(p.name for p in (work / "layers").glob("*.safetensors")) == ["layer-00000.safetensors",
+                                                                                "layer-00001.safetensors"]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("quantmoe-")]

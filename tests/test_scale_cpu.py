@@ -453,7 +453,11 @@ def test_quantize_records_every_stage_and_the_summary_extrapolates(benchmark_run
     mean, extra = summary["steady_layer_mean"], summary["extrapolation"]
     assert mean["seconds"] == layers[1]["seconds"]
     assert extra["quantize_seconds"] >= layers[0]["seconds"] + 31 * layers[1]["seconds"] - 0.1  # rounded to 0.1 s
-    assert extra["total_seconds"] > extra["quantize_seconds"]
+    # the export ran beside the layers: what it took after them adds to the longer of the two
+    assert stages["export"]["background_seconds"] >= stages["export"]["waiting_seconds"] >= 0
+    assert extra["total_seconds"] == round(max(extra["quantize_seconds"], extra["export_seconds"])
+                                           + extra["export_after_layers_seconds"] + extra["manifest_seconds"]
+                                           + stages["calibrate"]["seconds"], 1)
     assert {"calibrate", "quantize", "export", "manifest"} <= set(stages)  # the manifest's hashing is timed too
     assert extra["manifest_seconds"] == round(stages["manifest"]["seconds"] / 2 * 32, 1)
 
@@ -474,6 +478,18 @@ def test_summary_counts_dense_and_moe_layers_apart():
     older = scale.summarise(layers, no_manifest, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"])
     assert older["extrapolation"]["manifest_seconds"] == 0.0
     assert older["extrapolation"]["total_seconds"] == round(extra["quantize_seconds"] + 61.5, 1)
+    # The export beside the layers: 3 s after the last layer, 9 s of its own in 14 s beside them (5 s waiting)
+    beside = {**stages, "export": {"seconds": 3.0, "background_seconds": 14.0, "waiting_seconds": 5.0}}
+    extra = scale.summarise(layers, beside, total_layers=61, dense_layers=3,
+                            kinds=["dense", "moe", "moe"])["extrapolation"]
+    assert extra["export_seconds"] == 183.0 and extra["export_after_layers_seconds"] == 3.0  # its own time: x 61 / 3
+    assert extra["total_seconds"] == round(extra["quantize_seconds"] + 3.0 + 12.2 + 0.5, 1)  # the layers outlast it
+    assert "beside the layers" in extra["how"]
+    slow = {**beside, "export": {"seconds": 3.0, "background_seconds": 2000.0, "waiting_seconds": 5.0}}
+    extra = scale.summarise(layers, slow, total_layers=61, dense_layers=3,
+                            kinds=["dense", "moe", "moe"])["extrapolation"]
+    assert extra["export_seconds"] > extra["quantize_seconds"]  # an export slower than the layers sets the pace
+    assert extra["total_seconds"] == round(extra["export_seconds"] + 3.0 + 12.2 + 0.5, 1)
     assert summary["steady_from_layer"] == 1
     four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
     stages4 = {**stages, "quantize": {"seconds": 83.0}}

@@ -77,7 +77,7 @@ from ..model.architectures import (
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
 from ..model.stream import model_config, pick_device
-from ..stages.export import as_stored, source_tensors
+from ..stages.export import FinishedLayers, as_stored, source_tensors
 from ..stages.method import Calibration, LayerOutput, Source
 from ..stages.report import base_model_name, gap_table, protocol_text
 from .base import Backend, unknown_settings
@@ -190,7 +190,8 @@ class BnbRun:
     def record(self) -> dict:
         return {"device": str(self.device)}
 
-    def layers(self, work: Path, done: int, rss: PeakRSS) -> Iterator[LayerOutput]:
+    def layers(self, work: Path, done: int, rss: PeakRSS, export: FinishedLayers | None = None
+               ) -> Iterator[LayerOutput]:
         for i in range(done, self.ckpt.config.num_hidden_layers):
             t0 = time.perf_counter()
             tensors, modules = quantize_layer(self.ckpt, plan_layer(self.arch, self.ckpt.config, i), self.config,

@@ -326,8 +326,9 @@ class RunOptions:
                                           "quantized in groups that fit it, with the same output for any budget "
                                           "[default: what the GPU has free].")
     host_memory: str | int | None = option(None, "Host memory the run may hold, e.g. 32GB: the read-ahead of the next "
-                                           "layer and the pinned copies of captured activations are sized to it, with "
-                                           "the same output for any budget [default: what the machine has available].")
+                                           "layer and the pinned copies of captured activations are sized to what the "
+                                           "export, written beside the layers, leaves of it, with the same output for "
+                                           "any budget [default: what the machine has available].")
 
     def __post_init__(self):
         _check_choices(self)

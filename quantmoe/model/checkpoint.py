@@ -14,6 +14,7 @@ Python code) is never run, and every floating-point tensor read is checked for N
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -98,6 +99,13 @@ class Checkpoint:
             raise QuantMoeError(f"{self.path} has no config.json; pass a transformers checkpoint folder")
         self._handles: dict[str, object] = {}
         self._layouts: dict[str, tuple[int, dict]] = {}  # see _layout
+
+    def reader(self) -> Checkpoint:
+        """Another reader of this folder, for a thread that reads it beside this one (the export beside the
+        layers): the files this one has parsed and checked, shared; shards it opens and closes on its own."""
+        other = copy.copy(self)
+        other._handles, other._layouts = {}, dict(self._layouts)
+        return other
 
     def inside(self, name: str) -> Path:
         """The path of file ``name`` of this folder, after checking that it is a plain file name (no

@@ -10,6 +10,10 @@ method keeps them (``mtp="keep"``), unquantized. Shards are built one at a time,
 holds at most one shard. Beside the writer, two threads read the next layer file (its sha256 checked)
 and hash each shard written, while the writer serialises, writes and syncs: hashing and file I/O
 release the GIL.
+
+A run exports beside its layers (``BackgroundExport``): the writer takes each layer file as soon as
+it is finished (``FinishedLayers``), so that once the last layer is done only its own shards and the
+tensors after it are left to write. The shards are the same bytes as an export after the layers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -104,6 +111,119 @@ class ShardWriter:
         return hashes
 
 
+class ExportStopped(Exception):
+    """The run stopped before the layer that its export waits for was finished (FinishedLayers.stop)."""
+
+
+class FinishedLayers:
+    """The layer files of a run as they are completed, for the export beside the layers: ``finished(i)`` once
+    layer i's file and log entry are written, ``wait(i)`` until then and while the layers ``hold`` the export
+    back (a host budget without room for it beside a layer: ``host_bytes``, the most the export holds);
+    ``stop()`` ends every wait with ExportStopped. ``waiting_seconds``: how long the export's writer waited
+    for layers (``waited``), which is the layers' time, not the export's."""
+
+    def __init__(self, done: int, host_bytes: int = 0):
+        self._cond = threading.Condition()
+        self._done = done       # layers 0 .. done-1 are complete
+        self._held = self._stopped = False
+        self._when: dict[int, float] = {}  # layer -> when the export could take it (perf_counter), if during the run
+        self.host_bytes = host_bytes
+        self.waiting_seconds = 0.0
+        with self._cond:
+            self._notify()  # the layers finished by an earlier run can be taken from now
+
+    def finished(self, index: int) -> None:
+        with self._cond:
+            self._done = max(self._done, index + 1)
+            self._notify()
+
+    def hold(self, held: bool) -> None:
+        """Keep the export from taking another layer file (True) until released (False)."""
+        with self._cond:
+            self._held = held
+            self._notify()
+
+    def _notify(self) -> None:
+        """Under the lock: wake the waits, and note when each finished layer could first be taken."""
+        if not self._held:
+            now = time.perf_counter()
+            for i in range(self._done):
+                self._when.setdefault(i, now)
+        self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def wait(self, index: int) -> None:
+        """Until layer ``index`` may be taken; ExportStopped once the run stopped. A run that ends in any way
+        stops it (BackgroundExport.stop): the interpreter waits for the export's threads as it exits."""
+        with self._cond:
+            self._cond.wait_for(lambda: (self._done > index and not self._held) or self._stopped)
+            if self._stopped:
+                raise ExportStopped(f"the run stopped before the export took layer {index}")
+
+    def waited(self, index: int, since: float) -> None:
+        """The writer waited from ``since`` for layer ``index``: count the part before it could take it."""
+        with self._cond:
+            self.waiting_seconds += max(0.0, self._when.get(index, since) - since)
+
+
+class BackgroundExport:
+    """``export(folder, layers)`` (export_checkpoint's shards and config, taking each layer file once
+    ``layers`` says it is finished) run on a thread of its own beside the layers' quantization, into
+    ``folder``, emptied first (a half-written export of an earlier, stopped run). ``check()`` raises the
+    export's error as soon as it has failed, so that a run stops at the next layer rather than after the
+    last; ``result()`` waits for the export and gives its shards' hashes; ``stop()`` ends it (at its next
+    layer) and removes ``folder``. ``timings()``: its whole time beside the layers, and how much of it it
+    waited for them. ``host_bytes``: the most it holds (export_host_bytes), which the layers make room for or
+    hold it back (FinishedLayers.hold)."""
+
+    def __init__(self, export: Callable[[Path, FinishedLayers], dict[str, str]], folder: Path, done: int,
+                 host_bytes: int = 0):
+        self.folder, self.layers = folder, FinishedLayers(done, host_bytes)
+        shutil.rmtree(folder, ignore_errors=True)
+        self._seconds = 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-export")
+        self._future = self._pool.submit(self._run, export)
+
+    def _run(self, export: Callable[[Path, FinishedLayers], dict[str, str]]) -> dict[str, str]:
+        t0 = time.perf_counter()
+        try:
+            return export(self.folder, self.layers)
+        finally:
+            self._seconds = time.perf_counter() - t0
+
+    def check(self) -> None:
+        if self._future.done() and self._future.exception() is not None:
+            raise self._future.exception()
+
+    def result(self) -> dict[str, str]:
+        try:
+            return self._future.result()
+        finally:
+            self._pool.shutdown()
+
+    def stop(self) -> None:
+        self.layers.stop()
+        self._pool.shutdown()  # the export ends at its next wait for a layer, or once done
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def timings(self) -> dict[str, float]:
+        return {"background_seconds": round(self._seconds, 3),
+                "waiting_seconds": round(self.layers.waiting_seconds, 3)}
+
+
+def export_host_bytes(ckpt: Checkpoint, shard_bytes: int) -> int:
+    """About the most host memory the export beside the layers holds: the shard it builds, and the layer file
+    it takes with the next one read ahead, each bounded by the largest decoder layer as the source stores it
+    (a 4- or 8-bit layer file is at most about as large)."""
+    layer = max((sum(ckpt.nbytes(n) for n in ckpt.names(ckpt.layer_prefix(i)))
+                 for i in range(ckpt.config.num_hidden_layers)), default=0)
+    return shard_bytes + 2 * layer
+
+
 # A method's view of a layer file in the export (Method.export_layer): layer index and the file's tensors ->
 # the tensors to write (repacked for the export's format) and the layer-relative linears left in 16 bits.
 LayerExport = Callable[[int, dict[str, Tensor]], tuple[dict[str, Tensor], frozenset[str]]]
@@ -116,7 +236,7 @@ def as_stored(index: int, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor]
 
 def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path, max_shard_size: int,
                  layout: str = "source", extra_layers: list[int] = (), in_place: bool = False,
-                 layer_export: LayerExport = as_stored) -> dict[str, str]:
+                 layer_export: LayerExport = as_stored, layers: FinishedLayers | None = None) -> dict[str, str]:
     """The source checkpoint with each layer's quantized linears replaced by the tensors of its layer
     file -> shards and their index in ``folder``, for every backend; returns each shard's sha256 by
     file name.
@@ -130,19 +250,28 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
     GPTQ's tensors; a recipe leaves linears in 16 bits, copied from the source). Memory holds one shard,
     the layer file in use and the next one, read (and its sha256 checked) on another thread while
     this one writes; the source's shards are unmapped after each layer (an open shard's pages read so
-    far count as resident).
+    far count as resident). ``layers``: each layer file is read once it says the file is finished (None:
+    every file is).
     """
+    layers = layers if layers is not None else FinishedLayers(len(layer_files))
+
+    def read(i: int) -> dict[str, Tensor]:
+        layers.wait(i)
+        return read_layer(layer_files[i])
+
     folder.mkdir(parents=True, exist_ok=True)
     # Two threads, so that hashing a shard never holds up the next layer's read that the writer waits for.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantmoe-export") as background:
         writer = ShardWriter(folder, max_shard_size, background)
         for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
             writer.add(name, tensor)
-        ahead = background.submit(read_layer, layer_files[0]) if layer_files else None
+        ahead = background.submit(read, 0) if layer_files else None
         for i, file in enumerate(layer_files):
             prefix = ckpt.layer_prefix(i)
+            since = time.perf_counter()
             tensors = ahead.result()
-            ahead = background.submit(read_layer, layer_files[i + 1]) if i + 1 < len(layer_files) else None
+            layers.waited(i, since)
+            ahead = background.submit(read, i + 1) if i + 1 < len(layer_files) else None
             quantized, kept = layer_export(i, tensors)
             for name, tensor in layer_tensors(ckpt, arch, i, layout, quantized, file, in_place, kept):
                 writer.add(export_name(arch, name, prefix, layout), tensor)
@@ -243,12 +372,13 @@ def export_name(arch: Architecture, name: str, prefix: str, layout: str) -> str:
 def export_checkpoint(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], folder: Path,
                       quantization_config: dict, max_shard_size: int, layout: str = "source",
                       config_files: tuple[str, ...] = (), extra_layers: list[int] = (),
-                      in_place: bool = False, layer_export: LayerExport = as_stored) -> dict[str, str]:
+                      in_place: bool = False, layer_export: LayerExport = as_stored,
+                      layers: FinishedLayers | None = None) -> dict[str, str]:
     """Shards, index, config.json (with ``quantization_config``), a copy of it in each of ``config_files``
     (GPTQ's quantize_config.json) and the tokenizer files, into ``folder``; returns each shard's sha256
-    by file name (hashed as written: finalize's manifest takes them)."""
+    by file name (hashed as written: finalize's manifest takes them). ``layers``: see write_shards."""
     hashes = write_shards(ckpt, arch, layer_files, folder, max_shard_size, layout, extra_layers, in_place,
-                          layer_export)
+                          layer_export, layers)
     write_config(ckpt, folder, quantization_config)
     for name in config_files:
         atomic_write_json(folder / name, quantization_config)

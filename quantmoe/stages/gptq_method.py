@@ -46,7 +46,7 @@ from ..model.stream import (
     pick_device,
     tensor_core_passes,
 )
-from .export import QUANTIZE_CONFIG, compressed_config, parse_size
+from .export import QUANTIZE_CONFIG, FinishedLayers, compressed_config, parse_size
 from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
 from .method import Calibration, LayerOutput, Source
 from .precision import Unit, check_recipe, layer_units, recipe_patterns
@@ -239,7 +239,8 @@ class GptqRun:
         return {"device": str(self.device), "tf32": self.tf32, "processes": self.ranks.world,
                 "batch_size": self.batch_size, **self._statistics}
 
-    def layers(self, work: Path, done: int, rss: PeakRSS) -> Iterator[LayerOutput]:
+    def layers(self, work: Path, done: int, rss: PeakRSS, export: FinishedLayers | None = None
+               ) -> Iterator[LayerOutput]:
         stream, qcfg, dev, n = self.stream, self.qcfg, self.device, self.stream.num_layers
         if done == n:
             return
@@ -290,8 +291,11 @@ class GptqRun:
                 reusable = max(cached_pinned_bytes(), pinned)
                 plan = host_plan(self.host, psutil.Process().memory_info().rss - reusable,
                                  packed_bytes(stream.ckpt, stream.arch, qcfg, i), captured,
-                                 stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None)
+                                 stream.layer_bytes(i + 1, share(i + 1)) if self.prefetch and i + 1 < n else None,
+                                 None if export is None else export.host_bytes)
                 quantizer.host_capture = plan.capture
+                if export is not None:
+                    export.hold(not plan.export)
                 next_state = read_ahead(i + 1) if plan.read_ahead else None
                 if next_state is None and pinned and i + 1 < n:  # the next layer is read after this one, into
                     release_pinned_memory()  # ordinary memory: this one's cached pinned blocks would only be held
@@ -355,20 +359,24 @@ def host_budget(host_memory: str | int | None) -> int:
 class HostPlan:
     capture: int       # bytes the layer's capture may pin in host memory (LayerQuantizer.host_capture)
     read_ahead: bool   # whether the next layer is read while this one is worked on
+    export: bool       # whether the export beside the layers may take layer files while this one is worked on
 
 
-def host_plan(budget: int, resident: int, packed: int, capture: int, next_layer: int | None) -> HostPlan:
+def host_plan(budget: int, resident: int, packed: int, capture: int, next_layer: int | None,
+              export: int | None = None) -> HostPlan:
     """How a layer uses the host ``budget`` (bytes) beside what is ``resident`` once it is loaded: first its
     ``packed`` results (host copies until its layer file is written), then its MLP inputs' pinned
     ``capture`` (it saves a forward pass through attention for every group of experts), then the read of
     the ``next_layer``'s stored bytes (None: none to read) while it is worked on, with the shards' pages
-    (READ_WINDOW), which saves only the read's time. Read after the layer instead, the next layer finds
-    this one's capture freed."""
+    (READ_WINDOW), which saves only the read's time; read after the layer instead, the next layer finds
+    this one's capture freed. Then the ``export`` beside the layers (the most it holds: FinishedLayers.host_bytes;
+    None: there is none), which saves its time after the layers; held back, it waits for room or the last layer."""
     room = budget - resident - packed
     limit = max(0, min(HOST_CAPTURE_BYTES, room))
     pinned = capture if capture <= limit else 0  # a capture that does not fit is not kept at all
     read_ahead = next_layer is not None and pinned + next_layer + READ_WINDOW <= room
-    return HostPlan(limit, read_ahead)
+    left = room - pinned - (next_layer + READ_WINDOW if read_ahead else 0)
+    return HostPlan(limit, read_ahead, export is not None and export <= left)
 
 
 def pinned_bytes(state: dict) -> int:

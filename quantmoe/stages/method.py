@@ -22,6 +22,7 @@ from ..base.options import RunOptions
 from ..model.architectures import Architecture
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
+from .export import FinishedLayers
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,12 @@ class Run(Protocol):
         """What the log and manifest record of this run besides the config (device, processes ...)."""
         ...
 
-    def layers(self, work: Path, done: int, rss: PeakRSS) -> Iterator[LayerOutput]:
+    def layers(self, work: Path, done: int, rss: PeakRSS, export: FinishedLayers | None = None
+               ) -> Iterator[LayerOutput]:
         """Quantize layers ``done``, ``done + 1``, ... in order; layers below ``done`` are finished in ``work``
-        (``resume.layer_file``). ``rss.take()`` is the peak RSS (MB) since the last take, for each log entry."""
+        (``resume.layer_file``). ``rss.take()`` is the peak RSS (MB) since the last take, for each log entry.
+        ``export``: the export beside the layers, which a run that budgets host memory holds back while a
+        layer leaves it no room (``export.hold``); None: there is none (not the writing process)."""
         ...
 
 

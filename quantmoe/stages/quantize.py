@@ -8,7 +8,8 @@ differs between backends is a ``Method`` (method.py): gptq/rtn's is ``gptq_metho
 Files handed between stages live in a work folder beside ``--out``
 (``.<out>.quantmoe-work/``): ``calib.safetensors``, ``layers/layer-NNNNN.safetensors`` and
 ``.json`` per finished layer, and ``export/``, the staged output that is renamed to
-``--out`` only once complete (finalize.py). A stopped run resumes from its finished layers
+``--out`` only once complete (finalize.py). The export is written beside the layers, each layer's
+shards as soon as its file is (export.BackgroundExport). A stopped run resumes from its finished layers
 (resume.py). Under torchrun the experts of each layer are spread over the processes, on one
 node or several (distributed.py, docs/distributed.md); rank 0 writes, and a stopped run
 resumes there too.
@@ -54,8 +55,14 @@ from .calibrate import (
     read_documents,
     write_calibration,
 )
-from .export import export_checkpoint, extra_layer_modules, parse_size
-from .finalize import finalize
+from .export import (
+    BackgroundExport,
+    export_checkpoint,
+    export_host_bytes,
+    extra_layer_modules,
+    parse_size,
+)
+from .finalize import finalize, staging_dir
 from .gptq_method import GptqMethod
 from .method import Calibration, Method, Run, Source
 from .resume import (
@@ -121,13 +128,20 @@ def run(model: str | Path | None, out: str | Path | None, method: Method, option
     layers = method.start(source, calibration, options, ranks)  # joins the torchrun processes' group
     control = control_group(ranks)  # right after the join, on every process
     work = open_work_folder(source, method, calibration, layers, options, ranks, control)
-    entries = quantize_layers(layers, work, ranks, options.quiet or not ranks.writes, stages)
+    export = start_export(source, method, work, options) if ranks.writes else None
+    try:
+        entries = quantize_layers(layers, work, ranks, options.quiet or not ranks.writes, stages, export)
+    except BaseException:
+        if export is not None:
+            export.stop()
+        raise
     report = None
     if not ranks.writes:
         finish(ranks, control)  # until rank 0 has written --out: see distributed.py
     else:
         try:
-            report = export_and_finalize(source, method, calibration, layers, work, entries, options, stages)
+            report = export_and_finalize(source, method, calibration, layers, work, entries, options, stages,
+                                         export)
         except BaseException:
             finish(ranks, control, ok=False)
             raise
@@ -213,25 +227,44 @@ def open_work_folder(source: Source, method: Method, calibration: Calibration | 
     return Work(folder, parts, fingerprint(parts), done, n, lock)
 
 
-def quantize_layers(layers: Run, work: Work, ranks: Ranks, quiet: bool, stages: dict) -> list[dict]:
+def start_export(source: Source, method: Method, work: Work, options: RunOptions) -> BackgroundExport:
+    """Stage 3, started before the layers: the export, on a thread of its own into the staging folder, taking
+    each layer file once it is finished and the layers leave it room in the host budget (export.BackgroundExport),
+    with its own reader of the checkpoint."""
+    ckpt, arch = source.ckpt.reader(), source.arch
+    extra = ckpt.extra_layers() if options.mtp == "keep" else []  # multi-token prediction, exported unquantized
+    export = partial(export_checkpoint, ckpt, arch, [layer_file(work.folder, i) for i in range(work.num_layers)],
+                     quantization_config=method.quantization_config(ckpt, arch, extra_layer_modules(ckpt, extra)),
+                     max_shard_size=source.shard_bytes, layout=method.layout, config_files=method.config_files,
+                     extra_layers=extra, in_place=method.in_place,
+                     layer_export=partial(method.export_layer, ckpt, arch))
+    return BackgroundExport(lambda folder, finished: export(folder, layers=finished), staging_dir(work.folder),
+                            work.done, export_host_bytes(ckpt, source.shard_bytes))
+
+
+def quantize_layers(layers: Run, work: Work, ranks: Ranks, quiet: bool, stages: dict,
+                    export: BackgroundExport | None = None) -> list[dict]:
     """Stage 2: every layer's log entry, read back for the layers finished earlier and made now for
     the others, each of which is written to the work folder by a background thread (one layer in
-    flight at a time bounds host memory)."""
+    flight at a time bounds host memory) and then handed to the ``export`` beside the layers, whose
+    failure stops the run at the next layer."""
     entries = [read_layer_log(work.folder, i, work.fingerprint) for i in range(work.done)]
     peak_gpu = None
     bar = tqdm(desc="quantize", unit="layer", disable=quiet, initial=work.done, total=work.num_layers)
     writer = ThreadPoolExecutor(1, thread_name_prefix="quantmoe-write")
     with stage(stages, "quantize"), PeakRSS() as rss, writer, bar, frozen_collector():
         written: Future | None = None
-        for layer in layers.layers(work.folder, work.done, rss):
+        for layer in layers.layers(work.folder, work.done, rss, None if export is None else export.layers):
             if ranks.writes:
                 w0 = time.perf_counter()
                 if written is not None:
                     written.result()
                 timings = layer.entry["timings"]
                 timings["write"] = round(timings.get("write", 0.0) + time.perf_counter() - w0, 3)
-                written = writer.submit(_write_when_packed, layer.packed, work.folder, layer.index, layer.tensors,
-                                        layer.entry, work.fingerprint)
+                written = writer.submit(_write_when_packed, layer.packed, export, work.folder, layer.index,
+                                        layer.tensors, layer.entry, work.fingerprint)
+            if export is not None:
+                export.check()
             entries.append(layer.entry)
             if layer.peak_gpu_mb is not None:
                 peak_gpu = max(peak_gpu or 0.0, layer.peak_gpu_mb)
@@ -239,17 +272,24 @@ def quantize_layers(layers: Run, work: Work, ranks: Ranks, quiet: bool, stages: 
             bar.update()
         if written is not None:
             written.result()
+    if export is not None:
+        export.layers.hold(False)  # the layers are done: the rest of the host budget is the export's
     release_pinned_memory()  # the captures' page-locked blocks, cached for the next layer: there is none
     if peak_gpu is not None:  # the layers reset the peak, so the stage's own reading covers the last one only
         stages["quantize"]["peak_gpu_mb"] = round(max(peak_gpu, stages["quantize"]["peak_gpu_mb"] or 0), 1)
     return entries
 
 
-def _write_when_packed(packed: torch.cuda.Event | None, *args) -> Path:
-    """write_layer(*args) once the layer's packed tensors have reached the host (LayerResult.packed)."""
+def _write_when_packed(packed: torch.cuda.Event | None, export: BackgroundExport | None, work: Path, index: int,
+                       *args) -> Path:
+    """write_layer(work, index, *args) once the layer's packed tensors have reached the host
+    (LayerResult.packed); then the ``export`` may take the file."""
     if packed is not None:
         packed.synchronize()
-    return write_layer(*args)
+    file = write_layer(work, index, *args)
+    if export is not None:
+        export.layers.finished(index)
+    return file
 
 
 def fallbacks(entries: list[dict]) -> list[dict]:
@@ -259,10 +299,19 @@ def fallbacks(entries: list[dict]) -> list[dict]:
 
 
 def export_and_finalize(source: Source, method: Method, calibration: Calibration | None, layers: Run, work: Work,
-                        entries: list[dict], options: RunOptions, stages: dict) -> dict | None:
-    """Stages 3 to 5: the shards, the log, the optional eval, the model card and the manifest, renamed
-    over --out (finalize.py); returns the eval report. Published files name the model and --out by
-    Hub id or folder name (``published_name``), or by local path with ``record_paths``."""
+                        entries: list[dict], options: RunOptions, stages: dict, export: BackgroundExport
+                        ) -> dict | None:
+    """Stages 3 to 5: the end of the ``export`` (its "export" stage: the time it takes after the layers, with
+    its whole time beside them), the log, the optional eval, the model card and the manifest, renamed over
+    --out (finalize.py); returns the eval report. Published files name the model and --out by Hub id or
+    folder name (``published_name``), or by local path with ``record_paths``."""
+    try:
+        with stage(stages, "export"):
+            hashed = export.result()
+    except BaseException:
+        export.stop()
+        raise
+    stages["export"].update(export.timings())
     ckpt, arch = source.ckpt, source.arch
     shown = str if options.record_paths else published_name
     calibrated = {} if calibration is None else {"nsamples": int(calibration.ids.shape[0]),
@@ -285,11 +334,5 @@ def export_and_finalize(source: Source, method: Method, calibration: Calibration
     evaluation = None if not options.run_eval else {
         "baseline": ckpt.path, "data": options.eval_data, "device": options.device, "batch_size": layers.batch_size,
         "quiet": options.quiet, "record_paths": options.record_paths, "tf32": options.tf32}
-    extra = ckpt.extra_layers() if options.mtp == "keep" else []  # multi-token prediction, exported unquantized
-    export = partial(export_checkpoint, ckpt, arch, [layer_file(work.folder, i) for i in range(work.num_layers)],
-                     quantization_config=method.quantization_config(ckpt, arch, extra_layer_modules(ckpt, extra)),
-                     max_shard_size=source.shard_bytes, layout=method.layout, config_files=method.config_files,
-                     extra_layers=extra, in_place=method.in_place,
-                     layer_export=partial(method.export_layer, ckpt, arch))
-    return finalize(work.folder, source.out, export, log, manifest, method.model_card, card_info, evaluation,
+    return finalize(work.folder, source.out, hashed, log, manifest, method.model_card, card_info, evaluation,
                     options.overwrite, stages, shown(source.out))
