@@ -131,6 +131,7 @@ def test_configs_and_report(exported, model_type):
     # The export ran beside the layers: its stage is what it took after them, with its whole time beside them
     export = stages["export"]
     assert 0 <= export["waiting_seconds"] < export["background_seconds"] and export["seconds"] >= 0
+    assert "| export (after the layers; " in (out / "eval_report.md").read_text()
     log = json.loads((out / "quantization_log.json").read_text())
     modules = [m for layer in log["layers"] for m in layer["modules"]]
     assert all(m["loss"] >= 0 and m["tokens"] >= 0 and m["seconds"] >= 0 for m in modules)

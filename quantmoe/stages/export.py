@@ -112,7 +112,7 @@ class ShardWriter:
 
 
 class ExportStopped(Exception):
-    """The run stopped before the layer that its export waits for was finished (FinishedLayers.stop)."""
+    """The run stopped before its export took the layer it waits for (FinishedLayers.stop)."""
 
 
 class FinishedLayers:
