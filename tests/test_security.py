@@ -230,18 +230,23 @@ def test_a_known_model_type_with_an_auto_map_is_read_with_transformers_own_class
 
 
 def _stopped_before_export(w, model: Path, out: Path, monkeypatch) -> Path:
-    """Quantize until every layer is finished, then stop (as a crash would) before the export."""
+    """Quantize until every layer is finished, then stop (as a crash would) before the export is in place
+    (where the run waits for the export written beside the layers)."""
     import quantmoe.stages.quantize as pipeline
 
     def crash(*args, **kwargs):
         raise RuntimeError("stopped before the export")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "export_checkpoint", crash)
+        m.setattr(pipeline.BackgroundExport, "result", crash)
         with pytest.raises(RuntimeError, match="stopped before the export"):
             quantmoe.quantize(model, out, QuantConfig(backend="rtn", group_size=32), calib=w["text"], nsamples=4,
                               seqlen=32, run_eval=False, quiet=True)
-    return work_dir(out)
+    work = work_dir(out)
+    layers = Checkpoint(model).config.num_hidden_layers
+    assert len(list((work / "layers").glob("layer-*.json"))) == layers  # every layer finished
+    assert not (work / "export").exists()
+    return work
 
 
 def test_a_layer_file_edited_on_disk_is_computed_again_never_resumed_from(world, tmp_path, monkeypatch, capsys):
@@ -278,7 +283,11 @@ def test_a_layer_file_edited_after_the_resume_check_is_never_exported(world, tmp
     def tampered(file):
         data = bytearray(file.read_bytes())
         data[-4] ^= 0xFF  # in the tensor data
-        file.write_bytes(bytes(data))
+        # Replaced whole, as an editor saves a file: the export reads beside the layers, and the resumed run's
+        # replay may have the same file mapped (a file cut short under a mapping is a bus error, not an edit).
+        edited = file.with_name(file.name + ".edited")
+        edited.write_bytes(bytes(data))
+        os.replace(edited, file)
         return read_layer(file)
 
     monkeypatch.setattr(export, "read_layer", tampered)
