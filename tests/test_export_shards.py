@@ -162,7 +162,7 @@ def test_beside_the_layers_each_layer_file_is_taken_once_finished_and_the_shards
     assert background.result() == hashes
     assert _exported_files(tmp_path / "beside") == _exported_files(after)
     timings = background.timings()
-    assert 0 < timings["waiting_seconds"] < timings["background_seconds"]
+    assert 0 <= timings["waiting_seconds"] <= timings["background_seconds"]  # how much: the next test
 
 
 def test_a_stopped_run_ends_the_export_beside_it_and_removes_what_it_wrote(background, tmp_path):
@@ -220,4 +220,24 @@ def test_a_held_export_takes_no_layer_file_until_released(background, tmp_path, 
     background.layers.hold(False)
     background.result()
     assert read == list(range(LAYERS))
-    assert background.timings()["waiting_seconds"] >= 0.25  # held from before its first wait: about 0.3 s
+
+
+def test_the_export_waits_only_until_a_layer_may_be_taken():
+    """waiting_seconds counts, of each wait, the part before the layer was finished (and not held back)."""
+    layers = export.FinishedLayers(1)  # layer 0 finished by an earlier run
+    layers.waited(0, time.perf_counter())
+    assert layers.waiting_seconds == 0.0
+    since = time.perf_counter()
+    time.sleep(0.05)
+    layers.finished(1)
+    layers.waited(1, since)
+    assert 0.05 <= layers.waiting_seconds < 5
+    layers.waited(1, time.perf_counter())  # asked for once it was there: no wait
+    first = layers.waiting_seconds
+    layers.hold(True)
+    since = time.perf_counter()
+    layers.finished(2)  # finished, but held back
+    time.sleep(0.05)
+    layers.hold(False)
+    layers.waited(2, since)
+    assert layers.waiting_seconds - first >= 0.05
