@@ -133,6 +133,15 @@ def background(layers):
         each.stop()
 
 
+def _recorded_reads(monkeypatch) -> list[int]:
+    """The index of each layer file the export reads, in order."""
+    read: list[int] = []
+    real_read = export.read_layer
+    monkeypatch.setattr(export, "read_layer", lambda file: read.append(int(file.stem.rpartition("-")[2]))
+                        or real_read(file))
+    return read
+
+
 def _until(condition, seconds: float = 30.0) -> bool:
     end = time.monotonic() + seconds
     while not condition():
@@ -147,10 +156,7 @@ def test_beside_the_layers_each_layer_file_is_taken_once_finished_and_the_shards
     ckpt, work = layers
     after = tmp_path / "after"
     hashes = shards(ckpt, work, after)
-    read: list[int] = []
-    real_read = export.read_layer
-    monkeypatch.setattr(export, "read_layer", lambda file: read.append(int(file.stem.rpartition("-")[2]))
-                        or real_read(file))
+    read = _recorded_reads(monkeypatch)
     (tmp_path / "beside").mkdir()
     (tmp_path / "beside" / "left-over").write_text("an earlier, stopped run's")
     background = background(tmp_path / "beside")
@@ -207,10 +213,7 @@ def test_an_export_beside_the_layers_that_fails_is_raised_by_check_once_it_has(l
 def test_a_held_export_takes_no_layer_file_until_released(background, tmp_path, monkeypatch):
     """A layer that leaves the export no room in the host budget holds it back (FinishedLayers.hold): it takes
     no finished layer file until released, and the time held counts as waiting for the layers."""
-    read: list[int] = []
-    real_read = export.read_layer
-    monkeypatch.setattr(export, "read_layer", lambda file: read.append(int(file.stem.rpartition("-")[2]))
-                        or real_read(file))
+    read = _recorded_reads(monkeypatch)
     background = background(tmp_path / "beside")
     background.layers.hold(True)
     for i in range(LAYERS):

@@ -196,8 +196,9 @@ class BackgroundExport:
             self._seconds = time.perf_counter() - t0
 
     def check(self) -> None:
-        if self._future.done() and self._future.exception() is not None:
-            raise self._future.exception()
+        failed = self._future.exception() if self._future.done() else None
+        if failed is not None:
+            raise failed
 
     def result(self) -> dict[str, str]:
         try:
@@ -219,9 +220,13 @@ def export_host_bytes(ckpt: Checkpoint, shard_bytes: int) -> int:
     """About the most host memory the export beside the layers holds: the shard it builds, and the layer file
     it takes with the next one read ahead, each bounded by the largest decoder layer as the source stores it
     (a 4- or 8-bit layer file is at most about as large)."""
-    layer = max((sum(ckpt.nbytes(n) for n in ckpt.names(ckpt.layer_prefix(i)))
-                 for i in range(ckpt.config.num_hidden_layers)), default=0)
-    return shard_bytes + 2 * layer
+    layers: dict[int, int] = {}  # decoder layer -> its stored bytes, in one pass over the tensor names
+    for name in ckpt.weight_map:
+        parts = name.split(".", 3)
+        if parts[:2] == ["model", "layers"] and len(parts) == 4 and parts[2].isdigit() \
+                and int(parts[2]) < ckpt.config.num_hidden_layers:
+            layers[int(parts[2])] = layers.get(int(parts[2]), 0) + ckpt.nbytes(name)
+    return shard_bytes + 2 * max(layers.values(), default=0)
 
 
 # A method's view of a layer file in the export (Method.export_layer): layer index and the file's tensors ->
