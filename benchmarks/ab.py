@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     for out in kept.values():
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    steady = {t: [r["steady_layer_mean"]["seconds"] for r in runs if r["tree"] == t and not r["warmup"]] for t in "AB"}
+    counted = {t: [r for r in runs if r["tree"] == t and not r["warmup"]] for t in "AB"}
+    steady = {t: [r["steady_layer_mean"]["seconds"] for r in counted[t]] for t in "AB"}
+    totals = {t: [(r.get("extrapolation") or {}).get("total_seconds") for r in counted[t]] for t in "AB"}
     record = {
         "benchmark": "benchmarks/ab.py", "shape_name": first["shape_name"], "source": first["source"],
         "num_layers": first["num_layers"], "calibration_tokens": first["calibration_tokens"],
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": {"a_steady_seconds": steady["A"], "b_steady_seconds": steady["B"],
                     "b_minus_a_mean_seconds": round(sum(steady["B"]) / len(steady["B"])
                                                     - sum(steady["A"]) / len(steady["A"]), 3),
+                    "a_whole_model_seconds": totals["A"], "b_whole_model_seconds": totals["B"],
                     "levels_differ": compare["levels_differ"], "levels": compare["levels"],
                     "gptq_loss_ratio_b_over_a": compare.get("gptq_loss_ratio_b_over_a")},
         "runs": runs, "compare": compare,

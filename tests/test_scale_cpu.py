@@ -365,6 +365,8 @@ def test_ab_alternates_two_trees_on_one_checkpoint_and_compares_their_outputs(tm
         (1, "A", "here", True), (2, "A", "here", False), (3, "B", str(scale.REPO), False)]
     assert saved["summary"]["a_steady_seconds"] == [saved["runs"][1]["steady_layer_mean"]["seconds"]]
     assert saved["summary"]["b_steady_seconds"] == [saved["runs"][2]["steady_layer_mean"]["seconds"]]
+    assert saved["summary"]["a_whole_model_seconds"] == [saved["runs"][1]["extrapolation"]["total_seconds"]]
+    assert saved["summary"]["b_whole_model_seconds"] == [saved["runs"][2]["extrapolation"]["total_seconds"]] != [None]
     assert saved["compare"]["levels"] > 0 and saved["summary"]["levels_differ"] == 0
     assert saved["compare"]["gptq_loss_ratio_b_over_a"] == 1.0
     assert sorted(p.name for p in (tmp_path / "work").iterdir() if p.name.startswith("out-")) == []
