@@ -5,8 +5,6 @@ shards as after the layers, and ends when the run stops or reports its own failu
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,6 @@ from tiny import make_model
 
 from quantmoe.base.errors import QuantMoeError
 from quantmoe.base.files import file_hashes, sha256_file
-from quantmoe.base.measure import BACKGROUND_NICE
 from quantmoe.model.architectures import architecture_for, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.stages import export
@@ -172,25 +169,6 @@ def test_beside_the_layers_each_layer_file_is_taken_once_finished_and_the_shards
     assert _exported_files(tmp_path / "beside") == _exported_files(after)
     timings = background.timings()
     assert 0 <= timings["waiting_seconds"] <= timings["background_seconds"]  # how much: the next test
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own CPU priority is Linux's (elsewhere none is set)")
-def test_the_export_beside_the_layers_runs_at_a_lower_cpu_priority_than_they_do(background, tmp_path, monkeypatch):
-    """The export's thread and the threads it starts (the read-ahead that reads each layer file) give way to the
-    layers; the thread that runs the layers keeps its priority."""
-    def priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    here = priority()
-    seen: list[int] = []
-    real_read = export.read_layer
-    monkeypatch.setattr(export, "read_layer", lambda file: seen.append(priority()) or real_read(file))
-    background = background(tmp_path / "beside")
-    for i in range(LAYERS):
-        background.layers.finished(i)
-    background.result()
-    assert seen == [min(19, here + BACKGROUND_NICE)] * LAYERS and here < 19
-    assert priority() == here
 
 
 def test_a_stopped_run_ends_the_export_beside_it_and_removes_what_it_wrote(background, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -156,23 +155,6 @@ def steady_host_memory() -> None:
         M_MMAP_THRESHOLD = -3  # malloc.h
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
-        pass
-
-
-BACKGROUND_NICE = 10  # how much lower the CPU priority of work beside the layers is than theirs
-
-
-def yield_cpu(nice: int = BACKGROUND_NICE) -> None:
-    """Lower the calling thread's CPU priority by ``nice`` (at most to 19), so that work beside the layers (the
-    export) runs on the cores they leave idle instead of taking cores from their kernel launches and CPU
-    operations. Linux only, where a priority is per thread and the threads it starts inherit it; elsewhere
-    (where it would lower the whole process) nothing."""
-    if sys.platform != "linux":
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:
         pass
 
 

@@ -39,7 +39,6 @@ from ..base.files import (
     save_safetensors,
     sha256_file,
 )
-from ..base.measure import yield_cpu
 from ..base.options import QuantConfig
 from ..formats import compressed_tensors
 from ..model.architectures import (
@@ -190,7 +189,6 @@ class BackgroundExport:
         self._future = self._pool.submit(self._run, export)
 
     def _run(self, export: Callable[[Path, FinishedLayers], dict[str, str]]) -> dict[str, str]:
-        yield_cpu()  # this thread and the ones it starts (its read-ahead and hashing) give way to the layers
         t0 = time.perf_counter()
         try:
             return export(self.folder, self.layers)
