@@ -663,7 +663,7 @@ def _mean(rows: list[dict]) -> dict:
 
 
 def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_layers: int = 0,
-              kinds: list[str] | None = None) -> dict:
+              kinds: list[str] | None = None, mtp_left_out: int = 0) -> dict:
     """Per-layer split by stage, the steady MoE-layer mean and the extrapolation to the release's
     depth: ``total_layers`` layers of which the first ``dense_layers`` are dense.
 
@@ -674,7 +674,8 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     copied into and the later layers reuse (``steady_from_layer``). The extrapolation takes the first
     layer (and that MoE layer) as measured, each other dense layer at the dense layers' mean and each
     other MoE layer at the steady mean, adds embedding the calibration tokens, and scales the export
-    per layer.
+    per layer. ``mtp_left_out``: the release's multi-token-prediction layers that the run did not have
+    (no ``--mtp``), which the extrapolation names as not included.
     """
     kinds = kinds or ["moe"] * len(layers)
     rows = []
@@ -703,13 +704,13 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     if stages:
         out["extrapolation"] = extrapolate(measured, rows, stages, total_layers, dense_layers,
                                            out.get("dense_layer_mean", {}).get("seconds"),
-                                           out["steady_layer_mean"]["seconds"] if moe else None)
+                                           out["steady_layer_mean"]["seconds"] if moe else None, mtp_left_out)
         out["stages"] = stages
     return out
 
 
 def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_layers: int, dense_layers: int,
-                dense_mean: float | None, moe_mean: float | None) -> dict:
+                dense_mean: float | None, moe_mean: float | None, mtp_left_out: int = 0) -> dict:
     """See summarise: ``measured``, the layers taken as measured (the first, and the first MoE layer when the steady
     mean leaves it out), ``rows`` all of them."""
     more_dense = dense_layers - sum(r["kind"] == "dense" for r in measured)
@@ -719,8 +720,11 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
            "mean + embedding; export and manifest scaled per layer")
     beside = "background_seconds" in stages["export"]  # the export written beside the layers (since it was)
     if beside:
-        how += ("; the export beside the layers: its own time (less its waits for layers) scaled per layer, where it "
-                "outlasts the layers, + what it took after the last layer")
+        how += ("; the export beside the layers: its own time beside them (less its waits for layers) scaled per "
+                "layer, where it outlasts the layers, + what it took after the last layer (an MTP layer included)")
+    if mtp_left_out:
+        how += (f"; not included: the release's {mtp_left_out} multi-token-prediction layer(s), which the export "
+                "writes after the last layer (measure them with --mtp)")
     missing = [k for k, n, m in (("dense", more_dense, dense_mean), ("MoE", more_moe, moe_mean)) if n > 0 and m is None]
     if missing:
         return {"layers": total_layers, "dense_layers": dense_layers,
@@ -732,11 +736,16 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     # written before it was a stage of its own have none.
     manifest_s = stages.get("manifest", {}).get("seconds", 0.0)
     export = stages["export"]
-    own = export["background_seconds"] - export["waiting_seconds"] if beside else export["seconds"]
+    # Beside the layers, its own time is its whole time less its waits and what it took after the last layer, which
+    # is paid once (the last layer's shards, an MTP layer, the head) and added once below.
+    own = max(export["background_seconds"] - export["waiting_seconds"] - export["seconds"], 0.0) if beside \
+        else export["seconds"]
     out = {"layers": total_layers, "dense_layers": dense_layers,
            "quantize_seconds": round(quantize_s + outside, 1),
            "export_seconds": round(own / len(rows) * total_layers, 1),
            "manifest_seconds": round(manifest_s / len(rows) * total_layers, 1), "how": how}
+    if mtp_left_out:
+        out["mtp_layers_not_included"] = mtp_left_out
     if beside:  # what adds to the run: the longer of the layers and the export's own time, then the export's end
         out["export_after_layers_seconds"] = round(export["seconds"], 1)
         layers_and_export = max(out["quantize_seconds"], out["export_seconds"]) + out["export_after_layers_seconds"]
@@ -1199,7 +1208,8 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": {**checkpoint, "path": str(model)}, "run": run,
         "peak_gpu_mb": (stages.get("quantize") or {}).get("peak_gpu_mb"),
         "peak_rss_mb": run["peak_rss_mb_sampled"],
-        **summarise(layers, stages, total, shape.config.get("first_k_dense_replace") or 0, layer_kinds(config)),
+        **summarise(layers, stages, total, shape.config.get("first_k_dense_replace") or 0, layer_kinds(config),
+                    (shape.config.get("num_nextn_predict_layers") or 0) - (config.get("num_nextn_predict_layers") or 0)),
     }
     if checkpoint["source"] == "fp8":
         result["fp8_release"] = shape.fp8_release

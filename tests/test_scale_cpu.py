@@ -231,6 +231,7 @@ def test_reduced_shape_quantizes_and_the_json_records_it(reduced_runs, run):
     extra = saved["extrapolation"]
     assert extra["layers"] == release["num_hidden_layers"]
     assert extra["dense_layers"] == (release.get("first_k_dense_replace") or 0)
+    assert extra.get("mtp_layers_not_included") == (release.get("num_nextn_predict_layers") or None)  # no --mtp here
     assert extra["quantize_seconds"] >= saved["layers"][0]["seconds"] + (extra["layers"] - 1 - extra["dense_layers"]) \
         * moe_rows[-1]["seconds"] - 0.1
     if "--out-work" in run:  # the output (kept) and its work folder under --out-work, the checkpoint under --work
@@ -480,11 +481,11 @@ def test_summary_counts_dense_and_moe_layers_apart():
     older = scale.summarise(layers, no_manifest, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"])
     assert older["extrapolation"]["manifest_seconds"] == 0.0
     assert older["extrapolation"]["total_seconds"] == round(extra["quantize_seconds"] + 61.5, 1)
-    # The export beside the layers: 3 s after the last layer, 9 s of its own in 14 s beside them (5 s waiting)
+    # The export beside the layers: 14 s in all, of which 5 s waiting for layers and 3 s after the last layer (once)
     beside = {**stages, "export": {"seconds": 3.0, "background_seconds": 14.0, "waiting_seconds": 5.0}}
     extra = scale.summarise(layers, beside, total_layers=61, dense_layers=3,
                             kinds=["dense", "moe", "moe"])["extrapolation"]
-    assert extra["export_seconds"] == 183.0 and extra["export_after_layers_seconds"] == 3.0  # its own time: x 61 / 3
+    assert extra["export_seconds"] == 122.0 and extra["export_after_layers_seconds"] == 3.0  # 6 s beside: x 61 / 3
     assert extra["total_seconds"] == round(extra["quantize_seconds"] + 3.0 + 12.2 + 0.5, 1)  # the layers outlast it
     assert "beside the layers" in extra["how"]
     slow = {**beside, "export": {"seconds": 3.0, "background_seconds": 2000.0, "waiting_seconds": 5.0}}
@@ -492,6 +493,10 @@ def test_summary_counts_dense_and_moe_layers_apart():
                             kinds=["dense", "moe", "moe"])["extrapolation"]
     assert extra["export_seconds"] > extra["quantize_seconds"]  # an export slower than the layers sets the pace
     assert extra["total_seconds"] == round(extra["export_seconds"] + 3.0 + 12.2 + 0.5, 1)
+    assert "mtp_layers_not_included" not in extra and "multi-token" not in extra["how"]
+    extra = scale.summarise(layers, beside, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"],
+                            mtp_left_out=1)["extrapolation"]  # a run without the release's MTP layer says so
+    assert extra["mtp_layers_not_included"] == 1 and "1 multi-token-prediction layer(s)" in extra["how"]
     assert summary["steady_from_layer"] == 1
     four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
     stages4 = {**stages, "quantize": {"seconds": 83.0}}
