@@ -682,7 +682,7 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     for e in layers:
         t = e.get("timings", {})
         row = {"index": e["index"], "kind": kinds[e["index"]] if e["index"] < len(kinds) else "moe",
-               "seconds": e["seconds"], **{k: t.get(k) for k in STAGES},
+               "seconds": e["seconds"], "before": e.get("before_seconds"), **{k: t.get(k) for k in STAGES},
                "write_background": t.get("write_background"), "peak_gpu_mb": e.get("peak_gpu_mb"),
                "stage_peak_gpu_mb": e.get("stage_peak_gpu_mb"), "peak_rss_mb": e.get("peak_rss_mb"),
                "expert_groups": e.get("expert_groups"),
@@ -732,6 +732,14 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     outside = stages["quantize"]["seconds"] - sum(r["seconds"] for r in rows)  # embedding the calibration tokens
     quantize_s = sum(r["seconds"] for r in measured) + max(more_dense, 0) * (dense_mean or 0) \
         + max(more_moe, 0) * (moe_mean or 0)
+    # Between two layers (the last handed to its writer, its memory freed), which no layer's seconds count: part of
+    # ``outside`` for the layers measured, and their mean once more for every other layer. Results from before it
+    # was recorded have none.
+    gaps = [r["before"] for r in rows[1:] if r.get("before") is not None]
+    between = sum(gaps) / len(gaps) if gaps else 0.0
+    quantize_s += between * (total_layers - len(rows))
+    if gaps:
+        how += "; the time between two layers at its mean after the first"
     # The manifest hashes every file of the export, so it grows with the depth as the export does; results
     # written before it was a stage of its own have none.
     manifest_s = stages.get("manifest", {}).get("seconds", 0.0)
@@ -741,7 +749,7 @@ def extrapolate(measured: list[dict], rows: list[dict], stages: dict, total_laye
     own = max(export["background_seconds"] - export["waiting_seconds"] - export["seconds"], 0.0) if beside \
         else export["seconds"]
     out = {"layers": total_layers, "dense_layers": dense_layers,
-           "quantize_seconds": round(quantize_s + outside, 1),
+           "quantize_seconds": round(quantize_s + outside, 1), "between_layers_seconds": round(between, 3),
            "export_seconds": round(own / len(rows) * total_layers, 1),
            "manifest_seconds": round(manifest_s / len(rows) * total_layers, 1), "how": how}
     if mtp_left_out:

@@ -452,10 +452,12 @@ def test_quantize_records_every_stage_and_the_summary_extrapolates(benchmark_run
         assert set(scale.STAGES) <= set(e["timings"]), e["timings"]
         assert e["timings"]["solve"] > 0 and e["timings"]["hessians"] > 0
         assert e["peak_rss_mb"] > 0 and e["peak_gpu_mb"] is None  # CPU
+        assert 0 <= e["before_seconds"] < stages["quantize"]["seconds"]  # between the previous layer and this one
     summary = scale.summarise(layers, stages, total_layers=32)
     mean, extra = summary["steady_layer_mean"], summary["extrapolation"]
     assert mean["seconds"] == layers[1]["seconds"]
     assert extra["quantize_seconds"] >= layers[0]["seconds"] + 31 * layers[1]["seconds"] - 0.1  # rounded to 0.1 s
+    assert extra["between_layers_seconds"] == layers[1]["before_seconds"]  # the one gap measured, for the 30 others
     # the export ran beside the layers: what it took after them adds to the longer of the two
     assert stages["export"]["background_seconds"] >= stages["export"]["waiting_seconds"] >= 0
     assert extra["total_seconds"] == round(max(extra["quantize_seconds"], extra["export_seconds"])
@@ -498,6 +500,13 @@ def test_summary_counts_dense_and_moe_layers_apart():
                             mtp_left_out=1)["extrapolation"]  # a run without the release's MTP layer says so
     assert extra["mtp_layers_not_included"] == 1 and "1 multi-token-prediction layer(s)" in extra["how"]
     assert summary["steady_from_layer"] == 1
+    # The time between two layers, recorded since it was (before_seconds): its mean after the first layer once more
+    # for each layer not measured
+    timed = [{**e, "before_seconds": 0.1 if e["index"] == 0 else 0.5} for e in layers]
+    extra = scale.summarise(timed, stages, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"])
+    assert extra["extrapolation"]["between_layers_seconds"] == 0.5
+    assert extra["extrapolation"]["quantize_seconds"] == round(summary["extrapolation"]["quantize_seconds"] + 58 * 0.5, 1)
+    assert summary["extrapolation"]["between_layers_seconds"] == 0.0  # results from before: none
     four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
     stages4 = {**stages, "quantize": {"seconds": 83.0}}
     summary = scale.summarise(four, stages4, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe", "moe"])

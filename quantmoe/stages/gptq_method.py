@@ -274,8 +274,12 @@ class GptqRun:
                 return reader.submit(stream.read_ahead_state, i, share(i)) if self.prefetch and i < n else None
 
             next_state = read_ahead(done)
+            end = time.perf_counter()  # of the previous layer (its entry made), or of the setup
             for i in range(done, n):
                 t0 = time.perf_counter()
+                # between the previous layer's end and this one's start (the previous layer handed to its writer,
+                # its memory freed): counted by no layer's seconds
+                before = t0 - end
                 _gpu_peak(dev, reset=True)
                 state = next_state.result() if next_state is not None else \
                     stream.layer_state(i, keep_dtype=True, experts=share(i))
@@ -307,8 +311,9 @@ class GptqRun:
                 if layer_peak is not None:
                     layer_peak = max(layer_peak, *result.peak_gpu_mb.values())
                 timings = {**result.timings, "load": round(waited + result.timings.get("load", 0.0), 3)}
-                entry = {"index": i, "seconds": round(time.perf_counter() - t0, 3), "timings": timings,
-                         "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb,
+                end = time.perf_counter()
+                entry = {"index": i, "seconds": round(end - t0, 3), "before_seconds": round(before, 3),
+                         "timings": timings, "peak_gpu_mb": layer_peak, "stage_peak_gpu_mb": result.peak_gpu_mb,
                          "peak_rss_mb": rss.take(), "expert_tokens": result.expert_tokens,
                          "expert_groups": result.expert_groups, "expert_bytes_held": result.expert_bytes_held,
                          "expert_bytes_loaded": result.expert_bytes_loaded,
