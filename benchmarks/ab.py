@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale  # noqa: E402
 
-RUN_KEYS = ("steady_layer_mean", "steady_from_layer", "peak_gpu_mb", "peak_rss_mb", "layers", "extrapolation")
+RUN_KEYS = ("steady_layer_mean", "steady_from_layer", "steady_to_layer", "peak_gpu_mb", "peak_rss_mb", "layers",
+            "extrapolation")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -671,9 +671,10 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     MoE layers after the first measured layer (all of them when there is one only, as in a
     one-dense-one-MoE run). After a dense first layer, with three MoE layers or more, it also leaves
     out the first MoE layer, which pays once for the page-locked memory that its packed levels are
-    copied into and the later layers reuse (``steady_from_layer``). The extrapolation takes the first
-    layer (and that MoE layer) as measured, each other dense layer at the dense layers' mean and each
-    other MoE layer at the steady mean, adds embedding the calibration tokens, and scales the export
+    copied into and the later layers reuse (``steady_from_layer``). With two such layers or more, it leaves out
+    the last layer too, which reads no next layer ahead (``steady_to_layer``). The extrapolation takes the
+    first layer (and that MoE layer, and the last) as measured, each other dense layer at the dense layers'
+    mean and each other MoE layer at the steady mean, adds embedding the calibration tokens, and scales the export
     per layer. ``mtp_left_out``: the release's multi-token-prediction layers that the run did not have
     (no ``--mtp``), which the extrapolation names as not included.
     """
@@ -698,7 +699,13 @@ def summarise(layers: list[dict], stages: dict, total_layers: int = 32, dense_la
     measured = rows[:1]  # taken as measured by the extrapolation
     if rows[0]["kind"] == "dense" and len(steady) >= 3:
         measured, steady = [rows[0], steady[0]], steady[1:]
-    out = {"layers": rows, "steady_layer_mean": _mean(steady), "steady_from_layer": steady[0]["index"]}
+    # The last layer reads no next layer ahead beside its work (and ran faster than the one before it: see
+    # benchmarks/README.md); a release has one last layer too. With two steady layers or more it is taken as measured,
+    # and the steady mean is over the layers before it.
+    if len(steady) >= 2 and steady[-1] is rows[-1]:
+        measured, steady = [*measured, rows[-1]], steady[:-1]
+    out = {"layers": rows, "steady_layer_mean": _mean(steady), "steady_from_layer": steady[0]["index"],
+           "steady_to_layer": steady[-1]["index"]}
     if dense:
         out["dense_layer_mean"] = _mean(dense)
     if stages:

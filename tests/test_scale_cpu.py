@@ -473,10 +473,13 @@ def test_summary_counts_dense_and_moe_layers_apart():
     stages = {"quantize": {"seconds": 61.0}, "export": {"seconds": 3.0}, "manifest": {"seconds": 0.6},
               "calibrate": {"seconds": 0.5}}
     summary = scale.summarise(layers, stages, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"])
-    assert summary["steady_layer_mean"]["seconds"] == 25.0  # both MoE layers: layer 0 was the first
+    # layer 1: layer 0 was the first, and layer 2, the last, reads no next layer ahead (taken as measured)
+    assert summary["steady_layer_mean"]["seconds"] == 30.0
+    assert (summary["steady_from_layer"], summary["steady_to_layer"]) == (1, 1)
     assert summary["dense_layer_mean"]["seconds"] == 10.0
     extra = summary["extrapolation"]
-    assert extra["quantize_seconds"] == 10.0 + 2 * 10.0 + 58 * 25.0 + 1.0  # + 1 s outside the layers
+    assert extra["quantize_seconds"] == 10.0 + 20.0 + 2 * 10.0 + 57 * 30.0 + 1.0  # + 1 s outside the layers
+    assert "layer 0 and layer 2 as measured" in extra["how"]
     assert extra["export_seconds"] == 61.0 and extra["manifest_seconds"] == 12.2  # both per layer: x 61 / 3
     assert extra["total_seconds"] == round(extra["quantize_seconds"] + 61.0 + 12.2 + 0.5, 1)
     no_manifest = {k: v for k, v in stages.items() if k != "manifest"}  # a result from before it was timed
@@ -499,7 +502,6 @@ def test_summary_counts_dense_and_moe_layers_apart():
     extra = scale.summarise(layers, beside, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe"],
                             mtp_left_out=1)["extrapolation"]  # a run without the release's MTP layer says so
     assert extra["mtp_layers_not_included"] == 1 and "1 multi-token-prediction layer(s)" in extra["how"]
-    assert summary["steady_from_layer"] == 1
     # The time between two layers, recorded since it was (before_seconds): its mean after the first layer once more
     # for each layer not measured
     timed = [{**e, "before_seconds": 0.1 if e["index"] == 0 else 0.5} for e in layers]
@@ -510,10 +512,17 @@ def test_summary_counts_dense_and_moe_layers_apart():
     four = layers + [{"index": 3, "seconds": 22.0, "timings": {}}]  # after a dense layer, three MoE layers
     stages4 = {**stages, "quantize": {"seconds": 83.0}}
     summary = scale.summarise(four, stages4, total_layers=61, dense_layers=3, kinds=["dense", "moe", "moe", "moe"])
-    assert summary["steady_from_layer"] == 2 and summary["steady_layer_mean"]["seconds"] == 21.0  # not the first MoE
-    extra = summary["extrapolation"]  # layers 0 and 1 as measured, the other 57 MoE layers at the steady mean
-    assert extra["quantize_seconds"] == 10.0 + 30.0 + 2 * 10.0 + 57 * 21.0 + 1.0
-    assert "layer 0 and layer 1 as measured" in extra["how"]
+    # neither the first MoE layer nor the last
+    assert (summary["steady_from_layer"], summary["steady_to_layer"]) == (2, 2)
+    assert summary["steady_layer_mean"]["seconds"] == 20.0
+    extra = summary["extrapolation"]  # layers 0, 1 and 3 as measured, the other 56 MoE layers at the steady mean
+    assert extra["quantize_seconds"] == 10.0 + 30.0 + 22.0 + 2 * 10.0 + 56 * 20.0 + 1.0
+    assert "layer 0 and layer 1 and layer 3 as measured" in extra["how"]
+    mixtral = [{"index": i, "seconds": t, "timings": {}} for i, t in enumerate([6.0, 4.0, 4.2, 3.6])]  # all MoE
+    summary = scale.summarise(mixtral, {**stages, "quantize": {"seconds": 18.8}}, total_layers=32)
+    assert (summary["steady_from_layer"], summary["steady_to_layer"]) == (1, 2)
+    assert summary["steady_layer_mean"]["seconds"] == 4.1  # not the last layer's 3.6 s
+    assert summary["extrapolation"]["quantize_seconds"] == round(6.0 + 3.6 + 30 * 4.1 + 1.0, 1)
     only_dense = scale.summarise(layers[:1], stages, total_layers=61, dense_layers=3, kinds=["dense"])
     assert "quantize_seconds" not in only_dense["extrapolation"]
     assert "no MoE layer was measured" in only_dense["extrapolation"]["how"]
