@@ -780,7 +780,8 @@ def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
     tokenization, embeddings, head, KL); the release's depth at those rates. With more than EVAL_WARM_LAYERS
     + 1 layers timed one by one (``layer_timings``), the steady part is the mean of the layers after the
     first EVAL_WARM_LAYERS, whose reads also allocate the page-locked memory that the later ones reuse, and
-    those layers' excess counts as fixed (``steady_from_layer``)."""
+    before the last, which reads no next layer ahead (where one or more is left); those layers' difference
+    counts as fixed (``steady_from_layer``, ``steady_to_layer``)."""
     stages = run.get("stages") or {}
     per_layer = {label: round(stages[f"eval_{label}"]["seconds"] / layers, 3)
                  for label in ("original", "quantized") if f"eval_{label}" in stages}
@@ -795,7 +796,9 @@ def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
         start = EVAL_WARM_LAYERS if all(len(each.get(label) or []) == layers > EVAL_WARM_LAYERS + 1
                                         for label in timings) else 0
         if start:
-            steady = {label: sum(sum(t.values()) for t in each[label][start:]) / (layers - start) for label in timings}
+            stop = layers - 1 if layers - start >= 2 else layers
+            steady = {label: sum(sum(t.values()) for t in each[label][start:stop]) / (stop - start) for label in timings}
+            out["steady_to_layer"] = stop - 1
         else:
             steady = {label: sum(v for k, v in t.items() if k != "head") / layers for label, t in timings.items()}
         out["steady_from_layer"] = start

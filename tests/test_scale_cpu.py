@@ -530,25 +530,25 @@ def test_summary_counts_dense_and_moe_layers_apart():
 
 def test_eval_steady_state_leaves_out_the_first_layers_when_each_layer_is_timed():
     """Timed one by one, an evaluation's first EVAL_WARM_LAYERS layers (which also allocate the page-locked memory of
-    the reads) count as fixed cost and the steady layer is the mean of the others; with too few layers timed, the
-    mean of all of them."""
+    the reads) count as fixed cost, and so does the last (which reads no next layer ahead); the steady layer is the
+    mean of the others; with too few layers timed, the mean of all of them."""
     def layer(read, run):
         return {"read": read, "load": 0.1, "layers": run}
-    each = {"original": [layer(0.5, 2.0), layer(0.4, 1.5), layer(0.0, 0.6), layer(0.1, 0.5), layer(0.0, 0.6)],
-            "quantized": [layer(0.2, 1.0), layer(0.1, 0.6), layer(0.0, 0.5), layer(0.0, 0.5), layer(0.0, 0.5)]}
+    each = {"original": [layer(0.5, 2.0), layer(0.4, 1.5), layer(0.0, 0.6), layer(0.1, 0.5), layer(0.0, 0.4)],
+            "quantized": [layer(0.2, 1.0), layer(0.1, 0.6), layer(0.0, 0.5), layer(0.0, 0.5), layer(0.0, 0.3)]}
     timings = {label: {k: sum(t[k] for t in rows) for k in ("read", "load", "layers")} | {"head": 0.1}
                for label, rows in each.items()}
     stages = {"eval_original": {"seconds": 9.0}, "eval_quantized": {"seconds": 5.0}}
     out = scale.summarise_eval({"stages": stages, "timings": timings, "layer_timings": each}, 5, 32)
-    assert out["steady_from_layer"] == scale.EVAL_WARM_LAYERS == 2
-    assert out["steady_per_layer_seconds"]["original"] == pytest.approx(0.7)  # (0.7 + 0.7 + 0.7) / 3
+    assert out["steady_from_layer"] == scale.EVAL_WARM_LAYERS == 2 and out["steady_to_layer"] == 3
+    assert out["steady_per_layer_seconds"]["original"] == pytest.approx(0.7)  # (0.7 + 0.7) / 2, not the last's 0.5
     assert out["steady_per_layer_seconds"]["quantized"] == pytest.approx(0.6)
     assert out["fixed_seconds"]["original"] == pytest.approx(9.0 - 5 * 0.7)
     assert out["extrapolation"]["seconds"] == pytest.approx(9.0 - 3.5 + 5.0 - 3.0 + 32 * 1.3, abs=0.1)
     few = {label: rows[:3] for label, rows in each.items()}
     three = {label: {k: sum(t[k] for t in rows) for k in ("read", "load", "layers")} for label, rows in few.items()}
     out = scale.summarise_eval({"stages": stages, "timings": three, "layer_timings": few}, 3, 32)
-    assert out["steady_from_layer"] == 0
+    assert out["steady_from_layer"] == 0 and "steady_to_layer" not in out
     assert out["steady_per_layer_seconds"]["original"] == pytest.approx((2.6 + 2.0 + 0.7) / 3, abs=1e-3)
 
 
