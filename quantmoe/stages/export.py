@@ -47,7 +47,7 @@ from ..model.architectures import (
     plan_layer,
     unfused_names,
 )
-from ..model.checkpoint import INDEX_NAME, Checkpoint
+from ..model.checkpoint import INDEX_NAME, LAYER_NAME, Checkpoint
 from .resume import read_layer
 
 QUANTIZE_CONFIG = "quantize_config.json"
@@ -222,10 +222,8 @@ def export_host_bytes(ckpt: Checkpoint, shard_bytes: int) -> int:
     (a 4- or 8-bit layer file is at most about as large)."""
     layers: dict[int, int] = {}  # decoder layer -> its stored bytes, in one pass over the tensor names
     for name in ckpt.weight_map:
-        parts = name.split(".", 3)
-        if parts[:2] == ["model", "layers"] and len(parts) == 4 and parts[2].isdigit() \
-                and int(parts[2]) < ckpt.config.num_hidden_layers:
-            layers[int(parts[2])] = layers.get(int(parts[2]), 0) + ckpt.nbytes(name)
+        if (m := LAYER_NAME.match(name)) and (i := int(m.group(1))) < ckpt.config.num_hidden_layers:
+            layers[i] = layers.get(i, 0) + ckpt.nbytes(name)
     return shard_bytes + 2 * max(layers.values(), default=0)
 
 
