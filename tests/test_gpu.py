@@ -490,12 +490,13 @@ def test_release_pinned_memory_hands_the_cached_page_locked_blocks_back():
 
 @pytest.mark.gpu
 def test_a_layer_read_into_page_locked_memory_is_the_plain_read(tmp_path):
-    """read_prefix(pin=True) makes each copy in page-locked memory (stored weights of a quantized export too),
-    holding the same values as the plain read."""
-    from tiny import make_model, write_text
+    """read_prefix(pin=True) makes each copy in page-locked memory (stored weights of a quantized export and an
+    FP8 release's codes and scales too), holding the same values as the plain read."""
+    from tiny import make_model, router_or_mtp_extra, write_text
 
     import quantmoe
     from quantmoe.base.options import QuantConfig
+    from quantmoe.formats.fp8 import Fp8Weight, write_fp8_release
     from quantmoe.model.checkpoint import Checkpoint
 
     text = write_text(tmp_path / "text.jsonl")
@@ -503,17 +504,22 @@ def test_a_layer_read_into_page_locked_memory_is_the_plain_read(tmp_path):
     out = tmp_path / "out"
     quantmoe.quantize(src, out, QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64, device="cuda",
                       run_eval=False, quiet=True)
-    for folder in (src, out):
+    bf16 = make_model("deepseek_v3", tmp_path / "bf16", dtype=torch.bfloat16)
+    fp8 = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
+    for folder in (src, out, fp8):
         ckpt = Checkpoint(folder)
         plain = ckpt.read_prefix("model.layers.1.", None, defer=True)
         pinned = ckpt.read_prefix("model.layers.1.", None, defer=True, pin=True)
         assert plain.keys() == pinned.keys()
         for name, t in pinned.items():
-            parts = t.parts if hasattr(t, "parts") else {"": t}
+            parts = {"codes": t.codes, "scale": t.scale} if isinstance(t, Fp8Weight) else \
+                t.parts if hasattr(t, "parts") else {"": t}
             assert all(p.is_pinned() for p in parts.values()), name
-            want = plain[name].dequantize() if hasattr(t, "parts") else plain[name]
-            got = t.dequantize() if hasattr(t, "parts") else t
+            want = plain[name].dequantize() if hasattr(t, "dequantize") else plain[name]
+            got = t.dequantize() if hasattr(t, "dequantize") else t
             assert torch.equal(got, want), name
+        if folder == fp8:
+            assert any(isinstance(t, Fp8Weight) for t in pinned.values())
 
 
 @pytest.mark.gpu

@@ -298,6 +298,38 @@ def test_a_layer_read_on_threads_is_the_layer_read_one_tensor_after_another(bf16
             assert any(name.endswith(".weight_scale_inv") for name in threaded(seen_many))
 
 
+def test_a_pinned_read_reads_every_tensor_straight_into_page_locked_memory(bf16_and_fp8, tiny_rtn_export,
+                                                                           monkeypatch):
+    """read_prefix(pin=True) reads each tensor into page-locked memory as it reads it from the shard (read_copy's
+    pin), the linears kept as stored (an FP8 release's codes and scales, an export's parts) too, instead of
+    reading them into ordinary memory and copying that into page-locked memory: no tensor is pinned after it
+    is read. (This CPU build cannot pin: read_copy reads into ordinary memory and marks what it returns;
+    tests/test_gpu.py reads into real page-locked memory.)"""
+    read_copy, pinned = Checkpoint.read_copy, set()
+
+    def marked(self, name, dtype=None, pin=False):
+        t = read_copy(self, name, dtype)
+        if pin:
+            pinned.add(id(t))
+        return t
+
+    monkeypatch.setattr(Checkpoint, "read_copy", marked)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pytest.fail("a tensor was pinned after its read"))
+    bf16, fp8 = bf16_and_fp8
+    for folder, kwargs in [(fp8, {"dtype": None}), (tiny_rtn_export, {"dtype": None, "defer": True}), (bf16, {})]:
+        ckpt = Checkpoint(folder)
+        prefix = ckpt.layer_prefix(1)  # a MoE layer
+        plain = ckpt.read_prefix(prefix, **kwargs)
+        pinned.clear()
+        read = ckpt.read_prefix(prefix, pin=True, **kwargs)
+        assert list(read) == list(plain) and all(_same(plain[k], read[k]) for k in plain), folder.name
+        parts = [p for t in read.values() for p in ([t.codes, t.scale] if isinstance(t, Fp8Weight) else
+                                                     t.parts.values() if isinstance(t, StoredWeight) else [t])]
+        assert parts and all(id(p) in pinned for p in parts), folder.name
+        if folder == fp8:
+            assert sum(isinstance(t, Fp8Weight) for t in read.values()) > 3
+
+
 def test_a_nan_read_on_threads_is_reported_as_one_read_after_another(bf16_and_fp8, tmp_path, monkeypatch):
     """NaN in the third and the last tensor a layer read reads: with threads as without, the error names
     the third (the first in order), however the threads finish, with the same message (the CLI's line)."""

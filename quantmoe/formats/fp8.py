@@ -469,10 +469,11 @@ class _Fp8Source:
     def dequantize(self, ckpt, linear: QuantizedLinear) -> Tensor:
         return self.stored(ckpt, linear, copy=False).dequantize()
 
-    def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True) -> Fp8Weight:
-        """The linear as stored (codes and scale, copied out of the shard), to dequantize later on a device."""
+    def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True, pin: bool = False) -> Fp8Weight:
+        """The linear as stored (codes and scale, copied out of the shard; with ``pin`` into page-locked memory),
+        to dequantize later on a device."""
         weight, scale = linear.tensors[:2]
-        read = ckpt.read_copy if copy else ckpt.tensor
+        read = partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
         codes, s = read(weight), read(scale)
         return Fp8Weight(codes, s, self.block(ckpt.quantization, tuple(codes.shape), tuple(s.shape)), weight)
 
