@@ -67,9 +67,9 @@ class Reader(Protocol):
     The readers of releases that are quantized *from* (FP8: ``fp8.Fp8Reader``) also have
     ``source = True`` and ``stored(ckpt, linear, pin=False)``, the linear as stored (read straight into
     page-locked memory with ``pin``), which the quantize pipeline moves to its device and dequantizes
-    there (``fp8.Fp8Weight``). The readers of quantized
-    exports (GPTQ, compressed-tensors) have ``stored`` too (a ``StoredWeight``), which the layer
-    stream dequantizes on its device when it loads a layer (evaluation, verification).
+    there (``fp8.Fp8Weight``). The readers of quantized exports (GPTQ, compressed-tensors) have
+    ``stored`` too (a ``StoredWeight``), which the layer stream dequantizes on its device when it loads
+    a layer (evaluation, verification).
     """
 
     name: str

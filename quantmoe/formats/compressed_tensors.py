@@ -283,7 +283,8 @@ class CompressedTensorsReader:
         return self.stored(ckpt, linear, copy=False).dequantize()
 
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True, pin: bool = False) -> StoredWeight:
-        """The linear's tensors (copies unless ``copy`` is False, page-locked with ``pin``), to dequantize where they go."""
+        """The linear's tensors (copies unless ``copy`` is False, page-locked with ``pin``), to dequantize where
+        they go."""
         read = partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
         parts = {t.rpartition(".")[2]: read(t) for t in linear.tensors}
         weights = module_weights(ckpt.quantization, linear.module) or {}

@@ -261,7 +261,8 @@ class GptqReader:
         return self.stored(ckpt, linear, copy=False).dequantize()
 
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True, pin: bool = False) -> StoredWeight:
-        """The linear's four tensors (copies unless ``copy`` is False, page-locked with ``pin``), checked, to dequantize where they go."""
+        """The linear's four tensors (copies unless ``copy`` is False, page-locked with ``pin``), checked, to
+        dequantize where they go."""
         read = partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
         parts = {s: read(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
         found = module_settings(ckpt.quantization, linear.module)
