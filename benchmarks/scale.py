@@ -797,7 +797,8 @@ def summarise_eval(run: dict, layers: int, total_layers: int) -> dict:
                                         for label in timings) else 0
         if start:
             stop = layers - 1 if layers - start >= 2 else layers
-            steady = {label: sum(sum(t.values()) for t in each[label][start:stop]) / (stop - start) for label in timings}
+            steady = {label: sum(sum(t.values()) for t in each[label][start:stop]) / (stop - start)
+                      for label in timings}
             out["steady_to_layer"] = stop - 1
         else:
             steady = {label: sum(v for k, v in t.items() if k != "head") / layers for label, t in timings.items()}
@@ -1227,7 +1228,8 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gpu_mb": (stages.get("quantize") or {}).get("peak_gpu_mb"),
         "peak_rss_mb": run["peak_rss_mb_sampled"],
         **summarise(layers, stages, total, shape.config.get("first_k_dense_replace") or 0, layer_kinds(config),
-                    (shape.config.get("num_nextn_predict_layers") or 0) - (config.get("num_nextn_predict_layers") or 0)),
+                    mtp_left_out=(shape.config.get("num_nextn_predict_layers") or 0)
+                    - (config.get("num_nextn_predict_layers") or 0)),
     }
     if checkpoint["source"] == "fp8":
         result["fp8_release"] = shape.fp8_release

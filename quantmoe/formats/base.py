@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -59,6 +60,12 @@ class StoredWeight:
     def dequantize(self) -> Tensor:
         """The weight (out, in) in ``dtype``, on the device the parts are on."""
         return self.decode(self.parts)
+
+
+def tensor_reader(ckpt, copy: bool = True, pin: bool = False) -> Callable[[str], Tensor]:
+    """How a reader's ``stored`` reads a linear's tensors by name: copies out of the shard (``read_copy``; straight
+    into page-locked memory with ``pin``), or with ``copy`` False the tensors as the shard holds them."""
+    return partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
 
 
 class Reader(Protocol):

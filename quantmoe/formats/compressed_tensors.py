@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from .base import QuantizedLinear, StoredWeight
+from .base import QuantizedLinear, StoredWeight, tensor_reader
 from .fp8 import has_float_weights
 from .gptq_v1 import GPTQ_SUFFIXES, linear_bits, quantized_modules, unpack_linear
 
@@ -285,7 +285,7 @@ class CompressedTensorsReader:
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True, pin: bool = False) -> StoredWeight:
         """The linear's tensors (copies unless ``copy`` is False, page-locked with ``pin``), to dequantize where
         they go."""
-        read = partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
+        read = tensor_reader(ckpt, copy, pin)
         parts = {t.rpartition(".")[2]: read(t) for t in linear.tensors}
         weights = module_weights(ckpt.quantization, linear.module) or {}
         decode = partial(dequantize_compressed, group_size=weights.get("group_size")

@@ -58,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..base.errors import QuantMoeError
-from .base import QuantizedLinear, StoredWeight
+from .base import QuantizedLinear, StoredWeight, tensor_reader
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -473,7 +473,7 @@ class _Fp8Source:
         """The linear as stored (codes and scale, copied out of the shard; with ``pin`` into page-locked memory),
         to dequantize later on a device."""
         weight, scale = linear.tensors[:2]
-        read = partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
+        read = tensor_reader(ckpt, copy, pin)
         codes, s = read(weight), read(scale)
         return Fp8Weight(codes, s, self.block(ckpt.quantization, tuple(codes.shape), tuple(s.shape)), weight)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..base.errors import QuantMoeError
 from ..gptq.core import QuantResult, dequantize
-from .base import QuantizedLinear, StoredWeight
+from .base import QuantizedLinear, StoredWeight, tensor_reader
 
 
 def _pack_rows(values: Tensor, bits: int) -> Tensor:
@@ -263,7 +263,7 @@ class GptqReader:
     def stored(self, ckpt, linear: QuantizedLinear, copy: bool = True, pin: bool = False) -> StoredWeight:
         """The linear's four tensors (copies unless ``copy`` is False, page-locked with ``pin``), checked, to
         dequantize where they go."""
-        read = partial(ckpt.read_copy, pin=pin) if copy else ckpt.tensor
+        read = tensor_reader(ckpt, copy, pin)
         parts = {s: read(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
         found = module_settings(ckpt.quantization, linear.module)
         if found is None:

@@ -42,7 +42,8 @@ def finalize(work: Path, out: Path, hashed: dict[str, str], log: dict, manifest:
     ``fallbacks`` are copied into the eval report). ``manifest``: what manifest.json records besides the
     files and ``stages``. ``model_card(report, info)``: the README, with ``info`` = ``card_info`` plus the
     export's ``quantization_config``. ``evaluation``: evaluate's keyword arguments (baseline, data, device,
-    batch_size, quiet, record_paths), or None for no eval. ``stages``: timings so far; "manifest" (hashing the files) is added.
+    batch_size, quiet, record_paths), or None for no eval. ``stages``: timings so far; "manifest" (hashing
+    the files) is added.
     ``shown_out``: how the eval report names ``out`` (its folder name, or its path with --record-paths).
     """
     staging = staging_dir(work)
