@@ -102,6 +102,20 @@ def _file(e, name: str, data: bytes) -> Path:
     return path
 
 
+def _damaged_tokenizer(e) -> Path:
+    model = _copy_model(e, "damaged-tokenizer")
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    return model
+
+
+def _negative_ids(e) -> Path:
+    import torch
+
+    path = e["root"] / "negative-ids.safetensors"
+    write_calibration(path, torch.full((4, 32), -3), {})
+    return path
+
+
 def _other_vocab(e) -> Path:
     import torch
 
@@ -137,6 +151,10 @@ CASES = {
                              "is not UTF-8 text; pass a .txt or .jsonl file"),
     "calibration of another vocabulary": (lambda e, out: ["--calib", _other_vocab(e)],
                                           "was tokenized with another vocabulary than this model's"),
+    "calibration of negative token ids": (lambda e, out: ["--calib", _negative_ids(e)],
+                                          "holds token ids from -3 to -3, outside this model's vocabulary of "),
+    "damaged tokenizer file": (lambda e, out: [_damaged_tokenizer(e)],
+                               "tokenizer.json is not valid JSON (Expecting property name enclosed in double quotes"),
     "group size does not divide": (lambda e, out: ["--group-size", "64"],
                                    "--group-size 64 does not divide the input size 96 of "
                                    "model.layers.0.block_sparse_moe.experts.0.w2.weight"),

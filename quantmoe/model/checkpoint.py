@@ -475,6 +475,9 @@ class Checkpoint:
         try:
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         except Exception as exc:
+            for name in SIDE_FILES:  # a damaged JSON file of the tokenizer is named
+                if name.endswith(".json") and (self.path / name).is_file():
+                    self._read_json(name)
             raise QuantMoeError(f"cannot load the tokenizer of {self.path} ({type(exc).__name__}); "
                                 "the folder needs tokenizer.json/tokenizer_config.json") from None
 

@@ -197,9 +197,14 @@ def read_calibration(path: Path, tokenizer=None) -> tuple[Tensor, dict]:
         raise QuantMoeError(f"{path}: input_ids must be a non-empty integer (N, L) tensor; make it with quantmoe calibrate")
     if tokenizer is not None:
         fp = meta.get("tokenizer_fingerprint")
-        if (fp and fp != tokenizer_fingerprint(tokenizer)) or int(ids.max()) >= len(tokenizer) or int(ids.min()) < 0:
+        if fp and fp != tokenizer_fingerprint(tokenizer):
             raise QuantMoeError(f"{path} was tokenized with another vocabulary than this model's; "
                                 "re-run quantmoe calibrate with --tokenizer pointing at this model")
+        least, greatest = int(ids.min()), int(ids.max())
+        if least < 0 or greatest >= len(tokenizer):
+            raise QuantMoeError(f"{path} holds token ids from {least} to {greatest}, outside this model's vocabulary "
+                                f"of {len(tokenizer)} (0 to {len(tokenizer) - 1}); re-run quantmoe calibrate with "
+                                "--tokenizer pointing at this model")
     return ids.long(), meta
 
 
