@@ -102,6 +102,17 @@ def _file(e, name: str, data: bytes) -> Path:
     return path
 
 
+def _phantom_tensor(e) -> Path:
+    from safetensors import safe_open
+
+    model = _copy_model(e, "phantom-tensor")
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    weight_map = {n: "model.safetensors" for n in [*names, "model.layers.0.self_attn.q_proj.bias"]}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return model
+
+
 def _damaged_tokenizer(e) -> Path:
     model = _copy_model(e, "damaged-tokenizer")
     (model / "tokenizer.json").write_text('{"version": "1.0", "model": {')
@@ -153,6 +164,8 @@ CASES = {
                                           "was tokenized with another vocabulary than this model's"),
     "calibration of negative token ids": (lambda e, out: ["--calib", _negative_ids(e)],
                                           "holds token ids from -3 to -3, outside this model's vocabulary of "),
+    "index names a tensor its shard lacks": (lambda e, out: [_phantom_tensor(e)],
+                                             "tensor model.layers.0.self_attn.q_proj.bias is listed for shard "),
     "damaged tokenizer file": (lambda e, out: [_damaged_tokenizer(e)],
                                "tokenizer.json is not valid JSON (Expecting property name enclosed in double quotes"),
     "group size does not divide": (lambda e, out: ["--group-size", "64"],

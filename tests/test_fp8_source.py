@@ -130,6 +130,33 @@ def test_layers_load_from_fp8_as_from_their_bf16_conversion(releases):
         theirs.release_layer(i)
 
 
+def _with_scales(fp8: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of the release ``fp8`` whose block scales are rounded to powers of two and stored as ``dtype``."""
+    dst = Path(shutil.copytree(fp8, dst))
+    tensors = load_file(dst / "model.safetensors")
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            tensors[name] = torch.exp2(torch.round(torch.log2(t.float()))).to(dtype)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_an_fp8_release_with_e8m0_scales_quantizes_as_with_the_same_scales_in_float32(releases, text_file, tmp_path):
+    """Block scales stored as F8_E8M0 (powers of two, as a "ue8m0" release's are) are read, sized and dequantized as
+    the same powers of two stored as float32 are: the same layers, and exports of the same bytes."""
+    _, fp8, _ = releases
+    f32, e8m0 = _with_scales(fp8, tmp_path / "f32", torch.float32), _with_scales(fp8, tmp_path / "e8m0",
+                                                                                 torch.float8_e8m0fnu)
+    assert "F8_E8M0" in _dtypes(e8m0).values() and "F8_E8M0" not in _dtypes(f32).values()
+    ours, theirs = Checkpoint(e8m0), Checkpoint(f32)
+    for i in (0, 1):
+        got, want = ours.read_prefix(ours.layer_prefix(i)), theirs.read_prefix(theirs.layer_prefix(i))
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    _quantize_each([(e8m0, tmp_path / "out-e8m0"), (f32, tmp_path / "out-f32")], text_file, "--no-eval")
+    a, b = _tensors(tmp_path / "out-e8m0"), _tensors(tmp_path / "out-f32")
+    assert a.keys() == b.keys() and [n for n in a if not torch.equal(a[n], b[n])] == []
+
+
 # ----------------------------------------------------------------------------- the issue's CPU check
 
 

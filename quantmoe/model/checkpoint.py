@@ -302,8 +302,18 @@ class Checkpoint:
         except QuantMoeError:  # read here, in its turn, where it raises again
             return False
 
+    def _header(self, name: str):
+        """Tensor ``name``'s entry in its shard's header (its shape and dtype), nothing of it read."""
+        shard = self._shard_of(name)
+        f = self._open(shard)
+        try:
+            return f.get_slice(name)
+        except SafetensorError:
+            raise QuantMoeError(f"tensor {name} is listed for shard {self.path / shard}, which does not hold it; the "
+                                "index does not match the shards: restore it or re-download the checkpoint") from None
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._shard_of(name)).get_slice(name).get_shape())
+        return tuple(self._header(name).get_shape())
 
     def check_layers(self) -> int:
         """config.num_hidden_layers, checked against the decoder layers the weights hold (layers
@@ -324,14 +334,16 @@ class Checkpoint:
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor takes in its shard."""
-        meta = self._open(self.weight_map[name]).get_slice(name)
-        itemsize = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                    "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}[meta.get_dtype()]
-        return itemsize * math.prod(meta.get_shape())
+        meta = self._header(name)
+        bits = DTYPE_BITS.get(meta.get_dtype())
+        if bits is None:
+            raise QuantMoeError(f"tensor {name} of {self.path} is stored as {meta.get_dtype()}, a dtype quantmoe "
+                                "does not read; convert the checkpoint to BF16, FP16, FP32 or FP8")
+        return -(-bits * math.prod(meta.get_shape()) // 8)
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype of a tensor ("F16", "BF16", "F32", "I32", ...), read from the header."""
-        return self._open(self.weight_map[name]).get_slice(name).get_dtype()
+        return self._header(name).get_dtype()
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -496,6 +508,10 @@ class NonFinite(QuantMoeError):
 
 
 # safetensors' dtype names, for the tensors read_copy reads itself.
+# Bits per element of each safetensors dtype (what a tensor takes in its shard).
+DTYPE_BITS = {"F64": 64, "I64": 64, "U64": 64, "C64": 64, "F32": 32, "I32": 32, "U32": 32, "F16": 16, "BF16": 16,
+              "I16": 16, "U16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I8": 8, "U8": 8, "BOOL": 8,
+              "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
 STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
