@@ -634,6 +634,20 @@ def test_a_malformed_gptq_checkpoint_is_one_line_in_eval_and_a_problem_in_verify
     assert problem.replace(".g_idx points outside", " has a g_idx outside") in line
 
 
+def test_an_export_whose_config_is_wider_than_its_experts_is_one_line_in_eval_and_quantize(world, tmp_path):
+    """A quantized export's experts store no weight to check before the run, so each layer's fused experts are checked
+    against the config's shapes as they load: one line naming the tensor, not a model of the wrong width."""
+    folder = copy_export(world, tmp_path / "export")
+    edit_json(folder / "config.json", lambda c: c.update(intermediate_size=2 * c["intermediate_size"]))
+    rehash(folder)
+    for command in (["eval", folder, "--data", world["short"], "--seqlen", "32", "--device", "cpu", "--quiet"],
+                    ["quantize", folder, "--out", tmp_path / "again", "--calib", world["text"], "--nsamples", "4",
+                     "--seqlen", "32", "--no-eval", "--quiet"]):
+        line = error_line(run(*command))
+        assert "layer 0 of" in line and "does not match its mixtral config: its experts make" in line, line
+        assert "where config.json makes it [4, 384, 64]; restore config.json" in line, line
+
+
 def test_a_malformed_manifest_is_a_problem_for_verify_and_push_not_a_traceback(export_copy):
     for content in ("[]", '{"files": ["model.safetensors"]}', '{"files": {"config.json": 1}}', "{not json"):
         (export_copy / MANIFEST).write_text(content)

@@ -206,8 +206,13 @@ class LayerStream:
         self.model = skeleton(self.config, dtype)
         self.model.eval()
         inner = self.model.model
-        for name, param in self.outer_tensors():  # before anything is allocated for them
-            check_shape(ckpt, name, param)
+        # Each MoE layer's fused expert tensors as its config shapes them, before a load replaces them
+        # (load_layer checks what the checkpoint holds against them).
+        self._expert_shapes = {i: {name: tuple(getattr(module, attr).shape)
+                                   for name, (module, attr) in self._fused_params(layer, i).items()}
+                               for i, layer in enumerate(inner.layers)}
+        for name, shape in self.outer_shapes() + self.expert_shapes():  # before anything is allocated for them
+            check_shape(ckpt, name, shape)
         inner.embed_tokens.to_empty(device=device)
         inner.embed_tokens.weight.data.copy_(ckpt.tensor("model.embed_tokens.weight"))
         rotary = getattr(inner, "rotary_emb", None)
@@ -230,6 +235,29 @@ class LayerStream:
         return [("model.embed_tokens.weight", inner.embed_tokens.weight), (self.head_tensor(), head.weight),
                 *((f"model.norm.{k}", v) for k, v in inner.norm.named_parameters()),
                 *([("lm_head.bias", head.bias)] if head.bias is not None else [])]
+
+    def outer_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(stored tensor name, the shape its config gives it) for everything outside the decoder layers."""
+        return [(name, tuple(param.shape)) for name, param in self.outer_tensors()]
+
+    def expert_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(stored tensor name, the shape its config gives it) for every routed expert's weight stored one linear
+        per expert (an FP8 release's codes included; a quantized export's experts store no weight), from each MoE
+        layer's fused tensors as its config shapes them."""
+        out = []
+        for index, fused in self._expert_shapes.items():
+            plan = plan_layer(self.arch, self.config, index)
+            if not fused:
+                continue
+            (_, rows, columns), down = (fused[f"{plan.fused.module}.{attr}"] for attr in (plan.fused.gate_up,
+                                                                                          plan.fused.down))
+            half = (rows // len(plan.fused.halves), columns)
+            for e in range(plan.num_experts):
+                for w, shape in [*((h, half) for h in plan.fused.halves), ("down", down[1:])]:
+                    name = f"{self.ckpt.layer_prefix(index)}{plan.experts.linear(w, e)}.weight"
+                    if self.ckpt.has(name):
+                        out.append((name, shape))
+        return out
 
     def head_tensor(self) -> str:
         """The stored tensor the LM head's weight comes from: ``lm_head.weight``, or the embeddings when
@@ -354,6 +382,13 @@ class LayerStream:
             mapped = self.to_memory(index, state, experts_dtype or self.dtype, keep_fp8, experts)
             for name, (module, attr) in fused.items():
                 value = mapped.pop(name)
+                want = self._expert_shapes.get(index, {}).get(name)
+                if want is not None and (tuple(value.shape[1:]) != want[1:]
+                                         or value.shape[0] != (want[0] if experts is None else len(experts))):
+                    raise QuantMoeError(
+                        f"layer {index} of {self.ckpt.path} does not match its {self.config.model_type} config: its "
+                        f"experts make {name} {list(value.shape)}, where config.json makes it {list(want)}; restore "
+                        "config.json or re-download the checkpoint")
                 if isinstance(value, Fp8Experts):
                     delattr(module, attr)  # a plain attribute now: no Parameter holds FP8 codes
                     setattr(module, attr, value)
@@ -678,13 +713,13 @@ class LayerStream:
         return logits
 
 
-def check_shape(ckpt: Checkpoint, name: str, param: Tensor) -> None:
-    """Raise unless tensor ``name`` is stored with the shape of ``param``, the module the config sizes
-    (read from the shard's header: nothing is loaded or allocated)."""
+def check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
+    """Raise unless tensor ``name`` is stored with ``shape``, the one the config sizes it to (read from the
+    shard's header: nothing is loaded or allocated)."""
     stored = ckpt.shape(name)
-    if stored != tuple(param.shape):
+    if stored != tuple(shape):
         raise QuantMoeError(f"{name} in {ckpt.path} is {list(stored)}, but its config.json needs "
-                            f"{list(param.shape)}; the config does not match the weights: restore it or "
+                            f"{list(shape)}; the config does not match the weights: restore it or "
                             "re-download the checkpoint")
 
 
