@@ -24,7 +24,7 @@ from transformers.integrations import sdpa_attention
 from ..base.errors import QuantMoeError
 from ..base.measure import register_pinned_in_parallel
 from ..formats.base import StoredWeight
-from ..formats.fp8 import Fp8Experts, Fp8Weight, dequantize_stored
+from ..formats.fp8 import FP8_STORED, Fp8Experts, Fp8Weight, dequantize_stored
 from ..gptq.core import half_products, tf32_matmuls
 from .architectures import Architecture, architecture_for, plan_layer
 from .checkpoint import Checkpoint
@@ -242,8 +242,10 @@ class LayerStream:
 
     def expert_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(stored tensor name, the shape its config gives it) for every routed expert's weight stored one linear
-        per expert (an FP8 release's codes included; a quantized export's experts store no weight), from each MoE
-        layer's fused tensors as its config shapes them."""
+        per expert as the weight itself, or as an FP8 release's codes of its shape (a quantized export's packed
+        weights are checked as each layer loads instead: load_layer), from each MoE layer's fused tensors as its
+        config shapes them."""
+        quantized = self.ckpt.quantized_linears
         out = []
         for index, fused in self._expert_shapes.items():
             plan = plan_layer(self.arch, self.config, index)
@@ -254,8 +256,9 @@ class LayerStream:
             half = (rows // len(plan.fused.halves), columns)
             for e in range(plan.num_experts):
                 for w, shape in [*((h, half) for h in plan.fused.halves), ("down", down[1:])]:
-                    name = f"{self.ckpt.layer_prefix(index)}{plan.experts.linear(w, e)}.weight"
-                    if self.ckpt.has(name):
+                    module = f"{self.ckpt.layer_prefix(index)}{plan.experts.linear(w, e)}"
+                    name = f"{module}.weight"
+                    if self.ckpt.has(name) and (module not in quantized or self.ckpt.dtype(name) in FP8_STORED):
                         out.append((name, shape))
         return out
 
