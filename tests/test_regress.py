@@ -114,6 +114,36 @@ def test_mismatched_reports_are_refused_naming_the_field(report, tmp_path, edit,
     assert result.stderr.startswith(f"error: refusing to compare: {field} differs") and result.stderr.count("\n") == 1
 
 
+def test_an_original_that_is_not_the_source_is_said_in_eval_and_regress(report, tiny_model, tiny_rtn_export, tmp_path):
+    """eval --baseline checks the baseline against the source the export's manifest records: its own source is
+    stated (as quantize's report states it), another model of the same tokenizer gives a note, the report's
+    baseline_is_source False and a line in its Markdown; regress compares such a report with a note naming it."""
+    from tiny import make_model
+
+    from quantmoe.stages.report import render_markdown
+
+    assert report["baseline_is_source"] is True
+    other = make_model("mixtral", tmp_path / "other", seed=1)
+    data = tiny_rtn_export.parent / "heldout.jsonl"
+    runs = {}
+    for name, baseline in (("own", tiny_model("mixtral")), ("other", other)):
+        result = CliRunner().invoke(main, ["eval", str(tiny_rtn_export), "--baseline", str(baseline), "--data",
+                                           str(data), "--seqlen", "32", "--quiet", "--report",
+                                           str(tmp_path / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        runs[name] = (result.stderr, json.loads((tmp_path / f"{name}.json").read_text()))
+    assert runs["own"][1]["baseline_is_source"] is True and "note:" not in runs["own"][0]
+    stderr, odd = runs["other"]
+    assert odd["baseline_is_source"] is False
+    assert f"note: the baseline {other} is not the model {tiny_rtn_export} was quantized from" in stderr
+    assert "**Baseline.**" in render_markdown(odd) and "**Baseline.**" not in render_markdown(runs["own"][1])
+    result = regress(tmp_path, runs["own"][1], {**odd, "baseline": runs["own"][1]["baseline"]})
+    assert result.exit_code == 2 and "results.original.perplexity differs" in result.output  # told apart as well
+    result = regress(tmp_path, runs["own"][1], {**runs["own"][1], "baseline_is_source": False})
+    assert result.exit_code == 0 and "note: the new report's original is not the model it was quantized from" \
+        in result.output
+
+
 def test_a_report_without_original_run_is_refused(report, tmp_path):
     single = copy.deepcopy(report)
     single["results"] = {"model": single["results"]["quantized"]}

@@ -272,6 +272,25 @@ def test_a_layer_file_edited_on_disk_is_computed_again_never_resumed_from(world,
     assert verify(out).ok
 
 
+def test_a_source_whose_weights_changed_at_the_same_config_and_sizes_is_quantized_again_not_resumed(
+        world, tmp_path, monkeypatch):
+    """A checkpoint replaced in place by another of one config and the same shard sizes (a fine-tune of the same base)
+    is another source: a stopped run's layers are not resumed from, and the export is that of the new weights."""
+    model = copy_model(world, tmp_path / "model")
+    out = tmp_path / "out"
+    _stopped_before_export(world, model, out, monkeypatch)
+    tuned = make_model("mixtral", tmp_path / "tuned", seed=1)
+    assert (tuned / "config.json").read_bytes() == (model / "config.json").read_bytes()
+    assert (tuned / "model.safetensors").stat().st_size == (model / "model.safetensors").stat().st_size
+    shutil.copyfile(tuned / "model.safetensors", model / "model.safetensors")
+    fresh = tmp_path / "fresh"
+    for target in (out, fresh):
+        quantmoe.quantize(model, target, QuantConfig(backend="rtn", group_size=32), calib=world["text"], nsamples=4,
+                          seqlen=32, run_eval=False, quiet=True)
+    shard = "model-00001-of-00001.safetensors"
+    assert digest(out)[shard] == digest(fresh)[shard] != digest(world["export"])[shard]
+
+
 def test_a_layer_file_edited_after_the_resume_check_is_never_exported(world, tmp_path, monkeypatch):
     """The export reads each layer file again: its hash is checked there too."""
     import quantmoe.stages.export as export

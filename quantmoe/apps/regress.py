@@ -215,4 +215,8 @@ def compare(base: dict, new: dict, max_gap_increase: float = 0.5, max_ppl_increa
                        f"{(sb['size_bytes'] - sa['size_bytes']) / 1e6:+.2f}", "", ""))
     if sa.get("label") != sb.get("label"):
         c.notes.append(f"the recipes differ ({sa.get('label')} vs {sb.get('label')})")
+    for which, report in (("baseline", base), ("new", new)):
+        if report.get("baseline_is_source") is False:
+            c.notes.append(f"the {which} report's original is not the model it was quantized from (its manifest "
+                           "records another): its gap and KL compare two different models")
     return c

@@ -118,6 +118,20 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
+def hash_json(obj) -> str:
+    """sha256 of ``obj`` as JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def made_from(folder: Path) -> str | None:
+    """The source model's identity (``Checkpoint.identity``) that an export's manifest records, or None where
+    the folder has no usable manifest or it records none."""
+    manifest, _ = read_manifest(folder)
+    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    source = inputs.get("model") if isinstance(inputs, dict) else None
+    return source if isinstance(source, str) else None
+
+
 def write_manifest(folder: Path, extra: dict, files: dict[str, dict] | None = None) -> dict:
     """manifest.json: ``files`` (``file_hashes`` of the folder, computed here unless given) and ``extra``."""
     manifest = {"files": file_hashes(folder) if files is None else files, **extra}

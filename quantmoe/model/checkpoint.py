@@ -15,6 +15,7 @@ Python code) is never run, and every floating-point tensor read is checked for N
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..base.errors import QuantMoeError, note
+from ..base.files import hash_json
 from ..formats import reader_for
 from ..formats.fp8 import Fp8Weight
 from .architectures import CONFIG_ALIASES, check_config
@@ -41,6 +43,8 @@ SINGLE_NAME = "model.safetensors"
 # Side files an export carries over from its source (tokenizer, generation defaults, chat template).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+# Bytes read from each end of every shard to tell checkpoints apart (Checkpoint.identity).
+IDENTITY_BYTES = 1 << 16
 # config.json and the index are read whole: one larger than this is no checkpoint's, and is refused unread.
 JSON_LIMIT = 64 * 2**20
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
@@ -171,6 +175,25 @@ class Checkpoint:
             raise QuantMoeError(f"{path} is not valid JSON ({exc}); restore it or re-download the checkpoint") from None
         except OSError as exc:
             raise QuantMoeError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+
+    @cached_property
+    def identity(self) -> str:
+        """sha256 of the config and, per shard, its name, size and the sha256 of its first and last IDENTITY_BYTES:
+        what names this checkpoint in an export's manifest (``inputs.model``) and a run's fingerprint, cheaply
+        (hashing hundreds of GB would take longer than a layer). The sampled bytes (each shard's header and first
+        and last tensors) tell apart checkpoints of one config and size whose weights differ (a base model and
+        its fine-tune)."""
+        shards = {}
+        for shard in self.shards:
+            path = self.inside(shard)
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                sample = f.read(IDENTITY_BYTES)
+                if size > 2 * IDENTITY_BYTES:
+                    f.seek(size - IDENTITY_BYTES)
+                sample += f.read(IDENTITY_BYTES)
+            shards[shard] = [size, hashlib.sha256(sample).hexdigest()]
+        return hash_json({"config": self.raw_config, "shards": shards})
 
     @cached_property
     def quantization(self) -> dict | None:

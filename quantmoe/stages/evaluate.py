@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..base.errors import QuantMoeError
-from ..base.files import save_safetensors
+from ..base.errors import QuantMoeError, note
+from ..base.files import made_from, save_safetensors
 from ..base.measure import Stopwatch, stage
 from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen, published_name
 from ..formats import READERS
@@ -250,13 +250,16 @@ def kl_summary(result: dict) -> dict:
 def evaluate(model: str | Path | None = None, baseline: str | Path | None = None, data: str | Path | None = None,
              seqlen: int | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
              backend: str | None = None, record_paths: bool = False, tf32: bool = False,
-             dtype: str = "float32") -> dict:
+             dtype: str = "float32", source: str | None = None) -> dict:
     """Perplexity of ``model`` (and of ``baseline``, with the gap) under the stated protocol.
     ``tf32``: TF32 matrix products on CUDA; ``dtype``: the forward passes' (``perplexity``); both stated in
     the protocol's dtype.
 
     The checkpoint's backend is read from its config.json; ``backend`` (a name from
     ``quantmoe.backends``) makes it an error for ``model`` to be anything else.
+    ``source``: the identity (``Checkpoint.identity``) of the model ``model`` was quantized from (default: what
+    its manifest records); with a ``baseline``, the report says whether that is the baseline (``baseline_is_source``)
+    and a note says where it is not.
     Returns the report dict (see report.render_markdown for its Markdown form). The report names
     the models and the data by Hub id or folder/file name (``published_name``: reports get
     published), or by their local paths with ``record_paths``.
@@ -271,11 +274,18 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     seqlen = seqlen or default_seqlen(ckpt.config)
     tokenizer = ckpt.tokenizer()
     windows, meta = eval_windows(tokenizer, data, seqlen)
+    is_source = None  # whether the baseline is the model ``model`` was quantized from (None: not known)
     if baseline is not None:
-        base_tok = Checkpoint(baseline).tokenizer()
-        if tokenizer_fingerprint(base_tok) != meta["tokenizer_fingerprint"]:
+        base = Checkpoint(baseline)
+        if tokenizer_fingerprint(base.tokenizer()) != meta["tokenizer_fingerprint"]:
             raise QuantMoeError(f"{model} and the baseline {baseline} use different tokenizers; "
                                 "compare a quantized model with its own original")
+        source = source or made_from(ckpt.path)
+        is_source = None if source is None else source == base.identity
+        if is_source is False:
+            note(f"the baseline {baseline} is not the model {model} was quantized from (its manifest records another "
+                 "config or other shards): the gap and KL compare two different models; pass that original as "
+                 "--baseline to measure the quantization")
     stages: dict = {}
     results: dict = {}
     runs = ([("original", baseline)] if baseline is not None else []) + [("quantized" if baseline else "model", model)]
@@ -294,6 +304,7 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     report = {
         "model": shown(model),
         "baseline": shown(baseline) if baseline is not None else None,
+        **({} if is_source is None else {"baseline_is_source": is_source}),
         "protocol": Protocol(data=shown(data), seqlen=seqlen,
                              dtype=protocol_dtype(dtype, tf32, results[runs[-1][0]]["device"])).to_dict(),
         "data": {**meta, "path": shown(meta["path"])},

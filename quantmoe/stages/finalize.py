@@ -51,7 +51,7 @@ def finalize(work: Path, out: Path, hashed: dict[str, str], log: dict, manifest:
         atomic_write_json(staging / "quantization_log.json", log)
         report = None
         if evaluation is not None:
-            report = evaluate(staging, **evaluation)
+            report = evaluate(staging, source=(manifest.get("inputs") or {}).get("model"), **evaluation)
             report["model"] = shown_out
             report["fallbacks"] = log["fallbacks"]
             report["stages"] = {**stages, **report["stages"]}

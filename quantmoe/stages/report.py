@@ -138,6 +138,9 @@ def render_markdown(report: dict) -> str:
         parts += ["**Bits per module class** (stored width; bits per weight with scales and zeros): "
                   + class_text(classes) + ".", ""]
     parts += ["**Protocol.** " + protocol_text(report), ""]
+    if report.get("baseline_is_source") is False:
+        parts += [f"**Baseline.** {report.get('baseline')} is not the model {report.get('model')} was quantized from "
+                  "(its manifest records another): the gap and KL compare two different models.", ""]
     if report.get("fallbacks"):
         parts += ["**Rare-expert fallbacks.**", ""] + [f"- `{f['module']}`: {f['fallback']}" for f in report["fallbacks"]] + [""]
     if report.get("stages"):

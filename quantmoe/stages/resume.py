@@ -39,6 +39,7 @@ from ..base.files import (
     RunLock,
     atomic_write_json,
     clear_dir,
+    hash_json,
     private_dir,
     save_safetensors,
     sha256_file,
@@ -52,10 +53,6 @@ from ..model.stream import Batch, LayerStream
 from .experts import StoredExperts
 
 FINGERPRINT = "fingerprint.json"
-
-
-def hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def hash_tokens(ids: Tensor) -> str:
@@ -72,12 +69,10 @@ def fingerprint_parts(ckpt: Checkpoint, options: dict, run: dict, ids: Tensor | 
     calibration tokens ``ids`` and ``seed`` (methods that calibrate), and the library versions
     (``libraries``: those of the method, beyond quantmoe, torch and transformers).
 
-    The source checkpoint is identified by its config and its shards' names and sizes
-    (hashing hundreds of GB would take longer than a layer).
+    The source checkpoint is identified by its config and its shards' names and sizes (``Checkpoint.identity``).
     """
 
-    shards = {s: (ckpt.path / s).stat().st_size for s in ckpt.shards}
-    parts = {"model": hash_json({"config": ckpt.raw_config, "shards": shards})}
+    parts = {"model": ckpt.identity}
     if ids is not None:
         parts |= {"calibration": hash_tokens(ids), "seed": str(seed)}
     return parts | {
