@@ -173,7 +173,8 @@ CASES = {
     "calibration of negative token ids": (lambda e, out: ["--calib", _negative_ids(e)],
                                           "holds token ids from -3 to -3, outside this model's vocabulary of "),
     "config wider than its experts": (lambda e, out: [_wider_experts_config(e)],
-                                      "is [96, 64], but its config.json needs [192, 64]; the config does not match the weights"),
+                                      "is [96, 64], but its config.json needs [192, 64]; the config does not match "
+                                      "the weights"),
     "index names a tensor its shard lacks": (lambda e, out: [_phantom_tensor(e)],
                                              "tensor model.layers.0.self_attn.q_proj.bias is listed for shard "),
     "damaged tokenizer file": (lambda e, out: [_damaged_tokenizer(e)],
