@@ -126,6 +126,19 @@ def test_quantize_takes_the_run_options_as_keywords_and_names_a_wrong_one(tmp_pa
         run_options(block_kernel="warp")
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"damp": float("nan")}, "--damp nan is out of range"),
+    ({"refine": -1}, "--refine -1 is invalid"),
+    ({"block_size": 0}, "block_size 0 is invalid; use a positive number of columns"),
+    ({"rare_expert_tokens": -3}, "--rare-expert-tokens -3 is invalid; use 0"),
+])
+def test_numbers_out_of_range_are_refused_naming_the_option(settings, message):
+    """A negative rare-expert threshold silently turned the fallback off, and a block of 0 columns failed inside
+    GPTQ; each is refused with the option and a value that works."""
+    with pytest.raises(QuantMoeError, match=message):
+        QuantConfig(**settings)
+
+
 def test_rtn_is_a_property_of_the_recipe():
     assert QuantConfig().uses_hessians and QuantConfig().effective_fit == "stream"
     rtn = QuantConfig(backend="rtn", fit="layer")

@@ -199,6 +199,11 @@ class QuantConfig:
             raise QuantMoeError(f"--group-size {self.group_size} is invalid; use -1 or a positive size such as 128")
         if not 0 < self.damp < 1:
             raise QuantMoeError(f"--damp {self.damp} is out of range; use a value in (0, 1), e.g. 0.01")
+        if self.block_size <= 0:
+            raise QuantMoeError(f"block_size {self.block_size} is invalid; use a positive number of columns such as 128")
+        if self.rare_expert_tokens < 0:
+            raise QuantMoeError(f"--rare-expert-tokens {self.rare_expert_tokens} is invalid; use 0 (the expert's "
+                                "widest input size) or a number of routed tokens such as 4096")
         if self.format == "compressed-tensors" and self.layout != "source":
             raise QuantMoeError("--format compressed-tensors keeps the checkpoint's own tensor names (what vLLM reads); "
                                 "drop --layout gptqmodel, or use --format gptq with it")
