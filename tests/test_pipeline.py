@@ -553,6 +553,24 @@ def test_eval_with_tf32_on_cpu_states_plain_float32(tiny_model, text_file, tmp_p
     assert "float32 on cpu" in result.stdout
 
 
+def test_a_seqlen_beyond_the_models_context_is_noted_in_eval_and_quantize(tiny_model, text_file, tmp_path, capsys):
+    """Windows or calibration rows longer than max_position_embeddings (the tiny models': 256) run the model where it
+    was never trained: said in a note naming the context and a --seqlen within it; at the context itself, nothing."""
+    import quantmoe
+    from quantmoe.base.options import QuantConfig
+    from quantmoe.stages.evaluate import evaluate
+
+    model = tiny_model("mixtral")
+    for seqlen, said in ((256, False), (257, True)):
+        evaluate(model, data=text_file, seqlen=seqlen, device="cpu", quiet=True)
+        quantmoe.quantize(model, tmp_path / f"out-{seqlen}", QuantConfig(backend="rtn", group_size=32), calib=text_file,
+                          nsamples=1, seqlen=seqlen, device="cpu", run_eval=False, quiet=True)
+        err = capsys.readouterr().err
+        expected = "note: --seqlen 257 is longer than the model's context (256 positions, its max_position_embeddings)"
+        assert err.count(expected) == (2 if said else 0), err
+        assert ("use --seqlen 256 or less" in err) is said
+
+
 @pytest.mark.parametrize("room", [True, False])
 def test_eval_reads_each_next_layer_in_the_background_when_memory_allows(tiny_model, text_file, monkeypatch, room):
     """The evaluation reads layer i+1 in its reader thread while layer i runs, and in its own thread when

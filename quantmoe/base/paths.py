@@ -25,6 +25,17 @@ def default_seqlen(config) -> int:
     return min(MAX_SEQLEN, int(getattr(config, "max_position_embeddings", MAX_SEQLEN) or MAX_SEQLEN))
 
 
+def beyond_context(config, seqlen: int) -> str | None:
+    """Where ``seqlen`` tokens exceed the model's context (its config's max_position_embeddings), what to tell the
+    user; else None."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and 0 < context < seqlen:
+        return (f"--seqlen {seqlen} is longer than the model's context ({context} positions, its "
+                "max_position_embeddings): positions beyond it were never trained, so this runs the model outside "
+                f"its context; use --seqlen {min(context, MAX_SEQLEN)} or less to stay within it")
+    return None
+
+
 def published_name(path: str | Path) -> str:
     """How a published file (model card, manifest, logs, eval reports) names a model or data source:
     ``org/name`` for a Hub download (its cache folder ``models--org--name/snapshots/<sha>``), the

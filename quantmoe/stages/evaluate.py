@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 from ..base.errors import QuantMoeError, note
 from ..base.files import made_from, save_safetensors
 from ..base.measure import Stopwatch, stage
-from ..base.paths import DEFAULT_MODEL, EVAL_DATA, default_seqlen, published_name
+from ..base.paths import (
+    DEFAULT_MODEL,
+    EVAL_DATA,
+    beyond_context,
+    default_seqlen,
+    published_name,
+)
 from ..formats import READERS
 from ..gptq.core import tf32_matmuls
 from ..model.checkpoint import READ_WINDOW, Checkpoint
@@ -274,6 +280,9 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
     seqlen = seqlen or default_seqlen(ckpt.config)
     tokenizer = ckpt.tokenizer()
     windows, meta = eval_windows(tokenizer, data, seqlen)
+    beyond = beyond_context(ckpt.config, seqlen)
+    if beyond is not None:
+        note(beyond)
     is_source = None  # whether the baseline is the model ``model`` was quantized from (None: not known)
     if baseline is not None:
         base = Checkpoint(baseline)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..base.errors import QuantMoeError
+from ..base.errors import QuantMoeError, note
 from ..base.files import RunLock, check_replaceable, versions
 from ..base.measure import (
     PeakRSS,
@@ -41,6 +41,7 @@ from ..base.paths import (
     CALIB_DATA,
     DEFAULT_MODEL,
     EVAL_DATA,
+    beyond_context,
     default_seqlen,
     published_name,
 )
@@ -196,6 +197,9 @@ def calibrate(source: Source, options: RunOptions, stages: dict) -> Calibration:
         ids, meta = calibration_tokens(tokenizer, options.calib if options.calib is not None else CALIB_DATA,
                                        options.nsamples, options.seqlen, options.seed,
                                        default_seqlen(source.ckpt.config))
+    beyond = beyond_context(source.ckpt.config, ids.shape[1])
+    if beyond is not None:
+        note(beyond)
     return Calibration(ids, meta if options.record_paths else published_calibration(meta))
 
 
