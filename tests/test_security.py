@@ -132,6 +132,26 @@ def test_a_side_file_linked_out_of_the_model_folder_is_refused_not_copied(world,
     assert no_secret_under(tmp_path)
 
 
+def test_a_data_folder_file_linked_out_of_it_is_refused_and_nothing_is_written(world, tmp_path):
+    """A stranger's folder of text for calibrate or eval: a link in it to a file of this machine (a token) would be read
+    into calibration tokens (a file that gets shared) or an eval; it is refused, naming the link. Links inside it read."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copyfile(world["text"], folder / "docs.jsonl")
+    (folder / "notes.txt").symlink_to(world["secret"])
+    out = tmp_path / "tokens.safetensors"
+    line = error_line(run("calibrate", "--tokenizer", world["model"], "--data", folder, "--nsamples", "2", "--seqlen",
+                          "16", "--out", out))
+    assert f"{folder / 'notes.txt'} links outside the data folder" in line and not out.exists()
+    line = error_line(run("eval", world["model"], "--data", folder, "--seqlen", "32", "--device", "cpu", "--quiet"))
+    assert "links outside the data folder" in line
+    (folder / "notes.txt").unlink()
+    (folder / "again.jsonl").symlink_to("docs.jsonl")
+    result = run("calibrate", "--tokenizer", world["model"], "--data", folder, "--nsamples", "2", "--seqlen", "16",
+                 "--out", out)
+    assert result.exit_code == 0 and out.is_file(), result.stderr
+
+
 def test_a_side_file_that_is_not_json_is_refused_and_json_ones_are_written_anew(world, tmp_path):
     model = copy_model(world, tmp_path / "model")
     (model / "generation_config.json").write_text(SECRET)  # a regular file inside the folder, but not JSON

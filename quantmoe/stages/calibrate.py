@@ -31,6 +31,11 @@ def read_documents(source: str | Path) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + (".jsonl",))
         if not files:
             raise QuantMoeError(f"folder {path} holds no .txt/.md/.rst/.jsonl files; point --data at text")
+        root = path.resolve()
+        for f in files:  # a stranger's folder of text: a link out of it would read, and publish, a file of this machine
+            if not f.resolve().is_relative_to(root):
+                raise QuantMoeError(f"{f} links outside the data folder {path}; quantmoe reads only files inside "
+                                    "it: replace the link with a copy of the file")
         return [doc for f in files for doc in read_documents(f)]
     if path.is_file():
         if path.suffix == ".safetensors":
