@@ -530,11 +530,11 @@ class NonFinite(QuantMoeError):
         self.tensor = tensor
 
 
-# safetensors' dtype names, for the tensors read_copy reads itself.
 # Bits per element of each safetensors dtype (what a tensor takes in its shard).
 DTYPE_BITS = {"F64": 64, "I64": 64, "U64": 64, "C64": 64, "F32": 32, "I32": 32, "U32": 32, "F16": 16, "BF16": 16,
               "I16": 16, "U16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I8": 8, "U8": 8, "BOOL": 8,
               "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+# safetensors' dtype names, for the tensors read_copy reads itself.
 STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}

@@ -293,8 +293,8 @@ def evaluate(model: str | Path | None = None, baseline: str | Path | None = None
         is_source = None if source is None else source == base.identity
         if is_source is False:
             note(f"the baseline {baseline} is not the model {model} was quantized from (its manifest records another "
-                 "config or other shards): the gap and KL compare two different models; pass that original as "
-                 "--baseline to measure the quantization")
+                 "config, or other shards or weights): the gap and KL compare two different models; pass that "
+                 "original as --baseline to measure the quantization")
     stages: dict = {}
     results: dict = {}
     runs = ([("original", baseline)] if baseline is not None else []) + [("quantized" if baseline else "model", model)]

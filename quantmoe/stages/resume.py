@@ -69,7 +69,7 @@ def fingerprint_parts(ckpt: Checkpoint, options: dict, run: dict, ids: Tensor | 
     calibration tokens ``ids`` and ``seed`` (methods that calibrate), and the library versions
     (``libraries``: those of the method, beyond quantmoe, torch and transformers).
 
-    The source checkpoint is identified by its config and its shards' names and sizes (``Checkpoint.identity``).
+    The source checkpoint is identified by its config and its shards (``Checkpoint.identity``).
     """
 
     parts = {"model": ckpt.identity}
