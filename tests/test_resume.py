@@ -119,11 +119,45 @@ def _crashed_and_resumed(model: Path, text: Path, out: Path, monkeypatch, capsys
 
 
 def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, monkeypatch, capsys):
-    """Qwen2-MoE: layer 0 is dense, layer 1 has routed and shared experts; both are replayed."""
+    """Qwen2-MoE: layer 0 is dense, layer 1 has routed and shared experts; both are replayed, the MoE layer reading
+    of the source's routed experts only the one whose shapes an empty share takes (the layer file holds them all)."""
+    from quantmoe.model.stream import LayerStream
+
     model, text = inputs["qwen2_moe"], inputs["text"]
     quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
+    read = []  # (layer, how many routed experts' tensors each read of a layer's source tensors holds)
+    layer_state = LayerStream.layer_state
+
+    def spy(self, index, *args, **kwargs):
+        state = layer_state(self, index, *args, **kwargs)
+        read.append((index, len({self.arch.expert_of(name) for name in state} - {None})))
+        return state
+
+    monkeypatch.setattr(LayerStream, "layer_state", spy)
     assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
         content(tmp_path / "a" / "out")
+    experts = max(n for i, n in read if i == 1)
+    assert experts > 1 and (1, 1) in read  # the live run reads them all; the replay, one
+    # (the full-precision stream's replay under --fit stream reads them all: it runs the original layer)
+
+
+@pytest.mark.parametrize("model_type", ["granitemoe", "deepseek_v3"])
+def test_a_resumed_run_gives_the_bytes_of_one_never_stopped_whatever_the_experts_storage(tmp_path, monkeypatch, capsys,
+                                                                                        model_type):
+    """The replay of a finished layer reads the routed experts from its layer file, not from the source: GraniteMoE's
+    experts are fused on disk (an empty share reads none of their rows), DeepSeek-V3's are one linear per expert beside
+    a shared expert and a dense first layer."""
+    model, text = make_model(model_type, tmp_path / "model"), write_text(tmp_path / "docs.jsonl")
+    quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
+    out = tmp_path / "b" / "out"
+    with monkeypatch.context() as m:
+        _crash_after(m, 1)
+        with pytest.raises(Stop):
+            quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    capsys.readouterr()
+    quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    assert "resuming: 2 of" in capsys.readouterr().err
+    assert content(out) == content(tmp_path / "a" / "out")
 
 
 def _zero_layer_file(work: Path, index: int) -> None:

@@ -224,7 +224,10 @@ def replay_layer(stream: LayerStream, index: int, file: Path, bits: int | None, 
     spread over the processes as in the run that wrote it)."""
     prefix = stream.ckpt.layer_prefix(index)
     packed = {name[len(prefix):]: t for name, t in read_layer(file).items()}
-    state = stream.layer_state(index)
+    # Routed experts are quantized all together or none: where the file holds them, the source's are not read (but
+    # the one whose shapes an empty share takes): a frontier layer's, in the stream's dtype, are several times its file.
+    quantized = any(stream.arch.expert_of(name) is not None for name in packed)
+    state = stream.layer_state(index, experts=range(0) if quantized else None)
     state.update({n: t.to(stream.dtype) for n, t in dequantize_state(packed, bits).items()})
     out = run_stored(stream, index, stream.load_layer(index, state), batches, ranks)
     stream.release_layer(index)
