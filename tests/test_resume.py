@@ -114,7 +114,7 @@ def _crashed_and_resumed(model: Path, text: Path, out: Path, monkeypatch, capsys
             quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
     capsys.readouterr()
     quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
-    assert "resuming: 2 of 3 layers" in capsys.readouterr().err
+    assert "resuming: 2 of " in capsys.readouterr().err
     return content(out)
 
 
@@ -149,15 +149,8 @@ def test_a_resumed_run_gives_the_bytes_of_one_never_stopped_whatever_the_experts
     a shared expert and a dense first layer."""
     model, text = make_model(model_type, tmp_path / "model"), write_text(tmp_path / "docs.jsonl")
     quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
-    out = tmp_path / "b" / "out"
-    with monkeypatch.context() as m:
-        _crash_after(m, 1)
-        with pytest.raises(Stop):
-            quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
-    capsys.readouterr()
-    quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
-    assert "resuming: 2 of" in capsys.readouterr().err
-    assert content(out) == content(tmp_path / "a" / "out")
+    assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
+        content(tmp_path / "a" / "out")
 
 
 def _zero_layer_file(work: Path, index: int) -> None:
