@@ -248,14 +248,14 @@ class LayerStream:
         quantized = self.ckpt.quantized_linears
         out = []
         for index, fused in self._expert_shapes.items():
-            plan = plan_layer(self.arch, self.config, index)
             if not fused:
                 continue
-            (_, rows, columns), down = (fused[f"{plan.fused.module}.{attr}"] for attr in (plan.fused.gate_up,
-                                                                                          plan.fused.down))
-            half = (rows // len(plan.fused.halves), columns)
+            plan = plan_layer(self.arch, self.config, index)
+            _, rows, columns = fused[f"{plan.fused.module}.{plan.fused.gate_up}"]  # (E, 2I, C); down (E, C, I)
+            shapes = {h: (rows // len(plan.fused.halves), columns) for h in plan.fused.halves}
+            shapes["down"] = fused[f"{plan.fused.module}.{plan.fused.down}"][1:]
             for e in range(plan.num_experts):
-                for w, shape in [*((h, half) for h in plan.fused.halves), ("down", down[1:])]:
+                for w, shape in shapes.items():
                     module = f"{self.ckpt.layer_prefix(index)}{plan.experts.linear(w, e)}"
                     name = f"{module}.weight"
                     if self.ckpt.has(name) and (module not in quantized or self.ckpt.dtype(name) in FP8_STORED):
