@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from quantmoe.formats.gptq_v1 import dequantize_linear, pack_result, unpack_linear
+from quantmoe.formats.gptq_v1 import (
+    dequantize_linear,
+    pack_result,
+    unpack_levels,
+    unpack_linear,
+)
 from quantmoe.gptq import core
 from quantmoe.gptq.core import (
     ORDERS,
@@ -17,6 +22,7 @@ from quantmoe.gptq.core import (
     moment_sum,
     rtn_quantize,
 )
+from quantmoe.stages.experts import Levels
 
 
 def correlated_inputs(T=2048, C=128, seed=0):
@@ -47,6 +53,10 @@ def test_gptq_beats_rtn_and_packing_round_trips(bits, group_size, sym, order):
         assert torch.equal(dequantize_linear(packed, bits), res.W[b])
         q, scales, zeros, g_idx = unpack_linear(packed, bits)
         assert torch.equal(q, res.q[b].long()) and torch.equal(zeros, res.zeros[b].long())
+        # read back as the levels a resumed run replays its experts from (resume.expert_levels), never widened
+        held = Levels(1, 64, 128, scales.shape[1], bits, torch.device("cpu"))
+        held.q[0], held.scales[0], held.zeros[0] = unpack_levels(packed, bits)
+        assert torch.equal(held.levels(0), res.q[b]) and torch.equal(held.weight(0), res.W[b])
 
 
 def test_packed_shapes_and_dtypes():

@@ -14,13 +14,15 @@ import pytest
 import torch
 from clirun import cli, content, quantize_args, start, wait_for
 from safetensors import safe_open
-from tiny import make_model, write_text
+from tiny import make_model, router_or_mtp_extra, write_text
 
 import quantmoe
 import quantmoe.stages.quantize
 from quantmoe.apps.verify import verify
 from quantmoe.base.files import save_safetensors
 from quantmoe.base.options import QuantConfig
+from quantmoe.formats.fp8 import Fp8Experts, write_fp8_release
+from quantmoe.stages import experts, resume
 from quantmoe.stages.quantize import work_dir
 from quantmoe.stages.resume import layer_file
 
@@ -120,7 +122,9 @@ def _crashed_and_resumed(model: Path, text: Path, out: Path, monkeypatch, capsys
 
 def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, monkeypatch, capsys):
     """Qwen2-MoE: layer 0 is dense, layer 1 has routed and shared experts; both are replayed, the MoE layer reading
-    of the source's routed experts only the one whose shapes an empty share takes (the layer file holds them all)."""
+    of the source's routed experts only the one whose shapes an empty share takes (the layer file holds them all).
+    The replay holds a layer's routed experts as the run did: quantized, as levels (under a byte a weight, not
+    dequantized to fp32's four); on the full-precision stream (--fit stream), as the source stores them (fp16 here)."""
     from quantmoe.model.stream import LayerStream
 
     model, text = inputs["qwen2_moe"], inputs["text"]
@@ -133,24 +137,51 @@ def test_resume_replays_dense_moe_and_shared_expert_layers(inputs, tmp_path, mon
         read.append((index, len({self.arch.expert_of(name) for name in state} - {None})))
         return state
 
+    held = []  # per forward of a replayed layer's experts: originals' dtype (None: not held), levels?, bytes held
+
+    class Held(experts.StoredExperts):
+        def run_deferred(self, *args, **kwargs):
+            held.append((None if self.gate_up.is_meta else self.gate_up.dtype, self.use_quantized, self.held_bytes))
+            return super().run_deferred(*args, **kwargs)
+
     monkeypatch.setattr(LayerStream, "layer_state", spy)
+    monkeypatch.setattr(resume, "StoredExperts", Held)
     assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
         content(tmp_path / "a" / "out")
-    experts = max(n for i, n in read if i == 1)
-    assert experts > 1 and (1, 1) in read  # the live run reads them all; the replay, one
+    experts_read = max(n for i, n in read if i == 1)
+    assert experts_read > 1 and (1, 1) in read  # the live run reads them all; the replay, one
     # (the full-precision stream's replay under --fit stream reads them all: it runs the original layer)
+    config = json.loads((model / "config.json").read_text())
+    weights = config["num_experts"] * 3 * config["moe_intermediate_size"] * config["hidden_size"]
+    assert {(dtype, quantized) for dtype, quantized, _ in held} == {(None, True), (torch.float16, False)}
+    assert all(n < weights for dtype, _, n in held if dtype is None)
+    assert all(n == 2 * weights for dtype, _, n in held if dtype is not None)
 
 
-@pytest.mark.parametrize("model_type", ["granitemoe", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["granitemoe", "deepseek_v3", "deepseek_v3-fp8"])
 def test_a_resumed_run_gives_the_bytes_of_one_never_stopped_whatever_the_experts_storage(tmp_path, monkeypatch, capsys,
                                                                                         model_type):
     """The replay of a finished layer reads the routed experts from its layer file, not from the source: GraniteMoE's
     experts are fused on disk (an empty share reads none of their rows), DeepSeek-V3's are one linear per expert beside
-    a shared expert and a dense first layer."""
-    model, text = make_model(model_type, tmp_path / "model"), write_text(tmp_path / "docs.jsonl")
+    a shared expert and a dense first layer; from its FP8 release, the full-precision stream's replay holds them as
+    FP8 codes and scales, as the run did."""
+    # three layers: one is left to run after layers 0 and 1, which are replayed
+    model = make_model(model_type.removesuffix("-fp8"), tmp_path / "model", num_hidden_layers=3)
+    text = write_text(tmp_path / "docs.jsonl")
+    if model_type.endswith("-fp8"):
+        model = write_fp8_release(model, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
     quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **QUICK_API)
+    stored = []  # the type of the originals each replayed layer's experts hold (the full-precision stream's)
+
+    class Held(experts.StoredExperts):
+        def run_deferred(self, *args, **kwargs):
+            stored.append(type(self.gate_up))
+            return super().run_deferred(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "StoredExperts", Held)
     assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
         content(tmp_path / "a" / "out")
+    assert (Fp8Experts if model_type.endswith("-fp8") else torch.Tensor) in stored
 
 
 def _zero_layer_file(work: Path, index: int) -> None:
@@ -190,10 +221,9 @@ def test_a_resumed_run_replays_the_experts_fp16_products_as_the_stopped_run_made
     """Under --tf32 on CUDA the routed experts' forward products take fp16 operands (core.half_rows), and a resumed
     run replays the finished layers' experts, on both streams, through the same products (resume.run_stored):
     the bytes of a run never stopped. Here on the CPU (fp16's rounded values held in fp32): replayed through
-    transformers' own experts module instead, the resumed run's bytes differ."""
+    transformers' own fp32 products instead, the resumed run's bytes differ."""
     from quantmoe.gptq import core
     from quantmoe.model import stream
-    from quantmoe.stages import experts, gptq_method, resume
 
     monkeypatch.setattr(core, "HALF_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(stream, "half_products", lambda enabled: core.half_products(True))
@@ -204,10 +234,11 @@ def test_a_resumed_run_replays_the_experts_fp16_products_as_the_stopped_run_made
     assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
         content(tmp_path / "a" / "out")
 
-    def plain(stream, index, layer, batches, ranks=None):
-        return stream.run_layer(layer, batches, ranks)
+    class Fp32Products(experts.StoredExperts):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.half = False
 
-    for module in (resume, gptq_method):
-        monkeypatch.setattr(module, "run_stored", plain)
+    monkeypatch.setattr(resume, "StoredExperts", Fp32Products)
     assert _crashed_and_resumed(model, text, tmp_path / "c" / "out", monkeypatch, capsys) != \
         content(tmp_path / "a" / "out")

@@ -80,6 +80,17 @@ def unpack_linear(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor
     return q, tensors["scales"].t(), zeros, tensors["g_idx"]
 
 
+def unpack_levels(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ v1 tensors -> (levels (R, C * bits / 8), scales (R, G), zeros (R, G)), levels and zeros uint8: each
+    row's levels as bytes, low bits first (at 4 bits two to a byte, the even column's in the low half:
+    stages.experts.Levels' layout), never widened (``unpack_linear``'s int64 levels take 16 bytes for each of these)."""
+    q = tensors["qweight"].t()
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=q.device)
+    levels = ((q[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(q.shape[0], -1)
+    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
+    return levels, tensors["scales"].t(), zeros.to(torch.uint8)
+
+
 def dequantize_linear(tensors: dict[str, Tensor], bits: int) -> Tensor:
     """The fp32 weight (out, in) a GPTQ v1 linear stands for."""
     q, scales, zeros, g_idx = unpack_linear(tensors, bits)

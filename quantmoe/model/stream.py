@@ -357,6 +357,18 @@ class LayerStream:
             state = {self.arch.from_gptqmodel_name(k): v for k, v in state.items()}
         return state
 
+    def experts_dtype(self, index: int, state: dict[str, Tensor]) -> torch.dtype:
+        """The dtype layer ``index``'s routed experts are stored in, in its on-disk ``state`` (``layer_state``'s
+        ``keep_dtype``): that of the first expert read (under several processes, of this process's share);
+        fp32 where there are none."""
+        plan = plan_layer(self.arch, self.config, index)
+        fused, mlp = plan.fused, plan.experts
+        if fused is None or mlp is None:
+            return torch.float32
+        names = [fused.disk_gate_up] if fused.on_disk else []
+        names += [f"{mlp.linear(fused.halves[0], e)}.weight" for e in range(plan.num_experts)]
+        return next((state[n].dtype for n in names if n in state), torch.float32)
+
     def load_layer(self, index: int, state: dict[str, Tensor], experts_dtype: torch.dtype | None = None,
                    keep_fp8: bool = False, experts: range | None = None) -> nn.Module:
         """Materialise decoder layer ``index`` from on-disk tensors (fusing experts as transformers 5 does).

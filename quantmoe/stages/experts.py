@@ -159,6 +159,16 @@ class StoredExperts(nn.Module):
         self.use_quantized = False
         self.deferred: list[tuple[Tensor, Tensor, Tensor]] | None = None  # see forward
 
+    @classmethod
+    def of_levels(cls, gate_up: Levels, down: Levels, act_fn, top_k: int | None = None) -> StoredExperts:
+        """Experts that compute with their quantized levels alone (a resumed run's replay of a finished layer,
+        resume.replay_layer): no original weights are held, only their shapes (on the meta device)."""
+        n, rows, _ = gate_up.scales.shape
+        store = cls(torch.empty(n, rows, gate_up.columns, device="meta"),
+                    torch.empty(n, down.scales.shape[1], down.columns, device="meta"), act_fn, top_k=top_k)
+        store.quantized, store.use_quantized = (gate_up, down), True
+        return store
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """(E, I, C): experts (of the layer, not only those held), expert width, hidden size."""
@@ -174,8 +184,8 @@ class StoredExperts(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the original weights take, as held."""
-        return sum(w.nbytes if isinstance(w, Fp8Experts) else w.numel() * w.element_size()
+        """Bytes the original weights take, as held (none for ``of_levels``' experts)."""
+        return sum(w.nbytes if isinstance(w, Fp8Experts) else 0 if w.is_meta else w.numel() * w.element_size()
                    for w in (self.gate_up, self.down))
 
     @property

@@ -252,11 +252,8 @@ class GptqRun:
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
             with tensor_core_passes(self.tf32 and dev.type == "cuda"):  # as the run's own passes were made
                 batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks)  # bits: each linear's
-                if originals is not None:
-                    originals = run_stored(stream, i, stream.load_layer(i, stream.layer_state(i)), originals,
-                                           self.ranks)
-            if originals is not None:
-                stream.release_layer(i)
+                if originals is not None:  # the original layer, its routed experts as stored (FP8's as FP8)
+                    originals = run_stored(stream, i, stream.layer_state(i, keep_dtype=True), originals, self.ranks)
         setup_peak = _gpu_peak(dev, reset=True)
 
         def share(i: int) -> range | None:

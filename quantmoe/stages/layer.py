@@ -233,7 +233,7 @@ class LayerQuantizer:
                 state = stream.layer_state(index, keep_dtype=True, experts=share)
             loaded = self._expert_bytes(state)
             # Routed experts stay as they are stored (StoredExperts: an FP8 release's as FP8); the rest is fp32.
-            self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=self._expert_dtype(state),
+            self.layer: nn.Module = stream.load_layer(index, state, experts_dtype=stream.experts_dtype(index, state),
                                                       keep_fp8=True, experts=share)
             self.experts_module: nn.Module | None = None  # the fused module StoredExperts stands in for
             if self.plan.experts is not None:
@@ -270,16 +270,6 @@ class LayerQuantizer:
         self._scales: list[tuple[Tensor, Tensor | None]] | None = None  # see _norm_scales
         self._scales_made = False
         self._attention_output: tuple[str, list[Tensor]] | None = None  # see ATTENTION_OUTPUT_BYTES
-
-    def _expert_dtype(self, state: dict[str, Tensor]) -> torch.dtype:
-        """The dtype the routed experts are stored in (fp32 where there are none)."""
-        fused, mlp = self.plan.fused, self.plan.experts
-        if fused is None or mlp is None:
-            return torch.float32
-        names = [fused.disk_gate_up] if fused.on_disk else []
-        # the first expert read (under several processes, the first of this process's share)
-        names += [f"{mlp.linear(fused.halves[0], e)}.weight" for e in range(self.plan.num_experts)]
-        return next((state[n].dtype for n in names if n in state), torch.float32)
 
     def _expert_bytes(self, state: dict[str, Tensor]) -> int | None:
         """Bytes of the routed experts' tensors the layer's ``state`` holds, as read into host memory (the load

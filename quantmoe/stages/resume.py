@@ -17,9 +17,11 @@ still has the sha256 its log entry recorded (checked again when the layer is rea
 export); reuse stops at the first layer that is not. Under torchrun rank 0 alone writes the
 folder and every process starts from the same layer (open_work_together). Methods that stream
 activations (gptq, rtn) rebuild those entering the first unfinished layer by running the
-finished layers forward with the weights their files stand for. Those dequantized weights are
-bit-identical to the ones the uninterrupted run computed with (scales are fp16-exact, see
-gptq.py), so a resumed run writes the same bytes as one that was never stopped.
+finished layers forward with the weights their files stand for, each layer's routed experts held as
+the run held them (``expert_levels``: their levels, not dequantized copies; on the full-precision
+stream, the source's as stored). Those weights are bit-identical to the ones the uninterrupted run
+computed with (scales are fp16-exact, see gptq.py), and run through the same products (``run_stored``),
+so a resumed run writes the same bytes as one that was never stopped.
 """
 
 from __future__ import annotations
@@ -45,12 +47,17 @@ from ..base.files import (
     sha256_file,
 )
 from ..base.version import __version__
-from ..formats.gptq_v1 import dequantize_state
-from ..model.architectures import plan_layer
+from ..formats.gptq_v1 import (
+    GPTQ_SUFFIXES,
+    dequantize_state,
+    linear_bits,
+    unpack_levels,
+)
+from ..model.architectures import LayerPlan, plan_layer
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import SINGLE, Ranks, gather_ints
 from ..model.stream import Batch, LayerStream
-from .experts import StoredExperts
+from .experts import Levels, StoredExperts
 
 FINGERPRINT = "fingerprint.json"
 
@@ -224,31 +231,67 @@ def replay_layer(stream: LayerStream, index: int, file: Path, bits: int | None, 
     spread over the processes as in the run that wrote it)."""
     prefix = stream.ckpt.layer_prefix(index)
     packed = {name[len(prefix):]: t for name, t in read_layer(file).items()}
-    # Routed experts are quantized all together or none: where the file holds them, the source's are not read (but
-    # the one whose shapes an empty share takes): a frontier layer's, in the stream's dtype, are several times its file.
-    quantized = any(stream.arch.expert_of(name) is not None for name in packed)
-    state = stream.layer_state(index, experts=range(0) if quantized else None)
+    # Routed experts are quantized all together or none: where the file holds them, they run from their levels (as
+    # in the run that wrote it) and the source's are not read (but the one whose shapes an empty share takes).
+    levels = expert_levels(plan_layer(stream.arch, stream.config, index), packed, bits, stream.device)
+    state = stream.layer_state(index, keep_dtype=True, experts=range(0) if levels else None)
     state.update({n: t.to(stream.dtype) for n, t in dequantize_state(packed, bits).items()})
-    out = run_stored(stream, index, stream.load_layer(index, state), batches, ranks)
-    stream.release_layer(index)
-    return out
+    return run_stored(stream, index, state, batches, ranks, levels)
 
 
-def run_stored(stream: LayerStream, index: int, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE
-               ) -> list[Batch]:
-    """``stream.run_layer`` for a finished layer ``index`` (quantized or original), its routed experts computed as
-    the run that finished it computed them: through StoredExperts (``run_deferred``'s products, fp16 ones
-    under --tf32 on CUDA for wide experts) over the layer's own fused tensors, put back afterwards."""
-    fused = plan_layer(stream.arch, stream.config, index).fused
-    if fused is None:
-        return stream.run_layer(layer, batches, ranks)
-    module = layer.get_submodule(fused.module)
-    gate_up, down = (getattr(module, attr).data for attr in (fused.gate_up, fused.down))
-    layer.set_submodule(fused.module, StoredExperts(gate_up, down, module.act_fn, top_k=stream.experts_per_token))
+def expert_levels(plan: LayerPlan, packed: dict[str, Tensor], bits: int | None, device: torch.device
+                  ) -> tuple[Levels, Levels] | None:
+    """A finished layer's routed experts as the run that finished it held them once solved (``Levels``: 4-bit
+    levels two to a byte, gate/up's and down's), on ``device``, from the GPTQ tensors of its file (``packed``,
+    layer-relative names, taken out of it): a frontier layer's in the bytes of its file, where their dequantized
+    fp32 weights take eight times those. None where the file holds none (kept in 16 bits: --recipe)."""
+    mlp, fused = plan.experts, plan.fused
+    if mlp is None or f"{mlp.linear('down', 0)}.qweight" not in packed:
+        return None
+    held = []
+    for halves in (fused.halves, ("down",)):
+        first = {s: packed[f"{mlp.linear(halves[0], 0)}.{s}"] for s in GPTQ_SUFFIXES}
+        groups, rows = first["scales"].shape
+        levels = Levels(plan.num_experts, len(halves) * rows, first["g_idx"].numel(), groups,
+                        bits or linear_bits(first), device)
+        for e in range(plan.num_experts):
+            for k, w in enumerate(halves):
+                parts = {s: packed.pop(f"{mlp.linear(w, e)}.{s}").to(device) for s in GPTQ_SUFFIXES}
+                part = slice(k * rows, (k + 1) * rows)
+                levels.q[e, part], levels.scales[e, part], levels.zeros[e, part] = unpack_levels(parts, levels.bits)
+        held.append(levels)
+    return held[0], held[1]
+
+
+def run_stored(stream: LayerStream, index: int, state: dict[str, Tensor], batches: list[Batch], ranks: Ranks = SINGLE,
+               levels: tuple[Levels, Levels] | None = None) -> list[Batch]:
+    """``stream.run_layer`` for a finished layer ``index`` (quantized or original) loaded from its on-disk ``state``
+    (``layer_state``'s ``keep_dtype``), its routed experts computed as the run that finished it computed them: through
+    StoredExperts (``run_deferred``'s products, fp16 ones under --tf32 on CUDA for wide experts), over their
+    ``levels`` (``expert_levels``; the state then holds none) or the state's weights as stored (an FP8 release's as
+    FP8). The layer is released afterwards."""
+    plan = plan_layer(stream.arch, stream.config, index)
+    layer = stream.load_layer(index, state, experts_dtype=stream.experts_dtype(index, state), keep_fp8=True,
+                              experts=range(0) if levels else None)
+    del state
     try:
-        return stream.run_layer(layer, batches, ranks)
+        if plan.fused is None:
+            return stream.run_layer(layer, batches, ranks)
+        module = layer.get_submodule(plan.fused.module)
+        top_k = stream.experts_per_token
+        if levels is not None:
+            store = StoredExperts.of_levels(*levels, module.act_fn, top_k=top_k)
+        else:
+            gate_up, down = (getattr(module, attr) for attr in (plan.fused.gate_up, plan.fused.down))
+            store = StoredExperts(*(w.data if isinstance(w, nn.Parameter) else w for w in (gate_up, down)),
+                                  module.act_fn, top_k=top_k)
+        layer.set_submodule(plan.fused.module, store)
+        try:
+            return stream.run_layer(layer, batches, ranks)
+        finally:
+            layer.set_submodule(plan.fused.module, module)
     finally:
-        layer.set_submodule(fused.module, module)
+        stream.release_layer(index)
 
 
 def _read_json(path: Path) -> dict | None:
