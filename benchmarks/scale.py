@@ -65,6 +65,8 @@ from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear, unpack_li
 from quantmoe.gptq import core as gptq  # noqa: E402
 from quantmoe.model.checkpoint import Checkpoint  # noqa: E402
 from quantmoe.stages.calibrate import read_calibration, write_calibration  # noqa: E402
+from quantmoe.stages.quantize import work_dir  # noqa: E402
+from quantmoe.stages.resume import layer_file  # noqa: E402
 
 FULL_TOKENS = (128, 2048)     # calibration sequences x length, as the issues ask
 REDUCED_TOKENS = (32, 256)
@@ -571,15 +573,20 @@ def make_eval_text(path: Path, vocab_size: int, tokens: int, seed: int = 1, word
 
 
 # -- running and measuring ----------------------------------------------------------------------
+def child_env(quantmoe_path: Path) -> dict:
+    """The environment of a child process running ``quantmoe_path``'s quantmoe (run it with that folder as its
+    working folder: `python -m` puts the working folder first on sys.path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quantmoe_path), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return env
+
+
 def run_child(cmd: list[str], quantmoe_path: Path, timeout: float) -> dict:
     """Run ``cmd`` with ``quantmoe_path``'s quantmoe; wall time, exit status and the sampled peak
     RSS: of the process tree, and of its largest process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quantmoe_path), os.environ.get("PYTHONPATH", "")])}
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     t0 = time.perf_counter()
-    # `python -m` puts the working folder first on sys.path: run inside the tree whose quantmoe is meant.
-    child = subprocess.Popen(cmd, env=env, cwd=quantmoe_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    child = subprocess.Popen(cmd, env=child_env(quantmoe_path), cwd=quantmoe_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     proc, peak, peak_one = psutil.Process(child.pid), 0, 0
     status = None
     while status is None:
@@ -1084,6 +1091,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--eval-batch-size", type=int, help="windows per forward pass [default: quantmoe eval's]")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("OUT_A", "OUT_B"))
     ap.add_argument("--keep", action="store_true", help="keep the quantized output")
+    ap.add_argument("--resume-after", type=int, metavar="LAYER",
+                    help="also run the quantization again, kill it once layer LAYER is on disk and resume it: time "
+                         "and peak GPU memory of the replay, and whether the shards are the same")
     ap.add_argument("--solve-bench", action="store_true", help="time the GPTQ solve alone on Mixtral's shapes (CUDA)")
     ap.add_argument("--baseline", type=Path, help="with --solve-bench: a tree whose quantmoe/gptq.py to compare with")
     ap.add_argument("--solve-profile", type=int, metavar="GROUP",
@@ -1144,6 +1154,35 @@ def prepare_checkpoint(args: argparse.Namespace, shape: Shape, device: str, opti
     return {"path": folder, "shape_name": shape.name, "source": args.source, "written": not reuse,
             "seconds": round(time.perf_counter() - t0, 1), "bytes": size["checkpoint_bytes"],
             "quantize_bytes": size["quantize_bytes"]}
+
+
+def resumed_run(args: argparse.Namespace, model: Path, calib: Path, device: str, options: list[str],
+                shards: dict[str, str]) -> dict:
+    """The quantization of ``model`` run again, killed (SIGKILL) as soon as layer ``args.resume_after`` is on disk,
+    then resumed by the same command: the resumed run's record (run_child's), the replay of the finished layers
+    (``replay``: layers, seconds, peak GPU memory, from the first resumed layer's log entry), and whether its
+    shards have the sha256 of the uninterrupted run's (``shards``: name -> sha256)."""
+    out = args.out_work / "out-resume"
+    marker = layer_file(work_dir(out), args.resume_after).with_suffix(".json")
+    cmd = [sys.executable, "-m", "quantmoe", "quantize", *quantize_args(model, out, calib, device, options)]
+    stopped = subprocess.Popen(cmd, env=child_env(args.quantmoe), cwd=args.quantmoe, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    t0 = time.perf_counter()
+    while not marker.is_file() and stopped.poll() is None and time.perf_counter() - t0 < args.timeout:
+        time.sleep(0.05)
+    stopped.kill()
+    stopped.wait()
+    if not marker.is_file():
+        return {"error": f"the run ended (status {stopped.returncode}) before layer {args.resume_after} was on disk"}
+    run = run_child(cmd, args.quantmoe, args.timeout)
+    layers, _ = read_layers(out)
+    first = next((e for e in layers if e["index"] == args.resume_after + 1), {})
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
+    resumed = {n: m["sha256"] for n, m in manifest.get("files", {}).items() if n.endswith(".safetensors")}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"stopped_after_layer": args.resume_after, "run": run, "replay": first.get("replay"),
+            "first_resumed_layer": {k: first.get(k) for k in ("index", "seconds", "peak_gpu_mb")},
+            "same_shards": bool(resumed) and resumed == shards}
 
 
 def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: str, options: list[str]) -> dict:
@@ -1239,6 +1278,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                                             total, "--tf32" in options, dtype)
     if args.layer_profile is not None and run["returncode"] == 0:
         result["layer_profile"] = profile_layer(args, model, calib, device, options)
+    if args.resume_after is not None and run["returncode"] == 0:
+        shards = {n: m["sha256"] for n, m in json.loads((out / "manifest.json").read_text())["files"].items()
+                  if n.endswith(".safetensors")}
+        if not args.keep:  # the disk holds one output at a time
+            shutil.rmtree(out)
+        result["resume"] = resumed_run(args, model, calib, device, options, shards)
     label = (info["gpu"] or "cpu").replace(" ", "-")
     name = args.name or f"scale-{label}-{shape.name}-{checkpoint['source']}-{n_layers}L" \
         + ("-mtp" if result["mtp"] else "") + ("-reduced" if result["reduced"] else "") \

@@ -65,7 +65,8 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-MEASUREMENTS = {"seconds", "before_seconds", "timings", "peak_gpu_mb", "stage_peak_gpu_mb", "peak_rss_mb"}  # vary run to run
+# vary run to run (``replay``: a resumed run's replay of the layers before its first, logged with that layer)
+MEASUREMENTS = {"seconds", "before_seconds", "timings", "peak_gpu_mb", "stage_peak_gpu_mb", "peak_rss_mb", "replay"}
 
 
 def _without_timings(obj):

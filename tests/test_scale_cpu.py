@@ -325,6 +325,21 @@ def test_mtp_layer_only_when_asked(reduced_runs, tmp_path):
         scale.run_config(scale.SHAPES["qwen3-30b-a3b"], 2, mtp=True)
 
 
+def test_resume_after_measures_the_replay_of_a_stopped_run_and_checks_its_bytes(tmp_path):
+    """--resume-after 1 on a dense layer and two MoE layers from FP8: the run killed once layer 1 is on disk, its
+    resumption replays layers 0 and 1 (their routed experts from the layer file) and writes the same shards."""
+    result = scale.main(["--shape", "deepseek-v3", "--source", "fp8", "--reduced", "--layers", "3", "--nsamples", "4",
+                         "--seqlen", "64", "--work", str(tmp_path), "--results", str(tmp_path / "results"),
+                         "--name", "resume", "--resume-after", "1"])
+    assert result["run"]["returncode"] == 0, result["run"]["output_tail"]
+    resume = result["resume"]
+    assert resume["run"]["returncode"] == 0, resume["run"]["output_tail"]
+    assert resume["replay"]["layers"] == 2 and resume["replay"]["seconds"] > 0
+    assert resume["first_resumed_layer"]["index"] == 2 and resume["same_shards"] is True
+    assert json.loads((tmp_path / "results" / "resume.json").read_text())["resume"] == resume
+    assert not (tmp_path / "out-resume").exists()
+
+
 def test_glm_reduced_checkpoint_quantizes(tmp_path):
     model = scale.make_checkpoint(tmp_path / "glm", "glm-4.5", 2, reduced=True, device="cpu")
     config = Checkpoint(model).config

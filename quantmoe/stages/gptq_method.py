@@ -249,12 +249,16 @@ class GptqRun:
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
         originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] if qcfg.effective_fit == "stream" else None
+        replay_start = time.perf_counter()
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
             with tensor_core_passes(self.tf32 and dev.type == "cuda"):  # as the run's own passes were made
                 batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks)  # bits: each linear's
                 if originals is not None:  # the original layer, its routed experts as stored (FP8's as FP8)
                     originals = run_stored(stream, i, stream.layer_state(i, keep_dtype=True), originals, self.ranks)
         setup_peak = _gpu_peak(dev, reset=True)
+        # the first layer this run quantizes records the replay of those before it (a resumed run's)
+        replay = {"replay": {"layers": done, "seconds": round(time.perf_counter() - replay_start, 3),
+                             "peak_gpu_mb": setup_peak}} if done else {}
 
         def share(i: int) -> range | None:
             """The routed experts of layer i this process reads and holds (None: all)."""
@@ -315,7 +319,7 @@ class GptqRun:
                          "expert_groups": result.expert_groups, "expert_bytes_held": result.expert_bytes_held,
                          "expert_bytes_loaded": result.expert_bytes_loaded,
                          "activation_bytes_held": result.activation_bytes_held,
-                         "modules": result.log}
+                         **(replay if i == done else {}), "modules": result.log}
                 peak = layer_peak if i > done or setup_peak is None else max(layer_peak, setup_peak)
                 yield LayerOutput(i, result.tensors, entry, result.packed, peak)
                 del result
