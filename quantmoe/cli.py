@@ -56,10 +56,12 @@ def friendly(fn):
                 fail(str(exc))
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
+            evaluating = fn.__name__ == "eval_"  # the eval command: --nsamples, --fit and torchrun are not its own
             if isinstance(exc, MemoryError):
-                fail("out of memory; lower --batch-size or --nsamples, or use --device cuda")
+                fail("out of memory; lower --batch-size, or use --device cuda" if evaluating else
+                     "out of memory; lower --batch-size or --nsamples, or use --device cuda")
             if _gpu_out_of_memory(exc):
-                fail(GPU_OUT_OF_MEMORY)
+                fail(EVAL_GPU_OUT_OF_MEMORY if evaluating else GPU_OUT_OF_MEMORY)
             if isinstance(exc, OSError):  # what the stages did not foresee: still one line naming the file
                 where = f": {exc.filename}" if exc.filename else ""
                 fix = ("free disk space, then re-run the same command to resume" if exc.errno == errno.ENOSPC
@@ -80,6 +82,11 @@ GPU_OUT_OF_MEMORY = (
     "the GPU ran out of memory; the default recipe (--fit stream) holds two copies of a layer and two sets of "
     "activations: use --fit none, a lower --batch-size, or more GPUs (torchrun --nproc-per-node N -m quantmoe "
     "quantize ...); finished layers of the same recipe are kept (benchmarks/README.md lists measured peaks)")
+
+
+EVAL_GPU_OUT_OF_MEMORY = (
+    "the GPU ran out of memory; eval holds one layer at a time, its weights and the activations in the forward "
+    "passes' dtype: use --dtype bfloat16 (half of float32's memory) or a lower --batch-size")
 
 
 def _gpu_out_of_memory(exc: BaseException) -> bool:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from clirun import (
     QUICK,
     cli,
@@ -30,6 +31,7 @@ from clirun import (
 from tiny import make_model, write_text
 
 import quantmoe
+import quantmoe.stages.evaluate
 from quantmoe.apps.verify import verify
 from quantmoe.base.options import QuantConfig
 from quantmoe.model.architectures import ARCHITECTURES
@@ -286,12 +288,12 @@ def test_ctrl_c_mid_run_leaves_resumable_work_and_no_out(earlier, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [work.name, "out"]
 
 
-def test_gpu_out_of_memory_is_one_line_naming_the_lighter_recipe(capsys):
+def test_gpu_out_of_memory_is_one_line_naming_the_lighter_recipe(capsys, monkeypatch):
     """A CUDA out-of-memory error (a RuntimeError, which the CLI otherwise keeps as a bug's traceback)
     becomes one line that names what to change."""
     import torch
 
-    from quantmoe.cli import friendly
+    from quantmoe.cli import friendly, main
 
     @friendly
     def run():
@@ -303,6 +305,16 @@ def test_gpu_out_of_memory_is_one_line_naming_the_lighter_recipe(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the GPU ran out of memory;")
     assert "--fit none" in err and "--batch-size" in err and "torchrun" in err
+
+    # quantmoe eval: --fit and torchrun are not its options
+    def evaluate(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 45.00 GiB")
+
+    monkeypatch.setattr(quantmoe.stages.evaluate, "evaluate", evaluate)
+    result = CliRunner().invoke(main, ["eval", "--quiet"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: the GPU ran out of memory;")
+    assert "--dtype bfloat16" in result.stderr and "--batch-size" in result.stderr and "--fit" not in result.stderr
 
     @friendly
     def bug():
