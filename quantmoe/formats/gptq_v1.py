@@ -80,15 +80,39 @@ def unpack_linear(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor
     return q, tensors["scales"].t(), zeros, tensors["g_idx"]
 
 
+def _fields(qweight: Tensor, width: int) -> Tensor:
+    """A GPTQ v1 ``qweight`` (N, M), 32-bit words -> (M, N * 32 / width) uint8: each output row's ``width``-bit
+    fields, low bits first (the levels at width ``bits``; their bytes at width 8), never widened beyond a byte
+    but in the shifts (``_unpack_rows``' int64 levels take 8 bytes a level)."""
+    q = (qweight if qweight.dtype == torch.int32 else qweight.to(torch.int64) & 0xFFFFFFFF).t()
+    shifts = torch.arange(0, 32, width, dtype=q.dtype, device=q.device)
+    return ((q[..., None] >> shifts) & (2**width - 1)).to(torch.uint8).reshape(q.shape[0], -1)
+
+
 def unpack_levels(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """GPTQ v1 tensors -> (levels (R, C * bits / 8), scales (R, G), zeros (R, G)), levels and zeros uint8: each
     row's levels as bytes, low bits first (at 4 bits two to a byte, the even column's in the low half:
-    stages.experts.Levels' layout), never widened (``unpack_linear``'s int64 levels take 16 bytes for each of these)."""
-    q = tensors["qweight"].t()
-    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=q.device)
-    levels = ((q[..., None] >> shifts) & 0xFF).to(torch.uint8).reshape(q.shape[0], -1)
+    stages.experts.Levels' layout). For quantmoe's own linears, whose zeros are at least 1 (none wraps)."""
     zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
-    return levels, tensors["scales"].t(), zeros.to(torch.uint8)
+    return _fields(tensors["qweight"], 8), tensors["scales"].t(), zeros.to(torch.uint8)
+
+
+def dequantizes_to_zero(tensors: dict[str, Tensor], bits: int) -> bool:
+    """Whether the weight a GPTQ v1 linear stands for (``dequantize_linear``'s) is 0 everywhere, read without
+    dequantizing it: scale * (level - zero) is 0 exactly where the (finite) scale is 0 or the level is its zero.
+    Where each group's columns fill whole words (g_idx[c] = c // group size, as quantmoe and most exporters
+    write), a group is its zero throughout exactly where each of its words repeats the zero; otherwise level by
+    level. The tensors must fit together (``check_linear``)."""
+    qweight, g_idx = tensors["qweight"], tensors["g_idx"].long()
+    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1  # (R, G); a wrapped zero is 2**bits
+    live = tensors["scales"].t() != 0  # (R, G)
+    per, (C,), G = 32 // bits, g_idx.shape, live.shape[1]
+    if C % G == 0 and (C // G) % per == 0 and torch.equal(g_idx, torch.arange(C, device=g_idx.device) // (C // G)):
+        words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(G, C // G // per, -1)  # (G, words a group, R)
+        repeated = zeros.t() * sum(1 << (bits * k) for k in range(per))  # (G, R): past 32 bits where it wraps
+        return not bool(((words != repeated[:, None, :]).any(dim=1) & live.t()).any())
+    levels = _fields(qweight, bits).to(torch.int16)  # (R, C)
+    return not bool(((levels != zeros.to(torch.int16)[:, g_idx]) & live[:, g_idx]).any())
 
 
 def dequantize_linear(tensors: dict[str, Tensor], bits: int) -> Tensor:

@@ -41,7 +41,7 @@ from ..formats.compressed_tensors import ignored
 from ..formats.gptq_v1 import (
     GPTQ_SUFFIXES,
     check_linear,
-    dequantize_linear,
+    dequantizes_to_zero,
     module_settings,
     quantized_modules,
     settings,
@@ -327,5 +327,5 @@ def _check_values(module: str, parts: dict, bits: int, problems: list[str]) -> N
         problems.append(f"{module}.scales holds NaN or Inf")
     elif not bool(scales.any()):
         problems.append(f"{module} is all zero: every scale is 0 (an expert that saw no calibration tokens?)")
-    elif not bool(dequantize_linear(parts, bits).any()):
+    elif dequantizes_to_zero(parts, bits):
         problems.append(f"{module} is all zero: its dequantized weight is 0 everywhere")
