@@ -9,6 +9,7 @@ fail before any work are launched together, in forks of one interpreter, since e
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,17 +23,20 @@ from clirun import (
     QUICK,
     cli,
     cli_forked,
+    content,
     digest,
     one_error_line,
     quantize_args,
     start,
     wait_for,
 )
+from safetensors import safe_open
 from tiny import make_model, write_text
 
 import quantmoe
 import quantmoe.stages.evaluate
 from quantmoe.apps.verify import verify
+from quantmoe.base.errors import QuantMoeError
 from quantmoe.base.options import QuantConfig
 from quantmoe.model.architectures import ARCHITECTURES
 from quantmoe.stages.calibrate import write_calibration
@@ -113,8 +117,6 @@ def _wider_experts_config(e) -> Path:
 
 
 def _phantom_tensor(e) -> Path:
-    from safetensors import safe_open
-
     model = _copy_model(e, "phantom-tensor")
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())
@@ -270,6 +272,42 @@ def test_disk_full_during_export(earlier, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "resuming: 2 of 2 layers are already quantized" in again.stderr
     assert verify(out).ok
+
+
+def test_a_run_the_disk_cannot_hold_is_refused_before_any_work(earlier, tmp_path, monkeypatch):
+    """Each quantized weight is written at least twice at 4 bits (its layer's file in the work folder, then the
+    export): with less free space than that, the run stops at once, not when the disk fills; an earlier run's
+    finished layers count as written."""
+    import quantmoe.stages.quantize as stage
+
+    weights = 0
+    for shard in earlier["out"].glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:  # qweight: int32 words of 8 levels, 2 levels a byte
+            weights += sum(2 * 4 * math.prod(f.get_slice(n).get_shape()) for n in f.keys() if n.endswith(".qweight"))
+    free = {"bytes": weights - 1}
+    monkeypatch.setattr(stage, "disk_usage", lambda path: shutil._ntuple_diskusage(10**15, 0, free["bytes"]))
+    out = tmp_path / "out"
+    args = dict(calib=earlier["text"], nsamples=4, seqlen=32, run_eval=False, quiet=True)
+    with pytest.raises(QuantMoeError, match=r"GB free, but this run writes at least .*choose an --out on a disk"):
+        quantmoe.quantize(earlier["model"], out, QuantConfig(group_size=32), **args)
+    assert not out.exists() and not work_dir(out).exists()
+
+    free["bytes"] = weights  # room for it: stopped once layer 0 is written
+    real = stage.write_layer
+
+    def write_layer(work, i, *rest):
+        file = real(work, i, *rest)
+        if i == 0:
+            raise KeyboardInterrupt
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(stage, "write_layer", write_layer)
+        with pytest.raises(KeyboardInterrupt):
+            quantmoe.quantize(earlier["model"], out, QuantConfig(group_size=32), **args)
+    free["bytes"] = weights - 1  # the finished layer is on the disk already: the rest fits
+    quantmoe.quantize(earlier["model"], out, QuantConfig(group_size=32), **args)
+    assert verify(out).ok and content(out) == content(earlier["out"])
 
 
 def test_ctrl_c_mid_run_leaves_resumable_work_and_no_out(earlier, tmp_path):

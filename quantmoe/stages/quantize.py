@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from shutil import disk_usage
 
 import torch
 from tqdm.auto import tqdm
@@ -46,8 +47,8 @@ from ..base.paths import (
     published_name,
 )
 from ..base.version import __version__
-from ..model.architectures import architecture_for
-from ..model.checkpoint import Checkpoint
+from ..model.architectures import Architecture, architecture_for, plan_layer
+from ..model.checkpoint import LAYER_NAME, Checkpoint
 from ..model.distributed import Ranks, control_group, finish
 from .calibrate import (
     calibration_tokens,
@@ -186,7 +187,31 @@ def check_inputs(model: str | Path | None, out: str | Path | None, method: Metho
     ckpt.open_shards()
     notes = method.check(ckpt, arch, ranks)
     ckpt.quantized_linears  # noqa: B018 - reading it checks an FP8 release's scales
+    if ranks.writes:
+        check_room(ckpt, arch, out)
     return Source(ckpt, arch, out, shard_bytes, tuple(notes))
+
+
+def check_room(ckpt: Checkpoint, arch: Architecture, out: Path) -> None:
+    """Refuse, before any work, a run that cannot fit the disk of ``out``: every layer's quantized linears are
+    written to the work folder beside it and again into the export, each time at least half a byte a weight (4
+    bits, the fewest any backend stores), less what an earlier run's work folder already holds there."""
+    n = ckpt.config.num_hidden_layers
+    shapes: dict[int, dict[str, tuple[int, ...]]] = {}
+    for name in ckpt.weight_map:
+        if (m := LAYER_NAME.match(name)) and int(m.group(1)) < n:
+            shapes.setdefault(int(m.group(1)), {})[name[m.end():]] = ckpt.shape(name)
+    weights = sum(rows * cols for i, layer in shapes.items()
+                  for rows, cols in plan_layer(arch, ckpt.config, i).linear_shapes(layer).values())
+    work = work_dir(out)
+    held = sum(os.lstat(os.path.join(root, f)).st_size for root, _, files in os.walk(work) for f in files)
+    disk = next(p for p in (out, *out.parents) if p.exists())
+    free = disk_usage(disk).free
+    if weights - held > free:
+        raise QuantMoeError(
+            f"{disk} has {free / 1e9:.1f} GB free, but this run writes at least {(weights - held) / 1e9:.1f} GB there "
+            f"(each quantized layer in the work folder beside --out, then the export); free space on that disk or "
+            "choose an --out on a disk with room")
 
 
 def calibrate(source: Source, options: RunOptions, stages: dict) -> Calibration:
