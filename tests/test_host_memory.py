@@ -31,6 +31,7 @@ from quantmoe.stages.gptq_method import (
     HostPlan,
     host_budget,
     host_plan,
+    memory_budget,
     packed_bytes,
     pinned_bytes,
 )
@@ -71,7 +72,26 @@ def test_the_default_host_budget_is_what_the_machine_has_available():
     available = psutil.virtual_memory().available
     assert abs(host_budget(None) - (available + psutil.Process().memory_info().rss - quantize_module.HOST_HEADROOM)) \
         < 2 * 2**30
-    assert host_budget("32GB") == 32 * GB
+    assert host_budget("1GB") == 1 * GB
+
+
+def test_a_budget_beyond_the_memory_there_is_keeps_to_that_memory_and_says_so(monkeypatch, capsys):
+    """--gpu-memory 200GB on a GPU with 132 GB free (or --host-memory beyond the machine's) would size the work for
+    memory that is not there, to run out of it partway (the host's: killed without a word)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (130 * GB, 141 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 2 * GB)
+    cuda = torch.device("cuda", 0)
+    assert memory_budget("70GB", cuda) == 70 * GB and memory_budget("132GB", cuda) == 132 * GB
+    assert capsys.readouterr().err == ""
+    assert memory_budget("200GB", cuda) == memory_budget(None, cuda) == 132 * GB - quantize_module.BUDGET_HEADROOM
+    assert "--gpu-memory 200GB is more than cuda:0 has free (132.0 GB); the run keeps to 127.7 GB" in \
+        capsys.readouterr().err
+    assert memory_budget("200GB", torch.device("cpu")) == 200 * GB  # no device to measure: the budget as given
+
+    available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    kept = host_budget("100TB")
+    assert abs(kept - (available - quantize_module.HOST_HEADROOM)) < 2 * 2**30
+    assert "--host-memory 100TB is more than this machine has available" in capsys.readouterr().err
 
 
 def test_packed_bytes_are_what_the_layer_files_hold(tiny_model, text_file, tmp_path):

@@ -329,11 +329,11 @@ class RunOptions:
                                "Triton where it is installed, else CUDA graphs (eager on CPU).", choices=BLOCK_KERNELS)
     gpu_memory: str | int | None = option(None, "Device memory the run may use, e.g. 40GB: a layer's experts are "
                                           "quantized in groups that fit it, with the same output for any budget "
-                                          "[default: what the GPU has free].")
+                                          "[default, and at most: what the GPU has free].")
     host_memory: str | int | None = option(None, "Host memory the run may hold, e.g. 32GB: the read-ahead of the next "
                                            "layer and the pinned copies of captured activations are sized to what the "
                                            "export, written beside the layers, leaves of it, with the same output for "
-                                           "any budget [default: what the machine has available].")
+                                           "any budget [default, and at most: what the machine has available].")
 
     def __post_init__(self):
         _check_choices(self)

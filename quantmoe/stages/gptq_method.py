@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import psutil
 import torch
 
-from ..base.errors import QuantMoeError
+from ..base.errors import QuantMoeError, note
 from ..base.measure import (
     PeakRSS,
     cached_pinned_bytes,
@@ -332,18 +332,30 @@ BUDGET_HEADROOM = 4 << 30
 
 
 def memory_budget(gpu_memory: str | int | None, dev: torch.device) -> int | None:
-    """The bytes of device memory the run may use: ``gpu_memory`` ("40GB"), or on CUDA by default what
-    the device has free (plus what this process already holds) less BUDGET_HEADROOM; None on CPU
-    without one (no grouping)."""
+    """The bytes of device memory the run may use: ``gpu_memory`` ("40GB"), or on CUDA by default (and, with a
+    note, in place of a ``gpu_memory`` beyond it) what the device has free (plus what this process already
+    holds) less BUDGET_HEADROOM; None on CPU without one (no grouping)."""
+    asked = None
     if gpu_memory is not None:
         try:
-            return parse_size(gpu_memory)
+            asked = parse_size(gpu_memory)
         except QuantMoeError:
             raise QuantMoeError(f"--gpu-memory {gpu_memory!r} is not a size; write it like 70GB or 40GB") from None
     if dev.type != "cuda":
-        return None
+        return asked
     free, _ = torch.cuda.mem_get_info(dev)
-    return free + torch.cuda.memory_reserved(dev) - BUDGET_HEADROOM
+    room = free + torch.cuda.memory_reserved(dev)
+    return _within(asked, room, BUDGET_HEADROOM, f"--gpu-memory {gpu_memory}", f"{dev} has free")
+
+
+def _within(asked: int | None, room: int, headroom: int, option: str, where: str) -> int:
+    """A memory budget: ``asked``, unless more than the ``room`` there is (the budget would size the work for
+    memory that is not there, to run out of it partway), then, as by default, ``room`` less ``headroom``."""
+    if asked is not None and asked <= room:
+        return asked
+    if asked is not None:
+        note(f"{option} is more than {where} ({room / 1e9:.1f} GB); the run keeps to {(room - headroom) / 1e9:.1f} GB")
+    return room - headroom
 
 
 # What a default host budget leaves to the rest of the machine.
@@ -351,14 +363,17 @@ HOST_HEADROOM = 4 << 30
 
 
 def host_budget(host_memory: str | int | None) -> int:
-    """The bytes of host memory the run may hold: ``host_memory`` ("32GB"), or by default what the machine
-    has available now plus what this process holds already, less HOST_HEADROOM."""
+    """The bytes of host memory the run may hold: ``host_memory`` ("32GB"), or by default (and, with a note, in
+    place of a ``host_memory`` beyond it) what the machine has available now plus what this process holds
+    already, less HOST_HEADROOM."""
+    asked = None
     if host_memory is not None:
         try:
-            return parse_size(host_memory)
+            asked = parse_size(host_memory)
         except QuantMoeError:
             raise QuantMoeError(f"--host-memory {host_memory!r} is not a size; write it like 32GB or 64GB") from None
-    return psutil.virtual_memory().available + psutil.Process().memory_info().rss - HOST_HEADROOM
+    room = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    return _within(asked, room, HOST_HEADROOM, f"--host-memory {host_memory}", "this machine has available")
 
 
 @dataclass(frozen=True)
