@@ -253,6 +253,42 @@ def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text_f
     assert float(cosine.mean()) > 0.95, f"mean logit cosine {float(cosine.mean()):.4f}"
 
 
+@pytest.mark.parametrize("model_type", MOE_NAMES)
+def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, text_file, tmp_path, monkeypatch,
+                                                                  model_type):
+    """Stopped once its first MoE layer is written, a run resumes by replaying that layer and those before it
+    (the routed experts from their files' levels, and from the source as stored for --fit stream) and writes
+    what the run never stopped wrote."""
+    from clirun import content
+
+    from quantmoe.stages import quantize as stage
+
+    src, reference, _ = quantized(model_type)
+    config = Checkpoint(src).config
+    first_moe = next(i for i in range(config.num_hidden_layers)
+                     if plan_layer(ARCHITECTURES[model_type], config, i).experts is not None)
+    stop = first_moe
+    assert stop + 1 < config.num_hidden_layers, "the tiny config leaves no layer to run after its first MoE layer"
+    real = stage.write_layer
+
+    def write_layer(work, i, *rest):
+        file = real(work, i, *rest)
+        if i == stop:
+            raise KeyboardInterrupt
+        return file
+
+    out = tmp_path / model_type
+    args = dict(calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr(stage, "write_layer", write_layer)
+        with pytest.raises(KeyboardInterrupt):
+            quantmoe.quantize(src, out, QCFG, **args)
+    quantmoe.quantize(src, out, QCFG, **args)
+    log = json.loads((out / "quantization_log.json").read_text())["layers"]
+    assert log[stop + 1]["replay"]["layers"] == stop + 1
+    assert content(out) == content(reference)
+
+
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_reusing_attention_output_for_the_residual_gives_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch,
                                                                         model_type):
