@@ -215,6 +215,25 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         notes="the DeepSeek-V3 architecture with 384 experts, 64 heads, one dense layer and no MTP layer",
     ),
     Shape(
+        name="minimax-m2",
+        source="MiniMaxAI/MiniMax-M2 config.json, reconstructed from transformers 5.25's MiniMaxM2Config, whose "
+               "defaults are the release's sizes and which reads the release's partial rotary from rotary_dim",
+        config={"architectures": ["MiniMaxM2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 200034,
+                "eos_token_id": 200020, "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072,
+                "initializer_range": 0.02, "intermediate_size": 1536, "max_position_embeddings": 196608,
+                "model_type": "minimax_m2", "num_attention_heads": 48, "num_experts_per_tok": 8,
+                "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256, "rms_norm_eps": 1e-06,
+                "rope_theta": 5000000, "rotary_dim": 64, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 200064},
+        routers=("block_sparse_moe.gate",),
+        reduced={**{k: v for k, v in _REDUCED_GQA.items() if k != "moe_intermediate_size"}, "intermediate_size": 128,
+                 "num_local_experts": 16, "rotary_dim": 32},
+        fp8_release="MiniMaxAI/MiniMax-M2: block-wise, 128 x 128 (the format written here)",
+        fp32=("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias"),
+        notes="Mixtral's names; 256 experts of width 1536 (intermediate_size); a sigmoid router with a correction "
+              "bias, both fp32; q/k norms over all heads; partial rotary (rotary_dim 64 of 128)",
+    ),
+    Shape(
         name="glm-4.5",
         source="zai-org/GLM-4.5 config.json, reconstructed from transformers' convert_glm4_moe_weights_to_hf.py, "
                "a test's copy of GLM-4.6's (which differs in max_position_embeddings alone) and llama.cpp PR #15026",

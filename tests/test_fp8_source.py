@@ -349,6 +349,33 @@ def test_glm_compressed_tensors_fp8_release_with_mtp(tmp_path, text_file):
     assert inspect_model(release, group_size=32)["source"]["format"] == "compressed-tensors-fp8"
 
 
+# ----------------------------------------------------------------------------- MiniMax-M2
+
+
+def test_minimax_m2_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_file):
+    """MiniMax-M2's release: DeepSeek's block FP8 on Mixtral's names, the routers and the blocks' sigmoid bias
+    (``e_score_correction_bias``, which the router takes from the block) in fp32. Quantized from FP8, the export
+    is the one of its exact BF16 conversion, byte for byte; the bias and routers are copied as released."""
+    bf16 = make_model("minimax_m2", tmp_path / "bf16", dtype=torch.bfloat16)
+    tensors = load_file(bf16 / "model.safetensors")
+    fp32 = [n for n in tensors if n.endswith(("e_score_correction_bias", "block_sparse_moe.gate.weight"))]
+    save_file({n: t.float() if n in fp32 else t for n, t in tensors.items()}, bf16 / "model.safetensors",
+              metadata={"format": "pt"})
+    release = write_fp8_release(bf16, tmp_path / "fp8", block=BLOCK, skip=router_or_mtp_extra("minimax_m2"))
+    stored = load_file(release / "model.safetensors")
+    assert stored["model.layers.1.block_sparse_moe.experts.3.w2.weight"].dtype == torch.float8_e4m3fn
+    reference = dequantized_copy(release, tmp_path / "reference")
+    _quantize_each([(release, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")], text_file, "--no-eval")
+    shards = sorted(p.name for p in (tmp_path / "from-fp8").glob("*.safetensors"))
+    assert shards and all((tmp_path / "from-fp8" / s).read_bytes() == (tmp_path / "from-bf16" / s).read_bytes()
+                          for s in shards)
+    exported = _tensors(tmp_path / "from-fp8")
+    for name in fp32:
+        assert exported[name].dtype == torch.float32 and torch.equal(exported[name], stored[name]), name
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in exported
+    assert cli("verify", tmp_path / "from-fp8").returncode == 0
+
+
 # ----------------------------------------------------------------------------- Kimi K2
 
 

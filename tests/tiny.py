@@ -53,6 +53,11 @@ TINY = {
                                        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, head_dim=16,
                                        partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
                                        routed_scaling_factor=2.5, **_ATTN)),
+    # MiniMax-M2: Mixtral's names; a sigmoid router taking the block's fp32 e_score_correction_bias; q/k norms
+    # over all heads; partial rotary.
+    "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                           num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                                           partial_rotary_factor=0.5, **_ATTN)),
     # Phi-MoE: sparsemixer routing needs top-2; LayerNorms and linears with biases, an lm_head bias.
     "phimoe": ("PhimoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
                                     num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, **_ATTN)),

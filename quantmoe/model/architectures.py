@@ -117,6 +117,9 @@ class Architecture:
     router_module: str | None = None
     router_indices: int = -1
     router_weights: int = -2
+    # In-memory tensors the router takes after the tokens, as the MoE block passes them (MiniMax-M2's router
+    # takes the block's e_score_correction_bias).
+    router_args: tuple[str, ...] = ()
     # Routers: exact on-disk module paths. Never quantized; every tensor under them (weights,
     # DeepSeek's e_score_correction_bias) is copied unchanged.
     routers: tuple[str, ...] = ()
@@ -350,6 +353,19 @@ ARCHITECTURES: dict[str, Architecture] = {
                   # GPTQModel 7.6's own glm4_moe model fails in its forward under transformers 5 (the
                   # router returns a tuple where it expects logits), so no GPTQModel layout is offered.
                   gptqmodel=False),
+        Architecture(
+            model_type="minimax_m2",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            router_args=("mlp.e_score_correction_bias",),
+            routers=("block_sparse_moe.gate",),
+            renames=(("block_sparse_moe.", "mlp."),),
+            gptqmodel=False,
+            notes="MiniMax-M2: Mixtral's names; a sigmoid router that takes the block's fp32 `e_score_correction_bias` "
+                  "(kept as released); q/k norms over all heads; partial rotary",
+        ),
         Architecture(
             model_type="phimoe",
             attention=_ATTENTION_QKVO,
