@@ -57,7 +57,8 @@ TINY = {
     # over all heads; partial rotary.
     "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                            num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-                                           partial_rotary_factor=0.5, **_ATTN)),
+                                           partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=0,
+                                           pad_token_id=0, **_ATTN)),
     # Phi-MoE: sparsemixer routing needs top-2; LayerNorms and linears with biases, an lm_head bias.
     "phimoe": ("PhimoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
                                     num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, **_ATTN)),

@@ -362,7 +362,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             router_args=("mlp.e_score_correction_bias",),
             routers=("block_sparse_moe.gate",),
             renames=(("block_sparse_moe.", "mlp."),),
-            gptqmodel=False,
             notes="MiniMax-M2: Mixtral's names; a sigmoid router that takes the block's fp32 `e_score_correction_bias` "
                   "(kept as released); q/k norms over all heads; partial rotary",
         ),
