@@ -92,6 +92,29 @@ class Hang(Exception):
     the tests refuse)."""
 
 
+class Stop(Exception):
+    """Stands in for a crash right after a layer file is written (``stopped_after_layer``)."""
+
+
+@contextmanager
+def stopped_after_layer(monkeypatch, index: int):
+    """Within it, a quantize run raises Stop right after layer ``index``'s file is written: a crash there,
+    the finished layers left in the work folder for the next run to resume from."""
+    import quantmoe.stages.quantize as pipeline
+
+    real = pipeline.write_layer
+
+    def write_layer(work, i, *args):
+        file = real(work, i, *args)
+        if i == index:
+            raise Stop
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_layer", write_layer)
+        yield
+
+
 @contextmanager
 def time_limit(seconds: float):
     """Raise Hang in this (main) thread after ``seconds``: a hostile input must not hang a command."""

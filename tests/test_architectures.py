@@ -259,9 +259,7 @@ def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, te
     """Stopped once its first MoE layer is written, a run resumes by replaying that layer and those before it
     (the routed experts from their files' levels, and from the source as stored for --fit stream) and writes
     what the run never stopped wrote."""
-    from clirun import content
-
-    from quantmoe.stages import quantize as stage
+    from clirun import Stop, content, stopped_after_layer
 
     src, reference, _ = quantized(model_type)
     config = Checkpoint(src).config
@@ -269,20 +267,10 @@ def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, te
                      if plan_layer(ARCHITECTURES[model_type], config, i).experts is not None)
     stop = first_moe
     assert stop + 1 < config.num_hidden_layers, "the tiny config leaves no layer to run after its first MoE layer"
-    real = stage.write_layer
-
-    def write_layer(work, i, *rest):
-        file = real(work, i, *rest)
-        if i == stop:
-            raise KeyboardInterrupt
-        return file
-
     out = tmp_path / model_type
     args = dict(calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True)
-    with monkeypatch.context() as m:
-        m.setattr(stage, "write_layer", write_layer)
-        with pytest.raises(KeyboardInterrupt):
-            quantmoe.quantize(src, out, QCFG, **args)
+    with stopped_after_layer(monkeypatch, stop), pytest.raises(Stop):
+        quantmoe.quantize(src, out, QCFG, **args)
     quantmoe.quantize(src, out, QCFG, **args)
     log = json.loads((out / "quantization_log.json").read_text())["layers"]
     assert log[stop + 1]["replay"]["layers"] == stop + 1

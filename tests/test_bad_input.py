@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 from clirun import (
     QUICK,
+    Stop,
     cli,
     cli_forked,
     content,
@@ -28,6 +29,7 @@ from clirun import (
     one_error_line,
     quantize_args,
     start,
+    stopped_after_layer,
     wait_for,
 )
 from safetensors import safe_open
@@ -293,18 +295,8 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_any_work(earlier, tmp_path
     assert not out.exists() and not work_dir(out).exists()
 
     free["bytes"] = weights  # room for it: stopped once layer 0 is written
-    real = stage.write_layer
-
-    def write_layer(work, i, *rest):
-        file = real(work, i, *rest)
-        if i == 0:
-            raise KeyboardInterrupt
-        return file
-
-    with monkeypatch.context() as m:
-        m.setattr(stage, "write_layer", write_layer)
-        with pytest.raises(KeyboardInterrupt):
-            quantmoe.quantize(earlier["model"], out, QuantConfig(group_size=32), **args)
+    with stopped_after_layer(monkeypatch, 0), pytest.raises(Stop):
+        quantmoe.quantize(earlier["model"], out, QuantConfig(group_size=32), **args)
     free["bytes"] = weights - 1  # the finished layer is on the disk already: the rest fits
     quantmoe.quantize(earlier["model"], out, QuantConfig(group_size=32), **args)
     assert verify(out).ok and content(out) == content(earlier["out"])

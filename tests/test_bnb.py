@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from clirun import Stop, stopped_after_layer
 from conftest import ARCH_NAMES
 from tiny import make_model, write_text
 
@@ -476,26 +477,10 @@ def test_bnb_names_an_expert_weight_the_checkpoint_lacks(tiny_model, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
-class Stop(Exception):
-    """Stands in for a crash right after a layer file is written."""
-
-
 def _stopped_after_layer(index: int, monkeypatch, src, out, options) -> None:
     """A bnb-nf4 run of ``src`` into ``out`` that crashes once layer ``index``'s file is written."""
-    import quantmoe.stages.quantize as pipeline
-
-    real = pipeline.write_layer
-
-    def write_layer(work, i, *args):
-        file = real(work, i, *args)
-        if i == index:
-            raise Stop
-        return file
-
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "write_layer", write_layer)
-        with pytest.raises(Stop):
-            backends.get("bnb-nf4").quantize(src, out, options)
+    with stopped_after_layer(monkeypatch, index), pytest.raises(Stop):
+        backends.get("bnb-nf4").quantize(src, out, options)
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", *FUSED_ON_DISK])

@@ -12,12 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import cli, content, quantize_args, start, wait_for
+from clirun import (
+    Stop,
+    cli,
+    content,
+    quantize_args,
+    start,
+    stopped_after_layer,
+    wait_for,
+)
 from safetensors import safe_open
 from tiny import make_model, router_or_mtp_extra, write_text
 
 import quantmoe
-import quantmoe.stages.quantize
 from quantmoe.apps.verify import verify
 from quantmoe.base.files import save_safetensors
 from quantmoe.base.options import QuantConfig
@@ -92,28 +99,10 @@ def test_cuda_rerun_and_resume_are_byte_identical(inputs, tmp_path, extra):
     assert content(outs[0]) == content(outs[1]) == content(outs[2])
 
 
-class Stop(Exception):
-    """Stands in for a crash right after a layer file is written."""
-
-
-def _crash_after(monkeypatch, index: int) -> None:
-    real = quantmoe.stages.quantize.write_layer
-
-    def write_layer(work, i, *args):
-        file = real(work, i, *args)
-        if i == index:
-            raise Stop
-        return file
-
-    monkeypatch.setattr(quantmoe.stages.quantize, "write_layer", write_layer)
-
-
 def _crashed_and_resumed(model: Path, text: Path, out: Path, monkeypatch, capsys) -> dict:
     """The content of ``out`` after a run stopped right after writing layer 1 and the run that resumes it."""
-    with monkeypatch.context() as m:
-        _crash_after(m, 1)
-        with pytest.raises(Stop):
-            quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    with stopped_after_layer(monkeypatch, 1), pytest.raises(Stop):
+        quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
     capsys.readouterr()
     quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
     assert "resuming: 2 of " in capsys.readouterr().err
@@ -196,10 +185,8 @@ def _zero_layer_file(work: Path, index: int) -> None:
 def test_other_inputs_or_restart_never_reuse_layers(inputs, tmp_path, monkeypatch, capsys, change):
     model, text = inputs["mixtral"], inputs["text"]
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _crash_after(m, 0)
-        with pytest.raises(Stop):
-            quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
+    with stopped_after_layer(monkeypatch, 0), pytest.raises(Stop):
+        quantmoe.quantize(model, out, QCFG, calib=text, **QUICK_API)
     _zero_layer_file(work_dir(out), 0)
     capsys.readouterr()
     if change == "options":

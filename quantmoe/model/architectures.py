@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from transformers.models.auto.modeling_auto import (
@@ -293,19 +293,22 @@ def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
 CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
+_MIXTRAL = Architecture(
+    model_type="mixtral",
+    attention=_ATTENTION_QKVO,
+    experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
+    moe_module="mlp",
+    router_module="mlp.gate",
+    routers=("block_sparse_moe.gate",),
+    renames=(("block_sparse_moe.", "mlp."),),
+    notes="w1 = gate, w3 = up, w2 = down",
+)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
     for row in (
-        Architecture(
-            model_type="mixtral",
-            attention=_ATTENTION_QKVO,
-            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
-            moe_module="mlp",
-            router_module="mlp.gate",
-            routers=("block_sparse_moe.gate",),
-            renames=(("block_sparse_moe.", "mlp."),),
-            notes="w1 = gate, w3 = up, w2 = down",
-        ),
+        _MIXTRAL,
         Architecture(
             model_type="qwen2_moe",
             attention=_ATTENTION_QKVO,
@@ -353,18 +356,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                   # GPTQModel 7.6's own glm4_moe model fails in its forward under transformers 5 (the
                   # router returns a tuple where it expects logits), so no GPTQModel layout is offered.
                   gptqmodel=False),
-        Architecture(
-            model_type="minimax_m2",
-            attention=_ATTENTION_QKVO,
-            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
-            moe_module="mlp",
-            router_module="mlp.gate",
-            router_args=("mlp.e_score_correction_bias",),
-            routers=("block_sparse_moe.gate",),
-            renames=(("block_sparse_moe.", "mlp."),),
-            notes="MiniMax-M2: Mixtral's names; a sigmoid router that takes the block's fp32 `e_score_correction_bias` "
-                  "(kept as released); q/k norms over all heads; partial rotary",
-        ),
+        replace(_MIXTRAL, model_type="minimax_m2", router_args=("mlp.e_score_correction_bias",),
+                notes="MiniMax-M2: Mixtral's names; a sigmoid router that takes the block's fp32 "
+                      "`e_score_correction_bias` (kept as released); q/k norms over all heads; partial rotary"),
         Architecture(
             model_type="phimoe",
             attention=_ATTENTION_QKVO,
