@@ -422,6 +422,29 @@ def test_inspect_estimate_is_what_the_export_measures(quantized, model_type):
     assert classes["not quantized"]["quantized_parameters"] == 0
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3"])
+def test_inspect_foresees_what_quantize_holds_on_disk_at_its_peak(quantized, tmp_path, monkeypatch, text_file,
+                                                                  model_type):
+    """The export and, until it is in place, every layer's file in the work folder: inspect's estimate is the
+    export's tensor bytes plus those of the layer files of a run stopped once its last layer is written."""
+    from clirun import Stop, stopped_after_layer
+    from safetensors import safe_open
+
+    from quantmoe.stages.quantize import work_dir
+
+    src, out, _ = quantized(model_type)
+    report = inspect_model(src, bits=4, group_size=32)
+    stopped = tmp_path / "out"
+    with stopped_after_layer(monkeypatch, Checkpoint(src).config.num_hidden_layers - 1), pytest.raises(Stop):
+        quantmoe.quantize(src, stopped, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True)
+    layer_bytes = 0
+    for file in (work_dir(stopped) / "layers").glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            layer_bytes += sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys())
+    assert report["totals"]["quantize_disk_bytes"] == report["totals"]["estimated_bytes"] + layer_bytes > 0
+    assert "quantize holds" in CliRunner().invoke(main, ["inspect", str(src)]).output
+
+
 def test_inspect_deepseek_v3_classifies_router_bias_shared_experts_and_dense_layer(tiny_model):
     src = tiny_model("deepseek_v3")
     result = CliRunner().invoke(main, ["inspect", str(src), "--json", "--group-size", "32"])

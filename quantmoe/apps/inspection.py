@@ -186,6 +186,9 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
             "fraction_quantized": quantized / parameters if parameters else 0.0,
             "bytes": sum(e.bytes for e in exported),
             "estimated_bytes": sum(e.estimated_bytes for e in exported),
+            # What quantize holds on the disk of --out at its peak: the export, and until it is in place each
+            # layer's quantized linears in the work folder beside it.
+            "quantize_disk_bytes": sum(e.estimated_bytes for e in exported) + quantized_bytes,
             # As checkpoint_stats: the bits of the GPTQ tensors over the weights they stand for.
             "bits_per_weight": quantized_bytes * 8 / quantized if quantized else None,
         },
@@ -225,7 +228,9 @@ def render_text(report: dict) -> str:
     if r.get("recipe"):
         label += f", recipe {r['recipe']}"
     lines += ["", f"estimate at {label}: {_size(t['estimated_bytes'])} of tensors (now {_size(t['bytes'])}); "
-                  f"{bpw} bits per quantized weight; {100 * t['fraction_quantized']:.1f}% of parameters quantized"]
+                  f"{bpw} bits per quantized weight; {100 * t['fraction_quantized']:.1f}% of parameters quantized",
+              f"quantize holds {_size(t['quantize_disk_bytes'])} on the disk of --out at its peak: the export, and "
+              "until it is in place each quantized layer in the work folder beside it"]
     if r.get("class_bits"):
         lines.append("per class: " + "; ".join(f"{c} {'/'.join(f'{b}-bit' for b in v['bits'])} "
                                                f"({v['bits_per_weight']:.2f} bits/weight)"
