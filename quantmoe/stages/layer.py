@@ -492,7 +492,9 @@ class LayerQuantizer:
         """Per expert, the indices of the tokens the original router sends it (top-k, as in the
         forward pass) and the router's score for each of them (what its output is multiplied by)."""
         router = self.layer.get_submodule(self.arch.router_module)
-        out = router(X, *(self.layer.get_buffer(name) for name in self.arch.router_args))
+        args = [getattr(self.layer.get_submodule(module), attr)
+                for module, _, attr in (path.rpartition(".") for path in self.arch.router_args)]
+        out = router(X, *args)
         return routes(out[self.arch.router_indices], out[self.arch.router_weights], self.plan.num_experts)
 
     def rare_threshold(self, columns: int, inner: int) -> int:
