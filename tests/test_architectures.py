@@ -60,10 +60,6 @@ def _reference(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def _layer_shapes(ckpt: Checkpoint, i: int) -> dict[str, tuple[int, ...]]:
-    prefix = ckpt.layer_prefix(i)
-    return {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
-
 
 def test_every_row_has_a_tiny_config():
     assert set(ARCHITECTURES) <= set(TINY), f"rows without a tiny config: {set(ARCHITECTURES) - set(TINY)}"
@@ -76,7 +72,7 @@ def test_row_accounts_for_every_tensor_on_disk(tiny_model, model_type):
     arch = ARCHITECTURES[model_type]
     for i in range(ckpt.config.num_hidden_layers):
         plan = plan_layer(arch, ckpt.config, i)
-        shapes = _layer_shapes(ckpt, i)
+        shapes = ckpt.layer_shapes(i)
         linears = plan.linear_kinds()
         assert set(plan.linear_shapes(shapes)) == set(linears), f"layer {i}: planned linears missing on disk"
         for router in plan.routers:
@@ -193,7 +189,7 @@ def test_unfused_experts_load_to_the_same_layer_as_the_fused_tensors(tiny_model,
             split |= unfuse_experts(plan, name, state[name])
         experts = {n for n, kind in plan.linear_kinds().items() if kind == "expert"}
         assert {n[: -len(".weight")] for n in split} >= experts
-        shapes = plan.linear_shapes(_layer_shapes(ckpt, i))
+        shapes = plan.linear_shapes(ckpt.layer_shapes(i))
         assert all(tuple(split[f"{n}.weight"].shape) == shapes[n] for n in experts)
         want, got = stream.to_memory(i, state), stream.to_memory(i, split)
         assert want.keys() == got.keys()

@@ -58,10 +58,6 @@ def bnb_exported(tiny_model, tmp_path_factory, bitsandbytes):
     return run
 
 
-def _layer_shapes(ckpt, i: int) -> dict[str, tuple[int, ...]]:
-    prefix = ckpt.layer_prefix(i)
-    return {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
-
 
 def _planned(ckpt) -> dict[str, list[str]]:
     """layer prefix -> on-disk linears the architecture row says are quantized."""
@@ -132,7 +128,7 @@ def test_bnb_routers_untouched_and_every_projection_quantized(bnb_exported, mode
         plan = plan_layer(arch, source.config, i)
         planned |= {prefix + n for n in names}
         # (out, in) of each linear: its own weight's, or cut from the fused expert tensors on disk.
-        shapes |= {prefix + n: shape for n, shape in plan.linear_shapes(_layer_shapes(source, i)).items()}
+        shapes |= {prefix + n: shape for n, shape in plan.linear_shapes(source.layer_shapes(i)).items()}
         fused |= {prefix + n for n in plan.fused_disk_tensors()}
         for router in plan.routers:
             tensors = source.names(f"{prefix}{router}.")

@@ -142,7 +142,7 @@ class BnbMethod:
         for i in range(ckpt.config.num_hidden_layers):
             prefix = ckpt.layer_prefix(i)
             plan = plan_layer(arch, ckpt.config, i)
-            readable = plan.linear_shapes({n[len(prefix):]: ckpt.shape(n) for n in ckpt.names(prefix)})
+            readable = plan.linear_shapes(ckpt.layer_shapes(i))
             missing = [m for m in plan.quantized_linears() if m not in readable]
             if missing:
                 raise QuantMoeError(f"{prefix}{missing[0]}.weight is not in {ckpt.path}, neither as its own tensor "

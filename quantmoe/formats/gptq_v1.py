@@ -76,8 +76,13 @@ def pack_result(result: QuantResult, bits: int) -> list[dict[str, Tensor]]:
 def unpack_linear(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """GPTQ v1 tensors -> (q (R, C), scales (R, G), zeros (R, G), g_idx (C,))."""
     q = _unpack_rows(tensors["qweight"], bits).t()
-    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
-    return q, tensors["scales"].t(), zeros, tensors["g_idx"]
+    return q, tensors["scales"].t(), _zero_points(tensors, bits), tensors["g_idx"]
+
+
+def _zero_points(tensors: dict[str, Tensor], bits: int) -> Tensor:
+    """A GPTQ v1 linear's zero points (R, G), int64: qzeros' stored values plus one (a stored 2**bits - 1 wraps
+    to 2**bits, which no level reaches)."""
+    return _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
 
 
 def _fields(qweight: Tensor, width: int) -> Tensor:
@@ -93,8 +98,7 @@ def unpack_levels(tensors: dict[str, Tensor], bits: int) -> tuple[Tensor, Tensor
     """GPTQ v1 tensors -> (levels (R, C * bits / 8), scales (R, G), zeros (R, G)), levels and zeros uint8: each
     row's levels as bytes, low bits first (at 4 bits two to a byte, the even column's in the low half:
     stages.experts.Levels' layout). For quantmoe's own linears, whose zeros are at least 1 (none wraps)."""
-    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1
-    return _fields(tensors["qweight"], 8), tensors["scales"].t(), zeros.to(torch.uint8)
+    return _fields(tensors["qweight"], 8), tensors["scales"].t(), _zero_points(tensors, bits).to(torch.uint8)
 
 
 def dequantizes_to_zero(tensors: dict[str, Tensor], bits: int) -> bool:
@@ -104,7 +108,7 @@ def dequantizes_to_zero(tensors: dict[str, Tensor], bits: int) -> bool:
     write), a group is its zero throughout exactly where each of its words repeats the zero; otherwise level by
     level. The tensors must fit together (``check_linear``)."""
     qweight, g_idx = tensors["qweight"], tensors["g_idx"].long()
-    zeros = _unpack_rows(tensors["qzeros"].t().contiguous(), bits) + 1  # (R, G); a wrapped zero is 2**bits
+    zeros = _zero_points(tensors, bits)  # (R, G)
     live = tensors["scales"].t() != 0  # (R, G)
     per, (C,), G = 32 // bits, g_idx.shape, live.shape[1]
     if C % G == 0 and (C // G) % per == 0 and torch.equal(g_idx, torch.arange(C, device=g_idx.device) // (C // G)):

@@ -377,6 +377,11 @@ class Checkpoint:
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
 
+    def layer_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        """Layer ``index``'s tensors' shapes by layer-relative name, from the headers (nothing read)."""
+        prefix = self.layer_prefix(index)
+        return {name[len(prefix):]: self.shape(name) for name in self.names(prefix)}
+
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = torch.float32, defer: bool = False,
                     pin: bool = False, only: Callable[[str], bool] | None = None,
                     rows: Mapping[str, range] | None = None) -> dict[str, Tensor]:

@@ -72,10 +72,9 @@ def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> lis
     base = qcfg
     for i in range(ckpt.config.num_hidden_layers):
         prefix = ckpt.layer_prefix(i)
-        shapes = {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
         plan = plan_layer(arch, ckpt.config, i, base.layout)
         kinds = plan.linear_kinds()
-        for name, (rows, cols) in plan.linear_shapes(shapes).items():
+        for name, (rows, cols) in plan.linear_shapes(ckpt.layer_shapes(i)).items():
             qcfg = base.module_config(prefix + name, kinds[name])  # its own under --recipe
             if qcfg is None:  # kept in 16 bits
                 continue
@@ -408,10 +407,8 @@ def pinned_bytes(state: dict) -> int:
 
 def packed_bytes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig, i: int) -> int:
     """Bytes of layer i's packed GPTQ tensors (qweight, scales, qzeros, g_idx), from the shapes in the headers."""
-    prefix = ckpt.layer_prefix(i)
-    shapes = {name[len(prefix):]: ckpt.shape(name) for name in ckpt.names(prefix)}
     total = 0
-    for rows, cols in plan_layer(arch, ckpt.config, i, qcfg.layout).linear_shapes(shapes).values():
+    for rows, cols in plan_layer(arch, ckpt.config, i, qcfg.layout).linear_shapes(ckpt.layer_shapes(i)).values():
         groups = 1 if qcfg.group_size == -1 else -(-cols // qcfg.group_size)
         total += rows * cols * qcfg.bits // 8 + groups * rows * 2 + groups * rows * qcfg.bits // 8 + cols * 4
     return total

@@ -48,7 +48,7 @@ from ..base.paths import (
 )
 from ..base.version import __version__
 from ..model.architectures import Architecture, architecture_for, plan_layer
-from ..model.checkpoint import LAYER_NAME, Checkpoint
+from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks, control_group, finish
 from .calibrate import (
     calibration_tokens,
@@ -196,13 +196,8 @@ def check_room(ckpt: Checkpoint, arch: Architecture, out: Path) -> None:
     """Refuse, before any work, a run that cannot fit the disk of ``out``: every layer's quantized linears are
     written to the work folder beside it and again into the export, each time at least half a byte a weight (4
     bits, the fewest any backend stores), less what an earlier run's work folder already holds there."""
-    n = ckpt.config.num_hidden_layers
-    shapes: dict[int, dict[str, tuple[int, ...]]] = {}
-    for name in ckpt.weight_map:
-        if (m := LAYER_NAME.match(name)) and int(m.group(1)) < n:
-            shapes.setdefault(int(m.group(1)), {})[name[m.end():]] = ckpt.shape(name)
-    weights = sum(rows * cols for i, layer in shapes.items()
-                  for rows, cols in plan_layer(arch, ckpt.config, i).linear_shapes(layer).values())
+    weights = sum(rows * cols for i in range(ckpt.config.num_hidden_layers)
+                  for rows, cols in plan_layer(arch, ckpt.config, i).linear_shapes(ckpt.layer_shapes(i)).values())
     work = work_dir(out)
     held = sum(os.lstat(os.path.join(root, f)).st_size for root, _, files in os.walk(work) for f in files)
     disk = next(p for p in (out, *out.parents) if p.exists())
