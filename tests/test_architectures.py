@@ -254,20 +254,23 @@ def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, te
                                                                   model_type):
     """Stopped once its first MoE layer is written, a run resumes by replaying that layer and those before it
     (the routed experts from their files' levels, and from the source as stored for --fit stream) and writes
-    what the run never stopped wrote."""
-    from clirun import Stop, content, stopped_after_layer
+    what the run never stopped wrote: also where a product's bits depend on how many rows it is made over (as
+    on a GPU), with several batches, whose routed experts' products are made over all of them."""
+    from clirun import Stop, content, products_rounding_by_rows, stopped_after_layer
 
-    src, reference, _ = quantized(model_type)
+    src = quantized(model_type)[0]
     config = Checkpoint(src).config
     first_moe = next(i for i in range(config.num_hidden_layers)
                      if plan_layer(ARCHITECTURES[model_type], config, i).experts is not None)
     stop = first_moe
     assert stop + 1 < config.num_hidden_layers, "the tiny config leaves no layer to run after its first MoE layer"
-    out = tmp_path / model_type
-    args = dict(calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True)
-    with stopped_after_layer(monkeypatch, stop), pytest.raises(Stop):
+    reference, out = tmp_path / "reference" / "out", tmp_path / "resumed" / "out"
+    args = dict(calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True, batch_size=1)
+    with products_rounding_by_rows(monkeypatch):
+        quantmoe.quantize(src, reference, QCFG, **args)
+        with stopped_after_layer(monkeypatch, stop), pytest.raises(Stop):
+            quantmoe.quantize(src, out, QCFG, **args)
         quantmoe.quantize(src, out, QCFG, **args)
-    quantmoe.quantize(src, out, QCFG, **args)
     log = json.loads((out / "quantization_log.json").read_text())["layers"]
     assert log[stop + 1]["replay"]["layers"] == stop + 1
     assert content(out) == content(reference)

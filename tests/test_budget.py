@@ -106,8 +106,7 @@ def test_an_experts_fp16_forward_products_hold_each_rows_result_whatever_rows_ar
     """Under half_products (--tf32 on CUDA; here on the CPU, which holds the rounded values in fp32) the routed
     experts' forward products take fp16 operands where the experts are wide (``half``), each input row and each
     weight matrix scaled by its own power of two (core.half_rows): a row's result does not depend on the rows it
-    is computed with (products per call, over several calls, and resume.run_stored's replay per batch give the
-    same bits), it is fp16's rounding of the fp32 result, even for inputs far outside fp16's range, and outside
+    is computed with (products per call and over several calls give the same bits), it is fp16's rounding of the fp32 result, even for inputs far outside fp16's range, and outside
     the block nothing is rounded."""
     from quantmoe.gptq import core
 

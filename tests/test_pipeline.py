@@ -18,10 +18,12 @@ from quantmoe.formats.gptq_v1 import GPTQ_SUFFIXES, dequantize_linear
 from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.model.stream import LayerStream
+from quantmoe.stages import experts as experts_module
 from quantmoe.stages import export as export_module
 from quantmoe.stages import layer as layer_module
 from quantmoe.stages import quantize as pipeline_module
-from quantmoe.stages.layer import TAIL_COPIES, LayerQuantizer
+from quantmoe.stages.experts import TAIL_COPIES, tail_by_expert
+from quantmoe.stages.layer import LayerQuantizer
 from quantmoe.stages.quantize import work_dir
 
 QCFG = QuantConfig(group_size=32)
@@ -191,13 +193,14 @@ def test_the_experts_run_expert_by_expert_give_the_batch_by_batch_tail_to_roundi
     store.use_quantized = quantized
     expected = stream.run_tail(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches])
     one = TAIL_COPIES * lq.batches[0].hidden.numel() * 4  # what one batch of a chunk takes
-    extra = layer_module.PRODUCT_BYTES + store.weight_bytes
+    extra = experts_module.PRODUCT_BYTES + store.weight_bytes
     for per_product in (1, 2, 4):
-        monkeypatch.setattr(layer_module, "TAIL_PRODUCT_BYTES", per_product * one)
+        monkeypatch.setattr(experts_module, "TAIL_PRODUCT_BYTES", per_product * one)
         outputs = []
         for chunk in (1, 2, None):  # chunks of one product's batches, two products', all
-            lq.gpu_memory = None if chunk is None else extra + chunk * per_product * one
-            got = lq._tail_by_expert(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks)
+            budget = None if chunk is None else extra + chunk * per_product * one
+            got = tail_by_expert(stream, lq.layer, lq.plan.fused.module,
+                                 [type(b)(b.hidden.clone(), b.kwargs) for b in lq.batches], lq.ranks, budget)
             outputs.append(torch.cat([g.hidden for g in got]))
         assert all(torch.equal(o, outputs[0]) for o in outputs), per_product  # the budget changes no bit
         want = torch.cat([e.hidden for e in expected])
@@ -372,6 +375,39 @@ def test_recipe_options_export_exactly_what_the_layer_runs_with(tiny_model, text
         lq.outputs()
         for got, want in zip(lq.result.original_outputs, expected_original):
             assert torch.equal(got.hidden, want.hidden)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "mixtral"])
+def test_with_the_mlp_kept_in_16_bits_both_streams_are_their_layers_outputs(tiny_model, text_file, tmp_path,
+                                                                           model_type):
+    """A recipe that quantizes attention only (every MLP kept in 16 bits, as some keep a dense first layer's):
+    the quantized stream is the quantized layer's output, and under --fit stream the full-precision stream
+    the original layer's, which its last attention capture had already turned into the residual after
+    attention (it was run through attention a second time), in a dense layer and a MoE layer alike."""
+    from quantmoe.stages.calibrate import build_calibration
+
+    recipe = tmp_path / "attention-only.toml"
+    recipe.write_text("".join(f'[[rules]]\nmatch = "class:{kind}"\nskip = true\n'
+                              for kind in ("expert", "shared_expert", "dense_mlp")))
+    ckpt = Checkpoint(tiny_model(model_type))
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    ids, _ = build_calibration(ckpt.tokenizer(), text_file, 4, 32, 0)
+    qcfg = QuantConfig(group_size=32, fit="stream", recipe=str(recipe))
+    for index in (0, stream.num_layers - 1):
+        batches = stream.embed(ids, 2)
+        originals = [type(b)(b.hidden + 0.01, b.kwargs) for b in batches]
+        layer = stream.load_layer(index, stream.layer_state(index))
+        expected_original = stream.run_layer(layer, originals)
+        stream.release_layer(index)
+        lq = LayerQuantizer(stream, index, batches, qcfg, original_batches=originals)
+        lq.attention()
+        lq.mlps()
+        assert lq.result.tensors and all(".self_attn." in n for n in lq.result.tensors)
+        expected = stream.run_layer(lq.layer, [type(b)(b.hidden.clone(), b.kwargs) for b in batches])
+        lq.outputs()
+        for got, want in [*zip(lq.result.outputs, expected), *zip(lq.result.original_outputs, expected_original)]:
+            # routed experts' products over two batches' rows: to within a few fp32 roundings (see above)
+            assert (got.hidden - want.hidden).abs().amax() <= 4 * torch.finfo(torch.float32).eps * want.hidden.abs().amax()
 
 
 @torch.no_grad()

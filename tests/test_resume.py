@@ -16,6 +16,7 @@ from clirun import (
     Stop,
     cli,
     content,
+    products_rounding_by_rows,
     quantize_args,
     start,
     stopped_after_layer,
@@ -171,6 +172,28 @@ def test_a_resumed_run_gives_the_bytes_of_one_never_stopped_whatever_the_experts
     assert _crashed_and_resumed(model, text, tmp_path / "b" / "out", monkeypatch, capsys) == \
         content(tmp_path / "a" / "out")
     assert (Fp8Experts if model_type.endswith("-fp8") else torch.Tensor) in stored
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3-fp8"])
+def test_a_resumed_run_replays_each_product_over_the_rows_the_stopped_run_made_it_over(tmp_path, monkeypatch, capsys,
+                                                                                      model_type):
+    """On a GPU a matrix product's bits may depend on how many rows it is made over (cuBLAS picks its kernel by
+    the shapes): the replay of a finished layer must make every product over the rows the run that finished it
+    did, the routed experts' over several batches' rows (experts.tail_by_expert), on both streams. Here on the
+    CPU each product is made to round by its rows; replayed a batch at a time, the resumed run's bytes differ."""
+    model = make_model(model_type.removesuffix("-fp8"), tmp_path / "model", num_hidden_layers=3)
+    text = write_text(tmp_path / "docs.jsonl")
+    if model_type.endswith("-fp8"):
+        model = write_fp8_release(model, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra("deepseek_v3"))
+    api = {**QUICK_API, "batch_size": 1}  # four batches: the experts' products are made over all of them
+    with products_rounding_by_rows(monkeypatch):
+        quantmoe.quantize(model, tmp_path / "a" / "out", QCFG, calib=text, **api)
+        with stopped_after_layer(monkeypatch, 1), pytest.raises(Stop):
+            quantmoe.quantize(model, tmp_path / "b" / "out", QCFG, calib=text, **api)
+        capsys.readouterr()
+        quantmoe.quantize(model, tmp_path / "b" / "out", QCFG, calib=text, **api)
+    assert "resuming: 2 of 3 layers" in capsys.readouterr().err
+    assert content(tmp_path / "b" / "out") == content(tmp_path / "a" / "out")
 
 
 def _zero_layer_file(work: Path, index: int) -> None:

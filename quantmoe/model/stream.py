@@ -590,6 +590,13 @@ class LayerStream:
                 layer.set_submodule(attention, stand_in)
 
     @torch.no_grad()
+    def residuals(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE) -> None:
+        """``to_residual`` without the MLP's input: every batch's hidden state, the layer's input, turned into
+        the residual stream after attention (the input of the row's post-attention norm), in place."""
+        for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
+            b.hidden.copy_(h.view_as(b.hidden))
+
+    @torch.no_grad()
     def capture_to_residual(self, layer: nn.Module, batches: list[Batch], module_path: str,
                             ranks: Ranks = SINGLE) -> Iterator[Tensor]:
         """``capture`` of a module before the post-attention norm, in a pass that goes on to the norm

@@ -22,6 +22,7 @@ worked on a group at a time within a memory budget.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from transformers.activations import SiLUActivation
 
 from ..base.errors import QuantMoeError
+from ..base.measure import Stopwatch
 from ..formats.fp8 import Fp8Experts
 from ..gptq.core import (
     OUTER_BLOCK,
@@ -41,12 +43,13 @@ from ..gptq.core import (
     half_rows,
 )
 from ..gptq.triton_kernels import silu_mul_half_rows
-from ..model.distributed import SINGLE, Ranks, all_reduce_sum
+from ..model.distributed import SINGLE, Ranks, all_reduce_sum, spread
+from ..model.stream import Batch, LayerStream
 
 # An expert's forward products (StoredExperts.run_deferred) take at most this many bytes of temporaries: its
 # rows are cut into blocks of a size set by the shapes alone.
 PRODUCT_BYTES = 1 << 30
-# The MLP tail of a layer with routed experts (layer._tail_by_expert) runs each expert once over the rows of
+# The MLP tail of a layer with routed experts (tail_by_expert) runs each expert once over the rows of
 # several batches: TAIL_PRODUCT_BYTES of them, counted TAIL_COPIES times (the MLP's input, the experts'
 # input end to end and their outputs, the rest of the MLP's, the sum, the outputs gathered), a number of
 # batches set by the shapes alone, so the products' rounding is the same under any budget. As many of those
@@ -160,12 +163,15 @@ class StoredExperts(nn.Module):
         self.deferred: list[tuple[Tensor, Tensor, Tensor]] | None = None  # see forward
 
     @classmethod
-    def of_levels(cls, gate_up: Levels, down: Levels, act_fn, top_k: int | None = None) -> StoredExperts:
+    def of_levels(cls, gate_up: Levels, down: Levels, act_fn, top_k: int | None = None, ranks: Ranks = SINGLE,
+                  num_experts: int | None = None) -> StoredExperts:
         """Experts that compute with their quantized levels alone (a resumed run's replay of a finished layer,
-        resume.replay_layer): no original weights are held, only their shapes (on the meta device)."""
+        resume.replay_layer): no original weights are held, only their shapes (on the meta device). Under
+        several processes the levels are this process's share's (``num_experts``: the layer's, as in __init__)."""
         n, rows, _ = gate_up.scales.shape
         store = cls(torch.empty(n, rows, gate_up.columns, device="meta"),
-                    torch.empty(n, down.scales.shape[1], down.columns, device="meta"), act_fn, top_k=top_k)
+                    torch.empty(n, down.scales.shape[1], down.columns, device="meta"), act_fn, ranks, num_experts,
+                    top_k)
         store.quantized, store.use_quantized = (gate_up, down), True
         return store
 
@@ -298,6 +304,77 @@ class StoredExperts(nn.Module):
         if not single:
             outs = [slot_sum(all_reduce_sum(slots), index) for slots, (_, index, *_) in zip(outs, parts)]
         return [o for out, (*_, sizes) in zip(outs, parts) for o in out.split(sizes)]
+
+
+def layer_by_batch(stream: LayerStream, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
+    """``stream.run_layer`` in place, under several processes (``ranks``), for a layer with routed experts (a
+    StoredExperts) and no MLP tail (GraniteMoE): every process runs the whole layer over every batch, its routed
+    experts only (a collective), each batch's hidden state sent by the process that holds it
+    (stream.hidden_states), which keeps the output."""
+    for b, h in zip(batches, stream.hidden_states(batches, ranks)):
+        b.hidden.copy_(first_output(layer(h, **b.kwargs)).view_as(b.hidden))
+    return batches
+
+
+@torch.no_grad()
+def tail_by_expert(stream: LayerStream, layer: nn.Module, module: str, batches: list[Batch], ranks: Ranks,
+                   gpu_memory: int | None = None, clock: Stopwatch | None = None) -> list[Batch]:
+    """``stream.run_tail`` for a layer whose routed experts are a StoredExperts (at ``module``), for batches that
+    hold the residual after attention, a chunk of batches at a time: the MLP runs for each batch with its routed
+    experts only recorded (StoredExperts.deferred), then the experts run for every recorded call, expert by
+    expert, each expert's weights rebuilt once per chunk, its products made over the rows of a fixed number of
+    batches (TAIL_PRODUCT_BYTES). The MLP's output is then experts + the rest, as the MLP adds them: run_tail's
+    computations, the products' rounding apart. Chunks are as many of those numbers of batches as ``gpu_memory``
+    leaves room for (all without one). Under several processes (``ranks``) every process runs every chunk, its
+    experts only, each product's results in slots of k copies of the hidden states (StoredExperts.run_deferred),
+    the chunk's hidden states sent by the processes that hold them (stream.hidden_states): a chunk then holds at
+    most about as many batches as a process does (or one product's), whatever the budget. ``clock`` times the
+    experts and the rest of the MLP (``forward:experts``, ``forward:rest``)."""
+    store: StoredExperts = layer.get_submodule(module)
+    norm, mlp = (layer.get_submodule(path) for path in stream.arch.mlp_tail)
+    timed = clock or (lambda _name: contextlib.nullcontext())
+    hidden = batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
+    one = TAIL_COPIES * hidden
+    per_product = max(1, TAIL_PRODUCT_BYTES // one)
+    one += hidden // 2 if store.half else 0  # the experts' input as fp16 (run_deferred, --tf32): in the chunk only
+    world = ranks.world
+    if world > 1:  # the slots: k copies of the hidden states, and the hidden states sent; in the chunk, not the product
+        one += ((stream.experts_per_token or store.num_experts) + 1) * hidden
+
+    def compute(span: range) -> Tensor:
+        chunk = batches[span.start:span.stop]
+        if world > 1:
+            chunk = [Batch(h, b.kwargs) for b, h in zip(chunk, stream.hidden_states(chunk, ranks, span.start))]
+        store.deferred = []
+        try:
+            with timed("forward:rest"):
+                rest = [first_output(mlp(norm(b.hidden))) for b in chunk]
+            calls = store.deferred
+        finally:
+            store.deferred = None
+        with timed("forward:experts"):
+            experts = store.run_deferred(calls, per_product)
+        return torch.cat([(b.hidden + (e.view_as(r) + r)).reshape(-1) for b, r, e in zip(chunk, rest, experts)])
+
+    per = max(1, len(batches))
+    if gpu_memory is not None:
+        in_use = torch.cuda.memory_allocated(stream.device) if stream.device.type == "cuda" else 0
+        room = gpu_memory - in_use - PRODUCT_BYTES - store.weight_bytes
+        per = max(1, room // (per_product * one)) * per_product
+    if world > 1:  # products of whole batches: the chunk stays a multiple of them, so the bits do not change
+        per = min(per, max(1, -(-len(batches) // world) // per_product) * per_product)
+    spans = [range(i, min(i + per, len(batches))) for i in range(0, len(batches), per)]
+    for span, flat in zip(spans, spread(spans, compute, SINGLE, stream.device)):
+        start = 0
+        for b in batches[span.start:span.stop]:
+            b.hidden.copy_(flat[start:start + b.hidden.numel()].view_as(b.hidden))
+            start += b.hidden.numel()
+    return batches
+
+
+def first_output(out: Tensor | tuple) -> Tensor:
+    """A module's output, or the first of its outputs (an MoE block that also returns its router's logits)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def is_silu(act) -> bool:

@@ -248,20 +248,22 @@ class GptqRun:
         # --fit stream: the full-precision model's activations, beside the quantized model's (their own
         # tensors: each layer's outputs overwrite its inputs).
         originals = [Batch(b.hidden.clone(), b.kwargs) for b in batches] if qcfg.effective_fit == "stream" else None
+        def share(i: int) -> range | None:
+            """The routed experts of layer i this process reads and holds (None: all)."""
+            return stream.expert_share(i, self.ranks)
+
         replay_start = time.perf_counter()
         for i in range(done):  # finished by an earlier, stopped run: replay them to rebuild the activations
             with tensor_core_passes(self.tf32 and dev.type == "cuda"):  # as the run's own passes were made
-                batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks)  # bits: each linear's
+                batches = replay_layer(stream, i, layer_file(work, i), None, batches, self.ranks,  # bits: each linear's
+                                       self.budget)
                 if originals is not None:  # the original layer, its routed experts as stored (FP8's as FP8)
-                    originals = run_stored(stream, i, stream.layer_state(i, keep_dtype=True), originals, self.ranks)
+                    originals = run_stored(stream, i, stream.layer_state(i, keep_dtype=True, experts=share(i)),
+                                           originals, self.ranks, gpu_memory=self.budget)
         setup_peak = _gpu_peak(dev, reset=True)
         # the first layer this run quantizes records the replay of those before it (a resumed run's)
         replay = {"replay": {"layers": done, "seconds": round(time.perf_counter() - replay_start, 3),
                              "peak_gpu_mb": setup_peak}} if done else {}
-
-        def share(i: int) -> range | None:
-            """The routed experts of layer i this process reads and holds (None: all)."""
-            return stream.expert_share(i, self.ranks)
 
         # The MLP inputs' capture, kept in pinned host memory (LayerQuantizer._captured_pairs) on CUDA when
         # larger than the device may keep; never under several processes, which capture them again instead.

@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -55,12 +54,9 @@ from ..gptq.core import (
 )
 from ..gptq.triton_kernels import search_grids, silu_mul
 from ..model.architectures import MLP, LayerPlan, plan_layer
-from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints, spread
+from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints
 from ..model.stream import Batch, LayerStream, tensor_core_passes
 from .experts import (
-    PRODUCT_BYTES,
-    TAIL_COPIES,
-    TAIL_PRODUCT_BYTES,
     ExpertCosts,
     Levels,
     RoutedRows,
@@ -68,7 +64,9 @@ from .experts import (
     StoredExperts,
     expert_groups,
     is_silu,
+    layer_by_batch,
     routes,
+    tail_by_expert,
 )
 from .precision import layer_units
 
@@ -928,85 +926,20 @@ class LayerQuantizer:
 
     def outputs(self) -> None:
         """The quantized layer's outputs (and under --fit stream the original layer's, on the
-        full-precision stream): the next layer's inputs, written over this layer's, batch by batch."""
+        full-precision stream): the next layer's inputs, written over this layer's, batch by batch
+        (``layer_outputs``, which a resumed run's replay of this layer runs too)."""
         self._kept.clear()
         self._scales, self._scales_made = None, True  # the batches change: no gather pass follows
         self._attention_output = None  # kept for a to_residual that did not come (the MLP kept in 16 bits)
-        # Routed experts run expert-parallel (StoredExperts), every process over every batch: not spread by batch.
-        ranks = self.ranks if self.plan.experts is None else SINGLE
         with self._stage("forward"):
-            forward = partial(self.stream.run_layer, in_place=True)
-            if self.plan.experts is not None and self.ranks.world > 1:  # every batch on every process
-                forward = self._layer_by_batch
-            if self.residual:
-                forward = self._tail_by_expert if self.plan.experts is not None else self.stream.run_tail
-            self.result.outputs = forward(self.layer, self.batches, ranks)
+            self.result.outputs = layer_outputs(self.stream, self.layer, self.plan, self.batches, self.ranks,
+                                                self.residual, self.gpu_memory, self.clock)
             if self.original is not None and self.qcfg.fit == "stream":
                 self._restore_original()
-                self.result.original_outputs = forward(self.layer, self.original_batches, ranks)
+                self.result.original_outputs = layer_outputs(self.stream, self.layer, self.plan,
+                                                             self.original_batches, self.ranks,
+                                                             self.original_residual, self.gpu_memory, self.clock)
         self.original = None
-
-    def _layer_by_batch(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
-        """``stream.run_layer`` in place, under several processes, for a layer with routed experts and no MLP tail
-        (GraniteMoE; ``ranks``: SINGLE, see ``outputs``): every process runs the whole layer over every batch, its
-        routed experts only (StoredExperts: a collective), each batch's hidden state sent by the process that
-        holds it (stream.hidden_states), which keeps the output."""
-        for b, h in zip(batches, self.stream.hidden_states(batches, self.ranks)):
-            b.hidden.copy_(_first(layer(h, **b.kwargs)).view_as(b.hidden))
-        return batches
-
-    def _tail_by_expert(self, layer: nn.Module, batches: list[Batch], ranks: Ranks) -> list[Batch]:
-        """``stream.run_tail`` for a layer with routed experts, a chunk of batches at a time: the MLP runs for
-        each batch with its routed experts only recorded (StoredExperts.deferred), then the experts run for
-        every recorded call, expert by expert, each expert's weights rebuilt once per chunk, its products
-        made over the rows of a fixed number of batches (TAIL_PRODUCT_BYTES). The MLP's output is then
-        experts + the rest, as the MLP adds them: run_tail's computations, the products' rounding apart.
-        Chunks are as many of those numbers of batches as ``gpu_memory`` leaves room for (all without one).
-        Under several processes (``ranks``: SINGLE then, see ``outputs``) every process runs every chunk, its
-        experts only, each product's results in slots of k copies of the hidden states (StoredExperts.run_deferred),
-        the chunk's hidden states sent by the processes that hold them (stream.hidden_states): a chunk then
-        holds at most about as many batches as a process does (or one product's), whatever the budget."""
-        store: StoredExperts = layer.get_submodule(self.plan.fused.module)
-        norm, mlp = (layer.get_submodule(path) for path in self.arch.mlp_tail)
-        hidden = batches[0].hidden.numel() * batches[0].hidden.element_size() if batches else 1
-        one = TAIL_COPIES * hidden
-        per_product = max(1, TAIL_PRODUCT_BYTES // one)
-        one += hidden // 2 if store.half else 0  # the experts' input as fp16 (run_deferred, --tf32): in the chunk only
-        world = self.ranks.world
-        if world > 1:  # the slots: k copies of the hidden states, and the hidden states sent; in the chunk, not the product
-            one += ((self.stream.experts_per_token or store.num_experts) + 1) * hidden
-
-        def compute(span: range) -> Tensor:
-            chunk = batches[span.start:span.stop]
-            if world > 1:
-                chunk = [Batch(h, b.kwargs) for b, h in zip(chunk, self.stream.hidden_states(chunk, self.ranks,
-                                                                                             span.start))]
-            store.deferred = []
-            try:
-                with self.clock("forward:rest"):
-                    rest = [_first(mlp(norm(b.hidden))) for b in chunk]
-                calls = store.deferred
-            finally:
-                store.deferred = None
-            with self.clock("forward:experts"):
-                experts = store.run_deferred(calls, per_product)
-            return torch.cat([(b.hidden + (e.view_as(r) + r)).reshape(-1) for b, r, e in zip(chunk, rest, experts)])
-
-        per = max(1, len(batches))
-        if self.gpu_memory is not None:
-            in_use = torch.cuda.memory_allocated(self.stream.device) if self.stream.device.type == "cuda" else 0
-            room = self.gpu_memory - in_use - PRODUCT_BYTES - store.weight_bytes
-            per = max(1, room // (per_product * one)) * per_product
-        if world > 1:  # products of whole batches: the chunk stays a multiple of them, so the bits do not change
-            per = min(per, max(1, -(-len(batches) // world) // per_product) * per_product)
-        spans = [range(i, min(i + per, len(batches))) for i in range(0, len(batches), per)]
-        with torch.no_grad():
-            for span, flat in zip(spans, spread(spans, compute, ranks, self.stream.device)):
-                start = 0
-                for b in batches[span.start:span.stop]:
-                    b.hidden.copy_(flat[start:start + b.hidden.numel()].view_as(b.hidden))
-                    start += b.hidden.numel()
-        return batches
 
     def run(self) -> LayerResult:
         self.result.activation_bytes_held = sum(b.hidden.nbytes for b in [*self.batches, *(self.original_batches or [])]
@@ -1102,7 +1035,24 @@ def _destinations(starts: list[int], sizes: list[list[int]], device: torch.devic
     return dest.to(device), ends
 
 
-def _first(out: Tensor | tuple) -> Tensor:
-    """A module's output, or the first of its outputs (an MoE block that also returns its router's logits)."""
-    return out[0] if isinstance(out, tuple) else out
+def layer_outputs(stream: LayerStream, layer: nn.Module, plan: LayerPlan, batches: list[Batch], ranks: Ranks,
+                  residual: bool = False, gpu_memory: int | None = None, clock: Stopwatch | None = None
+                  ) -> list[Batch]:
+    """The outputs of decoder layer ``layer`` (``plan``'s) for ``batches`` (this process's share of them),
+    written over them: as a layer's quantization makes them, and a resumed run's replay of it
+    (resume.run_stored) the same way, so that the products, and their bits, are the same.
 
+    A row with an MLP tail: the batches are first turned into the residual after attention (unless
+    ``residual``: they hold it already), then residual + MLP; with routed experts (a StoredExperts) by
+    expert (``tail_by_expert``: ``gpu_memory`` sizes its chunks, ``clock`` times its parts). A row without
+    one: the whole layer per batch, with routed experts under several processes every batch on every
+    process (``layer_by_batch``)."""
+    if stream.arch.mlp_tail is not None:
+        if not residual:
+            stream.residuals(layer, batches, ranks)
+        if plan.experts is None:
+            return stream.run_tail(layer, batches, ranks)
+        return tail_by_expert(stream, layer, plan.fused.module, batches, ranks, gpu_memory, clock)
+    if plan.experts is not None and ranks.world > 1:
+        return layer_by_batch(stream, layer, batches, ranks)
+    return stream.run_layer(layer, batches, ranks, in_place=True)

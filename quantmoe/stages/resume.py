@@ -58,6 +58,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.distributed import SINGLE, Ranks, gather_ints
 from ..model.stream import Batch, LayerStream
 from .experts import Levels, StoredExperts
+from .layer import layer_outputs
 
 FINGERPRINT = "fingerprint.json"
 
@@ -226,68 +227,75 @@ def _own_file(path: Path) -> bool:
 
 @torch.no_grad()
 def replay_layer(stream: LayerStream, index: int, file: Path, bits: int | None, batches: list[Batch],
-                 ranks: Ranks = SINGLE) -> list[Batch]:
+                 ranks: Ranks = SINGLE, gpu_memory: int | None = None) -> list[Batch]:
     """Outputs of finished layer ``index``, run with the weights its file stands for (the batches
-    spread over the processes as in the run that wrote it)."""
+    spread over the processes as in the run that wrote it; ``gpu_memory``: the run's device budget)."""
     prefix = stream.ckpt.layer_prefix(index)
     packed = {name[len(prefix):]: t for name, t in read_layer(file).items()}
     # Routed experts are quantized all together or none: where the file holds them, they run from their levels (as
     # in the run that wrote it) and the source's are not read (but the one whose shapes an empty share takes).
-    levels = expert_levels(plan_layer(stream.arch, stream.config, index), packed, bits, stream.device)
-    state = stream.layer_state(index, keep_dtype=True, experts=range(0) if levels else None)
+    share = stream.expert_share(index, ranks)
+    levels = expert_levels(plan_layer(stream.arch, stream.config, index), packed, bits, stream.device, share)
+    state = stream.layer_state(index, keep_dtype=True, experts=range(0) if levels else share)
     state.update({n: t.to(stream.dtype) for n, t in dequantize_state(packed, bits).items()})
-    return run_stored(stream, index, state, batches, ranks, levels)
+    return run_stored(stream, index, state, batches, ranks, levels, gpu_memory)
 
 
-def expert_levels(plan: LayerPlan, packed: dict[str, Tensor], bits: int | None, device: torch.device
-                  ) -> tuple[Levels, Levels] | None:
+def expert_levels(plan: LayerPlan, packed: dict[str, Tensor], bits: int | None, device: torch.device,
+                  experts: range | None = None) -> tuple[Levels, Levels] | None:
     """A finished layer's routed experts as the run that finished it held them once solved (``Levels``: 4-bit
     levels two to a byte, gate/up's and down's), on ``device``, from the GPTQ tensors of its file (``packed``,
     layer-relative names, taken out of it): a frontier layer's in the bytes of its file, where their dequantized
-    fp32 weights take eight times those. None where the file holds none (kept in 16 bits: --recipe)."""
+    fp32 weights take eight times those. ``experts``: those to hold (a process's share; None: all). None where the
+    file holds none (kept in 16 bits: --recipe)."""
     mlp, fused = plan.experts, plan.fused
     if mlp is None or f"{mlp.linear('down', 0)}.qweight" not in packed:
         return None
+    experts = range(plan.num_experts) if experts is None else experts
     held = []
     for halves in (fused.halves, ("down",)):
         first = {s: packed[f"{mlp.linear(halves[0], 0)}.{s}"] for s in GPTQ_SUFFIXES}
         groups, rows = first["scales"].shape
-        levels = Levels(plan.num_experts, len(halves) * rows, first["g_idx"].numel(), groups,
+        levels = Levels(len(experts), len(halves) * rows, first["g_idx"].numel(), groups,
                         bits or linear_bits(first), device)
-        for e in range(plan.num_experts):
+        for e in range(plan.num_experts):  # every expert's tensors taken out; those held unpacked
             for k, w in enumerate(halves):
-                parts = {s: packed.pop(f"{mlp.linear(w, e)}.{s}").to(device) for s in GPTQ_SUFFIXES}
-                part = slice(k * rows, (k + 1) * rows)
-                levels.q[e, part], levels.scales[e, part], levels.zeros[e, part] = unpack_levels(parts, levels.bits)
+                parts = {s: packed.pop(f"{mlp.linear(w, e)}.{s}") for s in GPTQ_SUFFIXES}
+                if e in experts:
+                    j, part = e - experts.start, slice(k * rows, (k + 1) * rows)
+                    levels.q[j, part], levels.scales[j, part], levels.zeros[j, part] = \
+                        unpack_levels({s: t.to(device) for s, t in parts.items()}, levels.bits)
         held.append(levels)
     return held[0], held[1]
 
 
 def run_stored(stream: LayerStream, index: int, state: dict[str, Tensor], batches: list[Batch], ranks: Ranks = SINGLE,
-               levels: tuple[Levels, Levels] | None = None) -> list[Batch]:
-    """``stream.run_layer`` for a finished layer ``index`` (quantized or original) loaded from its on-disk ``state``
-    (``layer_state``'s ``keep_dtype``), its routed experts computed as the run that finished it computed them: through
-    StoredExperts (``run_deferred``'s products, fp16 ones under --tf32 on CUDA for wide experts), over their
-    ``levels`` (``expert_levels``; the state then holds none) or the state's weights as stored (an FP8 release's as
-    FP8). The layer is released afterwards."""
+               levels: tuple[Levels, Levels] | None = None, gpu_memory: int | None = None) -> list[Batch]:
+    """The outputs of finished layer ``index`` (quantized or original) loaded from its on-disk ``state``
+    (``layer_state``'s ``keep_dtype``; under several processes, this process's share of the routed experts), made
+    as the run that finished it made them (layer.layer_outputs, ``gpu_memory`` its device budget): the routed
+    experts through StoredExperts (``run_deferred``'s products, fp16 ones under --tf32 on CUDA for wide experts,
+    over the same rows), over their ``levels`` (``expert_levels``; the state then holds none) or the state's
+    weights as stored (an FP8 release's as FP8). The layer is released afterwards."""
     plan = plan_layer(stream.arch, stream.config, index)
+    share = stream.expert_share(index, ranks)
     layer = stream.load_layer(index, state, experts_dtype=stream.experts_dtype(index, state), keep_fp8=True,
-                              experts=range(0) if levels else None)
+                              experts=range(0) if levels else share)
     del state
     try:
         if plan.fused is None:
-            return stream.run_layer(layer, batches, ranks)
+            return layer_outputs(stream, layer, plan, batches, ranks, gpu_memory=gpu_memory)
         module = layer.get_submodule(plan.fused.module)
-        top_k = stream.experts_per_token
+        num_experts = None if share is None else plan.num_experts
         if levels is not None:
-            store = StoredExperts.of_levels(*levels, module.act_fn, top_k=top_k)
+            store = StoredExperts.of_levels(*levels, module.act_fn, stream.experts_per_token, ranks, num_experts)
         else:
             gate_up, down = (getattr(module, attr) for attr in (plan.fused.gate_up, plan.fused.down))
             store = StoredExperts(*(w.data if isinstance(w, nn.Parameter) else w for w in (gate_up, down)),
-                                  module.act_fn, top_k=top_k)
+                                  module.act_fn, ranks, num_experts, stream.experts_per_token)
         layer.set_submodule(plan.fused.module, store)
         try:
-            return stream.run_layer(layer, batches, ranks)
+            return layer_outputs(stream, layer, plan, batches, ranks, gpu_memory=gpu_memory)
         finally:
             layer.set_submodule(plan.fused.module, module)
     finally:
