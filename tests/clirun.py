@@ -165,19 +165,29 @@ def one_and_two_processes(src: Path, calib: Path, tmp_path: Path, *two_only: str
     more options for them alone, which must not change the bytes), and assert they wrote the same shards,
     byte for byte. Returns the two output folders."""
     one, two = one_process(src, tmp_path / "one", calib), tmp_path / "two"
+    run = two_processes(src, two, calib, *two_only)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert_same_shards(one, two)
+    return one, two
+
+
+def two_processes(src: Path, out: Path, calib: Path, *options: str) -> subprocess.CompletedProcess:
+    """``one_process``'s quantization with two gloo processes under torchrun (one thread each), into ``out``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "quantmoe", "quantize", str(src), "--out", str(two), "--calib", str(calib),
-                          "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size", "3",
-                          "--no-eval", "--quiet", "--device", "cpu", *two_only], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    shards = sorted(p.name for p in one.glob("model*.safetensors*"))
-    assert shards and shards == sorted(p.name for p in two.glob("model*.safetensors*"))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "quantmoe", "quantize", str(src), "--out", str(out), "--calib", str(calib),
+                           "--nsamples", "8", "--seqlen", "64", "--group-size", "32", "--batch-size", "3",
+                           "--no-eval", "--quiet", "--device", "cpu", *options], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_same_shards(a: Path, b: Path) -> None:
+    """Both output folders hold the same model shards, byte for byte."""
+    shards = sorted(p.name for p in a.glob("model*.safetensors*"))
+    assert shards and shards == sorted(p.name for p in b.glob("model*.safetensors*"))
     for name in shards:
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
-    return one, two
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 # A batch of `python -m quantmoe ...` runs that share one interpreter start: the imports every run pays

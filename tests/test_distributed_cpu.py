@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from clirun import one_and_two_processes, one_process
+from clirun import assert_same_shards, one_and_two_processes, one_process
 from conftest import ARCH_NAMES
 from tiny import make_model
 
@@ -144,13 +144,6 @@ def _kill(nodes) -> None:
             proc.wait(timeout=60)
 
 
-def _same_shards(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.glob("model*.safetensors*"))
-    assert names and names == sorted(p.name for p in b.glob("model*.safetensors*"))
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
 def test_two_nodes_write_the_same_bytes_as_one_process_and_end_after_rank_0(tiny_model, text_file, tmp_path):
     """Static rendezvous (--master-addr, --node-rank): node 0 holds rank 0, which alone writes --out and
     evaluates it; node 1 stays until --out is complete (distributed.finish) instead of ending after
@@ -161,7 +154,7 @@ def test_two_nodes_write_the_same_bytes_as_one_process_and_end_after_rank_0(tiny
     ended = _wait(nodes, time.monotonic() + NODE_TIMEOUT)
     logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    _same_shards(one, tmp_path / "two")
+    assert_same_shards(one, tmp_path / "two")
     assert f"wrote {tmp_path / 'two'}" in logs[0] and "wrote" not in logs[1]
     assert (tmp_path / "two" / "eval_report.json").is_file()
     assert not work_dir(tmp_path / "two").exists()
@@ -202,7 +195,7 @@ def test_a_run_whose_node_died_resumes_from_the_finished_layers_with_the_same_by
     assert [p.returncode for p in nodes] == [0, 0], logs[-4000:]
     resumed = [line for line in logs.splitlines() if line.startswith("note: resuming: ")]
     assert resumed and int(resumed[0].split()[2]) >= finished, logs[-4000:]
-    _same_shards(one, out)
+    assert_same_shards(one, out)
 
 
 def _resume_worker(rank: int, world: int, port: int, base: str) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import one_and_two_processes
+from clirun import (
+    Stop,
+    assert_same_shards,
+    one_and_two_processes,
+    one_process,
+    stopped_after_layer,
+    two_processes,
+)
 from tiny import make_model, router_or_mtp_extra
 
 from quantmoe.formats.fp8 import (
@@ -23,6 +30,7 @@ from quantmoe.formats.fp8 import (
 )
 from quantmoe.model.distributed import Ranks, experts_to_writer
 from quantmoe.stages.experts import Levels, StoredExperts, _by_expert, slot_sum
+from quantmoe.stages.quantize import work_dir
 
 E, I, C, K = 6, 16, 24, 2
 
@@ -189,6 +197,42 @@ def test_two_processes_write_one_process_bytes_reading_and_holding_half_the_expe
         assert alone["activation_bytes_held"] > 0 and shared["activation_bytes_held"] * 8 == \
             alone["activation_bytes_held"] * 5, (alone["index"], alone["activation_bytes_held"],
                                                  shared["activation_bytes_held"])
+
+
+def _stopped_after_layer(_rank: int, src: str, out: str, calib: str, stop: int) -> None:
+    """``one_process``'s run of ``src`` into ``out``, stopped right after layer ``stop``'s file is written."""
+    with pytest.MonkeyPatch.context() as monkeypatch, stopped_after_layer(monkeypatch, stop):
+        try:
+            one_process(Path(src), Path(out), Path(calib))
+        except Stop:
+            return
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3-fp8", "mixtral"])
+def test_two_processes_resume_what_one_process_stopped_after_a_moe_layer_to_its_bytes(text_file, tmp_path, kind):
+    """A run of one process stopped once its first MoE layer is written, resumed by two torchrun processes:
+    each replays the finished layers holding its share of their routed experts (the levels from the layer files,
+    and for --fit stream the source's, an FP8 release's as FP8), every process over every batch as the run made
+    them; the shards are those of one process never stopped."""
+    from clirun import (
+        one_process,
+    )
+
+    model_type = kind.split("-")[0]
+    src = make_model(model_type, tmp_path / "bf16", dtype=torch.bfloat16, num_hidden_layers=3)
+    if kind.endswith("fp8"):
+        src = write_fp8_release(src, tmp_path / "fp8", block=(32, 32), skip=router_or_mtp_extra(model_type))
+    one = one_process(src, tmp_path / "one", text_file)
+    stop = next(e["index"] for e in _layer_entries(one) if e["expert_bytes_held"] is not None)
+    out = tmp_path / "two"
+    # stopped in a process of its own, which ends there (its lock on the work folder with it), as a crash
+    torch.multiprocessing.spawn(_stopped_after_layer, args=(str(src), str(out), str(text_file), stop), nprocs=1)
+    assert not out.exists() and len(list((work_dir(out) / "layers").glob("layer-*.json"))) == stop + 1
+    run = two_processes(src, out, text_file)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"resuming: {stop + 1} of 3 layers" in run.stderr
+    assert _layer_entries(out)[stop + 1]["replay"]["layers"] == stop + 1
+    assert_same_shards(one, out)
 
 
 def test_processes_with_different_numbers_of_expert_groups_make_the_same_passes(text_file, tmp_path):
