@@ -1180,7 +1180,8 @@ def resumed_run(args: argparse.Namespace, model: Path, calib: Path, device: str,
     """The quantization of ``model`` run again, killed (SIGKILL) as soon as layer ``args.resume_after`` is on disk,
     then resumed by the same command: the resumed run's record (run_child's), the replay of the finished layers
     (``replay``: layers, seconds, peak GPU memory, from the first resumed layer's log entry), and whether its
-    shards have the sha256 of the uninterrupted run's (``shards``: name -> sha256)."""
+    shards have the sha256 of the uninterrupted run's (``shards``: name -> sha256; ``different_shards``: those that
+    do not, or that only one run wrote)."""
     out = args.out_work / "out-resume"
     marker = layer_file(work_dir(out), args.resume_after).with_suffix(".json")
     cmd = [sys.executable, "-m", "quantmoe", "quantize", *quantize_args(model, out, calib, device, options)]
@@ -1201,7 +1202,8 @@ def resumed_run(args: argparse.Namespace, model: Path, calib: Path, device: str,
     shutil.rmtree(out, ignore_errors=True)
     return {"stopped_after_layer": args.resume_after, "run": run, "replay": first.get("replay"),
             "first_resumed_layer": {k: first.get(k) for k in ("index", "seconds", "peak_gpu_mb")},
-            "same_shards": bool(resumed) and resumed == shards}
+            "same_shards": bool(resumed) and resumed == shards,
+            "different_shards": sorted(n for n in {*shards, *resumed} if shards.get(n) != resumed.get(n))}
 
 
 def profile_layer(args: argparse.Namespace, model: Path, calib: Path, device: str, options: list[str]) -> dict:

@@ -336,6 +336,7 @@ def test_resume_after_measures_the_replay_of_a_stopped_run_and_checks_its_bytes(
     assert resume["run"]["returncode"] == 0, resume["run"]["output_tail"]
     assert resume["replay"]["layers"] == 2 and resume["replay"]["seconds"] > 0
     assert resume["first_resumed_layer"]["index"] == 2 and resume["same_shards"] is True
+    assert resume["different_shards"] == []
     assert json.loads((tmp_path / "results" / "resume.json").read_text())["resume"] == resume
     assert not (tmp_path / "out-resume").exists()
 
