@@ -276,6 +276,53 @@ def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, te
     assert content(out) == content(reference)
 
 
+def _kinds(src: Path) -> set[str]:
+    """The kinds of linear (a recipe's ``class:``) the checkpoint at ``src`` has in some layer."""
+    config, arch = Checkpoint(src).config, ARCHITECTURES[Checkpoint(src).config.model_type]
+    kinds = {"attention"}
+    for i in range(config.num_hidden_layers):
+        plan = plan_layer(arch, config, i)
+        kinds |= {kind for kind, part in (("expert", plan.experts), ("shared_expert", plan.shared_expert),
+                                          ("dense_mlp", plan.dense_mlp)) if part is not None}
+    return kinds
+
+
+@pytest.mark.parametrize("keep", ["attention", "mlp"])
+@pytest.mark.parametrize("model_type", ARCH_NAMES)
+def test_whatever_a_recipe_keeps_in_16_bits_the_full_precision_stream_is_the_original_model(
+        tiny_model, text_file, tmp_path, monkeypatch, model_type, keep):
+    """--fit stream fits each layer to the original model's activations: with a recipe that keeps every attention
+    (or every MLP: routed and shared experts, dense MLPs) in 16 bits, the full-precision stream that enters each
+    layer is the original layers' output over the one that entered the layer before, to within the few fp32
+    roundings of the routed experts' products made over several batches' rows."""
+    from quantmoe.model.stream import Batch
+    from quantmoe.stages import layer as layer_module
+
+    src = tiny_model(model_type)
+    kept = ["attention"] if keep == "attention" else sorted(_kinds(src) - {"attention"})
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("".join(f'[[rules]]\nmatch = "class:{kind}"\nskip = true\n' for kind in kept))
+    entered: dict[int, list] = {}  # layer -> the full-precision stream's batches as they entered it
+    init = layer_module.LayerQuantizer.__init__
+
+    def record(self, stream, index, batches, qcfg, *args, **kwargs):
+        init(self, stream, index, batches, qcfg, *args, **kwargs)
+        entered[index] = [Batch(b.hidden.clone(), b.kwargs) for b in self.original_batches]
+
+    monkeypatch.setattr(layer_module.LayerQuantizer, "__init__", record)
+    quantmoe.quantize(src, tmp_path / "out", QuantConfig(group_size=32, recipe=str(recipe)), calib=text_file,
+                      nsamples=4, seqlen=32, batch_size=2, run_eval=False, quiet=True)
+    stream = LayerStream(Checkpoint(src), torch.device("cpu"))
+    assert sorted(entered) == list(range(stream.num_layers)) and len(entered[0]) == 2
+    for i in range(stream.num_layers - 1):
+        layer = stream.load_layer(i, stream.layer_state(i))
+        want = stream.run_layer(layer, entered[i])
+        stream.release_layer(i)
+        for got, w in zip(entered[i + 1], want):
+            assert (got.hidden - w.hidden).abs().amax() <= 4 * torch.finfo(torch.float32).eps * \
+                w.hidden.abs().amax(), (i, keep)
+
+
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_reusing_attention_output_for_the_residual_gives_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch,
                                                                         model_type):
