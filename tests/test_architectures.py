@@ -289,12 +289,13 @@ def _kinds(src: Path) -> set[str]:
 
 @pytest.mark.parametrize("keep", ["attention", "mlp"])
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
-def test_whatever_a_recipe_keeps_in_16_bits_the_full_precision_stream_is_the_original_model(
-        tiny_model, text_file, tmp_path, monkeypatch, model_type, keep):
-    """--fit stream fits each layer to the original model's activations: with a recipe that keeps every attention
-    (or every MLP: routed and shared experts, dense MLPs) in 16 bits, the full-precision stream that enters each
-    layer is the original layers' output over the one that entered the layer before, to within the few fp32
-    roundings of the routed experts' products made over several batches' rows."""
+@pytest.mark.parametrize("which", ["original", "quantized"])
+def test_whatever_a_recipe_keeps_in_16_bits_each_stream_is_its_model(tiny_model, text_file, tmp_path, monkeypatch,
+                                                                     model_type, keep, which):
+    """With a recipe that keeps every attention (or every MLP: routed and shared experts, dense MLPs) in 16 bits,
+    each stream that enters a layer is its model's layers' output over the one that entered the layer before:
+    --fit stream's full-precision stream the original model's, the stream being quantized the exported model's,
+    to within the few fp32 roundings of the routed experts' products made over several batches' rows."""
     from quantmoe.model.stream import Batch
     from quantmoe.stages import layer as layer_module
 
@@ -307,12 +308,14 @@ def test_whatever_a_recipe_keeps_in_16_bits_the_full_precision_stream_is_the_ori
 
     def record(self, stream, index, batches, qcfg, *args, **kwargs):
         init(self, stream, index, batches, qcfg, *args, **kwargs)
-        entered[index] = [Batch(b.hidden.clone(), b.kwargs) for b in self.original_batches]
+        entered[index] = [Batch(b.hidden.clone(), b.kwargs)
+                          for b in (self.original_batches if which == "original" else batches)]
 
     monkeypatch.setattr(layer_module.LayerQuantizer, "__init__", record)
-    quantmoe.quantize(src, tmp_path / "out", QuantConfig(group_size=32, recipe=str(recipe)), calib=text_file,
+    out = tmp_path / "out"
+    quantmoe.quantize(src, out, QuantConfig(group_size=32, recipe=str(recipe)), calib=text_file,
                       nsamples=4, seqlen=32, batch_size=2, run_eval=False, quiet=True)
-    stream = LayerStream(Checkpoint(src), torch.device("cpu"))
+    stream = LayerStream(Checkpoint(src if which == "original" else out), torch.device("cpu"))
     assert sorted(entered) == list(range(stream.num_layers)) and len(entered[0]) == 2
     for i in range(stream.num_layers - 1):
         layer = stream.load_layer(i, stream.layer_state(i))
@@ -320,7 +323,7 @@ def test_whatever_a_recipe_keeps_in_16_bits_the_full_precision_stream_is_the_ori
         stream.release_layer(i)
         for got, w in zip(entered[i + 1], want):
             assert (got.hidden - w.hidden).abs().amax() <= 4 * torch.finfo(torch.float32).eps * \
-                w.hidden.abs().amax(), (i, keep)
+                w.hidden.abs().amax(), (i, keep, which)
 
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
