@@ -249,16 +249,19 @@ def test_quantize_keeps_routers_and_quantizes_every_projection(quantized, text_f
     assert float(cosine.mean()) > 0.95, f"mean logit cosine {float(cosine.mean()):.4f}"
 
 
+@pytest.mark.parametrize("keep", [None, "attention", "mlp"])
 @pytest.mark.parametrize("model_type", MOE_NAMES)
-def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, text_file, tmp_path, monkeypatch,
-                                                                  model_type):
+def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(tiny_model, text_file, tmp_path, monkeypatch,
+                                                                  model_type, keep):
     """Stopped once its first MoE layer is written, a run resumes by replaying that layer and those before it
     (the routed experts from their files' levels, and from the source as stored for --fit stream) and writes
     what the run never stopped wrote: also where a product's bits depend on how many rows it is made over (as
-    on a GPU), with several batches, whose routed experts' products are made over all of them."""
+    on a GPU), with several batches, whose routed experts' products are made over all of them; and with a
+    recipe that keeps every attention, or every MLP (the routed experts then replayed from the source), in 16 bits."""
     from clirun import Stop, content, products_rounding_by_rows, stopped_after_layer
 
-    src = quantized(model_type)[0]
+    src = tiny_model(model_type)
+    qcfg = QCFG if keep is None else QuantConfig(group_size=32, recipe=str(_keeping(src, keep, tmp_path)))
     config = Checkpoint(src).config
     first_moe = next(i for i in range(config.num_hidden_layers)
                      if plan_layer(ARCHITECTURES[model_type], config, i).experts is not None)
@@ -267,10 +270,10 @@ def test_a_run_stopped_after_a_moe_layer_resumes_to_the_same_bytes(quantized, te
     reference, out = tmp_path / "reference" / "out", tmp_path / "resumed" / "out"
     args = dict(calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True, batch_size=1)
     with products_rounding_by_rows(monkeypatch):
-        quantmoe.quantize(src, reference, QCFG, **args)
+        quantmoe.quantize(src, reference, qcfg, **args)
         with stopped_after_layer(monkeypatch, stop), pytest.raises(Stop):
-            quantmoe.quantize(src, out, QCFG, **args)
-        quantmoe.quantize(src, out, QCFG, **args)
+            quantmoe.quantize(src, out, qcfg, **args)
+        quantmoe.quantize(src, out, qcfg, **args)
     log = json.loads((out / "quantization_log.json").read_text())["layers"]
     assert log[stop + 1]["replay"]["layers"] == stop + 1
     assert content(out) == content(reference)
@@ -287,6 +290,15 @@ def _kinds(src: Path) -> set[str]:
     return kinds
 
 
+def _keeping(src: Path, keep: str, folder: Path) -> Path:
+    """A recipe file in ``folder`` that keeps every attention (``keep`` "attention") or every MLP ("mlp": the
+    routed and shared experts and dense MLPs the checkpoint at ``src`` has) in 16 bits."""
+    kept = ["attention"] if keep == "attention" else sorted(_kinds(src) - {"attention"})
+    recipe = folder / f"keep-{keep}.toml"
+    recipe.write_text("".join(f'[[rules]]\nmatch = "class:{kind}"\nskip = true\n' for kind in kept))
+    return recipe
+
+
 @pytest.mark.parametrize("keep", ["attention", "mlp"])
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 @pytest.mark.parametrize("which", ["original", "quantized"])
@@ -300,9 +312,7 @@ def test_whatever_a_recipe_keeps_in_16_bits_each_stream_is_its_model(tiny_model,
     from quantmoe.stages import layer as layer_module
 
     src = tiny_model(model_type)
-    kept = ["attention"] if keep == "attention" else sorted(_kinds(src) - {"attention"})
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text("".join(f'[[rules]]\nmatch = "class:{kind}"\nskip = true\n' for kind in kept))
+    recipe = _keeping(src, keep, tmp_path)
     entered: dict[int, list] = {}  # layer -> the full-precision stream's batches as they entered it
     init = layer_module.LayerQuantizer.__init__
 
