@@ -3,7 +3,7 @@
 The checkpoint is written here, layer by layer, as Hub-layout safetensors shards of random
 weights at the shapes of one of the released models in SHAPES (each row is that model's
 config.json, with its source): Mixtral-8x7B, Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3,
-Kimi K2 or GLM-4.5. Only the depth is cut (``--layers N``): a model whose first layers are
+DeepSeek-V3.2, Kimi K2, MiniMax-M2 or GLM-4.5. Only the depth is cut (``--layers N``): a model whose first layers are
 dense keeps one dense layer, then N-1 MoE layers (``first_k_dense_replace`` 1), and the
 multi-token-prediction layer is left out unless ``--mtp``. Tensor names and shapes are
 what ``save_pretrained`` writes for that config: transformers builds the model on the meta
@@ -100,6 +100,9 @@ class Shape:
     reduced: dict
     # What the release ships as FP8; --source fp8 always writes DeepSeek's block format.
     fp8_release: str
+    # Other layer-relative linears the release keeps BF16 (DeepSeek-V3.2's indexer weights_proj): the same paths as
+    # the row's ``kept``.
+    kept: tuple[str, ...] = ()
     # Layer-relative tensors stored float32 (DeepSeek's router correction bias); the rest is bf16.
     fp32: tuple[str, ...] = ()
     # Whether the MTP layer ships its own embed_tokens and shared_head.head (DeepSeek) or shares
@@ -194,6 +197,21 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         reduced={**_REDUCED_MLA, "n_group": 4, "topk_group": 2},
         fp8_release="deepseek-ai/DeepSeek-V3: block-wise, 128 x 128 (the format written here)",
         fp32=("mlp.gate.e_score_correction_bias",),
+    ),
+    Shape(
+        name="deepseek-v3.2",
+        source="deepseek-ai/DeepSeek-V3.2 config.json, reconstructed: DeepSeek-V3's (above) with model_type "
+               "deepseek_v32 and the indexer of the release's inference/config_671B_v3.2.json (index_n_heads 64, "
+               "index_head_dim 128, index_topk 2048), which transformers 5.25's DeepseekV32Config has as defaults",
+        config={**_DEEPSEEK_V3, "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+                "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048},
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_MLA, "n_group": 4, "topk_group": 2, "index_n_heads": 4, "index_head_dim": 128},
+        fp8_release="deepseek-ai/DeepSeek-V3.2: block-wise, 128 x 128 (the format written here), the indexer's "
+                    "weights_proj in BF16",
+        kept=("self_attn.indexer.weights_proj",),
+        fp32=("mlp.gate.e_score_correction_bias",),
+        notes="DeepSeek-V3 with sparse attention: an indexer (64 heads of 128) picks each query's 2048 keys",
     ),
     Shape(
         name="kimi-k2",
@@ -357,7 +375,7 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
         for rel, dims in template.items():
             dtype = torch.float32 if rel in shape.fp32 else torch.bfloat16
             fp8 = (linears and len(dims) == 2 and rel.endswith(".weight")
-                   and rel.removesuffix(".weight") not in shape.routers)
+                   and rel.removesuffix(".weight") not in shape.routers + shape.kept)
             theta = config["rope_theta"] if rel.endswith("rotary_emb.inv_freq") else None
             out[prefix + rel] = TensorSpec(dims, dtype, fp8, theta)
         return out

@@ -376,6 +376,30 @@ def test_minimax_m2_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_
     assert cli("verify", tmp_path / "from-fp8").returncode == 0
 
 
+def test_deepseek_v32_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_file):
+    """DeepSeek-V3.2's release: DeepSeek-V3's FP8 blocks, its sparse attention's indexer included (``wq_b`` and
+    ``wk`` in FP8, ``weights_proj`` in BF16). Quantized from FP8, the export is the one of its exact BF16
+    conversion, byte for byte: the indexer's two projections as GPTQ linears, its weights_proj and k_norm copied."""
+    bf16 = make_model("deepseek_v32", tmp_path / "bf16", dtype=torch.bfloat16)
+    release = write_fp8_release(bf16, tmp_path / "fp8", block=BLOCK, skip=router_or_mtp_extra("deepseek_v32"))
+    stored = load_file(release / "model.safetensors")
+    indexer = "model.layers.1.self_attn.indexer."
+    assert stored[indexer + "wq_b.weight"].dtype == stored[indexer + "wk.weight"].dtype == torch.float8_e4m3fn
+    assert stored[indexer + "weights_proj.weight"].dtype == torch.bfloat16
+    reference = dequantized_copy(release, tmp_path / "reference")
+    _quantize_each([(release, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")], text_file, "--no-eval")
+    shards = sorted(p.name for p in (tmp_path / "from-fp8").glob("*.safetensors"))
+    assert shards and all((tmp_path / "from-fp8" / s).read_bytes() == (tmp_path / "from-bf16" / s).read_bytes()
+                          for s in shards)
+    exported = _tensors(tmp_path / "from-fp8")
+    for layer in range(3):  # every layer, the dense first one too
+        indexer = f"model.layers.{layer}.self_attn.indexer."
+        assert {indexer + f"{p}.qweight" for p in ("wq_b", "wk")} <= set(exported)
+        for name in ("weights_proj.weight", "k_norm.weight", "k_norm.bias"):
+            assert torch.equal(exported[indexer + name], stored[indexer + name]), indexer + name
+    assert cli("verify", tmp_path / "from-fp8").returncode == 0
+
+
 # ----------------------------------------------------------------------------- Kimi K2
 
 

@@ -46,6 +46,14 @@ TINY = {
                                              kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                              num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=256)),
+    # DeepSeek-V3.2: DeepSeek-V3 with an indexer (its own 2 heads of 16) choosing the keys each query attends.
+    "deepseek_v32": ("DeepseekV32Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                               num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                                               n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                                               q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16,
+                                               qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=32,
+                                               index_topk=2048, num_attention_heads=4, num_key_value_heads=4,
+                                               max_position_embeddings=256)),
     # GLM-4.5: DeepSeek-V3's MoE block (one group, as released) under GQA with q/k/v biases, qk-norm and
     # partial rotary; layer 0 dense.
     "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
@@ -205,11 +213,11 @@ def append_mtp_layer(folder: Path, seed: int = 1, head: bool = True) -> list[str
 
 
 def router_or_mtp_extra(model_type: str):
-    """skip(name) for formats.fp8.write_fp8_release: the row's routers, and the MTP layer's embedding,
-    head and eh_proj, which DeepSeek-V3's release keeps in BF16."""
+    """skip(name) for formats.fp8.write_fp8_release: the row's routers and kept linears, and the MTP layer's
+    embedding, head and eh_proj, which DeepSeek-V3's release keeps in BF16."""
     from quantmoe.model.architectures import ARCHITECTURES
 
-    routers = ARCHITECTURES[model_type].routers
+    routers = ARCHITECTURES[model_type].routers + ARCHITECTURES[model_type].kept
 
     def skip(name: str) -> bool:
         layer = ".".join(name.split(".")[:3])

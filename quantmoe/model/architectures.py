@@ -123,6 +123,9 @@ class Architecture:
     # Routers: exact on-disk module paths. Never quantized; every tensor under them (weights,
     # DeepSeek's e_score_correction_bias) is copied unchanged.
     routers: tuple[str, ...] = ()
+    # Other linears of every layer that are never quantized and copied unchanged, as routers are (DeepSeek-V3.2's
+    # indexer's per-head weights, which vLLM and SGLang load unquantized): exact on-disk module paths.
+    kept: tuple[str, ...] = ()
     # Shared expert(s) fed every token in MoE layers.
     shared_expert: MLP | None = None
     # The MLP of dense layers (or of dense models).
@@ -256,6 +259,14 @@ _ATTENTION_MLA: Groups = (
     ("self_attn.kv_b_proj",),
     ("self_attn.o_proj",),
 )
+# DeepSeek-V3.2's sparse attention: MLA and its indexer, whose key projection reads the attention's input and whose
+# query projection the query's low-rank latent, as q_b_proj does (its per-head weights_proj stays unquantized: kept).
+_ATTENTION_MLA_INDEXER: Groups = (
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.indexer.wk"),
+    ("self_attn.q_b_proj", "self_attn.indexer.wq_b"),
+    ("self_attn.kv_b_proj",),
+    ("self_attn.o_proj",),
+)
 _ATTENTION_MLA_NO_Q_LORA: Groups = (
     ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
     ("self_attn.kv_b_proj",),
@@ -265,7 +276,7 @@ _ATTENTION_MLA_NO_Q_LORA: Groups = (
 
 def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
               attention_if_none: tuple[tuple[str, Groups], ...] = (("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
-              unloaded: tuple[str, ...] = (), gptqmodel: bool = True) -> Architecture:
+              unloaded: tuple[str, ...] = (), gptqmodel: bool = True, kept: tuple[str, ...] = ()) -> Architecture:
     """DeepSeek's MoE block (routed experts, shared experts, a sigmoid router with its
     e_score_correction_bias, dense first layers), which GLM-4.5 shares with other attention."""
     return Architecture(
@@ -276,6 +287,7 @@ def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
         moe_module="mlp",
         router_module="mlp.gate",
         routers=("mlp.gate",),
+        kept=kept,
         shared_expert=MLP("mlp.shared_experts"),
         dense_mlp=MLP("mlp"),
         num_experts_attr="n_routed_experts",
@@ -349,6 +361,10 @@ ARCHITECTURES: dict[str, Architecture] = {
                                  "also Kimi K2 (`kimi_k2`: 384 experts, one group), whose per-layer "
                                  "`self_attn.rotary_emb.inv_freq` is copied, not loaded",
                   unloaded=("self_attn.rotary_emb.inv_freq",)),
+        _deepseek("deepseek_v32", "DeepSeek-V3.2: DeepSeek-V3 with sparse attention, whose indexer's `wq_b` and `wk` "
+                                  "are quantized with the attention (as vLLM and SGLang load them) and its "
+                                  "`weights_proj` is kept, as a router",
+                  attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=("self_attn.indexer.weights_proj",)),
         _deepseek("glm4_moe", "GLM-4.5/4.6: DeepSeek-V3's MoE block (sigmoid router with `e_score_correction_bias`, "
                               "shared expert, `first_k_dense_replace` dense layers) under grouped-query attention "
                               "with q/k/v biases, qk-norm and partial rotary",
@@ -564,7 +580,7 @@ def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -
         num_experts=arch.num_experts(config) if moe else 0,
         shared_expert=arch.shared_expert if moe else None,
         dense_mlp=dense,
-        routers=arch.routers if moe else (),
+        routers=(arch.routers if moe else ()) + arch.kept,
         fused=arch.fused if moe else None,
     )
 
@@ -629,7 +645,7 @@ def markdown_table() -> str:
             memory = (f"`{row.fused.module}.{row.fused.gate_up}` ({'+'.join(row.fused.halves)}), "
                       f"router `{row.router_module}`")
         lines.append(" | ".join([
-            f"| `{row.model_type}`", attention, experts, memory, ", ".join(code(r) for r in row.routers) or "-",
+            f"| `{row.model_type}`", attention, experts, memory, ", ".join(code(r) for r in row.routers + row.kept) or "-",
             code(row.shared_expert.prefix) if row.shared_expert else "-",
             code(row.dense_mlp.prefix) if row.dense_mlp else "-",
             "-" if row.experts is None else layers_text[row.sparse_rule], row.notes]) + " |")

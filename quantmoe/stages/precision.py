@@ -82,8 +82,14 @@ def layer_units(plan: LayerPlan, qcfg: QuantConfig, prefix: str) -> list[Unit]:
                                     f"{describe(c)}; vLLM serves {what} with one scheme: give them one setting")
         units.append(Unit(kind, tuple(names), pattern, configs[0]))
 
+    # An attention group's linears under one parent module are a unit: DeepSeek-V3.2's indexer projections share
+    # MLA's inputs (one group) but vLLM runs them apart from MLA's.
     for group in plan.attention:
-        unit("attention", list(group), _siblings(list(group)))
+        parents: dict[str, list[str]] = {}
+        for name in group:
+            parents.setdefault(name.rpartition(".")[0], []).append(name)
+        for names in parents.values():
+            unit("attention", names, _siblings(names))
     if plan.experts is not None:
         names = [plan.experts.linear(w, e) for e in range(plan.num_experts) for w in ("gate", "up", "down")]
         unit("expert", names, _experts_pattern(plan))
