@@ -352,6 +352,17 @@ def test_glm_compressed_tensors_fp8_release_with_mtp(tmp_path, text_file):
 # ----------------------------------------------------------------------------- MiniMax-M2
 
 
+def _as_its_bf16_conversion(release: Path, tmp_path: Path, text_file: Path) -> dict[str, torch.Tensor]:
+    """Quantize an FP8 ``release`` (into tmp_path/from-fp8) and its exact BF16 conversion (from-bf16), assert the
+    two exports are byte for byte the same, and return the first's tensors."""
+    reference = dequantized_copy(release, tmp_path / "reference")
+    _quantize_each([(release, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")], text_file, "--no-eval")
+    shards = sorted(p.name for p in (tmp_path / "from-fp8").glob("*.safetensors"))
+    assert shards and all((tmp_path / "from-fp8" / s).read_bytes() == (tmp_path / "from-bf16" / s).read_bytes()
+                          for s in shards)
+    return _tensors(tmp_path / "from-fp8")
+
+
 def test_minimax_m2_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_file):
     """MiniMax-M2's release: DeepSeek's block FP8 on Mixtral's names, the routers and the blocks' sigmoid bias
     (``e_score_correction_bias``, which the router takes from the block) in fp32. Quantized from FP8, the export
@@ -364,12 +375,7 @@ def test_minimax_m2_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_
     release = write_fp8_release(bf16, tmp_path / "fp8", block=BLOCK, skip=router_or_mtp_extra("minimax_m2"))
     stored = load_file(release / "model.safetensors")
     assert stored["model.layers.1.block_sparse_moe.experts.3.w2.weight"].dtype == torch.float8_e4m3fn
-    reference = dequantized_copy(release, tmp_path / "reference")
-    _quantize_each([(release, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")], text_file, "--no-eval")
-    shards = sorted(p.name for p in (tmp_path / "from-fp8").glob("*.safetensors"))
-    assert shards and all((tmp_path / "from-fp8" / s).read_bytes() == (tmp_path / "from-bf16" / s).read_bytes()
-                          for s in shards)
-    exported = _tensors(tmp_path / "from-fp8")
+    exported = _as_its_bf16_conversion(release, tmp_path, text_file)
     for name in fp32:
         assert exported[name].dtype == torch.float32 and torch.equal(exported[name], stored[name]), name
     assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in exported
@@ -386,12 +392,7 @@ def test_deepseek_v32_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, tex
     indexer = "model.layers.1.self_attn.indexer."
     assert stored[indexer + "wq_b.weight"].dtype == stored[indexer + "wk.weight"].dtype == torch.float8_e4m3fn
     assert stored[indexer + "weights_proj.weight"].dtype == torch.bfloat16
-    reference = dequantized_copy(release, tmp_path / "reference")
-    _quantize_each([(release, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16")], text_file, "--no-eval")
-    shards = sorted(p.name for p in (tmp_path / "from-fp8").glob("*.safetensors"))
-    assert shards and all((tmp_path / "from-fp8" / s).read_bytes() == (tmp_path / "from-bf16" / s).read_bytes()
-                          for s in shards)
-    exported = _tensors(tmp_path / "from-fp8")
+    exported = _as_its_bf16_conversion(release, tmp_path, text_file)
     for layer in range(3):  # every layer, the dense first one too
         indexer = f"model.layers.{layer}.self_attn.indexer."
         assert {indexer + f"{p}.qweight" for p in ("wq_b", "wk")} <= set(exported)
