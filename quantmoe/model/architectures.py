@@ -375,16 +375,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         replace(_MIXTRAL, model_type="minimax_m2", router_args=("mlp.e_score_correction_bias",),
                 notes="MiniMax-M2: Mixtral's names; a sigmoid router that takes the block's fp32 "
                       "`e_score_correction_bias` (kept as released); q/k norms over all heads; partial rotary"),
-        Architecture(
-            model_type="phimoe",
-            attention=_ATTENTION_QKVO,
-            experts=MLP("block_sparse_moe.experts.{e}", gate="w1", up="w3", down="w2"),
-            moe_module="mlp",
-            router_module="mlp.router",
-            routers=("block_sparse_moe.gate",),
-            renames=(("block_sparse_moe.gate.", "mlp.router."), ("block_sparse_moe.", "mlp.")),
-            notes="LayerNorms and attention with biases, lm_head bias",
-        ),
+        replace(_MIXTRAL, model_type="phimoe", router_module="mlp.router",
+                renames=(("block_sparse_moe.gate.", "mlp.router."), ("block_sparse_moe.", "mlp.")),
+                notes="LayerNorms and attention with biases, lm_head bias"),
         Architecture(
             model_type="granitemoe",
             attention=_ATTENTION_QKVO,
