@@ -747,3 +747,102 @@ def test_the_silu_mul_kernel_gives_the_bits_of_pytorchs_gated_rows():
         fused = layer.gated(x, Wg, Wu, torch.nn.SiLU(), w)
         plain = layer.gated(x, Wg, Wu, lambda t: torch.nn.functional.silu(t), w)  # not a SiLU module: PyTorch
     assert torch.equal(fused, plain)
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)  # -0.0 apart from 0.0, and NaNs compared by their bits
+
+
+@pytest.mark.gpu
+def test_the_elementwise_forward_kernels_give_the_bits_of_pytorchs_steps():
+    """triton_kernels.silu_mul_rows is transformers' ``act_fn(gate) * up`` after ``chunk(2, dim=-1)``, and
+    add_scaled_rows ``out.index_add_(0, index, X * scores[:, None])``: the same bits, NaN, infinity and subnormal
+    values included, router weights in fp32 or bf16."""
+    from quantmoe.gptq.triton_kernels import add_scaled_rows, available, silu_mul_rows
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, I, T, C = 700, 2048 + 40, 3000, 1024 + 24
+    Y = torch.randn(n, 2 * I, device="cuda", generator=g) * 6
+    Y[0, 1], Y[1, I + 2], Y[2, 3] = float("nan"), float("inf"), float("-inf")
+    Y[3] *= 1e-39  # subnormal gates and ups: kept
+    gate, up = Y.chunk(2, dim=-1)
+    assert torch.equal(_bits(silu_mul_rows(Y)), _bits(torch.nn.functional.silu(gate) * up))
+    X = torch.randn(n, C, device="cuda", generator=g)
+    X[4] *= 1e-38  # subnormal products
+    index = torch.randperm(T, device="cuda", generator=g)[:n]
+    base = torch.randn(T, C, device="cuda", generator=g)
+    for scores in (torch.rand(n, device="cuda", generator=g), torch.rand(n, device="cuda", generator=g).bfloat16()):
+        ref = base.clone().index_add_(0, index, X * scores[:, None])
+        out = base.clone()
+        assert add_scaled_rows(out, index, X, scores)
+        assert torch.equal(_bits(out), _bits(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 64)])
+def test_the_levels_kernel_gives_the_bits_of_dequantize_grouped(bits, group_size):
+    """triton_kernels.dequantize_levels, from levels packed two to a byte (stages.experts.Levels) or one to a byte
+    (a QuantResult's): gptq.core.dequantize_grouped's bits, fp16 subnormal scales included."""
+    from quantmoe.gptq.core import QuantResult, dequantize_grouped
+    from quantmoe.gptq.triton_kernels import available, dequantize_levels
+    from quantmoe.stages.experts import Levels
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    B, R, C = 3, 96, 512
+    G = 1 if group_size == -1 else C // group_size
+    q = torch.randint(0, 2 ** bits, (B, R, C), device="cuda", generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = (torch.rand(B, R, G, device="cuda", generator=g) * 0.05).half()
+    scales[0, 0] = 3e-7  # fp16 subnormal
+    zeros = torch.randint(0, 2 ** bits, (B, R, G), device="cuda", generator=g, dtype=torch.int32).to(torch.uint8)
+    levels = Levels(B, R, C, G, bits, torch.device("cuda"))
+    levels.put(0, QuantResult(q=q, scales=scales, zeros=zeros, g_idx=None, W=None, loss=torch.zeros(B, R, device="cuda"),
+                              damp=torch.zeros(B, device="cuda")))
+    assert levels.packed == (bits == 4)
+    for b in range(B):
+        ref = dequantize_grouped(q[b], scales[b], zeros[b])
+        assert torch.equal(_bits(levels.weight(b)), _bits(ref))
+        assert torch.equal(_bits(dequantize_levels(q[b], scales[b], zeros[b], C, packed=False)), _bits(ref))
+
+
+@pytest.mark.gpu
+def test_the_experts_fp32_forward_gives_the_same_bits_with_and_without_its_kernels(monkeypatch):
+    """StoredExperts.run_deferred on fp32 operands, from original and from quantized weights: the fused kernels
+    (silu(gate) * up, the rows times their router weights added into the output, the levels' dequantization)
+    change no bit of the outputs."""
+    from quantmoe.gptq.triton_kernels import available
+    from quantmoe.stages import experts as experts_mod
+    from quantmoe.stages.experts import Levels, StoredExperts
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(6)
+    E, I, C, T, k = 8, 1536, 512, 2048, 2
+    store = StoredExperts(torch.randn(E, 2 * I, C, device="cuda", generator=g) * 0.02,
+                          torch.randn(E, C, I, device="cuda", generator=g) * 0.02, torch.nn.SiLU())
+    assert not store.half
+    index = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+    calls = [(torch.randn(T, C, device="cuda", generator=g), index, torch.rand(T, k, device="cuda", generator=g))]
+    spec = QuantSpec(bits=4, group_size=128)
+    levels = []
+    for W in (store.gate_up, store.down):
+        res = gptq_quantize(W, torch.eye(W.shape[-1], device="cuda").expand(E, -1, -1), spec)
+        lv = Levels(E, W.shape[1], W.shape[2], spec.groups(W.shape[2]), 4, torch.device("cuda"))
+        lv.put(0, res)
+        levels.append(lv)
+    store.quantized = tuple(levels)
+    outputs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(experts_mod, "silu_mul_rows", lambda Y: None)
+            monkeypatch.setattr(experts_mod, "add_scaled_rows", lambda *a: False)
+            monkeypatch.setattr(experts_mod, "dequantize_levels", lambda *a: None)
+        for quantized in (False, True):
+            store.use_quantized = quantized
+            outputs[fused, quantized] = store.run_deferred(calls)[0]
+    for quantized in (False, True):
+        assert torch.equal(_bits(outputs[True, quantized]), _bits(outputs[False, quantized]))
+    assert not torch.equal(outputs[True, False], outputs[True, True])

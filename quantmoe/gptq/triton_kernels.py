@@ -17,6 +17,12 @@ tensor-wide ones per ratio, with the same operations and rounding but for the or
 gate/up product's rows times their powers of two, silu(gate) * up, and that as the down product's fp16 operand
 scaled row by row (gptq.core.half_rows), in one kernel instead of five tensor-wide passes, with PyTorch's CUDA
 operations and rounding (silu as x / (1 + expf(-x)), each product and quotient rounded on its own).
+
+``silu_mul_rows``, ``add_scaled_rows`` and ``dequantize_levels`` are the routed experts' fp32 forward steps
+(stages.experts.StoredExperts.run_deferred) that are not matrix products, each one kernel instead of two to six
+tensor-wide ones, with the bits of PyTorch's: silu(gate) * up from the gate/up product's rows, the down product's
+rows times their router weights added into the output (index_add_'s fp32 atomic add), and an expert's weights
+rebuilt from its packed levels. Each returns None or False where it does not apply, and the caller runs PyTorch's.
 """
 
 from __future__ import annotations
@@ -183,7 +189,48 @@ if triton is not None:
             tl.store(H + r * sH + cols, _mul(h, scale).to(tl.float16), mask=cols < I)
 
 
+    @triton.jit
+    def _silu_mul_rows_kernel(Y, H, N, I, sY, BLOCK: tl.constexpr):
+        # H (n, I) := silu(gate) * up for each row of Y (n, 2I), [gate | up]; N = n * I
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < N
+        r, c = offs // I, offs % I
+        g = tl.load(Y + r * sY + c, mask=live, other=0.0)
+        u = tl.load(Y + r * sY + I + c, mask=live, other=0.0)
+        tl.store(H + offs, _silu_mul(g, u), mask=live)
+
+    @triton.jit
+    def _add_scaled_rows_kernel(Out, Index, X, Scores, N, C, sO, BLOCK: tl.constexpr):
+        # Out[Index[i]] += X[i] * Scores[i] for the rows i of X (n, C); N = n * C. The product rounded on its own,
+        # the sum an fp32 atomic add, as index_add_ makes it.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < N
+        i, c = offs // C, offs % C
+        t = tl.load(Index + i, mask=live, other=0).to(tl.int64)
+        s = tl.load(Scores + i, mask=live, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=live, other=0.0)
+        tl.atomic_add(Out + t * sO + c, _mul(x, s), mask=live)
+
+    @triton.jit
+    def _levels_kernel(Q, Scales, Zeros, Out, N, C, G, width, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+        # Out (R, C) fp32 := scale * (level - zero) of each weight's group; levels two to a byte (even column in the
+        # low nibble) where PACKED; Scales (R, G) fp16, Zeros (R, G) uint8; N = R * C
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < N
+        r, c = offs // C, offs % C
+        if PACKED:
+            byte = tl.load(Q + r * (C // 2) + c // 2, mask=live, other=0).to(tl.int32)
+            lv = tl.where((c % 2) == 0, byte & 15, byte >> 4)
+        else:
+            lv = tl.load(Q + offs, mask=live, other=0).to(tl.int32)
+        g = r * G + c // width
+        s = tl.load(Scales + g, mask=live, other=0.0).to(tl.float32)
+        z = tl.load(Zeros + g, mask=live, other=0).to(tl.float32)
+        tl.store(Out + offs, _mul(s, lv.to(tl.float32) - z), mask=live)
+
+
 SILU_BLOCK = 1024  # elements per program of silu_mul, columns per step of a row in silu_mul_half_rows
+ELEMENTS_BLOCK = 1024  # elements per program of the elementwise kernels below
 
 
 def silu_mul(g: Tensor, u: Tensor, weights: Tensor | None = None) -> Tensor | None:
@@ -217,10 +264,70 @@ def silu_mul_half_rows(Y: Tensor, factors: Tensor) -> tuple[Tensor, Tensor] | No
     return H, inv
 
 
+def silu_mul_rows(Y: Tensor) -> Tensor | None:
+    """silu(gate) * up for each row of Y (n, 2I) fp32 on CUDA, [gate | up] (transformers' ``act_fn(gate) * up`` after
+    ``chunk(2, dim=-1)``), as a new (n, I) tensor, in one kernel with the bits of PyTorch's two. None where it does
+    not apply (no CUDA or Triton, other dtypes or layouts): the caller computes it with PyTorch."""
+    if not available(Y.device) or Y.dtype != torch.float32 or Y.dim() != 2 or Y.stride(1) != 1 or Y.shape[1] % 2:
+        return None
+    n, I = Y.shape[0], Y.shape[1] // 2
+    H = torch.empty(n, I, device=Y.device)
+    if H.numel():
+        _silu_mul_rows_kernel[(triton.cdiv(H.numel(), ELEMENTS_BLOCK),)](Y, H, H.numel(), I, Y.stride(0),
+                                                                          BLOCK=ELEMENTS_BLOCK)
+    return H
+
+
+def add_scaled_rows(out: Tensor, index: Tensor, X: Tensor, scores: Tensor) -> bool:
+    """``out.index_add_(0, index, X * scores[:, None])`` for out (T, C) and X (n, C) fp32 on CUDA in one kernel, with
+    its bits: each product rounded on its own, each sum index_add_'s fp32 atomic add. False where it does not apply
+    (nothing is done then: the caller runs PyTorch's two)."""
+    if (not available(out.device) or out.dtype != torch.float32 or X.dtype != torch.float32 or out.dim() != 2
+            or X.dim() != 2 or out.stride(1) != 1 or not X.is_contiguous() or X.shape[1] != out.shape[1]
+            or index.shape != (X.shape[0],) or scores.shape != (X.shape[0],)
+            or scores.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        return False
+    if X.numel():
+        _add_scaled_rows_kernel[(triton.cdiv(X.numel(), ELEMENTS_BLOCK),)](
+            out, index.contiguous(), X, scores.contiguous(), X.numel(), X.shape[1], out.stride(0), BLOCK=ELEMENTS_BLOCK)
+    return True
+
+
+def dequantize_levels(q: Tensor, scales: Tensor, zeros: Tensor, columns: int, packed: bool) -> Tensor | None:
+    """gptq.core.dequantize_grouped of one matrix's levels q (R, C) uint8, or (R, C / 2) two to a byte where
+    ``packed`` (stages.experts.Levels), with its grids ``scales`` (R, G) fp16 and ``zeros`` (R, G) uint8: the (R, C)
+    fp32 weights in one kernel, with its bits. None where it does not apply."""
+    if (not available(q.device) or q.dtype != torch.uint8 or scales.dtype != torch.float16
+            or zeros.dtype != torch.uint8 or q.dim() != 2 or not (q.is_contiguous() and scales.is_contiguous()
+                                                               and zeros.is_contiguous())):
+        return None
+    R, G = scales.shape
+    if q.shape != (R, columns // 2 if packed else columns) or columns % G or (packed and columns % 2):
+        return None
+    out = torch.empty(R, columns, device=q.device)
+    if out.numel():
+        _levels_kernel[(triton.cdiv(out.numel(), ELEMENTS_BLOCK),)](q, scales, zeros, out, out.numel(), columns, G,
+                                                                     columns // G, PACKED=packed,
+                                                                     BLOCK=ELEMENTS_BLOCK)
+    return out
+
+
 def fp32_reciprocal(x: float) -> float:
     """1 / x rounded to fp32, as PyTorch's CUDA kernels make it to divide a tensor by a Python number (they multiply
     by it, which may differ from the division in the last bit)."""
     return float(torch.tensor(1.0) / torch.tensor(float(x)))
+
+
+_ratios: dict[tuple[torch.device, tuple[float, ...]], Tensor] = {}
+
+
+def _on_device(ratios: list[float], device: torch.device) -> Tensor:
+    """The clipping ratios as an fp32 tensor on ``device``, made once: a tensor made from a list copies it from
+    ordinary host memory, which waits for the device's queue (a solve calls the search once per chunk)."""
+    key = (device, tuple(ratios))
+    if key not in _ratios:
+        _ratios[key] = torch.tensor(ratios, dtype=torch.float32, device=device)
+    return _ratios[key]
 
 
 SEARCH_WIDTH = 256  # the widest group the search kernel holds in registers; wider ones keep the PyTorch path
@@ -244,7 +351,7 @@ def search_grids(W: Tensor, spec: QuantSpec, ratios: list[float], importance: Te
     imp = importance.contiguous() if importance is not None else W  # W: a valid pointer the kernel never reads
     scale = torch.empty(B, R, G, device=W.device)
     zero = torch.empty_like(scale)
-    ratios_t = torch.tensor(ratios, dtype=torch.float32, device=W.device)
+    ratios_t = _on_device(ratios, W.device)
     N, wide = B * R * G, triton.next_power_of_2(width)
     block = max(1, SEARCH_TILE // wide)
     _search_kernel[(triton.cdiv(N, block),)](W, imp, ratios_t, scale, zero, N, G, R * G, width, len(ratios),

@@ -42,7 +42,12 @@ from ..gptq.core import (
     dequantize_grouped,
     half_rows,
 )
-from ..gptq.triton_kernels import silu_mul_half_rows
+from ..gptq.triton_kernels import (
+    add_scaled_rows,
+    dequantize_levels,
+    silu_mul_half_rows,
+    silu_mul_rows,
+)
 from ..model.distributed import SINGLE, Ranks, all_reduce_sum, spread
 from ..model.stream import Batch, LayerStream
 
@@ -106,8 +111,10 @@ class Levels:
                            loss=self.loss[s], damp=self.damp[s])
 
     def weight(self, b: int) -> Tensor:
-        """Matrix b's fp32 weights, scale * (level - zero): what the dequantized export holds."""
-        return dequantize_grouped(self.levels(b), self.scales[b], self.zeros[b])
+        """Matrix b's fp32 weights, scale * (level - zero): what the dequantized export holds (on CUDA in one
+        kernel from the packed levels, with the same bits)."""
+        fused = dequantize_levels(self.q[b], self.scales[b], self.zeros[b], self.columns, self.packed)
+        return fused if fused is not None else dequantize_grouped(self.levels(b), self.scales[b], self.zeros[b])
 
     FIELDS = ("q", "scales", "zeros", "loss", "damp")
 
@@ -282,11 +289,16 @@ class StoredExperts(nn.Module):
                         weights = weights if half is None else tuple(_HalfMatrix(w) for w in weights)
                     gate_up, down = weights
                     top_k_pos, token_idx = slots[a:b], tokens[a:b]
-                    if half is None:  # transformers' own computation
+                    if half is None:  # transformers' own computation (on CUDA its elementwise steps fused, same bits)
                         current_state = hidden[token_idx]
-                        gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
-                        current_hidden_states = self.act_fn(gate) * up
-                        current_hidden_states = nn.functional.linear(current_hidden_states, down)
+                        y = nn.functional.linear(current_state, gate_up)
+                        act = silu_mul_rows(y) if self.silu else None
+                        if act is None:
+                            gate, up = y.chunk(2, dim=-1)
+                            act = self.act_fn(gate) * up
+                        current_hidden_states = nn.functional.linear(act, down)
+                        if single and add_scaled_rows(out, token_idx, current_hidden_states, scores[a:b]):
+                            continue  # out.index_add_ of the rows times their router weights, in one kernel
                         current_hidden_states = current_hidden_states * scores[a:b, None]
                     else:  # the same on fp16 operands, each row's and matrix's power of two undone on its results
                         x, x_inv = half

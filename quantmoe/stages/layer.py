@@ -52,7 +52,7 @@ from ..gptq.core import (
     weighted,
     weighted_rows,
 )
-from ..gptq.triton_kernels import search_grids, silu_mul
+from ..gptq.triton_kernels import dequantize_levels, search_grids, silu_mul
 from ..model.architectures import MLP, LayerPlan, plan_layer
 from ..model.distributed import SINGLE, Ranks, experts_to_writer, max_ints
 from ..model.stream import Batch, LayerStream, tensor_core_passes
@@ -1003,8 +1003,10 @@ def _replace(res: QuantResult, sub: QuantResult, idx: list[int]) -> QuantResult:
 
 
 def _dequantized(res: QuantResult, b: int) -> Tensor:
-    """Matrix b's dequantized weights, rebuilt from its levels (GPTQ's layout: ``dequantize_grouped``)."""
-    return dequantize_grouped(res.q[b], res.scales[b], res.zeros[b])
+    """Matrix b's dequantized weights, rebuilt from its levels (GPTQ's layout: ``dequantize_grouped``; on CUDA in
+    one kernel, with the same bits)."""
+    fused = dequantize_levels(res.q[b], res.scales[b], res.zeros[b], res.q.shape[-1], packed=False)
+    return fused if fused is not None else dequantize_grouped(res.q[b], res.scales[b], res.zeros[b])
 
 
 def _row_chunks(x: Tensor, x0: Tensor, w: Tensor | None, per_row: int
