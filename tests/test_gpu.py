@@ -781,6 +781,37 @@ def test_the_elementwise_forward_kernels_give_the_bits_of_pytorchs_steps():
 
 
 @pytest.mark.gpu
+def test_the_fp8_block_kernel_gives_the_bits_of_the_releases_dequantization():
+    """triton_kernels.fp8_blocks_as_bf16: every float8_e4m3fn code but NaN times its block's scale, rounded to BF16,
+    as formats.fp8 dequantizes a release's weights (float32 codes times the scale, then to BF16), ragged blocks,
+    signed zeros and BF16 subnormals included; and Fp8Experts.weights gives the same numbers through it."""
+    from quantmoe.formats import fp8
+    from quantmoe.gptq.triton_kernels import available, fp8_blocks_as_bf16
+
+    if not available("cuda"):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    R, C, block = 300, 200, (128, 128)
+    byte = torch.randint(0, 256, (R, C), device="cuda", generator=g, dtype=torch.int32)
+    byte.view(-1)[:254] = torch.tensor([b for b in range(256) if b & 127 != 127], device="cuda")
+    byte[(byte & 127) == 127] = 0x80  # no NaN codes (Fp8Experts keeps those dequantized); -0.0 instead
+    codes = byte.to(torch.uint8).view(torch.float8_e4m3fn)
+    # every code (the first 254 weights) at an ordinary scale; BF16 subnormal results in two blocks
+    scale = torch.tensor([[0.013, 2.0 ** -135 * 1.37], [3.1, 2.0 ** -120], [1e-3, 7.7e-6]], device="cuda")
+    out = torch.empty(R, C, device="cuda")
+    assert fp8_blocks_as_bf16(codes, scale, block, out)
+    ref = fp8._scaled(codes, scale, block).to(torch.bfloat16).float()
+    assert torch.equal(_bits(out), _bits(ref))
+    assert (ref.abs() < torch.finfo(torch.float32).tiny).logical_and(ref != 0).any()  # subnormals were compared
+    experts = fp8.Fp8Experts(2, [fp8.Fp8Weight(codes[:128], scale[:1], block, "gate"),
+                                 fp8.Fp8Weight(codes[128:], scale[1:], block, "up")], torch.device("cuda"))
+    experts.codes[:] = codes
+    for e in range(2):
+        experts.scales[0][e], experts.scales[1][e] = scale[:1], scale[1:]
+    assert torch.equal(_bits(experts.weights(0, 2, torch.float32)), _bits(ref.expand(2, R, C)))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 64)])
 def test_the_levels_kernel_gives_the_bits_of_dequantize_grouped(bits, group_size):
     """triton_kernels.dequantize_levels, from levels packed two to a byte (stages.experts.Levels) or one to a byte

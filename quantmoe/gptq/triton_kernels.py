@@ -22,7 +22,10 @@ operations and rounding (silu as x / (1 + expf(-x)), each product and quotient r
 (stages.experts.StoredExperts.run_deferred) that are not matrix products, each one kernel instead of two to six
 tensor-wide ones, with the bits of PyTorch's: silu(gate) * up from the gate/up product's rows, the down product's
 rows times their router weights added into the output (index_add_'s fp32 atomic add), and an expert's weights
-rebuilt from its packed levels. Each returns None or False where it does not apply, and the caller runs PyTorch's.
+rebuilt from its packed levels. ``fp8_blocks_as_bf16`` is an FP8 release's block-wise dequantization
+(formats.fp8.Fp8Experts.weights: each expert's original weights, for the full-precision stream's forward, GPTQ's
+working copy and the fit's moments) in one kernel instead of four. Each returns None or False where it does not
+apply, and the caller runs PyTorch's.
 """
 
 from __future__ import annotations
@@ -212,6 +215,18 @@ if triton is not None:
         tl.atomic_add(Out + t * sO + c, _mul(x, s), mask=live)
 
     @triton.jit
+    def _fp8_blocks_kernel(Codes, Scale, Out, N, C, nbi, bo, bi, BLOCK: tl.constexpr):
+        # Out (R, C) fp32 := float32(bfloat16(float32(code) * Scale[r // bo, c // bi])); Codes float8_e4m3fn (never
+        # NaN here: Fp8Experts keeps those parts dequantized); N = R * C. Triton's own conversion of the codes: a
+        # decoding by hand lost -0.0's sign (Triton negates as 0 - x).
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < N
+        r, c = offs // C, offs % C
+        x = tl.load(Codes + offs, mask=live, other=0.0).to(tl.float32)
+        s = tl.load(Scale + (r // bo) * nbi + c // bi, mask=live, other=0.0)
+        tl.store(Out + offs, _mul(x, s).to(tl.bfloat16).to(tl.float32), mask=live)
+
+    @triton.jit
     def _levels_kernel(Q, Scales, Zeros, Out, N, C, G, width, PACKED: tl.constexpr, BLOCK: tl.constexpr):
         # Out (R, C) fp32 := scale * (level - zero) of each weight's group; levels two to a byte (even column in the
         # low nibble) where PACKED; Scales (R, G) fp16, Zeros (R, G) uint8; N = R * C
@@ -290,6 +305,26 @@ def add_scaled_rows(out: Tensor, index: Tensor, X: Tensor, scores: Tensor) -> bo
     if X.numel():
         _add_scaled_rows_kernel[(triton.cdiv(X.numel(), ELEMENTS_BLOCK),)](
             out, index.contiguous(), X, scores.contiguous(), X.numel(), X.shape[1], out.stride(0), BLOCK=ELEMENTS_BLOCK)
+    return True
+
+
+def fp8_blocks_as_bf16(codes: Tensor, scale: Tensor, block: tuple[int, int], out: Tensor) -> bool:
+    """``out`` (R, C) fp32 := the BF16 numbers of float32(codes) * scale, each weight's block's scale (``scale``
+    (ceil(R / bo), ceil(C / bi)) fp32, ``block`` (bo, bi)), as formats.fp8's dequantization makes them, in one kernel
+    with its bits. ``codes`` (R, C) float8_e4m3fn without NaN codes. False where it does not apply (nothing is
+    written then)."""
+    if (not available(codes.device) or codes.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32
+            or out.dtype != torch.float32 or codes.dim() != 2 or out.shape != codes.shape
+            or not (codes.is_contiguous() and out.is_contiguous())):
+        return False
+    R, C = codes.shape
+    bo, bi = block
+    if scale.shape != (-(-R // bo), -(-C // bi)):
+        return False
+    if codes.numel():
+        _fp8_blocks_kernel[(triton.cdiv(codes.numel(), ELEMENTS_BLOCK),)](
+            codes, scale.contiguous(), out, codes.numel(), C, scale.shape[1], bo, bi,
+            BLOCK=ELEMENTS_BLOCK)
     return True
 
 
