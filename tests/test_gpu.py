@@ -697,22 +697,29 @@ def test_the_silu_kernel_gives_the_bits_of_pytorchs_activation_and_half_rows():
     assert torch.equal(H.nan_to_num(0.0), ref_h.nan_to_num(0.0))
 
 
+def _experts_and_calls(seed: int, device: str = "cuda"):
+    """8 routed experts of 1536 on 512 features (StoredExperts) and one call of 2048 tokens, 2 experts each."""
+    from quantmoe.stages.experts import StoredExperts
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    E, I, C, T, k = 8, 1536, 512, 2048, 2
+    store = StoredExperts(torch.randn(E, 2 * I, C, device=device, generator=g) * 0.02,
+                          torch.randn(E, C, I, device=device, generator=g) * 0.02, torch.nn.SiLU())
+    index = torch.stack([torch.randperm(E, device=device, generator=g)[:k] for _ in range(T)])
+    return store, [(torch.randn(T, C, device=device, generator=g), index,
+                    torch.rand(T, k, device=device, generator=g))]
+
+
 @pytest.mark.gpu
 def test_the_experts_fp16_forward_gives_the_same_bits_with_and_without_the_silu_kernel():
     """StoredExperts.run_deferred on fp16 operands (wide experts under --tf32): the fused silu kernel, where it
     applies, changes no bit of the outputs."""
     from quantmoe.gptq.triton_kernels import available
-    from quantmoe.stages.experts import StoredExperts
 
     if not available("cuda"):
         pytest.skip("Triton is not installed")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    E, I, C, T, k = 8, 1536, 512, 2048, 2
-    store = StoredExperts(torch.randn(E, 2 * I, C, device="cuda", generator=g) * 0.02,
-                          torch.randn(E, C, I, device="cuda", generator=g) * 0.02, torch.nn.SiLU())
+    store, calls = _experts_and_calls(1)
     store.half = True
-    index = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
-    calls = [(torch.randn(T, C, device="cuda", generator=g), index, torch.rand(T, k, device="cuda", generator=g))]
     with half_products(True):
         fused = store.run_deferred(calls)
         store.silu = False
@@ -846,17 +853,13 @@ def test_the_experts_fp32_forward_gives_the_same_bits_with_and_without_its_kerne
     change no bit of the outputs."""
     from quantmoe.gptq.triton_kernels import available
     from quantmoe.stages import experts as experts_mod
-    from quantmoe.stages.experts import Levels, StoredExperts
+    from quantmoe.stages.experts import Levels
 
     if not available("cuda"):
         pytest.skip("Triton is not installed")
-    g = torch.Generator(device="cuda").manual_seed(6)
-    E, I, C, T, k = 8, 1536, 512, 2048, 2
-    store = StoredExperts(torch.randn(E, 2 * I, C, device="cuda", generator=g) * 0.02,
-                          torch.randn(E, C, I, device="cuda", generator=g) * 0.02, torch.nn.SiLU())
+    store, calls = _experts_and_calls(6)
     assert not store.half
-    index = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
-    calls = [(torch.randn(T, C, device="cuda", generator=g), index, torch.rand(T, k, device="cuda", generator=g))]
+    E = store.num_experts
     spec = QuantSpec(bits=4, group_size=128)
     levels = []
     for W in (store.gate_up, store.down):
