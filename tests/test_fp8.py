@@ -379,3 +379,27 @@ def test_write_fp8_release_refuses_its_own_source_and_quantized_input(tiny_model
     with pytest.raises(QuantMoeError, match="not empty"):
         write_fp8_release(src, fp8)
     assert not (tmp_path / "again").exists()
+
+
+def test_an_fp8_releases_experts_keep_pytorchs_dequantization_where_triton_has_no_float8(monkeypatch):
+    """Fp8Experts.weights on a GPU older than compute capability 8.9 (an A100, where Triton has no float8_e4m3fn):
+    the one-kernel dequantization (gptq.triton_kernels.fp8_blocks_as_bf16) declines before compiling anything, and
+    the experts' weights are PyTorch's dequantization. Simulated on the CPU: Triton said available, the capability
+    an A100's."""
+    from quantmoe.formats.fp8 import Fp8Experts, Fp8Weight
+    from quantmoe.gptq import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "available", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    g = torch.Generator().manual_seed(0)
+    block = (128, 128)
+    codes, scale = quantize_fp8_blocks(torch.randn(300, 200, generator=g), block)
+    out = torch.empty(300, 200)
+    assert not triton_kernels.fp8_blocks_as_bf16(codes, scale, block, out)
+    experts = Fp8Experts(2, [Fp8Weight(codes[:128], scale[:1], block, "gate"),
+                             Fp8Weight(codes[128:], scale[1:], block, "up")], torch.device("cpu"))
+    experts.codes[:] = codes
+    for e in range(2):
+        experts.scales[0][e], experts.scales[1][e] = scale[:1], scale[1:]
+    ref = dequantize_fp8(codes, scale, block, torch.bfloat16).float()
+    assert torch.equal(experts.weights(0, 2, torch.float32), ref.expand(2, -1, -1))

@@ -246,6 +246,7 @@ if triton is not None:
 
 SILU_BLOCK = 1024  # elements per program of silu_mul, columns per step of a row in silu_mul_half_rows
 ELEMENTS_BLOCK = 1024  # elements per program of the elementwise kernels below
+FP8_CAPABILITY = (8, 9)  # the oldest GPUs (Ada, then Hopper) whose Triton converts float8_e4m3fn
 
 
 def silu_mul(g: Tensor, u: Tensor, weights: Tensor | None = None) -> Tensor | None:
@@ -312,10 +313,11 @@ def fp8_blocks_as_bf16(codes: Tensor, scale: Tensor, block: tuple[int, int], out
     """``out`` (R, C) fp32 := the BF16 numbers of float32(codes) * scale, each weight's block's scale (``scale``
     (ceil(R / bo), ceil(C / bi)) fp32, ``block`` (bo, bi)), as formats.fp8's dequantization makes them, in one kernel
     with its bits. ``codes`` (R, C) float8_e4m3fn without NaN codes. False where it does not apply (nothing is
-    written then)."""
+    written then), a GPU older than compute capability 8.9 included: Triton has no float8_e4m3fn there (A100s)."""
     if (not available(codes.device) or codes.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32
             or out.dtype != torch.float32 or codes.dim() != 2 or out.shape != codes.shape
-            or not (codes.is_contiguous() and out.is_contiguous())):
+            or not (codes.is_contiguous() and out.is_contiguous())
+            or torch.cuda.get_device_capability(codes.device) < FP8_CAPABILITY):
         return False
     R, C = codes.shape
     bo, bi = block
