@@ -588,6 +588,22 @@ def test_unsupported_model_type_is_a_one_line_error(tmp_path, command):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["quantize", "--no-eval", "--quiet"]])
+def test_layer_kinds_a_row_does_not_know_are_a_one_line_error(tmp_path, command):
+    """A GLM-5 config whose layers reuse another layer's indexer choices (indexer_types "shared", from
+    index_topk_freq) has layers without an indexer, which the row does not describe: refused before any work."""
+    from tiny import make_model
+
+    folder = make_model("glm_moe_dsa", tmp_path / "glm", index_topk_freq=2, index_skip_topk_offset=1)
+    args = [*command, str(folder)] + (["--out", str(tmp_path / "out")] if command[0] == "quantize" else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: this glm_moe_dsa model's config.json gives layers the "
+                                                   "indexer_types ['shared'], which quantmoe cannot quantize yet")
+    assert not (tmp_path / "out").exists()
+
+
 def test_gptqmodel_layout_is_refused_where_gptqmodel_names_experts_otherwise(tiny_model, tmp_path):
     rows = [n for n in ARCH_NAMES if not ARCHITECTURES[n].gptqmodel]
     assert rows == ["glm4_moe", "granitemoe"]  # GraniteMoE: experts named otherwise; GLM: GPTQModel's forward fails

@@ -382,22 +382,41 @@ def test_minimax_m2_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_
     assert cli("verify", tmp_path / "from-fp8").returncode == 0
 
 
-def test_deepseek_v32_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_file):
-    """DeepSeek-V3.2's release: DeepSeek-V3's FP8 blocks, its sparse attention's indexer included (``wq_b`` and
-    ``wk`` in FP8, ``weights_proj`` in BF16). Quantized from FP8, the export is the one of its exact BF16
-    conversion, byte for byte: the indexer's two projections as GPTQ linears, its weights_proj and k_norm copied."""
-    bf16 = make_model("deepseek_v32", tmp_path / "bf16", dtype=torch.bfloat16)
-    release = write_fp8_release(bf16, tmp_path / "fp8", block=BLOCK, skip=router_or_mtp_extra("deepseek_v32"))
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
+def test_sparse_attention_fp8_release_quantizes_as_its_bf16_conversion(tmp_path, text_file, model_type):
+    """DeepSeek-V3.2's and GLM-5's releases: DeepSeek-V3's FP8 blocks, the sparse attention's indexer included
+    (``wq_b`` and ``wk`` in FP8, ``weights_proj`` in BF16). Quantized from FP8, the export is the one of its exact
+    BF16 conversion, byte for byte: the indexer's ``wq_b`` a GPTQ linear; its ``wk`` the BF16 conversion, as vLLM
+    loads it (fused with ``weights_proj``, unquantized), and excluded by GPTQ's ``dynamic`` for servers that would
+    build it quantized; its weights_proj and k_norm copied. The MTP layer (GLM-5's shares the model's embedding
+    and head) comes whole, unquantized, and excluded by one ``-:`` rule."""
+    bf16 = make_model(model_type, tmp_path / "bf16", dtype=torch.bfloat16)
+    added = append_mtp_layer(bf16, head=model_type == "deepseek_v32")
+    release = write_fp8_release(bf16, tmp_path / "fp8", block=BLOCK, skip=router_or_mtp_extra(model_type))
     stored = load_file(release / "model.safetensors")
     indexer = "model.layers.1.self_attn.indexer."
     assert stored[indexer + "wq_b.weight"].dtype == stored[indexer + "wk.weight"].dtype == torch.float8_e4m3fn
     assert stored[indexer + "weights_proj.weight"].dtype == torch.bfloat16
     exported = _as_its_bf16_conversion(release, tmp_path, text_file)
+    reference = _tensors(tmp_path / "reference")
     for layer in range(3):  # every layer, the dense first one too
         indexer = f"model.layers.{layer}.self_attn.indexer."
-        assert {indexer + f"{p}.qweight" for p in ("wq_b", "wk")} <= set(exported)
+        assert indexer + "wq_b.qweight" in exported and indexer + "wk.qweight" not in exported
+        assert exported[indexer + "wk.weight"].dtype == torch.bfloat16
+        assert torch.equal(exported[indexer + "wk.weight"], reference[indexer + "wk.weight"])
+        assert not any(n.startswith(indexer + "wk.weight_scale") for n in exported)
         for name in ("weights_proj.weight", "k_norm.weight", "k_norm.bias"):
             assert torch.equal(exported[indexer + name], stored[indexer + name]), indexer + name
+    assert sorted(n for n in exported if n.startswith(f"model.layers.{MTP}.")) == sorted(added)
+    assert exported[f"model.layers.{MTP}.self_attn.indexer.wq_b.weight"].dtype == torch.bfloat16
+    qc = json.loads((tmp_path / "from-fp8" / "config.json").read_text())["quantization_config"]
+    assert rf"-:^model\.layers\.{MTP}\." in qc["dynamic"] and qc["meta"]["full_precision_layers"] == [MTP]
+    dynamic = [re.compile(rule[2:]) for rule in qc["dynamic"] if rule.startswith("-:")]
+    for layer in range(3):
+        for leaf, excluded in (("wk", True), ("weights_proj", True), ("wq_b", False)):
+            name = f"model.layers.{layer}.self_attn.indexer.{leaf}"
+            assert any(rx.match(name) for rx in dynamic) == excluded, name
+            assert (name in qc["modules_not_quantized"]) == excluded, name
     assert cli("verify", tmp_path / "from-fp8").returncode == 0
 
 

@@ -133,30 +133,34 @@ def test_a_rule_that_names_nothing_is_refused(tiny_model, text_file, tmp_path):
         quantmoe.quantize(tiny_model("mixtral"), tmp_path / "o", QuantConfig(recipe=recipe), calib=text_file, **QUICK)
 
 
-def test_deepseek_v32_indexer_is_a_unit_of_its_own(tiny_model, text_file, tmp_path):
-    """DeepSeek-V3.2's indexer projections share MLA's inputs (one group of Hessians) but vLLM runs them apart from
-    MLA's fused q_a/kv_a projection: a recipe may keep them in 16 bits alone, and the export declares just them so
-    (GPTQ ``dynamic`` exclusions), copied from the source, while MLA's linears are quantized; where they share a
-    unit, a recipe that splits it is still refused."""
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
+def test_the_sparse_attention_indexer_is_a_unit_of_its_own(tiny_model, text_file, tmp_path, model_type):
+    """DeepSeek-V3.2's (and GLM-5's) indexer query projection wq_b shares q_b_proj's input (one group of Hessians)
+    but vLLM runs it apart from MLA's linears: a recipe may keep it in 16 bits alone, and the export declares it so
+    (a GPTQ ``dynamic`` exclusion beside the row's kept wk and weights_proj), copied from the source, while MLA's
+    linears are quantized; where they share a unit, a recipe that splits it is still refused."""
     import json
 
     from safetensors.torch import load_file
 
-    src = tiny_model("deepseek_v32")
+    src = tiny_model(model_type)
     recipe = write_recipe(tmp_path / "r.toml", '[[rules]]\nmatch = "re:.*self_attn\\\\.indexer\\\\..*"\nskip = true\n')
     out = tmp_path / "out"
     quantmoe.quantize(src, out, QuantConfig(group_size=32, recipe=recipe), calib=text_file, **QUICK)
     dynamic = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
-    assert sorted(dynamic) == [rf"-:^model\.layers\.\d+\.self_attn\.indexer\.{p}$" for p in ("wk", "wq_b")]
+    assert sorted(dynamic) == [rf"-:^model\.layers\.\d+\.self_attn\.indexer\.{p}$" for p in ("weights_proj", "wk", "wq_b")]
     exported, source = (load_file(next(folder.glob("model*.safetensors"))) for folder in (out, src))
     for i in range(3):
         attn = f"model.layers.{i}.self_attn."
         assert {attn + f"{p}.qweight" for p in ("q_a_proj", "kv_a_proj_with_mqa", "q_b_proj")} <= set(exported)
-        for name in ("indexer.wk.weight", "indexer.wq_b.weight"):
+        for name in ("indexer.wk.weight", "indexer.wq_b.weight", "indexer.weights_proj.weight"):
             assert torch.equal(exported[attn + name], source[attn + name]), attn + name
     split = write_recipe(tmp_path / "s.toml", '[[rules]]\nmatch = "model.layers.0.self_attn.q_a_proj"\nbits = 8\n')
     with pytest.raises(QuantMoeError, match=r"q_a_proj int8 .* but model\.layers\.0\.self_attn\.kv_a_proj_with_mqa"):
         quantmoe.quantize(src, tmp_path / "o", QuantConfig(group_size=32, recipe=split), calib=text_file, **QUICK)
+    kept = write_recipe(tmp_path / "k.toml", '[[rules]]\nmatch = "model.layers.1.self_attn.indexer.wk"\nbits = 8\n')
+    with pytest.raises(QuantMoeError, match="rule 1 .* names no quantized linear"):
+        quantmoe.quantize(src, tmp_path / "o", QuantConfig(group_size=32, recipe=kept), calib=text_file, **QUICK)
 
 
 # ----------------------------------------------------------------------------- what the export stores

@@ -83,7 +83,7 @@ def test_each_shape_names_its_routers_and_experts_as_quantmoe_does(name):
     except QuantMoeError:
         assert config["model_type"] == "glm4_moe", "only GLM may lack a row (being added on another branch)"
         return
-    assert set(arch.routers) == set(shape.routers) and set(arch.kept) == set(shape.kept)
+    assert set(arch.routers) == set(shape.routers) and set(shape.kept) <= set(arch.kept)
     for rel in shape.kept:  # kept in BF16 in every layer, as released
         assert all(not plan[f"model.layers.{i}.{rel}.weight"].fp8 for i in range(2))
     layer = plan_layer(arch, hf_config, moe)

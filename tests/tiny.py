@@ -54,6 +54,13 @@ TINY = {
                                                qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=32,
                                                index_topk=2048, num_attention_heads=4, num_key_value_heads=4,
                                                max_position_embeddings=256)),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                             num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                                             n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                                             q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16,
+                                             qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=32,
+                                             index_topk=2048, num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=256)),
     # GLM-4.5: DeepSeek-V3's MoE block (one group, as released) under GQA with q/k/v biases, qk-norm and
     # partial rotary; layer 0 dense.
     "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
@@ -212,12 +219,18 @@ def append_mtp_layer(folder: Path, seed: int = 1, head: bool = True) -> list[str
     return added
 
 
+# Kept linears (never quantized) that FP8 releases nonetheless store in FP8: DeepSeek-V3.2's and GLM-5's indexer key.
+RELEASED_FP8 = ("self_attn.indexer.wk",)
+
+
 def router_or_mtp_extra(model_type: str):
     """skip(name) for formats.fp8.write_fp8_release: the row's routers and kept linears, and the MTP layer's
-    embedding, head and eh_proj, which DeepSeek-V3's release keeps in BF16."""
+    embedding, head and eh_proj, which DeepSeek-V3's release keeps in BF16; but DeepSeek-V3.2's and GLM-5's
+    releases store their indexer's kept wk in FP8 (RELEASED_FP8)."""
     from quantmoe.model.architectures import ARCHITECTURES
 
-    routers = ARCHITECTURES[model_type].routers + ARCHITECTURES[model_type].kept
+    row = ARCHITECTURES[model_type]
+    routers = row.routers + tuple(k for k in row.kept if k not in RELEASED_FP8)
 
     def skip(name: str) -> bool:
         layer = ".".join(name.split(".")[:3])

@@ -124,7 +124,8 @@ class Architecture:
     # DeepSeek's e_score_correction_bias) is copied unchanged.
     routers: tuple[str, ...] = ()
     # Other linears of every layer that are never quantized and copied unchanged, as routers are (DeepSeek-V3.2's
-    # indexer's per-head weights, which vLLM and SGLang load unquantized): exact on-disk module paths.
+    # indexer's key projection and per-head weights, which vLLM loads unquantized): exact on-disk module paths. An
+    # FP8 release's are written as BF16, and GPTQ's ``dynamic`` excludes them for servers that would quantize them.
     kept: tuple[str, ...] = ()
     # Shared expert(s) fed every token in MoE layers.
     shared_expert: MLP | None = None
@@ -144,6 +145,11 @@ class Architecture:
     # after attention (pre-norm blocks): the MLP stage and the layer's outputs then start from h
     # instead of running attention again. None: the layer is always run whole.
     mlp_tail: tuple[str, str] | None = ("post_attention_layernorm", "mlp")
+    # (config attribute, the per-layer kinds the row knows): a config naming another kind is refused (GLM-5's
+    # indexer_types: "full" for a layer that runs its own indexer, "shared" for one that reuses another layer's).
+    layer_types: tuple[str, tuple[str, ...]] | None = None
+    # How many values the attention module returns: its output and weights, and GLM-5's the keys its indexer chose.
+    attention_outputs: int = 2
     # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
     logits_divisor: str | None = None
     # GPTQModel interop (--layout gptqmodel): whether GPTQModel 7.6 loads this family under the
@@ -259,14 +265,16 @@ _ATTENTION_MLA: Groups = (
     ("self_attn.kv_b_proj",),
     ("self_attn.o_proj",),
 )
-# DeepSeek-V3.2's sparse attention: MLA and its indexer, whose key projection reads the attention's input and whose
-# query projection the query's low-rank latent, as q_b_proj does (its per-head weights_proj stays unquantized: kept).
+# DeepSeek-V3.2's sparse attention: MLA and its indexer, whose query projection reads the query's low-rank latent, as
+# q_b_proj does. Its key projection wk and per-head weights_proj stay in 16 bits (_INDEXER_KEPT): vLLM runs the two
+# as one unquantized linear (wk_weights_proj), so it cannot load a quantized wk.
 _ATTENTION_MLA_INDEXER: Groups = (
-    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.indexer.wk"),
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
     ("self_attn.q_b_proj", "self_attn.indexer.wq_b"),
     ("self_attn.kv_b_proj",),
     ("self_attn.o_proj",),
 )
+_INDEXER_KEPT = ("self_attn.indexer.wk", "self_attn.indexer.weights_proj")
 _ATTENTION_MLA_NO_Q_LORA: Groups = (
     ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
     ("self_attn.kv_b_proj",),
@@ -276,7 +284,8 @@ _ATTENTION_MLA_NO_Q_LORA: Groups = (
 
 def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
               attention_if_none: tuple[tuple[str, Groups], ...] = (("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
-              unloaded: tuple[str, ...] = (), gptqmodel: bool = True, kept: tuple[str, ...] = ()) -> Architecture:
+              unloaded: tuple[str, ...] = (), gptqmodel: bool = True, kept: tuple[str, ...] = (),
+              attention_outputs: int = 2, layer_types: tuple[str, tuple[str, ...]] | None = None) -> Architecture:
     """DeepSeek's MoE block (routed experts, shared experts, a sigmoid router with its
     e_score_correction_bias, dense first layers), which GLM-4.5 shares with other attention."""
     return Architecture(
@@ -295,6 +304,8 @@ def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
         gptqmodel=gptqmodel,
         gptqmodel_dense_mlp=True,
         unloaded=unloaded,
+        attention_outputs=attention_outputs,
+        layer_types=layer_types,
         notes=notes,
     )
 
@@ -361,10 +372,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                                  "also Kimi K2 (`kimi_k2`: 384 experts, one group), whose per-layer "
                                  "`self_attn.rotary_emb.inv_freq` is copied, not loaded",
                   unloaded=("self_attn.rotary_emb.inv_freq",)),
-        _deepseek("deepseek_v32", "DeepSeek-V3.2: DeepSeek-V3 with sparse attention, whose indexer's `wq_b` and `wk` "
-                                  "are quantized with the attention (as vLLM and SGLang load them) and its "
-                                  "`weights_proj` is kept, as a router",
-                  attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=("self_attn.indexer.weights_proj",)),
+        _deepseek("deepseek_v32", "DeepSeek-V3.2: DeepSeek-V3 with sparse attention, whose indexer's `wq_b` is "
+                                  "quantized with q_b_proj and its `wk` and `weights_proj` kept in 16 bits (vLLM "
+                                  "runs them as one unquantized linear)",
+                  attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=_INDEXER_KEPT),
+        _deepseek("glm_moe_dsa", "GLM-5 and GLM-5.1: DeepSeek-V3.2's sparse attention (the indexer as there) and MoE "
+                                 "block, one expert group, 78 layers of which 3 dense",
+                  attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=_INDEXER_KEPT, attention_outputs=3,
+                  layer_types=("indexer_types", ("full",))),
         _deepseek("glm4_moe", "GLM-4.5/4.6: DeepSeek-V3's MoE block (sigmoid router with `e_score_correction_bias`, "
                               "shared expert, `first_k_dense_replace` dense layers) under grouped-query attention "
                               "with q/k/v biases, qk-norm and partial rotary",
@@ -473,12 +488,20 @@ def architecture_for(config) -> Architecture:
         raise QuantMoeError(f"unsupported architecture {model_type!r}: the model is a {what}, not a causal language "
                             f"model; quantmoe quantizes decoder-only Mixture-of-Experts LMs (supported: {supported})")
     try:
-        return ARCHITECTURES[model_type]
+        arch = ARCHITECTURES[model_type]
     except KeyError:
         raise QuantMoeError(
             f"unsupported architecture {model_type!r}; supported: {supported} "
             "(see docs/architectures.md to add one)"
         ) from None
+    if arch.layer_types is not None:
+        attribute, known = arch.layer_types
+        other = sorted({str(t) for t in getattr(config, attribute, None) or ()} - set(known))
+        if other:
+            raise QuantMoeError(f"this {model_type} model's config.json gives layers the {attribute} {other}, which "
+                                f"quantmoe cannot quantize yet (it knows {list(known)}); quantize a release whose "
+                                f"{attribute} are all of those")
+    return arch
 
 
 @dataclass(frozen=True)

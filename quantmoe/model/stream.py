@@ -578,7 +578,8 @@ class LayerStream:
         if projection_inputs is not None:
             attention = projection.rpartition(".")[0]
             stand_in = layer.get_submodule(attention)
-            layer.set_submodule(attention, ProjectionOnly(layer.get_submodule(projection), projection_inputs))
+            layer.set_submodule(attention, ProjectionOnly(layer.get_submodule(projection), projection_inputs,
+                                                         self.arch.attention_outputs))
         try:
             for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
                 b.hidden.copy_(h.view_as(b.hidden))
@@ -747,18 +748,21 @@ def check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
 
 class ProjectionOnly(nn.Module):
     """Stands in for an attention module whose output projection's inputs are known (``to_residual``):
-    each call takes the next batch's (tokens, features) input and returns (projection(input), None), shaped
-    as the call's hidden states, as the attention module returns its output and no weights."""
+    each call takes the next batch's (tokens, features) input and returns (projection(input), None, ...), shaped
+    as the call's hidden states, as the attention module returns its output and no weights. ``outputs``: how many
+    values the module it stands in for returns (the row's ``attention_outputs``), the rest None; the pass it
+    serves stops before the layer would use them."""
 
-    def __init__(self, projection: nn.Module, inputs: list[Tensor]):
+    def __init__(self, projection: nn.Module, inputs: list[Tensor], outputs: int = 2):
         super().__init__()
         self.projection = projection
         self.inputs = inputs
+        self.rest = (None,) * (outputs - 1)
 
-    def forward(self, *args, **kwargs) -> tuple[Tensor, None]:
+    def forward(self, *args, **kwargs) -> tuple[Tensor | None, ...]:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         x = self.inputs.pop(0)  # each is let go of once used
-        return self.projection(x.view(*hidden.shape[:-1], x.shape[-1])), None
+        return self.projection(x.view(*hidden.shape[:-1], x.shape[-1])), *self.rest
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:

@@ -12,6 +12,7 @@ unfinished one (resume.replay_layer).
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -184,6 +185,8 @@ class GptqMethod:
         skipped = [ckpt.layer_prefix(i) + n for i, us in units.items() for u in us if u.qcfg is None for n in u.names]
         overrides = [(rx, None if c is None else {"bits": c.bits, "group_size": c.group_size, "sym": c.sym})
                      for rx, c in patterns]
+        if self.layout == "source":  # kept linears a server might build quantized (gptqmodel's lists every one)
+            overrides += [(rf"^model\.layers\.\d+\.{re.escape(k)}$", None) for k in arch.kept]
         return quantization_config(qcfg, not_quantized, __version__, extra_layers, overrides, skipped)
 
     def export_layer(self, ckpt: Checkpoint, arch: Architecture, index: int,
