@@ -17,6 +17,7 @@ from quantmoe.base.recipe import PRESETS, Rule, load_recipe
 from quantmoe.formats.gptq_v1 import module_settings
 from quantmoe.model.architectures import ARCHITECTURES, plan_layer
 from quantmoe.model.checkpoint import Checkpoint
+from quantmoe.stages.precision import layer_units
 
 QUICK = dict(nsamples=4, seqlen=32, run_eval=False, quiet=True)
 
@@ -217,6 +218,29 @@ def test_experts_only_copies_the_rest_and_declares_it(tiny_model, text_file, tmp
     for i in range(src.config.num_hidden_layers):
         a, b = gptq.read_prefix(f"model.layers.{i}."), ct.read_prefix(f"model.layers.{i}.")
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+# vLLM's name of each MoE family's fused experts module, from its model files (models/<family>.py): the
+# module a GPTQ dynamic rule or a compressed-tensors target must match (MiniMax-M2 keeps Mixtral's names on disk,
+# but vLLM builds its MoE block under "mlp").
+VLLM_EXPERTS = {"mixtral": "block_sparse_moe.experts", "minimax_m2": "mlp.experts", "phimoe": "block_sparse_moe.experts",
+                "granitemoe": "block_sparse_moe.experts"}
+
+
+@pytest.mark.parametrize("model_type", [n for n in ARCH_NAMES if ARCHITECTURES[n].experts is not None])
+def test_an_experts_rule_matches_the_module_vllm_builds(tiny_model, model_type):
+    """A recipe's rule for a MoE layer's experts is written as one regex that matches the fused module vLLM looks
+    the scheme up on (its name, VLLM_EXPERTS, else ``mlp.experts``) and each expert linear on disk, not the router."""
+    config = Checkpoint(tiny_model(model_type)).config
+    arch = ARCHITECTURES[model_type]
+    index = next(i for i in range(config.num_hidden_layers) if arch.is_moe_layer(config, i))
+    plan = plan_layer(arch, config, index)
+    (unit,) = [u for u in layer_units(plan, QuantConfig(), f"model.layers.{index}.") if u.kind == "expert"]
+    names = [VLLM_EXPERTS.get(model_type, "mlp.experts"), plan.experts.linear("gate", 0),
+             plan.experts.linear("down", plan.num_experts - 1)]
+    for name in names:
+        assert re.fullmatch(unit.pattern, name), (unit.pattern, name)
+    assert not any(re.fullmatch(unit.pattern, r) for r in plan.routers)
 
 
 def test_mixed_bits_in_compressed_tensors(tiny_model, text_file, tmp_path):

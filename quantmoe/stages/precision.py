@@ -61,10 +61,14 @@ def _siblings(names: list[str]) -> str:
 
 
 def _experts_pattern(plan: LayerPlan) -> str:
-    """``block_sparse_moe\\.experts(?:\\.\\d+\\.(?:w1|w3|w2))?``: the MoE module vLLM looks up and each expert linear."""
+    """``(?:block_sparse_moe|mlp)\\.experts(?:\\.\\d+\\.(?:w1|w3|w2))?``: the MoE module vLLM looks up, under the
+    on-disk name or the in-memory one (vLLM's Mixtral is ``block_sparse_moe.experts``, its MiniMax-M2, on the same
+    names on disk, ``mlp.experts``), and each expert linear."""
     head, tail = plan.experts.prefix.split("{e}")
+    modules = list(dict.fromkeys([head.rstrip("."), plan.fused.module]))
+    module = re.escape(modules[0]) if len(modules) == 1 else "(?:" + "|".join(map(re.escape, modules)) + ")"
     leaves = "|".join(re.escape(plan.experts.linear(w, 0).rpartition(".")[2]) for w in ("gate", "up", "down"))
-    return f"{re.escape(head.rstrip('.'))}(?:\\.\\d+{re.escape(tail)}\\.(?:{leaves}))?"
+    return f"{module}(?:\\.\\d+{re.escape(tail)}\\.(?:{leaves}))?"
 
 
 def layer_units(plan: LayerPlan, qcfg: QuantConfig, prefix: str) -> list[Unit]:
