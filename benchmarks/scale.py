@@ -2,7 +2,7 @@
 
 The checkpoint is written here, layer by layer, as Hub-layout safetensors shards of random
 weights at the shapes of one of the released models in SHAPES (each row is that model's
-config.json, with its source): Mixtral-8x7B, Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3,
+config.json, with its source): Mixtral-8x7B, Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Next, DeepSeek-V3,
 DeepSeek-V3.2, GLM-5, Kimi K2, MiniMax-M2 or GLM-4.5. Only the depth is cut (``--layers N``): a model whose first layers are
 dense keeps one dense layer, then N-1 MoE layers (``first_k_dense_replace`` 1), and the
 multi-token-prediction layer is left out unless ``--mtp``. Tensor names and shapes are
@@ -188,6 +188,31 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         fp8_release="Qwen/Qwen3-235B-A22B-FP8: block-wise, 128 x 128 (the format written here)",
     ),
     Shape(
+        name="qwen3-next",
+        source="Qwen/Qwen3-Next-80B-A3B-Instruct config.json, verbatim from a model-info report, with its tensor "
+               "inventory; layer_types left to the config (3 linear-attention layers to 1 full, "
+               "full_attention_interval 4)",
+        config={"architectures": ["Qwen3NextForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                "decoder_sparse_step": 1, "eos_token_id": 151645, "full_attention_interval": 4, "head_dim": 256,
+                "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5120,
+                "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+                "linear_num_value_heads": 32, "linear_value_head_dim": 128, "max_position_embeddings": 262144,
+                "mlp_only_layers": [], "model_type": "qwen3_next", "moe_intermediate_size": 512,
+                "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 512, "num_experts_per_tok": 10,
+                "num_hidden_layers": 48, "num_key_value_heads": 2, "output_router_logits": False,
+                "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000000,
+                "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512, "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+        routers=("mlp.gate", "mlp.shared_expert_gate"),
+        reduced={**_REDUCED_GQA, "num_experts": 16, "shared_expert_intermediate_size": 128, "linear_num_key_heads": 2,
+                 "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64},
+        fp8_release="Qwen/Qwen3-Next-80B-A3B-Instruct-FP8: block-wise, 128 x 128 (the format written here), the "
+                    "linear attention's in_proj_ba in BF16; its MTP block (mtp.*) is not written here",
+        kept=("linear_attn.in_proj_ba",),
+        notes="512 experts of 512 (top-10) and a gated shared expert; 36 of 48 layers linear attention (Gated "
+              "DeltaNet: 16 key heads, 32 value heads of 128), the others gated full attention (16 heads of 256)",
+    ),
+    Shape(
         name="deepseek-v3",
         source="deepseek-ai/DeepSeek-V3 config.json, reconstructed from a printed DeepseekV3Config of the repo, "
                "vllm-ascend issue #206 (its raw config.json) and the repo's inference/configs/config_671B.json; "
@@ -356,18 +381,17 @@ def transformers_config(config: dict, shape: Shape):
     return transformers.AutoConfig.for_model(shape.transformers_type or config["model_type"], **fields)
 
 
-def layer_templates(config: dict, shape: Shape) -> tuple[dict, dict | None, dict]:
-    """(outside the layers, a dense layer, an MoE layer): {on-disk name: shape}, layer-relative
-    for the layers, as ``save_pretrained`` writes a model of ``config``.
+def layer_templates(config: dict, shape: Shape) -> tuple[dict, list[dict]]:
+    """(outside the layers, each decoder layer): {on-disk name: shape}, layer-relative for the
+    layers, as ``save_pretrained`` writes a model of ``config`` (the run's: its layers differ where the
+    config names kinds of layer, Qwen3-Next's linear and full attention).
 
-    transformers builds a two-layer model on the meta device (no memory at any width) and its
+    transformers builds the model on the meta device (no memory at any width) and its
     save-time conversion (``revert_weight_conversion``) names the tensors as a checkpoint on
     the Hub does, experts one per expert.
     """
-    dense_first = bool(config.get("first_k_dense_replace"))
-    probe = {**config, "num_hidden_layers": 2, **({"first_k_dense_replace": 1} if dense_first else {})}
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(transformers_config(probe, shape))
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(config, shape))
     shapes = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, model.state_dict()).items()}
 
     def layer(i: int) -> dict:
@@ -375,7 +399,7 @@ def layer_templates(config: dict, shape: Shape) -> tuple[dict, dict | None, dict
         return {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
 
     outside = {k: s for k, s in shapes.items() if not k.startswith("model.layers.")}
-    return outside, layer(0) if dense_first else None, layer(1)
+    return outside, [layer(i) for i in range(config["num_hidden_layers"])]
 
 
 def mtp_extras(config: dict, shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -392,11 +416,10 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
     """The checkpoint's parts in writing order, (kind, {tensor name: TensorSpec}): the embeddings
     and head ("outside"), then each decoder layer ("dense" or "moe"), then with ``mtp`` the MTP
     layer ("mtp")."""
-    outside, dense, moe = layer_templates(config, shape)
+    outside, layers = layer_templates(config, shape)
     if shape.rotary_tables:  # not a parameter of transformers' model, so not in the templates
-        for template in (dense, moe):
-            if template is not None:
-                template["self_attn.rotary_emb.inv_freq"] = (config["qk_rope_head_dim"] // 2,)
+        for template in layers:
+            template["self_attn.rotary_emb.inv_freq"] = (config["qk_rope_head_dim"] // 2,)
 
     def specs(prefix: str, template: dict, linears: bool) -> dict[str, TensorSpec]:
         out = {}
@@ -410,10 +433,10 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
 
     parts = [("outside", specs("", outside, linears=False))]
     for i, kind in enumerate(layer_kinds(config)):
-        parts.append((kind, specs(f"model.layers.{i}.", dense if kind == "dense" else moe, True)))
+        parts.append((kind, specs(f"model.layers.{i}.", layers[i], True)))
     if mtp:
         n = config["num_hidden_layers"]
-        block = specs(f"model.layers.{n}.", moe, True)
+        block = specs(f"model.layers.{n}.", layers[-1], True)  # the last layer is an MoE layer
         block.update(specs(f"model.layers.{n}.", mtp_extras(config, shape), linears=False))  # BF16 in the release
         parts.append(("mtp", block))
     return parts

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import (
     GLM_FP8,
+    append_mtp_block,
     append_mtp_layer,
     dequantized_copy,
     make_model,
@@ -418,6 +419,39 @@ def test_sparse_attention_fp8_release_quantizes_as_its_bf16_conversion(tmp_path,
             assert any(rx.match(name) for rx in dynamic) == excluded, name
             assert (name in qc["modules_not_quantized"]) == excluded, name
     assert cli("verify", tmp_path / "from-fp8").returncode == 0
+
+
+def test_qwen3_next_fp8_release_with_its_mtp_block_quantizes_as_its_bf16_conversion(tmp_path, text_file):
+    """Qwen3-Next's release: linear-attention layers (Gated DeltaNet) between full-attention ones, and its
+    multi-token-prediction block outside the decoder layers (``mtp.*``). Quantized from FP8, the export is the one of
+    its exact BF16 conversion, byte for byte: the linear attention's in_proj_qkvz and out_proj quantized, its
+    in_proj_ba and conv1d kept as released; the MTP block copied unquantized and excluded by one ``-:^mtp\\.`` rule
+    (compressed-tensors: ignored); verify passes."""
+    bf16 = make_model("qwen3_next", tmp_path / "bf16", dtype=torch.bfloat16)
+    added = append_mtp_block(bf16)
+    release = write_fp8_release(bf16, tmp_path / "fp8", block=BLOCK, skip=router_or_mtp_extra("qwen3_next"))
+    stored = load_file(release / "model.safetensors")
+    linear = "model.layers.1.linear_attn."
+    assert stored[linear + "in_proj_qkvz.weight"].dtype == torch.float8_e4m3fn
+    assert stored[linear + "in_proj_ba.weight"].dtype == torch.bfloat16
+    exported = _as_its_bf16_conversion(release, tmp_path, text_file)
+    for layer, kind in ((1, "linear_attn"), (3, "self_attn")):
+        prefix = f"model.layers.{layer}.{kind}."
+        projections = ("in_proj_qkvz", "out_proj") if kind == "linear_attn" else ("q_proj", "k_proj", "v_proj", "o_proj")
+        assert {prefix + f"{p}.qweight" for p in projections} <= set(exported), layer
+    for name in ("in_proj_ba.weight", "conv1d.weight", "A_log", "dt_bias", "norm.weight"):
+        assert torch.equal(exported[linear + name], stored[linear + name]), name
+    assert sorted(n for n in exported if n.startswith("mtp.")) == sorted(added)
+    assert all(torch.equal(exported[n], stored[n]) for n in added)
+    qc = json.loads((tmp_path / "from-fp8" / "config.json").read_text())["quantization_config"]
+    assert r"-:^mtp\." in qc["dynamic"]
+    assert any(re.match(rule[2:], "mtp.layers.0.mlp.experts") for rule in qc["dynamic"])
+    assert not any(re.match(rule[2:], "model.layers.3.mlp.experts") for rule in qc["dynamic"])
+    assert cli("verify", tmp_path / "from-fp8").returncode == 0
+    ct = tmp_path / "ct"
+    _quantize_each([(release, ct)], text_file, "--no-eval", "--format", "compressed-tensors")
+    ignore = json.loads((ct / "config.json").read_text())["quantization_config"]["ignore"]
+    assert r"re:^mtp\." in ignore and "model.layers.1.linear_attn.in_proj_ba" in ignore
 
 
 # ----------------------------------------------------------------------------- Kimi K2

@@ -71,9 +71,10 @@ def test_each_shape_names_its_routers_and_experts_as_quantmoe_does(name):
     plan = plan_shapes(name)
     moe = kinds.index("moe")
     experts = config.get("n_routed_experts") or config.get("num_experts") or config.get("num_local_experts")
-    for router in shape.routers:  # BF16 unless the release stores it fp32 (MiniMax-M2's)
+    for router in shape.routers:  # BF16 unless the release stores it fp32 (MiniMax-M2's); a shared expert's gate: 1 row
         dtype = torch.float32 if f"{router}.weight" in shape.fp32 else torch.bfloat16
-        assert plan[f"model.layers.{moe}.{router}.weight"] == ((experts, config["hidden_size"]), dtype, False, None)
+        rows = 1 if router.endswith("shared_expert_gate") else experts
+        assert plan[f"model.layers.{moe}.{router}.weight"] == ((rows, config["hidden_size"]), dtype, False, None)
     for rel in shape.fp32:
         assert plan[f"model.layers.{moe}.{rel}"].dtype == torch.float32
     assert kinds == (["dense", "moe"] if shape.config.get("first_k_dense_replace") else ["moe", "moe"])
@@ -83,7 +84,7 @@ def test_each_shape_names_its_routers_and_experts_as_quantmoe_does(name):
     except QuantMoeError:
         assert config["model_type"] == "glm4_moe", "only GLM may lack a row (being added on another branch)"
         return
-    assert set(arch.routers) == set(shape.routers) and set(shape.kept) <= set(arch.kept)
+    assert set(arch.routers) == set(shape.routers) and set(shape.kept) <= set(arch.kept_linears())
     for rel in shape.kept:  # kept in BF16 in every layer, as released
         assert all(not plan[f"model.layers.{i}.{rel}.weight"].fp8 for i in range(2))
     layer = plan_layer(arch, hf_config, moe)

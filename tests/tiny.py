@@ -28,6 +28,12 @@ TINY = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                                          num_hidden_layers=3, num_experts=16, num_experts_per_tok=4, head_dim=16,
                                          mlp_only_layers=[0], **_ATTN)),
+    # Qwen3-Next: layers 0-2 linear attention (Gated DeltaNet), layer 3 gated full attention; layer 0 dense.
+    "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=64, num_hidden_layers=4, num_experts=8,
+                                           num_experts_per_tok=2, head_dim=16, linear_num_key_heads=2,
+                                           linear_num_value_heads=4, linear_key_head_dim=16,
+                                           linear_value_head_dim=16, mlp_only_layers=[0], **_ATTN)),
     # OLMoE: 64 experts, top-8, as the released model; q/k norms.
     "olmoe": ("OlmoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_experts=64,
                                   num_experts_per_tok=8, pad_token_id=0, eos_token_id=0, **_ATTN)),
@@ -219,6 +225,35 @@ def append_mtp_layer(folder: Path, seed: int = 1, head: bool = True) -> list[str
     return added
 
 
+def append_mtp_block(folder: Path, seed: int = 1) -> list[str]:
+    """Append Qwen3-Next's multi-token-prediction block to the one-shard checkpoint ``folder``, as its release
+    carries it outside the decoder layers: ``mtp.fc`` (H, 2H), ``mtp.norm``, ``mtp.pre_fc_norm_embedding``,
+    ``mtp.pre_fc_norm_hidden`` (H) and ``mtp.layers.0.*``, a decoder block with the names and shapes of the last
+    (full-attention) layer and new random values. Returns the names added."""
+    import json
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    last, hidden = f"model.layers.{config['num_hidden_layers'] - 1}.", config["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    added: list[str] = []
+
+    def change(tensors: dict) -> dict:
+        dtype = tensors["model.norm.weight"].dtype
+        new = {"mtp.fc.weight": 0.1 * torch.randn(hidden, 2 * hidden, generator=g)}
+        new |= {f"mtp.{n}.weight": 1 + 0.05 * torch.randn(hidden, generator=g)
+                for n in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden")}
+        for name in [k for k in tensors if k.startswith(last)]:
+            x = tensors[name].float()
+            new["mtp.layers.0." + name[len(last):]] = torch.randn(x.shape, generator=g) * x.std() + x.mean()
+        tensors |= {k: v.to(dtype) for k, v in new.items()}
+        added.extend(sorted(new))
+        return tensors
+
+    _rewrite_single_shard(folder, change)
+    return added
+
+
 # Kept linears (never quantized) that FP8 releases nonetheless store in FP8: DeepSeek-V3.2's and GLM-5's indexer key.
 RELEASED_FP8 = ("self_attn.indexer.wk",)
 
@@ -230,7 +265,7 @@ def router_or_mtp_extra(model_type: str):
     from quantmoe.model.architectures import ARCHITECTURES
 
     row = ARCHITECTURES[model_type]
-    routers = row.routers + tuple(k for k in row.kept if k not in RELEASED_FP8)
+    routers = row.routers + tuple(k for k in row.kept_linears() if k not in RELEASED_FP8)
 
     def skip(name: str) -> bool:
         layer = ".".join(name.split(".")[:3])

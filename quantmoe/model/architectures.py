@@ -93,6 +93,17 @@ def _first_k_dense(config, index: int) -> bool:
     return index >= (getattr(config, "first_k_dense_replace", 0) or 0)
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """Layers of one kind, where a per-layer list of the config names each layer's (``Architecture.layer_types``):
+    what such a layer holds where it differs from the row (None: the row's)."""
+
+    name: str
+    attention: Groups | None = None      # its token mixer's linears (Qwen3-Next's linear attention)
+    kept: tuple[str, ...] | None = None  # its linears never quantized
+    outputs: int | None = None           # what its token mixer returns (1: a bare tensor)
+
+
 # Which decoder layers hold routed experts, by rule name (the row's ``sparse_rule``).
 SPARSE_RULES = {"all": _all_layers, "sparse_step": _sparse_step, "first_k_dense": _first_k_dense}
 
@@ -145,9 +156,13 @@ class Architecture:
     # after attention (pre-norm blocks): the MLP stage and the layer's outputs then start from h
     # instead of running attention again. None: the layer is always run whole.
     mlp_tail: tuple[str, str] | None = ("post_attention_layernorm", "mlp")
-    # (config attribute, the per-layer kinds the row knows): a config naming another kind is refused (GLM-5's
-    # indexer_types: "full" for a layer that runs its own indexer, "shared" for one that reuses another layer's).
-    layer_types: tuple[str, tuple[str, ...]] | None = None
+    # (config attribute, the kinds of layer the row knows): the config's per-layer list names each layer's kind
+    # (Qwen3-Next's layer_types: linear or full attention); a config naming another kind is refused (GLM-5's
+    # indexer_types: "full" for a layer that runs its own indexer, not "shared" for one that reuses another's).
+    layer_types: tuple[str, tuple[LayerKind, ...]] | None = None
+    # Checkpoint prefixes outside the decoder layers that are copied unquantized and declared so (Qwen3-Next's
+    # multi-token-prediction block, "mtp."; DeepSeek's MTP layers are decoder layers past the last: extra_layers).
+    unquantized_prefixes: tuple[str, ...] = ()
     # How many values the attention module returns: its output and weights, and GLM-5's the keys its indexer chose.
     attention_outputs: int = 2
     # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
@@ -171,6 +186,20 @@ class Architecture:
 
     def num_experts(self, config) -> int:
         return int(getattr(config, self.num_experts_attr))
+
+    def layer_kind(self, config, index: int) -> LayerKind:
+        """The kind of decoder layer ``index`` (``layer_types``); the row itself where it has no kinds."""
+        if self.layer_types is None:
+            return LayerKind("")
+        attribute, kinds = self.layer_types
+        names = getattr(config, attribute, None) or ()
+        name = str(names[index]) if index < len(names) else kinds[0].name
+        return next(k for k in kinds if k.name == name)  # architecture_for refused the others
+
+    def kept_linears(self) -> tuple[str, ...]:
+        """Every linear some layer keeps in 16 bits (``kept``, and its kinds')."""
+        kinds = self.layer_types[1] if self.layer_types else ()
+        return tuple(dict.fromkeys(self.kept + tuple(n for k in kinds for n in k.kept or ())))
 
     def attention_groups(self, config) -> Groups:
         for attribute, groups in self.attention_if_none:
@@ -285,7 +314,8 @@ _ATTENTION_MLA_NO_Q_LORA: Groups = (
 def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
               attention_if_none: tuple[tuple[str, Groups], ...] = (("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
               unloaded: tuple[str, ...] = (), gptqmodel: bool = True, kept: tuple[str, ...] = (),
-              attention_outputs: int = 2, layer_types: tuple[str, tuple[str, ...]] | None = None) -> Architecture:
+              attention_outputs: int = 2, layer_types: tuple[str, tuple[LayerKind, ...]] | None = None
+              ) -> Architecture:
     """DeepSeek's MoE block (routed experts, shared experts, a sigmoid router with its
     e_score_correction_bias, dense first layers), which GLM-4.5 shares with other attention."""
     return Architecture(
@@ -308,6 +338,19 @@ def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
         layer_types=layer_types,
         notes=notes,
     )
+
+
+# Qwen3-Next's linear attention (Gated DeltaNet): in_proj_qkvz reads the layer's normed input (in_proj_ba too, kept)
+# and out_proj the gated, normed output of the recurrence. in_proj_ba (per value head, the recurrence's step size
+# and decay) stays in 16 bits, as Qwen's FP8 release keeps it and vLLM's FP8 path requires (it builds it
+# quantized under GPTQ, so the export's dynamic excludes it); so does its short convolution conv1d (not a linear;
+# vLLM builds it unquantized).
+_LINEAR_ATTENTION = LayerKind(
+    "linear_attention",
+    attention=(("linear_attn.in_proj_qkvz",), ("linear_attn.out_proj",)),
+    kept=("linear_attn.in_proj_ba", "linear_attn.conv1d"),
+    outputs=1,
+)
 
 
 # Model types whose config.json is read as another's config: Kimi K2 ships DeepSeek-V3's
@@ -358,6 +401,22 @@ ARCHITECTURES: dict[str, Architecture] = {
             notes="many small experts, no shared expert; q/k norms",
         ),
         Architecture(
+            model_type="qwen3_next",
+            attention=_ATTENTION_QKVO,
+            experts=MLP("mlp.experts.{e}"),
+            moe_module="mlp",
+            router_module="mlp.gate",
+            routers=("mlp.gate", "mlp.shared_expert_gate"),
+            shared_expert=MLP("mlp.shared_expert"),
+            dense_mlp=MLP("mlp"),
+            num_experts_attr="num_experts",
+            sparse_rule="sparse_step",
+            layer_types=("layer_types", (LayerKind("full_attention"), _LINEAR_ATTENTION)),
+            unquantized_prefixes=("mtp.",),
+            notes="Qwen3-Next: Qwen2-MoE's MoE block (512 experts, a gated shared expert) under three linear-attention "
+                  "(Gated DeltaNet) layers to one gated full-attention layer; `linear_attn.in_proj_ba` kept",
+        ),
+        Architecture(
             model_type="olmoe",
             attention=_ATTENTION_QKVO,
             experts=MLP("mlp.experts.{e}"),
@@ -379,7 +438,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         _deepseek("glm_moe_dsa", "GLM-5 and GLM-5.1: DeepSeek-V3.2's sparse attention (the indexer as there) and MoE "
                                  "block, one expert group, 78 layers of which 3 dense",
                   attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=_INDEXER_KEPT, attention_outputs=3,
-                  layer_types=("indexer_types", ("full",))),
+                  layer_types=("indexer_types", (LayerKind("full"),))),
         _deepseek("glm4_moe", "GLM-4.5/4.6: DeepSeek-V3's MoE block (sigmoid router with `e_score_correction_bias`, "
                               "shared expert, `first_k_dense_replace` dense layers) under grouped-query attention "
                               "with q/k/v biases, qk-norm and partial rotary",
@@ -495,7 +554,8 @@ def architecture_for(config) -> Architecture:
             "(see docs/architectures.md to add one)"
         ) from None
     if arch.layer_types is not None:
-        attribute, known = arch.layer_types
+        attribute, kinds = arch.layer_types
+        known = [k.name for k in kinds]
         other = sorted({str(t) for t in getattr(config, attribute, None) or ()} - set(known))
         if other:
             raise QuantMoeError(f"this {model_type} model's config.json gives layers the {attribute} {other}, which "
@@ -516,6 +576,7 @@ class LayerPlan:
     dense_mlp: MLP | None
     routers: tuple[str, ...] = field(default=())
     fused: FusedExperts | None = None  # set in MoE layers
+    attention_outputs: int = 2  # what its token mixer returns (Architecture.attention_outputs, LayerKind.outputs)
 
     def quantized_linears(self) -> list[str]:
         """Every on-disk linear path (layer-relative) this layer quantizes, in order."""
@@ -589,15 +650,17 @@ def plan_layer(arch: Architecture, config, index: int, layout: str = "source") -
     moe = arch.is_moe_layer(config, index)
     skip_dense = layout == "gptqmodel" and arch.experts is not None and not arch.gptqmodel_dense_mlp
     dense = None if moe or skip_dense else arch.dense_mlp
+    kind = arch.layer_kind(config, index)
     return LayerPlan(
         index=index,
-        attention=arch.attention_groups(config),
+        attention=arch.attention_groups(config) if kind.attention is None else kind.attention,
         experts=arch.experts if moe else None,
         num_experts=arch.num_experts(config) if moe else 0,
         shared_expert=arch.shared_expert if moe else None,
         dense_mlp=dense,
-        routers=(arch.routers if moe else ()) + arch.kept,
+        routers=(arch.routers if moe else ()) + (arch.kept if kind.kept is None else kind.kept),
         fused=arch.fused if moe else None,
+        attention_outputs=arch.attention_outputs if kind.outputs is None else kind.outputs,
     )
 
 
@@ -645,11 +708,17 @@ def markdown_table() -> str:
     def code(text: str | None) -> str:
         return f"`{text}`" if text else "-"
 
+    def groups(attention: Groups) -> str:
+        return " ".join("(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in attention)
+
     for row in sorted(ARCHITECTURES.values(), key=lambda r: r.model_type):
-        attention = " ".join("(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in row.attention)
-        for attribute, groups in row.attention_if_none:
-            attention += f"; without `{attribute}`: " + " ".join(
-                "(" + ", ".join(n.rsplit(".", 1)[-1] for n in g) + ")" for g in groups)
+        attention = groups(row.attention)
+        for attribute, other in row.attention_if_none:
+            attention += f"; without `{attribute}`: " + groups(other)
+        attribute, kinds = row.layer_types or ("", ())
+        for kind in kinds:
+            if kind.attention is not None:
+                attention += f"; `{attribute}` {kind.name}: " + groups(kind.attention)
         if row.experts is None:
             experts = memory = "-"
         else:
@@ -661,7 +730,8 @@ def markdown_table() -> str:
             memory = (f"`{row.fused.module}.{row.fused.gate_up}` ({'+'.join(row.fused.halves)}), "
                       f"router `{row.router_module}`")
         lines.append(" | ".join([
-            f"| `{row.model_type}`", attention, experts, memory, ", ".join(code(r) for r in row.routers + row.kept) or "-",
+            f"| `{row.model_type}`", attention, experts, memory,
+            ", ".join(code(r) for r in row.routers + row.kept_linears()) or "-",
             code(row.shared_expert.prefix) if row.shared_expert else "-",
             code(row.dense_mlp.prefix) if row.dense_mlp else "-",
             "-" if row.experts is None else layers_text[row.sparse_rule], row.notes]) + " |")

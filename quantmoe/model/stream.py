@@ -563,7 +563,8 @@ class LayerStream:
     # -- the MLP half of a pre-norm layer (the row's ``mlp_tail``) ---------------------
     @torch.no_grad()
     def to_residual(self, layer: nn.Module, batches: list[Batch], ranks: Ranks = SINGLE,
-                    projection_inputs: list[Tensor] | None = None, projection: str | None = None) -> Iterator[Tensor]:
+                    projection_inputs: list[Tensor] | None = None, projection: str | None = None,
+                    returns: int = 2) -> Iterator[Tensor]:
         """Turn every batch's hidden state, the layer's input, into the residual stream after
         attention (the input of the row's post-attention norm), in place, and yield the MLP's
         input for each batch, (tokens, features). Attention runs once more here and never again
@@ -572,14 +573,14 @@ class LayerStream:
         ``projection_inputs``: each batch's input of attention's output ``projection`` (a layer-relative
         path, e.g. ``self_attn.o_proj``), captured by an earlier pass through the same attention weights
         (one process): the attention module then only runs that projection on it (``ProjectionOnly``),
-        the same bits as running attention again. The list is emptied as the batches go."""
+        the same bits as running attention again (``returns``: how many values the attention module returns, the
+        layer plan's ``attention_outputs``). The list is emptied as the batches go."""
         norm = layer.get_submodule(self.arch.mlp_tail[0])
         attention = stand_in = None
         if projection_inputs is not None:
             attention = projection.rpartition(".")[0]
             stand_in = layer.get_submodule(attention)
-            layer.set_submodule(attention, ProjectionOnly(layer.get_submodule(projection), projection_inputs,
-                                                         self.arch.attention_outputs))
+            layer.set_submodule(attention, ProjectionOnly(layer.get_submodule(projection), projection_inputs, returns))
         try:
             for b, h in zip(batches, self.capture(layer, batches, self.arch.mlp_tail[0], ranks)):
                 b.hidden.copy_(h.view_as(b.hidden))
@@ -750,19 +751,20 @@ class ProjectionOnly(nn.Module):
     """Stands in for an attention module whose output projection's inputs are known (``to_residual``):
     each call takes the next batch's (tokens, features) input and returns (projection(input), None, ...), shaped
     as the call's hidden states, as the attention module returns its output and no weights. ``outputs``: how many
-    values the module it stands in for returns (the row's ``attention_outputs``), the rest None; the pass it
-    serves stops before the layer would use them."""
+    values the module it stands in for returns (the layer plan's ``attention_outputs``), the rest None (1: the
+    output alone, not in a tuple); the pass it serves stops before the layer would use them."""
 
     def __init__(self, projection: nn.Module, inputs: list[Tensor], outputs: int = 2):
         super().__init__()
         self.projection = projection
         self.inputs = inputs
-        self.rest = (None,) * (outputs - 1)
+        self.outputs = outputs
 
-    def forward(self, *args, **kwargs) -> tuple[Tensor | None, ...]:
+    def forward(self, *args, **kwargs) -> Tensor | tuple[Tensor | None, ...]:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         x = self.inputs.pop(0)  # each is let go of once used
-        return self.projection(x.view(*hidden.shape[:-1], x.shape[-1])), *self.rest
+        out = self.projection(x.view(*hidden.shape[:-1], x.shape[-1]))
+        return out if self.outputs == 1 else (out, *(None,) * (self.outputs - 1))
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor:

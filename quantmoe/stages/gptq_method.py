@@ -179,14 +179,15 @@ class GptqMethod:
         """GPTQ's (with the recipe's dynamic overrides and skips), or compressed-tensors' with ``format``."""
         qcfg, not_quantized = self.config, not_quantized_modules(arch, ckpt.config, self.layout)
         units = {i: self.units(ckpt, arch, i) for i in range(ckpt.config.num_hidden_layers)}
-        patterns = recipe_patterns(units, qcfg)
+        patterns = recipe_patterns(units, qcfg) + [(f"^{re.escape(p)}", None) for p in arch.unquantized_prefixes
+                                                   if ckpt.names(p)]
         if qcfg.format == "compressed-tensors":
             return compressed_config(qcfg, not_quantized, __version__, sorted(extra_layers), patterns)
         skipped = [ckpt.layer_prefix(i) + n for i, us in units.items() for u in us if u.qcfg is None for n in u.names]
         overrides = [(rx, None if c is None else {"bits": c.bits, "group_size": c.group_size, "sym": c.sym})
                      for rx, c in patterns]
         if self.layout == "source":  # kept linears a server might build quantized (gptqmodel's lists every one)
-            overrides += [(rf"^model\.layers\.\d+\.{re.escape(k)}$", None) for k in arch.kept]
+            overrides += [(rf"^model\.layers\.\d+\.{re.escape(k)}$", None) for k in arch.kept_linears()]
         return quantization_config(qcfg, not_quantized, __version__, extra_layers, overrides, skipped)
 
     def export_layer(self, ckpt: Checkpoint, arch: Architecture, index: int,

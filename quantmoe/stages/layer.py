@@ -319,7 +319,7 @@ class LayerQuantizer:
                 return self.stream.mlp_inputs(layer, batches, self.ranks)
             if not original and self._attention_output is not None:
                 (path, outputs), self._attention_output = self._attention_output, None
-                return self.stream.to_residual(layer, batches, self.ranks, outputs, path)
+                return self.stream.to_residual(layer, batches, self.ranks, outputs, path, self.plan.attention_outputs)
             return self.stream.to_residual(layer, batches, self.ranks)
         if original and module_path == self._last_attention_path:
             return self.stream.capture_to_residual(layer, batches, module_path, self.ranks)
