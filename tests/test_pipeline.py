@@ -607,6 +607,34 @@ def test_a_seqlen_beyond_the_models_context_is_noted_in_eval_and_quantize(tiny_m
         assert ("use --seqlen 256 or less" in err) is said
 
 
+def test_where_vllm_would_not_serve_the_experts_with_marlin_is_noted(tiny_model, text_file, tmp_path):
+    """The tiny Qwen3-MoE's experts are 64 wide: at group size 32, vLLM's Marlin MoE kernels take them at tensor-parallel
+    size 1 and 2 only (a rank's share 16 at 4, 8 at 8), and elsewhere vLLM falls back to MoeWNA16, which ignores
+    ``dynamic``: said in a note (summary, quantization_log.json, the model card) that names the sizes and the way
+    out; with one group per row (-1) nothing is said."""
+    model = tiny_model("qwen3_moe")
+    notes = {}
+    for group in (32, -1):
+        out = tmp_path / f"g{group}"
+        summary = quantmoe.quantize(model, out, QuantConfig(backend="rtn", group_size=group), calib=text_file,
+                                    nsamples=1, seqlen=32, device="cpu", run_eval=False, quiet=True)
+        notes[group] = [n for n in summary["notes"] if n.startswith("vLLM ")]
+        assert notes[group] == [n for n in json.loads((out / "quantization_log.json").read_text())["notes"]
+                                if n.startswith("vLLM ")]
+        assert all(f"- {n}" in (out / "README.md").read_text() for n in notes[group])
+    assert notes[-1] == []
+    from quantmoe.apps.inspection import inspect_model, render_text
+
+    for group in (32, -1):  # inspect foresees it
+        report = inspect_model(model, group_size=group)
+        assert report["notes"] == notes[group]
+        assert all(f"note: {n}" in render_text(report) for n in notes[group])
+    (note,) = notes[32]
+    assert note.startswith("vLLM serves the routed experts with its Marlin MoE kernels at --tensor-parallel-size 1, 2; "
+                           "at 4, 8 a rank's share of their intermediate size 64 (16 at 4) is not a multiple of the "
+                           "group size 32") and "--enable-expert-parallel" in note
+
+
 @pytest.mark.parametrize("room", [True, False])
 def test_eval_reads_each_next_layer_in_the_background_when_memory_allows(tiny_model, text_file, monkeypatch, room):
     """The evaluation reads layer i+1 in its reader thread while layer i runs, and in its own thread when

@@ -28,6 +28,7 @@ from ..base.options import QuantConfig, RunOptions
 from ..gptq.core import QuantSpec
 from ..model.architectures import architecture_for, plan_layer
 from ..model.checkpoint import Checkpoint
+from ..stages.gptq_method import tensor_parallel_note
 from ..stages.report import ranges
 
 CLASSES = ("attention", "routed expert", "shared expert", "dense MLP", "router", "not quantized",
@@ -178,6 +179,7 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
         "class_bits": {c: {"bits": sorted(v[2]), "bits_per_weight": v[0] / v[1]}
                        for c in CLASSES for v in [per_class.get(c)] if v and v[1]},
         "source": source,
+        "notes": [n for n in (tensor_parallel_note(ckpt, arch, qcfg),) if n],
         "tensors": [asdict(e) for e in sorted(entries.values(), key=lambda e: (e.pattern, e.cls))],
         "classes": {c: v for c, v in classes.items() if v["tensors"]},
         "totals": {
@@ -246,6 +248,7 @@ def render_text(report: dict) -> str:
     if "not exported" in r["classes"]:
         lines.append(f"tensors of layers >= {r['num_layers']} (num_hidden_layers) are not loaded by transformers "
                      "and not exported")
+    lines += [f"note: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -93,6 +93,39 @@ def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> lis
             "one group spans the input" for (pattern, cols, size), layers in narrow.items()]
 
 
+# The tensor-parallel sizes vLLM is commonly served at, beside 1.
+VLLM_TENSOR_PARALLEL = (2, 4, 8)
+
+
+def tensor_parallel_note(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> str | None:
+    """Where vLLM would not serve the routed experts with its Marlin MoE kernels: at a tensor-parallel size that
+    splits their intermediate size into shares the group size does not divide (``check_moe_marlin_supports_layer``
+    in vLLM's quantization/auto_gptq.py), it falls back to its MoeWNA16 method, which reads no ``dynamic`` rule and
+    refuses grouped 8-bit weights. None where every size of VLLM_TENSOR_PARALLEL serves them."""
+    widths: dict[tuple[int, int], int] = {}  # (intermediate size, group size) -> bits
+    for i in range(ckpt.config.num_hidden_layers):
+        plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
+        if plan.experts is None:
+            continue
+        down = plan.experts.linear("down", 0)
+        own = qcfg.module_config(ckpt.layer_prefix(i) + down, "expert")
+        shape = plan.linear_shapes(ckpt.layer_shapes(i)).get(down)
+        if own is not None and own.group_size != -1 and shape is not None:
+            widths[(shape[1], own.group_size)] = own.bits
+    bad = sorted({tp for (width, group) in widths for tp in VLLM_TENSOR_PARALLEL
+                  if width % tp or (width // tp) % group})
+    if not bad:
+        return None
+    width, group = next((w, g) for (w, g) in widths if any(w % tp or (w // tp) % g for tp in bad))
+    good = ", ".join(str(tp) for tp in (1, *VLLM_TENSOR_PARALLEL) if tp not in bad)
+    eight = " and refuses grouped 8-bit weights" if 8 in widths.values() else ""
+    return (f"vLLM serves the routed experts with its Marlin MoE kernels at --tensor-parallel-size {good}; at "
+            f"{', '.join(map(str, bad))} a rank's share of their intermediate size {width} ({width / bad[0]:g} at "
+            f"{bad[0]}) is not a multiple of the group size {group}, and vLLM falls back to its MoeWNA16 method, which "
+            f"ignores this export's dynamic rules (the MTP layer's, a recipe's){eight}: serve there with "
+            "--enable-expert-parallel (whole experts per rank), or quantize with a group size that divides the share")
+
+
 def not_quantized_modules(arch: Architecture, config, layout: str) -> list[str]:
     """Exact paths (in the export's naming) of the decoder modules left in full precision:
     routers always, and dense MLPs in the gptqmodel layout."""
@@ -159,7 +192,8 @@ class GptqMethod:
             raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel does not load "
                                 "this family's experts as quantmoe writes them); use --layout source (see docs/interop.md)")
         check_recipe(arch, ckpt.config, self.config)
-        return check_shapes(ckpt, arch, self.config)
+        note = tensor_parallel_note(ckpt, arch, self.config)
+        return check_shapes(ckpt, arch, self.config) + ([note] if note else [])
 
     def start(self, source: Source, calibration: Calibration, options: RunOptions, ranks: Ranks) -> GptqRun:
         dev = join(ranks, pick_device(options.device))  # a no-op for a single process

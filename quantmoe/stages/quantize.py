@@ -354,7 +354,7 @@ def export_and_finalize(source: Source, method: Method, calibration: Calibration
     card_info = {
         "name": source.out.name, "base_model": shown(ckpt.path), "model_type": ckpt.config.model_type,
         "version": __version__, "backend": method.name, "config": method.config, "options": record,
-        "fallback_count": len(found), "linears": sum(len(e["modules"]) for e in entries),
+        "fallback_count": len(found), "linears": sum(len(e["modules"]) for e in entries), "notes": list(source.notes),
         "fused_on_disk": arch.experts is not None and arch.fused.on_disk,
         "calibration": None if calibration is None else
         f"{calibrated['nsamples']} x {calibrated['seqlen']} tokens from `{meta.get('source')}` (seed {options.seed})"}

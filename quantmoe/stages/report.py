@@ -179,7 +179,8 @@ def model_card(report: dict | None, info: dict) -> str:
     """README.md of an export: base model, method, calibration, protocol, results and how to load it.
 
     ``info``: name, base_model (path or Hub cache path), model_type, version, quantization_config,
-    options, fallback_count, calibration. Every entry of CARD_SECTIONS is written when ``report`` is given.
+    options, fallback_count, calibration, and optionally notes (the run's, a section of their own). Every entry
+    of CARD_SECTIONS is written when ``report`` is given.
     """
     q, opts = info["quantization_config"], info["options"]
     ct = q.get("quant_method") == "compressed-tensors"
@@ -240,6 +241,8 @@ def model_card(report: dict | None, info: dict) -> str:
         lines += ["## Evaluation protocol", "", protocol_text(report),
                   f"Text sha256 `{report['data']['text_sha256']}`.", "",
                   "## Perplexity", "", gap_table(report), ""]
+    if info.get("notes"):  # what the run's checks found (quantize printed them too)
+        lines += ["## Notes", "", *(f"- {n}" for n in info["notes"]), ""]
     vllm_quant = "compressed-tensors" if ct else "gptq_marlin" if q["sym"] else "gptq"  # Marlin: symmetric only
     lines += [
         "## Loading",
