@@ -16,6 +16,12 @@ import torch
 # Widths are multiples of 32 so group sizes 32 and -1 divide every input, except DeepSeek-V3's
 # low-rank q_lora_rank/kv_lora_rank of 16, kept narrower than a group on purpose.
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+# DeepSeek-V3.2's and GLM-5's sparse attention (MLA and an indexer) and MoE block, layer 0 dense.
+_SPARSE_MLA = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=3,
+                   n_routed_experts=8, num_experts_per_tok=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                   q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   index_n_heads=2, index_head_dim=32, index_topk=2048, num_attention_heads=4, num_key_value_heads=4,
+                   max_position_embeddings=256)
 TINY = {
     "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_local_experts=4,
                                       num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,21 +58,10 @@ TINY = {
                                              kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                              num_attention_heads=4, num_key_value_heads=4,
                                              max_position_embeddings=256)),
-    # DeepSeek-V3.2: DeepSeek-V3 with an indexer (its own 2 heads of 16) choosing the keys each query attends.
-    "deepseek_v32": ("DeepseekV32Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-                                               num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
-                                               n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
-                                               q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16,
-                                               qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=32,
-                                               index_topk=2048, num_attention_heads=4, num_key_value_heads=4,
-                                               max_position_embeddings=256)),
-    "glm_moe_dsa": ("GlmMoeDsaConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-                                             num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
-                                             n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
-                                             q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16,
-                                             qk_rope_head_dim=8, v_head_dim=16, index_n_heads=2, index_head_dim=32,
-                                             index_topk=2048, num_attention_heads=4, num_key_value_heads=4,
-                                             max_position_embeddings=256)),
+    # DeepSeek-V3.2: DeepSeek-V3 with an indexer (its own 2 heads of 16) choosing the keys each query attends; GLM-5
+    # the same in one expert group.
+    "deepseek_v32": ("DeepseekV32Config", {**_SPARSE_MLA, "n_group": 2}),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", {**_SPARSE_MLA, "n_group": 1}),
     # GLM-4.5: DeepSeek-V3's MoE block (one group, as released) under GQA with q/k/v biases, qk-norm and
     # partial rotary; layer 0 dense.
     "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,

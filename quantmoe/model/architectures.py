@@ -370,24 +370,26 @@ _MIXTRAL = Architecture(
     notes="w1 = gate, w3 = up, w2 = down",
 )
 
+_QWEN2_MOE = Architecture(
+    model_type="qwen2_moe",
+    attention=_ATTENTION_QKVO,
+    experts=MLP("mlp.experts.{e}"),
+    moe_module="mlp",
+    router_module="mlp.gate",
+    routers=("mlp.gate", "mlp.shared_expert_gate"),
+    shared_expert=MLP("mlp.shared_expert"),
+    dense_mlp=MLP("mlp"),
+    num_experts_attr="num_experts",
+    sparse_rule="sparse_step",
+    notes="`shared_expert_gate` (H to 1, sigmoid) is a router",
+)
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
     for row in (
         _MIXTRAL,
-        Architecture(
-            model_type="qwen2_moe",
-            attention=_ATTENTION_QKVO,
-            experts=MLP("mlp.experts.{e}"),
-            moe_module="mlp",
-            router_module="mlp.gate",
-            routers=("mlp.gate", "mlp.shared_expert_gate"),
-            shared_expert=MLP("mlp.shared_expert"),
-            dense_mlp=MLP("mlp"),
-            num_experts_attr="num_experts",
-            sparse_rule="sparse_step",
-            notes="`shared_expert_gate` (H to 1, sigmoid) is a router",
-        ),
+        _QWEN2_MOE,
         Architecture(
             model_type="qwen3_moe",
             attention=_ATTENTION_QKVO,
@@ -400,22 +402,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             sparse_rule="sparse_step",
             notes="many small experts, no shared expert; q/k norms",
         ),
-        Architecture(
-            model_type="qwen3_next",
-            attention=_ATTENTION_QKVO,
-            experts=MLP("mlp.experts.{e}"),
-            moe_module="mlp",
-            router_module="mlp.gate",
-            routers=("mlp.gate", "mlp.shared_expert_gate"),
-            shared_expert=MLP("mlp.shared_expert"),
-            dense_mlp=MLP("mlp"),
-            num_experts_attr="num_experts",
-            sparse_rule="sparse_step",
-            layer_types=("layer_types", (LayerKind("full_attention"), _LINEAR_ATTENTION)),
-            unquantized_prefixes=("mtp.",),
-            notes="Qwen3-Next: Qwen2-MoE's MoE block (512 experts, a gated shared expert) under three linear-attention "
-                  "(Gated DeltaNet) layers to one gated full-attention layer; `linear_attn.in_proj_ba` kept",
-        ),
+        replace(_QWEN2_MOE, model_type="qwen3_next",
+                layer_types=("layer_types", (LayerKind("full_attention"), _LINEAR_ATTENTION)),
+                unquantized_prefixes=("mtp.",),
+                notes="Qwen3-Next: Qwen2-MoE's MoE block (512 experts, a gated shared expert) under three "
+                      "linear-attention (Gated DeltaNet) layers to one gated full-attention layer; "
+                      "`linear_attn.in_proj_ba` kept"),
         Architecture(
             model_type="olmoe",
             attention=_ATTENTION_QKVO,
