@@ -3,7 +3,7 @@
 The checkpoint is written here, layer by layer, as Hub-layout safetensors shards of random
 weights at the shapes of one of the released models in SHAPES (each row is that model's
 config.json, with its source): Mixtral-8x7B, Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Next, DeepSeek-V3,
-DeepSeek-V3.2, GLM-5, Kimi K2, MiniMax-M2 or GLM-4.5. Only the depth is cut (``--layers N``): a model whose first layers are
+DeepSeek-V3.2, GLM-5, GLM-5.2, Kimi K2, MiniMax-M2 or GLM-4.5. Only the depth is cut (``--layers N``): a model whose first layers are
 dense keeps one dense layer, then N-1 MoE layers (``first_k_dense_replace`` 1), and the
 multi-token-prediction layer is left out unless ``--mtp``. Tensor names and shapes are
 what ``save_pretrained`` writes for that config: transformers builds the model on the meta
@@ -141,6 +141,21 @@ _QWEN3_30B_A3B = {
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 151936,
 }
+# zai-org/GLM-5.1's config.json (GLM-5's differs in no field here), verbatim from a model-info report.
+_GLM_5 = {
+    "architectures": ["GlmMoeDsaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "dtype": "bfloat16",
+    "eos_token_id": [154820, 154827, 154829], "ep_size": 1, "first_k_dense_replace": 3, "head_dim": 64,
+    "hidden_act": "silu", "hidden_size": 6144, "index_head_dim": 128, "index_n_heads": 32, "index_topk": 2048,
+    "indexer_rope_interleave": True, "initializer_range": 0.02, "intermediate_size": 12288, "kv_lora_rank": 512,
+    "max_position_embeddings": 202752, "model_type": "glm_moe_dsa", "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 1, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 64,
+    "num_experts_per_tok": 8, "num_hidden_layers": 78, "num_key_value_heads": 64, "num_nextn_predict_layers": 1,
+    "pad_token_id": 154820, "pretraining_tp": 1, "q_lora_rank": 2048, "qk_head_dim": 256, "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_interleave": True,
+    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+    "use_cache": True, "v_head_dim": 256, "vocab_size": 154880,
+}
 # Reduced widths keep the multiples of 128 that the FP8 blocks and GPTQ's groups see in the
 # releases, except where the release itself is ragged (DeepSeek's kv_a_proj_with_mqa has
 # kv_lora_rank + qk_rope_head_dim rows: 576 there, 192 here).
@@ -242,20 +257,7 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         name="glm-5",
         source="zai-org/GLM-5.1 config.json, verbatim from a model-info report (GLM-5's differs in no field here: "
                "vLLM issue #36220 quotes the same sizes), and its tensor inventory from the same report",
-        config={"architectures": ["GlmMoeDsaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-                "dtype": "bfloat16", "eos_token_id": [154820, 154827, 154829], "ep_size": 1,
-                "first_k_dense_replace": 3, "head_dim": 64, "hidden_act": "silu", "hidden_size": 6144,
-                "index_head_dim": 128, "index_n_heads": 32, "index_topk": 2048, "indexer_rope_interleave": True,
-                "initializer_range": 0.02, "intermediate_size": 12288, "kv_lora_rank": 512,
-                "max_position_embeddings": 202752, "model_type": "glm_moe_dsa", "moe_intermediate_size": 2048,
-                "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 256, "n_shared_experts": 1,
-                "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8, "num_hidden_layers": 78,
-                "num_key_value_heads": 64, "num_nextn_predict_layers": 1, "pad_token_id": 154820,
-                "pretraining_tp": 1, "q_lora_rank": 2048, "qk_head_dim": 256, "qk_nope_head_dim": 192,
-                "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_interleave": True,
-                "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
-                "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
-                "use_cache": True, "v_head_dim": 256, "vocab_size": 154880},
+        config=_GLM_5,
         routers=("mlp.gate",),
         reduced={**_REDUCED_MLA, "index_n_heads": 4, "index_head_dim": 128},
         fp8_release="zai-org/GLM-5-FP8: block-wise, 128 x 128 (the format written here), the indexer's weights_proj "
@@ -265,6 +267,22 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         mtp_own_head=False,
         notes="DeepSeek-V3.2's sparse attention (an indexer of 32 heads of 128) and MoE block: 256 experts of 2048 in "
               "one group, 64 heads of 192 + 64 (values 256), 78 layers of which 3 dense",
+    ),
+    Shape(
+        name="glm-5.2",
+        source="zai-org/GLM-5.2 config.json, reconstructed: GLM-5.1's (above) with the values a training framework "
+               "checks for GLM-5.2 (index_topk_freq 4, index_skip_topk_offset 3: the indexer runs in layers 0-2 and "
+               "every fourth layer after, the others reuse its choice; rope_theta 8000000) and its 1M context",
+        config={**_GLM_5, "index_topk_freq": 4, "index_skip_topk_offset": 3, "max_position_embeddings": 1048576,
+                "rope_parameters": {"rope_theta": 8000000, "rope_type": "default"}},
+        routers=("mlp.gate",),
+        reduced={**_REDUCED_MLA, "index_n_heads": 4, "index_head_dim": 128},
+        fp8_release="zai-org/GLM-5.2-FP8: block-wise, 128 x 128 (the format written here), the indexer's weights_proj "
+                    "in BF16; layers that reuse another's indexer choice hold no indexer",
+        kept=("self_attn.indexer.weights_proj",),
+        fp32=("mlp.gate.e_score_correction_bias",),
+        mtp_own_head=False,
+        notes="GLM-5.1's shapes; with --layers 4, layers 0-2 run their indexer and layer 3 reuses layer 2's choice",
     ),
     Shape(
         name="kimi-k2",
@@ -432,11 +450,14 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
         return out
 
     parts = [("outside", specs("", outside, linears=False))]
-    for i, kind in enumerate(layer_kinds(config)):
+    kinds = layer_kinds(config)
+    for i, kind in enumerate(kinds):
         parts.append((kind, specs(f"model.layers.{i}.", layers[i], True)))
     if mtp:
         n = config["num_hidden_layers"]
-        block = specs(f"model.layers.{n}.", layers[-1], True)  # the last layer is an MoE layer
+        # An MoE layer's block, one with the most tensors: GLM-5.2's MTP layer runs its own indexer (vLLM's
+        # deepseek_v2.py builds one in every MTP layer) though its last decoder layer may reuse another's choice.
+        block = specs(f"model.layers.{n}.", max((t for t, k in zip(layers, kinds) if k == "moe"), key=len), True)
         block.update(specs(f"model.layers.{n}.", mtp_extras(config, shape), linears=False))  # BF16 in the release
         parts.append(("mtp", block))
     return parts

@@ -591,18 +591,58 @@ def test_unsupported_model_type_is_a_one_line_error(tmp_path, command):
 
 @pytest.mark.parametrize("command", [["inspect"], ["quantize", "--no-eval", "--quiet"]])
 def test_layer_kinds_a_row_does_not_know_are_a_one_line_error(tmp_path, command):
-    """A GLM-5 config whose layers reuse another layer's indexer choices (indexer_types "shared", from
-    index_topk_freq) has layers without an indexer, which the row does not describe: refused before any work."""
+    """A config whose per-layer list names a kind of layer the row does not describe is refused before any work."""
     from tiny import make_model
 
-    folder = make_model("glm_moe_dsa", tmp_path / "glm", index_topk_freq=2, index_skip_topk_offset=1)
+    folder = make_model("glm_moe_dsa", tmp_path / "glm", indexer_types=["full", "windowed", "full"])
     args = [*command, str(folder)] + (["--out", str(tmp_path / "out")] if command[0] == "quantize" else [])
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: this glm_moe_dsa model's config.json gives layers the "
-                                                   "indexer_types ['shared'], which quantmoe cannot quantize yet")
+                                                   "indexer_types ['windowed'], which quantmoe cannot quantize yet")
     assert not (tmp_path / "out").exists()
+
+
+def test_glm_layers_that_reuse_an_earlier_layers_keys(tmp_path, text_file):
+    """GLM-5.2's layers of indexer_types "shared" (from index_topk_freq) have no indexer and attend to the keys an
+    earlier layer's indexer chose: their plan quantizes MLA alone; streamed with every key (windows no longer than
+    index_topk), the layers compute what transformers computes; the export holds no indexer for them, and a window
+    longer than index_topk is refused with one error line before any work."""
+    from tiny import make_model
+
+    src = make_model("glm_moe_dsa", tmp_path / "glm", num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=1,
+                     index_topk=32)
+    ckpt = Checkpoint(src)
+    assert list(ckpt.config.indexer_types) == ["full", "shared", "full", "shared"]
+    arch = ARCHITECTURES["glm_moe_dsa"]
+    for i, shared in enumerate((False, True, False, True)):
+        linears = plan_layer(arch, ckpt.config, i).quantized_linears()
+        assert ("self_attn.indexer.wq_b" in linears) is not shared and "self_attn.q_b_proj" in linears, i
+        assert any(n.startswith("self_attn.indexer.") for n in ckpt.layer_shapes(i)) is not shared, i
+    ids, _ = eval_windows(ckpt.tokenizer(), text_file, 32)
+    stream = LayerStream(ckpt, torch.device("cpu"))
+    batches = stream.embed(ids[:2], 2)
+    with torch.no_grad():
+        for i in range(stream.num_layers):
+            batches = stream.run_layer(stream.load_layer(i, stream.layer_state(i)), batches)
+            stream.release_layer(i)
+        stream.load_head()
+        torch.testing.assert_close(stream.logits(batches[0].hidden), _reference(src)(ids[:2]).logits, rtol=1e-4,
+                                   atol=1e-4)
+    out = tmp_path / "out"
+    quantmoe.quantize(src, out, QCFG, calib=text_file, nsamples=4, seqlen=32, run_eval=False, quiet=True)
+    exported = Checkpoint(out)
+    for i, shared in enumerate((False, True, False, True)):
+        indexer = [n for n in exported.names(f"model.layers.{i}.self_attn.indexer.")]
+        assert (not indexer) if shared else f"model.layers.{i}.self_attn.indexer.wq_b.qweight" in indexer, i
+    result = CliRunner().invoke(main, ["quantize", str(src), "--out", str(tmp_path / "long"), "--calib", str(text_file),
+                                       "--nsamples", "2", "--seqlen", "33", "--no-eval", "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: this model's layers that reuse an earlier layer's choice "
+                                                   "of keys") and "use --seqlen 32 or less (not 33)" in lines[0]
+    assert not (tmp_path / "long").exists()
 
 
 def test_gptqmodel_layout_is_refused_where_gptqmodel_names_experts_otherwise(tiny_model, tmp_path):

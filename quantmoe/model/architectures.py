@@ -102,6 +102,7 @@ class LayerKind:
     attention: Groups | None = None      # its token mixer's linears (Qwen3-Next's linear attention)
     kept: tuple[str, ...] | None = None  # its linears never quantized
     outputs: int | None = None           # what its token mixer returns (1: a bare tensor)
+    reuses_keys: bool = False            # it attends to the keys an earlier layer's indexer chose (indexer_keys)
 
 
 # Which decoder layers hold routed experts, by rule name (the row's ``sparse_rule``).
@@ -165,6 +166,10 @@ class Architecture:
     unquantized_prefixes: tuple[str, ...] = ()
     # How many values the attention module returns: its output and weights, and GLM-5's the keys its indexer chose.
     attention_outputs: int = 2
+    # The keyword the model passes each decoder layer with the keys the last indexer chose, which layers without an
+    # indexer attend to (GLM-5.2's "shared" layers: prev_topk_indices). The stream passes every key, as the indexer
+    # chooses them all while a window is no longer than its config's index_topk (longer windows are refused).
+    indexer_keys: str | None = None
     # Config attribute the head's logits are divided by (GraniteMoE's logits_scaling), if any.
     logits_divisor: str | None = None
     # GPTQModel interop (--layout gptqmodel): whether GPTQModel 7.6 loads this family under the
@@ -314,8 +319,8 @@ _ATTENTION_MLA_NO_Q_LORA: Groups = (
 def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
               attention_if_none: tuple[tuple[str, Groups], ...] = (("q_lora_rank", _ATTENTION_MLA_NO_Q_LORA),),
               unloaded: tuple[str, ...] = (), gptqmodel: bool = True, kept: tuple[str, ...] = (),
-              attention_outputs: int = 2, layer_types: tuple[str, tuple[LayerKind, ...]] | None = None
-              ) -> Architecture:
+              attention_outputs: int = 2, layer_types: tuple[str, tuple[LayerKind, ...]] | None = None,
+              indexer_keys: str | None = None) -> Architecture:
     """DeepSeek's MoE block (routed experts, shared experts, a sigmoid router with its
     e_score_correction_bias, dense first layers), which GLM-4.5 shares with other attention."""
     return Architecture(
@@ -336,6 +341,7 @@ def _deepseek(model_type: str, notes: str, attention: Groups = _ATTENTION_MLA,
         unloaded=unloaded,
         attention_outputs=attention_outputs,
         layer_types=layer_types,
+        indexer_keys=indexer_keys,
         notes=notes,
     )
 
@@ -427,10 +433,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                                   "quantized with q_b_proj and its `wk` and `weights_proj` kept in 16 bits (vLLM "
                                   "runs them as one unquantized linear)",
                   attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=_INDEXER_KEPT),
-        _deepseek("glm_moe_dsa", "GLM-5 and GLM-5.1: DeepSeek-V3.2's sparse attention (the indexer as there) and MoE "
-                                 "block, one expert group, 78 layers of which 3 dense",
+        _deepseek("glm_moe_dsa", "GLM-5, GLM-5.1 and GLM-5.2: DeepSeek-V3.2's sparse attention (the indexer as "
+                                 "there) and MoE block, one expert group, 78 layers of which 3 dense; GLM-5.2's "
+                                 "`indexer_types` \"shared\" layers reuse an earlier layer's choice of keys and have "
+                                 "no indexer",
                   attention=_ATTENTION_MLA_INDEXER, attention_if_none=(), kept=_INDEXER_KEPT, attention_outputs=3,
-                  layer_types=("indexer_types", (LayerKind("full"),))),
+                  layer_types=("indexer_types", (LayerKind("full"), LayerKind("shared", attention=_ATTENTION_MLA,
+                                                                                    kept=(), reuses_keys=True))),
+                  indexer_keys="prev_topk_indices"),
         _deepseek("glm4_moe", "GLM-4.5/4.6: DeepSeek-V3's MoE block (sigmoid router with `e_score_correction_bias`, "
                               "shared expert, `first_k_dense_replace` dense layers) under grouped-query attention "
                               "with q/k/v biases, qk-norm and partial rotary",

@@ -288,16 +288,34 @@ class LayerStream:
             raise _Stop
 
         handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        every_key = self.every_key(input_ids.shape[1])
         try:
             for start in range(0, input_ids.shape[0], batch_size):
                 ids = input_ids[start:start + batch_size].to(self.device)
                 with contextlib.suppress(_Stop):
                     self.model.model(input_ids=ids, use_cache=False)
+                if every_key is not None:
+                    grabbed[-1].kwargs[self.arch.indexer_keys] = every_key.expand(ids.shape[0], -1, -1)
                 if (len(grabbed) - 1) % ranks.world != ranks.rank:  # another process's batch
                     grabbed[-1].hidden = grabbed[-1].hidden.to("meta")
         finally:
             handle.remove()
         return grabbed
+
+    def every_key(self, seqlen: int) -> Tensor | None:
+        """For a model with layers that attend to the keys an earlier layer's indexer chose (the row's
+        ``indexer_keys``: GLM-5.2's "shared" layers), every key of a window of ``seqlen`` tokens, (1, seqlen, seqlen)
+        int32: the indexer's choice while ``seqlen`` is no longer than its ``index_topk`` (the causal mask then does
+        the rest), so passing it gives those layers exactly the model's attention. None for other models."""
+        if self.arch.indexer_keys is None or not any(
+                self.arch.layer_kind(self.config, i).reuses_keys for i in range(self.num_layers)):
+            return None
+        topk = int(getattr(self.config, "index_topk", 0) or 0)
+        if seqlen > topk:
+            raise QuantMoeError(f"this model's layers that reuse an earlier layer's choice of keys (indexer_types "
+                                f"\"shared\") are run by quantmoe only on windows no longer than index_topk ({topk}), "
+                                f"where every key is chosen; use --seqlen {topk} or less (not {seqlen})")
+        return torch.arange(seqlen, dtype=torch.int32, device=self.device).expand(1, seqlen, seqlen)
 
     # -- decoder layers ------------------------------------------------------------
     def layer_bytes(self, index: int, experts: range | None = None) -> int:
