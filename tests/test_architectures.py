@@ -604,6 +604,23 @@ def test_layer_kinds_a_row_does_not_know_are_a_one_line_error(tmp_path, command)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["full", [["full"]], [1, 2], {"0": "full"}])
+def test_a_per_layer_list_of_kinds_that_is_not_a_list_of_strings_is_a_one_line_error(tiny_model, tmp_path, value):
+    """indexer_types (and layer_types) are read before transformers builds anything: a config.json that holds a
+    string, nested lists, numbers or an object there is refused with one line naming the key, nothing written."""
+    import shutil
+
+    folder = tmp_path / "glm"
+    shutil.copytree(tiny_model("glm_moe_dsa"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "indexer_types": value}))
+    result = CliRunner().invoke(main, ["quantize", str(folder), "--out", str(tmp_path / "out"), "--no-eval", "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "indexer_types = " in lines[0] and "is not a list of kinds of layer (strings)" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_glm_layers_that_reuse_an_earlier_layers_keys(tmp_path, text_file):
     """GLM-5.2's layers of indexer_types "shared" (from index_topk_freq) have no indexer and attend to the keys an
     earlier layer's indexer chose: their plan quantizes MLA alone; streamed with every key (windows no longer than

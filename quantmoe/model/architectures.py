@@ -503,9 +503,13 @@ def is_causal_lm(config) -> bool:
 POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                   "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "moe_intermediate_size",
                   "shared_expert_intermediate_size", "num_experts_per_tok", "kv_lora_rank", "q_lora_rank",
-                  "v_head_dim", "qk_rope_head_dim", "n_group", "topk_group")
+                  "v_head_dim", "qk_rope_head_dim", "n_group", "topk_group", "index_n_heads", "index_head_dim",
+                  "index_topk", "index_topk_freq", "linear_num_key_heads", "linear_num_value_heads",
+                  "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "full_attention_interval")
 COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
-          "decoder_sparse_step", "qk_nope_head_dim")
+          "decoder_sparse_step", "qk_nope_head_dim", "index_skip_topk_offset")
+# Per-layer lists of kinds of layer (Architecture.layer_types): lists of strings where present.
+LAYER_KIND_LISTS = ("layer_types", "indexer_types")
 # Larger than any released model's dimension or count by orders of magnitude: a value above it is a
 # damaged or hostile config, whose skeleton alone could exhaust memory or take hours to build.
 SIZE_LIMIT = 2**24
@@ -515,8 +519,9 @@ LAYER_LIMIT = 2**14
 def check_config(config: dict, where: str = "config.json") -> None:
     """Raise a one-line error for a config.json whose sizes cannot describe a model: a size that is
     not a positive integer (zero heads, 1e9 as a float, a string, a list), a count below zero, a
-    value beyond SIZE_LIMIT/LAYER_LIMIT, ``num_experts_per_tok`` above the experts, or a
-    ``mlp_only_layers`` that is not a list of layer indices. ``config`` is the raw JSON object."""
+    value beyond SIZE_LIMIT/LAYER_LIMIT, ``num_experts_per_tok`` above the experts, a
+    ``mlp_only_layers`` that is not a list of layer indices, or a per-layer list of kinds (LAYER_KIND_LISTS)
+    that is not a list of strings. ``config`` is the raw JSON object."""
     def bad(key: str, want: str) -> QuantMoeError:
         return QuantMoeError(f"{where}: {key} = {json.dumps(config[key])[:60]} is not {want}; "
                              "restore the checkpoint's config.json (or re-download it)")
@@ -537,6 +542,11 @@ def check_config(config: dict, where: str = "config.json") -> None:
     if layers is not None and not (isinstance(layers, list) and all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= LAYER_LIMIT for i in layers)):
         raise bad("mlp_only_layers", "a list of layer indices")
+    for key in LAYER_KIND_LISTS:
+        kinds = config.get(key)
+        if kinds is not None and not (isinstance(kinds, list) and len(kinds) <= LAYER_LIMIT
+                                      and all(isinstance(k, str) for k in kinds)):
+            raise bad(key, "a list of kinds of layer (strings)")
 
 
 def architecture_for(config) -> Architecture:
