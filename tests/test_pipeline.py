@@ -611,7 +611,7 @@ def test_where_vllm_would_not_serve_the_experts_with_marlin_is_noted(tiny_model,
     """The tiny Qwen3-MoE's experts are 64 wide: at group size 32, vLLM's Marlin MoE kernels take them at tensor-parallel
     size 1 and 2 only (a rank's share 16 at 4, 8 at 8), and elsewhere vLLM falls back to MoeWNA16, which ignores
     ``dynamic``: said in a note (summary, quantization_log.json, the model card) that names the sizes and the way
-    out; with one group per row (-1) nothing is said."""
+    out; with one group per row (-1), or for compressed-tensors, nothing is said."""
     model = tiny_model("qwen3_moe")
     notes = {}
     for group in (32, -1):
@@ -623,6 +623,9 @@ def test_where_vllm_would_not_serve_the_experts_with_marlin_is_noted(tiny_model,
                                 if n.startswith("vLLM ")]
         assert all(f"- {n}" in (out / "README.md").read_text() for n in notes[group])
     assert notes[-1] == []
+    ct = quantmoe.quantize(model, tmp_path / "ct", QuantConfig(backend="rtn", group_size=32, format="compressed-tensors"),
+                           calib=text_file, nsamples=1, seqlen=32, device="cpu", run_eval=False, quiet=True)
+    assert not [n for n in ct["notes"] if n.startswith("vLLM ")]  # its fallback keeps ignore and settings
     from quantmoe.apps.inspection import inspect_model, render_text
 
     for group in (32, -1):  # inspect foresees it

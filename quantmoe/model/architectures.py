@@ -158,8 +158,8 @@ class Architecture:
     # instead of running attention again. None: the layer is always run whole.
     mlp_tail: tuple[str, str] | None = ("post_attention_layernorm", "mlp")
     # (config attribute, the kinds of layer the row knows): the config's per-layer list names each layer's kind
-    # (Qwen3-Next's layer_types: linear or full attention); a config naming another kind is refused (GLM-5's
-    # indexer_types: "full" for a layer that runs its own indexer, not "shared" for one that reuses another's).
+    # (Qwen3-Next's layer_types: linear or full attention; GLM-5's indexer_types: "full" for a layer that runs its
+    # own indexer, "shared" for one that reuses an earlier layer's choice); a config naming another kind is refused.
     layer_types: tuple[str, tuple[LayerKind, ...]] | None = None
     # Checkpoint prefixes outside the decoder layers that are copied unquantized and declared so (Qwen3-Next's
     # multi-token-prediction block, "mtp."; DeepSeek's MTP layers are decoder layers past the last: extra_layers).

@@ -101,7 +101,10 @@ def tensor_parallel_note(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig
     """Where vLLM would not serve the routed experts with its Marlin MoE kernels: at a tensor-parallel size that
     splits their intermediate size into shares the group size does not divide (``check_moe_marlin_supports_layer``
     in vLLM's quantization/auto_gptq.py), it falls back to its MoeWNA16 method, which reads no ``dynamic`` rule and
-    refuses grouped 8-bit weights. None where every size of VLLM_TENSOR_PARALLEL serves them."""
+    refuses grouped 8-bit weights. None where every size of VLLM_TENSOR_PARALLEL serves them, and for
+    compressed-tensors, whose fallback (its Triton WNA16 MoE method) keeps the export's ``ignore`` and settings."""
+    if qcfg.format != "gptq":
+        return None
     widths: dict[tuple[int, int], int] = {}  # (intermediate size, group size) -> bits
     for i in range(ckpt.config.num_hidden_layers):
         plan = plan_layer(arch, ckpt.config, i, qcfg.layout)
