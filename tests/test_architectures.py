@@ -30,6 +30,7 @@ from quantmoe.model.checkpoint import Checkpoint
 from quantmoe.model.stream import LayerStream
 from quantmoe.stages.evaluate import eval_windows
 from quantmoe.stages.export import checkpoint_stats
+from quantmoe.stages.quantize import work_dir
 
 MOE_NAMES = [name for name in ARCH_NAMES if ARCHITECTURES[name].experts is not None]
 FUSED_ON_DISK = [name for name in MOE_NAMES if ARCHITECTURES[name].fused.on_disk]
@@ -490,8 +491,6 @@ def test_inspect_foresees_what_quantize_holds_on_disk_at_its_peak(quantized, tmp
     from clirun import Stop, stopped_after_layer
     from safetensors import safe_open
 
-    from quantmoe.stages.quantize import work_dir
-
     src, out, _ = quantized(model_type)
     report = inspect_model(src, bits=4, group_size=32)
     stopped = tmp_path / "out"
@@ -659,7 +658,9 @@ def test_glm_layers_that_reuse_an_earlier_layers_keys(tmp_path, text_file):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: this model's layers that reuse an earlier layer's choice "
                                                    "of keys") and "use --seqlen 32 or less (not 33)" in lines[0]
-    assert not (tmp_path / "long").exists()
+    assert not (tmp_path / "long").exists() and not work_dir(tmp_path / "long").exists()  # refused before any work
+    with pytest.raises(QuantMoeError, match=r"use --seqlen 32 or less \(not 33\)"):  # the stream, for eval and resume
+        LayerStream(ckpt, torch.device("cpu")).embed(torch.zeros(1, 33, dtype=torch.long), 1)
 
 
 def test_gptqmodel_layout_is_refused_where_gptqmodel_names_experts_otherwise(tiny_model, tmp_path):

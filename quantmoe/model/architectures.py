@@ -576,6 +576,22 @@ def architecture_for(config) -> Architecture:
     return arch
 
 
+def reused_keys_window(arch: Architecture, config, seqlen: int) -> str | None:
+    """None where a model runs windows of ``seqlen`` tokens as quantmoe streams them; else the one-line reason: a
+    model with layers that attend to an earlier layer's indexer choice (LayerKind.reuses_keys, GLM-5.2's "shared"
+    layers) is given every key (LayerStream.every_key), which is that choice only while a window is no longer than
+    the config's index_topk."""
+    if arch.indexer_keys is None or not any(arch.layer_kind(config, i).reuses_keys
+                                            for i in range(int(config.num_hidden_layers))):
+        return None
+    topk = int(getattr(config, "index_topk", 0) or 0)
+    if seqlen <= topk:
+        return None
+    return (f"this model's layers that reuse an earlier layer's choice of keys (indexer_types \"shared\") are run by "
+            f"quantmoe only on windows no longer than index_topk ({topk}), where every key is chosen; use --seqlen "
+            f"{topk} or less (not {seqlen})")
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What to quantize in one decoder layer, resolved from a row and the config."""

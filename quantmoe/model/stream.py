@@ -26,7 +26,12 @@ from ..base.measure import register_pinned_in_parallel
 from ..formats.base import StoredWeight
 from ..formats.fp8 import FP8_STORED, Fp8Experts, Fp8Weight, dequantize_stored
 from ..gptq.core import half_products, tf32_matmuls
-from .architectures import Architecture, architecture_for, plan_layer
+from .architectures import (
+    Architecture,
+    architecture_for,
+    plan_layer,
+    reused_keys_window,
+)
 from .checkpoint import Checkpoint
 from .distributed import SINGLE, Ranks, broadcast, spread
 
@@ -310,11 +315,9 @@ class LayerStream:
         if self.arch.indexer_keys is None or not any(
                 self.arch.layer_kind(self.config, i).reuses_keys for i in range(self.num_layers)):
             return None
-        topk = int(getattr(self.config, "index_topk", 0) or 0)
-        if seqlen > topk:
-            raise QuantMoeError(f"this model's layers that reuse an earlier layer's choice of keys (indexer_types "
-                                f"\"shared\") are run by quantmoe only on windows no longer than index_topk ({topk}), "
-                                f"where every key is chosen; use --seqlen {topk} or less (not {seqlen})")
+        refused = reused_keys_window(self.arch, self.config, seqlen)
+        if refused is not None:
+            raise QuantMoeError(refused)
         return torch.arange(seqlen, dtype=torch.int32, device=self.device).expand(1, seqlen, seqlen)
 
     # -- decoder layers ------------------------------------------------------------

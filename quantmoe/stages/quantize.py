@@ -47,7 +47,12 @@ from ..base.paths import (
     published_name,
 )
 from ..base.version import __version__
-from ..model.architectures import Architecture, architecture_for, plan_layer
+from ..model.architectures import (
+    Architecture,
+    architecture_for,
+    plan_layer,
+    reused_keys_window,
+)
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks, control_group, finish
 from .calibrate import (
@@ -220,6 +225,9 @@ def calibrate(source: Source, options: RunOptions, stages: dict) -> Calibration:
         ids, meta = calibration_tokens(tokenizer, options.calib if options.calib is not None else CALIB_DATA,
                                        options.nsamples, options.seqlen, options.seed,
                                        default_seqlen(source.ckpt.config))
+    refused = reused_keys_window(source.arch, source.ckpt.config, ids.shape[1])
+    if refused is not None:  # before the work folder exists
+        raise QuantMoeError(refused)
     beyond = beyond_context(source.ckpt.config, ids.shape[1])
     if beyond is not None:
         note(beyond)
