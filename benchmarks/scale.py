@@ -457,7 +457,10 @@ def tensor_plan(config: dict, shape: Shape, mtp: bool = False) -> list[tuple[str
         n = config["num_hidden_layers"]
         # An MoE layer's block, one with the most tensors: GLM-5.2's MTP layer runs its own indexer (vLLM's
         # deepseek_v2.py builds one in every MTP layer) though its last decoder layer may reuse another's choice.
-        block = specs(f"model.layers.{n}.", max((t for t, k in zip(layers, kinds) if k == "moe"), key=len), True)
+        # A run of one dense layer takes the block of a two-layer model's second (MoE) layer.
+        moe = [t for t, k in zip(layers, kinds) if k == "moe"] or \
+            [layer_templates({**config, "num_hidden_layers": 2, "first_k_dense_replace": 1}, shape)[1][1]]
+        block = specs(f"model.layers.{n}.", max(moe, key=len), True)
         block.update(specs(f"model.layers.{n}.", mtp_extras(config, shape), linears=False))  # BF16 in the release
         parts.append(("mtp", block))
     return parts
