@@ -42,7 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -166,6 +166,23 @@ _REDUCED_MLA = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_
 _REDUCED_GQA = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_experts_per_tok": 4,
                 "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4096}
 
+_GLM_5_SHAPE = Shape(
+    name="glm-5",
+    source="zai-org/GLM-5.1 config.json, verbatim from a model-info report (GLM-5's differs in no field here: "
+           "vLLM issue #36220 quotes the same sizes), and its tensor inventory from the same report",
+    config=_GLM_5,
+    routers=("mlp.gate",),
+    reduced={**_REDUCED_MLA, "index_n_heads": 4, "index_head_dim": 128},
+    fp8_release="zai-org/GLM-5-FP8: block-wise, 128 x 128 (the format written here), the indexer's weights_proj "
+                "in BF16",
+    kept=("self_attn.indexer.weights_proj",),
+    fp32=("mlp.gate.e_score_correction_bias",),
+    mtp_own_head=False,
+    notes="DeepSeek-V3.2's sparse attention (an indexer of 32 heads of 128) and MoE block: 256 experts of 2048 in "
+          "one group, 64 heads of 192 + 64 (values 256), 78 layers of which 3 dense",
+)
+
+
 SHAPES: dict[str, Shape] = {row.name: row for row in (
     Shape(
         name="mixtral-8x7b",
@@ -253,35 +270,16 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         fp32=("mlp.gate.e_score_correction_bias",),
         notes="DeepSeek-V3 with sparse attention: an indexer (64 heads of 128) picks each query's 2048 keys",
     ),
-    Shape(
-        name="glm-5",
-        source="zai-org/GLM-5.1 config.json, verbatim from a model-info report (GLM-5's differs in no field here: "
-               "vLLM issue #36220 quotes the same sizes), and its tensor inventory from the same report",
-        config=_GLM_5,
-        routers=("mlp.gate",),
-        reduced={**_REDUCED_MLA, "index_n_heads": 4, "index_head_dim": 128},
-        fp8_release="zai-org/GLM-5-FP8: block-wise, 128 x 128 (the format written here), the indexer's weights_proj "
-                    "in BF16",
-        kept=("self_attn.indexer.weights_proj",),
-        fp32=("mlp.gate.e_score_correction_bias",),
-        mtp_own_head=False,
-        notes="DeepSeek-V3.2's sparse attention (an indexer of 32 heads of 128) and MoE block: 256 experts of 2048 in "
-              "one group, 64 heads of 192 + 64 (values 256), 78 layers of which 3 dense",
-    ),
-    Shape(
-        name="glm-5.2",
+    _GLM_5_SHAPE,
+    replace(
+        _GLM_5_SHAPE, name="glm-5.2",
         source="zai-org/GLM-5.2 config.json, reconstructed: GLM-5.1's (above) with the values a training framework "
                "checks for GLM-5.2 (index_topk_freq 4, index_skip_topk_offset 3: the indexer runs in layers 0-2 and "
                "every fourth layer after, the others reuse its choice; rope_theta 8000000) and its 1M context",
         config={**_GLM_5, "index_topk_freq": 4, "index_skip_topk_offset": 3, "max_position_embeddings": 1048576,
                 "rope_parameters": {"rope_theta": 8000000, "rope_type": "default"}},
-        routers=("mlp.gate",),
-        reduced={**_REDUCED_MLA, "index_n_heads": 4, "index_head_dim": 128},
         fp8_release="zai-org/GLM-5.2-FP8: block-wise, 128 x 128 (the format written here), the indexer's weights_proj "
                     "in BF16; layers that reuse another's indexer choice hold no indexer",
-        kept=("self_attn.indexer.weights_proj",),
-        fp32=("mlp.gate.e_score_correction_bias",),
-        mtp_own_head=False,
         notes="GLM-5.1's shapes; with --layers 4, layers 0-2 run their indexer and layer 3 reuses layer 2's choice",
     ),
     Shape(
