@@ -201,6 +201,12 @@ class Architecture:
         name = str(names[index]) if index < len(names) else kinds[0].name
         return next(k for k in kinds if k.name == name)  # architecture_for refused the others
 
+    def reuses_keys(self, config) -> bool:
+        """Whether some layer attends to the keys an earlier layer's indexer chose (LayerKind.reuses_keys), which
+        the stream passes it as ``indexer_keys``."""
+        return self.indexer_keys is not None and any(self.layer_kind(config, i).reuses_keys
+                                                     for i in range(int(config.num_hidden_layers)))
+
     def kept_linears(self) -> tuple[str, ...]:
         """Every linear some layer keeps in 16 bits (``kept``, and its kinds')."""
         kinds = self.layer_types[1] if self.layer_types else ()
@@ -581,8 +587,7 @@ def reused_keys_window(arch: Architecture, config, seqlen: int) -> str | None:
     model with layers that attend to an earlier layer's indexer choice (LayerKind.reuses_keys, GLM-5.2's "shared"
     layers) is given every key (LayerStream.every_key), which is that choice only while a window is no longer than
     the config's index_topk."""
-    if arch.indexer_keys is None or not any(arch.layer_kind(config, i).reuses_keys
-                                            for i in range(int(config.num_hidden_layers))):
+    if not arch.reuses_keys(config):
         return None
     topk = int(getattr(config, "index_topk", 0) or 0)
     if seqlen <= topk:

@@ -312,8 +312,7 @@ class LayerStream:
         ``indexer_keys``: GLM-5.2's "shared" layers), every key of a window of ``seqlen`` tokens, (1, seqlen, seqlen)
         int32: the indexer's choice while ``seqlen`` is no longer than its ``index_topk`` (the causal mask then does
         the rest), so passing it gives those layers exactly the model's attention. None for other models."""
-        if self.arch.indexer_keys is None or not any(
-                self.arch.layer_kind(self.config, i).reuses_keys for i in range(self.num_layers)):
+        if not self.arch.reuses_keys(self.config):
             return None
         refused = reused_keys_window(self.arch, self.config, seqlen)
         if refused is not None:
