@@ -179,6 +179,12 @@ def _rewrite_single_shard(folder: Path, change) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
+def _random_like(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """New random values of ``t``'s shape, mean, spread and dtype (an appended MTP layer's)."""
+    x = t.float()
+    return (torch.randn(x.shape, generator=g) * x.std() + x.mean()).to(t.dtype)
+
+
 def append_mtp_layer(folder: Path, seed: int = 1, head: bool = True) -> list[str]:
     """Append a multi-token-prediction layer to the one-shard checkpoint ``folder``, as DeepSeek-V3's
     and GLM-4.5's releases carry it at index num_hidden_layers: a full decoder block with the names and
@@ -195,15 +201,11 @@ def append_mtp_layer(folder: Path, seed: int = 1, head: bool = True) -> list[str
     added: list[str] = []
     g = torch.Generator().manual_seed(seed)
 
-    def like(t: torch.Tensor) -> torch.Tensor:
-        x = t.float()
-        return (torch.randn(x.shape, generator=g) * x.std() + x.mean()).to(t.dtype)
-
     def change(tensors: dict) -> dict:
         last, new = f"model.layers.{n - 1}.", f"model.layers.{n}."
         dtype = tensors["model.norm.weight"].dtype
         for name in [k for k in tensors if k.startswith(last)]:
-            tensors[new + name[len(last):]] = like(tensors[name])
+            tensors[new + name[len(last):]] = _random_like(tensors[name], g)
         extra = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
                  "shared_head.norm.weight": (hidden,)}
         if head:
@@ -239,8 +241,7 @@ def append_mtp_block(folder: Path, seed: int = 1) -> list[str]:
         new |= {f"mtp.{n}.weight": 1 + 0.05 * torch.randn(hidden, generator=g)
                 for n in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden")}
         for name in [k for k in tensors if k.startswith(last)]:
-            x = tensors[name].float()
-            new["mtp.layers.0." + name[len(last):]] = torch.randn(x.shape, generator=g) * x.std() + x.mean()
+            new["mtp.layers.0." + name[len(last):]] = _random_like(tensors[name], g)
         tensors |= {k: v.to(dtype) for k, v in new.items()}
         added.extend(sorted(new))
         return tensors
