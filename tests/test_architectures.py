@@ -376,7 +376,7 @@ def test_gathering_the_residuals_routed_rows_and_scaling_them_gives_the_same_byt
     """A gather pass copies each expert's rows of the residual after attention and scales them as the post-attention
     norm does, with each token's scale made once per layer (LayerStream.norm_scales), instead of norming every batch
     of both streams again: the export is byte for byte the one made by norming. Every row whose MoE block is fed by
-    an RMSNorm of transformers' form takes it; PhiMoE's norm is a LayerNorm, Qwen3-Next's multiplies by 1 + weight,
+    an RMSNorm of transformers' form takes it; PhiMoE's norm is a LayerNorm, Qwen3-Next's and Qwen3.5's multiply by 1 + weight,
     and GraniteMoE has no mlp_tail."""
     from quantmoe.model import stream
 
@@ -389,7 +389,8 @@ def test_gathering_the_residuals_routed_rows_and_scaling_them_gives_the_same_byt
         return Checkpoint(tmp_path / name)
 
     scaled = run("scaled")
-    takes = ARCHITECTURES[model_type].mlp_tail is not None and model_type not in ("phimoe", "qwen3_next")
+    takes = ARCHITECTURES[model_type].mlp_tail is not None and model_type not in ("phimoe", "qwen3_next",
+                                                                                          "qwen3_5_moe_text")
     assert made and all(made) if takes else not any(made)
     monkeypatch.setattr(stream.LayerStream, "norm_scales", lambda self, *a: None)
     normed = run("normed")

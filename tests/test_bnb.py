@@ -285,16 +285,23 @@ def test_what_plain_transformers_does_with_a_bnb_export(bnb_exported, name):
 
 @pytest.mark.parametrize("model_type", FUSED_ON_DISK)
 def test_plain_transformers_loads_experts_fused_on_disk_at_random(bnb_exported, model_type):
-    """Pins what docs/backends.md warns: transformers maps only the fused on-disk names, so a bnb export of
-    such a row loads without an error and with freshly initialised experts."""
+    """Pins what docs/backends.md warns: where transformers maps only the fused on-disk names (GraniteMoE), a bnb
+    export of such a row loads without an error and with freshly initialised experts; where it also maps one linear
+    per expert (Qwen3.5), it stops with a size mismatch, as for the rows stored per expert. The card says which."""
     src, out = bnb_exported(model_type, "bnb-nf4")
     card = (out / "README.md").read_text()
-    assert "loads WITHOUT an error but with every routed expert initialised at random" in card
+    fused = ARCHITECTURES[model_type].fused
+    unread = not fused.transformers_reads_per_expert
+    assert ("loads WITHOUT an error but with every routed expert initialised at random" in card) == unread
+    assert ("stops with a size-mismatch error" in card) != unread
     assert "cut from the base model's fused expert tensors" in card
     pytest.importorskip("accelerate", reason="transformers' bitsandbytes loading needs accelerate (not a quantmoe extra)")
     from transformers import AutoModelForCausalLM
 
-    fused = ARCHITECTURES[model_type].fused
+    if not unread:
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        return
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     loaded = getattr(model.model.layers[0].get_submodule(fused.module), fused.gate_up).float()
     source = Checkpoint(src).tensor(f"model.layers.0.{fused.disk_gate_up}").float()

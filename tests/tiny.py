@@ -40,6 +40,13 @@ TINY = {
                                            num_experts_per_tok=2, head_dim=16, linear_num_key_heads=2,
                                            linear_num_value_heads=4, linear_key_head_dim=16,
                                            linear_value_head_dim=16, mlp_only_layers=[0], **_ATTN)),
+    # Qwen3.5-MoE's language model: Qwen3-Next's layers (0-2 linear attention, 3 full) with split linear-attention
+    # input projections, every layer MoE. Its releases nest it beside a vision tower: make_nested_release.
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(hidden_size=64, moe_intermediate_size=64,
+                                                      shared_expert_intermediate_size=64, num_hidden_layers=4,
+                                                      num_experts=8, num_experts_per_tok=2, head_dim=16,
+                                                      linear_num_key_heads=2, linear_num_value_heads=4,
+                                                      linear_key_head_dim=16, linear_value_head_dim=16, **_ATTN)),
     # OLMoE: 64 experts, top-8, as the released model; q/k norms.
     "olmoe": ("OlmoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_experts=64,
                                   num_experts_per_tok=8, pad_token_id=0, eos_token_id=0, **_ATTN)),
@@ -119,7 +126,14 @@ def make_model(model_type: str, folder: Path, seed: int = 0, dtype=torch.float16
     tok = make_tokenizer(folder)
     config = getattr(transformers, cls_name)(vocab_size=len(tok), **{**kwargs, **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    _save_random(transformers.AutoModelForCausalLM.from_config(config), folder, dtype)
+    if model_type == "qwen3_5_moe_text":  # stored fused, as Qwen3.5's BF16 releases are (transformers saves per expert)
+        _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, config.num_experts))
+    return folder
+
+
+def _save_random(model, folder: Path, dtype) -> None:
+    """Save ``model`` (random weights) in ``dtype`` into ``folder``, as a release stores it."""
     model.to(dtype)
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     with torch.no_grad():
@@ -136,6 +150,59 @@ def make_model(model_type: str, folder: Path, seed: int = 0, dtype=torch.float16
                 # Norms at 1 and biases at 0 would let a tensor that is reset or dropped go unnoticed.
                 t.add_(0.1 * torch.randn_like(t))
     model.save_pretrained(folder)
+
+
+# A vision tower of the smallest shape Qwen3.5-MoE's vision config takes.
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                   num_position_embeddings=16)
+
+
+def make_nested_release(folder: Path, seed: int = 0, dtype=torch.bfloat16, fused: bool = True) -> Path:
+    """A tiny Qwen3.5-MoE release as the Hub has them: the vision-language model, its language model (TINY's
+    ``qwen3_5_moe_text``) under ``model.language_model.`` beside a vision tower (``model.visual.``), config.json
+    nesting the language model's under ``text_config``; with ``fused``, the routed experts stored fused
+    (``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I)) as the BF16 releases store
+    them, else one linear per expert as the FP8 releases do."""
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
+    text = {**TINY["qwen3_5_moe_text"][1], "vocab_size": len(tok)}
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=TINY_VISION)
+    torch.manual_seed(seed)
+    _save_random(transformers.Qwen3_5MoeForConditionalGeneration(config), folder, dtype)
+    if fused:
+        _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, text["num_experts"]))
+    return folder
+
+
+def _fuse_experts(tensors: dict, num: int) -> dict:
+    """Each layer's per-expert ``mlp.experts.E.{gate,up,down}_proj.weight`` -> ``mlp.experts.gate_up_proj`` and
+    ``mlp.experts.down_proj``, stacked over the experts (gate above up)."""
+    import re
+
+    layers = sorted({m.group(1) for n in tensors if (m := re.match(r"(.+\.mlp\.experts\.)0\.gate_proj\.weight$", n))})
+    for head in layers:
+        def take(e: int, which: str) -> torch.Tensor:
+            return tensors.pop(f"{head}{e}.{which}_proj.weight")
+        tensors[head + "gate_up_proj"] = torch.stack([torch.cat([take(e, "gate"), take(e, "up")]) for e in range(num)])
+        tensors[head + "down_proj"] = torch.stack([take(e, "down") for e in range(num)])
+    return tensors
+
+
+def text_only_copy(nested: Path, folder: Path) -> Path:
+    """The language model of the nested release ``nested`` as a text-only checkpoint in ``folder``: its tensors
+    renamed from ``model.language_model.`` to ``model.``, the vision tower dropped, config.json the text config."""
+    import json
+    import shutil
+
+    shutil.copytree(nested, folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = {**config["text_config"], "architectures": ["Qwen3_5MoeForCausalLM"], "dtype": config.get("dtype")}
+    (folder / "config.json").write_text(json.dumps(text, indent=2))
+    _rewrite_single_shard(folder, lambda tensors: {n.replace("model.language_model.", "model.", 1): t
+                                                   for n, t in tensors.items() if not n.startswith("model.visual.")})
     return folder
 
 

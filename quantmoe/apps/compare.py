@@ -113,7 +113,7 @@ def compare(model: str | Path | None = None, specs: tuple[str, ...] | list[str] 
     table = {
         "model": ckpt.path.name,
         "model_path": _shown(ckpt.path),
-        "model_type": ckpt.config.model_type,
+        "model_type": ckpt.model_label,
         "out": str(out),
         "protocol": Protocol(data=_shown(data), seqlen=seqlen).to_dict(),
         "data": meta,

@@ -31,7 +31,7 @@ from ..model.checkpoint import Checkpoint
 from ..stages.gptq_method import tensor_parallel_note
 from ..stages.report import ranges
 
-CLASSES = ("attention", "routed expert", "shared expert", "dense MLP", "router", "not quantized",
+CLASSES = ("attention", "routed expert", "shared expert", "dense MLP", "router", "kept in 16 bits", "not quantized",
            "multi-token prediction", "not exported")
 KIND_CLASS = {"attention": "attention", "expert": "routed expert", "shared_expert": "shared expert",
               "dense_mlp": "dense MLP"}
@@ -94,13 +94,16 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
         shape, dtype = list(ckpt.shape(name)), ckpt.dtype(name)
         numel = _numel(shape)
         size = numel * DTYPE_BYTES.get(dtype, 2)
-        layer, cls, pattern, quantized_as = None, "not quantized", name, []
-        if name.startswith("model.layers."):
+        layer, cls, pattern, quantized_as = None, "not quantized", ckpt.stored_name(name), []
+        tower = next((t for t in ckpt.towers if name.startswith(t)), None)
+        if tower is not None:  # a nested release's other tower (its vision encoder): one line, copied as it is
+            pattern, shape = tower + "*", []
+        elif name.startswith("model.layers."):
             layer = int(name.split(".")[2])
             rel = name[len(ckpt.layer_prefix(layer)):]
             plan = plans[layer] if layer < num_layers else plan_layer(arch, config, layer)
             module, _, suffix = rel.rpartition(".")
-            pattern = "model.layers.{i}." + plan.pattern(module) + "." + suffix
+            pattern = ckpt.stored_name("model.layers.{i}." + plan.pattern(module) + "." + suffix)
             if layer >= num_layers:  # beyond num_hidden_layers (DeepSeek-V3's MTP layer): transformers ignores it
                 cls = "multi-token prediction" if mtp == "keep" else "not exported"
             elif module in kinds[layer]:
@@ -114,8 +117,8 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
                     quantized_as = [(out_rows // 2, cols)] * (2 * experts)
                 else:
                     quantized_as = [(out_rows, cols)] * experts
-            elif any(rel.startswith(r + ".") for r in plan.routers):
-                cls = "router"
+            elif any(rel.startswith(r + ".") for r in plan.routers):  # the row's routers, and its kept linears
+                cls = "router" if any(rel.startswith(r + ".") for r in arch.routers) else "kept in 16 bits"
         key = (pattern, cls)
         entry = entries.get(key)
         if entry is None:
@@ -165,7 +168,7 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
                   "scale_bytes": sum(ckpt.nbytes(n) for n in dropped), "bf16_bytes": 2 * fp8_parameters}
     return {
         "model": str(ckpt.path),
-        "model_type": config.model_type,
+        "model_type": ckpt.model_label,
         "num_layers": num_layers,
         "moe_layers": moe_layers,
         "dense_layers": [p.index for p in plans if p.experts is None],
@@ -215,7 +218,7 @@ def render_text(report: dict) -> str:
     rows = [("tensor", "class", "layers", "count", "shape", "dtype")]
     for e in r["tensors"]:
         rows.append((e["pattern"], e["cls"], ranges(e["layers"]) or "-", str(e["tensors"]),
-                     "x".join(map(str, e["shape"])) or "scalar", e["dtype"]))
+                     "x".join(map(str, e["shape"])) or ("-" if e["pattern"].endswith("*") else "scalar"), e["dtype"]))
     lines += _columns(rows, right=(3,))
     lines.append("")
     rows = [("class", "tensors", "parameters", "quantized", "size now", f"at {label}")]

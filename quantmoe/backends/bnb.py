@@ -298,7 +298,7 @@ def model_card(report: dict | None, info: dict) -> str:
         lines += ["## Evaluation protocol", "", protocol_text(report) + " Weights dequantized with bitsandbytes.",
                   f"Text sha256 `{report['data']['text_sha256']}`.", "",
                   "## Perplexity", "", gap_table(report), ""]
-    if info.get("fused_on_disk"):  # transformers reads this family's experts from fused names it no longer finds
+    if info.get("experts_unread"):  # transformers reads this family's experts from fused names it no longer finds
         plain = ("loads WITHOUT an error but with every routed expert initialised at random (its load report lists "
                  "the per-expert tensors as UNEXPECTED and the fused `gate_up_proj` / `down_proj` as MISSING): "
                  "never use a model loaded that way")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -215,6 +216,18 @@ def quantization_config(groups: list[tuple[list[str], dict]], ignore: list[str],
     }
 
 
+def served_names(config: dict, pattern: Callable[[str], str], name: Callable[[str], str]) -> dict:
+    """``config`` (quantization_config's) with the regexes (``re:``) of its config groups' targets and of ``ignore``
+    rewritten by ``pattern`` and its module names by ``name``: a nested release's (Nesting.served_pattern,
+    Checkpoint.stored_name), which vLLM maps to its own names (a regex it matches as written)."""
+    def served(target: str) -> str:
+        return "re:" + pattern(target[3:]) if target.startswith("re:") else name(target)
+
+    groups = {key: {**group, "targets": [served(t) for t in group["targets"]]}
+              for key, group in config["config_groups"].items()}
+    return {**config, "config_groups": groups, "ignore": [served(t) for t in config["ignore"]]}
+
+
 def _matches(name: str, target) -> bool:
     """compressed-tensors' and vLLM's name matching: ``re:`` is ``re.match``, anything else exact."""
     if not isinstance(target, str):
@@ -287,7 +300,7 @@ class CompressedTensorsReader:
         they go."""
         read = tensor_reader(ckpt, copy, pin)
         parts = {t.rpartition(".")[2]: read(t) for t in linear.tensors}
-        weights = module_weights(ckpt.quantization, linear.module) or {}
+        weights = module_weights(ckpt.quantization, ckpt.stored_name(linear.module)) or {}
         decode = partial(dequantize_compressed, group_size=weights.get("group_size")
                          or config_group_size(ckpt.quantization), bits=weights.get("num_bits"))
         return StoredWeight(parts, decode, torch.Size(linear.shape), torch.float32, f"{linear.module}.weight")

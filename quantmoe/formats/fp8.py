@@ -219,10 +219,11 @@ def quantize_fp8_channels(W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def write_fp8_release(src_folder: Path, dst_folder: Path, block: tuple[int, int] = (128, 128),
-                      skip: Callable[[str], bool] | None = None) -> Path:
+                      skip: Callable[[str], bool] | None = None, layers: str = "model.layers.") -> Path:
     """Copy a BF16/FP16/FP32 safetensors checkpoint into an FP8 release at ``dst_folder``.
 
-    Every 2-D floating ``model.layers.*.weight`` for which ``skip(name)`` is false becomes
+    Every 2-D floating ``<layers>*.weight`` (``layers``: where the decoder layers are stored; a
+    vision-language release's ``model.language_model.layers.``) for which ``skip(name)`` is false becomes
     float8_e4m3fn plus ``weight_scale_inv`` (``quantize_fp8_blocks``); everything else is
     copied unchanged: norms and biases (1-D), embeddings and the head (outside
     ``model.layers``), and what ``skip`` names (pass the routers: this module does not know
@@ -245,7 +246,7 @@ def write_fp8_release(src_folder: Path, dst_folder: Path, block: tuple[int, int]
     dst.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     for shard in shards:
-        tensors = _fp8_shard(_load_shard(src / shard), block, skip or (lambda name: False))
+        tensors = _fp8_shard(_load_shard(src / shard), block, skip or (lambda name: False), layers)
         _atomic(dst / shard, partial(_save_shard, tensors))
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -659,10 +660,10 @@ def _save_shard(tensors: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def _fp8_shard(tensors: dict[str, Tensor], block, skip: Callable[[str], bool]) -> dict[str, Tensor]:
+def _fp8_shard(tensors: dict[str, Tensor], block, skip: Callable[[str], bool], layers: str) -> dict[str, Tensor]:
     out = {}
     for name, t in tensors.items():
-        if (name.startswith("model.layers.") and name.endswith(".weight") and t.ndim == 2
+        if (name.startswith(layers) and name.endswith(".weight") and t.ndim == 2
                 and t.is_floating_point() and t.dtype not in FP8_DTYPES and not skip(name)):
             out[name], out[name + BLOCK_SCALE] = quantize_fp8_blocks(t, block)
         else:

@@ -13,6 +13,7 @@ Per quantized linear ``P`` with weight (out, in):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -193,6 +194,15 @@ def quantization_config(qcfg, not_quantized: list[str], version: str,
     return config
 
 
+def served_names(config: dict, pattern: Callable[[str], str], name: Callable[[str], str]) -> dict:
+    """``config`` (quantization_config's) with the regexes of its ``dynamic`` rules rewritten by ``pattern`` and the
+    module names of ``modules_not_quantized`` by ``name``: a nested release's (Nesting.served_pattern,
+    Checkpoint.stored_name), which loaders match against the release's names or their own."""
+    dynamic = {key[:2] + pattern(key[2:]) if key.startswith(("-:", "+:")) else pattern(key): rule
+               for key, rule in config["dynamic"].items()}
+    return {**config, "dynamic": dynamic, "modules_not_quantized": [name(m) for m in config["modules_not_quantized"]]}
+
+
 # -- reading ---------------------------------------------------------------------------
 READ_BITS = (4, 8)  # packings that fill an int32 exactly, as quantmoe writes them
 
@@ -304,7 +314,7 @@ class GptqReader:
         dequantize where they go."""
         read = tensor_reader(ckpt, copy, pin)
         parts = {s: read(f"{linear.module}.{s}") for s in GPTQ_SUFFIXES}
-        found = module_settings(ckpt.quantization, linear.module)
+        found = module_settings(ckpt.quantization, ckpt.stored_name(linear.module))
         if found is None:
             raise QuantMoeError(f"{linear.module} is stored quantized but the config's dynamic rules keep it "
                                 "unquantized; the checkpoint is damaged: re-export or re-download it")

@@ -71,6 +71,10 @@ class FusedExperts:
     # (GraniteMoE). None: the checkpoint has one linear per expert (the row's ``experts``).
     disk_gate_up: str | None = None
     disk_down: str | None = None
+    # Whether transformers' conversion also reads one linear per expert into the fused tensors (Qwen3.5, whose FP8
+    # releases store them so); where it reads only the fused names (GraniteMoE), an export's per-expert tensors
+    # are left unread and its experts initialised at random.
+    transformers_reads_per_expert: bool = False
 
     @property
     def on_disk(self) -> bool:
@@ -365,10 +369,69 @@ _LINEAR_ATTENTION = LayerKind(
 )
 
 
+# Qwen3.5-MoE's linear attention: Qwen3-Next's, with its two input projections each split in two as stored
+# (in_proj_qkv and in_proj_z, quantized together as one group and one recipe unit: vLLM loads them into one
+# in_proj_qkvz; in_proj_b and in_proj_a, kept as Qwen3-Next's in_proj_ba is).
+_SPLIT_LINEAR_ATTENTION = LayerKind(
+    "linear_attention",
+    attention=(("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), ("linear_attn.out_proj",)),
+    kept=("linear_attn.in_proj_b", "linear_attn.in_proj_a", "linear_attn.conv1d"),
+    outputs=1,
+)
+
+
 # Model types whose config.json is read as another's config: Kimi K2 ships DeepSeek-V3's
 # architecture (DeepseekV3ForCausalLM, remote code) under model_type "kimi_k2", which
 # transformers does not know. The export keeps the release's own config.json.
 CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
+
+
+@dataclass(frozen=True)
+class Nesting:
+    """A release whose language model sits inside a larger model (a vision-language model's): its config under
+    ``text_config``, its ``model.*`` tensors under ``stored`` (``model.language_model.``) beside other towers'.
+
+    quantmoe reads such a checkpoint as the language model alone (``Checkpoint``: the text config, and the text
+    model's tensors under the names a text-only checkpoint gives them, ``model.layers.*``), quantizes it by the text
+    model's row, and writes the export under the release's own names and config.json. The other towers (``towers``:
+    the vision encoder) are copied unquantized and declared so. ``served``: (stored prefix, the prefix vLLM gives
+    the same modules), for the export's module patterns, which vLLM matches against its own names."""
+
+    text_config: str
+    stored: str
+    towers: tuple[str, ...]
+    served: tuple[tuple[str, str], ...]
+
+    def served_pattern(self, pattern: str) -> str:
+        """A regex over quantmoe's names of a nested checkpoint's modules (``^model\\.layers\\.3\\.``,
+        ``^model\\.visual\\.``) -> one that matches the same modules under the release's names and under vLLM's;
+        other patterns (``^mtp\\.``) unchanged."""
+        served = dict(self.served)
+        for tower in self.towers:
+            if pattern.startswith("^" + re.escape(tower)):
+                return f"^(?:{re.escape(tower)}|{re.escape(served[tower])})" + pattern[1 + len(re.escape(tower)):]
+        head = "^" + re.escape("model.")
+        if pattern.startswith(head):
+            return f"^(?:{re.escape(self.stored)}|{re.escape(served[self.stored])})" + pattern[len(head):]
+        return pattern
+
+    def stored_name(self, name: str) -> str:
+        """quantmoe's name of a nested checkpoint's tensor or module -> the release's (``model.layers.3.x`` ->
+        ``model.language_model.layers.3.x``; a tower's and others' unchanged)."""
+        if name.startswith("model.") and not name.startswith(self.towers):
+            return self.stored + name[len("model."):]
+        return name
+
+    def text_name(self, stored: str) -> str:
+        """The inverse of stored_name, for the release's names."""
+        return "model." + stored[len(self.stored):] if stored.startswith(self.stored) else stored
+
+
+# Model types whose releases nest the language model (Nesting), by the model_type of their config.json.
+NESTED = {
+    "qwen3_5_moe": Nesting(text_config="text_config", stored="model.language_model.", towers=("model.visual.",),
+                           served=(("model.language_model.", "language_model.model."), ("model.visual.", "visual."))),
+}
 
 
 _MIXTRAL = Architecture(
@@ -420,6 +483,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                 notes="Qwen3-Next: Qwen2-MoE's MoE block (512 experts, a gated shared expert) under three "
                       "linear-attention (Gated DeltaNet) layers to one gated full-attention layer; "
                       "`linear_attn.in_proj_ba` kept"),
+        replace(_QWEN2_MOE, model_type="qwen3_5_moe_text",
+                # The BF16 releases store the routed experts fused; the FP8 ones one linear per expert.
+                fused=FusedExperts(disk_gate_up="mlp.experts.gate_up_proj", disk_down="mlp.experts.down_proj",
+                                   transformers_reads_per_expert=True),
+                sparse_rule="all", dense_mlp=None,
+                layer_types=("layer_types", (LayerKind("full_attention"), _SPLIT_LINEAR_ATTENTION)),
+                unquantized_prefixes=("mtp.",),
+                notes="Qwen3.5-MoE's language model (`qwen3_5_moe` releases nest it beside a vision tower, which is "
+                      "copied unquantized): Qwen3-Next's layers with its linear attention's input projections split "
+                      "in two (`in_proj_qkv` with `in_proj_z`; `in_proj_b`, `in_proj_a` kept); every layer MoE"),
         Architecture(
             model_type="olmoe",
             attention=_ATTENTION_QKVO,

@@ -36,7 +36,7 @@ from ..base.errors import QuantMoeError, note
 from ..base.files import hash_json
 from ..formats import reader_for
 from ..formats.fp8 import Fp8Weight
-from .architectures import CONFIG_ALIASES, check_config
+from .architectures import CONFIG_ALIASES, NESTED, Nesting, check_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -142,6 +142,14 @@ class Checkpoint:
                                     "quantizes the architectures transformers knows (see docs/architectures.md)")
             _ignoring_auto_map(self.path, model_type)
         check_config(raw, str(self.path / "config.json"))
+        nesting = self.nesting
+        if nesting is not None:
+            text = raw.get(nesting.text_config)
+            if not isinstance(text, dict):
+                raise QuantMoeError(f"{self.path / 'config.json'}: a {model_type} model's config nests its language "
+                                    f"model's under {nesting.text_config!r}, which it lacks or is not an object; restore "
+                                    "config.json or re-download the checkpoint")
+            check_config(text, f"{self.path / 'config.json'} ({nesting.text_config})")
         if raw.get("quantization_config") is not None and not isinstance(raw["quantization_config"], dict):
             raise QuantMoeError(f"{self.path / 'config.json'}: quantization_config is a JSON "
                                 f"{type(raw['quantization_config']).__name__}, not an object; restore config.json "
@@ -150,11 +158,36 @@ class Checkpoint:
             if alias is not None:  # Kimi K2: DeepSeek-V3 under its own name (architectures.CONFIG_ALIASES); its
                 # auto_map names code quantmoe never runs
                 return AutoConfig.for_model(alias, **{k: v for k, v in raw.items() if k not in ("model_type", "auto_map")})
-            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+            return config if nesting is None else getattr(config, nesting.text_config)
         except Exception as exc:
             detail = " ".join(str(exc).split())[:200]
             raise QuantMoeError(f"cannot read {self.path / 'config.json'} ({type(exc).__name__}: {detail}); "
                                 "is it a transformers checkpoint?") from None
+
+    @cached_property
+    def nesting(self) -> Nesting | None:
+        """How the release nests its language model (a vision-language model's; architectures.NESTED), or None.
+        A nested checkpoint reads as its language model alone: ``config`` is the text model's, and the text model's
+        tensors go by the names a text-only checkpoint gives them (``weight_map``; ``stored_name`` gives the
+        release's)."""
+        model_type = self.raw_config.get("model_type")
+        return NESTED.get(model_type) if isinstance(model_type, str) else None
+
+    @property
+    def model_label(self) -> str:
+        """The model_type to show: the config's, and for a nested release the release's with its language model's."""
+        text = self.config.model_type
+        return text if self.nesting is None else f"{self.raw_config['model_type']} (language model {text})"
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """Prefixes of a nested release's other towers (its vision encoder), which quantmoe copies unquantized."""
+        return () if self.nesting is None else self.nesting.towers
+
+    def stored_name(self, name: str) -> str:
+        """The release's name of a tensor or module quantmoe names ``name`` (they differ only when ``nesting``)."""
+        return name if self.nesting is None else self.nesting.stored_name(name)
 
     @cached_property
     def raw_config(self) -> dict:
@@ -223,12 +256,28 @@ class Checkpoint:
                                     "name}); restore the file or re-download the checkpoint")
             for shard in set(weight_map.values()):
                 self.inside(shard)
-            return dict(weight_map)
+            return self._text_names(weight_map)
         single = self.path / SINGLE_NAME
         if single.is_file() or single.is_symlink():
-            return {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
+            return self._text_names({name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()})
         raise QuantMoeError(f"{self.path} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
                             "convert .bin checkpoints with save_pretrained(safe_serialization=True)")
+
+    def _text_names(self, weight_map: dict[str, str]) -> dict[str, str]:
+        """``weight_map`` under quantmoe's names: a nested release's language model's tensors renamed as a
+        text-only checkpoint names them (Nesting.text_name), after checking that every tensor under ``model.`` is
+        the language model's or a tower's, so that the names map back one to one."""
+        nesting = self.nesting
+        if nesting is None:
+            return dict(weight_map)
+        stray = next((n for n in weight_map if n.startswith("model.") and not n.startswith((nesting.stored,
+                                                                                             *nesting.towers))), None)
+        if stray is not None:
+            raise QuantMoeError(f"{self.path}: tensor {stray[:120]} lies outside the language model "
+                                f"({nesting.stored}*) and the other towers ({', '.join(nesting.towers)}*) of this "
+                                f"{self.raw_config.get('model_type')} release; the checkpoint is damaged or of "
+                                "another model: re-download it")
+        return {nesting.text_name(n): shard for n, shard in weight_map.items()}
 
     @cached_property
     def shards(self) -> list[str]:
@@ -261,7 +310,8 @@ class Checkpoint:
         shard = self._shard_of(name)
         try:
             f = self._open(shard)
-            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows.start:rows.stop]
+            stored = self.stored_name(name)
+            t = f.get_tensor(stored) if rows is None else f.get_slice(stored)[rows.start:rows.stop]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise QuantMoeError(f"cannot read {name} from shard {self.path / shard} ({exc}); re-download it") from None
         check_finite(name, t, self.path)
@@ -314,7 +364,7 @@ class Checkpoint:
         """(offset of its shard's data, tensor ``name``'s header entry, its dtype if one of STORED_DTYPES), from
         the shard's layout (read once)."""
         start, header = self._layout(self._shard_of(name))
-        info = header.get(name) if isinstance(header, dict) else None
+        info = header.get(self.stored_name(name)) if isinstance(header, dict) else None
         return start, info, (STORED_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None)
 
     def _direct(self, names: tuple[str, ...]) -> bool:
@@ -330,7 +380,7 @@ class Checkpoint:
         shard = self._shard_of(name)
         f = self._open(shard)
         try:
-            return f.get_slice(name)
+            return f.get_slice(self.stored_name(name))
         except SafetensorError:
             raise QuantMoeError(f"tensor {name} is listed for shard {self.path / shard}, which does not hold it; the "
                                 "index does not match the shards: restore it or re-download the checkpoint") from None
@@ -494,7 +544,8 @@ class Checkpoint:
 
     def shard_keys(self, shard: str) -> list[str]:
         """The tensor names a shard file actually holds (the index may claim others)."""
-        return list(self._open(shard).keys())
+        keys = self._open(shard).keys()
+        return list(keys) if self.nesting is None else [self.nesting.text_name(k) for k in keys]
 
     def open_shards(self) -> None:
         """Open every shard now, so a missing, truncated or corrupt one fails before any work starts."""

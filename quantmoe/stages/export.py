@@ -70,10 +70,11 @@ def parse_size(text: str | int) -> int:
 
 class ShardWriter:
     """Collects tensors and writes a shard whenever the next tensor would overflow it; each shard written
-    is hashed on ``background`` while the next is built."""
+    is hashed on ``background`` while the next is built. Tensors are added under quantmoe's names and written
+    under ``stored(name)`` (Checkpoint.stored_name: a nested release's own names)."""
 
-    def __init__(self, folder: Path, max_bytes: int, background: Executor):
-        self.folder, self.max_bytes, self.background = Path(folder), max_bytes, background
+    def __init__(self, folder: Path, max_bytes: int, background: Executor, stored: Callable[[str], str] = str):
+        self.folder, self.max_bytes, self.background, self.stored = Path(folder), max_bytes, background, stored
         self.pending: dict = {}
         self.pending_bytes = 0
         self.written: list[tuple[Path, list[str], Future[str]]] = []  # each shard, its tensors and its sha256
@@ -91,7 +92,7 @@ class ShardWriter:
         if not self.pending:
             return
         path = self.folder / f".shard-{len(self.written):05d}.safetensors"
-        save_safetensors(path, self.pending, metadata={"format": "pt"})
+        save_safetensors(path, {self.stored(n): t for n, t in self.pending.items()}, metadata={"format": "pt"})
         # hashed from the page cache, read back on ``background`` while the next shard is built
         self.written.append((path, list(self.pending), self.background.submit(sha256_file, path)))
         self.pending, self.pending_bytes = {}, 0
@@ -105,7 +106,7 @@ class ShardWriter:
             final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             hashes[final.name] = sha.result()  # of the file as written and synced, before its final name
             path.rename(final)
-            weight_map.update({name: final.name for name in names})
+            weight_map.update({self.stored(name): final.name for name in names})
         atomic_write_json(self.folder / INDEX_NAME,
                           {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
         return hashes
@@ -265,7 +266,7 @@ def write_shards(ckpt: Checkpoint, arch: Architecture, layer_files: list[Path], 
     folder.mkdir(parents=True, exist_ok=True)
     # Two threads, so that hashing a shard never holds up the next layer's read that the writer waits for.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantmoe-export") as background:
-        writer = ShardWriter(folder, max_shard_size, background)
+        writer = ShardWriter(folder, max_shard_size, background, ckpt.stored_name)
         for name, tensor in source_tensors(ckpt, ckpt.names("model.embed_tokens.")):
             writer.add(name, tensor)
         ahead = background.submit(read, 0) if layer_files else None

@@ -31,7 +31,7 @@ from ..base.measure import (
 )
 from ..base.options import BLOCK_KERNELS, QuantConfig, RunOptions
 from ..base.version import __version__
-from ..formats import compressed_tensors
+from ..formats import compressed_tensors, gptq_v1
 from ..formats.gptq_v1 import quantization_config
 from ..gptq.core import quantize_block
 from ..gptq.cuda_graphs import GraphedBlocks
@@ -50,7 +50,7 @@ from ..model.stream import (
 from .export import QUANTIZE_CONFIG, FinishedLayers, compressed_config, parse_size
 from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
 from .method import Calibration, LayerOutput, Source
-from .precision import Unit, check_recipe, layer_units, recipe_patterns
+from .precision import Unit, check_recipe, kept_patterns, layer_units, recipe_patterns
 from .report import model_card, ranges
 from .resume import layer_file, replay_layer, run_stored
 
@@ -127,6 +127,21 @@ def tensor_parallel_note(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig
             f"{bad[0]}) is not a multiple of the group size {group}, and vLLM falls back to its MoeWNA16 method, which "
             f"ignores this export's dynamic rules (the MTP layer's, a recipe's){eight}: serve there with "
             "--enable-expert-parallel (whole experts per rank), or quantize with a group size that divides the share")
+
+
+def unquantized_prefixes(ckpt: Checkpoint, arch: Architecture) -> tuple[str, ...]:
+    """Prefixes of the tensors outside the decoder layers an export copies unquantized and declares so: the row's
+    (Qwen3-Next's MTP block) and a nested release's other towers (its vision encoder)."""
+    return arch.unquantized_prefixes + ckpt.towers
+
+
+def served(ckpt: Checkpoint, rename: Callable[[dict, Callable[[str], str], Callable[[str], str]], dict],
+           config: dict) -> dict:
+    """An export's quantization_config under the names loaders match it against: as built for a checkpoint read
+    under its own names; a nested release's rewritten by its format's ``rename`` (served_names)."""
+    if ckpt.nesting is None:
+        return config
+    return rename(config, ckpt.nesting.served_pattern, ckpt.stored_name)
 
 
 def not_quantized_modules(arch: Architecture, config, layout: str) -> list[str]:
@@ -216,16 +231,18 @@ class GptqMethod:
         """GPTQ's (with the recipe's dynamic overrides and skips), or compressed-tensors' with ``format``."""
         qcfg, not_quantized = self.config, not_quantized_modules(arch, ckpt.config, self.layout)
         units = {i: self.units(ckpt, arch, i) for i in range(ckpt.config.num_hidden_layers)}
-        patterns = recipe_patterns(units, qcfg) + [(f"^{re.escape(p)}", None) for p in arch.unquantized_prefixes
+        patterns = recipe_patterns(units, qcfg) + [(f"^{re.escape(p)}", None) for p in unquantized_prefixes(ckpt, arch)
                                                    if ckpt.names(p)]
         if qcfg.format == "compressed-tensors":
-            return compressed_config(qcfg, not_quantized, __version__, sorted(extra_layers), patterns)
+            return served(ckpt, compressed_tensors.served_names,
+                          compressed_config(qcfg, not_quantized, __version__, sorted(extra_layers), patterns))
         skipped = [ckpt.layer_prefix(i) + n for i, us in units.items() for u in us if u.qcfg is None for n in u.names]
         overrides = [(rx, None if c is None else {"bits": c.bits, "group_size": c.group_size, "sym": c.sym})
                      for rx, c in patterns]
         if self.layout == "source":  # kept linears a server might build quantized (gptqmodel's lists every one)
-            overrides += [(rf"^model\.layers\.\d+\.{re.escape(k)}$", None) for k in arch.kept_linears()]
-        return quantization_config(qcfg, not_quantized, __version__, extra_layers, overrides, skipped)
+            overrides += [(rf"^model\.layers\.\d+\.{k}$", None) for k in kept_patterns(arch.kept_linears())]
+        return served(ckpt, gptq_v1.served_names,
+                      quantization_config(qcfg, not_quantized, __version__, extra_layers, overrides, skipped))
 
     def export_layer(self, ckpt: Checkpoint, arch: Architecture, index: int,
                      tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], frozenset[str]]:

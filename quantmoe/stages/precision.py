@@ -23,7 +23,9 @@ from ..model.architectures import Architecture, LayerPlan, plan_layer
 # vLLM's names for the linears it fuses (its models' packed_modules_mapping).
 FUSED_NAMES = {frozenset({"q_proj", "k_proj", "v_proj"}): "qkv_proj",
                frozenset({"q_a_proj", "kv_a_proj_with_mqa"}): "fused_qkv_a_proj",
-               frozenset({"gate_proj", "up_proj"}): "gate_up_proj"}
+               frozenset({"gate_proj", "up_proj"}): "gate_up_proj",
+               frozenset({"in_proj_qkv", "in_proj_z"}): "in_proj_qkvz",  # Qwen3.5's linear attention
+               frozenset({"in_proj_b", "in_proj_a"}): "in_proj_ba"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,21 @@ def _siblings(names: list[str]) -> str:
     items = [re.escape(a) for a in leaves + ([fused] if fused else [])]
     body = items[0] if len(items) == 1 else "(?:" + "|".join(items) + ")"
     return (re.escape(head) + r"\." if head else "") + body
+
+
+def kept_patterns(kept: tuple[str, ...]) -> list[str]:
+    """Layer-relative regexes of linears kept in 16 bits (Architecture.kept_linears): each one's name, and the name
+    vLLM gives the module it fuses siblings that are all kept into (Qwen3.5's in_proj_b and in_proj_a: in_proj_ba),
+    which is what a server's lookup of ``dynamic`` matches."""
+    out = [re.escape(k) for k in kept]
+    parents: dict[str, set[str]] = {}
+    for name in kept:
+        parent, _, leaf = name.rpartition(".")
+        parents.setdefault(parent, set()).add(leaf)
+    for parent, leaves in parents.items():
+        out += [re.escape(f"{parent}.{fused}" if parent else fused) for members, fused in FUSED_NAMES.items()
+                if members <= leaves]
+    return out
 
 
 def _experts_pattern(plan: LayerPlan) -> str:

@@ -147,7 +147,7 @@ def verify(folder: str | Path) -> VerifyReport:
             ckpt.check_layers()
             expected = expected_linears(model_config(ckpt), (qc.get("meta") or {}).get("layout", "source"))
             # Each module's own settings under the config's dynamic rules (--recipe); "-:" ones stay in 16 bits.
-            own = {m: module_settings(qc, m) for m in expected}
+            own = {m: module_settings(qc, ckpt.stored_name(m)) for m in expected}
             expected = {m: shape for m, shape in expected.items() if own[m] is not None}
         except QuantMoeError as exc:
             problems.append(f"cannot derive the expected layout from config.json: {exc}")
@@ -170,7 +170,7 @@ def verify(folder: str | Path) -> VerifyReport:
                 continue
             report.quantized_modules += 1
             try:
-                bits, group_size = module_settings(qc, module) or (bits, group_size)
+                bits, group_size = module_settings(qc, ckpt.stored_name(module)) or (bits, group_size)
             except QuantMoeError as exc:
                 problems.append(str(exc))
                 continue
@@ -205,7 +205,7 @@ def _verify_other(ckpt: Checkpoint, report: VerifyReport, present: set[str]) -> 
         ckpt.check_layers()
         expected = expected_linears(model_config(ckpt))
         if ckpt.format.name == "compressed-tensors":  # modules in its ignore list (--recipe) stay in 16 bits
-            expected = {m: s for m, s in expected.items() if not ignored(ckpt.quantization, m)}
+            expected = {m: s for m, s in expected.items() if not ignored(ckpt.quantization, ckpt.stored_name(m))}
         # Other tools' unfused expert names (llm-compressor's experts.E.gate_proj) under the source's.
         linears = {_source_module(arch, m): lin for m, lin in ckpt.quantized_linears.items()}
     except QuantMoeError as exc:
