@@ -50,7 +50,7 @@ from typing import NamedTuple
 import psutil
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers.core_model_loading import revert_weight_conversion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,6 +243,36 @@ SHAPES: dict[str, Shape] = {row.name: row for row in (
         kept=("linear_attn.in_proj_ba",),
         notes="512 experts of 512 (top-10) and a gated shared expert; 36 of 48 layers linear attention (Gated "
               "DeltaNet: 16 key heads, 32 value heads of 128), the others gated full attention (16 heads of 256)",
+    ),
+    Shape(
+        name="qwen3.5-397b-a17b",
+        source="Qwen/Qwen3.5-397B-A17B config.json's text_config, verbatim from a copy of the release's config.json "
+               "(ai-dynamo/aiconfigurator's model_configs), its rope_parameters (left out of that copy) from the "
+               "35B-A3B release's; layer_types left to the config (full_attention_interval 4). The release nests this "
+               "language model in a vision-language model (model.language_model.*, a vision tower): written here as "
+               "the text-only checkpoint quantmoe reads it as, the per-layer work being the same",
+        config={"architectures": ["Qwen3_5MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                "attn_output_gate": True, "dtype": "bfloat16", "eos_token_id": 248044, "full_attention_interval": 4,
+                "head_dim": 256, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+                "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+                "linear_num_value_heads": 64, "linear_value_head_dim": 128, "max_position_embeddings": 262144,
+                "model_type": "qwen3_5_moe_text", "moe_intermediate_size": 1024, "num_attention_heads": 32,
+                "num_experts": 512, "num_experts_per_tok": 10, "num_hidden_layers": 60, "num_key_value_heads": 2,
+                "rms_norm_eps": 1e-06, "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 1024,
+                "tie_word_embeddings": False, "use_cache": True, "vocab_size": 248320,
+                "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10],
+                                    "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"}},
+        routers=("mlp.gate", "mlp.shared_expert_gate"),
+        reduced={**_REDUCED_GQA, "num_experts": 16, "shared_expert_intermediate_size": 128, "linear_num_key_heads": 2,
+                 "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64},
+        fp8_release="Qwen/Qwen3.5-397B-A17B-FP8: block-wise, 128 x 128 (the format written here), one linear per "
+                    "routed expert, the linear attention's in_proj_b and in_proj_a in BF16; its vision tower and MTP "
+                    "block are not written here (the BF16 release stores the routed experts fused; written here one "
+                    "linear per expert, as the FP8 release stores them)",
+        kept=("linear_attn.in_proj_b", "linear_attn.in_proj_a"),
+        notes="512 experts of 1024 (top-10) and a gated shared expert in every layer; 45 of 60 layers linear attention "
+              "(Gated DeltaNet: 16 key heads, 64 value heads of 128), the others gated full attention (32 heads of "
+              "256, 2 KV heads)",
     ),
     Shape(
         name="deepseek-v3",
@@ -542,11 +572,44 @@ def random_tensors(specs: dict[str, TensorSpec], gen: torch.Generator, device: t
     return out
 
 
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with exactly ``vocab_size`` entries, so ids < vocab_size pass the calibration check."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+def byte_level(model_type: str) -> bool:
+    """Whether transformers loads this model type's tokenizer as its own byte-level BPE class whatever the folder's
+    tokenizer files name (Qwen3.5's Qwen3_5Tokenizer: its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), which
+    reads a word-level vocabulary as no token at all."""
+    from transformers.models.auto import tokenization_auto
+
+    return model_type in getattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", ())
+
+
+def synthetic_vocab(vocab_size: int, model_type: str) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
+    """(vocabulary, BPE merges, words) of write_tokenizer's tokenizer: exactly ``vocab_size`` entries, ids 0-2 the
+    special tokens, each word one token when a space precedes it. Word-level (``w3``, ``w4``, ...) unless the model
+    type's tokenizer is byte-level (``byte_level``): then the 256 byte symbols and, by merges, a space followed by
+    one, two, three ... letters (``a``, ``b``, ..., ``aa``, ...) until the vocabulary is full."""
+    specials = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    if not byte_level(model_type):
+        return {**specials, **{f"w{i}": i for i in range(3, vocab_size)}}, [], [f"w{i}" for i in range(3, vocab_size)]
+    vocab = {**specials, **{c: 3 + k for k, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    merges, words, level = [], [], ["\u0120"]  # the byte-level symbol of a space
+    while len(vocab) < vocab_size:
+        level = [head + c for head in level for c in "abcdefghijklmnopqrstuvwxyz"][:vocab_size - len(vocab)]
+        for token in level:
+            vocab[token] = len(vocab)
+            merges.append((token[:-1], token[-1]))
+        words += [token[1:] for token in level]
+    return vocab, merges, words
+
+
+def write_tokenizer(folder: Path, vocab_size: int, model_type: str = "") -> None:
+    """A tokenizer with exactly ``vocab_size`` entries (synthetic_vocab), so ids < vocab_size pass the calibration
+    check, and each word of make_eval_text one token."""
+    vocab, merges, _ = synthetic_vocab(vocab_size, model_type)
+    if merges:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    else:
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                                 eos_token="</s>")
     fast.save_pretrained(folder)
@@ -582,7 +645,7 @@ def make_checkpoint(folder: Path, shape: Shape | str, layers: int, *, reduced: b
     if source == "fp8":
         config["quantization_config"] = dict(FP8_CONFIG)
     atomic_write_json(folder / "config.json", config)
-    write_tokenizer(folder, config["vocab_size"])
+    write_tokenizer(folder, config["vocab_size"], config["model_type"])
     gen = torch.Generator(device=dev).manual_seed(seed)
     weight_map, total = {}, 0
     for i, specs in enumerate(shards):
@@ -670,12 +733,17 @@ def make_calibration(path: Path, vocab_size: int, nsamples: int, seqlen: int, se
     return write_calibration(path, ids, meta)
 
 
-def make_eval_text(path: Path, vocab_size: int, tokens: int, seed: int = 1, words_per_line: int = 4096) -> Path:
+def make_eval_text(path: Path, vocab_size: int, tokens: int, seed: int = 1, words_per_line: int = 4096,
+                   model_type: str = "") -> Path:
     """A JSONL file of random words of write_tokenizer's vocabulary: ``tokens`` tokens in all
-    (one word is one token), for ``quantmoe eval``."""
+    (one word is one token; a line of a byte-level vocabulary starts with a space, which its first word takes),
+    for ``quantmoe eval``."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (tokens,), generator=gen).tolist()
-    lines = [json.dumps({"text": " ".join(f"w{i}" for i in ids[s:s + words_per_line])})
+    _, merges, words = synthetic_vocab(vocab_size, model_type)
+    low = 0 if merges else 3  # a word-level vocabulary's words are ids 3 on
+    picks = [words[i - low] for i in torch.randint(low, low + len(words), (tokens,), generator=gen).tolist()]
+    lead = " " if merges else ""
+    lines = [json.dumps({"text": lead + " ".join(picks[s:s + words_per_line])})
              for s in range(0, tokens, words_per_line)]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
@@ -1318,7 +1386,9 @@ def evaluate_output(args: argparse.Namespace, out: Path, model: Path, config: di
     """Time ``quantmoe eval`` of the output against the checkpoint on random text (see run_eval)."""
     seqlen = args.eval_seqlen or seqlen
     tokens = args.eval_tokens or (4 * seqlen if args.reduced else FULL_EVAL_TOKENS)
-    data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}.jsonl", config["vocab_size"], tokens)
+    kind = "-bytelevel" if byte_level(config["model_type"]) else ""
+    data = make_eval_text(args.work / f"eval-{config['vocab_size']}-{tokens}{kind}.jsonl", config["vocab_size"], tokens,
+                          model_type=config["model_type"])
     run = run_eval(out, model, data, seqlen, device, args.quantmoe, args.timeout, args.eval_batch_size, tf32,
                    dtype)
     result = {"tokens": tokens, "seqlen": seqlen, **run, **summarise_eval(run, config["num_hidden_layers"], total_layers)}

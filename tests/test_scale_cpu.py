@@ -642,3 +642,19 @@ def test_default_batch_keeps_attention_scores_within_2_gib(heads, seqlen, expect
     size = default_batch_size(SimpleNamespace(num_attention_heads=heads), seqlen)
     assert size == expected
     assert size == 1 or size * heads * seqlen**2 * 4 <= 2 * 2**30
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_5_moe_text"])
+def test_the_synthetic_tokenizer_reads_each_eval_word_as_one_token(tmp_path, model_type):
+    """The eval text of a scale run is as many tokens as words, all ids below vocab_size, whichever tokenizer class
+    transformers loads for the model type: its own byte-level BPE for Qwen3.5 (whatever the folder names), which
+    reads a word-level vocabulary as no token at all."""
+    vocab_size, tokens = 1000, 300
+    scale.write_tokenizer(tmp_path, vocab_size, model_type)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (type(tok).__name__ == "Qwen3_5Tokenizer") == scale.byte_level(model_type) == (model_type != "mixtral")
+    text = json.loads(scale.make_eval_text(tmp_path / "eval.jsonl", vocab_size, tokens,
+                                           model_type=model_type).read_text())["text"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.split()) == tokens and 3 <= min(ids) and max(ids) < vocab_size
