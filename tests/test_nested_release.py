@@ -178,3 +178,27 @@ def test_inspect_shows_the_release_names_and_the_vision_tower_as_one_line(export
                      ("mlp.shared_expert_gate.weight", "router"), ("mlp.experts.gate_up_proj", "routed expert")):
         assert rows[f"{STORED}layers.{{i}}.{rel}"]["cls"] == cls, rel
     assert "model.visual.*" in render_text(report)
+
+
+def test_a_bnb_export_of_a_nested_release_is_its_language_models_and_loads_with_the_kernels(exported, tmp_path,
+                                                                                             text_file):
+    """bitsandbytes: the export of the release is, under its names, that of its language model saved text-only; the
+    vision tower is copied and skipped whole (``llm_int8_skip_modules``, by the release's names, which transformers'
+    model of the release uses in memory); quantmoe loads it with bitsandbytes' kernels, the vision tower left out."""
+    pytest.importorskip("bitsandbytes")
+    import quantmoe
+
+    release = exported[0]
+    text = text_only_copy(release, tmp_path / "text")
+    runs = [(release, tmp_path / "nf4"), (text, tmp_path / "text-nf4")]
+    results = cli_forked([["quantize", model, "--out", out, "--backend", "bnb-nf4", "--quiet", "--no-eval"]
+                          for model, out in runs])
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    ours, theirs = (load_file(next(out.glob("*.safetensors"))) for _, out in runs)
+    assert sorted(_text_names(ours)) == sorted(theirs)
+    assert all(torch.equal(_text_names(ours)[n], theirs[n]) for n in theirs)
+    q = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert "model.visual" in q["llm_int8_skip_modules"] and f"{STORED}layers.0.mlp.gate" in q["llm_int8_skip_modules"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits = [quantmoe.load_quantized(out, device="cpu", kernels="bitsandbytes")(ids).logits for _, out in runs]
+    assert torch.equal(logits[0], logits[1])

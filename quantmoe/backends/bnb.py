@@ -78,7 +78,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
 from ..model.stream import model_config, pick_device
 from ..stages.export import FinishedLayers, as_stored, source_tensors
-from ..stages.method import Calibration, LayerOutput, Source
+from ..stages.method import Calibration, LayerOutput, Source, unquantized_prefixes
 from ..stages.report import base_model_name, gap_table, protocol_text
 from .base import Backend, unknown_settings
 
@@ -160,8 +160,11 @@ class BnbMethod:
         # The multi-token-prediction layers (mtp="keep"), whole (a loader matching skips by prefix, as vLLM's
         # bitsandbytes one does, then builds them unquantized), and each of their modules with a 2-D weight.
         skip += [ckpt.layer_prefix(i)[:-1] for i in extra_layers]
-        return quantization_config(self.config, self.name, skip,
-                                   routers + [m for ms in extra_layers.values() for m in ms], __version__)
+        # Whatever else is copied unquantized (Qwen3-Next's MTP block, a nested release's vision tower), whole.
+        skip += [p.rstrip(".") for p in unquantized_prefixes(ckpt, arch) if ckpt.names(p)]
+        not_quantized = routers + [m for ms in extra_layers.values() for m in ms]
+        return quantization_config(self.config, self.name, [ckpt.stored_name(m) for m in skip],
+                                   [ckpt.stored_name(m) for m in not_quantized], __version__)
 
     def export_layer(self, ckpt: Checkpoint, arch: Architecture, index: int,
                      tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], frozenset[str]]:
@@ -442,12 +445,15 @@ def load_with_kernels(path, device: str = "auto"):
     # Everything else (embeddings, norms, routers, biases, head) from the checkpoint, in the compute dtype.
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    copied = unquantized_prefixes(ckpt, arch)  # no module of the model holds them, as no MTP layer's tensor
     for name in ckpt.names():
-        if name in stored:
+        if name in stored or name.startswith(copied):
             continue
         target = name
         if name.startswith("model.layers."):
             index = int(name.split(".")[2])
+            if index >= config.num_hidden_layers:
+                continue
             target = ckpt.layer_prefix(index) + arch.to_memory(name[len(ckpt.layer_prefix(index)):])
         if target not in params and target not in buffers:
             raise QuantMoeError(f"tensor {name} of {ckpt.path} has no place in the {config.model_type} model; "

@@ -418,7 +418,7 @@ class Nesting:
     def stored_name(self, name: str) -> str:
         """quantmoe's name of a nested checkpoint's tensor or module -> the release's (``model.layers.3.x`` ->
         ``model.language_model.layers.3.x``; a tower's and others' unchanged)."""
-        if name.startswith("model.") and not name.startswith(self.towers):
+        if name.startswith("model.") and not (name + ".").startswith(self.towers):  # a tower's module named whole too
             return self.stored + name[len("model."):]
         return name
 

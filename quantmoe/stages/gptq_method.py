@@ -49,7 +49,7 @@ from ..model.stream import (
 )
 from .export import QUANTIZE_CONFIG, FinishedLayers, compressed_config, parse_size
 from .layer import CAPTURE_CACHE_BYTES, HOST_CAPTURE_BYTES, LayerQuantizer
-from .method import Calibration, LayerOutput, Source
+from .method import Calibration, LayerOutput, Source, unquantized_prefixes
 from .precision import Unit, check_recipe, kept_patterns, layer_units, recipe_patterns
 from .report import model_card, ranges
 from .resume import layer_file, replay_layer, run_stored
@@ -127,12 +127,6 @@ def tensor_parallel_note(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig
             f"{bad[0]}) is not a multiple of the group size {group}, and vLLM falls back to its MoeWNA16 method, which "
             f"ignores this export's dynamic rules (the MTP layer's, a recipe's){eight}: serve there with "
             "--enable-expert-parallel (whole experts per rank), or quantize with a group size that divides the share")
-
-
-def unquantized_prefixes(ckpt: Checkpoint, arch: Architecture) -> tuple[str, ...]:
-    """Prefixes of the tensors outside the decoder layers an export copies unquantized and declares so: the row's
-    (Qwen3-Next's MTP block) and a nested release's other towers (its vision encoder)."""
-    return arch.unquantized_prefixes + ckpt.towers
 
 
 def served(ckpt: Checkpoint, rename: Callable[[dict, Callable[[str], str], Callable[[str], str]], dict],

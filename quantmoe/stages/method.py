@@ -117,3 +117,9 @@ class Method(Protocol):
     def model_card(self, report: dict | None, info: dict) -> str:
         """README.md of the export (``finalize.finalize`` says what ``info`` holds)."""
         ...
+
+
+def unquantized_prefixes(ckpt: Checkpoint, arch: Architecture) -> tuple[str, ...]:
+    """Prefixes of the tensors outside the decoder layers an export copies unquantized and declares so: the row's
+    (Qwen3-Next's MTP block) and a nested release's other towers (its vision encoder)."""
+    return arch.unquantized_prefixes + ckpt.towers
