@@ -53,8 +53,8 @@ def exported(tmp_path_factory, text_file):
 def test_a_nested_release_quantizes_as_its_language_model_alone(exported):
     """The export of the release holds, under the release's names, exactly the tensors of the export of its language
     model saved as a text-only checkpoint (the experts, stored fused as the BF16 releases store them, exported per
-    expert); the vision tower as released; config.json the release's with a quantization_config; the same
-    evaluation; verify passes."""
+    expert); the vision tower as released; config.json the release's with a quantization_config, and its image
+    processor's config; the same evaluation; verify passes."""
     release, out, text_out, _ = exported
     ours, theirs, source = (load_file(next(f.glob("*.safetensors"))) for f in (out, text_out, release))
     assert all(n.startswith((STORED, "model.visual.", "lm_head.")) for n in ours)
@@ -64,6 +64,8 @@ def test_a_nested_release_quantizes_as_its_language_model_alone(exported):
     assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in ours)
     vision = [n for n in source if n.startswith("model.visual.")]
     assert vision and all(torch.equal(ours[n], source[n]) for n in vision)
+    processor = json.loads((release / "preprocessor_config.json").read_text())  # servers read it to take images
+    assert json.loads((out / "preprocessor_config.json").read_text()) == processor
     config, original = (json.loads((f / "config.json").read_text()) for f in (out, release))
     assert config.pop("quantization_config")["quant_method"] == "gptq"
     assert config == original and config["model_type"] == "qwen3_5_moe"

@@ -174,6 +174,7 @@ def make_nested_release(folder: Path, seed: int = 0, dtype=torch.bfloat16, fused
     _save_random(transformers.Qwen3_5MoeForConditionalGeneration(config), folder, dtype)
     if fused:
         _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, text["num_experts"]))
+    transformers.Qwen2VLImageProcessor(patch_size=16, merge_size=2).save_pretrained(folder)  # what servers read
     return folder
 
 

@@ -40,9 +40,12 @@ from .architectures import CONFIG_ALIASES, NESTED, Nesting, check_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Side files an export carries over from its source (tokenizer, generation defaults, chat template).
+# Side files an export carries over from its source (tokenizer, generation defaults, chat template, and a
+# vision-language release's image and video processors, which servers read to take its images).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+              "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+              "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json",
+              "processor_config.json")
 # Bytes read from each end of every shard to tell checkpoints apart (Checkpoint.identity).
 IDENTITY_BYTES = 1 << 16
 # config.json and the index are read whole: one larger than this is no checkpoint's, and is refused unread.
