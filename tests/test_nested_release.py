@@ -15,7 +15,7 @@ import pytest
 import torch
 from clirun import QUICK, cli, cli_forked, one_error_line
 from safetensors.torch import load_file, save_file
-from tiny import dequantized_copy, make_nested_release, text_only_copy
+from tiny import append_mtp_block, dequantized_copy, make_nested_release, text_only_copy
 
 from quantmoe.formats.compressed_tensors import ignored, module_weights
 from quantmoe.formats.fp8 import write_fp8_release
@@ -118,9 +118,12 @@ def test_the_compressed_tensors_config_names_the_release_modules(exported):
 
 def test_an_fp8_nested_release_quantizes_as_its_bf16_conversion(tmp_path, text_file):
     """Qwen3.5's FP8 releases: the language model's linears in FP8 blocks, one linear per routed expert; the routers,
-    in_proj_b, in_proj_a and the vision tower in BF16. Quantized from FP8, the export is the one of its exact BF16
-    conversion, byte for byte."""
+    in_proj_b, in_proj_a and the vision tower in BF16; the multi-token-prediction block (``mtp.*``) beside the nested
+    language model. Quantized from FP8, the export is the one of its exact BF16 conversion, byte for byte; the MTP
+    block is copied and excluded by a ``-:`` rule naming mtp, which vLLM's Qwen3.5 MTP loader takes as the sign to
+    build it unquantized."""
     bf16 = make_nested_release(tmp_path / "bf16", fused=False)
+    added = append_mtp_block(bf16)
     kept = ROW.routers + ROW.kept_linears()
 
     def skip(name: str) -> bool:
@@ -137,6 +140,11 @@ def test_an_fp8_nested_release_quantizes_as_its_bf16_conversion(tmp_path, text_f
     exported = load_file(next((tmp_path / "from-fp8").glob("*.safetensors")))
     assert f"{STORED}layers.1.mlp.experts.3.up_proj.qweight" in exported
     assert not any(t.dtype == torch.float8_e4m3fn or n.endswith("weight_scale_inv") for n, t in exported.items())
+    assert sorted(n for n in exported if n.startswith("mtp.")) == sorted(added)
+    assert all(torch.equal(exported[n], stored[n]) for n in added)
+    qc = json.loads((tmp_path / "from-fp8" / "config.json").read_text())["quantization_config"]
+    assert any(k.startswith("-:") and "mtp" in k for k in qc["dynamic"])
+    assert module_settings(qc, "mtp.layers.0.mlp.experts") is None and module_settings(qc, "mtp.fc") is None
     assert cli("verify", tmp_path / "from-fp8").returncode == 0
 
 

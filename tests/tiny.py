@@ -294,17 +294,20 @@ def append_mtp_block(folder: Path, seed: int = 1) -> list[str]:
     """Append Qwen3-Next's multi-token-prediction block to the one-shard checkpoint ``folder``, as its release
     carries it outside the decoder layers: ``mtp.fc`` (H, 2H), ``mtp.norm``, ``mtp.pre_fc_norm_embedding``,
     ``mtp.pre_fc_norm_hidden`` (H) and ``mtp.layers.0.*``, a decoder block with the names and shapes of the last
-    (full-attention) layer and new random values. Returns the names added."""
+    (full-attention) layer and new random values; Qwen3.5's releases carry it so beside their nested language
+    model (make_nested_release). Returns the names added."""
     import json
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    last, hidden = f"model.layers.{config['num_hidden_layers'] - 1}.", config["hidden_size"]
+    model = "model.language_model." if "text_config" in config else "model."
+    config = config.get("text_config", config)
+    last, hidden = f"{model}layers.{config['num_hidden_layers'] - 1}.", config["hidden_size"]
     g = torch.Generator().manual_seed(seed)
     added: list[str] = []
 
     def change(tensors: dict) -> dict:
-        dtype = tensors["model.norm.weight"].dtype
+        dtype = tensors[f"{model}norm.weight"].dtype
         new = {"mtp.fc.weight": 0.1 * torch.randn(hidden, 2 * hidden, generator=g)}
         new |= {f"mtp.{n}.weight": 1 + 0.05 * torch.randn(hidden, generator=g)
                 for n in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden")}
