@@ -212,3 +212,25 @@ def test_a_bnb_export_of_a_nested_release_is_its_language_models_and_loads_with_
     ids = torch.tensor([[5, 6, 7, 8]])
     logits = [quantmoe.load_quantized(out, device="cpu", kernels="bitsandbytes")(ids).logits for _, out in runs]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_recipes_name_a_nested_releases_modules_by_its_own_names(exported, tmp_path, text_file):
+    """A recipe matches the release's module names, as inspect lists them (``model.language_model.layers.*``): its
+    rule reaches the modules it names, and one written with a text-only checkpoint's names names no linear of the
+    release, which is refused with one line giving the names to use, before any work."""
+    release = exported[0]
+    rule = tmp_path / "shared.toml"
+    rule.write_text('[[rules]]\nmatch = "re:model\\\\.language_model\\\\.layers\\\\.0\\\\.mlp\\\\.shared_expert\\\\."\n'
+                    'bits = 8\n')
+    out = tmp_path / "out"
+    result = cli("quantize", release, "--out", out, "--calib", text_file, *QUICK, "--recipe", rule)
+    assert result.returncode == 0, result.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    for prefix in (STORED, SERVED):
+        assert module_settings(qc, f"{prefix}layers.0.mlp.shared_expert.down_proj") == (8, 32)
+        assert module_settings(qc, f"{prefix}layers.1.mlp.shared_expert.down_proj") == (4, 32)
+    rule.write_text('[[rules]]\nmatch = "re:model\\\\.layers\\\\.0\\\\.mlp\\\\.shared_expert\\\\."\nbits = 8\n')
+    result = cli("quantize", release, "--out", tmp_path / "refused", "--calib", text_file, *QUICK, "--recipe", rule)
+    line = one_error_line(result.stderr)
+    assert result.returncode != 0 and "names no quantized linear" in line and f"{STORED}layers.0." in line
+    assert not (tmp_path / "refused").exists()

@@ -13,6 +13,7 @@ entries (``recipe_patterns``): vLLM, GPTQModel and compressed-tensors all match 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..base.errors import QuantMoeError
@@ -145,21 +146,23 @@ def recipe_patterns(units: dict[int, list[Unit]], base: QuantConfig) -> list[tup
     return out
 
 
-def check_recipe(arch: Architecture, config, qcfg: QuantConfig) -> None:
+def check_recipe(arch: Architecture, config, qcfg: QuantConfig, stored: Callable[[str], str] = str) -> None:
     """Refuse, before any work, a recipe that splits a unit (``layer_units``) or a recipe file with a rule
     that names no linear of this model (a mistyped name would otherwise change nothing, silently; a
-    preset's rules name classes some families do not have)."""
+    preset's rules name classes some families do not have). Rules match the checkpoint's own module names
+    (``stored``: Checkpoint.stored_name, a nested release's ``model.language_model.layers.*``)."""
     if not qcfg.rules:
         return
     used = set()
     for i in range(config.num_hidden_layers):
         plan = plan_layer(arch, config, i, qcfg.layout)
-        layer_units(plan, qcfg, f"model.layers.{i}.")
+        prefix = stored(f"model.layers.{i}.")
+        layer_units(plan, qcfg, prefix)
         for name, kind in plan.linear_kinds().items():
-            rule = first_rule(qcfg.rules, f"model.layers.{i}.{name}", kind)
+            rule = first_rule(qcfg.rules, prefix + name, kind)
             used.add(rule)
     for k, rule in enumerate(qcfg.rules):
         if rule not in used and qcfg.recipe not in PRESETS:
             raise QuantMoeError(f"--recipe rule {k + 1} (match = {rule.match!r}) names no quantized linear of this "
                                 f"{arch.model_type} model (or only ones an earlier rule takes); fix its match "
-                                "(source module names, e.g. model.layers.0.self_attn.q_proj) or drop it")
+                                f"(source module names, e.g. {stored('model.layers.0.')}self_attn.q_proj) or drop it")
