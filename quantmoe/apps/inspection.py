@@ -131,7 +131,7 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
         if cls == "not exported":
             continue
         # Its own settings under the recipe (a fused on-disk tensor: by class); None: kept in 16 bits.
-        own = qcfg.module_config(ckpt.stored_name(ckpt.layer_prefix(layer) + module), kinds[layer].get(module, "expert")) \
+        own = qcfg.module_config(ckpt.stored_layer_prefix(layer) + module, kinds[layer].get(module, "expert")) \
             if quantized_as else None
         if own is not None:
             estimate = sum(gptq_bytes(r, c, own.bits, own.group_size) for r, c in quantized_as)

@@ -394,13 +394,17 @@ class Nesting:
     quantmoe reads such a checkpoint as the language model alone (``Checkpoint``: the text config, and the text
     model's tensors under the names a text-only checkpoint gives them, ``model.layers.*``), quantizes it by the text
     model's row, and writes the export under the release's own names and config.json. The other towers (``towers``:
-    the vision encoder) are copied unquantized and declared so. ``served``: (stored prefix, the prefix vLLM gives
-    the same modules), for the export's module patterns, which vLLM matches against its own names."""
+    the vision encoder: every prefix of ``served`` but ``stored``) are copied unquantized and declared so.
+    ``served``: (stored prefix, the prefix vLLM gives the same modules), for the export's module patterns, which
+    vLLM matches against its own names."""
 
     text_config: str
     stored: str
-    towers: tuple[str, ...]
     served: tuple[tuple[str, str], ...]
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        return tuple(prefix for prefix, _ in self.served if prefix != self.stored)
 
     def served_pattern(self, pattern: str) -> str:
         """A regex over quantmoe's names of a nested checkpoint's modules (``^model\\.layers\\.3\\.``,
@@ -429,7 +433,7 @@ class Nesting:
 
 # Model types whose releases nest the language model (Nesting), by the model_type of their config.json.
 NESTED = {
-    "qwen3_5_moe": Nesting(text_config="text_config", stored="model.language_model.", towers=("model.visual.",),
+    "qwen3_5_moe": Nesting(text_config="text_config", stored="model.language_model.",
                            served=(("model.language_model.", "language_model.model."), ("model.visual.", "visual."))),
 }
 

@@ -192,6 +192,10 @@ class Checkpoint:
         """The release's name of a tensor or module quantmoe names ``name`` (they differ only when ``nesting``)."""
         return name if self.nesting is None else self.nesting.stored_name(name)
 
+    def stored_layer_prefix(self, index: int) -> str:
+        """``layer_prefix`` under the release's names: what recipe rules and messages name a layer's modules by."""
+        return self.stored_name(self.layer_prefix(index))
+
     @cached_property
     def raw_config(self) -> dict:
         config = self._read_json("config.json")

@@ -72,7 +72,7 @@ def check_shapes(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig) -> lis
     narrow: dict[tuple[str, int, int], list[int]] = {}
     base = qcfg
     for i in range(ckpt.config.num_hidden_layers):
-        prefix = ckpt.stored_name(ckpt.layer_prefix(i))  # the checkpoint's own names, which recipes match
+        prefix = ckpt.stored_layer_prefix(i)  # the checkpoint's own names, which recipes match
         plan = plan_layer(arch, ckpt.config, i, base.layout)
         kinds = plan.linear_kinds()
         for name, (rows, cols) in plan.linear_shapes(ckpt.layer_shapes(i)).items():
@@ -111,7 +111,7 @@ def tensor_parallel_note(ckpt: Checkpoint, arch: Architecture, qcfg: QuantConfig
         if plan.experts is None:
             continue
         down = plan.experts.linear("down", 0)
-        own = qcfg.module_config(ckpt.stored_name(ckpt.layer_prefix(i)) + down, "expert")
+        own = qcfg.module_config(ckpt.stored_layer_prefix(i) + down, "expert")
         shape = plan.linear_shapes(ckpt.layer_shapes(i)).get(down)
         if own is not None and own.group_size != -1 and shape is not None:
             widths[(shape[1], own.group_size)] = own.bits
@@ -219,8 +219,7 @@ class GptqMethod:
 
     def units(self, ckpt: Checkpoint, arch: Architecture, index: int) -> list[Unit]:
         """Layer ``index``'s linears grouped by their settings under the recipe (precision.layer_units)."""
-        return layer_units(plan_layer(arch, ckpt.config, index, self.layout), self.config,
-                           ckpt.stored_name(ckpt.layer_prefix(index)))
+        return layer_units(plan_layer(arch, ckpt.config, index, self.layout), self.config, ckpt.stored_layer_prefix(index))
 
     def quantization_config(self, ckpt: Checkpoint, arch: Architecture, extra_layers: dict[int, list[str]]) -> dict:
         """GPTQ's (with the recipe's dynamic overrides and skips), or compressed-tensors' with ``format``."""

@@ -220,8 +220,8 @@ class LayerQuantizer:
         self.plan: LayerPlan = plan_layer(self.arch, stream.config, index, qcfg.layout)
         # Each linear's settings under --recipe, one per unit (precision.py). The routed experts' code
         # reads self.qcfg, so it holds theirs; the other linears look theirs up (``_settings``).
-        prefix = stream.ckpt.stored_name(f"model.layers.{index}.")  # recipe rules match the checkpoint's own names
-        self.units = {n: u for u in layer_units(self.plan, qcfg, prefix) for n in u.names}
+        # Recipe rules match the checkpoint's own names.
+        self.units = {n: u for u in layer_units(self.plan, qcfg, stream.ckpt.stored_layer_prefix(index)) for n in u.names}
         experts = self.units.get(self.plan.experts.linear("gate", 0)) if self.plan.experts is not None else None
         if experts is not None and experts.qcfg is not None:
             self.qcfg = experts.qcfg
