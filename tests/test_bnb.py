@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from clirun import Stop, stopped_after_layer
 from conftest import ARCH_NAMES
-from tiny import make_model, write_text
+from tiny import NESTED_TINY, make_model, released, transformers_lm, write_text
 
 import quantmoe
 from quantmoe import backends
@@ -166,8 +166,6 @@ def test_bnb_routers_untouched_and_every_projection_quantized(bnb_exported, mode
 def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_exported, bitsandbytes, model_type,
                                                                           name, text_file):
     """load_quantized == the source model with each projection replaced by bnb's dequantize(quantize(W))."""
-    from transformers import AutoModelForCausalLM
-
     from quantmoe.model.stream import LayerStream
     from quantmoe.stages.evaluate import eval_windows, perplexity
 
@@ -176,7 +174,7 @@ def test_bnb_checkpoint_reloads_to_exactly_the_bitsandbytes_quantized_model(bnb_
     source, saved = Checkpoint(src), Checkpoint(out)
     arch = ARCHITECTURES[model_type]
     stream = LayerStream(source, torch.device("cpu"))  # only for to_memory (on-disk -> fused layout)
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    reference = transformers_lm(src)
     reference.config._experts_implementation = "eager"  # what quantmoe runs experts with (stream.model_config)
     windows, _ = eval_windows(source.tokenizer(), text_file, 64)
     windows = windows[:4]
@@ -285,10 +283,18 @@ def test_what_plain_transformers_does_with_a_bnb_export(bnb_exported, name):
 
 @pytest.mark.parametrize("model_type", FUSED_ON_DISK)
 def test_plain_transformers_loads_experts_fused_on_disk_at_random(bnb_exported, model_type):
-    """Pins what docs/backends.md warns: where transformers maps only the fused on-disk names (GraniteMoE), a bnb
-    export of such a row loads without an error and with freshly initialised experts; where it also maps one linear
-    per expert (Qwen3.5), it stops with a size mismatch, as for the rows stored per expert. The card says which."""
+    """Pins what docs/backends.md warns: where transformers maps only the fused on-disk names (GraniteMoE,
+    Qwen3-VL-MoE), a bnb export of such a row loads without an error and with freshly initialised experts; where it
+    also maps one linear per expert (Qwen3.5), it stops with a size mismatch, as for the rows stored per expert. The
+    card says which. A language model transformers has no causal-LM class for is loaded as its release."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
     src, out = bnb_exported(model_type, "bnb-nf4")
+    load, language_model = AutoModelForCausalLM.from_pretrained, lambda model: model.model
+    if model_type in NESTED_TINY:
+        src, out = released(src), out.with_name(out.name + "-release")
+        backends.get("bnb-nf4").quantize(src, out, Options(device="cpu", run_eval=False, quiet=True))
+        load, language_model = AutoModelForImageTextToText.from_pretrained, lambda model: model.model.language_model
     card = (out / "README.md").read_text()
     fused = ARCHITECTURES[model_type].fused
     unread = not fused.transformers_reads_per_expert
@@ -296,15 +302,14 @@ def test_plain_transformers_loads_experts_fused_on_disk_at_random(bnb_exported, 
     assert ("stops with a size-mismatch error" in card) != unread
     assert "cut from the base model's fused expert tensors" in card
     pytest.importorskip("accelerate", reason="transformers' bitsandbytes loading needs accelerate (not a quantmoe extra)")
-    from transformers import AutoModelForCausalLM
 
     if not unread:
         with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-            AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+            load(out, device_map="cpu")
         return
-    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-    loaded = getattr(model.model.layers[0].get_submodule(fused.module), fused.gate_up).float()
-    source = Checkpoint(src).tensor(f"model.layers.0.{fused.disk_gate_up}").float()
+    model = load(out, device_map="cpu")
+    loaded = getattr(language_model(model).layers[0].get_submodule(fused.module), fused.gate_up).float()
+    source = fused.in_memory(Checkpoint(src).tensor(f"model.layers.0.{fused.disk_gate_up}")).float()
     assert loaded.shape == source.shape
     assert not torch.allclose(loaded, source, atol=0.05)  # neither the source nor its quantized copy
 

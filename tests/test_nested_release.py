@@ -234,3 +234,108 @@ def test_recipes_name_a_nested_releases_modules_by_its_own_names(exported, tmp_p
     line = one_error_line(result.stderr)
     assert result.returncode != 0 and "names no quantized linear" in line and f"{STORED}layers.0." in line
     assert not (tmp_path / "refused").exists()
+
+
+# Qwen3-VL-MoE (``qwen3_vl_moe``): nested as Qwen3.5 is, its language model Qwen3-MoE's layers, which transformers
+# builds only as a base model (quantmoe's stream adds the head), its BF16 releases storing the routed experts fused
+# and transposed (gate_up (E, H, 2I), down (E, I, H)).
+VL_ROW = ARCHITECTURES["qwen3_vl_moe_text"]
+
+
+@pytest.fixture(scope="module")
+def vl_exported(tmp_path_factory, text_file):
+    """(release, its GPTQ export, the export of its language model as a text-only checkpoint)."""
+    base = tmp_path_factory.mktemp("vl")
+    release = make_nested_release(base / "release", family="qwen3_vl_moe")
+    text = text_only_copy(release, base / "text")
+    out, text_out = base / "out", base / "text-out"
+    _quantize([(release, out), (text, text_out)], text_file)
+    return release, out, text_out
+
+
+def test_a_qwen3_vl_release_quantizes_as_its_language_model_alone(vl_exported):
+    """The export of a Qwen3-VL-MoE release holds, under the release's names, exactly the tensors of the export of
+    its language model saved text-only; the routed experts, stored fused and transposed, exported per expert with
+    each expert's shapes (gate/up (I, H), down (H, I)); the vision tower as released; config.json the release's;
+    the same evaluation; verify passes."""
+    release, out, text_out = vl_exported
+    ours, theirs, source = (load_file(next(f.glob("*.safetensors"))) for f in (out, text_out, release))
+    fused = source[f"{STORED}layers.0.mlp.experts.gate_up_proj"]
+    hidden, inner = fused.shape[1], fused.shape[2] // 2
+    assert hidden != inner  # stored (E, H, 2I): a read that did not transpose would give other shapes
+    assert sorted(_text_names(ours)) == sorted(theirs)
+    assert all(torch.equal(_text_names(ours)[n], theirs[n]) for n in theirs)
+    group = 32
+    assert ours[f"{STORED}layers.1.mlp.experts.7.gate_proj.scales"].shape == (hidden // group, inner)
+    assert ours[f"{STORED}layers.1.mlp.experts.7.down_proj.scales"].shape == (inner // group, hidden)
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in ours)
+    vision = [n for n in source if n.startswith("model.visual.")]
+    assert vision and all(torch.equal(ours[n], source[n]) for n in vision)
+    config, original = (json.loads((f / "config.json").read_text()) for f in (out, release))
+    assert config.pop("quantization_config")["quant_method"] == "gptq"
+    assert config == original and config["model_type"] == "qwen3_vl_moe"
+    from quantmoe.apps.inspection import inspect_model
+
+    rows = {e["pattern"]: e for e in inspect_model(release, group_size=32)["tensors"]}
+    experts = [rows[f"{STORED}layers.{{i}}.mlp.experts.{w}_proj"] for w in ("gate_up", "down")]
+    assert [e["cls"] for e in experts] == ["routed expert"] * 2
+    assert sum(e["quantized_parameters"] for e in experts) == sum(source[f"{STORED}layers.{i}.mlp.experts.{w}_proj"].numel()
+                                                                  for i in (0, 1) for w in ("gate_up", "down"))
+    reports = [json.loads((f / "eval_report.json").read_text()) for f in (out, text_out)]
+    assert [r["results"]["quantized"]["perplexity"] for r in reports] == [reports[1]["results"]["quantized"]["perplexity"]] * 2
+    assert reports[0]["kl"] == reports[1]["kl"]
+    assert cli("verify", out).returncode == 0
+
+
+def test_a_qwen3_vl_export_dequantizes_close_to_the_release_transformers_loads(vl_exported, text_file):
+    """The quantized language model (quantmoe.load_quantized of the release's export) predicts as transformers' own
+    vision-language model of the release does on text, up to int4 rounding, and generates with its cache what its
+    forward passes choose; the original read by quantmoe predicts exactly so."""
+    from transformers import AutoModelForImageTextToText
+
+    import quantmoe
+    from quantmoe.model.checkpoint import Checkpoint
+    from quantmoe.stages.evaluate import eval_windows, perplexity
+
+    release, out, _ = vl_exported
+    windows, _ = eval_windows(Checkpoint(release).tokenizer(), text_file, 32)
+    windows = windows[:4]
+    with torch.no_grad():
+        theirs = AutoModelForImageTextToText.from_pretrained(release, dtype=torch.float32).eval()(input_ids=windows)
+        loss = torch.nn.functional.cross_entropy(theirs.logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+        ours = quantmoe.load_quantized(out)(windows).logits
+    assert perplexity(release, windows, "cpu")["perplexity"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(theirs.logits.flatten(0, 1), ours.flatten(0, 1), dim=-1)
+    assert float(cosine.mean()) > 0.95
+    model, prompt = quantmoe.load_quantized(out), windows[:1, :8]
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        chosen = prompt
+        for _ in range(4):  # no cache: every forward pass over the whole sequence
+            chosen = torch.cat([chosen, model(chosen).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, chosen)
+
+
+def test_a_qwen3_vl_fp8_release_stored_per_expert_quantizes_as_its_bf16_conversion(tmp_path, text_file):
+    """A Qwen3-VL-MoE release in FP8 blocks with one linear per routed expert (the layout its FP8 releases are
+    reported to use): quantized from FP8, the export is the one of its exact BF16 conversion, byte for byte, and
+    the one of the same weights stored fused and transposed."""
+    bf16 = make_nested_release(tmp_path / "bf16", fused=False, family="qwen3_vl_moe")
+    fused = make_nested_release(tmp_path / "fused", family="qwen3_vl_moe")
+    kept = VL_ROW.routers
+
+    def skip(name: str) -> bool:
+        return re.sub(r"^.*?\.layers\.\d+\.", "", name).startswith(tuple(k + "." for k in kept))
+
+    release = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=skip, layers=f"{STORED}layers.")
+    stored = load_file(release / "model.safetensors")
+    assert stored[f"{STORED}layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.float8_e4m3fn
+    reference = dequantized_copy(release, tmp_path / "reference")
+    runs = [(release, tmp_path / "from-fp8"), (reference, tmp_path / "from-bf16"), (bf16, tmp_path / "per-expert"),
+            (fused, tmp_path / "from-fused")]
+    _quantize(runs, text_file, "--no-eval")
+    a, b, c, d = (next((tmp_path / f).glob("*.safetensors")).read_bytes()
+                  for f in ("from-fp8", "from-bf16", "per-expert", "from-fused"))
+    assert a == b
+    assert c == d  # the same weights, per expert or fused and transposed
+    assert cli("verify", tmp_path / "from-fp8").returncode == 0

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from conftest import ARCH_NAMES
-from tiny import TINY, upcast_to_fp32
+from tiny import TINY, transformers_lm, upcast_to_fp32
 
 import quantmoe
 from quantmoe.base.errors import QuantMoeError
@@ -238,10 +238,8 @@ def test_expert_with_zero_tokens_is_quantized_finite_and_nonzero(tiny_model, tex
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
     """transformers' own loader and quantmoe's agree on how experts are fused (gate rows first)."""
-    from transformers import AutoModelForCausalLM
-
     src = tiny_model(model_type)
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
+    reference = transformers_lm(src).state_dict()
     stream = LayerStream(Checkpoint(src), torch.device("cpu"))
     for i in range(stream.num_layers):
         for key, value in stream.to_memory(i, stream.layer_state(i)).items():
@@ -250,14 +248,12 @@ def test_fused_gate_up_order_matches_disk(tiny_model, model_type):
 
 @pytest.mark.parametrize("model_type", ARCH_NAMES)
 def test_streamed_perplexity_matches_transformers(tiny_model, text_file, model_type):
-    from transformers import AutoModelForCausalLM
-
     from quantmoe.stages.evaluate import eval_windows, perplexity
 
     src = tiny_model(model_type)
     windows, _ = eval_windows(Checkpoint(src).tokenizer(), text_file, 64)
     ours = perplexity(src, windows[:6], "cpu")["perplexity"]
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = transformers_lm(src)
     with torch.no_grad():
         loss = model(windows[:6], labels=windows[:6]).loss
     assert ours == pytest.approx(float(torch.exp(loss)), rel=1e-4)

@@ -47,6 +47,15 @@ TINY = {
                                                       num_experts=8, num_experts_per_tok=2, head_dim=16,
                                                       linear_num_key_heads=2, linear_num_value_heads=4,
                                                       linear_key_head_dim=16, linear_value_head_dim=16, **_ATTN)),
+    # Qwen3-VL-MoE's language model: Qwen3-MoE's layers, every layer MoE; experts of 96 so that no fused tensor is
+    # square and a transposed read shows. Its releases nest it beside a vision tower, its routed experts fused and
+    # transposed on disk: make_model saves it as the language model of such a release (make_nested_release).
+    "qwen3_vl_moe_text": ("Qwen3VLMoeTextConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=96,
+                                                       num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                                                       head_dim=16, rope_scaling={"rope_type": "default",
+                                                                                  "mrope_section": [4, 2, 2],
+                                                                                  "mrope_interleaved": True},
+                                                       **_ATTN)),
     # OLMoE: 64 experts, top-8, as the released model; q/k norms.
     "olmoe": ("OlmoeConfig", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_experts=64,
                                   num_experts_per_tok=8, pad_token_id=0, eos_token_id=0, **_ATTN)),
@@ -122,6 +131,9 @@ def make_model(model_type: str, folder: Path, seed: int = 0, dtype=torch.float16
 
     cls_name, kwargs = TINY[model_type]
     folder = Path(folder)
+    if model_type in NESTED_TINY:  # no causal-LM class in transformers: the language model of a release
+        release = make_nested_release(released(folder), seed, dtype, family=NESTED_TINY[model_type], **overrides)
+        return text_only_copy(release, folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
     config = getattr(transformers, cls_name)(vocab_size=len(tok), **{**kwargs, **overrides})
@@ -130,6 +142,57 @@ def make_model(model_type: str, folder: Path, seed: int = 0, dtype=torch.float16
     if model_type == "qwen3_5_moe_text":  # stored fused, as Qwen3.5's BF16 releases are (transformers saves per expert)
         _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, config.num_experts))
     return folder
+
+
+# Language models transformers builds only as a base model (no causal-LM class): make_model saves them as the
+# language model of a release of this family, which it writes beside the folder (``released``).
+NESTED_TINY = {"qwen3_vl_moe_text": "qwen3_vl_moe"}
+
+
+def released(folder: Path) -> Path:
+    """Where make_model writes the release whose language model a NESTED_TINY model's ``folder`` holds."""
+    return Path(folder).with_name(Path(folder).name + "-release")
+
+
+def transformers_lm(folder: Path, dtype=torch.float32):
+    """transformers' own causal LM of the tiny checkpoint ``folder``, loaded by transformers, in eval mode: the
+    reference quantmoe's reading is checked against. For a NESTED_TINY model, the vision-language model of the
+    release beside it, seen as its language model (``model``: the text model; ``lm_head``; logits and loss)."""
+    import json
+
+    import transformers
+
+    model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    if model_type not in NESTED_TINY:
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return _LanguageModelOf(transformers.AutoModelForImageTextToText.from_pretrained(released(folder), dtype=dtype))
+
+
+def transformers_lm_from_config(config):
+    """transformers' causal LM of ``config`` (on the current default device), or for a NESTED_TINY model type
+    its base model with a head (transformers' layers, as the release's vision-language model builds them)."""
+    import transformers
+
+    if config.model_type not in NESTED_TINY:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    lm = torch.nn.Module()
+    lm.model = transformers.AutoModel.from_config(config)
+    return lm
+
+
+class _LanguageModelOf(torch.nn.Module):
+    """A vision-language model's language model and head, under a text-only checkpoint's names
+    (``model.*``, ``lm_head.*``), its forward the model's on text alone."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.model = vlm.model.language_model
+        self.lm_head = vlm.lm_head
+        self.config = self.model.config
+        self._vlm = (vlm.eval(),)  # not a submodule: its parameters go by the names above alone
+
+    def forward(self, input_ids, labels=None):
+        return self._vlm[0](input_ids=input_ids, labels=labels)
 
 
 def _save_random(model, folder: Path, dtype) -> None:
@@ -157,23 +220,38 @@ TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, o
                    num_position_embeddings=16)
 
 
-def make_nested_release(folder: Path, seed: int = 0, dtype=torch.bfloat16, fused: bool = True) -> Path:
-    """A tiny Qwen3.5-MoE release as the Hub has them: the vision-language model, its language model (TINY's
-    ``qwen3_5_moe_text``) under ``model.language_model.`` beside a vision tower (``model.visual.``), config.json
-    nesting the language model's under ``text_config``; with ``fused``, the routed experts stored fused
-    (``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I)) as the BF16 releases store
-    them, else one linear per expert as the FP8 releases do."""
+def make_nested_release(folder: Path, seed: int = 0, dtype=torch.bfloat16, fused: bool = True,
+                        family: str = "qwen3_5_moe", **overrides) -> Path:
+    """A tiny vision-language release as the Hub has them: the vision-language model, its language model under
+    ``model.language_model.`` beside a vision tower (``model.visual.``), config.json nesting the language model's
+    under ``text_config``. ``family`` "qwen3_5_moe" (TINY's ``qwen3_5_moe_text``): with ``fused``, the routed
+    experts stored fused (``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I)) as the
+    BF16 releases store them, else one linear per expert as the FP8 releases do. "qwen3_vl_moe"
+    (``qwen3_vl_moe_text``): fused and transposed, gate_up (E, H, 2I) and down (E, I, H), as its BF16 releases store
+    them (transformers' save_pretrained writes them untransposed), else one linear per expert. ``overrides``: of
+    the text config."""
     import transformers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
-    text = {**TINY["qwen3_5_moe_text"][1], "vocab_size": len(tok)}
-    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=TINY_VISION)
-    torch.manual_seed(seed)
-    _save_random(transformers.Qwen3_5MoeForConditionalGeneration(config), folder, dtype)
-    if fused:
-        _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, text["num_experts"]))
+    if family == "qwen3_5_moe":
+        text = {**TINY["qwen3_5_moe_text"][1], "vocab_size": len(tok), **overrides}
+        config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=TINY_VISION)
+        torch.manual_seed(seed)
+        _save_random(transformers.Qwen3_5MoeForConditionalGeneration(config), folder, dtype)
+        if fused:
+            _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, text["num_experts"]))
+    else:
+        text = {**TINY["qwen3_vl_moe_text"][1], "vocab_size": len(tok), **overrides}
+        config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config={**TINY_VISION, "deepstack_visual_indexes": [0]},
+                                               tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        _save_random(transformers.Qwen3VLMoeForConditionalGeneration(config), folder, dtype)
+        transposed = {"experts.gate_up_proj", "experts.down_proj"}
+        _rewrite_single_shard(folder, lambda tensors: {
+            n: t.transpose(1, 2) if n.endswith(tuple(transposed)) else t
+            for n, t in (tensors if fused else _unfuse_experts(tensors)).items()})
     transformers.Qwen2VLImageProcessor(patch_size=16, merge_size=2).save_pretrained(folder)  # what servers read
     return folder
 
@@ -192,15 +270,33 @@ def _fuse_experts(tensors: dict, num: int) -> dict:
     return tensors
 
 
+def _unfuse_experts(tensors: dict) -> dict:
+    """Each layer's fused ``mlp.experts.gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I) -> one linear per
+    expert, ``mlp.experts.E.{gate,up,down}_proj.weight`` (the inverse of _fuse_experts)."""
+    out = {}
+    for n, t in tensors.items():
+        head, _, which = n.rpartition(".")
+        if which == "gate_up_proj" and head.endswith(".mlp.experts"):
+            for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                out[f"{head}.{e}.gate_proj.weight"], out[f"{head}.{e}.up_proj.weight"] = gate, up
+        elif which == "down_proj" and head.endswith(".mlp.experts"):
+            out.update({f"{head}.{e}.down_proj.weight": d for e, d in enumerate(t)})
+        else:
+            out[n] = t
+    return out
+
+
 def text_only_copy(nested: Path, folder: Path) -> Path:
     """The language model of the nested release ``nested`` as a text-only checkpoint in ``folder``: its tensors
-    renamed from ``model.language_model.`` to ``model.``, the vision tower dropped, config.json the text config."""
+    renamed from ``model.language_model.`` to ``model.``, the vision tower dropped, config.json the text config
+    (naming transformers' causal-LM class of it where it has one)."""
     import json
     import shutil
 
     shutil.copytree(nested, folder)
     config = json.loads((folder / "config.json").read_text())
-    text = {**config["text_config"], "architectures": ["Qwen3_5MoeForCausalLM"], "dtype": config.get("dtype")}
+    heads = {"qwen3_5_moe": ["Qwen3_5MoeForCausalLM"]}.get(config["model_type"])
+    text = {**config["text_config"], "dtype": config.get("dtype"), **({"architectures": heads} if heads else {})}
     (folder / "config.json").write_text(json.dumps(text, indent=2))
     _rewrite_single_shard(folder, lambda tensors: {n.replace("model.language_model.", "model.", 1): t
                                                    for n, t in tensors.items() if not n.startswith("model.visual.")})

@@ -112,7 +112,7 @@ def inspect_model(model: str | Path, bits: int = 4, group_size: int = 128, mtp: 
                     quantized_as = [tuple(shape)]
             elif rel in plan.fused_disk_tensors():
                 cls = "routed expert"
-                experts, out_rows, cols = shape
+                experts, out_rows, cols = plan.fused.memory_shape(shape)
                 if rel == plan.fused.disk_gate_up:  # two halves, gate and up, each (I, H)
                     quantized_as = [(out_rows // 2, cols)] * (2 * experts)
                 else:

@@ -54,7 +54,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM
 
 from ..base.errors import QuantMoeError
 from ..base.measure import PeakRSS
@@ -76,7 +75,7 @@ from ..model.architectures import (
 )
 from ..model.checkpoint import Checkpoint
 from ..model.distributed import Ranks
-from ..model.stream import model_config, pick_device
+from ..model.stream import model_config, pick_device, skeleton
 from ..stages.export import FinishedLayers, as_stored, source_tensors
 from ..stages.method import Calibration, LayerOutput, Source, unquantized_prefixes
 from ..stages.report import base_model_name, gap_table, protocol_text
@@ -248,7 +247,7 @@ def quantize_layer(ckpt: Checkpoint, plan: LayerPlan, cfg: BnbConfig,
 def quantize_linear(W: Tensor, cfg: BnbConfig, device: torch.device) -> tuple[dict[str, Tensor], dict]:
     """One linear's weight W (out, in) -> its bitsandbytes tensors (names relative to the module, on the
     host) and its log entry: shape, bytes, relative error ||W - Wq|| / ||W||."""
-    W = W.to(device)
+    W = W.to(device).contiguous()  # an expert cut from a fused tensor stored transposed is a strided view
     parts = quantize_weight(W, cfg)
     Wq = dequantize_weight(parts, f"bnb-{cfg.quant_type}").float()
     W = W.float()
@@ -416,8 +415,7 @@ def load_with_kernels(path, device: str = "auto"):
     compute = getattr(torch, q.get("bnb_4bit_compute_dtype", "bfloat16")) if backend.quant_type != "int8" else torch.float16
     config = model_config(ckpt)
     arch = architecture_for(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute)
+    model = skeleton(config, compute)
     linears = ckpt.quantized_linears
     stored = {t for lin in linears.values() for t in lin.tensors}
 

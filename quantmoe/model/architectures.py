@@ -75,10 +75,21 @@ class FusedExperts:
     # releases store them so); where it reads only the fused names (GraniteMoE), an export's per-expert tensors
     # are left unread and its experts initialised at random.
     transformers_reads_per_expert: bool = False
+    # Whether the fused tensors on disk are the in-memory ones transposed: gate_up (E, H, 2I) and down (E, I, H)
+    # (Qwen3-VL-MoE's releases; transformers transposes them on loading).
+    transposed: bool = False
 
     @property
     def on_disk(self) -> bool:
         return self.disk_gate_up is not None
+
+    def in_memory(self, stored: Tensor) -> Tensor:
+        """A fused tensor as stored on disk -> its in-memory layout ((E, 2I, H) or (E, H, I)), a view."""
+        return stored.transpose(1, 2) if self.transposed else stored
+
+    def memory_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The in-memory shape of a fused tensor stored on disk with shape ``stored``."""
+        return (stored[0], stored[2], stored[1]) if self.transposed else tuple(stored)
 
 
 def _all_layers(config, index: int) -> bool:
@@ -184,6 +195,10 @@ class Architecture:
     # Layer-relative tensors some releases store that no module of the family holds (Kimi K2's
     # rotary tables): never loaded, copied to the export as they are.
     unloaded: tuple[str, ...] = ()
+    # Whether transformers has a causal-LM class for this model type. False: it builds the language model only as
+    # a base model (Qwen3-VL-MoE's, which its releases run inside a vision-language model), and quantmoe's stream
+    # puts the LM head on it (model.stream.HeadedLM).
+    causal_lm: bool = True
     # One line for the docs table: what is special about this family.
     notes: str = ""
 
@@ -432,10 +447,10 @@ class Nesting:
 
 
 # Model types whose releases nest the language model (Nesting), by the model_type of their config.json.
-NESTED = {
-    "qwen3_5_moe": Nesting(text_config="text_config", stored="model.language_model.",
-                           served=(("model.language_model.", "language_model.model."), ("model.visual.", "visual."))),
-}
+# Qwen's vision-language releases (Qwen3-VL-MoE, Qwen3.5-MoE) all nest alike.
+_QWEN_VISION_LANGUAGE = Nesting(text_config="text_config", stored="model.language_model.",
+                                served=(("model.language_model.", "language_model.model."), ("model.visual.", "visual.")))
+NESTED = {"qwen3_5_moe": _QWEN_VISION_LANGUAGE, "qwen3_vl_moe": _QWEN_VISION_LANGUAGE}
 
 
 _MIXTRAL = Architecture(
@@ -464,23 +479,33 @@ _QWEN2_MOE = Architecture(
 )
 
 
+_QWEN3_MOE = Architecture(
+    model_type="qwen3_moe",
+    attention=_ATTENTION_QKVO,
+    experts=MLP("mlp.experts.{e}"),
+    moe_module="mlp",
+    router_module="mlp.gate",
+    routers=("mlp.gate",),
+    dense_mlp=MLP("mlp"),
+    num_experts_attr="num_experts",
+    sparse_rule="sparse_step",
+    notes="many small experts, no shared expert; q/k norms",
+)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
     for row in (
         _MIXTRAL,
         _QWEN2_MOE,
-        Architecture(
-            model_type="qwen3_moe",
-            attention=_ATTENTION_QKVO,
-            experts=MLP("mlp.experts.{e}"),
-            moe_module="mlp",
-            router_module="mlp.gate",
-            routers=("mlp.gate",),
-            dense_mlp=MLP("mlp"),
-            num_experts_attr="num_experts",
-            sparse_rule="sparse_step",
-            notes="many small experts, no shared expert; q/k norms",
-        ),
+        _QWEN3_MOE,
+        replace(_QWEN3_MOE, model_type="qwen3_vl_moe_text",
+                fused=FusedExperts(disk_gate_up="mlp.experts.gate_up_proj", disk_down="mlp.experts.down_proj",
+                                   transposed=True),
+                causal_lm=False, gptqmodel=False,
+                notes="Qwen3-VL-MoE's language model (`qwen3_vl_moe` releases nest it beside a vision tower, which is "
+                      "copied unquantized): Qwen3-MoE's layers, the routed experts fused and transposed on disk in "
+                      "BF16 releases; transformers builds it only as a base model, quantmoe adds the LM head"),
         replace(_QWEN2_MOE, model_type="qwen3_next",
                 layer_types=("layer_types", (LayerKind("full_attention"), _LINEAR_ATTENTION)),
                 unquantized_prefixes=("mtp.",),
@@ -636,7 +661,8 @@ def architecture_for(config) -> Architecture:
     """The row for ``config.model_type``, or a one-line error listing the supported ones."""
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(sorted(ARCHITECTURES))
-    if not is_causal_lm(config):
+    row = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if not is_causal_lm(config) and (row is None or row.causal_lm):
         heads = ", ".join(getattr(config, "architectures", None) or [])
         what = f"{model_type!r} model" + (f" ({heads})" if heads else "")
         raise QuantMoeError(f"unsupported architecture {model_type!r}: the model is a {what}, not a causal language "
@@ -734,12 +760,12 @@ class LayerPlan:
                 out[name] = (rows, cols)
         if fused is not None and self.experts is not None:
             if fused.disk_gate_up in shapes:
-                _, two_i, hidden = _rank(shapes, fused.disk_gate_up, 3, self.index)
+                _, two_i, hidden = fused.memory_shape(_rank(shapes, fused.disk_gate_up, 3, self.index))
                 for e in range(self.num_experts):
                     out.setdefault(self.experts.linear("gate", e), (two_i // 2, hidden))
                     out.setdefault(self.experts.linear("up", e), (two_i // 2, hidden))
             if fused.disk_down in shapes:
-                _, down_out, down_in = _rank(shapes, fused.disk_down, 3, self.index)
+                _, down_out, down_in = fused.memory_shape(_rank(shapes, fused.disk_down, 3, self.index))
                 for e in range(self.num_experts):
                     out.setdefault(self.experts.linear("down", e), (down_out, down_in))
         return out
@@ -788,6 +814,7 @@ def unfuse_experts(plan: LayerPlan, name: str, fused: Tensor) -> dict[str, Tenso
     if fused.shape[0] != plan.num_experts:
         raise QuantMoeError(f"{name} of layer {plan.index} holds {fused.shape[0]} experts, its config "
                             f"{plan.num_experts}; is the checkpoint of this config?")
+    fused = layout.in_memory(fused)
     if name == layout.disk_gate_up:
         half = fused.shape[1] // 2
         return dict(zip(names, (fused[e, k * half:(k + 1) * half] for e in range(fused.shape[0])
@@ -833,7 +860,8 @@ def markdown_table() -> str:
             experts = memory = "-"
         else:
             if row.fused.on_disk:
-                experts = f"`{row.fused.disk_gate_up}`, `{row.fused.disk_down}` (fused; exported as " \
+                experts = f"`{row.fused.disk_gate_up}`, `{row.fused.disk_down}` (fused" \
+                          f"{', transposed' if row.fused.transposed else ''}; exported as " \
                           f"`{row.experts.prefix}.{{{row.experts.gate},{row.experts.up},{row.experts.down}}}`)"
             else:
                 experts = f"`{row.experts.prefix}.{{{row.experts.gate},{row.experts.up},{row.experts.down}}}`"

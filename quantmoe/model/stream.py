@@ -18,8 +18,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import (
+    AttentionInterface,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.integrations import sdpa_attention
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..base.errors import QuantMoeError
 from ..base.measure import register_pinned_in_parallel
@@ -175,11 +182,42 @@ def half_attention_in_sdpa() -> None:
         AttentionInterface.register("sdpa", half_sdpa)
 
 
+# What transformers' model outputs call the cache ("cache" from transformers 5.2x, "past_key_values" before).
+_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class HeadedLM(PreTrainedModel, GenerationMixin):
+    """The causal LM of a language model that transformers builds only as a base model (Qwen3-VL-MoE's, whose
+    releases run it inside a vision-language model under that model's head): the base model (``AutoModel``) as
+    ``model`` and an LM head as ``lm_head``, the names a text-only checkpoint gives them. Its forward returns the
+    logits (and the loss for ``labels``), and it generates, as a causal-LM class of transformers does."""
+
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = AutoModel.from_config(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE: getattr(out, _CACHE, None)})
+
+
 def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of ``config`` on the meta device: every module and shape, no memory."""
 
     try:
         with torch.device("meta"):
+            if not architecture_for(config).causal_lm:
+                return HeadedLM(config).to(dtype)
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
@@ -515,7 +553,7 @@ class LayerStream:
                             t = t[held.start:held.stop].clone()  # the whole tensor's storage can then go
                         if t.shape[0] != len(held):
                             raise IndexError(f"{n} holds {t.shape[0]} experts, not the {len(held)} of this share")
-                    out[name] = t.to(self.device, dtype)
+                    out[name] = fused.in_memory(t.to(self.device, dtype)).contiguous()
             elif keep_fp8 and self._fp8_experts(plan, state, held, shapes):
                 out[gate_up_name], out[down_name] = self._stacked_fp8(plan, state, consumed, held, shapes)
             else:  # per-expert tensors win over fused ones: they are what a quantized export holds

@@ -201,8 +201,8 @@ class GptqMethod:
 
     def check(self, ckpt: Checkpoint, arch: Architecture, ranks: Ranks) -> list[str]:
         if self.layout == "gptqmodel" and not arch.gptqmodel:
-            raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel does not load "
-                                "this family's experts as quantmoe writes them); use --layout source (see docs/interop.md)")
+            raise QuantMoeError(f"--layout gptqmodel is not available for {arch.model_type} (GPTQModel is not known "
+                                "to load this family's experts as quantmoe writes them); use --layout source (see docs/interop.md)")
         check_recipe(arch, ckpt.config, self.config, ckpt.stored_name)
         note = tensor_parallel_note(ckpt, arch, self.config)
         return check_shapes(ckpt, arch, self.config) + ([note] if note else [])
