@@ -479,18 +479,8 @@ _QWEN2_MOE = Architecture(
 )
 
 
-_QWEN3_MOE = Architecture(
-    model_type="qwen3_moe",
-    attention=_ATTENTION_QKVO,
-    experts=MLP("mlp.experts.{e}"),
-    moe_module="mlp",
-    router_module="mlp.gate",
-    routers=("mlp.gate",),
-    dense_mlp=MLP("mlp"),
-    num_experts_attr="num_experts",
-    sparse_rule="sparse_step",
-    notes="many small experts, no shared expert; q/k norms",
-)
+_QWEN3_MOE = replace(_QWEN2_MOE, model_type="qwen3_moe", routers=("mlp.gate",), shared_expert=None,
+                     notes="many small experts, no shared expert; q/k norms")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
