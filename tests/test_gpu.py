@@ -880,3 +880,24 @@ def test_the_experts_fp32_forward_gives_the_same_bits_with_and_without_its_kerne
     for quantized in (False, True):
         assert torch.equal(_bits(outputs[True, quantized]), _bits(outputs[False, quantized]))
     assert not torch.equal(outputs[True, False], outputs[True, True])
+
+
+@pytest.mark.gpu
+def test_experts_stored_fused_and_transposed_quantize_on_cuda_as_stored_per_expert(tmp_path):
+    """Qwen3-VL-MoE's BF16 releases store the routed experts fused and transposed (gate_up (E, H, 2I)); read onto
+    the device and laid out there, they give on CUDA the bytes of the same weights stored one linear per expert."""
+    from tiny import make_nested_release, write_text
+
+    import quantmoe
+    from quantmoe.base.options import QuantConfig
+
+    text = write_text(tmp_path / "text.jsonl")
+    fused = make_nested_release(tmp_path / "fused", family="qwen3_vl_moe")
+    per_expert = make_nested_release(tmp_path / "per-expert", fused=False, family="qwen3_vl_moe")
+    outs = []
+    for src in (fused, per_expert):
+        out = tmp_path / f"out-{src.name}"
+        quantmoe.quantize(src, out, QuantConfig(group_size=32), calib=text, nsamples=8, seqlen=64, device="cuda",
+                          tf32=True, run_eval=False, quiet=True)
+        outs.append(next(out.glob("*.safetensors")).read_bytes())
+    assert outs[0] == outs[1]
