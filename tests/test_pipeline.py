@@ -139,7 +139,13 @@ def test_configs_and_report(exported, model_type):
     log = json.loads((out / "quantization_log.json").read_text())
     modules = [m for layer in log["layers"] for m in layer["modules"]]
     assert all(m["loss"] >= 0 and m["tokens"] >= 0 and m["seconds"] >= 0 for m in modules)
-    assert "perplexity" in (out / "README.md").read_text().lower()
+    card = (out / "README.md").read_text()
+    assert "perplexity" in card.lower()
+    # transformers runs a dense export's GPTQ linears, never a MoE export's fused experts quantized: the card says so
+    transformers = card[card.index("### transformers"):card.index("### GPTQModel")]
+    moe = ARCHITECTURES[model_type].experts is not None
+    assert ("does not run this checkpoint's routed experts quantized" in transformers) == moe
+    assert ("AutoModelForCausalLM.from_pretrained" in transformers) != moe
     assert not list(out.parent.glob(f".{out.name}.quantmoe-work"))  # the work folder is cleaned up
 
 

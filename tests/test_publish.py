@@ -98,7 +98,8 @@ def test_model_card_states_everything_push_requires(export):
         assert marker in card, what
     base = json.loads((export / "manifest.json").read_text())["base_model"]
     assert f"`{Path(base).name}` (mixtral)" in card and "| original |" in card and "calib.jsonl" in card
-    assert "vllm serve" in card and "GPTQModel.load" in card and "AutoModelForCausalLM.from_pretrained" in card
+    assert "vllm serve" in card and "GPTQModel.load" in card and "quantmoe.load_quantized" in card
+    assert "does not run this checkpoint's routed experts quantized" in card  # transformers: not for a MoE
     # a Hub download is named by its id, not by its cache folder
     hub = "/cache/huggingface/hub/models--mistralai--Mixtral-8x7B-v0.1/snapshots/0123abc"
     assert base_model_name(hub) == "mistralai/Mixtral-8x7B-v0.1"

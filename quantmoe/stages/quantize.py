@@ -363,6 +363,7 @@ def export_and_finalize(source: Source, method: Method, calibration: Calibration
         "name": source.out.name, "base_model": shown(ckpt.path), "model_type": ckpt.model_label,
         "version": __version__, "backend": method.name, "config": method.config, "options": record,
         "fallback_count": len(found), "linears": sum(len(e["modules"]) for e in entries), "notes": list(source.notes),
+        "moe": arch.experts is not None,
         "fused_on_disk": arch.experts is not None and arch.fused.on_disk,
         "experts_unread": arch.experts is not None and arch.fused.on_disk and not arch.fused.transformers_reads_per_expert,
         "calibration": None if calibration is None else

@@ -256,19 +256,26 @@ def model_card(report: dict | None, info: dict) -> str:
         "```",
         "",
     ]
-    lines += [
-        "### transformers",
-        "",
-        "With compressed-tensors installed (`pip install compressed-tensors`):" if ct
-        else "With optimum and gptqmodel installed:",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
-        "```",
-        "",
-        "### GPTQModel",
-        "",
-    ]
+    lines += ["### transformers", ""]
+    if info.get("moe", True):
+        lines += [
+            "transformers 5 does not run this checkpoint's routed experts quantized: it holds each layer's experts "
+            "as fused 3-D parameters, and its GPTQ and compressed-tensors loaders replace only `nn.Linear` modules, "
+            "so the experts would come up randomly initialised. Serve it with vLLM, load it with GPTQModel, or "
+            "load it dequantized with quantmoe (below).",
+            "",
+        ]
+    else:
+        lines += [
+            "With compressed-tensors installed (`pip install compressed-tensors`):" if ct
+            else "With optimum and gptqmodel installed:",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "model = AutoModelForCausalLM.from_pretrained('./this-folder', device_map='auto')",
+            "```",
+            "",
+        ]
+    lines += ["### GPTQModel", ""]
     if ct:
         lines += [
             "GPTQModel reads GPTQ checkpoints, not compressed-tensors ones: quantize with `--format gptq` "
