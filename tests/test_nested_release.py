@@ -20,7 +20,7 @@ from tiny import append_mtp_block, dequantized_copy, make_nested_release, text_o
 from quantmoe.formats.compressed_tensors import ignored, module_weights
 from quantmoe.formats.fp8 import write_fp8_release
 from quantmoe.formats.gptq_v1 import module_settings
-from quantmoe.model.architectures import ARCHITECTURES
+from quantmoe.model.architectures import ARCHITECTURES, FusedExperts
 
 STORED, SERVED = "model.language_model.", "language_model.model."  # the release's prefix, and vLLM's
 ROW = ARCHITECTURES["qwen3_5_moe_text"]
@@ -339,3 +339,26 @@ def test_a_qwen3_vl_fp8_release_stored_per_expert_quantizes_as_its_bf16_conversi
     assert a == b
     assert c == d  # the same weights, per expert or fused and transposed
     assert cli("verify", tmp_path / "from-fp8").returncode == 0
+
+
+def test_experts_stored_transposed_are_laid_out_one_chunk_at_a_time(tmp_path, monkeypatch):
+    """A fused tensor stored transposed goes to the device and is laid out there a chunk of experts at a time (the
+    device never holds it twice): with chunks of one expert, every layer's tensors are transformers' own."""
+    from transformers import AutoModelForImageTextToText
+
+    from quantmoe.model import stream
+    from quantmoe.model.checkpoint import Checkpoint
+
+    release = make_nested_release(tmp_path / "release", family="qwen3_vl_moe")
+    reference = AutoModelForImageTextToText.from_pretrained(release, dtype=torch.float32).state_dict()
+    chunks = []
+    in_memory = FusedExperts.in_memory
+    monkeypatch.setattr(FusedExperts, "in_memory", lambda self, t: chunks.append(t.shape[0]) or in_memory(self, t))
+    monkeypatch.setattr(stream, "FUSED_CHUNK_BYTES", 1)  # one expert a chunk
+    layers = stream.LayerStream(Checkpoint(release), torch.device("cpu"), torch.float32)
+    for i in range(layers.num_layers):
+        chunks.clear()
+        state = layers.to_memory(i, layers.layer_state(i))
+        assert chunks == [1] * (2 * VL_ROW.num_experts(layers.config))  # gate_up's experts, then down's
+        for key in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            assert torch.equal(state[key], reference[f"{STORED}layers.{i}.{key}"]), (i, key)

@@ -35,6 +35,7 @@ from ..formats.fp8 import FP8_STORED, Fp8Experts, Fp8Weight, dequantize_stored
 from ..gptq.core import half_products, tf32_matmuls
 from .architectures import (
     Architecture,
+    FusedExperts,
     architecture_for,
     plan_layer,
     reused_keys_window,
@@ -63,6 +64,8 @@ ATTENTION_SCORES_BYTES = 2 * 2**30  # what one batch's attention scores may take
 # two). A DeepSeek-V3 MoE layer in FP8 is read into it (its experts copy to the device several times faster
 # from there); a layer larger than this one is copied from ordinary memory.
 PIN_BYTES = 16 << 30
+# How much of a fused expert tensor stored transposed is moved to the device at a time to be laid out there.
+FUSED_CHUNK_BYTES = 256 << 20
 
 
 def default_batch_size(config, seqlen: int) -> int:
@@ -496,6 +499,18 @@ class LayerStream:
         t = t.to(self.device, non_blocking=True)
         return t.dequantize() if isinstance(t, (Fp8Weight, StoredWeight)) else t
 
+    def _fused_in_memory(self, fused: FusedExperts, stored: Tensor, dtype: torch.dtype) -> Tensor:
+        """A fused expert tensor as stored (on the host) -> on the device in ``dtype``, in its in-memory layout. One
+        stored transposed (Qwen3-VL-MoE's) is laid out a few experts at a time (FUSED_CHUNK_BYTES), so the device
+        holds the layer's tensor and one chunk, not the tensor twice."""
+        if not fused.transposed:
+            return stored.to(self.device, dtype)
+        out = torch.empty(fused.memory_shape(tuple(stored.shape)), device=self.device, dtype=dtype)
+        step = max(1, FUSED_CHUNK_BYTES // max(1, math.prod(stored.shape[1:]) * out.element_size()))
+        for a in range(0, stored.shape[0], step):
+            out[a:a + step].copy_(fused.in_memory(stored[a:a + step].to(self.device, dtype)))
+        return out
+
     @staticmethod
     def _expert_tensor_names(plan, state: dict[str, Tensor]) -> list[str]:
         """The per-expert (or fused on-disk) expert tensors of a layer's on-disk state."""
@@ -553,7 +568,7 @@ class LayerStream:
                             t = t[held.start:held.stop].clone()  # the whole tensor's storage can then go
                         if t.shape[0] != len(held):
                             raise IndexError(f"{n} holds {t.shape[0]} experts, not the {len(held)} of this share")
-                    out[name] = fused.in_memory(t.to(self.device, dtype)).contiguous()
+                    out[name] = self._fused_in_memory(fused, t, dtype)
             elif keep_fp8 and self._fp8_experts(plan, state, held, shapes):
                 out[gate_up_name], out[down_name] = self._stacked_fp8(plan, state, consumed, held, shapes)
             else:  # per-expert tensors win over fused ones: they are what a quantized export holds
