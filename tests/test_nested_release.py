@@ -33,6 +33,15 @@ def _quantize(runs: list[tuple[Path, Path]], text: Path, *extra) -> None:
         assert result.returncode == 0, result.stderr
 
 
+def _fp8_release(bf16: Path, folder: Path, kept: tuple[str, ...]) -> Path:
+    """The nested release ``bf16`` in FP8 blocks of 32 x 32, as its FP8 release stores it: the language model's
+    linears in FP8 but the layer-relative modules ``kept`` (routers, kept linears) and the vision tower in BF16."""
+    def skip(name: str) -> bool:
+        return re.sub(r"^.*?\.layers\.\d+\.", "", name).startswith(tuple(k + "." for k in kept))
+
+    return write_fp8_release(bf16, folder, block=(32, 32), skip=skip, layers=f"{STORED}layers.")
+
+
 def _text_names(tensors: dict) -> dict:
     return {n.replace(STORED, "model.", 1): t for n, t in tensors.items() if not n.startswith("model.visual.")}
 
@@ -124,12 +133,7 @@ def test_an_fp8_nested_release_quantizes_as_its_bf16_conversion(tmp_path, text_f
     build it unquantized."""
     bf16 = make_nested_release(tmp_path / "bf16", fused=False)
     added = append_mtp_block(bf16)
-    kept = ROW.routers + ROW.kept_linears()
-
-    def skip(name: str) -> bool:
-        return re.sub(r"^.*?\.layers\.\d+\.", "", name).startswith(tuple(k + "." for k in kept))
-
-    release = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=skip, layers=f"{STORED}layers.")
+    release = _fp8_release(bf16, tmp_path / "fp8", ROW.routers + ROW.kept_linears())
     stored = load_file(release / "model.safetensors")
     assert stored[f"{STORED}layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
     assert stored[f"{STORED}layers.1.linear_attn.in_proj_b.weight"].dtype == torch.bfloat16
@@ -322,12 +326,7 @@ def test_a_qwen3_vl_fp8_release_stored_per_expert_quantizes_as_its_bf16_conversi
     the one of the same weights stored fused and transposed."""
     bf16 = make_nested_release(tmp_path / "bf16", fused=False, family="qwen3_vl_moe")
     fused = make_nested_release(tmp_path / "fused", family="qwen3_vl_moe")
-    kept = VL_ROW.routers
-
-    def skip(name: str) -> bool:
-        return re.sub(r"^.*?\.layers\.\d+\.", "", name).startswith(tuple(k + "." for k in kept))
-
-    release = write_fp8_release(bf16, tmp_path / "fp8", block=(32, 32), skip=skip, layers=f"{STORED}layers.")
+    release = _fp8_release(bf16, tmp_path / "fp8", VL_ROW.routers)
     stored = load_file(release / "model.safetensors")
     assert stored[f"{STORED}layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.float8_e4m3fn
     reference = dequantized_copy(release, tmp_path / "reference")

@@ -235,22 +235,23 @@ def make_nested_release(folder: Path, seed: int = 0, dtype=torch.bfloat16, fused
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder)
-    if family == "qwen3_5_moe":
-        text = {**TINY["qwen3_5_moe_text"][1], "vocab_size": len(tok), **overrides}
+    qwen3_5 = family == "qwen3_5_moe"
+    text = {**TINY["qwen3_5_moe_text" if qwen3_5 else "qwen3_vl_moe_text"][1], "vocab_size": len(tok), **overrides}
+    if qwen3_5:
         config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=TINY_VISION)
-        torch.manual_seed(seed)
-        _save_random(transformers.Qwen3_5MoeForConditionalGeneration(config), folder, dtype)
-        if fused:
-            _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, text["num_experts"]))
+        model = transformers.Qwen3_5MoeForConditionalGeneration
     else:
-        text = {**TINY["qwen3_vl_moe_text"][1], "vocab_size": len(tok), **overrides}
         config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config={**TINY_VISION, "deepstack_visual_indexes": [0]},
                                                tie_word_embeddings=False)
-        torch.manual_seed(seed)
-        _save_random(transformers.Qwen3VLMoeForConditionalGeneration(config), folder, dtype)
-        transposed = {"experts.gate_up_proj", "experts.down_proj"}
+        model = transformers.Qwen3VLMoeForConditionalGeneration
+    torch.manual_seed(seed)
+    _save_random(model(config), folder, dtype)
+    if qwen3_5 and fused:
+        _rewrite_single_shard(folder, lambda tensors: _fuse_experts(tensors, text["num_experts"]))
+    elif not qwen3_5:
+        transposed = ("experts.gate_up_proj", "experts.down_proj")
         _rewrite_single_shard(folder, lambda tensors: {
-            n: t.transpose(1, 2) if n.endswith(tuple(transposed)) else t
+            n: t.transpose(1, 2) if n.endswith(transposed) else t
             for n, t in (tensors if fused else _unfuse_experts(tensors)).items()})
     transformers.Qwen2VLImageProcessor(patch_size=16, merge_size=2).save_pretrained(folder)  # what servers read
     return folder
